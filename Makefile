@@ -1,0 +1,68 @@
+# llmc-parity: build the C reference, set up the Python side, run the checks.
+#   make parity    C vs Python references on the built-in tiny model, per step
+#   make test      the whole test suite (creates .venv and builds the library first)
+#   make lib       build/libtrain_gpt2.so; LLMC_SRC=path/to/train_gpt2.c builds another source
+#   make gate      the numerical drift gate against baselines/gate.json
+#   make bench     speed and memory at GPT-2 124M scale
+#   make fuzz      the long hypothesis profile
+#   make sanitize  ASan + UBSan build of the library, op and model tests against it
+
+PYTHON   ?= python3
+VENV     ?= .venv
+VPY      := $(VENV)/bin/python
+LLMC_SRC ?= llmc/train_gpt2.c
+LIB      ?= build/libtrain_gpt2.so
+CFLAGS   ?= -O3
+NO_OMP   ?=
+PYTEST_ARGS ?=
+
+OMP_FLAG := $(if $(NO_OMP),--no-openmp,)
+
+.PHONY: all lib venv test parity gate gate-update bench fuzz sanitize train_gpt2 clean
+
+all: lib
+
+# the virtual environment; reinstalled only when pyproject.toml changes
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# the library is rebuilt only when the source, compiler or flags change (harness/build.py)
+lib:
+	$(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out '$(LIB)' --cflags='$(CFLAGS)' $(OMP_FLAG)
+
+test: venv lib
+	LLMC_LIB='$(abspath $(LIB))' $(VPY) -m pytest $(PYTEST_ARGS)
+
+parity: venv lib
+	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity run $(ARGS)
+
+gate: venv lib
+	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate $(ARGS)
+
+gate-update: venv lib
+	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate --update $(ARGS)
+
+bench: venv lib
+	LLMC_LIB='$(abspath $(LIB))' $(VPY) benchmarks/bench.py --json build/bench.json $(ARGS)
+
+fuzz: venv lib
+	LLMC_LIB='$(abspath $(LIB))' HYPOTHESIS_PROFILE=long $(VPY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
+
+# ASan's runtime must be loaded before the Python interpreter itself
+sanitize: venv
+	$(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out build/libtrain_gpt2_san.so \
+	    --cflags='-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined'
+	LLMC_LIB='$(abspath build/libtrain_gpt2_san.so)' LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
+	    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    $(VPY) -m pytest -p no:cacheprovider -m 'not slow' tests/test_binding.py tests/test_ops.py tests/test_model_parity.py $(PYTEST_ARGS)
+
+# the standalone trainer (main() is compiled when TESTING is not defined)
+train_gpt2: $(LLMC_SRC)
+	$(CC) $(CFLAGS) -fopenmp -DOMP $(LLMC_SRC) -lm -o $@
+
+clean:
+	rm -rf build train_gpt2 .pytest_cache .hypothesis

@@ -1,0 +1,727 @@
+"""Compare an array from the C library with a reference array, in the style of
+``torch.testing.assert_close`` but with the metrics a C-parity harness needs.
+
+``actual`` is usually a float32, zero-copy NumPy view of the C library's memory (possibly
+non-contiguous, e.g. ``logits[..., :V]``); ``expected`` is usually a float64 "oracle"
+computed from the same inputs. :func:`compare` never writes to either array and never makes
+a full-size copy of them: large arrays are processed in blocks along the leading axes, with
+scratch buffers allocated once per call and reused, so the extra memory stays bounded
+(at most ``CHUNK_ELEMS * 75`` bytes, ~5 MB) even for the 124M-element tensors of GPT-2 124M.
+
+Metrics, over the *compared* elements (all of them, or those where ``mask`` is True):
+
+``max_abs``
+    ``max |a - e|``. Easy to read, but meaningless without knowing the magnitudes.
+``max_rel``
+    ``max |a - e| / (|e| + scale)``. Element-wise error relative to the expected value,
+    with ``scale`` (default: the RMS of the expected values) added to the denominator so
+    that elements whose expected value is near zero do not blow up (a plain ``|a-e|/|e|``
+    is infinite at a zero), while elements of typical size are still judged relatively.
+``max_ulp``
+    Largest distance in float32 units-in-the-last-place between ``a`` and ``e`` rounded to
+    float32, counted on the monotone integer mapping of float32 bit patterns (``+0`` and
+    ``-0`` are 0 apart; adjacent floats are 1 apart, across zero too). This is the natural
+    unit for bit-level parity of two float32 computations: 0 means bit-identical.
+``norm_rel``
+    ``||a - e||_2 / ||e||_2``: the norm-wise relative error, i.e. how large the error is
+    as a whole compared with the tensor. It catches a small *systematic* error (every
+    element off by 1e-5) that an element-wise bound loose enough for rounding noise misses.
+``n_nonfinite_mismatch``
+    Elements where exactly one side is NaN, or one is infinite and the other is not, or
+    the infinities have different signs (and NaN vs NaN when ``nan_equal`` is False).
+    Non-finite elements are excluded from ``max_abs``/``max_rel``/``max_ulp``/``norm_rel``
+    (which are therefore always finite) and are reported through this count instead.
+``n_bad``
+    Elements that fail: ``rel > tol.rel``, or ``ulp > tol.ulp`` when ``tol.ulp`` is set,
+    or a non-finite mismatch.
+
+A comparison *passes* when ``n_bad == 0`` and ``norm_rel <= tol.norm`` (a NaN norm fails).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Tolerance", "Comparison", "ParityError",
+    "compare", "assert_parity", "format_table", "ulp_distance", "CHUNK_ELEMS",
+]
+
+#: Elements per block. The reused scratch buffers take up to ~75 bytes per element
+#: (float64 copies, errors, ulp keys, flags), so 2**16 elements is ~5 MB: small enough to
+#: stay in cache, large enough that the per-block Python overhead is negligible.
+#: Arrays of at most this many elements are processed in one go (the small path).
+CHUNK_ELEMS = 1 << 16
+
+#: Smallest normal float32: the fallback ``scale`` when the expected values are all zero.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+# --------------------------------------------------------------------------- tolerance
+@dataclass(frozen=True)
+class Tolerance:
+    """What "close enough" means for one comparison.
+
+    rel:  largest allowed element-wise error ``|a-e| / (|e| + scale)``.
+    norm: largest allowed norm-wise error ``||a-e||_2 / ||e||_2``.
+    ulp:  largest allowed float32 ulp distance per element; ``None`` = not checked.
+    why:  the reason for these numbers (shown in failure messages), e.g.
+          "float32 accumulation over C=768 terms vs float64 oracle".
+
+    ``float('inf')`` disables a bound; ``Tolerance.exact()`` demands bit-identical floats.
+    """
+
+    rel: float
+    norm: float
+    ulp: int | None = None
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        for fname in ("rel", "norm"):
+            value = getattr(self, fname)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+                raise TypeError(f"Tolerance.{fname} must be a number, got {value!r}")
+            value = float(value)
+            if not value >= 0.0:    # also rejects NaN
+                raise ValueError(f"Tolerance.{fname} must be >= 0, got {value!r}")
+            object.__setattr__(self, fname, value)
+        if self.ulp is not None:
+            if isinstance(self.ulp, (bool, np.bool_)) or not isinstance(self.ulp, (int, np.integer)):
+                raise TypeError(f"Tolerance.ulp must be an int or None, got {self.ulp!r}")
+            if self.ulp < 0:
+                raise ValueError(f"Tolerance.ulp must be >= 0, got {self.ulp!r}")
+            object.__setattr__(self, "ulp", int(self.ulp))
+        if not isinstance(self.why, str):
+            raise TypeError(f"Tolerance.why must be a str, got {self.why!r}")
+
+    @classmethod
+    def exact(cls, why: str = "bit-identical: same arithmetic in the same order") -> "Tolerance":
+        """Zero tolerance everywhere: every element must be equal (ulp distance 0)."""
+        return cls(rel=0.0, norm=0.0, ulp=0, why=why)
+
+    def bounds(self) -> str:
+        """The numbers alone, e.g. ``rel <= 1e-06, norm <= 1e-07, ulp <= 4``."""
+        text = f"rel <= {_num(self.rel)}, norm <= {_num(self.norm)}"
+        return text + (f", ulp <= {self.ulp}" if self.ulp is not None else "")
+
+    def __str__(self) -> str:
+        return self.bounds() + (f" ({self.why})" if self.why else "")
+
+
+# --------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of :func:`compare`: metrics over the compared elements and the worst one.
+
+    Fields (see the module docstring for what each metric means and why):
+
+    name, shape, tol            what was compared and against which tolerance
+    actual_dtype, expected_dtype
+    passed                      ``n_bad == 0 and norm_rel <= tol.norm``
+    n_total                     elements in the tensor
+    n_compared                  elements compared (True in the mask; all without one)
+    n_bad                       elements failing rel / ulp, plus non-finite mismatches
+    n_nonfinite_mismatch        NaN vs number, inf vs finite, +inf vs -inf
+    max_abs, max_rel, max_ulp, norm_rel
+                                over the compared pairs where both values are finite;
+                                ``norm_rel`` is 0 when both norms are 0 and ``inf`` when
+                                only ``||e||`` is (an all-zero reference, nonzero actual)
+    scale                       the ``scale`` used in the denominator of ``rel``
+    worst_index                 multi-index (in the full tensor) of the worst element: the
+                                first non-finite mismatch if any, else the largest rel;
+                                ``None`` when nothing was compared
+    worst_label                 that index with axis names, e.g. ``layer=3 b=1 t=17 c=402``
+    worst_actual, worst_expected, worst_abs, worst_rel, worst_ulp
+                                the two values there and their differences (``worst_ulp`` is
+                                ``None`` where a value is NaN)
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    tol: Tolerance
+    actual_dtype: str
+    expected_dtype: str
+    passed: bool
+    n_total: int
+    n_compared: int
+    n_bad: int
+    n_nonfinite_mismatch: int
+    max_abs: float
+    max_rel: float
+    max_ulp: int
+    norm_rel: float
+    scale: float
+    worst_index: tuple[int, ...] | None
+    worst_label: str
+    worst_actual: float | None
+    worst_expected: float | None
+    worst_abs: float | None
+    worst_rel: float | None
+    worst_ulp: int | None
+
+    @property
+    def frac_bad(self) -> float:
+        """Fraction of the compared elements that are bad (0.0 when nothing was compared)."""
+        return self.n_bad / self.n_compared if self.n_compared else 0.0
+
+    def failed_checks(self) -> list[str]:
+        """Which criteria failed: any of ``rel``, ``ulp``, ``norm``, ``nonfinite``."""
+        out = []
+        if self.max_rel > self.tol.rel:
+            out.append("rel")
+        if self.tol.ulp is not None and self.max_ulp > self.tol.ulp:
+            out.append("ulp")
+        if not self.norm_rel <= self.tol.norm:
+            out.append("norm")
+        if self.n_nonfinite_mismatch:
+            out.append("nonfinite")
+        return out
+
+    def message(self) -> str:
+        """A multi-line, human-readable report (the text of :class:`ParityError`)."""
+        failed = set(self.failed_checks())
+        flag = lambda key: "   <-- exceeded" if key in failed else ""   # noqa: E731
+        head = (f"Tensor {self.name!r} is close to the reference." if self.passed
+                else f"Tensor {self.name!r} is not close to the reference!")
+        masked = self.n_total - self.n_compared
+        lines = [
+            head,
+            f"  shape {self.shape}, {self.actual_dtype} (actual) vs {self.expected_dtype} "
+            f"(expected); {self.n_compared} of {self.n_total} elements compared"
+            + (f" ({masked} masked out)" if masked else ""),
+            f"Mismatched elements: {self.n_bad} / {self.n_compared} ({_pct(self.n_bad, self.n_compared)})",
+        ]
+        if self.worst_index is not None:
+            lines += [
+                f"Worst element at {self.worst_label} (index {self.worst_index}):",
+                f"  actual   = {_value(self.worst_actual, self.actual_dtype)}",
+                f"  expected = {_value(self.worst_expected, self.expected_dtype)}",
+                f"  abs diff = {_num(self.worst_abs)}, rel diff = {_num(self.worst_rel)}"
+                f" (scale {_num(self.scale)}), ulp diff = "
+                + ("n/a" if self.worst_ulp is None else str(self.worst_ulp)),
+            ]
+        ulp_allowed = "not checked" if self.tol.ulp is None else f"allowed {self.tol.ulp}"
+        lines += [
+            f"Greatest relative difference: {_num(self.max_rel)} (allowed {_num(self.tol.rel)})"
+            + flag("rel"),
+            f"Greatest absolute difference: {_num(self.max_abs)}",
+            f"Greatest ulp difference: {self.max_ulp} ({ulp_allowed})" + flag("ulp"),
+            f"Norm-wise relative difference: {_num(self.norm_rel)} (allowed {_num(self.tol.norm)})"
+            + flag("norm"),
+            f"Non-finite mismatches: {self.n_nonfinite_mismatch}" + flag("nonfinite"),
+            f"Tolerance: {self.tol.bounds()}" + (f" -- {self.tol.why}" if self.tol.why else ""),
+        ]
+        return "\n".join(lines)
+
+    def summary_row(self) -> dict[str, Any]:
+        """The result as a flat dict of plain, JSON-safe Python values.
+
+        Non-finite floats (possible only in the ``worst_*`` values) become the strings
+        ``"nan"``, ``"inf"``, ``"-inf"``; missing values are ``None``.
+        """
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "actual_dtype": self.actual_dtype,
+            "expected_dtype": self.expected_dtype,
+            "passed": bool(self.passed),
+            "n_total": int(self.n_total),
+            "n_compared": int(self.n_compared),
+            "n_bad": int(self.n_bad),
+            "n_nonfinite_mismatch": int(self.n_nonfinite_mismatch),
+            "max_abs": _json_float(self.max_abs),
+            "max_rel": _json_float(self.max_rel),
+            "max_ulp": int(self.max_ulp),
+            "norm_rel": _json_float(self.norm_rel),
+            "scale": _json_float(self.scale),
+            "tol_rel": _json_float(self.tol.rel),
+            "tol_norm": _json_float(self.tol.norm),
+            "tol_ulp": self.tol.ulp,
+            "tol_why": self.tol.why,
+            "worst_index": None if self.worst_index is None else [int(i) for i in self.worst_index],
+            "worst_label": self.worst_label,
+            "worst_actual": _json_float(self.worst_actual),
+            "worst_expected": _json_float(self.worst_expected),
+            "worst_abs": _json_float(self.worst_abs),
+            "worst_rel": _json_float(self.worst_rel),
+            "worst_ulp": self.worst_ulp,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        """``summary_row()`` as strict JSON (``allow_nan=False``); kwargs go to json.dumps."""
+        return json.dumps(self.summary_row(), allow_nan=False, **kwargs)
+
+
+class ParityError(AssertionError):
+    """A failed comparison; ``.comparison`` holds the :class:`Comparison`."""
+
+    def __init__(self, comparison: Comparison):
+        super().__init__(comparison.message())
+        self.comparison = comparison
+
+
+# --------------------------------------------------------------------------- API
+def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
+            axes: Sequence[str] | None = None, mask: Any = None,
+            scale: float | None = None, nan_equal: bool = True) -> Comparison:
+    """Compare ``actual`` with ``expected`` element by element; return a :class:`Comparison`.
+
+    actual, expected: numeric arrays of the same shape (NumPy arrays, CPU torch tensors or
+        array-likes; integer or floating dtypes). Neither is modified or copied in full.
+    name: the tensor's name, used in messages.
+    tol: the :class:`Tolerance` to judge against.
+    axes: one name per axis for the worst element's label (default ``i0, i1, ...``).
+    mask: optional boolean array broadcastable to the shape; only True elements are
+        compared (e.g. a (T, T) causal ``np.tril`` mask for preatt of shape (L,B,NH,T,T)).
+    scale: the additive term in the denominator of ``rel``. Default: the RMS of the finite
+        expected values over the compared elements (the smallest normal float32 if that is
+        0). Must be finite and > 0 when given.
+    nan_equal: whether NaN in both arrays at the same place counts as equal.
+    """
+    a = _as_numeric_array(actual, "actual", name)
+    e = _as_numeric_array(expected, "expected", name)
+    if a.shape != e.shape:
+        raise ValueError(f"{name}: shape mismatch: actual has shape {a.shape}, "
+                         f"expected has shape {e.shape}")
+    if not isinstance(tol, Tolerance):
+        raise TypeError(f"{name}: tol must be a Tolerance, got {type(tol).__name__}")
+    shape = tuple(int(n) for n in a.shape)
+    if axes is not None:
+        axes = tuple(str(x) for x in axes)
+        if len(axes) != len(shape):
+            raise ValueError(f"{name}: {len(axes)} axis names {axes} for a {len(shape)}-d "
+                             f"tensor of shape {shape}")
+    m = _broadcast_mask(mask, shape, name)
+    if scale is not None:
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"{name}: scale must be finite and > 0, got {scale!r}")
+
+    if a.ndim == 0:             # work on 1-element views; report the index as ()
+        a, e = a.reshape(1), e.reshape(1)
+        m = None if m is None else m.reshape(1)
+
+    blocks = list(_chunks(a.shape, CHUNK_ELEMS)) if a.size else []
+    # Scratch arrays sized for the largest block (the first one), reused by every block.
+    ws = _Workspace(a[blocks[0][0]].size if blocks else 0)
+    acc = _Accumulator(tol, nan_equal, ws)
+    with np.errstate(all="ignore"):
+        cached_e64 = None
+        if scale is None:               # pass 1: RMS of the finite compared expected values
+            sumsq, count = 0.0, 0
+            for key, _, _ in blocks:
+                e64 = ws.as_float64(e[key], "e64")
+                s, c = _finite_sumsq(e64, None if m is None else m[key], ws)
+                sumsq, count = sumsq + s, count + c
+                if len(blocks) == 1:
+                    cached_e64 = e64    # the small path: reuse it instead of converting twice
+            scale = math.sqrt(sumsq / count) if count else 0.0
+            if not scale > 0.0:         # all zeros (or nothing finite): avoid 0/0
+                scale = FLOAT32_TINY
+        acc.scale = scale
+        for key, outer, start in blocks:   # pass 2: the metrics
+            ab = a[key]
+            acc.update(ab, e[key], None if m is None else m[key],
+                       _Locator(ab.shape, outer, start), cached_e64)
+    return acc.result(a, e, name=name, shape=shape, axes=axes)
+
+
+def assert_parity(actual: Any, expected: Any, **kwargs: Any) -> Comparison:
+    """:func:`compare` and raise :class:`ParityError` (with ``.message()``) if it fails."""
+    comparison = compare(actual, expected, **kwargs)
+    if not comparison.passed:
+        raise ParityError(comparison)
+    return comparison
+
+
+def ulp_distance(a: Any, b: Any) -> np.ndarray:
+    """Element-wise float32 ulp distance (int64) between ``a`` and ``b`` rounded to float32.
+
+    Uses the monotone mapping of float32 bit patterns onto the integers, so +0 and -0 are
+    0 apart, adjacent floats 1 apart and the two smallest denormals of opposite sign 2
+    apart. Results for NaN inputs are meaningless.
+    """
+    with np.errstate(all="ignore"):
+        a32 = np.asarray(a, dtype=np.float32)
+        b32 = np.asarray(b, dtype=np.float32)
+    out_shape = np.broadcast_shapes(a32.shape, b32.shape)
+    return _ulp_diff(np.atleast_1d(a32), np.atleast_1d(b32)).reshape(out_shape)
+
+
+def format_table(rows: Sequence[Comparison], title: str | None = None) -> str:
+    """A fixed-width text table of comparisons, one line per tensor, with a verdict."""
+    header = ("tensor", "max rel", "tol rel", "norm rel", "tol norm", "max ulp", "tol ulp",
+              "bad/total", "worst at", "verdict")
+    right = {1, 2, 3, 4, 5, 6, 7}
+    body = []
+    for c in rows:
+        bad = f"{c.n_bad}/{c.n_compared}"
+        if c.n_nonfinite_mismatch:
+            bad += f" ({c.n_nonfinite_mismatch} non-finite)"
+        body.append((
+            c.name, _sci(c.max_rel), _sci(c.tol.rel), _sci(c.norm_rel),
+            _sci(c.tol.norm), str(c.max_ulp), "-" if c.tol.ulp is None else str(c.tol.ulp),
+            bad, c.worst_label if c.worst_index is not None else "-",
+            "OK" if c.passed else "FAIL",
+        ))
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [] if title is None else [title]
+    out += [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in body]
+    n_fail = sum(not c.passed for c in rows)
+    out.append(f"{len(rows) - n_fail} OK, {n_fail} FAIL")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- internals
+class _Workspace:
+    """Scratch arrays for the blocks of one comparison, allocated once and reused.
+
+    Fresh multi-megabyte temporaries for every block would make the allocator map and
+    unmap them each time (every page faulted in anew), which costs more than the
+    arithmetic; with reused buffers a large comparison runs several times faster.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def take(self, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+        """A C-contiguous array of ``shape`` backed by the buffer ``name`` (contents undefined)."""
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = np.empty(self.capacity, dtype)
+        return buf[:math.prod(shape)].reshape(shape)
+
+    def as_float64(self, x: np.ndarray, name: str) -> np.ndarray:
+        """``x`` as a C-contiguous float64 array: ``x`` itself if it is one, else a copy."""
+        if x.dtype == np.float64 and x.flags.c_contiguous:
+            return x
+        out = self.take(name, np.float64, x.shape)
+        np.copyto(out, x, casting="unsafe")
+        return out
+
+    def as_float32(self, x: np.ndarray, name: str) -> np.ndarray:
+        """``x`` itself if float32 (any layout: only its bits are read), else rounded copy."""
+        if x.dtype == np.float32:
+            return x
+        out = self.take(name, np.float32, x.shape)
+        np.copyto(out, x, casting="unsafe")
+        return out
+
+
+class _Accumulator:
+    """Running metrics over the blocks of one comparison."""
+
+    def __init__(self, tol: Tolerance, nan_equal: bool, ws: _Workspace):
+        self.tol = tol
+        self.nan_equal = nan_equal
+        self.ws = ws
+        self.scale = FLOAT32_TINY
+        self.n_compared = 0
+        self.n_bad = 0
+        self.n_nonfinite = 0
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.max_ulp = 0
+        self.sumsq_diff = 0.0
+        self.sumsq_expected = 0.0
+        self.worst_rel = -1.0            # rel of the worst finite element so far
+        self.worst_index: tuple[int, ...] | None = None
+        self.worst_is_nonfinite = False
+
+    def update(self, a: np.ndarray, e: np.ndarray, m: np.ndarray | None,
+               locate: "_Locator", e64: np.ndarray | None = None) -> None:
+        """Fold one block (views of actual, expected and the mask) into the running metrics.
+
+        ``e64`` is ``e`` already converted by ``ws.as_float64`` (the one-block path).
+        Nothing is written into ``a`` or ``e``: every result goes into workspace buffers.
+        Elements that are masked out, or pairs with a NaN/inf, are *invalid*: they get
+        diff 0, rel -1 (below any real rel, so never the worst) and ulp 0.
+        """
+        ws, shape = self.ws, a.shape
+        invalid = None
+        if m is None:
+            self.n_compared += a.size
+        else:
+            n_sel = int(np.count_nonzero(m))
+            if n_sel == 0:
+                return
+            self.n_compared += n_sel
+            invalid = ws.take("invalid", np.bool_, shape)
+            np.logical_not(m, out=invalid)
+
+        a64 = ws.as_float64(a, "a64")
+        if e64 is None:
+            e64 = ws.as_float64(e, "e64")
+        diff = ws.take("diff", np.float64, shape)
+        np.subtract(a64, e64, out=diff)
+        np.abs(diff, out=diff)
+        rel = ws.take("rel", np.float64, shape)
+        np.abs(e64, out=rel)
+        rel += self.scale
+        np.divide(diff, rel, out=rel)
+
+        if not math.isfinite(diff.max()):   # some pair has a NaN or an inf (maybe masked out)
+            finite = ws.take("finite", np.bool_, shape)
+            nonfinite = ws.take("nonfinite", np.bool_, shape)
+            np.isfinite(a64, out=finite)
+            np.isfinite(e64, out=nonfinite)
+            finite &= nonfinite
+            np.logical_not(finite, out=nonfinite)
+            if m is not None:
+                nonfinite &= m
+            if nonfinite.any():
+                an, en = a64[nonfinite], e64[nonfinite]     # few: plain temporaries
+                equal = an == en                              # same-sign infinities
+                if self.nan_equal:
+                    equal |= np.isnan(an) & np.isnan(en)
+                n_mismatch = int(an.size - np.count_nonzero(equal))
+                if n_mismatch:
+                    self.n_nonfinite += n_mismatch
+                    self.n_bad += n_mismatch
+                    if not self.worst_is_nonfinite:       # the first one is the worst element
+                        first = int(np.flatnonzero(nonfinite)[np.argmin(equal)])
+                        self.worst_index = locate(first)
+                        self.worst_is_nonfinite = True
+            np.logical_not(finite, out=finite)
+            if invalid is None:
+                invalid = finite
+            else:
+                invalid |= finite
+
+        if invalid is None:
+            ev = e64
+        else:
+            np.putmask(diff, invalid, 0.0)
+            np.putmask(rel, invalid, -1.0)
+            ev = ws.take("a64", np.float64, shape)    # a64 is no longer needed
+            np.copyto(ev, e64)
+            np.putmask(ev, invalid, 0.0)
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        flat = diff.ravel()
+        self.sumsq_diff += float(np.dot(flat, flat))
+        flat = ev.ravel()
+        self.sumsq_expected += float(np.dot(flat, flat))
+
+        i = int(rel.argmax())
+        r = float(rel.flat[i])
+        if r > self.max_rel:
+            self.max_rel = r
+        if r > self.worst_rel and not self.worst_is_nonfinite:
+            self.worst_rel = r
+            self.worst_index = locate(i)
+        bad = ws.take("bad", np.bool_, shape)
+        np.greater(rel, self.tol.rel, out=bad)
+
+        ulp = ws.take("ulp", np.int64, shape)
+        np.subtract(_ulp_keys(ws.as_float32(a, "a32"), ws, "ka"),
+                    _ulp_keys(ws.as_float32(e, "e32"), ws, "ke"), out=ulp, dtype=np.int64)
+        np.abs(ulp, out=ulp)
+        if invalid is not None:
+            np.putmask(ulp, invalid, 0)
+        self.max_ulp = max(self.max_ulp, int(ulp.max()))
+        if self.tol.ulp is not None:
+            over = ws.take("over", np.bool_, shape)
+            np.greater(ulp, self.tol.ulp, out=over)
+            bad |= over
+        self.n_bad += int(np.count_nonzero(bad))
+
+    def result(self, a: np.ndarray, e: np.ndarray, *, name: str, shape: tuple[int, ...],
+               axes: tuple[str, ...] | None) -> Comparison:
+        if self.sumsq_expected > 0.0:
+            norm_rel = math.sqrt(self.sumsq_diff) / math.sqrt(self.sumsq_expected)
+        else:
+            norm_rel = 0.0 if self.sumsq_diff == 0.0 else math.inf
+        passed = self.n_bad == 0 and norm_rel <= self.tol.norm      # NaN norm fails
+        worst_actual = worst_expected = worst_abs = worst_rel = None
+        worst_ulp = None
+        index = self.worst_index
+        label = "-"
+        if index is not None:
+            wa, we = a[index], e[index]
+            worst_actual, worst_expected = float(wa), float(we)
+            with np.errstate(all="ignore"):
+                worst_abs = abs(worst_actual - worst_expected)
+                worst_rel = worst_abs / (abs(worst_expected) + self.scale)
+                if not (math.isnan(worst_actual) or math.isnan(worst_expected)):
+                    worst_ulp = int(_ulp_diff(np.asarray([wa], np.float32),
+                                              np.asarray([we], np.float32))[0])
+            if len(shape) == 0:
+                index = ()
+            label = _label(index, axes)
+        return Comparison(
+            name=name, shape=shape, tol=self.tol,
+            actual_dtype=str(a.dtype), expected_dtype=str(e.dtype), passed=bool(passed),
+            n_total=math.prod(shape), n_compared=self.n_compared, n_bad=self.n_bad,
+            n_nonfinite_mismatch=self.n_nonfinite, max_abs=self.max_abs, max_rel=self.max_rel,
+            max_ulp=self.max_ulp, norm_rel=norm_rel, scale=self.scale,
+            worst_index=index, worst_label=label, worst_actual=worst_actual,
+            worst_expected=worst_expected, worst_abs=worst_abs, worst_rel=worst_rel,
+            worst_ulp=worst_ulp,
+        )
+
+
+def _chunks(shape: tuple[int, ...], limit: int) -> Iterator[tuple[tuple, tuple[int, ...], int]]:
+    """Split an array of ``shape`` into blocks of at most ~``limit`` elements, in C order.
+
+    Yields ``(key, outer, start)``: ``arr[key]`` is a view of the block; a block index
+    ``(j, *rest)`` is ``outer + (start + j, *rest)`` in the full array. An array that fits
+    is a single block with ``key == ()`` (the whole array, identity mapping).
+    """
+    if math.prod(shape) <= limit:
+        yield (), (), 0
+        return
+    # Find the smallest axis k whose trailing block shape[k+1:] still fits, then slice
+    # axis k into runs of `step` and loop over all indices of the axes before it.
+    k, inner = len(shape) - 1, 1
+    while k > 0 and inner * shape[k] <= limit:
+        inner *= shape[k]
+        k -= 1
+    step = max(1, limit // inner)
+    for outer in np.ndindex(*shape[:k]):
+        outer = tuple(int(i) for i in outer)
+        for s in range(0, shape[k], step):
+            yield outer + (slice(s, min(s + step, shape[k])),), outer, s
+
+
+class _Locator:
+    """Maps a C-order flat index into a block to a multi-index of the full tensor.
+
+    A block is ``arr[key]`` for a key from :func:`_chunks`: block index ``(j, *rest)`` is
+    ``outer + (start + j, *rest)`` in the full array.
+    """
+
+    __slots__ = ("shape", "outer", "start")
+
+    def __init__(self, shape: tuple[int, ...], outer: tuple[int, ...], start: int):
+        self.shape, self.outer, self.start = shape, outer, start
+
+    def __call__(self, flat: int) -> tuple[int, ...]:
+        local = tuple(int(i) for i in np.unravel_index(flat, self.shape))
+        return self.outer + (self.start + local[0],) + local[1:]
+
+
+def _finite_sumsq(e64: np.ndarray, m: np.ndarray | None, ws: _Workspace) -> tuple[float, int]:
+    """Sum of squares and count of the finite values of ``e64`` (C-contiguous) where ``m``."""
+    flat = e64.ravel()
+    if m is None:
+        s = float(np.dot(flat, flat))
+        if math.isfinite(s):
+            return s, flat.size
+    keep = ws.take("bad", np.bool_, e64.shape)       # (pass 2 buffers, free in pass 1)
+    np.isfinite(e64, out=keep)
+    if m is not None:
+        keep &= m
+    kept = ws.take("diff", np.float64, e64.shape)
+    kept.fill(0.0)
+    np.copyto(kept, e64, where=keep)
+    flat = kept.ravel()
+    return float(np.dot(flat, flat)), int(np.count_nonzero(keep))
+
+
+def _ulp_keys(x32: np.ndarray, ws: _Workspace | None = None, name: str = "") -> np.ndarray:
+    """Map float32 values to int32 keys that are monotone in the value (-0 and +0 -> 0).
+
+    Non-negative floats keep their bit pattern; a negative float maps to minus the bit
+    pattern of its magnitude, so adjacent floats are 1 apart, across zero too.
+    """
+    bits = x32.view(np.int32)
+    if ws is None:
+        key, sign = np.empty(bits.shape, np.int32), np.empty(bits.shape, np.int32)
+    else:
+        key, sign = ws.take(name, np.int32, bits.shape), ws.take("sign", np.int32, bits.shape)
+    np.right_shift(bits, 31, out=sign)         # 0 for +, -1 for -
+    np.bitwise_and(bits, 0x7FFFFFFF, out=key)  # magnitude
+    np.bitwise_xor(key, sign, out=key)
+    np.subtract(key, sign, out=key)            # -magnitude for negative values
+    return key
+
+
+def _ulp_diff(a32: np.ndarray, e32: np.ndarray) -> np.ndarray:
+    diff = np.subtract(_ulp_keys(a32), _ulp_keys(e32), dtype=np.int64)
+    np.abs(diff, out=diff)
+    return diff
+
+
+def _as_numeric_array(x: Any, what: str, name: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        if hasattr(x, "detach") and hasattr(x, "numpy"):     # torch.Tensor, zero-copy on CPU
+            x = x.detach().cpu().numpy()
+        else:
+            x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: {what} must have an integer or floating dtype, "
+                        f"got {x.dtype}")
+    return x
+
+
+def _broadcast_mask(mask: Any, shape: tuple[int, ...], name: str) -> np.ndarray | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, np.ndarray):
+        if hasattr(mask, "detach") and hasattr(mask, "numpy"):
+            mask = mask.detach().cpu().numpy()
+        else:
+            mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name}: mask must be a boolean array, got dtype {mask.dtype}")
+    try:
+        return np.broadcast_to(mask, shape)          # a read-only view, no copy
+    except ValueError:
+        raise ValueError(f"{name}: mask of shape {mask.shape} is not broadcastable to "
+                         f"the tensor's shape {shape}") from None
+
+
+def _label(index: tuple[int, ...], axes: tuple[str, ...] | None) -> str:
+    if not index:
+        return "(scalar)"
+    names = axes if axes is not None else tuple(f"i{k}" for k in range(len(index)))
+    return " ".join(f"{n}={i}" for n, i in zip(names, index))
+
+
+def _num(x: float | None) -> str:
+    """A metric for messages: 3 significant digits, plain 0."""
+    if x is None:
+        return "n/a"
+    return "0" if x == 0 else f"{x:.3g}"
+
+
+def _sci(x: float) -> str:
+    """A metric for tables: fixed-width scientific notation."""
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def _pct(n: int, total: int) -> str:
+    return f"{100.0 * n / total:.3g}%" if total else "0%"
+
+
+def _value(x: float | None, dtype: str) -> str:
+    """A value printed at its dtype's precision (float32 also with its bit pattern)."""
+    if x is None:
+        return "n/a"
+    dt = np.dtype(dtype)
+    if dt.kind in "iu":
+        return str(int(x)) if math.isfinite(x) else str(x)
+    text = str(dt.type(x))
+    if dt == np.float32:
+        text += f" (0x{np.asarray(x, np.float32).view(np.uint32).item():08x})"
+    return text
+
+
+def _json_float(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")

@@ -1,0 +1,63 @@
+"""Per-op checks: one kernel of one implementation against the float64 oracle.
+
+``check_kernel(impl, "layernorm_forward", args, shape)`` runs the implementation (the C
+through :class:`~harness.ckernels.CKernels`, NumPy, torch or a user's port) and the oracle
+on the same float32 inputs and compares every output under the per-op tolerance of
+:mod:`harness.tolerances`. The result is a list of :class:`~harness.compare.Comparison`,
+named ``<kernel>.<output>``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pyref import numpy_kernels
+from pyref.protocol import KernelSet
+
+from .compare import Comparison, ParityError, compare
+from .ops import CHECK_BY_KERNEL, Shape, reduction_length, run_kernel
+from .tolerances import op_tolerance, term_scale
+
+ORACLE = KernelSet.from_module(numpy_kernels)
+
+
+def oracle_outputs(kernel: str, args: dict) -> dict[str, np.ndarray]:
+    return run_kernel(ORACLE, kernel, args, np.float64)
+
+
+def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
+                 label: str = "") -> list[Comparison]:
+    """Compare ``impl.<kernel>`` on ``args`` with the oracle; ``expected`` may pass
+    precomputed oracle outputs (to share them between implementations)."""
+    check = CHECK_BY_KERNEL[kernel]
+    expected = oracle_outputs(kernel, args) if expected is None else expected
+    actual = run_kernel(impl, kernel, args, np.float32)
+    out = []
+    for name in check.outputs:
+        if name not in expected:
+            continue
+        if name not in actual:
+            raise ValueError(f"{kernel} of {label or impl} produced no {name!r}")
+        a = actual[name]
+        if a.shape != expected[name].shape:
+            raise ValueError(f"{kernel}.{name}: {label or impl} gave shape {a.shape}, "
+                             f"expected {expected[name].shape}")
+        n = reduction_length(check, name, shape)
+        out.append(compare(a, expected[name], name=f"{kernel}.{name}" + (f" [{label}]" if label else ""),
+                           tol=op_tolerance(kernel, name, n), axes=check.axes.get(name),
+                           mask=check.mask(name, shape),
+                           scale=term_scale(kernel, name, _as64(args), expected)))
+    return out
+
+
+def _as64(args: dict) -> dict:
+    return {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+            for k, v in args.items()}
+
+
+def assert_kernel(impl, kernel: str, args: dict, shape: Shape, **kw) -> list[Comparison]:
+    """:func:`check_kernel`, raising :class:`ParityError` on the first failing output."""
+    results = check_kernel(impl, kernel, args, shape, **kw)
+    for c in results:
+        if not c.passed:
+            raise ParityError(c)
+    return results

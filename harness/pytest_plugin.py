@@ -1,0 +1,81 @@
+"""pytest plugin of llmc-parity (registered through the ``pytest11`` entry point).
+
+Options:
+  --llmc-lib PATH       the library under test (default: $LLMC_LIB or build/libtrain_gpt2.so)
+  --llmc-impl SPEC      a Python port to check too: a file path or ``module[:attr]``
+  --llmc-config NAME    model config for model-level checks (default: tiny)
+  --llmc-steps N        training steps for model-level checks (default: 3 in tests)
+
+Fixtures: ``llmc_lib`` (the bound Library), ``llmc_impl`` (the user's KernelSet or None),
+``llmc_config``, ``llmc_steps``, ``parity_record`` (add Comparisons to the end-of-session
+summary). At the end of the session it prints one table: the worst error per op.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_RECORDS: list = []
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("llmc-parity")
+    group.addoption("--llmc-lib", default=None, help="train_gpt2 shared library under test")
+    group.addoption("--llmc-impl", default=None,
+                    help="a Python port to check: file path or module[:attr] (kernel protocol)")
+    group.addoption("--llmc-config", default="tiny", help="model config for model-level checks")
+    group.addoption("--llmc-steps", type=int, default=3, help="steps for model-level checks")
+
+
+def pytest_configure(config):
+    lib = config.getoption("--llmc-lib", default=None)
+    if lib:
+        os.environ["LLMC_LIB"] = os.path.abspath(lib)
+    config.addinivalue_line("markers", "slow: long-running (C variant builds, big shapes)")
+
+
+@pytest.fixture(scope="session")
+def llmc_lib():
+    from .binding import load_library
+    return load_library()
+
+
+@pytest.fixture(scope="session")
+def llmc_impl(request):
+    spec = request.config.getoption("--llmc-impl")
+    if not spec:
+        return None
+    from .kernels import load_kernels
+    return load_kernels(spec)
+
+
+@pytest.fixture(scope="session")
+def llmc_config(request):
+    from pyref.config import preset
+    return preset(request.config.getoption("--llmc-config"))
+
+
+@pytest.fixture(scope="session")
+def llmc_steps(request):
+    return request.config.getoption("--llmc-steps")
+
+
+@pytest.fixture
+def parity_record():
+    """Call with a Comparison (or a list) to have it counted in the session summary."""
+    def record(*comparisons):
+        for c in comparisons:
+            if isinstance(c, (list, tuple)):
+                _RECORDS.extend(c)
+            else:
+                _RECORDS.append(c)
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _RECORDS:
+        return
+    from .report import worst_per_op_table
+    terminalreporter.write_sep("=", "llmc-parity: worst error per op")
+    terminalreporter.write_line(worst_per_op_table(_RECORDS))

@@ -1,0 +1,340 @@
+"""Model-level parity: N training steps of the C and of Python implementations, side by side.
+
+Each step starts every implementation from the C's own state (parameters, AdamW m and v),
+so a step's check is never blurred by drift from earlier steps, and then checks, for the C
+and for each Python implementation:
+
+* ``replay``: every op of the graph (:mod:`harness.graph`) re-run in float64 on that
+  implementation's own inputs for the op, under the per-op tolerance. The first op that
+  fails is the *first divergence*: its inputs are exact by construction, so the error is
+  the op's own, not carried in from upstream.
+* ``e2e``: all 23 activations and the activation and parameter gradients (per layer)
+  against a float64 model run from the same state, under the depth-scaled tolerance.
+* ``update``: parameters, m and v after AdamW, against AdamW in float64 from the common
+  pre-step state and the implementation's own gradients.
+* the mean loss against the float64 model's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from math import prod
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pyref.config import PARAM_NAMES, GPT2Config, param_shapes
+from pyref.model import GPT2 as PyGPT2
+from pyref.protocol import INPLACE_ARGS, KernelSet
+
+from .compare import Comparison, compare
+from .graph import Node, Ref, backward_nodes, forward_nodes, node_shape
+from .opcheck import ORACLE
+from .ops import CHECK_BY_KERNEL, FORWARD_OUTPUTS, reduction_length, run_kernel
+from .tolerances import e2e_tolerance, op_tolerance, term_scale
+
+LAYER_AXES = {
+    3: ("b", "t", "c"), 2: ("b", "t"), 4: ("b", "h", "t", "t2"), 1: ("c",),
+}
+PARAM_AXES = {2: ("row", "c"), 1: ("c",)}
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """llm.c's defaults in train_gpt2.c's main() (weight decay 0 there; we use 0.1 so that
+    the decay term is exercised)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class Check:
+    """One comparison inside a step: who, which kind, where in the graph."""
+
+    step: int
+    impl: str                 # "C", "numpy", "torch", a user's label
+    kind: str                 # "replay", "e2e", "update", "loss"
+    tensor: str               # e.g. "acts.ln1[layer 0]"
+    where: str                # the op, e.g. "layer 0 ln1 layernorm_forward"
+    comparison: Comparison
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.passed
+
+
+@dataclass
+class StepReport:
+    step: int
+    losses: dict[str, float]
+    checks: list[Check]
+    first_divergence: dict[str, str]
+    errors: dict[str, str] = field(default_factory=dict)   # impl -> exception text
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.errors and all(c.passed for c in self.checks)
+
+
+@dataclass
+class RunReport:
+    config: GPT2Config
+    B: int
+    T: int
+    hyper: AdamW
+    impls: list[str]
+    steps: list[StepReport]
+    library: str
+    build: dict | None
+    not_checked: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(s.passed for s in self.steps)
+
+    def first_divergence(self) -> str | None:
+        for s in self.steps:
+            for impl, text in s.first_divergence.items():
+                return f"step {s.step} [{impl}] {text}"
+            for impl, text in s.errors.items():
+                return f"step {s.step} [{impl}] error: {text}"
+        return None
+
+
+# ----------------------------------------------------------------------------
+# walking the graph
+
+def _args64(node: Node, state) -> dict:
+    """The node's arguments read from ``state``, float arrays as float64 copies."""
+    out = {}
+    for k, v in node.args:
+        if isinstance(v, Ref):
+            a = v.get(state)
+            out[k] = np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a)
+        else:
+            out[k] = v
+    return out
+
+
+def _axes(ref: Ref, shape) -> tuple[str, ...] | None:
+    if ref.group in ("params", "grads"):
+        return PARAM_AXES.get(len(shape))
+    return LAYER_AXES.get(len(shape))
+
+
+def _mask(node: Node, output: str, shape):
+    return CHECK_BY_KERNEL[node.kernel].mask(output, shape)
+
+
+def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
+                expected_state=None) -> list[Check]:
+    """Replay (``expected_state`` None) or end-to-end check of a forward+backward state.
+
+    Replay runs each op in float64 on ``state``'s own inputs; e2e compares with the
+    float64 model ``expected_state``. Backward buffers that several ops accumulate into
+    (the residual-stream gradients, dwte) are compared once their last contributor ran.
+    """
+    replay = expected_state is None
+    kind = "replay" if replay else "e2e"
+    fwd, bwd = forward_nodes(cfg), backward_nodes(cfg)
+    checks: list[Check] = []
+
+    for depth, node in enumerate(fwd):
+        shape = node_shape(node, cfg, B, T)
+        out = run_kernel(ORACLE, node.kernel, _args64(node, state), np.float64) if replay else None
+        for oname in FORWARD_OUTPUTS[node.kernel]:
+            ref = node.arg_dict[oname]
+            actual = ref.get(state)
+            expected = out[oname] if replay else ref.get(expected_state)
+            n = reduction_length(CHECK_BY_KERNEL[node.kernel], oname, shape)
+            tol = op_tolerance(node.kernel, oname, n) if replay else e2e_tolerance(node.kernel, oname, n, depth)
+            c = compare(actual, expected, name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
+                        mask=_mask(node, oname, shape))
+            checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}", c))
+
+    # which backward node is the last to accumulate into each buffer
+    last: dict[Ref, int] = {}
+    contributors: dict[Ref, list[Node]] = {}
+    for i, node in enumerate(bwd):
+        for a in INPLACE_ARGS[node.kernel]:
+            ref = node.arg_dict.get(a)
+            if isinstance(ref, Ref):
+                last[ref] = i
+                contributors.setdefault(ref, []).append(node)
+    acc: dict[Ref, np.ndarray] = {}
+    nmax: dict[Ref, int] = {}
+    for i, node in enumerate(bwd):
+        shape = node_shape(node, cfg, B, T)
+        check = CHECK_BY_KERNEL[node.kernel]
+        if replay:
+            args = _args64(node, state)
+            for a in INPLACE_ARGS[node.kernel]:
+                ref = node.arg_dict.get(a)
+                if isinstance(ref, Ref):
+                    args[a] = acc.get(ref, np.zeros(ref.get(state).shape))
+            out = run_kernel(ORACLE, node.kernel, args, np.float64)
+            scales = {a: term_scale(node.kernel, a, args, out) for a in INPLACE_ARGS[node.kernel]}
+        for a in INPLACE_ARGS[node.kernel]:
+            ref = node.arg_dict.get(a)
+            if not isinstance(ref, Ref):
+                continue
+            nmax[ref] = max(nmax.get(ref, 1), reduction_length(check, a, shape))
+            if replay:
+                acc[ref] = out[a]
+            if last[ref] != i:
+                continue
+            actual = ref.get(state)
+            expected = acc.pop(ref) if replay else ref.get(expected_state)
+            n = nmax[ref]
+            depth = len(fwd) + i
+            tol = op_tolerance(node.kernel, a, n) if replay else e2e_tolerance(node.kernel, a, n, depth)
+            scale = scales.get(a) if replay and len(contributors[ref]) == 1 else None
+            c = compare(actual, expected, name=str(ref), tol=tol, axes=_axes(ref, actual.shape), scale=scale)
+            by = ", ".join(f"{n.label} {n.kernel}" for n in contributors[ref])
+            where = f"{node.where()} {node.kernel}" if len(contributors[ref]) == 1 else \
+                f"{'layer %d ' % node.layer if node.layer is not None else ''}{ref.name} gradient (sum of {by})"
+            checks.append(Check(step, impl, kind, str(ref), where, c))
+    return checks
+
+
+def check_update(cfg: GPT2Config, pre: tuple[np.ndarray, np.ndarray, np.ndarray], grads: np.ndarray,
+                 post: tuple[np.ndarray, np.ndarray, np.ndarray], hyper: AdamW, t: int, *,
+                 step: int, impl: str) -> list[Check]:
+    """AdamW in float64 from the common pre-step state (params, m, v) with ``grads``,
+    against ``post`` (params, m, v after the implementation's update), tensor by tensor."""
+    checks = []
+    offset = 0
+    for name, shape in param_shapes(cfg).items():
+        n = prod(shape)
+        sl = slice(offset, offset + n)
+        offset += n
+        p, m, v = (np.array(x[sl], np.float64) for x in pre)
+        hp = dict(lr=_f32(hyper.learning_rate), beta1=_f32(hyper.beta1), beta2=_f32(hyper.beta2),
+                  eps=_f32(hyper.eps), weight_decay=_f32(hyper.weight_decay), t=t)
+        args = dict(param=p.copy(), grad=np.asarray(grads[sl], np.float64), m=m.copy(), v=v.copy(), **hp)
+        ORACLE.adamw(p, args["grad"], m, v, *hp.values())
+        pscale = term_scale("adamw", "param", args, {"param": p})
+        for label, expected, actual in (("params", p, post[0]), ("m", m, post[1]), ("v", v, post[2])):
+            tensor = f"{label}.{name} (after update)"
+            c = compare(np.asarray(actual[sl]).reshape(shape), expected.reshape(shape), name=tensor,
+                        tol=op_tolerance("adamw", "param" if label == "params" else label, 1),
+                        scale=pscale if label == "params" else None,
+                        axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
+            checks.append(Check(step, impl, "update", tensor, f"gpt2_update {name}", c))
+    return checks
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def first_divergence(checks: list[Check]) -> str | None:
+    """The first failing replay check in graph order (else the first failing check)."""
+    for kinds in (("replay",), ("update",), ("e2e", "loss")):
+        for c in checks:
+            if c.kind in kinds and not c.passed:
+                cmp = c.comparison
+                head = f"first divergence: {c.where}"
+                if c.kind == "replay":
+                    head += ", inputs exact (the C's own), output off"
+                return (f"{head}: {c.tensor} max rel {cmp.max_rel:.3g} (tol {cmp.tol.rel:.3g}), "
+                        f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}), worst at {cmp.worst_label}: "
+                        f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}")
+    return None
+
+
+# ----------------------------------------------------------------------------
+
+def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[np.ndarray, np.ndarray]], *,
+               lib=None, impls: dict[str, KernelSet] | None = None, steps: int = 10,
+               hyper: AdamW = AdamW(), threads: int | None = None, replay: bool = True,
+               progress: Callable[[int, int, str], None] | None = None) -> RunReport:
+    """Run ``steps`` training steps of the C (the library ``lib``) and of each Python
+    implementation in ``impls`` (name -> KernelSet; default: none, the C alone against the
+    oracle), checking everything after every step. ``batches`` yields (inputs, targets)."""
+    from .binding import load_library
+    from .cmodel import CModel
+
+    lib = lib if lib is not None and not isinstance(lib, str) else load_library(lib)
+    impls = dict(impls or {})
+    cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
+    oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64)
+    pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
+                for name, k in impls.items()}
+    reports: list[StepReport] = []
+    B = T = 0
+    try:
+        for t in range(1, steps + 1):
+            t0 = time.perf_counter()
+            inputs, targets = next(batches)
+            B, T = inputs.shape
+            say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
+            m0 = cmodel.m_memory if t > 1 else np.zeros(cmodel.num_parameters, np.float32)
+            v0 = cmodel.v_memory if t > 1 else np.zeros(cmodel.num_parameters, np.float32)
+            oracle.load_state(cmodel.params_memory, m0, v0)
+            for pm in pymodels.values():
+                pm.load_state(cmodel.params_memory, m0, v0)
+
+            say("C forward/backward")
+            losses = {"C": cmodel.forward(inputs, targets, threads=threads)}
+            cmodel.zero_grad()
+            cmodel.backward(threads=threads)
+            say("oracle forward/backward")
+            losses["oracle"] = float(oracle.forward(inputs, targets))
+            oracle.zero_grad()
+            oracle.backward()
+            errors: dict[str, str] = {}
+            for name, pm in pymodels.items():
+                say(f"{name} forward/backward")
+                try:
+                    losses[name] = float(pm.forward(inputs, targets))
+                    pm.zero_grad()
+                    pm.backward()
+                except Exception as e:  # a user's kernel may raise: report, carry on
+                    errors[name] = f"{type(e).__name__}: {e}"
+
+            checks: list[Check] = []
+            loss_tol = op_tolerance("crossentropy_forward", "losses", B * T)
+            for name, state in [("C", cmodel)] + [(n, pm) for n, pm in pymodels.items() if n not in errors]:
+                say(f"checking {name}")
+                checks.append(Check(t, name, "loss", "mean_loss", "mean loss",
+                                    compare(np.array([losses[name]]), np.array([losses["oracle"]]),
+                                            name="mean_loss", tol=loss_tol)))
+                checks += check_graph(config, B, T, state, step=t, impl=name, expected_state=oracle)
+                if replay:
+                    checks += check_graph(config, B, T, state, step=t, impl=name)
+
+            say("AdamW updates")
+            pre = (oracle.params_memory, oracle.m_memory, oracle.v_memory)
+            cmodel.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+                          t, threads=threads)
+            checks += check_update(config, pre, cmodel.grads_memory,
+                                   (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory),
+                                   hyper, t, step=t, impl="C")
+            for name, pm in pymodels.items():
+                if name in errors:
+                    continue
+                try:
+                    pm.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, t)
+                except Exception as e:
+                    errors[name] = f"{type(e).__name__}: {e}"
+                    continue
+                checks += check_update(config, pre, pm.grads_memory,
+                                       (pm.params_memory, pm.m_memory, pm.v_memory), hyper, t,
+                                       step=t, impl=name)
+            divergence = {}
+            for name in ["C", *pymodels]:
+                d = first_divergence([c for c in checks if c.impl == name])
+                if d:
+                    divergence[name] = d
+            reports.append(StepReport(t, losses, checks, divergence, errors, time.perf_counter() - t0))
+    finally:
+        cmodel.close()
+    not_checked = {name: list(k.missing) for name, k in impls.items() if getattr(k, "missing", None)}
+    return RunReport(config, B, T, hyper, ["C", *impls], reports, lib.path,
+                     None if lib.build_info is None else vars(lib.build_info), not_checked)

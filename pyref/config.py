@@ -1,0 +1,132 @@
+"""GPT-2 shapes, names and presets, shared by the C binding and the Python references.
+
+Everything here restates the layout contract of llm.c's ``train_gpt2.c``: the field
+order of ``GPT2Config``, the 16 parameter tensors of ``ParameterTensors`` and the 23
+activation tensors of ``ActivationTensors``, with the shapes that
+``fill_in_parameter_sizes`` and ``fill_in_activation_sizes`` give them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict, replace
+from math import prod
+
+# ParameterTensors, in struct (and checkpoint file) order.
+PARAM_NAMES = (
+    "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+    "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb",
+)
+
+# ActivationTensors, in struct order.
+ACT_NAMES = (
+    "encoded", "ln1", "ln1_mean", "ln1_rstd", "qkv", "atty", "preatt", "att",
+    "attproj", "residual2", "ln2", "ln2_mean", "ln2_rstd", "fch", "fch_gelu",
+    "fcproj", "residual3", "lnf", "lnf_mean", "lnf_rstd", "logits", "probs", "losses",
+)
+
+# Activations whose leading axis is the layer (L, ...).
+LAYER_ACTS = frozenset(ACT_NAMES[1:17])
+LAYER_PARAMS = frozenset(PARAM_NAMES[2:14])
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """Mirror of the C ``GPT2Config`` (field order is the ABI)."""
+
+    max_seq_len: int          # maxT
+    vocab_size: int           # V
+    padded_vocab_size: int    # Vp, V rounded up (50257 -> 50304)
+    num_layers: int           # L
+    num_heads: int            # NH
+    channels: int             # C
+
+    def validate(self) -> "GPT2Config":
+        """Raise ValueError naming the first field that the C would choke on."""
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"padded_vocab_size ({self.padded_vocab_size}) < vocab_size ({self.vocab_size})")
+        if self.channels % self.num_heads:
+            raise ValueError(
+                f"channels ({self.channels}) is not divisible by num_heads ({self.num_heads})")
+        if self.num_parameters() >= 2**62:
+            raise ValueError("config would need more parameters than fit in size_t arithmetic")
+        return self
+
+    # short names as used in the C and the spec
+    @property
+    def L(self) -> int: return self.num_layers
+    @property
+    def C(self) -> int: return self.channels
+    @property
+    def NH(self) -> int: return self.num_heads
+    @property
+    def V(self) -> int: return self.vocab_size
+    @property
+    def Vp(self) -> int: return self.padded_vocab_size
+    @property
+    def maxT(self) -> int: return self.max_seq_len
+
+    def replace(self, **changes) -> "GPT2Config":
+        return replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        return sum(prod(s) for s in param_shapes(self).values())
+
+
+def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Shapes of the 16 parameter tensors, as ``fill_in_parameter_sizes`` sizes them."""
+    Vp, C, L, maxT = config.padded_vocab_size, config.channels, config.num_layers, config.max_seq_len
+    return {
+        "wte": (Vp, C), "wpe": (maxT, C),
+        "ln1w": (L, C), "ln1b": (L, C),
+        "qkvw": (L, 3 * C, C), "qkvb": (L, 3 * C),
+        "attprojw": (L, C, C), "attprojb": (L, C),
+        "ln2w": (L, C), "ln2b": (L, C),
+        "fcw": (L, 4 * C, C), "fcb": (L, 4 * C),
+        "fcprojw": (L, C, 4 * C), "fcprojb": (L, C),
+        "lnfw": (C,), "lnfb": (C,),
+    }
+
+
+def act_shapes(config: GPT2Config, B: int, T: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the 23 activation tensors, as ``fill_in_activation_sizes`` sizes them."""
+    C, L, NH, Vp = config.channels, config.num_layers, config.num_heads, config.padded_vocab_size
+    return {
+        "encoded": (B, T, C),
+        "ln1": (L, B, T, C), "ln1_mean": (L, B, T), "ln1_rstd": (L, B, T),
+        "qkv": (L, B, T, 3 * C), "atty": (L, B, T, C),
+        "preatt": (L, B, NH, T, T), "att": (L, B, NH, T, T),
+        "attproj": (L, B, T, C), "residual2": (L, B, T, C),
+        "ln2": (L, B, T, C), "ln2_mean": (L, B, T), "ln2_rstd": (L, B, T),
+        "fch": (L, B, T, 4 * C), "fch_gelu": (L, B, T, 4 * C),
+        "fcproj": (L, B, T, C), "residual3": (L, B, T, C),
+        "lnf": (B, T, C), "lnf_mean": (B, T), "lnf_rstd": (B, T),
+        "logits": (B, T, Vp), "probs": (B, T, Vp), "losses": (B, T),
+    }
+
+
+def pad_vocab(V: int, multiple: int = 64) -> int:
+    """Round V up to a multiple (llm.c pads 50257 to 50304 = 786 * 64)."""
+    return -(-V // multiple) * multiple
+
+
+# Built-in configs. "tiny" is the default for `make parity`, the tests and the gate:
+# awkward on purpose (V < Vp, C not a power of two, hs not a power of two).
+PRESETS: dict[str, GPT2Config] = {
+    "tiny": GPT2Config(max_seq_len=32, vocab_size=123, padded_vocab_size=128,
+                       num_layers=2, num_heads=4, channels=48),
+    "small": GPT2Config(max_seq_len=64, vocab_size=500, padded_vocab_size=512,
+                        num_layers=4, num_heads=6, channels=96),
+    "d12": GPT2Config(max_seq_len=1024, vocab_size=50257, padded_vocab_size=50304,
+                      num_layers=12, num_heads=12, channels=768),   # the real GPT-2 124M
+}
+PRESETS["124M"] = PRESETS["d12"]
+
+
+def preset(name: str) -> GPT2Config:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,246 @@
+"""GPT-2 as llm.c's ``train_gpt2.c`` runs it, built only from protocol kernels.
+
+``GPT2(config, params, kernels=None, dtype=np.float32)`` mirrors the C's ``GPT2`` struct
+and ``gpt2_forward`` / ``gpt2_zero_grad`` / ``gpt2_backward`` / ``gpt2_update``: one flat
+buffer each for params, grads, m, v, activations and activation gradients, with named
+views in the C's order, shapes and layouts (``config.param_shapes`` / ``config.act_shapes``),
+so every slot can be compared element for element with the C's buffers.
+
+The kernels are any protocol implementation (``pyref.protocol.KernelSet``): NumPy by
+default, ``dtype=np.float64`` for the oracle, ``pyref.torch_kernels`` or a user's port.
+Everything the C would ``exit()`` on raises ``ValueError`` here instead.
+"""
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from .config import ACT_NAMES, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from .protocol import KernelSet, kernel_set
+
+
+def _point(memory, shapes):
+    """``malloc_and_point_*``: named views, in order, into one flat buffer."""
+    views, off = {}, 0
+    for name, shape in shapes.items():
+        n = prod(shape)
+        views[name] = memory[off:off + n].reshape(shape)
+        off += n
+    assert off == memory.size
+    return views
+
+
+def _check_tokens(what, ids, V, shape=None):
+    ids = np.asarray(ids)
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{what} must be an integer array of token ids, got dtype {ids.dtype}")
+    if ids.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got shape {ids.shape}")
+    if shape is not None and ids.shape != shape:
+        raise ValueError(f"{what} has shape {ids.shape}, inputs have shape {shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        bad = ids[(ids < 0) | (ids >= V)].flat[0]
+        raise ValueError(f"{what} holds token id {bad}, outside [0, {V}) (vocab_size V={V})")
+    return ids.astype(np.int32)
+
+
+class GPT2:
+    """llm.c's ``GPT2`` struct and its four functions, on a protocol KernelSet.
+
+    ``params``: a flat array of ``config.num_parameters()`` values (checkpoint order) or a
+    dict name -> array. grads, m, v, activations and their gradients are allocated when
+    the C allocates them (grads/grads_acts on the first backward, m/v on the first update,
+    acts on the first forward) and are ``None`` before.
+    """
+
+    def __init__(self, config: GPT2Config, params, kernels=None, dtype=np.float32):
+        self.config = config.validate()
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.kernels = kernels if isinstance(kernels, KernelSet) else kernel_set(kernels)
+        self.param_shapes = param_shapes(config)
+        self.param_sizes = [prod(s) for s in self.param_shapes.values()]
+        self.num_parameters = sum(self.param_sizes)
+        self.params_memory = np.zeros(self.num_parameters, self.dtype)
+        self.params = _point(self.params_memory, self.param_shapes)
+        self.grads_memory = self.grads = None
+        self.m_memory = self.v_memory = None
+        self.act_sizes = None
+        self.acts_memory = self.acts = None
+        self.num_activations = 0
+        self.grads_acts_memory = self.grads_acts = None
+        self.batch_size = self.seq_len = 0
+        self.inputs = self.targets = None
+        self.mean_loss = self.dtype.type(-1.0)
+        self._has_targets = False
+        self.t = 0   # AdamW steps taken through step()
+        self.load_state(params)
+
+    # ------------------------------------------------------------------ state
+    def _flat(self, what, x):
+        if isinstance(x, dict):
+            missing = [n for n in PARAM_NAMES if n not in x]
+            extra = [n for n in x if n not in PARAM_NAMES]
+            if missing or extra:
+                raise ValueError(f"{what}: missing tensors {missing}, unknown tensors {extra}")
+            parts = []
+            for n in PARAM_NAMES:
+                a = np.asarray(x[n])
+                if a.shape != self.param_shapes[n]:
+                    raise ValueError(f"{what}[{n!r}] has shape {a.shape}, "
+                                     f"expected {self.param_shapes[n]}")
+                parts.append(a.reshape(-1))
+            return np.concatenate(parts)
+        a = np.asarray(x)
+        if a.size != self.num_parameters:
+            raise ValueError(f"{what} holds {a.size} values, the config has "
+                             f"{self.num_parameters} parameters")
+        return a.reshape(-1)
+
+    def load_state(self, params, m=None, v=None):
+        """Copy params (and optionally AdamW's m, v) into the model's buffers."""
+        self.params_memory[...] = self._flat("params", params)
+        for name, x in (("m_memory", m), ("v_memory", v)):
+            if x is not None:
+                if getattr(self, name) is None:
+                    setattr(self, name, np.zeros(self.num_parameters, self.dtype))
+                getattr(self, name)[...] = self._flat(name, x)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs, targets=None):
+        """``gpt2_forward``: returns mean_loss with targets, None without (mean_loss = -1)."""
+        c = self.config
+        V, L, NH = c.vocab_size, c.num_layers, c.num_heads
+        inputs = _check_tokens("inputs", inputs, V)
+        B, T = inputs.shape
+        if B < 1 or T < 1:
+            raise ValueError(f"inputs must have B >= 1 and T >= 1, got shape {inputs.shape}")
+        if targets is not None:
+            targets = _check_tokens("targets", targets, V, shape=inputs.shape)
+        if T > c.max_seq_len:
+            raise ValueError(f"sequence length T={T} exceeds max_seq_len={c.max_seq_len}")
+        if self.acts is None:   # first call: allocate for this (B, T), as the C does
+            shapes = act_shapes(c, B, T)
+            self.act_sizes = [prod(s) for s in shapes.values()]
+            self.num_activations = sum(self.act_sizes)
+            self.acts_memory = np.zeros(self.num_activations, self.dtype)
+            self.acts = _point(self.acts_memory, shapes)
+            self.batch_size, self.seq_len = B, T
+        elif (B, T) != (self.batch_size, self.seq_len):
+            raise ValueError(f"the model was set up for B={self.batch_size}, T={self.seq_len} "
+                             f"on its first forward; got B={B}, T={T} (the C refuses a change)")
+        self.inputs = inputs
+        if targets is not None:
+            self.targets = targets
+
+        k, p, a = self.kernels, self.params, self.acts
+        a["encoded"][...] = k.encoder_forward(inputs, p["wte"], p["wpe"])
+        for l in range(L):
+            residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+            a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l] = \
+                k.layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l])
+            a["qkv"][l] = k.matmul_forward(a["ln1"][l], p["qkvw"][l], p["qkvb"][l])
+            a["atty"][l], a["preatt"][l], a["att"][l] = k.attention_forward(a["qkv"][l], NH)
+            a["attproj"][l] = k.matmul_forward(a["atty"][l], p["attprojw"][l], p["attprojb"][l])
+            a["residual2"][l] = k.residual_forward(residual, a["attproj"][l])
+            a["ln2"][l], a["ln2_mean"][l], a["ln2_rstd"][l] = \
+                k.layernorm_forward(a["residual2"][l], p["ln2w"][l], p["ln2b"][l])
+            a["fch"][l] = k.matmul_forward(a["ln2"][l], p["fcw"][l], p["fcb"][l])
+            a["fch_gelu"][l] = k.gelu_forward(a["fch"][l])
+            a["fcproj"][l] = k.matmul_forward(a["fch_gelu"][l], p["fcprojw"][l], p["fcprojb"][l])
+            a["residual3"][l] = k.residual_forward(a["residual2"][l], a["fcproj"][l])
+        a["lnf"][...], a["lnf_mean"][...], a["lnf_rstd"][...] = \
+            k.layernorm_forward(a["residual3"][L - 1], p["lnfw"], p["lnfb"])
+        a["logits"][...] = k.matmul_forward(a["lnf"], p["wte"], None)
+        a["probs"][...] = k.softmax_forward(a["logits"], V)
+
+        if targets is None:
+            self.mean_loss = self.dtype.type(-1.0)
+            self._has_targets = False
+            return None
+        a["losses"][...] = k.crossentropy_forward(a["probs"], targets)
+        # the C: mean_loss += losses[i] sequentially in float, then /= B*T
+        total = np.cumsum(a["losses"].reshape(-1), dtype=self.dtype)[-1]
+        self.mean_loss = total / self.dtype.type(B * T)
+        self._has_targets = True
+        return self.mean_loss
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ backward
+    def zero_grad(self):
+        """``gpt2_zero_grad``: zero grads and grads_acts where allocated."""
+        if self.grads_memory is not None:
+            self.grads_memory.fill(0)
+        if self.grads_acts_memory is not None:
+            self.grads_acts_memory.fill(0)
+
+    def backward(self):
+        """``gpt2_backward``: accumulate (+=) into grads and grads_acts, in the C's order."""
+        if not self._has_targets:
+            raise ValueError("backward() needs a forward(inputs, targets) with targets first "
+                             "(the C refuses when mean_loss == -1)")
+        if self.grads_memory is None:
+            self.grads_memory = np.zeros(self.num_parameters, self.dtype)
+            self.grads = _point(self.grads_memory, self.param_shapes)
+            self.grads_acts_memory = np.zeros(self.num_activations, self.dtype)
+            self.grads_acts = _point(self.grads_acts_memory,
+                                     act_shapes(self.config, self.batch_size, self.seq_len))
+        c = self.config
+        V, L, NH = c.vocab_size, c.num_layers, c.num_heads
+        B, T = self.batch_size, self.seq_len
+        k, p, g, a, dl = self.kernels, self.params, self.grads, self.acts, self.grads_acts
+
+        dl["losses"][...] = self.dtype.type(1.0) / self.dtype.type(B * T)
+        k.crossentropy_softmax_backward(dl["logits"], dl["losses"], a["probs"], self.targets, V)
+        k.matmul_backward(dl["lnf"], g["wte"], None, dl["logits"], a["lnf"], p["wte"])
+        k.layernorm_backward(dl["residual3"][L - 1], g["lnfw"], g["lnfb"], dl["lnf"],
+                             a["residual3"][L - 1], p["lnfw"], a["lnf_mean"], a["lnf_rstd"])
+        for l in reversed(range(L)):
+            residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
+            dresidual = dl["encoded"] if l == 0 else dl["residual3"][l - 1]
+            k.residual_backward(dl["residual2"][l], dl["fcproj"][l], dl["residual3"][l])
+            k.matmul_backward(dl["fch_gelu"][l], g["fcprojw"][l], g["fcprojb"][l],
+                              dl["fcproj"][l], a["fch_gelu"][l], p["fcprojw"][l])
+            k.gelu_backward(dl["fch"][l], a["fch"][l], dl["fch_gelu"][l])
+            k.matmul_backward(dl["ln2"][l], g["fcw"][l], g["fcb"][l],
+                              dl["fch"][l], a["ln2"][l], p["fcw"][l])
+            k.layernorm_backward(dl["residual2"][l], g["ln2w"][l], g["ln2b"][l], dl["ln2"][l],
+                                 a["residual2"][l], p["ln2w"][l], a["ln2_mean"][l], a["ln2_rstd"][l])
+            k.residual_backward(dresidual, dl["attproj"][l], dl["residual2"][l])
+            k.matmul_backward(dl["atty"][l], g["attprojw"][l], g["attprojb"][l],
+                              dl["attproj"][l], a["atty"][l], p["attprojw"][l])
+            k.attention_backward(dl["qkv"][l], dl["preatt"][l], dl["att"][l], dl["atty"][l],
+                                 a["qkv"][l], a["att"][l], NH)
+            k.matmul_backward(dl["ln1"][l], g["qkvw"][l], g["qkvb"][l],
+                              dl["qkv"][l], a["ln1"][l], p["qkvw"][l])
+            k.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], dl["ln1"][l],
+                                 residual, p["ln1w"][l], a["ln1_mean"][l], a["ln1_rstd"][l])
+        k.encoder_backward(g["wte"], g["wpe"], dl["encoded"], self.inputs)
+
+    # ------------------------------------------------------------------ update
+    def update(self, lr, beta1, beta2, eps, weight_decay, t):
+        """``gpt2_update``: AdamW over all parameters; m, v start at zero; t from 1."""
+        if self.grads_memory is None:
+            raise ValueError("update() needs gradients: call backward() first")
+        if int(t) != t or t < 1:
+            raise ValueError(f"AdamW step t counts from 1, got {t!r}")
+        if self.m_memory is None:
+            self.m_memory = np.zeros(self.num_parameters, self.dtype)
+        if self.v_memory is None:
+            self.v_memory = np.zeros(self.num_parameters, self.dtype)
+        self.kernels.adamw(self.params_memory, self.grads_memory, self.m_memory, self.v_memory,
+                           lr, beta1, beta2, eps, weight_decay, int(t))
+
+    def step(self, inputs, targets, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
+             weight_decay=0.0, t=None):
+        """One training step as llm.c's main loop does it: forward, zero_grad, backward,
+        update (t defaults to the number of steps taken + 1). Returns the loss."""
+        loss = self.forward(inputs, targets)
+        self.zero_grad()
+        self.backward()
+        self.t = self.t + 1 if t is None else int(t)
+        self.update(lr, beta1, beta2, eps, weight_decay, self.t)
+        return loss
