@@ -29,8 +29,9 @@ Metrics, over the *compared* elements (all of them, or those where ``mask`` is T
 ``n_nonfinite_mismatch``
     Elements where exactly one side is NaN, or one is infinite and the other is not, or
     the infinities have different signs (and NaN vs NaN when ``nan_equal`` is False).
-    Non-finite elements are excluded from ``max_abs``/``max_rel``/``max_ulp``/``norm_rel``
-    (which are therefore always finite) and are reported through this count instead.
+    Pairs with a NaN or an inf are left out of ``max_abs``/``max_rel``/``max_ulp``/
+    ``norm_rel`` (so those stay finite, bar ``norm_rel = inf`` for an all-zero reference)
+    and are reported through this count instead.
 ``n_bad``
     Elements that fail: ``rel > tol.rel``, or ``ulp > tol.ulp`` when ``tol.ulp`` is set,
     or a non-finite mismatch.
@@ -307,7 +308,7 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
 
     blocks = list(_chunks(a.shape, CHUNK_ELEMS)) if a.size else []
     # Scratch arrays sized for the largest block (the first one), reused by every block.
-    ws = _Workspace(a[blocks[0][0]].size if blocks else 0)
+    ws = _Workspace(a[blocks[0][0]].size if blocks else 0, reuse=len(blocks) > 1)
     acc = _Accumulator(tol, nan_equal, ws)
     with np.errstate(all="ignore"):
         cached_e64 = None
@@ -391,16 +392,23 @@ class _Workspace:
     arithmetic; with reused buffers a large comparison runs several times faster.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, reuse: bool = True):
         self.capacity = capacity
+        self.reuse = reuse      # False for a single block: plain np.empty is cheapest
         self._buffers: dict[str, np.ndarray] = {}
+        self._views: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
     def take(self, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
         """A C-contiguous array of ``shape`` backed by the buffer ``name`` (contents undefined)."""
-        buf = self._buffers.get(name)
-        if buf is None:
-            buf = self._buffers[name] = np.empty(self.capacity, dtype)
-        return buf[:math.prod(shape)].reshape(shape)
+        if not self.reuse:
+            return np.empty(shape, dtype)
+        view = self._views.get((name, shape))
+        if view is None:
+            buf = self._buffers.get(name)
+            if buf is None:
+                buf = self._buffers[name] = np.empty(self.capacity, dtype)
+            view = self._views[name, shape] = buf[:math.prod(shape)].reshape(shape)
+        return view
 
     def as_float64(self, x: np.ndarray, name: str) -> np.ndarray:
         """``x`` as a C-contiguous float64 array: ``x`` itself if it is one, else a copy."""
@@ -499,27 +507,27 @@ class _Accumulator:
             else:
                 invalid |= finite
 
-        if invalid is None:
-            ev = e64
-        else:
-            np.putmask(diff, invalid, 0.0)
-            np.putmask(rel, invalid, -1.0)
-            ev = ws.take("a64", np.float64, shape)    # a64 is no longer needed
-            np.copyto(ev, e64)
-            np.putmask(ev, invalid, 0.0)
+        if invalid is not None:
+            np.copyto(diff, 0.0, where=invalid)
+            np.copyto(rel, -1.0, where=invalid)
         self.max_abs = max(self.max_abs, float(diff.max()))
-        flat = diff.ravel()
-        self.sumsq_diff += float(np.dot(flat, flat))
-        flat = ev.ravel()
-        self.sumsq_expected += float(np.dot(flat, flat))
+        # Sums of squares as square-then-sum (pairwise, no BLAS: a threaded ddot can stall
+        # on a busy machine). a64 and diff are not needed after this.
+        self.sumsq_diff += _sumsq(diff, diff)
+        squares = ws.take("a64", np.float64, shape)
+        if invalid is None:
+            self.sumsq_expected += _sumsq(e64, squares)
+        else:
+            np.copyto(squares, e64)
+            np.copyto(squares, 0.0, where=invalid)
+            self.sumsq_expected += _sumsq(squares, squares)
 
-        i = int(rel.argmax())
-        r = float(rel.flat[i])
+        r = float(rel.max())
         if r > self.max_rel:
             self.max_rel = r
         if r > self.worst_rel and not self.worst_is_nonfinite:
             self.worst_rel = r
-            self.worst_index = locate(i)
+            self.worst_index = locate(int(rel.argmax()))   # argmax only when needed
         bad = ws.take("bad", np.bool_, shape)
         np.greater(rel, self.tol.rel, out=bad)
 
@@ -528,7 +536,7 @@ class _Accumulator:
                     _ulp_keys(ws.as_float32(e, "e32"), ws, "ke"), out=ulp, dtype=np.int64)
         np.abs(ulp, out=ulp)
         if invalid is not None:
-            np.putmask(ulp, invalid, 0)
+            np.copyto(ulp, 0, where=invalid)
         self.max_ulp = max(self.max_ulp, int(ulp.max()))
         if self.tol.ulp is not None:
             over = ws.take("over", np.bool_, shape)
@@ -554,14 +562,14 @@ class _Accumulator:
                 worst_abs = abs(worst_actual - worst_expected)
                 worst_rel = worst_abs / (abs(worst_expected) + self.scale)
                 if not (math.isnan(worst_actual) or math.isnan(worst_expected)):
-                    worst_ulp = int(_ulp_diff(np.asarray([wa], np.float32),
-                                              np.asarray([we], np.float32))[0])
+                    worst_ulp = abs(_ulp_key(wa) - _ulp_key(we))
             if len(shape) == 0:
                 index = ()
             label = _label(index, axes)
         return Comparison(
             name=name, shape=shape, tol=self.tol,
-            actual_dtype=str(a.dtype), expected_dtype=str(e.dtype), passed=bool(passed),
+            actual_dtype=_dtype_name(a.dtype), expected_dtype=_dtype_name(e.dtype),
+            passed=bool(passed),
             n_total=math.prod(shape), n_compared=self.n_compared, n_bad=self.n_bad,
             n_nonfinite_mismatch=self.n_nonfinite, max_abs=self.max_abs, max_rel=self.max_rel,
             max_ulp=self.max_ulp, norm_rel=norm_rel, scale=self.scale,
@@ -572,7 +580,7 @@ class _Accumulator:
 
 
 def _chunks(shape: tuple[int, ...], limit: int) -> Iterator[tuple[tuple, tuple[int, ...], int]]:
-    """Split an array of ``shape`` into blocks of at most ~``limit`` elements, in C order.
+    """Split an array of ``shape`` into blocks of at most ``limit`` elements, in C order.
 
     Yields ``(key, outer, start)``: ``arr[key]`` is a view of the block; a block index
     ``(j, *rest)`` is ``outer + (start + j, *rest)`` in the full array. An array that fits
@@ -611,22 +619,26 @@ class _Locator:
         return self.outer + (self.start + local[0],) + local[1:]
 
 
+def _sumsq(x: np.ndarray, out: np.ndarray) -> float:
+    """Sum of the squares of ``x``, squared into the scratch array ``out`` (may be ``x``)."""
+    np.square(x, out=out)
+    return float(out.sum())
+
+
 def _finite_sumsq(e64: np.ndarray, m: np.ndarray | None, ws: _Workspace) -> tuple[float, int]:
-    """Sum of squares and count of the finite values of ``e64`` (C-contiguous) where ``m``."""
-    flat = e64.ravel()
+    """Sum of squares and count of the finite values of ``e64`` where ``m`` is True."""
+    squares = ws.take("diff", np.float64, e64.shape)  # pass 2's buffers are free in pass 1
     if m is None:
-        s = float(np.dot(flat, flat))
+        s = _sumsq(e64, squares)
         if math.isfinite(s):
-            return s, flat.size
-    keep = ws.take("bad", np.bool_, e64.shape)       # (pass 2 buffers, free in pass 1)
+            return s, e64.size
+    keep = ws.take("bad", np.bool_, e64.shape)
     np.isfinite(e64, out=keep)
     if m is not None:
         keep &= m
-    kept = ws.take("diff", np.float64, e64.shape)
-    kept.fill(0.0)
-    np.copyto(kept, e64, where=keep)
-    flat = kept.ravel()
-    return float(np.dot(flat, flat)), int(np.count_nonzero(keep))
+    squares.fill(0.0)
+    np.copyto(squares, e64, where=keep)
+    return _sumsq(squares, squares), int(np.count_nonzero(keep))
 
 
 def _ulp_keys(x32: np.ndarray, ws: _Workspace | None = None, name: str = "") -> np.ndarray:
@@ -647,10 +659,27 @@ def _ulp_keys(x32: np.ndarray, ws: _Workspace | None = None, name: str = "") -> 
     return key
 
 
+def _ulp_key(x: Any) -> int:
+    """:func:`_ulp_keys` of one value (rounded to float32), as a Python int."""
+    bits = int(np.array(x, dtype=np.float32).view(np.int32))
+    return -(bits & 0x7FFFFFFF) if bits < 0 else bits
+
+
 def _ulp_diff(a32: np.ndarray, e32: np.ndarray) -> np.ndarray:
     diff = np.subtract(_ulp_keys(a32), _ulp_keys(e32), dtype=np.int64)
     np.abs(diff, out=diff)
     return diff
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)``, cached (it is surprisingly slow and called on every comparison)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
 
 
 def _as_numeric_array(x: Any, what: str, name: str) -> np.ndarray:

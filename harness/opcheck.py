@@ -43,7 +43,7 @@ def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
                              f"expected {expected[name].shape}")
         n = reduction_length(check, name, shape)
         out.append(compare(a, expected[name], name=f"{kernel}.{name}" + (f" [{label}]" if label else ""),
-                           tol=op_tolerance(kernel, name, n), axes=check.axes.get(name),
+                           tol=op_tolerance(kernel, name, n, a.size), axes=check.axes.get(name),
                            mask=check.mask(name, shape),
                            scale=term_scale(kernel, name, _as64(args), expected)))
     return out

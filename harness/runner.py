@@ -25,7 +25,7 @@ import numpy as np
 
 from pyref.config import PARAM_NAMES, GPT2Config, param_shapes
 from pyref.model import GPT2 as PyGPT2
-from pyref.protocol import INPLACE_ARGS, KernelSet
+from pyref.protocol import INPLACE_ARGS, SIGNATURES, KernelSet
 
 from .compare import Comparison, compare
 from .graph import Node, Ref, backward_nodes, forward_nodes, node_shape
@@ -112,7 +112,10 @@ class RunReport:
 def _args64(node: Node, state) -> dict:
     """The node's arguments read from ``state``, float arrays as float64 copies."""
     out = {}
+    wanted = SIGNATURES[node.kernel]
     for k, v in node.args:
+        if k not in wanted:
+            continue  # an output of the node, not an input
         if isinstance(v, Ref):
             a = v.get(state)
             out[k] = np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a)
@@ -152,7 +155,9 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             actual = ref.get(state)
             expected = out[oname] if replay else ref.get(expected_state)
             n = reduction_length(CHECK_BY_KERNEL[node.kernel], oname, shape)
-            tol = op_tolerance(node.kernel, oname, n) if replay else e2e_tolerance(node.kernel, oname, n, depth)
+            size = actual.size
+            tol = op_tolerance(node.kernel, oname, n, size) if replay else \
+                e2e_tolerance(node.kernel, oname, n, depth, size)
             c = compare(actual, expected, name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
                         mask=_mask(node, oname, shape))
             checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}", c))
@@ -192,7 +197,8 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             expected = acc.pop(ref) if replay else ref.get(expected_state)
             n = nmax[ref]
             depth = len(fwd) + i
-            tol = op_tolerance(node.kernel, a, n) if replay else e2e_tolerance(node.kernel, a, n, depth)
+            size = actual.size
+            tol = op_tolerance(node.kernel, a, n, size) if replay else e2e_tolerance(node.kernel, a, n, depth, size)
             scale = scales.get(a) if replay and len(contributors[ref]) == 1 else None
             c = compare(actual, expected, name=str(ref), tol=tol, axes=_axes(ref, actual.shape), scale=scale)
             by = ", ".join(f"{n.label} {n.kernel}" for n in contributors[ref])
@@ -218,12 +224,13 @@ def check_update(cfg: GPT2Config, pre: tuple[np.ndarray, np.ndarray, np.ndarray]
                   eps=_f32(hyper.eps), weight_decay=_f32(hyper.weight_decay), t=t)
         args = dict(param=p.copy(), grad=np.asarray(grads[sl], np.float64), m=m.copy(), v=v.copy(), **hp)
         ORACLE.adamw(p, args["grad"], m, v, *hp.values())
-        pscale = term_scale("adamw", "param", args, {"param": p})
+        scales = {"params": term_scale("adamw", "param", args, {"param": p}),
+                  "m": term_scale("adamw", "m", args, {"m": m}), "v": None}
         for label, expected, actual in (("params", p, post[0]), ("m", m, post[1]), ("v", v, post[2])):
             tensor = f"{label}.{name} (after update)"
             c = compare(np.asarray(actual[sl]).reshape(shape), expected.reshape(shape), name=tensor,
-                        tol=op_tolerance("adamw", "param" if label == "params" else label, 1),
-                        scale=pscale if label == "params" else None,
+                        tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
+                        scale=scales[label],
                         axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
             checks.append(Check(step, impl, "update", tensor, f"gpt2_update {name}", c))
     return checks
@@ -253,10 +260,13 @@ def first_divergence(checks: list[Check]) -> str | None:
 def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[np.ndarray, np.ndarray]], *,
                lib=None, impls: dict[str, KernelSet] | None = None, steps: int = 10,
                hyper: AdamW = AdamW(), threads: int | None = None, replay: bool = True,
-               progress: Callable[[int, int, str], None] | None = None) -> RunReport:
+               progress: Callable[[int, int, str], None] | None = None,
+               on_step: Callable[[int, object], None] | None = None) -> RunReport:
     """Run ``steps`` training steps of the C (the library ``lib``) and of each Python
     implementation in ``impls`` (name -> KernelSet; default: none, the C alone against the
-    oracle), checking everything after every step. ``batches`` yields (inputs, targets)."""
+    oracle), checking everything after every step. ``batches`` yields (inputs, targets).
+    ``on_step(t, cmodel)`` is called after each step's update (the gate fingerprints the
+    C's buffers there)."""
     from .binding import load_library
     from .cmodel import CModel
 
@@ -333,6 +343,8 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                 if d:
                     divergence[name] = d
             reports.append(StepReport(t, losses, checks, divergence, errors, time.perf_counter() - t0))
+            if on_step is not None:
+                on_step(t, cmodel)
     finally:
         cmodel.close()
     not_checked = {name: list(k.missing) for name, k in impls.items() if getattr(k, "missing", None)}

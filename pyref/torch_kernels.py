@@ -192,14 +192,25 @@ def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
 @torch.no_grad()
 def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
     """C ``gpt2_update``: AdamW with bias correction and decoupled weight decay, in place.
-    The hyperparameters are the C's ``float`` arguments: rounded to float32 first."""
+    The hyperparameters are the C's ``float`` arguments: rounded to float32 first.
+    Contiguous buffers are processed in blocks so the temporaries stay small."""
     lr, beta1, beta2, eps, wd = (torch.tensor(x, dtype=torch.float32).to(param.dtype)
                                  for x in (lr, beta1, beta2, eps, weight_decay))
-    m.mul_(beta1).add_((1 - beta1) * grad)
-    v.mul_(beta2).add_((1 - beta2) * grad * grad)
-    m_hat = m / (1 - beta1 ** t)
-    v_hat = v / (1 - beta2 ** t)
-    param.sub_(lr * (m_hat / (torch.sqrt(v_hat) + eps) + wd * param))
+    bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+    bufs = (param, grad, m, v)
+    if all(b.is_contiguous() for b in bufs):
+        flat = [b.view(-1) for b in bufs]
+        blocks = [slice(i, i + (1 << 20)) for i in range(0, param.numel(), 1 << 20)]
+    else:
+        flat, blocks = bufs, [slice(None)]
+    P, G, M, Vv = flat
+    for s in blocks:
+        p, g, mm, vv = P[s], G[s], M[s], Vv[s]
+        mm.mul_(beta1).add_((1 - beta1) * g)
+        vv.mul_(beta2).add_((1 - beta2) * g * g)
+        m_hat = mm / bc1
+        v_hat = vv / bc2
+        p.sub_(lr * (m_hat / (torch.sqrt(v_hat) + eps) + wd * p))
 
 
 gpt2_update = adamw

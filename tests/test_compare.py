@@ -392,14 +392,17 @@ values = st.one_of(st.floats(-1e4, 1e4, width=64), st.sampled_from(SPECIALS))
 
 @st.composite
 def cases(draw):
-    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=6))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=7))
     e = draw(hnp.arrays(np.float64, shape, elements=values))
     noise = draw(hnp.arrays(np.float64, shape, elements=st.floats(-1e-3, 1e-3)))
     replace = draw(hnp.arrays(bool, shape, elements=st.booleans()))
     other = draw(hnp.arrays(np.float64, shape, elements=values))
     a = np.where(replace & draw(st.booleans()), other, e * (1 + noise)).astype(F32)
-    if draw(st.booleans()):                               # a non-contiguous layout
+    layout = draw(st.sampled_from(["C", "transposed", "reversed"]))
+    if layout == "transposed":                             # non-contiguous views
         a, e = a.T, e.T
+    elif layout == "reversed":
+        a, e = a[..., ::-1], e[..., ::-1]
     mask = None
     if draw(st.booleans()) and a.ndim >= 1:               # broadcast over leading axes
         mask = draw(hnp.arrays(bool, a.shape[-1:], elements=st.booleans()))

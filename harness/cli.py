@@ -1,0 +1,335 @@
+"""``llmc-parity``: the command line.
+
+  llmc-parity run      N training steps of the C and the references, checked per step
+  llmc-parity ops      every kernel of the op table, per shape, against the oracle
+  llmc-parity gate     the drift gate against baselines/gate.json (--update to accept)
+  llmc-parity info     build/load the library and report its symbols and layout
+
+Exit status: 0 pass, 1 parity failure, 2 bad usage or input (with a one-line reason).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or input: reported in one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------
+# progress: a bar on stderr for anything that takes more than a couple of seconds
+
+class Progress:
+    def __init__(self, enabled: bool = True, delay: float = 2.0):
+        self.enabled = enabled
+        self.delay = delay
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.shown = False
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, step: int, steps: int, what: str) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        elapsed = now - self.start
+        if elapsed < self.delay or (not self.tty and now - self.last < 5.0):
+            return
+        self.last = now
+        width = 24
+        done = int(width * (step - 1) / max(steps, 1))
+        line = f"[{'#' * done}{'-' * (width - done)}] step {step}/{steps}: {what} ({elapsed:.0f}s)"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown and self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------
+
+def _library(args):
+    """Build (--src) or load (--lib, $LLMC_LIB, the default) the library."""
+    from .binding import load_library
+    from .build import DEFAULT_LIB, build_library
+
+    if getattr(args, "src", None):
+        src = Path(args.src)
+        out = Path(args.lib) if args.lib else Path("build") / f"lib_{src.parent.name or 'src'}_{abs(hash(str(src.resolve()))) % 10**8}.so"
+        info = build_library(src, out, cflags=args.cflags, quiet=True)
+        return load_library(info.library)
+    path = args.lib or os.environ.get("LLMC_LIB")
+    if not path and not DEFAULT_LIB.exists():
+        build_library(quiet=True)  # first use: build our own reference
+    lib = load_library(path)
+    if args.threads:
+        lib.set_num_threads(args.threads)
+    return lib
+
+
+def _config(args):
+    from pyref.config import preset
+    from pyref.formats import read_checkpoint
+    if args.checkpoint:
+        return read_checkpoint(args.checkpoint)
+    from pyref import synth
+    cfg = preset(args.config)
+    return cfg, synth.init_params(cfg, seed=args.seed)
+
+
+def _impls(names: list[str]):
+    from .kernels import load_kernels
+    impls = {}
+    for spec in names:
+        if spec == "oracle":
+            continue  # always there: it is the arbiter
+        ks = load_kernels(spec, fallback=True)
+        impls[ks.name if spec not in ("numpy", "torch") else spec] = ks
+    return impls
+
+
+def _batches(args, cfg, B, T):
+    from pyref import synth
+    from pyref.formats import read_tokens
+    if args.tokens:
+        tokens = read_tokens(args.tokens)
+        if tokens.size < B * T + 1:
+            raise UsageError(f"{args.tokens}: {tokens.size} tokens, a batch needs {B * T + 1}")
+        if tokens.max(initial=0) >= cfg.vocab_size:
+            raise UsageError(f"{args.tokens}: token id {int(tokens.max())} >= vocab_size {cfg.vocab_size}")
+        return synth.batches_from_tokens(tokens, B, T)
+
+    def gen():
+        i = 0
+        while True:
+            yield synth.make_batch(cfg, B, T, seed=args.seed + 1000 + i)
+            i += 1
+    return gen()
+
+
+def cmd_run(args) -> int:
+    from .report import run_summary, step_table, to_json, write_json
+    from .runner import AdamW, run_parity
+
+    cfg, params = _config(args)
+    B = args.batch
+    T = args.seq_len or min(cfg.max_seq_len, 64 if cfg.channels >= 512 else 16)
+    if T > cfg.max_seq_len:
+        raise UsageError(f"-T {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if B < 1 or T < 1 or args.steps < 1:
+        raise UsageError("batch size, sequence length and steps must be positive")
+    lib = _library(args)
+    impls = _impls(args.ref)
+    if args.impl:
+        impls.update(_impls([args.impl]))
+    out = sys.stdout
+    if not args.json_only:
+        print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
+              f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}", file=out)
+    progress = Progress(enabled=not args.quiet)
+
+    def printing_batches():
+        for batch in _batches(args, cfg, B, T):
+            yield batch
+
+    hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
+    report = run_parity(cfg, params, printing_batches(), lib=lib, impls=impls, steps=args.steps, hyper=hyper,
+                        threads=args.threads, replay=not args.no_replay, progress=progress)
+    progress.done()
+    if not args.json_only:
+        for step in report.steps:
+            print(step_table(step, verbose=args.verbose), file=out)
+        print(run_summary(report), file=out)
+    ds_ok = True
+    if args.debug_state:
+        if not args.checkpoint:
+            raise UsageError("--debug-state needs the --checkpoint it was made from")
+        from .debugstate import check_debug_state, format_debug_state
+        ds = check_debug_state(args.checkpoint, args.debug_state, lib=lib, threads=args.threads)
+        ds_ok = ds.passed
+        if not args.json_only:
+            print(format_debug_state(ds), file=out)
+    if args.json:
+        data = to_json(report)
+        if args.json == "-":
+            json.dump(data, sys.stdout, indent=1, allow_nan=False)
+            print()
+        else:
+            write_json(report, args.json, overwrite=args.overwrite)
+    if args.plot:
+        from .report import plot
+        plot(report, args.plot, overwrite=args.overwrite)
+    return EXIT_PASS if report.passed and ds_ok else EXIT_FAIL
+
+
+def cmd_ops(args) -> int:
+    from .ckernels import CKernels
+    from .compare import format_table
+    from .opcheck import check_kernel, oracle_outputs
+    from .ops import cases, make_inputs
+
+    lib = _library(args)
+    impls = {"C": CKernels(lib), **_impls(args.ref)}
+    if args.impl:
+        impls.update(_impls([args.impl]))
+    rows, failed, not_checked = [], 0, {}
+    for check, s in cases():
+        if args.kernel and not any(k in check.kernel for k in args.kernel):
+            continue
+        for seed in range(args.seeds):
+            inputs = make_inputs(check, s, seed)
+            expected = oracle_outputs(check.kernel, inputs)
+            for name, ks in impls.items():
+                if check.kernel in getattr(ks, "missing", ()):
+                    not_checked.setdefault(name, set()).add(check.kernel)
+                    continue
+                try:
+                    results = check_kernel(ks, check.kernel, inputs, s, expected=expected, label=f"{name} {s.name}")
+                except NotImplementedError:
+                    not_checked.setdefault(name, set()).add(check.kernel)
+                    continue
+                except Exception as e:  # a user's kernel may raise or return garbage
+                    print(f"FAIL {name} {check.kernel} {s.name}: {type(e).__name__}: {e}")
+                    failed += 1
+                    continue
+                rows += results
+                failed += sum(not c.passed for c in results)
+    shown = rows if args.verbose else [c for c in rows if not c.passed]
+    if shown:
+        print(format_table(shown, title="per-op checks" + ("" if args.verbose else ": failures")))
+        for c in shown:
+            if not c.passed:
+                print(c.message())
+    for name, kernels in not_checked.items():
+        print(f"not checked for {name}: {', '.join(sorted(kernels))}")
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return EXIT_PASS if failed == 0 else EXIT_FAIL
+
+
+def cmd_gate(args) -> int:
+    from .gate import DEFAULT_BASELINE, evaluate, load_baseline, run_suite, write_baseline
+
+    lib = _library(args)
+    path = Path(args.baseline or DEFAULT_BASELINE)
+    t0 = time.perf_counter()
+    progress = Progress(enabled=not args.quiet)
+    run = run_suite(lib, progress=progress)
+    progress.done()
+    if args.update:
+        old = load_baseline(path) if path.exists() else None
+        diff = write_baseline(run, path, old)
+        print(f"gate baseline written to {path} ({len(run.metrics)} checks, "
+              f"{len(run.fingerprints)} fingerprints for {run.build_key or 'no build record'})")
+        print("\n".join(diff) if diff else "no change")
+        if run.failures:
+            print(f"warning: {len(run.failures)} tolerance violation(s) recorded; the gate will still fail on them")
+        return EXIT_PASS
+    result = evaluate(run, load_baseline(path))
+    print(result.text())
+    print(f"({time.perf_counter() - t0:.1f}s, library {lib.path})")
+    return EXIT_PASS if result.passed else EXIT_FAIL
+
+
+def cmd_info(args) -> int:
+    from .cdefs import REQUIRED_SYMBOLS
+    lib = _library(args)
+    print(f"library: {lib.path}")
+    print(f"symbols: all {len(REQUIRED_SYMBOLS)} of the spec present")
+    print(f"struct layout: {'checked against the compiler (llmc_abi_layout)' if lib.abi_checked else 'not checkable (no llmc_abi_layout); pointer order is checked per model'}")
+    print(f"OpenMP: {'yes, ' + str(lib.get_num_threads()) + ' threads' if lib.has_openmp else 'no'}")
+    if lib.build_info:
+        b = lib.build_info
+        print(f"built from {b.source} with {b.cc_version} [{b.cflags}{' -fopenmp' if b.openmp else ''}]")
+    return EXIT_PASS
+
+
+def _common(p):
+    p.add_argument("--lib", help="a built train_gpt2 library (default: $LLMC_LIB or build/libtrain_gpt2.so)")
+    p.add_argument("--src", help="a train_gpt2.c to build and check instead (e.g. from your llm.c checkout)")
+    p.add_argument("--cflags", default="-O3", help="flags for --src (default -O3)")
+    p.add_argument("--threads", type=int, default=None, help="OpenMP threads for the C")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmc-parity", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train N steps in C and the references, check every step")
+    _common(run)
+    run.add_argument("--config", default="tiny", help="built-in config: tiny (default), small, d12 / 124M")
+    run.add_argument("--checkpoint", help="an llm.c model checkpoint (version 3) instead of --config")
+    run.add_argument("--tokens", help="an llm.c token shard to draw batches from (default: generated)")
+    run.add_argument("--debug-state", help="an llm.c debug state (version 2) to check the C against")
+    run.add_argument("--steps", type=int, default=10)
+    run.add_argument("-B", "--batch", type=int, default=4)
+    run.add_argument("-T", "--seq-len", type=int, default=None, help="default 16 (64 for C >= 512)")
+    run.add_argument("--ref", default="numpy,torch", type=lambda s: [x for x in s.split(",") if x],
+                     help="references beside the oracle: numpy, torch, oracle (only), or a module (default numpy,torch)")
+    run.add_argument("--impl", help="your port: a .py file or module[:attr] implementing docs/kernels.md")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--weight-decay", type=float, default=0.1)
+    run.add_argument("--no-replay", action="store_true", help="skip the per-op replay (localisation)")
+    run.add_argument("--json", help="write the JSON report here ('-' for stdout)")
+    run.add_argument("--json-only", action="store_true", help="print nothing but the JSON")
+    run.add_argument("--plot", help="write a PNG of error per tensor across steps and layers")
+    run.add_argument("--overwrite", action="store_true", help="let --json/--plot replace existing files")
+    run.add_argument("-v", "--verbose", action="store_true", help="every layer's row")
+    run.set_defaults(func=cmd_run)
+
+    ops = sub.add_parser("ops", help="per-op checks of every kernel against the oracle")
+    _common(ops)
+    ops.add_argument("--ref", default="", type=lambda s: [x for x in s.split(",") if x],
+                     help="Python references to check too: numpy, torch")
+    ops.add_argument("--impl", help="your port (a .py file or module[:attr])")
+    ops.add_argument("-k", "--kernel", action="append", help="only kernels whose name contains this")
+    ops.add_argument("--seeds", type=int, default=1)
+    ops.add_argument("-v", "--verbose", action="store_true", help="every row, not just failures")
+    ops.set_defaults(func=cmd_ops)
+
+    gate = sub.add_parser("gate", help="the numerical drift gate")
+    _common(gate)
+    gate.add_argument("--baseline", help="baseline file (default baselines/gate.json)")
+    gate.add_argument("--update", action="store_true", help="accept the current numbers as the baseline")
+    gate.set_defaults(func=cmd_gate)
+
+    info = sub.add_parser("info", help="build/load the library and report on it")
+    _common(info)
+    info.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .binding import LibraryError
+    from .build import BuildError
+    from .kernels import KernelLoadError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, LibraryError, BuildError, KernelLoadError, FileNotFoundError,
+            FileExistsError, IsADirectoryError, PermissionError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llmc-parity: error: {reason}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("llmc-parity: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""llm.c's debug-state check (what its ``test_gpt2.c`` does), with our tolerances.
+
+A debug state (version 2) holds what PyTorch computed for one step of a checkpoint: the
+batch, the logits (V wide), the mean loss and every parameter gradient. The C is run on
+the same checkpoint and batch and compared with it; the float64 oracle runs too and says
+which side is closer to the exact answer, so a debug state that is itself off (written on
+a GPU with TF32, say) is told apart from a C that is off.
+
+PyTorch's side is float32 with its own summation order, so C - expected may be up to the
+sum of both sides' rounding: the tolerance is twice the end-to-end tolerance the C gets
+against the oracle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pyref.config import PARAM_NAMES
+from pyref.formats import read_checkpoint, read_debug_state
+from pyref.model import GPT2 as PyGPT2
+
+from .compare import Comparison, Tolerance, compare
+from .graph import backward_nodes, forward_nodes
+from .opcheck import ORACLE
+from .runner import PARAM_AXES
+from .tolerances import e2e_tolerance
+
+
+@dataclass
+class DebugStateRow:
+    tensor: str
+    vs_expected: Comparison   # C vs the debug state (the verdict)
+    c_vs_oracle: Comparison   # information: how far each side is from the exact answer
+    expected_vs_oracle: Comparison
+
+    @property
+    def passed(self) -> bool:
+        return self.vs_expected.passed
+
+    @property
+    def closer(self) -> str:
+        a, b = self.c_vs_oracle.norm_rel, self.expected_vs_oracle.norm_rel
+        return "C" if a < b else "debug state" if b < a else "tie"
+
+
+@dataclass
+class DebugStateReport:
+    path: str
+    B: int
+    T: int
+    rows: list[DebugStateRow]
+    c_loss: float
+    expected_loss: float
+    oracle_loss: float
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+
+def _widen(tol: Tolerance, factor: float, why: str) -> Tolerance:
+    return Tolerance(rel=tol.rel * factor, norm=tol.norm * factor, why=f"{tol.why}; {why}")
+
+
+def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int | None = None) -> DebugStateReport:
+    """Run the C on the checkpoint and the debug state's batch; compare logits, loss and
+    all 16 parameter gradients with the debug state (and both with the oracle)."""
+    from .binding import load_library
+    from .cmodel import CModel
+
+    lib = lib if lib is not None and not isinstance(lib, str) else load_library(lib)
+    config, params = read_checkpoint(checkpoint)
+    ds = read_debug_state(debug_state, config)
+    V, B, T = config.vocab_size, ds.B, ds.T
+    n_fwd = len(forward_nodes(config))
+    n_bwd = len(backward_nodes(config))
+    rows: list[DebugStateRow] = []
+    oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64)
+    oracle_loss = float(oracle.forward(ds.inputs, ds.targets))
+    oracle.zero_grad()
+    oracle.backward()
+    with CModel.from_checkpoint(checkpoint, lib=lib) as c:
+        c_loss = c.forward(ds.inputs, ds.targets, threads=threads)
+        c.zero_grad()
+        c.backward(threads=threads)
+
+        def row(name, actual, expected, oracle_value, tol, axes):
+            both = _widen(tol, 2.0, "x2: the debug state is float32 with its own rounding")
+            rows.append(DebugStateRow(
+                name,
+                compare(actual, expected, name=f"{name} (C vs debug state)", tol=both, axes=axes),
+                compare(actual, oracle_value, name=f"{name} (C vs oracle)", tol=tol, axes=axes),
+                compare(expected, oracle_value, name=f"{name} (debug state vs oracle)", tol=tol, axes=axes)))
+
+        tol_logits = e2e_tolerance("matmul_forward", "out", config.channels, n_fwd - 3)
+        row("logits", c.acts["logits"][..., :V], ds.logits, oracle.acts["logits"][..., :V], tol_logits,
+            ("b", "t", "v"))
+        tol_loss = e2e_tolerance("crossentropy_forward", "losses", B * T, n_fwd)
+        row("loss", np.array([c_loss], np.float32), np.array([ds.loss]), np.array([oracle_loss]), tol_loss, None)
+        expected = ds.grads_by_name()
+        for name in PARAM_NAMES:
+            n = B * T
+            tol = e2e_tolerance("matmul_backward", "dweight", n, n_fwd + n_bwd)
+            a = c.grads[name]
+            row(f"grads.{name}", a, expected[name], oracle.grads[name], tol,
+                PARAM_AXES.get(a.ndim) if a.ndim < 3 else ("layer", "row", "c"))
+    return DebugStateReport(str(debug_state), B, T, rows, float(c_loss), float(ds.loss), oracle_loss)
+
+
+def format_debug_state(report: DebugStateReport) -> str:
+    head = f"{'tensor':<16}{'max rel':>10}{'tol rel':>10}{'norm rel':>10}{'tol norm':>10}  {'closer to oracle':<17}{'verdict':>7}"
+    lines = [f"debug state {report.path}: B={report.B} T={report.T}",
+             f"loss: C {report.c_loss:.6f}, debug state {report.expected_loss:.6f}, oracle {report.oracle_loss:.6f}",
+             head, "-" * len(head)]
+    for r in report.rows:
+        c = r.vs_expected
+        lines.append(f"{r.tensor:<16}{c.max_rel:>10.2e}{c.tol.rel:>10.2e}{c.norm_rel:>10.2e}{c.tol.norm:>10.2e}  "
+                     f"{r.closer:<17}{'OK' if c.passed else 'FAIL':>7}")
+        if not c.passed:
+            lines.append("    " + c.message().replace("\n", "\n    "))
+    lines.append("PASS" if report.passed else "FAIL")
+    return "\n".join(lines)
