@@ -3,6 +3,10 @@
     .venv/bin/python benchmarks/bench_pyref.py                  # d12 (124M), B=4, T=64
     .venv/bin/python benchmarks/bench_pyref.py --json out.json --steps 2 --impl numpy torch
 
+On a shared machine, torch's OpenMP thread pool degrades badly when other processes hold
+the cores (its parallel regions wait for descheduled threads); ``--torch-threads 1`` is
+then the fairer measurement. The JSON records the load average.
+
 Implementations: ``numpy`` (NumPy float32), ``torch`` (pyref.torch_kernels through the
 adapter, float32), ``oracle`` (NumPy float64). Step 1 includes the lazy allocations the C
 also makes on first use (activations, grads, m, v); later steps are warm.
@@ -57,8 +61,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="steps per implementation")
     ap.add_argument("--impl", nargs="+", default=["numpy", "torch"], choices=list(IMPLS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch.set_num_threads(N) for the torch run (0: torch's default)")
     ap.add_argument("--json", help="write the results as JSON to this path")
     args = ap.parse_args(argv)
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
 
     config = preset(args.config)
     t0 = time.perf_counter()
@@ -85,7 +94,8 @@ def main(argv=None):
                    num_parameters=config.num_parameters(), init_params_s=init_s,
                    machine=dict(platform=platform.platform(), python=platform.python_version(),
                                 cpus=os.cpu_count(), numpy=np.__version__,
-                                torch=torch.__version__, torch_threads=torch.get_num_threads()),
+                                torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                                loadavg=os.getloadavg()),
                    results=rows)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")

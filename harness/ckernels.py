@@ -18,7 +18,9 @@ BACKEND = "numpy"
 
 
 def _empty(*shape):
-    return np.empty(shape, np.float32)
+    """An output buffer filled with NaN: an element the kernel fails to write shows up as a
+    non-finite mismatch instead of passing on whatever the memory held."""
+    return np.full(shape, np.nan, np.float32)
 
 
 class CKernels:
@@ -80,7 +82,6 @@ class CKernels:
             raise LlmcInputError(f"inp: last dimension {C3} is not 3*C")
         C = C3 // 3
         out, preatt, att = _empty(B, T, C), _empty(B, NH, T, T), _empty(B, NH, T, T)
-        preatt.fill(np.nan)  # the C leaves the upper triangle unwritten: make that visible
         self.lib.attention_forward(out, preatt, att, inp, B, T, C, NH)
         return out, preatt, att
 
@@ -89,7 +90,7 @@ class CKernels:
         self.lib.attention_backward(dinp, dpreatt, datt, dout, inp, att, B, T, C, NH)
 
     def gelu_forward(self, inp):
-        out = np.empty_like(inp, dtype=np.float32)
+        out = _empty(*inp.shape)
         self.lib.gelu_forward(out, inp, inp.size)
         return out
 
@@ -97,7 +98,7 @@ class CKernels:
         self.lib.gelu_backward(dinp, inp, dout, inp.size)
 
     def residual_forward(self, inp1, inp2):
-        out = np.empty_like(inp1, dtype=np.float32)
+        out = _empty(*inp1.shape)
         self.lib.residual_forward(out, inp1, inp2, inp1.size)
         return out
 

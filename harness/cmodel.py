@@ -286,6 +286,17 @@ class CModel:
         return self._flat("v_memory", self.num_parameters, "AdamW v: call update() first")
 
     @property
+    def acts_memory(self) -> np.ndarray:
+        return self._flat("acts_memory", self._struct.num_activations, "activations: call forward() first")
+
+    def poison_activations(self) -> None:
+        """Fill the activations with NaN before a forward: the C must overwrite every one
+        (but preatt's upper triangle), so any slot it skips shows as a non-finite mismatch
+        instead of passing on a value left from before."""
+        if self._struct.acts_memory != ffi.NULL:
+            self.acts_memory.fill(np.nan)
+
+    @property
     def params(self) -> dict[str, np.ndarray]:
         return self._named("params", "params", PARAM_NAMES, param_shapes(self.config), "parameters")
 

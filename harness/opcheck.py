@@ -30,7 +30,11 @@ def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
     precomputed oracle outputs (to share them between implementations)."""
     check = CHECK_BY_KERNEL[kernel]
     expected = oracle_outputs(kernel, args) if expected is None else expected
-    actual = run_kernel(impl, kernel, args, np.float32)
+    try:
+        actual = run_kernel(impl, kernel, args, np.float32)
+    except Exception as e:
+        e.add_note(f"raised by {kernel} of {label or getattr(impl, 'name', impl)}")
+        raise
     out = []
     for name in check.outputs:
         if name not in expected:

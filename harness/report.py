@@ -175,10 +175,12 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
     and the ``loss`` row. Columns: step, impl, kind, tensor, max rel, tol rel, norm rel,
     tol norm, worst at (the worst element's label), OK/FAIL.
 
-    Unless ``verbose``, per-layer tensors are folded: for each (impl, kind, tensor without
-    its layer) only the worst layer's row is shown, its tensor written
-    ``acts.ln1 [layer k of L]`` and, when it fails, ``FAIL n/L`` saying in how many layers.
-    ``verbose`` shows every layer's row.
+    Unless ``verbose``, rows are folded so that the table does not grow with the depth:
+    for each (impl, kind, tensor without its layer) only the worst layer's row is shown
+    (worst: failing first, then the largest fraction of tolerance used), its tensor written
+    ``acts.ln1 [layer k of L]`` and, when it fails, ``FAIL n/L`` saying in how many layers;
+    likewise the AdamW checks fold to the worst tensor of each buffer (params, m, v),
+    ``params.fcw (after update) [worst of 16]``. ``verbose`` shows every row.
 
     ``impl_filter``: None (all), an implementation's name, a collection of names, or a
     predicate on the name. After the table: the losses (the oracle's and each
@@ -207,7 +209,12 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
         groups: dict[tuple[str, str], list] = {}
         order: list[str] = []
         for c in mine:
-            key = c.tensor if verbose else split_layer(c.tensor)[0]
+            if verbose:
+                key = c.tensor
+            elif c.kind == "update":      # "params.wte (after update)" -> "params"
+                key = c.tensor.split(".", 1)[0]
+            else:
+                key = split_layer(c.tensor)[0]
             if c.kind in ("e2e", "replay") and key not in order:
                 order.append(key)
             groups.setdefault((c.kind, key), []).append(c)
@@ -223,16 +230,19 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
             w = max(group, key=_severity)
             base, layer = split_layer(w.tensor)
             failed = sum(not c.passed for c in group)
-            rows.append(row(w, f"{base} [layer {layer} of {len(group)}]",
-                            "OK" if not failed else f"FAIL {failed}/{len(group)}"))
+            label = (f"{base} [layer {layer} of {len(group)}]" if layer is not None and key[0] != "update"
+                     else f"{w.tensor} [worst of {len(group)}]")
+            rows.append(row(w, label, "OK" if not failed else f"FAIL {failed}/{len(group)}"))
 
     lines = _text_table(header, rows, right={0, 4, 5, 6, 7}) if rows else ["(no checks)"]
-    lines.append(f"{n_ok} OK, {n_fail} FAIL" + ("" if verbose else "  (per-layer rows: worst layer shown)"))
+    lines.append(f"{n_ok} OK, {n_fail} FAIL" + ("" if verbose else
+                 "  (folded: the worst layer of each per-layer tensor, the worst tensor of each "
+                 "AdamW buffer; verbose=True shows every row)"))
 
     oracle = step.losses.get("oracle")
     parts = [f"oracle {_loss_text(oracle)}"] if oracle is not None else []
     for impl in _impl_order(step.losses, ["C"]):
-        if impl == "oracle" or not want(impl):
+        if impl == "oracle" or impl not in step.losses or not want(impl):
             continue
         x = step.losses[impl]
         d = _rel_diff(x, oracle)
@@ -284,12 +294,17 @@ def _counts(report) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+def _strip_fd(text: str) -> str:
+    """``step 1 [x] first divergence: ...`` -> ``step 1 [x] ...`` (no stutter after a heading)."""
+    return text.replace("] first divergence: ", "] ", 1)
+
+
 def run_summary(report) -> str:
     """The verdict block of a :class:`~harness.runner.RunReport`: PASS/FAIL, what ran, the
     loss trajectory, checks and failures per implementation and kind, the first
     divergence, the kernels not checked, the library and its build."""
     impls = list(report.impls)
-    lines = [f"llmc-parity: {'PASS' if report.passed else 'FAIL'}",
+    lines = [f"llmc-parity: {'PASS' if report.passed else 'FAIL'}" + ("" if report.steps else " (no steps were run)"),
              f"steps: {len(report.steps)}   impls: {', '.join(impls)}   config: {_config_text(report.config)}"
              f"   batch: B={report.B} T={report.T}",
              "AdamW: " + " ".join(f"{k}={v:g}" for k, v in asdict(report.hyper).items()),
@@ -319,16 +334,16 @@ def run_summary(report) -> str:
 
     lines.append("")
     first = report.first_divergence()
-    lines.append(f"first divergence: {first if first else 'none'}")
+    lines.append(f"first divergence: {_strip_fd(first) if first else 'none'}")
     seen = set()
     for s in report.steps:
-        for impl, text in [*s.first_divergence.items(), *((i, f"error: {t}") for i, t in s.errors.items())]:
+        for impl, text in s.first_divergence.items():
             if impl in seen:
                 continue
             seen.add(impl)
             entry = f"step {s.step} [{impl}] {text}"
             if entry != first:
-                lines.append(f"  also {entry}")
+                lines.append(f"  also {_strip_fd(entry)}")
     errors = [(s.step, i, t) for s in report.steps for i, t in s.errors.items()]
     for step, impl, text in errors:
         lines.append(f"error: step {step} [{impl}] {text}")
@@ -422,8 +437,10 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
     Non-finite floats are the strings ``"nan"``, ``"inf"``, ``"-inf"``. ``versions=False``
     leaves ``versions`` null (for output that does not depend on the machine)."""
     build = report.build
-    counts = {impl: {kind: {"checks": d["checks"], "failed": d["failed"]} for kind, d in kinds.items()}
-              for impl, kinds in _counts(report).items()}
+    raw = _counts(report)
+    counts = {impl: {kind: {"checks": raw[impl][kind]["checks"], "failed": raw[impl][kind]["failed"]}
+                     for kind in _impl_order(raw[impl], KINDS) if kind in raw[impl]}
+              for impl in _impl_order(raw, report.impls) if impl in raw}
     out = {
         "schema": SCHEMA,
         "config": {k: int(v) for k, v in asdict(report.config).items()},
@@ -478,13 +495,17 @@ def _plain(x):
     return str(x)
 
 
+def _refuse_existing(path, overwrite: bool) -> None:
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(f"{path} exists; not overwriting it (pass overwrite=True to replace it)")
+
+
 def _write_atomic(path, data: bytes, overwrite: bool) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder. Without
     ``overwrite`` an existing file is never replaced (FileExistsError), also when it
     appears while we write (the temporary file is hard-linked into place)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; not overwriting it (pass overwrite=True to replace it)")
+    _refuse_existing(path, overwrite)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -513,9 +534,11 @@ def _write_atomic(path, data: bytes, overwrite: bool) -> Path:
     return path
 
 
-def write_json(report, path, *, overwrite: bool = False, versions: bool = True, indent: int | None = 1) -> Path:
+def write_json(report, path, *, overwrite: bool = False, versions: bool = True,
+               indent: int | None = None) -> Path:
     """Write :func:`to_json` to ``path`` (strict JSON, UTF-8), atomically. Refuses to
     replace an existing file (FileExistsError) unless ``overwrite=True``. Returns the path."""
+    _refuse_existing(path, overwrite)
     text = json.dumps(to_json(report, versions=versions), allow_nan=False, indent=indent, ensure_ascii=False)
     return _write_atomic(path, (text + "\n").encode("utf-8"), overwrite)
 
@@ -576,14 +599,21 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
     fraction of its tolerance used (max over the op's tensors, log scale), one line per
     step; the dashed line at 1 is the tolerance, a vertical line marks the first divergence
     (the first op whose replay fails). Middle: heat maps, one per implementation, of the
-    norm-wise relative error of the main per-layer tensors (rows) across layers
-    (columns), max over steps, failing cells crossed. Bottom: the loss per step (C, the
-    float64 oracle, each implementation) and its relative difference to the oracle.
+    norm-wise relative error of the main per-layer tensors (rows: activations, activation
+    gradients, weight gradients) across layers (columns), as a fraction of its tolerance
+    (max over steps; blue under, white at, red over the tolerance; cells over it boxed).
+    Bottom: the loss per step (C, the float64 oracle, each implementation) and its
+    relative difference to the oracle, with the loss check's tolerance.
+
+    matplotlib is imported here, not at module import, and only its Agg canvas is used
+    (no pyplot, no global backend switch); without it this raises RuntimeError.
     """
+    _refuse_existing(path, overwrite)       # before the (slow) drawing
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.colors import LogNorm
+        from matplotlib.colors import TwoSlopeNorm
+        from matplotlib.patches import Rectangle
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
     except ImportError as e:
@@ -601,29 +631,34 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
     step_colour = {t: cmap(0.85 * (k / max(1, len(steps) - 1))) for k, t in enumerate(steps)}
 
     n = len(impls)
-    fig = Figure(figsize=(16, 2.3 * n + 5.8 + 3.0), dpi=dpi)
+    h1, h2, h3 = 2.2 * n, 0.22 * len(_HEAT_ROWS) + 1.0, 2.8
+    fig = Figure(figsize=(16, h1 + h2 + h3 + 2.2), dpi=dpi)
     FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(n + 2, 1, height_ratios=[2.3] * n + [5.8, 3.0], hspace=0.55,
-                          left=0.06, right=0.97, top=1 - 0.9 / fig.get_figheight(), bottom=0.35 / fig.get_figheight())
+    H = fig.get_figheight()
+    outer = fig.add_gridspec(3, 1, height_ratios=[h1, h2, h3], hspace=0.9 / ((h1 + h2 + h3) / 3),
+                             left=0.065, right=0.965, top=1 - 1.05 / H, bottom=0.5 / H)
+    gs1 = outer[0].subgridspec(n, 1, hspace=0.42)
 
     verdict = "PASS" if report.passed else "FAIL"
     title = (f"llmc-parity: {verdict} | {len(steps)} step{'s' * (len(steps) != 1)} | {_config_text(report.config)}"
              f" | B={report.B} T={report.T} | {Path(str(report.library)).name}"
              + (f" ({report.build.get('cflags')})" if report.build else ""))
-    fig.suptitle(title, fontsize=12, fontweight="bold", color="black" if report.passed else "firebrick")
+    fig.suptitle(title, y=1 - 0.2 / H, fontsize=12, fontweight="bold",
+                 color="black" if report.passed else "firebrick")
     first = report.first_divergence()
     if first:
-        fig.text(0.5, 1 - 0.55 / fig.get_figheight(), _clip(first, 200), ha="center", va="top",
+        import textwrap
+        fig.text(0.5, 1 - 0.48 / H, "\n".join(textwrap.wrap(_clip(first, 400), 190)), ha="center", va="top",
                  fontsize=8, color="firebrick")
 
     # -- panel 1: e2e error along the graph, per impl
     axes1 = []
     for k, impl in enumerate(impls):
-        ax = fig.add_subplot(gs[k], sharex=axes1[0] if axes1 else None)
+        ax = fig.add_subplot(gs1[k], sharex=axes1[0] if axes1 else None)
         axes1.append(ax)
         _draw_bands(ax, bands, L, label=(k == 0))
         any_line = False
-        top = 1.0
+        nonfinite: set[int] = set()
         for s in report.steps:
             y = np.full(len(wheres), np.nan)
             for c in s.checks:
@@ -635,15 +670,18 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
                 continue
             any_line = True
             inf = np.isinf(y)
-            top = max(top, float(np.nanmax(np.where(inf, np.nan, y))) if not np.all(inf | np.isnan(y)) else top)
+            nonfinite.update(np.flatnonzero(inf).tolist())
             yy = np.clip(np.where(inf, np.nan, y), _FLOOR, None)
             x = np.arange(len(wheres))
             ax.plot(x, yy, "-", color=step_colour[s.step], lw=1.1, alpha=0.9, marker=".", ms=2.5)
             over = y > 1
             if over.any():
                 ax.plot(x[over & ~inf], yy[over & ~inf], "o", ms=3.5, mfc="none", mec="red", mew=0.8)
-            if inf.any():
-                ax.plot(x[inf], np.full(inf.sum(), top * 3), "^", ms=5, color="red")
+        if nonfinite:      # NaN/inf mismatches: off the scale, marked at the top
+            xs = sorted(nonfinite)
+            ax.plot(xs, [0.96] * len(xs), "^", ms=6, color="red", transform=ax.get_xaxis_transform())
+            ax.text(0.995, 0.85, "▲ non-finite mismatch", transform=ax.transAxes, ha="right", va="top",
+                    fontsize=7.5, color="red")
         ax.axhline(1.0, color="red", ls="--", lw=1.0)
         ax.set_yscale("log")
         lo, hi = ax.get_ylim()
@@ -657,7 +695,8 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
         ax.set_ylabel("× tolerance", fontsize=8)
         ax.tick_params(labelsize=7.5)
         if not any_line:
-            ax.text(0.5, 0.5, "no end-to-end checks (the implementation raised)", transform=ax.transAxes,
+            ax.text(0.5, 0.5, "no end-to-end checks" + (" (the implementation raised)" if errored else ""),
+                    transform=ax.transAxes,
                     ha="center", va="center", fontsize=9, color="firebrick")
         # the first divergence: first failing replay op of the first failing step
         fd = _first_divergence_where(report, impl)
@@ -677,23 +716,23 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
             ax.tick_params(labelbottom=False)
         axes1[-1].set_xlabel("position in the graph: forward ops (embedding, layers 0..L-1, head), "
                              "then backward ops (head, layers L-1..0, embedding)", fontsize=8)
-        handles = [Line2D([], [], color=step_colour[t], lw=1.5, label=f"step {t}") for t in steps[:12]]
-        if len(steps) > 12:
-            handles.append(Line2D([], [], color="none", label=f"... step {steps[-1]}"))
+        shown_steps = steps if len(steps) <= 6 else [steps[round(i * (len(steps) - 1) / 5)] for i in range(6)]
+        handles = [Line2D([], [], color=step_colour[t], lw=1.5, label=f"step {t}") for t in shown_steps]
         handles += [Line2D([], [], color="red", ls="--", label="tolerance"),
                     Line2D([], [], color="red", marker="o", mfc="none", ls="none", label="over tolerance")]
-        axes1[0].legend(handles=handles, fontsize=7, loc="upper left", ncol=min(8, len(handles)),
-                        framealpha=0.85, bbox_to_anchor=(0.0, 1.0))
+        axes1[0].legend(handles=handles, fontsize=7.5, loc="lower right", ncol=len(handles),
+                        frameon=False, bbox_to_anchor=(1.0, 1.0), borderaxespad=0.1,
+                        handlelength=1.6, columnspacing=1.0)
 
     # -- panel 2: heat maps of the norm-wise error across layers
-    rows = [r for r in _HEAT_ROWS if any(split_layer(c.tensor)[0] == r and c.kind == "e2e"
-                                         for s in report.steps[:1] for c in s.checks)]
-    sub = gs[n].subgridspec(1, n + 1, width_ratios=[1.0] * n + [0.05], wspace=0.08)
+    present = {split_layer(c.tensor)[0] for s in report.steps for c in s.checks
+               if c.kind == "e2e" and split_layer(c.tensor)[1] is not None}
+    rows = [r for r in _HEAT_ROWS if r in present]
+    sub = outer[1].subgridspec(1, n + 1, width_ratios=[1.0] * n + [0.04], wspace=0.06)
     heat = {}
+    ridx = {r: i for i, r in enumerate(rows)}
     for impl in impls:
-        val = np.full((len(rows), L), np.nan)
-        bad = np.zeros((len(rows), L), bool)
-        ridx = {r: i for i, r in enumerate(rows)}
+        val = np.full((len(rows), L), np.nan)      # log10 of norm_rel / tol.norm
         for s in report.steps:
             for c in s.checks:
                 if c.impl != impl or c.kind != "e2e":
@@ -701,35 +740,42 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
                 base, layer = split_layer(c.tensor)
                 if base not in ridx or layer is None:
                     continue
-                v = c.comparison.norm_rel
-                v = np.inf if not math.isfinite(v) else v
+                cmp = c.comparison
+                r = cmp.norm_rel / cmp.tol.norm if cmp.tol.norm > 0 else (0.0 if cmp.norm_rel == 0 else math.inf)
+                v = math.log10(max(r, _FLOOR)) if math.isfinite(r) else math.inf
                 i = ridx[base]
                 val[i, layer] = v if np.isnan(val[i, layer]) else max(val[i, layer], v)
-                bad[i, layer] |= not c.passed
-        heat[impl] = (val, bad)
-    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v, _ in heat.values()] or [np.array([])])
-    vmin = float(finite.min()) if finite.size else 1e-9
-    vmax = float(finite.max()) if finite.size else 1e-6
-    vmax = max(vmax, vmin * 10)
-    norm = LogNorm(vmin=vmin, vmax=vmax)
+        heat[impl] = val
+    finite = np.concatenate([v[np.isfinite(v)].ravel() for v in heat.values()] or [np.array([])])
+    lo = math.floor(min(float(finite.min()) if finite.size else -2.0, -1.0))
+    hi = math.ceil(max(float(finite.max()) if finite.size else 1.0, 1.0))
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
     im = None
     hax0 = None
-    for k, impl in enumerate(impls):
+    for k, impl in enumerate(impls if rows else []):
         ax = fig.add_subplot(sub[0, k], sharey=hax0)
         hax0 = hax0 or ax
-        val, bad = heat[impl]
-        shown = np.where(np.isinf(val), vmax, np.clip(val, vmin, None))
-        im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="magma", norm=norm,
+        val = heat[impl]
+        if np.all(np.isnan(val)):
+            ax.text(0.5, 0.5, "not checked\n(the implementation raised)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="firebrick")
+        shown = np.where(np.isinf(val), hi, val)
+        im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="RdBu_r", norm=norm,
                        interpolation="nearest")
-        ys, xs = np.nonzero(bad)
-        ax.plot(xs, ys, "x", color="cyan", ms=max(3.0, min(8.0, 80.0 / max(L, len(rows)))), mew=1.2)
-        ax.set_title(f"{impl}: norm-wise rel. error by layer", fontsize=9, loc="left")
+        ax.set_facecolor("0.85")                   # not checked
+        ys, xs = np.nonzero(np.nan_to_num(val, nan=-np.inf) > 0)
+        for y, x in zip(ys, xs):
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, ec="black", lw=0.6))
+        n_over = len(ys)
+        ax.set_title(f"{impl}: norm-wise error / tolerance by layer"
+                     + (f" ({n_over} over)" if n_over else ""), fontsize=9, loc="left",
+                     color="firebrick" if n_over else "black")
         ax.set_xticks(range(L))
         ax.set_xticklabels([str(l) for l in range(L)], fontsize=7)
         ax.set_xlabel("layer", fontsize=8)
         ax.set_yticks(range(len(rows)))
         if k == 0:
-            ax.set_yticklabels([_row_label(r) for r in rows], fontsize=7)
+            ax.set_yticklabels([_row_label(r) for r in rows], fontsize=7.5)
         else:
             ax.tick_params(labelleft=False)
         # separators between the activations, activation gradients, weight gradients
@@ -737,16 +783,25 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
         for i, r in enumerate(rows):
             g = r.split(".", 1)[0]
             if prev is not None and g != prev:
-                ax.axhline(i - 0.5, color="white", lw=1.5)
+                ax.axhline(i - 0.5, color="black", lw=1.2)
             prev = g
+    if not rows:
+        ax = fig.add_subplot(outer[1])
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no per-layer end-to-end checks to show", transform=ax.transAxes,
+                ha="center", va="center", fontsize=10)
     if im is not None:
         cax = fig.add_subplot(sub[0, n])
         cb = fig.colorbar(im, cax=cax)
-        cb.set_label("||a-e|| / ||e||, max over steps  (x: fails tolerance)", fontsize=8)
+        ticks = list(range(lo, hi + 1))
+        cb.set_ticks(ticks)
+        cb.set_ticklabels([f"{10.0 ** t:g}" for t in ticks])
+        cb.set_label("||a-e|| / ||e||  as a fraction of its tolerance (max over steps; 1 = tolerance, "
+                     "boxed: over)", fontsize=7.5)
         cb.ax.tick_params(labelsize=7)
 
     # -- panel 3: losses
-    sub = gs[n + 1].subgridspec(1, 2, wspace=0.15)
+    sub = outer[2].subgridspec(1, 2, wspace=0.15)
     ax_l = fig.add_subplot(sub[0, 0])
     ax_d = fig.add_subplot(sub[0, 1])
     series = ["C", "oracle", *[i for i in impls if i != "C"]]
@@ -777,14 +832,17 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
     if threshold:
         tx, ty = zip(*threshold)
         ax_d.plot(tx, ty, color="red", ls="--", lw=1.0, label="tolerance")
-    ax_l.set_title("loss per step", fontsize=9, loc="left")
+    ax_l.set_title("loss per step (curves that agree overlap: see the differences on the right)",
+                   fontsize=9, loc="left")
     ax_l.set_xlabel("step", fontsize=8)
-    ax_l.legend(fontsize=7, ncol=min(6, len(series)))
+    if ax_l.lines:
+        ax_l.legend(fontsize=7, ncol=min(6, len(series)))
     ax_l.ticklabel_format(axis="y", useOffset=False)
     ax_d.set_title("loss: relative difference to the float64 oracle", fontsize=9, loc="left")
     ax_d.set_yscale("log")
     ax_d.set_xlabel("step", fontsize=8)
-    ax_d.legend(fontsize=7, ncol=min(6, len(series)))
+    if ax_d.lines:
+        ax_d.legend(fontsize=7, ncol=min(6, len(series)), loc="best")
     for ax in (ax_l, ax_d):
         ax.tick_params(labelsize=7.5)
         ax.set_xticks(steps)
@@ -840,14 +898,25 @@ def _draw_bands(ax, bands, L: int, label: bool) -> None:
 
 
 def _xticks(ax, bands) -> None:
+    """A tick per layer band, numbered; "emb" and "head" for the bands outside the layers
+    (the forward and the backward head bands, adjacent, share one "head" tick)."""
     ticks, labels = [], []
-    for start, end, phase, layer in bands:
-        ticks.append((start + end) / 2)
+    last = len(bands) - 1
+    for k, (start, end, phase, layer) in enumerate(bands):
         if layer is not None:
+            ticks.append((start + end) / 2)
             labels.append(str(layer))
+        elif k == 0 or k == last:
+            ticks.append((start + end) / 2)
+            labels.append("emb")
+        elif phase == "fwd" and k + 1 <= last and bands[k + 1][3] is None and bands[k + 1][2] == "bwd":
+            ticks.append(bands[k + 1][0] - 0.5)
+            labels.append("head")
+        elif phase == "bwd" and k > 0 and bands[k - 1][3] is None and bands[k - 1][2] == "fwd":
+            continue
         else:
-            labels.append("emb" if (phase == "fwd" and start == 0) or (phase == "bwd" and start == bands[-1][0])
-                          else "head")
+            ticks.append((start + end) / 2)
+            labels.append("head")
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, fontsize=7)
     if bands:

@@ -95,7 +95,7 @@ class RunReport:
 
     @property
     def passed(self) -> bool:
-        return all(s.passed for s in self.steps)
+        return bool(self.steps) and all(s.passed for s in self.steps)
 
     def first_divergence(self) -> str | None:
         for s in self.steps:
@@ -291,6 +291,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                 pm.load_state(cmodel.params_memory, m0, v0)
 
             say("C forward/backward")
+            cmodel.poison_activations()  # from step 2 on: unwritten slots show up as NaN
             losses = {"C": cmodel.forward(inputs, targets, threads=threads)}
             cmodel.zero_grad()
             cmodel.backward(threads=threads)
@@ -306,7 +307,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                     pm.zero_grad()
                     pm.backward()
                 except Exception as e:  # a user's kernel may raise: report, carry on
-                    errors[name] = f"{type(e).__name__}: {e}"
+                    errors[name] = " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
 
             checks: list[Check] = []
             loss_tol = op_tolerance("crossentropy_forward", "losses", B * T)

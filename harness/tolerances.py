@@ -127,6 +127,13 @@ def _rms(x: np.ndarray) -> float:
 
 
 def term_scale(kernel: str, output: str, args: dict, expected: dict) -> float | None:
+    """See :func:`_term_scale`; None where no positive finite scale comes out (all zero)."""
+    with np.errstate(all="ignore"):
+        s = _term_scale(kernel, output, args, expected)
+    return s if s is not None and np.isfinite(s) and s > 0 else None
+
+
+def _term_scale(kernel: str, output: str, args: dict, expected: dict) -> float | None:
     """The error scale for outputs that are a small difference of larger terms.
 
     Float32 rounding is relative to the size of the terms a result is summed from, not to

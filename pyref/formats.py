@@ -100,6 +100,9 @@ def _write_atomic(path, chunks, overwrite):
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             for c in chunks:
                 f.write(c)

@@ -16,7 +16,7 @@ from math import prod
 
 import numpy as np
 
-from .config import ACT_NAMES, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from .config import PARAM_NAMES, GPT2Config, act_shapes, param_shapes
 from .protocol import KernelSet, kernel_set
 
 

@@ -238,8 +238,12 @@ class KernelSet:
                 raise TypeError(f"{kernel}() takes {len(params)} arguments, got {len(args)}")
             named = dict(zip(params, args), **kwargs)
             conv = {k: self._to_backend(kernel, k, v) for k, v in named.items()}
-            out = f(*(conv[p] for p in params[:len(args)]),
-                    **{k: conv[k] for k in kwargs})
+            try:
+                out = f(*(conv[p] for p in params[:len(args)]),
+                        **{k: conv[k] for k in kwargs})
+            except Exception as e:
+                e.add_note(f"raised by {label}")
+                raise
             if not forward:
                 return None
             outs = list(out) if isinstance(out, (tuple, list)) else [out]

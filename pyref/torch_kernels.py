@@ -200,7 +200,7 @@ def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
     bufs = (param, grad, m, v)
     if all(b.is_contiguous() for b in bufs):
         flat = [b.view(-1) for b in bufs]
-        blocks = [slice(i, i + (1 << 20)) for i in range(0, param.numel(), 1 << 20)]
+        blocks = [slice(i, i + (1 << 22)) for i in range(0, param.numel(), 1 << 22)]
     else:
         flat, blocks = bufs, [slice(None)]
     P, G, M, Vv = flat

@@ -248,7 +248,7 @@ def test_large_arrays_are_chunked_without_full_size_temporaries(layout):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 32 * 2**20 and peak < a.nbytes / 2, f"peak {peak / 2**20:.1f} MiB"
+    assert peak < a.nbytes / 8, f"peak {peak / 2**20:.1f} MiB for {a.nbytes / 2**20:.0f} MiB"
     assert c.n_bad == 1 and c.worst_index == bad and c.n_compared == a.size
     assert float(np.sum(a, dtype=np.float64)) == a_sum
 

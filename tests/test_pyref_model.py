@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyref import torch_kernels
+from pyref import numpy_kernels, torch_kernels
 from pyref.config import ACT_NAMES, PARAM_NAMES, preset
 from pyref.model import GPT2
-from pyref.protocol import KernelNotProvided, KernelSet, as_namespace, resolve
-from pyref import numpy_kernels
+from pyref.protocol import KernelNotProvided, KernelSet, as_namespace
 from pyref.synth import init_params, make_batch
 
 CFG = preset("tiny")
