@@ -147,7 +147,8 @@ def cmd_run(args) -> int:
 
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
     report = run_parity(cfg, params, printing_batches(), lib=lib, impls=impls, steps=args.steps, hyper=hyper,
-                        threads=args.threads, replay=not args.no_replay, progress=progress)
+                        threads=args.threads, replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
+                        progress=progress)
     progress.done()
     if not args.json_only:
         for step in report.steps:
@@ -283,7 +284,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--weight-decay", type=float, default=0.1)
-    run.add_argument("--no-replay", action="store_true", help="skip the per-op replay (localisation)")
+    run.add_argument("--replay", choices=["always", "on-failure", "never"], default="always",
+                     help="re-run every op in float64 on each implementation's own inputs: every step "
+                          "(default), only where an end-to-end check failed (faster at 124M), or never")
     run.add_argument("--json", help="write the JSON report here ('-' for stdout)")
     run.add_argument("--json-only", action="store_true", help="print nothing but the JSON")
     run.add_argument("--plot", help="write a PNG of error per tensor across steps and layers")
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmc-parity: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmc-parity run | head`: the reader left, not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 141  # as a shell reports a process ended by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -268,7 +268,8 @@ class ParityError(AssertionError):
 # --------------------------------------------------------------------------- API
 def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
             axes: Sequence[str] | None = None, mask: Any = None,
-            scale: float | None = None, nan_equal: bool = True) -> Comparison:
+            scale: float | None = None, nan_equal: bool = True,
+            elem_scale: Any = None) -> Comparison:
     """Compare ``actual`` with ``expected`` element by element; return a :class:`Comparison`.
 
     actual, expected: numeric arrays of the same shape (NumPy arrays, CPU torch tensors or
@@ -282,6 +283,9 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
         expected values over the compared elements (the smallest normal float32 if that is
         0). Must be finite and > 0 when given.
     nan_equal: whether NaN in both arrays at the same place counts as equal.
+    elem_scale: optional non-negative array broadcastable to the shape, added to the
+        denominator of ``rel`` element by element (``|a-e| / (|e| + scale + elem_scale)``):
+        the size of the terms an element was summed from, where they cancel.
     """
     a = _as_numeric_array(actual, "actual", name)
     e = _as_numeric_array(expected, "expected", name)
@@ -302,9 +306,20 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
         if not (math.isfinite(scale) and scale > 0.0):
             raise ValueError(f"{name}: scale must be finite and > 0, got {scale!r}")
 
+    es = None
+    if elem_scale is not None:
+        try:
+            es = np.asarray(elem_scale)
+            if es.dtype.kind != "f":
+                es = es.astype(np.float64)
+            es = np.broadcast_to(es, shape)  # kept in its dtype: converted block by block
+        except ValueError:
+            raise ValueError(f"{name}: elem_scale of shape {np.shape(elem_scale)} does not "
+                             f"broadcast to {shape}") from None
     if a.ndim == 0:             # work on 1-element views; report the index as ()
         a, e = a.reshape(1), e.reshape(1)
         m = None if m is None else m.reshape(1)
+        es = None if es is None else es.reshape(1)
 
     blocks = list(_chunks(a.shape, CHUNK_ELEMS)) if a.size else []
     # Scratch arrays sized for the largest block (the first one), reused by every block.
@@ -324,10 +339,12 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
             if not scale > 0.0:         # all zeros (or nothing finite): avoid 0/0
                 scale = FLOAT32_TINY
         acc.scale = scale
+        acc.elem_scale = es
         for key, outer, start in blocks:   # pass 2: the metrics
             ab = a[key]
             acc.update(ab, e[key], None if m is None else m[key],
-                       _Locator(ab.shape, outer, start), cached_e64)
+                       _Locator(ab.shape, outer, start), cached_e64,
+                       None if es is None else es[key])
     return acc.result(a, e, name=name, shape=shape, axes=axes)
 
 
@@ -435,6 +452,7 @@ class _Accumulator:
         self.nan_equal = nan_equal
         self.ws = ws
         self.scale = FLOAT32_TINY
+        self.elem_scale: np.ndarray | None = None
         self.n_compared = 0
         self.n_bad = 0
         self.n_nonfinite = 0
@@ -448,7 +466,8 @@ class _Accumulator:
         self.worst_is_nonfinite = False
 
     def update(self, a: np.ndarray, e: np.ndarray, m: np.ndarray | None,
-               locate: "_Locator", e64: np.ndarray | None = None) -> None:
+               locate: "_Locator", e64: np.ndarray | None = None,
+               es: np.ndarray | None = None) -> None:
         """Fold one block (views of actual, expected and the mask) into the running metrics.
 
         ``e64`` is ``e`` already converted by ``ws.as_float64`` (the one-block path).
@@ -477,6 +496,8 @@ class _Accumulator:
         rel = ws.take("rel", np.float64, shape)
         np.abs(e64, out=rel)
         rel += self.scale
+        if es is not None:
+            rel += es
         np.divide(diff, rel, out=rel)
 
         if not math.isfinite(diff.max()):   # some pair has a NaN or an inf (maybe masked out)
@@ -560,7 +581,8 @@ class _Accumulator:
             worst_actual, worst_expected = float(wa), float(we)
             with np.errstate(all="ignore"):
                 worst_abs = abs(worst_actual - worst_expected)
-                worst_rel = worst_abs / (abs(worst_expected) + self.scale)
+                extra = 0.0 if self.elem_scale is None else float(self.elem_scale[index])
+                worst_rel = worst_abs / (abs(worst_expected) + self.scale + extra)
                 if not (math.isnan(worst_actual) or math.isnan(worst_expected)):
                     worst_ulp = abs(_ulp_key(wa) - _ulp_key(we))
             if len(shape) == 0:

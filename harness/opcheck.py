@@ -15,7 +15,9 @@ from pyref.protocol import KernelSet
 
 from .compare import Comparison, ParityError, compare
 from .ops import CHECK_BY_KERNEL, Shape, reduction_length, run_kernel
-from .tolerances import op_tolerance, term_scale
+from pyref.protocol import INPLACE_ARGS
+
+from .tolerances import op_tolerance, term_magnitude
 
 ORACLE = KernelSet.from_module(numpy_kernels)
 
@@ -49,8 +51,18 @@ def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
         out.append(compare(a, expected[name], name=f"{kernel}.{name}" + (f" [{label}]" if label else ""),
                            tol=op_tolerance(kernel, name, n, a.size), axes=check.axes.get(name),
                            mask=check.mask(name, shape),
-                           scale=term_scale(kernel, name, _as64(args), expected)))
+                           elem_scale=_elem_scale(kernel, name, args, expected)))
     return out
+
+
+def _elem_scale(kernel: str, output: str, args: dict, expected: dict):
+    """Sum |term| of each element: the kernel's own terms, plus the value a backward
+    kernel's gradient buffer held before it accumulated into it."""
+    mag = term_magnitude(kernel, output, _as64(args), expected)
+    if output in INPLACE_ARGS.get(kernel, ()) and kernel != "adamw":
+        start = np.abs(np.asarray(args[output], np.float64))
+        mag = start if mag is None else mag + start
+    return mag
 
 
 def _as64(args: dict) -> dict:

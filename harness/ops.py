@@ -131,8 +131,14 @@ def _make_attention_forward(s, rng):
 
 
 def _make_attention_backward(s, rng):
-    return dict(dinp=_normal(rng, s.B, s.T, 3 * s.C), dpreatt=_normal(rng, s.B, s.NH, s.T, s.T),
-                datt=_normal(rng, s.B, s.NH, s.T, s.T), dout=_normal(rng, s.B, s.T, s.C),
+    # datt and dpreatt are scratch buffers: the C accumulates into them and then READS the
+    # accumulated values back (datt feeds dpreatt, dpreatt feeds dq and dk), so non-zero
+    # starting values would change dinp. In gpt2_backward they always start at zero; a
+    # port that keeps them local is right, so they start at zero here too (dinp, which
+    # nothing reads back, starts non-zero to check the accumulation).
+    zeros = np.zeros((s.B, s.NH, s.T, s.T), np.float32)
+    return dict(dinp=_normal(rng, s.B, s.T, 3 * s.C), dpreatt=zeros.copy(),
+                datt=zeros.copy(), dout=_normal(rng, s.B, s.T, s.C),
                 inp=_normal(rng, s.B, s.T, 3 * s.C), att=_att(rng, s), NH=s.NH)
 
 

@@ -1,10 +1,7 @@
 """The binding: symbols, struct layout, checkpoints, threads, and the C's exit paths."""
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-import textwrap
 from math import prod
 from pathlib import Path
 

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
-settings.register_profile("fast", derandomize=True, database=None, max_examples=8, **_COMMON)
+settings.register_profile("fast", derandomize=True, database=None, max_examples=12, **_COMMON)
 settings.register_profile("long", max_examples=400, **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "fast")
 FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long") else "fast"))
@@ -46,7 +46,8 @@ FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long
 from harness.binding import load_library  # noqa: E402
 from harness.ckernels import CKernels  # noqa: E402
 from harness.compare import format_table  # noqa: E402
-from harness.ops import CHECK_BY_KERNEL, KERNEL_CHECKS, Shape  # noqa: E402
+from harness.ops import (CHECK_BY_KERNEL, KERNEL_CHECKS, SHAPE_BY_NAME, Shape,  # noqa: E402
+                         make_inputs, reduction_length)
 from harness.opcheck import check_kernel, oracle_outputs  # noqa: E402
 from pyref import numpy_kernels, torch_kernels  # noqa: E402
 from pyref.config import PRESETS  # noqa: E402
@@ -70,13 +71,23 @@ def impls(lib):
 
 # ----------------------------------------------------------------------------- strategies
 
+# Reductions are fuzzed over tensors of at least this many elements: over fewer, a sum of
+# signed terms that happens to cancel is judged against its own tiny size (there is no
+# tensor RMS to absorb it) and float32 reorderings that the policy calls legitimate fail
+# (tolerance gap E, pinned by test_known_tolerance_gap_tiny_tensor_cancellation_matmul).
+MIN_REDUCED = 8
+
+
 @st.composite
-def shapes(draw, max_T=9):
-    NH = draw(st.integers(1, 4))
-    hs = draw(st.integers(1, 8))
+def shapes(draw, max_T=12):
+    """B <= 8, T <= 12 with B*T <= 32, C = NH*hs >= 8 (hs from 1 with NH = 8), V <= Vp, OC >= 8."""
+    NH = draw(st.integers(1, 8))
+    hs = draw(st.integers(-(-MIN_REDUCED // NH), 8))
     Vp = draw(st.integers(1, 80))
-    return Shape("fuzz", B=draw(st.integers(1, 3)), T=draw(st.integers(1, max_T)), C=NH * hs,
-                 NH=NH, V=draw(st.integers(1, Vp)), Vp=Vp, OC=draw(st.integers(1, 40)))
+    B = draw(st.integers(1, 8))
+    return Shape("fuzz", B=B, T=draw(st.integers(1, max(1, min(max_T, 32 // B)))), C=NH * hs,
+                 NH=NH, V=draw(st.integers(1, Vp)), Vp=Vp,
+                 OC=draw(st.integers(MIN_REDUCED, 40)))
 
 
 TINY, HUGE = 1e-30, 1e4
@@ -135,6 +146,8 @@ def _vary(draw, rng, kernel, s: Shape, args: dict) -> dict:
         _tokens(draw, rng, args, "inp", s.Vp)
     elif kernel == "layernorm_forward":
         m = d(st.sampled_from(MAGS), "inp scale")
+        # |row mean| / row std up to ~1: beyond, the error grows with that ratio (the mean's
+        # rounding, amplified by rstd) and the policy does not follow it (tolerance gap A)
         loc = d(st.sampled_from((0.0, 0.5, -1.0)), "inp mean / scale")
         x = rng.standard_normal(args["inp"].shape) * m + loc * m
         args["inp"] = _constant_rows(draw, rng, x.astype(np.float32))
@@ -164,13 +177,18 @@ def _vary(draw, rng, kernel, s: Shape, args: dict) -> dict:
             args["dbias"] = None
     elif kernel == "attention_forward":
         C = s.C
-        mqk = d(st.sampled_from((1e-15, 1e-3, 1.0, 3.0)), "q,k scale")
+        # q, k ~ N(0, 2^2): scores up to ~10. At N(0, 3^2) (scores ~30) the scores' rounding
+        # error, made relative by the softmax, passes the bound (tolerance gap C)
+        mqk = d(st.sampled_from((1e-15, 1e-3, 1.0, 2.0)), "q,k scale")
         mv = d(st.sampled_from(MAGS), "v scale")
         args["inp"][..., :2 * C] = _scale(args["inp"][..., :2 * C], mqk)
         args["inp"][..., 2 * C:] = _scale(args["inp"][..., 2 * C:], mv)
     elif kernel == "attention_backward":
         C = s.C
-        mqk = d(st.sampled_from((1e-3, 1.0, 3.0)), "q,k scale")
+        # T >= 4: with rows of 2 or 3 scores the softmax Jacobian's cancellation decides
+        # dpreatt's norm-wise error alone (tolerance gap E2)
+        assume(s.T >= 4)
+        mqk = d(st.sampled_from((1e-3, 1.0, 2.0)), "q,k scale")
         g = d(st.sampled_from(MAGS), "dout scale")
         args["inp"][..., :2 * C] = _scale(args["inp"][..., :2 * C], mqk)
         for k in ("dout", "dinp", "dpreatt", "datt"):
@@ -193,6 +211,10 @@ def _vary(draw, rng, kernel, s: Shape, args: dict) -> dict:
         x = rng.standard_normal(args["logits"].shape)
         if kind == "scaled":
             x = x * d(st.sampled_from((TINY, 1e-3, 1.0, 30.0, 1e3, HUGE)), "scale")
+            # rows whose every logit is below the floor are the named known behaviour
+            # (NaN), not this property: lift them so that their max is 0
+            low = x[..., :s.V].max(-1, keepdims=True)
+            x = np.where(low < -9000.0, x - low, x)
         elif kind == "near_floor":          # the max right around -10000: floor or not
             x = -10000.0 + 5.0 * x
         elif kind == "below_floor":         # every logit below the floor, none underflowing:
@@ -239,10 +261,15 @@ def _noted(value, label):
 
 
 def _check(impl, kernel, args, s, label):
+    check = CHECK_BY_KERNEL[kernel]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with np.errstate(all="ignore"):
             expected = oracle_outputs(kernel, args)
+            for name, e in expected.items():     # see MIN_REDUCED
+                if name in check.outputs and reduction_length(check, name, s) > 1:
+                    mask = check.mask(name, s)
+                    assume((e.size if mask is None else e[..., mask].size) >= MIN_REDUCED)
             results = check_kernel(impl, kernel, args, s, expected=expected, label=label)
     note(f"{s!r}")
     bad = [c for c in results if not c.passed]
@@ -276,3 +303,175 @@ def test_fuzz_matmul_forward_naive_path(impls, data):
     B*T % 8 != 0)."""
     args, s = _case(data, "matmul_forward")
     _check(impls["c_naive"], "matmul_forward", args, s, "c_naive")
+
+
+# ----------------------------------------------------------------------------- known behaviours
+
+def _quiet(fn, *a):
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(*a)
+
+
+def test_known_softmax_all_below_floor_gives_nan(impls):
+    """softmax_forward's running max starts at -10000.0f (the original's floor). When every
+    logit of a row is below -10000 - 103.9, maxval stays -10000, every expf(logit - maxval)
+    underflows to 0 and the C divides 0 by 0: the row's probabilities are NaN (the padding
+    stays 0). The float32 NumPy and torch references mirror the floor and do the same. The
+    float64 oracle only underflows below -10000 - 745: between the two it has a proper
+    softmax, so the check reports the row as non-finite mismatches (it does not raise)."""
+    B, T, V, Vp = 2, 3, 6, 8
+    rng = np.random.default_rng(0)
+    logits = (3.0 * rng.standard_normal((B, T, Vp))).astype(np.float32)
+    logits[0, 1, :V] = np.linspace(-10200.0, -10110.0, V)   # float32 underflow only
+    logits[1, 2, :V] = -20000.0                              # float64 underflows too
+    ordinary = np.ones((B, T), bool)
+    ordinary[0, 1] = ordinary[1, 2] = False
+    for name in IMPLS:
+        probs = _quiet(impls[name].softmax_forward, logits, V)
+        assert np.isnan(probs[0, 1, :V]).all() and np.isnan(probs[1, 2, :V]).all(), name
+        assert (probs[..., V:] == 0).all(), name
+        assert np.isfinite(probs[ordinary]).all(), name
+        np.testing.assert_allclose(probs[ordinary][:, :V].sum(-1), 1.0, rtol=1e-6)
+    oracle = _quiet(oracle_outputs, "softmax_forward", {"logits": logits, "V": V})["probs"]
+    assert np.isfinite(oracle[0, 1]).all() and abs(oracle[0, 1].sum() - 1) < 1e-12
+    assert np.isnan(oracle[1, 2, :V]).all()
+    s = Shape("floor", B=B, T=T, C=8, NH=1, V=V, Vp=Vp, OC=8)
+    (c,) = _quiet(check_kernel, impls["c"], "softmax_forward", {"logits": logits, "V": V}, s)
+    assert not c.passed and c.n_nonfinite_mismatch == V          # row (0, 1) only
+    assert c.worst_index[:2] == (0, 1)
+
+
+def test_known_softmax_below_floor_subnormal_exp_loses_precision(impls):
+    """Between the two underflows: every logit of a row in (-10104, -10087) gives expf
+    values that are float32 subnormals (exp(-87) is the smallest normal), with only a few
+    significant bits. The C still normalises them (finite, summing to 1), but each
+    probability is off by up to ~1/2**(bits left) relative: a genuine float32 limit of the
+    C's floor, not a tolerance problem. The fuzz keeps every row's max above -10000."""
+    B, T, V, Vp = 1, 2, 5, 5
+    logits = np.zeros((B, T, Vp), np.float32)
+    logits[0, 0] = np.linspace(-10100.0, -10092.0, V)
+    probs = _quiet(impls["c"].softmax_forward, logits, V)
+    assert np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    s = Shape("subnormal", B=B, T=T, C=8, NH=1, V=V, Vp=Vp, OC=8)
+    (c,) = check_kernel(impls["c"], "softmax_forward", {"logits": logits, "V": V}, s)
+    assert not c.passed and c.worst_index[:2] == (0, 0)
+    assert c.max_rel > 5 * c.tol.rel
+
+
+@pytest.mark.parametrize("score,oracle_zero", [(-10296.125, False), (-20000.0, True)])
+def test_known_attention_all_scores_below_floor_gives_zero_att(impls, score, oracle_zero):
+    """attention_forward's max also starts at -10000.0f, but unlike softmax_forward it
+    guards the sum: expsum == 0 ? 0 : 1/expsum. So when every causal score of a row is
+    below -10000 - 103.9, the C gives att = 0 for the whole row (the diagonal included) and
+    out = 0 -- no NaN. NumPy and torch (float32) do the same. The float64 oracle underflows
+    only below -10745: above that it has the real (here uniform) attention and the check
+    reports the difference; below, it agrees."""
+    B, T, C, NH = 1, 4, 8, 2                          # hs = 4: score = -a*a*hs / sqrt(hs)
+    a = np.float32(np.sqrt(-score / 2.0))
+    inp = np.zeros((B, T, 3 * C), np.float32)
+    inp[..., :C], inp[..., C:2 * C] = a, -a           # every q.k = -a^2 hs
+    inp[..., 2 * C:] = np.arange(T * C, dtype=np.float32).reshape(B, T, C)
+    tri = np.tril(np.ones((T, T), bool))
+    for name in IMPLS:
+        out, preatt, att = impls[name].attention_forward(inp, NH)
+        assert (att == 0).all() and (out == 0).all(), name
+        assert np.allclose(preatt[..., tri], score), name
+    e = oracle_outputs("attention_forward", {"inp": inp, "NH": NH})
+    assert (e["att"] == 0).all() == oracle_zero
+    s = Shape("floor", B=B, T=T, C=C, NH=NH, V=1, Vp=1, OC=8)
+    res = {c.name: c for c in check_kernel(impls["c"], "attention_forward",
+                                           {"inp": inp, "NH": NH}, s)}
+    assert res["attention_forward.preatt"].passed
+    assert res["attention_forward.att"].passed == oracle_zero
+    assert res["attention_forward.out"].passed == oracle_zero
+    if not oracle_zero:
+        np.testing.assert_allclose(e["att"][0, 0, 3, :4], 0.25)   # uniform where the C has 0
+
+
+# ----------------------------------------------------------------------------- tolerance gaps
+# Each: an input on which the float32 C, NumPy and torch kernels all (or a legitimate
+# reordering) differ from the float64 oracle by more than the per-op tolerance, because
+# the bound does not follow the input's conditioning. Not a bug in any implementation;
+# reported to the owner of harness/tolerances.py. The fuzz stays clear of them.
+
+def _all_pass(impls, kernel, args, s, which=IMPLS):
+    expected = _quiet(oracle_outputs, kernel, args)
+    failures = []
+    for name in which:
+        res = _quiet(check_kernel, impls[name], kernel, args, s, expected)
+        failures += [f"{name}: {c.name} rel {c.max_rel:.3g} (tol {c.tol.rel:.3g}) norm "
+                     f"{c.norm_rel:.3g} (tol {c.tol.norm:.3g})" for c in res if not c.passed]
+    assert not failures, "\n".join(failures)
+
+
+GAP = pytest.mark.xfail(strict=False, reason="tolerance gap in harness/tolerances.py (reported)")
+
+
+@GAP
+def test_known_tolerance_gap_layernorm_forward_row_mean_offset(impls):
+    """Gap A: rows with |mean| / std ~ 200: the mean's rounding error (u |x|) is amplified
+    by rstd (1/std); the bound is relative to the output (~1), not to |x| / std."""
+    s = Shape("offset", B=2, T=8, C=8, NH=1, V=1, Vp=1, OC=8)
+    rng = np.random.default_rng(0)
+    args = dict(inp=(100.0 + 0.5 * rng.standard_normal((2, 8, 8))).astype(np.float32),
+                weight=np.ones(8, np.float32), bias=np.zeros(8, np.float32))
+    _all_pass(impls, "layernorm_forward", args, s)
+
+
+@GAP
+def test_known_tolerance_gap_gelu_forward_all_negative(impls):
+    """Gap B: gelu(-4) = 0.5 x (1 + tanh(a)) with 1 + tanhf(a) ~ 7e-5: the cancellation
+    turns tanhf's ulp into a ~1e-4 relative error of every output; with no larger element
+    in the tensor the RMS scale cannot absorb it."""
+    s = Shape("neg", B=1, T=1, C=8, NH=1, V=1, Vp=1, OC=8)
+    _all_pass(impls, "gelu_forward", dict(inp=np.full((1, 1, 4), -4.0, np.float32)), s)
+
+
+@GAP
+def test_known_tolerance_gap_attention_forward_large_scores(impls):
+    """Gap C: q, k ~ N(0, 100) (scores ~ 100): the scores' absolute rounding error
+    (u * |score| * sqrt(hs)) becomes a relative error of att (softmax is sensitive to
+    absolute errors of its inputs): the op table's own inputs (seed 4) times 10."""
+    s = SHAPE_BY_NAME["base"]
+    args = make_inputs(CHECK_BY_KERNEL["attention_forward"], s, seed=4)
+    args["inp"] = args["inp"] * np.float32(10)
+    _all_pass(impls, "attention_forward", args, s)
+
+
+def test_adamw_op_table_seed_2_within_tolerance(impls):
+    """Formerly a tolerance gap (found by this file, fixed in harness/tolerances.py's
+    term_scale): the op table's own AdamW inputs, seed 2 (t = 5). v ~ |N(0, 1e-4)| can be
+    tiny, so m_hat / sqrt(v_hat) ~ 20 for a few elements, whose update carries the float32
+    bias correction's error (u / (1 - beta2^t)) far above the tensor's RMS (element 17616
+    was 1.5e-6 relative vs 9.5e-7 allowed, identically in C, NumPy and torch)."""
+    s = SHAPE_BY_NAME["base"]
+    for seed in (2, 3):
+        _all_pass(impls, "adamw", make_inputs(CHECK_BY_KERNEL["adamw"], s, seed=seed), s)
+
+
+@GAP
+def test_known_tolerance_gap_tiny_tensor_cancellation_matmul(impls):
+    """Gap E: a 1-element dweight (OC = C = 1) summed from 4 signed terms that cancel to
+    1/30 of their size: NumPy's (legitimately) reordered float32 sum is 37 ulp off, judged
+    against the result itself (no tensor RMS to absorb it). Found by the long profile."""
+    s = Shape("tiny", B=2, T=2, C=1, NH=1, V=1, Vp=1, OC=1)
+    args = CHECK_BY_KERNEL["matmul_backward"].make(s, np.random.default_rng(135))
+    args["dout"] = _scale(args["dout"], TINY)
+    for k in ("dinp", "dweight", "dbias"):
+        args[k] = _scale(args[k], TINY)
+    _all_pass(impls, "matmul_backward", args, s)
+
+
+@GAP
+def test_known_tolerance_gap_attention_backward_dpreatt_norm_cancellation(impls):
+    """Gap E2: rows of T = 2 scores: dpreatt = att * (datt - sum att datt) is a difference
+    of nearly equal terms; term_scale relaxes the element-wise bound for that, but the
+    norm-wise bound ||a - e|| / ||e|| has no such allowance: NumPy's and torch's (legitimate)
+    formula att * (datt - sum) gives norm 1.1e-5 against 9.1e-7 allowed (the C passes here,
+    and fails the same way on other seeds). Found by the long profile."""
+    s = Shape("T2", B=2, T=2, C=8, NH=1, V=1, Vp=1, OC=8)
+    args = CHECK_BY_KERNEL["attention_backward"].make(s, np.random.default_rng(3945))
+    args["inp"][..., :2 * s.C] = _scale(args["inp"][..., :2 * s.C], 1e-3)
+    _all_pass(impls, "attention_backward", args, s)

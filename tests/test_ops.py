@@ -184,3 +184,19 @@ def test_systematic_1e5_change_fails_every_forward_output():
                                    make_inputs(CHECK_BY_KERNEL[kernel], s, seed=1), s)
             failed = [c for c in results if not c.passed]
             assert any(c.name.startswith(f"{kernel}.{out}") for c in failed), (kernel, out)
+
+
+# `pytest --llmc-impl my_port.py`: the same table, for a user's port
+USER_CASES = [pytest.param(check.kernel, s.name, id=f"{check.op}-{check.kernel}-{s.name}-user")
+              for check, s in cases()]
+
+
+@pytest.mark.parametrize("kernel, shape", USER_CASES)
+def test_user_impl_kernel_matches_oracle(kernel, shape, llmc_impl, parity_record):
+    if llmc_impl is None:
+        pytest.skip("no --llmc-impl given")
+    if kernel in llmc_impl.missing:
+        pytest.skip(f"{llmc_impl.name} does not define {kernel}: not checked")
+    s = SHAPE_BY_NAME[shape]
+    parity_record(assert_kernel(llmc_impl, kernel, make_inputs(CHECK_BY_KERNEL[kernel], s, seed=0), s,
+                                label=llmc_impl.name))

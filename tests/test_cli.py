@@ -1,0 +1,108 @@
+"""The command line: exit status 0 pass / 1 parity failure / 2 bad usage, reports, inputs."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from pyref import formats, synth
+from pyref.config import PRESETS
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = PRESETS["tiny"]
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_passes_and_prints_table_and_verdict(capsys):
+    code, out, err = cli(capsys, "run", "--steps", "2", "-q")
+    assert code == 0, out[-2000:] + err
+    assert "llmc-parity: PASS" in out
+    assert "acts.ln1" in out and "grads.wte" in out and "mean_loss" in out
+    assert "loss trajectory" in out
+
+
+def test_run_with_a_broken_port_exits_1_with_first_divergence(capsys, tmp_path):
+    port = tmp_path / "port.py"
+    port.write_text(textwrap.dedent("""
+        import numpy as np
+        def gelu_forward(inp):   # forgot the cubic term
+            s = np.sqrt(2 / np.pi).astype(inp.dtype)
+            return 0.5 * inp * (1 + np.tanh(s * inp))
+    """))
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "numpy", "--impl", port)
+    assert code == 1, out[-2000:] + err
+    assert "FAIL" in out
+    assert "first divergence" in out and "gelu_forward" in out
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["run", "--config", "nope"], "unknown config"),
+    (["run", "--checkpoint", "/nonexistent/model.bin"], "No such file"),
+    (["run", "-T", "999"], "max_seq_len"),
+    (["run", "--steps", "0"], "positive"),
+    (["run", "--impl", "/nonexistent/port.py"], "no such file"),
+    (["run", "--lib", "/nonexistent/lib.so"], "does not exist"),
+    (["gate", "--baseline", "/nonexistent/gate.json"], "no gate baseline"),
+])
+def test_bad_usage_exits_2_with_one_line_reason(capsys, args, reason):
+    code, out, err = cli(capsys, *args, "-q")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("llmc-parity: error:")]
+    assert len(lines) == 1 and reason.lower() in lines[0].lower(), err
+
+
+def test_json_and_plot_reports_never_overwrite(capsys, tmp_path):
+    j, p = tmp_path / "report.json", tmp_path / "report.png"
+    code, out, err = cli(capsys, "run", "--steps", "2", "-q", "--ref", "numpy", "--json", j, "--plot", p)
+    assert code == 0, err
+    data = json.loads(j.read_text())
+    assert data["schema"] == "llmc-parity/run/1" and data["verdict"] == "pass"
+    assert len(data["steps"]) == 2 and data["steps"][0]["checks"]
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = j.read_bytes()
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--json", j)
+    assert code == 2 and "exists" in err
+    assert j.read_bytes() == before
+
+
+def test_run_from_llmc_files(capsys, tmp_path):
+    """An llm.c checkpoint, a token shard to draw batches from, and a debug state."""
+    params = synth.init_params(TINY, seed=5)
+    formats.write_checkpoint(tmp_path / "model.bin", TINY, params)
+    formats.write_tokens(tmp_path / "tokens.bin", synth.make_tokens(TINY, 1000, seed=1))
+    from pyref.model import GPT2
+    from harness.kernels import load_kernels
+    x, y = synth.make_batch(TINY, 2, 8, seed=3)
+    m = GPT2(TINY, params, kernels=load_kernels("torch"))
+    loss = m.forward(x, y)
+    m.zero_grad()
+    m.backward()
+    formats.write_debug_state(tmp_path / "debug.bin", TINY, x, y, m.acts["logits"], loss, m.grads_memory)
+    code, out, err = cli(capsys, "run", "-q", "--steps", "2", "--ref", "numpy", "--checkpoint", tmp_path / "model.bin",
+                         "--tokens", tmp_path / "tokens.bin", "--debug-state", tmp_path / "debug.bin")
+    assert code == 0, out[-3000:] + err
+    assert "debug state" in out and "grads.wte" in out
+
+
+def test_run_builds_a_c_source(capsys, tmp_path):
+    src = tmp_path / "train_gpt2.c"
+    src.write_text((ROOT / "llmc" / "train_gpt2.c").read_text())
+    code, out, err = cli(capsys, "run", "-q", "--steps", "1", "--ref", "oracle", "--src", src,
+                         "--lib", tmp_path / "lib.so", "--cflags=-O2")
+    assert code == 0, out[-2000:] + err
+    assert str(tmp_path / "lib.so") in out
+
+
+def test_ops_and_info(capsys):
+    code, out, err = cli(capsys, "ops", "--ref", "numpy", "-k", "layernorm")
+    assert code == 0 and " 0 failed" in out
+    code, out, err = cli(capsys, "info")
+    assert code == 0 and "struct layout: checked" in out
