@@ -285,7 +285,8 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
     nan_equal: whether NaN in both arrays at the same place counts as equal.
     elem_scale: optional non-negative array broadcastable to the shape, added to the
         denominator of ``rel`` element by element (``|a-e| / (|e| + scale + elem_scale)``):
-        the size of the terms an element was summed from, where they cancel.
+        the size of the terms an element was summed from, where they cancel. The norm-wise
+        error is then relative to the same sizes: ``||a-e|| / || |e| + elem_scale ||``.
     """
     a = _as_numeric_array(actual, "actual", name)
     e = _as_numeric_array(expected, "expected", name)
@@ -536,7 +537,13 @@ class _Accumulator:
         # on a busy machine). a64 and diff are not needed after this.
         self.sumsq_diff += _sumsq(diff, diff)
         squares = ws.take("a64", np.float64, shape)
-        if invalid is None:
+        if es is not None:      # each element's size: its value plus its terms' size
+            np.abs(e64, out=squares)
+            squares += es
+            if invalid is not None:
+                np.copyto(squares, 0.0, where=invalid)
+            self.sumsq_expected += _sumsq(squares, squares)
+        elif invalid is None:
             self.sumsq_expected += _sumsq(e64, squares)
         else:
             np.copyto(squares, e64)
