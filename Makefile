@@ -52,13 +52,17 @@ bench: venv lib
 fuzz: venv lib
 	LLMC_LIB='$(abspath $(LIB))' HYPOTHESIS_PROFILE=long $(VPY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
-# ASan's runtime must be loaded before the Python interpreter itself
+# ASan's runtime must be loaded before the Python interpreter itself, from the compiler
+# that built the library. Leak detection is off: LeakSanitizer crashes at exit while
+# OpenMP's threads are alive (tests/test_hostile.py checks leaks by RSS instead).
+SAN_CC ?= $(if $(filter cc,$(CC)),gcc,$(CC))
 sanitize: venv
-	$(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out build/libtrain_gpt2_san.so \
+	CC=$(SAN_CC) $(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out build/libtrain_gpt2_san.so \
 	    --cflags='-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined'
-	LLMC_LIB='$(abspath build/libtrain_gpt2_san.so)' LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" \
+	LLMC_LIB='$(abspath build/libtrain_gpt2_san.so)' LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so)" \
 	    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	    $(VPY) -m pytest -p no:cacheprovider -m 'not slow' tests/test_binding.py tests/test_ops.py tests/test_model_parity.py $(PYTEST_ARGS)
+	    $(VPY) -m pytest -p no:cacheprovider -q tests/test_binding.py tests/test_ops.py \
+	    tests/test_model_parity.py tests/test_hostile.py tests/test_determinism.py $(PYTEST_ARGS)
 
 # the standalone trainer (main() is compiled when TESTING is not defined)
 train_gpt2: $(LLMC_SRC)

@@ -1,27 +1,43 @@
-"""Speed and memory of the harness's parts at GPT-2 124M scale (``make bench``).
+"""Speed and memory of a full parity check and of its parts alone (``make bench``).
 
-    .venv/bin/python benchmarks/bench.py --json build/bench.json      # d12, B=4, T=64
+    .venv/bin/python benchmarks/bench.py --json build/bench.json      # d12, B=4, T=64 (~6 min)
     .venv/bin/python benchmarks/bench.py --quick                      # small config, seconds
 
-Parts, each in its own child process (so that each one's peak RSS is its own):
+The target (the issue): *the harness's overhead, full-check wall time divided by the sum
+of its parts run alone, is at most 1.2; no C buffer is copied to be compared (views only);
+peak memory stays within 10% of what the C model and the references hold themselves.*
 
-  c_step       the C library's training step (forward, zero_grad, backward, update) on a
-               CModel with generated weights (pyref.synth.init_params)
-  numpy_step   the same step of the NumPy float32 reference model (pyref.model.GPT2)
-  torch_step   the same step of pyref.model.GPT2 with kernels=pyref.torch_kernels
-  op_checks    per-op check throughput: harness.opcheck.check_kernel calls per second
-               (the C against the float64 oracle, oracle included) for the cheap ops at
-               the op table's "base" shape; target >= 300 calls/s
-  full_check   HOOK: one full one-step parity check (harness.runner.run_parity, the C and
-               both references against the float64 oracle); "pending" when
-               harness.runner is not there yet
+Parts, each alone in its own child process (so that each one's time and peak RSS is its
+own); each runs a first step (it pays the lazy allocations, and torch its start-up) and
+then ``--steps`` warm ones, timed per phase (forward, zero_grad, backward, update):
 
-and, from those, the HOOK ``harness overhead ratio`` = full check wall time / sum of the
-three model steps (what the check costs beyond running the three implementations).
+  c_step        the C library's step on a CModel (forward, zero_grad, backward, update)
+  numpy_step    pyref.model.GPT2, float32, NumPy kernels (the same four phases)
+  torch_step    pyref.model.GPT2, float32, pyref.torch_kernels (the same four phases)
+  oracle_step   pyref.model.GPT2, float64, NumPy kernels: forward, zero_grad, backward
+                (run_parity's oracle never updates)
+  witness_step  the same with harness.runner.Witness kernels (float32-sized noise on
+                every result); run_parity builds one per step, so its construction is
+                timed too
+  op_checks     per-op check throughput: harness.opcheck.check_kernel calls per second
+                (the C against the float64 oracle, oracle included) for the cheap ops at
+                the op table's "base" shape; target >= 300 calls/s
 
-Every step is timed after a first, separately reported step that includes the lazy
-allocations (activations, grads, m, v). The machine (CPU model, cores, load average,
-NumPy / torch versions, the library's build) is recorded with the numbers.
+Full checks, in child processes: harness.runner.run_parity with references numpy and torch
+(the C, numpy, torch, the oracle and the witness; every comparison; the AdamW checks):
+
+  full_check         replay="on-failure": what checking costs when nothing fails
+  full_check_replay  replay=True: every op also replayed in float64 for each
+                     implementation (extra checking work, not a part run alone)
+
+Overhead ratio = full-check step time / sum of the five model parts' step times, warm
+with warm (run_parity's 2nd step against the parts' median warm step) and first with
+first. Memory: each part's peak RSS above its own baseline (the interpreter, imports,
+the generated parameters and batch; the high-water mark is reset there through
+/proc/self/clear_refs) against the full check's, and both against what the models hold
+by construction (from the config: params, grads, m, v, acts, grads_acts). An in-process
+check on the tiny preset asserts that CModel's arrays are views of the C's memory and that
+every comparison run_parity makes of a C tensor reads the C's memory itself.
 """
 from __future__ import annotations
 
@@ -33,8 +49,8 @@ import resource
 import subprocess
 import sys
 import time
+from math import prod
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -45,28 +61,66 @@ CHEAP_KERNELS = ("residual_forward", "residual_backward", "gelu_forward", "gelu_
                  "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
                  "softmax_forward", "crossentropy_forward", "crossentropy_softmax_backward")
 CHECKS_PER_SEC_TARGET = 300.0
-MODEL_PARTS = ("c_step", "numpy_step", "torch_step")
+OVERHEAD_TARGET = 1.2          # full check / sum of its parts
+MEMORY_TARGET = 1.10           # full check peak / what the models hold
+# the parts a full check runs (run_parity with impls numpy and torch)
+MODEL_PARTS = ("c_step", "numpy_step", "torch_step", "oracle_step", "witness_step")
+FULL_PARTS = {"full_check": "on-failure", "full_check_replay": True}
+ALL_PARTS = (*MODEL_PARTS, "c_step_1t", "op_checks", *FULL_PARTS)
+HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)   # run_parity's AdamW()
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _status_kib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
 
 def peak_rss_mib() -> float:
     """This process's peak resident set size: VmHWM of its own address space. (Not
     getrusage's ru_maxrss: Linux carries the pre-exec high-water mark over execve, so a
     child would report at least its parent's RSS.)"""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    kib = _status_kib("VmHWM")
+    return kib / 1024.0 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``),
+    so that the peak read later is the model's, not the parameter generation's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Baseline:
+    """RSS once the part's inputs exist (interpreter, imports, params, batch), with the
+    high-water mark reset there; ``.done(out)`` adds the part's own peak above it."""
+
+    def __init__(self):
+        self.reset = reset_peak_rss()
+        self.rss = rss_mib()
+
+    def done(self, out: dict) -> dict:
+        out["baseline_rss_mib"] = self.rss
+        out["peak_rss_mib"] = peak_rss_mib()
+        out["model_peak_mib"] = out["peak_rss_mib"] - self.rss
+        out["peak_was_reset"] = self.reset
+        return out
 
 
 def machine_info() -> dict:
@@ -107,10 +161,55 @@ def machine_info() -> dict:
     return info
 
 
-def _stats(times: list[float]) -> dict:
-    s = sorted(times)
-    return {"median_s": s[len(s) // 2], "min_s": s[0], "max_s": s[-1], "n": len(s),
-            "all_s": [round(t, 4) for t in times]}
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def timed_steps(phases, steps: int) -> dict:
+    """Run ``1 + steps`` steps of ``phases`` (name -> f(t)); the first step is reported
+    alone (it allocates), the others as a median, per phase and in total."""
+    out = {}
+    warm = {name: [] for name in phases}
+    totals = []
+    for t in range(1, steps + 2):
+        per = {}
+        for name, f in phases.items():
+            t0 = time.perf_counter()
+            f(t)
+            per[name] = time.perf_counter() - t0
+        if t == 1:
+            out["first_step_s"] = sum(per.values())
+            out["first_phases_s"] = per
+            continue
+        totals.append(sum(per.values()))
+        for name, dt in per.items():
+            warm[name].append(dt)
+    if totals:
+        out["step"] = {"median_s": _median(totals), "min_s": min(totals), "max_s": max(totals),
+                       "n": len(totals), "all_s": [round(x, 4) for x in totals]}
+        out["phases_median_s"] = {k: _median(v) for k, v in warm.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------- memory, analytically
+
+def held_bytes(cfg, B: int, T: int) -> dict:
+    """What each model holds by construction: P parameters, A activations (for B, T)."""
+    from pyref.config import act_shapes
+    P = cfg.num_parameters()
+    A = sum(prod(s) for s in act_shapes(cfg, B, T).values())
+    f32_train = 4 * (4 * P + 2 * A)     # params, grads, m, v, acts, grads_acts
+    f64_fwd_bwd = 8 * (2 * P + 2 * A)   # params, grads, acts, grads_acts (no update: no m, v)
+    per = {"c_step": f32_train, "numpy_step": f32_train, "torch_step": f32_train,
+           "oracle_step": f64_fwd_bwd, "witness_step": f64_fwd_bwd}
+    return {"num_parameters": P, "num_activations": A, "per_part_bytes": per,
+            "sum_bytes": sum(per.values()),
+            "layout": "C, numpy, torch: float32 params+grads+m+v+acts+grads_acts; "
+                      "oracle, witness: float64 params+grads+acts+grads_acts",
+            # run_parity keeps, beyond the models: the pre-step m, v (the C updates its own
+            # in place), and at step 1 the zero m0, v0 it loads into the references
+            "harness_known_extra_bytes": {"pre_step_m_v_copies": 2 * 4 * P}}
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -120,60 +219,67 @@ def part_c_step(cfg, params, batch, steps: int, threads: int | None = None) -> d
 
     x, y = batch
     B, T = x.shape
-    out = {"rss_before_model_mib": rss_mib(), "threads": threads or "default"}
+    out = {"threads": threads or "default"}
+    base = Baseline()
+    t0 = time.perf_counter()
     with CModel.from_params(cfg, params) as m:
-        phases = {"forward": [], "zero_grad": [], "backward": [], "update": []}
-        steps_s = []
-        for t in range(1, steps + 2):
-            t0 = time.perf_counter()
-            m.forward(x, y, threads=threads)
-            t1 = time.perf_counter()
-            m.zero_grad()
-            t2 = time.perf_counter()
-            m.backward(threads=threads)
-            t3 = time.perf_counter()
-            m.update(learning_rate=1e-4, t=t, threads=threads)
-            t4 = time.perf_counter()
-            if t == 1:
-                out["first_step_s"] = t4 - t0
-                continue
-            steps_s.append(t4 - t0)
-            for k, a, b in (("forward", t0, t1), ("zero_grad", t1, t2), ("backward", t2, t3),
-                            ("update", t3, t4)):
-                phases[k].append(b - a)
-        out["step"] = _stats(steps_s)
-        out["phases_median_s"] = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
+        out["construct_s"] = time.perf_counter() - t0
+        out.update(timed_steps({
+            "forward": lambda t: m.forward(x, y, threads=threads),
+            "zero_grad": lambda t: m.zero_grad(),
+            "backward": lambda t: m.backward(threads=threads),
+            "update": lambda t: m.update(HYPER["lr"], HYPER["beta1"], HYPER["beta2"], HYPER["eps"],
+                                         HYPER["weight_decay"], t=t, threads=threads),
+        }, steps))
         out["loss"] = m.mean_loss
-    out["tokens_per_s"] = B * T / out["step"]["median_s"]
+        base.done(out)
+    out["tokens_per_s"] = B * T / out["step"]["median_s"] if "step" in out else None
     return out
 
 
-def part_py_step(cfg, params, batch, steps: int, backend: str) -> dict:
+def part_py_step(cfg, params, batch, steps: int, which: str) -> dict:
+    """numpy / torch (float32, with the update) or oracle / witness (float64, no update),
+    exactly as run_parity builds them."""
     import numpy as np
     from pyref.model import GPT2
 
-    kernels = None
     out = {}
-    if backend == "torch":
-        import torch
-        from pyref import torch_kernels as kernels
-        out["torch_threads"] = torch.get_num_threads()
     x, y = batch
     B, T = x.shape
-    out["rss_before_model_mib"] = rss_mib()
-    model = GPT2(cfg, params, kernels=kernels, dtype=np.float32)
-    steps_s = []
-    for t in range(1, steps + 2):
-        t0 = time.perf_counter()
-        loss = model.step(x, y, lr=1e-4, t=t)
-        dt = time.perf_counter() - t0
-        if t == 1:
-            out["first_step_s"] = dt
-        else:
-            steps_s.append(dt)
-    out["step"] = _stats(steps_s)
-    out["loss"] = float(loss)
-    out["tokens_per_s"] = B * T / out["step"]["median_s"]
+    if which == "torch":
+        import torch
+        from pyref import torch_kernels
+        from pyref.protocol import KernelSet
+        out["torch_threads"] = torch.get_num_threads()
+        make = lambda: GPT2(cfg, params, kernels=KernelSet.from_module(torch_kernels), dtype=np.float32)  # noqa: E731
+    elif which == "numpy":
+        from pyref import numpy_kernels
+        from pyref.protocol import KernelSet
+        make = lambda: GPT2(cfg, params, kernels=KernelSet.from_module(numpy_kernels), dtype=np.float32)  # noqa: E731
+    elif which == "oracle":
+        from harness.opcheck import ORACLE            # pyref.numpy_kernels, as run_parity's oracle
+        make = lambda: GPT2(cfg, params, kernels=ORACLE, dtype=np.float64)  # noqa: E731
+    elif which == "witness":
+        from harness.runner import Witness
+        from pyref.protocol import KernelSet
+        make = lambda: GPT2(cfg, params, dtype=np.float64,  # noqa: E731
+                            kernels=KernelSet.from_module(Witness(seed=1), name="witness"))
+    else:
+        raise ValueError(which)
+    base = Baseline()
+    t0 = time.perf_counter()
+    model = make()
+    out["construct_s"] = time.perf_counter() - t0
+    phases = {"forward": lambda t: model.forward(x, y), "zero_grad": lambda t: model.zero_grad(),
+              "backward": lambda t: model.backward()}
+    if which in ("numpy", "torch"):
+        phases["update"] = lambda t: model.update(HYPER["lr"], HYPER["beta1"], HYPER["beta2"],
+                                                  HYPER["eps"], HYPER["weight_decay"], t)
+    out.update(timed_steps(phases, steps))
+    out["loss"] = float(model.mean_loss)
+    base.done(out)
+    del model
+    out["tokens_per_s"] = B * T / out["step"]["median_s"] if "step" in out else None
     return out
 
 
@@ -187,6 +293,7 @@ def part_op_checks(seconds_per_kernel: float) -> dict:
     impl = CKernels(lib)
     s = SHAPE_BY_NAME["base"]
     per_kernel = {}
+    base = Baseline()
 
     def rate(kernel, args):
         for _ in range(5):                                   # warm-up (first OpenMP team)
@@ -207,44 +314,20 @@ def part_op_checks(seconds_per_kernel: float) -> dict:
         per_kernel[kernel] = {"calls_per_s": r_default, "calls_per_s_1thread": r_one, "passed": ok}
     rates = [v["calls_per_s"] for v in per_kernel.values()]
     rates1 = [v["calls_per_s_1thread"] for v in per_kernel.values()]
-    return {"shape": str(s), "c_threads_default": lib.get_num_threads(), "per_kernel": per_kernel,
-            "min_calls_per_s": min(rates), "min_calls_per_s_1thread": min(rates1),
-            "target_calls_per_s": CHECKS_PER_SEC_TARGET,
-            "meets_target": min(rates) >= CHECKS_PER_SEC_TARGET,
-            "meets_target_1thread": min(rates1) >= CHECKS_PER_SEC_TARGET}
+    return base.done({"shape": str(s), "c_threads_default": lib.get_num_threads(),
+                      "per_kernel": per_kernel,
+                      "min_calls_per_s": min(rates), "min_calls_per_s_1thread": min(rates1),
+                      "target_calls_per_s": CHECKS_PER_SEC_TARGET,
+                      "meets_target": min(rates) >= CHECKS_PER_SEC_TARGET,
+                      "meets_target_1thread": min(rates1) >= CHECKS_PER_SEC_TARGET})
 
 
-# ----------------------------------------------------------------------------- hooks
-
-def measure_full_check(run: Callable[[], object]) -> dict:
-    """HOOK: time one full one-step parity check. ``run`` does the whole check (the C, the
-    references, the oracle, every comparison) and returns something with ``.passed``."""
-    t0 = time.perf_counter()
-    report = run()
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "passed": bool(getattr(report, "passed", False))}
-
-
-def harness_overhead_ratio(full_check_wall_s: float, parts: dict) -> dict:
-    """HOOK: full check wall time / the sum of the model steps it runs (C, NumPy, torch),
-    each part's warm median step plus its first step's allocation cost (a one-step check
-    builds fresh models, so it pays the first step)."""
-    total = 0.0
-    used = {}
-    for name in MODEL_PARTS:
-        p = parts.get(name) or {}
-        if "first_step_s" not in p:
-            return {"ratio": None, "why": f"part {name} missing"}
-        used[name] = p["first_step_s"]
-        total += p["first_step_s"]
-    return {"ratio": full_check_wall_s / total, "sum_of_parts_s": total, "parts_s": used}
-
-
-def part_full_check(cfg, params, batch) -> dict:
+def part_full_check(cfg, params, batch, steps: int, replay, profile: str | None = None) -> dict:
     try:
         from harness.runner import run_parity
     except ImportError as e:
         return {"status": "pending", "why": f"harness.runner.run_parity not available ({e})"}
+    import torch  # noqa: F401  (imported before the baseline, as in torch_step)
     from pyref import numpy_kernels, torch_kernels
     from pyref.protocol import KernelSet
 
@@ -255,9 +338,143 @@ def part_full_check(cfg, params, batch) -> dict:
         while True:
             yield batch
 
-    out = measure_full_check(lambda: run_parity(cfg, params, batches(), impls=impls, steps=1))
-    out["status"] = "ran"
+    out = {"status": "ran", "replay": replay, "steps_run": steps}
+    base = Baseline()
+    prof = None
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    t0 = time.perf_counter()
+    report = run_parity(cfg, params, batches(), impls=impls, steps=steps, replay=replay)
+    out["wall_s"] = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile)
+        out["profile"] = profile
+    base.done(out)
+    out["steps_s"] = [s.seconds for s in report.steps]
+    out["first_step_s"] = out["steps_s"][0]
+    out["warm_step_s"] = out["steps_s"][1] if len(out["steps_s"]) > 1 else None
+    out["setup_s"] = out["wall_s"] - sum(out["steps_s"])    # CModel + reference models built
+    out["passed"] = bool(report.passed)
+    kinds: dict[str, int] = {}
+    for s in report.steps:
+        for c in s.checks:
+            kinds[c.kind] = kinds.get(c.kind, 0) + 1
+    out["checks_by_kind"] = kinds
+    out["first_divergence"] = report.first_divergence()
     return out
+
+
+# ----------------------------------------------------------------------------- views, not copies
+
+def check_views() -> dict:
+    """In this process, on the tiny preset: (1) every CModel array (flat and named, params,
+    grads, m, v, acts, grads_acts) is a view whose data pointer is the C's own pointer, and
+    two views of one buffer share memory; (2) in a 2-step run_parity with replay, every
+    comparison of a C tensor (e2e, replay, update) reads the C's memory, not a copy."""
+    import numpy as np
+    from harness import cmodel as cmodel_mod, runner
+    from harness.binding import ffi
+    from pyref import numpy_kernels
+    from pyref.config import ACT_NAMES, PARAM_NAMES, preset
+    from pyref.protocol import KernelSet
+    from pyref.synth import init_params, make_batch
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:                 # NumPy < 2
+        byte_bounds = np.byte_bounds
+
+    cfg = preset("tiny")
+    params = init_params(cfg, seed=0)
+    x, y = make_batch(cfg, 2, 8, seed=0)
+    problems: list[str] = []
+    n_views = 0
+
+    def ptr(p) -> int:
+        return int(ffi.cast("uintptr_t", p))
+
+    with cmodel_mod.CModel.from_params(cfg, params) as m:
+        m.forward(x, y)
+        m.zero_grad()
+        m.backward()
+        m.update(t=1)
+        s = m._struct
+        for field in ("params_memory", "grads_memory", "m_memory", "v_memory", "acts_memory"):
+            v = getattr(m, field)
+            n_views += 1
+            if v.ctypes.data != ptr(getattr(s, field)) or v.flags.owndata:
+                problems.append(f"{field} is not the C's buffer")
+            if not np.shares_memory(v, getattr(m, field)):
+                problems.append(f"two views of {field} do not share memory")
+        for group, names, flat in (("params", PARAM_NAMES, m.params_memory),
+                                   ("grads", PARAM_NAMES, m.grads_memory),
+                                   ("acts", ACT_NAMES, m.acts_memory),
+                                   ("grads_acts", ACT_NAMES, None)):
+            views = getattr(m, group)
+            tensors = getattr(s, group)
+            for name in names:
+                v = views[name]
+                if v.size == 0:
+                    continue
+                n_views += 1
+                if v.ctypes.data != ptr(getattr(tensors, name)) or v.flags.owndata:
+                    problems.append(f"{group}.{name} is not the C's tensor")
+                if flat is not None and not np.shares_memory(v, flat):
+                    problems.append(f"{group}.{name} does not share memory with {group}_memory")
+
+    # (2) run_parity's comparisons: does each C tensor compared lie in the C's memory?
+    made: list = []
+    calls = {"in_c_memory": 0, "total": 0}
+    orig_from_params = cmodel_mod.CModel.from_params.__func__
+    orig_compare = runner.compare
+
+    def from_params(cls, *a, **k):
+        model = orig_from_params(cls, *a, **k)
+        made.append(model)
+        return model
+
+    def c_ranges():
+        s = made[-1]._struct
+        P, A = s.num_parameters, s.num_activations
+        out = []
+        for field, n in (("params_memory", P), ("grads_memory", P), ("m_memory", P), ("v_memory", P),
+                         ("acts_memory", A), ("grads_acts_memory", A)):
+            p = getattr(s, field)
+            if p != ffi.NULL:
+                out.append((ptr(p), ptr(p) + 4 * n))
+        return out
+
+    def compare(actual, expected, **kw):
+        calls["total"] += 1
+        if made and not made[-1].closed and isinstance(actual, np.ndarray) and actual.size > 1:
+            lo, hi = byte_bounds(actual)
+            if any(a <= lo and hi <= b for a, b in c_ranges()):
+                calls["in_c_memory"] += 1
+        return orig_compare(actual, expected, **kw)
+
+    cmodel_mod.CModel.from_params = classmethod(from_params)
+    runner.compare = compare
+    try:
+        report = runner.run_parity(cfg, params, iter([(x, y)] * 2), steps=2, replay=True,
+                                   impls={"numpy": KernelSet.from_module(numpy_kernels)})
+    finally:
+        cmodel_mod.CModel.from_params = classmethod(orig_from_params)
+        runner.compare = orig_compare
+    c_tensor_checks = sum(1 for st in report.steps for c in st.checks
+                          if c.impl == "C" and c.kind in ("e2e", "replay", "update")
+                          and prod(c.comparison.shape) > 1)
+    if calls["in_c_memory"] != c_tensor_checks:
+        problems.append(f"run_parity compared {c_tensor_checks} C tensors but only "
+                        f"{calls['in_c_memory']} comparisons read the C's memory")
+    return {"ok": not problems, "problems": problems, "views_checked": n_views,
+            "run_parity_c_tensor_checks": c_tensor_checks,
+            "run_parity_compares_reading_c_memory": calls["in_c_memory"],
+            "run_parity_compares_total": calls["total"], "run_parity_passed": report.passed,
+            "note": "run_parity copies the C's pre-step m and v (the update's expected start "
+                    "state) and converts its params to float64 for the oracle: copies as "
+                    "inputs, not to be compared"}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -278,36 +495,97 @@ def run_part(name: str, args) -> dict:
             out = part_c_step(cfg, params, batch, args.steps)
         elif name == "c_step_1t":
             out = part_c_step(cfg, params, batch, args.steps, threads=1)
-        elif name == "numpy_step":
-            out = part_py_step(cfg, params, batch, args.steps, "numpy")
-        elif name == "torch_step":
-            out = part_py_step(cfg, params, batch, args.steps, "torch")
-        elif name == "full_check":
-            out = part_full_check(cfg, params, batch)
+        elif name in ("numpy_step", "torch_step", "oracle_step", "witness_step"):
+            out = part_py_step(cfg, params, batch, args.steps, name[:-5])
+        elif name in FULL_PARTS:
+            steps = args.full_steps if name == "full_check" else args.replay_steps
+            profile = None
+            if args.profile:
+                profile = str(Path(args.profile).with_suffix(f".{name}.prof"))
+            out = part_full_check(cfg, params, batch, steps, FULL_PARTS[name], profile)
         else:
             raise SystemExit(f"unknown part {name!r}")
     out["part_wall_s"] = time.perf_counter() - t0
-    out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 
 def spawn(name: str, args, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--config", args.config,
            "-B", str(args.B), "-T", str(args.T), "--steps", str(args.steps),
-           "--op-seconds", str(args.op_seconds)]
+           "--op-seconds", str(args.op_seconds), "--full-steps", str(args.full_steps),
+           "--replay-steps", str(args.replay_steps)]
+    if args.profile:
+        cmd += ["--profile", args.profile]
     t0 = time.perf_counter()
+    load = list(os.getloadavg())
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "why": f"did not finish in {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            out = json.loads(line[len(RESULT_TAG):])
+            out["process_wall_s"] = time.perf_counter() - t0
+            out["load_average_at_start"] = load
+            return out
     return {"status": "failed", "returncode": proc.returncode,
             "why": (proc.stderr or proc.stdout)[-2000:], "wall_s": time.perf_counter() - t0}
 
 
-def _fmt(x, unit="", digits=3):
+def overhead(results: dict) -> dict:
+    """Full check / the sum of the parts it runs (C, numpy, torch, oracle, witness), warm
+    step with warm steps and first with first, for each full-check variant."""
+    parts = results["parts"]
+    missing = [n for n in MODEL_PARTS if "step" not in parts.get(n, {})]
+    if missing:
+        return {"why": f"parts missing: {', '.join(missing)}"}
+    warm = {n: parts[n]["step"]["median_s"] for n in MODEL_PARTS}
+    first = {n: parts[n]["first_step_s"] for n in MODEL_PARTS}
+    construct = {n: parts[n].get("construct_s", 0.0) for n in MODEL_PARTS}
+    out = {"target": OVERHEAD_TARGET, "sum_warm_s": sum(warm.values()), "sum_first_s": sum(first.values()),
+           "warm_steps_s": warm, "first_steps_s": first, "construct_s": construct}
+    for name in FULL_PARTS:
+        fc = parts.get(name, {})
+        if fc.get("status") != "ran":
+            continue
+        r = {"first_vs_first": fc["first_step_s"] / out["sum_first_s"]}
+        if fc.get("warm_step_s") is not None:
+            r["warm_vs_warm"] = fc["warm_step_s"] / out["sum_warm_s"]
+        # the whole run_parity call against what running the parts for as many steps costs
+        # (the witness is built every step, the others once)
+        n = fc["steps_run"]
+        alone = sum(construct.values()) + (n - 1) * construct["witness_step"] \
+            + out["sum_first_s"] + (n - 1) * out["sum_warm_s"]
+        r["whole_call"] = fc["wall_s"] / alone
+        r["meets_target"] = r.get("warm_vs_warm", r["first_vs_first"]) <= OVERHEAD_TARGET
+        out[name] = r
+    return out
+
+
+def memory(results: dict, cfg, B: int, T: int) -> dict:
+    held = held_bytes(cfg, B, T)
+    parts = results["parts"]
+    mib = 2**20
+    out = {"target": MEMORY_TARGET, "analytic": held,
+           "analytic_sum_mib": held["sum_bytes"] / mib,
+           "analytic_per_part_mib": {k: v / mib for k, v in held["per_part_bytes"].items()}}
+    if all("model_peak_mib" in parts.get(n, {}) for n in MODEL_PARTS):
+        out["measured_per_part_mib"] = {n: parts[n]["model_peak_mib"] for n in MODEL_PARTS}
+        out["measured_sum_mib"] = sum(out["measured_per_part_mib"].values())
+    for name in FULL_PARTS:
+        fc = parts.get(name, {})
+        if "model_peak_mib" not in fc:
+            continue
+        r = {"peak_above_baseline_mib": fc["model_peak_mib"], "peak_rss_mib": fc["peak_rss_mib"],
+             "vs_analytic": fc["model_peak_mib"] / out["analytic_sum_mib"]}
+        if "measured_sum_mib" in out:
+            r["vs_measured_parts"] = fc["model_peak_mib"] / out["measured_sum_mib"]
+        r["meets_target"] = r["vs_analytic"] <= MEMORY_TARGET and r.get("vs_measured_parts", 0) <= MEMORY_TARGET
+        out[name] = r
+    return out
+
+
+def _f(x, unit="", digits=3):
     if x is None:
         return "-"
     if isinstance(x, float):
@@ -315,53 +593,93 @@ def _fmt(x, unit="", digits=3):
     return f"{x}{unit}"
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def table(results: dict, cfg_label: str) -> str:
-    rows = [("part", "first step", "step (median)", "tokens/s", "peak RSS", "notes")]
+    parts, mem, ov = results["parts"], results.get("memory", {}), results.get("overhead", {})
+    analytic = mem.get("analytic_per_part_mib", {})
+    rows = [("part", "first step", "warm step", "phases (warm)", "peak RSS", "held (model)", "by config")]
     for name in (*MODEL_PARTS, "c_step_1t"):
-        if name not in results["parts"]:
+        if name not in parts:
             continue
-        r = results["parts"].get(name, {})
-        if "step" in r:
-            notes = ""
-            if name.startswith("c_step"):
-                ph = r["phases_median_s"]
-                notes = "fwd {:.3g}s bwd {:.3g}s update {:.3g}s".format(
-                    ph["forward"], ph["backward"], ph["update"])
-            rows.append((name, _fmt(r["first_step_s"], " s"), _fmt(r["step"]["median_s"], " s"),
-                         _fmt(r["tokens_per_s"], "", 4), _fmt(r["peak_rss_mib"], " MiB", 5), notes))
-        else:
-            rows.append((name, "-", "-", "-", "-", r.get("status", "?") + ": " + str(r.get("why", ""))[:60]))
-    oc = results["parts"].get("op_checks", {})
-    if "per_kernel" in oc:
-        worst = min(oc["per_kernel"], key=lambda k: oc["per_kernel"][k]["calls_per_s"])
-        rows.append(("op_checks", "-", "-", "-", _fmt(oc["peak_rss_mib"], " MiB", 5),
-                     f"min {oc['min_calls_per_s']:.0f} checks/s ({worst}), "
-                     f"{oc['min_calls_per_s_1thread']:.0f} with 1 C thread; target "
-                     f"{CHECKS_PER_SEC_TARGET:.0f}: {'met' if oc['meets_target'] else 'NOT met'}"
-                     f"{', met with 1 thread' if oc['meets_target_1thread'] else ''}"))
-    fc = results["parts"].get("full_check", {})
-    if fc.get("status") == "ran":
-        rows.append(("full_check", "-", _fmt(fc["wall_s"], " s"), "-", _fmt(fc["peak_rss_mib"], " MiB", 5),
-                     "passed" if fc["passed"] else "FAILED"))
-    else:
-        rows.append(("full_check", "-", "-", "-", "-", f"{fc.get('status', 'pending')}: {fc.get('why', '')}"[:100]))
-    ratio = results.get("harness_overhead_ratio", {})
-    rows.append(("overhead ratio", "-", "-", "-", "-",
-                 "pending" if ratio.get("ratio") is None else
-                 f"{ratio['ratio']:.2f} (full check / sum of first steps {ratio['sum_of_parts_s']:.3g} s)"))
+        r = parts[name]
+        if "step" not in r:
+            rows.append((name, "-", "-", (r.get("status", "?") + ": " + str(r.get("why", "")))[:70],
+                         "-", "-", "-"))
+            continue
+        ph = " ".join(f"{k[:4] if k != 'zero_grad' else 'zero'} {v:.3g}"
+                      for k, v in r["phases_median_s"].items())
+        if name == "witness_step":
+            ph += f" (+build {r['construct_s']:.3g})"
+        rows.append((name, _f(r["first_step_s"], " s"), _f(r["step"]["median_s"], " s"), ph,
+                     _f(r["peak_rss_mib"], " MiB", 4), _f(r["model_peak_mib"], " MiB", 4),
+                     _f(analytic.get(name.replace("_1t", "")), " MiB", 4)))
+    if "step" in parts.get(MODEL_PARTS[0], {}) and "sum_warm_s" in ov:
+        rows.append(("sum of parts", _f(ov["sum_first_s"], " s"), _f(ov["sum_warm_s"], " s"), "", "",
+                     _f(mem.get("measured_sum_mib"), " MiB", 4), _f(mem.get("analytic_sum_mib"), " MiB", 4)))
+    for name, mode in FULL_PARTS.items():
+        fc = parts.get(name)
+        if fc is None:
+            continue
+        if fc.get("status") != "ran":
+            rows.append((name, "-", "-", f"{fc.get('status', '?')}: {fc.get('why', '')}"[:70], "-", "-", "-"))
+            continue
+        note = (f"replay={mode!r}, {'passed' if fc['passed'] else 'FAILED'}, setup {fc['setup_s']:.3g} s, "
+                f"checks {sum(fc['checks_by_kind'].values())}")
+        rows.append((name, _f(fc["first_step_s"], " s"), _f(fc.get("warm_step_s"), " s"), note,
+                     _f(fc["peak_rss_mib"], " MiB", 4), _f(fc["model_peak_mib"], " MiB", 4), ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"llmc-parity bench: {cfg_label}"]
     for i, r in enumerate(rows):
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.append("(held (model): peak RSS above the part's baseline of interpreter, imports, params "
+                 "and batch; by config: the buffers the model allocates)")
+    lines.append("")
+    lines.append(f"target: overhead (full check / sum of C+numpy+torch+oracle+witness alone) <= "
+                 f"{OVERHEAD_TARGET}; peak memory <= {MEMORY_TARGET:.2f} x what the models hold; "
+                 "C buffers compared as views")
+    for name in FULL_PARTS:
+        if name in ov:
+            r = ov[name]
+            ww = r.get("warm_vs_warm")
+            lines.append(f"  {name:18s} overhead: warm/warm {_f(ww, '', 3)}, first/first "
+                         f"{r['first_vs_first']:.3g}, whole call {r['whole_call']:.3g} -> "
+                         f"{_met(r['meets_target'])}")
+        if name in mem:
+            r = mem[name]
+            lines.append(f"  {name:18s} memory:   peak above baseline {r['peak_above_baseline_mib']:.0f} MiB = "
+                         f"{r['vs_analytic']:.3g} x by config ({mem['analytic_sum_mib']:.0f} MiB)"
+                         + (f", {r['vs_measured_parts']:.3g} x parts measured ({mem['measured_sum_mib']:.0f} MiB)"
+                            if "vs_measured_parts" in r else "")
+                         + f" -> {_met(r['meets_target'])}")
+    v = results.get("views")
+    if v is not None:
+        lines.append(f"  C buffers as views: {'met' if v.get('ok') else 'NOT met'} ("
+                     + (f"{v['views_checked']} CModel arrays are the C's pointers; "
+                        f"{v['run_parity_compares_reading_c_memory']}/{v['run_parity_c_tensor_checks']} "
+                        "C-tensor comparisons in a tiny run_parity read the C's memory"
+                        if "views_checked" in v else str(v.get("why", "")))
+                     + (f"; problems: {v['problems'][:3]}" if v.get("problems") else "") + ")")
+    oc = parts.get("op_checks", {})
     if "per_kernel" in oc:
-        lines.append("check_kernel calls/s (C vs float64 oracle, shape 'base', default / 1 C thread): "
+        worst = min(oc["per_kernel"], key=lambda k: oc["per_kernel"][k]["calls_per_s"])
+        lines.append(f"  op checks: min {oc['min_calls_per_s']:.0f} check_kernel calls/s ({worst}), "
+                     f"{oc['min_calls_per_s_1thread']:.0f} with 1 C thread; target "
+                     f"{CHECKS_PER_SEC_TARGET:.0f}: {_met(oc['meets_target'])}"
+                     f"{', met with 1 thread' if oc['meets_target_1thread'] else ''}")
+        lines.append("  check_kernel calls/s (C vs float64 oracle, shape 'base', default / 1 C thread): "
                      + ", ".join(f"{k} {v['calls_per_s']:.0f}/{v['calls_per_s_1thread']:.0f}"
                                  for k, v in oc["per_kernel"].items()))
+    elif "op_checks" in parts:
+        lines.append(f"  op checks: {oc.get('status')}: {str(oc.get('why'))[:200]}")
     m = results["machine"]
-    lines.append(f"machine: {m['cpu_model']}, {m['cores_usable']} cores, load {m.get('load_average')}, "
-                 f"numpy {m['numpy']}, torch {m.get('torch')}")
+    lines.append(f"machine: {m['cpu_model']}, {m['cores_usable']} cores, {m['memory_gib']} GiB, "
+                 f"load {m.get('load_average')} -> {m.get('load_average_end')}, python {m['python']}, "
+                 f"numpy {m['numpy']}, torch {m.get('torch')}, C OpenMP threads {m.get('c_openmp_threads')}")
     return "\n".join(lines)
 
 
@@ -373,47 +691,66 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="preset (default d12, or small with --quick)")
     ap.add_argument("-B", type=int, default=None)
     ap.add_argument("-T", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps after the first")
-    ap.add_argument("--parts", nargs="*", default=None,
-                    help="subset of c_step c_step_1t numpy_step torch_step op_checks full_check")
+    ap.add_argument("--steps", type=int, default=None, help="warm steps timed after the first, per part")
+    ap.add_argument("--full-steps", type=int, default=None,
+                    help="run_parity steps of full_check (2: first and warm; default 2)")
+    ap.add_argument("--replay-steps", type=int, default=None,
+                    help="run_parity steps of full_check_replay (default 2, 1 at d12 to fit the time)")
+    ap.add_argument("--parts", nargs="*", default=None, help="subset of " + " ".join(ALL_PARTS))
     ap.add_argument("--op-seconds", type=float, default=None, help="timing per cheap kernel")
-    ap.add_argument("--full-check-timeout", type=float, default=None)
+    ap.add_argument("--no-views", action="store_true", help="skip the in-process views check")
+    ap.add_argument("--profile", default=None,
+                    help="cProfile the full checks: writes PATH.<part>.prof (pstats)")
+    ap.add_argument("--timeout", type=float, default=None, help="per child process, seconds")
     ap.add_argument("--part", help=argparse.SUPPRESS)          # internal: run one part here
     args = ap.parse_args(argv)
     args.config = args.config or ("small" if args.quick else "d12")
+    big = args.config in ("d12", "124M")
     args.B = args.B or (2 if args.quick else 4)
     args.T = args.T or (16 if args.quick else 64)
     args.steps = args.steps or (3 if args.quick else 2)
-    args.op_seconds = args.op_seconds or (0.2 if args.quick else 1.0)
+    args.full_steps = args.full_steps or 2
+    args.replay_steps = args.replay_steps or (1 if big else 2)
+    args.op_seconds = args.op_seconds or (0.2 if args.quick else 0.5)
 
     if args.part:
         print(RESULT_TAG + json.dumps(run_part(args.part, args)), flush=True)
         return 0
 
-    # c_step_1t (the C step on one OpenMP thread) on request: on a shared 2-core machine it
-    # shows what the thread team's barriers cost
-    parts = args.parts or ["c_step", "numpy_step", "torch_step", "op_checks", "full_check"]
-    timeouts = {"full_check": args.full_check_timeout or (120 if args.quick else 170)}
-    results = {"config": args.config, "B": args.B, "T": args.T, "timed_steps": args.steps,
-               "machine": machine_info(), "parts": {}}
+    from pyref.config import preset
+    cfg = preset(args.config)
+    parts = args.parts or ["c_step", "numpy_step", "torch_step", "oracle_step", "witness_step",
+                           "op_checks", "full_check", "full_check_replay"]
+    unknown = [p for p in parts if p not in ALL_PARTS]
+    if unknown:
+        ap.error(f"unknown parts {unknown}; known: {' '.join(ALL_PARTS)}")
+    results = {"config": args.config, "config_fields": vars(cfg), "B": args.B, "T": args.T,
+               "timed_steps": args.steps, "full_check_steps": args.full_steps,
+               "full_check_replay_steps": args.replay_steps, "machine": machine_info(), "parts": {}}
     t0 = time.perf_counter()
+    if not args.no_views:
+        print("[bench] views check (tiny, in process) ...", file=sys.stderr, flush=True)
+        try:
+            results["views"] = check_views()
+        except Exception as e:      # noqa: BLE001
+            results["views"] = {"ok": False, "why": f"{type(e).__name__}: {e}"}
     for name in parts:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        results["parts"][name] = spawn(name, args, timeouts.get(name, 600))
-    fc = results["parts"].get("full_check", {})
-    results["harness_overhead_ratio"] = (
-        harness_overhead_ratio(fc["wall_s"], results["parts"]) if fc.get("status") == "ran"
-        else {"ratio": None, "why": f"full check {fc.get('status', 'not run')}"})
+        results["parts"][name] = spawn(name, args, args.timeout or 600)
+    results["overhead"] = overhead(results)
+    results["memory"] = memory(results, cfg, args.B, args.T)
     results["total_wall_s"] = time.perf_counter() - t0
     results["machine"]["load_average_end"] = list(os.getloadavg())
-    print(table(results, f"{args.config} B={args.B} T={args.T}"))
+    print(table(results, f"{args.config} ({cfg.num_parameters() / 1e6:.1f}M parameters) "
+                         f"B={args.B} T={args.T}, {results['total_wall_s']:.0f} s"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(results, f, indent=2, default=str)
         print(f"wrote {args.json}")
-    failed = [n for n, r in results["parts"].items()
-              if r.get("status") in ("failed",) and n != "full_check"]
+    failed = [n for n, r in results["parts"].items() if r.get("status") in ("failed", "timeout")]
+    if results.get("views", {}).get("ok") is False:
+        failed.append("views")
     return 1 if failed else 0
 
 

@@ -234,21 +234,21 @@ class Comparison:
             "n_compared": int(self.n_compared),
             "n_bad": int(self.n_bad),
             "n_nonfinite_mismatch": int(self.n_nonfinite_mismatch),
-            "max_abs": _json_float(self.max_abs),
-            "max_rel": _json_float(self.max_rel),
+            "max_abs": json_float(self.max_abs),
+            "max_rel": json_float(self.max_rel),
             "max_ulp": int(self.max_ulp),
-            "norm_rel": _json_float(self.norm_rel),
-            "scale": _json_float(self.scale),
-            "tol_rel": _json_float(self.tol.rel),
-            "tol_norm": _json_float(self.tol.norm),
+            "norm_rel": json_float(self.norm_rel),
+            "scale": json_float(self.scale),
+            "tol_rel": json_float(self.tol.rel),
+            "tol_norm": json_float(self.tol.norm),
             "tol_ulp": self.tol.ulp,
             "tol_why": self.tol.why,
             "worst_index": None if self.worst_index is None else [int(i) for i in self.worst_index],
             "worst_label": self.worst_label,
-            "worst_actual": _json_float(self.worst_actual),
-            "worst_expected": _json_float(self.worst_expected),
-            "worst_abs": _json_float(self.worst_abs),
-            "worst_rel": _json_float(self.worst_rel),
+            "worst_actual": json_float(self.worst_actual),
+            "worst_expected": json_float(self.worst_expected),
+            "worst_abs": json_float(self.worst_abs),
+            "worst_rel": json_float(self.worst_rel),
             "worst_ulp": self.worst_ulp,
         }
 
@@ -776,7 +776,8 @@ def _value(x: float | None, dtype: str) -> str:
     return text
 
 
-def _json_float(x: float | None) -> float | str | None:
+def json_float(x: float | None) -> float | str | None:
+    """A float for strict JSON: non-finite values as the strings "nan", "inf", "-inf"."""
     if x is None:
         return None
     x = float(x)

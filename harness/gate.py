@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pyref.formats import write_atomic
 
 from .compare import Comparison
 
@@ -276,11 +276,5 @@ def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
         moved = [k for k in run.fingerprints if before.get(k) != run.fingerprints[k]]
         if moved:
             diff.append(f"~ fingerprints for this build: {len(moved)} tensor(s) changed bits")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(_dumps(data))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, [_dumps(data).encode()], overwrite=True)
     return diff

@@ -17,15 +17,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from .compare import Comparison
+from pyref.formats import write_atomic
+
+from .compare import Comparison, json_float
 
 SCHEMA = "llmc-parity/run/1"
 
@@ -363,15 +363,6 @@ def run_summary(report) -> str:
 # ----------------------------------------------------------------------------
 # JSON
 
-def _jfloat(x) -> float | str | None:
-    if x is None:
-        return None
-    x = float(x)
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
 def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
     import importlib.util
@@ -410,7 +401,7 @@ def _check_json(c) -> dict[str, Any]:
         "max_rel": row["max_rel"],
         "max_ulp": row["max_ulp"],
         "norm_rel": row["norm_rel"],
-        "used": _jfloat(used(c.comparison)),
+        "used": json_float(used(c.comparison)),
         "n_bad": row["n_bad"],
         "n_compared": row["n_compared"],
         "n_total": row["n_total"],
@@ -446,7 +437,7 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
         "config": {k: int(v) for k, v in asdict(report.config).items()},
         "B": int(report.B),
         "T": int(report.T),
-        "hyperparameters": {k: _jfloat(v) for k, v in asdict(report.hyper).items()},
+        "hyperparameters": {k: json_float(v) for k, v in asdict(report.hyper).items()},
         "impls": [str(i) for i in report.impls],
         "library": {
             "path": str(report.library),
@@ -466,8 +457,8 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
         "counts": counts,
         "steps": [{
             "step": int(s.step),
-            "seconds": _jfloat(s.seconds),
-            "losses": {str(k): _jfloat(v) for k, v in s.losses.items()},
+            "seconds": json_float(s.seconds),
+            "losses": {str(k): json_float(v) for k, v in s.losses.items()},
             "passed": bool(s.passed),
             "errors": {str(k): str(v) for k, v in s.errors.items()},
             "first_divergence": {str(k): str(v) for k, v in s.first_divergence.items()},
@@ -489,7 +480,7 @@ def _plain(x):
     if isinstance(x, int):
         return int(x)
     if isinstance(x, float):
-        return _jfloat(x)
+        return json_float(x)
     if hasattr(x, "item"):              # NumPy scalar
         return _plain(x.item())
     return str(x)
@@ -501,37 +492,8 @@ def _refuse_existing(path, overwrite: bool) -> None:
 
 
 def _write_atomic(path, data: bytes, overwrite: bool) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder. Without
-    ``overwrite`` an existing file is never replaced (FileExistsError), also when it
-    appears while we write (the temporary file is hard-linked into place)."""
-    path = Path(path)
-    _refuse_existing(path, overwrite)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)          # atomic, and fails if path exists
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{path} exists; not overwriting it (pass overwrite=True to replace it)") from None
-            except OSError:                 # no hard links on this filesystem
-                if path.exists():
-                    raise FileExistsError(
-                        f"{path} exists; not overwriting it (pass overwrite=True to replace it)") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    write_atomic(path, [data], overwrite)
+    return Path(path)
 
 
 def write_json(report, path, *, overwrite: bool = False, versions: bool = True,

@@ -92,12 +92,18 @@ def _header(*values):
     return h.tobytes()
 
 
-def _write_atomic(path, chunks, overwrite):
-    """Write bytes chunks to path via a temp file + rename; refuse to clobber."""
+def write_atomic(path, chunks, overwrite=False):
+    """Write byte chunks to ``path`` via a temporary file in the same folder, so no reader
+    ever sees half a file. Without ``overwrite`` an existing file is never replaced
+    (FileExistsError), also when it appears while we write (the temporary file is
+    hard-linked into place). Every file the project writes goes through here."""
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory")
     d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
     try:
         umask = os.umask(0)
@@ -188,7 +194,7 @@ def write_checkpoint(path, config: GPT2Config, params, overwrite=False):
     p = _flat_params(config, params, "params")
     head = _header(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, c.max_seq_len, c.vocab_size,
                    c.num_layers, c.num_heads, c.channels, c.padded_vocab_size)
-    _write_atomic(path, [head, p.tobytes()], overwrite)
+    write_atomic(path, [head, p.tobytes()], overwrite)
 
 
 # ----------------------------------------------------------------------------- debug state
@@ -272,7 +278,7 @@ def write_debug_state(path, config: GPT2Config, inputs, targets, logits, loss, g
         np.asarray([loss], dtype="<f4").tobytes(),
         _flat_params(config, grads, "grads").tobytes(),
     ]
-    _write_atomic(path, chunks, overwrite)
+    write_atomic(path, chunks, overwrite)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -296,5 +302,5 @@ def write_tokens(path, tokens, overwrite=False):
         raise ValueError("token ids must lie in [0, 65535] to be stored as uint16")
     if t.size >= 2**31:
         raise ValueError("too many tokens for one shard (count must fit in int32)")
-    _write_atomic(path, [_header(TOKENS_MAGIC, TOKENS_VERSION, t.size),
+    write_atomic(path, [_header(TOKENS_MAGIC, TOKENS_VERSION, t.size),
                          np.ascontiguousarray(t, dtype="<u2").tobytes()], overwrite)

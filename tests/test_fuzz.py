@@ -79,7 +79,8 @@ MIN_REDUCED = 1
 
 @st.composite
 def shapes(draw, max_T=12):
-    """B <= 8, T <= 12 with B*T <= 32, C = NH*hs >= 8 (hs from 1 with NH = 8), V <= Vp, OC >= 8."""
+    """B <= 8, T <= 12 with B*T <= 32, C = NH*hs (NH <= 8, hs <= 8), V <= Vp <= 80,
+    OC <= 40; sizes from MIN_REDUCED up."""
     NH = draw(st.integers(1, 8))
     hs = draw(st.integers(-(-MIN_REDUCED // NH), 8))
     Vp = draw(st.integers(1, 80))
