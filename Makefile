@@ -6,6 +6,7 @@
 #   make bench     speed and memory at GPT-2 124M scale
 #   make fuzz      the long hypothesis profile
 #   make sanitize  ASan + UBSan build of the library, op and model tests against it
+#   make calibrate the worst observed tolerance constants over build variants
 
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 
 OMP_FLAG := $(if $(NO_OMP),--no-openmp,)
 
-.PHONY: all lib venv test parity gate gate-update bench fuzz sanitize train_gpt2 clean
+.PHONY: all lib venv test parity gate gate-update bench fuzz sanitize calibrate train_gpt2 clean
 
 all: lib
 
@@ -63,6 +64,9 @@ sanitize: venv
 	    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    $(VPY) -m pytest -p no:cacheprovider -q tests/test_binding.py tests/test_ops.py \
 	    tests/test_model_parity.py tests/test_hostile.py tests/test_determinism.py $(PYTEST_ARGS)
+
+calibrate: venv
+	$(VPY) -m harness.calibrate
 
 # the standalone trainer (main() is compiled when TESTING is not defined)
 train_gpt2: $(LLMC_SRC)

@@ -17,19 +17,22 @@ Two bounds per tensor (see :mod:`harness.compare` for the metrics):
   like rounding noise. This is the bound that catches a *systematic* change, e.g. every
   element off by 1e-5 relative (a changed constant), which an element-wise bound loose
   enough for the noise's tail would let through. It fails such a change whenever
-  ``1e-5 > k_norm * u * sqrt(n)``, i.e. for every reduction length up to ~7000 with
-  ``k_norm = 2`` (GPT-2 124M's longest, 4C = 3072, included).
+  ``1e-5 > k_norm * u * sqrt(n)``, i.e. for every reduction length up to ~12000 with
+  ``k_norm = 1.5`` (GPT-2 124M's longest, 4C = 3072, included).
 
 How the constants were chosen: ``make calibrate`` (``harness/calibrate.py``) runs every
-kernel of the op table over every shape and several seeds, in the C built with ``-O2``,
-``-O3``, ``-O3 -march=native`` (FMA) and ``-Ofast -march=native`` (reordered sums, vector
-libm), and in the NumPy and torch float32 references, and reports the worst observed
-``max_rel / (u sqrt n)`` and ``norm_rel / (u sqrt n)``. Observed worst (2026-11, gcc 12,
-x86-64): about 1.5 / 0.8 for reductions, 3.5 / 0.9 for gelu's backward (libm's tanhf and
-coshf are each a few ulp off, and 1/cosh^2 doubles that). The constants below sit 2-4x
-above those: no false alarms under any legitimate build, and still tight enough that the
-mutation tests (eps changed, a constant off, a term dropped, ``+=`` turned into ``=``)
-fail.
+kernel of the op table over every shape and 3 seeds, in the C built with ``-O2``, ``-O3``,
+``-O3 -march=native`` (FMA) and ``-Ofast -march=native`` (reordered sums, vector libm), and
+in the NumPy and torch float32 references, and prints the worst observed ``k_rel`` and
+``k_norm`` (the metrics divided by ``u sqrt(n)``). Observed worst (2026-11, gcc 12, AMD
+EPYC, numpy 2.4, torch 2.13): k_rel 1.5 (attention_backward.datt), 1.1 for gelu's
+backward (libm's tanhf and coshf are each a few ulp off); k_norm 0.6 (adamw.v), 0.45 for
+single roundings (residual, encoder). The constants below sit 2.5-4x above those: no
+false alarm under any legitimate build, or in the property-based fuzzing of
+tests/test_fuzz.py (tiny and huge magnitudes, constant rows, large scores), and still
+tight enough that every mutant of tests/test_ops.py and tests/test_variants.py fails.
+With ``k_norm = 1.5`` a systematic relative change of 1e-5 fails every reduction up to
+n ~ 12000 (GPT-2 124M's longest is 4C = 3072).
 
 Model level. A whole step compares two ways:
 
@@ -63,20 +66,19 @@ class Rule:
     why: str
 
 
-DEFAULT = Rule(8.0, 2.0, "float32 rounding, random-walk growth over the reduction")
+DEFAULT = Rule(4.0, 1.5, "float32 rounding, random-walk growth over the reduction")
 
 RULES: dict[tuple[str, str], Rule] = {
     ("gelu_forward", "out"): Rule(
-        12.0, 3.0, "tanhf is a few ulp off in libm and in -Ofast's vector libm"),
+        5.0, 2.0, "tanhf is a few ulp off in libm and in -Ofast's vector libm"),
     ("gelu_backward", "dinp"): Rule(
-        16.0, 3.0, "tanhf and coshf are each a few ulp off; sech^2 = 1/cosh^2 doubles coshf's"),
+        6.0, 2.0, "tanhf and coshf are each a few ulp off; sech^2 = 1/cosh^2 doubles coshf's"),
     ("attention_forward", "att"): Rule(
-        10.0, 2.0, "expf's ulp error on top of the softmax's row sum"),
+        5.0, 1.5, "expf's ulp error on top of the softmax's row sum"),
     ("softmax_forward", "probs"): Rule(
-        10.0, 2.0, "expf's ulp error on top of the row sum over V"),
-
+        5.0, 1.5, "expf's ulp error on top of the row sum over V"),
     ("crossentropy_forward", "losses"): Rule(
-        10.0, 3.0, "logf of a probability: an absolute error of u*|p| becomes ~u in the loss"),
+        5.0, 2.0, "logf of a probability: an absolute error of u*|p| becomes ~u in the loss"),
 }
 
 
@@ -114,8 +116,8 @@ def op_tolerance(kernel: str, output: str, n: int, size: int | None = None) -> T
 
 # End to end: multiples of how far float32-sized noise, injected at every op of a float64
 # model (runner.Witness), carried to each tensor on this model and batch.
-E2E_K_REL = 8.0
-E2E_K_NORM = 4.0
+E2E_K_REL = 4.0
+E2E_K_NORM = 3.0
 
 
 def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -> Tolerance:
@@ -180,6 +182,11 @@ def _term_magnitude(kernel, output, a, out):
     # average it is the output's own size, so nothing loosens. Where terms cancel by
     # construction (x - mean, 1 + tanh, the softmax Jacobian, AdamW's moments) the size
     # is the terms' own: that cancellation is the rule there, not the exception.
+    if kernel == "matmul_forward":  # sum over i of inp * weight, from the bias
+        inp2, si = _sq(a["inp"])
+        w2, sw = _sq(a["weight"])
+        mag = _rss(inp2 @ w2.T) * (si * sw)
+        return mag if a["bias"] is None else mag + np.abs(a["bias"])
     if kernel == "matmul_backward":
         dout2, sd = _sq(a["dout"])
         if output == "dweight":   # sum over (b,t) of inp * dout

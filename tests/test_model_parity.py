@@ -196,3 +196,16 @@ def test_configured_model(llmc_config, llmc_steps, llmc_impl, llmc_lib):
     T = min(llmc_config.max_seq_len, 16)
     report = run(llmc_config, 2, T, steps=llmc_steps, impls=impls, lib=llmc_lib)
     assert report.passed, report.first_divergence() or "\n".join(failures(report)[:3])
+
+
+@pytest.mark.parametrize("factor", [1 + 1e-5, 1 - 1e-5])
+def test_end_to_end_alone_catches_a_systematic_change(factor):
+    """Without the replay, the end-to-end bound (a multiple of the float32-noise witness)
+    is still tight enough for a 1e-5 relative change of every layernorm output."""
+    def bad_ln(inp, weight, bias):
+        out, mean, rstd = numpy_kernels.layernorm_forward(inp, weight, bias)
+        return out * out.dtype.type(factor), mean, rstd
+    report = run(impls={"port": _mutant("layernorm_forward", bad_ln)}, steps=1, replay=False)
+    bad = [c for s in report.steps for c in s.checks if not c.passed]
+    assert bad and all(c.impl == "port" and c.kind in ("e2e", "loss") for c in bad)
+    assert any(c.tensor.startswith("acts.ln1[layer 0]") for c in bad)
