@@ -1,7 +1,11 @@
 """Speed and memory of a full parity check and of its parts alone (``make bench``).
 
-    .venv/bin/python benchmarks/bench.py --json build/bench.json      # d12, B=4, T=64 (~6 min)
-    .venv/bin/python benchmarks/bench.py --quick                      # small config, seconds
+    .venv/bin/python benchmarks/bench.py --json build/bench.json   # d12 (124M), B=4, T=64: ~7 min
+    .venv/bin/python benchmarks/bench.py --quick                   # small config, ~15 s
+    .venv/bin/python benchmarks/bench.py --parts full_check_replay --reuse build/bench.json
+                                                                   # one part again, the rest reused
+    .venv/bin/python benchmarks/bench.py --parts --reuse build/bench.json --no-views --markdown
+                                                                   # print a saved result again
 
 The target (the issue): *the harness's overhead, full-check wall time divided by the sum
 of its parts run alone, is at most 1.2; no C buffer is copied to be compared (views only);
@@ -9,16 +13,16 @@ peak memory stays within 10% of what the C model and the references hold themsel
 
 Parts, each alone in its own child process (so that each one's time and peak RSS is its
 own); each runs a first step (it pays the lazy allocations, and torch its start-up) and
-then ``--steps`` warm ones, timed per phase (forward, zero_grad, backward, update):
+then ``--steps`` warm ones (1 at d12), timed per phase:
 
-  c_step        the C library's step on a CModel (forward, zero_grad, backward, update)
-  numpy_step    pyref.model.GPT2, float32, NumPy kernels (the same four phases)
-  torch_step    pyref.model.GPT2, float32, pyref.torch_kernels (the same four phases)
+  c_step        the C library's step on a CModel: forward, zero_grad, backward, update
+  numpy_step    pyref.model.GPT2, float32, NumPy kernels: the same four phases
+  torch_step    pyref.model.GPT2, float32, pyref.torch_kernels: the same four phases
   oracle_step   pyref.model.GPT2, float64, NumPy kernels: forward, zero_grad, backward
                 (run_parity's oracle never updates)
   witness_step  the same with harness.runner.Witness kernels (float32-sized noise on
-                every result); run_parity builds one per step, so its construction is
-                timed too
+                every result); its construction is timed apart (run_parity builds one
+                per step)
   op_checks     per-op check throughput: harness.opcheck.check_kernel calls per second
                 (the C against the float64 oracle, oracle included) for the cheap ops at
                 the op table's "base" shape; target >= 300 calls/s
@@ -26,18 +30,26 @@ then ``--steps`` warm ones, timed per phase (forward, zero_grad, backward, updat
 Full checks, in child processes: harness.runner.run_parity with references numpy and torch
 (the C, numpy, torch, the oracle and the witness; every comparison; the AdamW checks):
 
-  full_check         replay="on-failure": what checking costs when nothing fails
-  full_check_replay  replay=True: every op also replayed in float64 for each
-                     implementation (extra checking work, not a part run alone)
+  full_check         replay="on-failure", 2 steps: what checking costs when nothing fails
+  full_check_replay  replay=True, 1 step at d12 (2 otherwise): every op also replayed in
+                     float64 for each implementation (more checking, not more parts)
 
-Overhead ratio = full-check step time / sum of the five model parts' step times, warm
-with warm (run_parity's 2nd step against the parts' median warm step) and first with
-first. Memory: each part's peak RSS above its own baseline (the interpreter, imports,
-the generated parameters and batch; the high-water mark is reset there through
-/proc/self/clear_refs) against the full check's, and both against what the models hold
-by construction (from the config: params, grads, m, v, acts, grads_acts). An in-process
+Overhead ratio = full-check step / sum of the five model parts' steps: warm with warm
+(run_parity's 2nd step against the parts' warm step) and first with first. Each full
+check also reports where its steps go (``Breakdown``: the five models' own phases, and the
+harness's comparisons, term magnitudes, AdamW checks, load_state, witness noise, ...), and
+in which of those its memory peak was reached.
+
+Memory: each part's peak RSS above its own baseline (the interpreter, imports, the
+generated parameters and batch; the high-water mark is reset there through
+/proc/self/clear_refs) against the full check's, and both against what the models hold by
+construction (from the config: params, grads, m, v, acts, grads_acts). An in-process
 check on the tiny preset asserts that CModel's arrays are views of the C's memory and that
 every comparison run_parity makes of a C tensor reads the C's memory itself.
+
+The machine (CPU, cores, load average before and after, NumPy / torch versions, the
+library's build) is recorded with the numbers; on a shared 2-core machine the load of
+other processes changes the timings by up to 2x, so compare runs at a similar load.
 """
 from __future__ import annotations
 
@@ -278,7 +290,6 @@ def part_py_step(cfg, params, batch, steps: int, which: str) -> dict:
     out.update(timed_steps(phases, steps))
     out["loss"] = float(model.mean_loss)
     base.done(out)
-    del model
     out["tokens_per_s"] = B * T / out["step"]["median_s"] if "step" in out else None
     return out
 
@@ -327,36 +338,47 @@ def part_full_check(cfg, params, batch, steps: int, replay, profile: str | None 
         from harness.runner import run_parity
     except ImportError as e:
         return {"status": "pending", "why": f"harness.runner.run_parity not available ({e})"}
-    import torch  # noqa: F401  (imported before the baseline, as in torch_step)
+    import torch                     # imported before the baseline, as in torch_step
     from pyref import numpy_kernels, torch_kernels
     from pyref.protocol import KernelSet
 
     impls = {"numpy": KernelSet.from_module(numpy_kernels),
              "torch": KernelSet.from_module(torch_kernels)}
+    bd = Breakdown()
 
     def batches():
         while True:
+            bd.snapshot()
             yield batch
 
-    out = {"status": "ran", "replay": replay, "steps_run": steps}
+    out = {"status": "ran", "replay": replay, "steps_run": steps, "torch_threads": torch.get_num_threads()}
     base = Baseline()
     prof = None
     if profile:
         import cProfile
         prof = cProfile.Profile()
-        prof.enable()
-    t0 = time.perf_counter()
-    report = run_parity(cfg, params, batches(), impls=impls, steps=steps, replay=replay)
-    out["wall_s"] = time.perf_counter() - t0
-    if prof is not None:
-        prof.disable()
-        prof.dump_stats(profile)
-        out["profile"] = profile
+    bd.install()
+    try:
+        if prof is not None:
+            prof.enable()
+        t0 = time.perf_counter()
+        report = run_parity(cfg, params, batches(), impls=impls, steps=steps, replay=replay)
+        out["wall_s"] = time.perf_counter() - t0
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(profile)
+            out["profile"] = profile
+    finally:
+        bd.uninstall()
     base.done(out)
     out["steps_s"] = [s.seconds for s in report.steps]
     out["first_step_s"] = out["steps_s"][0]
     out["warm_step_s"] = out["steps_s"][1] if len(out["steps_s"]) > 1 else None
     out["setup_s"] = out["wall_s"] - sum(out["steps_s"])    # CModel + reference models built
+    out["breakdown_per_step_s"] = bd.per_step(out["steps_s"])
+    out["calls"] = bd.calls
+    out["peak_reached_in"] = bd.peak_in
+    out["peak_growth_mib_by_category"] = dict(sorted(bd.peak_growth_mib.items(), key=lambda kv: -kv[1]))
     out["passed"] = bool(report.passed)
     kinds: dict[str, int] = {}
     for s in report.steps:
@@ -365,6 +387,111 @@ def part_full_check(cfg, params, batch, steps: int, replay, profile: str | None 
     out["checks_by_kind"] = kinds
     out["first_divergence"] = report.first_divergence()
     return out
+
+
+class Breakdown:
+    """Where a run_parity call spends its time and reaches its memory peak, measured in
+    the child by wrapping (not changing) the functions it calls: exclusive wall time per
+    category (time in a nested wrapped call is charged to that call's category), split
+    into steps at each ``next(batches)``. Categories: the five models' own phases (``C``,
+    ``numpy``, ``torch``, ``oracle``, ``witness``) and the harness's work around them."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.peak_growth_mib: dict[str, float] = {}
+        self.peak_in: str | None = None
+        self._stack: list[list] = []          # [category, seconds in nested wrapped calls]
+        self._hwm = _status_kib("VmHWM") or 0.0
+        self._undo: list = []
+        self.snapshots: list[dict] = []
+
+    @staticmethod
+    def model_label(model) -> str:
+        import numpy as np
+        name = getattr(model.kernels, "name", "")
+        if name == "witness":
+            return "witness"
+        if model.dtype == np.float64:
+            return "oracle"
+        return "torch" if "torch" in name else "numpy"
+
+    def _wrap(self, owner, attr: str, category):
+        orig = vars(owner)[attr]
+        f = orig.__func__ if isinstance(orig, (staticmethod, classmethod)) else orig
+        bd = self
+
+        def wrapper(*a, **k):
+            cat = category(a, k) if callable(category) else category
+            if cat in ("compare", "term magnitudes"):      # by what they serve
+                cat = f"{cat} ({bd._stack[-1][0] if bd._stack else 'loss'})"
+            bd._stack.append([cat, 0.0])
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                _, child = bd._stack.pop()
+                bd.totals[cat] = bd.totals.get(cat, 0.0) + dt - child
+                bd.calls[cat] = bd.calls.get(cat, 0) + 1
+                if bd._stack:
+                    bd._stack[-1][1] += dt
+                hwm = _status_kib("VmHWM") or 0.0
+                if hwm > bd._hwm:
+                    bd.peak_growth_mib[cat] = bd.peak_growth_mib.get(cat, 0.0) + (hwm - bd._hwm) / 1024
+                    bd._hwm, bd.peak_in = hwm, cat
+
+        new = classmethod(wrapper) if isinstance(orig, classmethod) else \
+            staticmethod(wrapper) if isinstance(orig, staticmethod) else wrapper
+        setattr(owner, attr, new)
+        self._undo.append((owner, attr, orig))
+
+    def install(self) -> "Breakdown":
+        from harness import cmodel, runner
+        from pyref import model as pymodel
+
+        label = lambda a, k: self.model_label(a[0])  # noqa: E731
+        for name in ("forward", "zero_grad", "backward", "update"):
+            self._wrap(cmodel.CModel, name, "C")
+            self._wrap(pymodel.GPT2, name, label)
+        self._wrap(cmodel.CModel, "poison_activations", "C acts poisoned (NaN fill)")
+        self._wrap(cmodel.CModel, "from_params", "models built")
+        self._wrap(pymodel.GPT2, "__init__", "models built")
+        self._wrap(pymodel.GPT2, "load_state", "load_state (C state into references)")
+        self._wrap(runner.Witness, "_noise", "witness noise")
+        self._wrap(runner.Witness, "__init__", "models built")
+        graph = lambda a, k: "replay checks" if k.get("expected_state") is None else "e2e checks"  # noqa: E731
+        for attr, cat in (("check_graph", graph), ("check_update", "update checks"),
+                          ("witness_spread", "witness spread"), ("compare", "compare"),
+                          ("term_magnitude", "term magnitudes"),
+                          ("run_kernel", "replay: float64 ops"), ("_args64", "replay: float64 inputs"),
+                          ("first_divergence", "first_divergence")):
+            self._wrap(runner, attr, cat)
+        return self
+
+    def uninstall(self) -> None:
+        for owner, attr, orig in reversed(self._undo):
+            setattr(owner, attr, orig)
+        self._undo.clear()
+
+    def snapshot(self) -> None:
+        self.snapshots.append(dict(self.totals))
+
+    def per_step(self, steps_s: list[float]) -> list[dict]:
+        """Each step's categories (snapshots are taken as each step starts, and the totals
+        at the end close the last), with ``other`` = the step's time in no category."""
+        snaps = self.snapshots[:len(steps_s)] + [dict(self.totals)]
+        out = []
+        for i, secs in enumerate(steps_s):
+            a, b = snaps[i], snaps[i + 1]
+            d = {k: b[k] - a.get(k, 0.0) for k in b if b[k] - a.get(k, 0.0) > 1e-6}
+            d["other"] = secs - sum(d.values())
+            out.append(dict(sorted(d.items(), key=lambda kv: -kv[1])))
+        return out
+
+
+MODEL_CATEGORIES = {"C": "c_step", "numpy": "numpy_step", "torch": "torch_step",
+                    "oracle": "oracle_step", "witness": "witness_step"}
 
 
 # ----------------------------------------------------------------------------- views, not copies
@@ -485,6 +612,9 @@ def run_part(name: str, args) -> dict:
     from pyref.synth import init_params, make_batch
 
     cfg = preset(args.config)
+    if args.torch_threads and name in ("torch_step", *FULL_PARTS):
+        import torch
+        torch.set_num_threads(args.torch_threads)
     t0 = time.perf_counter()
     if name == "op_checks":
         out = part_op_checks(args.op_seconds)
@@ -516,6 +646,8 @@ def spawn(name: str, args, timeout: float) -> dict:
            "--replay-steps", str(args.replay_steps)]
     if args.profile:
         cmd += ["--profile", args.profile]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
     t0 = time.perf_counter()
     load = list(os.getloadavg())
     try:
@@ -534,7 +666,9 @@ def spawn(name: str, args, timeout: float) -> dict:
 
 def overhead(results: dict) -> dict:
     """Full check / the sum of the parts it runs (C, numpy, torch, oracle, witness), warm
-    step with warm steps and first with first, for each full-check variant."""
+    step with warm steps and first with first, for each full-check variant; and, from the
+    full check's breakdown, how much of each step is the five models' own work (against
+    the same work alone) and how much is the harness's."""
     parts = results["parts"]
     missing = [n for n in MODEL_PARTS if "step" not in parts.get(n, {})]
     if missing:
@@ -558,6 +692,27 @@ def overhead(results: dict) -> dict:
             + out["sum_first_s"] + (n - 1) * out["sum_warm_s"]
         r["whole_call"] = fc["wall_s"] / alone
         r["meets_target"] = r.get("warm_vs_warm", r["first_vs_first"]) <= OVERHEAD_TARGET
+        r["target_judged_on"] = "warm_vs_warm" if "warm_vs_warm" in r else "first_vs_first"
+        split = {}
+        for i, (label, ref) in enumerate((("first", first), ("warm", warm))):
+            bds = fc.get("breakdown_per_step_s") or []
+            if i >= len(bds):
+                continue
+            bd, step_s = bds[i], fc["steps_s"][i]
+            in_check = {cat: bd.get(cat, 0.0) for cat in MODEL_CATEGORIES}
+            in_check["witness"] += bd.get("witness noise", 0.0)    # the witness alone makes it too
+            models = sum(in_check.values())
+            split[label] = {
+                "step_s": step_s,
+                "models_in_check_s": models, "models_alone_s": sum(ref.values()),
+                "harness_s": step_s - models,
+                "models_in_check_vs_alone": {cat: [in_check[cat], ref[part]]
+                                             for cat, part in MODEL_CATEGORIES.items()},
+                "witness_noise_s": bd.get("witness noise", 0.0),
+                "harness_categories_s": {k: v for k, v in bd.items()
+                                         if k not in MODEL_CATEGORIES and k != "witness noise"},
+            }
+        r["split"] = split
         out[name] = r
     return out
 
@@ -580,7 +735,9 @@ def memory(results: dict, cfg, B: int, T: int) -> dict:
              "vs_analytic": fc["model_peak_mib"] / out["analytic_sum_mib"]}
         if "measured_sum_mib" in out:
             r["vs_measured_parts"] = fc["model_peak_mib"] / out["measured_sum_mib"]
-        r["meets_target"] = r["vs_analytic"] <= MEMORY_TARGET and r.get("vs_measured_parts", 0) <= MEMORY_TARGET
+        r["meets_target"] = r["vs_analytic"] <= MEMORY_TARGET     # what the models hold: by config
+        r["peak_reached_in"] = fc.get("peak_reached_in")
+        r["peak_growth_mib_by_category"] = fc.get("peak_growth_mib_by_category")
         out[name] = r
     return out
 
@@ -588,6 +745,8 @@ def memory(results: dict, cfg, B: int, T: int) -> dict:
 def _f(x, unit="", digits=3):
     if x is None:
         return "-"
+    if unit == " MiB" and isinstance(x, (int, float)):
+        return f"{x:,.0f} MiB"
     if isinstance(x, float):
         return f"{x:.{digits}g}{unit}"
     return f"{x}{unit}"
@@ -600,7 +759,7 @@ def _met(ok: bool) -> str:
 def table(results: dict, cfg_label: str) -> str:
     parts, mem, ov = results["parts"], results.get("memory", {}), results.get("overhead", {})
     analytic = mem.get("analytic_per_part_mib", {})
-    rows = [("part", "first step", "warm step", "phases (warm)", "peak RSS", "held (model)", "by config")]
+    rows = [("part", "first step", "warm step", "phases (warm, s)", "peak RSS", "held", "by config")]
     for name in (*MODEL_PARTS, "c_step_1t"):
         if name not in parts:
             continue
@@ -609,15 +768,15 @@ def table(results: dict, cfg_label: str) -> str:
             rows.append((name, "-", "-", (r.get("status", "?") + ": " + str(r.get("why", "")))[:70],
                          "-", "-", "-"))
             continue
-        ph = " ".join(f"{k[:4] if k != 'zero_grad' else 'zero'} {v:.3g}"
+        ph = " ".join(f"{ {'forward': 'fwd', 'zero_grad': 'zero', 'backward': 'bwd'}.get(k, k)} {v:.3g}"
                       for k, v in r["phases_median_s"].items())
         if name == "witness_step":
-            ph += f" (+build {r['construct_s']:.3g})"
-        rows.append((name, _f(r["first_step_s"], " s"), _f(r["step"]["median_s"], " s"), ph,
-                     _f(r["peak_rss_mib"], " MiB", 4), _f(r["model_peak_mib"], " MiB", 4),
-                     _f(analytic.get(name.replace("_1t", "")), " MiB", 4)))
-    if "step" in parts.get(MODEL_PARTS[0], {}) and "sum_warm_s" in ov:
-        rows.append(("sum of parts", _f(ov["sum_first_s"], " s"), _f(ov["sum_warm_s"], " s"), "", "",
+            ph += f" (build {r['construct_s']:.2g})"
+        rows.append((name + (" *" if r.get("reused_from") else ""), _f(r["first_step_s"], " s"),
+                     _f(r["step"]["median_s"], " s"), ph, _f(r["peak_rss_mib"], " MiB", 4),
+                     _f(r["model_peak_mib"], " MiB", 4), _f(analytic.get(name.replace("_1t", "")), " MiB", 4)))
+    if "sum_warm_s" in ov:
+        rows.append(("sum of the 5 parts", _f(ov["sum_first_s"], " s"), _f(ov["sum_warm_s"], " s"), "", "",
                      _f(mem.get("measured_sum_mib"), " MiB", 4), _f(mem.get("analytic_sum_mib"), " MiB", 4)))
     for name, mode in FULL_PARTS.items():
         fc = parts.get(name)
@@ -626,42 +785,47 @@ def table(results: dict, cfg_label: str) -> str:
         if fc.get("status") != "ran":
             rows.append((name, "-", "-", f"{fc.get('status', '?')}: {fc.get('why', '')}"[:70], "-", "-", "-"))
             continue
-        note = (f"replay={mode!r}, {'passed' if fc['passed'] else 'FAILED'}, setup {fc['setup_s']:.3g} s, "
-                f"checks {sum(fc['checks_by_kind'].values())}")
-        rows.append((name, _f(fc["first_step_s"], " s"), _f(fc.get("warm_step_s"), " s"), note,
-                     _f(fc["peak_rss_mib"], " MiB", 4), _f(fc["model_peak_mib"], " MiB", 4), ""))
+        note = (f"replay={mode!r}, {'passed' if fc['passed'] else 'FAILED'}, "
+                f"{sum(fc['checks_by_kind'].values())} checks, setup {fc['setup_s']:.2g} s")
+        rows.append((name + (" *" if fc.get("reused_from") else ""), _f(fc["first_step_s"], " s"),
+                     _f(fc.get("warm_step_s"), " s"), note, _f(fc["peak_rss_mib"], " MiB", 4),
+                     _f(fc["model_peak_mib"], " MiB", 4), ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"llmc-parity bench: {cfg_label}"]
     for i, r in enumerate(rows):
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("(held (model): peak RSS above the part's baseline of interpreter, imports, params "
-                 "and batch; by config: the buffers the model allocates)")
+    lines.append("held: peak RSS above the part's own baseline (interpreter, imports, params, batch); "
+                 "by config: the buffers the models allocate")
+    reused = sorted({p.get("reused_from") for p in parts.values() if p.get("reused_from")})
+    if reused:
+        lines.append(f"* reused from {', '.join(reused)} (same config, B, T)")
     lines.append("")
-    lines.append(f"target: overhead (full check / sum of C+numpy+torch+oracle+witness alone) <= "
+    lines.append(f"targets: overhead = full check / sum of C+numpy+torch+oracle+witness alone <= "
                  f"{OVERHEAD_TARGET}; peak memory <= {MEMORY_TARGET:.2f} x what the models hold; "
                  "C buffers compared as views")
     for name in FULL_PARTS:
         if name in ov:
             r = ov[name]
             ww = r.get("warm_vs_warm")
-            lines.append(f"  {name:18s} overhead: warm/warm {_f(ww, '', 3)}, first/first "
-                         f"{r['first_vs_first']:.3g}, whole call {r['whole_call']:.3g} -> "
-                         f"{_met(r['meets_target'])}")
+            lines.append(f"  {name:17s} overhead: warm/warm {_f(ww, '', 3)}, first/first "
+                         f"{r['first_vs_first']:.3g} (whole call {r['whole_call']:.3g}) -> "
+                         f"{_met(r['meets_target'])} (on {r['target_judged_on'].replace('_', ' ')})")
         if name in mem:
             r = mem[name]
-            lines.append(f"  {name:18s} memory:   peak above baseline {r['peak_above_baseline_mib']:.0f} MiB = "
+            lines.append(f"  {name:17s} memory:   peak above baseline {r['peak_above_baseline_mib']:.0f} MiB = "
                          f"{r['vs_analytic']:.3g} x by config ({mem['analytic_sum_mib']:.0f} MiB)"
-                         + (f", {r['vs_measured_parts']:.3g} x parts measured ({mem['measured_sum_mib']:.0f} MiB)"
+                         + (f", {r['vs_measured_parts']:.3g} x the parts' measured ({mem['measured_sum_mib']:.0f} MiB)"
                             if "vs_measured_parts" in r else "")
-                         + f" -> {_met(r['meets_target'])}")
+                         + f" -> {_met(r['meets_target'])}"
+                         + (f"; peak reached in {r['peak_reached_in']}" if r.get("peak_reached_in") else ""))
     v = results.get("views")
     if v is not None:
         lines.append(f"  C buffers as views: {'met' if v.get('ok') else 'NOT met'} ("
-                     + (f"{v['views_checked']} CModel arrays are the C's pointers; "
+                     + (f"{v['views_checked']} CModel arrays are the C's own pointers; "
                         f"{v['run_parity_compares_reading_c_memory']}/{v['run_parity_c_tensor_checks']} "
-                        "C-tensor comparisons in a tiny run_parity read the C's memory"
+                        "C-tensor comparisons of a tiny run_parity read the C's memory"
                         if "views_checked" in v else str(v.get("why", "")))
                      + (f"; problems: {v['problems'][:3]}" if v.get("problems") else "") + ")")
     oc = parts.get("op_checks", {})
@@ -671,36 +835,132 @@ def table(results: dict, cfg_label: str) -> str:
                      f"{oc['min_calls_per_s_1thread']:.0f} with 1 C thread; target "
                      f"{CHECKS_PER_SEC_TARGET:.0f}: {_met(oc['meets_target'])}"
                      f"{', met with 1 thread' if oc['meets_target_1thread'] else ''}")
-        lines.append("  check_kernel calls/s (C vs float64 oracle, shape 'base', default / 1 C thread): "
-                     + ", ".join(f"{k} {v['calls_per_s']:.0f}/{v['calls_per_s_1thread']:.0f}"
-                                 for k, v in oc["per_kernel"].items()))
     elif "op_checks" in parts:
         lines.append(f"  op checks: {oc.get('status')}: {str(oc.get('why'))[:200]}")
+    for name in FULL_PARTS:
+        split = ov.get(name, {}).get("split", {})
+        label = "warm" if "warm" in split else "first"
+        if label not in split:
+            continue
+        sp = split[label]
+        lines.append("")
+        lines.append(f"where {name}'s {label} step goes ({sp['step_s']:.3g} s): the models "
+                     f"{sp['models_in_check_s']:.3g} s (alone {sp['models_alone_s']:.3g} s), the harness "
+                     f"{sp['harness_s']:.3g} s")
+        lines.append("  models, in the check / alone: " + ", ".join(
+            f"{cat} {a:.3g}/{b:.3g}" for cat, (a, b) in sp["models_in_check_vs_alone"].items())
+            + f" (the witness's noise {sp['witness_noise_s']:.3g})")
+        top = [(k, v) for k, v in sp["harness_categories_s"].items() if v >= 0.01 * sp["step_s"]]
+        lines.append("  harness: " + ", ".join(f"{k} {v:.3g}" for k, v in top))
     m = results["machine"]
+    lines.append("")
     lines.append(f"machine: {m['cpu_model']}, {m['cores_usable']} cores, {m['memory_gib']} GiB, "
-                 f"load {m.get('load_average')} -> {m.get('load_average_end')}, python {m['python']}, "
-                 f"numpy {m['numpy']}, torch {m.get('torch')}, C OpenMP threads {m.get('c_openmp_threads')}")
+                 f"load {_load(m.get('load_average'))} -> {_load(m.get('load_average_end'))} "
+                 f"({_load_range(parts)}), "
+                 f"python {m['python']}, numpy {m['numpy']}, torch {m.get('torch')}, "
+                 f"C OpenMP threads {m.get('c_openmp_threads')}")
     return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables: the parts and full checks, then the targets."""
+    parts, mem, ov = results["parts"], results.get("memory", {}), results.get("overhead", {})
+    analytic = mem.get("analytic_per_part_mib", {})
+    cfg = f"{results['config']}, B={results['B']}, T={results['T']}"
+    out = [f"| {cfg} | first step | warm step | peak RSS | held (above baseline) | held by config |",
+           "|---|---:|---:|---:|---:|---:|"]
+
+    def mib(x):
+        return "-" if x is None else f"{x:,.0f} MiB"
+
+    def sec(x):
+        return "-" if x is None else f"{x:.3g} s"
+    for name in MODEL_PARTS:
+        r = parts.get(name, {})
+        if "step" in r:
+            out.append(f"| `{name}` alone | {sec(r['first_step_s'])} | {sec(r['step']['median_s'])} | "
+                       f"{mib(r['peak_rss_mib'])} | {mib(r['model_peak_mib'])} | {mib(analytic.get(name))} |")
+    if "sum_warm_s" in ov:
+        out.append(f"| **sum of the five** | {sec(ov['sum_first_s'])} | {sec(ov['sum_warm_s'])} | | "
+                   f"{mib(mem.get('measured_sum_mib'))} | {mib(mem.get('analytic_sum_mib'))} |")
+    for name, mode in FULL_PARTS.items():
+        fc = parts.get(name, {})
+        if fc.get("status") == "ran":
+            out.append(f"| `{name}` (replay={mode!r}{'' if fc['passed'] else ', failed'}) | "
+                       f"{sec(fc['first_step_s'])} | {sec(fc.get('warm_step_s'))} | {mib(fc['peak_rss_mib'])} | "
+                       f"{mib(fc['model_peak_mib'])} | |")
+    out += ["", "| target | measured | |", "|---|---|---|"]
+    for name in FULL_PARTS:
+        r = ov.get(name)
+        if r:
+            ww = r.get("warm_vs_warm")
+            meas = (f"warm/warm {ww:.2f}, first/first {r['first_vs_first']:.2f}" if ww is not None
+                    else f"first/first {r['first_vs_first']:.2f} (one step)")
+            out.append(f"| overhead <= {OVERHEAD_TARGET}: `{name}` / sum of the five | {meas} | "
+                       f"{'met' if r['meets_target'] else '**not met**'} |")
+    for name in FULL_PARTS:
+        r = mem.get(name)
+        if r:
+            out.append(f"| peak <= {MEMORY_TARGET:.2f} x held: `{name}` | {r['peak_above_baseline_mib']:,.0f} / "
+                       f"{mem['analytic_sum_mib']:,.0f} MiB = {r['vs_analytic']:.2f} (vs the parts' measured "
+                       f"{r.get('vs_measured_parts', float('nan')):.2f}) | "
+                       f"{'met' if r['meets_target'] else '**not met**'} |")
+    v = results.get("views")
+    if v and "views_checked" in v:
+        out.append(f"| C buffers compared as views | {v['views_checked']} CModel arrays at the C's pointers; "
+                   f"{v['run_parity_compares_reading_c_memory']}/{v['run_parity_c_tensor_checks']} C-tensor "
+                   f"comparisons read the C's memory | {'met' if v['ok'] else '**not met**'} |")
+    oc = parts.get("op_checks", {})
+    if "per_kernel" in oc:
+        out.append(f"| op checks >= {CHECKS_PER_SEC_TARGET:.0f}/s | min {oc['min_calls_per_s']:.0f}/s | "
+                   f"{'met' if oc['meets_target'] else '**not met**'} |")
+    m = results["machine"]
+    out += ["", f"Machine: {m['cpu_model']}, {m['cores_usable']} cores, {m['memory_gib']} GiB; "
+                f"{_load_range(parts)}; Python {m['python']}, "
+                f"NumPy {m['numpy']}, torch {m.get('torch')}; C built with "
+                f"{(m.get('library_build') or {}).get('cflags', '?')}, {m.get('c_openmp_threads')} OpenMP threads."]
+    return "\n".join(out)
+
+
+def _load_range(parts: dict) -> str:
+    loads = [p["load_average_at_start"][0] for p in parts.values() if p.get("load_average_at_start")]
+    if not loads:
+        return "load average -"
+    return f"1-min load average {min(loads):.1f} to {max(loads):.1f} as the parts started"
+
+
+def _load(la) -> str:
+    return "-" if not la else "/".join(f"{x:.1f}" for x in la)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--quick", action="store_true",
-                    help="the 'small' config at B=2, T=16 (tests the script in seconds)")
+                    help="the 'small' config at B=2, T=16, every part (tests the script in a minute)")
     ap.add_argument("--config", default=None, help="preset (default d12, or small with --quick)")
     ap.add_argument("-B", type=int, default=None)
     ap.add_argument("-T", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="warm steps timed after the first, per part")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="warm steps timed after the first, per part (default 1 at d12, else 3)")
     ap.add_argument("--full-steps", type=int, default=None,
-                    help="run_parity steps of full_check (2: first and warm; default 2)")
+                    help="run_parity steps of full_check (default 2: the first and a warm one)")
+    ap.add_argument("--no-replay", action="store_true",
+                    help="skip full_check_replay (at d12 on 2 cores it takes ~2.5 min of the ~7)")
     ap.add_argument("--replay-steps", type=int, default=None,
-                    help="run_parity steps of full_check_replay (default 2, 1 at d12 to fit the time)")
+                    help="run_parity steps of full_check_replay (default 1 at d12, else 2)")
     ap.add_argument("--parts", nargs="*", default=None, help="subset of " + " ".join(ALL_PARTS))
+    ap.add_argument("--reuse", default=None, metavar="JSON",
+                    help="take the parts not run now from this earlier result (same config, B, T)")
     ap.add_argument("--op-seconds", type=float, default=None, help="timing per cheap kernel")
     ap.add_argument("--no-views", action="store_true", help="skip the in-process views check")
     ap.add_argument("--profile", default=None,
                     help="cProfile the full checks: writes PATH.<part>.prof (pstats)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads(N) in torch_step and the full checks (on a busy "
+                         "machine torch's thread pool degrades; 1 is then the fairer measurement)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print the results as markdown tables (for the README)")
     ap.add_argument("--timeout", type=float, default=None, help="per child process, seconds")
     ap.add_argument("--part", help=argparse.SUPPRESS)          # internal: run one part here
     args = ap.parse_args(argv)
@@ -708,10 +968,10 @@ def main(argv=None) -> int:
     big = args.config in ("d12", "124M")
     args.B = args.B or (2 if args.quick else 4)
     args.T = args.T or (16 if args.quick else 64)
-    args.steps = args.steps or (3 if args.quick else 2)
+    args.steps = args.steps or (1 if big else 3)
     args.full_steps = args.full_steps or 2
     args.replay_steps = args.replay_steps or (1 if big else 2)
-    args.op_seconds = args.op_seconds or (0.2 if args.quick else 0.5)
+    args.op_seconds = args.op_seconds or (0.2 if args.quick else 0.3)
 
     if args.part:
         print(RESULT_TAG + json.dumps(run_part(args.part, args)), flush=True)
@@ -719,14 +979,27 @@ def main(argv=None) -> int:
 
     from pyref.config import preset
     cfg = preset(args.config)
-    parts = args.parts or ["c_step", "numpy_step", "torch_step", "oracle_step", "witness_step",
-                           "op_checks", "full_check", "full_check_replay"]
+    parts = args.parts
+    if parts is None:
+        parts = [*MODEL_PARTS, "op_checks", "full_check"]
+        if not args.no_replay:
+            parts.append("full_check_replay")
     unknown = [p for p in parts if p not in ALL_PARTS]
     if unknown:
         ap.error(f"unknown parts {unknown}; known: {' '.join(ALL_PARTS)}")
     results = {"config": args.config, "config_fields": vars(cfg), "B": args.B, "T": args.T,
                "timed_steps": args.steps, "full_check_steps": args.full_steps,
                "full_check_replay_steps": args.replay_steps, "machine": machine_info(), "parts": {}}
+    if args.reuse:
+        old = json.loads(Path(args.reuse).read_text())
+        if (old.get("config"), old.get("B"), old.get("T")) != (args.config, args.B, args.T):
+            ap.error(f"{args.reuse} is {old.get('config')} B={old.get('B')} T={old.get('T')}, "
+                     f"not {args.config} B={args.B} T={args.T}")
+        for name, r in old.get("parts", {}).items():
+            if name not in parts:
+                results["parts"][name] = dict(r, reused_from=r.get("reused_from") or args.reuse)
+        if args.no_views and "views" in old:
+            results["views"] = old["views"]
     t0 = time.perf_counter()
     if not args.no_views:
         print("[bench] views check (tiny, in process) ...", file=sys.stderr, flush=True)
@@ -741,8 +1014,11 @@ def main(argv=None) -> int:
     results["memory"] = memory(results, cfg, args.B, args.T)
     results["total_wall_s"] = time.perf_counter() - t0
     results["machine"]["load_average_end"] = list(os.getloadavg())
-    print(table(results, f"{args.config} ({cfg.num_parameters() / 1e6:.1f}M parameters) "
-                         f"B={args.B} T={args.T}, {results['total_wall_s']:.0f} s"))
+    print(table(results, f"{args.config} ({cfg.num_parameters() / 1e6:.1f}M parameters) B={args.B} T={args.T}"
+                         + (f", {results['total_wall_s']:.0f} s" if parts else "")))
+    if args.markdown:
+        print()
+        print(markdown(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:

@@ -32,7 +32,7 @@ from .compare import Comparison, Tolerance, compare
 from .graph import Node, Ref, backward_nodes, forward_nodes, node_shape
 from .opcheck import ORACLE
 from .ops import CHECK_BY_KERNEL, FORWARD_OUTPUTS, reduction_length, run_kernel
-from .tolerances import e2e_tolerance, op_tolerance, term_magnitude
+from .tolerances import adamw_magnitudes, e2e_tolerance, op_tolerance, term_magnitude
 
 LAYER_AXES = {
     3: ("b", "t", "c"), 2: ("b", "t"), 4: ("b", "h", "t", "t2"), 1: ("c",),
@@ -313,31 +313,41 @@ def witness_spread(cfg: GPT2Config, witness_state, oracle_state) -> dict:
     return spread
 
 
-def check_update(cfg: GPT2Config, pre: tuple[np.ndarray, np.ndarray, np.ndarray], grads: np.ndarray,
+def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  post: tuple[np.ndarray, np.ndarray, np.ndarray], hyper: AdamW, t: int, *,
                  step: int, impl: str) -> list[Check]:
-    """AdamW in float64 from the common pre-step state (params, m, v) with ``grads``,
-    against ``post`` (params, m, v after the implementation's update), tensor by tensor."""
+    """AdamW in float64 from the common pre-step state ``pre`` = (params, m, v; m and v
+    None at the first step: zeros) with ``grads``, against ``post`` (params, m, v after the
+    implementation's update), tensor by tensor. Worked in blocks: at 124M scale only the
+    expected values of one tensor are held in float64."""
+    hp = dict(lr=_f32(hyper.learning_rate), beta1=_f32(hyper.beta1), beta2=_f32(hyper.beta2),
+              eps=_f32(hyper.eps), weight_decay=_f32(hyper.weight_decay), t=t)
+    block = 1 << 20
     checks = []
     offset = 0
     for name, shape in param_shapes(cfg).items():
         n = prod(shape)
-        sl = slice(offset, offset + n)
-        offset += n
-        p, m, v = (np.array(x[sl], np.float64) for x in pre)
-        hp = dict(lr=_f32(hyper.learning_rate), beta1=_f32(hyper.beta1), beta2=_f32(hyper.beta2),
-                  eps=_f32(hyper.eps), weight_decay=_f32(hyper.weight_decay), t=t)
-        args = dict(param=p.copy(), grad=np.asarray(grads[sl], np.float64), m=m.copy(), v=v.copy(), **hp)
-        ORACLE.adamw(p, args["grad"], m, v, *hp.values())
-        scales = {"params": term_magnitude("adamw", "param", args, {"param": p}),
-                  "m": term_magnitude("adamw", "m", args, {"m": m}), "v": None}
-        for label, expected, actual in (("params", p, post[0]), ("m", m, post[1]), ("v", v, post[2])):
+        expected = {k: np.empty(n, np.float64) for k in ("params", "m", "v")}
+        scales = {"params": np.empty(n, np.float32), "m": np.empty(n, np.float32), "v": None}
+        for lo in range(0, n, block):
+            sl = slice(offset + lo, offset + min(n, lo + block))
+            here = slice(lo, min(n, lo + block))
+            p0 = np.array(pre[0][sl], np.float64)
+            m0 = np.zeros(p0.size) if pre[1] is None else np.array(pre[1][sl], np.float64)
+            v0 = np.zeros(p0.size) if pre[2] is None else np.array(pre[2][sl], np.float64)
+            p, m, v = p0.copy(), m0.copy(), v0.copy()
+            ORACLE.adamw(p, grads[sl], m, v, *hp.values())
+            expected["params"][here], expected["m"][here], expected["v"][here] = p, m, v
+            scales["m"][here], scales["params"][here] = adamw_magnitudes(p0, m0, grads[sl], v, hp)
+        for label in ("params", "m", "v"):
             tensor = f"{label}.{name} (after update)"
-            c = compare(np.asarray(actual[sl]).reshape(shape), expected.reshape(shape), name=tensor,
+            c = compare(np.asarray(post[("params", "m", "v").index(label)][offset:offset + n]).reshape(shape),
+                        expected[label].reshape(shape), name=tensor,
                         tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
                         elem_scale=None if scales[label] is None else scales[label].reshape(shape),
                         axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
             checks.append(Check(step, impl, "update", tensor, f"gpt2_update {name}", c))
+        offset += n
     return checks
 
 
@@ -391,10 +401,11 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             inputs, targets = next(batches)
             B, T = inputs.shape
             say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
-            m0 = cmodel.m_memory if t > 1 else np.zeros(cmodel.num_parameters, np.float32)
-            v0 = cmodel.v_memory if t > 1 else np.zeros(cmodel.num_parameters, np.float32)
+            m0 = cmodel.m_memory if t > 1 else None   # None: zeros, as the C starts them
+            v0 = cmodel.v_memory if t > 1 else None
             oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
-            pre_m, pre_v = m0.copy(), v0.copy()      # the C updates its own in place
+            # the C updates its own m, v in place: keep the pre-step values (none at t = 1)
+            pre_m, pre_v = (None, None) if m0 is None else (m0.copy(), v0.copy())
             for pm in pymodels.values():
                 pm.load_state(cmodel.params_memory, m0, v0)
 

@@ -159,6 +159,31 @@ def term_magnitude(kernel: str, output: str, args: dict, outputs: dict) -> np.nd
     return np.where(np.isfinite(mag), mag, 0.0)
 
 
+def adamw_magnitudes(p0, m0, g, v, hp) -> tuple[np.ndarray, np.ndarray]:
+    """Term sizes of AdamW's m and param (float32), from the pre-step param ``p0`` and
+    ``m0``, the gradient ``g`` and the post-step ``v`` (None: computed here).
+
+    m = beta1 m0 + (1 - beta1) g: the two terms cancel when g opposes m0.
+    param - lr (m_hat / (sqrt(v_hat) + eps) + wd param): in float32, 1 - beta^t cancels
+    for small t, so the update term carries a relative error of about
+    u / (1 - beta1^t) + u / (2 (1 - beta2^t)) (~500 u at t = 1 with beta2 = 0.999)."""
+    b1, b2, t = hp["beta1"], hp["beta2"], hp["t"]
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    g = np.asarray(g, np.float32)
+    m_mag = np.abs(np.float32(b1) * np.asarray(m0, np.float32))
+    m_mag += np.abs(np.float32(1 - b1) * g)
+    if v is None:
+        v = b2 * np.asarray(hp["v"], np.float32) + (1 - b2) * g * g
+    upd = m_mag / np.float32(c1)
+    upd /= np.sqrt(np.asarray(v, np.float32) / np.float32(c2)) + np.float32(hp["eps"])
+    upd *= np.float32(1 + 1 / c1 + 0.5 / c2)
+    absp = np.abs(np.asarray(p0, np.float32))
+    upd += np.float32(hp["weight_decay"]) * absp
+    upd *= np.float32(hp["lr"])
+    upd += absp
+    return m_mag, upd
+
+
 def _rss(x2: np.ndarray) -> np.ndarray:
     """Root of a sum of squares already summed."""
     return np.sqrt(x2)
@@ -201,6 +226,11 @@ def _term_magnitude(kernel, output, a, out):
     if kernel == "encoder_backward" and output == "dwte":  # repeated tokens add up
         mag = np.zeros_like(a["dwte"])
         np.add.at(mag, a["inp"], np.square(a["dout"]))
+        return _rss(mag)
+    if kernel == "encoder_backward" and output == "dwpe":  # each position sums over b
+        mag = np.zeros_like(a["dwpe"])
+        T = a["dout"].shape[1]
+        mag[:T] = np.square(a["dout"]).sum(0)
         return _rss(mag)
     if kernel == "layernorm_forward":
         # x - mean is rounded relative to |x| and |mean|, then amplified by rstd: rows whose
@@ -264,16 +294,6 @@ def _term_magnitude(kernel, output, a, out):
         att, datt = a["att"], np.abs(out["datt"])
         return att * datt + att * (att * datt).sum(-1, keepdims=True)
     if kernel == "adamw" and output in ("m", "param"):
-        b1, b2, t = a["beta1"], a["beta2"], a["t"]
-        g, p = a["grad"], a["param"]
-        m_mag = np.abs(b1 * a["m"]) + np.abs((1 - b1) * g)   # m = beta1 m + (1 - beta1) g
-        if output == "m":
-            return m_mag
-        # param - lr * (m_hat / (sqrt(v_hat) + eps) + wd * param): in float32, 1 - beta^t
-        # cancels for small t, so the update term carries a relative error of about
-        # u / (1 - beta1^t) + u / (2 (1 - beta2^t)) (~500 u at t = 1 with beta2 = 0.999)
-        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-        v = b2 * a["v"] + (1 - b2) * g * g
-        upd = (m_mag / c1) / (np.sqrt(v / c2) + a["eps"])
-        return np.abs(p) + a["lr"] * (upd * (1 + 1 / c1 + 0.5 / c2) + a["weight_decay"] * np.abs(p))
+        m_mag, p_mag = adamw_magnitudes(a["param"], a["m"], a["grad"], out.get("v"), a)
+        return m_mag if output == "m" else p_mag
     return None
