@@ -152,7 +152,8 @@ def cmd_run(args) -> int:
     progress.done()
     if not args.json_only:
         for step in report.steps:
-            print(step_table(step, verbose=args.verbose), file=out)
+            if not args.summary_only or not step.passed:
+                print(step_table(step, verbose=args.verbose), file=out)
         print(run_summary(report), file=out)
     ds_ok = True
     if args.debug_state:
@@ -292,6 +293,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--plot", help="write a PNG of error per tensor across steps and layers")
     run.add_argument("--overwrite", action="store_true", help="let --json/--plot replace existing files")
     run.add_argument("-v", "--verbose", action="store_true", help="every layer's row")
+    run.add_argument("-s", "--summary-only", action="store_true",
+                     help="print the per-step tables only for steps that failed, then the summary")
     run.set_defaults(func=cmd_run)
 
     ops = sub.add_parser("ops", help="per-op checks of every kernel against the oracle")

@@ -240,3 +240,29 @@ def test_standalone_trainer_runs(tmp_path, params):
                         "-b", "2", "-t", "8", "-n", "3"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("train loss") == 3
+
+
+def test_missing_openmp_is_said_clearly(tmp_path):
+    """A compiler without OpenMP: a clear BuildError naming OpenMP and the way out."""
+    from harness.build import BuildError
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && '
+                    '{ echo "unsupported option -fopenmp" >&2; exit 1; }; done\nexec gcc "$@"\n')
+    fake.chmod(0o755)
+    with pytest.raises(BuildError, match="(?s)OpenMP is not available.*NO_OMP=1"):
+        build_library(out=tmp_path / "lib.so", cc=str(fake), quiet=True)
+
+
+def test_build_without_openmp(tmp_path, params):
+    """`make lib NO_OMP=1`: one thread, same numbers."""
+    out = tmp_path / "lib_noomp.so"
+    build_library(out=out, openmp=False, quiet=True)
+    lib = Library(out)
+    assert not lib.has_openmp and lib.get_num_threads() == 1
+    with pytest.raises(LibraryError, match="without OpenMP"):
+        lib.set_num_threads(2)
+    x, y = synth.make_batch(TINY, 2, 8)
+    with CModel.from_params(TINY, params, lib=lib) as a, CModel.from_params(TINY, params, lib=load_library()) as b:
+        a.forward(x, y)
+        b.forward(x, y)
+        assert a.acts["logits"].tobytes() == b.acts["logits"].tobytes()

@@ -29,6 +29,12 @@ def test_run_passes_and_prints_table_and_verdict(capsys):
     assert "loss trajectory" in out
 
 
+def test_summary_only_prints_no_passing_step_tables(capsys):
+    code, out, err = cli(capsys, "run", "--steps", "2", "-q", "--ref", "numpy", "--summary-only")
+    assert code == 0 and "llmc-parity: PASS" in out
+    assert "acts.ln1 [layer" not in out and "loss trajectory" in out
+
+
 def test_run_with_a_broken_port_exits_1_with_first_divergence(capsys, tmp_path):
     port = tmp_path / "port.py"
     port.write_text(textwrap.dedent("""
