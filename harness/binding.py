@@ -337,6 +337,11 @@ _cache: dict[str, Library] = {}
 _cache_lock = threading.Lock()
 
 
+def as_library(lib: "Library | str | os.PathLike | None") -> Library:
+    """A loaded Library from a Library, a path, or None (the default library)."""
+    return lib if isinstance(lib, Library) else load_library(lib)
+
+
 def default_library_path() -> str:
     return os.environ.get("LLMC_LIB") or str(DEFAULT_LIB)
 

@@ -5,18 +5,22 @@
   llmc-parity gate     the drift gate against baselines/gate.json (--update to accept)
   llmc-parity info     build/load the library and report its symbols and layout
 
-Exit status: 0 pass, 1 parity failure, 2 bad usage or input (with a one-line reason).
+Exit status: 0 pass, 1 parity failure, 2 bad usage or input (with a one-line reason),
+3 an internal error of the harness itself.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+RESERVED = ("C", "oracle", "witness")
 
 
 class UsageError(Exception):
@@ -67,14 +71,16 @@ def _library(args):
     from .build import DEFAULT_LIB, build_library
 
     if getattr(args, "src", None):
-        src = Path(args.src)
-        out = Path(args.lib) if args.lib else Path("build") / f"lib_{src.parent.name or 'src'}_{abs(hash(str(src.resolve()))) % 10**8}.so"
-        info = build_library(src, out, cflags=args.cflags, quiet=True)
-        return load_library(info.library)
-    path = args.lib or os.environ.get("LLMC_LIB")
-    if not path and not DEFAULT_LIB.exists():
-        build_library(quiet=True)  # first use: build our own reference
-    lib = load_library(path)
+        src = Path(args.src).resolve()
+        # one library per source path and flags, stable across runs (rebuilt only on change)
+        tag = hashlib.sha1(f"{src}|{args.cflags}".encode()).hexdigest()[:10]
+        out = Path(args.lib) if args.lib else DEFAULT_LIB.parent / f"lib_{src.parent.name or 'src'}_{tag}.so"
+        lib = load_library(build_library(src, out, cflags=args.cflags, quiet=True).library)
+    else:
+        path = args.lib or os.environ.get("LLMC_LIB")
+        if not path and not DEFAULT_LIB.exists():
+            build_library(quiet=True)  # first use: build our own reference
+        lib = load_library(path)
     if args.threads:
         lib.set_num_threads(args.threads)
     return lib
@@ -97,7 +103,10 @@ def _impls(names: list[str]):
         if spec == "oracle":
             continue  # always there: it is the arbiter
         ks = load_kernels(spec, fallback=True)
-        impls[ks.name if spec not in ("numpy", "torch") else spec] = ks
+        name = spec if spec in ("numpy", "torch") else ks.name
+        if name in RESERVED:   # "C" and "oracle" name the library and the arbiter in reports
+            name = f"{name} (port)"
+        impls[name] = ks
     return impls
 
 
@@ -124,6 +133,18 @@ def cmd_run(args) -> int:
     from .report import run_summary, step_table, to_json, write_json
     from .runner import AdamW, run_parity
 
+    # everything that can refuse is checked before the (maybe long) run, so a parity
+    # failure is never reported as a usage error afterwards
+    if args.debug_state and not args.checkpoint:
+        raise UsageError("--debug-state needs the --checkpoint it was made from")
+    for what, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and path != "-" and os.path.exists(path) and not args.overwrite:
+            raise UsageError(f"{what} {path} exists; pass --overwrite to replace it")
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install llmc-parity[plot]")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"-T must be positive, got {args.seq_len}")
     cfg, params = _config(args)
     B = args.batch
     T = args.seq_len or min(cfg.max_seq_len, 64 if cfg.channels >= 512 else 16)
@@ -157,8 +178,6 @@ def cmd_run(args) -> int:
         print(run_summary(report), file=out)
     ds_ok = True
     if args.debug_state:
-        if not args.checkpoint:
-            raise UsageError("--debug-state needs the --checkpoint it was made from")
         from .debugstate import check_debug_state, format_debug_state
         ds = check_debug_state(args.checkpoint, args.debug_state, lib=lib, threads=args.threads)
         ds_ok = ds.passed
@@ -218,6 +237,8 @@ def cmd_ops(args) -> int:
     for name, kernels in not_checked.items():
         print(f"not checked for {name}: {', '.join(sorted(kernels))}")
     print(f"{len(rows) - failed} passed, {failed} failed")
+    if not rows and not failed:
+        raise UsageError("no check ran: no kernel matched -k, or --seeds is 0")
     return EXIT_PASS if failed == 0 else EXIT_FAIL
 
 
@@ -338,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `llmc-parity run | head`: the reader left, not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 141  # as a shell reports a process ended by SIGPIPE
+    except Exception:  # a bug of ours, not a verdict on the numbers: say so, with the trace
+        import traceback
+        traceback.print_exc()
+        print("llmc-parity: internal error (exit 3): please report it with the trace above", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

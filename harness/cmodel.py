@@ -19,7 +19,7 @@ import numpy as np
 
 from pyref.config import ACT_NAMES, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
 
-from .binding import INT_MAX, Library, LlmcInputError, ffi, load_library
+from .binding import INT_MAX, Library, LlmcInputError, as_library, ffi
 
 
 class _Owner:
@@ -72,7 +72,7 @@ class CModel:
         (the C exits the process on a bad magic or version, and reads past a short file)."""
         from pyref.formats import read_checkpoint_header  # validates magic, version, sizes
 
-        lib = lib if isinstance(lib, Library) else load_library(lib)
+        lib = as_library(lib)
         path = os.fspath(path)
         config = read_checkpoint_header(path)
         _check_alloc(4 * config.num_parameters(), "parameters")
@@ -87,7 +87,7 @@ class CModel:
     def from_params(cls, config: GPT2Config, params, lib: Library | str | None = None) -> "CModel":
         """Build straight from a flat float32 parameter array (or a dict of named arrays),
         doing what gpt2_build_from_checkpoint does minus the file."""
-        lib = lib if isinstance(lib, Library) else load_library(lib)
+        lib = as_library(lib)
         config = config.validate()
         shapes = param_shapes(config)
         n = config.num_parameters()
@@ -343,7 +343,7 @@ def _fits_kernels(cfg: GPT2Config, B: int, T: int) -> None:
     """The kernels index with int: every per-layer tensor must stay below INT_MAX elements."""
     C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
     for what, n in (("B*T*4C", B * T * 4 * C), ("B*NH*T*T", B * NH * T * T),
-                     ("B*T*Vp", B * T * Vp), ("Vp*C", Vp * C)):
+                     ("B*T*Vp", B * T * Vp), ("Vp*C", Vp * C), ("4C*C", 4 * C * C)):
         if n > INT_MAX:
             raise LlmcInputError(f"{what} = {n} overflows the C's int indexing")
 

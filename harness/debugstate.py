@@ -66,10 +66,10 @@ def _widen(tol: Tolerance, factor: float, why: str) -> Tolerance:
 def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int | None = None) -> DebugStateReport:
     """Run the C on the checkpoint and the debug state's batch; compare logits, loss and
     all 16 parameter gradients with the debug state (and both with the oracle)."""
-    from .binding import load_library
+    from .binding import as_library
     from .cmodel import CModel
 
-    lib = lib if lib is not None and not isinstance(lib, str) else load_library(lib)
+    lib = as_library(lib)
     config, params = read_checkpoint(checkpoint)
     ds = read_debug_state(debug_state, config)
     V, B, T = config.vocab_size, ds.B, ds.T

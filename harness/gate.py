@@ -79,14 +79,14 @@ def run_suite(lib=None, progress=None) -> GateRun:
     from pyref import synth
     from pyref.config import preset
 
-    from .binding import load_library
+    from .binding import as_library
     from .ckernels import CKernels
     from .kernels import load_kernels
     from .ops import cases, make_inputs, run_kernel
     from .opcheck import check_kernel, oracle_outputs
     from .runner import run_parity
 
-    lib = lib if lib is not None and not isinstance(lib, str) else load_library(lib)
+    lib = as_library(lib)
     metrics: dict[str, dict] = {}
     failures: list[str] = []
     prints: dict[str, str] = {}
@@ -253,9 +253,16 @@ def _dumps(data: dict) -> str:
 
 
 def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
-    """Write the baseline for this run (keeping other builds' fingerprints); return a diff."""
+    """Write the baseline for this run; return a diff. Other builds' fingerprints are kept
+    while this build's bits are unchanged, and dropped when they moved (stale then)."""
     prints = dict((old or {}).get("fingerprints", {}))
+    dropped = []
     if run.build_key is not None:
+        before = prints.get(run.build_key)
+        if before is not None and before != dict(sorted(run.fingerprints.items())):
+            # the arithmetic changed: other builds' fingerprints describe the old bits
+            dropped = [k for k in prints if k != run.build_key]
+            prints = {}
         prints[run.build_key] = dict(sorted(run.fingerprints.items()))
     data = {"schema": SCHEMA, "suite": SUITE, "growth_factor": GROWTH_FACTOR, "floor": FLOOR,
             "metrics": dict(sorted(run.metrics.items())), "fingerprints": prints}
@@ -276,5 +283,8 @@ def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
         moved = [k for k in run.fingerprints if before.get(k) != run.fingerprints[k]]
         if moved:
             diff.append(f"~ fingerprints for this build: {len(moved)} tensor(s) changed bits")
+    if dropped:
+        diff.append(f"- fingerprints of {len(dropped)} other build(s), stale after this change: "
+                    "run `llmc-parity gate --update` on those machines to add them back")
     write_atomic(path, [_dumps(data).encode()], overwrite=True)
     return diff

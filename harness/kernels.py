@@ -11,6 +11,7 @@ kernels, float32).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -27,15 +28,17 @@ class KernelLoadError(ValueError):
 
 
 def _import_file(path: Path):
-    name = f"llmc_parity_user_{abs(hash(str(path)))}"
+    name = f"llmc_parity_user_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise KernelLoadError(f"{path}: not an importable Python file")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: dataclasses and pickling look it up
     sys.path.insert(0, str(path.parent))  # the port may import its own helpers
     try:
         spec.loader.exec_module(module)
     except Exception as e:
+        sys.modules.pop(name, None)
         raise KernelLoadError(f"{path}: importing it raised {type(e).__name__}: {e}") from e
     finally:
         if sys.path and sys.path[0] == str(path.parent):

@@ -31,7 +31,7 @@ from pyref.protocol import INPLACE_ARGS, SIGNATURES, KernelSet
 from .compare import Comparison, Tolerance, compare
 from .graph import Node, Ref, backward_nodes, forward_nodes, node_shape
 from .opcheck import ORACLE
-from .ops import CHECK_BY_KERNEL, FORWARD_OUTPUTS, reduction_length, run_kernel
+from .ops import CHECK_BY_KERNEL, FORWARD_OUTPUTS, _f32, reduction_length, run_kernel
 from .tolerances import adamw_magnitudes, e2e_tolerance, op_tolerance, term_magnitude
 
 LAYER_AXES = {
@@ -351,10 +351,6 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     return checks
 
 
-def _f32(x: float) -> float:
-    return float(np.float32(x))
-
-
 def first_divergence(checks: list[Check]) -> str | None:
     """The first failing replay check in graph order (else the first failing check)."""
     for kinds in (("replay",), ("update",), ("e2e", "loss")):
@@ -384,10 +380,10 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     end-to-end checks failed, to localise; cheaper at 124M scale) or False.
     ``on_step(t, cmodel)`` is called after each step's update (the gate fingerprints the
     C's buffers there)."""
-    from .binding import load_library
+    from .binding import as_library
     from .cmodel import CModel
 
-    lib = lib if lib is not None and not isinstance(lib, str) else load_library(lib)
+    lib = as_library(lib)
     impls = dict(impls or {})
     cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
     oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64)

@@ -176,7 +176,8 @@ def adamw_magnitudes(p0, m0, g, v, hp) -> tuple[np.ndarray, np.ndarray]:
         v = b2 * np.asarray(hp["v"], np.float32) + (1 - b2) * g * g
     upd = m_mag / np.float32(c1)
     upd /= np.sqrt(np.asarray(v, np.float32) / np.float32(c2)) + np.float32(hp["eps"])
-    upd *= np.float32(1 + 1 / c1 + 0.5 / c2)
+    # at t = 1, powf(beta, 1) is beta itself and 1 - beta is exact: no amplification
+    upd *= np.float32(1.0 if t == 1 else 1 + 1 / c1 + 0.5 / c2)
     absp = np.abs(np.asarray(p0, np.float32))
     upd += np.float32(hp["weight_decay"]) * absp
     upd *= np.float32(hp["lr"])

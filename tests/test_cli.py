@@ -54,6 +54,9 @@ def test_run_with_a_broken_port_exits_1_with_first_divergence(capsys, tmp_path):
     (["run", "--checkpoint", "/nonexistent/model.bin"], "No such file"),
     (["run", "-T", "999"], "max_seq_len"),
     (["run", "--steps", "0"], "positive"),
+    (["run", "-T", "0"], "positive"),
+    (["run", "--debug-state", "/nonexistent/d.bin"], "--checkpoint"),
+    (["ops", "-k", "no_such_kernel"], "no check ran"),
     (["run", "--impl", "/nonexistent/port.py"], "no such file"),
     (["run", "--lib", "/nonexistent/lib.so"], "does not exist"),
     (["gate", "--baseline", "/nonexistent/gate.json"], "no gate baseline"),
@@ -76,6 +79,7 @@ def test_json_and_plot_reports_never_overwrite(capsys, tmp_path):
     before = j.read_bytes()
     code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--json", j)
     assert code == 2 and "exists" in err
+    assert out == ""                      # refused before running, not after
     assert j.read_bytes() == before
 
 
@@ -112,3 +116,26 @@ def test_ops_and_info(capsys):
     assert code == 0 and " 0 failed" in out
     code, out, err = cli(capsys, "info")
     assert code == 0 and "struct layout: checked" in out
+
+
+def test_a_port_named_C_is_not_taken_for_the_library(capsys, tmp_path):
+    """A port file called C.py (with a dataclass, which needs a real module) is reported
+    under its own name: the C library's verdict stays the C's."""
+    port = tmp_path / "C.py"
+    port.write_text(textwrap.dedent("""
+        from __future__ import annotations
+        from dataclasses import dataclass
+        import numpy as np
+
+        @dataclass
+        class Consts:
+            coef: float = 0.0447          # wrong: 0.044715
+
+        def gelu_forward(inp):
+            s = np.sqrt(2 / np.pi).astype(inp.dtype)
+            return 0.5 * inp * (1 + np.tanh(s * (inp + Consts().coef * inp ** 3)))
+    """))
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "oracle", "--impl", port)
+    assert code == 1, err
+    assert "[C (port)] first divergence" in out and "gelu_forward" in out
+    assert "[C] first divergence" not in out
