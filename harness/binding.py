@@ -85,6 +85,8 @@ def _dims(**dims: int) -> None:
 
 
 def _fits_int(**sizes: int) -> None:
+    """Every named size below INT_MAX: the C's kernels index with int (the one check of
+    that, for the kernel calls here and for whole models in cmodel)."""
     for k, v in sizes.items():
         if v > INT_MAX:
             raise LlmcInputError(f"{k} = {v} overflows the C's int indexing (max {INT_MAX})")

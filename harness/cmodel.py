@@ -19,7 +19,7 @@ import numpy as np
 
 from pyref.config import ACT_NAMES, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
 
-from .binding import INT_MAX, Library, LlmcInputError, as_library, ffi
+from .binding import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
 
 
 class _Owner:
@@ -342,10 +342,8 @@ class CModel:
 def _fits_kernels(cfg: GPT2Config, B: int, T: int) -> None:
     """The kernels index with int: every per-layer tensor must stay below INT_MAX elements."""
     C, NH, Vp = cfg.channels, cfg.num_heads, cfg.padded_vocab_size
-    for what, n in (("B*T*4C", B * T * 4 * C), ("B*NH*T*T", B * NH * T * T),
-                     ("B*T*Vp", B * T * Vp), ("Vp*C", Vp * C), ("4C*C", 4 * C * C)):
-        if n > INT_MAX:
-            raise LlmcInputError(f"{what} = {n} overflows the C's int indexing")
+    _fits_int(**{"B*T*4C": B * T * 4 * C, "B*NH*T*T": B * NH * T * T, "B*T*Vp": B * T * Vp,
+                 "Vp*C": Vp * C, "4C*C": 4 * C * C})
 
 
 def _check_alloc(nbytes: int, what: str) -> None:
