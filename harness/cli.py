@@ -162,12 +162,8 @@ def cmd_run(args) -> int:
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}", file=out)
     progress = Progress(enabled=not args.quiet)
 
-    def printing_batches():
-        for batch in _batches(args, cfg, B, T):
-            yield batch
-
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
-    report = run_parity(cfg, params, printing_batches(), lib=lib, impls=impls, steps=args.steps, hyper=hyper,
+    report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, steps=args.steps, hyper=hyper,
                         threads=args.threads, replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
                         progress=progress)
     progress.done()
