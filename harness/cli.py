@@ -110,6 +110,24 @@ def _impls(names: list[str]):
     return impls
 
 
+def _models(args) -> dict:
+    """``--model SPEC`` (and its ``--optimizer``, ``--model-map``) as a TorchModel."""
+    if not args.model:
+        if args.optimizer or args.model_map:
+            raise UsageError("--optimizer and --model-map go with --model")
+        return {}
+    from .models import TorchModel, resolve_spec
+    factory = resolve_spec(args.model)
+    optimizer = args.optimizer
+    if optimizer and optimizer != "configure_optimizers":
+        optimizer = resolve_spec(optimizer)
+    mapping = resolve_spec(args.model_map) if args.model_map else None
+    name = args.model.rpartition(":")[2]
+    if name in RESERVED:
+        name = f"{name} (model)"
+    return {name: TorchModel(factory, mapping=mapping, optimizer=optimizer, name=name)}
+
+
 def _batches(args, cfg, B, T):
     from pyref import synth
     from pyref.formats import read_tokens
@@ -131,7 +149,7 @@ def _batches(args, cfg, B, T):
 
 def cmd_run(args) -> int:
     from .report import run_summary, step_table, to_json, write_json
-    from .runner import AdamW, run_parity
+    from .runner import AdamW, model_notes, run_parity
 
     # everything that can refuse is checked before the (maybe long) run, so a parity
     # failure is never reported as a usage error afterwards
@@ -156,18 +174,23 @@ def cmd_run(args) -> int:
     impls = _impls(args.ref)
     if args.impl:
         impls.update(_impls([args.impl]))
+    models = _models(args)
     out = sys.stdout
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
-              f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}", file=out)
+              f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
+              + "".join(f"; model: {n} ({args.model})" for n in models), file=out)
     progress = Progress(enabled=not args.quiet)
 
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
-    report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, steps=args.steps, hyper=hyper,
-                        threads=args.threads, replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
+    report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
+                        steps=args.steps, hyper=hyper, threads=args.threads,
+                        replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
                         progress=progress)
     progress.done()
     if not args.json_only:
+        for line in model_notes(report):
+            print(line, file=out)
         for step in report.steps:
             if not args.summary_only or not step.passed:
                 print(step_table(step, verbose=args.verbose), file=out)
@@ -299,6 +322,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--ref", default="numpy,torch", type=lambda s: [x for x in s.split(",") if x],
                      help="references beside the oracle: numpy, torch, oracle (only), or a module (default numpy,torch)")
     run.add_argument("--impl", help="your port: a .py file or module[:attr] implementing docs/kernels.md")
+    run.add_argument("--model", help="your PyTorch model: file.py:name or module:name, an nn.Module class or "
+                                     "a factory taking the config (checked with autograd and its optimizer)")
+    run.add_argument("--optimizer", help="with --model: the port's optimizer, file.py:name of a factory "
+                                         "(model, hyper) -> torch.optim.Optimizer, or 'configure_optimizers' "
+                                         "(the model's own method); default torch.optim.AdamW with the run's settings")
+    run.add_argument("--model-map", help="with --model: file.py:name of a dict or callable (param name, shape) -> "
+                                         "C tensor like 'qkvw[3]' or 'fcw[0].T', for names not recognised")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--weight-decay", type=float, default=0.1)
@@ -340,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     from .binding import LibraryError
     from .build import BuildError
     from .kernels import KernelLoadError
+    from .models import ModelError
 
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, LibraryError, BuildError, KernelLoadError, FileNotFoundError,
+    except (UsageError, ValueError, LibraryError, BuildError, KernelLoadError, ModelError, FileNotFoundError,
             FileExistsError, IsADirectoryError, PermissionError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llmc-parity: error: {reason}", file=sys.stderr)

@@ -93,6 +93,9 @@ class RunReport:
     library: str
     build: dict | None
     not_checked: dict[str, list[str]] = field(default_factory=dict)
+    # torch models (harness.models): hygiene findings and the C tensors they do not show
+    findings: dict[str, list[str]] = field(default_factory=dict)
+    not_observed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -105,6 +108,18 @@ class RunReport:
             for impl, text in s.errors.items():
                 return f"step {s.step} [{impl}] error: {text}"
         return None
+
+
+def model_notes(report: RunReport) -> list[str]:
+    """What a report says of torch models before the numbers: hygiene findings (one line
+    and a reason each) and the C tensors a model does not show (not checked for it)."""
+    lines = []
+    for name, found in report.findings.items():
+        lines += [f"finding [{name}]: {f}" for f in found]
+    for name, unseen in report.not_observed.items():
+        if unseen:
+            lines.append(f"not observed [{name}]: {', '.join(unseen)}")
+    return lines
 
 
 # ----------------------------------------------------------------------------
@@ -228,11 +243,16 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
     fwd, bwd = forward_nodes(cfg), backward_nodes(cfg)
     checks: list[Check] = []
 
+    observes, has = _observation(state)
     for node in fwd:
         shape = node_shape(node, cfg, B, T)
+        if replay and not _replayable(node, has):
+            continue
         out = run_kernel(ORACLE, node.kernel, _args64(node, state), np.float64) if replay else None
         for oname in FORWARD_OUTPUTS[node.kernel]:
             ref = node.arg_dict[oname]
+            if not observes(ref):
+                continue
             actual = ref.get(state)
             expected = out[oname] if replay else ref.get(expected_state)
             n = reduction_length(CHECK_BY_KERNEL[node.kernel], oname, shape)
@@ -241,7 +261,7 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
                 e2e_tolerance(node.kernel, oname, n, size, carried(ref))
             c = compare(actual, expected, name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
                         mask=_mask(node, oname, shape))
-            checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}", c))
+            checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}{_module(state, ref)}", c))
 
     # which backward node is the last to accumulate into each buffer
     last: dict[Ref, int] = {}
@@ -255,9 +275,13 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
     acc: dict[Ref, np.ndarray] = {}
     mags: dict[Ref, np.ndarray] = {}
     nmax: dict[Ref, int] = {}
+    skipped: set[Ref] = set()   # buffers a contributor of which could not be replayed
     for i, node in enumerate(bwd):
         shape = node_shape(node, cfg, B, T)
         check = CHECK_BY_KERNEL[node.kernel]
+        if replay and not _replayable(node, has):
+            skipped |= {r for a in INPLACE_ARGS[node.kernel] if isinstance(r := node.arg_dict.get(a), Ref)}
+            continue
         if replay:
             args = _args64(node, state)
             for a in INPLACE_ARGS[node.kernel]:
@@ -278,7 +302,7 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
                     mag = np.abs(out[a] - args[a])
                 mags[ref] = mags[ref] + mag if ref in mags else mag
                 acc[ref] = out[a]
-            if last[ref] != i:
+            if last[ref] != i or not observes(ref) or ref in skipped:
                 continue
             actual = ref.get(state)
             expected = acc.pop(ref) if replay else ref.get(expected_state)
@@ -291,8 +315,29 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             by = ", ".join(f"{n.label} {n.kernel}" for n in contributors[ref])
             where = f"{node.where()} {node.kernel}" if len(contributors[ref]) == 1 else \
                 f"{'layer %d ' % node.layer if node.layer is not None else ''}{ref.name} gradient (sum of {by})"
+            where += _module(state, ref)
             checks.append(Check(step, impl, kind, str(ref), where, c))
     return checks
+
+
+def _observation(state):
+    """``(observes, has)`` of a state: whether it produced a tensor itself (else it is not
+    compared), and whether it holds a value usable as a replay's input. Everything, for
+    the C and the kernel-protocol models; a torch model (:mod:`harness.models`) says."""
+    everything = lambda ref: True
+    return getattr(state, "observes", everything), getattr(state, "has", everything)
+
+
+def _replayable(node: Node, has) -> bool:
+    wanted = SIGNATURES[node.kernel]
+    return all(has(v) for k, v in node.args if isinstance(v, Ref) and k in wanted
+               and k not in INPLACE_ARGS.get(node.kernel, ()) and k not in FORWARD_OUTPUTS.get(node.kernel, ()))
+
+
+def _module(state, ref: Ref) -> str:
+    """`` [mlp.c_fc]``: the module of a torch model that showed ``ref``."""
+    name = getattr(state, "module_of", lambda r: None)(ref)
+    return f" [{name}]" if name else ""
 
 
 _FREE = Tolerance(rel=np.inf, norm=np.inf)
@@ -369,13 +414,17 @@ def first_divergence(checks: list[Check]) -> str | None:
 # ----------------------------------------------------------------------------
 
 def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[np.ndarray, np.ndarray]], *,
-               lib=None, impls: dict[str, KernelSet] | None = None, steps: int = 10,
+               lib=None, impls: dict[str, KernelSet] | None = None, models: dict | None = None,
+               steps: int = 10,
                hyper: AdamW = AdamW(), threads: int | None = None, replay: bool | str = True,
                progress: Callable[[int, int, str], None] | None = None,
                on_step: Callable[[int, object], None] | None = None) -> RunReport:
     """Run ``steps`` training steps of the C (the library ``lib``) and of each Python
     implementation in ``impls`` (name -> KernelSet; default: none, the C alone against the
-    oracle), checking everything after every step. ``batches`` yields (inputs, targets).
+    oracle), checking everything after every step. ``models`` (name ->
+    :class:`harness.models.TorchModel`): PyTorch models run as their ports run them
+    (autograd, their optimizer), checked the same way; their parameters are mapped (or
+    refused, with the reason) before anything runs. ``batches`` yields (inputs, targets).
     ``replay``: True (every step), ``"on-failure"`` (only for an implementation whose
     end-to-end checks failed, to localise; cheaper at 124M scale) or False.
     ``on_step(t, cmodel)`` is called after each step's update (the gate fingerprints the
@@ -389,6 +438,14 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64)
     pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
                 for name, k in impls.items()}
+    if models:
+        from .models import ModelState
+        try:
+            for name, spec in models.items():
+                pymodels[name] = ModelState(config, cmodel.params_memory, spec, hyper)
+        except Exception:
+            cmodel.close()
+            raise
     reports: list[StepReport] = []
     B = T = 0
     try:
@@ -460,7 +517,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                 try:
                     pm.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, t)
                 except Exception as e:
-                    errors[name] = f"{type(e).__name__}: {e}"
+                    errors[name] = " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
                     continue
                 checks += check_update(config, pre, pm.grads_memory,
                                        (pm.params_memory, pm.m_memory, pm.v_memory), hyper, t,
@@ -476,5 +533,8 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     finally:
         cmodel.close()
     not_checked = {name: list(k.missing) for name, k in impls.items() if getattr(k, "missing", None)}
-    return RunReport(config, B, T, hyper, ["C", *impls], reports, lib.path,
-                     None if lib.build_info is None else vars(lib.build_info), not_checked)
+    torch_models = {n: pm for n, pm in pymodels.items() if n not in impls}
+    return RunReport(config, B, T, hyper, ["C", *pymodels], reports, lib.path,
+                     None if lib.build_info is None else vars(lib.build_info), not_checked,
+                     findings={n: list(pm.findings) for n, pm in torch_models.items()},
+                     not_observed={n: pm.not_observed() for n, pm in torch_models.items()})

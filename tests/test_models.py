@@ -1,0 +1,195 @@
+"""PyTorch models checked as their ports run them: parameters mapped from the C's, autograd,
+torch.optim, activations seen at module boundaries, replay localisation, hygiene findings.
+The three ports are in tests/model_ports.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.cli import main as cli_main
+from harness.models import Hyper, ModelError, ModelState, TorchModel, map_parameters
+from harness.pytest_plugin import checks_by_op
+from harness.runner import AdamW, run_parity
+from pyref import synth
+from pyref.config import PRESETS, GPT2Config
+
+import model_ports as mp
+
+pytest.importorskip("transformers")
+
+TINY = PRESETS["tiny"]
+# B*T = 15 (not a multiple of 8), one head, V < Vp
+ODD = GPT2Config(max_seq_len=8, vocab_size=40, padded_vocab_size=64, num_layers=1, num_heads=1, channels=12)
+PORTS = {"walkthrough": mp.WalkGPT2, "nanogpt": mp.GPT, "hf": mp.hf_gpt2}
+HERE = Path(__file__).resolve().parent
+
+
+def batches(cfg, B, T, seed=0):
+    i = 0
+    while True:
+        yield synth.make_batch(cfg, B, T, seed=seed + i)
+        i += 1
+
+
+def run_model(factory, cfg=TINY, B=4, T=16, steps=1, optimizer=None, **kw):
+    return run_parity(cfg, synth.init_params(cfg, seed=0), batches(cfg, B, T), steps=steps,
+                      models={"port": TorchModel(factory, optimizer=optimizer)}, **kw)
+
+
+def failures(report):
+    return [f"{c.impl} {c.kind} {c.tensor} {c.where}: {c.comparison.message()}"
+            for s in report.steps for c in s.checks if not c.passed] + \
+        [f"error {e}" for s in report.steps for e in s.errors.values()]
+
+
+@pytest.mark.parametrize("port", list(PORTS))
+def test_port_passes_ten_steps(port):
+    report = run_model(PORTS[port], steps=10, replay="on-failure")
+    assert report.passed, "\n".join(failures(report)[:5])
+    assert report.impls == ["C", "port"] and report.findings["port"] == []
+    kinds = {c.kind for s in report.steps for c in s.checks if c.impl == "port"}
+    assert kinds == {"e2e", "update", "loss"}
+    losses = [s.losses["port"] for s in report.steps]
+    assert losses[-1] < losses[0]
+    # every parameter's gradient and update is checked
+    tensors = {c.tensor.split("[")[0] for s in report.steps for c in s.checks if c.impl == "port"}
+    assert {"grads.wte", "grads.qkvw", "params.wte (after update)", "m.lnfb (after update)"} <= tensors
+    if port != "walkthrough":   # module boundaries show the layers' activations
+        assert {"acts.ln1", "acts.qkv", "acts.atty", "acts.fch_gelu", "grads_acts.residual2"} <= tensors
+        assert "acts.preatt" in report.not_observed["port"]
+
+
+@pytest.mark.parametrize("port", list(PORTS))
+def test_port_odd_shapes_and_one_head(port):
+    report = run_model(PORTS[port], cfg=ODD, B=3, T=5, steps=2)
+    assert report.passed, "\n".join(failures(report)[:5])
+    assert any(c.kind == "replay" for s in report.steps for c in s.checks if c.impl == "port")
+
+
+def _adamw(**kw):
+    def factory(model, h):
+        return torch.optim.AdamW(model.parameters(), lr=h.learning_rate, **kw)
+    return factory
+
+
+# planted bug -> (model, optimizer, where the first divergence must be, a finding that names it)
+BUGS = {
+    "dropout-on": (mp.hf_gpt2_defaults, None, "encoder encoder_forward [transformer.h.0 input]", "dropout"),
+    "erf-gelu": (mp.GPT.variant(gelu="none"), None, "layer 0 gelu gelu_forward", "tanh approximation"),
+    "ln-eps-1e-6": (mp.GPT.variant(eps=1e-6), None, "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]",
+                    "eps 1e-06"),
+    "softmax-over-Vp": (mp.WalkGPT2VocabBug, None, "crossentropy crossentropy_softmax_backward", None),
+    "labels-shifted-twice": (mp.GPT.variant(shift_labels=True), None,
+                             "crossentropy crossentropy_softmax_backward [lm_head]", None),
+    "adamw-default-decay": (mp.GPT, _adamw(betas=(0.9, 0.999)), "gpt2_update wte", "weight_decay=0.01"),
+    "betas-0.95": (mp.GPT, _adamw(betas=(0.9, 0.95), weight_decay=0.1), "gpt2_update wte", "beta2=0.95"),
+    "decay-2d-only": (mp.GPT, "configure_optimizers", "gpt2_update ln1w", "only some parameters"),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_planted_bug_is_localised(bug):
+    factory, optimizer, where, finding = BUGS[bug]
+    report = run_model(factory, optimizer=optimizer, B=2, T=8)
+    assert not report.passed
+    step = report.steps[0]
+    assert "C" not in step.first_divergence
+    text = step.first_divergence["port"]
+    assert where in text, text
+    if finding:
+        assert any(finding in f for f in report.findings["port"]), report.findings
+    bad = [c for c in step.checks if not c.passed]
+    assert bad and all(c.impl == "port" for c in bad)
+
+
+def test_untied_head_is_refused_before_any_number():
+    with pytest.raises(ModelError, match="untied head: .*lm_head.weight"):
+        run_model(mp.GPT.variant(tied=False))
+
+
+class _Renamed(torch.nn.Module):
+    """The walkthrough's model under other names: needs an explicit mapping."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.inner = mp.WalkGPT2(cfg)
+        self.tok = self.inner.wte   # the same tensor: one parameter, two names
+
+    def forward(self, idx, targets):
+        return self.inner(idx, targets)
+
+
+def test_mapping_errors_are_clear():
+    cfg = TINY
+    model = mp.GPT(Hyper(cfg))
+    model.extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ModelError, match=r"extra parameter extra \(3,\)"):
+        map_parameters(model, cfg)
+    model = mp.GPT(Hyper(cfg))
+    del model.transformer.h[1].mlp.c_fc
+    with pytest.raises(ModelError, match=r"missing: no parameter holds fcw\[1\], fcb\[1\]"):
+        map_parameters(model, cfg)
+    model = mp.WalkGPT2(cfg)
+    model.ln1w = torch.nn.Parameter(torch.zeros(cfg.channels))
+    with pytest.raises(ModelError, match=r"ln1w has shape \(48,\), ln1w needs \(2, 48\)"):
+        map_parameters(model, cfg)
+    with pytest.raises(ModelError, match="not a C parameter"):
+        map_parameters(mp.WalkGPT2(cfg), cfg, mapping={"wte": "embedding"})
+
+
+def test_explicit_mapping_and_bits_preserved():
+    cfg = TINY
+    # "inner.<C name>" and an alias "tok" of the same tensor as inner.wte
+    mapping = lambda name, shape: "wte" if name == "tok" else name.rpartition(".")[2]
+    params = synth.init_params(cfg, seed=3)
+    state = ModelState(cfg, params, TorchModel(_Renamed, mapping=mapping), AdamW())
+    assert np.array_equal(state.model.inner.qkvw.detach().numpy().view(np.uint32),
+                          state.params["qkvw"].view(np.uint32))
+    hf = ModelState(cfg, params, TorchModel(mp.hf_gpt2), AdamW())
+    w = hf.model.transformer.h[1].attn.c_attn.weight.detach().numpy()
+    assert np.array_equal(w.T.view(np.uint32), hf.params["qkvw"][1].view(np.uint32))  # Conv1D: transposed
+    assert hf.model.transformer.wte.weight.shape[0] == cfg.vocab_size   # V rows of the C's Vp
+
+
+def test_cli_model_check(capsys):
+    spec = f"{HERE / 'model_ports.py'}:GPT"
+    assert cli_main(["run", "--model", spec, "--steps", "1", "--ref", "oracle", "-q", "-s"]) == 0
+    out = capsys.readouterr().out
+    assert "GPT" in out and "PASS" in out and "not observed [GPT]: acts.ln1_mean" in out
+    bad = f"{HERE / 'model_ports.py'}:WalkGPT2VocabBug"
+    assert cli_main(["run", "--model", bad, "--steps", "1", "--ref", "oracle", "-q", "-s"]) == 1
+    assert "crossentropy_softmax_backward" in capsys.readouterr().out
+    assert cli_main(["run", "--model", f"{HERE / 'model_ports.py'}:nothing", "-q"]) == 2
+    assert "no attribute 'nothing'" in capsys.readouterr().err
+
+
+def test_report_json_carries_model_findings(tmp_path):
+    from harness.report import to_json
+    report = run_model(mp.GPT.variant(eps=1e-6), B=2, T=8, replay=False)
+    data = to_json(report, versions=False)
+    assert data["impls"] == ["C", "port"] and data["verdict"] == "fail"
+
+
+def test_user_model_op(llmc_model_op, llmc_model_report):
+    """`pytest --llmc-model my_port.py:GPT -k layernorm`: the model's checks, op by op."""
+    impl = llmc_model_report.impls[-1]
+    checks = checks_by_op(llmc_model_report, impl)[llmc_model_op]
+    errors = [e for s in llmc_model_report.steps for e in s.errors.values()]
+    assert not errors, errors[0]
+    if not checks:
+        pytest.skip(f"{impl} shows no tensor of {llmc_model_op} (not observed)")
+    bad = [c for c in checks if not c.passed]
+    assert not bad, f"{bad[0].where}: {bad[0].comparison.message()}"
+
+
+def test_plugin_selects_a_models_ops_by_name():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_models.py"),
+                        "--llmc-model", f"{HERE / 'model_ports.py'}:GPT", "--llmc-steps", "1",
+                        "-k", "test_user_model_op and layernorm"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "1 passed" in r.stdout, r.stdout[-1000:]
