@@ -465,6 +465,9 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
             "checks": [_check_json(c) for c in s.checks],
         } for s in report.steps],
         "not_checked": {str(k): [str(x) for x in v] for k, v in report.not_checked.items()},
+        # torch models (--model): hygiene findings, and C tensors the model does not show
+        "findings": {str(k): [str(x) for x in v] for k, v in getattr(report, "findings", {}).items()},
+        "not_observed": {str(k): [str(x) for x in v] for k, v in getattr(report, "not_observed", {}).items()},
     }
     return _plain(out)
 

@@ -173,6 +173,8 @@ def test_report_json_carries_model_findings(tmp_path):
     report = run_model(mp.GPT.variant(eps=1e-6), B=2, T=8, replay=False)
     data = to_json(report, versions=False)
     assert data["impls"] == ["C", "port"] and data["verdict"] == "fail"
+    assert any("eps 1e-06" in f for f in data["findings"]["port"])
+    assert "acts.att" in data["not_observed"]["port"]
 
 
 def test_user_model_op(llmc_model_op, llmc_model_report):
