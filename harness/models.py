@@ -21,7 +21,9 @@ Anything else takes an explicit mapping: ``{model parameter name: "qkvw[3]"}`` (
 suffix for a transposed layout), or a callable ``(name, shape) -> such a string``.
 
 Activations are observed at module boundaries with forward hooks (and their gradients with
-tensor hooks): what a model does not expose there is listed as not observed, and the checks
+tensor hooks), and, for a model built from protocol-named forward kernels of its own module
+(the walkthrough's ``layernorm_forward(x, w, b)`` ...), at each kernel call that follows the
+C's forward order: what a model does not expose is listed as not observed, and the checks
 skip it. The values an op's replay needs but no module returns (a layernorm's mean and rstd,
 attention's softmax, the probabilities) are *derived*: the float64 oracle of the op applied
 to the port's own observed inputs, so a replay's inputs stay the port's own.
@@ -363,6 +365,54 @@ class _Capture:
         self.values.clear()
         self.grads.clear()
 
+    # -- kernel calls: a model built from protocol-named functions (the walkthrough's style)
+    def kernel_calls(self, model, cfg: GPT2Config):
+        """A context in which the forward kernels the model's own module defines are
+        recorded call by call; on exit, the calls that follow the C's forward order are
+        taken as its activations (and their gradients hooked)."""
+        import contextlib
+        import sys
+        from pyref.protocol import FORWARD_KERNELS
+
+        module = sys.modules.get(type(model).__module__)
+        names = [k for k in FORWARD_KERNELS if callable(getattr(module, k, None))] if module else []
+        calls: list = []
+
+        def recorder(kernel, f):
+            def call(*args, **kwargs):
+                out = f(*args, **kwargs)
+                calls.append((kernel, out))
+                return out
+            return call
+
+        @contextlib.contextmanager
+        def ctx():
+            saved = {k: getattr(module, k) for k in names}
+            try:
+                for k, f in saved.items():
+                    setattr(module, k, recorder(k, f))
+                yield
+            finally:
+                for k, f in saved.items():
+                    setattr(module, k, f)
+            self._take_calls(calls, cfg, module.__name__ if module else "")
+        return ctx()
+
+    def _take_calls(self, calls, cfg, where):
+        for node, (kernel, out) in zip(forward_nodes(cfg), calls):
+            if node.kernel != kernel:
+                break   # the calls no longer follow the C's graph: the rest is not observed
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for oname, t in zip(FORWARD_OUTPUTS[kernel], outs):
+                ref = node.arg_dict[oname]
+                key = (ref.name, ref.layer)
+                if key in self.values or _first_tensor(t) is None:
+                    continue
+                self.points[key] = f"{where}.{kernel} call"
+                self.values[key] = t.detach().clone()
+                if t.requires_grad:
+                    t.register_hook(lambda g, key=key: self.grads.__setitem__(key, g.detach().clone()))
+
 
 # ----------------------------------------------------------------------------
 # hygiene: what silently makes a port differ from the C, said before the numbers
@@ -604,7 +654,8 @@ class ModelState:
         self.capture.clear()
         idx = torch.from_numpy(self.inputs.astype(np.int64))
         tgt = torch.from_numpy(self.targets.astype(np.int64))
-        logits, loss = self._call(idx, tgt)
+        with self.capture.kernel_calls(self.model, cfg):
+            logits, loss = self._call(idx, tgt)
         if logits is not None and ("logits", None) not in self.capture.values:
             self.capture.values[("logits", None)] = logits.detach().clone()
             if logits.requires_grad:
@@ -651,7 +702,7 @@ class ModelState:
         for (act, layer), t in captured.items():
             a = t.to(self.torch.float32).numpy()
             dst = out[act] if layer is None else out[act][layer]
-            if act == "logits" and a.shape[-1] == cfg.vocab_size < cfg.padded_vocab_size:
+            if act in ("logits", "probs") and a.shape[-1] == cfg.vocab_size < cfg.padded_vocab_size:
                 dst[..., :cfg.vocab_size] = a
                 dst[..., cfg.vocab_size:] = 0   # no padded columns: the C's are 0 (zero rows of wte)
             elif a.shape != dst.shape:
