@@ -96,6 +96,8 @@ class RunReport:
     # torch models (harness.models): hygiene findings and the C tensors they do not show
     findings: dict[str, list[str]] = field(default_factory=dict)
     not_observed: dict[str, list[str]] = field(default_factory=dict)
+    # kernel ports: backward kernels derived by autograd through their forward kernels
+    derived: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -116,6 +118,9 @@ def model_notes(report: RunReport) -> list[str]:
     lines = []
     for name, found in report.findings.items():
         lines += [f"finding [{name}]: {f}" for f in found]
+    for name, kernels in report.derived.items():
+        if kernels:
+            lines.append(f"derived by autograd [{name}]: {', '.join(kernels)} (through its own forward kernels)")
     for name, unseen in report.not_observed.items():
         if unseen:
             lines.append(f"not observed [{name}]: {', '.join(unseen)}")
@@ -438,6 +443,9 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64)
     pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
                 for name, k in impls.items()}
+    for name, k in impls.items():
+        if getattr(k, "not_returned", None) is not None:
+            pymodels[name].observes = _returned_by(k, config)
     if models:
         from .models import ModelState
         try:
@@ -534,7 +542,35 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
         cmodel.close()
     not_checked = {name: list(k.missing) for name, k in impls.items() if getattr(k, "missing", None)}
     torch_models = {n: pm for n, pm in pymodels.items() if n not in impls}
+    not_observed = {n: pm.not_observed() for n, pm in torch_models.items()}
+    not_observed.update({n: _unobserved(pymodels[n], config) for n, k in impls.items()
+                         if getattr(k, "not_returned", None)})
     return RunReport(config, B, T, hyper, ["C", *pymodels], reports, lib.path,
                      None if lib.build_info is None else vars(lib.build_info), not_checked,
                      findings={n: list(pm.findings) for n, pm in torch_models.items()},
-                     not_observed={n: pm.not_observed() for n, pm in torch_models.items()})
+                     not_observed=not_observed,
+                     derived={n: list(k.derived) for n, k in impls.items() if getattr(k, "derived", None)})
+
+
+def _graph_outputs(cfg: GPT2Config) -> dict[Ref, set[tuple[str, str]]]:
+    """Every tensor the graph writes -> the (kernel, output argument) pairs that write it."""
+    out: dict[Ref, set] = {}
+    for node in forward_nodes(cfg):
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            out.setdefault(node.arg_dict[o], set()).add((node.kernel, o))
+    for node in backward_nodes(cfg):
+        for a in INPLACE_ARGS[node.kernel]:
+            if isinstance(r := node.arg_dict.get(a), Ref):
+                out.setdefault(r, set()).add((node.kernel, a))
+    return out
+
+
+def _returned_by(ks: KernelSet, cfg: GPT2Config):
+    """``observes`` of a kernel port's model: false for what its kernels did not return
+    (``ks.not_returned``, known once they ran)."""
+    writers = _graph_outputs(cfg)
+    return lambda ref: not (writers.get(ref, set()) & ks.not_returned)
+
+
+def _unobserved(state, cfg: GPT2Config) -> list[str]:
+    return list(dict.fromkeys(f"{r.group}.{r.name}" for r in _graph_outputs(cfg) if not state.observes(r)))

@@ -15,7 +15,7 @@ from harness.cli import main as cli_main
 from harness.models import Hyper, ModelError, ModelState, TorchModel, map_parameters
 from harness.pytest_plugin import checks_by_op
 from harness.runner import AdamW, run_parity
-from pyref import synth
+from pyref import numpy_kernels, synth
 from pyref.config import PRESETS, GPT2Config
 
 import model_ports as mp
@@ -196,3 +196,59 @@ def test_plugin_selects_a_models_ops_by_name():
                         "-k", "test_user_model_op and layernorm"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "1 passed" in r.stdout, r.stdout[-1000:]
+
+
+# ----------------------------------------------------------------------------
+# a kernel port with forward kernels only: backward by autograd through them
+
+def _kernel_run(ks, steps=1, **kw):
+    return run_parity(TINY, synth.init_params(TINY, seed=0), batches(TINY, 4, 16), steps=steps,
+                      impls={"walk": ks}, **kw)
+
+
+def test_forward_only_kernel_port_is_checked_backward_by_autograd():
+    """model_ports.py defines forward kernels only, two with the shapes passed explicitly
+    (attention_forward(inp, B, T, C, NH), softmax_forward(logits)) and two returning their
+    main output alone: loaded as it is, no adapter."""
+    from harness.kernels import load_kernels
+    ks = load_kernels(str(HERE / "model_ports.py"), fallback=True)
+    assert ks.missing == ["adamw"]
+    assert set(ks.derived) == {"encoder_backward", "layernorm_backward", "matmul_backward", "attention_backward",
+                               "gelu_backward", "residual_backward", "crossentropy_softmax_backward"}
+    report = _kernel_run(ks)
+    assert report.passed, "\n".join(failures(report)[:5])
+    replayed = {c.where.split(" [")[0] for s in report.steps for c in s.checks if c.impl == "walk" and c.kind == "replay"}
+    assert {"layer 0 attention attention_backward", "layer 1 ln1 layernorm_backward",
+            "crossentropy crossentropy_softmax_backward", "softmax softmax_forward"} <= replayed
+    assert {"acts.att", "acts.ln1_mean", "grads_acts.preatt"} <= set(report.not_observed["walk"])
+    assert report.derived["walk"] == ks.derived
+
+
+def test_forward_only_kernel_port_bug_is_localised():
+    """An attention scaled by 1/hs instead of 1/sqrt(hs): forward and (derived) backward fail
+    there, and the first divergence names it."""
+    from pyref.protocol import KernelSet, as_namespace
+    funcs = {k: getattr(mp, k) for k in ("encoder_forward", "layernorm_forward", "matmul_forward", "gelu_forward",
+                                         "residual_forward", "softmax_forward", "crossentropy_forward")}
+
+    funcs["attention_forward"] = _scaled_attention
+    ks = KernelSet.from_module(as_namespace(funcs, backend="torch"), name="bad", fallback=numpy_kernels)
+    report = _kernel_run(ks)
+    text = report.steps[0].first_divergence["walk"]
+    assert "layer 0 attention attention_forward" in text and "inputs exact" in text, text
+
+
+def _scaled_attention(inp, B, T, C, NH):
+    hs = C // NH
+    q, k, v = inp.split(C, dim=-1)
+    q, k, v = (x.reshape(B, T, NH, hs).transpose(1, 2) for x in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / hs          # the bug: 1/hs, not 1/sqrt(hs)
+    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    return (att @ v).transpose(1, 2).reshape(B, T, C)
+
+
+def test_ops_table_checks_derived_backward_kernels(capsys):
+    assert cli_main(["ops", "--impl", str(HERE / "model_ports.py"), "-k", "attention_backward",
+                     "-k", "crossentropy_softmax_backward", "-k", "layernorm"]) == 0
+    out = capsys.readouterr().out
+    assert "0 failed" in out and "not checked for model_ports: adamw" not in out
