@@ -168,6 +168,8 @@ def cmd_run(args) -> int:
     T = args.seq_len or min(cfg.max_seq_len, 64 if cfg.channels >= 512 else 16)
     if T > cfg.max_seq_len:
         raise UsageError(f"-T {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if args.free_run < 0:
+        raise UsageError(f"--free-run must be >= 0, got {args.free_run}")
     if B < 1 or T < 1 or args.steps < 1:
         raise UsageError("batch size, sequence length and steps must be positive")
     lib = _library(args)
@@ -187,6 +189,12 @@ def cmd_run(args) -> int:
                         steps=args.steps, hyper=hyper, threads=args.threads,
                         replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
                         progress=progress)
+    if args.free_run:
+        from .freerun import free_run
+        gen = _batches(args, cfg, B, T)
+        progress(args.steps, args.steps, f"free run of {args.free_run} steps")
+        report.free_run = free_run(cfg, params, [next(gen) for _ in range(args.free_run)], lib=lib, impls=impls,
+                                   models=models, hyper=hyper, threads=args.threads)
     progress.done()
     if not args.json_only:
         for line in model_notes(report):
@@ -194,6 +202,9 @@ def cmd_run(args) -> int:
         for step in report.steps:
             if not args.summary_only or not step.passed:
                 print(step_table(step, verbose=args.verbose), file=out)
+        if report.free_run:
+            from .freerun import free_run_table
+            print(free_run_table(report.free_run), file=out)
         print(run_summary(report), file=out)
     ds_ok = True
     if args.debug_state:
@@ -329,6 +340,9 @@ def parser() -> argparse.ArgumentParser:
                                          "(the model's own method); default torch.optim.AdamW with the run's settings")
     run.add_argument("--model-map", help="with --model: file.py:name of a dict or callable (param name, shape) -> "
                                          "C tensor like 'qkvw[3]' or 'fcw[0].T', for names not recognised")
+    run.add_argument("--free-run", type=int, default=0, metavar="N",
+                     help="also train every implementation N steps on its own state from the common start, "
+                          "checking its loss and parameters against the float64 oracle's own run per step")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--weight-decay", type=float, default=0.1)

@@ -98,10 +98,12 @@ class RunReport:
     not_observed: dict[str, list[str]] = field(default_factory=dict)
     # kernel ports: backward kernels derived by autograd through their forward kernels
     derived: dict[str, list[str]] = field(default_factory=dict)
+    # --free-run: each implementation on its own state (harness.freerun.FreeRunRow)
+    free_run: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.steps) and all(s.passed for s in self.steps)
+        return bool(self.steps) and all(s.passed for s in self.steps) and all(r.passed for r in self.free_run)
 
     def first_divergence(self) -> str | None:
         for s in self.steps:

@@ -252,3 +252,39 @@ def test_ops_table_checks_derived_backward_kernels(capsys):
                      "-k", "crossentropy_softmax_backward", "-k", "layernorm"]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out and "not checked for model_ports: adamw" not in out
+
+
+# ----------------------------------------------------------------------------
+# free-running trajectories
+
+def test_free_run_bounds_every_implementation_by_the_witness():
+    from harness.freerun import free_run, free_run_table
+    from harness.kernels import load_kernels
+    steps = 4
+    rows = free_run(TINY, synth.init_params(TINY, seed=0), [synth.make_batch(TINY, 4, 16, seed=i) for i in range(steps)],
+                    lib=None, impls={"numpy": load_kernels("numpy")},
+                    models={"GPT": TorchModel(mp.GPT),
+                            "betas95": TorchModel(mp.GPT, optimizer=_adamw(betas=(0.9, 0.95), weight_decay=0.1))})
+    table = free_run_table(rows)
+    assert len(rows) == 4 * steps
+    by = {(r.impl, r.step): r for r in rows}
+    for impl in ("C", "numpy", "GPT"):
+        assert all(by[impl, t].passed for t in range(1, steps + 1)), table
+    # the bound grows with the witness's own drift, step by step
+    assert by["C", steps].param_bound > by["C", 1].param_bound
+    # other betas leave v, so the trajectory, from step 2 on
+    assert by["betas95", 1].passed and not by["betas95", 2].passed, table
+    assert by["betas95", steps].param_norm_rel > 10 * by["betas95", steps].param_bound
+
+
+def test_cli_free_run(tmp_path, capsys):
+    import json
+    out = tmp_path / "r.json"
+    rc = cli_main(["run", "--model", f"{HERE / 'model_ports.py'}:GPT", "--ref", "oracle", "--steps", "1",
+                   "--free-run", "2", "--replay", "never", "-q", "-s", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "free run: each implementation on its own state" in text
+    data = json.loads(out.read_text())
+    assert [(r["impl"], r["step"]) for r in data["free_run"]] == [("C", 1), ("GPT", 1), ("C", 2), ("GPT", 2)]
+    assert all(r["passed"] for r in data["free_run"])
