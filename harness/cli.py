@@ -90,10 +90,36 @@ def _config(args):
     from pyref.config import preset
     from pyref.formats import read_checkpoint
     if args.checkpoint:
-        return read_checkpoint(args.checkpoint)
+        cfg, params = read_checkpoint(args.checkpoint)
+        _refuse_nonfinite(args.checkpoint, cfg, params)
+        return cfg, params
     from pyref import synth
     cfg = preset(args.config)
     return cfg, synth.init_params(cfg, seed=args.seed)
+
+
+def _refuse_nonfinite(path, cfg, params) -> None:
+    """A checkpoint with NaN or Inf parameters: every implementation, the oracle too,
+    computes NaN from it, so no parity can be judged. Say where, before any C runs."""
+    from math import prod
+
+    import numpy as np
+
+    from pyref.config import param_shapes
+    bad = ~np.isfinite(params)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    off = 0
+    for name, shape in param_shapes(cfg).items():
+        n = prod(shape)
+        if i < off + n:
+            where = f"{name}{[int(k) for k in np.unravel_index(i - off, shape)]}"
+            break
+        off += n
+    raise UsageError(f"{path}: {int(bad.sum())} non-finite parameter value(s), the first "
+                     f"{where} = {params[i]}; parity cannot be judged on NaN/Inf "
+                     "(every implementation and the oracle compute NaN from it)")
 
 
 def _impls(names: list[str]):
@@ -269,6 +295,7 @@ def cmd_info(args) -> int:
     print(f"symbols: all {len(REQUIRED_SYMBOLS)} of the spec present")
     print(f"struct layout: {'checked against the compiler (llmc_abi_layout)' if lib.abi_checked else 'not checkable (no llmc_abi_layout); pointer order is checked per model'}")
     print(f"OpenMP: {'yes, ' + str(lib.get_num_threads()) + ' threads' if lib.has_openmp else 'no'}")
+    print(f"floating point: {lib.fp_description}")
     if lib.build_info:
         b = lib.build_info
         print(f"built from {b.source} with {b.cc_version} [{b.cflags}{' -fopenmp' if b.openmp else ''}]")

@@ -93,6 +93,7 @@ class RunReport:
     library: str
     build: dict | None
     not_checked: dict[str, list[str]] = field(default_factory=dict)
+    floating_point: dict | None = None   # the C's mode (Library.floating_point)
 
     @property
     def passed(self) -> bool:
@@ -477,4 +478,5 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
         cmodel.close()
     not_checked = {name: list(k.missing) for name, k in impls.items() if getattr(k, "missing", None)}
     return RunReport(config, B, T, hyper, ["C", *impls], reports, lib.path,
-                     None if lib.build_info is None else vars(lib.build_info), not_checked)
+                     None if lib.build_info is None else vars(lib.build_info), not_checked,
+                     lib.floating_point())
