@@ -6,6 +6,8 @@
 #   make bench     speed and memory at GPT-2 124M scale
 #   make fuzz      the long hypothesis profile
 #   make sanitize  ASan + UBSan build of the library, op and model tests against it
+#   make variants  the non-slow suite against -O2, -O3, -O3 -march=native, -Ofast -march=native
+#                  builds, each with 1, 2 and 4 OpenMP threads
 #   make calibrate the worst observed tolerance constants over build variants
 
 PYTHON   ?= python3
@@ -19,7 +21,7 @@ PYTEST_ARGS ?=
 
 OMP_FLAG := $(if $(NO_OMP),--no-openmp,)
 
-.PHONY: all lib venv test parity gate gate-update bench fuzz sanitize calibrate train_gpt2 clean
+.PHONY: all lib venv test parity gate gate-update bench fuzz sanitize variants calibrate train_gpt2 clean
 
 all: lib
 
@@ -64,6 +66,21 @@ sanitize: venv
 	    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    $(VPY) -m pytest -p no:cacheprovider -q tests/test_binding.py tests/test_ops.py \
 	    tests/test_model_parity.py tests/test_hostile.py tests/test_determinism.py $(PYTEST_ARGS)
+
+# the non-slow suite against every legitimate build and several OpenMP thread counts: a
+# test that assumes how the library was built fails here before it reaches a user
+VARIANT_CFLAGS  ?= -O2|-O3|-O3 -march=native|-Ofast -march=native
+VARIANT_THREADS ?= 1 2 4
+variants: venv
+	@set -e; IFS='|'; for f in $(VARIANT_CFLAGS); do \
+	  tag=$$(echo "$$f" | tr -c 'A-Za-z0-9\n' _); \
+	  $(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out "build/variants/lib_$$tag.so" --cflags="$$f"; \
+	  for n in $(VARIANT_THREADS); do \
+	    echo "=== CFLAGS='$$f' OMP_NUM_THREADS=$$n"; \
+	    LLMC_LIB="$(abspath build/variants)/lib_$$tag.so" OMP_NUM_THREADS=$$n \
+	      $(VPY) -m pytest -q -x -p no:cacheprovider -m 'not slow' $(PYTEST_ARGS); \
+	  done; \
+	done
 
 calibrate: venv
 	$(VPY) -m harness.calibrate

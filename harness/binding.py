@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from cffi import FFI
 
+from . import fpenv
 from .build import DEFAULT_LIB, read_build_info
 from .cdefs import CDEF, GPT2_FIELDS, REQUIRED_SYMBOLS
 
@@ -103,6 +104,23 @@ def _rows(name: str, a, C: int) -> int:
 
 # ----------------------------------------------------------------------------
 
+_LOAD_ENV: dict[str, "fpenv.Env | None"] = {}
+
+
+class _InEnv:
+    """The cffi library with every function wrapped to run in the library's own
+    floating-point environment (:func:`fpenv.calls_in`)."""
+
+    def __init__(self, raw, env):
+        self.raw = raw
+        self._env = env
+
+    def __getattr__(self, name):
+        fn = fpenv.calls_in(self._env, getattr(self.raw, name))
+        setattr(self, name, fn)
+        return fn
+
+
 class Library:
     """A loaded train_gpt2.c library. Kernel methods mirror the C signatures exactly."""
 
@@ -112,17 +130,54 @@ class Library:
             raise LibraryError(f"library {self.path} does not exist (build it with `make lib`, "
                                "or point LLMC_LIB at a built libtrain_gpt2.so)")
         try:
-            self.lib = ffi.dlopen(self.path)
+            # loaded from the default floating-point environment: what its load leaves
+            # (FTZ/DAZ from -Ofast's crtfastmath) is the environment its calls run in,
+            # and Python gets its own back (harness/fpenv.py)
+            # RTLD_NODELETE: the library, and through it the OpenMP runtime it links, stays
+            # mapped until the process ends. Unloading them at interpreter teardown while
+            # OpenMP's idle worker threads still run in libgomp's code crashed the process
+            # (SIGSEGV after every check had passed, in a few percent of runs).
+            with fpenv.default_env():
+                raw = ffi.dlopen(self.path, ffi.RTLD_NOW | ffi.RTLD_LOCAL | ffi.RTLD_NODELETE)
+                env = fpenv.Env.current()
         except OSError as e:
             raise LibraryError(f"cannot load {self.path}: {e}") from None
+        # a library is loaded once per process: a second Library of the same path finds it
+        # loaded, its constructors already run, so the environment of the first load counts
+        self.fp_env = _LOAD_ENV.setdefault(self.path, env)
+        self.fp_mode = self.fp_env.mode if self.fp_env is not None else fpenv.Mode(None, None)
+        self.lib = _InEnv(raw, self.fp_env)
         missing = [s for s in REQUIRED_SYMBOLS if not self._has(s)]
         if missing:
             raise LibraryError(f"{self.path} does not export {', '.join(missing)}: "
                                "not a train_gpt2.c built with -DTESTING?")
         self.has_openmp = self._has("omp_set_num_threads") and self._has("omp_get_max_threads")
+        # from the probe (llmc/abi_probe.c); None for a library built elsewhere
+        features = self.lib.llmc_build_features() if self._has("llmc_build_features") else None
+        self.finite_math = None if features is None else bool(features & 1)
+        self.fast_math = None if features is None else bool(features & 2)
         self.build_info = read_build_info(self.path)
         self.abi_checked = self._check_layout()
         self._stdout_lock = threading.Lock()
+
+    @property
+    def fp_description(self) -> str:
+        """How the C computes: its floating-point mode and what its compiler assumed."""
+        what = [f"C runs with {self.fp_mode}"]
+        if self.fp_mode.ftz and not fpenv.default_mode().ftz:
+            what[0] += " (set by the library at load; Python keeps its own)"
+        if self.finite_math:
+            what.append("finite-math build (NaN/Inf assumed absent)")
+        elif self.finite_math is None:
+            what.append("compile assumptions unknown (no probe)")
+        return ", ".join(what)
+
+    def floating_point(self) -> dict:
+        """The same, as data for reports: mode, FTZ/DAZ, finite-math and fast-math (None
+        where unknown) and the sentence."""
+        return {"mode": str(self.fp_mode), "ftz": self.fp_mode.ftz, "daz": self.fp_mode.daz,
+                "finite_math": self.finite_math, "fast_math": self.fast_math,
+                "description": self.fp_description}
 
     def _has(self, symbol: str) -> bool:
         try:

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -43,11 +44,9 @@ class BuildInfo:
     cflags: str
     openmp: bool
     command: list[str]
-
-    @property
-    def fingerprint_key(self) -> str:
-        """Compiler and flags, the things that decide the bits of a given source."""
-        return f"{self.cc_version} | {self.cflags} | openmp={self.openmp}"
+    # the instruction sets these flags let the compiler use (see target_isa): -march=native
+    # means different code on different machines, so the flags string alone does not say
+    isa: str = ""
 
 
 def _sha256(path: Path) -> str:
@@ -60,6 +59,23 @@ def compiler_version(cc: str) -> str:
     except (OSError, subprocess.CalledProcessError) as e:
         raise BuildError(f"C compiler {cc!r} not found or not working ({e}); set CC=") from None
     return out.stdout.splitlines()[0].strip()
+
+
+# Predefined macros that name an instruction-set extension the compiler may emit code for.
+_ISA_MACRO = re.compile(r"^#define __(SSE\w*|AVX\w*|FMA\w*|F16C|BMI2?|POPCNT|LZCNT|ARM_NEON|"
+                        r"ARM_FEATURE_(?:FMA|SVE\w*|FP16\w*))__ ")
+
+
+def target_isa(cc: str, cflags: str) -> str:
+    """The instruction-set extensions ``cc`` targets under ``cflags`` (its predefined
+    macros: ``-march=native`` resolves to the build machine's), e.g. ``"AVX AVX2 FMA SSE
+    SSE2 ..."``; "" if the compiler cannot say."""
+    try:
+        out = subprocess.run([cc, *shlex.split(cflags), "-dM", "-E", "-x", "c", os.devnull],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return " ".join(sorted({m.group(1) for line in out.splitlines() if (m := _ISA_MACRO.match(line))}))
 
 
 def check_openmp(cc: str) -> None:
@@ -105,7 +121,8 @@ def build_library(src: str | os.PathLike | None = None, out: str | os.PathLike |
     cmd += [f"-I{src.parent}", f'-DLLMC_SOURCE="{src}"', str(PROBE),
             "-o", "OUT", "-lm", *shlex.split(extra_ldflags)]
     info = BuildInfo(library=str(out), source=str(src), source_sha256=_sha256(src), cc=cc,
-                     cc_version=cc_version, cflags=" ".join(flags), openmp=openmp, command=cmd)
+                     cc_version=cc_version, cflags=" ".join(flags), openmp=openmp, command=cmd,
+                     isa=target_isa(cc, cflags))
     record = out.with_suffix(out.suffix + ".json")
     if not force and out.is_file() and record.is_file():
         try:

@@ -90,10 +90,36 @@ def _config(args):
     from pyref.config import preset
     from pyref.formats import read_checkpoint
     if args.checkpoint:
-        return read_checkpoint(args.checkpoint)
+        cfg, params = read_checkpoint(args.checkpoint)
+        _refuse_nonfinite(args.checkpoint, cfg, params)
+        return cfg, params
     from pyref import synth
     cfg = preset(args.config)
     return cfg, synth.init_params(cfg, seed=args.seed)
+
+
+def _refuse_nonfinite(path, cfg, params) -> None:
+    """A checkpoint with NaN or Inf parameters: every implementation, the oracle too,
+    computes NaN from it, so no parity can be judged. Say where, before any C runs."""
+    from math import prod
+
+    import numpy as np
+
+    from pyref.config import param_shapes
+    bad = ~np.isfinite(params)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    off = 0
+    for name, shape in param_shapes(cfg).items():
+        n = prod(shape)
+        if i < off + n:
+            where = f"{name}{[int(k) for k in np.unravel_index(i - off, shape)]}"
+            break
+        off += n
+    raise UsageError(f"{path}: {int(bad.sum())} non-finite parameter value(s), the first "
+                     f"{where} = {params[i]}; parity cannot be judged on NaN/Inf "
+                     "(every implementation and the oracle compute NaN from it)")
 
 
 def _impls(names: list[str]):
@@ -273,7 +299,7 @@ def cmd_ops(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    from .gate import DEFAULT_BASELINE, evaluate, load_baseline, run_suite, write_baseline
+    from .gate import DEFAULT_BASELINE, evaluate, key_text, load_baseline, run_suite, write_baseline
 
     lib = _library(args)
     path = Path(args.baseline or DEFAULT_BASELINE)
@@ -284,15 +310,22 @@ def cmd_gate(args) -> int:
     if args.update:
         old = load_baseline(path) if path.exists() else None
         diff = write_baseline(run, path, old)
-        print(f"gate baseline written to {path} ({len(run.metrics)} checks, "
-              f"{len(run.fingerprints)} fingerprints for {run.build_key or 'no build record'})")
+        print(f"gate baseline written to {path} ({len(run.metrics)} checks, {len(run.fingerprints)} "
+              f"fingerprints for {key_text(run.build_key) if run.build_key else 'no build record'})")
         print("\n".join(diff) if diff else "no change")
         if run.failures:
             print(f"warning: {len(run.failures)} tolerance violation(s) recorded; the gate will still fail on them")
         return EXIT_PASS
-    result = evaluate(run, load_baseline(path))
+    require = args.require_bits or os.environ.get("LLMC_GATE_REQUIRE_BITS", "") not in ("", "0")
+    result = evaluate(run, load_baseline(path), require_bits=require)
     print(result.text())
     print(f"({time.perf_counter() - t0:.1f}s, library {lib.path})")
+    if args.json:
+        from pyref.formats import write_atomic
+        data = {"schema": "llmc-parity/gate-verdict/1", "passed": result.passed,
+                "bits": {k: v for k, v in result.bits.items() if k != "lines"},
+                "verdict": result.lines, "library": lib.path, "baseline": str(path)}
+        write_atomic(args.json, [json.dumps(data, indent=1).encode()], overwrite=args.overwrite)
     return EXIT_PASS if result.passed else EXIT_FAIL
 
 
@@ -303,6 +336,7 @@ def cmd_info(args) -> int:
     print(f"symbols: all {len(REQUIRED_SYMBOLS)} of the spec present")
     print(f"struct layout: {'checked against the compiler (llmc_abi_layout)' if lib.abi_checked else 'not checkable (no llmc_abi_layout); pointer order is checked per model'}")
     print(f"OpenMP: {'yes, ' + str(lib.get_num_threads()) + ' threads' if lib.has_openmp else 'no'}")
+    print(f"floating point: {lib.fp_description}")
     if lib.build_info:
         b = lib.build_info
         print(f"built from {b.source} with {b.cc_version} [{b.cflags}{' -fopenmp' if b.openmp else ''}]")
@@ -372,6 +406,12 @@ def parser() -> argparse.ArgumentParser:
     _common(gate)
     gate.add_argument("--baseline", help="baseline file (default baselines/gate.json)")
     gate.add_argument("--update", action="store_true", help="accept the current numbers as the baseline")
+    gate.add_argument("--require-bits", action="store_true",
+                      help="fail when no fingerprint of the baseline matches this build "
+                           "(also LLMC_GATE_REQUIRE_BITS=1)")
+    gate.add_argument("--json", help="write the verdict as JSON (the bit check's status, key, "
+                                     "nearest fingerprint and differing components)")
+    gate.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     gate.set_defaults(func=cmd_gate)
 
     info = sub.add_parser("info", help="build/load the library and report on it")

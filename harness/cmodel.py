@@ -214,8 +214,18 @@ class CModel:
         s = self._struct
         if s.acts_memory == ffi.NULL or s.mean_loss == -1.0:
             raise LlmcInputError("backward() needs a forward() with targets first")
-        with self.lib.num_threads(threads):
-            self.lib.lib.gpt2_backward(s)
+        loss = s.mean_loss
+        if not np.isfinite(loss):
+            # gpt2_backward reads mean_loss only for its guard `mean_loss == -1.0f`, and a
+            # finite-math build (-Ofast) may compile that so a NaN passes as -1 and exit()s.
+            # The gradients do not depend on the loss: run the guard on a finite stand-in
+            # and put the loss back, so the NaNs show in the gradients, not as a dead process.
+            s.mean_loss = 0.0
+        try:
+            with self.lib.num_threads(threads):
+                self.lib.lib.gpt2_backward(s)
+        finally:
+            s.mean_loss = loss
 
     def update(self, learning_rate: float = 1e-4, beta1: float = 0.9, beta2: float = 0.999,
                eps: float = 1e-8, weight_decay: float = 0.0, t: int = 1,

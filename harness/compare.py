@@ -72,6 +72,10 @@ class Tolerance:
     ulp:  largest allowed float32 ulp distance per element; ``None`` = not checked.
     why:  the reason for these numbers (shown in failure messages), e.g.
           "float32 accumulation over C=768 terms vs float64 oracle".
+    floor: the smallest size an element is judged against, added to every element's
+          size in both metrics (``|a-e| / (|e| + scale + floor)``, ``||a-e|| / |||e| +
+          floor||``): an absolute error of ``rel * floor`` is always allowed. The policy
+          sets it to the smallest normal float32 (the underflow floor); 0 by default.
 
     ``float('inf')`` disables a bound; ``Tolerance.exact()`` demands bit-identical floats.
     """
@@ -80,9 +84,10 @@ class Tolerance:
     norm: float
     ulp: int | None = None
     why: str = ""
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
-        for fname in ("rel", "norm"):
+        for fname in ("rel", "norm", "floor"):
             value = getattr(self, fname)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
                 raise TypeError(f"Tolerance.{fname} must be a number, got {value!r}")
@@ -107,7 +112,8 @@ class Tolerance:
     def bounds(self) -> str:
         """The numbers alone, e.g. ``rel <= 1e-06, norm <= 1e-07, ulp <= 4``."""
         text = f"rel <= {_num(self.rel)}, norm <= {_num(self.norm)}"
-        return text + (f", ulp <= {self.ulp}" if self.ulp is not None else "")
+        text += f", ulp <= {self.ulp}" if self.ulp is not None else ""
+        return text + (f", sizes floored at {_num(self.floor)}" if self.floor else "")
 
     def __str__(self) -> str:
         return self.bounds() + (f" ({self.why})" if self.why else "")
@@ -339,8 +345,9 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
             scale = math.sqrt(sumsq / count) if count else 0.0
             if not scale > 0.0:         # all zeros (or nothing finite): avoid 0/0
                 scale = FLOAT32_TINY
-        acc.scale = scale
+        acc.scale = scale + tol.floor
         acc.elem_scale = es
+        acc.floor = tol.floor
         for key, outer, start in blocks:   # pass 2: the metrics
             ab = a[key]
             acc.update(ab, e[key], None if m is None else m[key],
@@ -454,6 +461,7 @@ class _Accumulator:
         self.ws = ws
         self.scale = FLOAT32_TINY
         self.elem_scale: np.ndarray | None = None
+        self.floor = 0.0
         self.n_compared = 0
         self.n_bad = 0
         self.n_nonfinite = 0
@@ -537,9 +545,11 @@ class _Accumulator:
         # on a busy machine). a64 and diff are not needed after this.
         self.sumsq_diff += _sumsq(diff, diff)
         squares = ws.take("a64", np.float64, shape)
-        if es is not None:      # each element's size: its value plus its terms' size
+        if es is not None or self.floor:   # each element's size: value, terms, floor
             np.abs(e64, out=squares)
-            squares += es
+            if es is not None:
+                squares += es
+            squares += self.floor
             if invalid is not None:
                 np.copyto(squares, 0.0, where=invalid)
             self.sumsq_expected += _sumsq(squares, squares)

@@ -60,7 +60,7 @@ class DebugStateReport:
 
 
 def _widen(tol: Tolerance, factor: float, why: str) -> Tolerance:
-    return Tolerance(rel=tol.rel * factor, norm=tol.norm * factor, why=f"{tol.why}; {why}")
+    return Tolerance(rel=tol.rel * factor, norm=tol.norm * factor, floor=tol.floor, why=f"{tol.why}; {why}")
 
 
 def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int | None = None) -> DebugStateReport:

@@ -7,10 +7,13 @@ steps of the tiny model (C, with the NumPy reference alongside), then fails on
 2. any error metric (max rel, norm rel) that grew beyond ``GROWTH_FACTOR`` x its baseline
    (a floor of ``FLOOR`` x the tolerance keeps noise near zero from counting as growth);
 3. any change in the bits of the C's outputs, when the baseline holds a fingerprint for
-   this same build: compiler, flags, CPU, C library and NumPy (which makes the inputs).
-   Our default build is deterministic, so any change of arithmetic shows here, including
-   one too small for any tolerance. For an unknown build the bit check is skipped with a
-   note; 1 and 2 still run.
+   the same key: what decides the bits of a given source (compiler, flags, OpenMP, the
+   instruction sets the flags target, libm and the CPU features it dispatches on, the
+   digest of the suite's inputs; see ``build_key``). Our default build is deterministic,
+   so any change of arithmetic shows here, including one too small for any tolerance.
+   Without a matching fingerprint the verdict's first line says the bits were NOT
+   checked and which component of the nearest key differs; 1 and 2 still run, and with
+   ``--require-bits`` (or ``LLMC_GATE_REQUIRE_BITS=1``) the gate fails instead.
 
 ``llmc-parity gate --update`` rewrites the baseline (``baselines/gate.json``: sorted keys,
 one check per line, so ``git diff`` shows what moved) and prints what changed.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +35,7 @@ from .compare import Comparison
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASELINE = ROOT / "baselines" / "gate.json"
-SCHEMA = "llmc-parity/gate/1"
+SCHEMA = "llmc-parity/gate/2"
 GROWTH_FACTOR = 4.0
 FLOOR = 0.05
 SUITE = {"config": "tiny", "B": 4, "T": 16, "steps": 3, "seed": 0, "impls": ["numpy"]}
@@ -44,30 +48,65 @@ class GateRun:
     metrics: dict[str, dict]              # key -> {max_rel, norm_rel, tol_rel, tol_norm}
     failures: list[str]                   # tolerance violations (messages)
     fingerprints: dict[str, str]          # key -> sha256 of the C's output bits
-    build_key: str | None                 # None: unknown build, no bit check
+    build_key: dict | None                # see build_key; None: unknown build, no bit check
     notes: list[str] = field(default_factory=list)
 
 
-def build_key(lib) -> str | None:
-    """What decides the C's bits besides its source: compiler, flags, CPU, libc, NumPy."""
+# ----------------------------------------------------------------------------
+# the fingerprint key: what decides the C's bits for a given source
+
+KEY_FIELDS = ("compiler", "cflags", "openmp", "isa", "libm", "libm_dispatch", "inputs")
+
+# CPU features glibc's libm selects code paths by (ifunc) in the functions the C calls:
+# expf, logf and powf have FMA and FMA+AVX2 variants on x86-64. By experiment (glibc 2.36,
+# masking them with GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2,-FMA): all 294 fingerprinted
+# outputs of the suite, and expf/logf/tanhf/coshf/powf over 4M arguments, kept their bits,
+# so today they decide nothing; they stay in the key because they select other code, at
+# the cost of a separate fingerprint for the rare x86-64 machine without them. Every other
+# CPU flag (AVX-512, BMI, ...) changes no code path of a library built without -march, and
+# a -march build's code is named by its isa instead.
+LIBM_DISPATCH = ("fma", "avx2")
+
+
+def _libm_dispatch() -> str:
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return "unknown"
+    have = [f for f in LIBM_DISPATCH if f in flags]
+    masked = os.environ.get("GLIBC_TUNABLES", "")
+    return " ".join(have) + (f" (GLIBC_TUNABLES={masked})" if "hwcaps" in masked else "")
+
+
+def build_key(lib, inputs: str) -> dict | None:
+    """What decides the bits of the library's source: compiler and version, flags, OpenMP,
+    the instruction sets those flags target, the C library (libm) and the CPU features it
+    dispatches on, and the digest of the suite's inputs (the same bytes, not the same
+    NumPy). None for a library without a build record."""
+    from .build import target_isa
     info = lib.build_info
     if info is None:
         return None
-    cpu = platform.machine()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        # the model name can be generic ("AMD EPYC"); libm and NumPy pick code paths by
-        # the CPU's features, so those are part of the key too
-        flags = next((line.split(":", 1)[1] for line in cpuinfo if line.startswith("flags")), "")
-        cpu += " flags " + hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:8]
-    except OSError:
-        pass
-    libc = " ".join(platform.libc_ver())
-    return f"{info.cc_version} | {info.cflags} | openmp={info.openmp} | {cpu} | {libc} | numpy {np.__version__}"
+    return {"compiler": info.cc_version, "cflags": info.cflags, "openmp": bool(info.openmp),
+            "isa": info.isa or target_isa(info.cc, info.cflags),
+            "libm": " ".join(platform.libc_ver()), "libm_dispatch": _libm_dispatch(),
+            "inputs": inputs}
+
+
+def key_text(key: dict) -> str:
+    return " | ".join(f"{f}={key.get(f)}" for f in KEY_FIELDS)
+
+
+def _nearest(key: dict, entries: list[dict]) -> tuple[dict | None, list[str]]:
+    """The baseline entry whose key shares most components with ``key``, and the
+    components in which it differs."""
+    best, diff = None, list(KEY_FIELDS)
+    for e in entries:
+        d = [f for f in KEY_FIELDS if e["key"].get(f) != key.get(f)]
+        if len(d) < len(diff):
+            best, diff = e, d
+    return best, diff
 
 
 def _digest(a: np.ndarray) -> str:
@@ -95,9 +134,16 @@ def run_suite(lib=None, progress=None) -> GateRun:
     metrics: dict[str, dict] = {}
     failures: list[str] = []
     prints: dict[str, str] = {}
+    inputs = hashlib.sha256()   # every input the C gets, as bytes
+
+    def took(*arrays):
+        for a in arrays:
+            inputs.update(np.ascontiguousarray(a).tobytes() if isinstance(a, np.ndarray) else repr(a).encode())
+
     ck = CKernels(lib)
     for check, s in cases():
         args = make_inputs(check, s, seed=SUITE["seed"])
+        took(*(args[k] for k in sorted(args)))
         expected = oracle_outputs(check.kernel, args)
         for c in check_kernel(ck, check.kernel, args, s, expected=expected):
             key = f"op {c.name}@{s.name}"
@@ -111,11 +157,14 @@ def run_suite(lib=None, progress=None) -> GateRun:
 
     cfg = preset(SUITE["config"])
     params = synth.init_params(cfg, seed=SUITE["seed"])
+    took(params)
 
     def batches():
         i = 0
         while True:
-            yield synth.make_batch(cfg, SUITE["B"], SUITE["T"], seed=SUITE["seed"] + i)
+            batch = synth.make_batch(cfg, SUITE["B"], SUITE["T"], seed=SUITE["seed"] + i)
+            took(*batch)
+            yield batch
             i += 1
 
     def fingerprint(t, cmodel):
@@ -139,7 +188,7 @@ def run_suite(lib=None, progress=None) -> GateRun:
                 failures.append(f"{key} ({chk.where}): {chk.comparison.message()}")
         for impl, err in step.errors.items():
             failures.append(f"step {step.step} {impl}: {err}")
-    return GateRun(metrics, failures, prints, build_key(lib))
+    return GateRun(metrics, failures, prints, build_key(lib, inputs.hexdigest()[:16]))
 
 
 # ----------------------------------------------------------------------------
@@ -148,6 +197,7 @@ def run_suite(lib=None, progress=None) -> GateRun:
 class GateResult:
     passed: bool
     lines: list[str]
+    bits: dict = field(default_factory=dict)     # bit_check's result
 
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -160,13 +210,19 @@ def load_baseline(path: Path) -> dict:
         raise FileNotFoundError(f"no gate baseline at {path}: create it with `llmc-parity gate --update`") from None
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if data.get("schema") == "llmc-parity/gate/1":
+        # fingerprints were keyed by a string that held the CPU's whole flag set and the
+        # NumPy version: they cannot be matched to today's keys. Metrics still count.
+        data = dict(data, schema=SCHEMA, fingerprints=[])
     if data.get("schema") != SCHEMA:
         raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
     return data
 
 
-def evaluate(run: GateRun, baseline: dict) -> GateResult:
-    """Judge a run against the baseline; every line of the verdict says what moved."""
+def evaluate(run: GateRun, baseline: dict, require_bits: bool = False) -> GateResult:
+    """Judge a run against the baseline; every line of the verdict says what moved.
+    ``require_bits``: a run whose bits cannot be checked (no fingerprint for its key, or
+    no build record) fails instead of passing on tolerances alone."""
     lines: list[str] = []
     ok = True
     if run.failures:
@@ -196,33 +252,66 @@ def evaluate(run: GateRun, baseline: dict) -> GateResult:
         ok = False
         lines.append(f"the suite changed: {len(added)} check(s) not in the baseline, {len(removed)} gone "
                      f"(e.g. {(added or removed)[0]})")
-    prints = baseline.get("fingerprints", {})
-    if run.build_key is None:
-        lines.append("note: bit check skipped: the library has no build record (not built by llmc-parity)")
-    elif run.build_key not in prints:
-        lines.append(f"note: bit check skipped: no fingerprint for this build ({run.build_key}); "
-                     "`llmc-parity gate --update` adds one")
-    else:
-        old = prints[run.build_key]
-        moved = sorted(k for k in run.fingerprints if old.get(k) not in (None, run.fingerprints[k]))
-        if moved:
-            ok = False
-            lines.append(f"the C's output bits changed for this same build ({run.build_key}): "
-                         f"{len(moved)} of {len(run.fingerprints)} fingerprinted tensors moved:")
-            for k in moved[:30]:
-                lines.append(f"  {k}{_movement(k, run.metrics, base)}")
-            if len(moved) > 30:
-                lines.append(f"  ... and {len(moved) - 30} more")
-        else:
-            lines.append(f"bits: all {len(run.fingerprints)} fingerprinted C outputs identical to the baseline")
+    bits = bit_check(run, baseline)
+    if bits["status"] == "changed":
+        ok = False
+    elif bits["status"] != "checked" and require_bits:
+        ok = False
+    lines += bits["lines"]
+    if bits["status"] in ("no-fingerprint", "unknown-build"):
+        # first, so that nobody takes a tolerance-only pass for a bit-level one
+        lines.insert(0, f"NO BIT CHECK: {bits['headline']}" + (" (required: --require-bits)" if require_bits else ""))
     if ok:
         lines.insert(0, f"GATE PASS: {len(run.metrics)} checks within tolerance and within "
-                        f"{GROWTH_FACTOR:g}x of the baseline")
+                        f"{GROWTH_FACTOR:g}x of the baseline" +
+                     ("" if bits["status"] == "checked" else "; C output bits NOT checked"))
     else:
         lines.insert(0, "GATE FAIL")
         lines.append("If this change is intended, accept it: `llmc-parity gate --update` (or `make gate-update`) "
                      "and commit baselines/gate.json (the diff shows what moved).")
-    return GateResult(ok, lines)
+    return GateResult(ok, lines, bits)
+
+
+def bit_check(run: GateRun, baseline: dict) -> dict:
+    """The bit check as data: ``status`` (checked, changed, no-fingerprint,
+    unknown-build), the key, the nearest fingerprint's key and the components that
+    differ, the moved tensors, and the verdict's lines."""
+    entries = baseline.get("fingerprints", [])
+    out: dict = {"status": "unknown-build", "key": run.build_key, "nearest": None,
+                 "differs_in": [], "moved": [], "lines": []}
+    if run.build_key is None:
+        out["headline"] = "the library has no build record (not built by llmc-parity), so nothing says its bits"
+        out["lines"].append(f"note: bit check skipped: {out['headline']}")
+        return out
+    match = next((e for e in entries if e["key"] == run.build_key), None)
+    if match is None:
+        near, diff = _nearest(run.build_key, entries)
+        out.update(status="no-fingerprint", nearest=near and near["key"], differs_in=diff)
+        if near is None:
+            out["headline"] = "the baseline holds no fingerprint at all"
+        else:
+            out["headline"] = ("no fingerprint for this build; the nearest differs in " +
+                               ", ".join(f"{f} ({near['key'].get(f)!r} there, {run.build_key.get(f)!r} here)"
+                                         for f in diff))
+        out["lines"] += [f"note: bit check skipped: {out['headline']}",
+                         f"  this build: {key_text(run.build_key)}",
+                         "  `llmc-parity gate --update` adds its fingerprint"]
+        return out
+    old = match["bits"]
+    moved = sorted(k for k in run.fingerprints if old.get(k) not in (None, run.fingerprints[k]))
+    out["moved"] = moved
+    if moved:
+        out["status"] = "changed"
+        out["lines"].append(f"the C's output bits changed for this same build ({key_text(run.build_key)}): "
+                            f"{len(moved)} of {len(run.fingerprints)} fingerprinted tensors moved:")
+        base = baseline.get("metrics", {})
+        out["lines"] += [f"  {k}{_movement(k, run.metrics, base)}" for k in moved[:30]]
+        if len(moved) > 30:
+            out["lines"].append(f"  ... and {len(moved) - 30} more")
+    else:
+        out["status"] = "checked"
+        out["lines"].append(f"bits: all {len(run.fingerprints)} fingerprinted C outputs identical to the baseline")
+    return out
 
 
 def _movement(fp_key: str, metrics: dict, base: dict) -> str:
@@ -242,34 +331,39 @@ def _movement(fp_key: str, metrics: dict, base: dict) -> str:
 
 
 def _dumps(data: dict) -> str:
-    """JSON with one check (or one fingerprint) per line, so a diff reads line by line."""
+    """JSON with one check (or one fingerprinted tensor) per line, so a diff reads line by line."""
     def block(d: dict, indent: str) -> str:
         rows = [f"{indent}{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in d.items()]
         return "{\n" + ",\n".join(rows) + "\n" + indent[:-1] + "}"
+    entries = [f'  {{"key": {json.dumps(e["key"], sort_keys=True)},\n   "bits": {block(e["bits"], "    ")}}}'
+               for e in data["fingerprints"]]
     parts = [f' "schema": {json.dumps(data["schema"])}',
              f' "suite": {json.dumps(data["suite"], sort_keys=True)}',
              f' "growth_factor": {json.dumps(data["growth_factor"])}',
              f' "floor": {json.dumps(data["floor"])}',
              f' "metrics": {block(data["metrics"], "  ")}',
-             ' "fingerprints": {\n' + ",\n".join(
-                 f'  {json.dumps(k)}: {block(v, "   ")}' for k, v in data["fingerprints"].items()) + "\n }"]
+             ' "fingerprints": [\n' + ",\n".join(entries) + "\n ]"]
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
     """Write the baseline for this run; return a diff. Other builds' fingerprints are kept
     while this build's bits are unchanged, and dropped when they moved (stale then)."""
-    prints = dict((old or {}).get("fingerprints", {}))
+    entries = list((old or {}).get("fingerprints", []))
+    mine = next((e for e in entries if e["key"] == run.build_key), None)
+    bits = dict(sorted(run.fingerprints.items()))
     dropped = []
+    moved = []
     if run.build_key is not None:
-        before = prints.get(run.build_key)
-        if before is not None and before != dict(sorted(run.fingerprints.items())):
+        if mine is not None:
+            moved = [k for k in bits if mine["bits"].get(k) != bits[k]]
+        if moved:
             # the arithmetic changed: other builds' fingerprints describe the old bits
-            dropped = [k for k in prints if k != run.build_key]
-            prints = {}
-        prints[run.build_key] = dict(sorted(run.fingerprints.items()))
+            dropped = [e for e in entries if e is not mine]
+            entries = []
+        entries = [e for e in entries if e is not mine] + [{"key": run.build_key, "bits": bits}]
     data = {"schema": SCHEMA, "suite": SUITE, "growth_factor": GROWTH_FACTOR, "floor": FLOOR,
-            "metrics": dict(sorted(run.metrics.items())), "fingerprints": prints}
+            "metrics": dict(sorted(run.metrics.items())), "fingerprints": entries}
     diff = []
     base = (old or {}).get("metrics", {})
     for key in sorted(set(base) | set(run.metrics)):
@@ -282,11 +376,8 @@ def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
             else:
                 diff.append(f"~ {key}: max_rel {a['max_rel']:.3g} -> {b['max_rel']:.3g}, "
                             f"norm_rel {a['norm_rel']:.3g} -> {b['norm_rel']:.3g}")
-    if old is not None and run.build_key is not None:
-        before = old.get("fingerprints", {}).get(run.build_key, {})
-        moved = [k for k in run.fingerprints if before.get(k) != run.fingerprints[k]]
-        if moved:
-            diff.append(f"~ fingerprints for this build: {len(moved)} tensor(s) changed bits")
+    if moved:
+        diff.append(f"~ fingerprints for this build: {len(moved)} tensor(s) changed bits")
     if dropped:
         diff.append(f"- fingerprints of {len(dropped)} other build(s), stale after this change: "
                     "run `llmc-parity gate --update` on those machines to add them back")

@@ -357,6 +357,9 @@ def run_summary(report) -> str:
         lines.append("kernels not checked: " + "; ".join(parts))
     lines.append(f"library: {report.library}")
     lines.append(_build_text(report.build))
+    fp = getattr(report, "floating_point", None)
+    if fp:
+        lines.append(f"floating point: {fp['description']}")
     return "\n".join(lines)
 
 
@@ -450,6 +453,7 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
                 "source_sha256": build.get("source_sha256"),
                 "command": build.get("command"),
             },
+            "floating_point": getattr(report, "floating_point", None),
         },
         "versions": _versions() if versions else None,
         "verdict": "pass" if report.passed else "fail",

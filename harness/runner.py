@@ -93,6 +93,7 @@ class RunReport:
     library: str
     build: dict | None
     not_checked: dict[str, list[str]] = field(default_factory=dict)
+    floating_point: dict | None = None   # the C's mode (Library.floating_point)
     # torch models (harness.models): hygiene findings and the C tensors they do not show
     findings: dict[str, list[str]] = field(default_factory=dict)
     not_observed: dict[str, list[str]] = field(default_factory=dict)
@@ -549,6 +550,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                          if getattr(k, "not_returned", None)})
     return RunReport(config, B, T, hyper, ["C", *pymodels], reports, lib.path,
                      None if lib.build_info is None else vars(lib.build_info), not_checked,
+                     lib.floating_point(),
                      findings={n: list(pm.findings) for n, pm in torch_models.items()},
                      not_observed=not_observed,
                      derived={n: list(k.derived) for n, k in impls.items() if getattr(k, "derived", None)})

@@ -58,6 +58,18 @@ from .compare import Tolerance
 
 U = 2.0 ** -24  # float32 unit roundoff
 
+# Underflow. Below the smallest normal float32 (2^-126) the spacing of float32 stops
+# shrinking (gradual underflow: subnormals 2^-149 apart), so a rounding there has an
+# absolute error of up to 2^-150 = u * 2^-126 however small its result, not u times the
+# result. Every element is therefore judged against a size of at least 2^-126: both
+# metrics add this floor to each element's size, so a chain of n roundings of subnormal
+# terms may be off by k u sqrt(n) 2^-126 = k sqrt(n) 2^-150 absolute, the same random-walk
+# rule as everywhere else. It changes nothing for a tensor of normal size: for one whose
+# elements or RMS are 2^-126 x 10^6 (~1e-32) or more, the bound moves by under 1e-6 of
+# itself. A library that flushes subnormals to zero (-Ofast's FTZ) loses up to 2^-126 per
+# rounding instead: that is its build's choice, and the fuzzing does not send it there.
+UNDERFLOW_FLOOR = 2.0 ** -126
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -108,7 +120,7 @@ def op_tolerance(kernel: str, output: str, n: int, size: int | None = None) -> T
     r = rule(kernel, output)
     g = sqrt(max(1, n))
     f = small_sample(size)
-    return Tolerance(rel=r.k_rel * U * g * tail(size), norm=r.k_norm * U * g * f,
+    return Tolerance(rel=r.k_rel * U * g * tail(size), norm=r.k_norm * U * g * f, floor=UNDERFLOW_FLOOR,
                      why=f"{kernel}.{output}: {r.why}; n={n}: "
                          f"{r.k_rel:g}·u·√n element-wise, {r.k_norm:g}·u·√n norm-wise"
                          + (f" x{f:.2f} for {size} elements" if f > 1.05 else ""))
@@ -130,7 +142,7 @@ def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -
     base = op_tolerance(kernel, output, n, size)
     rel = max(base.rel, E2E_K_REL * witness.max_rel)
     norm = max(base.norm, E2E_K_NORM * witness.norm_rel)
-    return Tolerance(rel=rel, norm=norm,
+    return Tolerance(rel=rel, norm=norm, floor=base.floor,
                      why=f"{base.why}; end to end: the larger of that and {E2E_K_REL:g}x/{E2E_K_NORM:g}x "
                          f"the float32-noise witness (max rel {witness.max_rel:.2g}, norm rel "
                          f"{witness.norm_rel:.2g})")
@@ -199,6 +211,35 @@ def _sq(x: np.ndarray) -> tuple[np.ndarray, float]:
         s = 1.0
     y = np.asarray(x, np.float32) / np.float32(s)
     return np.square(y, out=y), s
+
+
+def _attention_backward_terms(output, a, out):
+    """Root-sum-squares of the dot products attention's backward is made of, per head:
+    datt[t, t2] = sum_i v[t2, i] dout[t, i] (over hs); dv = sum_t att[t, t2] dout[t];
+    dq = sum_t2 dpreatt[t, t2] k[t2] / sqrt(hs); dk = sum_t dpreatt[t, t2] q[t] / sqrt(hs).
+    A dot product over a few terms that happens to cancel (T = 1, one head: a tensor of
+    one element) is judged against the size of its terms, not against itself."""
+    B, T, C3 = a["inp"].shape
+    NH = int(a["NH"])
+    C = C3 // 3
+    hs = C // NH
+
+    def heads2(x):       # (B, T, C) -> squares as (B, NH, T, hs), and their scale
+        return _sq(x.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))
+    d2, sd = heads2(a["dout"])
+    v2, sv = heads2(a["inp"][..., 2 * C:])
+    if output == "datt":
+        return _rss(d2 @ v2.transpose(0, 1, 3, 2)) * (sd * sv)
+    q2, sq = heads2(a["inp"][..., :C])
+    k2, sk = heads2(a["inp"][..., C:2 * C])
+    att2, sa = _sq(np.tril(a["att"]))
+    dp2, sp = _sq(np.tril(out["dpreatt"]))
+    scale = 1.0 / np.sqrt(hs)
+    dq = _rss(dp2 @ k2) * (sp * sk * scale)
+    dk = _rss(dp2.transpose(0, 1, 3, 2) @ q2) * (sp * sq * scale)
+    dv = _rss(att2.transpose(0, 1, 3, 2) @ d2) * (sa * sd)
+    back = lambda x: x.transpose(0, 2, 1, 3).reshape(B, T, C)   # noqa: E731
+    return np.concatenate([back(dq), back(dk), back(dv)], axis=-1)
 
 
 def _term_magnitude(kernel, output, a, out):
@@ -294,6 +335,8 @@ def _term_magnitude(kernel, output, a, out):
         # dpreatt[t3] = att[t3] * (datt[t3] - sum_t2 att[t2] datt[t2]): the softmax Jacobian
         att, datt = a["att"], np.abs(out["datt"])
         return att * datt + att * (att * datt).sum(-1, keepdims=True)
+    if kernel == "attention_backward" and output in ("datt", "dinp"):
+        return _attention_backward_terms(output, a, out)
     if kernel == "adamw" and output in ("m", "param"):
         m_mag, p_mag = adamw_magnitudes(a["param"], a["m"], a["grad"], out.get("v"), a)
         return m_mag if output == "m" else p_mag

@@ -30,3 +30,21 @@ int llmc_abi_layout(size_t* out) {
     for (int i = 0; i < LLMC_ABI_FIELDS; i++) { out[i] = layout[i]; }
     return LLMC_ABI_FIELDS;
 }
+
+// What the compiler assumed about floating point when it built this translation unit,
+// as bits: 1 = -ffinite-math-only (NaN and Inf assumed absent: a NaN loss can pass the
+// `mean_loss == -1.0f` guard), 2 = -ffast-math (reassociation, FTZ/DAZ at load),
+// 4 = OpenMP. The harness reports it and guards the C's exit() paths accordingly.
+int llmc_build_features(void) {
+    int f = 0;
+#if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__
+    f |= 1;
+#endif
+#ifdef __FAST_MATH__
+    f |= 2;
+#endif
+#ifdef _OPENMP
+    f |= 4;
+#endif
+    return f;
+}

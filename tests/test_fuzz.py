@@ -21,6 +21,7 @@ tests only, so other files' hypothesis settings are untouched):
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -44,13 +45,13 @@ FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long
 
 from harness.binding import load_library  # noqa: E402
 from harness.ckernels import CKernels  # noqa: E402
-from harness.compare import format_table  # noqa: E402
+from harness.compare import compare, format_table  # noqa: E402
 from harness.ops import (CHECK_BY_KERNEL, KERNEL_CHECKS, SHAPE_BY_NAME, Shape,  # noqa: E402
-                         make_inputs, reduction_length)
+                         make_inputs, reduction_length, run_kernel)
 from harness.opcheck import check_kernel, oracle_outputs  # noqa: E402
 from pyref import numpy_kernels, torch_kernels  # noqa: E402
 from pyref.config import PRESETS  # noqa: E402
-from pyref.protocol import KernelSet  # noqa: E402
+from pyref.protocol import SIGNATURES, KernelSet  # noqa: E402
 
 KERNELS = [c.kernel for c in KERNEL_CHECKS]
 IMPLS = ("c", "numpy", "torch")
@@ -132,8 +133,10 @@ def _ln_stats(inp):
             (1.0 / np.sqrt(x.var(-1) + 1e-5)).astype(np.float32))
 
 
-def _vary(draw, rng, kernel, s: Shape, args: dict) -> dict:
-    """Kernel-specific value scenarios on top of the op table's input maker."""
+def _vary(draw, rng, kernel, s: Shape, args: dict, gradual: bool = True) -> dict:
+    """Kernel-specific value scenarios on top of the op table's input maker. ``gradual``:
+    the implementation keeps IEEE gradual underflow; a flush-to-zero build (-Ofast) loses
+    subnormal terms by its own choice, so it is not sent where they decide the result."""
     d = lambda strat, label: _noted(draw(strat), label)   # noqa: E731
     if kernel == "encoder_forward":
         args["wte"] = _scale(args["wte"], d(st.sampled_from(MAGS), "wte scale"))
@@ -163,11 +166,17 @@ def _vary(draw, rng, kernel, s: Shape, args: dict) -> dict:
             args[k] = _scale(args[k], g)
     elif kernel == "matmul_forward":
         mi, mw = _mag_pair(draw)
+        if gradual and d(st.booleans(), "subnormal terms"):
+            # products ~1e-42: float32 subnormals with a few digits left, summed into a
+            # result that may be subnormal too (the policy's underflow floor)
+            mi, mw = 1e-30, 1e-12
         note(f"inp scale {mi}, weight scale {mw}")
         args["inp"], args["weight"] = _scale(args["inp"], mi), _scale(args["weight"], mw)
         args["bias"] = None if d(st.booleans(), "bias None") else _scale(args["bias"], mi * mw)
     elif kernel == "matmul_backward":
         mo, mx = _mag_pair(draw)
+        if gradual and d(st.booleans(), "subnormal terms"):
+            mo, mx = 1e-30, 1e-12
         note(f"dout scale {mo}, inp/weight scale {mx}")
         args["dout"] = _scale(args["dout"], mo)
         args["inp"], args["weight"] = _scale(args["inp"], mx), _scale(args["weight"], mx)
@@ -274,12 +283,12 @@ def _check(impl, kernel, args, s, label):
     return results
 
 
-def _case(data, kernel, **shape_kw):
+def _case(data, kernel, gradual: bool = True, **shape_kw):
     s = data.draw(shapes(**shape_kw), label="shape")
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
     args = CHECK_BY_KERNEL[kernel].make(s, rng)
-    return _vary(data.draw, rng, kernel, s, args), s
+    return _vary(data.draw, rng, kernel, s, args, gradual), s
 
 
 # ----------------------------------------------------------------------------- the fuzz
@@ -288,17 +297,17 @@ def _case(data, kernel, **shape_kw):
 @pytest.mark.parametrize("kernel", KERNELS)
 @FUZZ
 @given(data=st.data())
-def test_fuzz(impls, kernel, impl, data):
-    args, s = _case(data, kernel)
+def test_fuzz(impls, lib, kernel, impl, data):
+    args, s = _case(data, kernel, gradual=not (impl == "c" and lib.fp_mode.ftz))
     _check(impls[impl], kernel, args, s, impl)
 
 
 @FUZZ
 @given(data=st.data())
-def test_fuzz_matmul_forward_naive_path(impls, data):
+def test_fuzz_matmul_forward_naive_path(impls, lib, data):
     """The C's matmul_forward_naive called directly (matmul_forward takes it only when
     B*T % 8 != 0)."""
-    args, s = _case(data, "matmul_forward")
+    args, s = _case(data, "matmul_forward", gradual=not lib.fp_mode.ftz)
     _check(impls["c_naive"], "matmul_forward", args, s, "c_naive")
 
 
@@ -339,22 +348,30 @@ def test_known_softmax_all_below_floor_gives_nan(impls):
     assert c.worst_index[:2] == (0, 1)
 
 
-def test_known_softmax_below_floor_subnormal_exp_loses_precision(impls):
+def test_known_softmax_below_floor_subnormal_exp_loses_precision(impls, lib):
     """Between the two underflows: every logit of a row in (-10104, -10087) gives expf
     values that are float32 subnormals (exp(-87) is the smallest normal), with only a few
     significant bits. The C still normalises them (finite, summing to 1), but each
     probability is off by up to ~1/2**(bits left) relative: a genuine float32 limit of the
-    C's floor, not a tolerance problem. The fuzz keeps every row's max above -10000."""
+    C's floor, not a tolerance problem. The fuzz keeps every row's max above -10000.
+    A library that runs flush-to-zero (-Ofast) flushes those values to 0 and the row
+    becomes 0/0 = NaN: reported as well, never passed."""
     B, T, V, Vp = 1, 2, 5, 5
     logits = np.zeros((B, T, Vp), np.float32)
     logits[0, 0] = np.linspace(-10100.0, -10092.0, V)
     probs = _quiet(impls["c"].softmax_forward, logits, V)
-    assert np.isfinite(probs).all()
-    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    if lib.fp_mode.ftz:
+        assert np.isnan(probs[0, 0, :V]).all() and np.isfinite(probs[0, 1]).all()
+    else:
+        assert np.isfinite(probs).all()
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
     s = Shape("subnormal", B=B, T=T, C=8, NH=1, V=V, Vp=Vp, OC=8)
-    (c,) = check_kernel(impls["c"], "softmax_forward", {"logits": logits, "V": V}, s)
+    (c,) = _quiet(check_kernel, impls["c"], "softmax_forward", {"logits": logits, "V": V}, s)
     assert not c.passed and c.worst_index[:2] == (0, 0)
-    assert c.max_rel > 5 * c.tol.rel
+    if lib.fp_mode.ftz:
+        assert c.n_nonfinite_mismatch == V
+    else:
+        assert c.max_rel > 5 * c.tol.rel
 
 
 @pytest.mark.parametrize("score,oracle_zero", [(-10296.125, False), (-20000.0, True)])
@@ -466,3 +483,100 @@ def test_ill_conditioned_attention_backward_dpreatt_norm_cancellation(impls):
     args = CHECK_BY_KERNEL["attention_backward"].make(s, np.random.default_rng(3945))
     args["inp"][..., :2 * s.C] = _scale(args["inp"][..., :2 * s.C], 1e-3)
     _all_pass(impls, "attention_backward", args, s)
+
+
+def _issue17_case():
+    """The long profile's case of issue 17: one head, T = 1, hs = 7, dout ~ 1e-30: datt is a
+    single element, a 7-term dot product that cancels to 1/20 of its terms."""
+    s = Shape("T1hs7", B=1, T=1, C=7, NH=1, V=1, Vp=1, OC=7)
+    args = CHECK_BY_KERNEL["attention_backward"].make(s, np.random.default_rng(16))
+    args["inp"][..., :2 * s.C] = _scale(args["inp"][..., :2 * s.C], 1e-3)
+    for k in ("dout", "dinp", "dpreatt", "datt"):
+        args[k] = _scale(args[k], TINY)
+    return args, s
+
+
+def test_ill_conditioned_attention_backward_single_element_datt(impls):
+    """Gap F (issue 17, first read as float32 underflow): C and torch gave datt =
+    -4.494451e-32 against the oracle's -4.4944415e-32, 1.05e-6 relative to the result
+    against 6.3e-7 allowed. Nothing underflows (v dout ~ 1e-30 is normal, and the same
+    failure shows with dout ~ 1): the element cancels, and datt had no term size. It now
+    has the root-sum-square of its terms, as matmul's sums do."""
+    args, s = _issue17_case()
+    _all_pass(impls, "attention_backward", args, s)
+
+
+def test_planted_bug_still_fails_in_the_issue17_case(impls):
+    """The term size does not hide a real error there: datt computed from a value vector
+    off by 1e-4 relative (a changed constant) still fails. (1e-5 cannot be told from
+    rounding in this one element: its terms are 20x its size, so rounding alone may move
+    it by 20 x 6.3e-7 ~ 1.3e-5 of itself.)"""
+    args, s = _issue17_case()
+    C = s.C
+
+    def wrong(dinp, dpreatt, datt, dout, inp, att, NH):
+        inp = inp.copy()
+        inp[..., 2 * C:] *= np.float32(1 + 1e-4)
+        impls["numpy"].attention_backward(dinp, dpreatt, datt, dout, inp, att, NH)
+
+    bad = KernelSet.from_module({"attention_backward": wrong}, name="wrong")
+    res = {c.name: c for c in _quiet(check_kernel, bad, "attention_backward", args, s)}
+    assert not res["attention_backward.datt"].passed
+
+
+# ----------------------------------------------------------------------------- underflow
+
+def _subnormal_matmul(seed=0):
+    """matmul_forward with products inp * weight ~ 1e-30 x 1e-12 = 1e-42: float32
+    subnormals (below 2^-126 ~ 1.2e-38), each rounded to a multiple of 2^-149, with no bias."""
+    s = Shape("subnormal", B=2, T=4, C=16, NH=1, V=1, Vp=1, OC=6)
+    args = CHECK_BY_KERNEL["matmul_forward"].make(s, np.random.default_rng(seed))
+    args["inp"], args["weight"] = _scale(args["inp"], 1e-30), _scale(args["weight"], 1e-12)
+    args["bias"] = None
+    return args, s
+
+
+def test_underflow_floor_accepts_gradual_underflow(impls, lib):
+    """Each product's rounding has an absolute error of up to 2^-150, not u times the
+    product: relative to the result that is ~1e-3, a genuine float32 limit that the policy's
+    underflow floor (every element judged against a size of at least 2^-126) allows."""
+    args, s = _subnormal_matmul()
+    e = _quiet(oracle_outputs, "matmul_forward", args)["out"]
+    assert 0 < np.abs(e).max() < np.finfo(np.float32).tiny          # the whole result is subnormal
+    which = IMPLS if not lib.fp_mode.ftz else ("numpy", "torch")     # FTZ flushes them to 0
+    _all_pass(impls, "matmul_forward", args, s, which)
+    # without the floor the same outputs would fail: the floor is what lets them pass
+    c = _quiet(check_kernel, impls["numpy"], "matmul_forward", args, s)[0]
+    no_floor = compare(_quiet(run_kernel, impls["numpy"], "matmul_forward", args)["out"], e,
+                       name="out", tol=dataclasses.replace(c.tol, floor=0.0))
+    assert not no_floor.passed and c.passed
+
+
+@pytest.mark.parametrize("kernel,scales", [
+    ("matmul_forward", {"inp": 1e-10, "weight": 1e-10, "bias": 1e-20}),
+    ("layernorm_backward", {"dout": 1e-20, "dinp": 1e-20, "dweight": 1e-20, "dbias": 1e-20}),
+    ("gelu_forward", {"inp": 1e-20}),
+])
+def test_underflow_floor_does_not_hide_a_wrong_constant_at_1e_20(impls, kernel, scales):
+    """At magnitudes ~1e-20 (normal float32, far above the floor) an output off by 1e-5
+    relative, a changed constant, still fails: the floor loosens nothing there."""
+    s = SHAPE_BY_NAME["base"]
+    args = make_inputs(CHECK_BY_KERNEL[kernel], s, seed=1)
+    for k, m in scales.items():
+        args[k] = _scale(args[k], m)
+    good = _quiet(check_kernel, impls["c"], kernel, args, s)
+    assert all(c.passed for c in good), [c.message() for c in good if not c.passed]
+    ref = impls["numpy"]
+
+    def off(*a):
+        out = getattr(ref, kernel)(*a)
+        if isinstance(out, tuple):
+            return (out[0] * np.float32(1 + 1e-5),) + tuple(out[1:])
+        if out is not None:
+            return out * np.float32(1 + 1e-5)
+        named = dict(zip(SIGNATURES[kernel], a))
+        named["dinp"] *= np.float32(1 + 1e-5)      # a backward: its input gradient
+
+    bad = KernelSet.from_module({kernel: off}, name="off")
+    res = _quiet(check_kernel, bad, kernel, args, s)
+    assert not res[0].passed, res[0].message()

@@ -1,11 +1,20 @@
-"""The drift gate's verdicts, on a real run of its suite and on doctored baselines."""
+"""The drift gate's verdicts, on a real run of its suite and on doctored baselines; the
+fingerprint key's claim (same key, same bits) checked on real builds."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from harness.gate import evaluate, load_baseline, run_suite, write_baseline
+from harness.binding import Library, load_library
+from harness.build import build_library
+from harness.gate import KEY_FIELDS, evaluate, load_baseline, run_suite, write_baseline
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +28,31 @@ def _baseline(run, tmp_path):
     return path, load_baseline(path)
 
 
+def _mine(base, run):
+    return next(e for e in base["fingerprints"] if e["key"] == run.build_key)
+
+
+def _needs_record(run):
+    if run.build_key is None:
+        pytest.skip("the library under test has no build record: no bit check")
+
+
 def test_unchanged_build_passes_with_its_bits(suite_run, tmp_path):
     _, base = _baseline(suite_run, tmp_path)
     result = evaluate(suite_run, base)
     assert result.passed, result.text()
     if suite_run.build_key is not None:
-        assert "identical to the baseline" in result.text()
+        assert "identical to the baseline" in result.text() and result.bits["status"] == "checked"
+        assert "NOT checked" not in result.lines[0]
 
 
 def test_a_moved_bit_fails_and_names_the_tensor(suite_run, tmp_path):
-    if suite_run.build_key is None:
-        pytest.skip("the library has no build record: no bit check")
+    _needs_record(suite_run)
     _, base = _baseline(suite_run, tmp_path)
     key = "step 2 acts.ln2"
-    base["fingerprints"][suite_run.build_key][key] = "0" * 16
+    _mine(base, suite_run)["bits"][key] = "0" * 16
     result = evaluate(suite_run, base)
-    assert not result.passed
+    assert not result.passed and result.bits["status"] == "changed"
     assert key in result.text() and "gate --update" in result.text()
 
 
@@ -48,11 +66,28 @@ def test_grown_error_fails_and_says_by_how_much(suite_run, tmp_path):
     assert "GATE FAIL" in text and key in text and "grew beyond 4x" in text
 
 
-def test_unknown_build_skips_the_bit_check_with_a_note(suite_run, tmp_path):
+@pytest.mark.parametrize("component", ["cflags", "libm_dispatch", "inputs"])
+def test_no_matching_fingerprint_says_so_first_and_names_what_differs(suite_run, tmp_path, component):
+    _needs_record(suite_run)
     _, base = _baseline(suite_run, tmp_path)
-    base["fingerprints"] = {"another compiler | -O2": {}}
+    other = _mine(base, suite_run)
+    other["key"] = dict(other["key"], **{component: "something else"})
     result = evaluate(suite_run, base)
-    assert result.passed and "bit check skipped" in result.text()
+    assert result.passed   # tolerances and growth still pass ...
+    assert result.lines[0].endswith("C output bits NOT checked"), result.text()
+    assert result.lines[1].startswith("NO BIT CHECK") and f"differs in {component}" in result.lines[1]
+    assert result.bits["status"] == "no-fingerprint" and result.bits["differs_in"] == [component]
+    required = evaluate(suite_run, base, require_bits=True)   # ... unless bits are required
+    assert not required.passed and "GATE FAIL" in required.lines[0]
+
+
+def test_unknown_build_passes_on_tolerances_but_not_when_bits_are_required(suite_run, tmp_path):
+    _, base = _baseline(suite_run, tmp_path)
+    run = copy.copy(suite_run)
+    run.build_key = None
+    assert evaluate(run, base).passed
+    assert evaluate(run, base).bits["status"] == "unknown-build"
+    assert not evaluate(run, base, require_bits=True).passed
 
 
 def test_changed_suite_fails(suite_run, tmp_path):
@@ -62,17 +97,84 @@ def test_changed_suite_fails(suite_run, tmp_path):
 
 
 def test_update_drops_other_builds_fingerprints_when_the_bits_moved(suite_run, tmp_path):
-    if suite_run.build_key is None:
-        pytest.skip("the library has no build record")
+    _needs_record(suite_run)
     path, base = _baseline(suite_run, tmp_path)
     old = copy.deepcopy(base)
-    old["fingerprints"]["other machine"] = {"x": "1"}
-    assert "other machine" in load_baseline_after(write_baseline(suite_run, path, old), path)
-    old["fingerprints"][suite_run.build_key]["step 1 acts.ln1"] = "moved"
+    foreign = {"key": dict(suite_run.build_key, compiler="another compiler"), "bits": {"x": "1"}}
+    old["fingerprints"].append(foreign)
+    write_baseline(suite_run, path, old)
+    assert foreign in load_baseline(path)["fingerprints"]          # kept: bits unchanged
+    _mine(old, suite_run)["bits"]["step 1 acts.ln1"] = "moved"
     diff = write_baseline(suite_run, path, old)
-    assert "other machine" not in load_baseline(path)["fingerprints"]
+    assert foreign not in load_baseline(path)["fingerprints"]      # dropped: stale
     assert any("stale" in line for line in diff)
 
 
-def load_baseline_after(_diff, path):
-    return load_baseline(path)["fingerprints"]
+def test_key_has_every_component(suite_run):
+    _needs_record(suite_run)
+    assert set(suite_run.build_key) == set(KEY_FIELDS)
+    assert all(suite_run.build_key[f] not in (None, "") for f in KEY_FIELDS if f != "openmp")
+
+
+# ----------------------------------------------------------------------------- real builds
+
+_SUITE = """
+import json, sys
+from harness.binding import load_library
+from harness.gate import run_suite
+lib = load_library(sys.argv[1])
+lib.set_num_threads(int(sys.argv[2])) if lib.has_openmp else None
+r = run_suite(lib)
+print(json.dumps({"key": r.build_key, "bits": r.fingerprints, "failures": len(r.failures)}))
+"""
+
+
+def _suite_in_child(lib_path, threads: int) -> dict:
+    import json
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", _SUITE, str(lib_path), str(threads)], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def under_test_flags():
+    lib = load_library()
+    if lib.build_info is None:
+        pytest.skip("the library under test has no build record: its flags are unknown")
+    return lib.build_info
+
+
+def test_same_key_gives_same_bits(under_test_flags, suite_run, tmp_path):
+    """The key's claim, on this machine: a second build of the same source with the same
+    compiler and flags, run with another OpenMP thread count, has the same key and gives
+    every fingerprinted output the same bits. If this fails, something that decides the
+    bits is missing from the key."""
+    other = build_library(out=tmp_path / "lib_again.so", cflags=under_test_flags.cflags,
+                          openmp=under_test_flags.openmp, quiet=True)
+    threads = 1 if load_library().get_num_threads() != 1 else 2
+    again = _suite_in_child(other.library, threads)
+    assert again["key"] == suite_run.build_key
+    moved = sorted(k for k in suite_run.fingerprints if again["bits"].get(k) != suite_run.fingerprints[k])
+    assert not moved, (f"two builds with the same key ({suite_run.build_key}) gave different bits "
+                       f"for {len(moved)} outputs, e.g. {moved[:5]}: the key misses what decides them")
+
+
+def test_a_bit_only_change_of_the_c_fails_the_gate(under_test_flags, suite_run, tmp_path):
+    """layernorm's mean as sum * (1/C) instead of sum / C: every error stays far inside
+    its tolerance, no metric grows 4x, but the bits move, and the gate fails on them."""
+    text = (ROOT / "llmc" / "train_gpt2.c").read_text()
+    assert text.count("m = m / C;") == 1
+    src = tmp_path / "train_gpt2.c"
+    src.write_text(text.replace("m = m / C;", "m = m * (1.0f / C);"))
+    built = build_library(src, tmp_path / "lib_mutant.so", cflags=under_test_flags.cflags,
+                          openmp=under_test_flags.openmp, quiet=True)
+    run = run_suite(Library(built.library))
+    assert run.build_key == suite_run.build_key          # same compiler, flags, machine
+    assert not run.failures                              # within every tolerance
+    path, base = _baseline(suite_run, tmp_path)
+    result = evaluate(run, base)
+    assert not result.passed and result.bits["status"] == "changed", result.text()
+    assert "4x" not in result.text()                     # not a growth failure
+    assert any("layernorm_forward" in k for k in result.bits["moved"]), result.bits["moved"][:10]

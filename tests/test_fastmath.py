@@ -1,0 +1,128 @@
+"""Beside a library built as llm.c builds it (-Ofast): Python keeps its own floating-point
+mode, the C runs in the one its load sets, and a NaN never takes the process down.
+
+An -Ofast library's load-time constructor (gcc's crtfastmath) switches on flush-to-zero
+and denormals-are-zero; under finite-math assumptions, the C's `mean_loss == -1.0f` guard in
+gpt2_backward may read a NaN loss as -1 and exit(). Each scenario runs in a fresh process,
+so a regression shows as a failed test, not as a dead test session.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness import fpenv
+from harness.build import build_library
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not fpenv.Env.available(), reason="needs the C library's fegetenv")
+
+
+@pytest.fixture(scope="module")
+def ofast() -> str:
+    out = ROOT / "build" / "variants" / "lib_Ofast-native.so"
+    build_library(out=out, cflags="-Ofast -march=native", quiet=True)
+    return str(out)
+
+
+def _run(code: str, lib: str) -> str:
+    env = dict(os.environ, LLMC_LIB=lib, OMP_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=300)
+    tail = f"\n--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-3000:]}"
+    assert p.returncode == 0 and "ALIVE" in p.stdout, f"the process died ({p.returncode}){tail}"
+    return p.stdout
+
+
+def test_python_keeps_gradual_underflow_and_the_c_runs_flush_to_zero(ofast):
+    out = _run("""
+        import numpy as np
+        from harness.binding import load_library
+        tiny = np.float32(1e-39)                  # subnormal in float32
+        lib = load_library()
+        print("ftz", lib.fp_mode.ftz, "daz", lib.fp_mode.daz, "finite", lib.finite_math)
+        # Python (NumPy) still computes with subnormals, before and after a C call
+        print("py", tiny * np.float32(1) == tiny)
+        x = np.array([1e-39, -1e-39, 1e-30, 1.0], np.float32); y = np.zeros(4, np.float32)
+        out = np.empty(4, np.float32)
+        lib.residual_forward(out, x, y, 4)        # DAZ: subnormal inputs read as 0
+        print("c", out.tolist())
+        print("py-after", tiny * np.float32(1) == tiny, float(np.float64(1e-310) * 1.0) > 0)
+        print(lib.fp_description)
+        print("ALIVE")
+    """, ofast)
+    assert "ftz True daz True finite True" in out, out
+    assert "py True" in out and "py-after True True" in out, out
+    assert "c [0.0, 0.0, 1.0000000031710769e-30, 1.0]" in out, out
+    assert "FTZ+DAZ" in out and "finite-math" in out, out
+
+
+def test_library_under_test_leaves_python_in_its_own_mode():
+    """Whatever build is under test: after loading it and calling it, Python's mode is the
+    one it had (NumPy computes with subnormals), and the C's mode is the one its load set."""
+    import numpy as np
+
+    from harness.binding import load_library
+    before = fpenv.Env.current().mode
+    lib = load_library()
+    x = np.array([1e-39, 2.0], np.float32)
+    out = np.empty(2, np.float32)
+    lib.residual_forward(out, x, np.zeros(2, np.float32), 2)
+    assert fpenv.Env.current().mode == before
+    assert np.float32(1e-39) * np.float32(1) != 0
+    assert (out[0] == 0) == bool(lib.fp_mode.daz), (out, lib.fp_mode)
+
+
+_NAN_STEP = """
+    import numpy as np
+    from harness.cmodel import CModel
+    from pyref.config import PRESETS
+    from pyref.synth import init_params, make_batch
+    cfg = PRESETS["tiny"]
+    params = init_params(cfg, seed=3)
+    x, y = make_batch(cfg, 2, 8, seed=0)
+    params[x[0, 0] * cfg.channels + 5] = np.float32("{poison}")   # a wte row the batch uses
+    with CModel.from_params(cfg, params) as m, np.errstate(all="ignore"):
+        loss = m.forward(x, y)
+        m.zero_grad(); m.backward(); m.update(t=1)
+        print("loss finite", np.isfinite(loss), "mean_loss kept", np.isnan(m.mean_loss) == np.isnan(loss))
+        print("grads finite", bool(np.isfinite(m.grads_memory).all()))
+    print("ALIVE")
+"""
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_nonfinite_loss_backward_survives_a_finite_math_build(ofast, poison):
+    out = _run(_NAN_STEP.format(poison=poison), ofast)
+    assert "loss finite False mean_loss kept True" in out, out
+    assert "grads finite False" in out, out
+
+
+def test_nan_checkpoint_gives_a_clear_error_not_an_exit(ofast, tmp_path):
+    """The whole CLI on a checkpoint with a NaN, against an -Ofast library: a one-line
+    usage error naming the parameter (exit 2), never the C's exit(1) without one."""
+    code = f"""
+        import numpy as np
+        from pyref import formats
+        from pyref.config import PRESETS
+        from pyref.synth import init_params
+        cfg = PRESETS["tiny"]
+        p = init_params(cfg, seed=1)
+        p[cfg.padded_vocab_size * cfg.channels + 3 * cfg.channels + 2] = np.nan   # wpe[3, 2]
+        formats.write_checkpoint({str(tmp_path / 'nan.bin')!r}, cfg, p)
+        print("ALIVE")
+    """
+    _run(code, ofast)
+    env = dict(os.environ, LLMC_LIB=ofast, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--checkpoint",
+                        str(tmp_path / "nan.bin"), "--steps", "1"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 2, f"{p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert "non-finite parameter" in p.stderr and "wpe[3, 2] = nan" in p.stderr, p.stderr
