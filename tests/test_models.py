@@ -288,3 +288,32 @@ def test_cli_free_run(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [(r["impl"], r["step"]) for r in data["free_run"]] == [("C", 1), ("GPT", 1), ("C", 2), ("GPT", 2)]
     assert all(r["passed"] for r in data["free_run"])
+
+
+# ----------------------------------------------------------------------------
+# hygiene findings
+
+def _tf32(cfg):
+    torch.set_float32_matmul_precision("high")
+    return mp.GPT(Hyper(cfg))
+
+
+@pytest.mark.parametrize("case, factory, finding, where", [
+    ("float64", lambda cfg: mp.GPT(Hyper(cfg)).double(), "torch.float64, not float32", None),
+    ("tf32", _tf32, "float32_matmul_precision='high'", None),
+    ("unscaled-attention", lambda cfg: mp.hf_gpt2(cfg, scale_attn_weights=False), "not scaled",
+     "layer 0 attention attention_forward"),
+    ("eval-mode-dropout", lambda cfg: mp.hf_gpt2_defaults(cfg).eval(), None, None),
+])
+def test_hygiene_findings(case, factory, finding, where):
+    try:
+        report = run_model(factory, B=2, T=8)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    found = report.findings["port"]
+    if finding is None:
+        assert found == [] and report.passed, (found, failures(report)[:3])   # dropout is off in eval mode
+    else:
+        assert len(found) == 1 and finding in found[0], found
+    if where:
+        assert where in report.steps[0].first_divergence["port"]
