@@ -82,7 +82,6 @@ def measure(cfg, B: int, T: int) -> dict:
         loss.backward()
         opt.step()
     out["model_step"] = _timed(model_step)
-    del model, opt
 
     oracle = PyGPT2(cfg, params, kernels=ORACLE, dtype=np.float64)
 
@@ -91,7 +90,6 @@ def measure(cfg, B: int, T: int) -> dict:
         oracle.zero_grad()
         oracle.backward()
     out["oracle_step"] = _timed(oracle_step)
-    del oracle
 
     def batches():
         while True:

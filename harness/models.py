@@ -37,7 +37,7 @@ from math import prod, sqrt
 
 import numpy as np
 
-from pyref.config import ACT_NAMES, LAYER_ACTS, LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
 
 from .graph import Ref, forward_nodes
 from .ops import FORWARD_OUTPUTS, run_kernel

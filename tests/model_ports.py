@@ -73,8 +73,7 @@ class WalkGPT2(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        V, Vp, C, L, maxT = (config.vocab_size, config.padded_vocab_size, config.channels,
-                             config.num_layers, config.max_seq_len)
+        Vp, C, L, maxT = config.padded_vocab_size, config.channels, config.num_layers, config.max_seq_len
         z = lambda *s: nn.Parameter(torch.zeros(*s))
         self.wte, self.wpe = z(Vp, C), z(maxT, C)
         self.ln1w, self.ln1b = z(L, C), z(L, C)
