@@ -432,6 +432,10 @@ def hygiene(model, optimizer, hyper, cfg: GPT2Config, entries: list[Entry]) -> l
         if drops:
             out.append(f"dropout in training mode: {', '.join(drops[:4])}{' ...' if len(drops) > 4 else ''} "
                        "(the C has no dropout: set p=0 or call model.eval())")
+    frozen = [e.names[0] for e in entries if not e.param.requires_grad]
+    if frozen:
+        out.append(f"{', '.join(frozen[:3])}{' ...' if len(frozen) > 3 else ''} requires_grad=False: no gradient, "
+                   "no update (the C trains every parameter)")
     odd = sorted({str(e.param.dtype) for e in entries if e.param.dtype != torch.float32})
     if odd:
         out.append(f"parameters in {', '.join(odd)}, not float32 (the C computes in float32)")
@@ -565,6 +569,10 @@ class ModelState:
         self.model = build_model(spec.factory, config)
         mapping = spec.mapping if spec.mapping is not None else getattr(self.model, "llmc_param_map", None)
         self.entries = map_parameters(self.model, config, mapping)
+        elsewhere = sorted({str(e.param.device) for e in self.entries if e.param.device.type != "cpu"})
+        if elsewhere:
+            raise ModelError(f"{type(self.model).__name__} has parameters on {', '.join(elsewhere)}; "
+                             "the harness compares on the CPU: move the model there (model.cpu())")
         shapes = param_shapes(config)
         n = sum(prod(s) for s in shapes.values())
         self.num_parameters = n

@@ -317,3 +317,42 @@ def test_hygiene_findings(case, factory, finding, where):
         assert len(found) == 1 and finding in found[0], found
     if where:
         assert where in report.steps[0].first_divergence["port"]
+
+
+def _frozen_ln(cfg):
+    model = mp.GPT(Hyper(cfg))
+    model.transformer.ln_f.weight.requires_grad_(False)
+    return model
+
+
+def test_frozen_parameter_is_a_finding_and_fails():
+    report = run_model(_frozen_ln, B=2, T=8, replay=False)
+    assert any("ln_f.weight requires_grad=False" in f for f in report.findings["port"])
+    bad = {c.tensor for s in report.steps for c in s.checks if not c.passed}
+    assert "grads.lnfw" in bad
+
+
+def test_kernel_signatures_by_name_on_numpy_too():
+    """attention_forward(inp, B, T, C, NH) returning its output alone and softmax_forward(logits)
+    work for a NumPy port as well; what they do not return is not compared; a signature whose
+    names say nothing is not guessed."""
+    from harness.ops import CHECK_BY_KERNEL, SHAPES, make_inputs
+    from harness.opcheck import check_kernel
+    from pyref.protocol import KernelSet, as_namespace
+
+    def attention_forward(inp, B, T, C, NH):
+        return numpy_kernels.attention_forward(inp, NH)[0]
+
+    def softmax_forward(logits):
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    ks = KernelSet.from_module(as_namespace({"attention_forward": attention_forward,
+                                             "softmax_forward": softmax_forward}), name="np-port")
+    s = SHAPES[0]
+    for kernel in ("attention_forward", "softmax_forward"):
+        results = check_kernel(ks, kernel, make_inputs(CHECK_BY_KERNEL[kernel], s, 0), s)
+        assert results and all(c.passed for c in results), [c.message() for c in results if not c.passed]
+    assert ("attention_forward", "att") in ks.not_returned
+    vague = KernelSet.from_module(as_namespace({"attention_forward": lambda x, a, b, c, d: x}), name="vague")
+    with pytest.raises(TypeError, match="vague.attention_forward"):
+        vague.attention_forward(np.zeros((1, 2, 6), np.float32), 2)
