@@ -44,10 +44,10 @@ parity: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity run $(ARGS)
 
 gate: venv lib
-	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate $(ARGS)
+	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate --baseline baselines/gate.json $(ARGS)
 
 gate-update: venv lib
-	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate --update $(ARGS)
+	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate --baseline baselines/gate.json --update $(ARGS)
 
 bench: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VPY) benchmarks/bench.py --json build/bench.json $(ARGS)

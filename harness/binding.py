@@ -22,7 +22,7 @@ import numpy as np
 from cffi import FFI
 
 from . import fpenv
-from .build import DEFAULT_LIB, read_build_info
+from .build import BuildError, ensure_library, read_build_info
 from .cdefs import CDEF, GPT2_FIELDS, REQUIRED_SYMBOLS
 
 ffi = FFI()
@@ -400,11 +400,19 @@ def as_library(lib: "Library | str | os.PathLike | None") -> Library:
 
 
 def default_library_path() -> str:
-    return os.environ.get("LLMC_LIB") or str(DEFAULT_LIB)
+    """``$LLMC_LIB``, else our own train_gpt2.c built with the default flags in the
+    build cache (:func:`harness.build.build_dir`), compiled there on first use."""
+    if os.environ.get("LLMC_LIB"):
+        return os.environ["LLMC_LIB"]
+    try:
+        return ensure_library().library
+    except BuildError as e:
+        raise LibraryError(f"no library given (--lib or LLMC_LIB) and building our own failed: {e}") from None
 
 
 def load_library(path: str | os.PathLike | None = None) -> Library:
-    """Open (once per path) the library at ``path``, ``$LLMC_LIB``, or build/libtrain_gpt2.so."""
+    """Open (once per path) the library at ``path``, ``$LLMC_LIB``, or our own (built
+    into the cache on first use)."""
     key = str(Path(path or default_library_path()).resolve())
     with _cache_lock:
         lib = _cache.get(key)

@@ -33,8 +33,23 @@ from pyref.formats import write_atomic
 
 from .compare import Comparison
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BASELINE = ROOT / "baselines" / "gate.json"
+BASELINE_NAME = "llmc-parity-gate.json"
+_PROJECT_MARKERS = ("pyproject.toml", "setup.cfg", "setup.py", ".git")
+
+
+def default_baseline(start: Path | None = None) -> Path:
+    """The baseline belongs to the project being checked: ``$LLMC_GATE_BASELINE``, else
+    ``llmc-parity-gate.json`` at the root of the project the current directory is in (the
+    nearest folder upwards with a pyproject.toml, setup.cfg, setup.py or .git), else in the
+    current directory. ``gate --update`` creates it there. (This repository's own
+    baseline, baselines/gate.json, is named by its Makefile.)"""
+    if os.environ.get("LLMC_GATE_BASELINE"):
+        return Path(os.environ["LLMC_GATE_BASELINE"])
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if any((d / m).exists() for m in _PROJECT_MARKERS):
+            return d / BASELINE_NAME
+    return here / BASELINE_NAME
 SCHEMA = "llmc-parity/gate/2"
 GROWTH_FACTOR = 4.0
 FLOOR = 0.05

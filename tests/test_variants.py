@@ -131,7 +131,7 @@ def test_invisible_mutation_really_is_invisible_in_a_step(mutant_libs):
 
 
 def test_mutated_c_fails_the_gate_naming_moved_tensors(mutant_libs):
-    r = _cli("gate", "--lib", mutant_libs["ln-eps"], "-q")
+    r = _cli("gate", "--lib", mutant_libs["ln-eps"], "-q", "--baseline", str(ROOT / "baselines" / "gate.json"))
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert "GATE FAIL" in r.stdout and "layernorm_forward" in r.stdout
     assert "llmc-parity gate --update" in r.stdout
