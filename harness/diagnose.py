@@ -128,11 +128,12 @@ class Diagnosis:
 
     def text(self) -> str:
         """One line for reports: the probable cause(s), or that none is known."""
+        what = _LABELS.get(self.kernel, self.kernel)
         if not self.causes:
             if not self.tried:
-                return f"no known cause: the catalogue has no change to {self.kernel}"
+                return f"no known cause: the catalogue has no change to {what}"
             return (f"no known cause: none of the {len(self.tried)} catalogued changes to "
-                    f"{self.kernel} explains {self.output}")
+                    f"{what} explains {self.output}")
         parts = [self._one(c) for c in self.causes]
         head = f"probable cause: {parts[0]}"
         return head if len(parts) == 1 else head + "; also consistent: " + "; ".join(parts[1:])
@@ -266,6 +267,8 @@ def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarra
             out = v.run(call.kernel, args, dict(ctx, output=call.output), value)
             if out is None:
                 return None
+        elif call.kernel in MODEL_QUANTITIES:
+            out = {call.output: args["value"]}
         else:
             out = run_kernel(numpy_kernels, call.kernel, args, np.float64)
         buf = out[call.output]
@@ -612,6 +615,23 @@ def is_one_d(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) - layered == 1
 
 
+# --- the loss mean (model level)
+
+# Quantities of a whole step that are not a kernel's: ``loss_mean`` stands for the mean
+# over the B*T positions that gpt2_forward takes of the losses and gpt2_backward
+# differentiates (dlosses = 1/(B*T)). Its Call has ``value`` (the float64 model's mean
+# loss, or one of its gradients: the backward is linear in dlosses) and ``n`` (B*T).
+MODEL_QUANTITIES = ("loss_mean",)
+_LABELS = {"loss_mean": "the loss mean over B*T"}
+
+
+def _mean_over(delta: int):
+    def run(kernel, args, ctx, value):
+        n = int(args["n"])
+        return None if n + delta < 1 else {ctx["output"]: args["value"] * (n / (n + delta))}
+    return run
+
+
 # ----------------------------------------------------------------------------- catalogue
 
 _BACKWARD = tuple(k for k in INPLACE_ARGS if k != "adamw")
@@ -644,6 +664,12 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("crossentropy.log-eps", "crossentropy", ("crossentropy_forward",),
             "cross-entropy takes -log(p + {value}): an epsilon inside the log", _ce_log_eps,
             fit=Fit(1e-12, 1e-1, log=True)),
+    Variant("crossentropy.mean-over-BT+1", "crossentropy", ("loss_mean",),
+            "the loss (or its gradient, dlosses) averaged over B*T+1 positions instead of B*T",
+            _mean_over(+1)),
+    Variant("crossentropy.mean-over-BT-1", "crossentropy", ("loss_mean",),
+            "the loss (or its gradient, dlosses) averaged over B*T-1 positions instead of B*T",
+            _mean_over(-1)),
     Variant("labels.next-position", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
             "labels shifted one position: position t is scored against the target of t+1",
             _shift(+1), defined=_shift_defined(+1)),
@@ -678,4 +704,4 @@ CATALOGUE: tuple[Variant, ...] = (
 )
 VARIANT_BY_ID = {v.id: v for v in CATALOGUE}
 assert len(VARIANT_BY_ID) == len(CATALOGUE), "duplicate variant ids"
-assert all(k in SIGNATURES for v in CATALOGUE for k in v.kernels)
+assert all(k in SIGNATURES or k in MODEL_QUANTITIES for v in CATALOGUE for k in v.kernels)

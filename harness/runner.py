@@ -14,6 +14,9 @@ and for each Python implementation:
 * ``update``: parameters, m and v after AdamW, against AdamW in float64 from the common
   pre-step state and the implementation's own gradients.
 * the mean loss against the float64 model's.
+
+A failed check is also diagnosed (:mod:`harness.diagnose`): the failing op re-run under
+catalogued changes of semantics on the same inputs, to name the change that explains it.
 """
 from __future__ import annotations
 
@@ -70,8 +73,8 @@ class Check:
 
     @property
     def diagnosis(self) -> Diagnosis | None:
-        """Why it failed (:mod:`harness.diagnose`): set on failed replay and update
-        checks, None otherwise."""
+        """Why it failed (:mod:`harness.diagnose`): set on failed replay, update and
+        loss checks and failed end-to-end checks of gradients; None otherwise."""
         return getattr(self.comparison, "diagnosis", None)
 
 
@@ -299,8 +302,10 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             how = dict(name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
                        elem_scale=mags.pop(ref) if replay else None)
             c = compare(actual, expected, **how)
-            if replay and not c.passed:
-                c = attach(c, diagnose(_buffer_calls(ref, contributors[ref], state), actual, expected, **how))
+            if not c.passed:
+                calls = _buffer_calls(ref, contributors[ref], state) if replay else \
+                    Call("loss_mean", a, {"value": expected, "n": B * T})   # all gradients scale with dlosses
+                c = attach(c, diagnose(calls, actual, expected, **how))
             by = ", ".join(f"{n.label} {n.kernel}" for n in contributors[ref])
             where = f"{node.where()} {node.kernel}" if len(contributors[ref]) == 1 else \
                 f"{'layer %d ' % node.layer if node.layer is not None else ''}{ref.name} gradient (sum of {by})"
@@ -383,6 +388,16 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
             checks.append(Check(step, impl, "update", tensor, f"gpt2_update {name}", c))
         offset += n
     return checks
+
+
+def check_loss(step: int, impl: str, loss: float, oracle_loss: float, tol: Tolerance, n: int) -> Check:
+    """The mean loss against the float64 model's (``n`` = B*T positions averaged)."""
+    actual, expected = np.array([loss]), np.array([oracle_loss])
+    c = compare(actual, expected, name="mean_loss", tol=tol)
+    if not c.passed:
+        c = attach(c, diagnose(Call("loss_mean", "mean_loss", {"value": expected, "n": n}),
+                               actual, expected, tol=tol, name="mean_loss"))
+    return Check(step, impl, "loss", "mean_loss", "mean loss", c)
 
 
 def _update_args(pre: tuple, grads, sl: slice, shape, hp: dict) -> dict:
@@ -489,9 +504,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
             for name, state in [("C", cmodel)] + [(n, pm) for n, pm in pymodels.items() if n not in errors]:
                 say(f"checking {name}")
-                checks.append(Check(t, name, "loss", "mean_loss", "mean loss",
-                                    compare(np.array([losses[name]]), np.array([losses["oracle"]]),
-                                            name="mean_loss", tol=loss_tol)))
+                checks.append(check_loss(t, name, losses[name], losses["oracle"], loss_tol, B * T))
                 e2e = check_graph(config, B, T, state, step=t, impl=name, expected_state=oracle, cache=spread)
                 checks += e2e
                 if replay is True or (replay == "on-failure" and not all(c.passed for c in e2e)):

@@ -248,10 +248,10 @@ PORT_CASES = [pytest.param(vid, kernel, fn, id=f"{vid}-{kernel}-{i}")
 
 
 def test_every_variant_has_a_port_and_a_c_edit_per_family():
-    assert set(PORTS) == set(VARIANT_BY_ID)
-    assert {VARIANT_BY_ID[v].family for v, *_ in C_EDITS} == {v.family for v in CATALOGUE}
+    assert set(PORTS) | {v for v, *_ in MEAN_EDITS} == set(VARIANT_BY_ID)
+    assert {VARIANT_BY_ID[v].family for v, *_ in C_EDITS + MEAN_EDITS} == {v.family for v in CATALOGUE}
     for v in CATALOGUE:        # each variant's kernels are covered by its ports (some are
-        covered = {k for k, _ in PORTS[v.id]}      # invisible per op: zero scratch buffers)
+        covered = {k for k, _ in PORTS.get(v.id, ())}      # invisible per op: zero scratch buffers)
         assert covered <= set(v.kernels)
 
 
@@ -492,5 +492,38 @@ def test_edited_c_is_diagnosed_through_a_training_step(c_mutants):
     assert f"[C]   why: {first.diagnosis.text()}" in table
     data = R.to_json(report, versions=False)
     diagnosed = [c for s in data["steps"] for c in s["checks"] if c["diagnosis"] is not None]
-    assert diagnosed and all(not c["passed"] and c["kind"] in ("replay", "update") for c in diagnosed)
+    assert diagnosed and all(not c["passed"] for c in diagnosed)
     assert {cause["id"] for c in diagnosed for cause in c["diagnosis"]["causes"]} == found
+    # the end-to-end gradients fail from the edits upstream, which the loss mean does not explain
+    e2e = [c for c in diagnosed if c["kind"] in ("e2e", "loss")]
+    assert e2e and not any(c["diagnosis"]["known"] for c in e2e)
+
+
+# The loss mean is gpt2_forward's and gpt2_backward's, not a kernel's: each is seen by one
+# check of a step (the mean loss; the end-to-end gradients, which all scale with dlosses)
+MEAN_EDITS = [("crossentropy.mean-over-BT+1", "gpt2_forward", "mean_loss /= B * T;", "mean_loss /= B * T + 1;"),
+              ("crossentropy.mean-over-BT-1", "gpt2_backward", "1.0f / (B*T)", "1.0f / (B*T - 1)")]
+
+
+@pytest.fixture(scope="module")
+def mean_mutant(tmp_path_factory):
+    text = SRC.read_text()
+    for _, func, old, new in MEAN_EDITS:
+        text = _edit_function(text, func, old, new)
+    d = tmp_path_factory.mktemp("diag_mean")
+    (d / "train_gpt2.c").write_text(text)
+    return load_library(build_library(d / "train_gpt2.c", d / "lib.so", quiet=True).library)
+
+
+def test_edited_loss_mean_is_diagnosed(mean_mutant):
+    report = _tiny_run(lib=mean_mutant)
+    (step,) = report.steps
+    failed = [c for c in step.checks if not c.passed]
+    assert {c.kind for c in failed} == {"loss", "e2e"}          # replay and update pass
+    loss = next(c for c in failed if c.kind == "loss")
+    assert loss.diagnosis.ids == ("crossentropy.mean-over-BT+1",)
+    grads = [c for c in failed if c.kind == "e2e"]
+    assert all(c.tensor.startswith(("grads", "grads_acts")) for c in grads)
+    assert all(c.diagnosis.ids == ("crossentropy.mean-over-BT-1",) for c in grads), \
+        [c.diagnosis.text() for c in grads if c.diagnosis.ids != ("crossentropy.mean-over-BT-1",)]
+    assert "why: probable cause: the loss (or its gradient, dlosses) averaged over B*T+1" in R.run_summary(report)
