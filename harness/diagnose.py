@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
@@ -111,12 +112,14 @@ class Cause:
 @dataclass(frozen=True)
 class Diagnosis:
     """Why one output failed: ``causes`` (best first; empty: no known cause) among the
-    variants ``tried`` (their ids)."""
+    variants ``tried`` (their ids); ``skipped``: (id, error) of variants that raised on
+    these inputs (a diagnosis never breaks the check it explains)."""
 
     kernel: str
     output: str
     causes: tuple[Cause, ...]
     tried: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def known(self) -> bool:
@@ -146,7 +149,7 @@ class Diagnosis:
     def to_json(self) -> dict:
         return {"kernel": self.kernel, "output": self.output, "known": self.known,
                 "causes": [c.to_json() for c in self.causes], "tried": list(self.tried),
-                "text": self.text()}
+                "skipped": [{"id": i, "error": e} for i, e in self.skipped], "text": self.text()}
 
 
 @dataclass(frozen=True)
@@ -203,16 +206,21 @@ def diagnose(calls: Call | Sequence[Call], actual, expected, *, tol: Tolerance, 
     calls = [calls] if isinstance(calls, Call) else list(calls)
     last = calls[-1]
     ctx = dict(ctx or {})
-    causes, tried = [], []
+    causes, tried, skipped = [], [], []
     for i, call in enumerate(calls):
         for v in variants_for(call.kernel):
             tried.append(v.id)
-            cause = _try(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale,
-                         axes=axes, ctx=ctx, name=name)
+            try:
+                with np.errstate(all="ignore"):
+                    cause = _try(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale,
+                                 axes=axes, ctx=ctx, name=name)
+            except Exception as e:  # a diagnosis must never break the check it explains
+                skipped.append((v.id, f"{type(e).__name__}: {e}"))
+                continue
             if cause is not None:
                 causes.append(cause)
     causes.sort(key=lambda c: c.used)
-    return Diagnosis(last.kernel, last.output, tuple(causes), tuple(dict.fromkeys(tried)))
+    return Diagnosis(last.kernel, last.output, tuple(causes), tuple(dict.fromkeys(tried)), tuple(skipped))
 
 
 def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, elem_scale, axes,
@@ -234,26 +242,38 @@ def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, 
     if v.terms is not None and len(calls) == 1:
         extra = v.terms(call.kernel, _as64(call.args), call.output)
         elem_scale = extra if elem_scale is None else elem_scale + extra
+    same = dict(name=name, tol=tol, elem_scale=elem_scale)
     where = mask
     if v.defined is not None:
-        shape = np.shape(actual)
-        d = np.broadcast_to(np.asarray(v.defined(call.kernel, call.output, call.args), bool), shape)
-        m = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
-        where, rest = d & m, ~d & m
-        if not where.any():
+        where = _region(v, call, actual, expected, mask, same)
+        if where is None:
             return None
-        if v.unwritten:     # every position the change leaves unwritten must be off
-            if rest.any():
-                off = compare(actual, expected, name=name, tol=tol, mask=rest, elem_scale=elem_scale)
-                if off.n_bad < off.n_compared:
-                    return None
-        elif compare(actual, expected, name=name, tol=tol, mask=where, elem_scale=elem_scale).passed:
-            return None     # the failure lies where the variant claims nothing
-    c = compare(actual, out, name=name, tol=tol, axes=axes, mask=where, elem_scale=elem_scale)
+    c = compare(actual, out, axes=axes, mask=where, **same)
     if not c.passed:
         return None
     return Cause(v.id, v.family, v.describe(value), _used(c), value,
                  call.where if len(calls) > 1 else None)
+
+
+def _region(v: Variant, call: Call, actual, expected, mask, same: dict):
+    """Where a variant with ``defined`` positions is judged (the check's mask and its
+    own), or None when the failure cannot be its doing: without ``unwritten``, the
+    failure must lie where it is defined (not in positions it claims nothing about);
+    with it, every position it leaves unwritten must be off."""
+    shape = np.shape(actual)
+    d = np.broadcast_to(np.asarray(v.defined(call.kernel, call.output, call.args), bool), shape)
+    m = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
+    where, rest = d & m, ~d & m
+    if not where.any():
+        return None
+    if v.unwritten:
+        if rest.any():
+            off = compare(actual, expected, mask=rest, **same)
+            if off.n_bad < off.n_compared:
+                return None
+    elif compare(actual, expected, mask=where, **same).passed:
+        return None
+    return where
 
 
 def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarray | None:
@@ -355,21 +375,27 @@ def _oracle_copy():
 
 
 _PRIVATE = None
+_PRIVATE_LOCK = threading.Lock()
 
 
 def _with_constants(kernel: str, args: dict, **constants) -> dict:
     """The oracle's ``kernel`` on ``args`` with module constants changed (float64)."""
     global _PRIVATE
-    if _PRIVATE is None:
-        _PRIVATE = _oracle_copy()
-    saved = {k: getattr(_PRIVATE, k) for k in constants}
+    with _PRIVATE_LOCK:
+        if _PRIVATE is None:
+            _PRIVATE = _oracle_copy()
+        return _run_with(_PRIVATE, kernel, args, constants)
+
+
+def _run_with(mod, kernel: str, args: dict, constants: dict) -> dict:
+    saved = {k: getattr(mod, k) for k in constants}
     try:
         for k, x in constants.items():
-            setattr(_PRIVATE, k, x)
-        return run_kernel(_PRIVATE, kernel, args, np.float64)
+            setattr(mod, k, x)
+        return run_kernel(mod, kernel, args, np.float64)
     finally:
         for k, x in saved.items():
-            setattr(_PRIVATE, k, x)
+            setattr(mod, k, x)
 
 
 def _oracle(kernel: str, args: dict, **changed) -> dict:

@@ -527,3 +527,21 @@ def test_edited_loss_mean_is_diagnosed(mean_mutant):
     assert all(c.diagnosis.ids == ("crossentropy.mean-over-BT-1",) for c in grads), \
         [c.diagnosis.text() for c in grads if c.diagnosis.ids != ("crossentropy.mean-over-BT-1",)]
     assert "why: probable cause: the loss (or its gradient, dlosses) averaged over B*T+1" in R.run_summary(report)
+
+
+def test_a_variant_that_raises_is_skipped_not_fatal(monkeypatch):
+    import harness.diagnose as D
+
+    def boom(kernel, args, ctx, value):
+        raise RuntimeError("variant bug")
+    broken = D.Variant("gelu.broken", "gelu", ("gelu_forward",), "a variant that raises", boom)
+    monkeypatch.setattr(D, "CATALOGUE", D.CATALOGUE + (broken,))
+    (c,) = _failures(_port("gelu_forward", gelu_erf_fwd), "gelu_forward")
+    assert not c.passed and c.diagnosis.ids == ("gelu.erf",)
+    assert c.diagnosis.skipped == (("gelu.broken", "RuntimeError: variant bug"),)
+
+
+def test_kernels_without_variants_say_so():
+    from tests.test_ops import MUTANTS
+    (c,) = _failures(_port("encoder_forward", MUTANTS["encoder_forward"][1]), "encoder_forward")
+    assert c.diagnosis.text() == "no known cause: the catalogue has no change to encoder_forward"
