@@ -7,8 +7,11 @@ a specific change (GELU's exact erf form, layernorm's eps 1e-6, the attention sc
 1/hs, ...), that change is the cause.
 
 * :data:`CATALOGUE` -- the variants: each is one op under one change, a float64
-  function plus a one-line description. Adding one is a few lines (see the end of this
-  module).
+  function plus a one-line description. Adding one is a few lines at the end of this
+  module, e.g. ``Variant("layernorm.eps=1e-3", "layernorm", ("layernorm_forward",),
+  "layernorm's eps is 1e-3 instead of 1e-5", _ln_eps(1e-3))``. Besides the kernels of the
+  protocol, the pseudo-kernel ``loss_mean`` stands for the mean over B*T positions that
+  the model takes of the losses (and spreads over their gradients).
 * :func:`diagnose` -- given the failing op's call(s), the implementation's output and the
   comparison settings of the failing check (tolerance, mask, element scale), re-judge the
   output against every applicable variant through the same :func:`harness.compare.compare`
@@ -26,7 +29,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import numpy as np
@@ -37,8 +40,9 @@ from pyref.protocol import INPLACE_ARGS, SIGNATURES
 from .compare import Comparison, Tolerance, compare
 from .ops import FORWARD_OUTPUTS, run_kernel
 
-__all__ = ["Variant", "Cause", "Diagnosis", "Call", "DiagnosedComparison", "CATALOGUE",
-           "VARIANT_BY_ID", "diagnose", "attach", "variants_for", "one_d_mask"]
+__all__ = ["Variant", "Fit", "Cause", "Diagnosis", "Call", "DiagnosedComparison", "CATALOGUE",
+           "VARIANT_BY_ID", "MODEL_QUANTITIES", "diagnose", "attach", "variants_for", "one_d_mask",
+           "is_one_d"]
 
 
 # ----------------------------------------------------------------------------- data
