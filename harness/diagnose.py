@@ -560,6 +560,57 @@ def _overwrite(kernel, args, ctx, value):
     return _oracle(kernel, args, **{name: np.zeros_like(args[name])})
 
 
+def _rows(a):
+    """(..., n) -> (rows, n): the (b,t) positions in the C's loop order."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _ln_norm_last(a):
+    inp, mean, rstd = _rows(a["inp"])[-1], a["mean"].reshape(-1)[-1], a["rstd"].reshape(-1)[-1]
+    return (inp - mean) * rstd
+
+
+def _encoder_dwte_last(a):
+    """dwte[ix] = d: each token row keeps the gradient of its last occurrence; rows of
+    tokens not in the batch keep their value."""
+    ids = a["inp"].reshape(-1)
+    dout = _rows(a["dout"])
+    out = a["dwte"].copy()
+    uids, first_rev = np.unique(ids[::-1], return_index=True)
+    out[uids] = dout[ids.size - 1 - first_rev]
+    return out
+
+
+def _encoder_dwpe_last(a):
+    out = a["dwpe"].copy()
+    T = a["dout"].shape[1]
+    out[:T] = a["dout"][-1]          # the last b writes each position
+    return out
+
+
+# (kernel, gradient) -> its value when the += of the C's innermost reduction is an =
+# (the last term of the loop the C runs in order is all that is left)
+_LAST_TERM = {
+    ("layernorm_backward", "dbias"): lambda a: _rows(a["dout"])[-1],
+    ("layernorm_backward", "dweight"): lambda a: _ln_norm_last(a) * _rows(a["dout"])[-1],
+    ("matmul_backward", "dbias"): lambda a: _rows(a["dout"])[-1],
+    ("matmul_backward", "dweight"): lambda a: np.outer(_rows(a["dout"])[-1], _rows(a["inp"])[-1]),
+    ("matmul_backward", "dinp"): lambda a: (a["dout"][..., -1:] * a["weight"][-1]),
+    ("encoder_backward", "dwte"): _encoder_dwte_last,
+    ("encoder_backward", "dwpe"): _encoder_dwpe_last,
+}
+
+
+def _last_term(kernel, args, ctx, value):
+    """A sum's ``+=`` turned into ``=``: only the last term of the C's loop is kept."""
+    f = _LAST_TERM.get((kernel, ctx["output"]))
+    if f is None or args.get(ctx["output"]) is None:
+        return None
+    out = _oracle(kernel, args)
+    out[ctx["output"]] = f(args)
+    return out
+
+
 # --- AdamW
 
 def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, **changed):
@@ -711,6 +762,8 @@ CATALOGUE: tuple[Variant, ...] = (
             "matmul without its bias (forward: not added; backward: dbias not accumulated)", _matmul_no_bias),
     Variant("backward.overwrite", "backward", _BACKWARD,
             "the gradient is assigned (=) instead of accumulated (+=)", _overwrite),
+    Variant("backward.last-term-only", "backward", tuple(dict.fromkeys(k for k, _ in _LAST_TERM)),
+            "a sum's += turned into = inside its loop: only the last term is kept", _last_term),
     # AdamW
     Variant("adamw.no-bias-correction", "adamw", ("adamw",),
             "AdamW without bias correction (m, v not divided by 1 - beta^t)",

@@ -181,6 +181,45 @@ def overwrite(kernel, arg):
     return port
 
 
+def last_term(kernel, arg):
+    """The C's loop for ``arg`` with ``+=`` turned into ``=``, written out in its order."""
+    def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+        keep = {"dweight": dweight.copy(), "dbias": dbias.copy()}
+        nk.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd)
+        B, T, _ = dout.shape
+        for b in range(B):
+            for t in range(T):
+                norm = (inp[b, t] - mean[b, t]) * rstd[b, t]
+                keep["dbias"][:] = dout[b, t]
+                keep["dweight"][:] = norm * dout[b, t]
+        (dweight if arg == "dweight" else dbias)[:] = keep[arg]
+
+    def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+        keep = {"dinp": dinp.copy(), "dweight": dweight.copy(), "dbias": dbias.copy()}
+        nk.matmul_backward(dinp, dweight, dbias, dout, inp, weight)
+        B, T, OC = dout.shape
+        for b in range(B):
+            for t in range(T):
+                for o in range(OC):
+                    keep["dinp"][b, t] = weight[o] * dout[b, t, o]
+                keep["dbias"][:] = dout[b, t]
+                keep["dweight"][:] = np.outer(dout[b, t], inp[b, t])
+        {"dinp": dinp, "dweight": dweight, "dbias": dbias}[arg][...] = keep[arg]
+
+    def encoder_backward(dwte, dwpe, dout, inp):
+        keep = {"dwte": dwte.copy(), "dwpe": dwpe.copy()}
+        nk.encoder_backward(dwte, dwpe, dout, inp)
+        B, T, _ = dout.shape
+        for b in range(B):
+            for t in range(T):
+                keep["dwte"][inp[b, t]] = dout[b, t]
+                keep["dwpe"][t] = dout[b, t]
+        (dwte if arg == "dwte" else dwpe)[...] = keep[arg]
+
+    return {"layernorm_backward": layernorm_backward, "matmul_backward": matmul_backward,
+            "encoder_backward": encoder_backward}[kernel]
+
+
 def _one_d_of_tiny():
     """Which of the tiny preset's parameters are biases or layernorm gains (by name)."""
     parts = [np.full(int(np.prod(s)), name.endswith("b") or name.startswith("ln"))
@@ -234,6 +273,10 @@ PORTS = {
         ("matmul_backward", "dweight"), ("matmul_backward", "dbias"), ("attention_backward", "dinp"),
         ("gelu_backward", "dinp"), ("residual_backward", "dinp1"), ("residual_backward", "dinp2"),
         ("crossentropy_softmax_backward", "dlogits"))],
+    "backward.last-term-only": [(k, last_term(k, a)) for k, a in (
+        ("layernorm_backward", "dbias"), ("layernorm_backward", "dweight"), ("matmul_backward", "dinp"),
+        ("matmul_backward", "dweight"), ("matmul_backward", "dbias"), ("encoder_backward", "dwte"),
+        ("encoder_backward", "dwpe"))],
     "adamw.no-bias-correction": [("adamw", adamw_port(bias_correction=False))],
     "adamw.step+1": [("adamw", adamw_port(dt=+1))],
     "adamw.step-1": [("adamw", adamw_port(dt=-1))],
@@ -399,6 +442,8 @@ C_EDITS = [
     ("matmul.no-bias", "matmul_backward", "if (dbias != NULL) { dbias[o] += d; }", ""),
     ("backward.overwrite", "layernorm_backward", "dinp_bt[i] += dval;", "dinp_bt[i] = dval;"),
     ("backward.overwrite", "residual_backward", "dinp2[i] += dout[i];", "dinp2[i] = dout[i];"),
+    ("backward.last-term-only", "matmul_backward", "dwrow[i] += inp_bt[i] * d;", "dwrow[i] = inp_bt[i] * d;"),
+    ("backward.last-term-only", "encoder_backward", "dwte_ix[i] += d;", "dwte_ix[i] = d;"),
     ("adamw.no-bias-correction", "gpt2_update", "(1.0f - powf(beta1, t))", "1.0f"),
     ("adamw.eps-in-sqrt", "gpt2_update", "(sqrtf(v_hat) + eps)", "sqrtf(v_hat + eps)"),
     ("adamw.weight-decay=0.01", "gpt2_update", "weight_decay * param", "0.01f * param"),
