@@ -406,18 +406,24 @@ def test_passing_checks_do_no_diagnosis_work(counted):
     assert counted.calls == 1
 
 
-def test_a_python_port_is_diagnosed_in_a_training_step():
+@pytest.mark.parametrize("adamw, cause", [(adamw_port(l2=True), "adamw.l2"),
+                                          (adamw_port(skip_1d=True), "adamw.no-decay-1d")])
+def test_a_python_port_is_diagnosed_in_a_training_step(adamw, cause):
     """Replay (forward and an accumulated gradient) and update of a Python model."""
     funcs = {name: getattr(nk, name) for name in CHECK_BY_KERNEL}
     funcs.update(gelu_forward=gelu_erf_fwd, layernorm_backward=overwrite("layernorm_backward", "dinp"),
-                 adamw=adamw_port(l2=True))
+                 adamw=adamw)
     report = _tiny_run(impls={"port": KernelSet(funcs, name="port")})
     failed = [c for s in report.steps for c in s.checks if c.impl == "port" and not c.passed
               and c.kind in ("replay", "update")]
-    assert {c.diagnosis.ids for c in failed} == {("gelu.erf",), ("backward.overwrite",), ("adamw.l2",)}
+    assert {c.diagnosis.ids for c in failed} == {("gelu.erf",), ("backward.overwrite",), (cause,)}
     assert all(c.diagnosis is None for s in report.steps for c in s.checks if c.impl == "C")
     over = next(c for c in failed if c.diagnosis.ids == ("backward.overwrite",))
     assert "layernorm_backward" in over.diagnosis.causes[0].where
+    if cause == "adamw.no-decay-1d":     # only the biases and gains are off
+        shapes = param_shapes(PRESETS["tiny"])
+        off = {c.tensor.split(".")[1].split(" ")[0] for c in failed if c.kind == "update"}
+        assert off == {n for n in shapes if n.endswith("b") or n.startswith("ln")}
 
 
 # ----------------------------------------------------------------------------- the C, edited
