@@ -1,12 +1,14 @@
 """Diagnosis: a failing check names the catalogued change of semantics that explains it.
 
-Every variant of harness.diagnose.CATALOGUE has a port here that carries the change, written
-independently of the variant's own float64 code (float32 NumPy, the way a port would be
-written): its per-op check fails and is diagnosed with exactly that cause. Every family
-also has edits of llmc/train_gpt2.c (built into a temporary folder, several edits of
-different functions per build so that few builds are needed), checked per op and, for one
-build, through a whole training step (replay and update). Failures that no catalogued
-change explains say "no known cause", and passing checks do no diagnosis work.
+Every kernel variant of harness.diagnose.CATALOGUE has a port here that carries the change,
+written independently of the variant's own float64 code (float32 NumPy, the way a port
+would be written): its per-op check fails and is diagnosed with exactly that cause. Every
+family also has edits of llmc/train_gpt2.c (built into a temporary folder, several edits
+of different functions per build so that three builds suffice), checked per op and, for
+one build, through whole training steps (replay and update); the loss mean over B*T±1,
+which is the model's and no kernel's, is an edit of gpt2_forward and gpt2_backward checked
+through a step. Failures that no catalogued change explains say "no known cause", and
+passing checks do no diagnosis work.
 """
 from __future__ import annotations
 
