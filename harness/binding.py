@@ -22,6 +22,7 @@ import numpy as np
 from cffi import FFI
 
 from . import fpenv
+from .errors import InputError
 from .build import BuildError, ensure_library, read_build_info
 from .cdefs import CDEF, GPT2_FIELDS, REQUIRED_SYMBOLS
 
@@ -31,11 +32,11 @@ ffi.cdef(CDEF)
 INT_MAX = 2**31 - 1
 
 
-class LibraryError(RuntimeError):
+class LibraryError(InputError, RuntimeError):
     """The library is missing, cannot be loaded, lacks symbols or disagrees on layout."""
 
 
-class LlmcInputError(ValueError):
+class LlmcInputError(InputError, ValueError):
     """An argument the C would crash or exit() on; raised before the C is called."""
 
 

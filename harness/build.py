@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.errors import InputError
+
 # the C sources ship inside the installed package (the `llmc` package's data), so these
 # paths hold in a checkout and after a plain `pip install` alike
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +67,7 @@ def ensure_library(src: str | os.PathLike | None = None, cflags: str = DEFAULT_C
     return build_library(src, out, cflags=cflags, cc=cc, openmp=openmp, quiet=True)
 
 
-class BuildError(RuntimeError):
+class BuildError(InputError, RuntimeError):
     """The library could not be built; the message says why and what to do."""
 
 

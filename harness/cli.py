@@ -18,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import InputError
+
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 RESERVED = ("C", "oracle", "witness")
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad usage or input: reported in one line, exit status 2."""
 
 
@@ -382,15 +384,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .binding import LibraryError
-    from .build import BuildError
-    from .kernels import KernelLoadError
+    from pyref.config import ConfigError
+    from pyref.formats import FormatError
 
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, LibraryError, BuildError, KernelLoadError, FileNotFoundError,
-            FileExistsError, IsADirectoryError, PermissionError, RuntimeError) as e:
+    # errors about the user's input, raised as such where it is validated (harness.errors);
+    # a ValueError or RuntimeError from anywhere else is a bug of ours: exit 3 with the trace
+    except (InputError, FormatError, ConfigError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, PermissionError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llmc-parity: error: {reason}", file=sys.stderr)
         return EXIT_USAGE

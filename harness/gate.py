@@ -32,8 +32,13 @@ import numpy as np
 from pyref.formats import write_atomic
 
 from .compare import Comparison
+from .errors import InputError
 
 BASELINE_NAME = "llmc-parity-gate.json"
+
+
+class BaselineError(InputError, ValueError):
+    """A baseline file that is not one: invalid JSON or another schema."""
 _PROJECT_MARKERS = ("pyproject.toml", "setup.cfg", "setup.py", ".git")
 
 
@@ -224,13 +229,13 @@ def load_baseline(path: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"no gate baseline at {path}: create it with `llmc-parity gate --update`") from None
     except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise BaselineError(f"{path}: not valid JSON ({e})") from None
     if data.get("schema") == "llmc-parity/gate/1":
         # fingerprints were keyed by a string that held the CPU's whole flag set and the
         # NumPy version: they cannot be matched to today's keys. Metrics still count.
         data = dict(data, schema=SCHEMA, fingerprints=[])
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
+        raise BaselineError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
     return data
 
 
