@@ -115,9 +115,13 @@ class _InEnv:
     def __init__(self, raw, env):
         self.raw = raw
         self._env = env
+        try:
+            self._team = raw.llmc_set_team_fenv
+        except (AttributeError, NotImplementedError):
+            self._team = None   # a library built elsewhere: the caller's thread only
 
     def __getattr__(self, name):
-        fn = fpenv.calls_in(self._env, getattr(self.raw, name))
+        fn = fpenv.calls_in(self._env, getattr(self.raw, name), self._team)
         setattr(self, name, fn)
         return fn
 
