@@ -147,12 +147,7 @@ def _batches(args, cfg, B, T):
             raise UsageError(f"{args.tokens}: token id {int(tokens.max())} >= vocab_size {cfg.vocab_size}")
         return synth.batches_from_tokens(tokens, B, T)
 
-    def gen():
-        i = 0
-        while True:
-            yield synth.make_batch(cfg, B, T, seed=args.seed + 1000 + i)
-            i += 1
-    return gen()
+    return synth.batches(cfg, B, T, seed=args.seed + 1000)
 
 
 def cmd_run(args) -> int:

@@ -180,12 +180,9 @@ def run_suite(lib=None, progress=None) -> GateRun:
     took(params)
 
     def batches():
-        i = 0
-        while True:
-            batch = synth.make_batch(cfg, SUITE["B"], SUITE["T"], seed=SUITE["seed"] + i)
+        for batch in synth.batches(cfg, SUITE["B"], SUITE["T"], seed=SUITE["seed"]):
             took(*batch)
             yield batch
-            i += 1
 
     def fingerprint(t, cmodel):
         for name, a in cmodel.acts.items():

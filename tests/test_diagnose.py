@@ -388,13 +388,7 @@ def counted(monkeypatch):
 
 def _tiny_run(lib=None, impls=None, steps=1):
     cfg = PRESETS["tiny"]
-
-    def batches():
-        i = 0
-        while True:
-            yield synth.make_batch(cfg, 4, 16, seed=i)
-            i += 1
-    return run_parity(cfg, synth.init_params(cfg, seed=0), batches(), lib=lib, impls=impls or {}, steps=steps)
+    return run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 4, 16), lib=lib, impls=impls or {}, steps=steps)
 
 
 def test_passing_checks_do_no_diagnosis_work(counted):

@@ -52,14 +52,8 @@ def _broken() -> KernelSet:
 
 @pytest.fixture(scope="module")
 def report():
-    def batches():
-        s = 0
-        while True:
-            yield synth.make_batch(TINY, 4, 16, s)
-            s += 1
-
     impls = {"numpy": KernelSet.from_module(numpy_kernels), "mutant": _mutant(), "broken": _broken()}
-    return run_parity(TINY, synth.init_params(TINY, 0), batches(), impls=impls, steps=2)
+    return run_parity(TINY, synth.init_params(TINY, 0), synth.batches(TINY, 4, 16), impls=impls, steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,7 @@ from pyref import synth
 from pyref.config import PRESETS
 cfg = PRESETS[sys.argv[2]]
 B, T = int(sys.argv[3]), int(sys.argv[4])
-def batches():
-    i = 0
-    while True:
-        yield synth.make_batch(cfg, B, T, seed=i); i += 1
-r = run_parity(cfg, synth.init_params(cfg, seed=0), batches(), lib=sys.argv[1],
+r = run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, B, T), lib=sys.argv[1],
                impls={}, steps=2)
 for s in r.steps:
     for c in s.checks:
