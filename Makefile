@@ -44,10 +44,10 @@ parity: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity run $(ARGS)
 
 gate: venv lib
-	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate $(ARGS)
+	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate --baseline baselines/gate.json $(ARGS)
 
 gate-update: venv lib
-	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate --update $(ARGS)
+	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity gate --baseline baselines/gate.json --update $(ARGS)
 
 bench: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VPY) benchmarks/bench.py --json build/bench.json $(ARGS)
@@ -57,14 +57,17 @@ fuzz: venv lib
 	LLMC_LIB='$(abspath $(LIB))' HYPOTHESIS_PROFILE=long $(VPY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 # ASan's runtime must be loaded before the Python interpreter itself, from the compiler
-# that built the library. Leak detection is off: LeakSanitizer crashes at exit while
-# OpenMP's threads are alive (tests/test_hostile.py checks leaks by RSS instead).
+# that built the library. Leak detection is on: it records only the allocating function
+# (malloc_context_size=2) so that tests/lsan-python.supp can leave out what the
+# interpreter, NumPy and torch keep at exit by design, never an allocation of the C.
 SAN_CC ?= $(if $(filter cc,$(CC)),gcc,$(CC))
 sanitize: venv
 	CC=$(SAN_CC) $(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out build/libtrain_gpt2_san.so \
 	    --cflags='-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined'
 	LLMC_LIB='$(abspath build/libtrain_gpt2_san.so)' LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so)" \
-	    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    ASAN_OPTIONS=detect_leaks=1:malloc_context_size=2:abort_on_error=1 \
+	    LSAN_OPTIONS=suppressions=$(abspath tests/lsan-python.supp):print_suppressions=0 \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    $(VPY) -m pytest -p no:cacheprovider -q tests/test_binding.py tests/test_ops.py \
 	    tests/test_model_parity.py tests/test_hostile.py tests/test_determinism.py $(PYTEST_ARGS)
 

@@ -22,7 +22,8 @@ import numpy as np
 from cffi import FFI
 
 from . import fpenv
-from .build import DEFAULT_LIB, read_build_info
+from .errors import InputError
+from .build import BuildError, ensure_library, read_build_info
 from .cdefs import CDEF, GPT2_FIELDS, REQUIRED_SYMBOLS
 
 ffi = FFI()
@@ -31,11 +32,11 @@ ffi.cdef(CDEF)
 INT_MAX = 2**31 - 1
 
 
-class LibraryError(RuntimeError):
+class LibraryError(InputError, RuntimeError):
     """The library is missing, cannot be loaded, lacks symbols or disagrees on layout."""
 
 
-class LlmcInputError(ValueError):
+class LlmcInputError(InputError, ValueError):
     """An argument the C would crash or exit() on; raised before the C is called."""
 
 
@@ -114,9 +115,13 @@ class _InEnv:
     def __init__(self, raw, env):
         self.raw = raw
         self._env = env
+        try:
+            self._team = raw.llmc_set_team_fenv
+        except (AttributeError, NotImplementedError):
+            self._team = None   # a library built elsewhere: the caller's thread only
 
     def __getattr__(self, name):
-        fn = fpenv.calls_in(self._env, getattr(self.raw, name))
+        fn = fpenv.calls_in(self._env, getattr(self.raw, name), self._team)
         setattr(self, name, fn)
         return fn
 
@@ -400,11 +405,19 @@ def as_library(lib: "Library | str | os.PathLike | None") -> Library:
 
 
 def default_library_path() -> str:
-    return os.environ.get("LLMC_LIB") or str(DEFAULT_LIB)
+    """``$LLMC_LIB``, else our own train_gpt2.c built with the default flags in the
+    build cache (:func:`harness.build.build_dir`), compiled there on first use."""
+    if os.environ.get("LLMC_LIB"):
+        return os.environ["LLMC_LIB"]
+    try:
+        return ensure_library().library
+    except BuildError as e:
+        raise LibraryError(f"no library given (--lib or LLMC_LIB) and building our own failed: {e}") from None
 
 
 def load_library(path: str | os.PathLike | None = None) -> Library:
-    """Open (once per path) the library at ``path``, ``$LLMC_LIB``, or build/libtrain_gpt2.so."""
+    """Open (once per path) the library at ``path``, ``$LLMC_LIB``, or our own (built
+    into the cache on first use)."""
     key = str(Path(path or default_library_path()).resolve())
     with _cache_lock:
         lib = _cache.get(key)

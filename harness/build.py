@@ -23,14 +23,51 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.errors import InputError
+
+# the C sources ship inside the installed package (the `llmc` package's data), so these
+# paths hold in a checkout and after a plain `pip install` alike
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SRC = ROOT / "llmc" / "train_gpt2.c"
-DEFAULT_LIB = ROOT / "build" / "libtrain_gpt2.so"
 PROBE = ROOT / "llmc" / "abi_probe.c"
+# what `make lib` builds in a checkout (the Makefile hands it to everything as LLMC_LIB)
+DEFAULT_LIB = ROOT / "build" / "libtrain_gpt2.so"
 DEFAULT_CFLAGS = "-O3"
 
 
-class BuildError(RuntimeError):
+def build_dir() -> Path:
+    """Where the harness builds libraries on its own (the default one on first use,
+    ``--src`` builds): ``$LLMC_BUILD_DIR``, else a per-user cache directory
+    (``$XDG_CACHE_HOME/llmc-parity``, ``~/.cache/llmc-parity``), never the installation."""
+    if os.environ.get("LLMC_BUILD_DIR"):
+        return Path(os.environ["LLMC_BUILD_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llmc-parity"
+
+
+def cached_library(src: str | os.PathLike | None = None, cflags: str = DEFAULT_CFLAGS,
+                   cc: str | None = None, openmp: bool = True) -> Path:
+    """The cache path of a build, keyed by what decides it: the source's and the probe's
+    contents, the compiler and its version, the flags and OpenMP. A second call with the
+    same key finds the library built; a changed source or flag gets a new one."""
+    src = Path(src or DEFAULT_SRC).resolve()
+    if not src.is_file():
+        raise BuildError(f"C source {src} does not exist")
+    cc = cc or os.environ.get("CC") or "gcc"
+    key = "|".join([_sha256(src), _sha256(PROBE), compiler_version(cc), cflags, str(openmp)])
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+    name = "train_gpt2" if src == DEFAULT_SRC else src.stem
+    return build_dir() / f"lib{name}-{tag}.so"
+
+
+def ensure_library(src: str | os.PathLike | None = None, cflags: str = DEFAULT_CFLAGS,
+                   cc: str | None = None, openmp: bool = True) -> "BuildInfo":
+    """Build ``src`` (default: our train_gpt2.c) into the cache unless it is there."""
+    out = cached_library(src, cflags, cc, openmp)
+    return build_library(src, out, cflags=cflags, cc=cc, openmp=openmp, quiet=True)
+
+
+class BuildError(InputError, RuntimeError):
     """The library could not be built; the message says why and what to do."""
 
 

@@ -81,6 +81,7 @@ void gpt2_free(GPT2 *model);
 /* optional: present in libraries built by `make lib` (llmc/abi_probe.c) */
 int llmc_abi_layout(size_t* out);
 int llmc_build_features(void);
+void llmc_set_team_fenv(const void* env);
 /* optional: from the OpenMP runtime the library links */
 void omp_set_num_threads(int n);
 int omp_get_max_threads(void);

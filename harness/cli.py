@@ -11,7 +11,6 @@ Exit status: 0 pass, 1 parity failure, 2 bad usage or input (with a one-line rea
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import InputError
+
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 RESERVED = ("C", "oracle", "witness")
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad usage or input: reported in one line, exit status 2."""
 
 
@@ -66,21 +67,20 @@ class Progress:
 # ----------------------------------------------------------------------------
 
 def _library(args):
-    """Build (--src) or load (--lib, $LLMC_LIB, the default) the library."""
+    """Build (--src) or load (--lib, $LLMC_LIB, our own) the library."""
     from .binding import load_library
-    from .build import DEFAULT_LIB, build_library
+    from .build import build_library, ensure_library
 
+    if getattr(args, "build_dir", None):
+        os.environ["LLMC_BUILD_DIR"] = str(Path(args.build_dir).resolve())
     if getattr(args, "src", None):
-        src = Path(args.src).resolve()
-        # one library per source path and flags, stable across runs (rebuilt only on change)
-        tag = hashlib.sha1(f"{src}|{args.cflags}".encode()).hexdigest()[:10]
-        out = Path(args.lib) if args.lib else DEFAULT_LIB.parent / f"lib_{src.parent.name or 'src'}_{tag}.so"
-        lib = load_library(build_library(src, out, cflags=args.cflags, quiet=True).library)
+        # built into the cache, keyed by source contents, compiler and flags (rebuilt only
+        # when one of them changes), or where --lib says
+        info = (build_library(args.src, args.lib, cflags=args.cflags, quiet=True) if args.lib
+                else ensure_library(args.src, cflags=args.cflags))
+        lib = load_library(info.library)
     else:
-        path = args.lib or os.environ.get("LLMC_LIB")
-        if not path and not DEFAULT_LIB.exists():
-            build_library(quiet=True)  # first use: build our own reference
-        lib = load_library(path)
+        lib = load_library(args.lib)   # None: $LLMC_LIB, or our own, built on first use
     if args.threads:
         lib.set_num_threads(args.threads)
     return lib
@@ -165,12 +165,7 @@ def _batches(args, cfg, B, T):
             raise UsageError(f"{args.tokens}: token id {int(tokens.max())} >= vocab_size {cfg.vocab_size}")
         return synth.batches_from_tokens(tokens, B, T)
 
-    def gen():
-        i = 0
-        while True:
-            yield synth.make_batch(cfg, B, T, seed=args.seed + 1000 + i)
-            i += 1
-    return gen()
+    return synth.batches(cfg, B, T, seed=args.seed + 1000)
 
 
 def cmd_run(args) -> int:
@@ -199,7 +194,9 @@ def cmd_run(args) -> int:
     if B < 1 or T < 1 or args.steps < 1:
         raise UsageError("batch size, sequence length and steps must be positive")
     lib = _library(args)
-    impls = _impls(args.ref)
+    refs = args.ref if args.ref is not None else \
+        ["numpy"] + (["torch"] if importlib.util.find_spec("torch") is not None else [])
+    impls = _impls(refs)
     if args.impl:
         impls.update(_impls([args.impl]))
     models = _models(args)
@@ -299,10 +296,10 @@ def cmd_ops(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    from .gate import DEFAULT_BASELINE, evaluate, key_text, load_baseline, run_suite, write_baseline
+    from .gate import default_baseline, evaluate, key_text, load_baseline, run_suite, write_baseline
 
     lib = _library(args)
-    path = Path(args.baseline or DEFAULT_BASELINE)
+    path = Path(args.baseline) if args.baseline else default_baseline()
     t0 = time.perf_counter()
     progress = Progress(enabled=not args.quiet)
     run = run_suite(lib, progress=progress)
@@ -344,7 +341,10 @@ def cmd_info(args) -> int:
 
 
 def _common(p):
-    p.add_argument("--lib", help="a built train_gpt2 library (default: $LLMC_LIB or build/libtrain_gpt2.so)")
+    p.add_argument("--lib", help="a built train_gpt2 library (default: $LLMC_LIB, or our own "
+                                 "train_gpt2.c built into the build cache on first use)")
+    p.add_argument("--build-dir", help="where libraries are built (default: $LLMC_BUILD_DIR or "
+                                       "~/.cache/llmc-parity)")
     p.add_argument("--src", help="a train_gpt2.c to build and check instead (e.g. from your llm.c checkout)")
     p.add_argument("--cflags", default="-O3", help="flags for --src (default -O3)")
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads for the C")
@@ -364,8 +364,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=10)
     run.add_argument("-B", "--batch", type=int, default=4)
     run.add_argument("-T", "--seq-len", type=int, default=None, help="default 16 (64 for C >= 512)")
-    run.add_argument("--ref", default="numpy,torch", type=lambda s: [x for x in s.split(",") if x],
-                     help="references beside the oracle: numpy, torch, oracle (only), or a module (default numpy,torch)")
+    run.add_argument("--ref", default=None, type=lambda s: [x for x in s.split(",") if x],
+                     help="references beside the oracle: numpy, torch, oracle (only), or a module "
+                          "(default: numpy, and torch where it is installed)")
     run.add_argument("--impl", help="your port: a .py file or module[:attr] implementing docs/kernels.md")
     run.add_argument("--model", help="your PyTorch model: file.py:name or module:name, an nn.Module class or "
                                      "a factory taking the config (checked with autograd and its optimizer)")
@@ -404,7 +405,8 @@ def parser() -> argparse.ArgumentParser:
 
     gate = sub.add_parser("gate", help="the numerical drift gate")
     _common(gate)
-    gate.add_argument("--baseline", help="baseline file (default baselines/gate.json)")
+    gate.add_argument("--baseline", help="baseline file (default: $LLMC_GATE_BASELINE, else "
+                                         "llmc-parity-gate.json at the root of the current project)")
     gate.add_argument("--update", action="store_true", help="accept the current numbers as the baseline")
     gate.add_argument("--require-bits", action="store_true",
                       help="fail when no fingerprint of the baseline matches this build "
@@ -421,16 +423,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .binding import LibraryError
-    from .build import BuildError
-    from .kernels import KernelLoadError
-    from .models import ModelError
+    from pyref.config import ConfigError
+    from pyref.formats import FormatError
 
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, LibraryError, BuildError, KernelLoadError, ModelError, FileNotFoundError,
-            FileExistsError, IsADirectoryError, PermissionError, RuntimeError) as e:
+    # errors about the user's input, raised as such where it is validated (harness.errors);
+    # a ValueError or RuntimeError from anywhere else is a bug of ours: exit 3 with the trace
+    except (InputError, FormatError, ConfigError, FileNotFoundError, FileExistsError,
+            IsADirectoryError, NotADirectoryError, PermissionError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llmc-parity: error: {reason}", file=sys.stderr)
         return EXIT_USAGE

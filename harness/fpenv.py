@@ -121,10 +121,15 @@ def default_mode() -> Mode:
     return env.mode if env is not None else Mode(None, None)
 
 
-def calls_in(lib_env: Env | None, fn):
+def calls_in(lib_env: Env | None, fn, team=None):
     """``fn`` (a C function) wrapped to run inside ``lib_env`` and give the caller's
     environment back afterwards, whatever happens. Per call, so it is re-entrant and
-    thread-safe (the environment is per thread). ``lib_env`` None: ``fn`` itself."""
+    thread-safe (the environment is per thread). ``lib_env`` None: ``fn`` itself.
+
+    ``team(env_buffer)`` (the probe's ``llmc_set_team_fenv``, where the library has it)
+    sets the environment in the OpenMP worker threads too: the C's parallel loops run
+    there, and the runtime may be shared with torch's, whose parallel ops must not inherit
+    the C's flush-to-zero from a worker the C last used."""
     if lib_env is None or _LIBM is None:
         return fn
     want = lib_env.raw
@@ -136,9 +141,13 @@ def calls_in(lib_env: Env | None, fn):
         if _ffi.buffer(mine)[:] == want:
             return fn(*args)
         _LIBM.fesetenv(buf)
+        if team is not None:
+            team(buf)
         try:
             return fn(*args)
         finally:
+            if team is not None:
+                team(mine)
             _LIBM.fesetenv(mine)
     call.__name__ = getattr(fn, "__name__", "c_call")
     return call

@@ -32,9 +32,29 @@ import numpy as np
 from pyref.formats import write_atomic
 
 from .compare import Comparison
+from .errors import InputError
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BASELINE = ROOT / "baselines" / "gate.json"
+BASELINE_NAME = "llmc-parity-gate.json"
+
+
+class BaselineError(InputError, ValueError):
+    """A baseline file that is not one: invalid JSON or another schema."""
+_PROJECT_MARKERS = ("pyproject.toml", "setup.cfg", "setup.py", ".git")
+
+
+def default_baseline(start: Path | None = None) -> Path:
+    """The baseline belongs to the project being checked: ``$LLMC_GATE_BASELINE``, else
+    ``llmc-parity-gate.json`` at the root of the project the current directory is in (the
+    nearest folder upwards with a pyproject.toml, setup.cfg, setup.py or .git), else in the
+    current directory. ``gate --update`` creates it there. (This repository's own
+    baseline, baselines/gate.json, is named by its Makefile.)"""
+    if os.environ.get("LLMC_GATE_BASELINE"):
+        return Path(os.environ["LLMC_GATE_BASELINE"])
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if any((d / m).exists() for m in _PROJECT_MARKERS):
+            return d / BASELINE_NAME
+    return here / BASELINE_NAME
 SCHEMA = "llmc-parity/gate/2"
 GROWTH_FACTOR = 4.0
 FLOOR = 0.05
@@ -160,12 +180,9 @@ def run_suite(lib=None, progress=None) -> GateRun:
     took(params)
 
     def batches():
-        i = 0
-        while True:
-            batch = synth.make_batch(cfg, SUITE["B"], SUITE["T"], seed=SUITE["seed"] + i)
+        for batch in synth.batches(cfg, SUITE["B"], SUITE["T"], seed=SUITE["seed"]):
             took(*batch)
             yield batch
-            i += 1
 
     def fingerprint(t, cmodel):
         for name, a in cmodel.acts.items():
@@ -209,13 +226,13 @@ def load_baseline(path: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"no gate baseline at {path}: create it with `llmc-parity gate --update`") from None
     except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise BaselineError(f"{path}: not valid JSON ({e})") from None
     if data.get("schema") == "llmc-parity/gate/1":
         # fingerprints were keyed by a string that held the CPU's whole flag set and the
         # NumPy version: they cannot be matched to today's keys. Metrics still count.
         data = dict(data, schema=SCHEMA, fingerprints=[])
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
+        raise BaselineError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
     return data
 
 

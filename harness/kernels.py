@@ -20,10 +20,12 @@ from pathlib import Path
 
 from pyref.protocol import KERNEL_NAMES, KernelSet
 
+from .errors import InputError
+
 BUILTIN = {"numpy": "pyref.numpy_kernels", "torch": "pyref.torch_kernels"}
 
 
-class KernelLoadError(ValueError):
+class KernelLoadError(InputError, ValueError):
     """The implementation could not be loaded; the message says what and where."""
 
 

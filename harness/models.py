@@ -39,11 +39,12 @@ import numpy as np
 
 from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
 
+from .errors import InputError
 from .graph import Ref, forward_nodes
 from .ops import FORWARD_OUTPUTS, run_kernel
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """The model cannot be checked as given (mapping, loading, optimizer): says what and why."""
 
 

@@ -4,7 +4,10 @@
 through :class:`~harness.ckernels.CKernels`, NumPy, torch or a user's port) and the oracle
 on the same float32 inputs and compares every output under the per-op tolerance of
 :mod:`harness.tolerances`. The result is a list of :class:`~harness.compare.Comparison`,
-named ``<kernel>.<output>``.
+named ``<kernel>.<output>``. A failing one is a
+:class:`~harness.diagnose.DiagnosedComparison`: it also says which catalogued change of
+semantics (if any) explains the implementation's output (:mod:`harness.diagnose`);
+passing ones cost no diagnosis.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pyref import numpy_kernels
 from pyref.protocol import KernelSet
 
 from .compare import Comparison, ParityError, compare
+from .diagnose import Call, attach, diagnose
 from .ops import CHECK_BY_KERNEL, Shape, reduction_length, run_kernel
 from pyref.protocol import INPLACE_ARGS
 
@@ -53,10 +57,13 @@ def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
             raise ValueError(f"{kernel}.{name}: {label or impl} gave shape {a.shape}, "
                              f"expected {expected[name].shape}")
         n = reduction_length(check, name, shape)
-        out.append(compare(a, expected[name], name=f"{kernel}.{name}" + (f" [{label}]" if label else ""),
-                           tol=op_tolerance(kernel, name, n, a.size), axes=check.axes.get(name),
-                           mask=check.mask(name, shape),
-                           elem_scale=_elem_scale(kernel, name, args, expected)))
+        how = dict(name=f"{kernel}.{name}" + (f" [{label}]" if label else ""),
+                   tol=op_tolerance(kernel, name, n, a.size), axes=check.axes.get(name),
+                   mask=check.mask(name, shape), elem_scale=_elem_scale(kernel, name, args, expected))
+        c = compare(a, expected[name], **how)
+        if not c.passed:
+            c = attach(c, diagnose(Call(kernel, name, args), a, expected[name], **how))
+        out.append(c)
     return out
 
 

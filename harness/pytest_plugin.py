@@ -145,6 +145,26 @@ def parity_record():
     return record
 
 
+# pytest-xdist: each worker records its own comparisons; they travel to the controller,
+# which prints the one summary (execnet carries plain data, so only what it needs)
+_FIELDS = ("name", "passed", "max_rel", "norm_rel")
+
+
+def pytest_sessionfinish(session):
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["llmc_records"] = [{**{f: getattr(c, f) for f in _FIELDS},
+                                "tol_rel": c.tol.rel, "tol_norm": c.tol.norm} for c in _RECORDS]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from types import SimpleNamespace
+    for r in getattr(node, "workeroutput", {}).get("llmc_records", []):
+        _RECORDS.append(SimpleNamespace(**{f: r[f] for f in _FIELDS},
+                                        tol=SimpleNamespace(rel=r["tol_rel"], norm=r["tol_norm"])))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RECORDS:
         return

@@ -252,6 +252,7 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
     for impl, text in step.first_divergence.items():
         if want(impl):
             lines.append(f"[{impl}] {text}")
+            lines += _why(step, impl, f"[{impl}]   ")
     for impl, text in step.errors.items():
         if want(impl):
             lines.append(f"[{impl}] error: {text}")
@@ -292,6 +293,15 @@ def _counts(report) -> dict[str, dict[str, dict[str, Any]]]:
             if d["worst"] is None or _severity(c) > _severity(d["worst"]):
                 d["worst"] = c
     return out
+
+
+def _why(step, impl: str, indent: str) -> list[str]:
+    """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnose`),
+    as a line to print under it; none when that check was not diagnosed."""
+    from .runner import first_divergence_check
+    c = first_divergence_check([c for c in step.checks if c.impl == impl])
+    d = None if c is None else getattr(c, "diagnosis", None)
+    return [] if d is None else [f"{indent}why: {d.text()}"]
 
 
 def _strip_fd(text: str) -> str:
@@ -344,6 +354,7 @@ def run_summary(report) -> str:
             entry = f"step {s.step} [{impl}] {text}"
             if entry != first:
                 lines.append(f"  also {_strip_fd(entry)}")
+            lines += _why(s, impl, "    " if entry != first else "  ")
     errors = [(s.step, i, t) for s in report.steps for i, t in s.errors.items()]
     for step, impl, text in errors:
         lines.append(f"error: step {step} [{impl}] {text}")
@@ -421,6 +432,7 @@ def _check_json(c) -> dict[str, Any]:
             "ulp": row["worst_ulp"],
         },
         "tol": {"rel": row["tol_rel"], "norm": row["tol_norm"], "ulp": row["tol_ulp"], "why": row["tol_why"]},
+        "diagnosis": None if getattr(c, "diagnosis", None) is None else c.diagnosis.to_json(),
     }
 
 

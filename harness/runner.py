@@ -14,6 +14,9 @@ and for each Python implementation:
 * ``update``: parameters, m and v after AdamW, against AdamW in float64 from the common
   pre-step state and the implementation's own gradients.
 * the mean loss against the float64 model's.
+
+A failed check is also diagnosed (:mod:`harness.diagnose`): the failing op re-run under
+catalogued changes of semantics on the same inputs, to name the change that explains it.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import INPLACE_ARGS, SIGNATURES, KernelSet
 
 from .compare import Comparison, Tolerance, compare
+from .diagnose import Call, Diagnosis, attach, diagnose, is_one_d
 from .graph import Node, Ref, backward_nodes, forward_nodes, node_shape
 from .opcheck import ORACLE
 from .ops import CHECK_BY_KERNEL, FORWARD_OUTPUTS, _f32, reduction_length, run_kernel
@@ -66,6 +70,12 @@ class Check:
     @property
     def passed(self) -> bool:
         return self.comparison.passed
+
+    @property
+    def diagnosis(self) -> Diagnosis | None:
+        """Why it failed (:mod:`harness.diagnose`): set on failed replay, update and
+        loss checks and failed end-to-end checks of gradients; None otherwise."""
+        return getattr(self.comparison, "diagnosis", None)
 
 
 @dataclass
@@ -256,7 +266,8 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
         shape = node_shape(node, cfg, B, T)
         if replay and not _replayable(node, has):
             continue
-        out = run_kernel(ORACLE, node.kernel, _args64(node, state), np.float64) if replay else None
+        args = _args64(node, state) if replay else None
+        out = run_kernel(ORACLE, node.kernel, args, np.float64) if replay else None
         for oname in FORWARD_OUTPUTS[node.kernel]:
             ref = node.arg_dict[oname]
             if not observes(ref):
@@ -267,8 +278,10 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             size = actual.size
             tol = op_tolerance(node.kernel, oname, n, size) if replay else \
                 e2e_tolerance(node.kernel, oname, n, size, carried(ref))
-            c = compare(actual, expected, name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
-                        mask=_mask(node, oname, shape))
+            how = dict(name=str(ref), tol=tol, axes=_axes(ref, actual.shape), mask=_mask(node, oname, shape))
+            c = compare(actual, expected, **how)
+            if replay and not c.passed:
+                c = attach(c, diagnose(Call(node.kernel, oname, args), actual, expected, **how))
             checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}{_module(state, ref)}", c))
 
     # which backward node is the last to accumulate into each buffer
@@ -318,8 +331,13 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             size = actual.size
             tol = op_tolerance(node.kernel, a, n, size) if replay else \
                 e2e_tolerance(node.kernel, a, n, size, carried(ref))
-            c = compare(actual, expected, name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
-                        elem_scale=mags.pop(ref) if replay else None)
+            how = dict(name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
+                       elem_scale=mags.pop(ref) if replay else None)
+            c = compare(actual, expected, **how)
+            if not c.passed:
+                calls = _buffer_calls(ref, contributors[ref], state) if replay else \
+                    Call("loss_mean", a, {"value": expected, "n": B * T})   # all gradients scale with dlosses
+                c = attach(c, diagnose(calls, actual, expected, **how))
             by = ", ".join(f"{n.label} {n.kernel}" for n in contributors[ref])
             where = f"{node.where()} {node.kernel}" if len(contributors[ref]) == 1 else \
                 f"{'layer %d ' % node.layer if node.layer is not None else ''}{ref.name} gradient (sum of {by})"
@@ -346,6 +364,22 @@ def _module(state, ref: Ref) -> str:
     """`` [mlp.c_fc]``: the module of a torch model that showed ``ref``."""
     name = getattr(state, "module_of", lambda r: None)(ref)
     return f" [{name}]" if name else ""
+
+
+def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
+    """The calls that accumulate into gradient buffer ``ref``, in order, each on the
+    implementation's own inputs, every buffer starting at zero as in the replay (the
+    chain passes ``ref``'s running value from one call to the next)."""
+    calls = []
+    for node in nodes:
+        args = _args64(node, state)
+        for a in INPLACE_ARGS[node.kernel]:
+            r = node.arg_dict.get(a)
+            if isinstance(r, Ref):
+                args[a] = np.zeros(r.get(state).shape)
+        arg = next(a for a in INPLACE_ARGS[node.kernel] if node.arg_dict.get(a) == ref)
+        calls.append(Call(node.kernel, arg, args, f"{node.where()} {node.kernel}"))
+    return calls
 
 
 _FREE = Tolerance(rel=np.inf, norm=np.inf)
@@ -394,29 +428,61 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
             scales["m"][here], scales["params"][here] = adamw_magnitudes(p0, m0, grads[sl], v, hp)
         for label in ("params", "m", "v"):
             tensor = f"{label}.{name} (after update)"
-            c = compare(np.asarray(post[("params", "m", "v").index(label)][offset:offset + n]).reshape(shape),
-                        expected[label].reshape(shape), name=tensor,
-                        tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
-                        elem_scale=None if scales[label] is None else scales[label].reshape(shape),
-                        axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
+            output = "param" if label == "params" else label
+            actual = np.asarray(post[("params", "m", "v").index(label)][offset:offset + n]).reshape(shape)
+            how = dict(name=tensor, tol=op_tolerance("adamw", output, 1, n),
+                       elem_scale=None if scales[label] is None else scales[label].reshape(shape),
+                       axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
+            c = compare(actual, expected[label].reshape(shape), **how)
+            if not c.passed:
+                call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
+                c = attach(c, diagnose(call, actual, expected[label].reshape(shape),
+                                       ctx={"one_d": is_one_d(name, shape)}, **how))
             checks.append(Check(step, impl, "update", tensor, f"gpt2_update {name}", c))
         offset += n
     return checks
 
 
-def first_divergence(checks: list[Check]) -> str | None:
-    """The first failing replay check in graph order (else the first failing check)."""
+def check_loss(step: int, impl: str, loss: float, oracle_loss: float, tol: Tolerance, n: int) -> Check:
+    """The mean loss against the float64 model's (``n`` = B*T positions averaged)."""
+    actual, expected = np.array([loss]), np.array([oracle_loss])
+    c = compare(actual, expected, name="mean_loss", tol=tol)
+    if not c.passed:
+        c = attach(c, diagnose(Call("loss_mean", "mean_loss", {"value": expected, "n": n}),
+                               actual, expected, tol=tol, name="mean_loss"))
+    return Check(step, impl, "loss", "mean_loss", "mean loss", c)
+
+
+def _update_args(pre: tuple, grads, sl: slice, shape, hp: dict) -> dict:
+    """AdamW's arguments for one parameter tensor (m, v zero at the first step)."""
+    p0 = np.array(pre[0][sl], np.float64).reshape(shape)
+    m0 = np.zeros(shape) if pre[1] is None else np.array(pre[1][sl], np.float64).reshape(shape)
+    v0 = np.zeros(shape) if pre[2] is None else np.array(pre[2][sl], np.float64).reshape(shape)
+    return dict(param=p0, grad=np.asarray(grads[sl]).reshape(shape), m=m0, v=v0, **hp)
+
+
+def first_divergence_check(checks: list[Check]) -> Check | None:
+    """The first failing replay check in graph order (else the first failing update, else
+    e2e or loss check): the check the first divergence names."""
     for kinds in (("replay",), ("update",), ("e2e", "loss")):
         for c in checks:
             if c.kind in kinds and not c.passed:
-                cmp = c.comparison
-                head = f"first divergence: {c.where}"
-                if c.kind == "replay":
-                    head += ", inputs exact (the C's own), output off"
-                return (f"{head}: {c.tensor} max rel {cmp.max_rel:.3g} (tol {cmp.tol.rel:.3g}), "
-                        f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}), worst at {cmp.worst_label}: "
-                        f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}")
+                return c
     return None
+
+
+def first_divergence(checks: list[Check]) -> str | None:
+    """The first failing replay check in graph order (else the first failing check)."""
+    c = first_divergence_check(checks)
+    if c is None:
+        return None
+    cmp = c.comparison
+    head = f"first divergence: {c.where}"
+    if c.kind == "replay":
+        head += ", inputs exact (the C's own), output off"
+    return (f"{head}: {c.tensor} max rel {cmp.max_rel:.3g} (tol {cmp.tol.rel:.3g}), "
+            f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}), worst at {cmp.worst_label}: "
+            f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -506,9 +572,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
             for name, state in [("C", cmodel)] + [(n, pm) for n, pm in pymodels.items() if n not in errors]:
                 say(f"checking {name}")
-                checks.append(Check(t, name, "loss", "mean_loss", "mean loss",
-                                    compare(np.array([losses[name]]), np.array([losses["oracle"]]),
-                                            name="mean_loss", tol=loss_tol)))
+                checks.append(check_loss(t, name, losses[name], losses["oracle"], loss_tol, B * T))
                 e2e = check_graph(config, B, T, state, step=t, impl=name, expected_state=oracle, cache=spread)
                 checks += e2e
                 if replay is True or (replay == "on-failure" and not all(c.passed for c in e2e)):

@@ -48,3 +48,18 @@ int llmc_build_features(void) {
 #endif
     return f;
 }
+
+// Sets the floating-point environment (a fenv_t the harness saved) in every thread of a
+// parallel team of the current size. The OpenMP runtime can be shared with another
+// library in the process (torch ships a libgomp.so.1 of the same soname): its worker
+// threads keep whatever environment they were last given, so the harness gives them the
+// C's before a call and the caller's back after it, as it does for its own thread.
+#include <fenv.h>
+void llmc_set_team_fenv(const void* env) {
+#ifdef _OPENMP
+    #pragma omp parallel
+    { fesetenv((const fenv_t*)env); }
+#else
+    fesetenv((const fenv_t*)env);
+#endif
+}

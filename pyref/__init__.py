@@ -15,7 +15,7 @@ from .formats import (DebugState, FormatError, read_checkpoint, read_debug_state
                       write_checkpoint, write_debug_state, write_tokens)
 from .model import GPT2
 from .protocol import KERNEL_NAMES, KernelNotProvided, KernelSet, kernel_set, missing
-from .synth import batches_from_tokens, init_params, make_batch, make_tokens
+from .synth import batches, batches_from_tokens, init_params, make_batch, make_tokens
 
 __all__ = [
     "ACT_NAMES", "PARAM_NAMES", "PRESETS", "GPT2Config", "act_shapes", "pad_vocab",
@@ -23,5 +23,5 @@ __all__ = [
     "DebugState", "FormatError", "read_checkpoint", "read_debug_state", "read_tokens",
     "write_checkpoint", "write_debug_state", "write_tokens",
     "GPT2", "KERNEL_NAMES", "KernelNotProvided", "KernelSet", "kernel_set", "missing",
-    "batches_from_tokens", "init_params", "make_batch", "make_tokens",
+    "batches", "batches_from_tokens", "init_params", "make_batch", "make_tokens",
 ]

@@ -28,6 +28,11 @@ LAYER_ACTS = frozenset(ACT_NAMES[1:17])
 LAYER_PARAMS = frozenset(PARAM_NAMES[2:14])
 
 
+class ConfigError(ValueError):
+    """A model configuration that cannot be (a non-positive size, C not divisible by NH,
+    an unknown preset name)."""
+
+
 @dataclass(frozen=True)
 class GPT2Config:
     """Mirror of the C ``GPT2Config`` (field order is the ABI)."""
@@ -43,15 +48,15 @@ class GPT2Config:
         """Raise ValueError naming the first field that the C would choke on."""
         for name, value in asdict(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"GPT2Config.{name} must be a positive int, got {value!r}")
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"padded_vocab_size ({self.padded_vocab_size}) < vocab_size ({self.vocab_size})")
         if self.channels % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"channels ({self.channels}) is not divisible by num_heads ({self.num_heads})")
         if self.num_parameters() >= 2**62:
-            raise ValueError("config would need more parameters than fit in size_t arithmetic")
+            raise ConfigError("config would need more parameters than fit in size_t arithmetic")
         return self
 
     # short names as used in the C and the spec
@@ -129,4 +134,4 @@ def preset(name: str) -> GPT2Config:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown config {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+        raise ConfigError(f"unknown config {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -93,6 +93,20 @@ def make_batch(config: GPT2Config, B: int, T: int, seed: int = 0) -> tuple[np.nd
     return tok[:N].reshape(B, T).copy(), tok[1:].reshape(B, T).copy()
 
 
+def batches(config: GPT2Config, B: int, T: int, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Generated batches forever: ``make_batch`` with seeds ``seed``, ``seed + 1``, ...
+    (the one generator the CLI, the gate and the tests share)."""
+    make_batch(config, B, T, seed)   # refuse bad B, T now, not at the first next()
+
+    def gen():
+        i = 0
+        while True:
+            yield make_batch(config, B, T, seed=seed + i)
+            i += 1
+
+    return gen()
+
+
 def batches_from_tokens(tokens, B: int, T: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """llm.c's dataloader over one token stream, forever: each batch is B*T+1 consecutive
     tokens (inputs: the first B*T, targets: the last B*T), the position advances by B*T,

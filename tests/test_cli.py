@@ -139,3 +139,18 @@ def test_a_port_named_C_is_not_taken_for_the_library(capsys, tmp_path):
     assert code == 1, err
     assert "[C (port)] first divergence" in out and "gelu_forward" in out
     assert "[C] first divergence" not in out
+
+
+@pytest.mark.parametrize("exc", [ValueError("a bug of ours"), RuntimeError("a bug of ours")])
+def test_a_harness_bug_exits_3_with_the_trace_not_2(capsys, monkeypatch, exc):
+    """Exit 2 is for errors about the user's input, raised as such where it is checked
+    (harness.errors.InputError and the file/format/config errors); a ValueError or a
+    RuntimeError from inside the harness is ours to fix, and says so."""
+    import harness.runner
+
+    def broken(*a, **k):
+        raise exc
+    monkeypatch.setattr(harness.runner, "run_parity", broken)
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "numpy")
+    assert code == 3, err
+    assert "internal error" in err and "Traceback" in err and "a bug of ours" in err

@@ -126,3 +126,32 @@ def test_nan_checkpoint_gives_a_clear_error_not_an_exit(ofast, tmp_path):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 2, f"{p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     assert "non-finite parameter" in p.stderr and "wpe[3, 2] = nan" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("first", ["C", "torch"])
+def test_openmp_workers_shared_with_torch_run_each_in_its_own_mode(ofast, first):
+    """torch ships a libgomp.so.1 of the same soname, so once torch is loaded the C's
+    parallel loops run on the same OpenMP worker threads as torch's ops. Whichever of the
+    two starts them: the C's matmul computes in its mode on every thread (DAZ: subnormal
+    inputs read as 0), and torch's ops after it in Python's (subnormals kept)."""
+    pytest.importorskip("torch")
+    out = _run(f"""
+        import numpy as np, torch
+        torch.set_num_threads(4)
+        x = torch.full((1 << 22,), 1e-40, dtype=torch.float32)        # subnormal
+        if {first!r} == "torch":
+            x * 3.0                                                    # torch starts the workers
+        from harness.binding import load_library
+        lib = load_library()
+        lib.set_num_threads(4)
+        B, T, C, OC = 8, 64, 16, 32                                    # B*T % 8 == 0: the parallel path
+        inp = np.full((B, T, C), 1e-39, np.float32); w = np.ones((OC, C), np.float32)
+        out = np.empty((B, T, OC), np.float32)
+        for _ in range(3):
+            lib.matmul_forward(out, inp, w, None, B, T, C, OC)
+        print("c nonzero", int(np.count_nonzero(out)))
+        print("torch nonzero", (x * 3.0).count_nonzero().item(), "of", x.numel())
+        print("ALIVE")
+    """, ofast)
+    assert "c nonzero 0\n" in out, out
+    assert f"torch nonzero {1 << 22} of {1 << 22}" in out, out

@@ -162,12 +162,13 @@ def test_same_key_gives_same_bits(under_test_flags, suite_run, tmp_path):
 
 
 def test_a_bit_only_change_of_the_c_fails_the_gate(under_test_flags, suite_run, tmp_path):
-    """layernorm's mean as sum * (1/C) instead of sum / C: every error stays far inside
-    its tolerance, no metric grows 4x, but the bits move, and the gate fails on them."""
+    """layernorm's mean one float32 ulp larger (m / C * 1.0000001f): every error stays far
+    inside its tolerance, no metric grows 4x, but the bits move, and the gate fails on
+    them. (m * (1.0f / C) would do at -O3, but -Ofast compiles m / C into exactly that.)"""
     text = (ROOT / "llmc" / "train_gpt2.c").read_text()
     assert text.count("m = m / C;") == 1
     src = tmp_path / "train_gpt2.c"
-    src.write_text(text.replace("m = m / C;", "m = m * (1.0f / C);"))
+    src.write_text(text.replace("m = m / C;", "m = m / C * 1.0000001f;"))
     built = build_library(src, tmp_path / "lib_mutant.so", cflags=under_test_flags.cflags,
                           openmp=under_test_flags.openmp, quiet=True)
     run = run_suite(Library(built.library))

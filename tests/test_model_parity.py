@@ -18,11 +18,7 @@ from pyref.protocol import KernelSet
 TINY = PRESETS["tiny"]
 
 
-def batches(cfg, B, T, seed=0):
-    i = 0
-    while True:
-        yield synth.make_batch(cfg, B, T, seed=seed + i)
-        i += 1
+batches = synth.batches
 
 
 def run(cfg=TINY, B=4, T=16, steps=2, impls=None, lib=None, **kw):

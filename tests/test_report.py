@@ -52,14 +52,8 @@ def _broken() -> KernelSet:
 
 @pytest.fixture(scope="module")
 def report():
-    def batches():
-        s = 0
-        while True:
-            yield synth.make_batch(TINY, 4, 16, s)
-            s += 1
-
     impls = {"numpy": KernelSet.from_module(numpy_kernels), "mutant": _mutant(), "broken": _broken()}
-    return run_parity(TINY, synth.init_params(TINY, 0), batches(), impls=impls, steps=2)
+    return run_parity(TINY, synth.init_params(TINY, 0), synth.batches(TINY, 4, 16), impls=impls, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +120,7 @@ def _validate(obj, name: str, doc: dict) -> None:
 def test_schema_doc_lists_every_object():
     doc = _documented()
     assert set(doc) == {"run", "config", "hyperparameters", "library", "build", "versions", "count",
-                        "step", "check", "worst", "tol"}
+                        "step", "check", "worst", "tol", "diagnosis", "cause"}
     assert all(doc.values())
 
 
@@ -150,7 +144,7 @@ def test_json_is_strict_and_matches_the_documented_schema(report):
             assert kind in R.KINDS
             _validate(count, "count", doc)
     assert len(data["steps"]) == 2
-    n_checks = 0
+    n_checks = n_diagnosed = 0
     for step, s in zip(data["steps"], report.steps):
         _validate(step, "step", doc)
         assert all(_type_ok(v, "float") for v in step["losses"].values())
@@ -161,10 +155,18 @@ def test_json_is_strict_and_matches_the_documented_schema(report):
             _validate(c, "check", doc)
             _validate(c["worst"], "worst", doc)
             _validate(c["tol"], "tol", doc)
+            if c["diagnosis"] is not None:
+                _validate(c["diagnosis"], "diagnosis", doc)
+                for cause in c["diagnosis"]["causes"]:
+                    _validate(cause, "cause", doc)
+                n_diagnosed += 1
+            else:
+                assert c["passed"] or c["kind"] in ("e2e", "loss")
             assert c["kind"] in R.KINDS
             n_checks += 1
     assert sum(c["checks"] for kinds in data["counts"].values() for c in kinds.values()) == n_checks
     assert data["not_checked"] == {"broken": ["attention_backward"]}
+    assert n_diagnosed > 0      # the mutant's layernorm replay checks
 
 
 def test_json_versions_can_be_left_out(passing):

@@ -27,11 +27,7 @@ from pyref import synth
 from pyref.config import PRESETS
 cfg = PRESETS[sys.argv[2]]
 B, T = int(sys.argv[3]), int(sys.argv[4])
-def batches():
-    i = 0
-    while True:
-        yield synth.make_batch(cfg, B, T, seed=i); i += 1
-r = run_parity(cfg, synth.init_params(cfg, seed=0), batches(), lib=sys.argv[1],
+r = run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, B, T), lib=sys.argv[1],
                impls={}, steps=2)
 for s in r.steps:
     for c in s.checks:
@@ -131,7 +127,7 @@ def test_invisible_mutation_really_is_invisible_in_a_step(mutant_libs):
 
 
 def test_mutated_c_fails_the_gate_naming_moved_tensors(mutant_libs):
-    r = _cli("gate", "--lib", mutant_libs["ln-eps"], "-q")
+    r = _cli("gate", "--lib", mutant_libs["ln-eps"], "-q", "--baseline", str(ROOT / "baselines" / "gate.json"))
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]
     assert "GATE FAIL" in r.stdout and "layernorm_forward" in r.stdout
     assert "llmc-parity gate --update" in r.stdout

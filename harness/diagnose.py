@@ -1,0 +1,790 @@
+"""Say why a check failed: re-run the failing op under catalogued changes of semantics.
+
+Most real divergences between ``train_gpt2.c`` and a port (or an edited copy of the C)
+are one of a handful of mistakes, and each leaves a signature a float64 re-run confirms:
+if the failing output matches, within the op's own tolerance, what the op computes under
+a specific change (GELU's exact erf form, layernorm's eps 1e-6, the attention scale
+1/hs, ...), that change is the cause.
+
+* :data:`CATALOGUE` -- the variants: each is one op under one change, a float64
+  function plus a one-line description. Adding one is a few lines at the end of this
+  module, e.g. ``Variant("layernorm.eps=1e-3", "layernorm", ("layernorm_forward",),
+  "layernorm's eps is 1e-3 instead of 1e-5", _ln_eps(1e-3))``. Besides the kernels of the
+  protocol, the pseudo-kernel ``loss_mean`` stands for the mean over B*T positions that
+  the model takes of the losses (and spreads over their gradients).
+* :func:`diagnose` -- given the failing op's call(s), the implementation's output and the
+  comparison settings of the failing check (tolerance, mask, element scale), re-judge the
+  output against every applicable variant through the same :func:`harness.compare.compare`
+  and return a :class:`Diagnosis`: every variant that explains the output, best first, or
+  none ("no known cause").
+* :func:`attach` -- a failing :class:`~harness.compare.Comparison` carrying its diagnosis
+  (:class:`DiagnosedComparison`: still failed; its message says the cause).
+
+Diagnosis runs only for failed checks and never changes a verdict. A variant counts only
+when it explains the output everywhere it is defined *and* the C's own semantics do not
+explain it there (so a variant that leaves the failing elements out cannot claim them).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pyref import numpy_kernels
+from pyref.protocol import INPLACE_ARGS, SIGNATURES
+
+from .compare import Comparison, Tolerance, compare
+from .ops import FORWARD_OUTPUTS, run_kernel
+
+__all__ = ["Variant", "Fit", "Cause", "Diagnosis", "Call", "DiagnosedComparison", "CATALOGUE",
+           "VARIANT_BY_ID", "MODEL_QUANTITIES", "diagnose", "attach", "variants_for", "one_d_mask",
+           "is_one_d"]
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class Fit:
+    """A variant with one free constant (a wrong coefficient, an epsilon): it is fitted to
+    the implementation's output over [lo, hi] (log-spaced when ``log``) before judging."""
+
+    lo: float
+    hi: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One op under one change of semantics.
+
+    id:          stable identifier, ``family.change`` (e.g. ``"layernorm.eps=1e-6"``)
+    family:      the op family it belongs to (``gelu``, ``layernorm``, ``adamw``, ...)
+    kernels:     the protocol kernels it changes
+    description: one line; ``{value}`` is replaced by the fitted constant of a ``fit``
+    run:         ``run(kernel, args, ctx, value) -> outputs`` in float64 (a forward's
+                 outputs by name, a backward's buffers after accumulating), or None where
+                 the change does not apply (it would change nothing); ``args`` are private
+                 float64 copies; ``ctx`` has ``output`` (the judged output) and, for
+                 AdamW, ``one_d`` (which parameters are 1-D)
+    defined:     optional ``defined(kernel, output, args) -> bool mask``: where the variant
+                 defines the output (e.g. not at the position a shifted label falls off)
+    unwritten:   the positions outside ``defined`` are ones the change leaves unwritten
+                 (the diagonal of preatt without it): every one of them must be off
+    fit:         optional :class:`Fit` of one free constant
+    terms:       optional ``terms(kernel, args, output) -> array``: sizes of the
+                 terms the change adds where they can cancel (added to the check's element
+                 scale: a float32 port of the change rounds relative to them)
+    """
+
+    id: str
+    family: str
+    kernels: tuple[str, ...]
+    description: str
+    run: Callable
+    defined: Callable | None = None
+    unwritten: bool = False
+    fit: Fit | None = None
+    terms: Callable | None = None
+
+    def describe(self, value: float | None = None) -> str:
+        return self.description.format(value=_const(value)) if value is not None else self.description
+
+
+@dataclass(frozen=True)
+class Cause:
+    """A variant that explains a failing output: ``used`` is the fraction of the check's
+    tolerance the output uses against the variant (<= 1); ``value`` the fitted constant
+    of a fitted variant; ``where`` the op call it applies to when a buffer is the sum of
+    several calls (replay of the residual-stream gradients)."""
+
+    id: str
+    family: str
+    description: str
+    used: float
+    value: float | None = None
+    where: str | None = None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "family": self.family, "description": self.description,
+                "used": _json_float(self.used), "value": _json_float(self.value), "where": self.where}
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Why one output failed: ``causes`` (best first; empty: no known cause) among the
+    variants ``tried`` (their ids); ``skipped``: (id, error) of variants that raised on
+    these inputs (a diagnosis never breaks the check it explains)."""
+
+    kernel: str
+    output: str
+    causes: tuple[Cause, ...]
+    tried: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def known(self) -> bool:
+        return bool(self.causes)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(c.id for c in self.causes)
+
+    def text(self) -> str:
+        """One line for reports: the probable cause(s), or that none is known."""
+        what = _LABELS.get(self.kernel, self.kernel)
+        if not self.causes:
+            if not self.tried:
+                return f"no known cause: the catalogue has no change to {what}"
+            return (f"no known cause: none of the {len(self.tried)} catalogued changes to "
+                    f"{what} explains {self.output}")
+        parts = [self._one(c) for c in self.causes]
+        head = f"probable cause: {parts[0]}"
+        return head if len(parts) == 1 else head + "; also consistent: " + "; ".join(parts[1:])
+
+    @staticmethod
+    def _one(c: Cause) -> str:
+        return c.description + (f" (in {c.where})" if c.where else "") + \
+            f" [{c.id}, explains it at {c.used:.2g}x tol]"
+
+    def to_json(self) -> dict:
+        return {"kernel": self.kernel, "output": self.output, "known": self.known,
+                "causes": [c.to_json() for c in self.causes], "tried": list(self.tried),
+                "skipped": [{"id": i, "error": e} for i, e in self.skipped], "text": self.text()}
+
+
+@dataclass(frozen=True)
+class DiagnosedComparison(Comparison):
+    """A failed :class:`Comparison` with its :class:`Diagnosis`: the same metrics and
+    verdict, and a message that ends with the cause."""
+
+    diagnosis: Diagnosis | None = None
+
+    def message(self) -> str:
+        text = super().message()
+        return text if self.diagnosis is None else text + "\nDiagnosis: " + self.diagnosis.text()
+
+    def summary_row(self) -> dict:
+        row = super().summary_row()
+        row["diagnosis"] = None if self.diagnosis is None else self.diagnosis.to_json()
+        return row
+
+
+def attach(c: Comparison, diagnosis: Diagnosis) -> DiagnosedComparison:
+    """``c`` carrying ``diagnosis`` (all metrics and the verdict unchanged)."""
+    values = {f.name: getattr(c, f.name) for f in fields(Comparison)}
+    return DiagnosedComparison(**values, diagnosis=diagnosis)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kernel call whose output ``output`` is judged: ``args`` its named arguments
+    (in-place buffers hold their values before the call). A buffer several calls
+    accumulate into is a sequence of Calls: each after the first starts from the
+    previous one's result."""
+
+    kernel: str
+    output: str
+    args: dict
+    where: str | None = None
+
+
+# ----------------------------------------------------------------------------- diagnose
+
+def variants_for(kernel: str) -> list[Variant]:
+    return [v for v in CATALOGUE if kernel in v.kernels]
+
+
+def diagnose(calls: Call | Sequence[Call], actual, expected, *, tol: Tolerance, mask=None,
+             elem_scale=None, axes=None, ctx: dict | None = None, name: str = "") -> Diagnosis:
+    """Which catalogued changes explain ``actual``, the implementation's result of
+    ``calls`` (one call, or the calls that accumulate into one buffer)?
+
+    ``expected`` is the C semantics' float64 result the failing check used; ``tol``,
+    ``mask``, ``elem_scale``, ``axes`` are that check's. Each applicable variant (on each
+    call it applies to) is run in float64 on the same inputs and ``actual`` is compared
+    with its result through :func:`compare` under the same settings."""
+    calls = [calls] if isinstance(calls, Call) else list(calls)
+    last = calls[-1]
+    ctx = dict(ctx or {})
+    causes, tried, skipped = [], [], []
+    for i, call in enumerate(calls):
+        for v in variants_for(call.kernel):
+            tried.append(v.id)
+            try:
+                with np.errstate(all="ignore"):
+                    cause = _try(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale,
+                                 axes=axes, ctx=ctx, name=name)
+            except Exception as e:  # a diagnosis must never break the check it explains
+                skipped.append((v.id, f"{type(e).__name__}: {e}"))
+                continue
+            if cause is not None:
+                causes.append(cause)
+    causes.sort(key=lambda c: c.used)
+    return Diagnosis(last.kernel, last.output, tuple(causes), tuple(dict.fromkeys(tried)), tuple(skipped))
+
+
+def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, elem_scale, axes,
+         ctx, name) -> Cause | None:
+    """The Cause if variant ``v``, applied to call ``i``, explains ``actual``."""
+    call = calls[i]
+
+    def result(value):
+        return _chain(calls, i, v, ctx, value)
+
+    value = None
+    if v.fit is not None:
+        value = _fit(result, actual, v.fit, mask)
+        if value is None:
+            return None
+    out = result(value)
+    if out is None:
+        return None
+    if v.terms is not None and len(calls) == 1:
+        extra = v.terms(call.kernel, _as64(call.args), call.output)
+        elem_scale = extra if elem_scale is None else elem_scale + extra
+    same = dict(name=name, tol=tol, elem_scale=elem_scale)
+    where = mask
+    if v.defined is not None:
+        where = _region(v, call, actual, expected, mask, same)
+        if where is None:
+            return None
+    c = compare(actual, out, axes=axes, mask=where, **same)
+    if not c.passed:
+        return None
+    return Cause(v.id, v.family, v.describe(value), _used(c), value,
+                 call.where if len(calls) > 1 else None)
+
+
+def _region(v: Variant, call: Call, actual, expected, mask, same: dict):
+    """Where a variant with ``defined`` positions is judged (the check's mask and its
+    own), or None when the failure cannot be its doing: without ``unwritten``, the
+    failure must lie where it is defined (not in positions it claims nothing about);
+    with it, every position it leaves unwritten must be off."""
+    shape = np.shape(actual)
+    d = np.broadcast_to(np.asarray(v.defined(call.kernel, call.output, call.args), bool), shape)
+    m = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
+    where, rest = d & m, ~d & m
+    if not where.any():
+        return None
+    if v.unwritten:
+        if rest.any():
+            off = compare(actual, expected, mask=rest, **same)
+            if off.n_bad < off.n_compared:
+                return None
+    elif compare(actual, expected, mask=where, **same).passed:
+        return None
+    return where
+
+
+def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarray | None:
+    """The judged output with call ``i`` run under ``v`` and the others as the C does."""
+    buf = None
+    for j, call in enumerate(calls):
+        args = _as64(call.args)
+        if j > 0:
+            args[call.output] = buf
+        if j == i:
+            out = v.run(call.kernel, args, dict(ctx, output=call.output), value)
+            if out is None:
+                return None
+        elif call.kernel in MODEL_QUANTITIES:
+            out = {call.output: args["value"]}
+        else:
+            out = run_kernel(numpy_kernels, call.kernel, args, np.float64)
+        buf = out[call.output]
+    return buf
+
+
+def _fit(result, actual, fit: Fit, mask) -> float | None:
+    """The constant in [fit.lo, fit.hi] whose variant is closest (least squares) to
+    ``actual``: a coarse grid, then golden-section search around the best point."""
+    a = np.asarray(actual, np.float64)
+    m = None if mask is None else np.broadcast_to(mask, a.shape)
+
+    def to_x(p):
+        return math.log(p) if fit.log else p
+
+    def from_x(x):
+        return math.exp(x) if fit.log else x
+
+    def loss(x):
+        e = result(from_x(x))
+        if e is None:
+            return math.inf
+        d = np.square(a - e)
+        if m is not None:
+            d = d[m]
+        s = float(np.sum(d[np.isfinite(d)])) if d.size else math.inf
+        return s if math.isfinite(s) else math.inf
+
+    lo, hi = to_x(fit.lo), to_x(fit.hi)
+    grid = np.linspace(lo, hi, 25)
+    losses = [loss(x) for x in grid]
+    k = int(np.argmin(losses))
+    if not math.isfinite(losses[k]):
+        return None
+    a_, b_ = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    c_, d_ = b_ - g * (b_ - a_), a_ + g * (b_ - a_)
+    fc, fd = loss(c_), loss(d_)
+    for _ in range(40):
+        if fc <= fd:
+            b_, d_, fd = d_, c_, fc
+            c_ = b_ - g * (b_ - a_)
+            fc = loss(c_)
+        else:
+            a_, c_, fc = c_, d_, fd
+            d_ = a_ + g * (b_ - a_)
+            fd = loss(d_)
+    return float(from_x((a_ + b_) / 2))
+
+
+def _used(c: Comparison) -> float:
+    r = 0.0
+    for err, bound in ((c.max_rel, c.tol.rel), (c.norm_rel, c.tol.norm)):
+        if bound > 0:
+            r = max(r, err / bound)
+    return r
+
+
+def _as64(args: dict) -> dict:
+    return {k: (np.array(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+            for k, v in args.items()}
+
+
+def _const(x: float) -> str:
+    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2g}"
+
+
+def _json_float(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _oracle_copy():
+    """A private instance of pyref.numpy_kernels whose constants (LN_EPS, GELU_COEF) the
+    variants may set without touching the shared module."""
+    spec = importlib.util.spec_from_file_location("_llmc_diagnose_kernels", numpy_kernels.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_PRIVATE = None
+_PRIVATE_LOCK = threading.Lock()
+
+
+def _with_constants(kernel: str, args: dict, **constants) -> dict:
+    """The oracle's ``kernel`` on ``args`` with module constants changed (float64)."""
+    global _PRIVATE
+    with _PRIVATE_LOCK:
+        if _PRIVATE is None:
+            _PRIVATE = _oracle_copy()
+        return _run_with(_PRIVATE, kernel, args, constants)
+
+
+def _run_with(mod, kernel: str, args: dict, constants: dict) -> dict:
+    saved = {k: getattr(mod, k) for k in constants}
+    try:
+        for k, x in constants.items():
+            setattr(mod, k, x)
+        return run_kernel(mod, kernel, args, np.float64)
+    finally:
+        for k, x in saved.items():
+            setattr(mod, k, x)
+
+
+def _oracle(kernel: str, args: dict, **changed) -> dict:
+    """The oracle's ``kernel`` with some arguments replaced."""
+    return run_kernel(numpy_kernels, kernel, dict(args, **changed), np.float64)
+
+
+def _forward(kernel: str, outputs: tuple) -> dict:
+    return dict(zip(FORWARD_OUTPUTS[kernel], outputs))
+
+
+# --- gelu
+
+def _phi(x):
+    """Standard normal CDF, elementwise (math.erf: NumPy has no erf)."""
+    erf = np.frompyfunc(math.erf, 1, 1)
+    return 0.5 * (1.0 + erf(x / math.sqrt(2.0)).astype(np.float64))
+
+
+def _gelu_erf(kernel, args, ctx, value):
+    x = args["inp"]
+    if kernel == "gelu_forward":
+        return {"out": x * _phi(x)}
+    dinp = args["dinp"]
+    dinp += (_phi(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)) * args["dout"]
+    return {"dinp": dinp}
+
+
+def _gelu_coef(kernel, args, ctx, value):
+    return _with_constants(kernel, args, GELU_COEF=value)
+
+
+# --- layernorm
+
+def _ln_eps(eps):
+    def run(kernel, args, ctx, value):
+        return _with_constants(kernel, args, LN_EPS=eps)
+    return run
+
+
+def _ln_unbiased(kernel, args, ctx, value):
+    x, w, b = args["inp"], args["weight"], args["bias"]
+    C = x.shape[-1]
+    mean = x.mean(-1)
+    xs = x - mean[..., None]
+    rstd = 1.0 / np.sqrt((xs * xs).sum(-1) / (C - 1) + numpy_kernels.LN_EPS)
+    return _forward(kernel, ((rstd[..., None] * xs) * w + b, mean, rstd))
+
+
+# --- attention
+
+def _causal(T, diagonal=True):
+    return np.tril(np.ones((T, T), bool), 0 if diagonal else -1)
+
+
+def _attention(inp, NH, scale=None, mask=None):
+    """attention_forward in float64 with a given scale and set of visited (t, t2)."""
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs) if scale is None else scale
+    mask = _causal(T) if mask is None else mask
+    q, k, v = (inp[..., i * C:(i + 1) * C].reshape(B, T, NH, hs).transpose(0, 2, 1, 3) for i in range(3))
+    pre = np.where(mask, (q @ k.transpose(0, 1, 3, 2)) * scale, 0.0)
+    maxval = np.maximum(np.where(mask, pre, -np.inf).max(-1, keepdims=True), numpy_kernels.ATT_MAXVAL_INIT)
+    att = np.exp(np.where(mask, pre - maxval, -np.inf))
+    s = att.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        att = np.where(s == 0, 0.0, att / s)
+    out = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+    return _forward("attention_forward", (out, pre, att))
+
+
+def _att_scale(scale_of_hs):
+    """The scores scaled by ``scale_of_hs(hs)`` instead of 1/sqrt(hs) (forward, and dq,
+    dk in the backward, which are linear in the scale)."""
+    def run(kernel, args, ctx, value):
+        C = args["inp"].shape[-1] // 3
+        hs = C // int(args["NH"])
+        new = scale_of_hs(hs)
+        if np.isclose(new, 1.0 / math.sqrt(hs), rtol=1e-12):
+            return None
+        if kernel == "attention_forward":
+            return _attention(args["inp"], int(args["NH"]), scale=new)
+        start = args["dinp"].copy()
+        out = _oracle(kernel, args)
+        delta = out["dinp"] - start
+        delta[..., :2 * C] *= new * math.sqrt(hs)
+        out["dinp"] = start + delta
+        return out
+    return run
+
+
+def _att_mask(diagonal: bool):
+    def run(kernel, args, ctx, value):
+        T = args["inp"].shape[1]
+        mask = np.ones((T, T), bool) if diagonal else _causal(T, diagonal=False)
+        return _attention(args["inp"], int(args["NH"]), mask=mask)
+    return run
+
+
+def _att_no_diagonal_defined(kernel, output, args):
+    T = args["inp"].shape[1]
+    return _causal(T, diagonal=False) if output == "preatt" else np.ones((), bool)
+
+
+# --- softmax and cross-entropy
+
+def _softmax_padded(kernel, args, ctx, value):
+    x = args["logits"]
+    if x.shape[-1] == int(args["V"]):
+        return None
+    e = np.exp(x - np.maximum(x.max(-1, keepdims=True), numpy_kernels.ATT_MAXVAL_INIT))
+    return {"probs": e / e.sum(-1, keepdims=True)}
+
+
+def _ce_log_eps(kernel, args, ctx, value):
+    p = np.take_along_axis(args["probs"], args["targets"][..., None].astype(np.intp), -1)[..., 0]
+    return {"losses": -np.log(p + value)}
+
+
+def _shift(step: int):
+    """Labels of the neighbouring position: target t+step, within each sequence."""
+    def run(kernel, args, ctx, value):
+        if args["targets"].shape[1] < 2:
+            return None
+        return _oracle(kernel, args, targets=np.roll(args["targets"], -step, axis=1))
+    return run
+
+
+def _shift_defined(step: int):
+    def defined(kernel, output, args):
+        B, T = args["targets"].shape
+        d = np.ones((B, T), bool)
+        d[:, T - 1 if step > 0 else 0] = False   # the label that falls off the end
+        return d if kernel == "crossentropy_forward" else d[..., None]
+    return defined
+
+
+# --- matmul and the backward accumulation
+
+def _matmul_no_bias(kernel, args, ctx, value):
+    key = "bias" if kernel == "matmul_forward" else "dbias"
+    if args.get(key) is None:
+        return None
+    if kernel == "matmul_forward":
+        return _oracle(kernel, args, bias=None)
+    out = _oracle(kernel, args, dbias=None)
+    out["dbias"] = args["dbias"]       # left as it was
+    return out
+
+
+def _overwrite(kernel, args, ctx, value):
+    """The judged gradient buffer assigned (=) instead of accumulated (+=)."""
+    name = ctx["output"]
+    if args.get(name) is None or not np.any(args[name]):
+        return None      # a zero buffer: = and += agree
+    return _oracle(kernel, args, **{name: np.zeros_like(args[name])})
+
+
+def _rows(a):
+    """(..., n) -> (rows, n): the (b,t) positions in the C's loop order."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _ln_norm_last(a):
+    inp, mean, rstd = _rows(a["inp"])[-1], a["mean"].reshape(-1)[-1], a["rstd"].reshape(-1)[-1]
+    return (inp - mean) * rstd
+
+
+def _encoder_dwte_last(a):
+    """dwte[ix] = d: each token row keeps the gradient of its last occurrence; rows of
+    tokens not in the batch keep their value."""
+    ids = a["inp"].reshape(-1)
+    dout = _rows(a["dout"])
+    out = a["dwte"].copy()
+    uids, first_rev = np.unique(ids[::-1], return_index=True)
+    out[uids] = dout[ids.size - 1 - first_rev]
+    return out
+
+
+def _encoder_dwpe_last(a):
+    out = a["dwpe"].copy()
+    T = a["dout"].shape[1]
+    out[:T] = a["dout"][-1]          # the last b writes each position
+    return out
+
+
+# (kernel, gradient) -> its value when the += of the C's innermost reduction is an =
+# (the last term of the loop the C runs in order is all that is left)
+_LAST_TERM = {
+    ("layernorm_backward", "dbias"): lambda a: _rows(a["dout"])[-1],
+    ("layernorm_backward", "dweight"): lambda a: _ln_norm_last(a) * _rows(a["dout"])[-1],
+    ("matmul_backward", "dbias"): lambda a: _rows(a["dout"])[-1],
+    ("matmul_backward", "dweight"): lambda a: np.outer(_rows(a["dout"])[-1], _rows(a["inp"])[-1]),
+    ("matmul_backward", "dinp"): lambda a: (a["dout"][..., -1:] * a["weight"][-1]),
+    ("encoder_backward", "dwte"): _encoder_dwte_last,
+    ("encoder_backward", "dwpe"): _encoder_dwpe_last,
+}
+
+
+def _last_term(kernel, args, ctx, value):
+    """A sum's ``+=`` turned into ``=``: only the last term of the C's loop is kept."""
+    f = _LAST_TERM.get((kernel, ctx["output"]))
+    if f is None or args.get(ctx["output"]) is None:
+        return None
+    out = _oracle(kernel, args)
+    out[ctx["output"]] = f(args)
+    return out
+
+
+# --- AdamW
+
+def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, **changed):
+    """AdamW in float64 with one of its conventions changed (``decay``: where weight decay
+    applies; ``changed``: hyperparameters replaced). Returns param, m, v."""
+    a = dict(args, **changed)
+    p, g, m, v = (np.array(a[k], np.float64) for k in ("param", "grad", "m", "v"))
+    f = lambda k: float(np.float32(a[k]))          # noqa: E731  (float arguments of the C)
+    lr, b1, b2, eps, wd, t = f("lr"), f("beta1"), f("beta2"), f("eps"), f("weight_decay"), int(a["t"])
+    wd = np.where(decay, wd, 0.0) if decay is not None else wd
+    if l2:
+        g = g + wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat = m / (1 - b1 ** t) if bias_correction else m
+    v_hat = v / (1 - b2 ** t) if bias_correction else v
+    denom = np.sqrt(v_hat + eps) if eps_in_sqrt else np.sqrt(v_hat) + eps
+    p = p - lr * (m_hat / denom + (0.0 if l2 else wd * p))
+    return {"param": p, "m": m, "v": v}
+
+
+def _adamw_l2_terms(kernel, args, output):
+    """g + wd*param cancels where the two oppose: the moments and the update round
+    relative to |g| + wd|param|, not to the (small) sum."""
+    from .tolerances import adamw_magnitudes
+    g = np.abs(args["grad"]) + abs(float(np.float32(args["weight_decay"]))) * np.abs(args["param"])
+    if output == "v":
+        return (1 - float(np.float32(args["beta2"]))) * g * g
+    hp = {k: float(np.float32(args[k])) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}
+    v = _adamw(args, l2=True)["v"]
+    m_mag, p_mag = adamw_magnitudes(args["param"], args["m"], g, v, dict(hp, t=int(args["t"])))
+    return np.asarray(m_mag if output == "m" else p_mag, np.float64)
+
+
+def _adamw_variant(**kw):
+    def run(kernel, args, ctx, value):
+        return _adamw(args, **kw)
+    return run
+
+
+def _adamw_step(delta: int):
+    def run(kernel, args, ctx, value):
+        t = int(args["t"]) + delta
+        return None if t < 1 else _adamw(args, t=t)
+    return run
+
+
+def _adamw_changed(**hyper):
+    def run(kernel, args, ctx, value):
+        if all(float(np.float32(args[k])) == float(np.float32(x)) for k, x in hyper.items()):
+            return None
+        return _adamw(args, **hyper)
+    return run
+
+
+def _adamw_no_decay_1d(kernel, args, ctx, value):
+    one_d = ctx.get("one_d")
+    if one_d is None:
+        one_d = one_d_mask(np.size(args["param"]))
+    if one_d is None or not np.any(one_d) or float(args["weight_decay"]) == 0.0:
+        return None
+    return _adamw(args, decay=~np.broadcast_to(one_d, np.shape(args["param"])))
+
+
+def one_d_mask(n_params: int, config=None) -> np.ndarray | None:
+    """For a flat parameter vector of a model (``config``, else the built-in preset with
+    ``n_params`` parameters): True at the parameters of 1-D tensors per layer (biases,
+    layernorm gains); None when no config fits."""
+    from pyref.config import PRESETS, param_shapes
+    if config is None:
+        config = next((c for c in PRESETS.values() if c.num_parameters() == n_params), None)
+        if config is None:
+            return None
+    parts = [np.full(math.prod(s), is_one_d(name, s)) for name, s in param_shapes(config).items()]
+    mask = np.concatenate(parts)
+    return mask if mask.size == n_params else None
+
+
+def is_one_d(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether parameter tensor ``name`` (shape as ``param_shapes`` gives it: stacked over
+    layers except wte, wpe, lnfw, lnfb) is 1-D per layer: a bias or a layernorm gain."""
+    layered = name not in ("wte", "wpe", "lnfw", "lnfb")
+    return len(shape) - layered == 1
+
+
+# --- the loss mean (model level)
+
+# Quantities of a whole step that are not a kernel's: ``loss_mean`` stands for the mean
+# over the B*T positions that gpt2_forward takes of the losses and gpt2_backward
+# differentiates (dlosses = 1/(B*T)). Its Call has ``value`` (the float64 model's mean
+# loss, or one of its gradients: the backward is linear in dlosses) and ``n`` (B*T).
+MODEL_QUANTITIES = ("loss_mean",)
+_LABELS = {"loss_mean": "the loss mean over B*T"}
+
+
+def _mean_over(delta: int):
+    def run(kernel, args, ctx, value):
+        n = int(args["n"])
+        return None if n + delta < 1 else {ctx["output"]: args["value"] * (n / (n + delta))}
+    return run
+
+
+# ----------------------------------------------------------------------------- catalogue
+
+_BACKWARD = tuple(k for k in INPLACE_ARGS if k != "adamw")
+
+CATALOGUE: tuple[Variant, ...] = (
+    # GELU
+    Variant("gelu.erf", "gelu", ("gelu_forward", "gelu_backward"),
+            "GELU in its exact form x*Phi(x) (erf); train_gpt2.c uses the tanh approximation", _gelu_erf),
+    Variant("gelu.cubic-constant", "gelu", ("gelu_forward", "gelu_backward"),
+            "GELU's cubic coefficient is {value} instead of 0.044715", _gelu_coef, fit=Fit(0.02, 0.08)),
+    # layernorm
+    *(Variant(f"layernorm.eps={e:g}", "layernorm", ("layernorm_forward",),
+              f"layernorm's eps is {e:g} instead of 1e-5", _ln_eps(e)) for e in (1e-6, 1e-12, 1e-4)),
+    Variant("layernorm.unbiased-variance", "layernorm", ("layernorm_forward",),
+            "layernorm divides the variance by C-1 (unbiased) instead of C", _ln_unbiased),
+    # attention
+    Variant("attention.scale=1/hs", "attention", ("attention_forward", "attention_backward"),
+            "attention scores scaled by 1/hs instead of 1/sqrt(hs)", _att_scale(lambda hs: 1.0 / hs)),
+    Variant("attention.no-scale", "attention", ("attention_forward", "attention_backward"),
+            "attention scores not scaled (1/sqrt(hs) missing)", _att_scale(lambda hs: 1.0)),
+    Variant("attention.no-diagonal", "attention", ("attention_forward",),
+            "the causal mask leaves out the diagonal (t2 < t instead of t2 <= t)", _att_mask(False),
+            defined=_att_no_diagonal_defined, unwritten=True),
+    Variant("attention.no-causal-mask", "attention", ("attention_forward",),
+            "no causal mask: every position attends to the future too", _att_mask(True)),
+    # softmax, cross-entropy, labels
+    Variant("softmax.padded-columns", "softmax", ("softmax_forward",),
+            "softmax normalises over all Vp columns, padding included, instead of the V real ones",
+            _softmax_padded),
+    Variant("crossentropy.log-eps", "crossentropy", ("crossentropy_forward",),
+            "cross-entropy takes -log(p + {value}): an epsilon inside the log", _ce_log_eps,
+            fit=Fit(1e-12, 1e-1, log=True)),
+    Variant("crossentropy.mean-over-BT+1", "crossentropy", ("loss_mean",),
+            "the loss (or its gradient, dlosses) averaged over B*T+1 positions instead of B*T",
+            _mean_over(+1)),
+    Variant("crossentropy.mean-over-BT-1", "crossentropy", ("loss_mean",),
+            "the loss (or its gradient, dlosses) averaged over B*T-1 positions instead of B*T",
+            _mean_over(-1)),
+    Variant("labels.next-position", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
+            "labels shifted one position: position t is scored against the target of t+1",
+            _shift(+1), defined=_shift_defined(+1)),
+    Variant("labels.previous-position", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
+            "labels shifted one position: position t is scored against the target of t-1",
+            _shift(-1), defined=_shift_defined(-1)),
+    # matmul, accumulation
+    Variant("matmul.no-bias", "matmul", ("matmul_forward", "matmul_backward"),
+            "matmul without its bias (forward: not added; backward: dbias not accumulated)", _matmul_no_bias),
+    Variant("backward.overwrite", "backward", _BACKWARD,
+            "the gradient is assigned (=) instead of accumulated (+=)", _overwrite),
+    Variant("backward.last-term-only", "backward", tuple(dict.fromkeys(k for k, _ in _LAST_TERM)),
+            "a sum's += turned into = inside its loop: only the last term is kept", _last_term),
+    # AdamW
+    Variant("adamw.no-bias-correction", "adamw", ("adamw",),
+            "AdamW without bias correction (m, v not divided by 1 - beta^t)",
+            _adamw_variant(bias_correction=False)),
+    Variant("adamw.step+1", "adamw", ("adamw",), "AdamW's step count off by one (t+1 in the bias correction)",
+            _adamw_step(+1)),
+    Variant("adamw.step-1", "adamw", ("adamw",), "AdamW's step count off by one (t-1 in the bias correction)",
+            _adamw_step(-1)),
+    Variant("adamw.eps-in-sqrt", "adamw", ("adamw",), "AdamW's eps inside the square root: sqrt(v_hat + eps)",
+            _adamw_variant(eps_in_sqrt=True)),
+    Variant("adamw.l2", "adamw", ("adamw",),
+            "weight decay added to the gradient (L2, Adam) instead of decoupled (AdamW)",
+            _adamw_variant(l2=True), terms=_adamw_l2_terms),
+    Variant("adamw.weight-decay=0.01", "adamw", ("adamw",), "weight decay 0.01 (torch's default) instead of "
+            "the one given", _adamw_changed(weight_decay=0.01)),
+    Variant("adamw.no-decay-1d", "adamw", ("adamw",),
+            "no weight decay on 1-D parameters (biases, layernorm gains); train_gpt2.c decays all",
+            _adamw_no_decay_1d),
+    Variant("adamw.betas=(0.9,0.95)", "adamw", ("adamw",), "AdamW betas (0.9, 0.95) instead of the ones given",
+            _adamw_changed(beta1=0.9, beta2=0.95)),
+)
+VARIANT_BY_ID = {v.id: v for v in CATALOGUE}
+assert len(VARIANT_BY_ID) == len(CATALOGUE), "duplicate variant ids"
+assert all(k in SIGNATURES or k in MODEL_QUANTITIES for v in CATALOGUE for k in v.kernels)
