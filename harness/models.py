@@ -396,7 +396,12 @@ class _Capture:
             finally:
                 for k, f in saved.items():
                     setattr(module, k, f)
-            self._take_calls(calls, cfg, module.__name__ if module else "")
+            # a file loaded by path has a generated module name: show the file's
+            where = module.__name__ if module else ""
+            if module is not None and where.startswith("llmc_parity_user_") and getattr(module, "__file__", None):
+                from pathlib import Path
+                where = Path(module.__file__).stem
+            self._take_calls(calls, cfg, where)
         return ctx()
 
     def _take_calls(self, calls, cfg, where):

@@ -164,7 +164,7 @@ def test_cli_model_check(capsys):
     assert "GPT" in out and "PASS" in out and "not observed [GPT]: acts.ln1_mean" in out
     bad = f"{HERE / 'model_ports.py'}:WalkGPT2VocabBug"
     assert cli_main(["run", "--model", bad, "--steps", "1", "--ref", "oracle", "-q", "-s"]) == 1
-    assert "softmax_forward" in capsys.readouterr().out
+    assert "softmax softmax_forward [model_ports.softmax_forward call]" in capsys.readouterr().out
     assert cli_main(["run", "--model", f"{HERE / 'model_ports.py'}:nothing", "-q"]) == 2
     assert "no attribute 'nothing'" in capsys.readouterr().err
 
