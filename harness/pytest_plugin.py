@@ -17,6 +17,7 @@ import os
 import pytest
 
 _RECORDS: list = []
+_USER_CODE_OPTIONS = ("--llmc-impl",)
 
 
 def pytest_addoption(parser):
@@ -28,10 +29,18 @@ def pytest_addoption(parser):
     group.addoption("--llmc-steps", type=int, default=3, help="steps for model-level checks")
 
 
+SUITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite")
+
+
 def pytest_configure(config):
     lib = config.getoption("--llmc-lib", default=None)
     if lib:
         os.environ["LLMC_LIB"] = os.path.abspath(lib)
+    # a user's code named: collect the shipped checks for it (harness/suite) beside whatever
+    # else was asked for, in any repository
+    if any(config.getoption(o, default=None) for o in _USER_CODE_OPTIONS) and \
+            not any(os.path.abspath(str(a)).startswith(SUITE) for a in config.args):
+        config.args.append(SUITE)
     config.addinivalue_line("markers", "slow: long-running (C variant builds, big shapes)")
 
 
