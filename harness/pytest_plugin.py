@@ -11,7 +11,7 @@ Options:
 
 Fixtures: ``llmc_lib`` (the bound Library), ``llmc_impl`` (the user's KernelSet or None),
 ``llmc_model_report`` (one run of ``--llmc-model``, shared by the per-op tests of
-``llmc_model_op``: ``test_user_model_op[layernorm-model]``),
+``llmc_model_op``: harness/suite/test_model.py's ``test_model_op[layernorm-model]``),
 ``llmc_config``, ``llmc_steps``, ``parity_record`` (add Comparisons to the end-of-session
 summary). At the end of the session it prints one table: the worst error per op.
 """
@@ -22,6 +22,7 @@ import os
 import pytest
 
 _RECORDS: list = []
+_USER_CODE_OPTIONS = ("--llmc-impl", "--llmc-model")
 
 
 def pytest_addoption(parser):
@@ -37,10 +38,18 @@ def pytest_addoption(parser):
                     help="the model's optimizer: file.py:name of a factory (model, hyper), or configure_optimizers")
 
 
+SUITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite")
+
+
 def pytest_configure(config):
     lib = config.getoption("--llmc-lib", default=None)
     if lib:
         os.environ["LLMC_LIB"] = os.path.abspath(lib)
+    # a user's code named: collect the shipped checks for it (harness/suite) beside whatever
+    # else was asked for, in any repository
+    if any(config.getoption(o, default=None) for o in _USER_CODE_OPTIONS) and \
+            not any(os.path.abspath(str(a)).startswith(SUITE) for a in config.args):
+        config.args.append(SUITE)
     config.addinivalue_line("markers", "slow: long-running (C variant builds, big shapes)")
 
 

@@ -13,7 +13,6 @@ import torch
 
 from harness.cli import main as cli_main
 from harness.models import Hyper, ModelError, ModelState, TorchModel, map_parameters
-from harness.pytest_plugin import checks_by_op
 from harness.runner import AdamW, run_parity
 from pyref import numpy_kernels, synth
 from pyref.config import PRESETS, GPT2Config
@@ -178,24 +177,20 @@ def test_report_json_carries_model_findings(tmp_path):
     assert "acts.att" in data["not_observed"]["port"]
 
 
-def test_user_model_op(llmc_model_op, llmc_model_report):
-    """`pytest --llmc-model my_port.py:GPT -k layernorm`: the model's checks, op by op."""
-    impl = llmc_model_report.impls[-1]
-    checks = checks_by_op(llmc_model_report, impl)[llmc_model_op]
-    errors = [e for s in llmc_model_report.steps for e in s.errors.values()]
-    assert not errors, errors[0]
-    if not checks:
-        pytest.skip(f"{impl} shows no tensor of {llmc_model_op} (not observed)")
-    bad = [c for c in checks if not c.passed]
-    assert not bad, f"{bad[0].where}: {bad[0].comparison.message()}"
-
-
-def test_plugin_selects_a_models_ops_by_name():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_models.py"),
-                        "--llmc-model", f"{HERE / 'model_ports.py'}:GPT", "--llmc-steps", "1",
-                        "-k", "test_user_model_op and layernorm"], capture_output=True, text=True, timeout=300)
+def test_plugin_checks_a_model_op_by_op(tmp_path):
+    """In a user's repository: `pytest --llmc-model port.py:GPT -k layernorm` collects the
+    shipped model checks (harness/suite) and selects the layernorm ones."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "--llmc-model", f"{HERE / 'model_ports.py'}:GPT", "--llmc-steps", "1", "-k", "layernorm"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "1 passed" in r.stdout, r.stdout[-1000:]
+    bad = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--llmc-model",
+                          f"{HERE / 'model_ports.py'}:GPT", "--llmc-optimizer", "configure_optimizers",
+                          "--llmc-steps", "1", "-k", "adamw or gelu"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 1 and "1 failed, 1 passed" in bad.stdout, bad.stdout[-2000:]
+    assert "gpt2_update" in bad.stdout
 
 
 # ----------------------------------------------------------------------------

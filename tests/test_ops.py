@@ -184,20 +184,3 @@ def test_systematic_1e5_change_fails_every_forward_output():
                                    make_inputs(CHECK_BY_KERNEL[kernel], s, seed=1), s)
             failed = [c for c in results if not c.passed]
             assert any(c.name.startswith(f"{kernel}.{out}") for c in failed), (kernel, out)
-
-
-# `pytest --llmc-impl my_port.py`: the same table, for a user's port (collected only then)
-def pytest_generate_tests(metafunc):
-    if "user_case" in metafunc.fixturenames:
-        given = metafunc.config.getoption("--llmc-impl", default=None)
-        cases_ = [(check.kernel, s.name) for check, s in cases()] if given else []
-        metafunc.parametrize("user_case", cases_, ids=[f"{CHECK_BY_KERNEL[k].op}-{k}-{s}-user" for k, s in cases_])
-
-
-def test_user_impl_kernel_matches_oracle(user_case, llmc_impl, parity_record):
-    kernel, shape = user_case
-    if kernel in llmc_impl.missing:
-        pytest.skip(f"{llmc_impl.name} does not define {kernel}: not checked")
-    s = SHAPE_BY_NAME[shape]
-    parity_record(assert_kernel(llmc_impl, kernel, make_inputs(CHECK_BY_KERNEL[kernel], s, seed=0), s,
-                                label=llmc_impl.name))
