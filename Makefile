@@ -51,6 +51,7 @@ gate-update: venv lib
 
 bench: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VPY) benchmarks/bench.py --json build/bench.json $(ARGS)
+	LLMC_LIB='$(abspath $(LIB))' $(VPY) benchmarks/bench_model.py --json build/bench_model.json
 
 fuzz: venv lib
 	LLMC_LIB='$(abspath $(LIB))' HYPOTHESIS_PROFILE=long $(VPY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)

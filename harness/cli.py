@@ -136,6 +136,24 @@ def _impls(names: list[str]):
     return impls
 
 
+def _models(args) -> dict:
+    """``--model SPEC`` (and its ``--optimizer``, ``--model-map``) as a TorchModel."""
+    if not args.model:
+        if args.optimizer or args.model_map:
+            raise UsageError("--optimizer and --model-map go with --model")
+        return {}
+    from .models import TorchModel, resolve_spec
+    factory = resolve_spec(args.model)
+    optimizer = args.optimizer
+    if optimizer and optimizer != "configure_optimizers":
+        optimizer = resolve_spec(optimizer)
+    mapping = resolve_spec(args.model_map) if args.model_map else None
+    name = args.model.rpartition(":")[2]
+    if name in RESERVED:
+        name = f"{name} (model)"
+    return {name: TorchModel(factory, mapping=mapping, optimizer=optimizer, name=name)}
+
+
 def _batches(args, cfg, B, T):
     from pyref import synth
     from pyref.formats import read_tokens
@@ -152,7 +170,7 @@ def _batches(args, cfg, B, T):
 
 def cmd_run(args) -> int:
     from .report import run_summary, step_table, to_json, write_json
-    from .runner import AdamW, run_parity
+    from .runner import AdamW, model_notes, run_parity
 
     # everything that can refuse is checked before the (maybe long) run, so a parity
     # failure is never reported as a usage error afterwards
@@ -171,6 +189,8 @@ def cmd_run(args) -> int:
     T = args.seq_len or min(cfg.max_seq_len, 64 if cfg.channels >= 512 else 16)
     if T > cfg.max_seq_len:
         raise UsageError(f"-T {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if args.free_run < 0:
+        raise UsageError(f"--free-run must be >= 0, got {args.free_run}")
     if B < 1 or T < 1 or args.steps < 1:
         raise UsageError("batch size, sequence length and steps must be positive")
     lib = _library(args)
@@ -179,21 +199,35 @@ def cmd_run(args) -> int:
     impls = _impls(refs)
     if args.impl:
         impls.update(_impls([args.impl]))
+    models = _models(args)
     out = sys.stdout
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
-              f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}", file=out)
+              f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
+              + "".join(f"; model: {n} ({args.model})" for n in models), file=out)
     progress = Progress(enabled=not args.quiet)
 
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
-    report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, steps=args.steps, hyper=hyper,
-                        threads=args.threads, replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
+    report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
+                        steps=args.steps, hyper=hyper, threads=args.threads,
+                        replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
                         progress=progress)
+    if args.free_run:
+        from .freerun import free_run
+        gen = _batches(args, cfg, B, T)
+        progress(args.steps, args.steps, f"free run of {args.free_run} steps")
+        report.free_run = free_run(cfg, params, [next(gen) for _ in range(args.free_run)], lib=lib, impls=impls,
+                                   models=models, hyper=hyper, threads=args.threads)
     progress.done()
     if not args.json_only:
+        for line in model_notes(report):
+            print(line, file=out)
         for step in report.steps:
             if not args.summary_only or not step.passed:
                 print(step_table(step, verbose=args.verbose), file=out)
+        if report.free_run:
+            from .freerun import free_run_table
+            print(free_run_table(report.free_run), file=out)
         print(run_summary(report), file=out)
     ds_ok = True
     if args.debug_state:
@@ -334,6 +368,16 @@ def parser() -> argparse.ArgumentParser:
                      help="references beside the oracle: numpy, torch, oracle (only), or a module "
                           "(default: numpy, and torch where it is installed)")
     run.add_argument("--impl", help="your port: a .py file or module[:attr] implementing docs/kernels.md")
+    run.add_argument("--model", help="your PyTorch model: file.py:name or module:name, an nn.Module class or "
+                                     "a factory taking the config (checked with autograd and its optimizer)")
+    run.add_argument("--optimizer", help="with --model: the port's optimizer, file.py:name of a factory "
+                                         "(model, hyper) -> torch.optim.Optimizer, or 'configure_optimizers' "
+                                         "(the model's own method); default torch.optim.AdamW with the run's settings")
+    run.add_argument("--model-map", help="with --model: file.py:name of a dict or callable (param name, shape) -> "
+                                         "C tensor like 'qkvw[3]' or 'fcw[0].T', for names not recognised")
+    run.add_argument("--free-run", type=int, default=0, metavar="N",
+                     help="also train every implementation N steps on its own state from the common start, "
+                          "checking its loss and parameters against the float64 oracle's own run per step")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--weight-decay", type=float, default=0.1)

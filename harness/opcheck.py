@@ -35,6 +35,11 @@ def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
     """Compare ``impl.<kernel>`` on ``args`` with the oracle; ``expected`` may pass
     precomputed oracle outputs (to share them between implementations)."""
     check = CHECK_BY_KERNEL[kernel]
+    if kernel == "attention_backward" and kernel in getattr(impl, "derived", ()):
+        # derived by autograd, it recomputes att from inp: check it where att is inp's own
+        args = dict(args, att=oracle_outputs("attention_forward", {"inp": args["inp"], "NH": args["NH"]})
+                    ["att"].astype(args["att"].dtype))
+        expected = None
     expected = oracle_outputs(kernel, args) if expected is None else expected
     try:
         actual = run_kernel(impl, kernel, args, np.float32)
@@ -43,8 +48,8 @@ def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
         raise
     out = []
     for name in check.outputs:
-        if name not in expected:
-            continue
+        if name not in expected or (kernel, name) in getattr(impl, "not_returned", ()):
+            continue   # not computed by the implementation (e.g. attention without att)
         if name not in actual:
             raise ValueError(f"{kernel} of {label or impl} produced no {name!r}")
         a = actual[name]

@@ -5,8 +5,13 @@ Options:
   --llmc-impl SPEC      a Python port to check too: a file path or ``module[:attr]``
   --llmc-config NAME    model config for model-level checks (default: tiny)
   --llmc-steps N        training steps for model-level checks (default: 3 in tests)
+  --llmc-model SPEC     a PyTorch model to check (``file.py:name`` or ``module:name``),
+                        with autograd and its optimizer; ``-k layernorm`` selects by op
+  --llmc-optimizer SPEC its optimizer factory, or ``configure_optimizers``
 
 Fixtures: ``llmc_lib`` (the bound Library), ``llmc_impl`` (the user's KernelSet or None),
+``llmc_model_report`` (one run of ``--llmc-model``, shared by the per-op tests of
+``llmc_model_op``: harness/suite/test_model.py's ``test_model_op[layernorm-model]``),
 ``llmc_config``, ``llmc_steps``, ``parity_record`` (add Comparisons to the end-of-session
 summary). At the end of the session it prints one table: the worst error per op.
 """
@@ -17,7 +22,7 @@ import os
 import pytest
 
 _RECORDS: list = []
-_USER_CODE_OPTIONS = ("--llmc-impl",)
+_USER_CODE_OPTIONS = ("--llmc-impl", "--llmc-model")
 
 
 def pytest_addoption(parser):
@@ -27,6 +32,10 @@ def pytest_addoption(parser):
                     help="a Python port to check: file path or module[:attr] (kernel protocol)")
     group.addoption("--llmc-config", default="tiny", help="model config for model-level checks")
     group.addoption("--llmc-steps", type=int, default=3, help="steps for model-level checks")
+    group.addoption("--llmc-model", default=None,
+                    help="a PyTorch model to check: file.py:name or module:name (nn.Module class or factory)")
+    group.addoption("--llmc-optimizer", default=None,
+                    help="the model's optimizer: file.py:name of a factory (model, hyper), or configure_optimizers")
 
 
 SUITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite")
@@ -68,6 +77,69 @@ def llmc_config(request):
 @pytest.fixture(scope="session")
 def llmc_steps(request):
     return request.config.getoption("--llmc-steps")
+
+
+# the ops a model's checks are grouped by (``-k layernorm``), in graph order
+MODEL_OPS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "softmax", "crossentropy", "adamw")
+
+
+def pytest_generate_tests(metafunc):
+    if "llmc_model_op" in metafunc.fixturenames:
+        given = metafunc.config.getoption("--llmc-model", default=None)
+        ops = list(MODEL_OPS) if given else []
+        metafunc.parametrize("llmc_model_op", ops, ids=[f"{op}-model" for op in ops])
+
+
+@pytest.fixture(scope="session")
+def llmc_model_report(request, llmc_lib, llmc_config, llmc_steps):
+    """One run of the ``--llmc-model`` model (B=2, T<=16) for every per-op test."""
+    spec = request.config.getoption("--llmc-model")
+    if not spec:
+        pytest.skip("no --llmc-model given")
+    from pyref import synth
+    from .models import TorchModel, resolve_spec
+    from .runner import run_parity
+    opt = request.config.getoption("--llmc-optimizer")
+    if opt and opt != "configure_optimizers":
+        opt = resolve_spec(opt)
+    cfg = llmc_config
+    T = min(cfg.max_seq_len, 16)
+
+    def batches():
+        i = 0
+        while True:
+            yield synth.make_batch(cfg, 2, T, seed=1000 + i)
+            i += 1
+    name = spec.rpartition(":")[2]
+    return run_parity(cfg, synth.init_params(cfg, seed=0), batches(), lib=llmc_lib, steps=llmc_steps,
+                      models={name: TorchModel(resolve_spec(spec), optimizer=opt, name=name)})
+
+
+def checks_by_op(report, impl: str) -> dict[str, list]:
+    """A run's checks of ``impl`` grouped by the op (MODEL_OPS) that produced the tensor:
+    a buffer that several ops accumulate into counts for each of them."""
+    from pyref.protocol import INPLACE_ARGS, KERNEL_OP
+    from .graph import Ref, backward_nodes, forward_nodes
+    from .ops import FORWARD_OUTPUTS
+    cfg = report.config
+    ops_of: dict[str, set] = {}
+    for node in forward_nodes(cfg):
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            ops_of.setdefault(str(node.arg_dict[o]), set()).add(KERNEL_OP[node.kernel])
+    for node in backward_nodes(cfg):
+        for a in INPLACE_ARGS[node.kernel]:
+            if isinstance(r := node.arg_dict.get(a), Ref):
+                ops_of.setdefault(str(r), set()).add(KERNEL_OP[node.kernel])
+    out: dict[str, list] = {op: [] for op in MODEL_OPS}
+    for s in report.steps:
+        for c in s.checks:
+            if c.impl != impl:
+                continue
+            ops = {"adamw"} if c.kind == "update" else {"crossentropy"} if c.kind == "loss" \
+                else ops_of.get(c.tensor, set())
+            for op in ops:
+                out[op].append(c)
+    return out
 
 
 @pytest.fixture

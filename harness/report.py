@@ -481,6 +481,14 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
             "checks": [_check_json(c) for c in s.checks],
         } for s in report.steps],
         "not_checked": {str(k): [str(x) for x in v] for k, v in report.not_checked.items()},
+        # torch models (--model): hygiene findings, and C tensors the model does not show
+        "findings": {str(k): [str(x) for x in v] for k, v in getattr(report, "findings", {}).items()},
+        "not_observed": {str(k): [str(x) for x in v] for k, v in getattr(report, "not_observed", {}).items()},
+        "derived": {str(k): [str(x) for x in v] for k, v in getattr(report, "derived", {}).items()},
+        "free_run": [{"step": int(r.step), "impl": str(r.impl), "passed": bool(r.passed), "error": r.error,
+                      **{k: json_float(getattr(r, k)) for k in ("loss", "oracle_loss", "loss_rel", "loss_bound",
+                                                                 "param_norm_rel", "param_bound")}}
+                     for r in getattr(report, "free_run", [])],
     }
     return _plain(out)
 

@@ -104,10 +104,17 @@ class RunReport:
     build: dict | None
     not_checked: dict[str, list[str]] = field(default_factory=dict)
     floating_point: dict | None = None   # the C's mode (Library.floating_point)
+    # torch models (harness.models): hygiene findings and the C tensors they do not show
+    findings: dict[str, list[str]] = field(default_factory=dict)
+    not_observed: dict[str, list[str]] = field(default_factory=dict)
+    # kernel ports: backward kernels derived by autograd through their forward kernels
+    derived: dict[str, list[str]] = field(default_factory=dict)
+    # --free-run: each implementation on its own state (harness.freerun.FreeRunRow)
+    free_run: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.steps) and all(s.passed for s in self.steps)
+        return bool(self.steps) and all(s.passed for s in self.steps) and all(r.passed for r in self.free_run)
 
     def first_divergence(self) -> str | None:
         for s in self.steps:
@@ -116,6 +123,21 @@ class RunReport:
             for impl, text in s.errors.items():
                 return f"step {s.step} [{impl}] error: {text}"
         return None
+
+
+def model_notes(report: RunReport) -> list[str]:
+    """What a report says of torch models before the numbers: hygiene findings (one line
+    and a reason each) and the C tensors a model does not show (not checked for it)."""
+    lines = []
+    for name, found in report.findings.items():
+        lines += [f"finding [{name}]: {f}" for f in found]
+    for name, kernels in report.derived.items():
+        if kernels:
+            lines.append(f"derived by autograd [{name}]: {', '.join(kernels)} (through its own forward kernels)")
+    for name, unseen in report.not_observed.items():
+        if unseen:
+            lines.append(f"not observed [{name}]: {', '.join(unseen)}")
+    return lines
 
 
 # ----------------------------------------------------------------------------
@@ -239,12 +261,17 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
     fwd, bwd = forward_nodes(cfg), backward_nodes(cfg)
     checks: list[Check] = []
 
+    observes, has = _observation(state)
     for node in fwd:
         shape = node_shape(node, cfg, B, T)
+        if replay and not _replayable(node, has):
+            continue
         args = _args64(node, state) if replay else None
         out = run_kernel(ORACLE, node.kernel, args, np.float64) if replay else None
         for oname in FORWARD_OUTPUTS[node.kernel]:
             ref = node.arg_dict[oname]
+            if not observes(ref):
+                continue
             actual = ref.get(state)
             expected = out[oname] if replay else ref.get(expected_state)
             n = reduction_length(CHECK_BY_KERNEL[node.kernel], oname, shape)
@@ -255,7 +282,7 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             c = compare(actual, expected, **how)
             if replay and not c.passed:
                 c = attach(c, diagnose(Call(node.kernel, oname, args), actual, expected, **how))
-            checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}", c))
+            checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}{_module(state, ref)}", c))
 
     # which backward node is the last to accumulate into each buffer
     last: dict[Ref, int] = {}
@@ -269,9 +296,13 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
     acc: dict[Ref, np.ndarray] = {}
     mags: dict[Ref, np.ndarray] = {}
     nmax: dict[Ref, int] = {}
+    skipped: set[Ref] = set()   # buffers a contributor of which could not be replayed
     for i, node in enumerate(bwd):
         shape = node_shape(node, cfg, B, T)
         check = CHECK_BY_KERNEL[node.kernel]
+        if replay and not _replayable(node, has):
+            skipped |= {r for a in INPLACE_ARGS[node.kernel] if isinstance(r := node.arg_dict.get(a), Ref)}
+            continue
         if replay:
             args = _args64(node, state)
             for a in INPLACE_ARGS[node.kernel]:
@@ -292,7 +323,7 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
                     mag = np.abs(out[a] - args[a])
                 mags[ref] = mags[ref] + mag if ref in mags else mag
                 acc[ref] = out[a]
-            if last[ref] != i:
+            if last[ref] != i or not observes(ref) or ref in skipped:
                 continue
             actual = ref.get(state)
             expected = acc.pop(ref) if replay else ref.get(expected_state)
@@ -310,8 +341,29 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             by = ", ".join(f"{n.label} {n.kernel}" for n in contributors[ref])
             where = f"{node.where()} {node.kernel}" if len(contributors[ref]) == 1 else \
                 f"{'layer %d ' % node.layer if node.layer is not None else ''}{ref.name} gradient (sum of {by})"
+            where += _module(state, ref)
             checks.append(Check(step, impl, kind, str(ref), where, c))
     return checks
+
+
+def _observation(state):
+    """``(observes, has)`` of a state: whether it produced a tensor itself (else it is not
+    compared), and whether it holds a value usable as a replay's input. Everything, for
+    the C and the kernel-protocol models; a torch model (:mod:`harness.models`) says."""
+    everything = lambda ref: True
+    return getattr(state, "observes", everything), getattr(state, "has", everything)
+
+
+def _replayable(node: Node, has) -> bool:
+    wanted = SIGNATURES[node.kernel]
+    return all(has(v) for k, v in node.args if isinstance(v, Ref) and k in wanted
+               and k not in INPLACE_ARGS.get(node.kernel, ()) and k not in FORWARD_OUTPUTS.get(node.kernel, ()))
+
+
+def _module(state, ref: Ref) -> str:
+    """`` [mlp.c_fc]``: the module of a torch model that showed ``ref``."""
+    name = getattr(state, "module_of", lambda r: None)(ref)
+    return f" [{name}]" if name else ""
 
 
 def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
@@ -436,13 +488,17 @@ def first_divergence(checks: list[Check]) -> str | None:
 # ----------------------------------------------------------------------------
 
 def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[np.ndarray, np.ndarray]], *,
-               lib=None, impls: dict[str, KernelSet] | None = None, steps: int = 10,
+               lib=None, impls: dict[str, KernelSet] | None = None, models: dict | None = None,
+               steps: int = 10,
                hyper: AdamW = AdamW(), threads: int | None = None, replay: bool | str = True,
                progress: Callable[[int, int, str], None] | None = None,
                on_step: Callable[[int, object], None] | None = None) -> RunReport:
     """Run ``steps`` training steps of the C (the library ``lib``) and of each Python
     implementation in ``impls`` (name -> KernelSet; default: none, the C alone against the
-    oracle), checking everything after every step. ``batches`` yields (inputs, targets).
+    oracle), checking everything after every step. ``models`` (name ->
+    :class:`harness.models.TorchModel`): PyTorch models run as their ports run them
+    (autograd, their optimizer), checked the same way; their parameters are mapped (or
+    refused, with the reason) before anything runs. ``batches`` yields (inputs, targets).
     ``replay``: True (every step), ``"on-failure"`` (only for an implementation whose
     end-to-end checks failed, to localise; cheaper at 124M scale) or False.
     ``on_step(t, cmodel)`` is called after each step's update (the gate fingerprints the
@@ -456,6 +512,17 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64)
     pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
                 for name, k in impls.items()}
+    for name, k in impls.items():
+        if getattr(k, "not_returned", None) is not None:
+            pymodels[name].observes = _returned_by(k, config)
+    if models:
+        from .models import ModelState
+        try:
+            for name, spec in models.items():
+                pymodels[name] = ModelState(config, cmodel.params_memory, spec, hyper)
+        except Exception:
+            cmodel.close()
+            raise
     reports: list[StepReport] = []
     B = T = 0
     try:
@@ -525,7 +592,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                 try:
                     pm.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, t)
                 except Exception as e:
-                    errors[name] = f"{type(e).__name__}: {e}"
+                    errors[name] = " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
                     continue
                 checks += check_update(config, pre, pm.grads_memory,
                                        (pm.params_memory, pm.m_memory, pm.v_memory), hyper, t,
@@ -541,6 +608,37 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     finally:
         cmodel.close()
     not_checked = {name: list(k.missing) for name, k in impls.items() if getattr(k, "missing", None)}
-    return RunReport(config, B, T, hyper, ["C", *impls], reports, lib.path,
+    torch_models = {n: pm for n, pm in pymodels.items() if n not in impls}
+    not_observed = {n: pm.not_observed() for n, pm in torch_models.items()}
+    not_observed.update({n: _unobserved(pymodels[n], config) for n, k in impls.items()
+                         if getattr(k, "not_returned", None)})
+    return RunReport(config, B, T, hyper, ["C", *pymodels], reports, lib.path,
                      None if lib.build_info is None else vars(lib.build_info), not_checked,
-                     lib.floating_point())
+                     lib.floating_point(),
+                     findings={n: list(pm.findings) for n, pm in torch_models.items()},
+                     not_observed=not_observed,
+                     derived={n: list(k.derived) for n, k in impls.items() if getattr(k, "derived", None)})
+
+
+def _graph_outputs(cfg: GPT2Config) -> dict[Ref, set[tuple[str, str]]]:
+    """Every tensor the graph writes -> the (kernel, output argument) pairs that write it."""
+    out: dict[Ref, set] = {}
+    for node in forward_nodes(cfg):
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            out.setdefault(node.arg_dict[o], set()).add((node.kernel, o))
+    for node in backward_nodes(cfg):
+        for a in INPLACE_ARGS[node.kernel]:
+            if isinstance(r := node.arg_dict.get(a), Ref):
+                out.setdefault(r, set()).add((node.kernel, a))
+    return out
+
+
+def _returned_by(ks: KernelSet, cfg: GPT2Config):
+    """``observes`` of a kernel port's model: false for what its kernels did not return
+    (``ks.not_returned``, known once they ran)."""
+    writers = _graph_outputs(cfg)
+    return lambda ref: not (writers.get(ref, set()) & ks.not_returned)
+
+
+def _unobserved(state, cfg: GPT2Config) -> list[str]:
+    return list(dict.fromkeys(f"{r.group}.{r.name}" for r in _graph_outputs(cfg) if not state.observes(r)))

@@ -136,6 +136,158 @@ def backend_of(obj) -> str:
     return str(b).lower() if b is not None else "numpy"
 
 
+# ----------------------------------------------------------------------------
+# ports whose kernels differ from the protocol only where the meaning is unambiguous
+
+DIM_NAMES = ("B", "T", "C", "NH", "V", "Vp", "OC")
+
+# forward kernels that may return their main output alone; the other outputs are then
+# "not returned": derived from the kernel's inputs by the float64 NumPy reference (so a
+# backward or a replay can use them) and never compared
+SHORT_OUTPUTS = {"layernorm_forward": ("mean", "rstd"), "attention_forward": ("preatt", "att")}
+
+
+def _dims(kernel: str, named: dict) -> dict:
+    """The dimensions a port may take explicitly (``attention_forward(inp, B, T, C, NH)``),
+    from the protocol's arguments."""
+    d = {}
+    x = next((named[k] for k in ("inp", "logits", "probs", "dout") if named.get(k) is not None), None)
+    if x is not None and len(x.shape) >= 2:
+        d["B"], d["T"] = int(x.shape[0]), int(x.shape[1])
+        d["C"] = int(x.shape[-1]) // (3 if kernel.startswith("attention") else 1)
+    if named.get("weight") is not None and kernel.startswith("matmul"):
+        d["OC"] = int(named["weight"].shape[0])
+    if named.get("logits") is not None:
+        d["Vp"] = int(named["logits"].shape[-1])
+    for k in ("NH", "V"):
+        if named.get(k) is not None:
+            d[k] = int(named[k])
+    return d
+
+
+def _adapt(kernel: str, f):
+    """``f`` called with the protocol's arguments: as is when its signature has the
+    protocol's arity, else by name (the first parameter being the main input, the others
+    protocol argument or dimension names, any case). A ``softmax_forward(logits)`` without V
+    gets the first V columns and its probabilities are padded with zeros to Vp. None when
+    the signature cannot be matched unambiguously (the call then fails as it would)."""
+    import inspect
+    params = SIGNATURES[kernel]
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return f
+    ps = list(sig.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in ps):
+        return f
+    required = [p.name for p in ps if p.default is p.empty]
+    if len(required) <= len(params) <= len(ps) and kernel != "softmax_forward":
+        return f
+    if kernel == "softmax_forward" and len(required) == 2:
+        return f
+    known = {n.lower(): n for n in params + DIM_NAMES}
+    names = [known.get(n.lower()) if i else params[0] for i, n in enumerate(required)]
+    if None in names:
+        return f
+    slice_v = kernel == "softmax_forward" and "V" not in names
+
+    def call(*args):
+        named = dict(zip(params, args))
+        values = {**_dims(kernel, named), **named}
+        if slice_v:
+            values["logits"] = named["logits"][..., :int(named["V"])]
+        out = f(*(values[n] for n in names))
+        if slice_v and out is not None and out.shape[-1] == int(named["V"]) < named["logits"].shape[-1]:
+            out = _pad_last(out, named["logits"].shape[-1])
+        return out
+
+    call.__wrapped__ = f
+    return call
+
+
+def _pad_last(x, n):
+    if isinstance(x, np.ndarray):
+        return np.concatenate([x, np.zeros(x.shape[:-1] + (n - x.shape[-1],), x.dtype)], -1)
+    import torch
+    return torch.nn.functional.pad(x, (0, n - x.shape[-1]))
+
+
+def _derived_backward(kernel: str, fwd: dict):
+    """A backward kernel by autograd (torch.func.vjp) through the port's own forward
+    kernel(s) ``fwd`` (protocol name -> callable on torch tensors), accumulating into the
+    gradient buffers as the protocol's backward does; None when the forwards it needs are
+    not there."""
+    import torch
+    from torch.func import vjp
+
+    def first(out):
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    if kernel == "encoder_backward" and "encoder_forward" in fwd:
+        def encoder_backward(dwte, dwpe, dout, inp):   # linear in wte, wpe: any point will do
+            _, back = vjp(lambda wte, wpe: first(fwd["encoder_forward"](inp, wte, wpe)),
+                          torch.zeros_like(dwte), torch.zeros_like(dwpe))
+            gwte, gwpe = back(dout)
+            dwte.add_(gwte)
+            dwpe.add_(gwpe)
+        return encoder_backward
+    if kernel == "layernorm_backward" and "layernorm_forward" in fwd:
+        def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+            _, back = vjp(lambda x, w, b: first(fwd["layernorm_forward"](x, w, b)), inp, weight,
+                          torch.zeros_like(weight))
+            gx, gw, gb = back(dout)
+            dinp.add_(gx)
+            dweight.add_(gw)
+            dbias.add_(gb)
+        return layernorm_backward
+    if kernel == "matmul_backward" and "matmul_forward" in fwd:
+        def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+            if dbias is None:
+                _, back = vjp(lambda x, w: first(fwd["matmul_forward"](x, w, None)), inp, weight)
+                gx, gw = back(dout)
+            else:
+                _, back = vjp(lambda x, w, b: first(fwd["matmul_forward"](x, w, b)), inp, weight,
+                              torch.zeros_like(dbias))
+                gx, gw, gb = back(dout)
+                dbias.add_(gb)
+            dinp.add_(gx)
+            dweight.add_(gw)
+        return matmul_backward
+    if kernel == "attention_backward" and "attention_forward" in fwd:
+        def attention_backward(dinp, dpreatt, datt, dout, inp, att, NH):   # dpreatt, datt: not written
+            _, back = vjp(lambda x: first(fwd["attention_forward"](x, NH)), inp)
+            dinp.add_(back(dout)[0])
+        return attention_backward
+    if kernel == "gelu_backward" and "gelu_forward" in fwd:
+        def gelu_backward(dinp, inp, dout):
+            _, back = vjp(lambda x: first(fwd["gelu_forward"](x)), inp)
+            dinp.add_(back(dout)[0])
+        return gelu_backward
+    if kernel == "residual_backward" and "residual_forward" in fwd:
+        def residual_backward(dinp1, dinp2, dout):
+            _, back = vjp(lambda a, b: first(fwd["residual_forward"](a, b)), torch.zeros_like(dout),
+                          torch.zeros_like(dout))
+            g1, g2 = back(dout)
+            dinp1.add_(g1)
+            dinp2.add_(g2)
+        return residual_backward
+    if kernel == "crossentropy_softmax_backward" and {"softmax_forward", "crossentropy_forward"} <= set(fwd):
+        def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
+            # the logits are not an argument: log(probs) has the same softmax
+            V = int(V)
+            logits = torch.zeros_like(probs)
+            logits[..., :V] = torch.log(probs[..., :V])
+            _, back = vjp(lambda lg: first(fwd["crossentropy_forward"](first(fwd["softmax_forward"](lg, V)),
+                                                                       targets)), logits)
+            dlogits.add_(back(dlosses)[0])
+        return crossentropy_softmax_backward
+    return None
+
+
+# backward kernel -> the outputs (in-place buffers) a derived one leaves unwritten
+DERIVED_UNWRITTEN = {"attention_backward": ("dpreatt", "datt")}
+
+
 class KernelNotProvided(NotImplementedError):
     """Raised when a KernelSet is asked for a kernel its module does not define."""
 
@@ -158,12 +310,22 @@ class KernelSet:
             raise ValueError(f"{name}: unsupported BACKEND {backend!r} (expected 'numpy' or 'torch')")
         self.name, self.backend, self.fallback = name, backend, fallback
         self.raw = dict(funcs)
-        self.provided = [n for n in KERNEL_NAMES if n in funcs]
-        self.missing = [n for n in KERNEL_NAMES if n not in funcs]
+        adapted = {n: _adapt(n, f) for n, f in funcs.items()}
+        # (kernel, output) pairs a port did not return or write: derived, never compared
+        self.not_returned: set[tuple[str, str]] = set()
+        self.derived: list[str] = []   # backward kernels derived by autograd
         if backend == "torch":
             import torch   # noqa: F401  (fail early and clearly if torch is absent)
+            forwards = {n: adapted[n] for n in FORWARD_KERNELS if n in adapted}
+            for n in BACKWARD_KERNELS:
+                if n not in adapted and (d := _derived_backward(n, forwards)) is not None:
+                    adapted[n] = d
+                    self.derived.append(n)
+                    self.not_returned |= {(n, o) for o in DERIVED_UNWRITTEN.get(n, ())}
+        self.provided = [n for n in KERNEL_NAMES if n in adapted]
+        self.missing = [n for n in KERNEL_NAMES if n not in adapted]
         for n in self.provided:
-            setattr(self, n, self._wrap(n, funcs[n]))
+            setattr(self, n, self._wrap(n, adapted[n]))
         if fallback is not None:
             for n in self.missing:
                 setattr(self, n, getattr(fallback, n))
@@ -227,6 +389,14 @@ class KernelSet:
             raise TypeError(f"{self.name}.{kernel} returned {type(y).__name__}, "
                             f"not an array: {e}") from None
 
+    @staticmethod
+    def _reference_outputs(kernel, named, dtype):
+        from . import numpy_kernels
+        args = {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+                for k, v in named.items()}
+        out = getattr(numpy_kernels, kernel)(*(args[p] for p in SIGNATURES[kernel]))
+        return [np.asarray(o, dtype) for o in out[1:]]
+
     def _wrap(self, kernel, f):
         params = SIGNATURES[kernel]
         forward = kernel in FORWARD_KERNELS
@@ -247,9 +417,13 @@ class KernelSet:
             if not forward:
                 return None
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
-            if len(outs) != n_out:
+            short = len(outs) == 1 and kernel in SHORT_OUTPUTS
+            if len(outs) != n_out and not short:
                 raise TypeError(f"{label} returned {len(outs)} output(s), expected {n_out}")
             outs = [self._from_backend(kernel, y) for y in outs]
+            if short:   # the main output alone: the others from the reference, marked
+                outs += self._reference_outputs(kernel, named, outs[0].dtype)
+                self.not_returned |= {(kernel, o) for o in SHORT_OUTPUTS[kernel]}
             for i, (y, shape) in enumerate(zip(outs, _expected_shapes(kernel, named))):
                 if tuple(y.shape) != tuple(shape):
                     what = f"output {i}" if n_out > 1 else "output"

@@ -1,0 +1,128 @@
+"""What checking a PyTorch model costs (``make bench`` runs it after bench.py).
+
+    .venv/bin/python benchmarks/bench_model.py                 # d12 (GPT-2 124M), B=4, T=64
+    .venv/bin/python benchmarks/bench_model.py --config tiny   # seconds
+
+The target (issue 11): *a model check of GPT-2 124M's shape (B=4, T=64, one step) costs
+at most 1.5x the C step + the model's own step + the float64 oracle.* Each part runs alone
+in this process, first a step that pays the lazy allocations and torch's start-up, then a
+timed (warm) one:
+
+  c_step       the C library: forward, zero_grad, backward, update
+  model_step   the model as its port trains it (tests/model_ports.py:GPT, nanoGPT's layout):
+               forward with the targets, backward, torch.optim.AdamW
+  oracle_step  pyref.model.GPT2 in float64: forward, zero_grad, backward
+  model_check  harness.runner.run_parity with the model alone beside the C (the witness,
+               the mapping both ways, hooks, every comparison, the AdamW check; the replay
+               only where an end-to-end check failed): its second step
+
+The ratio is model_check / (c_step + model_step + oracle_step). The float32-noise witness
+is a second float64 model run inside every check, so it is part of the check's cost and
+not of the denominator.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGET = 1.5
+
+
+def _timed(step, warmups: int = 1) -> float:
+    for _ in range(warmups):
+        step()
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def measure(cfg, B: int, T: int) -> dict:
+    import torch
+    from harness.binding import load_library
+    from harness.cmodel import CModel
+    from harness.models import Hyper, TorchModel, resolve_spec
+    from harness.opcheck import ORACLE
+    from harness.runner import AdamW, run_parity
+    from pyref import synth
+    from pyref.model import GPT2 as PyGPT2
+
+    hyper = AdamW()
+    params = synth.init_params(cfg, seed=0)
+    x, y = synth.make_batch(cfg, B, T, seed=1)
+    lib = load_library()
+    GPT = resolve_spec(f"{ROOT / 'tests' / 'model_ports.py'}:GPT")
+    out = {}
+
+    c = CModel.from_params(cfg, params, lib=lib)
+    t = iter(range(1, 100))
+
+    def c_step():
+        c.forward(x, y)
+        c.zero_grad()
+        c.backward()
+        c.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, next(t))
+    out["c_step"] = _timed(c_step)
+    c.close()
+
+    model = GPT(Hyper(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
+    xi, yi = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+
+    def model_step():
+        _, loss = model(xi, yi)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    out["model_step"] = _timed(model_step)
+
+    oracle = PyGPT2(cfg, params, kernels=ORACLE, dtype=np.float64)
+
+    def oracle_step():
+        oracle.forward(x, y)
+        oracle.zero_grad()
+        oracle.backward()
+    out["oracle_step"] = _timed(oracle_step)
+
+    def batches():
+        while True:
+            yield x, y
+    report = run_parity(cfg, params, batches(), lib=lib, impls={}, steps=2, hyper=hyper, replay="on-failure",
+                        models={"GPT": TorchModel(GPT)})
+    out["model_check"] = report.steps[1].seconds
+    out["model_check_first"] = report.steps[0].seconds
+    out["passed"] = report.passed
+    out["ratio"] = out["model_check"] / (out["c_step"] + out["model_step"] + out["oracle_step"])
+    out["target"] = TARGET
+    out["met"] = out["ratio"] <= TARGET
+    return out
+
+
+def main(argv=None) -> int:
+    from pyref.config import preset
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="d12")
+    ap.add_argument("-B", type=int, default=4)
+    ap.add_argument("-T", type=int, default=64)
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args(argv)
+    cfg = preset(args.config)
+    r = measure(cfg, args.B, args.T)
+    print(f"model check ({args.config}, B={args.B}, T={args.T}): C step {r['c_step']:.2f}s, model step "
+          f"{r['model_step']:.2f}s, oracle step {r['oracle_step']:.2f}s; check step {r['model_check']:.2f}s "
+          f"(first {r['model_check_first']:.2f}s), {'passed' if r['passed'] else 'FAILED'}")
+    print(f"ratio {r['ratio']:.2f} (target <= {TARGET}): {'met' if r['met'] else 'NOT MET'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
