@@ -301,8 +301,12 @@ def _term_magnitude(kernel, output, a, out):
         if output == "dbias":
             return _rss(np.square(dout).sum((0, 1)))
     if kernel == "gelu_forward":
-        # 0.5 x (1 + tanh(a)): for x << 0, 1 + tanh(a) cancels; the terms are ~|x|
-        return np.abs(a["inp"])
+        # 0.5 x (1 + tanh(a)): the terms are 0.5|x| and 0.5|x tanh(a)|. For x >= 0 they add
+        # up to |out| itself (nothing cancels, nothing to add); for x < 0 they cancel, and
+        # their size exceeds |out| by |x tanh(a)| (~|x| for x << 0, where 1 + tanh(a) ~ 0)
+        x = a["inp"]
+        s = np.sqrt(2.0 / np.pi)
+        return np.where(x < 0, np.abs(x * np.tanh(s * (x + 0.044715 * x ** 3))), 0.0)
     if kernel == "gelu_backward":
         x = a["inp"]
         s = np.sqrt(2.0 / np.pi)
