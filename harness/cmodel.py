@@ -13,11 +13,12 @@ points at freed memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from math import prod
 
 import numpy as np
 
-from pyref.config import ACT_NAMES, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from pyref.config import ACT_NAMES, PARAM_NAMES, GPT2Config, ParamsError, act_shapes, flat_params, param_shapes
 
 from .binding import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
 
@@ -89,23 +90,15 @@ class CModel:
         doing what gpt2_build_from_checkpoint does minus the file."""
         lib = as_library(lib)
         config = config.validate()
-        shapes = param_shapes(config)
         n = config.num_parameters()
-        if isinstance(params, dict):
-            unknown = set(params) - set(PARAM_NAMES)
-            missing = [k for k in PARAM_NAMES if k not in params]
-            if unknown or missing:
-                raise LlmcInputError(f"params dict: missing {missing}, unknown {sorted(unknown)}")
-            for k in PARAM_NAMES:
-                if np.shape(params[k]) != shapes[k]:
-                    raise LlmcInputError(f"params[{k!r}]: expected shape {shapes[k]}, got {np.shape(params[k])}")
-            flat = np.concatenate([np.asarray(params[k], np.float32).ravel() for k in PARAM_NAMES])
-        else:
-            flat = np.asarray(params)
-            if flat.dtype != np.float32:
-                raise LlmcInputError(f"params: expected float32, got {flat.dtype}")
-            if flat.size != n:
-                raise LlmcInputError(f"params: config needs {n} parameters, got {flat.size}")
+        try:
+            flat = flat_params(config, params)
+        except ParamsError as e:
+            raise LlmcInputError(str(e)) from None
+        if isinstance(params, Mapping):
+            flat = flat.astype(np.float32)     # named tensors: any float dtype, as values
+        elif flat.dtype != np.float32:
+            raise LlmcInputError(f"params: expected float32, got {flat.dtype}")
         _check_alloc(4 * n, "parameters")
         owner = _Owner(lib)
         s = owner.struct

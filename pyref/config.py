@@ -7,8 +7,11 @@ activation tensors of ``ActivationTensors``, with the shapes that
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, asdict, replace
 from math import prod
+
+import numpy as np
 
 # ParameterTensors, in struct (and checkpoint file) order.
 PARAM_NAMES = (
@@ -93,6 +96,31 @@ def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
         "fcprojw": (L, C, 4 * C), "fcprojb": (L, C),
         "lnfw": (C,), "lnfb": (C,),
     }
+
+
+class ParamsError(ValueError):
+    """Parameters that do not fit their config: a tensor missing, unknown or misshaped, or
+    a flat array of the wrong length."""
+
+
+def flat_params(config: GPT2Config, params, what: str = "params") -> np.ndarray:
+    """The config's parameters as one flat array in the C's order (params_memory), from a
+    flat array or a dict of the 16 named tensors with their shapes. The dtype is kept:
+    each caller says which it accepts. The one place where parameters are flattened."""
+    if isinstance(params, Mapping):
+        missing = [n for n in PARAM_NAMES if n not in params]
+        extra = sorted(set(params) - set(PARAM_NAMES))
+        if missing or extra:
+            raise ParamsError(f"{what}: missing tensors {missing}, unknown tensors {extra}")
+        shapes = param_shapes(config)
+        for n in PARAM_NAMES:
+            if np.shape(params[n]) != shapes[n]:
+                raise ParamsError(f"{what}[{n!r}] has shape {np.shape(params[n])}, expected {shapes[n]}")
+        return np.concatenate([np.asarray(params[n]).reshape(-1) for n in PARAM_NAMES])
+    a = np.asarray(params)
+    if a.size != config.num_parameters():
+        raise ParamsError(f"{what}: the config needs {config.num_parameters()} parameters, got {a.size}")
+    return a.reshape(-1)
 
 
 def act_shapes(config: GPT2Config, B: int, T: int) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ from math import prod
 
 import numpy as np
 
-from .config import PARAM_NAMES, GPT2Config, param_shapes
+from .config import GPT2Config, flat_params, param_shapes
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -141,22 +141,7 @@ def _f32(x, what):
 
 
 def _flat_params(config, params, what):
-    if isinstance(params, dict):
-        shapes = param_shapes(config)
-        parts = []
-        for n in PARAM_NAMES:
-            if n not in params:
-                raise ValueError(f"{what}: missing tensor {n!r}")
-            a = np.asarray(params[n])
-            if a.shape != shapes[n]:
-                raise ValueError(f"{what}[{n!r}] has shape {a.shape}, expected {shapes[n]}")
-            parts.append(a.reshape(-1))
-        params = np.concatenate(parts)
-    a = _f32(params, what).reshape(-1)
-    if a.size != config.num_parameters():
-        raise ValueError(f"{what} holds {a.size} values, the config has "
-                         f"{config.num_parameters()} parameters")
-    return a
+    return _f32(flat_params(config, params, what), what)
 
 
 # ----------------------------------------------------------------------------- checkpoint

@@ -16,7 +16,7 @@ from math import prod
 
 import numpy as np
 
-from .config import PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from .config import GPT2Config, act_shapes, flat_params, param_shapes
 from .protocol import KernelSet, kernel_set
 
 
@@ -80,24 +80,7 @@ class GPT2:
 
     # ------------------------------------------------------------------ state
     def _flat(self, what, x):
-        if isinstance(x, dict):
-            missing = [n for n in PARAM_NAMES if n not in x]
-            extra = [n for n in x if n not in PARAM_NAMES]
-            if missing or extra:
-                raise ValueError(f"{what}: missing tensors {missing}, unknown tensors {extra}")
-            parts = []
-            for n in PARAM_NAMES:
-                a = np.asarray(x[n])
-                if a.shape != self.param_shapes[n]:
-                    raise ValueError(f"{what}[{n!r}] has shape {a.shape}, "
-                                     f"expected {self.param_shapes[n]}")
-                parts.append(a.reshape(-1))
-            return np.concatenate(parts)
-        a = np.asarray(x)
-        if a.size != self.num_parameters:
-            raise ValueError(f"{what} holds {a.size} values, the config has "
-                             f"{self.num_parameters} parameters")
-        return a.reshape(-1)
+        return flat_params(self.config, x, what)
 
     def load_state(self, params, m=None, v=None):
         """Copy params (and optionally AdamW's m, v) into the model's buffers."""
