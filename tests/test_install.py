@@ -62,6 +62,25 @@ def test_default_baseline_lives_in_the_users_project(tmp_path, monkeypatch):
     assert default_baseline(proj) == tmp_path / "x.json"
 
 
+@pytest.mark.filterwarnings("ignore:.*project.license.*")   # the TOML-table form still works with setuptools 61
+def test_sdist_carries_the_c_and_the_shipped_suite(tmp_path):
+    """The source distribution (what ``python -m build`` makes first) holds what an
+    installed llmc-parity needs at run time."""
+    import tarfile
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        from setuptools import build_meta
+        name = build_meta.build_sdist(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    with tarfile.open(tmp_path / name) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for wanted in ("llmc/train_gpt2.c", "llmc/abi_probe.c", "harness/suite/test_port.py",
+                   "harness/suite/test_model.py", "harness/fpenv.py", "pyproject.toml"):
+        assert wanted in names, wanted
+
+
 # ----------------------------------------------------------------------------- a real install
 
 _PORT = """
