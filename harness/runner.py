@@ -483,7 +483,9 @@ def first_divergence(checks: list[Check]) -> str | None:
     cmp = c.comparison
     head = f"first divergence: {c.where}"
     if c.kind == "replay":
-        head += ", inputs exact (the C's own), output off"
+        # replay feeds each implementation's op its own inputs for that op
+        whose = "the C's own" if c.impl == "C" else "its own"
+        head += f", inputs exact ({whose}), output off"
     return (f"{head}: {c.tensor} max rel {cmp.max_rel:.3g} (tol {cmp.tol.rel:.3g}), "
             f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}), worst at {cmp.worst_label}: "
             f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}")
