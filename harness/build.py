@@ -205,13 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ldflags", default="")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
+    out = Path(args.out or DEFAULT_LIB)
+    before = out.stat().st_mtime_ns if out.is_file() else None
     try:
         info = build_library(args.src, args.out, cflags=args.cflags, cc=args.cc,
                              openmp=not args.no_openmp, extra_ldflags=args.ldflags, force=args.force)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"built {info.library} from {info.source} [{info.cflags}{' -fopenmp' if info.openmp else ''}]")
+    fresh = before is None or Path(info.library).stat().st_mtime_ns != before
+    print(f"{'built' if fresh else 'up to date:'} {info.library} from {info.source} "
+          f"[{info.cflags}{' -fopenmp' if info.openmp else ''}]")
     return 0
 
 
