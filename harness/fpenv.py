@@ -57,12 +57,27 @@ class Mode:
         return "+".join(on) if on else "IEEE (gradual underflow)"
 
 
+_MACHINE = platform.machine().lower()
+
+
+def _control(raw: bytes) -> bytes:
+    """The control part of a saved environment: what decides how the next operations
+    compute (rounding, FTZ/DAZ, exception masks), without the sticky exception flags that
+    every computation sets. x86-64: the x87 control word and MXCSR less its flag bits;
+    AArch64: FPCR. Elsewhere the whole environment."""
+    if _MACHINE in ("x86_64", "amd64"):
+        mxcsr = int.from_bytes(raw[28:32], "little") & ~0x3F
+        return raw[0:2] + mxcsr.to_bytes(4, "little")
+    if _MACHINE in ("aarch64", "arm64"):
+        return raw[0:4]
+    return raw
+
+
 def _decode(raw: bytes) -> Mode:
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
+    if _MACHINE in ("x86_64", "amd64"):
         mxcsr = int.from_bytes(raw[28:32], "little")   # glibc's fenv_t: x87 state, then __mxcsr
         return Mode(ftz=bool(mxcsr & 0x8000), daz=bool(mxcsr & 0x0040))
-    if machine in ("aarch64", "arm64"):
+    if _MACHINE in ("aarch64", "arm64"):
         fpcr = int.from_bytes(raw[0:4], "little")      # fenv_t: __fpcr, __fpsr
         fz = bool(fpcr & (1 << 24))
         return Mode(ftz=fz, daz=fz)                     # FZ flushes inputs and outputs
@@ -94,10 +109,11 @@ class Env:
         _LIBM.fesetenv(buf)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Env) and self.raw == other.raw
+        """Same control state (the exception flags each computation leaves do not count)."""
+        return isinstance(other, Env) and _control(self.raw) == _control(other.raw)
 
     def __hash__(self) -> int:
-        return hash(self.raw)
+        return hash(_control(self.raw))
 
 
 @contextlib.contextmanager
@@ -132,14 +148,14 @@ def calls_in(lib_env: Env | None, fn, team=None):
     the C's flush-to-zero from a worker the C last used."""
     if lib_env is None or _LIBM is None:
         return fn
-    want = lib_env.raw
-    buf = _ffi.new(f"char[{_ENV_BYTES}]", want)
+    want = _control(lib_env.raw)
+    buf = _ffi.new(f"char[{_ENV_BYTES}]", lib_env.raw)
 
     def call(*args):
         mine = _ffi.new(f"char[{_ENV_BYTES}]")
         _LIBM.fegetenv(mine)
-        if _ffi.buffer(mine)[:] == want:
-            return fn(*args)
+        if _control(_ffi.buffer(mine)[:]) == want:
+            return fn(*args)   # the caller's mode is the C's: nothing to switch
         _LIBM.fesetenv(buf)
         if team is not None:
             team(buf)

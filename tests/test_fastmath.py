@@ -155,3 +155,24 @@ def test_openmp_workers_shared_with_torch_run_each_in_its_own_mode(ofast, first)
     """, ofast)
     assert "c nonzero 0\n" in out, out
     assert f"torch nonzero {1 << 22} of {1 << 22}" in out, out
+
+
+def test_a_default_build_switches_nothing():
+    """The mode is compared on its control part: the sticky exception flags every
+    computation leaves (inexact, ...) do not make a library whose mode is Python's look
+    different, so a default build's calls run without any switch (nor a parallel region
+    to switch its workers)."""
+    import platform
+
+    from harness.binding import load_library
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the flag layout below is x86-64's")
+    lib = load_library()
+    if lib.fp_mode.ftz:
+        pytest.skip("the library under test runs flush-to-zero: it does switch")
+    raw = fpenv.Env.current().raw
+    flagged = fpenv.Env(raw[:28] + bytes([raw[28] ^ 0x20]) + raw[29:])   # MXCSR's inexact flag
+    assert flagged == fpenv.Env.current() and flagged.raw != raw
+    calls = []
+    wrapped = fpenv.calls_in(flagged, lambda: "ran", team=lambda env: calls.append(env))
+    assert wrapped() == "ran" and calls == []   # no switch, no team region
