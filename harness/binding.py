@@ -22,9 +22,9 @@ import numpy as np
 from cffi import FFI
 
 from . import fpenv
-from .errors import InputError
 from .build import BuildError, ensure_library, read_build_info
 from .cdefs import CDEF, GPT2_FIELDS, REQUIRED_SYMBOLS
+from .errors import InputError
 
 ffi = FFI()
 ffi.cdef(CDEF)
@@ -135,9 +135,9 @@ class Library:
             raise LibraryError(f"library {self.path} does not exist (build it with `make lib`, "
                                "or point LLMC_LIB at a built libtrain_gpt2.so)")
         try:
-            # loaded from the default floating-point environment: what its load leaves
+            # Loaded from the default floating-point environment: what its load leaves
             # (FTZ/DAZ from -Ofast's crtfastmath) is the environment its calls run in,
-            # and Python gets its own back (harness/fpenv.py)
+            # and Python gets its own back (harness/fpenv.py).
             # RTLD_NODELETE: the library, and through it the OpenMP runtime it links, stays
             # mapped until the process ends. Unloading them at interpreter teardown while
             # OpenMP's idle worker threads still run in libgomp's code crashed the process

@@ -35,11 +35,11 @@ from .compare import Comparison
 from .errors import InputError
 
 BASELINE_NAME = "llmc-parity-gate.json"
+_PROJECT_MARKERS = ("pyproject.toml", "setup.cfg", "setup.py", ".git")
 
 
 class BaselineError(InputError, ValueError):
     """A baseline file that is not one: invalid JSON or another schema."""
-_PROJECT_MARKERS = ("pyproject.toml", "setup.cfg", "setup.py", ".git")
 
 
 def default_baseline(start: Path | None = None) -> Path:
