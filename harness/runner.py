@@ -156,17 +156,39 @@ class Witness:
 
     BACKEND = "numpy"
 
+    BLOCK = 1 << 15   # elements per block of noise: the draws and the scratch stay in cache
+
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
+        self._xi = np.empty(self.BLOCK, np.float32)
+        self._prod = np.empty(self.BLOCK, np.float64)
         for kernel in SIGNATURES:
             setattr(self, kernel, self._wrap(kernel))
 
     def _noise(self, x: np.ndarray, n: int) -> np.ndarray:
-        u = 2.0 ** -24
-        xi = self.rng.standard_normal(x.shape, dtype=np.float32)  # float32 draws: half the cost
-        xi *= np.float32(u * np.sqrt(max(n, 1)))
-        out = x * xi             # float64: the relative perturbation itself
-        out += x                 # x (1 + u sqrt(n) xi), without rounding 1 + delta to float32
+        """``x (1 + u sqrt(n) xi)``, worked in cache-sized blocks. The draws are the same
+        stream, in the same order, as one draw of ``x.size`` normals (the generator's
+        state runs on across blocks), and each element is the same float64 arithmetic:
+        ``x * xi + x``, xi the float32 draw times the float32 scale. A result the caller
+        owns outright (a kernel's fresh output, a fresh difference) is perturbed in place
+        (no second array of its size); any other gets a new one."""
+        s = np.float32(2.0 ** -24 * np.sqrt(max(n, 1)))
+        if x.dtype != np.float64:       # the model is float64; kept for any other input
+            xi = self.rng.standard_normal(x.shape, dtype=np.float32)
+            xi *= s
+            out = x * xi
+            out += x
+            return out
+        own = x.flags.owndata and x.flags.writeable and x.flags.c_contiguous
+        out = x if own else np.empty(x.shape, np.float64)
+        src, dst = np.ascontiguousarray(x).reshape(-1), out.reshape(-1)
+        for lo in range(0, src.size, self.BLOCK):
+            k = min(self.BLOCK, src.size - lo)
+            xi, prod_ = self._xi[:k], self._prod[:k]
+            self.rng.standard_normal(out=xi, dtype=np.float32)   # float32 draws: half the cost
+            xi *= s
+            np.multiply(src[lo:lo + k], xi, out=prod_)          # float64: the relative perturbation
+            np.add(prod_, src[lo:lo + k], out=dst[lo:lo + k])    # without rounding 1 + delta to float32
         return out
 
     @staticmethod
