@@ -537,20 +537,11 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     lib = as_library(lib)
     impls = dict(impls or {})
     cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
-    oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64)
-    pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
-                for name, k in impls.items()}
-    for name, k in impls.items():
-        if getattr(k, "not_returned", None) is not None:
-            pymodels[name].observes = _returned_by(k, config)
-    if models:
-        from .models import ModelState
-        try:
-            for name, spec in models.items():
-                pymodels[name] = ModelState(config, cmodel.params_memory, spec, hyper)
-        except Exception:
-            cmodel.close()
-            raise
+    try:
+        oracle, pymodels = _references(config, cmodel, impls, models, hyper)
+    except Exception:
+        cmodel.close()
+        raise
     reports: list[StepReport] = []
     B = T = 0
     try:
@@ -559,77 +550,25 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             inputs, targets = next(batches)
             B, T = inputs.shape
             say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
-            m0 = cmodel.m_memory if t > 1 else None   # None: zeros, as the C starts them
-            v0 = cmodel.v_memory if t > 1 else None
-            oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
-            # the C updates its own m, v in place: keep the pre-step values (none at t = 1)
-            pre_m, pre_v = (None, None) if m0 is None else (m0.copy(), v0.copy())
-            for pm in pymodels.values():
-                pm.load_state(cmodel.params_memory, m0, v0)
-
-            say("C forward/backward")
-            cmodel.poison_activations()  # from step 2 on: unwritten slots show up as NaN
-            losses = {"C": cmodel.forward(inputs, targets, threads=threads)}
-            cmodel.zero_grad()
-            cmodel.backward(threads=threads)
-            say("oracle forward/backward")
-            losses["oracle"] = float(oracle.forward(inputs, targets))
-            oracle.zero_grad()
-            oracle.backward()
-            say("witness forward/backward")
-            # made, measured and dropped within the step: at 124M scale its buffers are
-            # as large as the oracle's, and only its distances are kept
-            witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64,
-                             kernels=KernelSet.from_module(Witness(seed=t), name="witness"))
-            witness.forward(inputs, targets)
-            witness.zero_grad()
-            witness.backward()
-            spread = witness_spread(config, witness, oracle)
-            del witness
-            errors: dict[str, str] = {}
+            step = _Step(config, t, inputs, targets, hyper, replay, say)
+            losses, spread = _run_c_and_oracle(step, cmodel, oracle, threads)
+            step.loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
+            step.graph["C"] = _check_state(step, "C", cmodel, losses, oracle, spread)
+            # the C updates last, so its params, m, v are every reference's pre-step state
+            pre = (cmodel.params_memory, cmodel.m_memory if t > 1 else None,
+                   cmodel.v_memory if t > 1 else None)   # None: zeros, as the C starts them
             for name, pm in pymodels.items():
-                say(f"{name} forward/backward")
-                try:
-                    losses[name] = float(pm.forward(inputs, targets))
-                    pm.zero_grad()
-                    pm.backward()
-                except Exception as e:  # a user's kernel may raise: report, carry on
-                    errors[name] = " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
-
-            checks: list[Check] = []
-            loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
-            for name, state in [("C", cmodel)] + [(n, pm) for n, pm in pymodels.items() if n not in errors]:
-                say(f"checking {name}")
-                checks.append(check_loss(t, name, losses[name], losses["oracle"], loss_tol, B * T))
-                e2e = check_graph(config, B, T, state, step=t, impl=name, expected_state=oracle, cache=spread)
-                checks += e2e
-                if replay is True or (replay == "on-failure" and not all(c.passed for c in e2e)):
-                    say(f"replaying {name}'s ops")
-                    checks += check_graph(config, B, T, state, step=t, impl=name)
-
-            say("AdamW updates")
-            pre = (oracle.params_memory, pre_m, pre_v)
-            cmodel.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
-                          t, threads=threads)
-            checks += check_update(config, pre, cmodel.grads_memory,
-                                   (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory),
-                                   hyper, t, step=t, impl="C")
-            for name, pm in pymodels.items():
-                if name in errors:
-                    continue
-                try:
-                    pm.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, t)
-                except Exception as e:
-                    errors[name] = " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
-                    continue
-                checks += check_update(config, pre, pm.grads_memory,
-                                       (pm.params_memory, pm.m_memory, pm.v_memory), hyper, t,
-                                       step=t, impl=name)
+                _run_reference(step, name, pm, pre, losses, oracle, spread)
+            step.update["C"] = _update_c(step, cmodel, threads)
+            names = ["C", *pymodels]
+            checks = [c for n in names for c in step.graph.get(n, [])] + \
+                [c for n in names for c in step.update.get(n, [])]
             divergence = {}
-            for name in ["C", *pymodels]:
+            for name in names:
                 d = first_divergence([c for c in checks if c.impl == name])
                 if d:
                     divergence[name] = d
+            errors = {**step.errors, **step.update_errors}
             reports.append(StepReport(t, losses, checks, divergence, errors, time.perf_counter() - t0))
             if on_step is not None:
                 on_step(t, cmodel)
@@ -646,6 +585,138 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                      findings={n: list(pm.findings) for n, pm in torch_models.items()},
                      not_observed=not_observed,
                      derived={n: list(k.derived) for n, k in impls.items() if getattr(k, "derived", None)})
+
+
+
+# ----------------------------------------------------------------------------
+# run_parity's parts: each reference is loaded from the C's state, run, checked, updated,
+# update-checked and released in turn, so that only one of them holds memory at a time
+
+def _references(config: GPT2Config, cmodel, impls: dict, models: dict | None, hyper: AdamW):
+    """The float64 oracle (reading the C's parameters where they are: no copy) and the
+    references by name: kernel ports on pyref.model.GPT2, torch models (ModelState)."""
+    oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64, share_params=True)
+    pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
+                for name, k in impls.items()}
+    for name, k in impls.items():
+        _release(pymodels[name])    # loaded again at its turn in each step
+        if getattr(k, "not_returned", None) is not None:
+            pymodels[name].observes = _returned_by(k, config)
+    if models:
+        from .models import ModelState
+        for name, spec in models.items():
+            pymodels[name] = ModelState(config, cmodel.params_memory, spec, hyper)
+            _release(pymodels[name])
+    return oracle, pymodels
+
+
+@dataclass
+class _Step:
+    """One step of run_parity: its inputs and what its parts found, by implementation."""
+
+    config: GPT2Config
+    t: int
+    inputs: np.ndarray
+    targets: np.ndarray
+    hyper: AdamW
+    replay: bool | str
+    say: Callable[[str], None]
+    loss_tol: Tolerance | None = None
+    graph: dict = field(default_factory=dict)          # impl -> loss, e2e and replay checks
+    update: dict = field(default_factory=dict)         # impl -> update checks
+    errors: dict = field(default_factory=dict)         # impl -> forward/backward exception
+    update_errors: dict = field(default_factory=dict)  # impl -> update exception
+
+
+def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]:
+    """The C's and the oracle's forward and backward, and the witness's spread (made,
+    measured and dropped here: at 124M scale its buffers are as large as the oracle's, and
+    only its distances are kept). Returns the losses and the spread."""
+    say, config = step.say, step.config
+    oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
+    say("C forward/backward")
+    cmodel.poison_activations()  # from step 2 on: unwritten slots show up as NaN
+    losses = {"C": cmodel.forward(step.inputs, step.targets, threads=threads)}
+    cmodel.zero_grad()
+    cmodel.backward(threads=threads)
+    say("oracle forward/backward")
+    losses["oracle"] = float(oracle.forward(step.inputs, step.targets))
+    oracle.zero_grad()
+    oracle.backward()
+    say("witness forward/backward")
+    witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64, share_params=True,
+                     kernels=KernelSet.from_module(Witness(seed=step.t), name="witness"))
+    witness.forward(step.inputs, step.targets)
+    witness.zero_grad()
+    witness.backward()
+    spread = witness_spread(config, witness, oracle)
+    return losses, spread
+
+
+def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: dict) -> list[Check]:
+    """The loss and end-to-end checks of one implementation's forward/backward, and its
+    replay (always, or on a failed end-to-end check)."""
+    B, T = step.inputs.shape
+    step.say(f"checking {name}")
+    checks = [check_loss(step.t, name, losses[name], losses["oracle"], step.loss_tol, B * T)]
+    e2e = check_graph(step.config, B, T, state, step=step.t, impl=name, expected_state=oracle, cache=spread)
+    checks += e2e
+    if step.replay is True or (step.replay == "on-failure" and not all(c.passed for c in e2e)):
+        step.say(f"replaying {name}'s ops")
+        checks += check_graph(step.config, B, T, state, step=step.t, impl=name)
+    return checks
+
+
+def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle, spread: dict) -> None:
+    """One reference's turn: loaded from the C's pre-step state, forward/backward,
+    checked, updated, update-checked, released. A user's kernel may raise: reported in
+    ``step.errors`` / ``step.update_errors``, and the run carries on."""
+    h = step.hyper
+    pm.load_state(pre[0], pre[1], pre[2])
+    try:
+        step.say(f"{name} forward/backward")
+        try:
+            losses[name] = float(pm.forward(step.inputs, step.targets))
+            pm.zero_grad()
+            pm.backward()
+        except Exception as e:
+            step.errors[name] = _error_text(e)
+            return
+        step.graph[name] = _check_state(step, name, pm, losses, oracle, spread)
+        step.say(f"{name}'s AdamW update")
+        try:
+            pm.update(h.learning_rate, h.beta1, h.beta2, h.eps, h.weight_decay, step.t)
+        except Exception as e:
+            step.update_errors[name] = _error_text(e)
+            return
+        step.update[name] = check_update(step.config, pre, pm.grads_memory,
+                                         (pm.params_memory, pm.m_memory, pm.v_memory), h, step.t,
+                                         step=step.t, impl=name)
+    finally:
+        _release(pm)
+
+
+def _update_c(step: _Step, cmodel, threads) -> list[Check]:
+    """The C's AdamW update, checked against AdamW in float64 from its pre-step state (the
+    C updates its params, m, v in place: copied first; m, v are zeros at the first step)."""
+    h, t = step.hyper, step.t
+    step.say("C's AdamW update")
+    pre = (cmodel.params_memory.copy(), cmodel.m_memory.copy() if t > 1 else None,
+           cmodel.v_memory.copy() if t > 1 else None)
+    cmodel.update(h.learning_rate, h.beta1, h.beta2, h.eps, h.weight_decay, t, threads=threads)
+    return check_update(step.config, pre, cmodel.grads_memory,
+                        (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory), h, t, step=t, impl="C")
+
+
+def _release(pm) -> None:
+    """Drop a reference's buffers until its next turn (those that have ``release``)."""
+    release = getattr(pm, "release", None)
+    if release is not None:
+        release()
+
+
+def _error_text(e: Exception) -> str:
+    return " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
 
 
 def _graph_outputs(cfg: GPT2Config) -> dict[Ref, set[tuple[str, str]]]:
