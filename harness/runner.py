@@ -426,32 +426,30 @@ def witness_spread(cfg: GPT2Config, witness_state, oracle_state) -> dict:
     return spread
 
 
+UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporaries stay in cache
+
+
 def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  post: tuple[np.ndarray, np.ndarray, np.ndarray], hyper: AdamW, t: int, *,
                  step: int, impl: str) -> list[Check]:
     """AdamW in float64 from the common pre-step state ``pre`` = (params, m, v; m and v
     None at the first step: zeros) with ``grads``, against ``post`` (params, m, v after the
-    implementation's update), tensor by tensor. Worked in blocks: at 124M scale only the
-    expected values of one tensor are held in float64."""
+    implementation's update), tensor by tensor. Worked in cache-sized blocks into buffers
+    made once for the largest tensor: at 124M scale only the expected values of one tensor
+    are held in float64, and no tensor-sized temporary is made and dropped."""
     hp = dict(lr=_f32(hyper.learning_rate), beta1=_f32(hyper.beta1), beta2=_f32(hyper.beta2),
               eps=_f32(hyper.eps), weight_decay=_f32(hyper.weight_decay), t=t)
-    block = 1 << 20
+    shapes = param_shapes(cfg)
+    largest = max(prod(s) for s in shapes.values())
+    buf = {k: np.empty(largest, np.float64) for k in ("params", "m", "v")}
+    buf_scale = {k: np.empty(largest, np.float32) for k in ("params", "m")}
     checks = []
     offset = 0
-    for name, shape in param_shapes(cfg).items():
+    for name, shape in shapes.items():
         n = prod(shape)
-        expected = {k: np.empty(n, np.float64) for k in ("params", "m", "v")}
-        scales = {"params": np.empty(n, np.float32), "m": np.empty(n, np.float32), "v": None}
-        for lo in range(0, n, block):
-            sl = slice(offset + lo, offset + min(n, lo + block))
-            here = slice(lo, min(n, lo + block))
-            p0 = np.array(pre[0][sl], np.float64)
-            m0 = np.zeros(p0.size) if pre[1] is None else np.array(pre[1][sl], np.float64)
-            v0 = np.zeros(p0.size) if pre[2] is None else np.array(pre[2][sl], np.float64)
-            p, m, v = p0.copy(), m0.copy(), v0.copy()
-            ORACLE.adamw(p, grads[sl], m, v, *hp.values())
-            expected["params"][here], expected["m"][here], expected["v"][here] = p, m, v
-            scales["m"][here], scales["params"][here] = adamw_magnitudes(p0, m0, grads[sl], v, hp)
+        expected = {k: b[:n] for k, b in buf.items()}
+        scales = {"params": buf_scale["params"][:n], "m": buf_scale["m"][:n], "v": None}
+        _expected_update(pre, grads, offset, expected, scales, hp)
         for label in ("params", "m", "v"):
             tensor = f"{label}.{name} (after update)"
             output = "param" if label == "params" else label
@@ -467,6 +465,25 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
             checks.append(Check(step, impl, "update", tensor, f"gpt2_update {name}", c))
         offset += n
     return checks
+
+
+def _expected_update(pre: tuple, grads, offset: int, expected: dict, scales: dict, hp: dict) -> None:
+    """One tensor's float64 AdamW (params, m, v into ``expected``) and its term sizes (into
+    ``scales``), block by block from ``pre`` and ``grads`` at ``offset``. Element by element
+    the same arithmetic as on whole tensors: the results do not depend on the blocks."""
+    n = expected["params"].size
+    zeros = np.zeros(min(n, UPDATE_BLOCK), np.float32)
+    for lo in range(0, n, UPDATE_BLOCK):
+        hi = min(n, lo + UPDATE_BLOCK)
+        sl = slice(offset + lo, offset + hi)
+        p, m, v = (expected[k][lo:hi] for k in ("params", "m", "v"))
+        p0 = pre[0][sl]                # float32 (every float32 is a float64: exact in p)
+        m0 = zeros[:hi - lo] if pre[1] is None else pre[1][sl]
+        np.copyto(p, p0)
+        np.copyto(m, m0)
+        np.copyto(v, zeros[:hi - lo] if pre[2] is None else pre[2][sl])
+        ORACLE.adamw(p, grads[sl], m, v, *hp.values())
+        scales["m"][lo:hi], scales["params"][lo:hi] = adamw_magnitudes(p0, m0, grads[sl], v, hp)
 
 
 def check_loss(step: int, impl: str, loss: float, oracle_loss: float, tol: Tolerance, n: int) -> Check:
