@@ -700,6 +700,7 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
             step.errors[name] = _error_text(e)
             return
         step.graph[name] = _check_state(step, name, pm, losses, oracle, spread)
+        _release(pm, "drop_activations")   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
         try:
             pm.update(h.learning_rate, h.beta1, h.beta2, h.eps, h.weight_decay, step.t)
@@ -725,9 +726,10 @@ def _update_c(step: _Step, cmodel, threads) -> list[Check]:
                         (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory), h, t, step=t, impl="C")
 
 
-def _release(pm) -> None:
-    """Drop a reference's buffers until its next turn (those that have ``release``)."""
-    release = getattr(pm, "release", None)
+def _release(pm, how: str = "release") -> None:
+    """Drop a reference's buffers until its next turn (``release``), or its activations
+    once they are checked (``drop_activations``), where the reference has the method."""
+    release = getattr(pm, how, None)
     if release is not None:
         release()
 

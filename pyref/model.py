@@ -183,6 +183,15 @@ class GPT2:
 
     __call__ = forward
 
+    def drop_activations(self):
+        """Drop the activations and their gradients (the next forward allocates them
+        again); what an update needs (params, grads, m, v) stays."""
+        self.acts_memory = self.acts = None
+        self.grads_acts_memory = self.grads_acts = None
+        self.act_sizes, self.num_activations = None, 0
+        self.batch_size = self.seq_len = 0
+        self._has_targets = False
+
     def release(self):
         """Drop every buffer (parameters, gradients, m, v, activations and their
         gradients); the next ``load_state`` and forward allocate them again. What a
@@ -192,11 +201,7 @@ class GPT2:
             self.params_memory = self.params = None
         self.grads_memory = self.grads = None
         self.m_memory = self.v_memory = None
-        self.acts_memory = self.acts = None
-        self.grads_acts_memory = self.grads_acts = None
-        self.act_sizes, self.num_activations = None, 0
-        self.batch_size = self.seq_len = 0
-        self._has_targets = False
+        self.drop_activations()
 
     # ------------------------------------------------------------------ backward
     def zero_grad(self):

@@ -108,3 +108,38 @@ def test_released_model_computes_what_a_fresh_one_does():
         model.update(1e-3, 0.9, 0.999, 1e-8, 0.1, 2)
     for buf in ("params_memory", "grads_memory", "m_memory", "v_memory", "acts_memory", "grads_acts_memory"):
         assert np.array_equal(getattr(fresh, buf).view(np.uint32), getattr(reused, buf).view(np.uint32)), buf
+
+
+def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
+    """Each reference is loaded, run, checked, updated and released in turn: when one
+    runs its forward, no other float32 reference holds buffers (and the float64 models
+    read the C's parameters: no copies)."""
+    import weakref
+
+    from harness.runner import run_parity
+    from pyref import torch_kernels
+
+    made = weakref.WeakSet()
+    seen = []
+    init, forward = GPT2.__init__, GPT2.forward
+
+    def tracked_init(self, *a, **k):
+        init(self, *a, **k)
+        made.add(self)
+
+    def tracked_forward(self, *a, **k):
+        if self.dtype == np.float32:
+            seen.append(sum(m.params_memory is not None for m in made if m.dtype == np.float32))
+        else:
+            seen.append(("float64 copies", sum(m.shared_params is None for m in made if m.dtype == np.float64)))
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(GPT2, "__init__", tracked_init)
+    monkeypatch.setattr(GPT2, "forward", tracked_forward)
+    cfg = preset("tiny")
+    impls = {"numpy": KernelSet.from_module(numpy_kernels), "torch": KernelSet.from_module(torch_kernels)}
+    report = run_parity(cfg, init_params(cfg, seed=0), iter(lambda: make_batch(cfg, 2, 8, seed=0), None),
+                        impls=impls, steps=2, replay=False)
+    assert report.passed
+    assert [s for s in seen if not isinstance(s, tuple)] == [1, 1, 1, 1]
+    assert all(s == ("float64 copies", 0) for s in seen if isinstance(s, tuple))
