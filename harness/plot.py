@@ -47,12 +47,12 @@ class Band:
 
 def _positions(report) -> dict[str, tuple[str, int | None]]:
     """The graph positions of the e2e checks (their ``where``) in graph order, each with
-    its (phase, layer)."""
+    its (phase, layer of the call)."""
     pos: dict[str, tuple[str, int | None]] = {}
     for s in report.steps:
         for c in s.checks:
             if c.kind == "e2e":
-                pos.setdefault(c.where, (c.phase, c.layer))
+                pos.setdefault(c.where, (c.phase, c.call_layer))
     return pos
 
 

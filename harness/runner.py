@@ -87,6 +87,12 @@ class Check:
         return "forward" if self.ref.group == "acts" else "backward"
 
     @property
+    def call_layer(self) -> int | None:
+        """The layer of the call that completed the tensor (for a gradient buffer, its last
+        contributor's: the lm head's ``lnf`` backward writes layer L-1's residual)."""
+        return self.nodes[-1].layer if self.nodes else self.layer
+
+    @property
     def kernels(self) -> tuple[str, ...]:
         """The protocol kernels behind the tensor, in graph order."""
         if self.kind == "update":

@@ -304,3 +304,13 @@ def test_plot_without_matplotlib_says_what_to_install(report, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match=re.escape("pip install llmc-parity[plot]")):
         P.plot(report, tmp_path / "run.png")
     assert not (tmp_path / "run.png").exists()
+
+
+def test_plot_bands_follow_the_graph_from_the_checks_fields(report):
+    """The plot's x axis is laid out from the checks' phase and call layer (no text is
+    parsed): embedding, layers 0..L-1, head forward; head, layers L-1..0, embedding back."""
+    bands = P._bands(list(P._positions(report).values()))
+    L = TINY.num_layers
+    assert [(b.phase, b.layer) for b in bands] == (
+        [("forward", None)] + [("forward", l) for l in range(L)] + [("forward", None)]
+        + [("backward", None)] + [("backward", l) for l in reversed(range(L))] + [("backward", None)])
