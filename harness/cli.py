@@ -244,7 +244,7 @@ def cmd_run(args) -> int:
         else:
             write_json(report, args.json, overwrite=args.overwrite)
     if args.plot:
-        from .report import plot
+        from .plot import plot
         plot(report, args.plot, overwrite=args.overwrite)
     return EXIT_PASS if report.passed and ds_ok else EXIT_FAIL
 

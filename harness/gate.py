@@ -70,6 +70,9 @@ class GateRun:
     fingerprints: dict[str, str]          # key -> sha256 of the C's output bits
     build_key: dict | None                # see build_key; None: unknown build, no bit check
     notes: list[str] = field(default_factory=list)
+    # fingerprint key -> the metric keys of the C's checks of that output (a moved
+    # fingerprint is reported with how its error against the oracle moved)
+    checked_by: dict[str, list[str]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------
@@ -152,6 +155,7 @@ def run_suite(lib=None, progress=None) -> GateRun:
 
     lib = as_library(lib)
     metrics: dict[str, dict] = {}
+    checked_by: dict[str, list[str]] = {}
     failures: list[str] = []
     prints: dict[str, str] = {}
     inputs = hashlib.sha256()   # every input the C gets, as bytes
@@ -168,6 +172,7 @@ def run_suite(lib=None, progress=None) -> GateRun:
         for c in check_kernel(ck, check.kernel, args, s, expected=expected):
             key = f"op {c.name}@{s.name}"
             metrics[key] = _entry(c)
+            checked_by[key] = [key]
             if not c.passed:
                 failures.append(f"{key}: {c.message()}")
         outs = run_kernel(ck, check.kernel, args)  # deterministic: same bits as above
@@ -188,9 +193,9 @@ def run_suite(lib=None, progress=None) -> GateRun:
         for name, a in cmodel.acts.items():
             if name == "preatt":
                 a = np.where(np.tril(np.ones(a.shape[-2:], bool)), a, 0)
-            prints[f"step {t} acts.{name}"] = _digest(a)
+            prints[_step_key(t, "acts", name)] = _digest(a)
         for name, a in cmodel.grads.items():
-            prints[f"step {t} grads.{name}"] = _digest(a)
+            prints[_step_key(t, "grads", name)] = _digest(a)
         for name in ("params_memory", "m_memory", "v_memory"):
             prints[f"step {t} {name} (after update)"] = _digest(getattr(cmodel, name))
 
@@ -201,11 +206,13 @@ def run_suite(lib=None, progress=None) -> GateRun:
         for chk in step.checks:
             key = f"step {chk.step} {chk.impl} {chk.kind} {chk.tensor}"
             metrics[key] = _entry(chk.comparison)
+            if chk.impl == "C" and chk.kind == "e2e":
+                checked_by.setdefault(_step_key(chk.step, chk.ref.group, chk.ref.name), []).append(key)
             if not chk.passed:
                 failures.append(f"{key} ({chk.where}): {chk.comparison.message()}")
         for impl, err in step.errors.items():
             failures.append(f"step {step.step} {impl}: {err}")
-    return GateRun(metrics, failures, prints, build_key(lib, inputs.hexdigest()[:16]))
+    return GateRun(metrics, failures, prints, build_key(lib, inputs.hexdigest()[:16]), checked_by=checked_by)
 
 
 # ----------------------------------------------------------------------------
@@ -322,7 +329,7 @@ def bit_check(run: GateRun, baseline: dict) -> dict:
         out["lines"].append(f"the C's output bits changed for this same build ({key_text(run.build_key)}): "
                             f"{len(moved)} of {len(run.fingerprints)} fingerprinted tensors moved:")
         base = baseline.get("metrics", {})
-        out["lines"] += [f"  {k}{_movement(k, run.metrics, base)}" for k in moved[:30]]
+        out["lines"] += [f"  {k}{_movement(run.checked_by.get(k, []), run.metrics, base)}" for k in moved[:30]]
         if len(moved) > 30:
             out["lines"].append(f"  ... and {len(moved) - 30} more")
     else:
@@ -331,15 +338,14 @@ def bit_check(run: GateRun, baseline: dict) -> dict:
     return out
 
 
-def _movement(fp_key: str, metrics: dict, base: dict) -> str:
-    """For a moved fingerprint, how its error against the oracle changed (C's checks)."""
-    # fingerprint "op layernorm_forward.out@base" <-> metric "op layernorm_forward.out@base"
-    # fingerprint "step 1 acts.ln1" <-> metrics "step 1 C e2e acts.ln1[layer k]"
-    if fp_key.startswith("op "):
-        keys = [fp_key]
-    else:
-        step, tensor = fp_key.split(" ")[1], fp_key.split(" ", 2)[2].split(" ")[0]
-        keys = [k for k in metrics if k.startswith(f"step {step} C e2e {tensor}")]
+def _step_key(step: int, group: str, name: str) -> str:
+    """The fingerprint key of one of the C's tensors after a step's forward/backward."""
+    return f"step {step} {group}.{name}"
+
+
+def _movement(keys: list[str], metrics: dict, base: dict) -> str:
+    """For a moved fingerprint, how the error of the C's checks of it (``keys``) against
+    the oracle changed: the worst of them, before and after."""
     pairs = [(base[k], metrics[k]) for k in keys if k in base and k in metrics]
     if not pairs:
         return ""

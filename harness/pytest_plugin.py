@@ -105,40 +105,21 @@ def llmc_model_report(request, llmc_lib, llmc_config, llmc_steps):
     cfg = llmc_config
     T = min(cfg.max_seq_len, 16)
 
-    def batches():
-        i = 0
-        while True:
-            yield synth.make_batch(cfg, 2, T, seed=1000 + i)
-            i += 1
     name = spec.rpartition(":")[2]
-    return run_parity(cfg, synth.init_params(cfg, seed=0), batches(), lib=llmc_lib, steps=llmc_steps,
+    return run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 2, T, seed=1000),
+                      lib=llmc_lib, steps=llmc_steps,
                       models={name: TorchModel(resolve_spec(spec), optimizer=opt, name=name)})
 
 
 def checks_by_op(report, impl: str) -> dict[str, list]:
     """A run's checks of ``impl`` grouped by the op (MODEL_OPS) that produced the tensor:
     a buffer that several ops accumulate into counts for each of them."""
-    from pyref.protocol import INPLACE_ARGS, KERNEL_OP
-    from .graph import Ref, backward_nodes, forward_nodes
-    from .ops import FORWARD_OUTPUTS
-    cfg = report.config
-    ops_of: dict[str, set] = {}
-    for node in forward_nodes(cfg):
-        for o in FORWARD_OUTPUTS[node.kernel]:
-            ops_of.setdefault(str(node.arg_dict[o]), set()).add(KERNEL_OP[node.kernel])
-    for node in backward_nodes(cfg):
-        for a in INPLACE_ARGS[node.kernel]:
-            if isinstance(r := node.arg_dict.get(a), Ref):
-                ops_of.setdefault(str(r), set()).add(KERNEL_OP[node.kernel])
     out: dict[str, list] = {op: [] for op in MODEL_OPS}
     for s in report.steps:
         for c in s.checks:
-            if c.impl != impl:
-                continue
-            ops = {"adamw"} if c.kind == "update" else {"crossentropy"} if c.kind == "loss" \
-                else ops_of.get(c.tensor, set())
-            for op in ops:
-                out[op].append(c)
+            if c.impl == impl:
+                for op in c.ops:
+                    out[op].append(c)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Reports: the per-step text table, the end-of-session summary, the JSON report and the plot.
+"""Reports: the per-step text table, the end-of-session summary and the JSON report.
 
 * :func:`step_table` -- one step, as a person reads it in the terminal: a row per checked
   tensor, implementation and kind (per-layer tensors folded to their worst layer unless
@@ -6,7 +6,7 @@
 * :func:`run_summary` -- the verdict block of a whole run.
 * :func:`to_json` / :func:`write_json` -- the machine-readable report; its schema
   (``"llmc-parity/run/1"``) is described field by field in ``docs/report-schema.md``.
-* :func:`plot` -- a PNG showing where drift starts and how it grows (needs matplotlib).
+* the PNG of a run is :func:`harness.plot.plot`.
 * :func:`worst_per_op_table` -- the pytest plugin's end-of-session table.
 
 Nothing here writes over an existing file unless asked to (``overwrite=True``), and files
@@ -14,10 +14,8 @@ are written atomically (a temporary file in the same folder, then renamed into p
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -32,8 +30,6 @@ SCHEMA = "llmc-parity/run/1"
 #: Order of the kinds of check in tables and counts.
 KINDS = ("e2e", "replay", "update", "loss")
 
-_LAYER_RE = re.compile(r"^(?P<base>.*?)\[layer (?P<layer>\d+)\](?P<rest>.*)$")
-_WHERE_LAYER_RE = re.compile(r"^layer (\d+) ")
 
 
 def _ratio(c: Comparison) -> float:
@@ -91,14 +87,6 @@ def _severity(c) -> tuple[bool, float]:
     tolerance used."""
     c = getattr(c, "comparison", c)
     return (not c.passed, used(c))
-
-
-def split_layer(tensor: str) -> tuple[str, int | None]:
-    """``"acts.ln1[layer 3]"`` -> ``("acts.ln1", 3)``; tensors without a layer -> (tensor, None)."""
-    m = _LAYER_RE.match(tensor)
-    if m is None:
-        return tensor, None
-    return m["base"] + m["rest"], int(m["layer"])
 
 
 def _num(x: float | None) -> str:
@@ -211,10 +199,10 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
         for c in mine:
             if verbose:
                 key = c.tensor
-            elif c.kind == "update":      # "params.wte (after update)" -> "params"
-                key = c.tensor.split(".", 1)[0]
+            elif c.kind == "update":      # the AdamW buffer: params, m or v
+                key = c.ref.group
             else:
-                key = split_layer(c.tensor)[0]
+                key = c.base
             if c.kind in ("e2e", "replay") and key not in order:
                 order.append(key)
             groups.setdefault((c.kind, key), []).append(c)
@@ -228,9 +216,8 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
                 rows.append(row(c, c.tensor, "OK" if c.passed else "FAIL"))
                 continue
             w = max(group, key=_severity)
-            base, layer = split_layer(w.tensor)
             failed = sum(not c.passed for c in group)
-            label = (f"{base} [layer {layer} of {len(group)}]" if layer is not None and key[0] != "update"
+            label = (f"{w.base} [layer {w.layer} of {len(group)}]" if w.layer is not None and key[0] != "update"
                      else f"{w.tensor} [worst of {len(group)}]")
             rows.append(row(w, label, "OK" if not failed else f"FAIL {failed}/{len(group)}"))
 
@@ -403,12 +390,13 @@ def _versions() -> dict[str, str | None]:
 
 def _check_json(c) -> dict[str, Any]:
     row = c.comparison.summary_row()
-    _, layer = split_layer(c.tensor)
     return {
         "impl": c.impl,
         "kind": c.kind,
+        "phase": c.phase,
         "tensor": c.tensor,
-        "layer": layer,
+        "layer": c.layer,
+        "kernels": list(c.kernels),
         "where": c.where,
         "passed": bool(c.passed),
         "max_abs": row["max_abs"],
@@ -527,383 +515,3 @@ def write_json(report, path, *, overwrite: bool = False, versions: bool = True,
     _refuse_existing(path, overwrite)
     text = json.dumps(to_json(report, versions=versions), allow_nan=False, indent=indent, ensure_ascii=False)
     return _write_atomic(path, (text + "\n").encode("utf-8"), overwrite)
-
-
-# ----------------------------------------------------------------------------
-# the plot
-
-# per-layer tensors of the heat map: the forward activations, then the activation
-# gradients in the order the backward pass computes them, then the big weight gradients
-_HEAT_ROWS = (
-    [f"acts.{n}" for n in ("ln1", "qkv", "att", "atty", "attproj", "residual2", "ln2", "fch",
-                           "fch_gelu", "fcproj", "residual3")]
-    + [f"grads_acts.{n}" for n in ("residual3", "fcproj", "fch_gelu", "fch", "ln2", "residual2",
-                                   "attproj", "atty", "att", "qkv", "ln1")]
-    + [f"grads.{n}" for n in ("fcprojw", "fcw", "attprojw", "qkvw")]
-)
-_FLOOR = 1e-4          # fraction of tolerance drawn for a bit-identical tensor (log axes)
-
-
-def _row_label(name: str) -> str:
-    group, n = name.split(".", 1)
-    return {"acts": n, "grads_acts": f"d {n}", "grads": f"d {n}"}.get(group, name)
-
-
-def _positions(report) -> tuple[list[str], list[tuple[str, int | None]]]:
-    """The graph positions of the e2e checks (their ``where``), in graph order, with the
-    (phase, layer) of each: phase "fwd" or "bwd"."""
-    order: dict[str, None] = {}
-    for s in report.steps:
-        for c in s.checks:
-            if c.kind == "e2e":
-                order.setdefault(c.where, None)
-    wheres = list(order)
-    info = []
-    for w in wheres:
-        m = _WHERE_LAYER_RE.match(w)
-        info.append(("fwd" if w.endswith("_forward") else "bwd", int(m.group(1)) if m else None))
-    return wheres, info
-
-
-def _bands(info) -> list[tuple[int, int, str, int | None]]:
-    """Runs of consecutive positions with the same (phase, layer): (start, end, phase, layer)."""
-    bands = []
-    start = 0
-    for i in range(1, len(info) + 1):
-        if i == len(info) or info[i] != info[start]:
-            bands.append((start, i - 1, *info[start]))
-            start = i
-    return bands
-
-
-def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
-    """Write a PNG of the run to ``path`` (refusing to replace a file unless
-    ``overwrite=True``); returns the path.
-
-    Top, one panel per implementation: the end-to-end error at each position of the graph
-    (forward ops, then backward ops, left to right, layers shaded and numbered), as the
-    fraction of its tolerance used (max over the op's tensors, log scale), one line per
-    step; the dashed line at 1 is the tolerance, a vertical line marks the first divergence
-    (the first op whose replay fails). Middle: heat maps, one per implementation, of the
-    norm-wise relative error of the main per-layer tensors (rows: activations, activation
-    gradients, weight gradients) across layers (columns), as a fraction of its tolerance
-    (max over steps; blue under, white at, red over the tolerance; cells over it boxed).
-    Bottom: the loss per step (C, the float64 oracle, each implementation) and its
-    relative difference to the oracle, with the loss check's tolerance.
-
-    matplotlib is imported here, not at module import, and only its Agg canvas is used
-    (no pyplot, no global backend switch); without it this raises RuntimeError.
-    """
-    _refuse_existing(path, overwrite)       # before the (slow) drawing
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.colors import TwoSlopeNorm
-        from matplotlib.patches import Rectangle
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-    except ImportError as e:
-        raise RuntimeError("plot() needs matplotlib, which is not installed: "
-                           "pip install llmc-parity[plot]") from e
-    import numpy as np
-
-    impls = [i for i in report.impls]
-    steps = [s.step for s in report.steps]
-    wheres, info = _positions(report)
-    pos = {w: i for i, w in enumerate(wheres)}
-    bands = _bands(info)
-    L = report.config.num_layers
-    cmap = matplotlib.colormaps["viridis"]
-    step_colour = {t: cmap(0.85 * (k / max(1, len(steps) - 1))) for k, t in enumerate(steps)}
-
-    n = len(impls)
-    h1, h2, h3 = 2.2 * n, 0.22 * len(_HEAT_ROWS) + 1.0, 2.8
-    fig = Figure(figsize=(16, h1 + h2 + h3 + 2.2), dpi=dpi)
-    FigureCanvasAgg(fig)
-    H = fig.get_figheight()
-    outer = fig.add_gridspec(3, 1, height_ratios=[h1, h2, h3], hspace=0.9 / ((h1 + h2 + h3) / 3),
-                             left=0.065, right=0.965, top=1 - 1.05 / H, bottom=0.5 / H)
-    gs1 = outer[0].subgridspec(n, 1, hspace=0.42)
-
-    verdict = "PASS" if report.passed else "FAIL"
-    title = (f"llmc-parity: {verdict} | {len(steps)} step{'s' * (len(steps) != 1)} | {_config_text(report.config)}"
-             f" | B={report.B} T={report.T} | {Path(str(report.library)).name}"
-             + (f" ({report.build.get('cflags')})" if report.build else ""))
-    fig.suptitle(title, y=1 - 0.2 / H, fontsize=12, fontweight="bold",
-                 color="black" if report.passed else "firebrick")
-    first = report.first_divergence()
-    if first:
-        import textwrap
-        fig.text(0.5, 1 - 0.48 / H, "\n".join(textwrap.wrap(_clip(first, 400), 190)), ha="center", va="top",
-                 fontsize=8, color="firebrick")
-
-    # -- panel 1: e2e error along the graph, per impl
-    axes1 = []
-    for k, impl in enumerate(impls):
-        ax = fig.add_subplot(gs1[k], sharex=axes1[0] if axes1 else None)
-        axes1.append(ax)
-        _draw_bands(ax, bands, L, label=(k == 0))
-        any_line = False
-        nonfinite: set[int] = set()
-        for s in report.steps:
-            y = np.full(len(wheres), np.nan)
-            for c in s.checks:
-                if c.impl == impl and c.kind == "e2e":
-                    i = pos[c.where]
-                    u = used(c.comparison)
-                    y[i] = u if np.isnan(y[i]) else max(y[i], u)
-            if np.all(np.isnan(y)):
-                continue
-            any_line = True
-            inf = np.isinf(y)
-            nonfinite.update(np.flatnonzero(inf).tolist())
-            yy = np.clip(np.where(inf, np.nan, y), _FLOOR, None)
-            x = np.arange(len(wheres))
-            ax.plot(x, yy, "-", color=step_colour[s.step], lw=1.1, alpha=0.9, marker=".", ms=2.5)
-            over = y > 1
-            if over.any():
-                ax.plot(x[over & ~inf], yy[over & ~inf], "o", ms=3.5, mfc="none", mec="red", mew=0.8)
-        if nonfinite:      # NaN/inf mismatches: off the scale, marked at the top
-            xs = sorted(nonfinite)
-            ax.plot(xs, [0.96] * len(xs), "^", ms=6, color="red", transform=ax.get_xaxis_transform())
-            ax.text(0.995, 0.85, "▲ non-finite mismatch", transform=ax.transAxes, ha="right", va="top",
-                    fontsize=7.5, color="red")
-        ax.axhline(1.0, color="red", ls="--", lw=1.0)
-        ax.set_yscale("log")
-        lo, hi = ax.get_ylim()
-        ax.set_ylim(max(lo, _FLOOR / 2), max(hi, 3.0))
-        failed = [c for s in report.steps for c in s.checks if c.impl == impl and not c.passed]
-        errored = [s.step for s in report.steps if impl in s.errors]
-        status = "FAIL" if failed or errored else "PASS"
-        ax.set_title(f"{impl}: end-to-end error / tolerance (worst tensor of each op)  --  {status}"
-                     + (f", errors at step {', '.join(map(str, errored))}" if errored else ""),
-                     fontsize=9.5, loc="left", color="firebrick" if status == "FAIL" else "black")
-        ax.set_ylabel("× tolerance", fontsize=8)
-        ax.tick_params(labelsize=7.5)
-        if not any_line:
-            ax.text(0.5, 0.5, "no end-to-end checks" + (" (the implementation raised)" if errored else ""),
-                    transform=ax.transAxes,
-                    ha="center", va="center", fontsize=9, color="firebrick")
-        # the first divergence: first failing replay op of the first failing step
-        fd = _first_divergence_where(report, impl)
-        if fd is not None:
-            where, step = fd
-            if where in pos:
-                ax.axvline(pos[where], color="magenta", lw=1.4, alpha=0.8)
-                ax.annotate(f"first divergence (step {step}): {where}", (pos[where], 1.0),
-                            xytext=(4, 6), textcoords="offset points", fontsize=8, color="darkmagenta",
-                            ha="left" if pos[where] < 0.7 * len(wheres) else "right")
-            else:
-                ax.text(0.99, 0.92, f"first divergence (step {step}): {where}", transform=ax.transAxes,
-                        ha="right", va="top", fontsize=8, color="darkmagenta")
-    if axes1:
-        _xticks(axes1[-1], bands)
-        for ax in axes1[:-1]:
-            ax.tick_params(labelbottom=False)
-        axes1[-1].set_xlabel("position in the graph: forward ops (embedding, layers 0..L-1, head), "
-                             "then backward ops (head, layers L-1..0, embedding)", fontsize=8)
-        shown_steps = steps if len(steps) <= 6 else [steps[round(i * (len(steps) - 1) / 5)] for i in range(6)]
-        handles = [Line2D([], [], color=step_colour[t], lw=1.5, label=f"step {t}") for t in shown_steps]
-        handles += [Line2D([], [], color="red", ls="--", label="tolerance"),
-                    Line2D([], [], color="red", marker="o", mfc="none", ls="none", label="over tolerance")]
-        axes1[0].legend(handles=handles, fontsize=7.5, loc="lower right", ncol=len(handles),
-                        frameon=False, bbox_to_anchor=(1.0, 1.0), borderaxespad=0.1,
-                        handlelength=1.6, columnspacing=1.0)
-
-    # -- panel 2: heat maps of the norm-wise error across layers
-    present = {split_layer(c.tensor)[0] for s in report.steps for c in s.checks
-               if c.kind == "e2e" and split_layer(c.tensor)[1] is not None}
-    rows = [r for r in _HEAT_ROWS if r in present]
-    sub = outer[1].subgridspec(1, n + 1, width_ratios=[1.0] * n + [0.04], wspace=0.06)
-    heat = {}
-    ridx = {r: i for i, r in enumerate(rows)}
-    for impl in impls:
-        val = np.full((len(rows), L), np.nan)      # log10 of norm_rel / tol.norm
-        for s in report.steps:
-            for c in s.checks:
-                if c.impl != impl or c.kind != "e2e":
-                    continue
-                base, layer = split_layer(c.tensor)
-                if base not in ridx or layer is None:
-                    continue
-                cmp = c.comparison
-                r = cmp.norm_rel / cmp.tol.norm if cmp.tol.norm > 0 else (0.0 if cmp.norm_rel == 0 else math.inf)
-                v = math.log10(max(r, _FLOOR)) if math.isfinite(r) else math.inf
-                i = ridx[base]
-                val[i, layer] = v if np.isnan(val[i, layer]) else max(val[i, layer], v)
-        heat[impl] = val
-    finite = np.concatenate([v[np.isfinite(v)].ravel() for v in heat.values()] or [np.array([])])
-    lo = math.floor(min(float(finite.min()) if finite.size else -2.0, -1.0))
-    hi = math.ceil(max(float(finite.max()) if finite.size else 1.0, 1.0))
-    norm = TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
-    im = None
-    hax0 = None
-    for k, impl in enumerate(impls if rows else []):
-        ax = fig.add_subplot(sub[0, k], sharey=hax0)
-        hax0 = hax0 or ax
-        val = heat[impl]
-        if np.all(np.isnan(val)):
-            ax.text(0.5, 0.5, "not checked\n(the implementation raised)", transform=ax.transAxes,
-                    ha="center", va="center", fontsize=9, color="firebrick")
-        shown = np.where(np.isinf(val), hi, val)
-        im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="RdBu_r", norm=norm,
-                       interpolation="nearest")
-        ax.set_facecolor("0.85")                   # not checked
-        ys, xs = np.nonzero(np.nan_to_num(val, nan=-np.inf) > 0)
-        for y, x in zip(ys, xs):
-            ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, ec="black", lw=0.6))
-        n_over = len(ys)
-        ax.set_title(f"{impl}: norm-wise error / tolerance by layer"
-                     + (f" ({n_over} over)" if n_over else ""), fontsize=9, loc="left",
-                     color="firebrick" if n_over else "black")
-        ax.set_xticks(range(L))
-        ax.set_xticklabels([str(l) for l in range(L)], fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.set_yticks(range(len(rows)))
-        if k == 0:
-            ax.set_yticklabels([_row_label(r) for r in rows], fontsize=7.5)
-        else:
-            ax.tick_params(labelleft=False)
-        # separators between the activations, activation gradients, weight gradients
-        prev = None
-        for i, r in enumerate(rows):
-            g = r.split(".", 1)[0]
-            if prev is not None and g != prev:
-                ax.axhline(i - 0.5, color="black", lw=1.2)
-            prev = g
-    if not rows:
-        ax = fig.add_subplot(outer[1])
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no per-layer end-to-end checks to show", transform=ax.transAxes,
-                ha="center", va="center", fontsize=10)
-    if im is not None:
-        cax = fig.add_subplot(sub[0, n])
-        cb = fig.colorbar(im, cax=cax)
-        ticks = list(range(lo, hi + 1))
-        cb.set_ticks(ticks)
-        cb.set_ticklabels([f"{10.0 ** t:g}" for t in ticks])
-        cb.set_label("||a-e|| / ||e||  as a fraction of its tolerance (max over steps; 1 = tolerance, "
-                     "boxed: over)", fontsize=7.5)
-        cb.ax.tick_params(labelsize=7)
-
-    # -- panel 3: losses
-    sub = outer[2].subgridspec(1, 2, wspace=0.15)
-    ax_l = fig.add_subplot(sub[0, 0])
-    ax_d = fig.add_subplot(sub[0, 1])
-    series = ["C", "oracle", *[i for i in impls if i != "C"]]
-    styles = {"C": dict(color="black", lw=2.2, marker="o", ms=5),
-              "oracle": dict(color="tab:blue", lw=1.2, ls="--", marker="s", ms=4, mfc="none")}
-    others = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-    threshold = []
-    for j, name in enumerate(series):
-        st = styles.get(name) or dict(color=others[(j - 2) % len(others)], lw=1.0, marker="^x+dv*"[(j - 2) % 6], ms=5)
-        xs, ls, ds = [], [], []
-        for s in report.steps:
-            x = s.losses.get(name)
-            if x is None:
-                continue
-            xs.append(s.step)
-            ls.append(x)
-            d = _rel_diff(x, s.losses.get("oracle"))
-            ds.append(np.nan if d is None else (d if math.isfinite(d) else np.nan))
-        if not xs:
-            continue
-        ax_l.plot(xs, ls, label=name, **st)
-        if name != "oracle":
-            ax_d.plot(xs, np.clip(ds, 1e-10, None), label=name, **st)
-    for s in report.steps:
-        for c in s.checks:
-            if c.kind == "loss" and c.impl == "C":
-                threshold.append((s.step, _loss_threshold(c.comparison)))
-    if threshold:
-        tx, ty = zip(*threshold)
-        ax_d.plot(tx, ty, color="red", ls="--", lw=1.0, label="tolerance")
-    ax_l.set_title("loss per step (curves that agree overlap: see the differences on the right)",
-                   fontsize=9, loc="left")
-    ax_l.set_xlabel("step", fontsize=8)
-    if ax_l.lines:
-        ax_l.legend(fontsize=7, ncol=min(6, len(series)))
-    ax_l.ticklabel_format(axis="y", useOffset=False)
-    ax_d.set_title("loss: relative difference to the float64 oracle", fontsize=9, loc="left")
-    ax_d.set_yscale("log")
-    ax_d.set_xlabel("step", fontsize=8)
-    if ax_d.lines:
-        ax_d.legend(fontsize=7, ncol=min(6, len(series)), loc="best")
-    for ax in (ax_l, ax_d):
-        ax.tick_params(labelsize=7.5)
-        ax.set_xticks(steps)
-        ax.grid(alpha=0.3)
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return _write_atomic(path, buf.getvalue(), overwrite)
-
-
-def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 1] + "…"
-
-
-def _loss_threshold(c: Comparison) -> float:
-    """The |a-e|/|e| at which the (scalar) loss comparison fails: the element-wise bound is
-    on |a-e|/(|e|+scale), the norm-wise one on |a-e|/|e| itself."""
-    e = abs(c.worst_expected) if c.worst_expected is not None else 0.0
-    elem = c.tol.rel * (1.0 + c.scale / e) if e > 0 else math.inf
-    return min(elem, c.tol.norm)
-
-
-def _first_divergence_where(report, impl: str) -> tuple[str, int] | None:
-    """(where, step) of an implementation's first divergence: the first failing replay op
-    of its first failing step, else the first failing check there."""
-    for s in report.steps:
-        mine = [c for c in s.checks if c.impl == impl and not c.passed]
-        if not mine:
-            continue
-        for kinds in (("replay",), ("update",), ("e2e", "loss")):
-            for c in mine:
-                if c.kind in kinds:
-                    return c.where, s.step
-    return None
-
-
-def _draw_bands(ax, bands, L: int, label: bool) -> None:
-    """Shade alternate layers, mark the forward/backward boundary."""
-    for start, end, phase, layer in bands:
-        if layer is not None and layer % 2 == 0:
-            ax.axvspan(start - 0.5, end + 0.5, color="0.92", lw=0, zorder=0)
-        elif layer is None:
-            ax.axvspan(start - 0.5, end + 0.5, color="#e6eef8", lw=0, zorder=0)
-    for (s0, e0, p0, _), (s1, _e1, p1, _l1) in zip(bands, bands[1:]):
-        if p0 != p1:
-            ax.axvline(s1 - 0.5, color="0.3", lw=1.6, zorder=1)
-            if label:
-                ax.text(s1 - 1, 1.02, "forward ←", transform=ax.get_xaxis_transform(), ha="right",
-                        va="bottom", fontsize=7.5, color="0.3")
-                ax.text(s1, 1.02, "→ backward", transform=ax.get_xaxis_transform(), ha="left",
-                        va="bottom", fontsize=7.5, color="0.3")
-    ax.grid(axis="y", alpha=0.3, which="major")
-
-
-def _xticks(ax, bands) -> None:
-    """A tick per layer band, numbered; "emb" and "head" for the bands outside the layers
-    (the forward and the backward head bands, adjacent, share one "head" tick)."""
-    ticks, labels = [], []
-    last = len(bands) - 1
-    for k, (start, end, phase, layer) in enumerate(bands):
-        if layer is not None:
-            ticks.append((start + end) / 2)
-            labels.append(str(layer))
-        elif k == 0 or k == last:
-            ticks.append((start + end) / 2)
-            labels.append("emb")
-        elif phase == "fwd" and k + 1 <= last and bands[k + 1][3] is None and bands[k + 1][2] == "bwd":
-            ticks.append(bands[k + 1][0] - 0.5)
-            labels.append("head")
-        elif phase == "bwd" and k > 0 and bands[k - 1][3] is None and bands[k - 1][2] == "fwd":
-            continue
-        else:
-            ticks.append((start + end) / 2)
-            labels.append("head")
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(labels, fontsize=7)
-    if bands:
-        ax.set_xlim(-0.5, bands[-1][1] + 0.5)

@@ -29,7 +29,7 @@ import numpy as np
 
 from pyref.config import GPT2Config, param_shapes
 from pyref.model import GPT2 as PyGPT2
-from pyref.protocol import INPLACE_ARGS, SIGNATURES, KernelSet
+from pyref.protocol import INPLACE_ARGS, KERNEL_OP, SIGNATURES, KernelSet
 
 from .compare import Comparison, Tolerance, compare
 from .diagnose import Call, Diagnosis, attach, diagnose, is_one_d
@@ -58,18 +58,81 @@ class AdamW:
 
 @dataclass
 class Check:
-    """One comparison inside a step: who, which kind, where in the graph."""
+    """One comparison inside a step, with its identity as data: who (``impl``), when
+    (``step``), which kind of check, which tensor (``ref``: group, name, layer) and the
+    calls of the graph that wrote it (``nodes``). Text (``tensor``, ``where``) is
+    rendered from these fields, never parsed back."""
 
     step: int
     impl: str                 # "C", "numpy", "torch", a user's label
     kind: str                 # "replay", "e2e", "update", "loss"
-    tensor: str               # e.g. "acts.ln1[layer 0]"
-    where: str                # the op, e.g. "layer 0 ln1 layernorm_forward"
+    ref: Ref                  # acts/grads_acts/grads.<name>[layer]; params/m/v.<name>; loss.mean_loss
     comparison: Comparison
+    nodes: tuple[Node, ...] = ()   # the graph's calls that write ``ref``, in order
+    module: str | None = None      # the torch model's module that showed it
 
     @property
     def passed(self) -> bool:
         return self.comparison.passed
+
+    @property
+    def layer(self) -> int | None:
+        return self.ref.layer
+
+    @property
+    def phase(self) -> str:
+        """``forward``, ``backward``, ``update`` or ``loss``."""
+        if self.kind in ("update", "loss"):
+            return self.kind
+        return "forward" if self.ref.group == "acts" else "backward"
+
+    @property
+    def call_layer(self) -> int | None:
+        """The layer of the call that completed the tensor (for a gradient buffer, its last
+        contributor's: the lm head's ``lnf`` backward writes layer L-1's residual)."""
+        return self.nodes[-1].layer if self.nodes else self.layer
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The protocol kernels behind the tensor, in graph order."""
+        if self.kind == "update":
+            return ("adamw",)
+        if self.kind == "loss":
+            return ("crossentropy_forward",)
+        return tuple(dict.fromkeys(n.kernel for n in self.nodes))
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops (``pytest -k`` names) of those kernels."""
+        return tuple(dict.fromkeys(KERNEL_OP[k] for k in self.kernels))
+
+    @property
+    def base(self) -> str:
+        """The tensor without its layer: ``acts.ln1``."""
+        return self.ref.name if self.kind == "loss" else f"{self.ref.group}.{self.ref.name}"
+
+    @property
+    def tensor(self) -> str:
+        """``acts.ln1[layer 3]``, ``params.wte (after update)``, ``mean_loss``."""
+        if self.kind == "loss":
+            return self.ref.name
+        return f"{self.ref} (after update)" if self.kind == "update" else str(self.ref)
+
+    @property
+    def where(self) -> str:
+        """The call that wrote the tensor: ``layer 3 ln1 layernorm_forward``, or the sum
+        of the calls that accumulate into a gradient buffer."""
+        module = f" [{self.module}]" if self.module else ""
+        if self.kind == "update":
+            return f"gpt2_update {self.ref.name}"
+        if self.kind == "loss":
+            return "mean loss"
+        last = self.nodes[-1]
+        if len(self.nodes) == 1:
+            return f"{last.where()} {last.kernel}{module}"
+        by = ", ".join(f"{n.label} {n.kernel}" for n in self.nodes)
+        layer = f"layer {last.layer} " if last.layer is not None else ""
+        return f"{layer}{self.ref.name} gradient (sum of {by}){module}"
 
     @property
     def diagnosis(self) -> Diagnosis | None:
@@ -308,7 +371,7 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
             c = compare(actual, expected, **how)
             if replay and not c.passed:
                 c = attach(c, diagnose(Call(node.kernel, oname, args), actual, expected, **how))
-            checks.append(Check(step, impl, kind, str(ref), f"{node.where()} {node.kernel}{_module(state, ref)}", c))
+            checks.append(Check(step, impl, kind, ref, c, (node,), _module(state, ref)))
 
     # which backward node is the last to accumulate into each buffer
     last: dict[Ref, int] = {}
@@ -364,11 +427,7 @@ def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
                 calls = _buffer_calls(ref, contributors[ref], state) if replay else \
                     Call("loss_mean", a, {"value": expected, "n": B * T})   # all gradients scale with dlosses
                 c = attach(c, diagnose(calls, actual, expected, **how))
-            by = ", ".join(f"{n.label} {n.kernel}" for n in contributors[ref])
-            where = f"{node.where()} {node.kernel}" if len(contributors[ref]) == 1 else \
-                f"{'layer %d ' % node.layer if node.layer is not None else ''}{ref.name} gradient (sum of {by})"
-            where += _module(state, ref)
-            checks.append(Check(step, impl, kind, str(ref), where, c))
+            checks.append(Check(step, impl, kind, ref, c, tuple(contributors[ref]), _module(state, ref)))
     return checks
 
 
@@ -386,10 +445,9 @@ def _replayable(node: Node, has) -> bool:
                and k not in INPLACE_ARGS.get(node.kernel, ()) and k not in FORWARD_OUTPUTS.get(node.kernel, ()))
 
 
-def _module(state, ref: Ref) -> str:
-    """`` [mlp.c_fc]``: the module of a torch model that showed ``ref``."""
-    name = getattr(state, "module_of", lambda r: None)(ref)
-    return f" [{name}]" if name else ""
+def _module(state, ref: Ref) -> str | None:
+    """The module of a torch model that showed ``ref`` (``mlp.c_fc``), else None."""
+    return getattr(state, "module_of", lambda r: None)(ref)
 
 
 def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
@@ -462,7 +520,7 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                 call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
                 c = attach(c, diagnose(call, actual, expected[label].reshape(shape),
                                        ctx={"one_d": is_one_d(name, shape)}, **how))
-            checks.append(Check(step, impl, "update", tensor, f"gpt2_update {name}", c))
+            checks.append(Check(step, impl, "update", Ref(label, name), c))
         offset += n
     return checks
 
@@ -493,7 +551,7 @@ def check_loss(step: int, impl: str, loss: float, oracle_loss: float, tol: Toler
     if not c.passed:
         c = attach(c, diagnose(Call("loss_mean", "mean_loss", {"value": expected, "n": n}),
                                actual, expected, tol=tol, name="mean_loss"))
-    return Check(step, impl, "loss", "mean_loss", "mean loss", c)
+    return Check(step, impl, "loss", Ref("loss", "mean_loss"), c)
 
 
 def _update_args(pre: tuple, grads, sl: slice, shape, hp: dict) -> dict:

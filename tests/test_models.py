@@ -28,15 +28,8 @@ PORTS = {"walkthrough": mp.WalkGPT2, "nanogpt": mp.GPT, "hf": mp.hf_gpt2}
 HERE = Path(__file__).resolve().parent
 
 
-def batches(cfg, B, T, seed=0):
-    i = 0
-    while True:
-        yield synth.make_batch(cfg, B, T, seed=seed + i)
-        i += 1
-
-
 def run_model(factory, cfg=TINY, B=4, T=16, steps=1, optimizer=None, **kw):
-    return run_parity(cfg, synth.init_params(cfg, seed=0), batches(cfg, B, T), steps=steps,
+    return run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, B, T), steps=steps,
                       models={"port": TorchModel(factory, optimizer=optimizer)}, **kw)
 
 
@@ -197,7 +190,7 @@ def test_plugin_checks_a_model_op_by_op(tmp_path):
 # a kernel port with forward kernels only: backward by autograd through them
 
 def _kernel_run(ks, steps=1, **kw):
-    return run_parity(TINY, synth.init_params(TINY, seed=0), batches(TINY, 4, 16), steps=steps,
+    return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, 4, 16), steps=steps,
                       impls={"walk": ks}, **kw)
 
 

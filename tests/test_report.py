@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import plot as P
 from harness import report as R
 from harness.runner import run_parity
 from pyref import numpy_kernels, synth
@@ -287,13 +288,13 @@ def test_write_json_refuses_to_overwrite(passing, tmp_path):
 def test_plot_writes_a_png_and_refuses_to_overwrite(report, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "run.png"
-    assert R.plot(report, path) == path
+    assert P.plot(report, path) == path
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
     with pytest.raises(FileExistsError):
-        R.plot(report, path)
+        P.plot(report, path)
     assert path.read_bytes() == data
-    R.plot(report, path, overwrite=True)
+    P.plot(report, path, overwrite=True)
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     assert [p.name for p in tmp_path.iterdir()] == ["run.png"]
 
@@ -301,5 +302,15 @@ def test_plot_writes_a_png_and_refuses_to_overwrite(report, tmp_path):
 def test_plot_without_matplotlib_says_what_to_install(report, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(RuntimeError, match=re.escape("pip install llmc-parity[plot]")):
-        R.plot(report, tmp_path / "run.png")
+        P.plot(report, tmp_path / "run.png")
     assert not (tmp_path / "run.png").exists()
+
+
+def test_plot_bands_follow_the_graph_from_the_checks_fields(report):
+    """The plot's x axis is laid out from the checks' phase and call layer (no text is
+    parsed): embedding, layers 0..L-1, head forward; head, layers L-1..0, embedding back."""
+    bands = P._bands(list(P._positions(report).values()))
+    L = TINY.num_layers
+    assert [(b.phase, b.layer) for b in bands] == (
+        [("forward", None)] + [("forward", l) for l in range(L)] + [("forward", None)]
+        + [("backward", None)] + [("backward", l) for l in reversed(range(L))] + [("backward", None)])
