@@ -950,7 +950,8 @@ def d24_line(r: dict) -> str:
     if r.get("status") != "ran":
         return f"full_check_d24 (d24, B=4, T=64): {r.get('status')}: {str(r.get('why', ''))[:300]}"
     kinds = ", ".join(f"{v} {k}" for k, v in r["checks_by_kind"].items())
-    return (f"full_check_d24 (d24, 354.7M parameters, B=4, T=64, one step): completed in {r['first_step_s']:.3g} s "
+    return (f"full_check_d24 (d24, {d24_config().num_parameters() / 1e6:.1f}M parameters, B=4, T=64, one step): "
+            f"completed in {r['first_step_s']:.3g} s "
             f"(whole call {r['wall_s']:.3g} s), {'passed' if r['passed'] else 'FAILED'} ({kinds}); "
             f"peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB ({r['model_peak_mib'] / 1024:.2f} GiB above its "
             f"baseline of interpreter, imports, generated parameters); fits 24 GB: "
