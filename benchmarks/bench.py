@@ -1,6 +1,6 @@
 """Speed and memory of a full parity check and of its parts alone (``make bench``).
 
-    .venv/bin/python benchmarks/bench.py --json build/bench.json   # d12 (124M), B=4, T=64: ~7 min
+    .venv/bin/python benchmarks/bench.py --json build/bench.json   # d12 (124M), B=4, T=64, and d24: ~13 min
     .venv/bin/python benchmarks/bench.py --quick                   # small config, ~15 s
     .venv/bin/python benchmarks/bench.py --parts full_check_replay --reuse build/bench.json
                                                                    # one part again, the rest reused
