@@ -163,3 +163,21 @@ def preset(name: str) -> GPT2Config:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown config {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def check_tokens(what: str, ids, V: int, error: type = ValueError) -> np.ndarray:
+    """``ids`` as a C-contiguous int32 (B, T) array of token ids in [0, V), or ``error``
+    naming what is wrong: the one check every model (the C's, the references, the CLI's
+    batches) makes before tokens reach it (the C asserts, an index would wrap)."""
+    a = np.asarray(ids)
+    if a.ndim != 2:
+        raise error(f"{what}: expected a (B, T) array of token ids, got shape {a.shape}")
+    if a.size == 0:
+        raise error(f"{what}: empty batch {a.shape}")
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+        raise error(f"{what}: expected integer token ids, got {a.dtype}")
+    bad = (a < 0) | (a >= V)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise error(f"{what}: token id {int(a[idx])} at {idx} is outside [0, V={V})")
+    return np.ascontiguousarray(a, dtype=np.int32)
