@@ -38,10 +38,12 @@ from math import prod, sqrt
 import numpy as np
 
 from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from pyref.constants import LN_EPS
+from pyref.protocol import FORWARD_OUTPUTS
 
 from .errors import InputError
 from .graph import Ref, forward_nodes
-from .ops import FORWARD_OUTPUTS, run_kernel
+from .ops import run_kernel
 
 
 class ModelError(InputError, ValueError):
@@ -449,9 +451,9 @@ def hygiene(model, optimizer, hyper, cfg: GPT2Config, entries: list[Entry]) -> l
         out.append("TF32 / reduced-precision float32 matmul enabled (torch.backends.*.allow_tf32 or "
                    f"float32_matmul_precision={torch.get_float32_matmul_precision()!r}): the C's matmuls are full float32")
     eps = sorted({(n, m.eps) for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.LayerNorm) and m.eps != 1e-5}, key=lambda x: x[0])
+                  if isinstance(m, torch.nn.LayerNorm) and m.eps != LN_EPS}, key=lambda x: x[0])
     conf = getattr(model, "config", None)
-    if isinstance(getattr(conf, "layer_norm_epsilon", None), float) and conf.layer_norm_epsilon != 1e-5:
+    if isinstance(getattr(conf, "layer_norm_epsilon", None), float) and conf.layer_norm_epsilon != LN_EPS:
         eps.append(("config.layer_norm_epsilon", conf.layer_norm_epsilon))
     if eps:
         out.append(f"layer norm eps {eps[0][1]:g} ({eps[0][0]}{' and others' if len(eps) > 1 else ''}), "

@@ -22,87 +22,23 @@ from types import SimpleNamespace
 
 import numpy as np
 
-FORWARD_KERNELS = (
-    "encoder_forward", "layernorm_forward", "matmul_forward", "attention_forward",
-    "gelu_forward", "residual_forward", "softmax_forward", "crossentropy_forward",
-)
-BACKWARD_KERNELS = (
-    "encoder_backward", "layernorm_backward", "matmul_backward", "attention_backward",
-    "gelu_backward", "residual_backward", "crossentropy_softmax_backward",
-)
+from .spec import SPEC, SPECS, dims
+
+# what the rows of pyref.spec say, as the tables the adapter reads
+FORWARD_KERNELS = tuple(k.name for k in SPECS if k.returns)
+BACKWARD_KERNELS = tuple(k.name for k in SPECS if not k.returns and k.name != "adamw")
 KERNEL_NAMES = FORWARD_KERNELS + BACKWARD_KERNELS + ("adamw",)
+# The op (as used in test ids and reports: `pytest -k layernorm`) each kernel belongs to.
+KERNEL_OP = {k.name: k.op for k in SPECS}
+# Argument names, in order (the signature a port must have).
+SIGNATURES = {k.name: k.signature for k in SPECS}
+# Arguments a kernel writes in place (they must reach the implementation zero-copy).
+INPLACE_ARGS = {k.name: k.inplace for k in SPECS if k.inplace}
+# Names of what each forward kernel returns, in order.
+FORWARD_OUTPUTS = {k.name: k.output_names for k in SPECS if k.returns}
 
 # alternative name -> protocol name
 ALIASES = {"gpt2_update": "adamw"}
-
-# The op (as used in test ids and reports: `pytest -k layernorm`) each kernel belongs to.
-KERNEL_OP = {
-    "encoder_forward": "encoder", "encoder_backward": "encoder",
-    "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
-    "matmul_forward": "matmul", "matmul_backward": "matmul",
-    "attention_forward": "attention", "attention_backward": "attention",
-    "gelu_forward": "gelu", "gelu_backward": "gelu",
-    "residual_forward": "residual", "residual_backward": "residual",
-    "softmax_forward": "softmax",
-    "crossentropy_forward": "crossentropy", "crossentropy_softmax_backward": "crossentropy",
-    "adamw": "adamw",
-}
-
-# Argument names, in order (the signature a port must have).
-SIGNATURES = {
-    "encoder_forward": ("inp", "wte", "wpe"),
-    "encoder_backward": ("dwte", "dwpe", "dout", "inp"),
-    "layernorm_forward": ("inp", "weight", "bias"),
-    "layernorm_backward": ("dinp", "dweight", "dbias", "dout", "inp", "weight", "mean", "rstd"),
-    "matmul_forward": ("inp", "weight", "bias"),
-    "matmul_backward": ("dinp", "dweight", "dbias", "dout", "inp", "weight"),
-    "attention_forward": ("inp", "NH"),
-    "attention_backward": ("dinp", "dpreatt", "datt", "dout", "inp", "att", "NH"),
-    "gelu_forward": ("inp",),
-    "gelu_backward": ("dinp", "inp", "dout"),
-    "residual_forward": ("inp1", "inp2"),
-    "residual_backward": ("dinp1", "dinp2", "dout"),
-    "softmax_forward": ("logits", "V"),
-    "crossentropy_forward": ("probs", "targets"),
-    "crossentropy_softmax_backward": ("dlogits", "dlosses", "probs", "targets", "V"),
-    "adamw": ("param", "grad", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay", "t"),
-}
-
-# Arguments a kernel writes in place (they must reach the implementation zero-copy).
-INPLACE_ARGS = {
-    "encoder_backward": ("dwte", "dwpe"),
-    "layernorm_backward": ("dinp", "dweight", "dbias"),
-    "matmul_backward": ("dinp", "dweight", "dbias"),
-    "attention_backward": ("dinp", "dpreatt", "datt"),
-    "gelu_backward": ("dinp",),
-    "residual_backward": ("dinp1", "dinp2"),
-    "crossentropy_softmax_backward": ("dlogits",),
-    "adamw": ("param", "m", "v"),
-}
-
-
-def _expected_shapes(name, a):
-    """Shapes a forward kernel must return, from its (NumPy) arguments ``a``."""
-    if name == "encoder_forward":
-        return [a["inp"].shape + (a["wte"].shape[-1],)]
-    if name == "layernorm_forward":
-        s = a["inp"].shape
-        return [s, s[:-1], s[:-1]]
-    if name == "matmul_forward":
-        return [a["inp"].shape[:-1] + (a["weight"].shape[0],)]
-    if name == "attention_forward":
-        B, T, C3 = a["inp"].shape
-        NH = int(a["NH"])
-        return [(B, T, C3 // 3), (B, NH, T, T), (B, NH, T, T)]
-    if name == "gelu_forward":
-        return [a["inp"].shape]
-    if name == "residual_forward":
-        return [np.broadcast_shapes(a["inp1"].shape, a["inp2"].shape)]
-    if name == "softmax_forward":
-        return [a["logits"].shape]
-    if name == "crossentropy_forward":
-        return [a["probs"].shape[:-1]]
-    raise KeyError(name)
 
 
 def _lookup(obj, name):
@@ -147,24 +83,6 @@ DIM_NAMES = ("B", "T", "C", "NH", "V", "Vp", "OC")
 SHORT_OUTPUTS = {"layernorm_forward": ("mean", "rstd"), "attention_forward": ("preatt", "att")}
 
 
-def _dims(kernel: str, named: dict) -> dict:
-    """The dimensions a port may take explicitly (``attention_forward(inp, B, T, C, NH)``),
-    from the protocol's arguments."""
-    d = {}
-    x = next((named[k] for k in ("inp", "logits", "probs", "dout") if named.get(k) is not None), None)
-    if x is not None and len(x.shape) >= 2:
-        d["B"], d["T"] = int(x.shape[0]), int(x.shape[1])
-        d["C"] = int(x.shape[-1]) // (3 if kernel.startswith("attention") else 1)
-    if named.get("weight") is not None and kernel.startswith("matmul"):
-        d["OC"] = int(named["weight"].shape[0])
-    if named.get("logits") is not None:
-        d["Vp"] = int(named["logits"].shape[-1])
-    for k in ("NH", "V"):
-        if named.get(k) is not None:
-            d[k] = int(named[k])
-    return d
-
-
 def _adapt(kernel: str, f):
     """``f`` called with the protocol's arguments: as is when its signature has the
     protocol's arity, else by name (the first parameter being the main input, the others
@@ -193,7 +111,7 @@ def _adapt(kernel: str, f):
 
     def call(*args):
         named = dict(zip(params, args))
-        values = {**_dims(kernel, named), **named}
+        values = {**dims(kernel, named), **named}
         if slice_v:
             values["logits"] = named["logits"][..., :int(named["V"])]
         out = f(*(values[n] for n in names))
@@ -216,7 +134,8 @@ def _derived_backward(kernel: str, fwd: dict):
     """A backward kernel by autograd (torch.func.vjp) through the port's own forward
     kernel(s) ``fwd`` (protocol name -> callable on torch tensors), accumulating into the
     gradient buffers as the protocol's backward does; None when the forwards it needs are
-    not there."""
+    not there. One short branch per backward kernel, in the protocol's order: past 60
+    lines, it still reads as the table it is."""
     import torch
     from torch.func import vjp
 
@@ -424,7 +343,7 @@ class KernelSet:
             if short:   # the main output alone: the others from the reference, marked
                 outs += self._reference_outputs(kernel, named, outs[0].dtype)
                 self.not_returned |= {(kernel, o) for o in SHORT_OUTPUTS[kernel]}
-            for i, (y, shape) in enumerate(zip(outs, _expected_shapes(kernel, named))):
+            for i, (y, shape) in enumerate(zip(outs, SPEC[kernel].expected_shapes(named))):
                 if tuple(y.shape) != tuple(shape):
                     what = f"output {i}" if n_out > 1 else "output"
                     raise ValueError(f"{label} {what} has shape {tuple(y.shape)}, "
