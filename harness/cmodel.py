@@ -265,21 +265,12 @@ class CModel:
     def params_memory(self) -> np.ndarray:
         return self._flat("params_memory", self.num_parameters, "parameters")
 
-    @property
-    def grads_memory(self) -> np.ndarray:
-        return self._flat("grads_memory", self.num_parameters, "gradients: call backward() first")
-
-    @property
-    def m_memory(self) -> np.ndarray:
-        return self._flat("m_memory", self.num_parameters, "AdamW m: call update() first")
-
-    @property
-    def v_memory(self) -> np.ndarray:
-        return self._flat("v_memory", self.num_parameters, "AdamW v: call update() first")
-
-    @property
-    def acts_memory(self) -> np.ndarray:
-        return self._flat("acts_memory", self._struct.num_activations, "activations: call forward() first")
+    grads_memory = property(lambda self: self._flat("grads_memory", self.num_parameters,
+                                                    "gradients: call backward() first"))
+    m_memory = property(lambda self: self._flat("m_memory", self.num_parameters, "AdamW m: call update() first"))
+    v_memory = property(lambda self: self._flat("v_memory", self.num_parameters, "AdamW v: call update() first"))
+    acts_memory = property(lambda self: self._flat("acts_memory", self._struct.num_activations,
+                                                   "activations: call forward() first"))
 
     def poison_activations(self) -> None:
         """Fill the activations with NaN before a forward: the C must overwrite every one

@@ -160,25 +160,13 @@ def parse_slot(text: str) -> Slot:
 
 # nanoGPT / llm.c train_gpt2.py / Hugging Face names (any prefix) -> C tensor
 _BLOCK = r"(?:^|\.)h\.(\d+)\."
-_NAMED = [
-    (re.compile(r"(?:^|\.)wte\.weight$"), "wte"),
-    (re.compile(r"(?:^|\.)wpe\.weight$"), "wpe"),
-    (re.compile(r"(?:^|\.)lm_head\.weight$"), "wte"),
-    (re.compile(r"(?:^|\.)ln_f\.weight$"), "lnfw"),
-    (re.compile(r"(?:^|\.)ln_f\.bias$"), "lnfb"),
-    (re.compile(_BLOCK + r"ln_1\.weight$"), "ln1w"),
-    (re.compile(_BLOCK + r"ln_1\.bias$"), "ln1b"),
-    (re.compile(_BLOCK + r"attn\.c_attn\.weight$"), "qkvw"),
-    (re.compile(_BLOCK + r"attn\.c_attn\.bias$"), "qkvb"),
-    (re.compile(_BLOCK + r"attn\.c_proj\.weight$"), "attprojw"),
-    (re.compile(_BLOCK + r"attn\.c_proj\.bias$"), "attprojb"),
-    (re.compile(_BLOCK + r"ln_2\.weight$"), "ln2w"),
-    (re.compile(_BLOCK + r"ln_2\.bias$"), "ln2b"),
-    (re.compile(_BLOCK + r"mlp\.c_fc\.weight$"), "fcw"),
-    (re.compile(_BLOCK + r"mlp\.c_fc\.bias$"), "fcb"),
-    (re.compile(_BLOCK + r"mlp\.c_proj\.weight$"), "fcprojw"),
-    (re.compile(_BLOCK + r"mlp\.c_proj\.bias$"), "fcprojb"),
-]
+_TOP = {"wte.weight": "wte", "wpe.weight": "wpe", "lm_head.weight": "wte", "ln_f.weight": "lnfw",
+        "ln_f.bias": "lnfb"}
+_IN_BLOCK = {"ln_1": "ln1", "attn.c_attn": "qkv", "attn.c_proj": "attproj", "ln_2": "ln2",
+             "mlp.c_fc": "fc", "mlp.c_proj": "fcproj"}   # + .weight / .bias -> <C name>w / b
+_NAMED = [(re.compile(r"(?:^|\.)" + re.escape(k) + "$"), v) for k, v in _TOP.items()] + [
+    (re.compile(_BLOCK + re.escape(f"{module}.{kind}") + "$"), c + kind[0])
+    for module, c in _IN_BLOCK.items() for kind in ("weight", "bias")]
 _C_NAMED = re.compile(r"(?:^|\.)(" + "|".join(PARAM_NAMES) + r")$")
 
 

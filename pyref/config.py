@@ -63,18 +63,12 @@ class GPT2Config:
         return self
 
     # short names as used in the C and the spec
-    @property
-    def L(self) -> int: return self.num_layers
-    @property
-    def C(self) -> int: return self.channels
-    @property
-    def NH(self) -> int: return self.num_heads
-    @property
-    def V(self) -> int: return self.vocab_size
-    @property
-    def Vp(self) -> int: return self.padded_vocab_size
-    @property
-    def maxT(self) -> int: return self.max_seq_len
+    L = property(lambda self: self.num_layers)
+    C = property(lambda self: self.channels)
+    NH = property(lambda self: self.num_heads)
+    V = property(lambda self: self.vocab_size)
+    Vp = property(lambda self: self.padded_vocab_size)
+    maxT = property(lambda self: self.max_seq_len)
 
     def replace(self, **changes) -> "GPT2Config":
         return replace(self, **changes)

@@ -134,72 +134,59 @@ def _derived_backward(kernel: str, fwd: dict):
     """A backward kernel by autograd (torch.func.vjp) through the port's own forward
     kernel(s) ``fwd`` (protocol name -> callable on torch tensors), accumulating into the
     gradient buffers as the protocol's backward does; None when the forwards it needs are
-    not there. One short branch per backward kernel, in the protocol's order: past 60
-    lines, it still reads as the table it is."""
+    not there."""
     import torch
     from torch.func import vjp
 
     def first(out):
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    if kernel == "encoder_backward" and "encoder_forward" in fwd:
-        def encoder_backward(dwte, dwpe, dout, inp):   # linear in wte, wpe: any point will do
-            _, back = vjp(lambda wte, wpe: first(fwd["encoder_forward"](inp, wte, wpe)),
-                          torch.zeros_like(dwte), torch.zeros_like(dwpe))
-            gwte, gwpe = back(dout)
-            dwte.add_(gwte)
-            dwpe.add_(gwpe)
-        return encoder_backward
-    if kernel == "layernorm_backward" and "layernorm_forward" in fwd:
-        def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-            _, back = vjp(lambda x, w, b: first(fwd["layernorm_forward"](x, w, b)), inp, weight,
-                          torch.zeros_like(weight))
-            gx, gw, gb = back(dout)
-            dinp.add_(gx)
-            dweight.add_(gw)
-            dbias.add_(gb)
-        return layernorm_backward
-    if kernel == "matmul_backward" and "matmul_forward" in fwd:
-        def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
-            if dbias is None:
-                _, back = vjp(lambda x, w: first(fwd["matmul_forward"](x, w, None)), inp, weight)
-                gx, gw = back(dout)
-            else:
-                _, back = vjp(lambda x, w, b: first(fwd["matmul_forward"](x, w, b)), inp, weight,
-                              torch.zeros_like(dbias))
-                gx, gw, gb = back(dout)
-                dbias.add_(gb)
-            dinp.add_(gx)
-            dweight.add_(gw)
-        return matmul_backward
-    if kernel == "attention_backward" and "attention_forward" in fwd:
-        def attention_backward(dinp, dpreatt, datt, dout, inp, att, NH):   # dpreatt, datt: not written
-            _, back = vjp(lambda x: first(fwd["attention_forward"](x, NH)), inp)
-            dinp.add_(back(dout)[0])
-        return attention_backward
-    if kernel == "gelu_backward" and "gelu_forward" in fwd:
-        def gelu_backward(dinp, inp, dout):
-            _, back = vjp(lambda x: first(fwd["gelu_forward"](x)), inp)
-            dinp.add_(back(dout)[0])
-        return gelu_backward
-    if kernel == "residual_backward" and "residual_forward" in fwd:
-        def residual_backward(dinp1, dinp2, dout):
-            _, back = vjp(lambda a, b: first(fwd["residual_forward"](a, b)), torch.zeros_like(dout),
-                          torch.zeros_like(dout))
-            g1, g2 = back(dout)
-            dinp1.add_(g1)
-            dinp2.add_(g2)
-        return residual_backward
-    if kernel == "crossentropy_softmax_backward" and {"softmax_forward", "crossentropy_forward"} <= set(fwd):
-        def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
-            # the logits are not an argument: log(probs) has the same softmax
-            V = int(V)
-            logits = torch.zeros_like(probs)
-            logits[..., :V] = torch.log(probs[..., :V])
-            _, back = vjp(lambda lg: first(fwd["crossentropy_forward"](first(fwd["softmax_forward"](lg, V)),
-                                                                       targets)), logits)
-            dlogits.add_(back(dlosses)[0])
-        return crossentropy_softmax_backward
+    def accumulate(f, points, buffers, cotangent):
+        """f's vector-Jacobian product at ``points``, each gradient added into its buffer."""
+        _, back = vjp(lambda *xs: first(f(*xs)), *points)
+        for buf, g in zip(buffers, back(cotangent)):
+            buf.add_(g)
+
+    zeros = torch.zeros_like
+    F = fwd.get
+
+    def encoder_backward(dwte, dwpe, dout, inp):   # linear in wte, wpe: any point will do
+        accumulate(lambda wte, wpe: F("encoder_forward")(inp, wte, wpe), (zeros(dwte), zeros(dwpe)),
+                   (dwte, dwpe), dout)
+
+    def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+        accumulate(F("layernorm_forward"), (inp, weight, zeros(weight)), (dinp, dweight, dbias), dout)
+
+    def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+        if dbias is None:
+            accumulate(lambda x, w: F("matmul_forward")(x, w, None), (inp, weight), (dinp, dweight), dout)
+        else:
+            accumulate(F("matmul_forward"), (inp, weight, zeros(dbias)), (dinp, dweight, dbias), dout)
+
+    def attention_backward(dinp, dpreatt, datt, dout, inp, att, NH):   # dpreatt, datt: not written
+        accumulate(lambda x: F("attention_forward")(x, NH), (inp,), (dinp,), dout)
+
+    def gelu_backward(dinp, inp, dout):
+        accumulate(F("gelu_forward"), (inp,), (dinp,), dout)
+
+    def residual_backward(dinp1, dinp2, dout):
+        accumulate(F("residual_forward"), (zeros(dout), zeros(dout)), (dinp1, dinp2), dout)
+
+    def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
+        # the logits are not an argument: log(probs) has the same softmax
+        V = int(V)
+        logits = zeros(probs)
+        logits[..., :V] = torch.log(probs[..., :V])
+        accumulate(lambda lg: F("crossentropy_forward")(first(F("softmax_forward")(lg, V)), targets),
+                   (logits,), (dlogits,), dlosses)
+
+    needs = {encoder_backward: ("encoder_forward",), layernorm_backward: ("layernorm_forward",),
+             matmul_backward: ("matmul_forward",), attention_backward: ("attention_forward",),
+             gelu_backward: ("gelu_forward",), residual_backward: ("residual_forward",),
+             crossentropy_softmax_backward: ("softmax_forward", "crossentropy_forward")}
+    for f, forwards in needs.items():
+        if f.__name__ == kernel and all(n in fwd for n in forwards):
+            return f
     return None
 
 
