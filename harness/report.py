@@ -284,11 +284,6 @@ def _why(step, impl: str, indent: str) -> list[str]:
     return [] if d is None else [f"{indent}why: {d.text()}"]
 
 
-def _strip_fd(text: str) -> str:
-    """``step 1 [x] first divergence: ...`` -> ``step 1 [x] ...`` (no stutter after a heading)."""
-    return text.replace("] first divergence: ", "] ", 1)
-
-
 def run_summary(report) -> str:
     """The verdict block of a :class:`~harness.runner.RunReport`: PASS/FAIL, what ran, the
     loss trajectory, checks and failures per implementation and kind, the first
@@ -322,18 +317,20 @@ def run_summary(report) -> str:
     lines += (_text_table(("impl", "kind", "checks", "failed", "worst", "worst tensor"), rows, right={2, 3, 4})
               if rows else ["(no checks)"])
 
+    from .runner import first_divergence
     lines.append("")
-    first = report.first_divergence()
-    lines.append(f"first divergence: {_strip_fd(first) if first else 'none'}")
+    first = report.first_divergence(heading=False)
+    lines.append(f"first divergence: {first or 'none'}")
     seen = set()
     for s in report.steps:
         for impl, text in s.first_divergence.items():
             if impl in seen:
                 continue
             seen.add(impl)
-            entry = f"step {s.step} [{impl}] {text}"
+            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False)
+                                                 or text)
             if entry != first:
-                lines.append(f"  also {_strip_fd(entry)}")
+                lines.append(f"  also {entry}")
             lines += _why(s, impl, "    " if entry != first else "  ")
     errors = [(s.step, i, t) for s in report.steps for i, t in s.errors.items()]
     for step, impl, text in errors:

@@ -182,10 +182,14 @@ class RunReport:
     def passed(self) -> bool:
         return bool(self.steps) and all(s.passed for s in self.steps) and all(r.passed for r in self.free_run)
 
-    def first_divergence(self) -> str | None:
+    def first_divergence(self, heading: bool = True) -> str | None:
+        """``step N [impl] first divergence: ...`` of the first step that diverged (or
+        raised); ``heading=False`` leaves out the words "first divergence"."""
         for s in self.steps:
             for impl, text in s.first_divergence.items():
-                return f"step {s.step} [{impl}] {text}"
+                # rendered again from the check (a report put together by hand may lack it)
+                return f"step {s.step} [{impl}] " + (first_divergence(
+                    [c for c in s.checks if c.impl == impl], heading) or text)
             for impl, text in s.errors.items():
                 return f"step {s.step} [{impl}] error: {text}"
         return None
@@ -518,13 +522,14 @@ def first_divergence_check(checks: list[Check]) -> Check | None:
     return None
 
 
-def first_divergence(checks: list[Check]) -> str | None:
-    """The first failing replay check in graph order (else the first failing check)."""
+def first_divergence(checks: list[Check], heading: bool = True) -> str | None:
+    """The first failing replay check in graph order (else the first failing check), as
+    text (``first divergence: <where>...``; without that word under a heading of its own)."""
     c = first_divergence_check(checks)
     if c is None:
         return None
     cmp = c.comparison
-    head = f"first divergence: {c.where}"
+    head = ("first divergence: " if heading else "") + c.where
     if c.kind == "replay":
         # replay feeds each implementation's op its own inputs for that op
         whose = "the C's own" if c.impl == "C" else "its own"
