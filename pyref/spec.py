@@ -249,7 +249,7 @@ for _s in SPECS:
 
 def markdown() -> str:
     """The protocol table and the table of how each output is judged, as docs/kernels.md
-    shows them (tests/test_docs.py keeps the two in sync)."""
+    shows them (tests/test_spec.py keeps the two in sync)."""
     lines = ["| function | returns / accumulates into | notes |", "|---|---|---|"]
     for s in SPECS:
         outs = ", ".join(f"`{o.name}` {o.shape}" for o in s.outputs)

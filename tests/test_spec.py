@@ -1,4 +1,5 @@
-"""docs/kernels.md's tables are generated from the kernel rows of pyref/spec.py."""
+"""The kernel rows of pyref/spec.py: everything else reads them (the protocol, the
+tolerances, the witness, docs/kernels.md's tables)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,3 +53,28 @@ def test_reduction_lengths_come_from_the_call():
     assert S.SPEC["attention_forward"].mask("preatt", a).shape == (s.T, s.T)
     with pytest.raises(ValueError, match="OC"):
         S.SPEC["matmul_backward"].n("dinp", {"inp": a["inp"]})
+
+
+def test_a_rows_rule_is_the_tolerance_and_its_n_the_witness_noise(monkeypatch):
+    """Editing one row changes the per-op tolerance and the witness's noise of that output."""
+    import numpy as np
+
+    from harness.runner import Witness
+    from harness.tolerances import op_tolerance
+    from pyref import numpy_kernels
+    row = S.SPEC["gelu_forward"]
+    out = row.outputs[0]
+    before = op_tolerance("gelu_forward", "out", 1, 100)
+    changed = S.KernelSpec(**{**row.__dict__, "outputs": (
+        S.Output(**{**out.__dict__, "rule": S.Rule(50.0, 20.0, "x"), "n": "C"}),)})
+    monkeypatch.setitem(S.SPEC, "gelu_forward", changed)
+    after = op_tolerance("gelu_forward", "out", 1, 100)
+    assert after.rel == 10 * before.rel and after.norm == 10 * before.norm
+    x = np.ones((1, 1, 400))
+    clean = numpy_kernels.gelu_forward(x)
+
+    def spread():
+        return float(np.std(Witness(seed=0).gelu_forward(x) - clean))
+    wide = spread()
+    monkeypatch.setitem(S.SPEC, "gelu_forward", row)
+    assert wide > 15 * spread()     # sqrt(C) = 20 x the noise of n = 1
