@@ -284,6 +284,22 @@ def _why(step, impl: str, indent: str) -> list[str]:
     return [] if d is None else [f"{indent}why: {d.text()}"]
 
 
+def _checks_table(report) -> list[str]:
+    """Checks and failures per implementation and kind, each with its worst check."""
+    counts = _counts(report)
+    rows = []
+    for impl in _impl_order(counts, report.impls):
+        for kind in _impl_order(counts.get(impl, {}), KINDS):
+            d = counts.get(impl, {}).get(kind)
+            if d is None:
+                continue
+            w = d["worst"]
+            rows.append((impl, kind, str(d["checks"]), str(d["failed"]),
+                         f"{_times(used(w.comparison))} tol", f"{w.tensor} (step {w.step})"))
+    return (_text_table(("impl", "kind", "checks", "failed", "worst", "worst tensor"), rows, right={2, 3, 4})
+            if rows else ["(no checks)"])
+
+
 def run_summary(report) -> str:
     """The verdict block of a :class:`~harness.runner.RunReport`: PASS/FAIL, what ran, the
     loss trajectory, checks and failures per implementation and kind, the first
@@ -303,22 +319,9 @@ def run_summary(report) -> str:
                      _num(_rel_diff(get("C"), get("oracle")))))
     lines += _text_table(header, rows, right=set(range(len(header)))) if rows else ["(no steps)"]
 
-    lines += ["", "checks"]
-    counts = _counts(report)
-    rows = []
-    for impl in _impl_order(counts, impls):
-        for kind in _impl_order(counts.get(impl, {}), KINDS):
-            d = counts.get(impl, {}).get(kind)
-            if d is None:
-                continue
-            w = d["worst"]
-            rows.append((impl, kind, str(d["checks"]), str(d["failed"]),
-                         f"{_times(used(w.comparison))} tol", f"{w.tensor} (step {w.step})"))
-    lines += (_text_table(("impl", "kind", "checks", "failed", "worst", "worst tensor"), rows, right={2, 3, 4})
-              if rows else ["(no checks)"])
+    lines += ["", "checks"] + _checks_table(report) + [""]
 
     from .runner import first_divergence
-    lines.append("")
     first = report.first_divergence(heading=False)
     lines.append(f"first divergence: {first or 'none'}")
     seen = set()
