@@ -309,7 +309,7 @@ def part_py_step(cfg, params, batch, steps: int, which: str) -> dict:
 def part_op_checks(seconds_per_kernel: float) -> dict:
     from harness.binding import load_library
     from harness.ckernels import CKernels
-    from harness.ops import CHECK_BY_KERNEL, SHAPE_BY_NAME, make_inputs
+    from harness.ops import SPEC, SHAPE_BY_NAME, make_inputs
     from harness.opcheck import check_kernel
 
     lib = load_library()
@@ -320,17 +320,17 @@ def part_op_checks(seconds_per_kernel: float) -> dict:
 
     def rate(kernel, args):
         for _ in range(5):                                   # warm-up (first OpenMP team)
-            check_kernel(impl, kernel, args, s)
+            check_kernel(impl, kernel, args)
         n, t0 = 0, time.perf_counter()
         while True:
-            results = check_kernel(impl, kernel, args, s)
+            results = check_kernel(impl, kernel, args)
             n += 1
             dt = time.perf_counter() - t0
             if dt >= seconds_per_kernel and n >= 20:
                 return n / dt, all(c.passed for c in results)
 
     for kernel in CHEAP_KERNELS:
-        args = make_inputs(CHECK_BY_KERNEL[kernel], s)
+        args = make_inputs(SPEC[kernel], s)
         r_default, ok = rate(kernel, args)
         with lib.num_threads(1):     # no OpenMP team: what a busy machine's barriers cost
             r_one, _ = rate(kernel, args)

@@ -43,16 +43,22 @@ class LlmcInputError(InputError, ValueError):
 # ----------------------------------------------------------------------------
 # argument checks: each returns a cffi pointer into the array's own memory
 
-def _float_ptr(name: str, a, n: int, *, out: bool = False):
-    """float* into ``a``: float32, C-contiguous, exactly ``n`` elements (writable if ``out``)."""
+def _array(name: str, a, dtype, n: int) -> None:
+    """``a`` is a C-contiguous numpy array of ``dtype`` with exactly ``n`` elements."""
     if not isinstance(a, np.ndarray):
         raise LlmcInputError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise LlmcInputError(f"{name}: expected dtype float32, got {a.dtype}")
+    if a.dtype != dtype:
+        c = " (C int)" if dtype == np.int32 else ""
+        raise LlmcInputError(f"{name}: expected dtype {np.dtype(dtype).name}{c}, got {a.dtype}")
     if not a.flags.c_contiguous:
         raise LlmcInputError(f"{name}: array is not C-contiguous (pass np.ascontiguousarray(...))")
     if a.size != n:
         raise LlmcInputError(f"{name}: expected {n} elements, got {a.size} (shape {a.shape})")
+
+
+def _float_ptr(name: str, a, n: int, *, out: bool = False):
+    """float* into ``a``: float32, C-contiguous, exactly ``n`` elements (writable if ``out``)."""
+    _array(name, a, np.float32, n)
     if out and not a.flags.writeable:
         raise LlmcInputError(f"{name}: output array is read-only")
     return ffi.from_buffer("float[]", a, require_writable=out) if n else ffi.NULL
@@ -60,14 +66,7 @@ def _float_ptr(name: str, a, n: int, *, out: bool = False):
 
 def _int_ptr(name: str, a, n: int, lo: int, hi: int):
     """int* into ``a``: int32, C-contiguous, ``n`` elements, every value in [lo, hi)."""
-    if not isinstance(a, np.ndarray):
-        raise LlmcInputError(f"{name}: expected a numpy array, got {type(a).__name__}")
-    if a.dtype != np.int32:
-        raise LlmcInputError(f"{name}: expected dtype int32 (C int), got {a.dtype}")
-    if not a.flags.c_contiguous:
-        raise LlmcInputError(f"{name}: array is not C-contiguous")
-    if a.size != n:
-        raise LlmcInputError(f"{name}: expected {n} elements, got {a.size} (shape {a.shape})")
+    _array(name, a, np.int32, n)
     if n:
         bad = (a < lo) | (a >= hi)
         if bad.any():
@@ -84,6 +83,17 @@ def _dims(**dims: int) -> None:
             raise LlmcInputError(f"{k} must be an int, got {type(v).__name__}")
         if v <= 0:
             raise LlmcInputError(f"{k} must be positive, got {v}")
+
+
+def _tables(wte_name: str, wte, wpe_name: str, wpe, B, T, C) -> tuple[int, int]:
+    """The encoder's dimensions, and (V, maxT): the rows of its token and position tables
+    (or their gradients), T within maxT."""
+    _dims(B=B, T=T, C=C)
+    _fits_int(**{"B*T*C": B * T * C})
+    V, maxT = _rows(wte_name, wte, C), _rows(wpe_name, wpe, C)
+    if T > maxT:
+        raise LlmcInputError(f"T={T} exceeds the {maxT} rows of {wpe_name} (max_seq_len)")
+    return V, maxT
 
 
 def _fits_int(**sizes: int) -> None:
@@ -255,22 +265,14 @@ class Library:
 
     # -- kernels, with the C's argument lists ---------------------------------
     def encoder_forward(self, out, inp, wte, wpe, B, T, C):
-        _dims(B=B, T=T, C=C)
-        _fits_int(**{"B*T*C": B * T * C})
-        V, maxT = _rows("wte", wte, C), _rows("wpe", wpe, C)
-        if T > maxT:
-            raise LlmcInputError(f"T={T} exceeds the {maxT} rows of wpe (max_seq_len)")
+        V, maxT = _tables("wte", wte, "wpe", wpe, B, T, C)
         self.lib.encoder_forward(_float_ptr("out", out, B * T * C, out=True),
                                  _int_ptr("inp", inp, B * T, 0, V),
                                  _float_ptr("wte", wte, V * C), _float_ptr("wpe", wpe, maxT * C),
                                  B, T, C)
 
     def encoder_backward(self, dwte, dwpe, dout, inp, B, T, C):
-        _dims(B=B, T=T, C=C)
-        _fits_int(**{"B*T*C": B * T * C})
-        V, maxT = _rows("dwte", dwte, C), _rows("dwpe", dwpe, C)
-        if T > maxT:
-            raise LlmcInputError(f"T={T} exceeds the {maxT} rows of dwpe (max_seq_len)")
+        V, maxT = _tables("dwte", dwte, "dwpe", dwpe, B, T, C)
         self.lib.encoder_backward(_float_ptr("dwte", dwte, V * C, out=True),
                                   _float_ptr("dwpe", dwpe, maxT * C, out=True),
                                   _float_ptr("dout", dout, B * T * C),

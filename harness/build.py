@@ -12,6 +12,7 @@ to know whether a committed bit fingerprint applies to this build.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -103,10 +104,11 @@ _ISA_MACRO = re.compile(r"^#define __(SSE\w*|AVX\w*|FMA\w*|F16C|BMI2?|POPCNT|LZC
                         r"ARM_FEATURE_(?:FMA|SVE\w*|FP16\w*))__ ")
 
 
+@functools.lru_cache(maxsize=None)
 def target_isa(cc: str, cflags: str) -> str:
     """The instruction-set extensions ``cc`` targets under ``cflags`` (its predefined
     macros: ``-march=native`` resolves to the build machine's), e.g. ``"AVX AVX2 FMA SSE
-    SSE2 ..."``; "" if the compiler cannot say."""
+    SSE2 ..."``; "" if the compiler cannot say. Asked once per process and pair."""
     try:
         out = subprocess.run([cc, *shlex.split(cflags), "-dM", "-E", "-x", "c", os.devnull],
                              capture_output=True, text=True, check=True).stdout

@@ -28,7 +28,7 @@ BUILDS = {"O2": "-O2", "O3": "-O3", "O3-native": "-O3 -march=native", "Ofast-nat
 
 
 def measure(impl: str, lib: str | None, seeds: int) -> dict:
-    """Worst observed constants of one implementation, per 'kernel.output'."""
+    """Worst observed constants of one implementation: kernel -> output -> [k_rel, k_norm]."""
     import numpy as np
 
     from pyref import numpy_kernels, torch_kernels
@@ -36,26 +36,24 @@ def measure(impl: str, lib: str | None, seeds: int) -> dict:
 
     from .binding import load_library
     from .ckernels import CKernels
-    from .opcheck import check_kernel, oracle_outputs
-    from .ops import cases, make_inputs, reduction_length
+    from .opcheck import sweep
     from .tolerances import U, small_sample, tail
 
     kernels = {"numpy": lambda: KernelSet.from_module(numpy_kernels),
                "torch": lambda: KernelSet.from_module(torch_kernels)}.get(impl)
     ks = kernels() if kernels else CKernels(load_library(lib))
-    worst: dict[str, list[float]] = {}
-    for check, s in cases():
-        for seed in range(seeds):
-            args = make_inputs(check, s, seed)
-            expected = oracle_outputs(check.kernel, args)
-            for c in check_kernel(ks, check.kernel, args, s, expected=expected):
-                out = c.name.split(".", 1)[1].split(" ")[0]
-                n = reduction_length(check, out, s)
-                size = int(np.prod(c.shape))
-                k_rel = c.max_rel / (U * sqrt(n) * tail(size))
-                k_norm = c.norm_rel / (U * sqrt(n) * small_sample(size))
-                w = worst.setdefault(f"{check.kernel}.{out}", [0.0, 0.0])
-                w[0], w[1] = max(w[0], k_rel), max(w[1], k_norm)
+    worst: dict[str, dict[str, list[float]]] = {}
+    for case in sweep({impl: ks}, seeds=range(seeds)):
+        res = case.results[impl]
+        if isinstance(res, Exception):
+            raise res
+        for out, c in (res or {}).items():
+            n = case.spec.n(out, case.args)
+            size = int(np.prod(c.shape))
+            k_rel = c.max_rel / (U * sqrt(n) * tail(size))
+            k_norm = c.norm_rel / (U * sqrt(n) * small_sample(size))
+            w = worst.setdefault(case.spec.name, {}).setdefault(out, [0.0, 0.0])
+            w[0], w[1] = max(w[0], k_rel), max(w[1], k_norm)
     return worst
 
 
@@ -87,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: failed\n{proc.stderr}", file=sys.stderr)
             return 1
         results[label] = json.loads(proc.stdout.splitlines()[-1])
-    keys = sorted({k for r in results.values() for k in r})
+    keys = sorted({(k, o) for r in results.values() for k in r for o in r[k]})
     print(f"{'kernel.output':<40}{'worst k_rel':>12}{'policy':>8}{'worst k_norm':>14}{'policy':>8}  worst in")
-    for key in keys:
-        kernel, out = key.split(".")
-        r = rule(kernel, "param" if out == "param" else out)
-        wr = max(((res[key][0], label) for label, res in results.items() if key in res))
-        wn = max(((res[key][1], label) for label, res in results.items() if key in res))
-        print(f"{key:<40}{wr[0]:>12.2f}{r.k_rel:>8g}{wn[0]:>14.2f}{r.k_norm:>8g}  {wr[1]} / {wn[1]}")
+    for kernel, out in keys:
+        r = rule(kernel, out)
+        seen = [(res[kernel][out], label) for label, res in results.items() if out in res.get(kernel, {})]
+        wr = max((k[0], label) for k, label in seen)
+        wn = max((k[1], label) for k, label in seen)
+        print(f"{kernel + '.' + out:<40}{wr[0]:>12.2f}{r.k_rel:>8g}{wn[0]:>14.2f}{r.k_norm:>8g}  {wr[1]} / {wn[1]}")
     return 0
 
 

@@ -5,52 +5,37 @@ own library and a user's build of llm.c's original through this same text, and c
 against the layout the compiler chose (``llmc_abi_layout``) before trusting it.
 """
 
-CDEF = r"""
-typedef struct {
-    int max_seq_len;
-    int vocab_size;
-    int padded_vocab_size;
-    int num_layers;
-    int num_heads;
-    int channels;
-} GPT2Config;
+from pyref.config import ACT_NAMES, PARAM_NAMES
 
-typedef struct {
-    float* wte; float* wpe; float* ln1w; float* ln1b; float* qkvw; float* qkvb;
-    float* attprojw; float* attprojb; float* ln2w; float* ln2b; float* fcw; float* fcb;
-    float* fcprojw; float* fcprojb; float* lnfw; float* lnfb;
-} ParameterTensors;
+# GPT2's fields in declaration order (the ABI): (C type, name, array length or None)
+GPT2_STRUCT = (
+    ("GPT2Config", "config", None),
+    ("ParameterTensors", "params", None), ("size_t", "param_sizes", len(PARAM_NAMES)),
+    ("float*", "params_memory", None), ("size_t", "num_parameters", None),
+    ("ParameterTensors", "grads", None), ("float*", "grads_memory", None),
+    ("float*", "m_memory", None), ("float*", "v_memory", None),
+    ("ActivationTensors", "acts", None), ("size_t", "act_sizes", len(ACT_NAMES)),
+    ("float*", "acts_memory", None), ("size_t", "num_activations", None),
+    ("ActivationTensors", "grads_acts", None), ("float*", "grads_acts_memory", None),
+    ("int", "batch_size", None), ("int", "seq_len", None), ("int*", "inputs", None),
+    ("int*", "targets", None), ("float", "mean_loss", None),
+)
+# GPT2 fields in declaration order, as llmc_abi_layout reports their offsets
+GPT2_FIELDS = tuple(name for _, name, _ in GPT2_STRUCT)
 
-typedef struct {
-    float* encoded; float* ln1; float* ln1_mean; float* ln1_rstd; float* qkv; float* atty;
-    float* preatt; float* att; float* attproj; float* residual2; float* ln2; float* ln2_mean;
-    float* ln2_rstd; float* fch; float* fch_gelu; float* fcproj; float* residual3; float* lnf;
-    float* lnf_mean; float* lnf_rstd; float* logits; float* probs; float* losses;
-} ActivationTensors;
 
-typedef struct {
-    GPT2Config config;
-    ParameterTensors params;
-    size_t param_sizes[16];
-    float* params_memory;
-    size_t num_parameters;
-    ParameterTensors grads;
-    float* grads_memory;
-    float* m_memory;
-    float* v_memory;
-    ActivationTensors acts;
-    size_t act_sizes[23];
-    float* acts_memory;
-    size_t num_activations;
-    ActivationTensors grads_acts;
-    float* grads_acts_memory;
-    int batch_size;
-    int seq_len;
-    int* inputs;
-    int* targets;
-    float mean_loss;
-} GPT2;
+def _struct(name: str, fields) -> str:
+    return "typedef struct {\n" + "".join(f"    {t} {n}{'' if k is None else f'[{k}]'};\n"
+                                          for t, n, k in fields) + "} " + name + ";\n"
 
+
+CDEF = (
+    _struct("GPT2Config", [("int", n, None) for n in ("max_seq_len", "vocab_size", "padded_vocab_size",
+                                                       "num_layers", "num_heads", "channels")])
+    + _struct("ParameterTensors", [("float*", n, None) for n in PARAM_NAMES])
+    + _struct("ActivationTensors", [("float*", n, None) for n in ACT_NAMES])
+    + _struct("GPT2", GPT2_STRUCT)
+    + r"""
 void encoder_forward(float* out, int* inp, float* wte, float* wpe, int B, int T, int C);
 void encoder_backward(float* dwte, float* dwpe, float* dout, int* inp, int B, int T, int C);
 void layernorm_forward(float* out, float* mean, float* rstd, float* inp, float* weight, float* bias, int B, int T, int C);
@@ -87,7 +72,7 @@ void omp_set_num_threads(int n);
 int omp_get_max_threads(void);
 /* C stdio, to flush the library's printf output before we restore stdout */
 int fflush(void* stream);
-"""
+""")
 
 # every symbol the spec requires a library to export
 REQUIRED_SYMBOLS = (
@@ -100,10 +85,3 @@ REQUIRED_SYMBOLS = (
     "gpt2_forward", "gpt2_zero_grad", "gpt2_backward", "gpt2_update", "gpt2_free",
 )
 
-# GPT2 fields in declaration order, as llmc_abi_layout reports their offsets
-GPT2_FIELDS = (
-    "config", "params", "param_sizes", "params_memory", "num_parameters", "grads",
-    "grads_memory", "m_memory", "v_memory", "acts", "act_sizes", "acts_memory",
-    "num_activations", "grads_acts", "grads_acts_memory", "batch_size", "seq_len",
-    "inputs", "targets", "mean_loss",
-)

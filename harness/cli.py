@@ -156,43 +156,22 @@ def _models(args) -> dict:
 
 def _batches(args, cfg, B, T):
     from pyref import synth
+    from pyref.config import check_tokens
     from pyref.formats import read_tokens
     if args.tokens:
         tokens = read_tokens(args.tokens)
         if tokens.size < B * T + 1:
             raise UsageError(f"{args.tokens}: {tokens.size} tokens, a batch needs {B * T + 1}")
-        if tokens.max(initial=0) >= cfg.vocab_size:
-            raise UsageError(f"{args.tokens}: token id {int(tokens.max())} >= vocab_size {cfg.vocab_size}")
+        check_tokens(args.tokens, tokens.reshape(1, -1), cfg.vocab_size, UsageError)
         return synth.batches_from_tokens(tokens, B, T)
 
     return synth.batches(cfg, B, T, seed=args.seed + 1000)
 
 
 def cmd_run(args) -> int:
-    from .report import run_summary, step_table, to_json, write_json
-    from .runner import AdamW, model_notes, run_parity
+    from .runner import AdamW, run_parity
 
-    # everything that can refuse is checked before the (maybe long) run, so a parity
-    # failure is never reported as a usage error afterwards
-    if args.debug_state and not args.checkpoint:
-        raise UsageError("--debug-state needs the --checkpoint it was made from")
-    for what, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and path != "-" and os.path.exists(path) and not args.overwrite:
-            raise UsageError(f"{what} {path} exists; pass --overwrite to replace it")
-    if args.plot:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib: pip install llmc-parity[plot]")
-    if args.seq_len is not None and args.seq_len < 1:
-        raise UsageError(f"-T must be positive, got {args.seq_len}")
-    cfg, params = _config(args)
-    B = args.batch
-    T = args.seq_len or min(cfg.max_seq_len, 64 if cfg.channels >= 512 else 16)
-    if T > cfg.max_seq_len:
-        raise UsageError(f"-T {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    if args.free_run < 0:
-        raise UsageError(f"--free-run must be >= 0, got {args.free_run}")
-    if B < 1 or T < 1 or args.steps < 1:
-        raise UsageError("batch size, sequence length and steps must be positive")
+    cfg, params, B, T = _run_inputs(args)
     lib = _library(args)
     refs = args.ref if args.ref is not None else \
         ["numpy"] + (["torch"] if importlib.util.find_spec("torch") is not None else [])
@@ -200,13 +179,11 @@ def cmd_run(args) -> int:
     if args.impl:
         impls.update(_impls([args.impl]))
     models = _models(args)
-    out = sys.stdout
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
-              + "".join(f"; model: {n} ({args.model})" for n in models), file=out)
+              + "".join(f"; model: {n} ({args.model})" for n in models))
     progress = Progress(enabled=not args.quiet)
-
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
     report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
                         steps=args.steps, hyper=hyper, threads=args.threads,
@@ -219,68 +196,93 @@ def cmd_run(args) -> int:
         report.free_run = free_run(cfg, params, [next(gen) for _ in range(args.free_run)], lib=lib, impls=impls,
                                    models=models, hyper=hyper, threads=args.threads)
     progress.done()
+    ds_ok = _print_run(args, report, lib)
+    _write_run(args, report)
+    return EXIT_PASS if report.passed and ds_ok else EXIT_FAIL
+
+
+def _run_inputs(args):
+    """(config, params, B, T) of a run, after every check that can refuse it: refused
+    before the (maybe long) run, so a parity failure is never reported as a usage error."""
+    if args.debug_state and not args.checkpoint:
+        raise UsageError("--debug-state needs the --checkpoint it was made from")
+    for what, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and path != "-" and os.path.exists(path) and not args.overwrite:
+            raise UsageError(f"{what} {path} exists; pass --overwrite to replace it")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install llmc-parity[plot]")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"-T must be positive, got {args.seq_len}")
+    cfg, params = _config(args)
+    B = args.batch
+    T = args.seq_len or min(cfg.max_seq_len, 64 if cfg.channels >= 512 else 16)
+    if T > cfg.max_seq_len:
+        raise UsageError(f"-T {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if args.free_run < 0:
+        raise UsageError(f"--free-run must be >= 0, got {args.free_run}")
+    if B < 1 or T < 1 or args.steps < 1:
+        raise UsageError("batch size, sequence length and steps must be positive")
+    return cfg, params, B, T
+
+
+def _print_run(args, report, lib) -> bool:
+    """The step tables, the free run, the summary and the debug-state check (unless
+    --json-only); returns whether the debug state (if asked for) passed."""
+    from .report import run_summary, step_table
+    from .runner import model_notes
+
     if not args.json_only:
         for line in model_notes(report):
-            print(line, file=out)
+            print(line)
         for step in report.steps:
             if not args.summary_only or not step.passed:
-                print(step_table(step, verbose=args.verbose), file=out)
+                print(step_table(step, verbose=args.verbose))
         if report.free_run:
             from .freerun import free_run_table
-            print(free_run_table(report.free_run), file=out)
-        print(run_summary(report), file=out)
-    ds_ok = True
-    if args.debug_state:
-        from .debugstate import check_debug_state, format_debug_state
-        ds = check_debug_state(args.checkpoint, args.debug_state, lib=lib, threads=args.threads)
-        ds_ok = ds.passed
-        if not args.json_only:
-            print(format_debug_state(ds), file=out)
-    if args.json:
-        data = to_json(report)
-        if args.json == "-":
-            json.dump(data, sys.stdout, indent=1, allow_nan=False)
-            print()
-        else:
-            write_json(report, args.json, overwrite=args.overwrite)
+            print(free_run_table(report.free_run))
+        print(run_summary(report))
+    if not args.debug_state:
+        return True
+    from .debugstate import check_debug_state, format_debug_state
+    ds = check_debug_state(args.checkpoint, args.debug_state, lib=lib, threads=args.threads)
+    if not args.json_only:
+        print(format_debug_state(ds))
+    return ds.passed
+
+
+def _write_run(args, report) -> None:
+    from .report import to_json, write_json
+
+    if args.json == "-":
+        json.dump(to_json(report), sys.stdout, indent=1, allow_nan=False)
+        print()
+    elif args.json:
+        write_json(report, args.json, overwrite=args.overwrite)
     if args.plot:
         from .plot import plot
         plot(report, args.plot, overwrite=args.overwrite)
-    return EXIT_PASS if report.passed and ds_ok else EXIT_FAIL
 
 
 def cmd_ops(args) -> int:
     from .ckernels import CKernels
     from .compare import format_table
-    from .opcheck import check_kernel, oracle_outputs
-    from .ops import cases, make_inputs
+    from .opcheck import sweep
 
     lib = _library(args)
     impls = {"C": CKernels(lib), **_impls(args.ref)}
     if args.impl:
         impls.update(_impls([args.impl]))
     rows, failed, not_checked = [], 0, {}
-    for check, s in cases():
-        if args.kernel and not any(k in check.kernel for k in args.kernel):
-            continue
-        for seed in range(args.seeds):
-            inputs = make_inputs(check, s, seed)
-            expected = oracle_outputs(check.kernel, inputs)
-            for name, ks in impls.items():
-                if check.kernel in getattr(ks, "missing", ()):
-                    not_checked.setdefault(name, set()).add(check.kernel)
-                    continue
-                try:
-                    results = check_kernel(ks, check.kernel, inputs, s, expected=expected, label=f"{name} {s.name}")
-                except NotImplementedError:
-                    not_checked.setdefault(name, set()).add(check.kernel)
-                    continue
-                except Exception as e:  # a user's kernel may raise or return garbage
-                    print(f"FAIL {name} {check.kernel} {s.name}: {type(e).__name__}: {e}")
-                    failed += 1
-                    continue
-                rows += results
-                failed += sum(not c.passed for c in results)
+    for case in sweep(impls, seeds=range(args.seeds), kernels=args.kernel):
+        for name, res in case.results.items():
+            if res is None:
+                not_checked.setdefault(name, set()).add(case.spec.name)
+            elif isinstance(res, Exception):
+                print(f"FAIL {name} {case.spec.name} {case.shape.name}: {type(res).__name__}: {res}")
+                failed += 1
+            else:
+                rows += res.values()
+                failed += sum(not c.passed for c in res.values())
     shown = rows if args.verbose else [c for c in rows if not c.passed]
     if shown:
         print(format_table(shown, title="per-op checks" + ("" if args.verbose else ": failures")))
@@ -354,7 +356,16 @@ def _common(p):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmc-parity", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _ops_parser(sub)
+    _gate_parser(sub)
+    info = sub.add_parser("info", help="build/load the library and report on it")
+    _common(info)
+    info.set_defaults(func=cmd_info)
+    return ap
 
+
+def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="train N steps in C and the references, check every step")
     _common(run)
     run.add_argument("--config", default="tiny", help="built-in config: tiny (default), small, d12 / 124M")
@@ -393,6 +404,8 @@ def parser() -> argparse.ArgumentParser:
                      help="print the per-step tables only for steps that failed, then the summary")
     run.set_defaults(func=cmd_run)
 
+
+def _ops_parser(sub) -> None:
     ops = sub.add_parser("ops", help="per-op checks of every kernel against the oracle")
     _common(ops)
     ops.add_argument("--ref", default="", type=lambda s: [x for x in s.split(",") if x],
@@ -403,6 +416,8 @@ def parser() -> argparse.ArgumentParser:
     ops.add_argument("-v", "--verbose", action="store_true", help="every row, not just failures")
     ops.set_defaults(func=cmd_ops)
 
+
+def _gate_parser(sub) -> None:
     gate = sub.add_parser("gate", help="the numerical drift gate")
     _common(gate)
     gate.add_argument("--baseline", help="baseline file (default: $LLMC_GATE_BASELINE, else "
@@ -415,11 +430,6 @@ def parser() -> argparse.ArgumentParser:
                                      "nearest fingerprint and differing components)")
     gate.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     gate.set_defaults(func=cmd_gate)
-
-    info = sub.add_parser("info", help="build/load the library and report on it")
-    _common(info)
-    info.set_defaults(func=cmd_info)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from math import prod
 
 import numpy as np
 
-from pyref.config import ACT_NAMES, PARAM_NAMES, GPT2Config, ParamsError, act_shapes, flat_params, param_shapes
+from pyref.config import (ACT_NAMES, PARAM_NAMES, GPT2Config, ParamsError, act_shapes, check_tokens,
+                          flat_params, param_shapes)
 
 from .binding import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
 
@@ -186,19 +187,7 @@ class CModel:
         return None if targets is None else float(s.mean_loss)
 
     def _tokens(self, name, a) -> np.ndarray:
-        a = np.asarray(a)
-        if a.ndim != 2:
-            raise LlmcInputError(f"{name}: expected a (B, T) array of token ids, got shape {a.shape}")
-        if a.size == 0:
-            raise LlmcInputError(f"{name}: empty batch {a.shape}")
-        if not np.issubdtype(a.dtype, np.integer):
-            raise LlmcInputError(f"{name}: expected integer token ids, got {a.dtype}")
-        V = self.config.vocab_size
-        bad = (a < 0) | (a >= V)
-        if bad.any():
-            idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise LlmcInputError(f"{name}: token id {int(a[idx])} at {idx} is outside [0, V={V})")
-        return np.ascontiguousarray(a, dtype=np.int32)
+        return check_tokens(name, a, self.config.vocab_size, LlmcInputError)
 
     def zero_grad(self) -> None:
         self.lib.lib.gpt2_zero_grad(self._struct)
@@ -276,21 +265,12 @@ class CModel:
     def params_memory(self) -> np.ndarray:
         return self._flat("params_memory", self.num_parameters, "parameters")
 
-    @property
-    def grads_memory(self) -> np.ndarray:
-        return self._flat("grads_memory", self.num_parameters, "gradients: call backward() first")
-
-    @property
-    def m_memory(self) -> np.ndarray:
-        return self._flat("m_memory", self.num_parameters, "AdamW m: call update() first")
-
-    @property
-    def v_memory(self) -> np.ndarray:
-        return self._flat("v_memory", self.num_parameters, "AdamW v: call update() first")
-
-    @property
-    def acts_memory(self) -> np.ndarray:
-        return self._flat("acts_memory", self._struct.num_activations, "activations: call forward() first")
+    grads_memory = property(lambda self: self._flat("grads_memory", self.num_parameters,
+                                                    "gradients: call backward() first"))
+    m_memory = property(lambda self: self._flat("m_memory", self.num_parameters, "AdamW m: call update() first"))
+    v_memory = property(lambda self: self._flat("v_memory", self.num_parameters, "AdamW v: call update() first"))
+    acts_memory = property(lambda self: self._flat("acts_memory", self._struct.num_activations,
+                                                   "activations: call forward() first"))
 
     def poison_activations(self) -> None:
         """Fill the activations with NaN before a forward: the C must overwrite every one

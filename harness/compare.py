@@ -294,6 +294,29 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
         the size of the terms an element was summed from, where they cancel. The norm-wise
         error is then relative to the same sizes: ``||a-e|| / || |e| + elem_scale ||``.
     """
+    a, e, m, es, axes, scale, shape = _validated(actual, expected, name, tol, axes, mask, scale, elem_scale)
+    blocks = list(_chunks(a.shape, CHUNK_ELEMS)) if a.size else []
+    # Scratch arrays sized for the largest block (the first one), reused by every block.
+    ws = _Workspace(a[blocks[0][0]].size if blocks else 0, reuse=len(blocks) > 1)
+    acc = _Accumulator(tol, nan_equal, ws)
+    with np.errstate(all="ignore"):
+        cached_e64 = None
+        if scale is None:               # pass 1: RMS of the finite compared expected values
+            scale, cached_e64 = _rms_scale(e, m, blocks, ws)
+        acc.scale = scale + tol.floor
+        acc.elem_scale = es
+        acc.floor = tol.floor
+        for key, outer, start in blocks:   # pass 2: the metrics
+            ab = a[key]
+            acc.update(ab, e[key], None if m is None else m[key],
+                       _Locator(ab.shape, outer, start), cached_e64,
+                       None if es is None else es[key])
+    return acc.result(a, e, name=name, shape=shape, axes=axes)
+
+
+def _validated(actual, expected, name, tol, axes, mask, scale, elem_scale):
+    """compare's arguments checked and put in the form its passes read: (a, e, mask,
+    elem_scale, axes, scale, shape), a 0-d pair as 1-element views (shape stays ())."""
     a = _as_numeric_array(actual, "actual", name)
     e = _as_numeric_array(expected, "expected", name)
     if a.shape != e.shape:
@@ -312,7 +335,6 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
         scale = float(scale)
         if not (math.isfinite(scale) and scale > 0.0):
             raise ValueError(f"{name}: scale must be finite and > 0, got {scale!r}")
-
     es = None
     if elem_scale is not None:
         try:
@@ -327,33 +349,21 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
         a, e = a.reshape(1), e.reshape(1)
         m = None if m is None else m.reshape(1)
         es = None if es is None else es.reshape(1)
+    return a, e, m, es, axes, scale, shape
 
-    blocks = list(_chunks(a.shape, CHUNK_ELEMS)) if a.size else []
-    # Scratch arrays sized for the largest block (the first one), reused by every block.
-    ws = _Workspace(a[blocks[0][0]].size if blocks else 0, reuse=len(blocks) > 1)
-    acc = _Accumulator(tol, nan_equal, ws)
-    with np.errstate(all="ignore"):
-        cached_e64 = None
-        if scale is None:               # pass 1: RMS of the finite compared expected values
-            sumsq, count = 0.0, 0
-            for key, _, _ in blocks:
-                e64 = ws.as_float64(e[key], "e64")
-                s, c = _finite_sumsq(e64, None if m is None else m[key], ws)
-                sumsq, count = sumsq + s, count + c
-                if len(blocks) == 1:
-                    cached_e64 = e64    # the small path: reuse it instead of converting twice
-            scale = math.sqrt(sumsq / count) if count else 0.0
-            if not scale > 0.0:         # all zeros (or nothing finite): avoid 0/0
-                scale = FLOAT32_TINY
-        acc.scale = scale + tol.floor
-        acc.elem_scale = es
-        acc.floor = tol.floor
-        for key, outer, start in blocks:   # pass 2: the metrics
-            ab = a[key]
-            acc.update(ab, e[key], None if m is None else m[key],
-                       _Locator(ab.shape, outer, start), cached_e64,
-                       None if es is None else es[key])
-    return acc.result(a, e, name=name, shape=shape, axes=axes)
+
+def _rms_scale(e, m, blocks, ws) -> tuple[float, np.ndarray | None]:
+    """The RMS of the finite compared expected values (the smallest normal float32 when
+    that is 0), and, for a one-block tensor, its float64 expected values to reuse."""
+    sumsq, count, cached = 0.0, 0, None
+    for key, _, _ in blocks:
+        e64 = ws.as_float64(e[key], "e64")
+        s, c = _finite_sumsq(e64, None if m is None else m[key], ws)
+        sumsq, count = sumsq + s, count + c
+        if len(blocks) == 1:
+            cached = e64    # the small path: reuse it instead of converting twice
+    scale = math.sqrt(sumsq / count) if count else 0.0
+    return (scale if scale > 0.0 else FLOAT32_TINY), cached    # all zeros: avoid 0/0
 
 
 def assert_parity(actual: Any, expected: Any, **kwargs: Any) -> Comparison:
@@ -495,10 +505,23 @@ class _Accumulator:
             self.n_compared += n_sel
             invalid = ws.take("invalid", np.bool_, shape)
             np.logical_not(m, out=invalid)
-
         a64 = ws.as_float64(a, "a64")
         if e64 is None:
             e64 = ws.as_float64(e, "e64")
+        diff, rel = self._diff_rel(a64, e64, es)
+        if not math.isfinite(diff.max()):   # some pair has a NaN or an inf (maybe masked out)
+            invalid = self._nonfinite(a64, e64, m, invalid, locate)
+        if invalid is not None:
+            np.copyto(diff, 0.0, where=invalid)
+            np.copyto(rel, -1.0, where=invalid)
+        self._sums(diff, e64, es, invalid)
+        bad = self._worst(rel, locate)
+        self._ulps(a, e, invalid, bad)
+        self.n_bad += int(np.count_nonzero(bad))
+
+    def _diff_rel(self, a64, e64, es):
+        """|a - e| and |a - e| / (|e| + scale + elem_scale), in workspace buffers."""
+        ws, shape = self.ws, a64.shape
         diff = ws.take("diff", np.float64, shape)
         np.subtract(a64, e64, out=diff)
         np.abs(diff, out=diff)
@@ -508,38 +531,43 @@ class _Accumulator:
         if es is not None:
             rel += es
         np.divide(diff, rel, out=rel)
+        return diff, rel
 
-        if not math.isfinite(diff.max()):   # some pair has a NaN or an inf (maybe masked out)
-            finite = ws.take("finite", np.bool_, shape)
-            nonfinite = ws.take("nonfinite", np.bool_, shape)
-            np.isfinite(a64, out=finite)
-            np.isfinite(e64, out=nonfinite)
-            finite &= nonfinite
-            np.logical_not(finite, out=nonfinite)
-            if m is not None:
-                nonfinite &= m
-            if nonfinite.any():
-                an, en = a64[nonfinite], e64[nonfinite]     # few: plain temporaries
-                equal = an == en                              # same-sign infinities
-                if self.nan_equal:
-                    equal |= np.isnan(an) & np.isnan(en)
-                n_mismatch = int(an.size - np.count_nonzero(equal))
-                if n_mismatch:
-                    self.n_nonfinite += n_mismatch
-                    self.n_bad += n_mismatch
-                    if not self.worst_is_nonfinite:       # the first one is the worst element
-                        first = int(np.flatnonzero(nonfinite)[np.argmin(equal)])
-                        self.worst_index = locate(first)
-                        self.worst_is_nonfinite = True
-            np.logical_not(finite, out=finite)
-            if invalid is None:
-                invalid = finite
-            else:
-                invalid |= finite
+    def _nonfinite(self, a64, e64, m, invalid, locate):
+        """Count pairs with a NaN or inf that differ (the first is the worst element);
+        returns the invalid elements: masked out, or not both finite."""
+        ws, shape = self.ws, a64.shape
+        finite = ws.take("finite", np.bool_, shape)
+        nonfinite = ws.take("nonfinite", np.bool_, shape)
+        np.isfinite(a64, out=finite)
+        np.isfinite(e64, out=nonfinite)
+        finite &= nonfinite
+        np.logical_not(finite, out=nonfinite)
+        if m is not None:
+            nonfinite &= m
+        if nonfinite.any():
+            an, en = a64[nonfinite], e64[nonfinite]     # few: plain temporaries
+            equal = an == en                              # same-sign infinities
+            if self.nan_equal:
+                equal |= np.isnan(an) & np.isnan(en)
+            n_mismatch = int(an.size - np.count_nonzero(equal))
+            if n_mismatch:
+                self.n_nonfinite += n_mismatch
+                self.n_bad += n_mismatch
+                if not self.worst_is_nonfinite:       # the first one is the worst element
+                    first = int(np.flatnonzero(nonfinite)[np.argmin(equal)])
+                    self.worst_index = locate(first)
+                    self.worst_is_nonfinite = True
+        np.logical_not(finite, out=finite)
+        if invalid is None:
+            return finite
+        invalid |= finite
+        return invalid
 
-        if invalid is not None:
-            np.copyto(diff, 0.0, where=invalid)
-            np.copyto(rel, -1.0, where=invalid)
+    def _sums(self, diff, e64, es, invalid) -> None:
+        """max |a - e|, and the sums of squares of the differences and of each element's
+        size (value, terms, floor) behind the norm-wise error."""
+        ws, shape = self.ws, diff.shape
         self.max_abs = max(self.max_abs, float(diff.max()))
         # Sums of squares as square-then-sum (pairwise, no BLAS: a threaded ddot can stall
         # on a busy machine). a64 and diff are not needed after this.
@@ -560,15 +588,21 @@ class _Accumulator:
             np.copyto(squares, 0.0, where=invalid)
             self.sumsq_expected += _sumsq(squares, squares)
 
+    def _worst(self, rel, locate) -> np.ndarray:
+        """The largest rel and where it is; returns the elements over the bound."""
         r = float(rel.max())
         if r > self.max_rel:
             self.max_rel = r
         if r > self.worst_rel and not self.worst_is_nonfinite:
             self.worst_rel = r
             self.worst_index = locate(int(rel.argmax()))   # argmax only when needed
-        bad = ws.take("bad", np.bool_, shape)
+        bad = self.ws.take("bad", np.bool_, rel.shape)
         np.greater(rel, self.tol.rel, out=bad)
+        return bad
 
+    def _ulps(self, a, e, invalid, bad) -> None:
+        """The largest ulp distance (float32 bits); over tol.ulp, if set, is bad too."""
+        ws, shape = self.ws, a.shape
         ulp = ws.take("ulp", np.int64, shape)
         np.subtract(_ulp_keys(ws.as_float32(a, "a32"), ws, "ka"),
                     _ulp_keys(ws.as_float32(e, "e32"), ws, "ke"), out=ulp, dtype=np.int64)
@@ -580,7 +614,6 @@ class _Accumulator:
             over = ws.take("over", np.bool_, shape)
             np.greater(ulp, self.tol.ulp, out=over)
             bad |= over
-        self.n_bad += int(np.count_nonzero(bad))
 
     def result(self, a: np.ndarray, e: np.ndarray, *, name: str, shape: tuple[int, ...],
                axes: tuple[str, ...] | None) -> Comparison:

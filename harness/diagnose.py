@@ -35,10 +35,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pyref import numpy_kernels
-from pyref.protocol import INPLACE_ARGS, SIGNATURES
+from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, SIGNATURES
 
 from .compare import Comparison, Tolerance, compare
-from .ops import FORWARD_OUTPUTS, run_kernel
+from .ops import run_kernel
 
 __all__ = ["Variant", "Fit", "Cause", "Diagnosis", "Call", "DiagnosedComparison", "CATALOGUE",
            "VARIANT_BY_ID", "MODEL_QUANTITIES", "diagnose", "attach", "variants_for", "one_d_mask",
@@ -635,7 +635,7 @@ def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=Non
 def _adamw_l2_terms(kernel, args, output):
     """g + wd*param cancels where the two oppose: the moments and the update round
     relative to |g| + wd|param|, not to the (small) sum."""
-    from .tolerances import adamw_magnitudes
+    from pyref.terms import adamw_magnitudes
     g = np.abs(args["grad"]) + abs(float(np.float32(args["weight_decay"]))) * np.abs(args["param"])
     if output == "v":
         return (1 - float(np.float32(args["beta2"]))) * g * g

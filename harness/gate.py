@@ -142,43 +142,54 @@ def _entry(c: Comparison) -> dict:
 
 
 def run_suite(lib=None, progress=None) -> GateRun:
-    """Run the fixed suite against ``lib`` (default: the bound library)."""
-    from pyref import synth
-    from pyref.config import preset
-
+    """Run the fixed suite against ``lib`` (default: the bound library): the per-op sweep,
+    then a few model steps, their metrics, failures and the C's output bits."""
     from .binding import as_library
-    from .ckernels import CKernels
-    from .kernels import load_kernels
-    from .ops import cases, make_inputs, run_kernel
-    from .opcheck import check_kernel, oracle_outputs
-    from .runner import run_parity
 
     lib = as_library(lib)
-    metrics: dict[str, dict] = {}
-    checked_by: dict[str, list[str]] = {}
-    failures: list[str] = []
-    prints: dict[str, str] = {}
+    run = GateRun({}, [], {}, None)
     inputs = hashlib.sha256()   # every input the C gets, as bytes
 
     def took(*arrays):
         for a in arrays:
             inputs.update(np.ascontiguousarray(a).tobytes() if isinstance(a, np.ndarray) else repr(a).encode())
 
+    _run_ops(run, lib, took)
+    _run_model(run, lib, took, progress)
+    run.build_key = build_key(lib, inputs.hexdigest()[:16])
+    return run
+
+
+def _run_ops(run: GateRun, lib, took) -> None:
+    from .ckernels import CKernels
+    from .opcheck import sweep
+    from .ops import run_kernel
+
     ck = CKernels(lib)
-    for check, s in cases():
-        args = make_inputs(check, s, seed=SUITE["seed"])
+    for case in sweep({"C": ck}, seeds=(SUITE["seed"],)):
+        args = case.args
         took(*(args[k] for k in sorted(args)))
-        expected = oracle_outputs(check.kernel, args)
-        for c in check_kernel(ck, check.kernel, args, s, expected=expected):
-            key = f"op {c.name}@{s.name}"
-            metrics[key] = _entry(c)
-            checked_by[key] = [key]
+        res = case.results["C"]
+        if isinstance(res, Exception):
+            run.failures.append(f"op {case.spec.name}@{case.shape.name}: {type(res).__name__}: {res}")
+            continue
+        for output, c in res.items():
+            key = f"op {case.key(output)}"
+            run.metrics[key] = _entry(c)
+            run.checked_by[key] = [key]
             if not c.passed:
-                failures.append(f"{key}: {c.message()}")
-        outs = run_kernel(ck, check.kernel, args)  # deterministic: same bits as above
-        for name, a in outs.items():
-            mask = check.mask(name, s)   # preatt's upper triangle is never written
-            prints[f"op {check.kernel}.{name}@{s.name}"] = _digest(a if mask is None else np.where(mask, a, 0))
+                run.failures.append(f"{key}: {c.message()}")
+        for name, a in run_kernel(ck, case.spec.name, args).items():  # deterministic: the same bits
+            mask = case.spec.mask(name, args)   # preatt's upper triangle is never written
+            run.fingerprints[f"op {case.key(name)}"] = _digest(a if mask is None else np.where(mask, a, 0))
+
+
+def _run_model(run: GateRun, lib, took, progress) -> None:
+    from pyref import synth
+    from pyref.config import preset
+
+    from .kernels import load_kernels
+    from .runner import run_parity
 
     cfg = preset(SUITE["config"])
     params = synth.init_params(cfg, seed=SUITE["seed"])
@@ -193,11 +204,11 @@ def run_suite(lib=None, progress=None) -> GateRun:
         for name, a in cmodel.acts.items():
             if name == "preatt":
                 a = np.where(np.tril(np.ones(a.shape[-2:], bool)), a, 0)
-            prints[_step_key(t, "acts", name)] = _digest(a)
+            run.fingerprints[_step_key(t, "acts", name)] = _digest(a)
         for name, a in cmodel.grads.items():
-            prints[_step_key(t, "grads", name)] = _digest(a)
+            run.fingerprints[_step_key(t, "grads", name)] = _digest(a)
         for name in ("params_memory", "m_memory", "v_memory"):
-            prints[f"step {t} {name} (after update)"] = _digest(getattr(cmodel, name))
+            run.fingerprints[f"step {t} {name} (after update)"] = _digest(getattr(cmodel, name))
 
     impls = {name: load_kernels(name) for name in SUITE["impls"]}
     report = run_parity(cfg, params, batches(), lib=lib, impls=impls, steps=SUITE["steps"],
@@ -205,14 +216,12 @@ def run_suite(lib=None, progress=None) -> GateRun:
     for step in report.steps:
         for chk in step.checks:
             key = f"step {chk.step} {chk.impl} {chk.kind} {chk.tensor}"
-            metrics[key] = _entry(chk.comparison)
+            run.metrics[key] = _entry(chk.comparison)
             if chk.impl == "C" and chk.kind == "e2e":
-                checked_by.setdefault(_step_key(chk.step, chk.ref.group, chk.ref.name), []).append(key)
+                run.checked_by.setdefault(_step_key(chk.step, chk.ref.group, chk.ref.name), []).append(key)
             if not chk.passed:
-                failures.append(f"{key} ({chk.where}): {chk.comparison.message()}")
-        for impl, err in step.errors.items():
-            failures.append(f"step {step.step} {impl}: {err}")
-    return GateRun(metrics, failures, prints, build_key(lib, inputs.hexdigest()[:16]), checked_by=checked_by)
+                run.failures.append(f"{key} ({chk.where}): {chk.comparison.message()}")
+        run.failures += [f"step {step.step} {impl}: {err}" for impl, err in step.errors.items()]
 
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from pyref.config import GPT2Config
 
-from .ops import Shape
 
 
 @dataclass(frozen=True)
@@ -137,14 +136,3 @@ def backward_nodes(cfg: GPT2Config) -> list[Node]:
     nodes.append(_n("encoder_backward", None, "encoder", dwte=D("wte"), dwpe=D("wpe"), dout=G("encoded"),
                     inp=Ref("batch", "inputs")))
     return nodes
-
-
-def node_shape(node: Node, cfg: GPT2Config, B: int, T: int) -> Shape:
-    """The op-table Shape of a node, for its reduction lengths."""
-    C, OC = cfg.channels, cfg.channels
-    if node.kernel.startswith("matmul"):
-        widths = {"qkv": (C, 3 * C), "attproj": (C, C), "fc": (C, 4 * C), "fcproj": (4 * C, C),
-                  "lm_head": (C, cfg.padded_vocab_size)}
-        C, OC = widths[node.label]
-    return Shape(node.label, B=B, T=T, C=C, NH=cfg.num_heads, V=cfg.vocab_size,
-                 Vp=cfg.padded_vocab_size, OC=OC)

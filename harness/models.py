@@ -38,10 +38,12 @@ from math import prod, sqrt
 import numpy as np
 
 from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from pyref.constants import LN_EPS
+from pyref.protocol import FORWARD_OUTPUTS
 
 from .errors import InputError
 from .graph import Ref, forward_nodes
-from .ops import FORWARD_OUTPUTS, run_kernel
+from .ops import run_kernel
 
 
 class ModelError(InputError, ValueError):
@@ -158,25 +160,13 @@ def parse_slot(text: str) -> Slot:
 
 # nanoGPT / llm.c train_gpt2.py / Hugging Face names (any prefix) -> C tensor
 _BLOCK = r"(?:^|\.)h\.(\d+)\."
-_NAMED = [
-    (re.compile(r"(?:^|\.)wte\.weight$"), "wte"),
-    (re.compile(r"(?:^|\.)wpe\.weight$"), "wpe"),
-    (re.compile(r"(?:^|\.)lm_head\.weight$"), "wte"),
-    (re.compile(r"(?:^|\.)ln_f\.weight$"), "lnfw"),
-    (re.compile(r"(?:^|\.)ln_f\.bias$"), "lnfb"),
-    (re.compile(_BLOCK + r"ln_1\.weight$"), "ln1w"),
-    (re.compile(_BLOCK + r"ln_1\.bias$"), "ln1b"),
-    (re.compile(_BLOCK + r"attn\.c_attn\.weight$"), "qkvw"),
-    (re.compile(_BLOCK + r"attn\.c_attn\.bias$"), "qkvb"),
-    (re.compile(_BLOCK + r"attn\.c_proj\.weight$"), "attprojw"),
-    (re.compile(_BLOCK + r"attn\.c_proj\.bias$"), "attprojb"),
-    (re.compile(_BLOCK + r"ln_2\.weight$"), "ln2w"),
-    (re.compile(_BLOCK + r"ln_2\.bias$"), "ln2b"),
-    (re.compile(_BLOCK + r"mlp\.c_fc\.weight$"), "fcw"),
-    (re.compile(_BLOCK + r"mlp\.c_fc\.bias$"), "fcb"),
-    (re.compile(_BLOCK + r"mlp\.c_proj\.weight$"), "fcprojw"),
-    (re.compile(_BLOCK + r"mlp\.c_proj\.bias$"), "fcprojb"),
-]
+_TOP = {"wte.weight": "wte", "wpe.weight": "wpe", "lm_head.weight": "wte", "ln_f.weight": "lnfw",
+        "ln_f.bias": "lnfb"}
+_IN_BLOCK = {"ln_1": "ln1", "attn.c_attn": "qkv", "attn.c_proj": "attproj", "ln_2": "ln2",
+             "mlp.c_fc": "fc", "mlp.c_proj": "fcproj"}   # + .weight / .bias -> <C name>w / b
+_NAMED = [(re.compile(r"(?:^|\.)" + re.escape(k) + "$"), v) for k, v in _TOP.items()] + [
+    (re.compile(_BLOCK + re.escape(f"{module}.{kind}") + "$"), c + kind[0])
+    for module, c in _IN_BLOCK.items() for kind in ("weight", "bias")]
 _C_NAMED = re.compile(r"(?:^|\.)(" + "|".join(PARAM_NAMES) + r")$")
 
 
@@ -449,9 +439,9 @@ def hygiene(model, optimizer, hyper, cfg: GPT2Config, entries: list[Entry]) -> l
         out.append("TF32 / reduced-precision float32 matmul enabled (torch.backends.*.allow_tf32 or "
                    f"float32_matmul_precision={torch.get_float32_matmul_precision()!r}): the C's matmuls are full float32")
     eps = sorted({(n, m.eps) for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.LayerNorm) and m.eps != 1e-5}, key=lambda x: x[0])
+                  if isinstance(m, torch.nn.LayerNorm) and m.eps != LN_EPS}, key=lambda x: x[0])
     conf = getattr(model, "config", None)
-    if isinstance(getattr(conf, "layer_norm_epsilon", None), float) and conf.layer_norm_epsilon != 1e-5:
+    if isinstance(getattr(conf, "layer_norm_epsilon", None), float) and conf.layer_norm_epsilon != LN_EPS:
         eps.append(("config.layer_norm_epsilon", conf.layer_norm_epsilon))
     if eps:
         out.append(f"layer norm eps {eps[0][1]:g} ({eps[0][0]}{' and others' if len(eps) > 1 else ''}), "

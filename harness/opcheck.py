@@ -1,26 +1,31 @@
-"""Per-op checks: one kernel of one implementation against the float64 oracle.
+"""Per-op checks: one kernel call of one implementation against the float64 oracle.
 
-``check_kernel(impl, "layernorm_forward", args, shape)`` runs the implementation (the C
-through :class:`~harness.ckernels.CKernels`, NumPy, torch or a user's port) and the oracle
-on the same float32 inputs and compares every output under the per-op tolerance of
-:mod:`harness.tolerances`. The result is a list of :class:`~harness.compare.Comparison`,
-named ``<kernel>.<output>``. A failing one is a
-:class:`~harness.diagnose.DiagnosedComparison`: it also says which catalogued change of
-semantics (if any) explains the implementation's output (:mod:`harness.diagnose`);
-passing ones cost no diagnosis.
+:func:`judge` is the one place a kernel call's output is judged: the tolerance of its row
+in :mod:`pyref.spec` (rule, reduction length), its mask and axes, relative to the size of
+the terms it is summed from, and, when it fails, why (:mod:`harness.diagnose`). The per-op
+check (:func:`check_kernel`), the replay of a model step and the model checks
+(:mod:`harness.runner`) all judge through it.
+
+``check_kernel(impl, "layernorm_forward", args)`` runs the implementation (the C through
+:class:`~harness.ckernels.CKernels`, NumPy, torch or a user's port) and the oracle on the
+same float32 inputs and judges every output. The result is a list of
+:class:`~harness.compare.Comparison`, named ``<kernel>.<output>``; a failing one is a
+:class:`~harness.diagnose.DiagnosedComparison`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from pyref import numpy_kernels
-from pyref.protocol import KernelSet
+from pyref.cases import SHAPE_BY_NAME, Shape
+from pyref.protocol import INPLACE_ARGS, KernelSet
+from pyref.spec import SPEC, KernelSpec
 
 from .compare import Comparison, ParityError, compare
 from .diagnose import Call, attach, diagnose
-from .ops import CHECK_BY_KERNEL, Shape, reduction_length, run_kernel
-from pyref.protocol import INPLACE_ARGS
-
+from .ops import cases, make_inputs, run_kernel
 from .tolerances import op_tolerance, term_magnitude
 
 ORACLE = KernelSet.from_module(numpy_kernels)
@@ -30,62 +35,134 @@ def oracle_outputs(kernel: str, args: dict) -> dict[str, np.ndarray]:
     return run_kernel(ORACLE, kernel, args, np.float64)
 
 
-def check_kernel(impl, kernel: str, args: dict, shape: Shape, expected=None,
-                 label: str = "") -> list[Comparison]:
-    """Compare ``impl.<kernel>`` on ``args`` with the oracle; ``expected`` may pass
-    precomputed oracle outputs (to share them between implementations)."""
-    check = CHECK_BY_KERNEL[kernel]
+def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
+          name: str, elem_scale=None, n: int | None = None, calls=None) -> Comparison:
+    """Judge ``actual`` (an implementation's ``output`` of a ``kernel`` call on ``args``)
+    against the oracle's ``expected``, under the kernel's per-op tolerance.
+
+    ``elem_scale``: the size of the terms of each element (:func:`call_scale` for one
+    call; a replay passes the sum over the calls that accumulated into a buffer). ``n``:
+    the reduction length when several calls made the output (default: this call's).
+    ``calls``: a function giving what :mod:`harness.diagnose` re-runs on failure (default:
+    this call), called only then."""
+    spec = SPEC[kernel]
+    n = spec.n(output, args) if n is None else n
+    how = dict(name=name, tol=op_tolerance(kernel, output, n, actual.size), axes=spec.output(output).axes,
+               mask=spec.mask(output, args), elem_scale=elem_scale)
+    c = compare(actual, expected, **how)
+    if not c.passed:
+        c = attach(c, diagnose(calls() if calls else Call(kernel, output, args), actual, expected, **how))
+    return c
+
+
+def call_scale(kernel: str, output: str, args: dict, expected: dict):
+    """Sum |term| of each element of one call: the kernel's own terms, plus the value a
+    backward kernel's gradient buffer held before it accumulated into it."""
+    args = _as64(args)
+    mag = term_magnitude(kernel, output, args, expected)
+    if output in INPLACE_ARGS.get(kernel, ()) and kernel != "adamw":
+        start = np.abs(args[output])
+        mag = start if mag is None else mag + start
+    return mag
+
+
+def check_outputs(impl, kernel: str, args: dict, expected=None, label: str = "") -> dict[str, Comparison]:
+    """Each output of ``impl.<kernel>`` on ``args`` judged against the oracle, by output
+    name; ``expected`` may pass precomputed oracle outputs (to share them between
+    implementations). Outputs the implementation does not compute are left out."""
+    spec = SPEC[kernel]
     if kernel == "attention_backward" and kernel in getattr(impl, "derived", ()):
         # derived by autograd, it recomputes att from inp: check it where att is inp's own
         args = dict(args, att=oracle_outputs("attention_forward", {"inp": args["inp"], "NH": args["NH"]})
                     ["att"].astype(args["att"].dtype))
         expected = None
     expected = oracle_outputs(kernel, args) if expected is None else expected
+    who = label or getattr(impl, "name", impl)
     try:
         actual = run_kernel(impl, kernel, args, np.float32)
     except Exception as e:
-        e.add_note(f"raised by {kernel} of {label or getattr(impl, 'name', impl)}")
+        e.add_note(f"raised by {kernel} of {who}")
         raise
-    out = []
-    for name in check.outputs:
+    out = {}
+    for name in spec.output_names:
         if name not in expected or (kernel, name) in getattr(impl, "not_returned", ()):
             continue   # not computed by the implementation (e.g. attention without att)
         if name not in actual:
-            raise ValueError(f"{kernel} of {label or impl} produced no {name!r}")
+            raise ValueError(f"{kernel} of {who} produced no {name!r}")
         a = actual[name]
         if a.shape != expected[name].shape:
-            raise ValueError(f"{kernel}.{name}: {label or impl} gave shape {a.shape}, "
-                             f"expected {expected[name].shape}")
-        n = reduction_length(check, name, shape)
-        how = dict(name=f"{kernel}.{name}" + (f" [{label}]" if label else ""),
-                   tol=op_tolerance(kernel, name, n, a.size), axes=check.axes.get(name),
-                   mask=check.mask(name, shape), elem_scale=_elem_scale(kernel, name, args, expected))
-        c = compare(a, expected[name], **how)
-        if not c.passed:
-            c = attach(c, diagnose(Call(kernel, name, args), a, expected[name], **how))
-        out.append(c)
+            raise ValueError(f"{kernel}.{name}: {who} gave shape {a.shape}, expected {expected[name].shape}")
+        out[name] = judge(kernel, name, a, expected[name], args,
+                          name=f"{kernel}.{name}" + (f" [{label}]" if label else ""),
+                          elem_scale=call_scale(kernel, name, args, expected))
     return out
 
 
-def _elem_scale(kernel: str, output: str, args: dict, expected: dict):
-    """Sum |term| of each element: the kernel's own terms, plus the value a backward
-    kernel's gradient buffer held before it accumulated into it."""
-    mag = term_magnitude(kernel, output, _as64(args), expected)
-    if output in INPLACE_ARGS.get(kernel, ()) and kernel != "adamw":
-        start = np.abs(np.asarray(args[output], np.float64))
-        mag = start if mag is None else mag + start
-    return mag
+def check_kernel(impl, kernel: str, args: dict, expected=None, label: str = "") -> list[Comparison]:
+    """:func:`check_outputs` as a list, in the kernel's output order."""
+    return list(check_outputs(impl, kernel, args, expected, label).values())
 
 
 def _as64(args: dict) -> dict:
-    return {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+    return {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
             for k, v in args.items()}
 
 
-def assert_kernel(impl, kernel: str, args: dict, shape: Shape, **kw) -> list[Comparison]:
+def assert_kernel(impl, kernel: str, args: dict, **kw) -> list[Comparison]:
     """:func:`check_kernel`, raising :class:`ParityError` on the first failing output."""
-    results = check_kernel(impl, kernel, args, shape, **kw)
+    results = check_kernel(impl, kernel, args, **kw)
     for c in results:
         if not c.passed:
             raise ParityError(c)
     return results
+
+
+@dataclass
+class Case:
+    """One case of the per-op sweep: a kernel on a shape and seed, and what each
+    implementation gave: its outputs judged by name, None where it does not define the
+    kernel (not checked), or the exception it raised."""
+
+    spec: KernelSpec
+    shape: Shape
+    seed: int
+    args: dict
+    results: dict[str, dict[str, Comparison] | Exception | None]
+
+    def key(self, output: str) -> str:
+        """``layernorm_forward.out@base``: the case's output as the gate names it."""
+        return f"{self.spec.name}.{output}@{self.shape.name}"
+
+
+def sweep(impls: dict, *, seeds=(0,), kernels=None):
+    """The per-op sweep: every case of the op table (kernels whose name contains one of
+    ``kernels``, default all) for every seed, each implementation of ``impls`` (name ->
+    kernel set) judged on the same inputs against one oracle run. Yields :class:`Case`."""
+    for spec, s in cases():
+        if kernels and not any(k in spec.name for k in kernels):
+            continue
+        for seed in seeds:
+            args = make_inputs(spec, s, seed)
+            expected = oracle_outputs(spec.name, args)
+            results = {}
+            for name, ks in impls.items():
+                try:
+                    results[name] = None if spec.name in getattr(ks, "missing", ()) else \
+                        check_outputs(ks, spec.name, args, expected, label=f"{name} {s.name}")
+                except NotImplementedError:
+                    results[name] = None
+                except Exception as e:  # a user's kernel may raise or return garbage
+                    results[name] = e
+            yield Case(spec, s, seed, args, results)
+
+
+def case_id(spec: KernelSpec, shape: Shape) -> str:
+    """``layernorm-layernorm_forward-base``: a case's test id (``pytest -k <op>`` selects it)."""
+    return f"{spec.op}-{spec.name}-{shape.name}"
+
+
+def assert_case(impl, kernel: str, shape: str, seed: int = 0, label: str = "") -> list[Comparison]:
+    """One case of the op table (``kernel`` on the named shape) judged by
+    :func:`assert_kernel`: what a parametrized per-op test runs."""
+    s = SHAPE_BY_NAME[shape]
+    return assert_kernel(impl, kernel, make_inputs(SPEC[kernel], s, seed), label=label)

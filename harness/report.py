@@ -155,6 +155,39 @@ def _rel_diff(a: float | None, e: float | None) -> float | None:
 # ----------------------------------------------------------------------------
 # the per-step table
 
+def _impl_rows(step: int, mine: list, verbose: bool) -> list[tuple[str, ...]]:
+    """One implementation's rows of the step table: grouped by (kind, tensor without its
+    layer; the buffer for update checks) in graph order, each group folded to its worst
+    check unless ``verbose``."""
+    def row(c, tensor: str, status: str) -> tuple[str, ...]:
+        cmp = c.comparison
+        return (str(step), c.impl, c.kind, tensor, _num(cmp.max_rel), _num(cmp.tol.rel),
+                _num(cmp.norm_rel), _num(cmp.tol.norm),
+                cmp.worst_label if cmp.worst_index is not None else "-", status)
+
+    groups: dict[tuple[str, str], list] = {}
+    order: list[str] = []
+    for c in mine:
+        key = c.tensor if verbose else c.ref.group if c.kind == "update" else c.base
+        if c.kind in ("e2e", "replay") and key not in order:
+            order.append(key)
+        groups.setdefault((c.kind, key), []).append(c)
+    keys = [(k, t) for t in order for k in ("e2e", "replay") if (k, t) in groups]
+    keys += sorted(((k, t) for (k, t) in groups if k not in ("e2e", "replay")), key=lambda kt: KINDS.index(kt[0]))
+    rows = []
+    for key in keys:
+        group = groups[key]
+        if len(group) == 1:
+            rows.append(row(group[0], group[0].tensor, "OK" if group[0].passed else "FAIL"))
+            continue
+        w = max(group, key=_severity)
+        failed = sum(not c.passed for c in group)
+        label = (f"{w.base} [layer {w.layer} of {len(group)}]" if w.layer is not None and key[0] != "update"
+                 else f"{w.tensor} [worst of {len(group)}]")
+        rows.append(row(w, label, "OK" if not failed else f"FAIL {failed}/{len(group)}"))
+    return rows
+
+
 def step_table(step, impl_filter=None, verbose: bool = False) -> str:
     """The text table of one :class:`~harness.runner.StepReport`.
 
@@ -180,52 +213,12 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
     impls = _impl_order((c.impl for c in checks), ["C"] if any(c.impl == "C" for c in checks) else [])
     header = ("step", "impl", "kind", "tensor", "max rel", "tol rel", "norm rel", "tol norm",
               "worst at", "OK/FAIL")
-    rows: list[tuple[str, ...]] = []
-
-    def row(c, tensor: str, status: str) -> tuple[str, ...]:
-        cmp = c.comparison
-        return (str(step.step), c.impl, c.kind, tensor, _num(cmp.max_rel), _num(cmp.tol.rel),
-                _num(cmp.norm_rel), _num(cmp.tol.norm),
-                cmp.worst_label if cmp.worst_index is not None else "-", status)
-
-    n_ok = n_fail = 0
-    for impl in impls:
-        mine = [c for c in checks if c.impl == impl]
-        n_fail += sum(not c.passed for c in mine)
-        n_ok += sum(c.passed for c in mine)
-        # groups keyed by (kind, tensor or tensor-without-layer), in first-seen order
-        groups: dict[tuple[str, str], list] = {}
-        order: list[str] = []
-        for c in mine:
-            if verbose:
-                key = c.tensor
-            elif c.kind == "update":      # the AdamW buffer: params, m or v
-                key = c.ref.group
-            else:
-                key = c.base
-            if c.kind in ("e2e", "replay") and key not in order:
-                order.append(key)
-            groups.setdefault((c.kind, key), []).append(c)
-        keys = [(k, t) for t in order for k in ("e2e", "replay") if (k, t) in groups]
-        keys += [(k, t) for (k, t) in groups if k not in ("e2e", "replay")]
-        keys.sort(key=lambda kt: KINDS.index(kt[0]) if kt[0] in ("update", "loss") else -1)
-        for key in keys:
-            group = groups[key]
-            if len(group) == 1:
-                c = group[0]
-                rows.append(row(c, c.tensor, "OK" if c.passed else "FAIL"))
-                continue
-            w = max(group, key=_severity)
-            failed = sum(not c.passed for c in group)
-            label = (f"{w.base} [layer {w.layer} of {len(group)}]" if w.layer is not None and key[0] != "update"
-                     else f"{w.tensor} [worst of {len(group)}]")
-            rows.append(row(w, label, "OK" if not failed else f"FAIL {failed}/{len(group)}"))
-
+    rows = [row for impl in impls for row in _impl_rows(step.step, [c for c in checks if c.impl == impl], verbose)]
+    n_fail = sum(not c.passed for c in checks)
     lines = _text_table(header, rows, right={0, 4, 5, 6, 7}) if rows else ["(no checks)"]
-    lines.append(f"{n_ok} OK, {n_fail} FAIL" + ("" if verbose else
+    lines.append(f"{len(checks) - n_fail} OK, {n_fail} FAIL" + ("" if verbose else
                  "  (folded: the worst layer of each per-layer tensor, the worst tensor of each "
                  "AdamW buffer; verbose=True shows every row)"))
-
     oracle = step.losses.get("oracle")
     parts = [f"oracle {_loss_text(oracle)}"] if oracle is not None else []
     for impl in _impl_order(step.losses, ["C"]):
@@ -291,9 +284,20 @@ def _why(step, impl: str, indent: str) -> list[str]:
     return [] if d is None else [f"{indent}why: {d.text()}"]
 
 
-def _strip_fd(text: str) -> str:
-    """``step 1 [x] first divergence: ...`` -> ``step 1 [x] ...`` (no stutter after a heading)."""
-    return text.replace("] first divergence: ", "] ", 1)
+def _checks_table(report) -> list[str]:
+    """Checks and failures per implementation and kind, each with its worst check."""
+    counts = _counts(report)
+    rows = []
+    for impl in _impl_order(counts, report.impls):
+        for kind in _impl_order(counts.get(impl, {}), KINDS):
+            d = counts.get(impl, {}).get(kind)
+            if d is None:
+                continue
+            w = d["worst"]
+            rows.append((impl, kind, str(d["checks"]), str(d["failed"]),
+                         f"{_times(used(w.comparison))} tol", f"{w.tensor} (step {w.step})"))
+    return (_text_table(("impl", "kind", "checks", "failed", "worst", "worst tensor"), rows, right={2, 3, 4})
+            if rows else ["(no checks)"])
 
 
 def run_summary(report) -> str:
@@ -315,32 +319,21 @@ def run_summary(report) -> str:
                      _num(_rel_diff(get("C"), get("oracle")))))
     lines += _text_table(header, rows, right=set(range(len(header)))) if rows else ["(no steps)"]
 
-    lines += ["", "checks"]
-    counts = _counts(report)
-    rows = []
-    for impl in _impl_order(counts, impls):
-        for kind in _impl_order(counts.get(impl, {}), KINDS):
-            d = counts.get(impl, {}).get(kind)
-            if d is None:
-                continue
-            w = d["worst"]
-            rows.append((impl, kind, str(d["checks"]), str(d["failed"]),
-                         f"{_times(used(w.comparison))} tol", f"{w.tensor} (step {w.step})"))
-    lines += (_text_table(("impl", "kind", "checks", "failed", "worst", "worst tensor"), rows, right={2, 3, 4})
-              if rows else ["(no checks)"])
+    lines += ["", "checks"] + _checks_table(report) + [""]
 
-    lines.append("")
-    first = report.first_divergence()
-    lines.append(f"first divergence: {_strip_fd(first) if first else 'none'}")
+    from .runner import first_divergence
+    first = report.first_divergence(heading=False)
+    lines.append(f"first divergence: {first or 'none'}")
     seen = set()
     for s in report.steps:
         for impl, text in s.first_divergence.items():
             if impl in seen:
                 continue
             seen.add(impl)
-            entry = f"step {s.step} [{impl}] {text}"
+            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False)
+                                                 or text)
             if entry != first:
-                lines.append(f"  also {_strip_fd(entry)}")
+                lines.append(f"  also {entry}")
             lines += _why(s, impl, "    " if entry != first else "  ")
     errors = [(s.step, i, t) for s in report.steps for i, t in s.errors.items()]
     for step, impl, text in errors:

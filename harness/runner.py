@@ -27,16 +27,19 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from pyref.cases import f32 as _f32
 from pyref.config import GPT2Config, param_shapes
 from pyref.model import GPT2 as PyGPT2
-from pyref.protocol import INPLACE_ARGS, KERNEL_OP, SIGNATURES, KernelSet
+from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, KERNEL_OP, SIGNATURES, KernelSet
+from pyref.spec import SPEC
+from pyref.terms import adamw_magnitudes
 
 from .compare import Comparison, Tolerance, compare
 from .diagnose import Call, Diagnosis, attach, diagnose, is_one_d
-from .graph import Node, Ref, backward_nodes, forward_nodes, node_shape
-from .opcheck import ORACLE
-from .ops import CHECK_BY_KERNEL, FORWARD_OUTPUTS, _f32, reduction_length, run_kernel
-from .tolerances import adamw_magnitudes, e2e_tolerance, op_tolerance, term_magnitude
+from .graph import Node, Ref, backward_nodes, forward_nodes
+from .opcheck import ORACLE, call_scale, judge
+from .ops import run_kernel
+from .tolerances import e2e_tolerance, op_tolerance, term_magnitude
 
 LAYER_AXES = {
     3: ("b", "t", "c"), 2: ("b", "t"), 4: ("b", "h", "t", "t2"), 1: ("c",),
@@ -179,10 +182,14 @@ class RunReport:
     def passed(self) -> bool:
         return bool(self.steps) and all(s.passed for s in self.steps) and all(r.passed for r in self.free_run)
 
-    def first_divergence(self) -> str | None:
+    def first_divergence(self, heading: bool = True) -> str | None:
+        """``step N [impl] first divergence: ...`` of the first step that diverged (or
+        raised); ``heading=False`` leaves out the words "first divergence"."""
         for s in self.steps:
             for impl, text in s.first_divergence.items():
-                return f"step {s.step} [{impl}] {text}"
+                # rendered again from the check (a report put together by hand may lack it)
+                return f"step {s.step} [{impl}] " + (first_divergence(
+                    [c for c in s.checks if c.impl == impl], heading) or text)
             for impl, text in s.errors.items():
                 return f"step {s.step} [{impl}] error: {text}"
         return None
@@ -210,8 +217,9 @@ class Witness:
     """The oracle's kernels with float32-sized rounding noise added to every result.
 
     Each result (a forward's outputs, a backward's contribution to its buffers) is
-    multiplied by ``1 + u sqrt(n) xi``, xi standard normal, n the op's reduction length:
-    the statistical size of a float32 implementation's rounding. Run as a float64 model,
+    multiplied by ``1 + u sqrt(n) xi``, xi standard normal, n that output's reduction
+    length in its row of :mod:`pyref.spec` (the same n its per-op tolerance uses): the
+    statistical size of a float32 implementation's rounding. Run as a float64 model,
     its distance from the clean oracle measures how much such noise grows through the
     depth of *this* model on *this* batch, which is what an end-to-end tolerance must
     allow and no more. Seeded: the same run gives the same tolerances.
@@ -254,62 +262,37 @@ class Witness:
             np.add(prod_, src[lo:lo + k], out=dst[lo:lo + k])    # without rounding 1 + delta to float32
         return out
 
-    @staticmethod
-    def _n(kernel: str, named: dict) -> int:
-        if kernel in ("layernorm_forward", "matmul_forward"):
-            return named["inp"].shape[-1]
-        if kernel == "layernorm_backward":
-            return named["inp"].shape[-1]
-        if kernel == "matmul_backward":
-            B, T, _ = named["inp"].shape
-            return max(named["weight"].shape[0], B * T)
-        if kernel in ("attention_forward", "attention_backward"):
-            B, T, C3 = named["inp"].shape
-            return T + C3 // 3 // int(named["NH"])
-        if kernel == "softmax_forward":
-            return int(named["V"])
-        if kernel in ("gelu_forward", "gelu_backward"):
-            return 4   # tanhf, coshf: a few ulp each
-        if kernel == "encoder_backward":
-            return named["inp"].size
-        return 1
-
     def _wrap(self, kernel: str):
         f = getattr(ORACLE, kernel)
-        params = SIGNATURES[kernel]
-        inplace = INPLACE_ARGS.get(kernel, ())
+        spec = SPEC[kernel]
 
         def call(*args):
-            named = dict(zip(params, args))
-            n = self._n(kernel, named)
-            if kernel in FORWARD_OUTPUTS:
+            named = dict(zip(spec.signature, args))
+            if spec.returns:
                 out = f(*args)
-                if isinstance(out, tuple):
-                    return tuple(self._noise(o, n) for o in out)
-                return self._noise(out, n)
-            before = {k: named[k].copy() for k in inplace if named.get(k) is not None}
+                outs = out if isinstance(out, tuple) else (out,)
+                noisy = tuple(self._noise(o, spec.n(name, named)) for name, o in zip(spec.output_names, outs))
+                return noisy if isinstance(out, tuple) else noisy[0]
+            before = {k: named[k].copy() for k in spec.inplace if named.get(k) is not None}
             f(*args)
             for k, old in before.items():
-                named[k][...] = old + self._noise(named[k] - old, n)
+                named[k][...] = old + self._noise(named[k] - old, spec.n(k, named))
         return call
 
 
 # ----------------------------------------------------------------------------
 # walking the graph
 
-def _args64(node: Node, state) -> dict:
-    """The node's arguments read from ``state``, float arrays as float64 copies."""
-    out = {}
+def _named(node: Node, state) -> dict:
+    """The node's input arguments read from ``state`` (views, as they are)."""
     wanted = SIGNATURES[node.kernel]
-    for k, v in node.args:
-        if k not in wanted:
-            continue  # an output of the node, not an input
-        if isinstance(v, Ref):
-            a = v.get(state)
-            out[k] = np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else np.asarray(a)
-        else:
-            out[k] = v
-    return out
+    return {k: (v.get(state) if isinstance(v, Ref) else v) for k, v in node.args if k in wanted}
+
+
+def _args64(node: Node, state) -> dict:
+    """The node's input arguments read from ``state``, float arrays as float64 copies."""
+    return {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+            for k, v in _named(node, state).items()}
 
 
 def _axes(ref: Ref, shape) -> tuple[str, ...] | None:
@@ -318,116 +301,122 @@ def _axes(ref: Ref, shape) -> tuple[str, ...] | None:
     return LAYER_AXES.get(len(shape))
 
 
-def _mask(node: Node, output: str, shape):
-    return CHECK_BY_KERNEL[node.kernel].mask(output, shape)
+def _buffers(nodes: list[Node]) -> dict[Ref, list[tuple[Node, str]]]:
+    """Every gradient buffer the backward nodes accumulate into -> its (node, argument)
+    contributors, in graph order: a buffer is complete after its last."""
+    out: dict[Ref, list] = {}
+    for node in nodes:
+        for a in INPLACE_ARGS[node.kernel]:
+            if isinstance(ref := node.arg_dict.get(a), Ref):
+                out.setdefault(ref, []).append((node, a))
+    return out
 
 
 def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
                 expected_state=None, witness_state=None, cache: dict | None = None) -> list[Check]:
-    """Replay (``expected_state`` None) or end-to-end check of a forward+backward state.
-
-    Replay runs each op in float64 on ``state``'s own inputs; e2e compares with the
-    float64 model ``expected_state``. Backward buffers that several ops accumulate into
-    (the residual-stream gradients, dwte) are compared once their last contributor ran.
-    """
-    replay = expected_state is None
-    kind = "replay" if replay else "e2e"
-    if not replay and witness_state is None and cache is None:
+    """Replay (``expected_state`` None: :func:`replay_graph`) or end-to-end check
+    (:func:`e2e_graph`) of a forward+backward state of batch size ``B`` x ``T``."""
+    if expected_state is None:
+        return replay_graph(cfg, state, step=step, impl=impl)
+    if witness_state is None and cache is None:
         raise ValueError("an end-to-end check needs the witness model (see Witness) or its spread")
-    cache = {} if cache is None else cache
+    return e2e_graph(cfg, B * T, state, expected_state, step=step, impl=impl,
+                     spread=cache if cache is not None else {}, witness_state=witness_state)
 
-    def carried(ref):
-        """How far float32-sized noise carried to ``ref``: witness vs oracle (the same for
-        every implementation of a step: ``cache`` keeps it)."""
-        if ref not in cache:
-            cache[ref] = _spread(ref, witness_state, expected_state)
-        return cache[ref]
 
-    fwd, bwd = forward_nodes(cfg), backward_nodes(cfg)
-    checks: list[Check] = []
+def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int, impl: str,
+              spread: dict, witness_state=None) -> list[Check]:
+    """Every tensor the graph writes against the float64 model ``oracle_state``, under a
+    tolerance widened by how far float32-sized noise carried to it (``spread``: witness
+    vs oracle per tensor, the same for every implementation of a step; measured here from
+    ``witness_state`` where missing). Gradient buffers are compared once complete; a
+    failing one is diagnosed against a changed loss scale (all gradients scale with
+    dlosses, averaged over ``positions``)."""
+    observes, _ = _observation(state)
+    checks = []
 
+    def one(ref, kernel, output, n, nodes, diagnose_it):
+        if ref not in spread:
+            spread[ref] = _spread(ref, witness_state, oracle_state)
+        actual, expected = ref.get(state), ref.get(oracle_state)
+        how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
+                   axes=_axes(ref, actual.shape), mask=SPEC[kernel].mask(output, _named(nodes[-1], state)))
+        c = compare(actual, expected, **how)
+        if diagnose_it and not c.passed:
+            c = attach(c, diagnose(Call("loss_mean", output, {"value": expected, "n": positions}),
+                                   actual, expected, **how))
+        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), _module(state, ref)))
+
+    for node in forward_nodes(cfg):
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            ref = node.arg_dict[o]
+            if observes(ref):
+                one(ref, node.kernel, o, SPEC[node.kernel].n(o, _named(node, state)), [node], False)
+    bwd = backward_nodes(cfg)
+    buffers = _buffers(bwd)
+    for node in bwd:   # each buffer once complete: where its last contributor ran
+        for a in INPLACE_ARGS[node.kernel]:
+            ref = node.arg_dict.get(a)
+            if isinstance(ref, Ref) and buffers[ref][-1][0] is node and observes(ref):
+                n = max(SPEC[nd.kernel].n(arg, _named(nd, state)) for nd, arg in buffers[ref])
+                one(ref, node.kernel, a, n, [nd for nd, _ in buffers[ref]], True)
+    return checks
+
+
+def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]:
+    """Every op of the graph re-run in float64 on ``state``'s own inputs for it, its
+    outputs judged as the per-op check judges one call (:func:`harness.opcheck.judge`).
+    Backward buffers that several ops accumulate into are replayed as a chain from zero
+    and judged once their last contributor ran, against the sum of the contributors' terms."""
     observes, has = _observation(state)
-    for node in fwd:
-        shape = node_shape(node, cfg, B, T)
-        if replay and not _replayable(node, has):
+    checks = []
+    for node in forward_nodes(cfg):
+        if not _replayable(node, has):
             continue
-        args = _args64(node, state) if replay else None
-        out = run_kernel(ORACLE, node.kernel, args, np.float64) if replay else None
-        for oname in FORWARD_OUTPUTS[node.kernel]:
-            ref = node.arg_dict[oname]
-            if not observes(ref):
-                continue
-            actual = ref.get(state)
-            expected = out[oname] if replay else ref.get(expected_state)
-            n = reduction_length(CHECK_BY_KERNEL[node.kernel], oname, shape)
-            size = actual.size
-            tol = op_tolerance(node.kernel, oname, n, size) if replay else \
-                e2e_tolerance(node.kernel, oname, n, size, carried(ref))
-            how = dict(name=str(ref), tol=tol, axes=_axes(ref, actual.shape), mask=_mask(node, oname, shape))
-            if replay:
-                # judged as the per-op check judges the same call (opcheck.check_kernel):
-                # relative to the size of the terms the output is computed from
-                how["elem_scale"] = term_magnitude(node.kernel, oname, args, out)
-            c = compare(actual, expected, **how)
-            if replay and not c.passed:
-                c = attach(c, diagnose(Call(node.kernel, oname, args), actual, expected, **how))
-            checks.append(Check(step, impl, kind, ref, c, (node,), _module(state, ref)))
+        args = _args64(node, state)
+        out = run_kernel(ORACLE, node.kernel, args, np.float64)
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            ref = node.arg_dict[o]
+            if observes(ref):
+                c = judge(node.kernel, o, ref.get(state), out[o], args, name=str(ref),
+                          elem_scale=call_scale(node.kernel, o, args, out))
+                checks.append(Check(step, impl, "replay", ref, c, (node,), _module(state, ref)))
+    return checks + _replay_backward(cfg, state, observes, has, step=step, impl=impl)
 
-    # which backward node is the last to accumulate into each buffer
-    last: dict[Ref, int] = {}
-    contributors: dict[Ref, list[Node]] = {}
-    for i, node in enumerate(bwd):
-        for a in INPLACE_ARGS[node.kernel]:
-            ref = node.arg_dict.get(a)
-            if isinstance(ref, Ref):
-                last[ref] = i
-                contributors.setdefault(ref, []).append(node)
-    acc: dict[Ref, np.ndarray] = {}
-    mags: dict[Ref, np.ndarray] = {}
+
+def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: str) -> list[Check]:
+    bwd = backward_nodes(cfg)
+    buffers = _buffers(bwd)
+    last = {ref: contrib[-1][0] for ref, contrib in buffers.items()}
+    acc: dict[Ref, np.ndarray] = {}    # each buffer's running value, from zero
+    mags: dict[Ref, np.ndarray] = {}   # the sum of its contributors' term sizes
     nmax: dict[Ref, int] = {}
-    skipped: set[Ref] = set()   # buffers a contributor of which could not be replayed
-    for i, node in enumerate(bwd):
-        shape = node_shape(node, cfg, B, T)
-        check = CHECK_BY_KERNEL[node.kernel]
-        if replay and not _replayable(node, has):
-            skipped |= {r for a in INPLACE_ARGS[node.kernel] if isinstance(r := node.arg_dict.get(a), Ref)}
+    skipped: set[Ref] = set()          # buffers a contributor of which could not be replayed
+    checks = []
+    for node in bwd:
+        refs = {a: r for a in INPLACE_ARGS[node.kernel] if isinstance(r := node.arg_dict.get(a), Ref)}
+        if not _replayable(node, has):
+            skipped |= set(refs.values())
             continue
-        if replay:
-            args = _args64(node, state)
-            for a in INPLACE_ARGS[node.kernel]:
-                ref = node.arg_dict.get(a)
-                if isinstance(ref, Ref):
-                    args[a] = acc.get(ref, np.zeros(ref.get(state).shape))
-            out = run_kernel(ORACLE, node.kernel, args, np.float64)
-        for a in INPLACE_ARGS[node.kernel]:
-            ref = node.arg_dict.get(a)
-            if not isinstance(ref, Ref):
+        args = _args64(node, state)
+        for a, ref in refs.items():
+            args[a] = acc.get(ref, np.zeros(ref.get(state).shape))
+        out = run_kernel(ORACLE, node.kernel, args, np.float64)
+        for a, ref in refs.items():
+            # the terms of the final sum: each contributor's own terms (or, where no finer
+            # measure is known, its contribution)
+            mag = term_magnitude(node.kernel, a, args, out)
+            mag = np.abs(out[a] - args[a]) if mag is None else mag
+            mags[ref] = mags[ref] + mag if ref in mags else mag
+            nmax[ref] = max(nmax.get(ref, 1), SPEC[node.kernel].n(a, args))
+            acc[ref] = out[a]
+            if last[ref] is not node or not observes(ref) or ref in skipped:
                 continue
-            nmax[ref] = max(nmax.get(ref, 1), reduction_length(check, a, shape))
-            if replay:
-                # the terms of the final sum: each contributor's own terms (or, where no
-                # finer measure is known, its contribution)
-                mag = term_magnitude(node.kernel, a, args, out)
-                if mag is None:
-                    mag = np.abs(out[a] - args[a])
-                mags[ref] = mags[ref] + mag if ref in mags else mag
-                acc[ref] = out[a]
-            if last[ref] != i or not observes(ref) or ref in skipped:
-                continue
-            actual = ref.get(state)
-            expected = acc.pop(ref) if replay else ref.get(expected_state)
-            n = nmax[ref]
-            size = actual.size
-            tol = op_tolerance(node.kernel, a, n, size) if replay else \
-                e2e_tolerance(node.kernel, a, n, size, carried(ref))
-            how = dict(name=str(ref), tol=tol, axes=_axes(ref, actual.shape),
-                       elem_scale=mags.pop(ref) if replay else None)
-            c = compare(actual, expected, **how)
-            if not c.passed:
-                calls = _buffer_calls(ref, contributors[ref], state) if replay else \
-                    Call("loss_mean", a, {"value": expected, "n": B * T})   # all gradients scale with dlosses
-                c = attach(c, diagnose(calls, actual, expected, **how))
-            checks.append(Check(step, impl, kind, ref, c, tuple(contributors[ref]), _module(state, ref)))
+            nodes = [nd for nd, _ in buffers[ref]]
+            c = judge(node.kernel, a, ref.get(state), acc.pop(ref), args, name=str(ref),
+                      elem_scale=mags.pop(ref), n=nmax[ref],
+                      calls=lambda: _buffer_calls(ref, nodes, state))
+            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), _module(state, ref)))
     return checks
 
 
@@ -572,13 +561,14 @@ def first_divergence_check(checks: list[Check]) -> Check | None:
     return None
 
 
-def first_divergence(checks: list[Check]) -> str | None:
-    """The first failing replay check in graph order (else the first failing check)."""
+def first_divergence(checks: list[Check], heading: bool = True) -> str | None:
+    """The first failing replay check in graph order (else the first failing check), as
+    text (``first divergence: <where>...``; without that word under a heading of its own)."""
     c = first_divergence_check(checks)
     if c is None:
         return None
     cmp = c.comparison
-    head = f"first divergence: {c.where}"
+    head = ("first divergence: " if heading else "") + c.where
     if c.kind == "replay":
         # replay feeds each implementation's op its own inputs for that op
         whose = "the C's own" if c.impl == "C" else "its own"

@@ -1,4 +1,9 @@
-"""The tolerance policy: every number, in one place, with its reason.
+"""The tolerance policy: how the numbers of each kernel's row become a tolerance.
+
+The per-output constants (``k_rel``, ``k_norm`` and why), reduction lengths and term sizes
+are in the kernel's row of :mod:`pyref.spec`; this module holds the formulas that turn
+them into bounds, and the constants that are not a kernel's (the underflow floor, the
+end-to-end factors).
 
 Unit. All tolerances are multiples of the float32 unit roundoff ``u = 2**-24`` (half an
 ulp at 1.0), scaled by ``sqrt(n)`` where ``n`` is the length of the longest chain of
@@ -49,14 +54,15 @@ Model level. A whole step compares two ways:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import log, sqrt
 
 import numpy as np
 
+from pyref.constants import U
+from pyref.spec import SPEC, Rule
+
 from .compare import Tolerance
 
-U = 2.0 ** -24  # float32 unit roundoff
 
 # Underflow. Below the smallest normal float32 (2^-126) the spacing of float32 stops
 # shrinking (gradual underflow: subnormals 2^-149 apart), so a rounding there has an
@@ -71,31 +77,9 @@ U = 2.0 ** -24  # float32 unit roundoff
 UNDERFLOW_FLOOR = 2.0 ** -126
 
 
-@dataclass(frozen=True)
-class Rule:
-    k_rel: float
-    k_norm: float
-    why: str
-
-
-DEFAULT = Rule(4.0, 1.5, "float32 rounding, random-walk growth over the reduction")
-
-RULES: dict[tuple[str, str], Rule] = {
-    ("gelu_forward", "out"): Rule(
-        5.0, 2.0, "tanhf is a few ulp off in libm and in -Ofast's vector libm"),
-    ("gelu_backward", "dinp"): Rule(
-        6.0, 2.0, "tanhf and coshf are each a few ulp off; sech^2 = 1/cosh^2 doubles coshf's"),
-    ("attention_forward", "att"): Rule(
-        5.0, 1.5, "expf's ulp error on top of the softmax's row sum"),
-    ("softmax_forward", "probs"): Rule(
-        5.0, 1.5, "expf's ulp error on top of the row sum over V"),
-    ("crossentropy_forward", "losses"): Rule(
-        5.0, 2.0, "logf of a probability: an absolute error of u*|p| becomes ~u in the loss"),
-}
-
-
 def rule(kernel: str, output: str) -> Rule:
-    return RULES.get((kernel, output), DEFAULT)
+    """The constants of ``kernel``'s ``output``: its row of pyref.spec says them, and why."""
+    return SPEC[kernel].output(output).rule
 
 
 def tail(size: int | None) -> float:
@@ -148,200 +132,14 @@ def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -
                          f"{witness.norm_rel:.2g})")
 
 
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x)))) if x.size else 0.0
-
-
 def term_magnitude(kernel: str, output: str, args: dict, outputs: dict) -> np.ndarray | None:
-    """Element by element, the size of the terms a kernel's contribution to ``output`` is
-    summed from: ``sum |term|``, the quantity in the classical bound
-    ``|error| <= n u sum |term|``.
-
-    Float32 rounding is relative to the terms, not to the result: where they cancel (the
-    softmax Jacobian, layernorm's input gradient, AdamW's moments, the lm head's gradient
-    for the batch's own tokens) an error of u * sum|term| is legitimate although it is
-    large next to the result. The comparison adds this to the denominator of its
-    element-wise metric (``elem_scale``). None: the result's own size is the right scale.
-    ``args`` are the kernel's float64 inputs, ``outputs`` its float64 results.
-    """
-    with np.errstate(all="ignore"):
-        mag = _term_magnitude(kernel, output, args, outputs)
-    if mag is None:
+    """Element by element, the size of the terms ``kernel``'s contribution to ``output`` is
+    summed from (:mod:`pyref.terms`, named by the output's row in pyref.spec); None: the
+    result's own size is the right scale. ``args`` are the kernel's float64 inputs,
+    ``outputs`` its float64 results. Non-finite sizes (from non-finite inputs) count as 0."""
+    f = SPEC[kernel].output(output).terms
+    if f is None:
         return None
+    with np.errstate(all="ignore"):
+        mag = f(args, outputs)
     return np.where(np.isfinite(mag), mag, 0.0)
-
-
-def adamw_magnitudes(p0, m0, g, v, hp) -> tuple[np.ndarray, np.ndarray]:
-    """Term sizes of AdamW's m and param (float32), from the pre-step param ``p0`` and
-    ``m0``, the gradient ``g`` and the post-step ``v`` (None: computed here).
-
-    m = beta1 m0 + (1 - beta1) g: the two terms cancel when g opposes m0.
-    param - lr (m_hat / (sqrt(v_hat) + eps) + wd param): in float32, 1 - beta^t cancels
-    for small t, so the update term carries a relative error of about
-    u / (1 - beta1^t) + u / (2 (1 - beta2^t)) (~500 u at t = 1 with beta2 = 0.999)."""
-    b1, b2, t = hp["beta1"], hp["beta2"], hp["t"]
-    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    g = np.asarray(g, np.float32)
-    m_mag = np.abs(np.float32(b1) * np.asarray(m0, np.float32))
-    m_mag += np.abs(np.float32(1 - b1) * g)
-    if v is None:
-        v = b2 * np.asarray(hp["v"], np.float32) + (1 - b2) * g * g
-    upd = m_mag / np.float32(c1)
-    upd /= np.sqrt(np.asarray(v, np.float32) / np.float32(c2)) + np.float32(hp["eps"])
-    # at t = 1, powf(beta, 1) is beta itself and 1 - beta is exact: no amplification
-    upd *= np.float32(1.0 if t == 1 else 1 + 1 / c1 + 0.5 / c2)
-    absp = np.abs(np.asarray(p0, np.float32))
-    upd += np.float32(hp["weight_decay"]) * absp
-    upd *= np.float32(hp["lr"])
-    upd += absp
-    return m_mag, upd
-
-
-def _rss(x2: np.ndarray) -> np.ndarray:
-    """Root of a sum of squares already summed."""
-    return np.sqrt(x2)
-
-
-def _sq(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(x / s)^2 in float32 and the scale s = max|x|: term sizes need two digits, not
-    sixteen, and float32 halves the cost of the extra matmul (the lm head's is 10 GFLOP at
-    124M scale); the scaling keeps tiny and huge inputs from under- or overflowing."""
-    s = float(np.max(np.abs(x))) if x.size else 0.0
-    if not np.isfinite(s) or s == 0.0:
-        s = 1.0
-    y = np.asarray(x, np.float32) / np.float32(s)
-    return np.square(y, out=y), s
-
-
-def _attention_backward_terms(output, a, out):
-    """Root-sum-squares of the dot products attention's backward is made of, per head:
-    datt[t, t2] = sum_i v[t2, i] dout[t, i] (over hs); dv = sum_t att[t, t2] dout[t];
-    dq = sum_t2 dpreatt[t, t2] k[t2] / sqrt(hs); dk = sum_t dpreatt[t, t2] q[t] / sqrt(hs).
-    A dot product over a few terms that happens to cancel (T = 1, one head: a tensor of
-    one element) is judged against the size of its terms, not against itself."""
-    B, T, C3 = a["inp"].shape
-    NH = int(a["NH"])
-    C = C3 // 3
-    hs = C // NH
-
-    def heads2(x):       # (B, T, C) -> squares as (B, NH, T, hs), and their scale
-        return _sq(x.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))
-    d2, sd = heads2(a["dout"])
-    v2, sv = heads2(a["inp"][..., 2 * C:])
-    if output == "datt":
-        return _rss(d2 @ v2.transpose(0, 1, 3, 2)) * (sd * sv)
-    q2, sq = heads2(a["inp"][..., :C])
-    k2, sk = heads2(a["inp"][..., C:2 * C])
-    att2, sa = _sq(np.tril(a["att"]))
-    dp2, sp = _sq(np.tril(out["dpreatt"]))
-    scale = 1.0 / np.sqrt(hs)
-    dq = _rss(dp2 @ k2) * (sp * sk * scale)
-    dk = _rss(dp2.transpose(0, 1, 3, 2) @ q2) * (sp * sq * scale)
-    dv = _rss(att2.transpose(0, 1, 3, 2) @ d2) * (sa * sd)
-    back = lambda x: x.transpose(0, 2, 1, 3).reshape(B, T, C)   # noqa: E731
-    return np.concatenate([back(dq), back(dk), back(dv)], axis=-1)
-
-
-def _term_magnitude(kernel, output, a, out):
-    # Two kinds of size. Where a sum's terms have independent signs, its rounding error
-    # scales with the root-sum-square of the terms (the size such a sum typically has):
-    # for one element that happens to cancel, that is larger than the element, while on
-    # average it is the output's own size, so nothing loosens. Where terms cancel by
-    # construction (x - mean, 1 + tanh, the softmax Jacobian, AdamW's moments) the size
-    # is the terms' own: that cancellation is the rule there, not the exception.
-    if kernel == "matmul_forward":  # sum over i of inp * weight, from the bias
-        inp2, si = _sq(a["inp"])
-        w2, sw = _sq(a["weight"])
-        mag = _rss(inp2 @ w2.T) * (si * sw)
-        return mag if a["bias"] is None else mag + np.abs(a["bias"])
-    if kernel == "matmul_backward":
-        dout2, sd = _sq(a["dout"])
-        if output == "dweight":   # sum over (b,t) of inp * dout
-            inp2, si = _sq(a["inp"])
-            O, C = dout2.shape[-1], inp2.shape[-1]
-            return _rss(dout2.reshape(-1, O).T @ inp2.reshape(-1, C)) * (sd * si)
-        if output == "dinp":      # sum over o of weight * dout
-            w2, sw = _sq(a["weight"])
-            return _rss(dout2 @ w2) * (sd * sw)
-        if output == "dbias":
-            return _rss(dout2.sum((0, 1))) * sd
-    if kernel == "encoder_backward" and output == "dwte":  # repeated tokens add up
-        mag = np.zeros_like(a["dwte"])
-        np.add.at(mag, a["inp"], np.square(a["dout"]))
-        return _rss(mag)
-    if kernel == "encoder_backward" and output == "dwpe":  # each position sums over b
-        mag = np.zeros_like(a["dwpe"])
-        T = a["dout"].shape[1]
-        mag[:T] = np.square(a["dout"]).sum(0)
-        return _rss(mag)
-    if kernel == "layernorm_forward":
-        # x - mean is rounded relative to |x| and |mean|, then amplified by rstd: rows whose
-        # mean is large next to their spread lose digits there
-        inp = a["inp"]
-        mean = inp.mean(-1, keepdims=True)
-        rstd = 1.0 / np.sqrt(((inp - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
-        if output == "out":
-            return rstd * (np.abs(inp) + np.abs(mean)) * np.abs(a["weight"]) + np.abs(a["bias"])
-        if output == "mean":
-            return np.abs(inp).mean(-1)
-        if output == "rstd":    # var from the shifted values: relative error ~ u |x| / std
-            return (rstd * rstd * np.abs(inp).mean(-1, keepdims=True))[..., 0]
-    if kernel == "layernorm_backward":
-        inp, w, dout = a["inp"], a["weight"], a["dout"]
-        mean, rstd = a["mean"][..., None], a["rstd"][..., None]
-        norm = (inp - mean) * rstd
-        if output == "dinp":
-            # rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)): a projection that
-            # removes dnorm's mean and its component along norm
-            dnorm = w * dout
-            return rstd * (np.abs(dnorm) + np.abs(dnorm).mean(-1, keepdims=True)
-                           + np.abs(norm) * np.abs(dnorm * norm).mean(-1, keepdims=True))
-        if output == "dweight":
-            return _rss(np.square(norm * dout).sum((0, 1)))
-        if output == "dbias":
-            return _rss(np.square(dout).sum((0, 1)))
-    if kernel == "gelu_forward":
-        # 0.5 x (1 + tanh(a)): the terms are 0.5|x| and 0.5|x tanh(a)|. For x >= 0 they add
-        # up to |out| itself (nothing cancels, nothing to add); for x < 0 they cancel, and
-        # their size exceeds |out| by |x tanh(a)| (~|x| for x << 0, where 1 + tanh(a) ~ 0)
-        x = a["inp"]
-        s = np.sqrt(2.0 / np.pi)
-        return np.where(x < 0, np.abs(x * np.tanh(s * (x + 0.044715 * x ** 3))), 0.0)
-    if kernel == "gelu_backward":
-        x = a["inp"]
-        s = np.sqrt(2.0 / np.pi)
-        arg = s * (x + 0.044715 * x ** 3)
-        sech2 = 1.0 / np.cosh(np.clip(arg, -350, 350)) ** 2
-        return np.abs(a["dout"]) * (0.5 * (1 + np.abs(np.tanh(arg)))
-                                    + np.abs(0.5 * x * sech2 * s * (1 + 3 * 0.044715 * x * x)))
-    if kernel == "attention_forward":
-        B, T, C3 = a["inp"].shape
-        NH = int(a["NH"])
-        C = C3 // 3
-        hs = C // NH
-
-        def heads(x):
-            return x.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
-        q, k, v = heads(a["inp"][..., :C]), heads(a["inp"][..., C:2 * C]), heads(a["inp"][..., 2 * C:])
-        score = _rss(np.square(q) @ np.square(k).transpose(0, 1, 3, 2)) / np.sqrt(hs)
-        if output == "preatt":
-            return score
-        # the softmax turns a score's absolute error into a relative error of att
-        score = np.where(np.tril(np.ones((T, T), bool)), score, 0.0)
-        att = out["att"]
-        att_mag = att * (score + (att * score).sum(-1, keepdims=True))
-        if output == "att":
-            return att_mag
-        if output == "out":
-            mag = att_mag @ np.abs(v) + _rss(np.square(att) @ np.square(v))
-            return mag.transpose(0, 2, 1, 3).reshape(B, T, C)
-    if kernel == "attention_backward" and output == "dpreatt":
-        # dpreatt[t3] = att[t3] * (datt[t3] - sum_t2 att[t2] datt[t2]): the softmax Jacobian
-        att, datt = a["att"], np.abs(out["datt"])
-        return att * datt + att * (att * datt).sum(-1, keepdims=True)
-    if kernel == "attention_backward" and output in ("datt", "dinp"):
-        return _attention_backward_terms(output, a, out)
-    if kernel == "adamw" and output in ("m", "param"):
-        m_mag, p_mag = adamw_magnitudes(a["param"], a["m"], a["grad"], out.get("v"), a)
-        return m_mag if output == "m" else p_mag
-    return None

@@ -63,18 +63,12 @@ class GPT2Config:
         return self
 
     # short names as used in the C and the spec
-    @property
-    def L(self) -> int: return self.num_layers
-    @property
-    def C(self) -> int: return self.channels
-    @property
-    def NH(self) -> int: return self.num_heads
-    @property
-    def V(self) -> int: return self.vocab_size
-    @property
-    def Vp(self) -> int: return self.padded_vocab_size
-    @property
-    def maxT(self) -> int: return self.max_seq_len
+    L = property(lambda self: self.num_layers)
+    C = property(lambda self: self.channels)
+    NH = property(lambda self: self.num_heads)
+    V = property(lambda self: self.vocab_size)
+    Vp = property(lambda self: self.padded_vocab_size)
+    maxT = property(lambda self: self.max_seq_len)
 
     def replace(self, **changes) -> "GPT2Config":
         return replace(self, **changes)
@@ -163,3 +157,21 @@ def preset(name: str) -> GPT2Config:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown config {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def check_tokens(what: str, ids, V: int, error: type = ValueError) -> np.ndarray:
+    """``ids`` as a C-contiguous int32 (B, T) array of token ids in [0, V), or ``error``
+    naming what is wrong: the one check every model (the C's, the references, the CLI's
+    batches) makes before tokens reach it (the C asserts, an index would wrap)."""
+    a = np.asarray(ids)
+    if a.ndim != 2:
+        raise error(f"{what}: expected a (B, T) array of token ids, got shape {a.shape}")
+    if a.size == 0:
+        raise error(f"{what}: empty batch {a.shape}")
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+        raise error(f"{what}: expected integer token ids, got {a.dtype}")
+    bad = (a < 0) | (a >= V)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise error(f"{what}: token id {int(a[idx])} at {idx} is outside [0, V={V})")
+    return np.ascontiguousarray(a, dtype=np.int32)

@@ -16,7 +16,7 @@ from math import prod
 
 import numpy as np
 
-from .config import GPT2Config, act_shapes, flat_params, param_shapes
+from .config import GPT2Config, act_shapes, check_tokens, flat_params, param_shapes
 from .protocol import KernelSet, kernel_set
 
 
@@ -29,20 +29,6 @@ def _point(memory, shapes):
         off += n
     assert off == memory.size
     return views
-
-
-def _check_tokens(what, ids, V, shape=None):
-    ids = np.asarray(ids)
-    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{what} must be an integer array of token ids, got dtype {ids.dtype}")
-    if ids.ndim != 2:
-        raise ValueError(f"{what} must have shape (B, T), got shape {ids.shape}")
-    if shape is not None and ids.shape != shape:
-        raise ValueError(f"{what} has shape {ids.shape}, inputs have shape {shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= V):
-        bad = ids[(ids < 0) | (ids >= V)].flat[0]
-        raise ValueError(f"{what} holds token id {bad}, outside [0, {V}) (vocab_size V={V})")
-    return ids.astype(np.int32)
 
 
 class GPT2:
@@ -125,12 +111,14 @@ class GPT2:
         """``gpt2_forward``: returns mean_loss with targets, None without (mean_loss = -1)."""
         c = self.config
         V, L, NH = c.vocab_size, c.num_layers, c.num_heads
-        inputs = _check_tokens("inputs", inputs, V)
+        inputs = check_tokens("inputs", inputs, V)
         B, T = inputs.shape
         if B < 1 or T < 1:
             raise ValueError(f"inputs must have B >= 1 and T >= 1, got shape {inputs.shape}")
         if targets is not None:
-            targets = _check_tokens("targets", targets, V, shape=inputs.shape)
+            targets = check_tokens("targets", targets, V)
+            if targets.shape != inputs.shape:
+                raise ValueError(f"targets shape {targets.shape} != inputs shape {inputs.shape}")
         if T > c.max_seq_len:
             raise ValueError(f"sequence length T={T} exceeds max_seq_len={c.max_seq_len}")
         if self.acts is None:   # first call: allocate for this (B, T), as the C does

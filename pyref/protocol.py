@@ -22,87 +22,23 @@ from types import SimpleNamespace
 
 import numpy as np
 
-FORWARD_KERNELS = (
-    "encoder_forward", "layernorm_forward", "matmul_forward", "attention_forward",
-    "gelu_forward", "residual_forward", "softmax_forward", "crossentropy_forward",
-)
-BACKWARD_KERNELS = (
-    "encoder_backward", "layernorm_backward", "matmul_backward", "attention_backward",
-    "gelu_backward", "residual_backward", "crossentropy_softmax_backward",
-)
+from .spec import SPEC, SPECS, dims
+
+# what the rows of pyref.spec say, as the tables the adapter reads
+FORWARD_KERNELS = tuple(k.name for k in SPECS if k.returns)
+BACKWARD_KERNELS = tuple(k.name for k in SPECS if not k.returns and k.name != "adamw")
 KERNEL_NAMES = FORWARD_KERNELS + BACKWARD_KERNELS + ("adamw",)
+# The op (as used in test ids and reports: `pytest -k layernorm`) each kernel belongs to.
+KERNEL_OP = {k.name: k.op for k in SPECS}
+# Argument names, in order (the signature a port must have).
+SIGNATURES = {k.name: k.signature for k in SPECS}
+# Arguments a kernel writes in place (they must reach the implementation zero-copy).
+INPLACE_ARGS = {k.name: k.inplace for k in SPECS if k.inplace}
+# Names of what each forward kernel returns, in order.
+FORWARD_OUTPUTS = {k.name: k.output_names for k in SPECS if k.returns}
 
 # alternative name -> protocol name
 ALIASES = {"gpt2_update": "adamw"}
-
-# The op (as used in test ids and reports: `pytest -k layernorm`) each kernel belongs to.
-KERNEL_OP = {
-    "encoder_forward": "encoder", "encoder_backward": "encoder",
-    "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
-    "matmul_forward": "matmul", "matmul_backward": "matmul",
-    "attention_forward": "attention", "attention_backward": "attention",
-    "gelu_forward": "gelu", "gelu_backward": "gelu",
-    "residual_forward": "residual", "residual_backward": "residual",
-    "softmax_forward": "softmax",
-    "crossentropy_forward": "crossentropy", "crossentropy_softmax_backward": "crossentropy",
-    "adamw": "adamw",
-}
-
-# Argument names, in order (the signature a port must have).
-SIGNATURES = {
-    "encoder_forward": ("inp", "wte", "wpe"),
-    "encoder_backward": ("dwte", "dwpe", "dout", "inp"),
-    "layernorm_forward": ("inp", "weight", "bias"),
-    "layernorm_backward": ("dinp", "dweight", "dbias", "dout", "inp", "weight", "mean", "rstd"),
-    "matmul_forward": ("inp", "weight", "bias"),
-    "matmul_backward": ("dinp", "dweight", "dbias", "dout", "inp", "weight"),
-    "attention_forward": ("inp", "NH"),
-    "attention_backward": ("dinp", "dpreatt", "datt", "dout", "inp", "att", "NH"),
-    "gelu_forward": ("inp",),
-    "gelu_backward": ("dinp", "inp", "dout"),
-    "residual_forward": ("inp1", "inp2"),
-    "residual_backward": ("dinp1", "dinp2", "dout"),
-    "softmax_forward": ("logits", "V"),
-    "crossentropy_forward": ("probs", "targets"),
-    "crossentropy_softmax_backward": ("dlogits", "dlosses", "probs", "targets", "V"),
-    "adamw": ("param", "grad", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay", "t"),
-}
-
-# Arguments a kernel writes in place (they must reach the implementation zero-copy).
-INPLACE_ARGS = {
-    "encoder_backward": ("dwte", "dwpe"),
-    "layernorm_backward": ("dinp", "dweight", "dbias"),
-    "matmul_backward": ("dinp", "dweight", "dbias"),
-    "attention_backward": ("dinp", "dpreatt", "datt"),
-    "gelu_backward": ("dinp",),
-    "residual_backward": ("dinp1", "dinp2"),
-    "crossentropy_softmax_backward": ("dlogits",),
-    "adamw": ("param", "m", "v"),
-}
-
-
-def _expected_shapes(name, a):
-    """Shapes a forward kernel must return, from its (NumPy) arguments ``a``."""
-    if name == "encoder_forward":
-        return [a["inp"].shape + (a["wte"].shape[-1],)]
-    if name == "layernorm_forward":
-        s = a["inp"].shape
-        return [s, s[:-1], s[:-1]]
-    if name == "matmul_forward":
-        return [a["inp"].shape[:-1] + (a["weight"].shape[0],)]
-    if name == "attention_forward":
-        B, T, C3 = a["inp"].shape
-        NH = int(a["NH"])
-        return [(B, T, C3 // 3), (B, NH, T, T), (B, NH, T, T)]
-    if name == "gelu_forward":
-        return [a["inp"].shape]
-    if name == "residual_forward":
-        return [np.broadcast_shapes(a["inp1"].shape, a["inp2"].shape)]
-    if name == "softmax_forward":
-        return [a["logits"].shape]
-    if name == "crossentropy_forward":
-        return [a["probs"].shape[:-1]]
-    raise KeyError(name)
 
 
 def _lookup(obj, name):
@@ -147,24 +83,6 @@ DIM_NAMES = ("B", "T", "C", "NH", "V", "Vp", "OC")
 SHORT_OUTPUTS = {"layernorm_forward": ("mean", "rstd"), "attention_forward": ("preatt", "att")}
 
 
-def _dims(kernel: str, named: dict) -> dict:
-    """The dimensions a port may take explicitly (``attention_forward(inp, B, T, C, NH)``),
-    from the protocol's arguments."""
-    d = {}
-    x = next((named[k] for k in ("inp", "logits", "probs", "dout") if named.get(k) is not None), None)
-    if x is not None and len(x.shape) >= 2:
-        d["B"], d["T"] = int(x.shape[0]), int(x.shape[1])
-        d["C"] = int(x.shape[-1]) // (3 if kernel.startswith("attention") else 1)
-    if named.get("weight") is not None and kernel.startswith("matmul"):
-        d["OC"] = int(named["weight"].shape[0])
-    if named.get("logits") is not None:
-        d["Vp"] = int(named["logits"].shape[-1])
-    for k in ("NH", "V"):
-        if named.get(k) is not None:
-            d[k] = int(named[k])
-    return d
-
-
 def _adapt(kernel: str, f):
     """``f`` called with the protocol's arguments: as is when its signature has the
     protocol's arity, else by name (the first parameter being the main input, the others
@@ -193,7 +111,7 @@ def _adapt(kernel: str, f):
 
     def call(*args):
         named = dict(zip(params, args))
-        values = {**_dims(kernel, named), **named}
+        values = {**dims(kernel, named), **named}
         if slice_v:
             values["logits"] = named["logits"][..., :int(named["V"])]
         out = f(*(values[n] for n in names))
@@ -223,64 +141,52 @@ def _derived_backward(kernel: str, fwd: dict):
     def first(out):
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    if kernel == "encoder_backward" and "encoder_forward" in fwd:
-        def encoder_backward(dwte, dwpe, dout, inp):   # linear in wte, wpe: any point will do
-            _, back = vjp(lambda wte, wpe: first(fwd["encoder_forward"](inp, wte, wpe)),
-                          torch.zeros_like(dwte), torch.zeros_like(dwpe))
-            gwte, gwpe = back(dout)
-            dwte.add_(gwte)
-            dwpe.add_(gwpe)
-        return encoder_backward
-    if kernel == "layernorm_backward" and "layernorm_forward" in fwd:
-        def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
-            _, back = vjp(lambda x, w, b: first(fwd["layernorm_forward"](x, w, b)), inp, weight,
-                          torch.zeros_like(weight))
-            gx, gw, gb = back(dout)
-            dinp.add_(gx)
-            dweight.add_(gw)
-            dbias.add_(gb)
-        return layernorm_backward
-    if kernel == "matmul_backward" and "matmul_forward" in fwd:
-        def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
-            if dbias is None:
-                _, back = vjp(lambda x, w: first(fwd["matmul_forward"](x, w, None)), inp, weight)
-                gx, gw = back(dout)
-            else:
-                _, back = vjp(lambda x, w, b: first(fwd["matmul_forward"](x, w, b)), inp, weight,
-                              torch.zeros_like(dbias))
-                gx, gw, gb = back(dout)
-                dbias.add_(gb)
-            dinp.add_(gx)
-            dweight.add_(gw)
-        return matmul_backward
-    if kernel == "attention_backward" and "attention_forward" in fwd:
-        def attention_backward(dinp, dpreatt, datt, dout, inp, att, NH):   # dpreatt, datt: not written
-            _, back = vjp(lambda x: first(fwd["attention_forward"](x, NH)), inp)
-            dinp.add_(back(dout)[0])
-        return attention_backward
-    if kernel == "gelu_backward" and "gelu_forward" in fwd:
-        def gelu_backward(dinp, inp, dout):
-            _, back = vjp(lambda x: first(fwd["gelu_forward"](x)), inp)
-            dinp.add_(back(dout)[0])
-        return gelu_backward
-    if kernel == "residual_backward" and "residual_forward" in fwd:
-        def residual_backward(dinp1, dinp2, dout):
-            _, back = vjp(lambda a, b: first(fwd["residual_forward"](a, b)), torch.zeros_like(dout),
-                          torch.zeros_like(dout))
-            g1, g2 = back(dout)
-            dinp1.add_(g1)
-            dinp2.add_(g2)
-        return residual_backward
-    if kernel == "crossentropy_softmax_backward" and {"softmax_forward", "crossentropy_forward"} <= set(fwd):
-        def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
-            # the logits are not an argument: log(probs) has the same softmax
-            V = int(V)
-            logits = torch.zeros_like(probs)
-            logits[..., :V] = torch.log(probs[..., :V])
-            _, back = vjp(lambda lg: first(fwd["crossentropy_forward"](first(fwd["softmax_forward"](lg, V)),
-                                                                       targets)), logits)
-            dlogits.add_(back(dlosses)[0])
-        return crossentropy_softmax_backward
+    def accumulate(f, points, buffers, cotangent):
+        """f's vector-Jacobian product at ``points``, each gradient added into its buffer."""
+        _, back = vjp(lambda *xs: first(f(*xs)), *points)
+        for buf, g in zip(buffers, back(cotangent)):
+            buf.add_(g)
+
+    zeros = torch.zeros_like
+    F = fwd.get
+
+    def encoder_backward(dwte, dwpe, dout, inp):   # linear in wte, wpe: any point will do
+        accumulate(lambda wte, wpe: F("encoder_forward")(inp, wte, wpe), (zeros(dwte), zeros(dwpe)),
+                   (dwte, dwpe), dout)
+
+    def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+        accumulate(F("layernorm_forward"), (inp, weight, zeros(weight)), (dinp, dweight, dbias), dout)
+
+    def matmul_backward(dinp, dweight, dbias, dout, inp, weight):
+        if dbias is None:
+            accumulate(lambda x, w: F("matmul_forward")(x, w, None), (inp, weight), (dinp, dweight), dout)
+        else:
+            accumulate(F("matmul_forward"), (inp, weight, zeros(dbias)), (dinp, dweight, dbias), dout)
+
+    def attention_backward(dinp, dpreatt, datt, dout, inp, att, NH):   # dpreatt, datt: not written
+        accumulate(lambda x: F("attention_forward")(x, NH), (inp,), (dinp,), dout)
+
+    def gelu_backward(dinp, inp, dout):
+        accumulate(F("gelu_forward"), (inp,), (dinp,), dout)
+
+    def residual_backward(dinp1, dinp2, dout):
+        accumulate(F("residual_forward"), (zeros(dout), zeros(dout)), (dinp1, dinp2), dout)
+
+    def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
+        # the logits are not an argument: log(probs) has the same softmax
+        V = int(V)
+        logits = zeros(probs)
+        logits[..., :V] = torch.log(probs[..., :V])
+        accumulate(lambda lg: F("crossentropy_forward")(first(F("softmax_forward")(lg, V)), targets),
+                   (logits,), (dlogits,), dlosses)
+
+    needs = {encoder_backward: ("encoder_forward",), layernorm_backward: ("layernorm_forward",),
+             matmul_backward: ("matmul_forward",), attention_backward: ("attention_forward",),
+             gelu_backward: ("gelu_forward",), residual_backward: ("residual_forward",),
+             crossentropy_softmax_backward: ("softmax_forward", "crossentropy_forward")}
+    for f, forwards in needs.items():
+        if f.__name__ == kernel and all(n in fwd for n in forwards):
+            return f
     return None
 
 
@@ -424,7 +330,7 @@ class KernelSet:
             if short:   # the main output alone: the others from the reference, marked
                 outs += self._reference_outputs(kernel, named, outs[0].dtype)
                 self.not_returned |= {(kernel, o) for o in SHORT_OUTPUTS[kernel]}
-            for i, (y, shape) in enumerate(zip(outs, _expected_shapes(kernel, named))):
+            for i, (y, shape) in enumerate(zip(outs, SPEC[kernel].expected_shapes(named))):
                 if tuple(y.shape) != tuple(shape):
                     what = f"output {i}" if n_out > 1 else "output"
                     raise ValueError(f"{label} {what} has shape {tuple(y.shape)}, "

@@ -154,3 +154,41 @@ def test_a_harness_bug_exits_3_with_the_trace_not_2(capsys, monkeypatch, exc):
     code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "numpy")
     assert code == 3, err
     assert "internal error" in err and "Traceback" in err and "a bug of ours" in err
+
+
+def test_model_map_maps_a_model_under_other_names(capsys, tmp_path):
+    """--model-map: a model whose parameter names no built-in rule knows is refused with
+    the reason (exit 2) until a map names each parameter's C tensor; then it is checked.
+    A map that names a wrong tensor is caught by the numbers (exit 1)."""
+    (tmp_path / "renamed.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        import torch
+        import model_ports as mp
+
+        class Renamed(torch.nn.Module):
+            def __init__(self, cfg):
+                super().__init__()
+                core = mp.WalkGPT2(cfg)
+                self.table = torch.nn.ParameterDict({{"p_" + n: p for n, p in core.named_parameters()}})
+                self._core = [core]    # not a submodule: its parameters are seen only as p_*
+
+            def forward(self, idx, targets):
+                return self._core[0](idx, targets)
+
+        def good(name, shape):
+            return name.rpartition(".")[2].removeprefix("p_")
+
+        def swapped(name, shape):      # ln1w <-> ln2w: same shapes, wrong tensors
+            n = good(name, shape)
+            return {{"ln1w": "ln2w", "ln2w": "ln1w"}}.get(n, n)
+    """))
+    model = f"{tmp_path / 'renamed.py'}:Renamed"
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "oracle", "--model", model)
+    assert code == 2 and "parameter" in err, out[-1500:] + err
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "oracle", "--model", model,
+                         "--model-map", f"{tmp_path / 'renamed.py'}:good")
+    assert code == 0 and "llmc-parity: PASS" in out, out[-2000:] + err
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "oracle", "--model", model,
+                         "--model-map", f"{tmp_path / 'renamed.py'}:swapped")
+    assert code == 1 and "first divergence" in out, out[-2000:] + err

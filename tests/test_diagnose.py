@@ -29,7 +29,7 @@ from harness.ckernels import CKernels
 from harness.compare import ParityError
 from harness.diagnose import CATALOGUE, VARIANT_BY_ID, DiagnosedComparison
 from harness.opcheck import assert_kernel, check_kernel
-from harness.ops import CHECK_BY_KERNEL, SHAPE_BY_NAME, make_inputs
+from harness.ops import SPEC, SHAPE_BY_NAME, make_inputs
 from harness.runner import run_parity
 from pyref import numpy_kernels as nk
 from pyref import synth
@@ -43,13 +43,13 @@ BASE = SHAPE_BY_NAME["base"]
 
 
 def _port(kernel, fn) -> KernelSet:
-    funcs = {name: getattr(nk, name) for name in CHECK_BY_KERNEL}
+    funcs = {name: getattr(nk, name) for name in SPEC}
     funcs[kernel] = fn
     return KernelSet(funcs, backend="numpy", name=f"port ({kernel} changed)")
 
 
 def _failures(impl, kernel, shape=BASE, seed=0):
-    results = check_kernel(impl, kernel, make_inputs(CHECK_BY_KERNEL[kernel], shape, seed=seed), shape)
+    results = check_kernel(impl, kernel, make_inputs(SPEC[kernel], shape, seed=seed))
     return [c for c in results if not c.passed]
 
 
@@ -359,7 +359,7 @@ def test_pytest_failure_message_says_the_cause():
     s = BASE
     with pytest.raises(ParityError) as info:
         assert_kernel(_port("layernorm_forward", layernorm_port(eps=1e-6)), "layernorm_forward",
-                      make_inputs(CHECK_BY_KERNEL["layernorm_forward"], s), s, label="port")
+                      make_inputs(SPEC["layernorm_forward"], s), label="port")
     msg = str(info.value)
     assert "Diagnosis: probable cause: layernorm's eps is 1e-06 instead of 1e-5" in msg
     assert info.value.comparison.diagnosis.ids == ("layernorm.eps=1e-06",)
@@ -393,8 +393,8 @@ def _tiny_run(lib=None, impls=None, steps=1):
 
 def test_passing_checks_do_no_diagnosis_work(counted):
     impl = KernelSet.from_module(nk)
-    for kernel, check in CHECK_BY_KERNEL.items():
-        assert all(c.passed for c in check_kernel(impl, kernel, make_inputs(check, BASE), BASE))
+    for kernel, check in SPEC.items():
+        assert all(c.passed for c in check_kernel(impl, kernel, make_inputs(check, BASE)))
     assert _tiny_run(impls={"numpy": impl}).passed
     assert counted.calls == 0
     # and the counter does see a failure (the test above could not pass vacuously)
@@ -406,7 +406,7 @@ def test_passing_checks_do_no_diagnosis_work(counted):
                                           (adamw_port(skip_1d=True), "adamw.no-decay-1d")])
 def test_a_python_port_is_diagnosed_in_a_training_step(adamw, cause):
     """Replay (forward and an accumulated gradient) and update of a Python model."""
-    funcs = {name: getattr(nk, name) for name in CHECK_BY_KERNEL}
+    funcs = {name: getattr(nk, name) for name in SPEC}
     funcs.update(gelu_forward=gelu_erf_fwd, layernorm_backward=overwrite("layernorm_backward", "dinp"),
                  adamw=adamw)
     report = _tiny_run(impls={"port": KernelSet(funcs, name="port")})

@@ -46,14 +46,14 @@ FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long
 from harness.binding import load_library  # noqa: E402
 from harness.ckernels import CKernels  # noqa: E402
 from harness.compare import compare, format_table  # noqa: E402
-from harness.ops import (CHECK_BY_KERNEL, KERNEL_CHECKS, SHAPE_BY_NAME, Shape,  # noqa: E402
-                         make_inputs, reduction_length, run_kernel)
+from harness.ops import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
+                         make_inputs, run_kernel)
 from harness.opcheck import check_kernel, oracle_outputs  # noqa: E402
 from pyref import numpy_kernels, torch_kernels  # noqa: E402
 from pyref.config import PRESETS  # noqa: E402
 from pyref.protocol import SIGNATURES, KernelSet  # noqa: E402
 
-KERNELS = [c.kernel for c in KERNEL_CHECKS]
+KERNELS = [c.name for c in SPECS]
 IMPLS = ("c", "numpy", "torch")
 
 
@@ -267,16 +267,16 @@ def _noted(value, label):
 
 
 def _check(impl, kernel, args, s, label):
-    check = CHECK_BY_KERNEL[kernel]
+    check = SPEC[kernel]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with np.errstate(all="ignore"):
             expected = oracle_outputs(kernel, args)
             for name, e in expected.items():     # see MIN_REDUCED
-                if name in check.outputs and reduction_length(check, name, s) > 1:
-                    mask = check.mask(name, s)
+                if name in check.output_names and check.n(name, args) > 1:
+                    mask = check.mask(name, args)
                     assume((e.size if mask is None else e[..., mask].size) >= MIN_REDUCED)
-            results = check_kernel(impl, kernel, args, s, expected=expected, label=label)
+            results = check_kernel(impl, kernel, args, expected=expected, label=label)
     note(f"{s!r}")
     bad = [c for c in results if not c.passed]
     assert not bad, "\n".join(c.message() for c in bad) + "\n" + format_table(results)
@@ -287,7 +287,7 @@ def _case(data, kernel, gradual: bool = True, **shape_kw):
     s = data.draw(shapes(**shape_kw), label="shape")
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
-    args = CHECK_BY_KERNEL[kernel].make(s, rng)
+    args = SPEC[kernel].make(s, rng)
     return _vary(data.draw, rng, kernel, s, args, gradual), s
 
 
@@ -343,7 +343,7 @@ def test_known_softmax_all_below_floor_gives_nan(impls):
     assert np.isfinite(oracle[0, 1]).all() and abs(oracle[0, 1].sum() - 1) < 1e-12
     assert np.isnan(oracle[1, 2, :V]).all()
     s = Shape("floor", B=B, T=T, C=8, NH=1, V=V, Vp=Vp, OC=8)
-    (c,) = _quiet(check_kernel, impls["c"], "softmax_forward", {"logits": logits, "V": V}, s)
+    (c,) = _quiet(check_kernel, impls["c"], "softmax_forward", {"logits": logits, "V": V})
     assert not c.passed and c.n_nonfinite_mismatch == V          # row (0, 1) only
     assert c.worst_index[:2] == (0, 1)
 
@@ -366,7 +366,7 @@ def test_known_softmax_below_floor_subnormal_exp_loses_precision(impls, lib):
         assert np.isfinite(probs).all()
         np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
     s = Shape("subnormal", B=B, T=T, C=8, NH=1, V=V, Vp=Vp, OC=8)
-    (c,) = _quiet(check_kernel, impls["c"], "softmax_forward", {"logits": logits, "V": V}, s)
+    (c,) = _quiet(check_kernel, impls["c"], "softmax_forward", {"logits": logits, "V": V})
     assert not c.passed and c.worst_index[:2] == (0, 0)
     if lib.fp_mode.ftz:
         assert c.n_nonfinite_mismatch == V
@@ -396,7 +396,7 @@ def test_known_attention_all_scores_below_floor_gives_zero_att(impls, score, ora
     assert (e["att"] == 0).all() == oracle_zero
     s = Shape("floor", B=B, T=T, C=C, NH=NH, V=1, Vp=1, OC=8)
     res = {c.name: c for c in check_kernel(impls["c"], "attention_forward",
-                                           {"inp": inp, "NH": NH}, s)}
+                                           {"inp": inp, "NH": NH})}
     assert res["attention_forward.preatt"].passed
     assert res["attention_forward.att"].passed == oracle_zero
     assert res["attention_forward.out"].passed == oracle_zero
@@ -414,7 +414,7 @@ def _all_pass(impls, kernel, args, s, which=IMPLS):
     expected = _quiet(oracle_outputs, kernel, args)
     failures = []
     for name in which:
-        res = _quiet(check_kernel, impls[name], kernel, args, s, expected)
+        res = _quiet(check_kernel, impls[name], kernel, args, expected)
         failures += [f"{name}: {c.name} rel {c.max_rel:.3g} (tol {c.tol.rel:.3g}) norm "
                      f"{c.norm_rel:.3g} (tol {c.tol.norm:.3g})" for c in res if not c.passed]
     assert not failures, "\n".join(failures)
@@ -445,7 +445,7 @@ def test_ill_conditioned_attention_forward_large_scores(impls):
     (u * |score| * sqrt(hs)) becomes a relative error of att (softmax is sensitive to
     absolute errors of its inputs): the op table's own inputs (seed 4) times 10."""
     s = SHAPE_BY_NAME["base"]
-    args = make_inputs(CHECK_BY_KERNEL["attention_forward"], s, seed=4)
+    args = make_inputs(SPEC["attention_forward"], s, seed=4)
     args["inp"] = args["inp"] * np.float32(10)
     _all_pass(impls, "attention_forward", args, s)
 
@@ -458,7 +458,7 @@ def test_adamw_op_table_seed_2_within_tolerance(impls):
     was 1.5e-6 relative vs 9.5e-7 allowed, identically in C, NumPy and torch)."""
     s = SHAPE_BY_NAME["base"]
     for seed in (2, 3):
-        _all_pass(impls, "adamw", make_inputs(CHECK_BY_KERNEL["adamw"], s, seed=seed), s)
+        _all_pass(impls, "adamw", make_inputs(SPEC["adamw"], s, seed=seed), s)
 
 
 def test_ill_conditioned_tiny_tensor_cancellation_matmul(impls):
@@ -466,7 +466,7 @@ def test_ill_conditioned_tiny_tensor_cancellation_matmul(impls):
     1/30 of their size: NumPy's (legitimately) reordered float32 sum is 37 ulp off, judged
     against the result itself (no tensor RMS to absorb it). Found by the long profile."""
     s = Shape("tiny", B=2, T=2, C=1, NH=1, V=1, Vp=1, OC=1)
-    args = CHECK_BY_KERNEL["matmul_backward"].make(s, np.random.default_rng(135))
+    args = SPEC["matmul_backward"].make(s, np.random.default_rng(135))
     args["dout"] = _scale(args["dout"], TINY)
     for k in ("dinp", "dweight", "dbias"):
         args[k] = _scale(args[k], TINY)
@@ -480,7 +480,7 @@ def test_ill_conditioned_attention_backward_dpreatt_norm_cancellation(impls):
     formula att * (datt - sum) gives norm 1.1e-5 against 9.1e-7 allowed (the C passes here,
     and fails the same way on other seeds). Found by the long profile."""
     s = Shape("T2", B=2, T=2, C=8, NH=1, V=1, Vp=1, OC=8)
-    args = CHECK_BY_KERNEL["attention_backward"].make(s, np.random.default_rng(3945))
+    args = SPEC["attention_backward"].make(s, np.random.default_rng(3945))
     args["inp"][..., :2 * s.C] = _scale(args["inp"][..., :2 * s.C], 1e-3)
     _all_pass(impls, "attention_backward", args, s)
 
@@ -489,7 +489,7 @@ def _issue17_case():
     """The long profile's case of issue 17: one head, T = 1, hs = 7, dout ~ 1e-30: datt is a
     single element, a 7-term dot product that cancels to 1/20 of its terms."""
     s = Shape("T1hs7", B=1, T=1, C=7, NH=1, V=1, Vp=1, OC=7)
-    args = CHECK_BY_KERNEL["attention_backward"].make(s, np.random.default_rng(16))
+    args = SPEC["attention_backward"].make(s, np.random.default_rng(16))
     args["inp"][..., :2 * s.C] = _scale(args["inp"][..., :2 * s.C], 1e-3)
     for k in ("dout", "dinp", "dpreatt", "datt"):
         args[k] = _scale(args[k], TINY)
@@ -520,7 +520,7 @@ def test_planted_bug_still_fails_in_the_issue17_case(impls):
         impls["numpy"].attention_backward(dinp, dpreatt, datt, dout, inp, att, NH)
 
     bad = KernelSet.from_module({"attention_backward": wrong}, name="wrong")
-    res = {c.name: c for c in _quiet(check_kernel, bad, "attention_backward", args, s)}
+    res = {c.name: c for c in _quiet(check_kernel, bad, "attention_backward", args)}
     assert not res["attention_backward.datt"].passed
 
 
@@ -530,7 +530,7 @@ def _subnormal_matmul(seed=0):
     """matmul_forward with products inp * weight ~ 1e-30 x 1e-12 = 1e-42: float32
     subnormals (below 2^-126 ~ 1.2e-38), each rounded to a multiple of 2^-149, with no bias."""
     s = Shape("subnormal", B=2, T=4, C=16, NH=1, V=1, Vp=1, OC=6)
-    args = CHECK_BY_KERNEL["matmul_forward"].make(s, np.random.default_rng(seed))
+    args = SPEC["matmul_forward"].make(s, np.random.default_rng(seed))
     args["inp"], args["weight"] = _scale(args["inp"], 1e-30), _scale(args["weight"], 1e-12)
     args["bias"] = None
     return args, s
@@ -546,7 +546,7 @@ def test_underflow_floor_accepts_gradual_underflow(impls, lib):
     which = IMPLS if not lib.fp_mode.ftz else ("numpy", "torch")     # FTZ flushes them to 0
     _all_pass(impls, "matmul_forward", args, s, which)
     # without the floor the same outputs would fail: the floor is what lets them pass
-    c = _quiet(check_kernel, impls["numpy"], "matmul_forward", args, s)[0]
+    c = _quiet(check_kernel, impls["numpy"], "matmul_forward", args)[0]
     no_floor = compare(_quiet(run_kernel, impls["numpy"], "matmul_forward", args)["out"], e,
                        name="out", tol=dataclasses.replace(c.tol, floor=0.0))
     assert not no_floor.passed and c.passed
@@ -561,10 +561,10 @@ def test_underflow_floor_does_not_hide_a_wrong_constant_at_1e_20(impls, kernel, 
     """At magnitudes ~1e-20 (normal float32, far above the floor) an output off by 1e-5
     relative, a changed constant, still fails: the floor loosens nothing there."""
     s = SHAPE_BY_NAME["base"]
-    args = make_inputs(CHECK_BY_KERNEL[kernel], s, seed=1)
+    args = make_inputs(SPEC[kernel], s, seed=1)
     for k, m in scales.items():
         args[k] = _scale(args[k], m)
-    good = _quiet(check_kernel, impls["c"], kernel, args, s)
+    good = _quiet(check_kernel, impls["c"], kernel, args)
     assert all(c.passed for c in good), [c.message() for c in good if not c.passed]
     ref = impls["numpy"]
 
@@ -578,5 +578,5 @@ def test_underflow_floor_does_not_hide_a_wrong_constant_at_1e_20(impls, kernel, 
         named["dinp"] *= np.float32(1 + 1e-5)      # a backward: its input gradient
 
     bad = KernelSet.from_module({kernel: off}, name="off")
-    res = _quiet(check_kernel, bad, kernel, args, s)
+    res = _quiet(check_kernel, bad, kernel, args)
     assert not res[0].passed, res[0].message()

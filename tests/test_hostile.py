@@ -36,7 +36,7 @@ from harness.binding import Library, LibraryError, LlmcInputError, load_library 
 from harness.ckernels import CKernels  # noqa: E402
 from harness.cmodel import CModel  # noqa: E402
 from harness.compare import compare, format_table  # noqa: E402
-from harness.ops import CHECK_BY_KERNEL, SHAPE_BY_NAME, make_inputs  # noqa: E402
+from harness.ops import SPEC, SHAPE_BY_NAME, make_inputs  # noqa: E402
 from harness.opcheck import check_kernel  # noqa: E402
 from harness.tolerances import op_tolerance  # noqa: E402
 from pyref import formats  # noqa: E402
@@ -684,13 +684,13 @@ def test_nonfinite_kernel_inputs_are_reported(lib):
     nan_equal); a port that makes NaN where the oracle has numbers is a failed check with
     the non-finite count, not an exception."""
     s = SHAPE_BY_NAME["base"]
-    args = make_inputs(CHECK_BY_KERNEL["layernorm_forward"], s)
+    args = make_inputs(SPEC["layernorm_forward"], s)
     args["inp"][0, 0, 0] = np.nan
     args["weight"][3] = np.inf
-    res = check_kernel(CKernels(lib), "layernorm_forward", args, s)
+    res = check_kernel(CKernels(lib), "layernorm_forward", args)
     assert all(c.passed for c in res), format_table(res)
 
-    args = make_inputs(CHECK_BY_KERNEL["layernorm_forward"], s)
+    args = make_inputs(SPEC["layernorm_forward"], s)
 
     def nan_port(inp, weight, bias):
         out, mean, rstd = (np.array(a) for a in CKernels(lib).layernorm_forward(inp, weight, bias))
@@ -699,7 +699,7 @@ def test_nonfinite_kernel_inputs_are_reported(lib):
         return out, mean, rstd
 
     res = {c.name: c for c in check_kernel(_user(layernorm_forward=nan_port),
-                                           "layernorm_forward", args, s)}
+                                           "layernorm_forward", args)}
     assert res["layernorm_forward.out"].n_nonfinite_mismatch == 1
     assert res["layernorm_forward.out"].worst_index == (1, 2, 3)
     assert res["layernorm_forward.rstd"].n_nonfinite_mismatch == 1
@@ -748,14 +748,14 @@ def _user(**funcs):
 
 def _case(kernel):
     s = SHAPE_BY_NAME["base"]
-    return make_inputs(CHECK_BY_KERNEL[kernel], s), s
+    return make_inputs(SPEC[kernel], s), s
 
 
 def test_user_kernel_wrong_number_of_outputs():
     args, s = _case("layernorm_forward")
     ks = _user(layernorm_forward=lambda inp, w, b: (inp, inp))
     with pytest.raises(TypeError, match=r"userport\.layernorm_forward returned 2 output\(s\), expected 3"):
-        check_kernel(ks, "layernorm_forward", args, s)
+        check_kernel(ks, "layernorm_forward", args)
 
 
 def test_user_kernel_wrong_shape():
@@ -763,25 +763,25 @@ def test_user_kernel_wrong_shape():
     ks = _user(layernorm_forward=lambda inp, w, b: (inp[..., :3], inp[..., 0], inp[..., 0]))
     with pytest.raises(ValueError, match=r"userport\.layernorm_forward output 0 has shape \(2, 8, 3\), "
                                          r"expected \(2, 8, 32\)"):
-        check_kernel(ks, "layernorm_forward", args, s)
+        check_kernel(ks, "layernorm_forward", args)
     args, s = _case("softmax_forward")
     ks = _user(softmax_forward=lambda logits, V: logits[..., :V])       # V wide, not Vp
     with pytest.raises(ValueError, match=r"userport\.softmax_forward output has shape .*expected"):
-        check_kernel(ks, "softmax_forward", args, s)
+        check_kernel(ks, "softmax_forward", args)
 
 
 def test_user_kernel_returns_none_or_junk():
     args, s = _case("gelu_forward")
     with pytest.raises(TypeError, match=r"userport\.gelu_forward returned None"):
-        check_kernel(_user(gelu_forward=lambda x: None), "gelu_forward", args, s)
+        check_kernel(_user(gelu_forward=lambda x: None), "gelu_forward", args)
     with pytest.raises(ValueError, match=r"userport\.gelu_forward output has shape \(\)"):
-        check_kernel(_user(gelu_forward=lambda x: "junk"), "gelu_forward", args, s)
+        check_kernel(_user(gelu_forward=lambda x: "junk"), "gelu_forward", args)
 
 
 def test_user_kernel_missing():
     args, s = _case("gelu_forward")
     with pytest.raises(NotImplementedError, match=r"userport does not define kernel gelu_forward"):
-        check_kernel(_user(), "gelu_forward", args, s)
+        check_kernel(_user(), "gelu_forward", args)
 
 
 @pytest.mark.parametrize("kernel", ["layernorm_forward", "matmul_backward"])
@@ -794,7 +794,7 @@ def test_user_kernel_that_raises_is_named(kernel):
         raise RuntimeError("index 99 is out of bounds")
 
     with pytest.raises(Exception) as info:
-        check_kernel(_user(**{kernel: boom}), kernel, args, s)
+        check_kernel(_user(**{kernel: boom}), kernel, args)
     text = str(info.value) + " ".join(getattr(info.value, "__notes__", []))
     assert kernel in text, f"the error does not name the kernel: {text!r}"
     assert "index 99 is out of bounds" in text
@@ -807,7 +807,7 @@ def test_user_backward_that_overwrites_is_a_failed_check_not_an_error():
         dinp1[...] = dout
         dinp2[...] = dout
 
-    res = check_kernel(_user(residual_backward=overwrite), "residual_backward", args, s)
+    res = check_kernel(_user(residual_backward=overwrite), "residual_backward", args)
     assert res and not any(c.passed for c in res)
 
 

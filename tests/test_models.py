@@ -324,7 +324,7 @@ def test_kernel_signatures_by_name_on_numpy_too():
     """attention_forward(inp, B, T, C, NH) returning its output alone and softmax_forward(logits)
     work for a NumPy port as well; what they do not return is not compared; a signature whose
     names say nothing is not guessed."""
-    from harness.ops import CHECK_BY_KERNEL, SHAPES, make_inputs
+    from harness.ops import SPEC, SHAPES, make_inputs
     from harness.opcheck import check_kernel
     from pyref.protocol import KernelSet, as_namespace
 
@@ -338,7 +338,7 @@ def test_kernel_signatures_by_name_on_numpy_too():
                                              "softmax_forward": softmax_forward}), name="np-port")
     s = SHAPES[0]
     for kernel in ("attention_forward", "softmax_forward"):
-        results = check_kernel(ks, kernel, make_inputs(CHECK_BY_KERNEL[kernel], s, 0), s)
+        results = check_kernel(ks, kernel, make_inputs(SPEC[kernel], s, 0))
         assert results and all(c.passed for c in results), [c.message() for c in results if not c.passed]
     assert ("attention_forward", "att") in ks.not_returned
     vague = KernelSet.from_module(as_namespace({"attention_forward": lambda x, a, b, c, d: x}), name="vague")

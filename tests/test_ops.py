@@ -11,8 +11,8 @@ import pytest
 from harness.binding import load_library
 from harness.ckernels import CKernels
 from harness.compare import ParityError
-from harness.opcheck import assert_kernel, check_kernel
-from harness.ops import CHECK_BY_KERNEL, SHAPE_BY_NAME, cases, make_inputs
+from harness.opcheck import assert_case, assert_kernel, case_id, check_kernel
+from harness.ops import SPEC, SHAPE_BY_NAME, cases, make_inputs
 from pyref import numpy_kernels as nk
 from pyref import torch_kernels
 from pyref.protocol import KernelSet
@@ -33,17 +33,14 @@ def impl(name):
 
 
 # every kernel x shape x implementation; the naive matmul path only exists for matmul_forward
-CASES = [pytest.param(check.kernel, s.name, impl_name, id=f"{check.op}-{check.kernel}-{s.name}-{impl_name}")
-         for check, s in cases() for impl_name in IMPLS
-         if impl_name != "C-naive-matmul" or check.kernel == "matmul_forward"]
+CASES = [pytest.param(spec.name, s.name, impl_name, id=f"{case_id(spec, s)}-{impl_name}")
+         for spec, s in cases() for impl_name in IMPLS
+         if impl_name != "C-naive-matmul" or spec.name == "matmul_forward"]
 
 
 @pytest.mark.parametrize("kernel, shape, impl_name", CASES)
 def test_kernel_matches_oracle(kernel, shape, impl_name, parity_record):
-    s = SHAPE_BY_NAME[shape]
-    results = assert_kernel(impl(impl_name), kernel, make_inputs(CHECK_BY_KERNEL[kernel], s, seed=0), s,
-                            label=impl_name)
-    parity_record(results)
+    parity_record(assert_case(impl(impl_name), kernel, shape, label=impl_name))
 
 
 # ----------------------------------------------------------------------------
@@ -155,18 +152,18 @@ MUTANTS = {
 
 
 def test_every_kernel_has_a_mutant():
-    assert set(MUTANTS) == set(CHECK_BY_KERNEL)
+    assert set(MUTANTS) == set(SPEC)
 
 
-@pytest.mark.parametrize("kernel", [pytest.param(k, id=f"{CHECK_BY_KERNEL[k].op}-{k}") for k in MUTANTS])
+@pytest.mark.parametrize("kernel", [pytest.param(k, id=f"{SPEC[k].op}-{k}") for k in MUTANTS])
 def test_mutant_kernel_fails(kernel):
     what, fn = MUTANTS[kernel]
-    funcs = {name: getattr(nk, name) for name in CHECK_BY_KERNEL}
+    funcs = {name: getattr(nk, name) for name in SPEC}
     funcs[kernel] = fn
     mutant = KernelSet(funcs, backend="numpy", name=f"mutant ({what})")
     s = SHAPE_BY_NAME["base"]
     with pytest.raises(ParityError) as info:
-        assert_kernel(mutant, kernel, make_inputs(CHECK_BY_KERNEL[kernel], s, seed=0), s, label="mutant")
+        assert_kernel(mutant, kernel, make_inputs(SPEC[kernel], s, seed=0), label="mutant")
     msg = str(info.value)
     assert kernel in msg, msg                      # names the op
     assert "worst" in msg.lower(), msg             # and the worst element
@@ -174,13 +171,13 @@ def test_mutant_kernel_fails(kernel):
 
 def test_systematic_1e5_change_fails_every_forward_output():
     """A 1e-5 relative change of any forward output fails its norm-wise bound."""
-    from harness.ops import FORWARD_OUTPUTS
+    from pyref.protocol import FORWARD_OUTPUTS
     s = SHAPE_BY_NAME["wide"]
     for kernel, outs in FORWARD_OUTPUTS.items():
         for i, out in enumerate(outs):
-            funcs = {name: getattr(nk, name) for name in CHECK_BY_KERNEL}
+            funcs = {name: getattr(nk, name) for name in SPEC}
             funcs[kernel] = _scaled(kernel, 1 + 1e-5, i)
             results = check_kernel(KernelSet(funcs, backend="numpy"), kernel,
-                                   make_inputs(CHECK_BY_KERNEL[kernel], s, seed=1), s)
+                                   make_inputs(SPEC[kernel], s, seed=1))
             failed = [c for c in results if not c.passed]
             assert any(c.name.startswith(f"{kernel}.{out}") for c in failed), (kernel, out)

@@ -235,20 +235,20 @@ def test_bad_inputs_raise_clear_errors():
     x, y = make_batch(CFG, B, T)
     bad = x.copy()
     bad[1, 2] = V
-    with pytest.raises(ValueError, match=rf"token id {V}, outside \[0, {V}\)"):
+    with pytest.raises(ValueError, match=rf"token id {V} at .* is outside \[0, V={V}\)"):
         m.forward(bad, y)
     bad[1, 2] = -1
     with pytest.raises(ValueError, match="token id -1"):
         m.forward(bad, y)
-    with pytest.raises(ValueError, match="targets holds token id"):
+    with pytest.raises(ValueError, match="targets: token id"):
         m.forward(x, np.full_like(y, V + 5))
     with pytest.raises(ValueError, match="max_seq_len"):
         m.forward(np.zeros((1, CFG.max_seq_len + 1), np.int32))
     with pytest.raises(ValueError, match="integer"):
         m.forward(x.astype(np.float32))
-    with pytest.raises(ValueError, match=r"shape \(B, T\)"):
+    with pytest.raises(ValueError, match=r"a \(B, T\) array"):
         m.forward(x.reshape(-1))
-    with pytest.raises(ValueError, match="targets has shape"):
+    with pytest.raises(ValueError, match="targets shape"):
         m.forward(x, y[:, :-1])
     with pytest.raises(ValueError, match="backward"):
         m.backward()                      # no forward yet

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import pytest
 
-from harness.opcheck import assert_kernel
-from harness.ops import CHECK_BY_KERNEL, SHAPE_BY_NAME, cases, make_inputs
+from harness.opcheck import assert_case, case_id
+from harness.ops import cases
 
 
 def pytest_generate_tests(metafunc):
     if "port_case" in metafunc.fixturenames:
         given = metafunc.config.getoption("--llmc-impl", default=None)
-        cs = [(check.kernel, s.name) for check, s in cases()] if given else []
-        metafunc.parametrize("port_case", cs, ids=[f"{CHECK_BY_KERNEL[k].op}-{k}-{s}-port" for k, s in cs])
+        cs = list(cases()) if given else []
+        metafunc.parametrize("port_case", [(spec.name, s.name) for spec, s in cs],
+                             ids=[f"{case_id(spec, s)}-port" for spec, s in cs])
 
 
 def test_port_kernel(port_case, llmc_impl, parity_record):
     kernel, shape = port_case
     if kernel in llmc_impl.missing:
         pytest.skip(f"{llmc_impl.name} does not define {kernel}: not checked")
-    s = SHAPE_BY_NAME[shape]
-    parity_record(assert_kernel(llmc_impl, kernel, make_inputs(CHECK_BY_KERNEL[kernel], s, seed=0), s,
-                                label=llmc_impl.name))
+    parity_record(assert_case(llmc_impl, kernel, shape, label=llmc_impl.name))
 
 
 def test_port_trains_like_the_c(llmc_impl, llmc_lib, llmc_config, llmc_steps):
