@@ -20,7 +20,9 @@ catalogued changes of semantics on the same inputs, to name the change that expl
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from typing import Callable, Iterator
@@ -492,19 +494,21 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     buf_scale = {k: np.empty(largest, np.float32) for k in ("params", "m")}
     checks = []
     offset = 0
+    labels = ("params", "m", "v")
     for name, shape in shapes.items():
         n = prod(shape)
         expected = {k: b[:n] for k, b in buf.items()}
         scales = {"params": buf_scale["params"][:n], "m": buf_scale["m"][:n], "v": None}
-        _expected_update(pre, grads, offset, expected, scales, hp)
-        for label in ("params", "m", "v"):
-            tensor = f"{label}.{name} (after update)"
-            output = "param" if label == "params" else label
-            actual = np.asarray(post[("params", "m", "v").index(label)][offset:offset + n]).reshape(shape)
-            how = dict(name=tensor, tol=op_tolerance("adamw", output, 1, n),
-                       elem_scale=None if scales[label] is None else scales[label].reshape(shape),
-                       axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
-            c = compare(actual, expected[label].reshape(shape), **how)
+        _shared(lambda r: _expected_update(pre, grads, offset, expected, scales, hp, r), _runs(n))
+        hows = {label: dict(name=f"{label}.{name} (after update)",
+                            tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
+                            elem_scale=None if scales[label] is None else scales[label].reshape(shape),
+                            axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
+                for label in labels}
+        actuals = {label: np.asarray(post[i][offset:offset + n]).reshape(shape) for i, label in enumerate(labels)}
+        compared = _shared(lambda k: compare(actuals[k], expected[k].reshape(shape), **hows[k]), labels)
+        for label, c in zip(labels, compared):
+            output, actual, how = "param" if label == "params" else label, actuals[label], hows[label]
             if not c.passed:
                 call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
                 c = attach(c, diagnose(call, actual, expected[label].reshape(shape),
@@ -514,14 +518,47 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     return checks
 
 
-def _expected_update(pre: tuple, grads, offset: int, expected: dict, scales: dict, hp: dict) -> None:
+def _workers() -> int:
+    """Threads for the update checks: the cores this process may use (at most 4)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+_POOL: list = []
+if hasattr(os, "register_at_fork"):   # a forked child has the list but not the threads
+    os.register_at_fork(after_in_child=_POOL.clear)
+
+
+def _shared(f, items) -> list:
+    """``[f(x) for x in items]``, the items shared among the cores (NumPy lets go of the
+    GIL in its loops; each result is what one thread makes, in the order of ``items``)."""
+    items = list(items)
+    if len(items) < 2 or _workers() < 2:
+        return [f(x) for x in items]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(_workers(), thread_name_prefix="llmc-update-check"))
+    return list(_POOL[0].map(f, items))
+
+
+def _runs(n: int) -> list[tuple[int, int]]:
+    """``[0, n)`` in one run of whole blocks per worker."""
+    blocks = -(-n // UPDATE_BLOCK)
+    per = -(-blocks // _workers())
+    return [(lo * UPDATE_BLOCK, min(n, (lo + per) * UPDATE_BLOCK)) for lo in range(0, blocks, per)]
+
+
+def _expected_update(pre: tuple, grads, offset: int, expected: dict, scales: dict, hp: dict,
+                     run: tuple[int, int]) -> None:
     """One tensor's float64 AdamW (params, m, v into ``expected``) and its term sizes (into
-    ``scales``), block by block from ``pre`` and ``grads`` at ``offset``. Element by element
-    the same arithmetic as on whole tensors: the results do not depend on the blocks."""
-    n = expected["params"].size
-    zeros = np.zeros(min(n, UPDATE_BLOCK), np.float32)
-    for lo in range(0, n, UPDATE_BLOCK):
-        hi = min(n, lo + UPDATE_BLOCK)
+    ``scales``), block by block over ``run`` from ``pre`` and ``grads`` at ``offset``.
+    Element by element the same arithmetic as on whole tensors: the results do not depend
+    on the blocks."""
+    zeros = np.zeros(UPDATE_BLOCK, np.float32)
+    for lo in range(run[0], run[1], UPDATE_BLOCK):
+        hi = min(run[1], lo + UPDATE_BLOCK)
         sl = slice(offset + lo, offset + hi)
         p, m, v = (expected[k][lo:hi] for k in ("params", "m", "v"))
         p0 = pre[0][sl]                # float32 (every float32 is a float64: exact in p)

@@ -143,3 +143,31 @@ def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
     assert report.passed
     assert [s for s in seen if not isinstance(s, tuple)] == [1, 1, 1, 1]
     assert all(s == ("float64 copies", 0) for s in seen if isinstance(s, tuple))
+
+
+def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
+    """check_update's AdamW runs and comparisons shared among threads give what one thread
+    gives, bit for bit, and a wrong update still fails there."""
+    from harness import runner
+    from harness.runner import AdamW, check_update
+
+    cfg = preset("small")
+    rng = np.random.default_rng(0)
+    P = cfg.num_parameters()
+    p = rng.standard_normal(P, dtype=np.float32) * np.float32(0.02)
+    g = rng.standard_normal(P, dtype=np.float32) * np.float32(1e-3)
+    m = rng.standard_normal(P, dtype=np.float32) * np.float32(1e-4)
+    v = np.abs(m) * np.float32(1e-3)
+    post = [p.copy(), m.copy(), v.copy()]
+    numpy_kernels.adamw(*post[:1], g, *post[1:], 1e-4, 0.9, 0.999, 1e-8, 0.1, 2)
+    post[0][123] += np.float32(1e-3)                  # one wrong parameter
+    monkeypatch.setattr(runner, "UPDATE_BLOCK", 1 << 10)   # several blocks, several runs
+
+    def rows(workers):
+        monkeypatch.setattr(runner, "_workers", lambda: workers)
+        checks = check_update(cfg, (p, m, v), g, tuple(post), AdamW(), 2, step=2, impl="x")
+        return [(c.tensor, c.passed, c.comparison.summary_row()) for c in checks]
+
+    serial, shared = rows(1), rows(3)
+    assert serial == shared
+    assert [t for t, ok, _ in serial if not ok] == ["params.wte (after update)"]
