@@ -413,7 +413,10 @@ class Breakdown:
         self.calls: dict[str, int] = {}
         self.peak_growth_mib: dict[str, float] = {}
         self.peak_in: str | None = None
-        self._stack: list[list] = []          # [category, seconds in nested wrapped calls]
+        import threading
+        self._local = threading.local()       # each thread's stack of [category, nested seconds]
+        self._main = self._local.stack = []
+        self._lock = threading.Lock()
         self._hwm = _status_kib("VmHWM") or 0.0
         self._undo: list = []
         self.snapshots: list[dict] = []
@@ -434,24 +437,29 @@ class Breakdown:
         bd = self
 
         def wrapper(*a, **k):
+            stack = getattr(bd._local, "stack", None)
+            if stack is None:           # a worker thread of run_parity: its own stack, whose
+                stack = bd._local.stack = []    # calls are named after the main thread's
             cat = category(a, k) if callable(category) else category
             if cat in ("compare", "term magnitudes"):      # by what they serve
-                cat = f"{cat} ({bd._stack[-1][0] if bd._stack else 'loss'})"
-            bd._stack.append([cat, 0.0])
+                serves = stack or bd._main
+                cat = f"{cat} ({serves[-1][0] if serves else 'loss'})"
+            stack.append([cat, 0.0])
             t0 = time.perf_counter()
             try:
                 return f(*a, **k)
             finally:
                 dt = time.perf_counter() - t0
-                _, child = bd._stack.pop()
-                bd.totals[cat] = bd.totals.get(cat, 0.0) + dt - child
-                bd.calls[cat] = bd.calls.get(cat, 0) + 1
-                if bd._stack:
-                    bd._stack[-1][1] += dt
-                hwm = _status_kib("VmHWM") or 0.0
-                if hwm > bd._hwm:
-                    bd.peak_growth_mib[cat] = bd.peak_growth_mib.get(cat, 0.0) + (hwm - bd._hwm) / 1024
-                    bd._hwm, bd.peak_in = hwm, cat
+                _, child = stack.pop()
+                with bd._lock:
+                    bd.totals[cat] = bd.totals.get(cat, 0.0) + dt - child
+                    bd.calls[cat] = bd.calls.get(cat, 0) + 1
+                    if stack:
+                        stack[-1][1] += dt
+                    hwm = _status_kib("VmHWM") or 0.0
+                    if hwm > bd._hwm:
+                        bd.peak_growth_mib[cat] = bd.peak_growth_mib.get(cat, 0.0) + (hwm - bd._hwm) / 1024
+                        bd._hwm, bd.peak_in = hwm, cat
 
         new = classmethod(wrapper) if isinstance(orig, classmethod) else \
             staticmethod(wrapper) if isinstance(orig, staticmethod) else wrapper
@@ -491,7 +499,10 @@ class Breakdown:
 
     def per_step(self, steps_s: list[float]) -> list[dict]:
         """Each step's categories (snapshots are taken as each step starts, and the totals
-        at the end close the last), with ``other`` = the step's time in no category."""
+        at the end close the last), with ``other`` = the step's time in no category. Work
+        run_parity shares among threads (the oracle beside the witness, the spread, the
+        update checks) is counted in each thread: categories can add up to more than the
+        step, and ``other`` is then negative."""
         snaps = self.snapshots[:len(steps_s)] + [dict(self.totals)]
         out = []
         for i, secs in enumerate(steps_s):

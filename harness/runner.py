@@ -469,7 +469,8 @@ def witness_spread(cfg: GPT2Config, witness_state, oracle_state) -> dict:
     refs = [node.arg_dict[o] for node in forward_nodes(cfg) for o in FORWARD_OUTPUTS[node.kernel]]
     refs += [r for node in backward_nodes(cfg) for a in INPLACE_ARGS[node.kernel]
              if isinstance(r := node.arg_dict.get(a), Ref)]
-    spread = {ref: _spread(ref, witness_state, oracle_state) for ref in dict.fromkeys(refs)}
+    refs = list(dict.fromkeys(refs))
+    spread = dict(zip(refs, _shared(lambda ref: _spread(ref, witness_state, oracle_state), refs)))
     spread["mean_loss"] = compare(np.array([witness_state.mean_loss]), np.array([oracle_state.mean_loss]),
                                   name="mean_loss", tol=_FREE)
     return spread
@@ -519,7 +520,8 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
 
 
 def _workers() -> int:
-    """Threads for the update checks: the cores this process may use (at most 4)."""
+    """Threads for the work a step can share (the float64 models, the witness's spread,
+    the update checks): the cores this process may use (at most 4)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:      # not on Linux
@@ -539,7 +541,7 @@ def _shared(f, items) -> list:
     if len(items) < 2 or _workers() < 2:
         return [f(x) for x in items]
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(_workers(), thread_name_prefix="llmc-update-check"))
+        _POOL.append(ThreadPoolExecutor(_workers(), thread_name_prefix="llmc-parity"))
     return list(_POOL[0].map(f, items))
 
 
@@ -741,16 +743,17 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]
     losses = {"C": cmodel.forward(step.inputs, step.targets, threads=threads)}
     cmodel.zero_grad()
     cmodel.backward(threads=threads)
-    say("oracle forward/backward")
-    losses["oracle"] = float(oracle.forward(step.inputs, step.targets))
-    oracle.zero_grad()
-    oracle.backward()
-    say("witness forward/backward")
+    say("oracle and witness forward/backward")
     witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64, share_params=True,
                      kernels=KernelSet.from_module(Witness(seed=step.t), name="witness"))
-    witness.forward(step.inputs, step.targets)
-    witness.zero_grad()
-    witness.backward()
+
+    def run(model):
+        loss = float(model.forward(step.inputs, step.targets))
+        model.zero_grad()
+        model.backward()
+        return loss
+    # independent float64 models on the same read-only parameters: one per core
+    losses["oracle"], _ = _shared(run, (oracle, witness))
     spread = witness_spread(config, witness, oracle)
     return losses, spread
 
