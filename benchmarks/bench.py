@@ -525,7 +525,7 @@ def check_views() -> dict:
     two views of one buffer share memory; (2) in a 2-step run_parity with replay, every
     comparison of a C tensor (e2e, replay, update) reads the C's memory, not a copy."""
     import numpy as np
-    from harness import cmodel as cmodel_mod, runner
+    from harness import cmodel as cmodel_mod, opcheck, runner
     from harness.binding import ffi
     from pyref import numpy_kernels
     from pyref.config import ACT_NAMES, PARAM_NAMES, preset
@@ -606,12 +606,14 @@ def check_views() -> dict:
 
     cmodel_mod.CModel.from_params = classmethod(from_params)
     runner.compare = compare
+    opcheck.compare = compare        # replay judges through harness.opcheck.judge
     try:
         report = runner.run_parity(cfg, params, iter([(x, y)] * 2), steps=2, replay=True,
                                    impls={"numpy": KernelSet.from_module(numpy_kernels)})
     finally:
         cmodel_mod.CModel.from_params = classmethod(orig_from_params)
         runner.compare = orig_compare
+        opcheck.compare = orig_compare
     c_tensor_checks = sum(1 for st in report.steps for c in st.checks
                           if c.impl == "C" and c.kind in ("e2e", "replay", "update")
                           and prod(c.comparison.shape) > 1)
@@ -622,9 +624,9 @@ def check_views() -> dict:
             "run_parity_c_tensor_checks": c_tensor_checks,
             "run_parity_compares_reading_c_memory": calls["in_c_memory"],
             "run_parity_compares_total": calls["total"], "run_parity_passed": report.passed,
-            "note": "run_parity copies the C's pre-step m and v (the update's expected start "
-                    "state) and converts its params to float64 for the oracle: copies as "
-                    "inputs, not to be compared"}
+            "note": "run_parity copies the C's pre-step params, m and v just before the C's "
+                    "update (the expected update's start state): copies as inputs, not to be "
+                    "compared; the float64 oracle and witness read the C's params in place"}
 
 
 # ----------------------------------------------------------------------------- driver
