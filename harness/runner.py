@@ -655,20 +655,9 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             B, T = inputs.shape
             say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
             step = _Step(config, t, inputs, targets, hyper, replay, say)
-            losses, spread = _run_c_and_oracle(step, cmodel, oracle, threads)
-            step.loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
-            step.graph["C"] = _check_state(step, "C", cmodel, losses, oracle, spread)
-            # the C updates last, so its params, m, v are every reference's pre-step state
-            pre = (cmodel.params_memory, cmodel.m_memory if t > 1 else None,
-                   cmodel.v_memory if t > 1 else None)   # None: zeros, as the C starts them
-            for name, pm in pymodels.items():
-                _run_reference(step, name, pm, pre, losses, oracle, spread)
-            step.update["C"] = _update_c(step, cmodel, threads)
-            names = ["C", *pymodels]
-            checks = [c for n in names for c in step.graph.get(n, [])] + \
-                [c for n in names for c in step.update.get(n, [])]
+            losses, checks = _run_step(step, cmodel, oracle, pymodels, threads)
             divergence = {}
-            for name in names:
+            for name in ["C", *pymodels]:
                 d = first_divergence([c for c in checks if c.impl == name])
                 if d:
                     divergence[name] = d
@@ -730,6 +719,26 @@ class _Step:
     update: dict = field(default_factory=dict)         # impl -> update checks
     errors: dict = field(default_factory=dict)         # impl -> forward/backward exception
     update_errors: dict = field(default_factory=dict)  # impl -> update exception
+
+
+def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dict, list[Check]]:
+    """One step: the C, the oracle and the witness; the C's checks; each reference in turn;
+    the C's update last (so its params, m, v are every reference's pre-step state). Returns
+    the losses and the checks: loss, e2e and replay checks by implementation, then the
+    update checks."""
+    B, T = step.inputs.shape
+    losses, spread = _run_c_and_oracle(step, cmodel, oracle, threads)
+    step.loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
+    step.graph["C"] = _check_state(step, "C", cmodel, losses, oracle, spread)
+    t = step.t
+    pre = (cmodel.params_memory, cmodel.m_memory if t > 1 else None,
+           cmodel.v_memory if t > 1 else None)   # None: zeros, as the C starts them
+    for name, pm in pymodels.items():
+        _run_reference(step, name, pm, pre, losses, oracle, spread)
+    step.update["C"] = _update_c(step, cmodel, threads)
+    names = ["C", *pymodels]
+    return losses, [c for n in names for c in step.graph.get(n, [])] + \
+        [c for n in names for c in step.update.get(n, [])]
 
 
 def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]:
