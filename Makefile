@@ -3,7 +3,8 @@
 #   make test      the whole test suite (creates .venv and builds the library first)
 #   make lib       build/libtrain_gpt2.so; LLMC_SRC=path/to/train_gpt2.c builds another source
 #   make gate      the numerical drift gate against baselines/gate.json
-#   make bench     speed and memory at GPT-2 124M scale
+#   make bench     speed and memory at GPT-2 124M scale, and a one-step check at GPT-2 medium's
+#                  shape (d24: ~19 GiB, skipped when the memory is not available; ARGS=--no-d24)
 #   make fuzz      the long hypothesis profile
 #   make sanitize  ASan + UBSan build of the library, op and model tests against it
 #   make variants  the non-slow suite against -O2, -O3, -O3 -march=native, -Ofast -march=native

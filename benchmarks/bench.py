@@ -1,15 +1,17 @@
 """Speed and memory of a full parity check and of its parts alone (``make bench``).
 
-    .venv/bin/python benchmarks/bench.py --json build/bench.json   # d12 (124M), B=4, T=64: ~7 min
+    .venv/bin/python benchmarks/bench.py --json build/bench.json   # d12 (124M), B=4, T=64, and d24: ~13 min
     .venv/bin/python benchmarks/bench.py --quick                   # small config, ~15 s
     .venv/bin/python benchmarks/bench.py --parts full_check_replay --reuse build/bench.json
                                                                    # one part again, the rest reused
     .venv/bin/python benchmarks/bench.py --parts --reuse build/bench.json --no-views --markdown
                                                                    # print a saved result again
 
-The target (the issue): *the harness's overhead, full-check wall time divided by the sum
-of its parts run alone, is at most 1.2; no C buffer is copied to be compared (views only);
-peak memory stays within 10% of what the C model and the references hold themselves.*
+The targets (issue 13): *a one-step full check of GPT-2 124M's shape (replay on failure)
+takes at most 1.5x the sum of its necessary parts (the C's step, the float64 oracle, each
+implementation's own step); its peak memory is at most 3x the C model's own footprint; a
+one-step full check of GPT-2 medium's shape (d24, B=4, T=64) completes on a 24 GB machine.*
+Also kept: no C buffer is copied to be compared (views only); per-op checks >= 300/s.
 
 Parts, each alone in its own child process (so that each one's time and peak RSS is its
 own); each runs a first step (it pays the lazy allocations, and torch its start-up) and
@@ -30,17 +32,24 @@ then ``--steps`` warm ones (1 at d12), timed per phase:
 Full checks, in child processes: harness.runner.run_parity with references numpy and torch
 (the C, numpy, torch, the oracle and the witness; every comparison; the AdamW checks):
 
-  full_check         replay="on-failure", 2 steps: what checking costs when nothing fails
+  full_check         replay="on-failure", 1 step at d12 (2 otherwise): what checking costs
+                     when nothing fails
   full_check_replay  replay=True, 1 step at d12 (2 otherwise): every op also replayed in
                      float64 for each implementation (more checking, not more parts)
+  full_check_d24     full_check at GPT-2 medium's shape (d24, 24 layers, C=1024, B=4, T=64),
+                     one step, its peak RSS; run at d12 unless --no-d24, and skipped (with
+                     the reason) when the machine lacks the memory it would take
 
-Overhead ratio = full-check step / sum of the five model parts' steps: warm with warm
-(run_parity's 2nd step against the parts' warm step) and first with first. Each full
+Time ratios = full-check step / the sum of the parts' steps, first with first (a one-step
+check is judged there) and warm with warm: against the necessary parts (C, numpy, torch,
+oracle) and against all five (with the witness). Each full
 check also reports where its steps go (``Breakdown``: the five models' own phases, and the
 harness's comparisons, term magnitudes, AdamW checks, load_state, witness noise, ...), and
 in which of those its memory peak was reached.
 
-Memory: each part's peak RSS above its own baseline (the interpreter, imports, the
+Memory: the full check's peak RSS above its baseline against the C model's own footprint
+(params, grads, m, v, acts, grads_acts by config; c_step's measured held alongside); and
+each part's peak RSS above its own baseline (the interpreter, imports, the
 generated parameters and batch; the high-water mark is reset there through
 /proc/self/clear_refs) against the full check's, and both against what the models hold by
 construction (from the config: params, grads, m, v, acts, grads_acts). An in-process
@@ -73,11 +82,14 @@ CHEAP_KERNELS = ("residual_forward", "residual_backward", "gelu_forward", "gelu_
                  "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
                  "softmax_forward", "crossentropy_forward", "crossentropy_softmax_backward")
 CHECKS_PER_SEC_TARGET = 300.0
-OVERHEAD_TARGET = 1.2          # full check / sum of its parts
-MEMORY_TARGET = 1.10           # full check peak / what the models hold
-# the parts a full check runs (run_parity with impls numpy and torch)
+OVERHEAD_TARGET = 1.5          # one-step full check / sum of its necessary parts
+MEMORY_TARGET = 3.0            # full check's peak (above its baseline) / the C model's own footprint
+# the parts a full check runs (run_parity with impls numpy and torch); the necessary ones are
+# what no check can avoid: the C's step, the float64 oracle, each implementation's own step
 MODEL_PARTS = ("c_step", "numpy_step", "torch_step", "oracle_step", "witness_step")
-FULL_PARTS = {"full_check": "on-failure", "full_check_replay": True}
+NECESSARY_PARTS = ("c_step", "numpy_step", "torch_step", "oracle_step")
+FULL_PARTS = {"full_check": "on-failure", "full_check_replay": True, "full_check_d24": "on-failure"}
+D24 = dict(config="d24", B=4, T=64)     # GPT-2 medium's shape (350M parameters)
 ALL_PARTS = (*MODEL_PARTS, "c_step_1t", "op_checks", *FULL_PARTS)
 HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)   # run_parity's AdamW()
 
@@ -401,7 +413,10 @@ class Breakdown:
         self.calls: dict[str, int] = {}
         self.peak_growth_mib: dict[str, float] = {}
         self.peak_in: str | None = None
-        self._stack: list[list] = []          # [category, seconds in nested wrapped calls]
+        import threading
+        self._local = threading.local()       # each thread's stack of [category, nested seconds]
+        self._main = self._local.stack = []
+        self._lock = threading.Lock()
         self._hwm = _status_kib("VmHWM") or 0.0
         self._undo: list = []
         self.snapshots: list[dict] = []
@@ -422,24 +437,29 @@ class Breakdown:
         bd = self
 
         def wrapper(*a, **k):
+            stack = getattr(bd._local, "stack", None)
+            if stack is None:           # a worker thread of run_parity: its own stack, whose
+                stack = bd._local.stack = []    # calls are named after the main thread's
             cat = category(a, k) if callable(category) else category
             if cat in ("compare", "term magnitudes"):      # by what they serve
-                cat = f"{cat} ({bd._stack[-1][0] if bd._stack else 'loss'})"
-            bd._stack.append([cat, 0.0])
+                serves = stack or bd._main
+                cat = f"{cat} ({serves[-1][0] if serves else 'loss'})"
+            stack.append([cat, 0.0])
             t0 = time.perf_counter()
             try:
                 return f(*a, **k)
             finally:
                 dt = time.perf_counter() - t0
-                _, child = bd._stack.pop()
-                bd.totals[cat] = bd.totals.get(cat, 0.0) + dt - child
-                bd.calls[cat] = bd.calls.get(cat, 0) + 1
-                if bd._stack:
-                    bd._stack[-1][1] += dt
-                hwm = _status_kib("VmHWM") or 0.0
-                if hwm > bd._hwm:
-                    bd.peak_growth_mib[cat] = bd.peak_growth_mib.get(cat, 0.0) + (hwm - bd._hwm) / 1024
-                    bd._hwm, bd.peak_in = hwm, cat
+                _, child = stack.pop()
+                with bd._lock:
+                    bd.totals[cat] = bd.totals.get(cat, 0.0) + dt - child
+                    bd.calls[cat] = bd.calls.get(cat, 0) + 1
+                    if stack:
+                        stack[-1][1] += dt
+                    hwm = _status_kib("VmHWM") or 0.0
+                    if hwm > bd._hwm:
+                        bd.peak_growth_mib[cat] = bd.peak_growth_mib.get(cat, 0.0) + (hwm - bd._hwm) / 1024
+                        bd._hwm, bd.peak_in = hwm, cat
 
         new = classmethod(wrapper) if isinstance(orig, classmethod) else \
             staticmethod(wrapper) if isinstance(orig, staticmethod) else wrapper
@@ -479,7 +499,10 @@ class Breakdown:
 
     def per_step(self, steps_s: list[float]) -> list[dict]:
         """Each step's categories (snapshots are taken as each step starts, and the totals
-        at the end close the last), with ``other`` = the step's time in no category."""
+        at the end close the last), with ``other`` = the step's time in no category. Work
+        run_parity shares among threads (the oracle beside the witness, the spread, the
+        update checks) is counted in each thread: categories can add up to more than the
+        step, and ``other`` is then negative."""
         snaps = self.snapshots[:len(steps_s)] + [dict(self.totals)]
         out = []
         for i, secs in enumerate(steps_s):
@@ -502,7 +525,7 @@ def check_views() -> dict:
     two views of one buffer share memory; (2) in a 2-step run_parity with replay, every
     comparison of a C tensor (e2e, replay, update) reads the C's memory, not a copy."""
     import numpy as np
-    from harness import cmodel as cmodel_mod, runner
+    from harness import cmodel as cmodel_mod, opcheck, runner
     from harness.binding import ffi
     from pyref import numpy_kernels
     from pyref.config import ACT_NAMES, PARAM_NAMES, preset
@@ -583,12 +606,14 @@ def check_views() -> dict:
 
     cmodel_mod.CModel.from_params = classmethod(from_params)
     runner.compare = compare
+    opcheck.compare = compare        # replay judges through harness.opcheck.judge
     try:
         report = runner.run_parity(cfg, params, iter([(x, y)] * 2), steps=2, replay=True,
                                    impls={"numpy": KernelSet.from_module(numpy_kernels)})
     finally:
         cmodel_mod.CModel.from_params = classmethod(orig_from_params)
         runner.compare = orig_compare
+        opcheck.compare = orig_compare
     c_tensor_checks = sum(1 for st in report.steps for c in st.checks
                           if c.impl == "C" and c.kind in ("e2e", "replay", "update")
                           and prod(c.comparison.shape) > 1)
@@ -599,12 +624,42 @@ def check_views() -> dict:
             "run_parity_c_tensor_checks": c_tensor_checks,
             "run_parity_compares_reading_c_memory": calls["in_c_memory"],
             "run_parity_compares_total": calls["total"], "run_parity_passed": report.passed,
-            "note": "run_parity copies the C's pre-step m and v (the update's expected start "
-                    "state) and converts its params to float64 for the oracle: copies as "
-                    "inputs, not to be compared"}
+            "note": "run_parity copies the C's pre-step params, m and v just before the C's "
+                    "update (the expected update's start state): copies as inputs, not to be "
+                    "compared; the float64 oracle and witness read the C's params in place"}
 
 
 # ----------------------------------------------------------------------------- driver
+
+def d24_config():
+    """GPT-2 medium's shape: 24 layers, 16 heads, C=1024 (pyref.config has no preset)."""
+    from pyref.config import GPT2Config
+    return GPT2Config(max_seq_len=1024, vocab_size=50257, padded_vocab_size=50304,
+                      num_layers=24, num_heads=16, channels=1024)
+
+
+def projected_peak_bytes(cfg, B: int, T: int) -> int:
+    """What a one-step full check holds at its peak, by config: the C without m, v (they
+    are made by its first update, which comes last), the float64 oracle and witness (no
+    parameter copies: they read the C's), and the witness's transients on the largest
+    gradient (a copy, a difference, a sum of wte's size in float64)."""
+    from pyref.config import act_shapes
+    P = cfg.num_parameters()
+    A = sum(prod(s) for s in act_shapes(cfg, B, T).values())
+    wte = cfg.padded_vocab_size * cfg.channels
+    return 4 * (2 * P + 2 * A) + 2 * 8 * (P + 2 * A) + 3 * 8 * wte
+
+
+def mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
 
 def run_part(name: str, args) -> dict:
     """Run one part in this process (the child)."""
@@ -612,6 +667,8 @@ def run_part(name: str, args) -> dict:
     from pyref.synth import init_params, make_batch
 
     cfg = preset(args.config)
+    if name == "full_check_d24":
+        cfg, args.B, args.T = d24_config(), D24["B"], D24["T"]
     if args.torch_threads and name in ("torch_step", *FULL_PARTS):
         import torch
         torch.set_num_threads(args.torch_threads)
@@ -628,7 +685,7 @@ def run_part(name: str, args) -> dict:
         elif name in ("numpy_step", "torch_step", "oracle_step", "witness_step"):
             out = part_py_step(cfg, params, batch, args.steps, name[:-5])
         elif name in FULL_PARTS:
-            steps = args.full_steps if name == "full_check" else args.replay_steps
+            steps = {"full_check": args.full_steps, "full_check_d24": 1}.get(name, args.replay_steps)
             profile = None
             if args.profile:
                 profile = str(Path(args.profile).with_suffix(f".{name}.prof"))
@@ -637,6 +694,19 @@ def run_part(name: str, args) -> dict:
             raise SystemExit(f"unknown part {name!r}")
     out["part_wall_s"] = time.perf_counter() - t0
     return out
+
+
+def d24_room() -> dict | None:
+    """None when the machine has the memory for the d24 check now; else why it is skipped
+    (it would push a shared machine into the OOM killer: better not run than kill)."""
+    cfg = d24_config()
+    need = projected_peak_bytes(cfg, D24["B"], D24["T"]) + 4 * cfg.num_parameters() + 2**30
+    have = mem_available_bytes()
+    if have is None or have >= need:
+        return None
+    return {"status": "skipped", "projected_peak_gib": need / 2**30, "available_gib": have / 2**30,
+            "why": f"needs ~{need / 2**30:.1f} GiB (projected peak, generated parameters, interpreter), "
+                   f"{have / 2**30:.1f} GiB available now"}
 
 
 def spawn(name: str, args, timeout: float) -> dict:
@@ -677,13 +747,18 @@ def overhead(results: dict) -> dict:
     first = {n: parts[n]["first_step_s"] for n in MODEL_PARTS}
     construct = {n: parts[n].get("construct_s", 0.0) for n in MODEL_PARTS}
     out = {"target": OVERHEAD_TARGET, "sum_warm_s": sum(warm.values()), "sum_first_s": sum(first.values()),
+           "necessary_warm_s": sum(warm[n] for n in NECESSARY_PARTS),
+           "necessary_first_s": sum(first[n] for n in NECESSARY_PARTS),
            "warm_steps_s": warm, "first_steps_s": first, "construct_s": construct}
     for name in FULL_PARTS:
         fc = parts.get(name, {})
-        if fc.get("status") != "ran":
+        if fc.get("status") != "ran" or name == "full_check_d24":   # another config: no parts
             continue
-        r = {"first_vs_first": fc["first_step_s"] / out["sum_first_s"]}
+        # against the necessary parts (the target) and against all five (the witness too)
+        r = {"first_vs_necessary": fc["first_step_s"] / out["necessary_first_s"],
+             "first_vs_first": fc["first_step_s"] / out["sum_first_s"]}
         if fc.get("warm_step_s") is not None:
+            r["warm_vs_necessary"] = fc["warm_step_s"] / out["necessary_warm_s"]
             r["warm_vs_warm"] = fc["warm_step_s"] / out["sum_warm_s"]
         # the whole run_parity call against what running the parts for as many steps costs
         # (the witness is built every step, the others once)
@@ -691,8 +766,9 @@ def overhead(results: dict) -> dict:
         alone = sum(construct.values()) + (n - 1) * construct["witness_step"] \
             + out["sum_first_s"] + (n - 1) * out["sum_warm_s"]
         r["whole_call"] = fc["wall_s"] / alone
-        r["meets_target"] = r.get("warm_vs_warm", r["first_vs_first"]) <= OVERHEAD_TARGET
-        r["target_judged_on"] = "warm_vs_warm" if "warm_vs_warm" in r else "first_vs_first"
+        # a one-step check is judged on its step (the first) against the parts' first steps
+        r["target_judged_on"] = "first_vs_necessary" if fc["steps_run"] == 1 else "warm_vs_necessary"
+        r["meets_target"] = r[r["target_judged_on"]] <= OVERHEAD_TARGET
         split = {}
         for i, (label, ref) in enumerate((("first", first), ("warm", warm))):
             bds = fc.get("breakdown_per_step_s") or []
@@ -713,6 +789,11 @@ def overhead(results: dict) -> dict:
                                          if k not in MODEL_CATEGORIES and k != "witness noise"},
             }
         r["split"] = split
+        # the same ratio inside the check: its step against the necessary models' time in
+        # that step (one process, one moment: what the machine's load does not move)
+        if "first" in split:
+            inside = sum(split["first"]["models_in_check_vs_alone"][c][0] for c in ("C", "numpy", "torch", "oracle"))
+            r["first_vs_necessary_in_check"] = split["first"]["step_s"] / inside
         out[name] = r
     return out
 
@@ -723,19 +804,24 @@ def memory(results: dict, cfg, B: int, T: int) -> dict:
     mib = 2**20
     out = {"target": MEMORY_TARGET, "analytic": held,
            "analytic_sum_mib": held["sum_bytes"] / mib,
-           "analytic_per_part_mib": {k: v / mib for k, v in held["per_part_bytes"].items()}}
+           "analytic_per_part_mib": {k: v / mib for k, v in held["per_part_bytes"].items()},
+           # the C model's own footprint: params, grads, m, v, acts, grads_acts (by config)
+           "c_footprint_mib": held["per_part_bytes"]["c_step"] / mib}
+    if "model_peak_mib" in parts.get("c_step", {}):
+        out["c_measured_mib"] = parts["c_step"]["model_peak_mib"]
     if all("model_peak_mib" in parts.get(n, {}) for n in MODEL_PARTS):
         out["measured_per_part_mib"] = {n: parts[n]["model_peak_mib"] for n in MODEL_PARTS}
         out["measured_sum_mib"] = sum(out["measured_per_part_mib"].values())
     for name in FULL_PARTS:
         fc = parts.get(name, {})
-        if "model_peak_mib" not in fc:
+        if "model_peak_mib" not in fc or name == "full_check_d24":
             continue
         r = {"peak_above_baseline_mib": fc["model_peak_mib"], "peak_rss_mib": fc["peak_rss_mib"],
-             "vs_analytic": fc["model_peak_mib"] / out["analytic_sum_mib"]}
+             "vs_analytic": fc["model_peak_mib"] / out["analytic_sum_mib"],
+             "vs_c_footprint": fc["model_peak_mib"] / out["c_footprint_mib"]}
         if "measured_sum_mib" in out:
             r["vs_measured_parts"] = fc["model_peak_mib"] / out["measured_sum_mib"]
-        r["meets_target"] = r["vs_analytic"] <= MEMORY_TARGET     # what the models hold: by config
+        r["meets_target"] = r["vs_c_footprint"] <= MEMORY_TARGET
         r["peak_reached_in"] = fc.get("peak_reached_in")
         r["peak_growth_mib_by_category"] = fc.get("peak_growth_mib_by_category")
         out[name] = r
@@ -802,24 +888,34 @@ def table(results: dict, cfg_label: str) -> str:
     if reused:
         lines.append(f"* reused from {', '.join(reused)} (same config, B, T)")
     lines.append("")
-    lines.append(f"targets: overhead = full check / sum of C+numpy+torch+oracle+witness alone <= "
-                 f"{OVERHEAD_TARGET}; peak memory <= {MEMORY_TARGET:.2f} x what the models hold; "
+    lines.append(f"targets: full check / sum of its necessary parts (C, numpy, torch, oracle alone) <= "
+                 f"{OVERHEAD_TARGET}; peak memory <= {MEMORY_TARGET:g} x the C model's own footprint; "
                  "C buffers compared as views")
+    if "necessary_first_s" in ov:
+        lines.append(f"  necessary parts: {ov['necessary_first_s']:.3g} s first step, "
+                     f"{ov['necessary_warm_s']:.3g} s warm; all five (with the witness): "
+                     f"{ov['sum_first_s']:.3g} s first, {ov['sum_warm_s']:.3g} s warm")
     for name in FULL_PARTS:
         if name in ov:
             r = ov[name]
-            ww = r.get("warm_vs_warm")
-            lines.append(f"  {name:17s} overhead: warm/warm {_f(ww, '', 3)}, first/first "
-                         f"{r['first_vs_first']:.3g} (whole call {r['whole_call']:.3g}) -> "
-                         f"{_met(r['meets_target'])} (on {r['target_judged_on'].replace('_', ' ')})")
+            warm = (f"; warm step {r['warm_vs_necessary']:.3g} x necessary, {r['warm_vs_warm']:.3g} x all"
+                    if "warm_vs_necessary" in r else "")
+            lines.append(f"  {name:17s} time:   first step {r['first_vs_necessary']:.3g} x the necessary parts, "
+                         f"{r['first_vs_first']:.3g} x all parts{warm} (whole call {r['whole_call']:.3g}) -> "
+                         f"{_met(r['meets_target'])} (on {r['target_judged_on'].replace('_', ' ')}); "
+                         f"{_f(r.get('first_vs_necessary_in_check'), '', 3)} x the necessary models' own "
+                         "time inside the check")
         if name in mem:
             r = mem[name]
-            lines.append(f"  {name:17s} memory:   peak above baseline {r['peak_above_baseline_mib']:.0f} MiB = "
-                         f"{r['vs_analytic']:.3g} x by config ({mem['analytic_sum_mib']:.0f} MiB)"
-                         + (f", {r['vs_measured_parts']:.3g} x the parts' measured ({mem['measured_sum_mib']:.0f} MiB)"
-                            if "vs_measured_parts" in r else "")
+            lines.append(f"  {name:17s} memory: peak above baseline {r['peak_above_baseline_mib']:.0f} MiB = "
+                         f"{r['vs_c_footprint']:.3g} x the C model's footprint ({mem['c_footprint_mib']:.0f} MiB "
+                         f"by config" + (f", {mem['c_measured_mib']:.0f} measured" if "c_measured_mib" in mem else "")
+                         + f"); {r['vs_analytic']:.3g} x all five models by config ({mem['analytic_sum_mib']:.0f} MiB)"
                          + f" -> {_met(r['meets_target'])}"
                          + (f"; peak reached in {r['peak_reached_in']}" if r.get("peak_reached_in") else ""))
+    d24 = parts.get("full_check_d24")
+    if d24 is not None:
+        lines.append("  " + d24_line(d24))
     v = results.get("views")
     if v is not None:
         lines.append(f"  C buffers as views: {'met' if v.get('ok') else 'NOT met'} ("
@@ -862,6 +958,20 @@ def table(results: dict, cfg_label: str) -> str:
     return "\n".join(lines)
 
 
+def d24_line(r: dict) -> str:
+    """The d24 (GPT-2 medium shape) one-step check in a line: time, peak RSS, verdict."""
+    if r.get("status") != "ran":
+        return f"full_check_d24 (d24, B=4, T=64): {r.get('status')}: {str(r.get('why', ''))[:300]}"
+    kinds = ", ".join(f"{v} {k}" for k, v in r["checks_by_kind"].items())
+    return (f"full_check_d24 (d24, {d24_config().num_parameters() / 1e6:.1f}M parameters, B=4, T=64, one step): "
+            f"completed in {r['first_step_s']:.3g} s "
+            f"(whole call {r['wall_s']:.3g} s), {'passed' if r['passed'] else 'FAILED'} ({kinds}); "
+            f"peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB ({r['model_peak_mib'] / 1024:.2f} GiB above its "
+            f"baseline of interpreter, imports, generated parameters); fits 24 GB: "
+            f"{'yes' if r['peak_rss_mib'] * 2**20 < 24e9 else 'NO'}"
+            + (f"; peak reached in {r['peak_reached_in']}" if r.get("peak_reached_in") else ""))
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables: the parts and full checks, then the targets."""
     parts, mem, ov = results["parts"], results.get("memory", {}), results.get("overhead", {})
@@ -889,22 +999,27 @@ def markdown(results: dict) -> str:
             out.append(f"| `{name}` (replay={mode!r}{'' if fc['passed'] else ', failed'}) | "
                        f"{sec(fc['first_step_s'])} | {sec(fc.get('warm_step_s'))} | {mib(fc['peak_rss_mib'])} | "
                        f"{mib(fc['model_peak_mib'])} | |")
+    d24 = parts.get("full_check_d24", {})
     out += ["", "| target | measured | |", "|---|---|---|"]
     for name in FULL_PARTS:
         r = ov.get(name)
         if r:
-            ww = r.get("warm_vs_warm")
-            meas = (f"warm/warm {ww:.2f}, first/first {r['first_vs_first']:.2f}" if ww is not None
-                    else f"first/first {r['first_vs_first']:.2f} (one step)")
-            out.append(f"| overhead <= {OVERHEAD_TARGET}: `{name}` / sum of the five | {meas} | "
+            meas = (f"first step {r['first_vs_necessary']:.2f} x the necessary parts "
+                    f"({r['first_vs_first']:.2f} x all five); {r.get('first_vs_necessary_in_check', float('nan')):.2f} "
+                    "x the necessary models' time inside the check")
+            if "warm_vs_necessary" in r:
+                meas += f"; warm {r['warm_vs_necessary']:.2f} ({r['warm_vs_warm']:.2f})"
+            out.append(f"| `{name}` <= {OVERHEAD_TARGET} x C + numpy + torch + oracle | {meas} | "
                        f"{'met' if r['meets_target'] else '**not met**'} |")
     for name in FULL_PARTS:
         r = mem.get(name)
         if r:
-            out.append(f"| peak <= {MEMORY_TARGET:.2f} x held: `{name}` | {r['peak_above_baseline_mib']:,.0f} / "
-                       f"{mem['analytic_sum_mib']:,.0f} MiB = {r['vs_analytic']:.2f} (vs the parts' measured "
-                       f"{r.get('vs_measured_parts', float('nan')):.2f}) | "
-                       f"{'met' if r['meets_target'] else '**not met**'} |")
+            out.append(f"| peak <= {MEMORY_TARGET:g} x the C's footprint: `{name}` | "
+                       f"{r['peak_above_baseline_mib']:,.0f} / {mem['c_footprint_mib']:,.0f} MiB = "
+                       f"{r['vs_c_footprint']:.2f} | {'met' if r['meets_target'] else '**not met**'} |")
+    if d24:
+        out.append(f"| d24 one-step check on a 24 GB machine | {d24_line(d24)} | "
+                   f"{'met' if d24.get('status') == 'ran' and d24['passed'] and d24['peak_rss_mib'] * 2**20 < 24e9 else '**not met**'} |")
     v = results.get("views")
     if v and "views_checked" in v:
         out.append(f"| C buffers compared as views | {v['views_checked']} CModel arrays at the C's pointers; "
@@ -944,7 +1059,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None,
                     help="warm steps timed after the first, per part (default 1 at d12, else 3)")
     ap.add_argument("--full-steps", type=int, default=None,
-                    help="run_parity steps of full_check (default 2: the first and a warm one)")
+                    help="run_parity steps of full_check (default 1 at d12: the one-step check the "
+                         "targets are judged on; 2 elsewhere: the first and a warm one)")
+    ap.add_argument("--no-d24", action="store_true",
+                    help="skip full_check_d24, the one-step check of GPT-2 medium's shape (d24, B=4, "
+                         "T=64; ~17 GiB; run only when the machine has the memory available)")
     ap.add_argument("--no-replay", action="store_true",
                     help="skip full_check_replay (at d12 on 2 cores it takes ~2.5 min of the ~7)")
     ap.add_argument("--replay-steps", type=int, default=None,
@@ -969,7 +1088,7 @@ def main(argv=None) -> int:
     args.B = args.B or (2 if args.quick else 4)
     args.T = args.T or (16 if args.quick else 64)
     args.steps = args.steps or (1 if big else 3)
-    args.full_steps = args.full_steps or 2
+    args.full_steps = args.full_steps or (1 if big else 2)
     args.replay_steps = args.replay_steps or (1 if big else 2)
     args.op_seconds = args.op_seconds or (0.2 if args.quick else 0.3)
 
@@ -984,6 +1103,8 @@ def main(argv=None) -> int:
         parts = [*MODEL_PARTS, "op_checks", "full_check"]
         if not args.no_replay:
             parts.append("full_check_replay")
+        if big and not args.no_d24:
+            parts.append("full_check_d24")
     unknown = [p for p in parts if p not in ALL_PARTS]
     if unknown:
         ap.error(f"unknown parts {unknown}; known: {' '.join(ALL_PARTS)}")
@@ -1009,7 +1130,10 @@ def main(argv=None) -> int:
             results["views"] = {"ok": False, "why": f"{type(e).__name__}: {e}"}
     for name in parts:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        results["parts"][name] = spawn(name, args, args.timeout or 600)
+        if name == "full_check_d24" and (room := d24_room()) is not None:
+            results["parts"][name] = room
+            continue
+        results["parts"][name] = spawn(name, args, args.timeout or (1200 if name == "full_check_d24" else 600))
     results["overhead"] = overhead(results)
     results["memory"] = memory(results, cfg, args.B, args.T)
     results["total_wall_s"] = time.perf_counter() - t0

@@ -781,6 +781,23 @@ class ModelState:
             self._read(lambda e: self.optimizer.state[e.param][key], _views(buf, shapes))
         self._read(lambda e: e.param, self.params)
 
+    def drop_activations(self):
+        """Drop the activations, their gradients and the captured tensors (the next
+        forward makes them again); what an update needs stays."""
+        self.acts = self.grads_acts = None
+        self.capture.clear()
+
+    def release(self):
+        """Drop what a step left (activations and their gradients, captured tensors, the
+        autograd graph, the gradients, m, v and the optimizer's state) until the next
+        ``load_state``: run_parity checks one reference at a time. The parameters (the
+        model's own and the C-layout copy) stay; what was observed is kept for the report."""
+        self.drop_activations()
+        self.m_memory = self.v_memory = None
+        self._loss = None
+        self.model.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+
     # ------------------------------------------------------------------ what was seen
     def observes(self, ref: Ref) -> bool:
         """Whether the port itself produced ``ref`` (else the checks skip it)."""

@@ -20,7 +20,9 @@ catalogued changes of semantics on the same inputs, to name the change that expl
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from typing import Callable, Iterator
@@ -227,17 +229,39 @@ class Witness:
 
     BACKEND = "numpy"
 
+    BLOCK = 1 << 15   # elements per block of noise: the draws and the scratch stay in cache
+
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
+        self._xi = np.empty(self.BLOCK, np.float32)
+        self._prod = np.empty(self.BLOCK, np.float64)
         for kernel in SIGNATURES:
             setattr(self, kernel, self._wrap(kernel))
 
     def _noise(self, x: np.ndarray, n: int) -> np.ndarray:
-        u = 2.0 ** -24
-        xi = self.rng.standard_normal(x.shape, dtype=np.float32)  # float32 draws: half the cost
-        xi *= np.float32(u * np.sqrt(max(n, 1)))
-        out = x * xi             # float64: the relative perturbation itself
-        out += x                 # x (1 + u sqrt(n) xi), without rounding 1 + delta to float32
+        """``x (1 + u sqrt(n) xi)``, worked in cache-sized blocks. The draws are the same
+        stream, in the same order, as one draw of ``x.size`` normals (the generator's
+        state runs on across blocks), and each element is the same float64 arithmetic:
+        ``x * xi + x``, xi the float32 draw times the float32 scale. A result the caller
+        owns outright (a kernel's fresh output, a fresh difference) is perturbed in place
+        (no second array of its size); any other gets a new one."""
+        s = np.float32(2.0 ** -24 * np.sqrt(max(n, 1)))
+        if x.dtype != np.float64:       # the model is float64; kept for any other input
+            xi = self.rng.standard_normal(x.shape, dtype=np.float32)
+            xi *= s
+            out = x * xi
+            out += x
+            return out
+        own = x.flags.owndata and x.flags.writeable and x.flags.c_contiguous
+        out = x if own else np.empty(x.shape, np.float64)
+        src, dst = np.ascontiguousarray(x).reshape(-1), out.reshape(-1)
+        for lo in range(0, src.size, self.BLOCK):
+            k = min(self.BLOCK, src.size - lo)
+            xi, prod_ = self._xi[:k], self._prod[:k]
+            self.rng.standard_normal(out=xi, dtype=np.float32)   # float32 draws: half the cost
+            xi *= s
+            np.multiply(src[lo:lo + k], xi, out=prod_)          # float64: the relative perturbation
+            np.add(prod_, src[lo:lo + k], out=dst[lo:lo + k])    # without rounding 1 + delta to float32
         return out
 
     def _wrap(self, kernel: str):
@@ -445,10 +469,14 @@ def witness_spread(cfg: GPT2Config, witness_state, oracle_state) -> dict:
     refs = [node.arg_dict[o] for node in forward_nodes(cfg) for o in FORWARD_OUTPUTS[node.kernel]]
     refs += [r for node in backward_nodes(cfg) for a in INPLACE_ARGS[node.kernel]
              if isinstance(r := node.arg_dict.get(a), Ref)]
-    spread = {ref: _spread(ref, witness_state, oracle_state) for ref in dict.fromkeys(refs)}
+    refs = list(dict.fromkeys(refs))
+    spread = dict(zip(refs, _shared(lambda ref: _spread(ref, witness_state, oracle_state), refs)))
     spread["mean_loss"] = compare(np.array([witness_state.mean_loss]), np.array([oracle_state.mean_loss]),
                                   name="mean_loss", tol=_FREE)
     return spread
+
+
+UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporaries stay in cache
 
 
 def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
@@ -456,35 +484,32 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  step: int, impl: str) -> list[Check]:
     """AdamW in float64 from the common pre-step state ``pre`` = (params, m, v; m and v
     None at the first step: zeros) with ``grads``, against ``post`` (params, m, v after the
-    implementation's update), tensor by tensor. Worked in blocks: at 124M scale only the
-    expected values of one tensor are held in float64."""
+    implementation's update), tensor by tensor. Worked in cache-sized blocks into buffers
+    made once for the largest tensor: at 124M scale only the expected values of one tensor
+    are held in float64, and no tensor-sized temporary is made and dropped."""
     hp = dict(lr=_f32(hyper.learning_rate), beta1=_f32(hyper.beta1), beta2=_f32(hyper.beta2),
               eps=_f32(hyper.eps), weight_decay=_f32(hyper.weight_decay), t=t)
-    block = 1 << 20
+    shapes = param_shapes(cfg)
+    largest = max(prod(s) for s in shapes.values())
+    buf = {k: np.empty(largest, np.float64) for k in ("params", "m", "v")}
+    buf_scale = {k: np.empty(largest, np.float32) for k in ("params", "m")}
     checks = []
     offset = 0
-    for name, shape in param_shapes(cfg).items():
+    labels = ("params", "m", "v")
+    for name, shape in shapes.items():
         n = prod(shape)
-        expected = {k: np.empty(n, np.float64) for k in ("params", "m", "v")}
-        scales = {"params": np.empty(n, np.float32), "m": np.empty(n, np.float32), "v": None}
-        for lo in range(0, n, block):
-            sl = slice(offset + lo, offset + min(n, lo + block))
-            here = slice(lo, min(n, lo + block))
-            p0 = np.array(pre[0][sl], np.float64)
-            m0 = np.zeros(p0.size) if pre[1] is None else np.array(pre[1][sl], np.float64)
-            v0 = np.zeros(p0.size) if pre[2] is None else np.array(pre[2][sl], np.float64)
-            p, m, v = p0.copy(), m0.copy(), v0.copy()
-            ORACLE.adamw(p, grads[sl], m, v, *hp.values())
-            expected["params"][here], expected["m"][here], expected["v"][here] = p, m, v
-            scales["m"][here], scales["params"][here] = adamw_magnitudes(p0, m0, grads[sl], v, hp)
-        for label in ("params", "m", "v"):
-            tensor = f"{label}.{name} (after update)"
-            output = "param" if label == "params" else label
-            actual = np.asarray(post[("params", "m", "v").index(label)][offset:offset + n]).reshape(shape)
-            how = dict(name=tensor, tol=op_tolerance("adamw", output, 1, n),
-                       elem_scale=None if scales[label] is None else scales[label].reshape(shape),
-                       axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
-            c = compare(actual, expected[label].reshape(shape), **how)
+        expected = {k: b[:n] for k, b in buf.items()}
+        scales = {"params": buf_scale["params"][:n], "m": buf_scale["m"][:n], "v": None}
+        _shared(lambda r: _expected_update(pre, grads, offset, expected, scales, hp, r), _runs(n))
+        hows = {label: dict(name=f"{label}.{name} (after update)",
+                            tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
+                            elem_scale=None if scales[label] is None else scales[label].reshape(shape),
+                            axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
+                for label in labels}
+        actuals = {label: np.asarray(post[i][offset:offset + n]).reshape(shape) for i, label in enumerate(labels)}
+        compared = _shared(lambda k: compare(actuals[k], expected[k].reshape(shape), **hows[k]), labels)
+        for label, c in zip(labels, compared):
+            output, actual, how = "param" if label == "params" else label, actuals[label], hows[label]
             if not c.passed:
                 call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
                 c = attach(c, diagnose(call, actual, expected[label].reshape(shape),
@@ -492,6 +517,59 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
             checks.append(Check(step, impl, "update", Ref(label, name), c))
         offset += n
     return checks
+
+
+def _workers() -> int:
+    """Threads for the work a step can share (the float64 models, the witness's spread,
+    the update checks): the cores this process may use (at most 4)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+_POOL: list = []
+if hasattr(os, "register_at_fork"):   # a forked child has the list but not the threads
+    os.register_at_fork(after_in_child=_POOL.clear)
+
+
+def _shared(f, items) -> list:
+    """``[f(x) for x in items]``, the items shared among the cores (NumPy lets go of the
+    GIL in its loops; each result is what one thread makes, in the order of ``items``)."""
+    items = list(items)
+    if len(items) < 2 or _workers() < 2:
+        return [f(x) for x in items]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(_workers(), thread_name_prefix="llmc-parity"))
+    return list(_POOL[0].map(f, items))
+
+
+def _runs(n: int) -> list[tuple[int, int]]:
+    """``[0, n)`` in one run of whole blocks per worker."""
+    blocks = -(-n // UPDATE_BLOCK)
+    per = -(-blocks // _workers())
+    return [(lo * UPDATE_BLOCK, min(n, (lo + per) * UPDATE_BLOCK)) for lo in range(0, blocks, per)]
+
+
+def _expected_update(pre: tuple, grads, offset: int, expected: dict, scales: dict, hp: dict,
+                     run: tuple[int, int]) -> None:
+    """One tensor's float64 AdamW (params, m, v into ``expected``) and its term sizes (into
+    ``scales``), block by block over ``run`` from ``pre`` and ``grads`` at ``offset``.
+    Element by element the same arithmetic as on whole tensors: the results do not depend
+    on the blocks."""
+    zeros = np.zeros(UPDATE_BLOCK, np.float32)
+    for lo in range(run[0], run[1], UPDATE_BLOCK):
+        hi = min(run[1], lo + UPDATE_BLOCK)
+        sl = slice(offset + lo, offset + hi)
+        p, m, v = (expected[k][lo:hi] for k in ("params", "m", "v"))
+        p0 = pre[0][sl]                # float32 (every float32 is a float64: exact in p)
+        m0 = zeros[:hi - lo] if pre[1] is None else pre[1][sl]
+        np.copyto(p, p0)
+        np.copyto(m, m0)
+        np.copyto(v, zeros[:hi - lo] if pre[2] is None else pre[2][sl])
+        ORACLE.adamw(p, grads[sl], m, v, *hp.values())
+        scales["m"][lo:hi], scales["params"][lo:hi] = adamw_magnitudes(p0, m0, grads[sl], v, hp)
 
 
 def check_loss(step: int, impl: str, loss: float, oracle_loss: float, tol: Tolerance, n: int) -> Check:
@@ -563,20 +641,11 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     lib = as_library(lib)
     impls = dict(impls or {})
     cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
-    oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64)
-    pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
-                for name, k in impls.items()}
-    for name, k in impls.items():
-        if getattr(k, "not_returned", None) is not None:
-            pymodels[name].observes = _returned_by(k, config)
-    if models:
-        from .models import ModelState
-        try:
-            for name, spec in models.items():
-                pymodels[name] = ModelState(config, cmodel.params_memory, spec, hyper)
-        except Exception:
-            cmodel.close()
-            raise
+    try:
+        oracle, pymodels = _references(config, cmodel, impls, models, hyper)
+    except Exception:
+        cmodel.close()
+        raise
     reports: list[StepReport] = []
     B = T = 0
     try:
@@ -585,77 +654,14 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             inputs, targets = next(batches)
             B, T = inputs.shape
             say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
-            m0 = cmodel.m_memory if t > 1 else None   # None: zeros, as the C starts them
-            v0 = cmodel.v_memory if t > 1 else None
-            oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
-            # the C updates its own m, v in place: keep the pre-step values (none at t = 1)
-            pre_m, pre_v = (None, None) if m0 is None else (m0.copy(), v0.copy())
-            for pm in pymodels.values():
-                pm.load_state(cmodel.params_memory, m0, v0)
-
-            say("C forward/backward")
-            cmodel.poison_activations()  # from step 2 on: unwritten slots show up as NaN
-            losses = {"C": cmodel.forward(inputs, targets, threads=threads)}
-            cmodel.zero_grad()
-            cmodel.backward(threads=threads)
-            say("oracle forward/backward")
-            losses["oracle"] = float(oracle.forward(inputs, targets))
-            oracle.zero_grad()
-            oracle.backward()
-            say("witness forward/backward")
-            # made, measured and dropped within the step: at 124M scale its buffers are
-            # as large as the oracle's, and only its distances are kept
-            witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64,
-                             kernels=KernelSet.from_module(Witness(seed=t), name="witness"))
-            witness.forward(inputs, targets)
-            witness.zero_grad()
-            witness.backward()
-            spread = witness_spread(config, witness, oracle)
-            del witness
-            errors: dict[str, str] = {}
-            for name, pm in pymodels.items():
-                say(f"{name} forward/backward")
-                try:
-                    losses[name] = float(pm.forward(inputs, targets))
-                    pm.zero_grad()
-                    pm.backward()
-                except Exception as e:  # a user's kernel may raise: report, carry on
-                    errors[name] = " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
-
-            checks: list[Check] = []
-            loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
-            for name, state in [("C", cmodel)] + [(n, pm) for n, pm in pymodels.items() if n not in errors]:
-                say(f"checking {name}")
-                checks.append(check_loss(t, name, losses[name], losses["oracle"], loss_tol, B * T))
-                e2e = check_graph(config, B, T, state, step=t, impl=name, expected_state=oracle, cache=spread)
-                checks += e2e
-                if replay is True or (replay == "on-failure" and not all(c.passed for c in e2e)):
-                    say(f"replaying {name}'s ops")
-                    checks += check_graph(config, B, T, state, step=t, impl=name)
-
-            say("AdamW updates")
-            pre = (oracle.params_memory, pre_m, pre_v)
-            cmodel.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
-                          t, threads=threads)
-            checks += check_update(config, pre, cmodel.grads_memory,
-                                   (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory),
-                                   hyper, t, step=t, impl="C")
-            for name, pm in pymodels.items():
-                if name in errors:
-                    continue
-                try:
-                    pm.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, t)
-                except Exception as e:
-                    errors[name] = " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
-                    continue
-                checks += check_update(config, pre, pm.grads_memory,
-                                       (pm.params_memory, pm.m_memory, pm.v_memory), hyper, t,
-                                       step=t, impl=name)
+            step = _Step(config, t, inputs, targets, hyper, replay, say)
+            losses, checks = _run_step(step, cmodel, oracle, pymodels, threads)
             divergence = {}
             for name in ["C", *pymodels]:
                 d = first_divergence([c for c in checks if c.impl == name])
                 if d:
                     divergence[name] = d
+            errors = {**step.errors, **step.update_errors}
             reports.append(StepReport(t, losses, checks, divergence, errors, time.perf_counter() - t0))
             if on_step is not None:
                 on_step(t, cmodel)
@@ -672,6 +678,161 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                      findings={n: list(pm.findings) for n, pm in torch_models.items()},
                      not_observed=not_observed,
                      derived={n: list(k.derived) for n, k in impls.items() if getattr(k, "derived", None)})
+
+
+
+# ----------------------------------------------------------------------------
+# run_parity's parts: each reference is loaded from the C's state, run, checked, updated,
+# update-checked and released in turn, so that only one of them holds memory at a time
+
+def _references(config: GPT2Config, cmodel, impls: dict, models: dict | None, hyper: AdamW):
+    """The float64 oracle (reading the C's parameters where they are: no copy) and the
+    references by name: kernel ports on pyref.model.GPT2, torch models (ModelState)."""
+    oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64, share_params=True)
+    pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
+                for name, k in impls.items()}
+    for name, k in impls.items():
+        _release(pymodels[name])    # loaded again at its turn in each step
+        if getattr(k, "not_returned", None) is not None:
+            pymodels[name].observes = _returned_by(k, config)
+    if models:
+        from .models import ModelState
+        for name, spec in models.items():
+            pymodels[name] = ModelState(config, cmodel.params_memory, spec, hyper)
+            _release(pymodels[name])
+    return oracle, pymodels
+
+
+@dataclass
+class _Step:
+    """One step of run_parity: its inputs and what its parts found, by implementation."""
+
+    config: GPT2Config
+    t: int
+    inputs: np.ndarray
+    targets: np.ndarray
+    hyper: AdamW
+    replay: bool | str
+    say: Callable[[str], None]
+    loss_tol: Tolerance | None = None
+    graph: dict = field(default_factory=dict)          # impl -> loss, e2e and replay checks
+    update: dict = field(default_factory=dict)         # impl -> update checks
+    errors: dict = field(default_factory=dict)         # impl -> forward/backward exception
+    update_errors: dict = field(default_factory=dict)  # impl -> update exception
+
+
+def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dict, list[Check]]:
+    """One step: the C, the oracle and the witness; the C's checks; each reference in turn;
+    the C's update last (so its params, m, v are every reference's pre-step state). Returns
+    the losses and the checks: loss, e2e and replay checks by implementation, then the
+    update checks."""
+    B, T = step.inputs.shape
+    losses, spread = _run_c_and_oracle(step, cmodel, oracle, threads)
+    step.loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
+    step.graph["C"] = _check_state(step, "C", cmodel, losses, oracle, spread)
+    t = step.t
+    pre = (cmodel.params_memory, cmodel.m_memory if t > 1 else None,
+           cmodel.v_memory if t > 1 else None)   # None: zeros, as the C starts them
+    for name, pm in pymodels.items():
+        _run_reference(step, name, pm, pre, losses, oracle, spread)
+    step.update["C"] = _update_c(step, cmodel, threads)
+    names = ["C", *pymodels]
+    return losses, [c for n in names for c in step.graph.get(n, [])] + \
+        [c for n in names for c in step.update.get(n, [])]
+
+
+def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]:
+    """The C's and the oracle's forward and backward, and the witness's spread (made,
+    measured and dropped here: at 124M scale its buffers are as large as the oracle's, and
+    only its distances are kept). Returns the losses and the spread."""
+    say, config = step.say, step.config
+    oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
+    say("C forward/backward")
+    cmodel.poison_activations()  # from step 2 on: unwritten slots show up as NaN
+    losses = {"C": cmodel.forward(step.inputs, step.targets, threads=threads)}
+    cmodel.zero_grad()
+    cmodel.backward(threads=threads)
+    say("oracle and witness forward/backward")
+    witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64, share_params=True,
+                     kernels=KernelSet.from_module(Witness(seed=step.t), name="witness"))
+
+    def run(model):
+        loss = float(model.forward(step.inputs, step.targets))
+        model.zero_grad()
+        model.backward()
+        return loss
+    # independent float64 models on the same read-only parameters: one per core
+    losses["oracle"], _ = _shared(run, (oracle, witness))
+    spread = witness_spread(config, witness, oracle)
+    return losses, spread
+
+
+def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: dict) -> list[Check]:
+    """The loss and end-to-end checks of one implementation's forward/backward, and its
+    replay (always, or on a failed end-to-end check)."""
+    B, T = step.inputs.shape
+    step.say(f"checking {name}")
+    checks = [check_loss(step.t, name, losses[name], losses["oracle"], step.loss_tol, B * T)]
+    e2e = check_graph(step.config, B, T, state, step=step.t, impl=name, expected_state=oracle, cache=spread)
+    checks += e2e
+    if step.replay is True or (step.replay == "on-failure" and not all(c.passed for c in e2e)):
+        step.say(f"replaying {name}'s ops")
+        checks += check_graph(step.config, B, T, state, step=step.t, impl=name)
+    return checks
+
+
+def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle, spread: dict) -> None:
+    """One reference's turn: loaded from the C's pre-step state, forward/backward,
+    checked, updated, update-checked, released. A user's kernel may raise: reported in
+    ``step.errors`` / ``step.update_errors``, and the run carries on."""
+    h = step.hyper
+    pm.load_state(pre[0], pre[1], pre[2])
+    try:
+        step.say(f"{name} forward/backward")
+        try:
+            losses[name] = float(pm.forward(step.inputs, step.targets))
+            pm.zero_grad()
+            pm.backward()
+        except Exception as e:
+            step.errors[name] = _error_text(e)
+            return
+        step.graph[name] = _check_state(step, name, pm, losses, oracle, spread)
+        _release(pm, "drop_activations")   # checked: the update needs none of them
+        step.say(f"{name}'s AdamW update")
+        try:
+            pm.update(h.learning_rate, h.beta1, h.beta2, h.eps, h.weight_decay, step.t)
+        except Exception as e:
+            step.update_errors[name] = _error_text(e)
+            return
+        step.update[name] = check_update(step.config, pre, pm.grads_memory,
+                                         (pm.params_memory, pm.m_memory, pm.v_memory), h, step.t,
+                                         step=step.t, impl=name)
+    finally:
+        _release(pm)
+
+
+def _update_c(step: _Step, cmodel, threads) -> list[Check]:
+    """The C's AdamW update, checked against AdamW in float64 from its pre-step state (the
+    C updates its params, m, v in place: copied first; m, v are zeros at the first step)."""
+    h, t = step.hyper, step.t
+    step.say("C's AdamW update")
+    pre = (cmodel.params_memory.copy(), cmodel.m_memory.copy() if t > 1 else None,
+           cmodel.v_memory.copy() if t > 1 else None)
+    cmodel.update(h.learning_rate, h.beta1, h.beta2, h.eps, h.weight_decay, t, threads=threads)
+    return check_update(step.config, pre, cmodel.grads_memory,
+                        (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory), h, t, step=t, impl="C")
+
+
+def _release(pm, how: str = "release") -> None:
+    """Drop a reference's buffers until its next turn (``release``), or its activations
+    once they are checked (``drop_activations``), where the reference has the method."""
+    release = getattr(pm, how, None)
+    if release is not None:
+        release()
+
+
+def _error_text(e: Exception) -> str:
+    return " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])
 
 
 def _graph_outputs(cfg: GPT2Config) -> dict[Ref, set[tuple[str, str]]]:

@@ -40,7 +40,8 @@ class GPT2:
     acts on the first forward) and are ``None`` before.
     """
 
-    def __init__(self, config: GPT2Config, params, kernels=None, dtype=np.float32):
+    def __init__(self, config: GPT2Config, params, kernels=None, dtype=np.float32, *,
+                 share_params: bool = False):
         self.config = config.validate()
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -49,8 +50,12 @@ class GPT2:
         self.param_shapes = param_shapes(config)
         self.param_sizes = [prod(s) for s in self.param_shapes.values()]
         self.num_parameters = sum(self.param_sizes)
-        self.params_memory = np.zeros(self.num_parameters, self.dtype)
-        self.params = _point(self.params_memory, self.param_shapes)
+        self.shared_params = None
+        if share_params:
+            self._share(params)
+        else:
+            self.params_memory = np.zeros(self.num_parameters, self.dtype)
+            self.params = _point(self.params_memory, self.param_shapes)
         self.grads_memory = self.grads = None
         self.m_memory = self.v_memory = None
         self.act_sizes = None
@@ -62,14 +67,38 @@ class GPT2:
         self.mean_loss = self.dtype.type(-1.0)
         self._has_targets = False
         self.t = 0   # AdamW steps taken through step()
-        self.load_state(params)
+        if not share_params:
+            self.load_state(params)
 
     # ------------------------------------------------------------------ state
     def _flat(self, what, x):
         return flat_params(self.config, x, what)
 
+    def _share(self, params):
+        """Read the parameters from ``params`` (a flat float array the caller owns and does
+        not change during a forward/backward), without a copy. A float64 model may read
+        float32 parameters: every float32 is a float64, and the model hands the kernels
+        float64 wherever the only operands of an operation are parameters (the encoder's
+        wte + wpe), so what it computes is what it computes on float64 copies."""
+        flat = self._flat("params", params)
+        if flat.dtype not in (np.float32, self.dtype) or not flat.flags.c_contiguous:
+            raise ValueError(f"shared parameters must be a contiguous float32 or {self.dtype} array, "
+                             f"got {flat.dtype}")
+        self.params_memory = flat
+        self.params = _point(flat, self.param_shapes)
+        self.shared_params = flat
+
     def load_state(self, params, m=None, v=None):
-        """Copy params (and optionally AdamW's m, v) into the model's buffers."""
+        """Copy params (and optionally AdamW's m, v) into the model's buffers. A model made
+        with ``share_params=True`` reads ``params`` where they are instead (no copy)."""
+        if self.shared_params is not None:
+            if m is not None or v is not None:
+                raise ValueError("a model reading shared parameters does not update: no m, v")
+            self._share(params)
+            return
+        if self.params_memory is None:   # after release()
+            self.params_memory = np.zeros(self.num_parameters, self.dtype)
+            self.params = _point(self.params_memory, self.param_shapes)
         self.params_memory[...] = self._flat("params", params)
         for name, x in (("m_memory", m), ("v_memory", v)):
             if x is not None:
@@ -107,7 +136,9 @@ class GPT2:
             self.targets = targets
 
         k, p, a = self.kernels, self.params, self.acts
-        a["encoded"][...] = k.encoder_forward(inputs, p["wte"], p["wpe"])
+        # wte[ix] + wpe[t]: in the model's dtype also where it reads float32 parameters
+        wpe = p["wpe"] if p["wpe"].dtype == self.dtype else p["wpe"].astype(self.dtype)
+        a["encoded"][...] = k.encoder_forward(inputs, p["wte"], wpe)
         for l in range(L):
             residual = a["encoded"] if l == 0 else a["residual3"][l - 1]
             a["ln1"][l], a["ln1_mean"][l], a["ln1_rstd"][l] = \
@@ -139,6 +170,26 @@ class GPT2:
         return self.mean_loss
 
     __call__ = forward
+
+    def drop_activations(self):
+        """Drop the activations and their gradients (the next forward allocates them
+        again); what an update needs (params, grads, m, v) stays."""
+        self.acts_memory = self.acts = None
+        self.grads_acts_memory = self.grads_acts = None
+        self.act_sizes, self.num_activations = None, 0
+        self.batch_size = self.seq_len = 0
+        self._has_targets = False
+
+    def release(self):
+        """Drop every buffer (parameters, gradients, m, v, activations and their
+        gradients); the next ``load_state`` and forward allocate them again. What a
+        harness calls between the steps it reloads the model for, so that only the
+        model it checks holds memory."""
+        if self.shared_params is None:
+            self.params_memory = self.params = None
+        self.grads_memory = self.grads = None
+        self.m_memory = self.v_memory = None
+        self.drop_activations()
 
     # ------------------------------------------------------------------ backward
     def zero_grad(self):

@@ -1,0 +1,173 @@
+"""What makes a full check fit its floor (issue 13) changes no result: the witness's
+blockwise noise is the same draws and arithmetic as one whole-array draw, a float64 model
+reading the C's float32 parameters computes what it computes on float64 copies, and a
+reference released between steps computes what a fresh one does."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.opcheck import ORACLE
+from harness.runner import Witness
+from pyref import numpy_kernels
+from pyref.config import preset
+from pyref.model import GPT2
+from pyref.protocol import KernelSet
+from pyref.synth import init_params, make_batch
+
+
+def _noise_whole_array(rng, x, n):
+    """Witness._noise as it was: one draw of x.size normals, whole-array arithmetic."""
+    xi = rng.standard_normal(x.shape, dtype=np.float32)
+    xi *= np.float32(2.0 ** -24 * np.sqrt(max(n, 1)))
+    out = x * xi
+    out += x
+    return out
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint64)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, Witness.BLOCK - 1, Witness.BLOCK, 3 * Witness.BLOCK + 5])
+def test_witness_noise_is_the_whole_array_draw(size):
+    x = np.random.default_rng(1).standard_normal(size) * 3.0
+    w = Witness(seed=4)
+    ref_rng = np.random.default_rng(4)
+    # a fresh array the caller owns (perturbed in place), then a view it does not own
+    got = w._noise(x.copy(), 768)
+    want = _noise_whole_array(ref_rng, x, 768)
+    assert np.array_equal(_bits(got), _bits(want))
+    big = np.concatenate([x, x])
+    view = big[::2]                                  # not contiguous, not owned
+    before = big.copy()
+    got = w._noise(view, 5)
+    assert np.array_equal(_bits(got), _bits(_noise_whole_array(ref_rng, view, 5)))
+    assert np.array_equal(_bits(big), _bits(before)), "an array the caller does not own was written"
+    # the stream runs on across calls exactly as before
+    assert np.array_equal(_bits(w._noise(np.ones((3, 4)), 1)),
+                          _bits(_noise_whole_array(ref_rng, np.ones((3, 4)), 1)))
+
+
+def test_witness_noise_of_a_reshaped_kernel_output_leaves_its_base_alone():
+    base = np.arange(12.0)
+    out = base.reshape(3, 4)                          # a view: not owned
+    got = Witness(seed=0)._noise(out, 10)
+    assert np.array_equal(base, np.arange(12.0)) and got.shape == (3, 4)
+
+
+def _run(model, x, y):
+    model.forward(x, y)
+    model.zero_grad()
+    model.backward()
+    return model
+
+
+@pytest.mark.parametrize("kernels", ["oracle", "witness"])
+def test_float64_model_on_shared_float32_params_is_bit_identical(kernels):
+    cfg = preset("small")
+    p = init_params(cfg, seed=0).astype(np.float32)
+    x, y = make_batch(cfg, 2, 16, seed=0)
+    make = (lambda: ORACLE) if kernels == "oracle" else \
+        (lambda: KernelSet.from_module(Witness(seed=3), name="witness"))
+    copied = _run(GPT2(cfg, p, kernels=make(), dtype=np.float64), x, y)
+    shared = _run(GPT2(cfg, p, kernels=make(), dtype=np.float64, share_params=True), x, y)
+    assert np.shares_memory(shared.params_memory, p) and shared.params_memory.dtype == np.float32
+    assert copied.mean_loss == shared.mean_loss
+    for buf in ("acts_memory", "grads_memory", "grads_acts_memory"):
+        assert np.array_equal(_bits(getattr(copied, buf)), _bits(getattr(shared, buf))), buf
+
+
+def test_shared_params_model_refuses_m_v_and_reads_new_values():
+    cfg = preset("tiny")
+    p = init_params(cfg, seed=0).astype(np.float32)
+    m = GPT2(cfg, p, kernels=ORACLE, dtype=np.float64, share_params=True)
+    with pytest.raises(ValueError, match="no m, v"):
+        m.load_state(p, np.zeros_like(p), np.zeros_like(p))
+    with pytest.raises(ValueError, match="contiguous"):
+        GPT2(cfg, np.stack([p, p], 1)[:, 0], kernels=ORACLE, dtype=np.float64, share_params=True)
+    p[0] = 0.5                                         # the owner's values, not a copy
+    assert m.params_memory[0] == 0.5
+
+
+def test_released_model_computes_what_a_fresh_one_does():
+    cfg = preset("tiny")
+    p = init_params(cfg, seed=0).astype(np.float32)
+    x, y = make_batch(cfg, 2, 8, seed=1)
+    ks = KernelSet.from_module(numpy_kernels)
+    fresh = GPT2(cfg, p, kernels=ks)
+    reused = GPT2(cfg, init_params(cfg, seed=5).astype(np.float32), kernels=ks)
+    _run(reused, *make_batch(cfg, 2, 8, seed=9))
+    reused.update(1e-3, 0.9, 0.999, 1e-8, 0.1, 1)
+    reused.release()
+    assert reused.acts_memory is None and reused.params_memory is None and reused.m_memory is None
+    m0 = np.full(p.size, 1e-3, np.float32)
+    for model in (fresh, reused):
+        model.load_state(p, m0, m0 * m0)
+        _run(model, x, y)
+        model.update(1e-3, 0.9, 0.999, 1e-8, 0.1, 2)
+    for buf in ("params_memory", "grads_memory", "m_memory", "v_memory", "acts_memory", "grads_acts_memory"):
+        assert np.array_equal(getattr(fresh, buf).view(np.uint32), getattr(reused, buf).view(np.uint32)), buf
+
+
+def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
+    """Each reference is loaded, run, checked, updated and released in turn: when one
+    runs its forward, no other float32 reference holds buffers (and the float64 models
+    read the C's parameters: no copies)."""
+    import weakref
+
+    from harness.runner import run_parity
+    from pyref import torch_kernels
+
+    made = weakref.WeakSet()
+    seen = []
+    init, forward = GPT2.__init__, GPT2.forward
+
+    def tracked_init(self, *a, **k):
+        init(self, *a, **k)
+        made.add(self)
+
+    def tracked_forward(self, *a, **k):
+        if self.dtype == np.float32:
+            seen.append(sum(m.params_memory is not None for m in made if m.dtype == np.float32))
+        else:
+            seen.append(("float64 copies", sum(m.shared_params is None for m in made if m.dtype == np.float64)))
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(GPT2, "__init__", tracked_init)
+    monkeypatch.setattr(GPT2, "forward", tracked_forward)
+    cfg = preset("tiny")
+    impls = {"numpy": KernelSet.from_module(numpy_kernels), "torch": KernelSet.from_module(torch_kernels)}
+    report = run_parity(cfg, init_params(cfg, seed=0), iter(lambda: make_batch(cfg, 2, 8, seed=0), None),
+                        impls=impls, steps=2, replay=False)
+    assert report.passed
+    assert [s for s in seen if not isinstance(s, tuple)] == [1, 1, 1, 1]
+    assert all(s == ("float64 copies", 0) for s in seen if isinstance(s, tuple))
+
+
+def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
+    """check_update's AdamW runs and comparisons shared among threads give what one thread
+    gives, bit for bit, and a wrong update still fails there."""
+    from harness import runner
+    from harness.runner import AdamW, check_update
+
+    cfg = preset("small")
+    rng = np.random.default_rng(0)
+    P = cfg.num_parameters()
+    p = rng.standard_normal(P, dtype=np.float32) * np.float32(0.02)
+    g = rng.standard_normal(P, dtype=np.float32) * np.float32(1e-3)
+    m = rng.standard_normal(P, dtype=np.float32) * np.float32(1e-4)
+    v = np.abs(m) * np.float32(1e-3)
+    post = [p.copy(), m.copy(), v.copy()]
+    numpy_kernels.adamw(*post[:1], g, *post[1:], 1e-4, 0.9, 0.999, 1e-8, 0.1, 2)
+    post[0][123] += np.float32(1e-3)                  # one wrong parameter
+    monkeypatch.setattr(runner, "UPDATE_BLOCK", 1 << 10)   # several blocks, several runs
+
+    def rows(workers):
+        monkeypatch.setattr(runner, "_workers", lambda: workers)
+        checks = check_update(cfg, (p, m, v), g, tuple(post), AdamW(), 2, step=2, impl="x")
+        return [(c.tensor, c.passed, c.comparison.summary_row()) for c in checks]
+
+    serial, shared = rows(1), rows(3)
+    assert serial == shared
+    assert [t for t, ok, _ in serial if not ok] == ["params.wte (after update)"]
