@@ -281,10 +281,10 @@ def part_py_step(cfg, params, batch, steps: int, which: str) -> dict:
         from pyref.protocol import KernelSet
         make = lambda: GPT2(cfg, params, kernels=KernelSet.from_module(numpy_kernels), dtype=np.float32)  # noqa: E731
     elif which == "oracle":
-        from harness.opcheck import ORACLE            # pyref.numpy_kernels, as run_parity's oracle
+        from harness.oracle import ORACLE            # pyref.numpy_kernels, as run_parity's oracle
         make = lambda: GPT2(cfg, params, kernels=ORACLE, dtype=np.float64)  # noqa: E731
     elif which == "witness":
-        from harness.runner import Witness
+        from harness.oracle import Witness
         from pyref.protocol import KernelSet
         make = lambda: GPT2(cfg, params, dtype=np.float64,  # noqa: E731
                             kernels=KernelSet.from_module(Witness(seed=1), name="witness"))

@@ -49,7 +49,7 @@ def measure(cfg, B: int, T: int) -> dict:
     from harness.binding import load_library
     from harness.cmodel import CModel
     from harness.models import Hyper, TorchModel, resolve_spec
-    from harness.opcheck import ORACLE
+    from harness.oracle import ORACLE
     from harness.runner import AdamW, run_parity
     from pyref import synth
     from pyref.model import GPT2 as PyGPT2

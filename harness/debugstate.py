@@ -22,8 +22,8 @@ from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import KernelSet
 
 from .compare import Comparison, Tolerance, compare
-from .opcheck import ORACLE
-from .runner import PARAM_AXES, Witness
+from .oracle import ORACLE, Witness
+from .runner import PARAM_AXES
 from .tolerances import e2e_tolerance
 
 

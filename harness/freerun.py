@@ -27,7 +27,7 @@ from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import KernelSet
 
 from .compare import compare, Tolerance
-from .opcheck import ORACLE
+from .oracle import ORACLE
 from .tolerances import E2E_K_NORM, E2E_K_REL, op_tolerance
 
 WITNESSES = 2   # the bound takes the larger distance of two independently seeded witnesses
@@ -60,7 +60,8 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     from .binding import as_library
     from .cmodel import CModel
     from .models import ModelState
-    from .runner import AdamW, Witness
+    from .oracle import Witness
+    from .runner import AdamW
 
     hyper = hyper or AdamW()
     hp = (hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)

@@ -721,7 +721,7 @@ class ModelState:
 
     def _derive(self):
         """The oracle's outputs for what no module returns, from the port's own inputs."""
-        from .opcheck import ORACLE
+        from .oracle import ORACLE
         self._derived = set()
         for node in forward_nodes(self.config):
             wanted = _DERIVED.get(node.kernel)

@@ -18,22 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyref import numpy_kernels
 from pyref.cases import SHAPE_BY_NAME, Shape
-from pyref.protocol import INPLACE_ARGS, KernelSet
+from pyref.protocol import INPLACE_ARGS
 from pyref.spec import SPEC, KernelSpec
 
 from .compare import Comparison, ParityError, compare
 from .diagnose import Call, attach, diagnose
 from .ops import cases, make_inputs, run_kernel
+from .oracle import oracle_outputs
 from .tolerances import op_tolerance, term_magnitude
-
-ORACLE = KernelSet.from_module(numpy_kernels)
-
-
-def oracle_outputs(kernel: str, args: dict) -> dict[str, np.ndarray]:
-    return run_kernel(ORACLE, kernel, args, np.float64)
-
 
 def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
           name: str, elem_scale=None, n: int | None = None, calls=None) -> Comparison:

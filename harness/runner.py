@@ -20,9 +20,7 @@ catalogued changes of semantics on the same inputs, to name the change that expl
 """
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from typing import Callable, Iterator
@@ -39,8 +37,10 @@ from pyref.terms import adamw_magnitudes
 from .compare import Comparison, Tolerance, compare
 from .diagnose import Call, Diagnosis, attach, diagnose, is_one_d
 from .graph import Node, Ref, backward_nodes, forward_nodes
-from .opcheck import ORACLE, call_scale, judge
+from .cores import shared, workers
+from .opcheck import call_scale, judge
 from .ops import run_kernel
+from .oracle import ORACLE, Witness, witness_spread
 from .tolerances import e2e_tolerance, op_tolerance, term_magnitude
 
 LAYER_AXES = {
@@ -210,76 +210,6 @@ def model_notes(report: RunReport) -> list[str]:
         if unseen:
             lines.append(f"not observed [{name}]: {', '.join(unseen)}")
     return lines
-
-
-# ----------------------------------------------------------------------------
-# the witness: how far float32-sized rounding noise carries through this model
-
-class Witness:
-    """The oracle's kernels with float32-sized rounding noise added to every result.
-
-    Each result (a forward's outputs, a backward's contribution to its buffers) is
-    multiplied by ``1 + u sqrt(n) xi``, xi standard normal, n that output's reduction
-    length in its row of :mod:`pyref.spec` (the same n its per-op tolerance uses): the
-    statistical size of a float32 implementation's rounding. Run as a float64 model,
-    its distance from the clean oracle measures how much such noise grows through the
-    depth of *this* model on *this* batch, which is what an end-to-end tolerance must
-    allow and no more. Seeded: the same run gives the same tolerances.
-    """
-
-    BACKEND = "numpy"
-
-    BLOCK = 1 << 15   # elements per block of noise: the draws and the scratch stay in cache
-
-    def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-        self._xi = np.empty(self.BLOCK, np.float32)
-        self._prod = np.empty(self.BLOCK, np.float64)
-        for kernel in SIGNATURES:
-            setattr(self, kernel, self._wrap(kernel))
-
-    def _noise(self, x: np.ndarray, n: int) -> np.ndarray:
-        """``x (1 + u sqrt(n) xi)``, worked in cache-sized blocks. The draws are the same
-        stream, in the same order, as one draw of ``x.size`` normals (the generator's
-        state runs on across blocks), and each element is the same float64 arithmetic:
-        ``x * xi + x``, xi the float32 draw times the float32 scale. A result the caller
-        owns outright (a kernel's fresh output, a fresh difference) is perturbed in place
-        (no second array of its size); any other gets a new one."""
-        s = np.float32(2.0 ** -24 * np.sqrt(max(n, 1)))
-        if x.dtype != np.float64:       # the model is float64; kept for any other input
-            xi = self.rng.standard_normal(x.shape, dtype=np.float32)
-            xi *= s
-            out = x * xi
-            out += x
-            return out
-        own = x.flags.owndata and x.flags.writeable and x.flags.c_contiguous
-        out = x if own else np.empty(x.shape, np.float64)
-        src, dst = np.ascontiguousarray(x).reshape(-1), out.reshape(-1)
-        for lo in range(0, src.size, self.BLOCK):
-            k = min(self.BLOCK, src.size - lo)
-            xi, prod_ = self._xi[:k], self._prod[:k]
-            self.rng.standard_normal(out=xi, dtype=np.float32)   # float32 draws: half the cost
-            xi *= s
-            np.multiply(src[lo:lo + k], xi, out=prod_)          # float64: the relative perturbation
-            np.add(prod_, src[lo:lo + k], out=dst[lo:lo + k])    # without rounding 1 + delta to float32
-        return out
-
-    def _wrap(self, kernel: str):
-        f = getattr(ORACLE, kernel)
-        spec = SPEC[kernel]
-
-        def call(*args):
-            named = dict(zip(spec.signature, args))
-            if spec.returns:
-                out = f(*args)
-                outs = out if isinstance(out, tuple) else (out,)
-                noisy = tuple(self._noise(o, spec.n(name, named)) for name, o in zip(spec.output_names, outs))
-                return noisy if isinstance(out, tuple) else noisy[0]
-            before = {k: named[k].copy() for k in spec.inplace if named.get(k) is not None}
-            f(*args)
-            for k, old in before.items():
-                named[k][...] = old + self._noise(named[k] - old, spec.n(k, named))
-        return call
 
 
 # ----------------------------------------------------------------------------
@@ -457,25 +387,6 @@ def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
     return calls
 
 
-_FREE = Tolerance(rel=np.inf, norm=np.inf)
-
-
-def _spread(ref: Ref, witness_state, oracle_state) -> Comparison:
-    return compare(ref.get(witness_state), ref.get(oracle_state), name=str(ref), tol=_FREE)
-
-
-def witness_spread(cfg: GPT2Config, witness_state, oracle_state) -> dict:
-    """For every tensor the graph produces, how far the witness sits from the oracle."""
-    refs = [node.arg_dict[o] for node in forward_nodes(cfg) for o in FORWARD_OUTPUTS[node.kernel]]
-    refs += [r for node in backward_nodes(cfg) for a in INPLACE_ARGS[node.kernel]
-             if isinstance(r := node.arg_dict.get(a), Ref)]
-    refs = list(dict.fromkeys(refs))
-    spread = dict(zip(refs, _shared(lambda ref: _spread(ref, witness_state, oracle_state), refs)))
-    spread["mean_loss"] = compare(np.array([witness_state.mean_loss]), np.array([oracle_state.mean_loss]),
-                                  name="mean_loss", tol=_FREE)
-    return spread
-
-
 UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporaries stay in cache
 
 
@@ -500,14 +411,14 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
         n = prod(shape)
         expected = {k: b[:n] for k, b in buf.items()}
         scales = {"params": buf_scale["params"][:n], "m": buf_scale["m"][:n], "v": None}
-        _shared(lambda r: _expected_update(pre, grads, offset, expected, scales, hp, r), _runs(n))
+        shared(lambda r: _expected_update(pre, grads, offset, expected, scales, hp, r), _runs(n))
         hows = {label: dict(name=f"{label}.{name} (after update)",
                             tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
                             elem_scale=None if scales[label] is None else scales[label].reshape(shape),
                             axes=PARAM_AXES.get(len(shape)) if len(shape) < 3 else ("layer", "row", "c"))
                 for label in labels}
         actuals = {label: np.asarray(post[i][offset:offset + n]).reshape(shape) for i, label in enumerate(labels)}
-        compared = _shared(lambda k: compare(actuals[k], expected[k].reshape(shape), **hows[k]), labels)
+        compared = shared(lambda k: compare(actuals[k], expected[k].reshape(shape), **hows[k]), labels)
         for label, c in zip(labels, compared):
             output, actual, how = "param" if label == "params" else label, actuals[label], hows[label]
             if not c.passed:
@@ -519,36 +430,10 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     return checks
 
 
-def _workers() -> int:
-    """Threads for the work a step can share (the float64 models, the witness's spread,
-    the update checks): the cores this process may use (at most 4)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:      # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 4))
-
-
-_POOL: list = []
-if hasattr(os, "register_at_fork"):   # a forked child has the list but not the threads
-    os.register_at_fork(after_in_child=_POOL.clear)
-
-
-def _shared(f, items) -> list:
-    """``[f(x) for x in items]``, the items shared among the cores (NumPy lets go of the
-    GIL in its loops; each result is what one thread makes, in the order of ``items``)."""
-    items = list(items)
-    if len(items) < 2 or _workers() < 2:
-        return [f(x) for x in items]
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(_workers(), thread_name_prefix="llmc-parity"))
-    return list(_POOL[0].map(f, items))
-
-
 def _runs(n: int) -> list[tuple[int, int]]:
     """``[0, n)`` in one run of whole blocks per worker."""
     blocks = -(-n // UPDATE_BLOCK)
-    per = -(-blocks // _workers())
+    per = -(-blocks // workers())
     return [(lo * UPDATE_BLOCK, min(n, (lo + per) * UPDATE_BLOCK)) for lo in range(0, blocks, per)]
 
 
@@ -762,7 +647,7 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]
         model.backward()
         return loss
     # independent float64 models on the same read-only parameters: one per core
-    losses["oracle"], _ = _shared(run, (oracle, witness))
+    losses["oracle"], _ = shared(run, (oracle, witness))
     spread = witness_spread(config, witness, oracle)
     return losses, spread
 

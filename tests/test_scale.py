@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.opcheck import ORACLE
-from harness.runner import Witness
+from harness.oracle import ORACLE, Witness
 from pyref import numpy_kernels
 from pyref.config import preset
 from pyref.model import GPT2
@@ -148,7 +147,7 @@ def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
 def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     """check_update's AdamW runs and comparisons shared among threads give what one thread
     gives, bit for bit, and a wrong update still fails there."""
-    from harness import runner
+    from harness import cores, runner
     from harness.runner import AdamW, check_update
 
     cfg = preset("small")
@@ -164,7 +163,8 @@ def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     monkeypatch.setattr(runner, "UPDATE_BLOCK", 1 << 10)   # several blocks, several runs
 
     def rows(workers):
-        monkeypatch.setattr(runner, "_workers", lambda: workers)
+        monkeypatch.setattr(runner, "workers", lambda: workers)   # the update's runs
+        monkeypatch.setattr(cores, "workers", lambda: workers)    # and the threads they go to
         checks = check_update(cfg, (p, m, v), g, tuple(post), AdamW(), 2, step=2, impl="x")
         return [(c.tensor, c.passed, c.comparison.summary_row()) for c in checks]
 

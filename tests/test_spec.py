@@ -59,7 +59,7 @@ def test_a_rows_rule_is_the_tolerance_and_its_n_the_witness_noise(monkeypatch):
     """Editing one row changes the per-op tolerance and the witness's noise of that output."""
     import numpy as np
 
-    from harness.runner import Witness
+    from harness.oracle import Witness
     from harness.tolerances import op_tolerance
     from pyref import numpy_kernels
     row = S.SPEC["gelu_forward"]
