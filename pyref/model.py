@@ -107,21 +107,19 @@ class GPT2:
                 getattr(self, name)[...] = self._flat(name, x)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, inputs, targets=None):
-        """``gpt2_forward``: returns mean_loss with targets, None without (mean_loss = -1)."""
+    def _take_batch(self, inputs, targets):
+        """Validated (inputs, targets); the activations allocated for their (B, T) on the
+        first call, as the C does, and a later change of (B, T) refused as the C refuses it."""
         c = self.config
-        V, L, NH = c.vocab_size, c.num_layers, c.num_heads
-        inputs = check_tokens("inputs", inputs, V)
+        inputs = check_tokens("inputs", inputs, c.vocab_size)
         B, T = inputs.shape
-        if B < 1 or T < 1:
-            raise ValueError(f"inputs must have B >= 1 and T >= 1, got shape {inputs.shape}")
         if targets is not None:
-            targets = check_tokens("targets", targets, V)
+            targets = check_tokens("targets", targets, c.vocab_size)
             if targets.shape != inputs.shape:
                 raise ValueError(f"targets shape {targets.shape} != inputs shape {inputs.shape}")
         if T > c.max_seq_len:
             raise ValueError(f"sequence length T={T} exceeds max_seq_len={c.max_seq_len}")
-        if self.acts is None:   # first call: allocate for this (B, T), as the C does
+        if self.acts is None:
             shapes = act_shapes(c, B, T)
             self.act_sizes = [prod(s) for s in shapes.values()]
             self.num_activations = sum(self.act_sizes)
@@ -134,7 +132,14 @@ class GPT2:
         self.inputs = inputs
         if targets is not None:
             self.targets = targets
+        return inputs, targets
 
+    def forward(self, inputs, targets=None):
+        """``gpt2_forward``: returns mean_loss with targets, None without (mean_loss = -1)."""
+        c = self.config
+        V, L, NH = c.vocab_size, c.num_layers, c.num_heads
+        inputs, targets = self._take_batch(inputs, targets)
+        B, T = inputs.shape
         k, p, a = self.kernels, self.params, self.acts
         # wte[ix] + wpe[t]: in the model's dtype also where it reads float32 parameters
         wpe = p["wpe"] if p["wpe"].dtype == self.dtype else p["wpe"].astype(self.dtype)
