@@ -93,7 +93,9 @@ class Witness:
             before = {k: named[k].copy() for k in spec.inplace if named.get(k) is not None}
             f(*args)
             for k, old in before.items():
-                named[k][...] = old + self._noise(named[k] - old, spec.n(k, named))
+                # the contribution, perturbed in place (it is ours), added back into the buffer
+                delta = self._noise(named[k] - old, spec.n(k, named))
+                np.add(old, delta, out=named[k])
         return call
 
 
