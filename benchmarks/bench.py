@@ -480,8 +480,8 @@ class Breakdown:
         self._wrap(pymodel.GPT2, "load_state", "load_state (C state into references)")
         self._wrap(runner.Witness, "_noise", "witness noise")
         self._wrap(runner.Witness, "__init__", "models built")
-        graph = lambda a, k: "replay checks" if k.get("expected_state") is None else "e2e checks"  # noqa: E731
-        for attr, cat in (("check_graph", graph), ("check_update", "update checks"),
+        for attr, cat in (("e2e_graph", "e2e checks"), ("replay_graph", "replay checks"),
+                          ("check_update", "update checks"),
                           ("witness_spread", "witness spread"), ("compare", "compare"),
                           ("term_magnitude", "term magnitudes"),
                           ("run_kernel", "replay: float64 ops"), ("_args64", "replay: float64 inputs"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyref.config import GPT2Config
+from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
 
 
 
@@ -136,3 +137,16 @@ def backward_nodes(cfg: GPT2Config) -> list[Node]:
     nodes.append(_n("encoder_backward", None, "encoder", dwte=D("wte"), dwpe=D("wpe"), dout=G("encoded"),
                     inp=Ref("batch", "inputs")))
     return nodes
+
+
+def writers(nodes: list[Node]) -> dict[Ref, list[tuple[Node, str]]]:
+    """Every tensor ``nodes`` write -> the (node, argument) pairs that write it, in graph
+    order: a forward's outputs, a backward's gradient buffers (a buffer several calls
+    accumulate into is complete after its last)."""
+    out: dict[Ref, list] = {}
+    for node in nodes:
+        names = FORWARD_OUTPUTS.get(node.kernel) or INPLACE_ARGS[node.kernel]
+        for a in names:
+            if isinstance(ref := node.arg_dict.get(a), Ref):
+                out.setdefault(ref, []).append((node, a))
+    return out

@@ -816,14 +816,11 @@ class ModelState:
 
     def not_observed(self) -> list[str]:
         """The C's activations (and gradients) this model does not show at a module boundary."""
-        from .graph import backward_nodes
-        from pyref.protocol import INPLACE_ARGS
+        from .graph import backward_nodes, writers
         cfg = self.config
-        refs = [n.arg_dict[o] for n in forward_nodes(cfg) for o in FORWARD_OUTPUTS[n.kernel]]
-        refs += [r for n in backward_nodes(cfg) for a in INPLACE_ARGS[n.kernel]
-                 if isinstance(r := n.arg_dict.get(a), Ref) and r.group == "grads_acts"]
+        refs = [r for r in writers(forward_nodes(cfg) + backward_nodes(cfg)) if r.group in ("acts", "grads_acts")]
         unseen: dict[str, list] = {}
-        for r in dict.fromkeys(refs):
+        for r in refs:
             if not self.observes(r):
                 unseen.setdefault(f"{r.group}.{r.name}", []).append(r.layer)
         out = []

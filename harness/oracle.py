@@ -14,12 +14,12 @@ import numpy as np
 from pyref import numpy_kernels
 from pyref.config import GPT2Config
 from pyref.constants import U
-from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, SIGNATURES, KernelSet
+from pyref.protocol import SIGNATURES, KernelSet
 from pyref.spec import SPEC
 
 from .compare import Comparison, Tolerance, compare
 from .cores import shared
-from .graph import Ref, backward_nodes, forward_nodes
+from .graph import Ref, backward_nodes, forward_nodes, writers
 from .ops import run_kernel
 
 ORACLE = KernelSet.from_module(numpy_kernels)
@@ -108,10 +108,7 @@ def _spread(ref: Ref, witness_state, oracle_state) -> Comparison:
 
 def witness_spread(cfg: GPT2Config, witness_state, oracle_state) -> dict:
     """For every tensor the graph produces, how far the witness sits from the oracle."""
-    refs = [node.arg_dict[o] for node in forward_nodes(cfg) for o in FORWARD_OUTPUTS[node.kernel]]
-    refs += [r for node in backward_nodes(cfg) for a in INPLACE_ARGS[node.kernel]
-             if isinstance(r := node.arg_dict.get(a), Ref)]
-    refs = list(dict.fromkeys(refs))
+    refs = list(writers(forward_nodes(cfg) + backward_nodes(cfg)))
     spread = dict(zip(refs, shared(lambda ref: _spread(ref, witness_state, oracle_state), refs)))
     spread["mean_loss"] = compare(np.array([witness_state.mean_loss]), np.array([oracle_state.mean_loss]),
                                   name="mean_loss", tol=_FREE)

@@ -36,8 +36,8 @@ from pyref.terms import adamw_magnitudes
 
 from .compare import Comparison, Tolerance, compare
 from .diagnose import Call, Diagnosis, attach, diagnose, is_one_d
-from .graph import Node, Ref, backward_nodes, forward_nodes
 from .cores import shared, workers
+from .graph import Node, Ref, backward_nodes, forward_nodes, writers
 from .opcheck import call_scale, judge
 from .ops import run_kernel
 from .oracle import ORACLE, Witness, witness_spread
@@ -233,43 +233,18 @@ def _axes(ref: Ref, shape) -> tuple[str, ...] | None:
     return LAYER_AXES.get(len(shape))
 
 
-def _buffers(nodes: list[Node]) -> dict[Ref, list[tuple[Node, str]]]:
-    """Every gradient buffer the backward nodes accumulate into -> its (node, argument)
-    contributors, in graph order: a buffer is complete after its last."""
-    out: dict[Ref, list] = {}
-    for node in nodes:
-        for a in INPLACE_ARGS[node.kernel]:
-            if isinstance(ref := node.arg_dict.get(a), Ref):
-                out.setdefault(ref, []).append((node, a))
-    return out
-
-
-def check_graph(cfg: GPT2Config, B: int, T: int, state, *, step: int, impl: str,
-                expected_state=None, witness_state=None, cache: dict | None = None) -> list[Check]:
-    """Replay (``expected_state`` None: :func:`replay_graph`) or end-to-end check
-    (:func:`e2e_graph`) of a forward+backward state of batch size ``B`` x ``T``."""
-    if expected_state is None:
-        return replay_graph(cfg, state, step=step, impl=impl)
-    if witness_state is None and cache is None:
-        raise ValueError("an end-to-end check needs the witness model (see Witness) or its spread")
-    return e2e_graph(cfg, B * T, state, expected_state, step=step, impl=impl,
-                     spread=cache if cache is not None else {}, witness_state=witness_state)
-
-
 def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int, impl: str,
-              spread: dict, witness_state=None) -> list[Check]:
+              spread: dict) -> list[Check]:
     """Every tensor the graph writes against the float64 model ``oracle_state``, under a
     tolerance widened by how far float32-sized noise carried to it (``spread``: witness
-    vs oracle per tensor, the same for every implementation of a step; measured here from
-    ``witness_state`` where missing). Gradient buffers are compared once complete; a
+    vs oracle per tensor, :func:`harness.oracle.witness_spread`, the same for every
+    implementation of a step). Gradient buffers are compared once complete; a
     failing one is diagnosed against a changed loss scale (all gradients scale with
     dlosses, averaged over ``positions``)."""
     observes, _ = _observation(state)
     checks = []
 
     def one(ref, kernel, output, n, nodes, diagnose_it):
-        if ref not in spread:
-            spread[ref] = _spread(ref, witness_state, oracle_state)
         actual, expected = ref.get(state), ref.get(oracle_state)
         how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
                    axes=_axes(ref, actual.shape), mask=SPEC[kernel].mask(output, _named(nodes[-1], state)))
@@ -285,7 +260,7 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
             if observes(ref):
                 one(ref, node.kernel, o, SPEC[node.kernel].n(o, _named(node, state)), [node], False)
     bwd = backward_nodes(cfg)
-    buffers = _buffers(bwd)
+    buffers = writers(bwd)
     for node in bwd:   # each buffer once complete: where its last contributor ran
         for a in INPLACE_ARGS[node.kernel]:
             ref = node.arg_dict.get(a)
@@ -318,7 +293,7 @@ def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]
 
 def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: str) -> list[Check]:
     bwd = backward_nodes(cfg)
-    buffers = _buffers(bwd)
+    buffers = writers(bwd)
     last = {ref: contrib[-1][0] for ref, contrib in buffers.items()}
     acc: dict[Ref, np.ndarray] = {}    # each buffer's running value, from zero
     mags: dict[Ref, np.ndarray] = {}   # the sum of its contributors' term sizes
@@ -658,11 +633,11 @@ def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: di
     B, T = step.inputs.shape
     step.say(f"checking {name}")
     checks = [check_loss(step.t, name, losses[name], losses["oracle"], step.loss_tol, B * T)]
-    e2e = check_graph(step.config, B, T, state, step=step.t, impl=name, expected_state=oracle, cache=spread)
+    e2e = e2e_graph(step.config, B * T, state, oracle, step=step.t, impl=name, spread=spread)
     checks += e2e
     if step.replay is True or (step.replay == "on-failure" and not all(c.passed for c in e2e)):
         step.say(f"replaying {name}'s ops")
-        checks += check_graph(step.config, B, T, state, step=step.t, impl=name)
+        checks += replay_graph(step.config, state, step=step.t, impl=name)
     return checks
 
 
@@ -722,15 +697,8 @@ def _error_text(e: Exception) -> str:
 
 def _graph_outputs(cfg: GPT2Config) -> dict[Ref, set[tuple[str, str]]]:
     """Every tensor the graph writes -> the (kernel, output argument) pairs that write it."""
-    out: dict[Ref, set] = {}
-    for node in forward_nodes(cfg):
-        for o in FORWARD_OUTPUTS[node.kernel]:
-            out.setdefault(node.arg_dict[o], set()).add((node.kernel, o))
-    for node in backward_nodes(cfg):
-        for a in INPLACE_ARGS[node.kernel]:
-            if isinstance(r := node.arg_dict.get(a), Ref):
-                out.setdefault(r, set()).add((node.kernel, a))
-    return out
+    return {ref: {(n.kernel, a) for n, a in ws}
+            for ref, ws in writers(forward_nodes(cfg) + backward_nodes(cfg)).items()}
 
 
 def _returned_by(ks: KernelSet, cfg: GPT2Config):
