@@ -163,12 +163,10 @@ class CModel:
         """gpt2_forward; returns the mean loss (None without targets)."""
         s = self._struct
         cfg = self.config
-        inputs = self._tokens("inputs", inputs)
+        inputs = check_tokens("inputs", inputs, cfg.vocab_size, LlmcInputError)
         B, T = inputs.shape
         if targets is not None:
-            targets = self._tokens("targets", targets)
-            if targets.shape != inputs.shape:
-                raise LlmcInputError(f"targets shape {targets.shape} != inputs shape {inputs.shape}")
+            targets = check_tokens("targets", targets, cfg.vocab_size, LlmcInputError, like=inputs)
         if T > cfg.max_seq_len:
             raise LlmcInputError(f"T={T} exceeds max_seq_len={cfg.max_seq_len}")
         if s.acts_memory != ffi.NULL and (B, T) != (s.batch_size, s.seq_len):
@@ -185,9 +183,6 @@ class CModel:
         if log and log[0]:
             self.c_log += log
         return None if targets is None else float(s.mean_loss)
-
-    def _tokens(self, name, a) -> np.ndarray:
-        return check_tokens(name, a, self.config.vocab_size, LlmcInputError)
 
     def zero_grad(self) -> None:
         self.lib.lib.gpt2_zero_grad(self._struct)

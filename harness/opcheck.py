@@ -28,6 +28,7 @@ from .ops import cases, make_inputs, run_kernel
 from .oracle import oracle_outputs
 from .tolerances import op_tolerance, term_magnitude
 
+
 def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
           name: str, elem_scale=None, n: int | None = None, calls=None) -> Comparison:
     """Judge ``actual`` (an implementation's ``output`` of a ``kernel`` call on ``args``)

@@ -159,13 +159,16 @@ def preset(name: str) -> GPT2Config:
         raise ConfigError(f"unknown config {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
-def check_tokens(what: str, ids, V: int, error: type = ValueError) -> np.ndarray:
-    """``ids`` as a C-contiguous int32 (B, T) array of token ids in [0, V), or ``error``
-    naming what is wrong: the one check every model (the C's, the references, the CLI's
-    batches) makes before tokens reach it (the C asserts, an index would wrap)."""
+def check_tokens(what: str, ids, V: int, error: type = ValueError, like=None) -> np.ndarray:
+    """``ids`` as a C-contiguous int32 (B, T) array of token ids in [0, V) (of the shape of
+    the inputs ``like``, for targets), or ``error`` naming what is wrong: the one check
+    every model (the C's, the references, the CLI's batches) makes before tokens reach it
+    (the C asserts, an index would wrap)."""
     a = np.asarray(ids)
     if a.ndim != 2:
         raise error(f"{what}: expected a (B, T) array of token ids, got shape {a.shape}")
+    if like is not None and a.shape != like.shape:
+        raise error(f"{what} shape {a.shape} != inputs shape {like.shape}")
     if a.size == 0:
         raise error(f"{what}: empty batch {a.shape}")
     if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):

@@ -114,9 +114,7 @@ class GPT2:
         inputs = check_tokens("inputs", inputs, c.vocab_size)
         B, T = inputs.shape
         if targets is not None:
-            targets = check_tokens("targets", targets, c.vocab_size)
-            if targets.shape != inputs.shape:
-                raise ValueError(f"targets shape {targets.shape} != inputs shape {inputs.shape}")
+            targets = check_tokens("targets", targets, c.vocab_size, like=inputs)
         if T > c.max_seq_len:
             raise ValueError(f"sequence length T={T} exceeds max_seq_len={c.max_seq_len}")
         if self.acts is None:
