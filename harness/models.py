@@ -42,7 +42,7 @@ from pyref.constants import LN_EPS
 from pyref.protocol import FORWARD_OUTPUTS
 
 from .errors import InputError
-from .graph import Ref, forward_nodes
+from .graph import Ref, backward_nodes, forward_nodes, writers
 from .ops import run_kernel
 
 
@@ -816,7 +816,6 @@ class ModelState:
 
     def not_observed(self) -> list[str]:
         """The C's activations (and gradients) this model does not show at a module boundary."""
-        from .graph import backward_nodes, writers
         cfg = self.config
         refs = [r for r in writers(forward_nodes(cfg) + backward_nodes(cfg)) if r.group in ("acts", "grads_acts")]
         unseen: dict[str, list] = {}
