@@ -37,9 +37,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# the library is rebuilt only when the source, compiler or flags change (harness/build.py)
+# the library is rebuilt only when the source, compiler or flags change (harness/clib/build.py)
 lib:
-	$(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out '$(LIB)' --cflags='$(CFLAGS)' $(OMP_FLAG)
+	$(PYTHON) -m harness.clib.build --src '$(LLMC_SRC)' --out '$(LIB)' --cflags='$(CFLAGS)' $(OMP_FLAG)
 
 test: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VPY) -m pytest $(XDIST) $(PYTEST_ARGS)
@@ -66,7 +66,7 @@ fuzz: venv lib
 # interpreter, NumPy and torch keep at exit by design, never an allocation of the C.
 SAN_CC ?= $(if $(filter cc,$(CC)),gcc,$(CC))
 sanitize: venv
-	CC=$(SAN_CC) $(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out build/libtrain_gpt2_san.so \
+	CC=$(SAN_CC) $(PYTHON) -m harness.clib.build --src '$(LLMC_SRC)' --out build/libtrain_gpt2_san.so \
 	    --cflags='-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined'
 	LLMC_LIB='$(abspath build/libtrain_gpt2_san.so)' LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so)" \
 	    ASAN_OPTIONS=detect_leaks=1:malloc_context_size=2:abort_on_error=1 \
@@ -82,7 +82,7 @@ VARIANT_THREADS ?= 1 2 4
 variants: venv
 	@set -e; IFS='|'; for f in $(VARIANT_CFLAGS); do \
 	  tag=$$(echo "$$f" | tr -c 'A-Za-z0-9\n' _); \
-	  $(PYTHON) -m harness.build --src '$(LLMC_SRC)' --out "build/variants/lib_$$tag.so" --cflags="$$f"; \
+	  $(PYTHON) -m harness.clib.build --src '$(LLMC_SRC)' --out "build/variants/lib_$$tag.so" --cflags="$$f"; \
 	  for n in $(VARIANT_THREADS); do \
 	    echo "=== CFLAGS='$$f' OMP_NUM_THREADS=$$n"; \
 	    LLMC_LIB="$(abspath build/variants)/lib_$$tag.so" OMP_NUM_THREADS=$$n \

@@ -175,7 +175,7 @@ def machine_info() -> dict:
     except Exception:                           # noqa: BLE001
         info["torch"] = None
     try:
-        from harness.binding import load_library
+        from harness.clib.library import load_library
         lib = load_library()
         info["library"] = lib.path
         info["library_build"] = None if lib.build_info is None else vars(lib.build_info)
@@ -239,7 +239,7 @@ def held_bytes(cfg, B: int, T: int) -> dict:
 # ----------------------------------------------------------------------------- the parts
 
 def part_c_step(cfg, params, batch, steps: int, threads: int | None = None) -> dict:
-    from harness.cmodel import CModel
+    from harness.clib.cmodel import CModel
 
     x, y = batch
     B, T = x.shape
@@ -307,8 +307,8 @@ def part_py_step(cfg, params, batch, steps: int, which: str) -> dict:
 
 
 def part_op_checks(seconds_per_kernel: float) -> dict:
-    from harness.binding import load_library
-    from harness.ckernels import CKernels
+    from harness.clib.library import load_library
+    from harness.clib.kernels import CKernels
     from harness.ops import SPEC, SHAPE_BY_NAME, make_inputs
     from harness.opcheck import check_kernel
 
@@ -467,7 +467,8 @@ class Breakdown:
         self._undo.append((owner, attr, orig))
 
     def install(self) -> "Breakdown":
-        from harness import cmodel, runner
+        from harness import runner
+        from harness.clib import cmodel
         from pyref import model as pymodel
 
         label = lambda a, k: self.model_label(a[0])  # noqa: E731
@@ -525,8 +526,9 @@ def check_views() -> dict:
     two views of one buffer share memory; (2) in a 2-step run_parity with replay, every
     comparison of a C tensor (e2e, replay, update) reads the C's memory, not a copy."""
     import numpy as np
-    from harness import cmodel as cmodel_mod, opcheck, runner
-    from harness.binding import ffi
+    from harness import opcheck, runner
+    from harness.clib import cmodel as cmodel_mod
+    from harness.clib.library import ffi
     from pyref import numpy_kernels
     from pyref.config import ACT_NAMES, PARAM_NAMES, preset
     from pyref.protocol import KernelSet

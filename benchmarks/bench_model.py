@@ -46,8 +46,8 @@ def _timed(step, warmups: int = 1) -> float:
 
 def measure(cfg, B: int, T: int) -> dict:
     import torch
-    from harness.binding import load_library
-    from harness.cmodel import CModel
+    from harness.clib.library import load_library
+    from harness.clib.cmodel import CModel
     from harness.models import Hyper, TorchModel, resolve_spec
     from harness.oracle import ORACLE
     from harness.runner import AdamW, run_parity

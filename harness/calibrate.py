@@ -34,8 +34,8 @@ def measure(impl: str, lib: str | None, seeds: int) -> dict:
     from pyref import numpy_kernels, torch_kernels
     from pyref.protocol import KernelSet
 
-    from .binding import load_library
-    from .ckernels import CKernels
+    from .clib.library import load_library
+    from .clib.kernels import CKernels
     from .opcheck import sweep
     from .tolerances import U, small_sample, tail
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(impl, None if lib == "-" else lib, args.seeds)))
         return 0
 
-    from .build import build_library
+    from .clib.build import build_library
     from .tolerances import rule
 
     runs = {}

@@ -68,8 +68,8 @@ class Progress:
 
 def _library(args):
     """Build (--src) or load (--lib, $LLMC_LIB, our own) the library."""
-    from .binding import load_library
-    from .build import build_library, ensure_library
+    from .clib.library import load_library
+    from .clib.build import build_library, ensure_library
 
     if getattr(args, "build_dir", None):
         os.environ["LLMC_BUILD_DIR"] = str(Path(args.build_dir).resolve())
@@ -264,7 +264,7 @@ def _write_run(args, report) -> None:
 
 
 def cmd_ops(args) -> int:
-    from .ckernels import CKernels
+    from .clib.kernels import CKernels
     from .compare import format_table
     from .opcheck import sweep
 
@@ -329,7 +329,7 @@ def cmd_gate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .cdefs import REQUIRED_SYMBOLS
+    from .clib.cdefs import REQUIRED_SYMBOLS
     lib = _library(args)
     print(f"library: {lib.path}")
     print(f"symbols: all {len(REQUIRED_SYMBOLS)} of the spec present")

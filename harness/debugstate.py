@@ -66,8 +66,8 @@ def _widen(tol: Tolerance, factor: float, why: str) -> Tolerance:
 def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int | None = None) -> DebugStateReport:
     """Run the C on the checkpoint and the debug state's batch; compare logits, loss and
     all 16 parameter gradients with the debug state (and both with the oracle)."""
-    from .binding import as_library
-    from .cmodel import CModel
+    from .clib.library import as_library
+    from .clib.cmodel import CModel
 
     lib = as_library(lib)
     config, params = read_checkpoint(checkpoint)

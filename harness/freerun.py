@@ -57,8 +57,8 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     """``len(batches)`` training steps of the C (``lib``), each KernelSet in ``impls`` and each
     :class:`harness.models.TorchModel` in ``models``, each on its own state; rows per step
     and implementation."""
-    from .binding import as_library
-    from .cmodel import CModel
+    from .clib.library import as_library
+    from .clib.cmodel import CModel
     from .models import ModelState
     from .oracle import Witness
     from .runner import AdamW
@@ -111,7 +111,7 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
 
 def _step(model, inputs, targets, hp, t, threads) -> float:
     """forward, zero_grad, backward, update: the training step of llm.c's main loop."""
-    from .cmodel import CModel
+    from .clib.cmodel import CModel
     if isinstance(model, CModel):
         loss = model.forward(inputs, targets, threads=threads)
         model.zero_grad()

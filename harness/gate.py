@@ -107,7 +107,7 @@ def build_key(lib, inputs: str) -> dict | None:
     the instruction sets those flags target, the C library (libm) and the CPU features it
     dispatches on, and the digest of the suite's inputs (the same bytes, not the same
     NumPy). None for a library without a build record."""
-    from .build import target_isa
+    from .clib.build import target_isa
     info = lib.build_info
     if info is None:
         return None
@@ -144,7 +144,7 @@ def _entry(c: Comparison) -> dict:
 def run_suite(lib=None, progress=None) -> GateRun:
     """Run the fixed suite against ``lib`` (default: the bound library): the per-op sweep,
     then a few model steps, their metrics, failures and the C's output bits."""
-    from .binding import as_library
+    from .clib.library import as_library
 
     lib = as_library(lib)
     run = GateRun({}, [], {}, None)
@@ -161,7 +161,7 @@ def run_suite(lib=None, progress=None) -> GateRun:
 
 
 def _run_ops(run: GateRun, lib, took) -> None:
-    from .ckernels import CKernels
+    from .clib.kernels import CKernels
     from .opcheck import sweep
     from .ops import run_kernel
 

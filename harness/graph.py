@@ -7,7 +7,7 @@ end-to-end check uses it to know which op produced a tensor.
 
 Any object with ``params``, ``grads``, ``acts``, ``grads_acts`` dicts of the C's names
 and shapes and ``inputs``/``targets`` arrays is a model state here: a
-:class:`~harness.cmodel.CModel` or a :class:`pyref.model.GPT2` alike.
+:class:`~harness.clib.cmodel.CModel` or a :class:`pyref.model.GPT2` alike.
 """
 from __future__ import annotations
 

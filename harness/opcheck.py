@@ -7,7 +7,7 @@ check (:func:`check_kernel`), the replay of a model step and the model checks
 (:mod:`harness.runner`) all judge through it.
 
 ``check_kernel(impl, "layernorm_forward", args)`` runs the implementation (the C through
-:class:`~harness.ckernels.CKernels`, NumPy, torch or a user's port) and the oracle on the
+:class:`~harness.clib.kernels.CKernels`, NumPy, torch or a user's port) and the oracle on the
 same float32 inputs and judges every output. The result is a list of
 :class:`~harness.compare.Comparison`, named ``<kernel>.<output>``; a failing one is a
 :class:`~harness.diagnose.DiagnosedComparison`.

@@ -2,7 +2,7 @@
 :mod:`pyref.cases`, and one routine that calls any implementation of a kernel.
 
 :func:`run_kernel` calls any implementation of the protocol (the C through
-:class:`harness.ckernels.CKernels`, NumPy, torch, a user's port, the float64 oracle) on the
+:class:`harness.clib.kernels.CKernels`, NumPy, torch, a user's port, the float64 oracle) on the
 same inputs, so a per-op check is a table row, not a function per op.
 """
 from __future__ import annotations

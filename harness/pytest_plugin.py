@@ -55,7 +55,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def llmc_lib():
-    from .binding import load_library
+    from .clib.library import load_library
     return load_library()
 
 

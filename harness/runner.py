@@ -495,8 +495,8 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     end-to-end checks failed, to localise; cheaper at 124M scale) or False.
     ``on_step(t, cmodel)`` is called after each step's update (the gate fingerprints the
     C's buffers there)."""
-    from .binding import as_library
-    from .cmodel import CModel
+    from .clib.library import as_library
+    from .clib.cmodel import CModel
 
     lib = as_library(lib)
     impls = dict(impls or {})

@@ -23,9 +23,9 @@ import pytest
 import harness.opcheck as opcheck
 import harness.runner as runner
 from harness import report as R
-from harness.binding import load_library
-from harness.build import build_library
-from harness.ckernels import CKernels
+from harness.clib.library import load_library
+from harness.clib.build import build_library
+from harness.clib.kernels import CKernels
 from harness.compare import ParityError
 from harness.diagnose import CATALOGUE, VARIANT_BY_ID, DiagnosedComparison
 from harness.opcheck import assert_kernel, check_kernel

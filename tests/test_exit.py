@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.binding import load_library
+from harness.clib.library import load_library
 
 ROOT = Path(__file__).resolve().parent.parent
 
 _STEP = """
 import numpy as np
-from harness.cmodel import CModel
+from harness.clib.cmodel import CModel
 from pyref.config import preset
 from pyref.synth import init_params, make_batch
 cfg = preset("tiny")
@@ -54,7 +54,7 @@ def test_closing_the_library_never_unmaps_it_or_its_openmp_runtime():
     if not load_library().has_openmp:
         pytest.skip("library built without OpenMP")
     code = _STEP + """
-from harness.binding import ffi, load_library
+from harness.clib.library import ffi, load_library
 lib = load_library()
 def mapped():
     return {l.split()[-1] for l in open("/proc/self/maps") if "/" in l.split()[-1]}

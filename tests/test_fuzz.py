@@ -43,8 +43,8 @@ settings.register_profile("long", max_examples=400, **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "fast")
 FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long") else "fast"))
 
-from harness.binding import load_library  # noqa: E402
-from harness.ckernels import CKernels  # noqa: E402
+from harness.clib.library import load_library  # noqa: E402
+from harness.clib.kernels import CKernels  # noqa: E402
 from harness.compare import compare, format_table  # noqa: E402
 from harness.ops import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
                          make_inputs, run_kernel)

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness.binding import Library, LibraryError, LlmcInputError, load_library  # noqa: E402
-from harness.ckernels import CKernels  # noqa: E402
-from harness.cmodel import CModel  # noqa: E402
+from harness.clib.library import Library, LibraryError, LlmcInputError, load_library  # noqa: E402
+from harness.clib.kernels import CKernels  # noqa: E402
+from harness.clib.cmodel import CModel  # noqa: E402
 from harness.compare import compare, format_table  # noqa: E402
 from harness.ops import SPEC, SHAPE_BY_NAME, make_inputs  # noqa: E402
 from harness.opcheck import check_kernel  # noqa: E402
@@ -182,7 +182,7 @@ def test_read_checkpoint_header_returns_the_config(checkpoint):
 
 _FROM_CHECKPOINT = """
     import sys
-    from harness.cmodel import CModel
+    from harness.clib.cmodel import CModel
     try:
         m = CModel.from_checkpoint(sys.argv[1] if len(sys.argv) > 1 else {path!r})
     except BaseException as e:
@@ -360,7 +360,7 @@ def test_views_before_they_exist(model):
 
 _MODEL_ABUSE = """
     import numpy as np
-    from harness.cmodel import CModel
+    from harness.clib.cmodel import CModel
     from pyref.config import PRESETS
     from pyref.synth import init_params, make_batch
     cfg = PRESETS["tiny"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import build
+from harness.clib import build
 from harness.gate import BASELINE_NAME, default_baseline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def test_sdist_carries_the_c_and_the_shipped_suite(tmp_path):
     with tarfile.open(tmp_path / name) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for wanted in ("llmc/train_gpt2.c", "llmc/abi_probe.c", "harness/suite/test_port.py",
-                   "harness/suite/test_model.py", "harness/fpenv.py", "pyproject.toml"):
+                   "harness/suite/test_model.py", "harness/clib/fpenv.py", "pyproject.toml"):
         assert wanted in names, wanted
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.binding import load_library
-from harness.ckernels import CKernels
+from harness.clib.library import load_library
+from harness.clib.kernels import CKernels
 from harness.compare import ParityError
 from harness.opcheck import assert_case, assert_kernel, case_id, check_kernel
 from harness.ops import SPEC, SHAPE_BY_NAME, cases, make_inputs

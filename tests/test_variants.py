@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import build_library
+from harness.clib.build import build_library
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "llmc" / "train_gpt2.c"

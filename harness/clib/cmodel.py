@@ -21,7 +21,7 @@ import numpy as np
 from pyref.config import (ACT_NAMES, PARAM_NAMES, GPT2Config, ParamsError, act_shapes, check_tokens,
                           flat_params, param_shapes)
 
-from .binding import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
+from .library import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
 
 
 class _Owner:

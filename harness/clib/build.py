@@ -28,7 +28,7 @@ from harness.errors import InputError
 
 # the C sources ship inside the installed package (the `llmc` package's data), so these
 # paths hold in a checkout and after a plain `pip install` alike
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SRC = ROOT / "llmc" / "train_gpt2.c"
 PROBE = ROOT / "llmc" / "abi_probe.c"
 # what `make lib` builds in a checkout (the Makefile hands it to everything as LLMC_LIB)
@@ -198,7 +198,7 @@ def read_build_info(library: str | os.PathLike) -> BuildInfo | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness.build", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m harness.clib.build", description=__doc__.splitlines()[0])
     ap.add_argument("--src", default=None, help="train_gpt2.c to build (default: llmc/train_gpt2.c)")
     ap.add_argument("--out", default=None, help="library to write (default: build/libtrain_gpt2.so)")
     ap.add_argument("--cflags", default=DEFAULT_CFLAGS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .binding import Library, LlmcInputError
+from .library import Library, LlmcInputError
 
 BACKEND = "numpy"
 

@@ -24,7 +24,7 @@ from cffi import FFI
 from . import fpenv
 from .build import BuildError, ensure_library, read_build_info
 from .cdefs import CDEF, GPT2_FIELDS, REQUIRED_SYMBOLS
-from .errors import InputError
+from ..errors import InputError
 
 ffi = FFI()
 ffi.cdef(CDEF)
@@ -147,7 +147,7 @@ class Library:
         try:
             # Loaded from the default floating-point environment: what its load leaves
             # (FTZ/DAZ from -Ofast's crtfastmath) is the environment its calls run in,
-            # and Python gets its own back (harness/fpenv.py).
+            # and Python gets its own back (harness/clib/fpenv.py).
             # RTLD_NODELETE: the library, and through it the OpenMP runtime it links, stays
             # mapped until the process ends. Unloading them at interpreter teardown while
             # OpenMP's idle worker threads still run in libgomp's code crashed the process
@@ -408,7 +408,7 @@ def as_library(lib: "Library | str | os.PathLike | None") -> Library:
 
 def default_library_path() -> str:
     """``$LLMC_LIB``, else our own train_gpt2.c built with the default flags in the
-    build cache (:func:`harness.build.build_dir`), compiled there on first use."""
+    build cache (:func:`harness.clib.build.build_dir`), compiled there on first use."""
     if os.environ.get("LLMC_LIB"):
         return os.environ["LLMC_LIB"]
     try:
