@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pyref import numpy_kernels
-from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, SIGNATURES
+from pyref.protocol import BACKWARD_KERNELS, FORWARD_OUTPUTS, SIGNATURES
 
 from .compare import Comparison, Tolerance, compare
 from .ops import run_kernel
@@ -715,7 +715,6 @@ def _mean_over(delta: int):
 
 # ----------------------------------------------------------------------------- catalogue
 
-_BACKWARD = tuple(k for k in INPLACE_ARGS if k != "adamw")
 
 CATALOGUE: tuple[Variant, ...] = (
     # GELU
@@ -760,7 +759,7 @@ CATALOGUE: tuple[Variant, ...] = (
     # matmul, accumulation
     Variant("matmul.no-bias", "matmul", ("matmul_forward", "matmul_backward"),
             "matmul without its bias (forward: not added; backward: dbias not accumulated)", _matmul_no_bias),
-    Variant("backward.overwrite", "backward", _BACKWARD,
+    Variant("backward.overwrite", "backward", BACKWARD_KERNELS,
             "the gradient is assigned (=) instead of accumulated (+=)", _overwrite),
     Variant("backward.last-term-only", "backward", tuple(dict.fromkeys(k for k, _ in _LAST_TERM)),
             "a sum's += turned into = inside its loop: only the last term is kept", _last_term),

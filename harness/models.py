@@ -40,6 +40,7 @@ import numpy as np
 from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
 from pyref.constants import LN_EPS
 from pyref.protocol import FORWARD_OUTPUTS
+from pyref.spec import SPECS
 
 from .errors import InputError
 from .graph import Ref, backward_nodes, forward_nodes, writers
@@ -294,8 +295,8 @@ _HOOKS = [
 ]
 
 # outputs no module returns but a replay needs as input: derived from the port's own inputs
-_DERIVED = {"layernorm_forward": ("mean", "rstd"), "attention_forward": ("preatt", "att"),
-            "softmax_forward": ("probs",), "crossentropy_forward": ("losses",)}
+# (their rows' ``derivable`` in pyref.spec)
+_DERIVED = {k.name: d for k in SPECS if k.returns and (d := tuple(o.name for o in k.outputs if o.derivable))}
 
 
 def _first_tensor(x):

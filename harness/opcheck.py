@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyref.cases import SHAPE_BY_NAME, Shape
-from pyref.protocol import INPLACE_ARGS
 from pyref.spec import SPEC, KernelSpec
 
 from .compare import Comparison, ParityError, compare
@@ -54,7 +53,7 @@ def call_scale(kernel: str, output: str, args: dict, expected: dict):
     backward kernel's gradient buffer held before it accumulated into it."""
     args = _as64(args)
     mag = term_magnitude(kernel, output, args, expected)
-    if output in INPLACE_ARGS.get(kernel, ()) and kernel != "adamw":
+    if SPEC[kernel].backward and output in SPEC[kernel].inplace:
         start = np.abs(args[output])
         mag = start if mag is None else mag + start
     return mag

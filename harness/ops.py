@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pyref.cases import SHAPE_BY_NAME, SHAPES, Shape  # noqa: F401 -- the table's shapes
-from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, SIGNATURES
+from pyref.protocol import run_kernel  # noqa: F401 -- the one routine that calls a kernel
 from pyref.spec import SPEC, SPECS, KernelSpec  # noqa: F401 -- the table's rows
 
 
@@ -27,20 +27,4 @@ def make_inputs(spec: KernelSpec, s: Shape, seed: int = 0) -> dict:
     rng = np.random.default_rng([seed, SHAPES.index(s), SPECS.index(spec)])
     return spec.make(s, rng)
 
-
-def run_kernel(kernels, kernel: str, args: dict, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Call ``kernels.<kernel>`` on private copies of ``args`` (float arrays cast to
-    ``dtype``), and return its outputs by name: a forward's returned arrays, a backward's
-    accumulated buffers."""
-    local = {k: (v.astype(dtype, copy=True) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
-                 else v) for k, v in args.items()}
-    fn = getattr(kernels, kernel)
-    ret = fn(*[local[name] for name in SIGNATURES[kernel]])
-    if kernel in FORWARD_OUTPUTS:
-        names = FORWARD_OUTPUTS[kernel]
-        ret = ret if isinstance(ret, (tuple, list)) else (ret,)
-        if len(ret) != len(names):
-            raise ValueError(f"{kernel} returned {len(ret)} outputs, the protocol says {len(names)}")
-        return {n: np.asarray(r) for n, r in zip(names, ret)}
-    return {n: local[n] for n in INPLACE_ARGS[kernel] if local.get(n) is not None}
 

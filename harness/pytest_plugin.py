@@ -21,6 +21,8 @@ import os
 
 import pytest
 
+from pyref.protocol import OPS
+
 _RECORDS: list = []
 _USER_CODE_OPTIONS = ("--llmc-impl", "--llmc-model")
 
@@ -79,14 +81,10 @@ def llmc_steps(request):
     return request.config.getoption("--llmc-steps")
 
 
-# the ops a model's checks are grouped by (``-k layernorm``), in graph order
-MODEL_OPS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "softmax", "crossentropy", "adamw")
-
-
 def pytest_generate_tests(metafunc):
     if "llmc_model_op" in metafunc.fixturenames:
         given = metafunc.config.getoption("--llmc-model", default=None)
-        ops = list(MODEL_OPS) if given else []
+        ops = list(OPS) if given else []
         metafunc.parametrize("llmc_model_op", ops, ids=[f"{op}-model" for op in ops])
 
 
@@ -112,9 +110,9 @@ def llmc_model_report(request, llmc_lib, llmc_config, llmc_steps):
 
 
 def checks_by_op(report, impl: str) -> dict[str, list]:
-    """A run's checks of ``impl`` grouped by the op (MODEL_OPS) that produced the tensor:
+    """A run's checks of ``impl`` grouped by the op (OPS) that produced the tensor:
     a buffer that several ops accumulate into counts for each of them."""
-    out: dict[str, list] = {op: [] for op in MODEL_OPS}
+    out: dict[str, list] = {op: [] for op in OPS}
     for s in report.steps:
         for c in s.checks:
             if c.impl == impl:

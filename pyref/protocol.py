@@ -26,10 +26,12 @@ from .spec import SPEC, SPECS, dims
 
 # what the rows of pyref.spec say, as the tables the adapter reads
 FORWARD_KERNELS = tuple(k.name for k in SPECS if k.returns)
-BACKWARD_KERNELS = tuple(k.name for k in SPECS if not k.returns and k.name != "adamw")
-KERNEL_NAMES = FORWARD_KERNELS + BACKWARD_KERNELS + ("adamw",)
+BACKWARD_KERNELS = tuple(k.name for k in SPECS if k.backward)
+KERNEL_NAMES = FORWARD_KERNELS + BACKWARD_KERNELS + tuple(k.name for k in SPECS if k.updates)
 # The op (as used in test ids and reports: `pytest -k layernorm`) each kernel belongs to.
 KERNEL_OP = {k.name: k.op for k in SPECS}
+# The ops, in the order of the rows (the model's graph order).
+OPS = tuple(dict.fromkeys(KERNEL_OP.values()))
 # Argument names, in order (the signature a port must have).
 SIGNATURES = {k.name: k.signature for k in SPECS}
 # Arguments a kernel writes in place (they must reach the implementation zero-copy).
@@ -79,8 +81,8 @@ DIM_NAMES = ("B", "T", "C", "NH", "V", "Vp", "OC")
 
 # forward kernels that may return their main output alone; the other outputs are then
 # "not returned": derived from the kernel's inputs by the float64 NumPy reference (so a
-# backward or a replay can use them) and never compared
-SHORT_OUTPUTS = {"layernorm_forward": ("mean", "rstd"), "attention_forward": ("preatt", "att")}
+# backward or a replay can use them) and never compared (their rows' ``derivable``)
+SHORT_OUTPUTS = {k.name: k.omissible for k in SPECS if k.omissible}
 
 
 def _adapt(kernel: str, f):
@@ -111,7 +113,7 @@ def _adapt(kernel: str, f):
 
     def call(*args):
         named = dict(zip(params, args))
-        values = {**dims(kernel, named), **named}
+        values = {**dims(named), **named}
         if slice_v:
             values["logits"] = named["logits"][..., :int(named["V"])]
         out = f(*(values[n] for n in names))
@@ -306,7 +308,7 @@ class KernelSet:
     def _wrap(self, kernel, f):
         params = SIGNATURES[kernel]
         forward = kernel in FORWARD_KERNELS
-        n_out = {"layernorm_forward": 3, "attention_forward": 3}.get(kernel, 1)
+        n_out = len(SPEC[kernel].outputs)
         label = f"{self.name}.{kernel}"
 
         def call(*args, **kwargs):
@@ -342,6 +344,25 @@ class KernelSet:
         call.__doc__ = getattr(f, "__doc__", None)
         call.__wrapped__ = f
         return call
+
+
+def run_kernel(kernels, kernel: str, args: dict, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Call ``kernels.<kernel>`` on private copies of ``args`` (float arrays cast to
+    ``dtype``), and return its outputs by name: a forward's returned arrays, a backward's
+    accumulated buffers. Any implementation of the protocol (the C's kernels, NumPy,
+    torch, a user's port, the float64 oracle) is called through here, so a check is a row
+    of data, not a function per kernel."""
+    local = {k: (v.astype(dtype, copy=True) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                 else v) for k, v in args.items()}
+    fn = getattr(kernels, kernel)
+    ret = fn(*[local[name] for name in SIGNATURES[kernel]])
+    if kernel in FORWARD_OUTPUTS:
+        names = FORWARD_OUTPUTS[kernel]
+        ret = ret if isinstance(ret, (tuple, list)) else (ret,)
+        if len(ret) != len(names):
+            raise ValueError(f"{kernel} returned {len(ret)} outputs, the protocol says {len(names)}")
+        return {n: np.asarray(r) for n, r in zip(names, ret)}
+    return {n: local[n] for n in INPLACE_ARGS[kernel] if local.get(n) is not None}
 
 
 def kernel_set(obj=None, fallback=None) -> KernelSet:

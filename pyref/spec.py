@@ -53,6 +53,9 @@ class Output:
     rule: Rule = DEFAULT
     terms: Callable | None = None       # pyref.terms function; None: judged by its own size
     causal: bool = False                # only the lower triangle (t2 <= t) is ever written
+    derivable: bool = False             # a port may not give it (a forward's statistics, a fused
+                                        # loss's intermediates): then the float64 reference derives
+                                        # it from the port's own inputs, and it is never compared
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,21 @@ class KernelSpec:
     make: Callable                      # (cases.Shape, rng) -> named arguments of a case
     note: str = ""                      # for the docs table
     shapes: tuple[str, ...] | None = None   # per-op cases on these shapes only (None: all)
+    updates: bool = False               # an optimizer step: in place, but no backward (AdamW)
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
+
+    @property
+    def backward(self) -> bool:
+        """A backward kernel: it accumulates gradients into the buffers it is given."""
+        return not self.returns and not self.updates
+
+    @property
+    def omissible(self) -> tuple[str, ...]:
+        """The outputs a forward may leave out when it returns its main output alone."""
+        return tuple(o.name for o in self.outputs[1:] if o.derivable) if self.returns else ()
 
     @property
     def inplace(self) -> tuple[str, ...]:
@@ -85,11 +99,11 @@ class KernelSpec:
 
     def n(self, output: str, args: dict) -> int:
         """The reduction length of ``output`` for a call on ``args``."""
-        return max(1, int(_eval(self.output(output).n, dims(self.name, args))))
+        return max(1, int(_eval(self.output(output).n, dims(args))))
 
     def expected_shapes(self, args: dict) -> list[tuple[int, ...]]:
         """The shapes a forward must return for ``args``, in order."""
-        env = {**args, **dims(self.name, args), "broadcast": np.broadcast_shapes}
+        env = {**args, **dims(args), "broadcast": np.broadcast_shapes}
         return [tuple(int(d) for d in _eval(o.shape, env)) for o in self.outputs]
 
     def mask(self, output: str, args: dict) -> np.ndarray | None:
@@ -97,11 +111,11 @@ class KernelSpec:
         is never written by the C."""
         if not self.output(output).causal:
             return None
-        T = dims(self.name, args)["T"]
+        T = dims(args)["T"]
         return np.tril(np.ones((T, T), bool))
 
 
-def dims(kernel: str, args: dict) -> dict[str, int]:
+def dims(args: dict) -> dict[str, int]:
     """The dimensions of a call, read from its arguments: B, T from the first activation
     (inp, dout, probs, logits, inp1); C from a weight, wte, or the activation's width
     (attention's input is 3C wide); NH, hs; OC from matmul's weight; V; Vp from the logits."""
@@ -183,8 +197,8 @@ SPECS = (
     ), False, cases.encoder_backward),
     KernelSpec("layernorm_forward", "layernorm", ("inp", "weight", "bias"), (
         Output("out", "(B, T, C)", BTC, "C", terms=terms.layernorm_forward_out),
-        Output("mean", "(B, T)", BT, "C", terms=terms.layernorm_forward_mean),
-        Output("rstd", "(B, T)", BT, "C", terms=terms.layernorm_forward_rstd),
+        Output("mean", "(B, T)", BT, "C", terms=terms.layernorm_forward_mean, derivable=True),
+        Output("rstd", "(B, T)", BT, "C", terms=terms.layernorm_forward_rstd, derivable=True),
     ), True, cases.layernorm_forward, note="eps = 1e-5"),
     KernelSpec("layernorm_backward", "layernorm",
                ("dinp", "dweight", "dbias", "dout", "inp", "weight", "mean", "rstd"), (
@@ -202,8 +216,9 @@ SPECS = (
     ), False, cases.matmul_backward, note="`dbias` may be `None`"),
     KernelSpec("attention_forward", "attention", ("inp", "NH"), (
         Output("out", "(B, T, C)", BTC, "T + hs", terms=terms.attention_forward_out),
-        Output("preatt", "(B, NH, T, T)", BHTT, "hs", terms=terms.attention_forward_preatt, causal=True),
-        Output("att", "(B, NH, T, T)", BHTT, "T + hs", _EXPF_ATT, terms.attention_forward_att),
+        Output("preatt", "(B, NH, T, T)", BHTT, "hs", terms=terms.attention_forward_preatt, causal=True,
+               derivable=True),
+        Output("att", "(B, NH, T, T)", BHTT, "T + hs", _EXPF_ATT, terms.attention_forward_att, derivable=True),
     ), True, cases.attention_forward,
         note="inp is qkv (B,T,3C); preatt's upper triangle is ignored, att's must be 0"),
     KernelSpec("attention_backward", "attention", ("dinp", "dpreatt", "datt", "dout", "inp", "att", "NH"), (
@@ -225,10 +240,10 @@ SPECS = (
         Output("dinp2", "dout.shape", BTC),
     ), False, cases.residual_backward),
     KernelSpec("softmax_forward", "softmax", ("logits", "V"), (
-        Output("probs", "logits.shape", ("b", "t", "v"), "V", _EXPF_PROBS),
+        Output("probs", "logits.shape", ("b", "t", "v"), "V", _EXPF_PROBS, derivable=True),
     ), True, cases.softmax_forward, note="over the first V of Vp columns, 0 in the padding"),
     KernelSpec("crossentropy_forward", "crossentropy", ("probs", "targets"), (
-        Output("losses", "(B, T)", BT, rule=_LOGF),
+        Output("losses", "(B, T)", BT, rule=_LOGF, derivable=True),
     ), True, cases.crossentropy_forward),
     KernelSpec("crossentropy_softmax_backward", "crossentropy", ("dlogits", "dlosses", "probs", "targets", "V"), (
         Output("dlogits", "probs.shape", ("b", "t", "v")),
@@ -237,7 +252,8 @@ SPECS = (
         Output("param", "param.shape", ("i",), terms=terms.adamw_param),
         Output("m", "param.shape", ("i",), terms=terms.adamw_m),
         Output("v", "param.shape", ("i",)),
-    ), False, cases.adamw, note="any shape (flat is fine); `t` counts from 1", shapes=("base", "odd")),
+    ), False, cases.adamw, note="any shape (flat is fine); `t` counts from 1", shapes=("base", "odd"),
+        updates=True),
 )
 SPEC = {s.name: s for s in SPECS}
 for _s in SPECS:
@@ -253,7 +269,7 @@ def markdown() -> str:
     lines = ["| function | returns / accumulates into | notes |", "|---|---|---|"]
     for s in SPECS:
         outs = ", ".join(f"`{o.name}` {o.shape}" for o in s.outputs)
-        verb = "returns" if s.returns else "accumulates into" if s.name != "adamw" else "updates in place"
+        verb = "returns" if s.returns else "updates in place" if s.updates else "accumulates into"
         lines.append(f"| `{s.name}({', '.join(s.signature)})` | {verb} {outs} | {s.note} |")
     lines += ["", "| output | reduction length n | k_rel | k_norm | why | term size |", "|---|---|---:|---:|---|---|"]
     for s in SPECS:

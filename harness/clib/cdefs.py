@@ -5,6 +5,8 @@ own library and a user's build of llm.c's original through this same text, and c
 against the layout the compiler chose (``llmc_abi_layout``) before trusting it.
 """
 
+import re
+
 from pyref.config import ACT_NAMES, PARAM_NAMES
 
 # GPT2's fields in declaration order (the ABI): (C type, name, array length or None)
@@ -29,13 +31,8 @@ def _struct(name: str, fields) -> str:
                                           for t, n, k in fields) + "} " + name + ";\n"
 
 
-CDEF = (
-    _struct("GPT2Config", [("int", n, None) for n in ("max_seq_len", "vocab_size", "padded_vocab_size",
-                                                       "num_layers", "num_heads", "channels")])
-    + _struct("ParameterTensors", [("float*", n, None) for n in PARAM_NAMES])
-    + _struct("ActivationTensors", [("float*", n, None) for n in ACT_NAMES])
-    + _struct("GPT2", GPT2_STRUCT)
-    + r"""
+# every function the spec requires a library to export, declared as the C has it
+_REQUIRED_FUNCTIONS = r"""
 void encoder_forward(float* out, int* inp, float* wte, float* wpe, int B, int T, int C);
 void encoder_backward(float* dwte, float* dwpe, float* dout, int* inp, int B, int T, int C);
 void layernorm_forward(float* out, float* mean, float* rstd, float* inp, float* weight, float* bias, int B, int T, int C);
@@ -62,7 +59,8 @@ void gpt2_zero_grad(GPT2 *model);
 void gpt2_backward(GPT2 *model);
 void gpt2_update(GPT2 *model, float learning_rate, float beta1, float beta2, float eps, float weight_decay, int t);
 void gpt2_free(GPT2 *model);
-
+"""
+_OPTIONAL_FUNCTIONS = r"""
 /* optional: present in libraries built by `make lib` (llmc/abi_probe.c) */
 int llmc_abi_layout(size_t* out);
 int llmc_build_features(void);
@@ -72,16 +70,17 @@ void omp_set_num_threads(int n);
 int omp_get_max_threads(void);
 /* C stdio, to flush the library's printf output before we restore stdout */
 int fflush(void* stream);
-""")
+"""
+_FUNCTIONS = _REQUIRED_FUNCTIONS + _OPTIONAL_FUNCTIONS
+# the symbols a library must export: the names the declarations above give, in their order
+REQUIRED_SYMBOLS = tuple(re.findall(r"^[^(]*?\b(\w+)\(", _REQUIRED_FUNCTIONS, re.M))
 
-# every symbol the spec requires a library to export
-REQUIRED_SYMBOLS = (
-    "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
-    "matmul_forward_naive", "matmul_forward", "matmul_backward", "attention_forward",
-    "attention_backward", "gelu_forward", "gelu_backward", "residual_forward",
-    "residual_backward", "softmax_forward", "crossentropy_forward",
-    "crossentropy_softmax_backward", "fill_in_parameter_sizes", "malloc_and_point_parameters",
-    "fill_in_activation_sizes", "malloc_and_point_activations", "gpt2_build_from_checkpoint",
-    "gpt2_forward", "gpt2_zero_grad", "gpt2_backward", "gpt2_update", "gpt2_free",
+CDEF = (
+    _struct("GPT2Config", [("int", n, None) for n in ("max_seq_len", "vocab_size", "padded_vocab_size",
+                                                       "num_layers", "num_heads", "channels")])
+    + _struct("ParameterTensors", [("float*", n, None) for n in PARAM_NAMES])
+    + _struct("ActivationTensors", [("float*", n, None) for n in ACT_NAMES])
+    + _struct("GPT2", GPT2_STRUCT)
+    + _FUNCTIONS
 )
 
