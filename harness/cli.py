@@ -105,18 +105,13 @@ def _refuse_nonfinite(path, cfg, params) -> None:
 
     import numpy as np
 
-    from pyref.config import param_shapes
+    from pyref.config import layout, param_shapes
     bad = ~np.isfinite(params)
     if not bad.any():
         return
     i = int(np.flatnonzero(bad)[0])
-    off = 0
-    for name, shape in param_shapes(cfg).items():
-        n = prod(shape)
-        if i < off + n:
-            where = f"{name}{[int(k) for k in np.unravel_index(i - off, shape)]}"
-            break
-        off += n
+    name, (off, shape) = next((n, t) for n, t in layout(param_shapes(cfg)).items() if i < t[0] + prod(t[1]))
+    where = f"{name}{[int(k) for k in np.unravel_index(i - off, shape)]}"
     raise UsageError(f"{path}: {int(bad.sum())} non-finite parameter value(s), the first "
                      f"{where} = {params[i]}; parity cannot be judged on NaN/Inf "
                      "(every implementation and the oracle compute NaN from it)")

@@ -37,7 +37,7 @@ from math import prod, sqrt
 
 import numpy as np
 
-from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes
+from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, act_shapes, param_shapes, point
 from pyref.constants import LN_EPS
 from pyref.protocol import FORWARD_OUTPUTS
 from pyref.spec import SPECS
@@ -574,9 +574,9 @@ class ModelState:
         n = sum(prod(s) for s in shapes.values())
         self.num_parameters = n
         self.params_memory = np.zeros(n, np.float32)
-        self.params = _views(self.params_memory, shapes)
+        self.params = point(self.params_memory, shapes)
         self.grads_memory = np.zeros(n, np.float32)
-        self.grads = _views(self.grads_memory, shapes)
+        self.grads = point(self.grads_memory, shapes)
         self.m_memory = self.v_memory = None
         self.acts = self.grads_acts = None
         self.inputs = self.targets = None
@@ -609,8 +609,8 @@ class ModelState:
                     raise ModelError(f"{e.names[0]} did not take the C's values bit for bit")
         self.optimizer.state.clear()
         if m is not None:
-            mv = {"m": _views(np.asarray(m, np.float32), param_shapes(self.config)),
-                  "v": _views(np.asarray(v, np.float32), param_shapes(self.config))}
+            mv = {"m": point(np.asarray(m, np.float32), param_shapes(self.config)),
+                  "v": point(np.asarray(v, np.float32), param_shapes(self.config))}
             for e in self.entries:
                 self.optimizer.state[e.param] = {
                     "step": torch.tensor(0.0),   # set to t - 1 by update()
@@ -779,7 +779,7 @@ class ModelState:
             if missing:
                 raise ModelError(f"{type(self.optimizer).__name__} keeps no {key!r} for {missing[0]}: "
                                  "its moments cannot be read as AdamW's m and v")
-            self._read(lambda e: self.optimizer.state[e.param][key], _views(buf, shapes))
+            self._read(lambda e: self.optimizer.state[e.param][key], point(buf, shapes))
         self._read(lambda e: e.param, self.params)
 
     def drop_activations(self):
@@ -831,10 +831,3 @@ class ModelState:
         return out
 
 
-def _views(memory: np.ndarray, shapes: dict) -> dict:
-    views, off = {}, 0
-    for name, shape in shapes.items():
-        n = prod(shape)
-        views[name] = memory[off:off + n].reshape(shape)
-        off += n
-    return views

@@ -26,8 +26,7 @@ ACT_NAMES = (
     "fcproj", "residual3", "lnf", "lnf_mean", "lnf_rstd", "logits", "probs", "losses",
 )
 
-# Activations whose leading axis is the layer (L, ...).
-LAYER_ACTS = frozenset(ACT_NAMES[1:17])
+# Parameters whose leading axis is the layer (L, ...).
 LAYER_PARAMS = frozenset(PARAM_NAMES[2:14])
 
 
@@ -90,6 +89,27 @@ def param_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
         "fcprojw": (L, C, 4 * C), "fcprojb": (L, C),
         "lnfw": (C,), "lnfb": (C,),
     }
+
+
+def layout(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Each tensor's (offset, shape) in the one flat buffer that holds them all, in order:
+    the walk of llm.c's ``malloc_and_point_parameters`` / ``_activations``, and the only
+    place the harness and the references make it."""
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        out[name] = (offset, tuple(shape))
+        offset += prod(shape)
+    return out
+
+
+def point(memory: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Named views into the flat buffer ``memory``, which holds exactly the tensors of
+    ``shapes`` in order (what ``malloc_and_point_*`` makes of its buffer)."""
+    where = layout(shapes)
+    size = sum(prod(s) for s in shapes.values())
+    if memory.size != size:
+        raise ValueError(f"a buffer of {memory.size} values for tensors of {size}")
+    return {name: memory[off:off + prod(shape)].reshape(shape) for name, (off, shape) in where.items()}
 
 
 class ParamsError(ValueError):

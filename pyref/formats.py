@@ -19,11 +19,10 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from math import prod
 
 import numpy as np
 
-from .config import GPT2Config, flat_params, param_shapes
+from .config import GPT2Config, flat_params, param_shapes, point
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -199,12 +198,7 @@ class DebugState:
 
     def grads_by_name(self) -> dict[str, np.ndarray]:
         """Named views of ``grads`` with the parameter shapes."""
-        out, off = {}, 0
-        for name, shape in param_shapes(self.config).items():
-            n = prod(shape)
-            out[name] = self.grads[off:off + n].reshape(shape)
-            off += n
-        return out
+        return point(self.grads, param_shapes(self.config))
 
 
 def _debug_sizes(config, B, T):

@@ -16,19 +16,8 @@ from math import prod
 
 import numpy as np
 
-from .config import GPT2Config, act_shapes, check_tokens, flat_params, param_shapes
+from .config import GPT2Config, act_shapes, check_tokens, flat_params, param_shapes, point
 from .protocol import KernelSet, kernel_set
-
-
-def _point(memory, shapes):
-    """``malloc_and_point_*``: named views, in order, into one flat buffer."""
-    views, off = {}, 0
-    for name, shape in shapes.items():
-        n = prod(shape)
-        views[name] = memory[off:off + n].reshape(shape)
-        off += n
-    assert off == memory.size
-    return views
 
 
 class GPT2:
@@ -55,7 +44,7 @@ class GPT2:
             self._share(params)
         else:
             self.params_memory = np.zeros(self.num_parameters, self.dtype)
-            self.params = _point(self.params_memory, self.param_shapes)
+            self.params = point(self.params_memory, self.param_shapes)
         self.grads_memory = self.grads = None
         self.m_memory = self.v_memory = None
         self.act_sizes = None
@@ -85,7 +74,7 @@ class GPT2:
             raise ValueError(f"shared parameters must be a contiguous float32 or {self.dtype} array, "
                              f"got {flat.dtype}")
         self.params_memory = flat
-        self.params = _point(flat, self.param_shapes)
+        self.params = point(flat, self.param_shapes)
         self.shared_params = flat
 
     def load_state(self, params, m=None, v=None):
@@ -98,7 +87,7 @@ class GPT2:
             return
         if self.params_memory is None:   # after release()
             self.params_memory = np.zeros(self.num_parameters, self.dtype)
-            self.params = _point(self.params_memory, self.param_shapes)
+            self.params = point(self.params_memory, self.param_shapes)
         self.params_memory[...] = self._flat("params", params)
         for name, x in (("m_memory", m), ("v_memory", v)):
             if x is not None:
@@ -122,7 +111,7 @@ class GPT2:
             self.act_sizes = [prod(s) for s in shapes.values()]
             self.num_activations = sum(self.act_sizes)
             self.acts_memory = np.zeros(self.num_activations, self.dtype)
-            self.acts = _point(self.acts_memory, shapes)
+            self.acts = point(self.acts_memory, shapes)
             self.batch_size, self.seq_len = B, T
         elif (B, T) != (self.batch_size, self.seq_len):
             raise ValueError(f"the model was set up for B={self.batch_size}, T={self.seq_len} "
@@ -209,9 +198,9 @@ class GPT2:
                              "(the C refuses when mean_loss == -1)")
         if self.grads_memory is None:
             self.grads_memory = np.zeros(self.num_parameters, self.dtype)
-            self.grads = _point(self.grads_memory, self.param_shapes)
+            self.grads = point(self.grads_memory, self.param_shapes)
             self.grads_acts_memory = np.zeros(self.num_activations, self.dtype)
-            self.grads_acts = _point(self.grads_acts_memory,
+            self.grads_acts = point(self.grads_acts_memory,
                                      act_shapes(self.config, self.batch_size, self.seq_len))
         c = self.config
         V, L, NH = c.vocab_size, c.num_layers, c.num_heads

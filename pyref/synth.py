@@ -5,12 +5,12 @@ bytes on every machine.
 """
 from __future__ import annotations
 
-from math import prod, sqrt
+from math import sqrt
 from typing import Iterator
 
 import numpy as np
 
-from .config import GPT2Config, param_shapes
+from .config import GPT2Config, param_shapes, point
 
 STYLES = ("test", "gpt2")
 
@@ -32,13 +32,9 @@ def init_params(config: GPT2Config, seed: int = 0, style: str = "test") -> np.nd
     test = style == "test"
     std = {"wte": 0.02, "wpe": 0.01, "qkvw": 0.02, "fcw": 0.02,
            "attprojw": 0.02 / sqrt(2 * L), "fcprojw": 0.02 / sqrt(2 * L)}
-    shapes = param_shapes(config)
     out = np.empty(config.num_parameters(), dtype=np.float32)
-    off = 0
-    for name, shape in shapes.items():
-        n = prod(shape)
-        dst = out[off:off + n]
-        off += n
+    for name, view in point(out, param_shapes(config)).items():
+        n, dst = view.size, view.reshape(-1)
         if name in std:                                   # weights
             rng.standard_normal(n, dtype=np.float32, out=dst)
             dst *= np.float32(std[name])

@@ -19,7 +19,7 @@ from math import prod
 import numpy as np
 
 from pyref.config import (ACT_NAMES, PARAM_NAMES, GPT2Config, ParamsError, act_shapes, check_tokens,
-                          flat_params, param_shapes)
+                          flat_params, layout, param_shapes)
 
 from .library import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
 
@@ -107,7 +107,7 @@ class CModel:
                       "num_heads", "channels"):
             setattr(s.config, field, getattr(config, field))
         lib.lib.fill_in_parameter_sizes(s.param_sizes, s.config)
-        s.num_parameters = sum(s.param_sizes[i] for i in range(16))
+        s.num_parameters = sum(s.param_sizes[i] for i in range(len(PARAM_NAMES)))
         s.params_memory = lib.lib.malloc_and_point_parameters(ffi.addressof(s.params), s.param_sizes)
         s.mean_loss = -1.0
         model = cls(owner, config)
@@ -120,17 +120,14 @@ class CModel:
         s = self._struct
         if s.params_memory == ffi.NULL:
             raise LlmcInputError("the C built no parameters")
-        shapes = param_shapes(self.config)
         base = int(ffi.cast("uintptr_t", s.params_memory))
-        offset = 0
-        for i, name in enumerate(PARAM_NAMES):
-            if s.param_sizes[i] != prod(shapes[name]):
+        for i, (name, (offset, shape)) in enumerate(layout(param_shapes(self.config)).items()):
+            if s.param_sizes[i] != prod(shape):
                 raise LlmcInputError(f"param_sizes[{i}] ({name}) is {s.param_sizes[i]} in the C, "
-                                     f"expected {prod(shapes[name])}")
+                                     f"expected {prod(shape)}")
             if int(ffi.cast("uintptr_t", getattr(s.params, name))) != base + 4 * offset:
                 raise LlmcInputError(f"params.{name} does not point at offset {offset}: "
                                      "struct order differs from the spec")
-            offset += prod(shapes[name])
 
     # -- lifecycle ----------------------------------------------------------
     @property
