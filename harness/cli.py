@@ -164,7 +164,9 @@ def _batches(args, cfg, B, T):
 
 
 def cmd_run(args) -> int:
-    from .runner import AdamW, run_parity
+    from pyref.config import AdamW
+
+    from .runner import run_parity
 
     cfg, params, B, T = _run_inputs(args)
     lib = _library(args)
@@ -361,6 +363,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _run_parser(sub) -> None:
+    from pyref.config import AdamW
     run = sub.add_parser("run", help="train N steps in C and the references, check every step")
     _common(run)
     run.add_argument("--config", default="tiny", help="built-in config: tiny (default), small, d12 / 124M")
@@ -385,8 +388,8 @@ def _run_parser(sub) -> None:
                      help="also train every implementation N steps on its own state from the common start, "
                           "checking its loss and parameters against the float64 oracle's own run per step")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--lr", type=float, default=1e-4)
-    run.add_argument("--weight-decay", type=float, default=0.1)
+    run.add_argument("--lr", type=float, default=AdamW.learning_rate)
+    run.add_argument("--weight-decay", type=float, default=AdamW.weight_decay)
     run.add_argument("--replay", choices=["always", "on-failure", "never"], default="always",
                      help="re-run every op in float64 on each implementation's own inputs: every step "
                           "(default), only where an end-to-end check failed (faster at 124M), or never")

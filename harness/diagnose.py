@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pyref import numpy_kernels
+from pyref.config import AdamW
 from pyref.protocol import BACKWARD_KERNELS, FORWARD_OUTPUTS, SIGNATURES
 
 from .compare import Comparison, Tolerance, compare
@@ -618,8 +619,8 @@ def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=Non
     applies; ``changed``: hyperparameters replaced). Returns param, m, v."""
     a = dict(args, **changed)
     p, g, m, v = (np.array(a[k], np.float64) for k in ("param", "grad", "m", "v"))
-    f = lambda k: float(np.float32(a[k]))          # noqa: E731  (float arguments of the C)
-    lr, b1, b2, eps, wd, t = f("lr"), f("beta1"), f("beta2"), f("eps"), f("weight_decay"), int(a["t"])
+    lr, b1, b2, eps, wd = AdamW.from_kernel_args(a).as_float32().args()   # float arguments of the C
+    t = int(a["t"])
     wd = np.where(decay, wd, 0.0) if decay is not None else wd
     if l2:
         g = g + wd * p
@@ -636,12 +637,12 @@ def _adamw_l2_terms(kernel, args, output):
     """g + wd*param cancels where the two oppose: the moments and the update round
     relative to |g| + wd|param|, not to the (small) sum."""
     from pyref.terms import adamw_magnitudes
-    g = np.abs(args["grad"]) + abs(float(np.float32(args["weight_decay"]))) * np.abs(args["param"])
+    hp = AdamW.from_kernel_args(args).kernel_args(int(args["t"]))   # float arguments of the C
+    g = np.abs(args["grad"]) + abs(hp["weight_decay"]) * np.abs(args["param"])
     if output == "v":
-        return (1 - float(np.float32(args["beta2"]))) * g * g
-    hp = {k: float(np.float32(args[k])) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}
+        return (1 - hp["beta2"]) * g * g
     v = _adamw(args, l2=True)["v"]
-    m_mag, p_mag = adamw_magnitudes(args["param"], args["m"], g, v, dict(hp, t=int(args["t"])))
+    m_mag, p_mag = adamw_magnitudes(args["param"], args["m"], g, v, hp)
     return np.asarray(m_mag if output == "m" else p_mag, np.float64)
 
 
@@ -660,8 +661,8 @@ def _adamw_step(delta: int):
 
 def _adamw_changed(**hyper):
     def run(kernel, args, ctx, value):
-        if all(float(np.float32(args[k])) == float(np.float32(x)) for k, x in hyper.items()):
-            return None
+        if AdamW.from_kernel_args(args).as_float32() == AdamW.from_kernel_args(dict(args, **hyper)).as_float32():
+            return None   # the change changes nothing
         return _adamw(args, **hyper)
     return run
 

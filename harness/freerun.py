@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyref.config import GPT2Config
+from pyref.config import AdamW, GPT2Config
 from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import KernelSet
 
@@ -61,10 +61,7 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     from .clib.cmodel import CModel
     from .models import ModelState
     from .oracle import Witness
-    from .runner import AdamW
-
     hyper = hyper or AdamW()
-    hp = (hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
     params = np.asarray(params, np.float32)
     oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64)
     witnesses = [PyGPT2(config, params, dtype=np.float64,
@@ -78,10 +75,10 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
         rows: list[FreeRunRow] = []
         failed: dict[str, str] = {}
         for t, (inputs, targets) in enumerate(batches, 1):
-            oracle_loss = float(oracle.step(inputs, targets, *hp, t=t))
+            oracle_loss = float(oracle.step(inputs, targets, hyper, t=t))
             w_loss, w_param = 0.0, 0.0
             for w in witnesses:
-                loss = float(w.step(inputs, targets, *hp, t=t))
+                loss = float(w.step(inputs, targets, hyper, t=t))
                 # a float32 run stores its parameters and moments in float32 after each step
                 for buf in (w.params_memory, w.m_memory, w.v_memory):
                     buf[...] = buf.astype(np.float32)
@@ -95,7 +92,7 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
                 if name in failed:
                     continue
                 try:
-                    loss = _step(model, inputs, targets, hp, t, threads)
+                    loss = _step(model, inputs, targets, hyper, t, threads)
                 except Exception as e:   # a user's port may raise: report it, go on with the rest
                     failed[name] = f"{type(e).__name__}: {e}"
                     rows.append(FreeRunRow(t, name, float("nan"), oracle_loss, float("nan"), loss_bound,
@@ -109,19 +106,19 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
         cmodel.close()
 
 
-def _step(model, inputs, targets, hp, t, threads) -> float:
+def _step(model, inputs, targets, hyper: AdamW, t, threads) -> float:
     """forward, zero_grad, backward, update: the training step of llm.c's main loop."""
     from .clib.cmodel import CModel
     if isinstance(model, CModel):
         loss = model.forward(inputs, targets, threads=threads)
         model.zero_grad()
         model.backward(threads=threads)
-        model.update(*hp, t, threads=threads)
+        model.update(*hyper.args(), t, threads=threads)
         return float(loss)
     loss = model.forward(inputs, targets)
     model.zero_grad()
     model.backward()
-    model.update(*hp, t)
+    model.update(*hyper.args(), t)
     return float(loss)
 
 

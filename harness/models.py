@@ -516,16 +516,9 @@ def _optimizer_hygiene(opt, hyper, entries: list[Entry]) -> list[str]:
 # ----------------------------------------------------------------------------
 # the step, as the port runs it, presented as a model state
 
-def as_float32(hyper):
-    """The run's AdamW hyperparameters as the C holds them (float): 0.999f, not 0.999. A
-    double 0.999 would make (1 - beta2) differ from the C's 1.0f - 0.999f by 1.3e-5."""
-    from dataclasses import fields, replace
-    return replace(hyper, **{f.name: float(np.float32(getattr(hyper, f.name))) for f in fields(hyper)})
-
-
 def _torch_optimizer(factory, model, hyper):
     import torch
-    hyper = as_float32(hyper)
+    hyper = hyper.as_float32()   # the run's settings as the C holds them (float)
     if factory is None:
         return torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2),
                                  eps=hyper.eps, weight_decay=hyper.weight_decay)

@@ -27,8 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pyref.cases import f32 as _f32
-from pyref.config import GPT2Config, param_shapes
+from pyref.config import AdamW, GPT2Config, param_shapes
 from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, KERNEL_OP, SIGNATURES, KernelSet
 from pyref.spec import SPEC
@@ -47,18 +46,6 @@ LAYER_AXES = {
     3: ("b", "t", "c"), 2: ("b", "t"), 4: ("b", "h", "t", "t2"), 1: ("c",),
 }
 PARAM_AXES = {2: ("row", "c"), 1: ("c",)}
-
-
-@dataclass(frozen=True)
-class AdamW:
-    """llm.c's defaults in train_gpt2.c's main() (weight decay 0 there; we use 0.1 so that
-    the decay term is exercised)."""
-
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.1
 
 
 @dataclass
@@ -373,8 +360,7 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     implementation's update), tensor by tensor. Worked in cache-sized blocks into buffers
     made once for the largest tensor: at 124M scale only the expected values of one tensor
     are held in float64, and no tensor-sized temporary is made and dropped."""
-    hp = dict(lr=_f32(hyper.learning_rate), beta1=_f32(hyper.beta1), beta2=_f32(hyper.beta2),
-              eps=_f32(hyper.eps), weight_decay=_f32(hyper.weight_decay), t=t)
+    hp = hyper.kernel_args(t)
     shapes = param_shapes(cfg)
     largest = max(prod(s) for s in shapes.values())
     buf = {k: np.empty(largest, np.float64) for k in ("params", "m", "v")}
@@ -660,7 +646,7 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
         _release(pm, "drop_activations")   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
         try:
-            pm.update(h.learning_rate, h.beta1, h.beta2, h.eps, h.weight_decay, step.t)
+            pm.update(*h.args(), step.t)
         except Exception as e:
             step.update_errors[name] = _error_text(e)
             return
@@ -678,7 +664,7 @@ def _update_c(step: _Step, cmodel, threads) -> list[Check]:
     step.say("C's AdamW update")
     pre = (cmodel.params_memory.copy(), cmodel.m_memory.copy() if t > 1 else None,
            cmodel.v_memory.copy() if t > 1 else None)
-    cmodel.update(h.learning_rate, h.beta1, h.beta2, h.eps, h.weight_decay, t, threads=threads)
+    cmodel.update(*h.args(), t, threads=threads)
     return check_update(step.config, pre, cmodel.grads_memory,
                         (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory), h, t, step=t, impl="C")
 

@@ -154,6 +154,46 @@ def act_shapes(config: GPT2Config, B: int, T: int) -> dict[str, tuple[int, ...]]
     }
 
 
+@dataclass(frozen=True)
+class AdamW:
+    """AdamW's settings, in the order ``gpt2_update`` takes them (after the model).
+
+    The defaults are a harness run's: train_gpt2.c's main() (learning rate 1e-4, betas
+    0.9 and 0.999, eps 1e-8) with weight decay 0.1 instead of main()'s 0, so that the
+    decay term is exercised. :data:`LLMC_MAIN` is main()'s own."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def args(self) -> tuple[float, float, float, float, float]:
+        """The five values, in gpt2_update's (and the protocol's ``adamw``) order."""
+        return (self.learning_rate, self.beta1, self.beta2, self.eps, self.weight_decay)
+
+    def as_float32(self) -> "AdamW":
+        """The settings as the C holds them (``float``): 0.999f, not 0.999. A double
+        0.999 makes 1 - beta2 differ from the C's 1.0f - 0.999f by 1.3e-5 relative."""
+        return AdamW(*(float(np.float32(x)) for x in self.args()))
+
+    def kernel_args(self, t: int) -> dict:
+        """The protocol kernel ``adamw``'s scalar arguments for step ``t``, as the C's
+        floats (:meth:`as_float32`)."""
+        return dict(zip(ADAMW_ARGS, self.as_float32().args()), t=t)
+
+    @classmethod
+    def from_kernel_args(cls, args: Mapping) -> "AdamW":
+        """The settings of an ``adamw`` call's named arguments (as they are, not rounded)."""
+        return cls(*(args[k] for k in ADAMW_ARGS))
+
+
+# the protocol kernel adamw's names for AdamW's fields, in order
+ADAMW_ARGS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+# train_gpt2.c's main(): weight decay 0 (what gpt2_update and GPT2.step default to)
+LLMC_MAIN = AdamW(weight_decay=0.0)
+
+
 def pad_vocab(V: int, multiple: int = 64) -> int:
     """Round V up to a multiple (llm.c pads 50257 to 50304 = 786 * 64)."""
     return -(-V // multiple) * multiple

@@ -16,7 +16,7 @@ from math import prod
 
 import numpy as np
 
-from .config import GPT2Config, act_shapes, check_tokens, flat_params, param_shapes, point
+from .config import LLMC_MAIN, AdamW, GPT2Config, act_shapes, check_tokens, flat_params, param_shapes, point
 from .protocol import KernelSet, kernel_set
 
 
@@ -248,13 +248,12 @@ class GPT2:
         self.kernels.adamw(self.params_memory, self.grads_memory, self.m_memory, self.v_memory,
                            lr, beta1, beta2, eps, weight_decay, int(t))
 
-    def step(self, inputs, targets, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
-             weight_decay=0.0, t=None):
+    def step(self, inputs, targets, hyper: AdamW = LLMC_MAIN, t=None):
         """One training step as llm.c's main loop does it: forward, zero_grad, backward,
-        update (t defaults to the number of steps taken + 1). Returns the loss."""
+        update with ``hyper`` (t defaults to the number of steps taken + 1). Returns the loss."""
         loss = self.forward(inputs, targets)
         self.zero_grad()
         self.backward()
         self.t = self.t + 1 if t is None else int(t)
-        self.update(lr, beta1, beta2, eps, weight_decay, self.t)
+        self.update(*hyper.args(), self.t)
         return loss

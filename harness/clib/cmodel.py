@@ -18,8 +18,8 @@ from math import prod
 
 import numpy as np
 
-from pyref.config import (ACT_NAMES, PARAM_NAMES, GPT2Config, ParamsError, act_shapes, check_tokens,
-                          flat_params, layout, param_shapes)
+from pyref.config import (ACT_NAMES, LLMC_MAIN, PARAM_NAMES, GPT2Config, ParamsError, act_shapes,
+                          check_tokens, flat_params, layout, param_shapes)
 
 from .library import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
 
@@ -201,10 +201,12 @@ class CModel:
         finally:
             s.mean_loss = loss
 
-    def update(self, learning_rate: float = 1e-4, beta1: float = 0.9, beta2: float = 0.999,
-               eps: float = 1e-8, weight_decay: float = 0.0, t: int = 1,
+    def update(self, learning_rate: float = LLMC_MAIN.learning_rate, beta1: float = LLMC_MAIN.beta1,
+               beta2: float = LLMC_MAIN.beta2, eps: float = LLMC_MAIN.eps,
+               weight_decay: float = LLMC_MAIN.weight_decay, t: int = 1,
                threads: int | None = None) -> None:
-        """gpt2_update (AdamW); ``t`` is the step number, counting from 1."""
+        """gpt2_update (AdamW); ``t`` is the step number, counting from 1; the defaults
+        are train_gpt2.c's main()'s (:data:`pyref.config.LLMC_MAIN`)."""
         s = self._struct
         if s.grads_memory == ffi.NULL:
             raise LlmcInputError("update() needs gradients: call backward() first")
