@@ -22,14 +22,14 @@ then ``--steps`` warm ones (1 at d12), timed per phase:
   torch_step    pyref.model.GPT2, float32, pyref.torch_kernels: the same four phases
   oracle_step   pyref.model.GPT2, float64, NumPy kernels: forward, zero_grad, backward
                 (run_parity's oracle never updates)
-  witness_step  the same with harness.runner.Witness kernels (float32-sized noise on
+  witness_step  the same with harness.checks.run.Witness kernels (float32-sized noise on
                 every result); its construction is timed apart (run_parity builds one
                 per step)
-  op_checks     per-op check throughput: harness.opcheck.check_kernel calls per second
+  op_checks     per-op check throughput: harness.checks.perop.check_kernel calls per second
                 (the C against the float64 oracle, oracle included) for the cheap ops at
                 the op table's "base" shape; target >= 300 calls/s
 
-Full checks, in child processes: harness.runner.run_parity with references numpy and torch
+Full checks, in child processes: harness.checks.run.run_parity with references numpy and torch
 (the C, numpy, torch, the oracle and the witness; every comparison; the AdamW checks):
 
   full_check         replay="on-failure", 1 step at d12 (2 otherwise): what checking costs
@@ -309,8 +309,8 @@ def part_py_step(cfg, params, batch, steps: int, which: str) -> dict:
 def part_op_checks(seconds_per_kernel: float) -> dict:
     from harness.clib.library import load_library
     from harness.clib.kernels import CKernels
-    from harness.ops import SPEC, SHAPE_BY_NAME, make_inputs
-    from harness.opcheck import check_kernel
+    from harness.checks.optable import SPEC, SHAPE_BY_NAME, make_inputs
+    from harness.checks.perop import check_kernel
 
     lib = load_library()
     impl = CKernels(lib)
@@ -347,9 +347,9 @@ def part_op_checks(seconds_per_kernel: float) -> dict:
 
 def part_full_check(cfg, params, batch, steps: int, replay, profile: str | None = None) -> dict:
     try:
-        from harness.runner import run_parity
+        from harness.checks.run import run_parity
     except ImportError as e:
-        return {"status": "pending", "why": f"harness.runner.run_parity not available ({e})"}
+        return {"status": "pending", "why": f"harness.checks.run.run_parity not available ({e})"}
     import torch                     # imported before the baseline, as in torch_step
     from pyref import numpy_kernels, torch_kernels
     from pyref.protocol import KernelSet
@@ -467,7 +467,7 @@ class Breakdown:
         self._undo.append((owner, attr, orig))
 
     def install(self) -> "Breakdown":
-        from harness import runner
+        from harness.checks import run as runner
         from harness.clib import cmodel
         from pyref import model as pymodel
 
@@ -526,7 +526,7 @@ def check_views() -> dict:
     two views of one buffer share memory; (2) in a 2-step run_parity with replay, every
     comparison of a C tensor (e2e, replay, update) reads the C's memory, not a copy."""
     import numpy as np
-    from harness import opcheck, runner
+    from harness.checks import perop as opcheck, run as runner
     from harness.clib import cmodel as cmodel_mod
     from harness.clib.library import ffi
     from pyref import numpy_kernels
@@ -608,7 +608,7 @@ def check_views() -> dict:
 
     cmodel_mod.CModel.from_params = classmethod(from_params)
     runner.compare = compare
-    opcheck.compare = compare        # replay judges through harness.opcheck.judge
+    opcheck.compare = compare        # replay judges through harness.checks.perop.judge
     try:
         report = runner.run_parity(cfg, params, iter([(x, y)] * 2), steps=2, replay=True,
                                    impls={"numpy": KernelSet.from_module(numpy_kernels)})

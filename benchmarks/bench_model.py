@@ -12,7 +12,7 @@ timed (warm) one:
   model_step   the model as its port trains it (tests/model_ports.py:GPT, nanoGPT's layout):
                forward with the targets, backward, torch.optim.AdamW
   oracle_step  pyref.model.GPT2 in float64: forward, zero_grad, backward
-  model_check  harness.runner.run_parity with the model alone beside the C (the witness,
+  model_check  harness.checks.run.run_parity with the model alone beside the C (the witness,
                the mapping both ways, hooks, every comparison, the AdamW check; the replay
                only where an end-to-end check failed): its second step
 
@@ -50,7 +50,7 @@ def measure(cfg, B: int, T: int) -> dict:
     from harness.clib.cmodel import CModel
     from harness.models import Hyper, TorchModel, resolve_spec
     from harness.oracle import ORACLE
-    from harness.runner import AdamW, run_parity
+    from harness.checks.run import AdamW, run_parity
     from pyref import synth
     from pyref.model import GPT2 as PyGPT2
 

@@ -36,7 +36,7 @@ def measure(impl: str, lib: str | None, seeds: int) -> dict:
 
     from .clib.library import load_library
     from .clib.kernels import CKernels
-    from .opcheck import sweep
+    from .checks.perop import sweep
     from .tolerances import U, small_sample, tail
 
     kernels = {"numpy": lambda: KernelSet.from_module(numpy_kernels),

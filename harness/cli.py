@@ -166,7 +166,7 @@ def _batches(args, cfg, B, T):
 def cmd_run(args) -> int:
     from pyref.config import AdamW
 
-    from .runner import run_parity
+    from .checks.run import run_parity
 
     cfg, params, B, T = _run_inputs(args)
     lib = _library(args)
@@ -187,7 +187,7 @@ def cmd_run(args) -> int:
                         replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
                         progress=progress)
     if args.free_run:
-        from .freerun import free_run
+        from .checks.freerun import free_run
         gen = _batches(args, cfg, B, T)
         progress(args.steps, args.steps, f"free run of {args.free_run} steps")
         report.free_run = free_run(cfg, params, [next(gen) for _ in range(args.free_run)], lib=lib, impls=impls,
@@ -226,7 +226,7 @@ def _print_run(args, report, lib) -> bool:
     """The step tables, the free run, the summary and the debug-state check (unless
     --json-only); returns whether the debug state (if asked for) passed."""
     from .report import run_summary, step_table
-    from .runner import model_notes
+    from .checks.run import model_notes
 
     if not args.json_only:
         for line in model_notes(report):
@@ -235,12 +235,12 @@ def _print_run(args, report, lib) -> bool:
             if not args.summary_only or not step.passed:
                 print(step_table(step, verbose=args.verbose))
         if report.free_run:
-            from .freerun import free_run_table
+            from .checks.freerun import free_run_table
             print(free_run_table(report.free_run))
         print(run_summary(report))
     if not args.debug_state:
         return True
-    from .debugstate import check_debug_state, format_debug_state
+    from .checks.debugstate import check_debug_state, format_debug_state
     ds = check_debug_state(args.checkpoint, args.debug_state, lib=lib, threads=args.threads)
     if not args.json_only:
         print(format_debug_state(ds))
@@ -263,7 +263,7 @@ def _write_run(args, report) -> None:
 def cmd_ops(args) -> int:
     from .clib.kernels import CKernels
     from .compare import format_table
-    from .opcheck import sweep
+    from .checks.perop import sweep
 
     lib = _library(args)
     impls = {"C": CKernels(lib), **_impls(args.ref)}

@@ -39,7 +39,7 @@ from pyref.config import AdamW
 from pyref.protocol import BACKWARD_KERNELS, FORWARD_OUTPUTS, SIGNATURES
 
 from .compare import Comparison, Tolerance, compare
-from .ops import run_kernel
+from pyref.protocol import run_kernel
 
 __all__ = ["Variant", "Fit", "Cause", "Diagnosis", "Call", "DiagnosedComparison", "CATALOGUE",
            "VARIANT_BY_ID", "MODEL_QUANTITIES", "diagnose", "attach", "variants_for", "one_d_mask",

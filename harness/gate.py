@@ -162,8 +162,8 @@ def run_suite(lib=None, progress=None) -> GateRun:
 
 def _run_ops(run: GateRun, lib, took) -> None:
     from .clib.kernels import CKernels
-    from .opcheck import sweep
-    from .ops import run_kernel
+    from .checks.perop import sweep
+    from pyref.protocol import run_kernel
 
     ck = CKernels(lib)
     for case in sweep({"C": ck}, seeds=(SUITE["seed"],)):
@@ -189,7 +189,7 @@ def _run_model(run: GateRun, lib, took, progress) -> None:
     from pyref.config import preset
 
     from .kernels import load_kernels
-    from .runner import run_parity
+    from .checks.run import run_parity
 
     cfg = preset(SUITE["config"])
     params = synth.init_params(cfg, seed=SUITE["seed"])

@@ -44,7 +44,7 @@ from pyref.spec import SPECS
 
 from .errors import InputError
 from .graph import Ref, backward_nodes, forward_nodes, writers
-from .ops import run_kernel
+from pyref.protocol import run_kernel
 
 
 class ModelError(InputError, ValueError):

@@ -20,7 +20,7 @@ from pyref.spec import SPEC
 from .compare import Comparison, Tolerance, compare
 from .cores import shared
 from .graph import Ref, backward_nodes, forward_nodes, writers
-from .ops import run_kernel
+from pyref.protocol import run_kernel
 
 ORACLE = KernelSet.from_module(numpy_kernels)
 

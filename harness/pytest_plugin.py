@@ -96,7 +96,7 @@ def llmc_model_report(request, llmc_lib, llmc_config, llmc_steps):
         pytest.skip("no --llmc-model given")
     from pyref import synth
     from .models import TorchModel, resolve_spec
-    from .runner import run_parity
+    from .checks.run import run_parity
     opt = request.config.getoption("--llmc-optimizer")
     if opt and opt != "configure_optimizers":
         opt = resolve_spec(opt)

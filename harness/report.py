@@ -278,7 +278,7 @@ def _counts(report) -> dict[str, dict[str, dict[str, Any]]]:
 def _why(step, impl: str, indent: str) -> list[str]:
     """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnose`),
     as a line to print under it; none when that check was not diagnosed."""
-    from .runner import first_divergence_check
+    from .checks.run import first_divergence_check
     c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else getattr(c, "diagnosis", None)
     return [] if d is None else [f"{indent}why: {d.text()}"]
@@ -321,7 +321,7 @@ def run_summary(report) -> str:
 
     lines += ["", "checks"] + _checks_table(report) + [""]
 
-    from .runner import first_divergence
+    from .checks.run import first_divergence
     first = report.first_divergence(heading=False)
     lines.append(f"first divergence: {first or 'none'}")
     seen = set()

@@ -146,11 +146,11 @@ def test_a_harness_bug_exits_3_with_the_trace_not_2(capsys, monkeypatch, exc):
     """Exit 2 is for errors about the user's input, raised as such where it is checked
     (harness.errors.InputError and the file/format/config errors); a ValueError or a
     RuntimeError from inside the harness is ours to fix, and says so."""
-    import harness.runner
+    import harness.checks.run
 
     def broken(*a, **k):
         raise exc
-    monkeypatch.setattr(harness.runner, "run_parity", broken)
+    monkeypatch.setattr(harness.checks.run, "run_parity", broken)
     code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "numpy")
     assert code == 3, err
     assert "internal error" in err and "Traceback" in err and "a bug of ours" in err

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import harness.opcheck as opcheck
-import harness.runner as runner
+import harness.checks.perop as opcheck
+import harness.checks.run as runner
 from harness import report as R
 from harness.clib.library import load_library
 from harness.clib.build import build_library
 from harness.clib.kernels import CKernels
 from harness.compare import ParityError
 from harness.diagnose import CATALOGUE, VARIANT_BY_ID, DiagnosedComparison
-from harness.opcheck import assert_kernel, check_kernel
-from harness.ops import SPEC, SHAPE_BY_NAME, make_inputs
-from harness.runner import run_parity
+from harness.checks.perop import assert_kernel, check_kernel
+from harness.checks.optable import SPEC, SHAPE_BY_NAME, make_inputs
+from harness.checks.run import run_parity
 from pyref import numpy_kernels as nk
 from pyref import synth
 from pyref.config import PRESETS, param_shapes

@@ -1,6 +1,6 @@
 """Property-based fuzzing of every op of the op table: the C (through CKernels), the NumPy
 float32 reference and the torch float32 reference, each against the float64 oracle with
-``harness.opcheck.check_kernel`` (the per-op tolerance of harness/tolerances.py).
+``harness.checks.perop.check_kernel`` (the per-op tolerance of harness/tolerances.py).
 
 Hypothesis draws the shapes (B, T, C, NH with C % NH == 0, V <= Vp, OC; small) and the
 values: magnitudes from tiny (1e-30) to huge (1e4) wherever float32 can represent the op's
@@ -46,9 +46,9 @@ FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long
 from harness.clib.library import load_library  # noqa: E402
 from harness.clib.kernels import CKernels  # noqa: E402
 from harness.compare import compare, format_table  # noqa: E402
-from harness.ops import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
+from harness.checks.optable import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
                          make_inputs, run_kernel)
-from harness.opcheck import check_kernel  # noqa: E402
+from harness.checks.perop import check_kernel  # noqa: E402
 from harness.oracle import oracle_outputs  # noqa: E402
 from pyref import numpy_kernels, torch_kernels  # noqa: E402
 from pyref.config import PRESETS  # noqa: E402

@@ -7,9 +7,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from harness.debugstate import check_debug_state
+from harness.checks.debugstate import check_debug_state
 from harness.kernels import KernelLoadError, load_kernels
-from harness.runner import run_parity
+from harness.checks.run import run_parity
 from pyref import formats, numpy_kernels, synth
 from pyref.config import GPT2Config, PRESETS
 from pyref.model import GPT2 as PyGPT2

@@ -13,7 +13,7 @@ import torch
 
 from harness.cli import main as cli_main
 from harness.models import Hyper, ModelError, ModelState, TorchModel, map_parameters
-from harness.runner import AdamW, run_parity
+from harness.checks.run import AdamW, run_parity
 from pyref import numpy_kernels, synth
 from pyref.config import PRESETS, GPT2Config
 
@@ -246,7 +246,7 @@ def test_ops_table_checks_derived_backward_kernels(capsys):
 # free-running trajectories
 
 def test_free_run_bounds_every_implementation_by_the_witness():
-    from harness.freerun import free_run, free_run_table
+    from harness.checks.freerun import free_run, free_run_table
     from harness.kernels import load_kernels
     steps = 4
     rows = free_run(TINY, synth.init_params(TINY, seed=0), [synth.make_batch(TINY, 4, 16, seed=i) for i in range(steps)],
@@ -324,8 +324,8 @@ def test_kernel_signatures_by_name_on_numpy_too():
     """attention_forward(inp, B, T, C, NH) returning its output alone and softmax_forward(logits)
     work for a NumPy port as well; what they do not return is not compared; a signature whose
     names say nothing is not guessed."""
-    from harness.ops import SPEC, SHAPES, make_inputs
-    from harness.opcheck import check_kernel
+    from harness.checks.optable import SPEC, SHAPES, make_inputs
+    from harness.checks.perop import check_kernel
     from pyref.protocol import KernelSet, as_namespace
 
     def attention_forward(inp, B, T, C, NH):

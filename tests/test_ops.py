@@ -1,6 +1,6 @@
 """Per-op checks: every kernel x every shape x every implementation, against the oracle.
 
-One helper compares (harness.opcheck.check_kernel); the tests are table rows. Test ids
+One helper compares (harness.checks.perop.check_kernel); the tests are table rows. Test ids
 carry the op name, so `pytest -k layernorm` runs layernorm's forward and backward rows.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from harness.clib.library import load_library
 from harness.clib.kernels import CKernels
 from harness.compare import ParityError
-from harness.opcheck import assert_case, assert_kernel, case_id, check_kernel
-from harness.ops import SPEC, SHAPE_BY_NAME, cases, make_inputs
+from harness.checks.perop import assert_case, assert_kernel, case_id, check_kernel
+from harness.checks.optable import SPEC, SHAPE_BY_NAME, cases, make_inputs
 from pyref import numpy_kernels as nk
 from pyref import torch_kernels
 from pyref.protocol import KernelSet

@@ -11,7 +11,7 @@ import pytest
 
 from harness import plot as P
 from harness import report as R
-from harness.runner import run_parity
+from harness.checks.run import run_parity
 from pyref import numpy_kernels, synth
 from pyref.config import PRESETS
 from pyref.protocol import KernelSet

@@ -115,7 +115,7 @@ def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
     read the C's parameters: no copies)."""
     import weakref
 
-    from harness.runner import run_parity
+    from harness.checks.run import run_parity
     from pyref import torch_kernels
 
     made = weakref.WeakSet()
@@ -147,8 +147,9 @@ def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
 def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     """check_update's AdamW runs and comparisons shared among threads give what one thread
     gives, bit for bit, and a wrong update still fails there."""
-    from harness import cores, runner
-    from harness.runner import AdamW, check_update
+    from harness import cores
+    from harness.checks import run as runner
+    from harness.checks.run import AdamW, check_update
 
     cfg = preset("small")
     rng = np.random.default_rng(0)

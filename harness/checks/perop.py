@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyref.cases import SHAPE_BY_NAME, Shape
+from pyref.protocol import run_kernel
 from pyref.spec import SPEC, KernelSpec
 
-from .compare import Comparison, ParityError, compare
-from .diagnose import Call, attach, diagnose
-from .ops import cases, make_inputs, run_kernel
-from .oracle import oracle_outputs
-from .tolerances import op_tolerance, term_magnitude
+from ..compare import Comparison, ParityError, compare
+from ..diagnose import Call, attach, diagnose
+from ..oracle import oracle_outputs
+from ..tolerances import op_tolerance, term_magnitude
+from .optable import cases, make_inputs
 
 
 def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,

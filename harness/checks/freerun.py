@@ -26,9 +26,9 @@ from pyref.config import AdamW, GPT2Config
 from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import KernelSet
 
-from .compare import compare, Tolerance
-from .oracle import ORACLE
-from .tolerances import E2E_K_NORM, E2E_K_REL, op_tolerance
+from ..compare import compare, Tolerance
+from ..oracle import ORACLE
+from ..tolerances import E2E_K_NORM, E2E_K_REL, op_tolerance
 
 WITNESSES = 2   # the bound takes the larger distance of two independently seeded witnesses
 
@@ -57,10 +57,10 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     """``len(batches)`` training steps of the C (``lib``), each KernelSet in ``impls`` and each
     :class:`harness.models.TorchModel` in ``models``, each on its own state; rows per step
     and implementation."""
-    from .clib.library import as_library
-    from .clib.cmodel import CModel
-    from .models import ModelState
-    from .oracle import Witness
+    from ..clib.library import as_library
+    from ..clib.cmodel import CModel
+    from ..models import ModelState
+    from ..oracle import Witness
     hyper = hyper or AdamW()
     params = np.asarray(params, np.float32)
     oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64)
@@ -108,7 +108,7 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
 
 def _step(model, inputs, targets, hyper: AdamW, t, threads) -> float:
     """forward, zero_grad, backward, update: the training step of llm.c's main loop."""
-    from .clib.cmodel import CModel
+    from ..clib.cmodel import CModel
     if isinstance(model, CModel):
         loss = model.forward(inputs, targets, threads=threads)
         model.zero_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from pyref.cases import SHAPE_BY_NAME, SHAPES, Shape  # noqa: F401 -- the table's shapes
-from pyref.protocol import run_kernel  # noqa: F401 -- the one routine that calls a kernel
 from pyref.spec import SPEC, SPECS, KernelSpec  # noqa: F401 -- the table's rows
 
 

@@ -21,10 +21,10 @@ from pyref.formats import read_checkpoint, read_debug_state
 from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import KernelSet
 
-from .compare import Comparison, Tolerance, compare
-from .oracle import ORACLE, Witness
-from .runner import PARAM_AXES
-from .tolerances import e2e_tolerance
+from ..compare import Comparison, Tolerance, compare
+from ..oracle import ORACLE, Witness
+from .run import PARAM_AXES
+from ..tolerances import e2e_tolerance
 
 
 @dataclass
@@ -66,8 +66,8 @@ def _widen(tol: Tolerance, factor: float, why: str) -> Tolerance:
 def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int | None = None) -> DebugStateReport:
     """Run the C on the checkpoint and the debug state's batch; compare logits, loss and
     all 16 parameter gradients with the debug state (and both with the oracle)."""
-    from .clib.library import as_library
-    from .clib.cmodel import CModel
+    from ..clib.library import as_library
+    from ..clib.cmodel import CModel
 
     lib = as_library(lib)
     config, params = read_checkpoint(checkpoint)

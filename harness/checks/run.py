@@ -29,18 +29,17 @@ import numpy as np
 
 from pyref.config import AdamW, GPT2Config, param_shapes
 from pyref.model import GPT2 as PyGPT2
-from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, KERNEL_OP, SIGNATURES, KernelSet
+from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, KERNEL_OP, SIGNATURES, KernelSet, run_kernel
 from pyref.spec import SPEC
 from pyref.terms import adamw_magnitudes
 
-from .compare import Comparison, Tolerance, compare
-from .diagnose import Call, Diagnosis, attach, diagnose, is_one_d
-from .cores import shared, workers
-from .graph import Node, Ref, backward_nodes, forward_nodes, writers
-from .opcheck import call_scale, judge
-from .ops import run_kernel
-from .oracle import ORACLE, Witness, witness_spread
-from .tolerances import e2e_tolerance, op_tolerance, term_magnitude
+from ..compare import Comparison, Tolerance, compare
+from ..diagnose import Call, Diagnosis, attach, diagnose, is_one_d
+from ..cores import shared, workers
+from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
+from ..oracle import ORACLE, Witness, witness_spread
+from ..tolerances import e2e_tolerance, op_tolerance, term_magnitude
+from .perop import call_scale, judge
 
 LAYER_AXES = {
     3: ("b", "t", "c"), 2: ("b", "t"), 4: ("b", "h", "t", "t2"), 1: ("c",),
@@ -481,8 +480,8 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     end-to-end checks failed, to localise; cheaper at 124M scale) or False.
     ``on_step(t, cmodel)`` is called after each step's update (the gate fingerprints the
     C's buffers there)."""
-    from .clib.library import as_library
-    from .clib.cmodel import CModel
+    from ..clib.library import as_library
+    from ..clib.cmodel import CModel
 
     lib = as_library(lib)
     impls = dict(impls or {})
@@ -542,7 +541,7 @@ def _references(config: GPT2Config, cmodel, impls: dict, models: dict | None, hy
         if getattr(k, "not_returned", None) is not None:
             pymodels[name].observes = _returned_by(k, config)
     if models:
-        from .models import ModelState
+        from ..models import ModelState
         for name, spec in models.items():
             pymodels[name] = ModelState(config, cmodel.params_memory, spec, hyper)
             _release(pymodels[name])
