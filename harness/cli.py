@@ -225,8 +225,7 @@ def _run_inputs(args):
 def _print_run(args, report, lib) -> bool:
     """The step tables, the free run, the summary and the debug-state check (unless
     --json-only); returns whether the debug state (if asked for) passed."""
-    from .report import run_summary, step_table
-    from .checks.run import model_notes
+    from .report import model_notes, run_summary, step_table
 
     if not args.json_only:
         for line in model_notes(report):

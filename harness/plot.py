@@ -212,7 +212,7 @@ def _error_axes(ax, report, impl: str, drawn: bool) -> None:
 
 def _mark_first_divergence(ax, report, impl: str, pos: dict) -> None:
     """A vertical line at the first failing replay op of the first failing step."""
-    from .checks.run import first_divergence_check
+    from .checks.results import first_divergence_check
     for s in report.steps:
         c = first_divergence_check([c for c in s.checks if c.impl == impl])
         if c is None:

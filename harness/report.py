@@ -23,13 +23,10 @@ from typing import Any, Iterable
 
 from pyref.formats import write_atomic
 
+from .checks.results import KINDS, first_divergence, first_divergence_check
 from .compare import Comparison, json_float
 
 SCHEMA = "llmc-parity/run/1"
-
-#: Order of the kinds of check in tables and counts.
-KINDS = ("e2e", "replay", "update", "loss")
-
 
 
 def _ratio(c: Comparison) -> float:
@@ -278,10 +275,24 @@ def _counts(report) -> dict[str, dict[str, dict[str, Any]]]:
 def _why(step, impl: str, indent: str) -> list[str]:
     """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnose`),
     as a line to print under it; none when that check was not diagnosed."""
-    from .checks.run import first_divergence_check
     c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else getattr(c, "diagnosis", None)
     return [] if d is None else [f"{indent}why: {d.text()}"]
+
+
+def model_notes(report) -> list[str]:
+    """What a report says of torch models before the numbers: hygiene findings (one line
+    and a reason each) and the C tensors a model does not show (not checked for it)."""
+    lines = []
+    for name, found in report.findings.items():
+        lines += [f"finding [{name}]: {f}" for f in found]
+    for name, kernels in report.derived.items():
+        if kernels:
+            lines.append(f"derived by autograd [{name}]: {', '.join(kernels)} (through its own forward kernels)")
+    for name, unseen in report.not_observed.items():
+        if unseen:
+            lines.append(f"not observed [{name}]: {', '.join(unseen)}")
+    return lines
 
 
 def _checks_table(report) -> list[str]:
@@ -321,7 +332,6 @@ def run_summary(report) -> str:
 
     lines += ["", "checks"] + _checks_table(report) + [""]
 
-    from .checks.run import first_divergence
     first = report.first_divergence(heading=False)
     lines.append(f"first divergence: {first or 'none'}")
     seen = set()

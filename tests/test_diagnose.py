@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import harness.checks.perop as opcheck
-import harness.checks.run as runner
+from harness.checks.results import first_divergence_check
 from harness import report as R
 from harness.clib.library import load_library
 from harness.clib.build import build_library
@@ -29,7 +28,7 @@ from harness.clib.kernels import CKernels
 from harness.compare import ParityError
 from harness.diagnose import CATALOGUE, VARIANT_BY_ID, DiagnosedComparison
 from harness.checks.perop import assert_kernel, check_kernel
-from harness.checks.optable import SPEC, SHAPE_BY_NAME, make_inputs
+from harness.checks.perop import SPEC, SHAPE_BY_NAME, make_inputs
 from harness.checks.run import run_parity
 from pyref import numpy_kernels as nk
 from pyref import synth
@@ -380,9 +379,10 @@ class _Counter:
 
 @pytest.fixture
 def counted(monkeypatch):
-    c = _Counter(opcheck.diagnose)
-    monkeypatch.setattr(opcheck, "diagnose", c)
-    monkeypatch.setattr(runner, "diagnose", c)
+    from harness.checks import e2e, loss, update, verdict
+    c = _Counter(verdict.diagnose)
+    for module in (verdict, e2e, loss, update):
+        monkeypatch.setattr(module, "diagnose", c)
     return c
 
 
@@ -531,7 +531,7 @@ def test_edited_c_is_diagnosed_through_a_training_step(c_mutants):
     assert {"gelu.erf", "layernorm.eps=1e-06", "attention.scale=1/hs", "adamw.no-bias-correction",
             "matmul.no-bias", "backward.overwrite", "softmax.padded-columns"} <= found
 
-    first = runner.first_divergence_check([c for c in report.steps[0].checks if c.impl == "C"])
+    first = first_divergence_check([c for c in report.steps[0].checks if c.impl == "C"])
     assert first.diagnosis.known
     summary = R.run_summary(report)
     assert f"  why: {first.diagnosis.text()}" in summary

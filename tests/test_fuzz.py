@@ -46,7 +46,7 @@ FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long
 from harness.clib.library import load_library  # noqa: E402
 from harness.clib.kernels import CKernels  # noqa: E402
 from harness.compare import compare, format_table  # noqa: E402
-from harness.checks.optable import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
+from harness.checks.perop import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
                          make_inputs, run_kernel)
 from harness.checks.perop import check_kernel  # noqa: E402
 from harness.oracle import oracle_outputs  # noqa: E402

@@ -324,7 +324,7 @@ def test_kernel_signatures_by_name_on_numpy_too():
     """attention_forward(inp, B, T, C, NH) returning its output alone and softmax_forward(logits)
     work for a NumPy port as well; what they do not return is not compared; a signature whose
     names say nothing is not guessed."""
-    from harness.checks.optable import SPEC, SHAPES, make_inputs
+    from harness.checks.perop import SPEC, SHAPES, make_inputs
     from harness.checks.perop import check_kernel
     from pyref.protocol import KernelSet, as_namespace
 

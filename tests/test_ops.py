@@ -12,7 +12,7 @@ from harness.clib.library import load_library
 from harness.clib.kernels import CKernels
 from harness.compare import ParityError
 from harness.checks.perop import assert_case, assert_kernel, case_id, check_kernel
-from harness.checks.optable import SPEC, SHAPE_BY_NAME, cases, make_inputs
+from harness.checks.perop import SPEC, SHAPE_BY_NAME, cases, make_inputs
 from pyref import numpy_kernels as nk
 from pyref import torch_kernels
 from pyref.protocol import KernelSet

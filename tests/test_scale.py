@@ -148,8 +148,9 @@ def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     """check_update's AdamW runs and comparisons shared among threads give what one thread
     gives, bit for bit, and a wrong update still fails there."""
     from harness import cores
-    from harness.checks import run as runner
-    from harness.checks.run import AdamW, check_update
+    from harness.checks import update
+    from harness.checks.update import check_update
+    from pyref.config import AdamW
 
     cfg = preset("small")
     rng = np.random.default_rng(0)
@@ -161,10 +162,10 @@ def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     post = [p.copy(), m.copy(), v.copy()]
     numpy_kernels.adamw(*post[:1], g, *post[1:], 1e-4, 0.9, 0.999, 1e-8, 0.1, 2)
     post[0][123] += np.float32(1e-3)                  # one wrong parameter
-    monkeypatch.setattr(runner, "UPDATE_BLOCK", 1 << 10)   # several blocks, several runs
+    monkeypatch.setattr(update, "UPDATE_BLOCK", 1 << 10)   # several blocks, several runs
 
     def rows(workers):
-        monkeypatch.setattr(runner, "workers", lambda: workers)   # the update's runs
+        monkeypatch.setattr(update, "workers", lambda: workers)   # the update's runs
         monkeypatch.setattr(cores, "workers", lambda: workers)    # and the threads they go to
         checks = check_update(cfg, (p, m, v), g, tuple(post), AdamW(), 2, step=2, impl="x")
         return [(c.tensor, c.passed, c.comparison.summary_row()) for c in checks]

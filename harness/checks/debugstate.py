@@ -23,7 +23,7 @@ from pyref.protocol import KernelSet
 
 from ..compare import Comparison, Tolerance, compare
 from ..oracle import ORACLE, Witness
-from .run import PARAM_AXES
+from .state import PARAM_AXES
 from ..tolerances import e2e_tolerance
 
 
@@ -112,7 +112,7 @@ def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int 
                                 carried(witness.grads[name], oracle.grads[name]))
             a = c.grads[name]
             row(f"grads.{name}", a, expected[name], oracle.grads[name], tol,
-                PARAM_AXES.get(a.ndim) if a.ndim < 3 else ("layer", "row", "c"))
+                PARAM_AXES.get(a.ndim))
     return DebugStateReport(str(debug_state), B, T, rows, float(c_loss), float(ds.loss), oracle_loss)
 
 

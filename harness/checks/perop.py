@@ -1,16 +1,12 @@
-"""Per-op checks: one kernel call of one implementation against the float64 oracle.
-
-:func:`judge` is the one place a kernel call's output is judged: the tolerance of its row
-in :mod:`pyref.spec` (rule, reduction length), its mask and axes, relative to the size of
-the terms it is summed from, and, when it fails, why (:mod:`harness.diagnose`). The per-op
-check (:func:`check_kernel`), the replay of a model step and the model checks
-(:mod:`harness.runner`) all judge through it.
+"""The op table and the per-op checks: one kernel call of one implementation against the
+float64 oracle, on every case shape of :mod:`pyref.cases`, for every row of
+:mod:`pyref.spec`.
 
 ``check_kernel(impl, "layernorm_forward", args)`` runs the implementation (the C through
-:class:`~harness.clib.kernels.CKernels`, NumPy, torch or a user's port) and the oracle on the
-same float32 inputs and judges every output. The result is a list of
-:class:`~harness.compare.Comparison`, named ``<kernel>.<output>``; a failing one is a
-:class:`~harness.diagnose.DiagnosedComparison`.
+:class:`~harness.clib.kernels.CKernels`, NumPy, torch or a user's port) and the oracle on
+the same float32 inputs and judges every output (:func:`.verdict.judge`). The result is a
+list of :class:`~harness.compare.Comparison`, named ``<kernel>.<output>``; a failing one
+is a :class:`~harness.diagnose.DiagnosedComparison`. :func:`sweep` runs the whole table.
 """
 from __future__ import annotations
 
@@ -18,46 +14,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pyref.cases import SHAPE_BY_NAME, Shape
+from pyref.cases import SHAPE_BY_NAME, SHAPES, Shape
 from pyref.protocol import run_kernel
-from pyref.spec import SPEC, KernelSpec
+from pyref.spec import SPEC, SPECS, KernelSpec
 
-from ..compare import Comparison, ParityError, compare
-from ..diagnose import Call, attach, diagnose
+from ..compare import Comparison, ParityError
 from ..oracle import oracle_outputs
-from ..tolerances import op_tolerance, term_magnitude
-from .optable import cases, make_inputs
+from .verdict import call_scale, judge
 
 
-def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
-          name: str, elem_scale=None, n: int | None = None, calls=None) -> Comparison:
-    """Judge ``actual`` (an implementation's ``output`` of a ``kernel`` call on ``args``)
-    against the oracle's ``expected``, under the kernel's per-op tolerance.
+def cases():
+    """Every (KernelSpec, Shape) pair of the table."""
+    for spec in SPECS:
+        for s in SHAPES:
+            if spec.shapes is None or s.name in spec.shapes:
+                yield spec, s
 
-    ``elem_scale``: the size of the terms of each element (:func:`call_scale` for one
-    call; a replay passes the sum over the calls that accumulated into a buffer). ``n``:
-    the reduction length when several calls made the output (default: this call's).
-    ``calls``: a function giving what :mod:`harness.diagnose` re-runs on failure (default:
-    this call), called only then."""
-    spec = SPEC[kernel]
-    n = spec.n(output, args) if n is None else n
-    how = dict(name=name, tol=op_tolerance(kernel, output, n, actual.size), axes=spec.output(output).axes,
-               mask=spec.mask(output, args), elem_scale=elem_scale)
-    c = compare(actual, expected, **how)
-    if not c.passed:
-        c = attach(c, diagnose(calls() if calls else Call(kernel, output, args), actual, expected, **how))
-    return c
-
-
-def call_scale(kernel: str, output: str, args: dict, expected: dict):
-    """Sum |term| of each element of one call: the kernel's own terms, plus the value a
-    backward kernel's gradient buffer held before it accumulated into it."""
-    args = _as64(args)
-    mag = term_magnitude(kernel, output, args, expected)
-    if SPEC[kernel].backward and output in SPEC[kernel].inplace:
-        start = np.abs(args[output])
-        mag = start if mag is None else mag + start
-    return mag
+def make_inputs(spec: KernelSpec, s: Shape, seed: int = 0) -> dict:
+    """The case's float32 / int32 inputs, the same for every implementation."""
+    rng = np.random.default_rng([seed, SHAPES.index(s), SPECS.index(spec)])
+    return spec.make(s, rng)
 
 
 def check_outputs(impl, kernel: str, args: dict, expected=None, label: str = "") -> dict[str, Comparison]:
@@ -91,16 +67,9 @@ def check_outputs(impl, kernel: str, args: dict, expected=None, label: str = "")
                           elem_scale=call_scale(kernel, name, args, expected))
     return out
 
-
 def check_kernel(impl, kernel: str, args: dict, expected=None, label: str = "") -> list[Comparison]:
     """:func:`check_outputs` as a list, in the kernel's output order."""
     return list(check_outputs(impl, kernel, args, expected, label).values())
-
-
-def _as64(args: dict) -> dict:
-    return {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-            for k, v in args.items()}
-
 
 def assert_kernel(impl, kernel: str, args: dict, **kw) -> list[Comparison]:
     """:func:`check_kernel`, raising :class:`ParityError` on the first failing output."""
@@ -109,7 +78,6 @@ def assert_kernel(impl, kernel: str, args: dict, **kw) -> list[Comparison]:
         if not c.passed:
             raise ParityError(c)
     return results
-
 
 @dataclass
 class Case:
@@ -126,7 +94,6 @@ class Case:
     def key(self, output: str) -> str:
         """``layernorm_forward.out@base``: the case's output as the gate names it."""
         return f"{self.spec.name}.{output}@{self.shape.name}"
-
 
 def sweep(impls: dict, *, seeds=(0,), kernels=None):
     """The per-op sweep: every case of the op table (kernels whose name contains one of
@@ -149,11 +116,9 @@ def sweep(impls: dict, *, seeds=(0,), kernels=None):
                     results[name] = e
             yield Case(spec, s, seed, args, results)
 
-
 def case_id(spec: KernelSpec, shape: Shape) -> str:
     """``layernorm-layernorm_forward-base``: a case's test id (``pytest -k <op>`` selects it)."""
     return f"{spec.op}-{spec.name}-{shape.name}"
-
 
 def assert_case(impl, kernel: str, shape: str, seed: int = 0, label: str = "") -> list[Comparison]:
     """One case of the op table (``kernel`` on the named shape) judged by

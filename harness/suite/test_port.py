@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness.checks.perop import assert_case, case_id
-from harness.checks.optable import cases
+from harness.checks.perop import cases
 
 
 def pytest_generate_tests(metafunc):

@@ -1,0 +1,53 @@
+"""The end-to-end check: every tensor a step's graph writes (the 23 activations, their
+gradients and the parameter gradients, per layer) against a float64 model run from the
+same state, under a tolerance scaled by how far float32-sized noise carries to each tensor
+(the witness's spread, :func:`harness.oracle.witness_spread`)."""
+from __future__ import annotations
+
+from pyref.config import GPT2Config
+from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
+from pyref.spec import SPEC
+
+from ..compare import compare
+from ..diagnose import Call, attach, diagnose
+from ..graph import Ref, backward_nodes, forward_nodes, writers
+from ..tolerances import e2e_tolerance
+from .results import Check
+from .state import axes, module_of, named_args, observation
+
+
+def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int, impl: str,
+              spread: dict) -> list[Check]:
+    """Every tensor the graph writes against the float64 model ``oracle_state``, under a
+    tolerance widened by how far float32-sized noise carried to it (``spread``: witness
+    vs oracle per tensor, :func:`harness.oracle.witness_spread`, the same for every
+    implementation of a step). Gradient buffers are compared once complete; a
+    failing one is diagnosed against a changed loss scale (all gradients scale with
+    dlosses, averaged over ``positions``)."""
+    observes, _ = observation(state)
+    checks = []
+
+    def one(ref, kernel, output, n, nodes, diagnose_it):
+        actual, expected = ref.get(state), ref.get(oracle_state)
+        how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
+                   axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
+        c = compare(actual, expected, **how)
+        if diagnose_it and not c.passed:
+            c = attach(c, diagnose(Call("loss_mean", output, {"value": expected, "n": positions}),
+                                   actual, expected, **how))
+        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), module_of(state, ref)))
+
+    for node in forward_nodes(cfg):
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            ref = node.arg_dict[o]
+            if observes(ref):
+                one(ref, node.kernel, o, SPEC[node.kernel].n(o, named_args(node, state)), [node], False)
+    bwd = backward_nodes(cfg)
+    buffers = writers(bwd)
+    for node in bwd:   # each buffer once complete: where its last contributor ran
+        for a in INPLACE_ARGS[node.kernel]:
+            ref = node.arg_dict.get(a)
+            if isinstance(ref, Ref) and buffers[ref][-1][0] is node and observes(ref):
+                n = max(SPEC[nd.kernel].n(arg, named_args(nd, state)) for nd, arg in buffers[ref])
+                one(ref, node.kernel, a, n, [nd for nd, _ in buffers[ref]], True)
+    return checks

@@ -1,0 +1,90 @@
+"""The replay: every op of a step's graph re-run in float64 on an implementation's own
+inputs for it, its outputs judged as the per-op check judges one call
+(:func:`.verdict.judge`). The inputs are exact by construction, so a failure is the op's
+own error, at any depth; the first one is the step's *first divergence*."""
+from __future__ import annotations
+
+import numpy as np
+
+from pyref.config import GPT2Config
+from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, run_kernel
+from pyref.spec import SPEC
+
+from ..diagnose import Call
+from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
+from ..oracle import ORACLE
+from ..tolerances import term_magnitude
+from .results import Check
+from .state import args64, module_of, observation, replayable
+from .verdict import call_scale, judge
+
+
+def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]:
+    """Every op of the graph re-run in float64 on ``state``'s own inputs for it, its
+    outputs judged as the per-op check judges one call (:func:`harness.opcheck.judge`).
+    Backward buffers that several ops accumulate into are replayed as a chain from zero
+    and judged once their last contributor ran, against the sum of the contributors' terms."""
+    observes, has = observation(state)
+    checks = []
+    for node in forward_nodes(cfg):
+        if not replayable(node, has):
+            continue
+        args = args64(node, state)
+        out = run_kernel(ORACLE, node.kernel, args, np.float64)
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            ref = node.arg_dict[o]
+            if observes(ref):
+                c = judge(node.kernel, o, ref.get(state), out[o], args, name=str(ref),
+                          elem_scale=call_scale(node.kernel, o, args, out))
+                checks.append(Check(step, impl, "replay", ref, c, (node,), module_of(state, ref)))
+    return checks + _replay_backward(cfg, state, observes, has, step=step, impl=impl)
+
+def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: str) -> list[Check]:
+    bwd = backward_nodes(cfg)
+    buffers = writers(bwd)
+    last = {ref: contrib[-1][0] for ref, contrib in buffers.items()}
+    acc: dict[Ref, np.ndarray] = {}    # each buffer's running value, from zero
+    mags: dict[Ref, np.ndarray] = {}   # the sum of its contributors' term sizes
+    nmax: dict[Ref, int] = {}
+    skipped: set[Ref] = set()          # buffers a contributor of which could not be replayed
+    checks = []
+    for node in bwd:
+        refs = {a: r for a in INPLACE_ARGS[node.kernel] if isinstance(r := node.arg_dict.get(a), Ref)}
+        if not replayable(node, has):
+            skipped |= set(refs.values())
+            continue
+        args = args64(node, state)
+        for a, ref in refs.items():
+            args[a] = acc.get(ref, np.zeros(ref.get(state).shape))
+        out = run_kernel(ORACLE, node.kernel, args, np.float64)
+        for a, ref in refs.items():
+            # the terms of the final sum: each contributor's own terms (or, where no finer
+            # measure is known, its contribution)
+            mag = term_magnitude(node.kernel, a, args, out)
+            mag = np.abs(out[a] - args[a]) if mag is None else mag
+            mags[ref] = mags[ref] + mag if ref in mags else mag
+            nmax[ref] = max(nmax.get(ref, 1), SPEC[node.kernel].n(a, args))
+            acc[ref] = out[a]
+            if last[ref] is not node or not observes(ref) or ref in skipped:
+                continue
+            nodes = [nd for nd, _ in buffers[ref]]
+            c = judge(node.kernel, a, ref.get(state), acc.pop(ref), args, name=str(ref),
+                      elem_scale=mags.pop(ref), n=nmax[ref],
+                      calls=lambda: _buffer_calls(ref, nodes, state))
+            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), module_of(state, ref)))
+    return checks
+
+def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
+    """The calls that accumulate into gradient buffer ``ref``, in order, each on the
+    implementation's own inputs, every buffer starting at zero as in the replay (the
+    chain passes ``ref``'s running value from one call to the next)."""
+    calls = []
+    for node in nodes:
+        args = args64(node, state)
+        for a in INPLACE_ARGS[node.kernel]:
+            r = node.arg_dict.get(a)
+            if isinstance(r, Ref):
+                args[a] = np.zeros(r.get(state).shape)
+        arg = next(a for a in INPLACE_ARGS[node.kernel] if node.arg_dict.get(a) == ref)
+        calls.append(Call(node.kernel, arg, args, f"{node.where()} {node.kernel}"))
+    return calls

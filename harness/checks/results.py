@@ -1,0 +1,181 @@
+"""What the checks found: :class:`Check` (one comparison, with its identity as data), a
+step's :class:`StepReport` and a run's :class:`RunReport`, and the one line a failing
+check says of itself, the first divergence (:func:`first_divergence`). Each result renders
+its own text from its fields (``Check.tensor``, ``Check.where``); the tables and the JSON
+of a run are :mod:`harness.report`'s."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pyref.config import AdamW, GPT2Config
+from pyref.protocol import KERNEL_OP
+
+from ..compare import Comparison
+from ..graph import Node, Ref
+
+if TYPE_CHECKING:
+    from ..diagnosis import Diagnosis
+
+#: The kinds of check, in the order of tables and counts.
+KINDS = ("e2e", "replay", "update", "loss")
+
+
+@dataclass
+class Check:
+    """One comparison inside a step, with its identity as data: who (``impl``), when
+    (``step``), which kind of check, which tensor (``ref``: group, name, layer) and the
+    calls of the graph that wrote it (``nodes``). Text (``tensor``, ``where``) is
+    rendered from these fields, never parsed back."""
+
+    step: int
+    impl: str                 # "C", "numpy", "torch", a user's label
+    kind: str                 # "replay", "e2e", "update", "loss"
+    ref: Ref                  # acts/grads_acts/grads.<name>[layer]; params/m/v.<name>; loss.mean_loss
+    comparison: Comparison
+    nodes: tuple[Node, ...] = ()   # the graph's calls that write ``ref``, in order
+    module: str | None = None      # the torch model's module that showed it
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.passed
+
+    @property
+    def layer(self) -> int | None:
+        return self.ref.layer
+
+    @property
+    def phase(self) -> str:
+        """``forward``, ``backward``, ``update`` or ``loss``."""
+        if self.kind in ("update", "loss"):
+            return self.kind
+        return "forward" if self.ref.group == "acts" else "backward"
+
+    @property
+    def call_layer(self) -> int | None:
+        """The layer of the call that completed the tensor (for a gradient buffer, its last
+        contributor's: the lm head's ``lnf`` backward writes layer L-1's residual)."""
+        return self.nodes[-1].layer if self.nodes else self.layer
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The protocol kernels behind the tensor, in graph order."""
+        if self.kind == "update":
+            return ("adamw",)
+        if self.kind == "loss":
+            return ("crossentropy_forward",)
+        return tuple(dict.fromkeys(n.kernel for n in self.nodes))
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops (``pytest -k`` names) of those kernels."""
+        return tuple(dict.fromkeys(KERNEL_OP[k] for k in self.kernels))
+
+    @property
+    def base(self) -> str:
+        """The tensor without its layer: ``acts.ln1``."""
+        return self.ref.name if self.kind == "loss" else f"{self.ref.group}.{self.ref.name}"
+
+    @property
+    def tensor(self) -> str:
+        """``acts.ln1[layer 3]``, ``params.wte (after update)``, ``mean_loss``."""
+        if self.kind == "loss":
+            return self.ref.name
+        return f"{self.ref} (after update)" if self.kind == "update" else str(self.ref)
+
+    @property
+    def where(self) -> str:
+        """The call that wrote the tensor: ``layer 3 ln1 layernorm_forward``, or the sum
+        of the calls that accumulate into a gradient buffer."""
+        module = f" [{self.module}]" if self.module else ""
+        if self.kind == "update":
+            return f"gpt2_update {self.ref.name}"
+        if self.kind == "loss":
+            return "mean loss"
+        last = self.nodes[-1]
+        if len(self.nodes) == 1:
+            return f"{last.where()} {last.kernel}{module}"
+        by = ", ".join(f"{n.label} {n.kernel}" for n in self.nodes)
+        layer = f"layer {last.layer} " if last.layer is not None else ""
+        return f"{layer}{self.ref.name} gradient (sum of {by}){module}"
+
+    @property
+    def diagnosis(self) -> Diagnosis | None:
+        """Why it failed (:mod:`harness.diagnosis`): set on failed replay, update and
+        loss checks and failed end-to-end checks of gradients; None otherwise."""
+        return getattr(self.comparison, "diagnosis", None)
+
+@dataclass
+class StepReport:
+    step: int
+    losses: dict[str, float]
+    checks: list[Check]
+    first_divergence: dict[str, str]
+    errors: dict[str, str] = field(default_factory=dict)   # impl -> exception text
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.errors and all(c.passed for c in self.checks)
+
+@dataclass
+class RunReport:
+    config: GPT2Config
+    B: int
+    T: int
+    hyper: AdamW
+    impls: list[str]
+    steps: list[StepReport]
+    library: str
+    build: dict | None
+    not_checked: dict[str, list[str]] = field(default_factory=dict)
+    floating_point: dict | None = None   # the C's mode (Library.floating_point)
+    # torch models (harness.ports): hygiene findings and the C tensors they do not show
+    findings: dict[str, list[str]] = field(default_factory=dict)
+    not_observed: dict[str, list[str]] = field(default_factory=dict)
+    # kernel ports: backward kernels derived by autograd through their forward kernels
+    derived: dict[str, list[str]] = field(default_factory=dict)
+    # --free-run: each implementation on its own state (harness.checks.freerun.FreeRunRow)
+    free_run: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.steps) and all(s.passed for s in self.steps) and all(r.passed for r in self.free_run)
+
+    def first_divergence(self, heading: bool = True) -> str | None:
+        """``step N [impl] first divergence: ...`` of the first step that diverged (or
+        raised); ``heading=False`` leaves out the words "first divergence"."""
+        for s in self.steps:
+            for impl, text in s.first_divergence.items():
+                # rendered again from the check (a report put together by hand may lack it)
+                return f"step {s.step} [{impl}] " + (first_divergence(
+                    [c for c in s.checks if c.impl == impl], heading) or text)
+            for impl, text in s.errors.items():
+                return f"step {s.step} [{impl}] error: {text}"
+        return None
+
+
+def first_divergence_check(checks: list[Check]) -> Check | None:
+    """The first failing replay check in graph order (else the first failing update, else
+    e2e or loss check): the check the first divergence names."""
+    for kinds in (("replay",), ("update",), ("e2e", "loss")):
+        for c in checks:
+            if c.kind in kinds and not c.passed:
+                return c
+    return None
+
+def first_divergence(checks: list[Check], heading: bool = True) -> str | None:
+    """The first failing replay check in graph order (else the first failing check), as
+    text (``first divergence: <where>...``; without that word under a heading of its own)."""
+    c = first_divergence_check(checks)
+    if c is None:
+        return None
+    cmp = c.comparison
+    head = ("first divergence: " if heading else "") + c.where
+    if c.kind == "replay":
+        # replay feeds each implementation's op its own inputs for that op
+        whose = "the C's own" if c.impl == "C" else "its own"
+        head += f", inputs exact ({whose}), output off"
+    return (f"{head}: {c.tensor} max rel {cmp.max_rel:.3g} (tol {cmp.tol.rel:.3g}), "
+            f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}), worst at {cmp.worst_label}: "
+            f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}")

@@ -1,0 +1,51 @@
+"""The one verdict on a kernel call's output: :func:`judge`.
+
+It judges under the tolerance of the kernel's row in :mod:`pyref.spec` (rule, reduction
+length), with the row's mask and axes, relative to the size of the terms the output is
+summed from (:func:`call_scale`), and when it fails says why (:mod:`harness.diagnose`).
+The per-op checks (:mod:`.perop`) and the replay of a model step (:mod:`.replay`) both
+judge through it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pyref.spec import SPEC
+
+from ..compare import Comparison, compare
+from ..diagnose import Call, attach, diagnose
+from ..tolerances import op_tolerance, term_magnitude
+
+
+def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
+          name: str, elem_scale=None, n: int | None = None, calls=None) -> Comparison:
+    """Judge ``actual`` (an implementation's ``output`` of a ``kernel`` call on ``args``)
+    against the oracle's ``expected``, under the kernel's per-op tolerance.
+
+    ``elem_scale``: the size of the terms of each element (:func:`call_scale` for one
+    call; a replay passes the sum over the calls that accumulated into a buffer). ``n``:
+    the reduction length when several calls made the output (default: this call's).
+    ``calls``: a function giving what :mod:`harness.diagnose` re-runs on failure (default:
+    this call), called only then."""
+    spec = SPEC[kernel]
+    n = spec.n(output, args) if n is None else n
+    how = dict(name=name, tol=op_tolerance(kernel, output, n, actual.size), axes=spec.output(output).axes,
+               mask=spec.mask(output, args), elem_scale=elem_scale)
+    c = compare(actual, expected, **how)
+    if not c.passed:
+        c = attach(c, diagnose(calls() if calls else Call(kernel, output, args), actual, expected, **how))
+    return c
+
+def call_scale(kernel: str, output: str, args: dict, expected: dict):
+    """Sum |term| of each element of one call: the kernel's own terms, plus the value a
+    backward kernel's gradient buffer held before it accumulated into it."""
+    args = _as64(args)
+    mag = term_magnitude(kernel, output, args, expected)
+    if SPEC[kernel].backward and output in SPEC[kernel].inplace:
+        start = np.abs(args[output])
+        mag = start if mag is None else mag + start
+    return mag
+
+def _as64(args: dict) -> dict:
+    return {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+            for k, v in args.items()}
