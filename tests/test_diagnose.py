@@ -1,6 +1,6 @@
 """Diagnosis: a failing check names the catalogued change of semantics that explains it.
 
-Every kernel variant of harness.diagnose.CATALOGUE has a port here that carries the change,
+Every kernel variant of harness.diagnosis.CATALOGUE has a port here that carries the change,
 written independently of the variant's own float64 code (float32 NumPy, the way a port
 would be written): its per-op check fails and is diagnosed with exactly that cause. Every
 family also has edits of llmc/train_gpt2.c (built into a temporary folder, several edits
@@ -26,7 +26,7 @@ from harness.clib.library import load_library
 from harness.clib.build import build_library
 from harness.clib.kernels import CKernels
 from harness.compare import ParityError
-from harness.diagnose import CATALOGUE, VARIANT_BY_ID, DiagnosedComparison
+from harness.diagnosis import CATALOGUE, VARIANT_BY_ID, DiagnosedComparison
 from harness.checks.perop import assert_kernel, check_kernel
 from harness.checks.perop import SPEC, SHAPE_BY_NAME, make_inputs
 from harness.checks.run import run_parity
@@ -577,12 +577,12 @@ def test_edited_loss_mean_is_diagnosed(mean_mutant):
 
 
 def test_a_variant_that_raises_is_skipped_not_fatal(monkeypatch):
-    import harness.diagnose as D
+    import harness.diagnosis as D
 
     def boom(kernel, args, ctx, value):
         raise RuntimeError("variant bug")
     broken = D.Variant("gelu.broken", "gelu", ("gelu_forward",), "a variant that raises", boom)
-    monkeypatch.setattr(D, "CATALOGUE", D.CATALOGUE + (broken,))
+    monkeypatch.setattr(D.catalogue, "CATALOGUE", D.CATALOGUE + (broken,))
     (c,) = _failures(_port("gelu_forward", gelu_erf_fwd), "gelu_forward")
     assert not c.passed and c.diagnosis.ids == ("gelu.erf",)
     assert c.diagnosis.skipped == (("gelu.broken", "RuntimeError: variant bug"),)

@@ -9,7 +9,7 @@ from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
 from pyref.spec import SPEC
 
 from ..compare import compare
-from ..diagnose import Call, attach, diagnose
+from ..diagnosis import Call, attach, diagnose
 from ..graph import Ref, backward_nodes, forward_nodes, writers
 from ..tolerances import e2e_tolerance
 from .results import Check

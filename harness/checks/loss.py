@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..compare import Tolerance, compare
-from ..diagnose import Call, attach, diagnose
+from ..diagnosis import Call, attach, diagnose
 from ..graph import Ref
 from .results import Check
 

@@ -10,7 +10,7 @@ from pyref.config import GPT2Config
 from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, run_kernel
 from pyref.spec import SPEC
 
-from ..diagnose import Call
+from ..diagnosis import Call
 from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
 from ..oracle import ORACLE
 from ..tolerances import term_magnitude

@@ -11,7 +11,7 @@ from pyref.terms import adamw_magnitudes
 
 from ..compare import compare
 from ..cores import shared, workers
-from ..diagnose import Call, attach, diagnose, is_one_d
+from ..diagnosis import Call, attach, diagnose, is_one_d
 from ..graph import Ref
 from ..oracle import ORACLE
 from ..tolerances import op_tolerance

@@ -13,7 +13,7 @@ import numpy as np
 from pyref.spec import SPEC
 
 from ..compare import Comparison, compare
-from ..diagnose import Call, attach, diagnose
+from ..diagnosis import Call, attach, diagnose
 from ..tolerances import op_tolerance, term_magnitude
 
 

@@ -1,371 +1,24 @@
-"""Say why a check failed: re-run the failing op under catalogued changes of semantics.
+"""The catalogue of changes of semantics a diagnosis tries (:mod:`.engine` runs them).
 
-Most real divergences between ``train_gpt2.c`` and a port (or an edited copy of the C)
-are one of a handful of mistakes, and each leaves a signature a float64 re-run confirms:
-if the failing output matches, within the op's own tolerance, what the op computes under
-a specific change (GELU's exact erf form, layernorm's eps 1e-6, the attention scale
-1/hs, ...), that change is the cause.
-
-* :data:`CATALOGUE` -- the variants: each is one op under one change, a float64
-  function plus a one-line description. Adding one is a few lines at the end of this
-  module, e.g. ``Variant("layernorm.eps=1e-3", "layernorm", ("layernorm_forward",),
-  "layernorm's eps is 1e-3 instead of 1e-5", _ln_eps(1e-3))``. Besides the kernels of the
-  protocol, the pseudo-kernel ``loss_mean`` stands for the mean over B*T positions that
-  the model takes of the losses (and spreads over their gradients).
-* :func:`diagnose` -- given the failing op's call(s), the implementation's output and the
-  comparison settings of the failing check (tolerance, mask, element scale), re-judge the
-  output against every applicable variant through the same :func:`harness.compare.compare`
-  and return a :class:`Diagnosis`: every variant that explains the output, best first, or
-  none ("no known cause").
-* :func:`attach` -- a failing :class:`~harness.compare.Comparison` carrying its diagnosis
-  (:class:`DiagnosedComparison`: still failed; its message says the cause).
-
-Diagnosis runs only for failed checks and never changes a verdict. A variant counts only
-when it explains the output everywhere it is defined *and* the C's own semantics do not
-explain it there (so a variant that leaves the failing elements out cannot claim them).
+Each :class:`~.engine.Variant` is one op under one change: a float64 function plus a
+one-line description. A new diagnosis is a few lines at the end of this module, e.g.
+``Variant("layernorm.eps=1e-3", "layernorm", ("layernorm_forward",),
+"layernorm's eps is 1e-3 instead of 1e-5", _ln_eps(1e-3))``, and a port of the change in
+tests/test_diagnose.py that shows the check names it.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import threading
-from dataclasses import dataclass, fields
-from typing import Callable, Sequence
 
 import numpy as np
 
 from pyref import numpy_kernels
-from pyref.config import AdamW
-from pyref.protocol import BACKWARD_KERNELS, FORWARD_OUTPUTS, SIGNATURES
+from pyref.config import LAYER_PARAMS, AdamW
+from pyref.protocol import BACKWARD_KERNELS, FORWARD_OUTPUTS, SIGNATURES, run_kernel
 
-from .compare import Comparison, Tolerance, compare
-from pyref.protocol import run_kernel
-
-__all__ = ["Variant", "Fit", "Cause", "Diagnosis", "Call", "DiagnosedComparison", "CATALOGUE",
-           "VARIANT_BY_ID", "MODEL_QUANTITIES", "diagnose", "attach", "variants_for", "one_d_mask",
-           "is_one_d"]
-
-
-# ----------------------------------------------------------------------------- data
-
-@dataclass(frozen=True)
-class Fit:
-    """A variant with one free constant (a wrong coefficient, an epsilon): it is fitted to
-    the implementation's output over [lo, hi] (log-spaced when ``log``) before judging."""
-
-    lo: float
-    hi: float
-    log: bool = False
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One op under one change of semantics.
-
-    id:          stable identifier, ``family.change`` (e.g. ``"layernorm.eps=1e-6"``)
-    family:      the op family it belongs to (``gelu``, ``layernorm``, ``adamw``, ...)
-    kernels:     the protocol kernels it changes
-    description: one line; ``{value}`` is replaced by the fitted constant of a ``fit``
-    run:         ``run(kernel, args, ctx, value) -> outputs`` in float64 (a forward's
-                 outputs by name, a backward's buffers after accumulating), or None where
-                 the change does not apply (it would change nothing); ``args`` are private
-                 float64 copies; ``ctx`` has ``output`` (the judged output) and, for
-                 AdamW, ``one_d`` (which parameters are 1-D)
-    defined:     optional ``defined(kernel, output, args) -> bool mask``: where the variant
-                 defines the output (e.g. not at the position a shifted label falls off)
-    unwritten:   the positions outside ``defined`` are ones the change leaves unwritten
-                 (the diagonal of preatt without it): every one of them must be off
-    fit:         optional :class:`Fit` of one free constant
-    terms:       optional ``terms(kernel, args, output) -> array``: sizes of the
-                 terms the change adds where they can cancel (added to the check's element
-                 scale: a float32 port of the change rounds relative to them)
-    """
-
-    id: str
-    family: str
-    kernels: tuple[str, ...]
-    description: str
-    run: Callable
-    defined: Callable | None = None
-    unwritten: bool = False
-    fit: Fit | None = None
-    terms: Callable | None = None
-
-    def describe(self, value: float | None = None) -> str:
-        return self.description.format(value=_const(value)) if value is not None else self.description
-
-
-@dataclass(frozen=True)
-class Cause:
-    """A variant that explains a failing output: ``used`` is the fraction of the check's
-    tolerance the output uses against the variant (<= 1); ``value`` the fitted constant
-    of a fitted variant; ``where`` the op call it applies to when a buffer is the sum of
-    several calls (replay of the residual-stream gradients)."""
-
-    id: str
-    family: str
-    description: str
-    used: float
-    value: float | None = None
-    where: str | None = None
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "family": self.family, "description": self.description,
-                "used": _json_float(self.used), "value": _json_float(self.value), "where": self.where}
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    """Why one output failed: ``causes`` (best first; empty: no known cause) among the
-    variants ``tried`` (their ids); ``skipped``: (id, error) of variants that raised on
-    these inputs (a diagnosis never breaks the check it explains)."""
-
-    kernel: str
-    output: str
-    causes: tuple[Cause, ...]
-    tried: tuple[str, ...]
-    skipped: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def known(self) -> bool:
-        return bool(self.causes)
-
-    @property
-    def ids(self) -> tuple[str, ...]:
-        return tuple(c.id for c in self.causes)
-
-    def text(self) -> str:
-        """One line for reports: the probable cause(s), or that none is known."""
-        what = _LABELS.get(self.kernel, self.kernel)
-        if not self.causes:
-            if not self.tried:
-                return f"no known cause: the catalogue has no change to {what}"
-            return (f"no known cause: none of the {len(self.tried)} catalogued changes to "
-                    f"{what} explains {self.output}")
-        parts = [self._one(c) for c in self.causes]
-        head = f"probable cause: {parts[0]}"
-        return head if len(parts) == 1 else head + "; also consistent: " + "; ".join(parts[1:])
-
-    @staticmethod
-    def _one(c: Cause) -> str:
-        return c.description + (f" (in {c.where})" if c.where else "") + \
-            f" [{c.id}, explains it at {c.used:.2g}x tol]"
-
-    def to_json(self) -> dict:
-        return {"kernel": self.kernel, "output": self.output, "known": self.known,
-                "causes": [c.to_json() for c in self.causes], "tried": list(self.tried),
-                "skipped": [{"id": i, "error": e} for i, e in self.skipped], "text": self.text()}
-
-
-@dataclass(frozen=True)
-class DiagnosedComparison(Comparison):
-    """A failed :class:`Comparison` with its :class:`Diagnosis`: the same metrics and
-    verdict, and a message that ends with the cause."""
-
-    diagnosis: Diagnosis | None = None
-
-    def message(self) -> str:
-        text = super().message()
-        return text if self.diagnosis is None else text + "\nDiagnosis: " + self.diagnosis.text()
-
-    def summary_row(self) -> dict:
-        row = super().summary_row()
-        row["diagnosis"] = None if self.diagnosis is None else self.diagnosis.to_json()
-        return row
-
-
-def attach(c: Comparison, diagnosis: Diagnosis) -> DiagnosedComparison:
-    """``c`` carrying ``diagnosis`` (all metrics and the verdict unchanged)."""
-    values = {f.name: getattr(c, f.name) for f in fields(Comparison)}
-    return DiagnosedComparison(**values, diagnosis=diagnosis)
-
-
-@dataclass(frozen=True)
-class Call:
-    """One kernel call whose output ``output`` is judged: ``args`` its named arguments
-    (in-place buffers hold their values before the call). A buffer several calls
-    accumulate into is a sequence of Calls: each after the first starts from the
-    previous one's result."""
-
-    kernel: str
-    output: str
-    args: dict
-    where: str | None = None
-
-
-# ----------------------------------------------------------------------------- diagnose
-
-def variants_for(kernel: str) -> list[Variant]:
-    return [v for v in CATALOGUE if kernel in v.kernels]
-
-
-def diagnose(calls: Call | Sequence[Call], actual, expected, *, tol: Tolerance, mask=None,
-             elem_scale=None, axes=None, ctx: dict | None = None, name: str = "") -> Diagnosis:
-    """Which catalogued changes explain ``actual``, the implementation's result of
-    ``calls`` (one call, or the calls that accumulate into one buffer)?
-
-    ``expected`` is the C semantics' float64 result the failing check used; ``tol``,
-    ``mask``, ``elem_scale``, ``axes`` are that check's. Each applicable variant (on each
-    call it applies to) is run in float64 on the same inputs and ``actual`` is compared
-    with its result through :func:`compare` under the same settings."""
-    calls = [calls] if isinstance(calls, Call) else list(calls)
-    last = calls[-1]
-    ctx = dict(ctx or {})
-    causes, tried, skipped = [], [], []
-    for i, call in enumerate(calls):
-        for v in variants_for(call.kernel):
-            tried.append(v.id)
-            try:
-                with np.errstate(all="ignore"):
-                    cause = _try(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale,
-                                 axes=axes, ctx=ctx, name=name)
-            except Exception as e:  # a diagnosis must never break the check it explains
-                skipped.append((v.id, f"{type(e).__name__}: {e}"))
-                continue
-            if cause is not None:
-                causes.append(cause)
-    causes.sort(key=lambda c: c.used)
-    return Diagnosis(last.kernel, last.output, tuple(causes), tuple(dict.fromkeys(tried)), tuple(skipped))
-
-
-def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, elem_scale, axes,
-         ctx, name) -> Cause | None:
-    """The Cause if variant ``v``, applied to call ``i``, explains ``actual``."""
-    call = calls[i]
-
-    def result(value):
-        return _chain(calls, i, v, ctx, value)
-
-    value = None
-    if v.fit is not None:
-        value = _fit(result, actual, v.fit, mask)
-        if value is None:
-            return None
-    out = result(value)
-    if out is None:
-        return None
-    if v.terms is not None and len(calls) == 1:
-        extra = v.terms(call.kernel, _as64(call.args), call.output)
-        elem_scale = extra if elem_scale is None else elem_scale + extra
-    same = dict(name=name, tol=tol, elem_scale=elem_scale)
-    where = mask
-    if v.defined is not None:
-        where = _region(v, call, actual, expected, mask, same)
-        if where is None:
-            return None
-    c = compare(actual, out, axes=axes, mask=where, **same)
-    if not c.passed:
-        return None
-    return Cause(v.id, v.family, v.describe(value), _used(c), value,
-                 call.where if len(calls) > 1 else None)
-
-
-def _region(v: Variant, call: Call, actual, expected, mask, same: dict):
-    """Where a variant with ``defined`` positions is judged (the check's mask and its
-    own), or None when the failure cannot be its doing: without ``unwritten``, the
-    failure must lie where it is defined (not in positions it claims nothing about);
-    with it, every position it leaves unwritten must be off."""
-    shape = np.shape(actual)
-    d = np.broadcast_to(np.asarray(v.defined(call.kernel, call.output, call.args), bool), shape)
-    m = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
-    where, rest = d & m, ~d & m
-    if not where.any():
-        return None
-    if v.unwritten:
-        if rest.any():
-            off = compare(actual, expected, mask=rest, **same)
-            if off.n_bad < off.n_compared:
-                return None
-    elif compare(actual, expected, mask=where, **same).passed:
-        return None
-    return where
-
-
-def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarray | None:
-    """The judged output with call ``i`` run under ``v`` and the others as the C does."""
-    buf = None
-    for j, call in enumerate(calls):
-        args = _as64(call.args)
-        if j > 0:
-            args[call.output] = buf
-        if j == i:
-            out = v.run(call.kernel, args, dict(ctx, output=call.output), value)
-            if out is None:
-                return None
-        elif call.kernel in MODEL_QUANTITIES:
-            out = {call.output: args["value"]}
-        else:
-            out = run_kernel(numpy_kernels, call.kernel, args, np.float64)
-        buf = out[call.output]
-    return buf
-
-
-def _fit(result, actual, fit: Fit, mask) -> float | None:
-    """The constant in [fit.lo, fit.hi] whose variant is closest (least squares) to
-    ``actual``: a coarse grid, then golden-section search around the best point."""
-    a = np.asarray(actual, np.float64)
-    m = None if mask is None else np.broadcast_to(mask, a.shape)
-
-    def to_x(p):
-        return math.log(p) if fit.log else p
-
-    def from_x(x):
-        return math.exp(x) if fit.log else x
-
-    def loss(x):
-        e = result(from_x(x))
-        if e is None:
-            return math.inf
-        d = np.square(a - e)
-        if m is not None:
-            d = d[m]
-        s = float(np.sum(d[np.isfinite(d)])) if d.size else math.inf
-        return s if math.isfinite(s) else math.inf
-
-    lo, hi = to_x(fit.lo), to_x(fit.hi)
-    grid = np.linspace(lo, hi, 25)
-    losses = [loss(x) for x in grid]
-    k = int(np.argmin(losses))
-    if not math.isfinite(losses[k]):
-        return None
-    a_, b_ = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    g = (math.sqrt(5) - 1) / 2
-    c_, d_ = b_ - g * (b_ - a_), a_ + g * (b_ - a_)
-    fc, fd = loss(c_), loss(d_)
-    for _ in range(40):
-        if fc <= fd:
-            b_, d_, fd = d_, c_, fc
-            c_ = b_ - g * (b_ - a_)
-            fc = loss(c_)
-        else:
-            a_, c_, fc = c_, d_, fd
-            d_ = a_ + g * (b_ - a_)
-            fd = loss(d_)
-    return float(from_x((a_ + b_) / 2))
-
-
-def _used(c: Comparison) -> float:
-    r = 0.0
-    for err, bound in ((c.max_rel, c.tol.rel), (c.norm_rel, c.tol.norm)):
-        if bound > 0:
-            r = max(r, err / bound)
-    return r
-
-
-def _as64(args: dict) -> dict:
-    return {k: (np.array(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-            for k, v in args.items()}
-
-
-def _const(x: float) -> str:
-    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2g}"
-
-
-def _json_float(x):
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+from .engine import MODEL_QUANTITIES, Fit, Variant
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -373,9 +26,9 @@ def _json_float(x):
 def _oracle_copy():
     """A private instance of pyref.numpy_kernels whose constants (LN_EPS, GELU_COEF) the
     variants may set without touching the shared module."""
-    spec = importlib.util.spec_from_file_location("_llmc_diagnose_kernels", numpy_kernels.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    module_spec = importlib.util.spec_from_file_location("_llmc_diagnose_kernels", numpy_kernels.__file__)
+    mod = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(mod)
     return mod
 
 
@@ -693,19 +346,10 @@ def one_d_mask(n_params: int, config=None) -> np.ndarray | None:
 def is_one_d(name: str, shape: tuple[int, ...]) -> bool:
     """Whether parameter tensor ``name`` (shape as ``param_shapes`` gives it: stacked over
     layers except wte, wpe, lnfw, lnfb) is 1-D per layer: a bias or a layernorm gain."""
-    layered = name not in ("wte", "wpe", "lnfw", "lnfb")
-    return len(shape) - layered == 1
+    return len(shape) - (name in LAYER_PARAMS) == 1
 
 
 # --- the loss mean (model level)
-
-# Quantities of a whole step that are not a kernel's: ``loss_mean`` stands for the mean
-# over the B*T positions that gpt2_forward takes of the losses and gpt2_backward
-# differentiates (dlosses = 1/(B*T)). Its Call has ``value`` (the float64 model's mean
-# loss, or one of its gradients: the backward is linear in dlosses) and ``n`` (B*T).
-MODEL_QUANTITIES = ("loss_mean",)
-_LABELS = {"loss_mean": "the loss mean over B*T"}
-
 
 def _mean_over(delta: int):
     def run(kernel, args, ctx, value):
