@@ -30,6 +30,7 @@ def cases():
             if spec.shapes is None or s.name in spec.shapes:
                 yield spec, s
 
+
 def make_inputs(spec: KernelSpec, s: Shape, seed: int = 0) -> dict:
     """The case's float32 / int32 inputs, the same for every implementation."""
     rng = np.random.default_rng([seed, SHAPES.index(s), SPECS.index(spec)])
@@ -67,9 +68,11 @@ def check_outputs(impl, kernel: str, args: dict, expected=None, label: str = "")
                           elem_scale=call_scale(kernel, name, args, expected))
     return out
 
+
 def check_kernel(impl, kernel: str, args: dict, expected=None, label: str = "") -> list[Comparison]:
     """:func:`check_outputs` as a list, in the kernel's output order."""
     return list(check_outputs(impl, kernel, args, expected, label).values())
+
 
 def assert_kernel(impl, kernel: str, args: dict, **kw) -> list[Comparison]:
     """:func:`check_kernel`, raising :class:`ParityError` on the first failing output."""
@@ -78,6 +81,7 @@ def assert_kernel(impl, kernel: str, args: dict, **kw) -> list[Comparison]:
         if not c.passed:
             raise ParityError(c)
     return results
+
 
 @dataclass
 class Case:
@@ -94,6 +98,7 @@ class Case:
     def key(self, output: str) -> str:
         """``layernorm_forward.out@base``: the case's output as the gate names it."""
         return f"{self.spec.name}.{output}@{self.shape.name}"
+
 
 def sweep(impls: dict, *, seeds=(0,), kernels=None):
     """The per-op sweep: every case of the op table (kernels whose name contains one of
@@ -116,9 +121,11 @@ def sweep(impls: dict, *, seeds=(0,), kernels=None):
                     results[name] = e
             yield Case(spec, s, seed, args, results)
 
+
 def case_id(spec: KernelSpec, shape: Shape) -> str:
     """``layernorm-layernorm_forward-base``: a case's test id (``pytest -k <op>`` selects it)."""
     return f"{spec.op}-{spec.name}-{shape.name}"
+
 
 def assert_case(impl, kernel: str, shape: str, seed: int = 0, label: str = "") -> list[Comparison]:
     """One case of the op table (``kernel`` on the named shape) judged by

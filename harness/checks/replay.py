@@ -39,6 +39,7 @@ def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]
                 checks.append(Check(step, impl, "replay", ref, c, (node,), module_of(state, ref)))
     return checks + _replay_backward(cfg, state, observes, has, step=step, impl=impl)
 
+
 def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: str) -> list[Check]:
     bwd = backward_nodes(cfg)
     buffers = writers(bwd)
@@ -73,6 +74,7 @@ def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: 
                       calls=lambda: _buffer_calls(ref, nodes, state))
             checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), module_of(state, ref)))
     return checks
+
 
 def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
     """The calls that accumulate into gradient buffer ``ref``, in order, each on the

@@ -105,6 +105,7 @@ class Check:
         loss checks and failed end-to-end checks of gradients; None otherwise."""
         return getattr(self.comparison, "diagnosis", None)
 
+
 @dataclass
 class StepReport:
     step: int
@@ -117,6 +118,7 @@ class StepReport:
     @property
     def passed(self) -> bool:
         return not self.errors and all(c.passed for c in self.checks)
+
 
 @dataclass
 class RunReport:
@@ -163,6 +165,7 @@ def first_divergence_check(checks: list[Check]) -> Check | None:
             if c.kind in kinds and not c.passed:
                 return c
     return None
+
 
 def first_divergence(checks: list[Check], heading: bool = True) -> str | None:
     """The first failing replay check in graph order (else the first failing check), as

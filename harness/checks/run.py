@@ -154,6 +154,7 @@ class _Step:
     errors: dict = field(default_factory=dict)         # impl -> forward/backward exception
     update_errors: dict = field(default_factory=dict)  # impl -> update exception
 
+
 def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dict, list[Check]]:
     """One step: the C, the oracle and the witness; the C's checks; each reference in turn;
     the C's update last (so its params, m, v are every reference's pre-step state). Returns
@@ -172,6 +173,7 @@ def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dic
     names = ["C", *pymodels]
     return losses, [c for n in names for c in step.graph.get(n, [])] + \
         [c for n in names for c in step.update.get(n, [])]
+
 
 def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]:
     """The C's and the oracle's forward and backward, and the witness's spread (made,
@@ -198,6 +200,7 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]
     spread = witness_spread(config, witness, oracle)
     return losses, spread
 
+
 def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: dict) -> list[Check]:
     """The loss and end-to-end checks of one implementation's forward/backward, and its
     replay (always, or on a failed end-to-end check)."""
@@ -210,6 +213,7 @@ def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: di
         step.say(f"replaying {name}'s ops")
         checks += replay_graph(step.config, state, step=step.t, impl=name)
     return checks
+
 
 def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle, spread: dict) -> None:
     """One reference's turn: loaded from the C's pre-step state, forward/backward,
@@ -240,6 +244,7 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
     finally:
         _release(pm)
 
+
 def _update_c(step: _Step, cmodel, threads) -> list[Check]:
     """The C's AdamW update, checked against AdamW in float64 from its pre-step state (the
     C updates its params, m, v in place: copied first; m, v are zeros at the first step)."""
@@ -251,12 +256,14 @@ def _update_c(step: _Step, cmodel, threads) -> list[Check]:
     return check_update(step.config, pre, cmodel.grads_memory,
                         (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory), h, t, step=t, impl="C")
 
+
 def _release(pm, how: str = "release") -> None:
     """Drop a reference's buffers until its next turn (``release``), or its activations
     once they are checked (``drop_activations``), where the reference has the method."""
     release = getattr(pm, how, None)
     if release is not None:
         release()
+
 
 def _error_text(e: Exception) -> str:
     return " ".join([f"{type(e).__name__}: {e}", *getattr(e, "__notes__", [])])

@@ -21,6 +21,7 @@ from .state import axes
 
 UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporaries stay in cache
 
+
 def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  post: tuple[np.ndarray, np.ndarray, np.ndarray], hyper: AdamW, t: int, *,
                  step: int, impl: str) -> list[Check]:
@@ -59,11 +60,13 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
         offset += n
     return checks
 
+
 def _runs(n: int) -> list[tuple[int, int]]:
     """``[0, n)`` in one run of whole blocks per worker."""
     blocks = -(-n // UPDATE_BLOCK)
     per = -(-blocks // workers())
     return [(lo * UPDATE_BLOCK, min(n, (lo + per) * UPDATE_BLOCK)) for lo in range(0, blocks, per)]
+
 
 def _expected_update(pre: tuple, grads, offset: int, expected: dict, scales: dict, hp: dict,
                      run: tuple[int, int]) -> None:
@@ -83,6 +86,7 @@ def _expected_update(pre: tuple, grads, offset: int, expected: dict, scales: dic
         np.copyto(v, zeros[:hi - lo] if pre[2] is None else pre[2][sl])
         ORACLE.adamw(p, grads[sl], m, v, *hp.values())
         scales["m"][lo:hi], scales["params"][lo:hi] = adamw_magnitudes(p0, m0, grads[sl], v, hp)
+
 
 def _update_args(pre: tuple, grads, sl: slice, shape, hp: dict) -> dict:
     """AdamW's arguments for one parameter tensor (m, v zero at the first step)."""

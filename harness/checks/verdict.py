@@ -36,6 +36,7 @@ def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, ar
         c = attach(c, diagnose(calls() if calls else Call(kernel, output, args), actual, expected, **how))
     return c
 
+
 def call_scale(kernel: str, output: str, args: dict, expected: dict):
     """Sum |term| of each element of one call: the kernel's own terms, plus the value a
     backward kernel's gradient buffer held before it accumulated into it."""
@@ -45,6 +46,7 @@ def call_scale(kernel: str, output: str, args: dict, expected: dict):
         start = np.abs(args[output])
         mag = start if mag is None else mag + start
     return mag
+
 
 def _as64(args: dict) -> dict:
     return {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)

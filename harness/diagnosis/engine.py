@@ -47,6 +47,7 @@ class Fit:
     hi: float
     log: bool = False
 
+
 @dataclass(frozen=True)
 class Variant:
     """One op under one change of semantics.
@@ -83,6 +84,7 @@ class Variant:
     def describe(self, value: float | None = None) -> str:
         return self.description.format(value=_const(value)) if value is not None else self.description
 
+
 @dataclass(frozen=True)
 class Cause:
     """A variant that explains a failing output: ``used`` is the fraction of the check's
@@ -100,6 +102,7 @@ class Cause:
     def to_json(self) -> dict:
         return {"id": self.id, "family": self.family, "description": self.description,
                 "used": json_float(self.used), "value": json_float(self.value), "where": self.where}
+
 
 @dataclass(frozen=True)
 class Diagnosis:
@@ -143,6 +146,7 @@ class Diagnosis:
                 "causes": [c.to_json() for c in self.causes], "tried": list(self.tried),
                 "skipped": [{"id": i, "error": e} for i, e in self.skipped], "text": self.text()}
 
+
 @dataclass(frozen=True)
 class DiagnosedComparison(Comparison):
     """A failed :class:`Comparison` with its :class:`Diagnosis`: the same metrics and
@@ -159,10 +163,12 @@ class DiagnosedComparison(Comparison):
         row["diagnosis"] = None if self.diagnosis is None else self.diagnosis.to_json()
         return row
 
+
 def attach(c: Comparison, diagnosis: Diagnosis) -> DiagnosedComparison:
     """``c`` carrying ``diagnosis`` (all metrics and the verdict unchanged)."""
     values = {f.name: getattr(c, f.name) for f in fields(Comparison)}
     return DiagnosedComparison(**values, diagnosis=diagnosis)
+
 
 @dataclass(frozen=True)
 class Call:
@@ -190,6 +196,7 @@ _LABELS = {"loss_mean": "the loss mean over B*T"}
 def variants_for(kernel: str, variants: Sequence[Variant]) -> list[Variant]:
     """The variants that change ``kernel``."""
     return [v for v in variants if kernel in v.kernels]
+
 
 def diagnose(calls: Call | Sequence[Call], actual, expected, *, variants: Sequence[Variant], tol: Tolerance,
              mask=None, elem_scale=None, axes=None, ctx: dict | None = None, name: str = "") -> Diagnosis:
@@ -219,6 +226,7 @@ def diagnose(calls: Call | Sequence[Call], actual, expected, *, variants: Sequen
                 causes.append(cause)
     causes.sort(key=lambda c: c.used)
     return Diagnosis(last.kernel, last.output, tuple(causes), tuple(dict.fromkeys(tried)), tuple(skipped))
+
 
 def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, elem_scale, axes,
          ctx, name) -> Cause | None:
@@ -251,6 +259,7 @@ def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, 
     return Cause(v.id, v.family, v.describe(value), _used(c), value,
                  call.where if len(calls) > 1 else None)
 
+
 def _region(v: Variant, call: Call, actual, expected, mask, same: dict):
     """Where a variant with ``defined`` positions is judged (the check's mask and its
     own), or None when the failure cannot be its doing: without ``unwritten``, the
@@ -271,6 +280,7 @@ def _region(v: Variant, call: Call, actual, expected, mask, same: dict):
         return None
     return where
 
+
 def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarray | None:
     """The judged output with call ``i`` run under ``v`` and the others as the C does."""
     buf = None
@@ -288,6 +298,7 @@ def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarra
             out = run_kernel(numpy_kernels, call.kernel, args, np.float64)
         buf = out[call.output]
     return buf
+
 
 def _fit(result, actual, fit: Fit, mask) -> float | None:
     """The constant in [fit.lo, fit.hi] whose variant is closest (least squares) to
@@ -332,6 +343,7 @@ def _fit(result, actual, fit: Fit, mask) -> float | None:
             fd = loss(d_)
     return float(from_x((a_ + b_) / 2))
 
+
 def _used(c: Comparison) -> float:
     r = 0.0
     for err, bound in ((c.max_rel, c.tol.rel), (c.norm_rel, c.tol.norm)):
@@ -339,9 +351,11 @@ def _used(c: Comparison) -> float:
             r = max(r, err / bound)
     return r
 
+
 def _as64(args: dict) -> dict:
     return {k: (np.array(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
             for k, v in args.items()}
+
 
 def _const(x: float) -> str:
     return f"{x:.4g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2g}"
