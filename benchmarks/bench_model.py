@@ -48,7 +48,7 @@ def measure(cfg, B: int, T: int) -> dict:
     import torch
     from harness.clib.library import load_library
     from harness.clib.cmodel import CModel
-    from harness.models import Hyper, TorchModel, resolve_spec
+    from harness.ports import Hyper, TorchModel, load_object
     from harness.oracle import ORACLE
     from harness.checks.run import AdamW, run_parity
     from pyref import synth
@@ -58,7 +58,7 @@ def measure(cfg, B: int, T: int) -> dict:
     params = synth.init_params(cfg, seed=0)
     x, y = synth.make_batch(cfg, B, T, seed=1)
     lib = load_library()
-    GPT = resolve_spec(f"{ROOT / 'tests' / 'model_ports.py'}:GPT")
+    GPT = load_object(f"{ROOT / 'tests' / 'model_ports.py'}:GPT")
     out = {}
 
     c = CModel.from_params(cfg, params, lib=lib)

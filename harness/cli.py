@@ -118,13 +118,13 @@ def _refuse_nonfinite(path, cfg, params) -> None:
 
 
 def _impls(names: list[str]):
-    from .kernels import load_kernels
+    from .ports.loader import load_kernels
     impls = {}
-    for spec in names:
-        if spec == "oracle":
+    for target in names:
+        if target == "oracle":
             continue  # always there: it is the arbiter
-        ks = load_kernels(spec, fallback=True)
-        name = spec if spec in ("numpy", "torch") else ks.name
+        ks = load_kernels(target, fallback=True)
+        name = target if target in ("numpy", "torch") else ks.name
         if name in RESERVED:   # "C" and "oracle" name the library and the arbiter in reports
             name = f"{name} (port)"
         impls[name] = ks
@@ -137,16 +137,11 @@ def _models(args) -> dict:
         if args.optimizer or args.model_map:
             raise UsageError("--optimizer and --model-map go with --model")
         return {}
-    from .models import TorchModel, resolve_spec
-    factory = resolve_spec(args.model)
-    optimizer = args.optimizer
-    if optimizer and optimizer != "configure_optimizers":
-        optimizer = resolve_spec(optimizer)
-    mapping = resolve_spec(args.model_map) if args.model_map else None
-    name = args.model.rpartition(":")[2]
-    if name in RESERVED:
-        name = f"{name} (model)"
-    return {name: TorchModel(factory, mapping=mapping, optimizer=optimizer, name=name)}
+    from .ports.loader import load_model
+    model = load_model(args.model, optimizer=args.optimizer, mapping=args.model_map)
+    if model.name in RESERVED:   # "C" and "oracle" name the library and the arbiter in reports
+        model.name = f"{model.name} (model)"
+    return {model.name: model}
 
 
 def _batches(args, cfg, B, T):

@@ -188,7 +188,7 @@ def _run_model(run: GateRun, lib, took, progress) -> None:
     from pyref import synth
     from pyref.config import preset
 
-    from .kernels import load_kernels
+    from .ports.loader import load_kernels
     from .checks.run import run_parity
 
     cfg = preset(SUITE["config"])

@@ -63,11 +63,11 @@ def llmc_lib():
 
 @pytest.fixture(scope="session")
 def llmc_impl(request):
-    spec = request.config.getoption("--llmc-impl")
-    if not spec:
+    target = request.config.getoption("--llmc-impl")
+    if not target:
         return None
-    from .kernels import load_kernels
-    return load_kernels(spec, fallback=True)
+    from .ports.loader import load_kernels
+    return load_kernels(target, fallback=True)
 
 
 @pytest.fixture(scope="session")
@@ -91,22 +91,18 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def llmc_model_report(request, llmc_lib, llmc_config, llmc_steps):
     """One run of the ``--llmc-model`` model (B=2, T<=16) for every per-op test."""
-    spec = request.config.getoption("--llmc-model")
-    if not spec:
+    target = request.config.getoption("--llmc-model")
+    if not target:
         pytest.skip("no --llmc-model given")
     from pyref import synth
-    from .models import TorchModel, resolve_spec
+
     from .checks.run import run_parity
-    opt = request.config.getoption("--llmc-optimizer")
-    if opt and opt != "configure_optimizers":
-        opt = resolve_spec(opt)
+    from .ports.loader import load_model
     cfg = llmc_config
     T = min(cfg.max_seq_len, 16)
-
-    name = spec.rpartition(":")[2]
+    model = load_model(target, optimizer=request.config.getoption("--llmc-optimizer"))
     return run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 2, T, seed=1000),
-                      lib=llmc_lib, steps=llmc_steps,
-                      models={name: TorchModel(resolve_spec(spec), optimizer=opt, name=name)})
+                      lib=llmc_lib, steps=llmc_steps, models={model.name: model})
 
 
 def checks_by_op(report, impl: str) -> dict[str, list]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness.checks.debugstate import check_debug_state
-from harness.kernels import KernelLoadError, load_kernels
+from harness.ports import KernelLoadError, load_kernels
 from harness.checks.run import run_parity
 from pyref import formats, numpy_kernels, synth
 from pyref.config import GPT2Config, PRESETS

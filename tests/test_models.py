@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness.cli import main as cli_main
-from harness.models import Hyper, ModelError, ModelState, TorchModel, map_parameters
+from harness.ports import Hyper, ModelError, ModelState, TorchModel, map_parameters
 from harness.checks.run import AdamW, run_parity
 from pyref import numpy_kernels, synth
 from pyref.config import PRESETS, GPT2Config
@@ -198,7 +198,7 @@ def test_forward_only_kernel_port_is_checked_backward_by_autograd():
     """model_ports.py defines forward kernels only, two with the shapes passed explicitly
     (attention_forward(inp, B, T, C, NH), softmax_forward(logits)) and two returning their
     main output alone: loaded as it is, no adapter."""
-    from harness.kernels import load_kernels
+    from harness.ports import load_kernels
     ks = load_kernels(str(HERE / "model_ports.py"), fallback=True)
     assert ks.missing == ["adamw"]
     assert set(ks.derived) == {"encoder_backward", "layernorm_backward", "matmul_backward", "attention_backward",
@@ -247,7 +247,7 @@ def test_ops_table_checks_derived_backward_kernels(capsys):
 
 def test_free_run_bounds_every_implementation_by_the_witness():
     from harness.checks.freerun import free_run, free_run_table
-    from harness.kernels import load_kernels
+    from harness.ports import load_kernels
     steps = 4
     rows = free_run(TINY, synth.init_params(TINY, seed=0), [synth.make_batch(TINY, 4, 16, seed=i) for i in range(steps)],
                     lib=None, impls={"numpy": load_kernels("numpy")},

@@ -22,7 +22,7 @@ VARIANTS = {"O2": "-O2", "O3-native": "-O3 -march=native", "Ofast-native": "-Ofa
 MODEL_CHECK = """
 import sys
 from harness.checks.run import run_parity
-from harness.kernels import load_kernels
+from harness.ports import load_kernels
 from pyref import synth
 from pyref.config import PRESETS
 cfg = PRESETS[sys.argv[2]]

@@ -55,11 +55,11 @@ class FreeRunRow:
 def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impls: dict | None = None,
              models: dict | None = None, hyper=None, threads: int | None = None) -> list[FreeRunRow]:
     """``len(batches)`` training steps of the C (``lib``), each KernelSet in ``impls`` and each
-    :class:`harness.models.TorchModel` in ``models``, each on its own state; rows per step
+    :class:`harness.ports.TorchModel` in ``models``, each on its own state; rows per step
     and implementation."""
     from ..clib.library import as_library
     from ..clib.cmodel import CModel
-    from ..models import ModelState
+    from ..ports.state import ModelState
     from ..oracle import Witness
     hyper = hyper or AdamW()
     params = np.asarray(params, np.float32)
@@ -71,7 +71,7 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     runners = {"C": cmodel}
     runners.update({n: PyGPT2(config, params, kernels=k, dtype=np.float32) for n, k in (impls or {}).items()})
     try:
-        runners.update({n: ModelState(config, params, spec, hyper) for n, spec in (models or {}).items()})
+        runners.update({n: ModelState(config, params, model, hyper) for n, model in (models or {}).items()})
         rows: list[FreeRunRow] = []
         failed: dict[str, str] = {}
         for t, (inputs, targets) in enumerate(batches, 1):

@@ -39,7 +39,7 @@ from ..clib.cmodel import CModel
 from ..clib.library import as_library
 from ..compare import Tolerance
 from ..cores import shared
-from ..models import ModelState
+from ..ports.state import ModelState
 from ..oracle import ORACLE, Witness, witness_spread
 from ..tolerances import e2e_tolerance
 from .e2e import e2e_graph

@@ -1,0 +1,313 @@
+"""One training step of a torch model from the C's state, read back in the C's layout.
+
+A port of ``train_gpt2.c`` is usually not written to the kernel protocol: it is an
+``nn.Module`` whose ``forward`` builds the graph from torch ops, ``loss.backward()`` gives
+the gradients and ``torch.optim.AdamW`` the update. :class:`ModelState` runs such a model
+one step at a time from the C's state and presents what it computed with the interface the
+per-step checks read from any model state (``params``, ``grads``, ``acts``, ``grads_acts``,
+``m_memory``, ``v_memory``, ``mean_loss``; see :mod:`harness.graph`), so a model is one
+more implementation column in :func:`harness.checks.run.run_parity`. Its parameters are
+mapped by :mod:`.mapping`, its activations captured by :mod:`.capture`.
+
+The values an op's replay needs but no module returns (a layernorm's mean and rstd,
+attention's softmax, the probabilities; the ``derivable`` outputs of :mod:`pyref.spec`)
+are *derived*: the float64 oracle of the op applied to the port's own observed inputs, so
+a replay's inputs stay the port's own.
+"""
+from __future__ import annotations
+
+import inspect
+from math import prod
+
+import numpy as np
+
+from pyref.config import GPT2Config, act_shapes, param_shapes, point
+from pyref.protocol import FORWARD_OUTPUTS, run_kernel
+from pyref.spec import SPECS
+
+from ..errors import ModelError
+from ..graph import Ref, backward_nodes, forward_nodes, writers
+from ..oracle import ORACLE
+from .capture import Capture
+from .families import hugging_face
+from .hygiene import hygiene
+from .mapping import Entry, map_parameters
+from .torchmodel import TorchModel, build_model, build_optimizer
+
+
+# outputs no module returns but a replay needs as input: derived from the port's own inputs
+# (their rows' ``derivable`` in pyref.spec)
+_DERIVED = {k.name: d for k in SPECS if k.returns and (d := tuple(o.name for o in k.outputs if o.derivable))}
+
+
+class ModelState:
+    """One training step of a torch model from the C's state, read back in the C's layout."""
+
+    def __init__(self, config: GPT2Config, params, model: TorchModel, hyper):
+        import torch
+        self.config = config
+        self.hyper = hyper
+        self.model = build_model(model.factory, config)
+        mapping = model.mapping if model.mapping is not None else getattr(self.model, "llmc_param_map", None)
+        self.entries = map_parameters(self.model, config, mapping)
+        elsewhere = sorted({str(e.param.device) for e in self.entries if e.param.device.type != "cpu"})
+        if elsewhere:
+            raise ModelError(f"{type(self.model).__name__} has parameters on {', '.join(elsewhere)}; "
+                             "the harness compares on the CPU: move the model there (model.cpu())")
+        shapes = param_shapes(config)
+        n = sum(prod(s) for s in shapes.values())
+        self.num_parameters = n
+        self.params_memory = np.zeros(n, np.float32)
+        self.params = point(self.params_memory, shapes)
+        self.grads_memory = np.zeros(n, np.float32)
+        self.grads = point(self.grads_memory, shapes)
+        self.m_memory = self.v_memory = None
+        self.acts = self.grads_acts = None
+        self.inputs = self.targets = None
+        self.mean_loss = np.float32(-1)
+        self.capture = Capture(self.model, config)
+        self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
+        self.findings = hygiene(self.model, self.optimizer, hyper, config, self.entries)
+        self._loss = None
+        self._observed: set = set()
+        self._derived: set = set()
+        self._own_loss = False
+        self.torch = torch
+        self.load_state(params)
+
+    # ------------------------------------------------------------------ state
+    def load_state(self, params, m=None, v=None):
+        """The C's parameters into the model, bit for bit; m, v (None: a fresh optimizer
+        state, as at step 1) into the optimizer's exp_avg, exp_avg_sq."""
+        torch = self.torch
+        self.params_memory[...] = np.asarray(params, np.float32).reshape(-1)
+        wte = self.params["wte"]
+        if any(e.rows == self.config.vocab_size for e in self.entries) and np.any(wte[self.config.vocab_size:]):
+            raise ModelError("the C's padded wte rows (V..Vp) are not zero; a model with V rows cannot hold them")
+        with torch.no_grad():
+            for e in self.entries:
+                e.param.copy_(torch.from_numpy(self._model_layout(e, self.params)))
+                back = e.param.detach().to(torch.float32).numpy()
+                if e.param.dtype == torch.float32 and not np.array_equal(
+                        back.view(np.uint32), self._model_layout(e, self.params).view(np.uint32)):
+                    raise ModelError(f"{e.names[0]} did not take the C's values bit for bit")
+        self.optimizer.state.clear()
+        if m is not None:
+            mv = {"m": point(np.asarray(m, np.float32), param_shapes(self.config)),
+                  "v": point(np.asarray(v, np.float32), param_shapes(self.config))}
+            for e in self.entries:
+                self.optimizer.state[e.param] = {
+                    "step": torch.tensor(0.0),   # set to t - 1 by update()
+                    "exp_avg": torch.from_numpy(self._model_layout(e, mv["m"]).copy()).to(e.param.dtype),
+                    "exp_avg_sq": torch.from_numpy(self._model_layout(e, mv["v"]).copy()).to(e.param.dtype)}
+            self._mv_loaded = True
+        else:
+            self._mv_loaded = False
+
+    def _model_layout(self, e: Entry, views: dict) -> np.ndarray:
+        a = e.slot.view(views)
+        if e.rows is not None:
+            a = a[:e.rows]
+        return np.ascontiguousarray(a.T if e.slot.transpose else a)
+
+    def _read(self, get, out: dict):
+        """A per-parameter tensor (grad, exp_avg, ...) back into C-layout views ``out``."""
+        for e in self.entries:
+            t = get(e)
+            dst = e.slot.view(out)
+            if t is None:
+                dst[...] = np.nan    # no gradient at all: shows up as a failure, not as zeros
+                continue
+            a = t.detach().to(self.torch.float32).numpy()
+            a = a.T if e.slot.transpose else a
+            if e.rows is not None:
+                dst[:e.rows] = a
+                dst[e.rows:] = 0   # the C's padded rows: zero gradient, zero moments
+            else:
+                dst[...] = a
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs, targets):
+        torch = self.torch
+        cfg = self.config
+        B, T = inputs.shape
+        self.inputs, self.targets = np.asarray(inputs, np.int32), np.asarray(targets, np.int32)
+        shapes = act_shapes(cfg, B, T)
+        if self.acts is None or self.acts["encoded"].shape[:2] != (B, T):
+            self.acts = {k: np.full(s, np.nan, np.float32) for k, s in shapes.items()}
+            self.grads_acts = {k: np.full(s, np.nan, np.float32) for k, s in shapes.items()}
+        else:
+            for d in (self.acts, self.grads_acts):
+                for a in d.values():
+                    a.fill(np.nan)
+        self.capture.clear()
+        idx = torch.from_numpy(self.inputs.astype(np.int64))
+        tgt = torch.from_numpy(self.targets.astype(np.int64))
+        with self.capture.kernel_calls(self.model, cfg):
+            logits, loss = self._call(idx, tgt)
+        if logits is not None and ("logits", None) not in self.capture.values:
+            self.capture.values[("logits", None)] = logits.detach().clone()
+            if logits.requires_grad:
+                logits.register_hook(lambda g: self.capture.grads.__setitem__(("logits", None), g.detach().clone()))
+        if loss is None:
+            if logits is None:
+                raise ModelError(f"{type(self.model).__name__}'s forward returned neither logits nor a loss")
+            V = cfg.vocab_size
+            loss = torch.nn.functional.cross_entropy(logits[..., :V].reshape(B * T, V).float(), tgt.reshape(-1))
+        self._loss = loss
+        self.mean_loss = np.float32(loss.detach().float().item())
+        self._store(self.capture.values, self.acts, forward=True)
+        self._derive()
+        return self.mean_loss
+
+    __call__ = forward
+
+    def _call(self, idx, tgt):
+        """The model's forward as the port calls it: with the targets where its forward
+        takes them and its loss means the C's (not Hugging Face's shifted labels)."""
+        model = self.model
+        hf = hugging_face(model)
+        params = list(inspect.signature(model.forward).parameters)
+        if hf or len(params) < 2:
+            out = model(idx)
+        else:
+            out = model(idx, tgt)
+        logits = loss = None
+        items = out if isinstance(out, (tuple, list)) else [out]
+        if hasattr(out, "logits"):
+            items = [out.logits]
+        for x in items:
+            if isinstance(x, self.torch.Tensor):
+                if x.dim() == 0:
+                    loss = x
+                elif x.dim() == 3 and logits is None:
+                    logits = x
+        self._own_loss = loss is not None
+        return logits, loss
+
+    def _store(self, captured: dict, out: dict, forward: bool):
+        cfg = self.config
+        for (act, layer), t in captured.items():
+            a = t.to(self.torch.float32).numpy()
+            dst = out[act] if layer is None else out[act][layer]
+            if act in ("logits", "probs") and a.shape[-1] == cfg.vocab_size < cfg.padded_vocab_size:
+                dst[..., :cfg.vocab_size] = a
+                dst[..., cfg.vocab_size:] = 0   # no padded columns: the C's are 0 (zero rows of wte)
+            elif a.shape != dst.shape:
+                raise ModelError(f"{self.capture.points.get((act, layer), 'the model output')} gave "
+                                 f"{act} of shape {a.shape}, the C's is {dst.shape}")
+            else:
+                dst[...] = a
+            if forward:
+                self._observed.add(("acts", act, layer))
+            else:
+                self._observed.add(("grads_acts", act, layer))
+
+    def _derive(self):
+        """The oracle's outputs for what no module returns, from the port's own inputs."""
+        self._derived = set()
+        for node in forward_nodes(self.config):
+            wanted = _DERIVED.get(node.kernel)
+            if not wanted:
+                continue
+            refs = {k: v for k, v in node.args if isinstance(v, Ref)}
+            inputs = {k: r for k, r in refs.items() if k not in FORWARD_OUTPUTS[node.kernel]}
+            if not all(self.has(r) for r in inputs.values()):
+                continue
+            outs = [o for o in wanted if not self.observes(refs[o])]
+            if not outs:
+                continue
+            args = {k: (np.asarray(v.get(self), np.float64) if isinstance(v, Ref) and v.group != "batch"
+                        else (v.get(self) if isinstance(v, Ref) else v)) for k, v in node.args
+                    if k not in FORWARD_OUTPUTS[node.kernel]}
+            res = run_kernel(ORACLE, node.kernel, args, np.float64)
+            for o in outs:
+                r = refs[o]
+                dst = self.acts[r.name] if r.layer is None else self.acts[r.name][r.layer]
+                dst[...] = res[o]
+                self._derived.add(("acts", r.name, r.layer))
+
+    # ------------------------------------------------------------------ backward
+    def zero_grad(self):
+        self.model.zero_grad(set_to_none=True)
+
+    def backward(self):
+        if self._loss is None:
+            raise ModelError("backward() before forward()")
+        B, T = self.inputs.shape
+        self._observed = {o for o in self._observed if o[0] != "grads_acts"}
+        self._loss.backward()
+        self._loss = None
+        self._read(lambda e: e.param.grad, self.grads)
+        self._store(self.capture.grads, self.grads_acts, forward=False)
+        # the C seeds dlosses with 1/(B*T): the mean over all positions
+        self.grads_acts["losses"][...] = np.float32(1.0) / np.float32(B * T)
+        self._derived.add(("grads_acts", "losses", None))
+
+    # ------------------------------------------------------------------ update
+    def update(self, lr, beta1, beta2, eps, weight_decay, t):
+        """The port's optimizer step (its own hyperparameters: those are under test)."""
+        torch = self.torch
+        if self._mv_loaded:
+            for e in self.entries:
+                self.optimizer.state[e.param]["step"] = torch.tensor(float(t - 1))
+        self.optimizer.step()
+        shapes = param_shapes(self.config)
+        if self.m_memory is None:
+            self.m_memory = np.zeros(self.num_parameters, np.float32)
+            self.v_memory = np.zeros(self.num_parameters, np.float32)
+        for key, buf in (("exp_avg", self.m_memory), ("exp_avg_sq", self.v_memory)):
+            missing = [e.names[0] for e in self.entries if key not in self.optimizer.state.get(e.param, {})]
+            if missing:
+                raise ModelError(f"{type(self.optimizer).__name__} keeps no {key!r} for {missing[0]}: "
+                                 "its moments cannot be read as AdamW's m and v")
+            self._read(lambda e: self.optimizer.state[e.param][key], point(buf, shapes))
+        self._read(lambda e: e.param, self.params)
+
+    def drop_activations(self):
+        """Drop the activations, their gradients and the captured tensors (the next
+        forward makes them again); what an update needs stays."""
+        self.acts = self.grads_acts = None
+        self.capture.clear()
+
+    def release(self):
+        """Drop what a step left (activations and their gradients, captured tensors, the
+        autograd graph, the gradients, m, v and the optimizer's state) until the next
+        ``load_state``: run_parity checks one reference at a time. The parameters (the
+        model's own and the C-layout copy) stay; what was observed is kept for the report."""
+        self.drop_activations()
+        self.m_memory = self.v_memory = None
+        self._loss = None
+        self.model.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+
+    # ------------------------------------------------------------------ what was seen
+    def observes(self, ref: Ref) -> bool:
+        """Whether the port itself produced ``ref`` (else the checks skip it)."""
+        if ref.group in ("params", "grads", "batch"):
+            return True
+        return (ref.group, ref.name, ref.layer) in self._observed
+
+    def has(self, ref: Ref) -> bool:
+        """Observed, or derived from what was observed: usable as a replay's input."""
+        return self.observes(ref) or (ref.group, ref.name, ref.layer) in self._derived
+
+    def module_of(self, ref: Ref) -> str | None:
+        if ref.group not in ("acts", "grads_acts"):
+            return None
+        return self.capture.points.get((ref.name, ref.layer))
+
+    def not_observed(self) -> list[str]:
+        """The C's activations (and gradients) this model does not show at a module boundary."""
+        cfg = self.config
+        refs = [r for r in writers(forward_nodes(cfg) + backward_nodes(cfg)) if r.group in ("acts", "grads_acts")]
+        unseen: dict[str, list] = {}
+        for r in refs:
+            if not self.observes(r):
+                unseen.setdefault(f"{r.group}.{r.name}", []).append(r.layer)
+        out = []
+        for what, layers in unseen.items():
+            if layers != [None] and len(layers) < cfg.num_layers:
+                what += f" (layers {', '.join(map(str, layers))})"
+            out.append(what)
+        return out
