@@ -220,7 +220,7 @@ def _run_inputs(args):
 def _print_run(args, report, lib) -> bool:
     """The step tables, the free run, the summary and the debug-state check (unless
     --json-only); returns whether the debug state (if asked for) passed."""
-    from .report import model_notes, run_summary, step_table
+    from .report import debug_state_table, free_run_table, model_notes, run_summary, step_table
 
     if not args.json_only:
         for line in model_notes(report):
@@ -229,15 +229,14 @@ def _print_run(args, report, lib) -> bool:
             if not args.summary_only or not step.passed:
                 print(step_table(step, verbose=args.verbose))
         if report.free_run:
-            from .checks.freerun import free_run_table
             print(free_run_table(report.free_run))
         print(run_summary(report))
     if not args.debug_state:
         return True
-    from .checks.debugstate import check_debug_state, format_debug_state
+    from .checks.debugstate import check_debug_state
     ds = check_debug_state(args.checkpoint, args.debug_state, lib=lib, threads=args.threads)
     if not args.json_only:
-        print(format_debug_state(ds))
+        print(debug_state_table(ds))
     return ds.passed
 
 
@@ -250,13 +249,13 @@ def _write_run(args, report) -> None:
     elif args.json:
         write_json(report, args.json, overwrite=args.overwrite)
     if args.plot:
-        from .plot import plot
+        from .report import plot
         plot(report, args.plot, overwrite=args.overwrite)
 
 
 def cmd_ops(args) -> int:
     from .clib.kernels import CKernels
-    from .compare import format_table
+    from .report import format_table
     from .checks.perop import sweep
 
     lib = _library(args)

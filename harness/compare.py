@@ -49,7 +49,7 @@ import numpy as np
 
 __all__ = [
     "Tolerance", "Comparison", "ParityError",
-    "compare", "assert_parity", "format_table", "ulp_distance", "CHUNK_ELEMS",
+    "compare", "assert_parity", "ulp_distance", "json_float", "CHUNK_ELEMS",
 ]
 
 #: Elements per block. The reused scratch buffers take up to ~75 bytes per element
@@ -171,9 +171,15 @@ class Comparison:
     worst_ulp: int | None
 
     @property
-    def frac_bad(self) -> float:
-        """Fraction of the compared elements that are bad (0.0 when nothing was compared)."""
-        return self.n_bad / self.n_compared if self.n_compared else 0.0
+    def used(self) -> float:
+        """The fraction of its tolerance used, > 1 exactly when a bound is exceeded: the largest
+        of max_rel/tol.rel, norm_rel/tol.norm and (where checked) max_ulp/tol.ulp; inf for a
+        non-finite mismatch, a NaN norm or an error against a zero bound."""
+        if self.n_nonfinite_mismatch or math.isnan(self.norm_rel):
+            return math.inf
+        bounds = [(self.max_rel, self.tol.rel), (self.norm_rel, self.tol.norm)]
+        bounds += [] if self.tol.ulp is None else [(float(self.max_ulp), float(self.tol.ulp))]
+        return max(err / tol if tol > 0 else (math.inf if err > 0 else 0.0) for err, tol in bounds)
 
     def failed_checks(self) -> list[str]:
         """Which criteria failed: any of ``rel``, ``ulp``, ``norm``, ``nonfinite``."""
@@ -386,36 +392,6 @@ def ulp_distance(a: Any, b: Any) -> np.ndarray:
         b32 = np.asarray(b, dtype=np.float32)
     out_shape = np.broadcast_shapes(a32.shape, b32.shape)
     return _ulp_diff(np.atleast_1d(a32), np.atleast_1d(b32)).reshape(out_shape)
-
-
-def format_table(rows: Sequence[Comparison], title: str | None = None) -> str:
-    """A fixed-width text table of comparisons, one line per tensor, with a verdict."""
-    header = ("tensor", "max rel", "tol rel", "norm rel", "tol norm", "max ulp", "tol ulp",
-              "bad/total", "worst at", "verdict")
-    right = {1, 2, 3, 4, 5, 6, 7}
-    body = []
-    for c in rows:
-        bad = f"{c.n_bad}/{c.n_compared}"
-        if c.n_nonfinite_mismatch:
-            bad += f" ({c.n_nonfinite_mismatch} non-finite)"
-        body.append((
-            c.name, _sci(c.max_rel), _sci(c.tol.rel), _sci(c.norm_rel),
-            _sci(c.tol.norm), str(c.max_ulp), "-" if c.tol.ulp is None else str(c.tol.ulp),
-            bad, c.worst_label if c.worst_index is not None else "-",
-            "OK" if c.passed else "FAIL",
-        ))
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
-
-    out = [] if title is None else [title]
-    out += [line(header), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in body]
-    n_fail = sum(not c.passed for c in rows)
-    out.append(f"{len(rows) - n_fail} OK, {n_fail} FAIL")
-    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- internals
@@ -795,11 +771,6 @@ def _num(x: float | None) -> str:
     if x is None:
         return "n/a"
     return "0" if x == 0 else f"{x:.3g}"
-
-
-def _sci(x: float) -> str:
-    """A metric for tables: fixed-width scientific notation."""
-    return "0" if x == 0 else f"{x:.2e}"
 
 
 def _pct(n: int, total: int) -> str:

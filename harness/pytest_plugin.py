@@ -131,7 +131,7 @@ def parity_record():
 
 # pytest-xdist: each worker records its own comparisons; they travel to the controller,
 # which prints the one summary (execnet carries plain data, so only what it needs)
-_FIELDS = ("name", "passed", "max_rel", "norm_rel")
+_FIELDS = ("name", "passed", "max_rel", "norm_rel", "used")
 
 
 def pytest_sessionfinish(session):

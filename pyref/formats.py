@@ -91,14 +91,20 @@ def _header(*values):
     return h.tobytes()
 
 
+def refuse_existing(path, overwrite: bool = False) -> None:
+    """FileExistsError when ``path`` exists and may not be replaced: what :func:`write_atomic`
+    checks first, and a writer that takes long to make its bytes checks before it starts."""
+    if os.path.lexists(os.fspath(path)) and not overwrite:
+        raise FileExistsError(f"{os.fspath(path)} exists; pass overwrite=True to replace it")
+
+
 def write_atomic(path, chunks, overwrite=False):
     """Write byte chunks to ``path`` via a temporary file in the same folder, so no reader
     ever sees half a file. Without ``overwrite`` an existing file is never replaced
     (FileExistsError), also when it appears while we write (the temporary file is
     hard-linked into place). Every file the project writes goes through here."""
     path = os.fspath(path)
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    refuse_existing(path, overwrite)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory")
     d = os.path.dirname(os.path.abspath(path))

@@ -45,7 +45,8 @@ FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long
 
 from harness.clib.library import load_library  # noqa: E402
 from harness.clib.kernels import CKernels  # noqa: E402
-from harness.compare import compare, format_table  # noqa: E402
+from harness.compare import compare  # noqa: E402
+from harness.report import format_table  # noqa: E402
 from harness.checks.perop import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
                          make_inputs, run_kernel)
 from harness.checks.perop import check_kernel  # noqa: E402

@@ -35,7 +35,8 @@ if str(ROOT) not in sys.path:
 from harness.clib.library import Library, LibraryError, LlmcInputError, load_library  # noqa: E402
 from harness.clib.kernels import CKernels  # noqa: E402
 from harness.clib.cmodel import CModel  # noqa: E402
-from harness.compare import compare, format_table  # noqa: E402
+from harness.compare import compare  # noqa: E402
+from harness.report import format_table  # noqa: E402
 from harness.checks.perop import SPEC, SHAPE_BY_NAME, make_inputs  # noqa: E402
 from harness.checks.perop import check_kernel  # noqa: E402
 from harness.tolerances import op_tolerance  # noqa: E402

@@ -246,7 +246,8 @@ def test_ops_table_checks_derived_backward_kernels(capsys):
 # free-running trajectories
 
 def test_free_run_bounds_every_implementation_by_the_witness():
-    from harness.checks.freerun import free_run, free_run_table
+    from harness.checks.freerun import free_run
+    from harness.report import free_run_table
     from harness.ports import load_kernels
     steps = 4
     rows = free_run(TINY, synth.init_params(TINY, seed=0), [synth.make_batch(TINY, 4, 16, seed=i) for i in range(steps)],

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import plot as P
+from harness.report import png as P
 from harness import report as R
+from harness.checks.results import KINDS
 from harness.checks.run import run_parity
 from pyref import numpy_kernels, synth
 from pyref.config import PRESETS
@@ -142,7 +143,7 @@ def test_json_is_strict_and_matches_the_documented_schema(report):
     for impl, kinds in data["counts"].items():
         assert impl in data["impls"]
         for kind, count in kinds.items():
-            assert kind in R.KINDS
+            assert kind in KINDS
             _validate(count, "count", doc)
     assert len(data["steps"]) == 2
     n_checks = n_diagnosed = 0
@@ -163,7 +164,7 @@ def test_json_is_strict_and_matches_the_documented_schema(report):
                 n_diagnosed += 1
             else:
                 assert c["passed"] or c["kind"] in ("e2e", "loss")
-            assert c["kind"] in R.KINDS
+            assert c["kind"] in KINDS
             n_checks += 1
     assert sum(c["checks"] for kinds in data["counts"].values() for c in kinds.values()) == n_checks
     assert data["not_checked"] == {"broken": ["attention_backward"]}

@@ -114,18 +114,3 @@ def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int 
             row(f"grads.{name}", a, expected[name], oracle.grads[name], tol,
                 PARAM_AXES.get(a.ndim))
     return DebugStateReport(str(debug_state), B, T, rows, float(c_loss), float(ds.loss), oracle_loss)
-
-
-def format_debug_state(report: DebugStateReport) -> str:
-    head = f"{'tensor':<16}{'max rel':>10}{'tol rel':>10}{'norm rel':>10}{'tol norm':>10}  {'closer to oracle':<17}{'verdict':>7}"
-    lines = [f"debug state {report.path}: B={report.B} T={report.T}",
-             f"loss: C {report.c_loss:.6f}, debug state {report.expected_loss:.6f}, oracle {report.oracle_loss:.6f}",
-             head, "-" * len(head)]
-    for r in report.rows:
-        c = r.vs_expected
-        lines.append(f"{r.tensor:<16}{c.max_rel:>10.2e}{c.tol.rel:>10.2e}{c.norm_rel:>10.2e}{c.tol.norm:>10.2e}  "
-                     f"{r.closer:<17}{'OK' if c.passed else 'FAIL':>7}")
-        if not c.passed:
-            lines.append("    " + c.message().replace("\n", "\n    "))
-    lines.append("PASS" if report.passed else "FAIL")
-    return "\n".join(lines)

@@ -125,16 +125,3 @@ def _step(model, inputs, targets, hyper: AdamW, t, threads) -> float:
 def _norm_rel(actual: np.ndarray, expected: np.ndarray) -> float:
     c = compare(np.asarray(actual), np.asarray(expected), name="params", tol=Tolerance(rel=np.inf, norm=np.inf))
     return float(c.norm_rel)
-
-
-def free_run_table(rows: list[FreeRunRow]) -> str:
-    """Per step and implementation: loss and parameter divergence from the oracle's own run,
-    against the witness bound."""
-    head = f"{'step':>4}  {'impl':<12} {'loss':>10}  {'loss rel':>9} {'bound':>9}  {'params rel':>10} {'bound':>9}  verdict"
-    lines = ["free run: each implementation on its own state, against the float64 oracle's own run", head,
-             "-" * len(head)]
-    for r in rows:
-        verdict = "ok" if r.passed else ("ERROR " + r.error if r.error else "FAIL")
-        lines.append(f"{r.step:>4}  {r.impl:<12} {r.loss:>10.7f}  {r.loss_rel:>9.2g} {r.loss_bound:>9.2g}  "
-                     f"{r.param_norm_rel:>10.2g} {r.param_bound:>9.2g}  {verdict}")
-    return "\n".join(lines)

@@ -256,7 +256,7 @@ def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, 
     c = compare(actual, out, axes=axes, mask=where, **same)
     if not c.passed:
         return None
-    return Cause(v.id, v.family, v.describe(value), _used(c), value,
+    return Cause(v.id, v.family, v.describe(value), c.used, value,
                  call.where if len(calls) > 1 else None)
 
 
@@ -342,14 +342,6 @@ def _fit(result, actual, fit: Fit, mask) -> float | None:
             d_ = a_ + g * (b_ - a_)
             fd = loss(d_)
     return float(from_x((a_ + b_) / 2))
-
-
-def _used(c: Comparison) -> float:
-    r = 0.0
-    for err, bound in ((c.max_rel, c.tol.rel), (c.norm_rel, c.tol.norm)):
-        if bound > 0:
-            r = max(r, err / bound)
-    return r
 
 
 def _as64(args: dict) -> dict:

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import Comparison
-from .report import _config_text, _refuse_existing, _rel_diff, _write_atomic, used
+from pyref.formats import refuse_existing, write_atomic
+
+from ..checks.results import first_divergence_check
+from ..compare import Comparison
+from .text import config_text, rel_diff
 
 # per-layer tensors of the heat map: the forward activations, then the activation
 # gradients in the order the backward pass computes them, then the big weight gradients
@@ -83,7 +86,7 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
 
     Without matplotlib this raises RuntimeError.
     """
-    _refuse_existing(path, overwrite)       # before the (slow) drawing
+    refuse_existing(path, overwrite)        # before the (slow) drawing
     try:
         import matplotlib  # noqa: F401
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -105,13 +108,14 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
     _loss_panel(fig, outer[2], report)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    return _write_atomic(path, buf.getvalue(), overwrite)
+    write_atomic(path, [buf.getvalue()], overwrite)
+    return Path(path)
 
 
 def _title(fig, report, H: float) -> None:
     steps = len(report.steps)
     verdict = "PASS" if report.passed else "FAIL"
-    title = (f"llmc-parity: {verdict} | {steps} step{'s' * (steps != 1)} | {_config_text(report.config)}"
+    title = (f"llmc-parity: {verdict} | {steps} step{'s' * (steps != 1)} | {config_text(report.config)}"
              f" | B={report.B} T={report.T} | {Path(str(report.library)).name}"
              + (f" ({report.build.get('cflags')})" if report.build else ""))
     fig.suptitle(title, y=1 - 0.2 / H, fontsize=12, fontweight="bold",
@@ -172,7 +176,7 @@ def _error_lines(ax, report, impl: str, pos: dict, colour: dict) -> bool:
         for c in s.checks:
             if c.impl == impl and c.kind == "e2e":
                 i = pos[c.where]
-                u = used(c.comparison)
+                u = c.comparison.used
                 y[i] = u if np.isnan(y[i]) else max(y[i], u)
         if np.all(np.isnan(y)):
             continue
@@ -212,7 +216,6 @@ def _error_axes(ax, report, impl: str, drawn: bool) -> None:
 
 def _mark_first_divergence(ax, report, impl: str, pos: dict) -> None:
     """A vertical line at the first failing replay op of the first failing step."""
-    from .checks.results import first_divergence_check
     for s in report.steps:
         c = first_divergence_check([c for c in s.checks if c.impl == impl])
         if c is None:
@@ -375,7 +378,7 @@ def _loss_panel(fig, cell, report) -> None:
     for j, name in enumerate(series):
         style = _STYLES.get(name) or dict(color=_OTHERS[(j - 2) % len(_OTHERS)], lw=1.0,
                                           marker="^x+dv*"[(j - 2) % 6], ms=5)
-        pts = [(s.step, s.losses[name], _rel_diff(s.losses[name], s.losses.get("oracle")))
+        pts = [(s.step, s.losses[name], rel_diff(s.losses[name], s.losses.get("oracle")))
                for s in report.steps if s.losses.get(name) is not None]
         if not pts:
             continue
