@@ -20,6 +20,7 @@ from pyref.spec import SPEC
 from .compare import Comparison, Tolerance, compare
 from .cores import shared
 from .graph import Ref, backward_nodes, forward_nodes, writers
+from .probe import span
 from pyref.protocol import run_kernel
 
 ORACLE = KernelSet.from_module(numpy_kernels)
@@ -60,6 +61,10 @@ class Witness:
         ``x * xi + x``, xi the float32 draw times the float32 scale. A result the caller
         owns outright (a kernel's fresh output, a fresh difference) is perturbed in place
         (no second array of its size); any other gets a new one."""
+        with span("witness noise"):
+            return self._noisy(x, n)
+
+    def _noisy(self, x: np.ndarray, n: int) -> np.ndarray:
         s = np.float32(U * np.sqrt(max(n, 1)))
         if x.dtype != np.float64:       # the model is float64; kept for any other input
             xi = self.rng.standard_normal(x.shape, dtype=np.float32)

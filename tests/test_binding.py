@@ -13,7 +13,7 @@ from harness.clib.build import build_library
 from harness.clib.cdefs import GPT2_FIELDS, REQUIRED_SYMBOLS
 from harness.clib.cmodel import CModel
 from pyref import formats, synth
-from pyref.config import ACT_NAMES, PARAM_NAMES, PRESETS, act_shapes, param_shapes
+from pyref.config import PRESETS, act_shapes, layout, param_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = PRESETS["tiny"]
@@ -49,18 +49,13 @@ def test_named_pointers_sit_at_struct_order_offsets(lib, params):
         x, y = synth.make_batch(TINY, 2, 8, seed=0)
         m.forward(x, y)
         m.backward()
-        s = m._struct
-        for group, names, shapes, mem in (
-                ("params", PARAM_NAMES, param_shapes(TINY), "params_memory"),
-                ("grads", PARAM_NAMES, param_shapes(TINY), "grads_memory"),
-                ("acts", ACT_NAMES, act_shapes(TINY, 2, 8), "acts_memory"),
-                ("grads_acts", ACT_NAMES, act_shapes(TINY, 2, 8), "grads_acts_memory")):
-            base = int(ffi.cast("uintptr_t", getattr(s, mem)))
-            offset = 0
-            for name in names:
-                assert int(ffi.cast("uintptr_t", getattr(getattr(s, group), name))) == base + 4 * offset, (group, name)
-                offset += prod(shapes[name])
-        assert [s.act_sizes[i] for i in range(23)] == [prod(v) for v in act_shapes(TINY, 2, 8).values()]
+        for group, shapes in (("params", param_shapes(TINY)), ("grads", param_shapes(TINY)),
+                              ("acts", act_shapes(TINY, 2, 8)), ("grads_acts", act_shapes(TINY, 2, 8))):
+            base = m.address(f"{group}_memory")
+            for name, (offset, _) in layout(shapes).items():
+                assert m.address(f"{group}.{name}") == base + 4 * offset, (group, name)
+        # the offsets above are every size but the last; the total is num_activations
+        assert m.acts_memory.size == sum(prod(v) for v in act_shapes(TINY, 2, 8).values())
 
 
 def test_checkpoint_load_is_bit_identical_to_from_params(lib, params, tmp_path):

@@ -369,21 +369,23 @@ def test_pytest_failure_message_says_the_cause():
 # ----------------------------------------------------------------------------- passing: no work
 
 class _Counter:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
+    """A probe listener (harness.probe) counting the diagnoses the checks run."""
 
-    def __call__(self, *a, **kw):
-        self.calls += 1
-        return self.fn(*a, **kw)
+    def __init__(self):
+        self.calls = 0
+
+    def enter(self, category, detail):
+        self.calls += category == "diagnose"
+
+    def exit(self, token):
+        pass
 
 
 @pytest.fixture
-def counted(monkeypatch):
-    from harness.checks import e2e, loss, update, verdict
-    c = _Counter(verdict.diagnose)
-    for module in (verdict, e2e, loss, update):
-        monkeypatch.setattr(module, "diagnose", c)
-    return c
+def counted():
+    from harness.probe import listening
+    with listening(_Counter()) as c:
+        yield c
 
 
 def _tiny_run(lib=None, impls=None, steps=1):

@@ -8,14 +8,16 @@ from pyref.config import GPT2Config
 from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
 from pyref.spec import SPEC
 
-from ..compare import compare
 from ..diagnosis import Call, attach, diagnose
 from ..graph import Ref, backward_nodes, forward_nodes, writers
+from ..probe import marked
 from ..tolerances import e2e_tolerance
 from .results import Check
 from .state import axes, module_of, named_args, observation
+from .verdict import compared
 
 
+@marked("e2e checks")
 def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int, impl: str,
               spread: dict) -> list[Check]:
     """Every tensor the graph writes against the float64 model ``oracle_state``, under a
@@ -31,7 +33,7 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
         actual, expected = ref.get(state), ref.get(oracle_state)
         how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
-        c = compare(actual, expected, **how)
+        c = compared(actual, expected, **how)
         if diagnose_it and not c.passed:
             c = attach(c, diagnose(Call("loss_mean", output, {"value": expected, "n": positions}),
                                    actual, expected, **how))

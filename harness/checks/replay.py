@@ -13,12 +13,14 @@ from pyref.spec import SPEC
 from ..diagnosis import Call
 from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
 from ..oracle import ORACLE
+from ..probe import marked, span
 from ..tolerances import term_magnitude
 from .results import Check
 from .state import args64, module_of, observation, replayable
 from .verdict import call_scale, judge
 
 
+@marked("replay checks")
 def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]:
     """Every op of the graph re-run in float64 on ``state``'s own inputs for it, its
     outputs judged as the per-op check judges one call (:func:`harness.opcheck.judge`).
@@ -29,8 +31,8 @@ def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]
     for node in forward_nodes(cfg):
         if not replayable(node, has):
             continue
-        args = args64(node, state)
-        out = run_kernel(ORACLE, node.kernel, args, np.float64)
+        args = _inputs64(node, state)
+        out = _oracle_run(node.kernel, args)
         for o in FORWARD_OUTPUTS[node.kernel]:
             ref = node.arg_dict[o]
             if observes(ref):
@@ -54,14 +56,15 @@ def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: 
         if not replayable(node, has):
             skipped |= set(refs.values())
             continue
-        args = args64(node, state)
+        args = _inputs64(node, state)
         for a, ref in refs.items():
             args[a] = acc.get(ref, np.zeros(ref.get(state).shape))
-        out = run_kernel(ORACLE, node.kernel, args, np.float64)
+        out = _oracle_run(node.kernel, args)
         for a, ref in refs.items():
             # the terms of the final sum: each contributor's own terms (or, where no finer
             # measure is known, its contribution)
-            mag = term_magnitude(node.kernel, a, args, out)
+            with span("term magnitudes"):
+                mag = term_magnitude(node.kernel, a, args, out)
             mag = np.abs(out[a] - args[a]) if mag is None else mag
             mags[ref] = mags[ref] + mag if ref in mags else mag
             nmax[ref] = max(nmax.get(ref, 1), SPEC[node.kernel].n(a, args))
@@ -82,7 +85,7 @@ def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
     chain passes ``ref``'s running value from one call to the next)."""
     calls = []
     for node in nodes:
-        args = args64(node, state)
+        args = _inputs64(node, state)
         for a in INPLACE_ARGS[node.kernel]:
             r = node.arg_dict.get(a)
             if isinstance(r, Ref):
@@ -90,3 +93,15 @@ def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
         arg = next(a for a in INPLACE_ARGS[node.kernel] if node.arg_dict.get(a) == ref)
         calls.append(Call(node.kernel, arg, args, f"{node.where()} {node.kernel}"))
     return calls
+
+
+def _inputs64(node: Node, state) -> dict:
+    """The node's inputs read from ``state`` as float64 (:func:`.state.args64`)."""
+    with span("replay: float64 inputs"):
+        return args64(node, state)
+
+
+def _oracle_run(kernel: str, args: dict) -> dict:
+    """The oracle's outputs of ``kernel`` on ``args``, in float64."""
+    with span("replay: float64 ops"):
+        return run_kernel(ORACLE, kernel, args, np.float64)

@@ -41,6 +41,7 @@ from ..compare import Tolerance
 from ..cores import shared
 from ..ports.state import ModelState
 from ..oracle import ORACLE, Witness, witness_spread
+from ..probe import span
 from ..tolerances import e2e_tolerance
 from .e2e import e2e_graph
 from .loss import check_loss
@@ -68,7 +69,8 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     C's buffers there)."""
     lib = as_library(lib)
     impls = dict(impls or {})
-    cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
+    with span("models built"):
+        cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
     reports: list[StepReport] = []
     shape = (0, 0)
     try:
@@ -91,10 +93,11 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
 def _step_report(step: "_Step", names: list[str], losses: dict, checks: list[Check], t0: float) -> StepReport:
     """A step's report: its losses, its checks, each implementation's first divergence."""
     divergence = {}
-    for name in names:
-        d = first_divergence([c for c in checks if c.impl == name])
-        if d:
-            divergence[name] = d
+    with span("first divergence"):
+        for name in names:
+            d = first_divergence([c for c in checks if c.impl == name])
+            if d:
+                divergence[name] = d
     errors = {**step.errors, **step.update_errors}
     return StepReport(step.t, losses, checks, divergence, errors, time.perf_counter() - t0)
 
@@ -124,6 +127,11 @@ def _run_report(config: GPT2Config, shape, hyper: AdamW, lib, impls: dict, pymod
 def _references(config: GPT2Config, cmodel, impls: dict, models: dict | None, hyper: AdamW):
     """The float64 oracle (reading the C's parameters where they are: no copy) and the
     references by name: kernel ports on pyref.model.GPT2, torch models (ModelState)."""
+    with span("models built"):
+        return _built(config, cmodel, impls, models, hyper)
+
+
+def _built(config: GPT2Config, cmodel, impls: dict, models: dict | None, hyper: AdamW):
     oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64, share_params=True)
     pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
                 for name, k in impls.items()}
@@ -180,24 +188,31 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]
     measured and dropped here: at 124M scale its buffers are as large as the oracle's, and
     only its distances are kept). Returns the losses and the spread."""
     say, config = step.say, step.config
-    oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
+    with span("load_state"):
+        oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
     say("C forward/backward")
-    cmodel.poison_activations()  # from step 2 on: unwritten slots show up as NaN
-    losses = {"C": cmodel.forward(step.inputs, step.targets, threads=threads)}
-    cmodel.zero_grad()
-    cmodel.backward(threads=threads)
+    with span("C acts poisoned"):
+        cmodel.poison_activations()  # from step 2 on: unwritten slots show up as NaN
+    with span("C"):
+        losses = {"C": cmodel.forward(step.inputs, step.targets, threads=threads)}
+        cmodel.zero_grad()
+        cmodel.backward(threads=threads)
     say("oracle and witness forward/backward")
-    witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64, share_params=True,
-                     kernels=KernelSet.from_module(Witness(seed=step.t), name="witness"))
+    with span("models built"):
+        witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64, share_params=True,
+                         kernels=KernelSet.from_module(Witness(seed=step.t), name="witness"))
 
-    def run(model):
-        loss = float(model.forward(step.inputs, step.targets))
-        model.zero_grad()
-        model.backward()
+    def run(named):
+        name, model = named
+        with span(name):
+            loss = float(model.forward(step.inputs, step.targets))
+            model.zero_grad()
+            model.backward()
         return loss
     # independent float64 models on the same read-only parameters: one per core
-    losses["oracle"], _ = shared(run, (oracle, witness))
-    spread = witness_spread(config, witness, oracle)
+    losses["oracle"], _ = shared(run, (("oracle", oracle), ("witness", witness)))
+    with span("witness spread"):
+        spread = witness_spread(config, witness, oracle)
     return losses, spread
 
 
@@ -220,13 +235,15 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
     checked, updated, update-checked, released. A user's kernel may raise: reported in
     ``step.errors`` / ``step.update_errors``, and the run carries on."""
     h = step.hyper
-    pm.load_state(pre[0], pre[1], pre[2])
+    with span("load_state"):
+        pm.load_state(pre[0], pre[1], pre[2])
     try:
         step.say(f"{name} forward/backward")
         try:
-            losses[name] = float(pm.forward(step.inputs, step.targets))
-            pm.zero_grad()
-            pm.backward()
+            with span(name):
+                losses[name] = float(pm.forward(step.inputs, step.targets))
+                pm.zero_grad()
+                pm.backward()
         except Exception as e:
             step.errors[name] = _error_text(e)
             return
@@ -234,7 +251,8 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
         _release(pm, "drop_activations")   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
         try:
-            pm.update(*h.args(), step.t)
+            with span(name):
+                pm.update(*h.args(), step.t)
         except Exception as e:
             step.update_errors[name] = _error_text(e)
             return
@@ -252,7 +270,8 @@ def _update_c(step: _Step, cmodel, threads) -> list[Check]:
     step.say("C's AdamW update")
     pre = (cmodel.params_memory.copy(), cmodel.m_memory.copy() if t > 1 else None,
            cmodel.v_memory.copy() if t > 1 else None)
-    cmodel.update(*h.args(), t, threads=threads)
+    with span("C"):
+        cmodel.update(*h.args(), t, threads=threads)
     return check_update(step.config, pre, cmodel.grads_memory,
                         (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory), h, t, step=t, impl="C")
 

@@ -9,19 +9,21 @@ import numpy as np
 from pyref.config import AdamW, GPT2Config, param_shapes
 from pyref.terms import adamw_magnitudes
 
-from ..compare import compare
 from ..cores import shared, workers
 from ..diagnosis import Call, attach, diagnose, is_one_d
 from ..graph import Ref
 from ..oracle import ORACLE
+from ..probe import marked
 from ..tolerances import op_tolerance
 from .results import Check
 from .state import axes
+from .verdict import compared
 
 
 UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporaries stay in cache
 
 
+@marked("update checks")
 def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  post: tuple[np.ndarray, np.ndarray, np.ndarray], hyper: AdamW, t: int, *,
                  step: int, impl: str) -> list[Check]:
@@ -49,8 +51,8 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                             axes=axes(Ref(label, name), shape))
                 for label in labels}
         actuals = {label: np.asarray(post[i][offset:offset + n]).reshape(shape) for i, label in enumerate(labels)}
-        compared = shared(lambda k: compare(actuals[k], expected[k].reshape(shape), **hows[k]), labels)
-        for label, c in zip(labels, compared):
+        results = shared(lambda k: compared(actuals[k], expected[k].reshape(shape), **hows[k]), labels)
+        for label, c in zip(labels, results):
             output, actual, how = "param" if label == "params" else label, actuals[label], hows[label]
             if not c.passed:
                 call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))

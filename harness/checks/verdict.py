@@ -14,7 +14,15 @@ from pyref.spec import SPEC
 
 from ..compare import Comparison, compare
 from ..diagnosis import Call, attach, diagnose
+from ..probe import span
 from ..tolerances import op_tolerance, term_magnitude
+
+
+def compared(actual, expected, **how) -> Comparison:
+    """:func:`harness.compare.compare` as every check calls it: a probe span ``compare``
+    whose detail is the array compared (:mod:`harness.probe`)."""
+    with span("compare", actual=actual):
+        return compare(actual, expected, **how)
 
 
 def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
@@ -31,7 +39,7 @@ def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, ar
     n = spec.n(output, args) if n is None else n
     how = dict(name=name, tol=op_tolerance(kernel, output, n, actual.size), axes=spec.output(output).axes,
                mask=spec.mask(output, args), elem_scale=elem_scale)
-    c = compare(actual, expected, **how)
+    c = compared(actual, expected, **how)
     if not c.passed:
         c = attach(c, diagnose(calls() if calls else Call(kernel, output, args), actual, expected, **how))
     return c
@@ -41,7 +49,8 @@ def call_scale(kernel: str, output: str, args: dict, expected: dict):
     """Sum |term| of each element of one call: the kernel's own terms, plus the value a
     backward kernel's gradient buffer held before it accumulated into it."""
     args = _as64(args)
-    mag = term_magnitude(kernel, output, args, expected)
+    with span("term magnitudes"):
+        mag = term_magnitude(kernel, output, args, expected)
     if SPEC[kernel].backward and output in SPEC[kernel].inplace:
         start = np.abs(args[output])
         mag = start if mag is None else mag + start

@@ -266,6 +266,14 @@ class CModel:
     acts_memory = property(lambda self: self._flat("acts_memory", self._struct.num_activations,
                                                    "activations: call forward() first"))
 
+    def address(self, field: str) -> int:
+        """The C address a pointer field of the struct holds (``params_memory``,
+        ``acts.ln1``, ...; 0 while unallocated): where a view of it starts."""
+        obj = self._struct
+        for part in field.split("."):
+            obj = getattr(obj, part)
+        return int(ffi.cast("uintptr_t", obj))
+
     def poison_activations(self) -> None:
         """Fill the activations with NaN before a forward: the C must overwrite every one
         (but preatt's upper triangle), so any slot it skips shows as a non-finite mismatch

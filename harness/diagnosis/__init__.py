@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..probe import span
 from . import catalogue
 from .catalogue import CATALOGUE, VARIANT_BY_ID, is_one_d, one_d_mask
 from .engine import (MODEL_QUANTITIES, Call, Cause, DiagnosedComparison, Diagnosis, Fit, Variant, attach,
@@ -27,4 +28,5 @@ def diagnose(calls: Call | Sequence[Call], actual, expected, **how) -> Diagnosis
     """:func:`.engine.diagnose` over the catalogue (as it is at the call:
     ``catalogue.CATALOGUE``); ``how`` are the failing check's settings (tol, mask,
     elem_scale, axes, ctx, name)."""
-    return diagnose_with(calls, actual, expected, variants=catalogue.CATALOGUE, **how)
+    with span("diagnose"):
+        return diagnose_with(calls, actual, expected, variants=catalogue.CATALOGUE, **how)
