@@ -12,7 +12,7 @@ timed (warm) one:
   model_step   the model as its port trains it (tests/model_ports.py:GPT, nanoGPT's layout):
                forward with the targets, backward, torch.optim.AdamW
   oracle_step  pyref.model.GPT2 in float64: forward, zero_grad, backward
-  model_check  harness.checks.run.run_parity with the model alone beside the C (the witness,
+  model_check  harness.run_parity with the model alone beside the C (the witness,
                the mapping both ways, hooks, every comparison, the AdamW check; the replay
                only where an end-to-end check failed): its second step
 
@@ -46,11 +46,7 @@ def _timed(step, warmups: int = 1) -> float:
 
 def measure(cfg, B: int, T: int) -> dict:
     import torch
-    from harness.clib.library import load_library
-    from harness.clib.cmodel import CModel
-    from harness.ports import Hyper, TorchModel, load_object
-    from harness.oracle import ORACLE
-    from harness.checks.run import AdamW, run_parity
+    from harness import ORACLE, AdamW, CModel, Hyper, TorchModel, load_library, load_object, run_parity
     from pyref import synth
     from pyref.model import GPT2 as PyGPT2
 
@@ -68,7 +64,7 @@ def measure(cfg, B: int, T: int) -> dict:
         c.forward(x, y)
         c.zero_grad()
         c.backward()
-        c.update(hyper.learning_rate, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, next(t))
+        c.update(*hyper.args(), next(t))
     out["c_step"] = _timed(c_step)
     c.close()
 
@@ -110,10 +106,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="d12")
     ap.add_argument("-B", type=int, default=4)
-    ap.add_argument("-T", type=int, default=64)
+    ap.add_argument("-T", type=int, default=None, help="default 64, or the config's max_seq_len if smaller")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args(argv)
     cfg = preset(args.config)
+    args.T = args.T or min(64, cfg.max_seq_len)
     r = measure(cfg, args.B, args.T)
     print(f"model check ({args.config}, B={args.B}, T={args.T}): C step {r['c_step']:.2f}s, model step "
           f"{r['model_step']:.2f}s, oracle step {r['oracle_step']:.2f}s; check step {r['model_check']:.2f}s "
