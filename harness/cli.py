@@ -132,7 +132,7 @@ def _impls(names: list[str]):
 
 
 def _models(args) -> dict:
-    """``--model SPEC`` (and its ``--optimizer``, ``--model-map``) as a TorchModel."""
+    """``--model TARGET`` (and its ``--optimizer``, ``--model-map``) as a TorchModel."""
     if not args.model:
         if args.optimizer or args.model_map:
             raise UsageError("--optimizer and --model-map go with --model")

@@ -5,7 +5,7 @@ steps of the tiny model (C, with the NumPy reference alongside), then fails on
 
 1. any tolerance violation;
 2. any error metric (max rel, norm rel) that grew beyond ``GROWTH_FACTOR`` x its baseline
-   (a floor of ``FLOOR`` x the tolerance keeps noise near zero from counting as growth);
+   (a floor of ``GROWTH_FLOOR`` x the tolerance keeps noise near zero from counting as growth);
 3. any change in the bits of the C's outputs, when the baseline holds a fingerprint for
    the same key: what decides the bits of a given source (compiler, flags, OpenMP, the
    instruction sets the flags target, libm and the CPU features it dispatches on, the
@@ -57,7 +57,7 @@ def default_baseline(start: Path | None = None) -> Path:
     return here / BASELINE_NAME
 SCHEMA = "llmc-parity/gate/2"
 GROWTH_FACTOR = 4.0
-FLOOR = 0.05
+GROWTH_FLOOR = 0.05
 SUITE = {"config": "tiny", "B": 4, "T": 16, "steps": 3, "seed": 0, "impls": ["numpy"]}
 
 
@@ -271,7 +271,7 @@ def evaluate(run: GateRun, baseline: dict, require_bits: bool = False) -> GateRe
         if old is None:
             continue
         for metric, tol_key in (("max_rel", "tol_rel"), ("norm_rel", "tol_norm")):
-            floor = FLOOR * new[tol_key]
+            floor = GROWTH_FLOOR * new[tol_key]
             if new[metric] > GROWTH_FACTOR * max(old[metric], floor):
                 grown.append(f"  {key}: {metric} {old[metric]:.3g} -> {new[metric]:.3g} "
                              f"(x{new[metric] / max(old[metric], 1e-300):.1f}; tolerance {new[tol_key]:.3g})")
@@ -394,7 +394,7 @@ def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
             dropped = [e for e in entries if e is not mine]
             entries = []
         entries = [e for e in entries if e is not mine] + [{"key": run.build_key, "bits": bits}]
-    data = {"schema": SCHEMA, "suite": SUITE, "growth_factor": GROWTH_FACTOR, "floor": FLOOR,
+    data = {"schema": SCHEMA, "suite": SUITE, "growth_factor": GROWTH_FACTOR, "floor": GROWTH_FLOOR,
             "metrics": dict(sorted(run.metrics.items())), "fingerprints": entries}
     diff = []
     base = (old or {}).get("metrics", {})

@@ -2,8 +2,8 @@
 
 Each :class:`Node` is one kernel call of the C's model code, with its arguments named as
 tensor references into a model's state (``acts``, ``grads_acts``, ``params``, ``grads``,
-``layer``) or literals. The replay (:mod:`harness.localise`) walks this list; the
-end-to-end check uses it to know which op produced a tensor.
+``layer``) or literals. The replay (:mod:`harness.checks.replay`) walks this list; the
+end-to-end check (:mod:`harness.checks.e2e`) uses it to know which op produced a tensor.
 
 Any object with ``params``, ``grads``, ``acts``, ``grads_acts`` dicts of the C's names
 and shapes and ``inputs``/``targets`` arrays is a model state here: a

@@ -2,12 +2,12 @@
 
 Options:
   --llmc-lib PATH       the library under test (default: $LLMC_LIB or build/libtrain_gpt2.so)
-  --llmc-impl SPEC      a Python port to check too: a file path or ``module[:attr]``
+  --llmc-impl TARGET    a Python port to check too: a file path or ``module[:attr]``
   --llmc-config NAME    model config for model-level checks (default: tiny)
   --llmc-steps N        training steps for model-level checks (default: 3 in tests)
-  --llmc-model SPEC     a PyTorch model to check (``file.py:name`` or ``module:name``),
+  --llmc-model TARGET   a PyTorch model to check (``file.py:name`` or ``module:name``),
                         with autograd and its optimizer; ``-k layernorm`` selects by op
-  --llmc-optimizer SPEC its optimizer factory, or ``configure_optimizers``
+  --llmc-optimizer TARGET its optimizer factory, or ``configure_optimizers``
 
 Fixtures: ``llmc_lib`` (the bound Library), ``llmc_impl`` (the user's KernelSet or None),
 ``llmc_model_report`` (one run of ``--llmc-model``, shared by the per-op tests of

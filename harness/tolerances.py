@@ -47,7 +47,7 @@ Model level. A whole step compares two ways:
 * end to end: the C's activations and gradients against a float64 model run from the
   same parameters. Errors carried in from upstream grow with depth by a factor that
   depends on the model and the batch, so it is measured rather than guessed: a float64
-  *witness* model with float32-sized noise injected at every op (``runner.Witness``)
+  *witness* model with float32-sized noise injected at every op (``oracle.Witness``)
   shows how far rounding noise carries to each tensor, and the bound is a multiple of
   that (:func:`e2e_tolerance`). Each step starts from the C's own state (parameters, m,
   v), so nothing compounds across steps and the bound does not have to widen with them.
@@ -111,7 +111,7 @@ def op_tolerance(kernel: str, output: str, n: int, size: int | None = None) -> T
 
 
 # End to end: multiples of how far float32-sized noise, injected at every op of a float64
-# model (runner.Witness), carried to each tensor on this model and batch.
+# model (oracle.Witness), carried to each tensor on this model and batch.
 E2E_K_REL = 4.0
 E2E_K_NORM = 3.0
 

@@ -9,8 +9,8 @@ its reason, and the size of the terms it is summed from. The row also names how 
 inputs for a per-op case (:mod:`pyref.cases`).
 
 Everything else is read from here: the protocol and its adapter (:mod:`pyref.protocol`),
-the op table and the per-op checks (:mod:`harness.ops`, :mod:`harness.opcheck`), the
-replay and the witness (:mod:`harness.runner`), the tolerance policy
+the op table and the per-op checks (:mod:`harness.checks.perop`), the replay and the
+witness (:mod:`harness.checks.replay`, :mod:`harness.oracle`), the tolerance policy
 (:mod:`harness.tolerances`) and the tables of docs/kernels.md (:func:`markdown`, kept in
 sync by a test). docs/kernels.md, "Adding a kernel or an output", shows what a change
 touches: one row.

@@ -1,6 +1,6 @@
 """Free-running trajectories: each implementation trains on its own state from the common start.
 
-The per-step checks of :func:`harness.runner.run_parity` restart every implementation from
+The per-step checks of :func:`harness.checks.run.run_parity` restart every implementation from
 the C's state each step, so that a step's error is that step's own. A user also wants the
 statement their training runs make: "my port trains like the C for 100 steps". Here every
 implementation (the C, kernel ports, torch models) takes ``N`` steps on its own parameters
@@ -10,7 +10,7 @@ and parameters are compared with the float64 oracle's own run.
 How far apart may they be? Rounding noise compounds through the steps (the update feeds
 the next forward), at a rate that depends on the model, the data and the learning rate. The
 bound is measured, not guessed: witnesses (the oracle's kernels with float32-sized noise
-on every result, :class:`harness.runner.Witness`, their parameters and moments rounded to
+on every result, :class:`harness.oracle.Witness`, their parameters and moments rounded to
 float32 after each step as a float32 run stores them) train alongside, and their distance from
 the oracle at each step, times the end-to-end factors of :mod:`harness.tolerances`, is that
 step's bound, never below the per-op float32 tolerance. A float32 implementation computing

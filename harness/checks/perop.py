@@ -6,7 +6,7 @@ float64 oracle, on every case shape of :mod:`pyref.cases`, for every row of
 :class:`~harness.clib.kernels.CKernels`, NumPy, torch or a user's port) and the oracle on
 the same float32 inputs and judges every output (:func:`.verdict.judge`). The result is a
 list of :class:`~harness.compare.Comparison`, named ``<kernel>.<output>``; a failing one
-is a :class:`~harness.diagnose.DiagnosedComparison`. :func:`sweep` runs the whole table.
+is a :class:`~harness.diagnosis.DiagnosedComparison`. :func:`sweep` runs the whole table.
 """
 from __future__ import annotations
 

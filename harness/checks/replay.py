@@ -23,7 +23,7 @@ from .verdict import call_scale, judge
 @marked("replay checks")
 def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]:
     """Every op of the graph re-run in float64 on ``state``'s own inputs for it, its
-    outputs judged as the per-op check judges one call (:func:`harness.opcheck.judge`).
+    outputs judged as the per-op check judges one call (:func:`.verdict.judge`).
     Backward buffers that several ops accumulate into are replayed as a chain from zero
     and judged once their last contributor ran, against the sum of the contributors' terms."""
     observes, has = observation(state)

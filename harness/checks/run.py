@@ -15,7 +15,7 @@ and for each Python implementation:
   pre-step state and the implementation's own gradients.
 * the mean loss against the float64 model's.
 
-A failed check is also diagnosed (:mod:`harness.diagnose`): the failing op re-run under
+A failed check is also diagnosed (:mod:`harness.diagnosis`): the failing op re-run under
 catalogued changes of semantics on the same inputs, to name the change that explains it.
 
 Each check kind is a module of this package (:mod:`.replay`, :mod:`.e2e`, :mod:`.update`,

@@ -2,7 +2,7 @@
 
 It judges under the tolerance of the kernel's row in :mod:`pyref.spec` (rule, reduction
 length), with the row's mask and axes, relative to the size of the terms the output is
-summed from (:func:`call_scale`), and when it fails says why (:mod:`harness.diagnose`).
+summed from (:func:`call_scale`), and when it fails says why (:mod:`harness.diagnosis`).
 The per-op checks (:mod:`.perop`) and the replay of a model step (:mod:`.replay`) both
 judge through it.
 """
@@ -33,7 +33,7 @@ def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, ar
     ``elem_scale``: the size of the terms of each element (:func:`call_scale` for one
     call; a replay passes the sum over the calls that accumulated into a buffer). ``n``:
     the reduction length when several calls made the output (default: this call's).
-    ``calls``: a function giving what :mod:`harness.diagnose` re-runs on failure (default:
+    ``calls``: a function giving what :mod:`harness.diagnosis` re-runs on failure (default:
     this call), called only then."""
     spec = SPEC[kernel]
     n = spec.n(output, args) if n is None else n

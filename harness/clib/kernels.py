@@ -14,8 +14,6 @@ import numpy as np
 
 from .library import Library, LlmcInputError
 
-BACKEND = "numpy"
-
 
 def _empty(*shape):
     """An output buffer filled with NaN: an element the kernel fails to write shows up as a

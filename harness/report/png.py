@@ -1,7 +1,7 @@
 """The PNG of a run: where drift starts and how it grows.
 
 :func:`plot` draws three panels, each from the checks' structured identity
-(:class:`harness.runner.Check`: kind, phase, layer, tensor), never from their text:
+(:class:`harness.checks.results.Check`: kind, phase, layer, tensor), never from their text:
 
 * the end-to-end error at each position of the graph, per implementation (:func:`_error_panel`);
 * heat maps of the norm-wise error of the main per-layer tensors across layers (:func:`_heat_panel`);
@@ -35,7 +35,7 @@ HEAT_ROWS = (
                                    "attproj", "atty", "att", "qkv", "ln1")]
     + [("grads", n) for n in ("fcprojw", "fcw", "attprojw", "qkvw")]
 )
-FLOOR = 1e-4          # fraction of tolerance drawn for a bit-identical tensor (log axes)
+LEAST_DRAWN = 1e-4    # fraction of tolerance drawn for a bit-identical tensor (log axes)
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def _error_lines(ax, report, impl: str, pos: dict, colour: dict) -> bool:
         drawn = True
         inf = np.isinf(y)
         nonfinite.update(np.flatnonzero(inf).tolist())
-        yy = np.clip(np.where(inf, np.nan, y), FLOOR, None)
+        yy = np.clip(np.where(inf, np.nan, y), LEAST_DRAWN, None)
         ax.plot(x, yy, "-", color=colour[s.step], lw=1.1, alpha=0.9, marker=".", ms=2.5)
         over = (y > 1) & ~inf
         if over.any():
@@ -200,7 +200,7 @@ def _error_axes(ax, report, impl: str, drawn: bool) -> None:
     ax.axhline(1.0, color="red", ls="--", lw=1.0)
     ax.set_yscale("log")
     lo, hi = ax.get_ylim()
-    ax.set_ylim(max(lo, FLOOR / 2), max(hi, 3.0))
+    ax.set_ylim(max(lo, LEAST_DRAWN / 2), max(hi, 3.0))
     failed = any(not c.passed for s in report.steps for c in s.checks if c.impl == impl)
     errored = [s.step for s in report.steps if impl in s.errors]
     status = "FAIL" if failed or errored else "PASS"
@@ -292,7 +292,7 @@ def _heat_values(report, impl: str, rows: list, L: int) -> np.ndarray:
                 continue
             cmp = c.comparison
             r = cmp.norm_rel / cmp.tol.norm if cmp.tol.norm > 0 else (0.0 if cmp.norm_rel == 0 else math.inf)
-            v = math.log10(max(r, FLOOR)) if math.isfinite(r) else math.inf
+            v = math.log10(max(r, LEAST_DRAWN)) if math.isfinite(r) else math.inf
             old = val[i, c.layer]
             val[i, c.layer] = v if np.isnan(old) else max(old, v)
     return val

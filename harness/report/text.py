@@ -127,7 +127,7 @@ def _impl_rows(step: int, mine: list, verbose: bool) -> list[tuple[str, ...]]:
 
 
 def step_table(step, impl_filter=None, verbose: bool = False) -> str:
-    """The text table of one :class:`~harness.runner.StepReport`.
+    """The text table of one :class:`~harness.checks.results.StepReport`.
 
     One row per checked tensor, implementation and kind: for each tensor of the graph its
     ``e2e`` row then its ``replay`` row (graph order), then the ``update`` rows (AdamW)
@@ -211,7 +211,7 @@ def check_counts(report) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _why(step, impl: str, indent: str) -> list[str]:
-    """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnose`),
+    """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnosis`),
     as a line to print under it; none when that check was not diagnosed."""
     c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else getattr(c, "diagnosis", None)
@@ -250,7 +250,7 @@ def _checks_table(report) -> list[str]:
 
 
 def run_summary(report) -> str:
-    """The verdict block of a :class:`~harness.runner.RunReport`: PASS/FAIL, what ran, the
+    """The verdict block of a :class:`~harness.checks.results.RunReport`: PASS/FAIL, what ran, the
     loss trajectory, checks and failures per implementation and kind, the first
     divergence, the kernels not checked, the library and its build."""
     impls = list(report.impls)
