@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from harness.clib.library import Library, LibraryError, LlmcInputError, ffi, load_library
-from harness.clib.build import build_library
+from harness import build_library
 from harness.clib.cdefs import GPT2_FIELDS, REQUIRED_SYMBOLS
-from harness.clib.cmodel import CModel
+from harness import CModel
 from pyref import formats, synth
 from pyref.config import PRESETS, act_shapes, layout, param_shapes
 
@@ -245,7 +245,7 @@ def test_standalone_trainer_runs(tmp_path, params):
 
 def test_missing_openmp_is_said_clearly(tmp_path):
     """A compiler without OpenMP: a clear BuildError naming OpenMP and the way out."""
-    from harness.clib.build import BuildError
+    from harness import BuildError
     fake = tmp_path / "cc-without-openmp"
     fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && '
                     '{ echo "unsupported option -fopenmp" >&2; exit 1; }; done\nexec gcc "$@"\n')

@@ -89,7 +89,7 @@ def test_run_from_llmc_files(capsys, tmp_path):
     formats.write_checkpoint(tmp_path / "model.bin", TINY, params)
     formats.write_tokens(tmp_path / "tokens.bin", synth.make_tokens(TINY, 1000, seed=1))
     from pyref.model import GPT2
-    from harness.ports import load_kernels
+    from harness import load_kernels
     x, y = synth.make_batch(TINY, 2, 8, seed=3)
     m = GPT2(TINY, params, kernels=load_kernels("torch"))
     loss = m.forward(x, y)

@@ -19,7 +19,7 @@ from harness import compare as cmp_mod  # noqa: E402
 from harness.compare import (  # noqa: E402
     Comparison, ParityError, Tolerance, assert_parity, compare, ulp_distance,
 )
-from harness.report import format_table  # noqa: E402
+from harness import format_table  # noqa: E402
 
 TOL = Tolerance(rel=1e-6, norm=1e-6, why="test tolerance")
 F32 = np.float32

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness.clib.library import load_library  # noqa: E402
-from harness.clib.cmodel import CModel  # noqa: E402
+from harness import CModel, load_library  # noqa: E402
 from pyref.config import ACT_NAMES, PARAM_NAMES, PRESETS  # noqa: E402
 from pyref.synth import init_params, make_batch  # noqa: E402
 

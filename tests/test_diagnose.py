@@ -20,16 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.checks.results import first_divergence_check
+from harness import (CATALOGUE, VARIANT_BY_ID, CKernels, DiagnosedComparison, assert_kernel, build_library,
+                     check_kernel, first_divergence_check, load_library, make_inputs, run_parity)
 from harness import report as R
-from harness.clib.library import load_library
-from harness.clib.build import build_library
-from harness.clib.kernels import CKernels
 from harness.compare import ParityError
-from harness.diagnosis import CATALOGUE, VARIANT_BY_ID, DiagnosedComparison
-from harness.checks.perop import assert_kernel, check_kernel
-from harness.checks.perop import SPEC, SHAPE_BY_NAME, make_inputs
-from harness.checks.run import run_parity
+from pyref.cases import SHAPE_BY_NAME
+from pyref.spec import SPEC
 from pyref import numpy_kernels as nk
 from pyref import synth
 from pyref.config import PRESETS, param_shapes

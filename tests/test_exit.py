@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.clib.library import load_library
+from harness import load_library
 
 ROOT = Path(__file__).resolve().parent.parent
 
 _STEP = """
 import numpy as np
-from harness.clib.cmodel import CModel
+from harness import CModel
 from pyref.config import preset
 from pyref.synth import init_params, make_batch
 cfg = preset("tiny")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.clib import fpenv
-from harness.clib.build import build_library
+from harness import build_library
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def _run(code: str, lib: str) -> str:
 def test_python_keeps_gradual_underflow_and_the_c_runs_flush_to_zero(ofast):
     out = _run("""
         import numpy as np
-        from harness.clib.library import load_library
+        from harness import load_library
         tiny = np.float32(1e-39)                  # subnormal in float32
         lib = load_library()
         print("ftz", lib.fp_mode.ftz, "daz", lib.fp_mode.daz, "finite", lib.finite_math)
@@ -69,7 +69,7 @@ def test_library_under_test_leaves_python_in_its_own_mode():
     one it had (NumPy computes with subnormals), and the C's mode is the one its load set."""
     import numpy as np
 
-    from harness.clib.library import load_library
+    from harness import load_library
     before = fpenv.Env.current().mode
     lib = load_library()
     x = np.array([1e-39, 2.0], np.float32)
@@ -82,7 +82,7 @@ def test_library_under_test_leaves_python_in_its_own_mode():
 
 _NAN_STEP = """
     import numpy as np
-    from harness.clib.cmodel import CModel
+    from harness import CModel
     from pyref.config import PRESETS
     from pyref.synth import init_params, make_batch
     cfg = PRESETS["tiny"]
@@ -141,7 +141,7 @@ def test_openmp_workers_shared_with_torch_run_each_in_its_own_mode(ofast, first)
         x = torch.full((1 << 22,), 1e-40, dtype=torch.float32)        # subnormal
         if {first!r} == "torch":
             x * 3.0                                                    # torch starts the workers
-        from harness.clib.library import load_library
+        from harness import load_library
         lib = load_library()
         lib.set_num_threads(4)
         B, T, C, OC = 8, 64, 16, 32                                    # B*T % 8 == 0: the parallel path
@@ -164,7 +164,7 @@ def test_a_default_build_switches_nothing():
     to switch its workers)."""
     import platform
 
-    from harness.clib.library import load_library
+    from harness import load_library
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the flag layout below is x86-64's")
     lib = load_library()

@@ -43,17 +43,13 @@ settings.register_profile("long", max_examples=400, **_COMMON)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "fast")
 FUZZ = settings(parent=settings.get_profile(PROFILE if PROFILE in ("fast", "long") else "fast"))
 
-from harness.clib.library import load_library  # noqa: E402
-from harness.clib.kernels import CKernels  # noqa: E402
+from harness import CKernels, check_kernel, format_table, load_library, make_inputs, oracle_outputs  # noqa: E402
 from harness.compare import compare  # noqa: E402
-from harness.report import format_table  # noqa: E402
-from harness.checks.perop import (SPEC, SPECS, SHAPE_BY_NAME, Shape,  # noqa: E402
-                         make_inputs, run_kernel)
-from harness.checks.perop import check_kernel  # noqa: E402
-from harness.oracle import oracle_outputs  # noqa: E402
 from pyref import numpy_kernels, torch_kernels  # noqa: E402
+from pyref.cases import SHAPE_BY_NAME, Shape  # noqa: E402
 from pyref.config import PRESETS  # noqa: E402
-from pyref.protocol import SIGNATURES, KernelSet  # noqa: E402
+from pyref.protocol import SIGNATURES, KernelSet, run_kernel  # noqa: E402
+from pyref.spec import SPEC, SPECS  # noqa: E402
 
 KERNELS = [c.name for c in SPECS]
 IMPLS = ("c", "numpy", "torch")

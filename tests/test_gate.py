@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.clib.library import Library, load_library
-from harness.clib.build import build_library
+from harness import Library, build_library, load_library
 from harness.gate import KEY_FIELDS, evaluate, load_baseline, run_suite, write_baseline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,8 +119,7 @@ def test_key_has_every_component(suite_run):
 
 _SUITE = """
 import json, sys
-from harness.clib.library import load_library
-from harness.gate import run_suite
+from harness import load_library, run_suite
 lib = load_library(sys.argv[1])
 lib.set_num_threads(int(sys.argv[2])) if lib.has_openmp else None
 r = run_suite(lib)

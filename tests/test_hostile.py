@@ -32,14 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness.clib.library import Library, LibraryError, LlmcInputError, load_library  # noqa: E402
-from harness.clib.kernels import CKernels  # noqa: E402
-from harness.clib.cmodel import CModel  # noqa: E402
+from harness import (CKernels, CModel, Library, LibraryError, LlmcInputError, check_kernel,  # noqa: E402
+                     format_table, load_library, make_inputs, op_tolerance)
 from harness.compare import compare  # noqa: E402
-from harness.report import format_table  # noqa: E402
-from harness.checks.perop import SPEC, SHAPE_BY_NAME, make_inputs  # noqa: E402
-from harness.checks.perop import check_kernel  # noqa: E402
-from harness.tolerances import op_tolerance  # noqa: E402
+from pyref.cases import SHAPE_BY_NAME  # noqa: E402
+from pyref.spec import SPEC  # noqa: E402
 from pyref import formats  # noqa: E402
 from pyref.config import PRESETS, GPT2Config  # noqa: E402
 from pyref.formats import FormatError  # noqa: E402
@@ -183,7 +180,7 @@ def test_read_checkpoint_header_returns_the_config(checkpoint):
 
 _FROM_CHECKPOINT = """
     import sys
-    from harness.clib.cmodel import CModel
+    from harness import CModel
     try:
         m = CModel.from_checkpoint(sys.argv[1] if len(sys.argv) > 1 else {path!r})
     except BaseException as e:
@@ -361,7 +358,7 @@ def test_views_before_they_exist(model):
 
 _MODEL_ABUSE = """
     import numpy as np
-    from harness.clib.cmodel import CModel
+    from harness import CModel
     from pyref.config import PRESETS
     from pyref.synth import init_params, make_batch
     cfg = PRESETS["tiny"]

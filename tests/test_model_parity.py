@@ -7,9 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from harness.checks.debugstate import check_debug_state
-from harness.ports import KernelLoadError, load_kernels
-from harness.checks.run import run_parity
+from harness import KernelLoadError, check_debug_state, load_kernels, run_parity
 from pyref import formats, numpy_kernels, synth
 from pyref.config import GPT2Config, PRESETS
 from pyref.model import GPT2 as PyGPT2

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from harness import AdamW, Hyper, ModelError, ModelState, TorchModel, map_parameters, run_parity
 from harness.cli import main as cli_main
-from harness.ports import Hyper, ModelError, ModelState, TorchModel, map_parameters
-from harness.checks.run import AdamW, run_parity
 from pyref import numpy_kernels, synth
 from pyref.config import PRESETS, GPT2Config
 
@@ -162,7 +161,7 @@ def test_cli_model_check(capsys):
 
 
 def test_report_json_carries_model_findings(tmp_path):
-    from harness.report import to_json
+    from harness import to_json
     report = run_model(mp.GPT.variant(eps=1e-6), B=2, T=8, replay=False)
     data = to_json(report, versions=False)
     assert data["impls"] == ["C", "port"] and data["verdict"] == "fail"
@@ -198,7 +197,7 @@ def test_forward_only_kernel_port_is_checked_backward_by_autograd():
     """model_ports.py defines forward kernels only, two with the shapes passed explicitly
     (attention_forward(inp, B, T, C, NH), softmax_forward(logits)) and two returning their
     main output alone: loaded as it is, no adapter."""
-    from harness.ports import load_kernels
+    from harness import load_kernels
     ks = load_kernels(str(HERE / "model_ports.py"), fallback=True)
     assert ks.missing == ["adamw"]
     assert set(ks.derived) == {"encoder_backward", "layernorm_backward", "matmul_backward", "attention_backward",
@@ -246,9 +245,7 @@ def test_ops_table_checks_derived_backward_kernels(capsys):
 # free-running trajectories
 
 def test_free_run_bounds_every_implementation_by_the_witness():
-    from harness.checks.freerun import free_run
-    from harness.report import free_run_table
-    from harness.ports import load_kernels
+    from harness import free_run, free_run_table, load_kernels
     steps = 4
     rows = free_run(TINY, synth.init_params(TINY, seed=0), [synth.make_batch(TINY, 4, 16, seed=i) for i in range(steps)],
                     lib=None, impls={"numpy": load_kernels("numpy")},
@@ -325,8 +322,9 @@ def test_kernel_signatures_by_name_on_numpy_too():
     """attention_forward(inp, B, T, C, NH) returning its output alone and softmax_forward(logits)
     work for a NumPy port as well; what they do not return is not compared; a signature whose
     names say nothing is not guessed."""
-    from harness.checks.perop import SPEC, SHAPES, make_inputs
-    from harness.checks.perop import check_kernel
+    from harness import check_kernel, make_inputs
+    from pyref.cases import SHAPES
+    from pyref.spec import SPEC
     from pyref.protocol import KernelSet, as_namespace
 
     def attention_forward(inp, B, T, C, NH):

@@ -8,11 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.clib.library import load_library
-from harness.clib.kernels import CKernels
+from harness import CKernels, assert_case, assert_kernel, case_id, cases, check_kernel, load_library, make_inputs
 from harness.compare import ParityError
-from harness.checks.perop import assert_case, assert_kernel, case_id, check_kernel
-from harness.checks.perop import SPEC, SHAPE_BY_NAME, cases, make_inputs
+from pyref.cases import SHAPE_BY_NAME
+from pyref.spec import SPEC
 from pyref import numpy_kernels as nk
 from pyref import torch_kernels
 from pyref.protocol import KernelSet

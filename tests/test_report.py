@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import png as P
+from harness import KINDS, run_parity
 from harness import report as R
-from harness.checks.results import KINDS
-from harness.checks.run import run_parity
+from harness.report import png as P
 from pyref import numpy_kernels, synth
 from pyref.config import PRESETS
 from pyref.protocol import KernelSet
@@ -310,7 +309,7 @@ def test_plot_without_matplotlib_says_what_to_install(report, tmp_path, monkeypa
 def test_plot_bands_follow_the_graph_from_the_checks_fields(report):
     """The plot's x axis is laid out from the checks' phase and call layer (no text is
     parsed): embedding, layers 0..L-1, head forward; head, layers L-1..0, embedding back."""
-    bands = P._bands(list(P._positions(report).values()))
+    bands = P.x_bands(list(P.graph_positions(report).values()))
     L = TINY.num_layers
     assert [(b.phase, b.layer) for b in bands] == (
         [("forward", None)] + [("forward", l) for l in range(L)] + [("forward", None)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.oracle import ORACLE, Witness
+from harness import ORACLE, Witness
 from pyref import numpy_kernels
 from pyref.config import preset
 from pyref.model import GPT2
@@ -115,7 +115,7 @@ def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
     read the C's parameters: no copies)."""
     import weakref
 
-    from harness.checks.run import run_parity
+    from harness import run_parity
     from pyref import torch_kernels
 
     made = weakref.WeakSet()
@@ -149,7 +149,7 @@ def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     gives, bit for bit, and a wrong update still fails there."""
     from harness import cores
     from harness.checks import update
-    from harness.checks.update import check_update
+    from harness import check_update
     from pyref.config import AdamW
 
     cfg = preset("small")

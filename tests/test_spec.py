@@ -32,11 +32,30 @@ def test_the_docs_test_fails_when_a_row_changes(monkeypatch):
 def test_every_protocol_table_is_read_from_the_rows():
     from pyref import protocol as P
     assert P.KERNEL_NAMES == tuple(s.name for s in S.SPECS if s.returns) + tuple(
-        s.name for s in S.SPECS if not s.returns and s.name != "adamw") + ("adamw",)
+        s.name for s in S.SPECS if s.backward) + tuple(s.name for s in S.SPECS if s.updates)
+    assert P.OPS == tuple(dict.fromkeys(s.op for s in S.SPECS))
     for s in S.SPECS:
         assert P.SIGNATURES[s.name] == s.signature
         assert P.KERNEL_OP[s.name] == s.op
         assert P.INPLACE_ARGS.get(s.name, ()) == s.inplace
+        assert s.returns + s.backward + s.updates == 1   # a forward, a backward or the update
+        if s.omissible:
+            assert P.SHORT_OUTPUTS[s.name] == s.omissible
+
+
+def test_the_kernels_facts_elsewhere_follow_the_rows():
+    """What the harness knows of a kernel beyond the protocol is read from its row: the
+    outputs a port may leave out (derived for a torch model's replay), the C symbols a
+    library must export, the ops the pytest plugin groups a model's checks by."""
+    from harness.clib.cdefs import REQUIRED_SYMBOLS
+    from harness.ports.state import DERIVED
+    from harness.pytest_plugin import OPS
+    assert {s.name for s in S.SPECS if not s.updates} <= set(REQUIRED_SYMBOLS)
+    assert DERIVED == {"layernorm_forward": ("mean", "rstd"), "attention_forward": ("preatt", "att"),
+                        "softmax_forward": ("probs",), "crossentropy_forward": ("losses",)}
+    assert S.SPEC["layernorm_forward"].omissible == ("mean", "rstd")
+    assert S.SPEC["softmax_forward"].omissible == ()
+    assert OPS[0] == "encoder" and OPS[-1] == "adamw"
 
 
 def test_reduction_lengths_come_from_the_call():
@@ -59,8 +78,7 @@ def test_a_rows_rule_is_the_tolerance_and_its_n_the_witness_noise(monkeypatch):
     """Editing one row changes the per-op tolerance and the witness's noise of that output."""
     import numpy as np
 
-    from harness.oracle import Witness
-    from harness.tolerances import op_tolerance
+    from harness import Witness, op_tolerance
     from pyref import numpy_kernels
     row = S.SPEC["gelu_forward"]
     out = row.outputs[0]

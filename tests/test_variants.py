@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.clib.build import build_library
+from harness import build_library
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "llmc" / "train_gpt2.c"
@@ -21,8 +21,7 @@ VARIANTS = {"O2": "-O2", "O3-native": "-O3 -march=native", "Ofast-native": "-Ofa
 
 MODEL_CHECK = """
 import sys
-from harness.checks.run import run_parity
-from harness.ports import load_kernels
+from harness import load_kernels, run_parity
 from pyref import synth
 from pyref.config import PRESETS
 cfg = PRESETS[sys.argv[2]]

@@ -8,8 +8,7 @@ from math import prod
 
 import numpy as np
 
-from harness.clib.cmodel import CModel
-from harness.checks.run import run_parity
+from harness import CModel, run_parity
 from harness.probe import listening
 from pyref import numpy_kernels
 from pyref.config import ACT_NAMES, PARAM_NAMES, PRESETS

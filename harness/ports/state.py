@@ -37,7 +37,7 @@ from .torchmodel import TorchModel, build_model, build_optimizer
 
 # outputs no module returns but a replay needs as input: derived from the port's own inputs
 # (their rows' ``derivable`` in pyref.spec)
-_DERIVED = {k.name: d for k in SPECS if k.returns and (d := tuple(o.name for o in k.outputs if o.derivable))}
+DERIVED = {k.name: d for k in SPECS if k.returns and (d := tuple(o.name for o in k.outputs if o.derivable))}
 
 
 class ModelState:
@@ -207,7 +207,7 @@ class ModelState:
         """The oracle's outputs for what no module returns, from the port's own inputs."""
         self._derived = set()
         for node in forward_nodes(self.config):
-            wanted = _DERIVED.get(node.kernel)
+            wanted = DERIVED.get(node.kernel)
             if not wanted:
                 continue
             refs = {k: v for k, v in node.args if isinstance(v, Ref)}

@@ -48,7 +48,7 @@ class Band:
     layer: int | None
 
 
-def _positions(report) -> dict[str, tuple[str, int | None]]:
+def graph_positions(report) -> dict[str, tuple[str, int | None]]:
     """The graph positions of the e2e checks (their ``where``) in graph order, each with
     its (phase, layer of the call)."""
     pos: dict[str, tuple[str, int | None]] = {}
@@ -59,7 +59,8 @@ def _positions(report) -> dict[str, tuple[str, int | None]]:
     return pos
 
 
-def _bands(info: list[tuple[str, int | None]]) -> list[Band]:
+def x_bands(info: list[tuple[str, int | None]]) -> list[Band]:
+    """The bands of the x axis: the runs of positions with the same (phase, layer)."""
     bands = []
     start = 0
     for i in range(1, len(info) + 1):
@@ -137,9 +138,9 @@ def _error_panel(fig, cell, report) -> None:
     steps = [s.step for s in report.steps]
     cmap = matplotlib.colormaps["viridis"]
     colour = {t: cmap(0.85 * (k / max(1, len(steps) - 1))) for k, t in enumerate(steps)}
-    positions = _positions(report)
+    positions = graph_positions(report)
     pos = {w: i for i, w in enumerate(positions)}
-    bands = _bands(list(positions.values()))
+    bands = x_bands(list(positions.values()))
     grid = cell.subgridspec(len(impls), 1, hspace=0.42)
     axes = []
     for k, impl in enumerate(impls):

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.checks.perop import assert_case, case_id
-from harness.checks.perop import cases
+from harness import assert_case, case_id, cases
 
 
 def pytest_generate_tests(metafunc):
@@ -31,7 +30,7 @@ def test_port_trains_like_the_c(llmc_impl, llmc_lib, llmc_config, llmc_steps):
         pytest.skip("no --llmc-impl given")
     from pyref import synth
 
-    from harness.checks.run import run_parity
+    from harness import run_parity
     cfg = llmc_config
     report = run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 2, min(cfg.max_seq_len, 16), seed=1000),
                         lib=llmc_lib, impls={llmc_impl.name: llmc_impl}, steps=llmc_steps)
