@@ -65,3 +65,44 @@ def test_the_loader_reports_user_code_that_raises_as_the_users_mistake(tmp_path)
         load_model("no_colon")
     model = load_model(f"{ROOT / 'tests' / 'model_ports.py'}:GPT", optimizer="configure_optimizers")
     assert model.name == "GPT" and model.optimizer == "configure_optimizers" and model.mapping is None
+
+
+# docs/architecture.md's layers, top to bottom: a module imports from its own and lower ones
+LAYERS = (("entry points", ("harness.cli", "harness.pytest_plugin", "harness.gate", "harness.calibrate",
+                            "harness.suite")),
+          ("reports", ("harness.report",)), ("checks", ("harness.checks",)), ("diagnosis", ("harness.diagnosis",)),
+          ("implementations", ("harness.clib", "harness.ports")),
+          ("the arbiter", ("harness.oracle", "harness.compare", "harness.tolerances")),
+          ("shared", ("harness.graph", "harness.cores", "harness.probe", "harness.errors")),
+          ("references", ("pyref",)))
+
+
+def _layer(module: str) -> int | None:
+    found = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+             if module == p or module.startswith(p + ".")]
+    return max(found)[1] if found else None
+
+
+def _imports(path: Path, package: str):
+    import ast
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            yield ".".join(base + ([node.module] if node.module else []))
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_the_layers_of_docs_architecture_hold():
+    upward = []
+    for root in ("harness", "pyref"):
+        for path in (ROOT / root).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            package = module if parts[-1] == "__init__" else module.rpartition(".")[0]
+            mine = _layer(module)
+            for target in _imports(path, package):
+                theirs = _layer(target)
+                if mine is not None and theirs is not None and theirs < mine:
+                    upward.append(f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})")
+    assert not upward, upward
