@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import pristine_source
+
 import harness.opcheck as opcheck
 import harness.runner as runner
 from harness import report as R
@@ -37,7 +39,6 @@ from pyref.config import PRESETS, param_shapes
 from pyref.protocol import KernelSet
 
 ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "llmc" / "train_gpt2.c"
 F = np.float32
 BASE = SHAPE_BY_NAME["base"]
 
@@ -480,7 +481,7 @@ def _builds() -> list[list[tuple]]:
 @pytest.fixture(scope="module")
 def c_mutants(tmp_path_factory):
     """[(edits, Library)] for each group of edits, built in parallel."""
-    src = SRC.read_text()
+    src = pristine_source()
     jobs = []
     for i, group in enumerate(_builds()):
         text = src
@@ -554,7 +555,7 @@ MEAN_EDITS = [("crossentropy.mean-over-BT+1", "gpt2_forward", "mean_loss /= B * 
 
 @pytest.fixture(scope="module")
 def mean_mutant(tmp_path_factory):
-    text = SRC.read_text()
+    text = pristine_source()
     for _, func, old, new in MEAN_EDITS:
         text = _edit_function(text, func, old, new)
     d = tmp_path_factory.mktemp("diag_mean")
