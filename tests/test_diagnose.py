@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import pristine_source
+
 from harness import (CATALOGUE, VARIANT_BY_ID, CKernels, DiagnosedComparison, assert_kernel, build_library,
                      check_kernel, first_divergence_check, load_library, make_inputs, run_parity)
 from harness import report as R
@@ -32,7 +34,6 @@ from pyref.config import PRESETS, param_shapes
 from pyref.protocol import KernelSet
 
 ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "llmc" / "train_gpt2.c"
 F = np.float32
 BASE = SHAPE_BY_NAME["base"]
 
@@ -478,7 +479,7 @@ def _builds() -> list[list[tuple]]:
 @pytest.fixture(scope="module")
 def c_mutants(tmp_path_factory):
     """[(edits, Library)] for each group of edits, built in parallel."""
-    src = SRC.read_text()
+    src = pristine_source()
     jobs = []
     for i, group in enumerate(_builds()):
         text = src
@@ -552,7 +553,7 @@ MEAN_EDITS = [("crossentropy.mean-over-BT+1", "gpt2_forward", "mean_loss /= B * 
 
 @pytest.fixture(scope="module")
 def mean_mutant(tmp_path_factory):
-    text = SRC.read_text()
+    text = pristine_source()
     for _, func, old, new in MEAN_EDITS:
         text = _edit_function(text, func, old, new)
     d = tmp_path_factory.mktemp("diag_mean")

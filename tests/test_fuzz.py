@@ -519,6 +519,90 @@ def test_planted_bug_still_fails_in_the_issue17_case(impls):
     assert not res["attention_backward.datt"].passed
 
 
+def _issue21_case(eps=1e-3, seed=0):
+    """GPT-2's attention shape (T = 64, hs = 64) in the regime that training reaches (issue
+    21): every head's value vectors share a common direction v0 (v = v0 + eps noise) and dout
+    is orthogonal to v0, so datt = dout . v cancels to ~eps of its terms' size, as it does in
+    GPT-2 124M after a few steps (~1/30 there). Early rows (few positions, large att) carry
+    datt's rounding error into dpreatt at full weight; as at initialisation, the scores are
+    small, so row t's weights are all near 1/(t+1)."""
+    s = Shape("gpt2att", B=1, T=64, C=128, NH=2, V=1, Vp=1, OC=128)
+    rng = np.random.default_rng(seed)
+    args = SPEC["attention_backward"].make(s, rng)
+    scores = np.where(np.tril(np.ones((s.T, s.T), bool)), 0.1 * rng.standard_normal((s.B, s.NH, s.T, s.T)), -np.inf)
+    att = np.exp(scores - scores.max(-1, keepdims=True))
+    args["att"] = (att / att.sum(-1, keepdims=True)).astype(np.float32)
+    C, hs = s.C, s.hs
+    v = args["inp"][..., 2 * C:].astype(np.float64).reshape(s.B, s.T, s.NH, hs)
+    v0 = rng.standard_normal((1, 1, s.NH, hs))
+    v0 /= np.linalg.norm(v0, axis=-1, keepdims=True)
+    dout = args["dout"].astype(np.float64).reshape(s.B, s.T, s.NH, hs)
+    dout -= (dout * v0).sum(-1, keepdims=True) * v0
+    args["inp"][..., 2 * C:] = (v0 + eps * v).reshape(s.B, s.T, C).astype(np.float32)
+    args["dout"] = dout.reshape(s.B, s.T, C).astype(np.float32)
+    return args, s
+
+
+def test_attention_backward_with_cancelling_datt_passes(impls):
+    """Gap G (issue 21): the unmodified C, NumPy and torch failed grads_acts.preatt's replay
+    at GPT-2 124M from the third training step on (up to 2x the bound, always at early
+    positions). dpreatt's terms counted each datt with |datt|; its rounding error scales
+    with the size of its hs products instead, and it is now counted with that."""
+    args, s = _issue21_case()
+    _all_pass(impls, "attention_backward", args, s)
+
+
+def test_the_old_dpreatt_term_size_fails_the_cancelling_case(impls, monkeypatch):
+    """The term size that counted datt by its value (the rule before issue 21) fails every
+    correct implementation on that case: the case does reproduce the false alarm."""
+    import pyref.terms as terms
+
+    def old(a, out):
+        att, datt = a["att"], np.abs(out["datt"])
+        return att * datt + att * (att * datt).sum(-1, keepdims=True)
+    monkeypatch.setattr(terms, "attention_backward_dpreatt", old)
+    spec = SPEC["attention_backward"]
+    row = spec.output("dpreatt")
+    changed = dataclasses.replace(spec, outputs=tuple(dataclasses.replace(o, terms=old) if o is row else o
+                                                      for o in spec.outputs))
+    monkeypatch.setitem(SPEC, "attention_backward", changed)
+    args, s = _issue21_case()
+    expected = _quiet(oracle_outputs, "attention_backward", args)
+    for name in IMPLS:
+        res = {c.name: c for c in _quiet(check_kernel, impls[name], "attention_backward", args, expected)}
+        assert not res["attention_backward.dpreatt"].passed, name
+
+
+def _values_off(rel):
+    """datt and dinp from value vectors off by ``rel`` (a changed constant)."""
+    def wrong(dinp, dpreatt, datt, dout, inp, att, NH):
+        inp = inp.copy()
+        C = inp.shape[-1] // 3
+        inp[..., 2 * C:] *= np.float32(1 + rel)
+        numpy_kernels.attention_backward(dinp, dpreatt, datt, dout, inp, att, NH)
+    return wrong
+
+
+def _jacobian_without_mean(dinp, dpreatt, datt, dout, inp, att, NH):
+    """dpreatt = att * datt: the softmax Jacobian's mean term dropped."""
+    scratch = np.zeros_like(dpreatt)
+    numpy_kernels.attention_backward(dinp, scratch, datt, dout, inp, att, NH)
+    dpreatt += att * datt
+
+
+@pytest.mark.parametrize("wrong, output", [(_values_off(1e-3), "datt"), (_jacobian_without_mean, "dpreatt")],
+                         ids=["values-off-1e-3", "jacobian-without-mean"])
+def test_planted_bug_still_fails_in_the_cancelling_case(wrong, output):
+    """The larger element sizes do not hide a real error there: value vectors off by 1e-3
+    relative fail datt, a softmax Jacobian without its mean term fails dpreatt. (At 1e-4
+    the value vectors move datt by less than its rounding error in this regime, where it
+    cancels to 1/200 of its terms: no element-wise bound can tell that from rounding.)"""
+    args, s = _issue21_case()
+    bad = KernelSet.from_module({"attention_backward": wrong}, name="wrong")
+    res = {c.name: c for c in _quiet(check_kernel, bad, "attention_backward", args)}
+    assert not res[f"attention_backward.{output}"].passed
+
+
 # ----------------------------------------------------------------------------- underflow
 
 def _subnormal_matmul(seed=0):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pristine_source
+
 from harness import Library, build_library, load_library
 from harness.gate import KEY_FIELDS, evaluate, load_baseline, run_suite, write_baseline
 
@@ -163,7 +165,7 @@ def test_a_bit_only_change_of_the_c_fails_the_gate(under_test_flags, suite_run, 
     """layernorm's mean one float32 ulp larger (m / C * 1.0000001f): every error stays far
     inside its tolerance, no metric grows 4x, but the bits move, and the gate fails on
     them. (m * (1.0f / C) would do at -O3, but -Ofast compiles m / C into exactly that.)"""
-    text = (ROOT / "llmc" / "train_gpt2.c").read_text()
+    text = pristine_source()
     assert text.count("m = m / C;") == 1
     src = tmp_path / "train_gpt2.c"
     src.write_text(text.replace("m = m / C;", "m = m / C * 1.0000001f;"))

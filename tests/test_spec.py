@@ -84,7 +84,7 @@ def test_a_rows_rule_is_the_tolerance_and_its_n_the_witness_noise(monkeypatch):
     out = row.outputs[0]
     before = op_tolerance("gelu_forward", "out", 1, 100)
     changed = S.KernelSpec(**{**row.__dict__, "outputs": (
-        S.Output(**{**out.__dict__, "rule": S.Rule(50.0, 20.0, "x"), "n": "C"}),)})
+        S.Output(**{**out.__dict__, "rule": S.Rule(10 * out.rule.sigma, 10 * out.rule.k_norm, "x"), "n": "C"}),)})
     monkeypatch.setitem(S.SPEC, "gelu_forward", changed)
     after = op_tolerance("gelu_forward", "out", 1, 100)
     assert after.rel == 10 * before.rel and after.norm == 10 * before.norm

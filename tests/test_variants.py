@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pristine_source
+
 from harness import build_library
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +89,7 @@ MUTATIONS = {
 
 @pytest.fixture(scope="module")
 def mutant_libs(tmp_path_factory):
-    src = SRC.read_text()
+    src = pristine_source()
     libs = {}
     for name, (old, new, _) in MUTATIONS.items():
         assert src.count(old) == 1, name
