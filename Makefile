@@ -9,7 +9,9 @@
 #   make sanitize  ASan + UBSan build of the library, op and model tests against it
 #   make variants  the non-slow suite against -O2, -O3, -O3 -march=native, -Ofast -march=native
 #                  builds, each with 1, 2 and 4 OpenMP threads
-#   make calibrate the worst observed tolerance constants over build variants
+#   make calibrate the worst observed tolerance constants over build variants, per op (seconds)
+#                  and over ten training steps at GPT-2 124M's shape (about an hour on 2 cores;
+#                  CALIBRATE_ARGS="--steps 3" or "--builds O3" for less)
 
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -90,8 +92,10 @@ variants: venv
 	  done; \
 	done
 
+CALIBRATE_ARGS ?=
 calibrate: venv
 	$(VPY) -m harness.calibrate
+	$(VPY) -m harness.calibrate --scale --model tests/model_ports.py:GPT $(CALIBRATE_ARGS)
 
 # the standalone trainer (main() is compiled when TESTING is not defined)
 train_gpt2: $(LLMC_SRC)
