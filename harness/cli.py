@@ -32,6 +32,9 @@ class UsageError(InputError):
 # progress: a bar on stderr for anything that takes more than a couple of seconds
 
 class Progress:
+    """A bar on stderr: the step, what it is doing, the time taken and, from the second
+    step on, an estimate of the time left (the mean step so far)."""
+
     def __init__(self, enabled: bool = True, delay: float = 2.0):
         self.enabled = enabled
         self.delay = delay
@@ -39,18 +42,22 @@ class Progress:
         self.last = 0.0
         self.shown = False
         self.tty = sys.stderr.isatty()
+        self.step_began: dict[int, float] = {}
 
     def __call__(self, step: int, steps: int, what: str) -> None:
+        now = time.perf_counter()
+        self.step_began.setdefault(step, now)
         if not self.enabled:
             return
-        now = time.perf_counter()
         elapsed = now - self.start
         if elapsed < self.delay or (not self.tty and now - self.last < 5.0):
             return
         self.last = now
         width = 24
         done = int(width * (step - 1) / max(steps, 1))
-        line = f"[{'#' * done}{'-' * (width - done)}] step {step}/{steps}: {what} ({elapsed:.0f}s)"
+        line = f"[{'#' * done}{'-' * (width - done)}] step {step}/{steps}: {what} ({_duration(elapsed)}"
+        left = self.left(step, steps, now)
+        line += f", about {_duration(left)} left)" if left is not None else ")"
         if self.tty:
             sys.stderr.write("\r\033[K" + line)
         else:
@@ -58,10 +65,22 @@ class Progress:
         sys.stderr.flush()
         self.shown = True
 
+    def left(self, step: int, steps: int, now: float) -> float | None:
+        """The time left at ``now`` in ``step``: the mean of the steps done, for the rest."""
+        began = self.step_began.get(step)
+        if step < 2 or began is None:
+            return None
+        per = (began - self.step_began.get(1, self.start)) / (step - 1)
+        return max(0.0, per * (steps - step + 1) - (now - began))
+
     def done(self) -> None:
         if self.shown and self.tty:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f} min"
 
 
 # ----------------------------------------------------------------------------
@@ -165,8 +184,7 @@ def cmd_run(args) -> int:
 
     cfg, params, B, T = _run_inputs(args)
     lib = _library(args)
-    refs = args.ref if args.ref is not None else \
-        ["numpy"] + (["torch"] if importlib.util.find_spec("torch") is not None else [])
+    refs, replay, why = _what_runs(args, cfg)
     impls = _impls(refs)
     if args.impl:
         impls.update(_impls([args.impl]))
@@ -174,13 +192,15 @@ def cmd_run(args) -> int:
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
-              + "".join(f"; model: {n} ({args.model})" for n in models))
+              + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {replay}")
+        if why:
+            print(why)
     progress = Progress(enabled=not args.quiet)
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
     report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
                         steps=args.steps, hyper=hyper, threads=args.threads,
-                        replay={"always": True, "on-failure": "on-failure", "never": False}[args.replay],
-                        progress=progress)
+                        replay={"always": True, "on-failure": "on-failure", "never": False}[replay],
+                        progress=progress, on_step=_first_step_said(args, progress, large=_large(args, cfg)))
     if args.free_run:
         from .checks.freerun import free_run
         gen = _batches(args, cfg, B, T)
@@ -191,6 +211,42 @@ def cmd_run(args) -> int:
     ds_ok = _print_run(args, report, lib)
     _write_run(args, report)
     return EXIT_PASS if report.passed and ds_ok else EXIT_FAIL
+
+
+# From this many parameters (GPT-2 124M has 124M), or with --debug-state, a run checks the C
+# against the float64 oracle alone and replays the ops only where an end-to-end check failed:
+# the NumPy and torch references are ours, not the user's, each costs a step of its own at
+# that size, and a replay on failure localises a failure as well as one every step.
+LARGE = 50_000_000
+
+
+def _large(args, cfg) -> bool:
+    return cfg.num_parameters() >= LARGE or bool(args.debug_state)
+
+
+def _what_runs(args, cfg) -> tuple[list[str], str, str | None]:
+    """The references and the replay of a run (what the user asked for, else what fits the
+    job), and, where the defaults were chosen for the size, a line that says so."""
+    large = _large(args, cfg)
+    torch = ["torch"] if importlib.util.find_spec("torch") is not None else []
+    refs = args.ref if args.ref is not None else ([] if large else ["numpy", *torch])
+    replay = args.replay or ("on-failure" if large else "always")
+    if not large or (args.ref is not None and args.replay is not None):
+        return refs, replay, None
+    size = "with --debug-state" if args.debug_state else f"at {cfg.num_parameters() / 1e6:.0f}M parameters"
+    return refs, replay, (f"{size}: the C against the float64 oracle, each op replayed where a check fails "
+                          "(--ref numpy,torch adds our own references, --replay always every op each step)")
+
+
+def _first_step_said(args, progress: Progress, large: bool):
+    """run_parity's on_step: after the first step of a large run, a line with its time and
+    the run's."""
+    def said(t: int, _cmodel) -> None:
+        if t == 1 and large and not args.json_only:
+            took = time.perf_counter() - progress.step_began.get(1, progress.start)
+            print(f"step 1 took {_duration(took)}; the {args.steps} steps take about "
+                  f"{_duration(took * args.steps)}", flush=True)
+    return said
 
 
 def _run_inputs(args):
@@ -368,7 +424,8 @@ def _run_parser(sub) -> None:
     run.add_argument("-T", "--seq-len", type=int, default=None, help="default 16 (64 for C >= 512)")
     run.add_argument("--ref", default=None, type=lambda s: [x for x in s.split(",") if x],
                      help="references beside the oracle: numpy, torch, oracle (only), or a module "
-                          "(default: numpy, and torch where it is installed)")
+                          "(default: numpy, and torch where it is installed; none from 50M parameters "
+                          "and with --debug-state)")
     run.add_argument("--impl", help="your port: a .py file or module[:attr] implementing docs/kernels.md")
     run.add_argument("--model", help="your PyTorch model: file.py:name or module:name, an nn.Module class or "
                                      "a factory taking the config (checked with autograd and its optimizer)")
@@ -383,9 +440,10 @@ def _run_parser(sub) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--lr", type=float, default=AdamW.learning_rate)
     run.add_argument("--weight-decay", type=float, default=AdamW.weight_decay)
-    run.add_argument("--replay", choices=["always", "on-failure", "never"], default="always",
+    run.add_argument("--replay", choices=["always", "on-failure", "never"], default=None,
                      help="re-run every op in float64 on each implementation's own inputs: every step "
-                          "(default), only where an end-to-end check failed (faster at 124M), or never")
+                          "(the default below 50M parameters), only where an end-to-end check failed (the "
+                          "default from 50M parameters and with --debug-state), or never")
     run.add_argument("--json", help="write the JSON report here ('-' for stdout)")
     run.add_argument("--json-only", action="store_true", help="print nothing but the JSON")
     run.add_argument("--plot", help="write a PNG of error per tensor across steps and layers")

@@ -9,6 +9,8 @@ that measures how far float32-sized rounding noise carries through a model.
 """
 from __future__ import annotations
 
+from math import sqrt
+
 import numpy as np
 
 from pyref import numpy_kernels
@@ -17,6 +19,7 @@ from pyref.constants import U
 from pyref.protocol import SIGNATURES, KernelSet
 from pyref.spec import SPEC
 
+from .clib.fused import add_noisy, noise
 from .compare import Comparison, Tolerance, compare
 from .cores import shared
 from .graph import Ref, backward_nodes, forward_nodes, writers
@@ -35,54 +38,60 @@ class Witness:
     """The oracle's kernels with float32-sized rounding noise added to every result.
 
     Each result (a forward's outputs, a backward's contribution to its buffers) is
-    multiplied by ``1 + u sqrt(n) xi``, xi standard normal, n that output's reduction
-    length in its row of :mod:`pyref.spec` (the same n its per-op tolerance uses): the
-    statistical size of a float32 implementation's rounding. Run as a float64 model,
-    its distance from the clean oracle measures how much such noise grows through the
-    depth of *this* model on *this* batch, which is what an end-to-end tolerance must
-    allow and no more. Seeded: the same run gives the same tolerances.
+    multiplied by ``1 + u sqrt(n) xi``, n that output's reduction length in its row of
+    :mod:`pyref.spec` (the same n its per-op tolerance uses), xi uniform on [-sqrt 3,
+    sqrt 3]: mean 0 and variance 1, the statistical size of a float32 implementation's
+    rounding (a rounding error is uniform). Run as a float64 model, its distance from the
+    clean oracle measures how much such noise grows through the depth of *this* model on
+    *this* batch, which is what an end-to-end tolerance must allow and no more.
+
+    The draws come from a counter-based generator (splitmix64 of the seed and the stream
+    position: :func:`draws`), computed by the compiled helper in place
+    (:func:`harness.clib.fused.noise`) or, where it is not at hand, by NumPy with the same
+    draws and the same arithmetic: seeded, the same run gives the same tolerances either
+    way, whatever the thread count. A backward kernel runs into zeroed buffers (its
+    contribution alone), which are noised and added into the model's: no copy of a
+    gradient buffer is made. AdamW (a free run's witness trains) rewrites its buffers:
+    there the change of each is noised.
     """
 
     BACKEND = "numpy"
 
-    BLOCK = 1 << 15   # elements per block of noise: the draws and the scratch stay in cache
+    BLOCK = 1 << 15   # elements per block of the NumPy draws: they and the scratch stay in cache
 
     def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-        self._xi = np.empty(self.BLOCK, np.float32)
-        self._prod = np.empty(self.BLOCK, np.float64)
+        self.key = _splitmix64(seed)
+        self.position = 0          # the stream position of the next draw
         for kernel in SIGNATURES:
             setattr(self, kernel, self._wrap(kernel))
 
-    def _noise(self, x: np.ndarray, n: int) -> np.ndarray:
-        """``x (1 + u sqrt(n) xi)``, worked in cache-sized blocks. The draws are the same
-        stream, in the same order, as one draw of ``x.size`` normals (the generator's
-        state runs on across blocks), and each element is the same float64 arithmetic:
-        ``x * xi + x``, xi the float32 draw times the float32 scale. A result the caller
-        owns outright (a kernel's fresh output, a fresh difference) is perturbed in place
-        (no second array of its size); any other gets a new one."""
-        with span("witness noise"):
-            return self._noisy(x, n)
+    def _take(self, size: int) -> int:
+        at, self.position = self.position, self.position + size
+        return at
 
-    def _noisy(self, x: np.ndarray, n: int) -> np.ndarray:
-        s = np.float32(U * np.sqrt(max(n, 1)))
-        if x.dtype != np.float64:       # the model is float64; kept for any other input
-            xi = self.rng.standard_normal(x.shape, dtype=np.float32)
-            xi *= s
-            out = x * xi
-            out += x
-            return out
-        own = x.flags.owndata and x.flags.writeable and x.flags.c_contiguous
-        out = x if own else np.empty(x.shape, np.float64)
-        src, dst = np.ascontiguousarray(x).reshape(-1), out.reshape(-1)
-        for lo in range(0, src.size, self.BLOCK):
-            k = min(self.BLOCK, src.size - lo)
-            xi, prod_ = self._xi[:k], self._prod[:k]
-            self.rng.standard_normal(out=xi, dtype=np.float32)   # float32 draws: half the cost
-            xi *= s
-            np.multiply(src[lo:lo + k], xi, out=prod_)          # float64: the relative perturbation
-            np.add(prod_, src[lo:lo + k], out=dst[lo:lo + k])    # without rounding 1 + delta to float32
+    def _noise(self, x: np.ndarray, n: int) -> np.ndarray:
+        """``x (1 + u sqrt(n) xi)``: in place on a result the caller owns outright (a
+        kernel's fresh float64 output), else on a new float64 array."""
+        own = x.dtype == np.float64 and x.flags.owndata and x.flags.writeable and x.flags.c_contiguous
+        out = x if own else np.array(x, np.float64, order="C")
+        s, at = U * sqrt(max(n, 1)), self._take(out.size)
+        with span("witness noise"):
+            if not noise(out, s, self.key, at):
+                flat = out.reshape(-1)
+                for lo in range(0, flat.size, self.BLOCK):
+                    hi = min(flat.size, lo + self.BLOCK)
+                    flat[lo:hi] += flat[lo:hi] * (s * draws(self.key, at + lo, hi - lo))
         return out
+
+    def _add_noisy(self, buf: np.ndarray, c: np.ndarray, n: int) -> None:
+        """``buf += c (1 + u sqrt(n) xi)``: a backward's contribution, noised, added."""
+        s, at = U * sqrt(max(n, 1)), self._take(c.size)
+        with span("witness noise"):
+            if not add_noisy(buf, c, s, self.key, at):
+                b, cf = buf.reshape(-1), np.ascontiguousarray(c).reshape(-1)
+                for lo in range(0, cf.size, self.BLOCK):
+                    hi = min(cf.size, lo + self.BLOCK)
+                    b[lo:hi] += cf[lo:hi] + cf[lo:hi] * (s * draws(self.key, at + lo, hi - lo))
 
     def _wrap(self, kernel: str):
         f = getattr(ORACLE, kernel)
@@ -95,13 +104,49 @@ class Witness:
                 outs = out if isinstance(out, tuple) else (out,)
                 noisy = tuple(self._noise(o, spec.n(name, named)) for name, o in zip(spec.output_names, outs))
                 return noisy if isinstance(out, tuple) else noisy[0]
-            before = {k: named[k].copy() for k in spec.inplace if named.get(k) is not None}
-            f(*args)
-            for k, old in before.items():
-                # the contribution, perturbed in place (it is ours), added back into the buffer
-                delta = self._noise(named[k] - old, spec.n(k, named))
-                np.add(old, delta, out=named[k])
+            if spec.updates:   # AdamW rewrites its buffers: the change is what is noised
+                before = {k: named[k].copy() for k in spec.inplace}
+                f(*args)
+                for k, old in before.items():
+                    change = named[k] - old
+                    named[k][...] = old
+                    self._add_noisy(named[k], change, spec.n(k, named))
+                return None
+            own = {k: np.zeros(named[k].shape) for k in spec.inplace if named.get(k) is not None}
+            f(*(own.get(k, a) for k, a in zip(spec.signature, args)))
+            for k, c in own.items():
+                self._add_noisy(named[k], c, spec.n(k, named))
         return call
+
+
+_GAMMA = 0x9E3779B97F4A7C15
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(seed: int) -> int:
+    """A 64-bit key from a seed (splitmix64's finaliser), so that seeds 1, 2, 3 give
+    unrelated streams."""
+    z = (seed + _GAMMA) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def draws(key: int, at: int, size: int) -> np.ndarray:
+    """The witness's draws at stream positions ``at .. at + size``: uniform on [-sqrt 3,
+    sqrt 3), splitmix64 of ``key + (i + 1) gamma``, bit for bit what the compiled helper
+    draws (llmc/fused_checks.c)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (np.arange(at + 1, at + size + 1, dtype=np.uint64) * np.uint64(_GAMMA))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    u = (z >> np.uint64(11)).astype(np.float64)
+    u *= 2.0 ** -53
+    u *= 2.0
+    u -= 1.0
+    u *= 1.7320508075688772
+    return u
 
 
 _FREE = Tolerance(rel=np.inf, norm=np.inf)

@@ -11,7 +11,8 @@ thread the span runs in (the work of a step is shared among threads: :mod:`harne
 The categories a run marks: the models' own work (``C``, ``oracle``, ``witness``, each
 reference by its name), ``models built``, ``load_state``, ``C acts poisoned``, ``witness
 noise``, ``witness spread``, the checks (``e2e checks``, ``replay checks``, ``update
-checks``, ``first divergence``), inside them ``compare`` (detail ``actual``), ``term
+checks``, ``first divergence``), inside them ``compare`` (detail ``actual``: the array
+compared, or a tuple of the arrays one pass compares), ``term
 magnitudes``, ``replay: float64 ops``, ``replay: float64 inputs``, and ``diagnose``.
 """
 from __future__ import annotations

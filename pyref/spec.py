@@ -196,6 +196,9 @@ _DPREATT = Rule(0.5, 1.5, "the softmax Jacobian of datt, a dot product over hs o
                            "(~1/30 of its terms at GPT-2 124M) and its rounding error, carried by att, dominates")
 _ATT_DINP = Rule(0.5, 1.5, "dq, dk from dpreatt (counted with its own terms' size) and dv, summed over T: a "
                            "chain of hs + T + T roundings")
+_OVER_BATCH = Rule(0.75, 1.5, "a sum over the B*T positions, whose terms are correlated across positions (a batch "
+                              "shares its gradient's direction): the partial sums outgrow a random walk, and the "
+                              "C's sequential sum reaches 0.5 u sqrt(n) per element at GPT-2 124M (calibrate --scale)")
 _LOGF = Rule(0.65, 2.0, "logf of a probability: an absolute error of u*|p| becomes ~u in the loss")
 
 SPECS = (
@@ -222,8 +225,8 @@ SPECS = (
     ), True, cases.matmul_forward, note="out = inp @ weight.T + bias; `bias` may be `None`"),
     KernelSpec("matmul_backward", "matmul", ("dinp", "dweight", "dbias", "dout", "inp", "weight"), (
         Output("dinp", "(B, T, C)", BTC, "OC", terms=terms.matmul_backward_dinp),
-        Output("dweight", "(OC, C)", ("oc", "c"), "B*T", terms=terms.matmul_backward_dweight),
-        Output("dbias", "(OC,)", ("oc",), "B*T", terms=terms.matmul_backward_dbias),
+        Output("dweight", "(OC, C)", ("oc", "c"), "B*T", _OVER_BATCH, terms.matmul_backward_dweight),
+        Output("dbias", "(OC,)", ("oc",), "B*T", _OVER_BATCH, terms.matmul_backward_dbias),
     ), False, cases.matmul_backward, note="`dbias` may be `None`"),
     KernelSpec("attention_forward", "attention", ("inp", "NH"), (
         Output("out", "(B, T, C)", BTC, "T + hs", terms=terms.attention_forward_out),

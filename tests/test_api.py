@@ -72,8 +72,9 @@ LAYERS = (("entry points", ("harness.cli", "harness.pytest_plugin", "harness.gat
                             "harness.suite")),
           ("reports", ("harness.report",)), ("checks", ("harness.checks",)), ("diagnosis", ("harness.diagnosis",)),
           ("implementations", ("harness.clib", "harness.ports")),
-          ("the arbiter", ("harness.oracle", "harness.compare", "harness.tolerances")),
-          ("shared", ("harness.graph", "harness.cores", "harness.probe", "harness.errors")),
+          ("the arbiter", ("harness.oracle", "harness.compare", "harness.metrics", "harness.tolerances",
+                           "harness.clib.fused")),
+          ("shared", ("harness.graph", "harness.cores", "harness.probe", "harness.errors", "harness.clib.build")),
           ("references", ("pyref",)))
 
 

@@ -16,12 +16,25 @@ from hypothesis.extra import numpy as hnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import compare as cmp_mod  # noqa: E402
+from harness import metrics as metrics_mod  # noqa: E402
+from harness.clib import fused  # noqa: E402
 from harness.compare import (  # noqa: E402
     Comparison, ParityError, Tolerance, assert_parity, compare, ulp_distance,
 )
 from harness import format_table  # noqa: E402
 
 TOL = Tolerance(rel=1e-6, norm=1e-6, why="test tolerance")
+
+
+@pytest.fixture(autouse=True, params=["fused", "numpy"])
+def engine(request, monkeypatch):
+    """Every test of the metrics runs on both engines: the compiled helper (where it takes
+    the arrays as they lie) and the NumPy reference implementation."""
+    if request.param == "numpy":
+        monkeypatch.setitem(fused._STATE, "lib", None)
+    elif not fused.available():
+        pytest.skip("the compiled helper could not be built here")
+    return request.param
 F32 = np.float32
 
 
@@ -218,7 +231,7 @@ def test_noncontiguous_views_are_compared_and_not_modified(view, chunk):
     a, e = take(base), take(ref)
     e = e.copy()
     e[(1,) * e.ndim] += 1.0
-    with mock.patch.object(cmp_mod, "CHUNK_ELEMS", chunk or cmp_mod.CHUNK_ELEMS):
+    with mock.patch.object(metrics_mod, "CHUNK_ELEMS", chunk or metrics_mod.CHUNK_ELEMS):
         c = check(a, e)
     assert not a.flags.c_contiguous
     assert np.array_equal(base, before)
@@ -418,7 +431,7 @@ def cases(draw):
 @given(case=cases())
 def test_metrics_agree_with_naive_reference(chunk, case):
     a, e, mask, tol, nan_equal = case
-    with mock.patch.object(cmp_mod, "CHUNK_ELEMS", chunk or cmp_mod.CHUNK_ELEMS):
+    with mock.patch.object(metrics_mod, "CHUNK_ELEMS", chunk or metrics_mod.CHUNK_ELEMS):
         # explicit scale: bit-identical rel values, so every metric must agree exactly
         c = check(a, e, tol=tol, mask=mask, nan_equal=nan_equal, scale=0.75)
         default = check(a, e, tol=tol, mask=mask, nan_equal=nan_equal)

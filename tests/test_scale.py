@@ -15,44 +15,69 @@ from pyref.protocol import KernelSet
 from pyref.synth import init_params, make_batch
 
 
-def _noise_whole_array(rng, x, n):
-    """Witness._noise as it was: one draw of x.size normals, whole-array arithmetic."""
-    xi = rng.standard_normal(x.shape, dtype=np.float32)
-    xi *= np.float32(2.0 ** -24 * np.sqrt(max(n, 1)))
-    out = x * xi
-    out += x
-    return out
-
-
 def _bits(a):
     return np.ascontiguousarray(a).view(np.uint64)
 
 
-@pytest.mark.parametrize("size", [0, 1, 7, Witness.BLOCK - 1, Witness.BLOCK, 3 * Witness.BLOCK + 5])
-def test_witness_noise_is_the_whole_array_draw(size):
+def _numpy_only(monkeypatch):
+    """The NumPy path alone: the compiled helper taken away."""
+    from harness.clib import fused
+    monkeypatch.setitem(fused._STATE, "lib", None)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, Witness.BLOCK - 1, Witness.BLOCK, 3 * Witness.BLOCK + 5, 300_001])
+def test_witness_noise_is_the_same_draws_compiled_or_not(monkeypatch, size):
+    """The compiled noise and the NumPy reference draw the same numbers at the same stream
+    positions, with the same arithmetic (bit for bit), whatever the thread count; a view
+    the caller does not own is never written."""
+    from harness.clib import fused
     x = np.random.default_rng(1).standard_normal(size) * 3.0
-    w = Witness(seed=4)
-    ref_rng = np.random.default_rng(4)
-    # a fresh array the caller owns (perturbed in place), then a view it does not own
-    got = w._noise(x.copy(), 768)
-    want = _noise_whole_array(ref_rng, x, 768)
-    assert np.array_equal(_bits(got), _bits(want))
+    compiled = Witness(seed=4)
+    got = [compiled._noise(x.copy(), 768), compiled._noise(np.ones((3, 4)), 1)]
+    monkeypatch.setattr(fused, "_threads", lambda n: 3)
+    threaded = Witness(seed=4)._noise(x.copy(), 768)
+    _numpy_only(monkeypatch)
+    reference = Witness(seed=4)
+    want = [reference._noise(x.copy(), 768), reference._noise(np.ones((3, 4)), 1)]
+    for g, w in zip(got + [threaded], want + want[:1]):
+        assert np.array_equal(_bits(g), _bits(w))
     big = np.concatenate([x, x])
-    view = big[::2]                                  # not contiguous, not owned
-    before = big.copy()
-    got = w._noise(view, 5)
-    assert np.array_equal(_bits(got), _bits(_noise_whole_array(ref_rng, view, 5)))
+    view, before = big[::2], big.copy()
+    Witness(seed=0)._noise(view, 5)
     assert np.array_equal(_bits(big), _bits(before)), "an array the caller does not own was written"
-    # the stream runs on across calls exactly as before
-    assert np.array_equal(_bits(w._noise(np.ones((3, 4)), 1)),
-                          _bits(_noise_whole_array(ref_rng, np.ones((3, 4)), 1)))
 
 
-def test_witness_noise_of_a_reshaped_kernel_output_leaves_its_base_alone():
-    base = np.arange(12.0)
-    out = base.reshape(3, 4)                          # a view: not owned
-    got = Witness(seed=0)._noise(out, 10)
-    assert np.array_equal(base, np.arange(12.0)) and got.shape == (3, 4)
+def test_witness_draws_are_uniform_with_unit_variance():
+    from harness.oracle import draws
+    d = draws(12345, 0, 2_000_000)
+    assert abs(d.mean()) < 5 * np.sqrt(1 / 2_000_000) and d.var() == pytest.approx(1.0, abs=5e-3)
+    assert d.min() >= -np.sqrt(3) and d.max() < np.sqrt(3)
+    assert not np.array_equal(draws(1, 0, 10), draws(2, 0, 10))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_witness_backward_adds_its_noised_contribution_without_copying_the_buffer(monkeypatch, compiled):
+    """A backward kernel's contribution (the kernel run into zeroed buffers) is noised and
+    added into the model's buffer, which keeps what it held before."""
+    from harness.oracle import draws
+    from pyref.constants import U
+    if not compiled:
+        _numpy_only(monkeypatch)
+    rng = np.random.default_rng(0)
+    B, T, C, OC = 2, 3, 4, 5
+    inp, dout, w = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, OC)), rng.standard_normal((OC, C))
+    bufs = [rng.standard_normal(s) for s in ((B, T, C), (OC, C), (OC,))]
+    held = [b.copy() for b in bufs]
+    wit = Witness(seed=7)
+    wit.matmul_backward(*bufs, dout, inp, w)
+    contrib = [np.zeros(s) for s in ((B, T, C), (OC, C), (OC,))]
+    ORACLE.matmul_backward(*contrib, dout, inp, w)
+    at, n = 0, {0: OC, 1: B * T, 2: B * T}
+    for k, (b, h, c) in enumerate(zip(bufs, held, contrib)):
+        s = U * np.sqrt(n[k])
+        want = h.reshape(-1) + (c.reshape(-1) + c.reshape(-1) * (s * draws(wit.key, at, c.size)))
+        assert np.array_equal(_bits(b.reshape(-1)), _bits(want))
+        at += c.size
 
 
 def _run(model, x, y):

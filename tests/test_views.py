@@ -52,8 +52,10 @@ class _ComparedArrays:
 
     def enter(self, category, detail):
         actual = detail.get("actual")
-        if category == "compare" and isinstance(actual, np.ndarray) and actual.size > 1:
-            self.ranges.append(byte_bounds(actual))
+        if category == "compare":   # an array, or the arrays one pass compares (an update's)
+            for a in actual if isinstance(actual, tuple) else (actual,):
+                if isinstance(a, np.ndarray) and a.size > 1:
+                    self.ranges.append(byte_bounds(a))
 
     def exit(self, token):
         pass

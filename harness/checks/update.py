@@ -9,11 +9,13 @@ import numpy as np
 from pyref.config import AdamW, GPT2Config, param_shapes
 from pyref.terms import adamw_magnitudes
 
+from ..clib import fused
+from ..compare import comparison_of
 from ..cores import shared, workers
 from ..diagnosis import Call, attach, diagnose, is_one_d
 from ..graph import Ref
 from ..oracle import ORACLE
-from ..probe import marked
+from ..probe import marked, span
 from ..tolerances import op_tolerance
 from .results import Check
 from .state import axes
@@ -29,38 +31,117 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  step: int, impl: str) -> list[Check]:
     """AdamW in float64 from the common pre-step state ``pre`` = (params, m, v; m and v
     None at the first step: zeros) with ``grads``, against ``post`` (params, m, v after the
-    implementation's update), tensor by tensor. Worked in cache-sized blocks into buffers
-    made once for the largest tensor: at 124M scale only the expected values of one tensor
-    are held in float64, and no tensor-sized temporary is made and dropped."""
+    implementation's update), tensor by tensor: in one pass per tensor by the compiled
+    helper (:func:`harness.clib.fused.adamw_tallies`, the expected values never stored);
+    where it is not at hand, or a tensor fails (its diagnosis needs the expected values),
+    in NumPy, in cache-sized blocks into buffers made once for the largest tensor."""
     hp = hyper.kernel_args(t)
     shapes = param_shapes(cfg)
-    largest = max(prod(s) for s in shapes.values())
-    buf = {k: np.empty(largest, np.float64) for k in ("params", "m", "v")}
-    buf_scale = {k: np.empty(largest, np.float32) for k in ("params", "m")}
+    buf: dict = {}
     checks = []
     offset = 0
-    labels = ("params", "m", "v")
     for name, shape in shapes.items():
         n = prod(shape)
-        expected = {k: b[:n] for k, b in buf.items()}
-        scales = {"params": buf_scale["params"][:n], "m": buf_scale["m"][:n], "v": None}
-        shared(lambda r: _expected_update(pre, grads, offset, expected, scales, hp, r), _runs(n))
+        sl = slice(offset, offset + n)
         hows = {label: dict(name=f"{label}.{name} (after update)",
                             tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
-                            elem_scale=None if scales[label] is None else scales[label].reshape(shape),
                             axes=axes(Ref(label, name), shape))
-                for label in labels}
-        actuals = {label: np.asarray(post[i][offset:offset + n]).reshape(shape) for i, label in enumerate(labels)}
-        results = shared(lambda k: compared(actuals[k], expected[k].reshape(shape), **hows[k]), labels)
-        for label, c in zip(labels, results):
-            output, actual, how = "param" if label == "params" else label, actuals[label], hows[label]
-            if not c.passed:
-                call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
-                c = attach(c, diagnose(call, actual, expected[label].reshape(shape),
-                                       ctx={"one_d": is_one_d(name, shape)}, **how))
-            checks.append(Check(step, impl, "update", Ref(label, name), c))
+                for label in LABELS}
+        actuals = {label: np.asarray(post[i][sl]).reshape(shape) for i, label in enumerate(LABELS)}
+        found = _fused(pre, grads, sl, shape, actuals, hows, hp)
+        if found is None:
+            if not buf:   # made once, for the largest tensor
+                largest = max(prod(s) for s in shapes.values())
+                buf = {k: np.empty(largest, np.float64 if k in LABELS else np.float32)
+                       for k in (*LABELS, "scale_params", "scale_m")}
+            found = _numpy(pre, grads, offset, name, shape, actuals, hows, hp, buf)
+        checks += [Check(step, impl, "update", Ref(label, name), c) for label, c in zip(LABELS, found)]
         offset += n
     return checks
+
+
+LABELS = ("params", "m", "v")
+
+
+def _fused(pre, grads, sl: slice, shape, actuals: dict, hows: dict, hp: dict) -> list | None:
+    """The three comparisons of one tensor by the compiled helper, or None (not at hand, or
+    a comparison failed: the NumPy path then judges and diagnoses it)."""
+    tols = tuple(hows[label]["tol"] for label in LABELS)
+    args = ((pre[0][sl], None if pre[1] is None else pre[1][sl], None if pre[2] is None else pre[2][sl]),
+            grads[sl], tuple(np.asarray(actuals[label]).reshape(-1) for label in LABELS))
+    with span("compare", actual=tuple(actuals[label] for label in LABELS)):
+        tallies = fused.adamw_tallies(*args, hp, tols)
+    if tallies is None:
+        return None
+    point = _Point(pre, grads, sl, shape, hp)
+    out = []
+    for label, tally in zip(LABELS, tallies):
+        if tally.worst_index is not None:
+            tally.worst_index = tuple(int(i) for i in np.unravel_index(tally.worst_index[0], shape))
+        how = hows[label]
+        c = comparison_of(tally, actuals[label], point.expected(label), point.size(label), how["tol"],
+                          name=how["name"], shape=tuple(shape), axes=how["axes"])
+        if not c.passed:
+            return None
+        out.append(c)
+    return out
+
+
+class _Point:
+    """The expected values and term sizes of an update, element by element (the worst
+    element of a fused comparison): AdamW in float64 on that element alone."""
+
+    def __init__(self, pre, grads, sl: slice, shape, hp: dict):
+        self.pre, self.grads, self.sl, self.shape, self.hp = pre, grads, sl, shape, hp
+
+    def _at(self, index) -> dict:
+        i = self.sl.start + int(np.ravel_multi_index(index, self.shape))
+        one = slice(i, i + 1)
+        a = _update_args(self.pre, self.grads, one, (1,), self.hp)
+        p0, m0 = np.asarray(self.pre[0][one]), np.zeros(1, np.float32) if self.pre[1] is None else self.pre[1][one]
+        ORACLE.adamw(a["param"], a["grad"], a["m"], a["v"], *self.hp.values())
+        m_size, p_size = adamw_magnitudes(p0, m0, self.grads[one], a["v"], self.hp)
+        return {"params": a["param"], "m": a["m"], "v": a["v"], "size_params": p_size, "size_m": m_size}
+
+    def expected(self, label: str):
+        return _Lazy(lambda index: self._at(index)[label][0], np.dtype(np.float64))
+
+    def size(self, label: str):
+        if label == "v":
+            return None
+        return _Lazy(lambda index: self._at(index)[f"size_{label}"][0], np.dtype(np.float32))
+
+
+class _Lazy:
+    """An array's ``[index]`` and ``dtype``, computed when asked (one element)."""
+
+    def __init__(self, at, dtype):
+        self.at, self.dtype = at, dtype
+
+    def __getitem__(self, index):
+        return self.at(index)
+
+
+def _numpy(pre, grads, offset: int, name: str, shape, actuals: dict, hows: dict, hp: dict, buf: dict) -> list:
+    """The three comparisons of one tensor in NumPy (the reference implementation), each
+    failing one diagnosed."""
+    n = prod(shape)
+    expected = {k: buf[k][:n] for k in LABELS}
+    scales = {"params": buf["scale_params"][:n], "m": buf["scale_m"][:n], "v": None}
+    shared(lambda r: _expected_update(pre, grads, offset, expected, scales, hp, r), _runs(n))
+    for label in LABELS:
+        hows[label]["elem_scale"] = None if scales[label] is None else scales[label].reshape(shape)
+    results = shared(lambda k: compared(actuals[k], expected[k].reshape(shape), engine="numpy", **hows[k]),
+                     LABELS)
+    out = []
+    for label, c in zip(LABELS, results):
+        if not c.passed:
+            output = "param" if label == "params" else label
+            call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
+            c = attach(c, diagnose(call, actuals[label], expected[label].reshape(shape),
+                                   ctx={"one_d": is_one_d(name, shape)}, **hows[label]))
+        out.append(c)
+    return out
 
 
 def _runs(n: int) -> list[tuple[int, int]]:

@@ -34,6 +34,11 @@ PROBE = ROOT / "llmc" / "abi_probe.c"
 # what `make lib` builds in a checkout (the Makefile hands it to everything as LLMC_LIB)
 DEFAULT_LIB = ROOT / "build" / "libtrain_gpt2.so"
 DEFAULT_CFLAGS = "-O3"
+# the harness's own compiled helper (fused comparisons, the update check's float64 AdamW,
+# the witness's noise): always these flags, whatever the library under test was built
+# with, so that its arithmetic is the NumPy path's (no FMA contraction, no fast-math)
+HELPER = ROOT / "llmc" / "fused_checks.c"
+HELPER_CFLAGS = "-O3 -ffp-contract=off -fno-math-errno"
 
 
 def build_dir() -> Path:
@@ -186,6 +191,36 @@ def build_library(src: str | os.PathLike | None = None, out: str | os.PathLike |
             os.unlink(tmp)
     record.write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
+
+
+def ensure_helper(cc: str | None = None) -> Path:
+    """llmc/fused_checks.c built into the build cache unless it is there (keyed by its
+    source, the compiler and its version, and HELPER_CFLAGS), with OpenMP where the compiler
+    has it. Raises BuildError when it cannot be built (the NumPy path then serves)."""
+    cc = cc or os.environ.get("CC") or "gcc"
+    version = compiler_version(cc)
+    try:
+        check_openmp(cc)
+        openmp = ["-fopenmp"]
+    except BuildError:
+        openmp = []
+    key = "|".join([_sha256(HELPER), version, HELPER_CFLAGS, " ".join(openmp)])
+    out = build_dir() / f"libllmc_fused-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *shlex.split(HELPER_CFLAGS), "-fPIC", "-shared", *openmp, str(HELPER), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"compiling {HELPER} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
 
 
 def read_build_info(library: str | os.PathLike) -> BuildInfo | None:
