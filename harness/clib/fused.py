@@ -179,6 +179,8 @@ def adamw_tallies(pre: tuple, grads: np.ndarray, post: tuple, hp: dict, tols: tu
     cannot take them."""
     lib = _lib()
     arrays = [x for x in (*pre, grads, *post) if x is not None]
+    if (pre[1] is None) != (pre[2] is None):    # m and v are both given, or both zeros
+        return None
     if lib is None or not all(isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
                               for x in arrays):
         return None

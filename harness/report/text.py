@@ -21,6 +21,7 @@ from pyref.protocol import KERNEL_OP
 
 from ..checks.results import KINDS, first_divergence, first_divergence_check
 from ..compare import Comparison
+from ..tolerances import P_FALSE_ALARM
 from .table import text_table
 
 
@@ -268,7 +269,8 @@ def run_summary(report) -> str:
                      _num(rel_diff(get("C"), get("oracle")))))
     lines += text_table(header, rows, right=set(range(len(header)))) if rows else ["(no steps)"]
 
-    lines += ["", "checks"] + _checks_table(report) + [""]
+    lines += ["", "checks"] + _checks_table(report)
+    lines += [false_alarm_text(sum(len(s.checks) for s in report.steps)), ""]
 
     first = report.first_divergence(heading=False)
     lines.append(f"first divergence: {first or 'none'}")
@@ -300,6 +302,13 @@ def run_summary(report) -> str:
     if fp:
         lines.append(f"floating point: {fp['description']}")
     return "\n".join(lines)
+
+
+def false_alarm_text(checks: int) -> str:
+    """What the bounds promise a run of ``checks`` checks (harness.tolerances: each bound is
+    built for P_FALSE_ALARM; a check has two)."""
+    return (f"bounds built for a false-alarm probability of {P_FALSE_ALARM:g} each: at most "
+            f"{2 * P_FALSE_ALARM * checks:.1g} for this run's {checks} checks")
 
 
 # ----------------------------------------------------------------------------
