@@ -26,7 +26,6 @@ typedef struct {
     int64_t tol_ulp;
     double floor;
     int32_t nan_equal;
-    int32_t has_es;
     double scale;
 } llmc_rule;
 
