@@ -127,24 +127,121 @@ def _attention(inp, NH, scale=None, mask=None):
     return _forward("attention_forward", (out, pre, att))
 
 
-def _att_scale(scale_of_hs):
-    """The scores scaled by ``scale_of_hs(hs)`` instead of 1/sqrt(hs) (forward, and dq,
-    dk in the backward, which are linear in the scale)."""
+def _att_scale(kernel, args, ctx, value):
+    """The scores scaled by ``value`` instead of 1/sqrt(hs) (forward; in the backward, dq
+    and dk, which are linear in the scale)."""
+    C = args["inp"].shape[-1] // 3
+    hs = C // int(args["NH"])
+    if kernel == "attention_forward":
+        return _attention(args["inp"], int(args["NH"]), scale=value)
+    start = args["dinp"].copy()
+    out = _oracle(kernel, args)
+    delta = out["dinp"] - start
+    delta[..., :2 * C] *= value * math.sqrt(hs)
+    out["dinp"] = start + delta
+    return out
+
+
+def _att_scale_fit(kernel):
+    # the forward is not linear in the scale (the softmax): a search over [1e-3, 10];
+    # the backward's dq, dk are: a closed form
+    return Fit(1e-3, 10.0, log=True) if kernel == "attention_forward" else Fit(-10.0, 10.0, linear=True)
+
+
+def _att_scale_name(kernel, args, value, ctx):
+    """Which dimension a fitted attention scale matches: 1/sqrt(hs) is the C's (no cause);
+    1/hs and 1 keep their ids; the others are named in the description."""
+    B, T, C3 = args["inp"].shape
+    C, NH = C3 // 3, int(args["NH"])
+    hs = C // NH
+    known = [("1/sqrt(hs)", 1 / math.sqrt(hs)), ("1/hs", 1 / hs), ("1", 1.0), ("1/sqrt(C)", 1 / math.sqrt(C)),
+             ("1/C", 1 / C), ("1/sqrt(NH)", 1 / math.sqrt(NH)), ("1/sqrt(3C)", 1 / math.sqrt(3 * C)),
+             ("1/sqrt(T)", 1 / math.sqrt(T)), ("sqrt(hs)", math.sqrt(hs))]
+    for label, x in known:
+        if abs(value - x) <= 2e-3 * x:
+            if label == "1/sqrt(hs)":
+                return None, value, ""
+            vid = {"1/hs": "attention.scale=1/hs", "1": "attention.no-scale"}.get(label, "attention.scale")
+            return vid, x, f" = {label}" + (f" = 1/sqrt({round(1 / x ** 2)})" if label.startswith("1/sqrt(") else "")
+    if abs(value * math.sqrt(hs) - 1) < 1e-6:
+        return None, value, ""
+    return "attention.scale", value, " (matches no dimension of the model)"
+
+
+def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0,
+                   causal=True, scale=None):
+    """attention_forward in float64 with the mistakes a port makes: q, k, v taken in another
+    ``order``; the heads split from the channels in another layout (``split``:
+    ``"heads-major"`` as the C, ``"no-transpose"`` viewing (B,T,C) as (B,NH,T,hs),
+    ``"interleaved"`` channel c = d*NH + h) or merged back without transposing
+    (``merge="no-transpose"``); the softmax over another ``axis`` (-2: over the queries);
+    the mask's ``diagonal`` (tril(k)); no mask (``causal=False``); another ``scale``.
+    Returns (out, preatt, att), preatt 0 where the mask leaves it out (as the C's)."""
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    hs = C // NH
+    scale = 1.0 / math.sqrt(hs) if scale is None else scale
+    chunks = dict(zip(order, (inp[..., i * C:(i + 1) * C] for i in range(3))))
+
+    def heads(a):
+        if split == "no-transpose":
+            return a.reshape(B, NH, T, hs)
+        if split == "interleaved":
+            return a.reshape(B, T, hs, NH).transpose(0, 3, 1, 2)
+        return a.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+    q, k, v = (heads(chunks[x]) for x in "qkv")
+    mask = np.tril(np.ones((T, T), bool), diagonal) if causal else np.ones((T, T), bool)
+    pre = np.where(mask, (q @ k.transpose(0, 1, 3, 2)) * scale, -np.inf)
+    mx = np.max(pre, axis=axis, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = np.exp(pre - mx)
+    s = e.sum(axis, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        att = np.where(s == 0, 0.0, e / s)
+    y = att @ v
+    out = y.reshape(B, T, C) if merge == "no-transpose" else y.transpose(0, 2, 1, 3).reshape(B, T, C)
+    return out, np.where(mask, pre, 0.0), att
+
+
+_PERMUTATIONS = ("qvk", "kqv", "kvq", "vqk", "vkq")
+
+
+def _att_changed(**fixed):
+    """One family of attention mistakes: ``ctx["choice"]`` is the form tried (or ``fixed``)."""
     def run(kernel, args, ctx, value):
-        C = args["inp"].shape[-1] // 3
-        hs = C // int(args["NH"])
-        new = scale_of_hs(hs)
-        if np.isclose(new, 1.0 / math.sqrt(hs), rtol=1e-12):
-            return None
-        if kernel == "attention_forward":
-            return _attention(args["inp"], int(args["NH"]), scale=new)
-        start = args["dinp"].copy()
-        out = _oracle(kernel, args)
-        delta = out["dinp"] - start
-        delta[..., :2 * C] *= new * math.sqrt(hs)
-        out["dinp"] = start + delta
-        return out
+        change = dict(fixed)
+        choice = ctx.get("choice")
+        if choice is not None:
+            key, x = choice.change
+            change[key] = x
+        return _forward(kernel, _attention_any(args["inp"], int(args["NH"]), **change))
     return run
+
+
+class _Form(str):
+    """A choice of a variant: its text, and the keyword of :func:`_attention_any` it sets."""
+
+    def __new__(cls, text, key, value):
+        obj = super().__new__(cls, text)
+        obj.change = (key, value)
+        return obj
+
+
+def _att_layouts(kernel, args):
+    return [_Form("the heads split without transposing ((B,T,C) viewed as (B,NH,T,hs))", "split", "no-transpose"),
+            _Form("the heads split interleaved (channel c = d*NH + h)", "split", "interleaved"),
+            _Form("the heads merged back without transposing ((B,NH,T,hs) viewed as (B,T,C))", "merge",
+                  "no-transpose")]
+
+
+def _att_orders(kernel, args):
+    return [_Form(o, "order", o) for o in _PERMUTATIONS]
+
+
+def _att_diagonals(kernel, args):
+    T = args["inp"].shape[1]
+    return [_Form(f"tril({k})" + (" (position t sees t+%d)" % k if k > 0 else ""), "diagonal", k)
+            for k in (1, 2, -2) if abs(k) < T]
 
 
 def _att_mask(diagonal: bool):
@@ -163,11 +260,18 @@ def _att_no_diagonal_defined(kernel, output, args):
 # --- softmax and cross-entropy
 
 def _softmax_padded(kernel, args, ctx, value):
-    x = args["logits"]
-    if x.shape[-1] == int(args["V"]):
+    """The softmax over all Vp columns; in the loss's backward (where the replay passes the
+    logits too), dlogits over all Vp columns from those probabilities."""
+    x = args.get("logits")
+    if x is None or x.shape[-1] == int(args["V"]):
         return None
     e = np.exp(x - np.maximum(x.max(-1, keepdims=True), numpy_kernels.ATT_MAXVAL_INIT))
-    return {"probs": e / e.sum(-1, keepdims=True)}
+    probs = e / e.sum(-1, keepdims=True)
+    if kernel == "softmax_forward":
+        return {"probs": probs}
+    onehot = np.zeros_like(probs)
+    np.put_along_axis(onehot, args["targets"][..., None].astype(np.intp), 1.0, -1)
+    return {"dlogits": args["dlogits"] + args["dlosses"][..., None] * (probs - onehot)}
 
 
 def _ce_log_eps(kernel, args, ctx, value):
@@ -192,6 +296,155 @@ def _shift_defined(step: int):
         return d if kernel == "crossentropy_forward" else d[..., None]
     return defined
 
+
+# --- embeddings
+
+def _positions(kernel, args):
+    return [k for k in (1, 2, -1) if k < args["wpe"].shape[0]]
+
+
+def _encoder_shift(kernel, args, ctx, value):
+    """wte[token] + wpe[t + k]: positions counted from k (wrapping as torch indexes)."""
+    k = ctx["choice"]
+    T = args["inp"].shape[1]
+    idx = np.arange(T) + k
+    if idx.max() >= args["wpe"].shape[0]:
+        return None     # the port's own lookup would have failed
+    return {"out": args["wte"][args["inp"]] + args["wpe"][idx]}
+
+
+def _encoder_without(table):
+    def run(kernel, args, ctx, value):
+        T = args["inp"].shape[1]
+        return {"out": args["wpe"][:T] + 0 * args["wte"][args["inp"]] if table == "wte"
+                else args["wte"][args["inp"]]}
+    return run
+
+
+# --- the residual stream
+
+def _branch_scale(kernel, args, ctx, value):
+    """out = inp1 + value*inp2 (the branch scaled), or value*inp1 + inp2 (the stream)."""
+    if ctx["choice"] == "branch":
+        return {"out": args["inp1"] + value * args["inp2"]}
+    return {"out": value * args["inp1"] + args["inp2"]}
+
+
+def _branch_choices(kernel, args):
+    return ["branch", "stream"]
+
+
+def _not_one(kernel, args, value, ctx):
+    if abs(value - 1.0) < 1e-9:
+        return None, value, ""
+    what = "the branch added as x + {v}*f(x)" if ctx["choice"] == "branch" else "the stream scaled: {v}*x + f(x)"
+    return "residual.branch-scale", value, what.format(v=_short(value))
+
+
+def _short(x: float) -> str:
+    return f"{x:.4g}"
+
+
+# --- the loss and its gradient
+
+def _ce_delta(kernel, args):
+    """The C's crossentropy_softmax_backward: (the buffer before, its contribution)."""
+    start = args["dlogits"].copy()
+    out = _oracle(kernel, args)
+    return start, out["dlogits"] - start
+
+
+def _label_smoothing(kernel, args, ctx, value):
+    """Targets smoothed (torch's label_smoothing=eps): (1-eps)*onehot + eps/V over the V
+    real columns; dlogits gains dloss*eps*(onehot - 1/V)."""
+    V = int(args["V"])
+    start, delta = _ce_delta(kernel, args)
+    dl = args["dlosses"][..., None]
+    onehot = np.zeros(delta.shape[:-1] + (V,))
+    np.put_along_axis(onehot, args["targets"][..., None].astype(np.intp), 1.0, -1)
+    delta[..., :V] += dl * value * (onehot - 1.0 / V)
+    return {"dlogits": start + delta}
+
+
+def _divisor(kernel, args, ctx, value):
+    """The loss (and so dlosses) scaled by ``value``: averaged over another count."""
+    if kernel == "loss_mean":
+        return {ctx["output"]: args["value"] * value}
+    start, delta = _ce_delta(kernel, args)
+    return {"dlogits": start + value * delta}
+
+
+def _divisor_name(kernel, args, value, ctx):
+    n_c = int(args["n"]) if kernel == "loss_mean" else int(np.prod(args["targets"].shape))
+    if value <= 0:
+        return None, value, ""
+    n = n_c / value
+    B, T = (None, None) if kernel == "loss_mean" else args["targets"].shape
+    near = round(n)
+    if near < 1 or abs(n - near) > 1e-3 * max(n, 1) or near in (n_c, n_c - 1, n_c + 1):
+        return None, value, ""
+    named = {1: "summed, not averaged", B: f"B={B}", T: f"T={T}"}
+    return "crossentropy.divisor", n_c / near, f"{near}" + (f" ({named[near]})" if near in named else "") + \
+        f" instead of B*T={n_c}"
+
+
+def _ignored(kernel, args, ctx, value):
+    """Some positions ignored (ignore_index, a padding mask): their gradient is zero, the
+    others' scaled by ``value`` (averaged over the rest). Which positions: those whose
+    gradient is zero in the judged output where the C's is not."""
+    start, delta = _ce_delta(kernel, args)
+    actual = np.asarray(ctx["actual"], np.float64) - start
+    zero = np.all(actual == 0, axis=-1) & np.any(delta != 0, axis=-1)
+    if not zero.any() or zero.all():
+        return None
+    return {"dlogits": start + np.where(zero[..., None], 0.0, value * delta)}
+
+
+def _ignored_name(kernel, args, value, ctx):
+    start, delta = _ce_delta(kernel, args)
+    a = np.asarray(ctx["actual"], np.float64) - start
+    zero = np.all(a == 0, axis=-1) & np.any(delta != 0, axis=-1)
+    targets = np.unique(args["targets"][zero])
+    n = int(zero.sum())
+    text = f"{n} of the {zero.size} positions ignored"
+    if targets.size == 1:
+        text += f" (those whose target is {int(targets[0])}: ignore_index={int(targets[0])})"
+    return "crossentropy.ignored-positions", value, text
+
+
+# --- any op: a constant factor or offset on one output
+
+def _scaled_output(kernel, args, ctx, value):
+    name = ctx["output"]
+    start = args.get(name) if kernel in BACKWARD_KERNELS else None
+    out = run_kernel(numpy_kernels, kernel, args, np.float64)
+    if name not in out:
+        return None
+    if start is not None:
+        out[name] = start + value * (out[name] - start)
+    else:
+        out[name] = value * out[name]
+    return out
+
+
+def _offset_output(kernel, args, ctx, value):
+    name = ctx["output"]
+    out = run_kernel(numpy_kernels, kernel, args, np.float64)
+    if name not in out:
+        return None
+    out[name] = out[name] + value
+    return out
+
+
+def _factor_name(kernel, args, value, ctx):
+    return (None, value, "") if abs(value - 1.0) < 1e-12 else ("output.scale", value, "")
+
+
+def _offset_name(kernel, args, value, ctx):
+    return (None, value, "") if value == 0.0 else ("output.offset", value, "")
+
+
+_ANY_OP = tuple(k for k in SIGNATURES if k != "adamw")
 
 # --- matmul and the backward accumulation
 
@@ -373,17 +626,27 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("layernorm.unbiased-variance", "layernorm", ("layernorm_forward",),
             "layernorm divides the variance by C-1 (unbiased) instead of C", _ln_unbiased),
     # attention
-    Variant("attention.scale=1/hs", "attention", ("attention_forward", "attention_backward"),
-            "attention scores scaled by 1/hs instead of 1/sqrt(hs)", _att_scale(lambda hs: 1.0 / hs)),
-    Variant("attention.no-scale", "attention", ("attention_forward", "attention_backward"),
-            "attention scores not scaled (1/sqrt(hs) missing)", _att_scale(lambda hs: 1.0)),
+    Variant("attention.scale", "attention", ("attention_forward", "attention_backward"),
+            "attention scores scaled by {value}{note} instead of 1/sqrt(hs)", _att_scale,
+            fit=_att_scale_fit, name=_att_scale_name),
     Variant("attention.no-diagonal", "attention", ("attention_forward",),
             "the causal mask leaves out the diagonal (t2 < t instead of t2 <= t)", _att_mask(False),
             defined=_att_no_diagonal_defined, unwritten=True),
     Variant("attention.no-causal-mask", "attention", ("attention_forward",),
             "no causal mask: every position attends to the future too", _att_mask(True)),
+    Variant("attention.mask-diagonal", "attention", ("attention_forward",),
+            "the causal mask off by a diagonal: {choice} instead of tril(0)", _att_changed(),
+            choices=_att_diagonals),
+    Variant("attention.layout", "attention", ("attention_forward",),
+            "{choice}", _att_changed(), choices=_att_layouts),
+    Variant("attention.qkv-order", "attention", ("attention_forward",),
+            "q, k, v taken from c_attn's output in the order {choice} instead of q, k, v",
+            _att_changed(), choices=_att_orders),
+    Variant("attention.softmax-axis", "attention", ("attention_forward",),
+            "the attention softmax taken over the queries (dim=-2) instead of the keys (dim=-1)",
+            _att_changed(axis=-2)),
     # softmax, cross-entropy, labels
-    Variant("softmax.padded-columns", "softmax", ("softmax_forward",),
+    Variant("softmax.padded-columns", "softmax", ("softmax_forward", "crossentropy_softmax_backward"),
             "softmax normalises over all Vp columns, padding included, instead of the V real ones",
             _softmax_padded),
     Variant("crossentropy.log-eps", "crossentropy", ("crossentropy_forward",),
@@ -401,6 +664,26 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("labels.previous-position", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
             "labels shifted one position: position t is scored against the target of t-1",
             _shift(-1), defined=_shift_defined(-1)),
+    Variant("crossentropy.label-smoothing", "crossentropy", ("crossentropy_softmax_backward",),
+            "the targets label-smoothed: (1-{value})*onehot + {value}/V (label_smoothing={value})",
+            _label_smoothing, fit=Fit(1e-4, 1.0, linear=True)),
+    Variant("crossentropy.divisor", "crossentropy", ("crossentropy_softmax_backward", "loss_mean"),
+            "the loss divided by {note}", _divisor, fit=Fit(1e-9, 1e9, linear=True), name=_divisor_name),
+    Variant("crossentropy.ignored-positions", "crossentropy", ("crossentropy_softmax_backward",),
+            "{note}, the loss averaged over the others", _ignored, fit=Fit(1e-9, 1e9, linear=True),
+            name=_ignored_name),
+    # embeddings
+    Variant("embedding.position-shift", "embedding", ("encoder_forward",),
+            "positions counted from {choice}: wpe[t+{choice}] instead of wpe[t]", _encoder_shift,
+            choices=_positions),
+    Variant("embedding.no-wpe", "embedding", ("encoder_forward",),
+            "the position embedding (wpe) not added", _encoder_without("wpe")),
+    Variant("embedding.no-wte", "embedding", ("encoder_forward",),
+            "the token embedding (wte) not added", _encoder_without("wte")),
+    # the residual stream
+    Variant("residual.branch-scale", "residual", ("residual_forward",),
+            "a constant factor on the residual: {note} instead of x + f(x)", _branch_scale,
+            fit=Fit(-1e3, 1e3, linear=True), choices=_branch_choices, name=_not_one),
     # matmul, accumulation
     Variant("matmul.no-bias", "matmul", ("matmul_forward", "matmul_backward"),
             "matmul without its bias (forward: not added; backward: dbias not accumulated)", _matmul_no_bias),
@@ -428,6 +711,11 @@ CATALOGUE: tuple[Variant, ...] = (
             _adamw_no_decay_1d),
     Variant("adamw.betas=(0.9,0.95)", "adamw", ("adamw",), "AdamW betas (0.9, 0.95) instead of the ones given",
             _adamw_changed(beta1=0.9, beta2=0.95)),
+    # any op, when no change above explains it
+    Variant("output.scale", "output", _ANY_OP, "{output} off by a constant factor {value}", _scaled_output,
+            fit=Fit(-1e6, 1e6, linear=True), name=_factor_name, fallback=True),
+    Variant("output.offset", "output", _ANY_OP, "{output} off by a constant offset {value}", _offset_output,
+            fit=Fit(-1e6, 1e6, linear=True), name=_offset_name, fallback=True),
 )
 VARIANT_BY_ID = {v.id: v for v in CATALOGUE}
 assert len(VARIANT_BY_ID) == len(CATALOGUE), "duplicate variant ids"
