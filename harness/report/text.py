@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from pyref.protocol import KERNEL_OP
 
-from ..checks.results import KINDS, first_divergence, first_divergence_check
+from ..checks.results import KINDS, first_divergence, first_divergence_check, first_structure
 from ..compare import Comparison
 from .table import text_table
 
@@ -212,7 +212,14 @@ def check_counts(report) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _why(step, impl: str, indent: str) -> list[str]:
     """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnosis`),
-    as a line to print under it; none when that check was not diagnosed."""
+    as a line to print under it; none when that check was not diagnosed. A model that
+    departs from the graph: the census's other findings of the step (what else departs)."""
+    structure = getattr(step, "structure", {}).get(impl)
+    first = first_structure(structure)
+    if first is not None:
+        others = [f for f in structure if f is not first]
+        return [f"{indent}why: the forward departs from GPT-2's graph; also: "
+                + "; ".join(f.text() for f in others)] if others else []
     c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else getattr(c, "diagnosis", None)
     return [] if d is None else [f"{indent}why: {d.text()}"]
@@ -278,8 +285,8 @@ def run_summary(report) -> str:
             if impl in seen:
                 continue
             seen.add(impl)
-            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False)
-                                                 or text)
+            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False,
+                                                                    s.structure.get(impl)) or text)
             if entry != first:
                 lines.append(f"  also {entry}")
             lines += _why(s, impl, "    " if entry != first else "  ")
