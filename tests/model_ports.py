@@ -108,6 +108,15 @@ class WalkGPT2VocabBug(WalkGPT2):
     vocab_bug = True
 
 
+class WalkGPT2LossOverVp(WalkGPT2):
+    """The walkthrough's model with torch's cross-entropy over all Vp logits (the padded
+    columns included) instead of its own softmax and loss kernels."""
+
+    def forward(self, inputs, targets):
+        logits, _ = super().forward(inputs, targets)
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1).long())
+
+
 # ----------------------------------------------------------------------------
 # nanoGPT / llm.c train_gpt2.py
 

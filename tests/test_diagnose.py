@@ -146,14 +146,14 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
     return attention_forward
 
 
-def encoder_port(shift=0, wte=True, wpe=True):
+def encoder_port(shift=0, wte=True, wpe=True, reverse=False):
     def encoder_forward(inp, wte_, wpe_):
         T = inp.shape[1]
         out = np.zeros(inp.shape + (wte_.shape[1],), F)
         if wte:
             out = out + wte_[inp]
         if wpe:
-            out = out + wpe_[np.arange(T) + shift]
+            out = out + wpe_[(np.arange(T) + shift)[::-1] if reverse else np.arange(T) + shift]
         return out
     return encoder_forward
 
@@ -336,6 +336,9 @@ PORTS = {
                          ("attention_forward", attention_any_port(split="interleaved"))],
     "attention.qkv-order": [("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")],
     "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2))],
+    "layernorm.eps": [("layernorm_forward", layernorm_port(eps=5e-5)), ("layernorm_forward", layernorm_port(eps=1e-3))],
+    "gelu.sigmoid": [("gelu_forward", lambda x: x / (F(1) + np.exp(F(-1.702) * x)))],
+    "embedding.positions": [("encoder_forward", encoder_port(reverse=True))],
     "embedding.position-shift": [("encoder_forward", encoder_port(shift=1))],
     "embedding.no-wpe": [("encoder_forward", encoder_port(wpe=False))],
     "embedding.no-wte": [("encoder_forward", encoder_port(wte=False))],
@@ -380,7 +383,8 @@ PORT_CASES = [pytest.param(vid, kernel, fn, id=f"{vid}-{kernel}-{i}")
 
 
 # a fitted variant names its cause by the constant found (attention.scale: 1/hs, 1)
-CAUSE_OF = {"attention.scale=1/hs": "attention.scale", "attention.no-scale": "attention.scale"}
+CAUSE_OF = {"attention.scale=1/hs": "attention.scale", "attention.no-scale": "attention.scale",
+            "embedding.positions": "embedding.position-shift"}
 
 
 def test_every_variant_has_a_port_and_a_c_edit_per_family():

@@ -82,6 +82,15 @@ def _gelu_erf(kernel, args, ctx, value):
     return {"dinp": dinp}
 
 
+def _gelu_sigmoid(kernel, args, ctx, value):
+    """x*sigmoid(1.702x), the sigmoid approximation (and its derivative)."""
+    x = args["inp"]
+    s = 1.0 / (1.0 + np.exp(-1.702 * x))
+    if kernel == "gelu_forward":
+        return {"out": x * s}
+    return {"dinp": args["dinp"] + (s + 1.702 * x * s * (1 - s)) * args["dout"]}
+
+
 def _gelu_coef(kernel, args, ctx, value):
     return _with_constants(kernel, args, GELU_COEF=value)
 
@@ -92,6 +101,22 @@ def _ln_eps(eps):
     def run(kernel, args, ctx, value):
         return _with_constants(kernel, args, LN_EPS=eps)
     return run
+
+
+def _ln_eps_fitted(kernel, args, ctx, value):
+    return _with_constants(kernel, args, LN_EPS=value)
+
+
+def _ln_eps_name(kernel, args, value, ctx):
+    """A fitted eps, snapped to a round value where one is as good; the catalogued values
+    (1e-6, 1e-12, 1e-4) and the C's own are named by their own variants."""
+    if value < 1e-9 or any(abs(value / e - 1) < 0.2 for e in (1e-6, 1e-4, 1e-5)):
+        return None, value, ""
+    exp = math.floor(math.log10(value))
+    for x in (10.0 ** exp, 10.0 ** (exp + 1), 5 * 10.0 ** exp, 2 * 10.0 ** exp):
+        if abs(value / x - 1) < 0.05:
+            return "layernorm.eps", x, ""
+    return "layernorm.eps", value, ""
 
 
 def _ln_unbiased(kernel, args, ctx, value):
@@ -206,6 +231,11 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
 _PERMUTATIONS = ("qvk", "kqv", "kvq", "vqk", "vkq")
 
 
+def _att_axes(kernel, args):
+    # (over the heads, a causal mask's -inf leaves 0/0: a port sees NaN, not a divergence)
+    return [_Form("the queries (dim=-2)", "axis", -2)]
+
+
 def _att_changed(**fixed):
     """One family of attention mistakes: ``ctx["choice"]`` is the form tried (or ``fixed``)."""
     def run(kernel, args, ctx, value):
@@ -299,18 +329,35 @@ def _shift_defined(step: int):
 
 # --- embeddings
 
-def _positions(kernel, args):
-    return [k for k in (1, 2, -1) if k < args["wpe"].shape[0]]
+def _position_map(args, actual) -> np.ndarray | None:
+    """Which row of wpe each position t took: the row nearest to what the output holds
+    beyond the token embedding, read at the first sequence (None: no row fits)."""
+    inp, wte, wpe = args["inp"], args["wte"], args["wpe"]
+    rest = np.asarray(actual, np.float64)[0] - wte[inp[0]]               # (T, C)
+    d = ((rest[:, None, :] - wpe[None, :, :]) ** 2).sum(-1)             # (T, maxT)
+    return np.argmin(d, axis=1)
 
 
-def _encoder_shift(kernel, args, ctx, value):
-    """wte[token] + wpe[t + k]: positions counted from k (wrapping as torch indexes)."""
-    k = ctx["choice"]
+def _encoder_positions(kernel, args, ctx, value):
+    """wte[token] + wpe[r(t)]: the position rows found by :func:`_position_map`."""
+    rows = _position_map(args, ctx["actual"])
     T = args["inp"].shape[1]
-    idx = np.arange(T) + k
-    if idx.max() >= args["wpe"].shape[0]:
-        return None     # the port's own lookup would have failed
-    return {"out": args["wte"][args["inp"]] + args["wpe"][idx]}
+    if np.array_equal(rows, np.arange(T)):
+        return None
+    return {"out": args["wte"][args["inp"]] + args["wpe"][rows]}
+
+
+def _positions_name(kernel, args, value, ctx):
+    rows = _position_map(args, ctx["actual"])
+    T = rows.size
+    t = np.arange(T)
+    k = int(rows[0])
+    if np.array_equal(rows, t + k):
+        return "embedding.position-shift", value, f"positions counted from {k}: wpe[t+{k}] instead of wpe[t]"
+    if np.array_equal(rows, t[::-1]):
+        return "embedding.positions", value, "positions reversed: wpe[T-1-t] instead of wpe[t]"
+    shown = ", ".join(f"{a}->{b}" for a, b in zip(t[:6], rows[:6])) + (" ..." if T > 6 else "")
+    return "embedding.positions", value, f"positions mapped to other rows of wpe ({shown}) instead of wpe[t]"
 
 
 def _encoder_without(table):
@@ -618,11 +665,17 @@ CATALOGUE: tuple[Variant, ...] = (
     # GELU
     Variant("gelu.erf", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU in its exact form x*Phi(x) (erf); train_gpt2.c uses the tanh approximation", _gelu_erf),
+    Variant("gelu.sigmoid", "gelu", ("gelu_forward", "gelu_backward"),
+            "GELU as x*sigmoid(1.702x) (the sigmoid approximation); train_gpt2.c uses the tanh approximation",
+            _gelu_sigmoid),
     Variant("gelu.cubic-constant", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU's cubic coefficient is {value} instead of 0.044715", _gelu_coef, fit=Fit(0.02, 0.08)),
     # layernorm
     *(Variant(f"layernorm.eps={e:g}", "layernorm", ("layernorm_forward",),
               f"layernorm's eps is {e:g} instead of 1e-5", _ln_eps(e)) for e in (1e-6, 1e-12, 1e-4)),
+    Variant("layernorm.eps", "layernorm", ("layernorm_forward",),
+            "layernorm's eps is {value} instead of 1e-5", _ln_eps_fitted, fit=Fit(1e-10, 1.0, log=True),
+            name=_ln_eps_name),
     Variant("layernorm.unbiased-variance", "layernorm", ("layernorm_forward",),
             "layernorm divides the variance by C-1 (unbiased) instead of C", _ln_unbiased),
     # attention
@@ -643,8 +696,8 @@ CATALOGUE: tuple[Variant, ...] = (
             "q, k, v taken from c_attn's output in the order {choice} instead of q, k, v",
             _att_changed(), choices=_att_orders),
     Variant("attention.softmax-axis", "attention", ("attention_forward",),
-            "the attention softmax taken over the queries (dim=-2) instead of the keys (dim=-1)",
-            _att_changed(axis=-2)),
+            "the attention softmax taken over {choice} instead of the keys (dim=-1)",
+            _att_changed(), choices=_att_axes),
     # softmax, cross-entropy, labels
     Variant("softmax.padded-columns", "softmax", ("softmax_forward", "crossentropy_softmax_backward"),
             "softmax normalises over all Vp columns, padding included, instead of the V real ones",
@@ -674,8 +727,7 @@ CATALOGUE: tuple[Variant, ...] = (
             name=_ignored_name),
     # embeddings
     Variant("embedding.position-shift", "embedding", ("encoder_forward",),
-            "positions counted from {choice}: wpe[t+{choice}] instead of wpe[t]", _encoder_shift,
-            choices=_positions),
+            "{note}", _encoder_positions, name=_positions_name),
     Variant("embedding.no-wpe", "embedding", ("encoder_forward",),
             "the position embedding (wpe) not added", _encoder_without("wpe")),
     Variant("embedding.no-wte", "embedding", ("encoder_forward",),
