@@ -1,0 +1,155 @@
+"""Ordinary port bugs of a nanoGPT-style model, each caught, localised and named.
+
+Every bug is a variant of tests/model_ports.py (``GPT.variant(...)``: attention, GELU,
+layer norm, embeddings, loss, structure) run for one step from the C's state. Each must
+fail, with no error line, its first divergence at the right module (or the graph's op
+whose module shows it), and its explanation (the first divergence's diagnosis, or the
+structural census's finding) the right cause, with the fitted constant where there is one.
+The unmodified ports have no finding and no diagnosis (tests/test_models.py runs them ten
+steps). tests/heldout_ports.py is a second, differently written model with other mistakes
+of the same kinds, not used to tune the catalogue: test_heldout_hit_rate reports its rate.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from harness import TorchModel, run_parity, to_json
+from harness.checks.results import first_divergence_check, first_structure
+from pyref import synth
+from pyref.config import PRESETS
+
+import heldout_ports as ho
+import model_ports as mp
+
+TINY = PRESETS["tiny"]
+V = mp.GPT.variant
+
+# bug -> (model, where the first divergence must be, the cause's id, its fitted value or None)
+BUGS = {
+    "heads-merged-without-transpose": (V(attn=dict(merge_no_transpose=True)), "layer 0 attention attention_forward",
+                                       "attention.layout", None),
+    "qkv-order-kqv": (V(attn=dict(qkv_order="kqv")), "layer 0 attention attention_forward", "attention.qkv-order",
+                      None),
+    "scale-by-sqrt-C": (V(attn=dict(scale=1 / math.sqrt(48))), "layer 0 attention attention_forward", "attention.scale",
+                        1 / math.sqrt(48)),
+    "scale-by-hs": (V(attn=dict(scale=1 / 12)), "layer 0 attention attention_forward", "attention.scale=1/hs", 1 / 12),
+    "mask-off-by-one": (V(attn=dict(diagonal=1)), "layer 0 attention attention_forward", "attention.mask-diagonal",
+                        None),
+    "no-causal-mask": (V(attn=dict(no_mask=True)), "layer 0 attention attention_forward", "attention.no-causal-mask",
+                       None),
+    "softmax-over-queries": (V(attn=dict(softmax_dim=-2)), "layer 0 attention attention_forward",
+                             "attention.softmax-axis", None),
+    "gelu-erf": (V(gelu="none"), "layer 0 gelu gelu_forward", "gelu.erf", None),
+    "layernorm-eps": (V(eps=1e-6), "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]", "layernorm.eps=1e-06",
+                      None),
+    "positions-from-1": (V(pos_offset=1), "encoder encoder_forward", "embedding.position-shift", None),
+    "label-smoothing": (V(label_smoothing=0.1), "crossentropy crossentropy_softmax_backward",
+                        "crossentropy.label-smoothing", 0.1),
+    "loss-summed": (V(loss_reduction="sum"), "crossentropy crossentropy_softmax_backward", "crossentropy.divisor",
+                    None),
+    "ignored-positions": (V(ignore_index=5), "crossentropy crossentropy_softmax_backward",
+                          "crossentropy.ignored-positions", None),
+    "branch-factor": (V(block=dict(mlp_branch=0.5)), "layer 0 residual3 residual_forward", "residual.branch-scale", 0.5),
+    "ln_1-feeds-the-mlp": (V(block=dict(ln1_for_mlp=True)), "layer 0 ln2 layernorm_forward [transformer.h.0.ln_2]",
+                           "structure.never-called", None),
+    "ln_f-skipped": (V(skip_ln_f=True), "lnf layernorm_forward [transformer.ln_f]", "structure.never-called", None),
+    "wpe-unused": (V(no_wpe=True), "encoder encoder_forward [transformer.wpe]", "structure.never-called", None),
+    "loss-over-Vp": (mp.WalkGPT2LossOverVp, "crossentropy crossentropy_softmax_backward", "softmax.padded-columns",
+                     None),
+}
+
+
+def run_bug(factory, B=2, T=8):
+    return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, B, T), steps=1,
+                      models={"port": TorchModel(factory)})
+
+
+def explanation(report, impl="port"):
+    """(the first divergence's text, the causes that explain it: (id, value) pairs) of
+    ``impl``'s first step: the structural census's first finding where the model departs
+    from the graph, else the first divergence's diagnosis."""
+    step = report.steps[0]
+    text = step.first_divergence.get(impl, "")
+    f = first_structure(step.structure.get(impl))
+    if f is not None:
+        return text, [(f.id, None)]
+    c = first_divergence_check([c for c in step.checks if c.impl == impl])
+    d = None if c is None else c.diagnosis
+    return text, [] if d is None else [(x.id, x.value) for x in d.causes]
+
+
+def verdict(report, where, cause, impl="port"):
+    """(localised, named, errors) of a bug's report."""
+    text, causes = explanation(report, impl)
+    errors = [e for s in report.steps for e in s.errors.values()]
+    return where in text, bool(causes) and causes[0][0].startswith(cause), errors
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_port_bug_is_caught_localised_and_named(bug):
+    factory, where, cause, value = BUGS[bug]
+    report = run_bug(factory)
+    assert not report.passed
+    text, causes = explanation(report)
+    assert not [e for s in report.steps for e in s.errors.values()]
+    assert where in text, text
+    assert causes and causes[0][0] == cause, (text, causes)
+    if value is not None:
+        assert causes[0][1] == pytest.approx(value, rel=2e-3), causes
+    # the C is not blamed
+    assert "C" not in report.steps[0].first_divergence
+
+
+def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
+    report = run_bug(V(block=dict(ln1_for_mlp=True)))
+    found = {(f.id, f.module) for f in report.findings["port"]}
+    assert ("structure.called-more", "transformer.h.0.ln_1") in found
+    assert ("structure.never-called", "transformer.h.1.ln_2") in found
+    assert ("structure.no-gradient", "transformer.h.0.ln_2.weight") in found
+    kinds = {c.kind for c in report.steps[0].checks if c.impl == "port"}
+    assert kinds == {"e2e", "replay", "update", "loss"}          # nothing ended in an error
+    # the first call of ln_1 is the one compared (ln1 is right: its output passes)
+    ln1 = [c for c in report.steps[0].checks if c.impl == "port" and c.kind == "replay" and c.tensor == "acts.ln1[layer 0]"]
+    assert ln1 and ln1[0].passed
+    data = to_json(report, versions=False)
+    details = data["finding_details"]["port"]
+    assert {"id", "family", "description", "module", "where", "values", "text"} <= set(details[0])
+    assert any(d["id"] == "structure.no-gradient" and d["values"]["tensor"] == "ln2w[0]" for d in details)
+    assert data["steps"][0]["structure"]["port"]
+
+
+def test_unmodified_ports_have_no_finding_and_no_diagnosis():
+    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT):
+        report = run_bug(factory)
+        assert report.passed and report.findings["port"] == []
+        assert not report.steps[0].structure
+        assert all(c.diagnosis is None for c in report.steps[0].checks)
+
+
+# ----------------------------------------------------------------------------- held out
+
+# measured on the held-out set's first run (16 of 18 named, 89%: below the 90% aimed at):
+# a mask applied after the softmax (no renormalisation) and a token embedding scaled by
+# sqrt(C) are changes the catalogue does not have; both are still caught and localised
+HELDOUT_UNNAMED = {"mask-after-softmax", "token-embedding-scaled"}
+
+
+def test_heldout_hit_rate():
+    """tests/heldout_ports.py: another model, other mistakes of the same kinds (written
+    after the catalogue, never used to tune it). Every one caught and localised to the
+    right module with no error line; named with the right cause: all but HELDOUT_UNNAMED
+    (no wrong cause is named for those: "no known cause")."""
+    rows = []
+    for name, (factory, where, cause) in ho.BUGS.items():
+        report = run_bug(factory)
+        localised, named, errors = verdict(report, where, cause)
+        rows.append((name, not report.passed, localised, named, errors, explanation(report)))
+    assert all(r[1] for r in rows), [r[0] for r in rows if not r[1]]
+    assert not [r for r in rows if r[4]], [(r[0], r[4]) for r in rows if r[4]]
+    assert all(r[2] for r in rows), [(r[0], r[5][0]) for r in rows if not r[2]]
+    unnamed = {r[0] for r in rows if not r[3]}
+    assert unnamed == HELDOUT_UNNAMED, [(r[0], r[5][1]) for r in rows if not r[3]]
+    assert all(not r[5][1] for r in rows if r[0] in unnamed)     # honest: no cause rather than a wrong one
+    assert len(rows) - len(unnamed) >= 16 and len(rows) == 18
