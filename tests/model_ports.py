@@ -267,3 +267,8 @@ def hf_gpt2(cfg, **overrides):
 def hf_gpt2_defaults(cfg):
     """Hugging Face's defaults: dropout 0.1 everywhere."""
     return hf_gpt2(cfg, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+# two of tests/test_model_bugs.py's bugs under names the command line can load (README)
+GPTqkvOrder = GPT.variant(attn=dict(qkv_order="kqv"))          # q, k, v split in the order k, q, v
+GPTln1ForMLP = GPT.variant(block=dict(ln1_for_mlp=True))       # ln_1 feeds the MLP too; ln_2 unused

@@ -217,9 +217,16 @@ def _why(step, impl: str, indent: str) -> list[str]:
     structure = getattr(step, "structure", {}).get(impl)
     first = first_structure(structure)
     if first is not None:
+        # what else departs around the same module (its block), the rest counted
+        parent = (first.module or "").rpartition(".")[0]
         others = [f for f in structure if f is not first]
-        return [f"{indent}why: the forward departs from GPT-2's graph; also: "
-                + "; ".join(f.text() for f in others)] if others else []
+        near = [f for f in others if parent and (f.module or "").startswith(parent + ".")][:3]
+        rest = len(others) - len(near)
+        if not others:
+            return []
+        return [f"{indent}why: the forward departs from GPT-2's graph"
+                + (": " + "; ".join(f.text() for f in near) if near else "")
+                + (f" (and {rest} more finding{'s' if rest > 1 else ''} above)" if rest else "")]
     c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else getattr(c, "diagnosis", None)
     return [] if d is None else [f"{indent}why: {d.text()}"]
