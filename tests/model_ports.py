@@ -272,3 +272,35 @@ def hf_gpt2_defaults(cfg):
 # two of tests/test_model_bugs.py's bugs under names the command line can load (README)
 GPTqkvOrder = GPT.variant(attn=dict(qkv_order="kqv"))          # q, k, v split in the order k, q, v
 GPTln1ForMLP = GPT.variant(block=dict(ln1_for_mlp=True))       # ln_1 feeds the MLP too; ln_2 unused
+
+
+# ----------------------------------------------------------------------------
+# bad input: models the harness cannot run as given (one line, exit 2)
+
+class RaisesInForward(GPT):
+    """Its second block's MLP raises."""
+
+    def __init__(self, config):
+        super().__init__(config)
+
+        def broken(x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        self.transformer.h[1].mlp.forward = broken
+
+
+class ReturnsNothing(GPT):
+    def forward(self, idx, targets=None):
+        super().forward(idx, targets)
+
+
+class WrongLogits(GPT):
+    def forward(self, idx, targets=None):
+        logits, _ = super().forward(idx, targets)
+        return logits[..., :50], None
+
+
+def half_gain(config):
+    """One layer-norm gain in float16."""
+    model = GPT(config)
+    model.transformer.h[0].ln_1.weight.data = model.transformer.h[0].ln_1.weight.data.half()
+    return model

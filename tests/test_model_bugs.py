@@ -156,3 +156,36 @@ def test_heldout_hit_rate():
     assert unnamed == HELDOUT_UNNAMED, [(r[0], r[5][1]) for r in rows if not r[3]]
     assert all(not r[5][1] for r in rows if r[0] in unnamed)     # honest: no cause rather than a wrong one
     assert len(rows) - len(unnamed) >= 16 and len(rows) == 18
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("name, says", [
+    ("RaisesInForward", r"RaisesInForward's forward raised RuntimeError in transformer\.h\.1\.mlp \(MLP\): mat1"),
+    ("ReturnsNothing", r"returned neither logits .* nor a scalar loss \(it returned None\)"),
+    ("WrongLogits", r"returned logits of shape \(4, 16, 50\); their last axis must be V=123"),
+    ("half_gain", r"parameter transformer\.h\.0\.ln_1\.weight \(ln1w\[0\]\) is torch\.float16"),
+])
+def test_bad_model_is_one_line_and_exit_2(name, says, capsys):
+    import re
+    from pathlib import Path
+    from harness.cli import main
+    spec = f"{Path(mp.__file__)}:{name}"
+    assert main(["run", "--model", spec, "--ref", "oracle", "--steps", "1", "-q", "-s"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and re.search(says, err[0]), err
+    assert "Traceback" not in err[0]
+    assert main(["run", "--model", spec, "--ref", "oracle", "--steps", "1", "-q", "-s", "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err     # -v: where it came from
+
+
+def test_plot_marks_a_forward_first_divergence_in_the_forward_half():
+    """The plot's x positions are the graph's, shared by every implementation: a model's
+    first divergence at layer 0's ln1 sits before the backward half, not after it."""
+    report = run_bug(V(eps=1e-6))
+    c = first_divergence_check([c for c in report.steps[0].checks if c.impl == "port"])
+    e2e = [x for x in report.steps[0].checks if x.kind == "e2e"]
+    positions = list(dict.fromkeys(x.position for x in e2e))
+    first_backward = min(positions.index(x.position) for x in e2e if x.phase == "backward")
+    assert c.position == "layer 0 ln1 layernorm_forward" and positions.index(c.position) < first_backward
+    assert c.where == "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]"
