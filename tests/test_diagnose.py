@@ -120,7 +120,8 @@ def attention_port(scale=None, diagonal=True, causal=True):
     return attention_forward
 
 
-def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0, scale=None):
+def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0, scale=None,
+                       masking="-inf"):
     """attention_forward in float32 with one of the mistakes of a hand-written port: q, k, v
     in another order, the heads split or merged in another layout, the softmax over the
     queries, the mask off by a diagonal, a scale by another dimension."""
@@ -137,21 +138,58 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
             q, k, v = (parts[x].reshape(B, T, NH, hs).transpose(0, 2, 1, 3) for x in "qkv")
         sc = F(1 / math.sqrt(hs)) if scale is None else F(scale(hs, C))
         visit = np.tril(np.ones((T, T), bool), diagonal)
-        pre = np.where(visit, (q @ k.transpose(0, 1, 3, 2)) * sc, F(-np.inf)).astype(F)
+        scores = (q @ k.transpose(0, 1, 3, 2)) * sc
+        if masking == "after":
+            pre = scores.astype(F)
+        else:
+            pre = np.where(visit, scores, F(-np.inf) if masking == "-inf" else F(masking)).astype(F)
         e = np.exp(pre - pre.max(axis, keepdims=True)).astype(F)
         att = (e / e.sum(axis, keepdims=True)).astype(F)
+        if masking == "after":
+            att = np.where(visit, att, F(0))
         y = att @ v
-        out = y.reshape(B, T, C) if merge == "no-transpose" else y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        if merge == "interleaved":
+            out = y.transpose(0, 2, 3, 1).reshape(B, T, C)
+        else:
+            out = y.reshape(B, T, C) if merge == "no-transpose" else y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return out, np.where(visit, pre, F(0)), att
     return attention_forward
 
 
-def encoder_port(shift=0, wte=True, wpe=True, reverse=False):
+def layernorm_outside_port(eps):
+    def layernorm_forward(inp, weight, bias):
+        m = inp.mean(-1, keepdims=True)
+        s = F(1) / (np.sqrt(((inp - m) ** 2).mean(-1, keepdims=True)) + F(eps))
+        return (s * (inp - m)) * weight + bias, m[..., 0], s[..., 0]
+    return layernorm_forward
+
+
+def layernorm_over_positions(inp, weight, bias):
+    """The statistics over the positions; the mean and rstd it returns are the C's (a port
+    normalising over T has none per position: only its output is wrong)."""
+    m = inp.mean(1, keepdims=True)
+    v = ((inp - m) ** 2).mean(1, keepdims=True)
+    out = (inp - m) / np.sqrt(v + F(1e-5)) * weight + bias
+    _, mean, rstd = nk.layernorm_forward(inp, weight, bias)
+    return out.astype(F), mean, rstd
+
+
+def softmax_scaled(k):
+    def softmax_forward(logits, V):
+        z = logits[..., :V] * F(k)
+        e = np.exp(z - z.max(-1, keepdims=True))
+        out = np.zeros_like(logits)
+        out[..., :V] = e / e.sum(-1, keepdims=True)
+        return out
+    return softmax_forward
+
+
+def encoder_port(shift=0, wte=True, wpe=True, reverse=False, wte_scale=None):
     def encoder_forward(inp, wte_, wpe_):
         T = inp.shape[1]
         out = np.zeros(inp.shape + (wte_.shape[1],), F)
         if wte:
-            out = out + wte_[inp]
+            out = out + (wte_[inp] * F(wte_scale) if wte_scale else wte_[inp])
         if wpe:
             out = out + wpe_[(np.arange(T) + shift)[::-1] if reverse else np.arange(T) + shift]
         return out
@@ -333,12 +371,24 @@ PORTS = {
     "attention.mask-diagonal": [("attention_forward", attention_any_port(diagonal=1))],
     "attention.layout": [("attention_forward", attention_any_port(merge="no-transpose")),
                          ("attention_forward", attention_any_port(split="no-transpose")),
-                         ("attention_forward", attention_any_port(split="interleaved"))],
+                         ("attention_forward", attention_any_port(split="interleaved")),
+                         ("attention_forward", attention_any_port(merge="interleaved"))],
     "attention.qkv-order": [("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")],
     "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2))],
     "layernorm.eps": [("layernorm_forward", layernorm_port(eps=5e-5)), ("layernorm_forward", layernorm_port(eps=1e-3))],
     "gelu.sigmoid": [("gelu_forward", lambda x: x / (F(1) + np.exp(F(-1.702) * x)))],
     "embedding.positions": [("encoder_forward", encoder_port(reverse=True))],
+    "embedding.table-scale": [("encoder_forward", encoder_port(wte_scale=math.sqrt(32)))],
+    "attention.masking": [("attention_forward", attention_any_port(masking="after"))],
+    "attention.mask-fill": [("attention_forward", attention_any_port(masking=0.0)),
+                            ("attention_forward", attention_any_port(masking=-1.0))],
+    "gelu.tanh-scale": [("gelu_forward", lambda x: F(0.5) * x * (F(1) + np.tanh(F(math.sqrt(2) / math.pi) *
+                                                                                  (x + F(0.044715) * x ** 3))))],
+    "layernorm.eps-outside-sqrt": [("layernorm_forward", layernorm_outside_port(1e-5))],
+    "layernorm.axis": [("layernorm_forward", layernorm_over_positions)],
+    "gelu.relu": [("gelu_forward", lambda x: np.maximum(x, F(0))),
+                  ("gelu_backward", lambda dinp, inp, dout: dinp.__iadd__((inp > 0).astype(F) * dout))],
+    "crossentropy.logit-scale": [("softmax_forward", softmax_scaled(0.5))],
     "embedding.position-shift": [("encoder_forward", encoder_port(shift=1))],
     "embedding.no-wpe": [("encoder_forward", encoder_port(wpe=False))],
     "embedding.no-wte": [("encoder_forward", encoder_port(wte=False))],

@@ -107,7 +107,7 @@ def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
     found = {(f.id, f.module) for f in report.findings["port"]}
     assert ("structure.called-more", "transformer.h.0.ln_1") in found
     assert ("structure.never-called", "transformer.h.1.ln_2") in found
-    assert ("structure.no-gradient", "transformer.h.0.ln_2.weight") in found
+    assert ("structure.no-gradient", "transformer.h.0.ln_2") in found
     kinds = {c.kind for c in report.steps[0].checks if c.impl == "port"}
     assert kinds == {"e2e", "replay", "update", "loss"}          # nothing ended in an error
     # the first call of ln_1 is the one compared (ln1 is right: its output passes)
@@ -133,29 +133,55 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
 
 # ----------------------------------------------------------------------------- held out
 
-# measured on the held-out set's first run (16 of 18 named, 89%: below the 90% aimed at):
-# a mask applied after the softmax (no renormalisation) and a token embedding scaled by
-# sqrt(C) are changes the catalogue does not have; both are still caught and localised
-HELDOUT_UNNAMED = {"mask-after-softmax", "token-embedding-scaled"}
+# The held-out batches of tests/heldout_ports.py, each written after the previous one was
+# run and run once, untuned, on its first run (caught / localised / named with the right cause):
+#   BUGS  18/18, 18/18, 16/18   (a mask after the softmax, a scaled token table: no known cause)
+#   BUGS2 16/16, 15/16, 10/16   (an interleaved head merge, a finite mask fill, GELU's tanh
+#                                scale, eps outside the square root, a logit temperature: no
+#                                known cause; wpe added twice named by the census, not by the
+#                                embedding family expected; a parameter without gradient named
+#                                its parameter, not its module, as it printed then)
+#   BUGS3 14/14, 13/14, 11/14   (ReLU for GELU, a layer norm over the positions, blocks in
+#                                reverse order: no known cause, the last not localised)
+#   BUGS4 15/15, 14/15,  9/15   (below: the current catalogue's fresh held-out rate)
+# Each batch's misses were then added to the catalogue as families (so BUGS..BUGS3 are now
+# regression tests, no longer held out); no first run named a wrong cause.
+HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set()}
+# BUGS4, as it first ran: unnamed (no known cause), and not localised where it was expected
+HELDOUT4_UNNAMED = {"qkv-interleaved-per-head", "gelu-before-c_fc", "gelu-x-squared", "layernorm-affine-swapped",
+                    "targets-shifted-in-loss", "mlp-residual-from-block-input"}
+HELDOUT4_UNLOCALISED = {"gelu-before-c_fc"}   # at the MLP's c_fc, whose input is GELU's output
 
 
-def test_heldout_hit_rate():
-    """tests/heldout_ports.py: another model, other mistakes of the same kinds (written
-    after the catalogue, never used to tune it). Every one caught and localised to the
-    right module with no error line; named with the right cause: all but HELDOUT_UNNAMED
-    (no wrong cause is named for those: "no known cause")."""
+def _heldout(bugs):
     rows = []
-    for name, (factory, where, cause) in ho.BUGS.items():
+    for name, (factory, where, cause) in bugs.items():
         report = run_bug(factory)
         localised, named, errors = verdict(report, where, cause)
         rows.append((name, not report.passed, localised, named, errors, explanation(report)))
-    assert all(r[1] for r in rows), [r[0] for r in rows if not r[1]]
-    assert not [r for r in rows if r[4]], [(r[0], r[4]) for r in rows if r[4]]
-    assert all(r[2] for r in rows), [(r[0], r[5][0]) for r in rows if not r[2]]
+    assert all(r[1] for r in rows), [r[0] for r in rows if not r[1]]            # every one caught
+    assert not [r for r in rows if r[4]], [(r[0], r[4]) for r in rows if r[4]]  # no error line
     unnamed = {r[0] for r in rows if not r[3]}
-    assert unnamed == HELDOUT_UNNAMED, [(r[0], r[5][1]) for r in rows if not r[3]]
-    assert all(not r[5][1] for r in rows if r[0] in unnamed)     # honest: no cause rather than a wrong one
-    assert len(rows) - len(unnamed) >= 16 and len(rows) == 18
+    # honest: where the cause is not the right one, no cause is named at all
+    assert all(not r[5][1] for r in rows if r[0] in unnamed), [(r[0], r[5][1]) for r in rows if r[0] in unnamed]
+    return {r[0] for r in rows if not r[2]}, unnamed
+
+
+@pytest.mark.parametrize("batch", list(HELDOUT))
+def test_earlier_heldout_batches_are_now_named(batch):
+    unlocalised, unnamed = _heldout(getattr(ho, batch))
+    assert not unlocalised and not unnamed, (unlocalised, unnamed)
+
+
+def test_heldout_hit_rate():
+    """tests/heldout_ports.py's last batch (BUGS4): another model, other mistakes of the
+    same kinds, written after the catalogue and never used to tune it. Every one caught,
+    no error line, no wrong cause; 14 of 15 localised where expected, 9 of 15 named (60%,
+    below the 90% aimed at: the misses are changes the catalogue does not have)."""
+    unlocalised, unnamed = _heldout(ho.BUGS4)
+    assert unlocalised == HELDOUT4_UNLOCALISED
+    assert unnamed == HELDOUT4_UNNAMED
+    assert len(ho.BUGS4) == 15
 
 
 # ----------------------------------------------------------------------------- bad input

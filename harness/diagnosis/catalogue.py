@@ -91,6 +91,34 @@ def _gelu_sigmoid(kernel, args, ctx, value):
     return {"dinp": args["dinp"] + (s + 1.702 * x * s * (1 - s)) * args["dout"]}
 
 
+def _gelu_tanh_scale(kernel, args, ctx, value):
+    """GELU's tanh form with ``value`` in place of sqrt(2/pi)."""
+    x = args["inp"]
+    c = numpy_kernels.GELU_COEF
+    a = value * (x + c * x ** 3)
+    th = np.tanh(a)
+    if kernel == "gelu_forward":
+        return {"out": 0.5 * x * (1 + th)}
+    g = 0.5 * (1 + th) + x * 0.5 * (1 - th * th) * value * (1 + 3 * c * x * x)
+    return {"dinp": args["dinp"] + g * args["dout"]}
+
+
+def _gelu_scale_name(kernel, args, value, ctx):
+    if abs(value - math.sqrt(2 / math.pi)) < 1e-6:
+        return None, value, ""
+    known = [("sqrt(2)/pi", math.sqrt(2) / math.pi), ("2/pi", 2 / math.pi), ("sqrt(2*pi)", math.sqrt(2 * math.pi)),
+             ("1/sqrt(pi)", 1 / math.sqrt(math.pi)), ("1", 1.0), ("sqrt(2)", math.sqrt(2))]
+    match = next((label for label, x in known if abs(value / x - 1) < 1e-3), None)
+    return "gelu.tanh-scale", value, f" = {match}" if match else ""
+
+
+def _relu(kernel, args, ctx, value):
+    x = args["inp"]
+    if kernel == "gelu_forward":
+        return {"out": np.maximum(x, 0.0)}
+    return {"dinp": args["dinp"] + (x > 0) * args["dout"]}
+
+
 def _gelu_coef(kernel, args, ctx, value):
     return _with_constants(kernel, args, GELU_COEF=value)
 
@@ -117,6 +145,36 @@ def _ln_eps_name(kernel, args, value, ctx):
         if abs(value / x - 1) < 0.05:
             return "layernorm.eps", x, ""
     return "layernorm.eps", value, ""
+
+
+def _ln_eps_outside(kernel, args, ctx, value):
+    """(x - mean) / (sqrt(var) + eps): eps added outside the square root."""
+    x, w, b = args["inp"], args["weight"], args["bias"]
+    mean = x.mean(-1)
+    xs = x - mean[..., None]
+    rstd = 1.0 / (np.sqrt((xs * xs).mean(-1)) + value)
+    return _forward(kernel, ((rstd[..., None] * xs) * w + b, mean, rstd))
+
+
+def _ln_outside_name(kernel, args, value, ctx):
+    if value < 1e-9:
+        return None, value, ""     # no eps at all: layernorm.eps's business
+    exp = math.floor(math.log10(value))
+    for x in (10.0 ** exp, 10.0 ** (exp + 1), 5 * 10.0 ** exp, 2 * 10.0 ** exp):
+        if abs(value / x - 1) < 0.05:
+            return "layernorm.eps-outside-sqrt", x, ""
+    return "layernorm.eps-outside-sqrt", value, ""
+
+
+def _ln_over_positions(kernel, args, ctx, value):
+    """The statistics taken over the positions (axis T) instead of the channels."""
+    x, w, b = args["inp"], args["weight"], args["bias"]
+    if x.ndim != 3 or x.shape[1] < 2 or ctx["output"] != "out":
+        return None     # (such a port has no per-position mean and rstd to compare)
+    mean = x.mean(1, keepdims=True)
+    xs = x - mean
+    var = (xs * xs).mean(1, keepdims=True)
+    return {"out": xs / np.sqrt(var + numpy_kernels.LN_EPS) * w + b}
 
 
 def _ln_unbiased(kernel, args, ctx, value):
@@ -194,13 +252,15 @@ def _att_scale_name(kernel, args, value, ctx):
 
 
 def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0,
-                   causal=True, scale=None):
+                   causal=True, scale=None, masking="-inf"):
     """attention_forward in float64 with the mistakes a port makes: q, k, v taken in another
     ``order``; the heads split from the channels in another layout (``split``:
     ``"heads-major"`` as the C, ``"no-transpose"`` viewing (B,T,C) as (B,NH,T,hs),
     ``"interleaved"`` channel c = d*NH + h) or merged back without transposing
     (``merge="no-transpose"``); the softmax over another ``axis`` (-2: over the queries);
-    the mask's ``diagonal`` (tril(k)); no mask (``causal=False``); another ``scale``.
+    the mask's ``diagonal`` (tril(k)); no mask (``causal=False``); another ``scale``; the
+    mask applied after the softmax without renormalising (``masking="after"``) or as a
+    finite score (``masking=0.0``) instead of -inf.
     Returns (out, preatt, att), preatt 0 where the mask leaves it out (as the C's)."""
     B, T, C3 = inp.shape
     C = C3 // 3
@@ -216,19 +276,54 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
         return a.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
     q, k, v = (heads(chunks[x]) for x in "qkv")
     mask = np.tril(np.ones((T, T), bool), diagonal) if causal else np.ones((T, T), bool)
-    pre = np.where(mask, (q @ k.transpose(0, 1, 3, 2)) * scale, -np.inf)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale
+    if masking != "-inf":
+        # the mask applied after the softmax (no renormalisation), or as a finite score
+        e = np.exp(np.where(mask, scores, masking) - np.max(np.where(mask, scores, masking), -1, keepdims=True)) \
+            if masking != "after" else np.exp(scores - scores.max(-1, keepdims=True))
+        att = e / e.sum(-1, keepdims=True)
+        if masking == "after":
+            att = np.where(mask, att, 0.0)
+        return _merged(att @ v, merge), np.where(mask, scores, 0.0), att
+    pre = np.where(mask, scores, -np.inf)
     mx = np.max(pre, axis=axis, keepdims=True)
     mx = np.where(np.isfinite(mx), mx, 0.0)
     e = np.exp(pre - mx)
     s = e.sum(axis, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         att = np.where(s == 0, 0.0, e / s)
-    y = att @ v
-    out = y.reshape(B, T, C) if merge == "no-transpose" else y.transpose(0, 2, 1, 3).reshape(B, T, C)
-    return out, np.where(mask, pre, 0.0), att
+    return _merged(att @ v, merge), np.where(mask, pre, 0.0), att
+
+
+def _merged(y, merge: str):
+    """(B,NH,T,hs) -> (B,T,C): as the C (head-major channels), without transposing, or
+    interleaved (channel d*NH + h)."""
+    B, NH, T, hs = y.shape
+    if merge == "no-transpose":
+        return y.reshape(B, T, NH * hs)
+    if merge == "interleaved":
+        return y.transpose(0, 2, 3, 1).reshape(B, T, NH * hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
 
 
 _PERMUTATIONS = ("qvk", "kqv", "kvq", "vqk", "vkq")
+
+
+def _att_maskings(kernel, args):
+    return [_Form("the causal mask applied after the softmax (the kept weights not renormalised)", "masking",
+                  "after"),
+]
+
+
+def _att_mask_fill(kernel, args, ctx, value):
+    return _forward(kernel, _attention_any(args["inp"], int(args["NH"]), masking=value))
+
+
+def _mask_fill_name(kernel, args, value, ctx):
+    if value < -60:
+        return None, value, ""     # as good as -inf: the C's
+    near = round(value)
+    return "attention.mask-fill", float(near) if abs(value - near) < 1e-3 else value, ""
 
 
 def _att_axes(kernel, args):
@@ -261,7 +356,8 @@ def _att_layouts(kernel, args):
     return [_Form("the heads split without transposing ((B,T,C) viewed as (B,NH,T,hs))", "split", "no-transpose"),
             _Form("the heads split interleaved (channel c = d*NH + h)", "split", "interleaved"),
             _Form("the heads merged back without transposing ((B,NH,T,hs) viewed as (B,T,C))", "merge",
-                  "no-transpose")]
+                  "no-transpose"),
+            _Form("the heads merged back interleaved (channel c = d*NH + h)", "merge", "interleaved")]
 
 
 def _att_orders(kernel, args):
@@ -302,6 +398,32 @@ def _softmax_padded(kernel, args, ctx, value):
     onehot = np.zeros_like(probs)
     np.put_along_axis(onehot, args["targets"][..., None].astype(np.intp), 1.0, -1)
     return {"dlogits": args["dlogits"] + args["dlosses"][..., None] * (probs - onehot)}
+
+
+def _logit_scale(kernel, args, ctx, value):
+    """The logits scaled by ``value`` (a temperature 1/value) before the softmax: the
+    probabilities of value*logits over the V columns; in the loss's backward (given the
+    logits) dlogits = dloss * value * (p - onehot)."""
+    x = args.get("logits")
+    if x is None:
+        return None
+    V = int(args["V"])
+    z = value * x[..., :V]
+    e = np.exp(z - z.max(-1, keepdims=True))
+    probs = np.zeros_like(x)
+    probs[..., :V] = e / e.sum(-1, keepdims=True)
+    if kernel == "softmax_forward":
+        return {"probs": probs}
+    onehot = np.zeros_like(probs)
+    np.put_along_axis(onehot, args["targets"][..., None].astype(np.intp), 1.0, -1)
+    d = args["dlosses"][..., None] * value * (probs - onehot)
+    return {"dlogits": args["dlogits"] + np.where(np.arange(x.shape[-1]) < V, d, 0.0)}
+
+
+def _logit_scale_name(kernel, args, value, ctx):
+    if abs(value - 1) < 1e-6:
+        return None, value, ""
+    return "crossentropy.logit-scale", value, f" (a temperature of {_const(1 / value)})"
 
 
 def _ce_log_eps(kernel, args, ctx, value):
@@ -368,6 +490,28 @@ def _encoder_without(table):
     return run
 
 
+def _table_scale(kernel, args, ctx, value):
+    """value*wte[token] + wpe[t] (the token table scaled), or wte[token] + value*wpe[t]."""
+    T = args["inp"].shape[1]
+    tok, pos = args["wte"][args["inp"]], args["wpe"][:T]
+    return {"out": value * tok + pos if ctx["choice"] == "wte" else tok + value * pos}
+
+
+def _tables():
+    return lambda kernel, args: ["wte", "wpe"]
+
+
+def _table_scale_name(kernel, args, value, ctx):
+    if abs(value - 1.0) < 1e-9 or abs(value) < 1e-9:
+        return None, value, ""      # the C's, or a missing table (embedding.no-*)
+    C = args["wte"].shape[1]
+    known = [("sqrt(C)", math.sqrt(C)), ("1/sqrt(C)", 1 / math.sqrt(C)), ("C", float(C)), ("2", 2.0), ("0.5", 0.5)]
+    match = next((label for label, x in known if abs(value / x - 1) < 1e-4), None)
+    table = "token" if ctx["choice"] == "wte" else "position"
+    return "embedding.table-scale", value, f"the {table} embedding ({ctx['choice']}) scaled by {_short(value)}" + \
+        (f" = {match}" if match else "")
+
+
 # --- the residual stream
 
 def _branch_scale(kernel, args, ctx, value):
@@ -386,6 +530,10 @@ def _not_one(kernel, args, value, ctx):
         return None, value, ""
     what = "the branch added as x + {v}*f(x)" if ctx["choice"] == "branch" else "the stream scaled: {v}*x + f(x)"
     return "residual.branch-scale", value, what.format(v=_short(value))
+
+
+def _const(x: float) -> str:
+    return f"{x:.4g}"
 
 
 def _short(x: float) -> str:
@@ -668,6 +816,11 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("gelu.sigmoid", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU as x*sigmoid(1.702x) (the sigmoid approximation); train_gpt2.c uses the tanh approximation",
             _gelu_sigmoid),
+    Variant("gelu.relu", "gelu", ("gelu_forward", "gelu_backward"),
+            "ReLU where train_gpt2.c has GELU (tanh approximation)", _relu),
+    Variant("gelu.tanh-scale", "gelu", ("gelu_forward", "gelu_backward"),
+            "GELU's tanh argument scaled by {value}{note} instead of sqrt(2/pi)", _gelu_tanh_scale,
+            fit=Fit(0.1, 3.0, log=True), name=_gelu_scale_name),
     Variant("gelu.cubic-constant", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU's cubic coefficient is {value} instead of 0.044715", _gelu_coef, fit=Fit(0.02, 0.08)),
     # layernorm
@@ -676,6 +829,12 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("layernorm.eps", "layernorm", ("layernorm_forward",),
             "layernorm's eps is {value} instead of 1e-5", _ln_eps_fitted, fit=Fit(1e-10, 1.0, log=True),
             name=_ln_eps_name),
+    Variant("layernorm.eps-outside-sqrt", "layernorm", ("layernorm_forward",),
+            "layernorm's eps ({value}) added outside the square root: (x-mean)/(sqrt(var)+eps)", _ln_eps_outside,
+            fit=Fit(1e-10, 1.0, log=True), name=_ln_outside_name, fallback=1),
+    Variant("layernorm.axis", "layernorm", ("layernorm_forward",),
+            "layernorm's mean and variance taken over the positions (T) instead of the channels (C)",
+            _ln_over_positions),
     Variant("layernorm.unbiased-variance", "layernorm", ("layernorm_forward",),
             "layernorm divides the variance by C-1 (unbiased) instead of C", _ln_unbiased),
     # attention
@@ -690,6 +849,11 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("attention.mask-diagonal", "attention", ("attention_forward",),
             "the causal mask off by a diagonal: {choice} instead of tril(0)", _att_changed(),
             choices=_att_diagonals),
+    Variant("attention.masking", "attention", ("attention_forward",),
+            "{choice}", _att_changed(), choices=_att_maskings),
+    Variant("attention.mask-fill", "attention", ("attention_forward",),
+            "the masked scores set to {value} before the softmax instead of -inf", _att_mask_fill,
+            fit=Fit(-100.0, 100.0), name=_mask_fill_name),
     Variant("attention.layout", "attention", ("attention_forward",),
             "{choice}", _att_changed(), choices=_att_layouts),
     Variant("attention.qkv-order", "attention", ("attention_forward",),
@@ -717,6 +881,9 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("labels.previous-position", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
             "labels shifted one position: position t is scored against the target of t-1",
             _shift(-1), defined=_shift_defined(-1)),
+    Variant("crossentropy.logit-scale", "crossentropy", ("softmax_forward", "crossentropy_softmax_backward"),
+            "the logits scaled by {value}{note} before the softmax", _logit_scale,
+            fit=Fit(0.01, 100.0, log=True), name=_logit_scale_name),
     Variant("crossentropy.label-smoothing", "crossentropy", ("crossentropy_softmax_backward",),
             "the targets label-smoothed: (1-{value})*onehot + {value}/V (label_smoothing={value})",
             _label_smoothing, fit=Fit(1e-4, 1.0, linear=True)),
@@ -732,6 +899,8 @@ CATALOGUE: tuple[Variant, ...] = (
             "the position embedding (wpe) not added", _encoder_without("wpe")),
     Variant("embedding.no-wte", "embedding", ("encoder_forward",),
             "the token embedding (wte) not added", _encoder_without("wte")),
+    Variant("embedding.table-scale", "embedding", ("encoder_forward",),
+            "{note}", _table_scale, fit=Fit(-1e4, 1e4, linear=True), choices=_tables(), name=_table_scale_name),
     # the residual stream
     Variant("residual.branch-scale", "residual", ("residual_forward",),
             "a constant factor on the residual: {note} instead of x + f(x)", _branch_scale,
@@ -765,9 +934,9 @@ CATALOGUE: tuple[Variant, ...] = (
             _adamw_changed(beta1=0.9, beta2=0.95)),
     # any op, when no change above explains it
     Variant("output.scale", "output", _ANY_OP, "{output} off by a constant factor {value}", _scaled_output,
-            fit=Fit(-1e6, 1e6, linear=True), name=_factor_name, fallback=True),
+            fit=Fit(-1e6, 1e6, linear=True), name=_factor_name, fallback=2),
     Variant("output.offset", "output", _ANY_OP, "{output} off by a constant offset {value}", _offset_output,
-            fit=Fit(-1e6, 1e6, linear=True), name=_offset_name, fallback=True),
+            fit=Fit(-1e6, 1e6, linear=True), name=_offset_name, fallback=2),
 )
 VARIANT_BY_ID = {v.id: v for v in CATALOGUE}
 assert len(VARIANT_BY_ID) == len(CATALOGUE), "duplicate variant ids"

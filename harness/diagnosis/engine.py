@@ -79,8 +79,10 @@ class Variant:
     name:        optional ``name(kernel, args, value, ctx) -> (id, value, note)``: the
                  cause's id and constant once fitted (a fitted scale that is 1/hs exactly
                  is ``attention.scale=1/hs``, snapped to it); ``{note}`` in the description
-    fallback:    a change of any op (a constant factor or offset on its output): named only
-                 when no specific change of the op explains it
+    fallback:    0 (or False): a specific change, always tried; a higher level is tried only
+                 when no change of a lower level explains the output: 1 for a less usual form
+                 of a mistake that a usual one can mimic (eps outside the square root), 2 for
+                 a change of any op (a constant factor or offset on its output)
     """
 
     id: str
@@ -94,7 +96,7 @@ class Variant:
     terms: Callable | None = None
     choices: Callable | None = None
     name: Callable | None = None
-    fallback: bool = False
+    fallback: int = 0
 
     def describe(self, value: float | None = None, choice=None, note: str = "", output: str = "") -> str:
         if value is None and choice is None and not note and "{output}" not in self.description:
@@ -233,14 +235,14 @@ def diagnose(calls: Call | Sequence[Call], actual, expected, *, variants: Sequen
     last = calls[-1]
     ctx = dict(ctx or {}, actual=actual)
     causes, tried, skipped = [], [], []
-    # the specific changes first; the changes of any op (a factor, an offset) only when
-    # none of them explains the output
-    for fallback in (False, True):
+    # the specific changes first; a less usual form, then the changes of any op (a factor,
+    # an offset) only when nothing of a lower level explains the output
+    for level in sorted({int(v.fallback) for v in variants}):
         if causes:
             break
         for i, call in enumerate(calls):
             for v in variants_for(call.kernel, variants):
-                if v.fallback != fallback:
+                if int(v.fallback) != level:
                     continue
                 tried.append(v.id)
                 try:

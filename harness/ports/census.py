@@ -168,7 +168,7 @@ class Census:
                 firsts.append(name)
         for name in firsts:
             rank, op = self.graph[name]
-            later = [(r, n) for r, n in seen if r > rank and r[:2] == rank[:2]]
+            later = [(r, n) for r, n in seen if r > rank]
             if later:
                 other = min(later)[1]
                 out.append(Finding("structure.out-of-order", f"{name} is called after {other}; the graph runs "
@@ -199,6 +199,6 @@ class Census:
                 module = e.names[0].rpartition(".")[0] or e.names[0]
                 op = self.graph.get(module, (None, None))[1]
                 out.append(Finding("structure.no-gradient", f"{e.names[0]} receives no gradient: the loss does not "
-                                   f"depend on it (the C's {e.slot} has one)", e.names[0], op,
-                                   {"tensor": str(e.slot)}))
+                                   f"depend on it (the C's {e.slot} has one)", module, op,
+                                   {"parameter": e.names[0], "tensor": str(e.slot)}))
         return out
