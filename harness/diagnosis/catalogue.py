@@ -420,6 +420,36 @@ def _logit_scale(kernel, args, ctx, value):
     return {"dlogits": args["dlogits"] + np.where(np.arange(x.shape[-1]) < V, d, 0.0)}
 
 
+def _logit_scale_estimate(kernel, args, actual):
+    """The scale s of softmax(s*logits) from the output, in closed form: log p_i - log p_j
+    = s*(l_i - l_j), so s is the slope of the log-probabilities (from dlogits: of log of
+    the non-target columns' gradient) against the logits, over a few positions."""
+    x = args.get("logits")
+    if x is None:
+        return None
+    V = int(args["V"])
+    rows = x.reshape(-1, x.shape[-1])[:, :V]
+    act = actual.reshape(-1, actual.shape[-1])[:, :V]
+    if kernel == "crossentropy_softmax_backward":
+        act = act - args["dlogits"].reshape(-1, actual.shape[-1])[:, :V]
+        tgt = args["targets"].reshape(-1)
+        act = act.copy()
+        act[np.arange(act.shape[0]), tgt] = np.nan     # the target column holds p - 1
+    take = np.linspace(0, rows.shape[0] - 1, min(8, rows.shape[0])).astype(int)
+    slopes = []
+    for i in take:
+        y, l = act[i], rows[i]
+        ok = np.isfinite(y) & (y > 0)
+        if ok.sum() < 3:
+            continue
+        ly, ll = np.log(y[ok]), l[ok]
+        ll = ll - ll.mean()
+        den = float(ll @ ll)
+        if den > 0:
+            slopes.append(float(ll @ (ly - ly.mean())) / den)
+    return float(np.median(slopes)) if slopes else None
+
+
 def _logit_scale_name(kernel, args, value, ctx):
     if abs(value - 1) < 1e-6:
         return None, value, ""
@@ -883,7 +913,7 @@ CATALOGUE: tuple[Variant, ...] = (
             _shift(-1), defined=_shift_defined(-1)),
     Variant("crossentropy.logit-scale", "crossentropy", ("softmax_forward", "crossentropy_softmax_backward"),
             "the logits scaled by {value}{note} before the softmax", _logit_scale,
-            fit=Fit(0.01, 100.0, log=True), name=_logit_scale_name),
+            fit=Fit(0.01, 100.0, estimate=_logit_scale_estimate), name=_logit_scale_name),
     Variant("crossentropy.label-smoothing", "crossentropy", ("crossentropy_softmax_backward",),
             "the targets label-smoothed: (1-{value})*onehot + {value}/V (label_smoothing={value})",
             _label_smoothing, fit=Fit(1e-4, 1.0, linear=True)),
