@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from pyref.protocol import KERNEL_OP
 
-from ..checks.results import KINDS, first_divergence, first_divergence_check
+from ..checks.results import KINDS, first_divergence, first_divergence_check, first_structure
 from ..compare import Comparison
 from ..tolerances import P_FALSE_ALARM
 from .table import text_table
@@ -213,7 +213,21 @@ def check_counts(report) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _why(step, impl: str, indent: str) -> list[str]:
     """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnosis`),
-    as a line to print under it; none when that check was not diagnosed."""
+    as a line to print under it; none when that check was not diagnosed. A model that
+    departs from the graph: the census's other findings of the step (what else departs)."""
+    structure = getattr(step, "structure", {}).get(impl)
+    first = first_structure(structure)
+    if first is not None:
+        # what else departs around the same module (its block), the rest counted
+        parent = (first.module or "").rpartition(".")[0]
+        others = [f for f in structure if f is not first]
+        near = [f for f in others if parent and (f.module or "").startswith(parent + ".")][:3]
+        rest = len(others) - len(near)
+        if not others:
+            return []
+        return [f"{indent}why: the forward departs from GPT-2's graph"
+                + (": " + "; ".join(f.text() for f in near) if near else "")
+                + (f" (and {rest} more finding{'s' if rest > 1 else ''} above)" if rest else "")]
     c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else getattr(c, "diagnosis", None)
     return [] if d is None else [f"{indent}why: {d.text()}"]
@@ -280,8 +294,8 @@ def run_summary(report) -> str:
             if impl in seen:
                 continue
             seen.add(impl)
-            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False)
-                                                 or text)
+            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False,
+                                                                    s.structure.get(impl)) or text)
             if entry != first:
                 lines.append(f"  also {entry}")
             lines += _why(s, impl, "    " if entry != first else "  ")
