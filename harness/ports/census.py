@@ -36,7 +36,11 @@ _IN_LAYER = [(re.compile(BLOCK + r"ln_1$"), "ln1 layernorm_forward"),
              (re.compile(BLOCK + r"attn\.c_proj$"), "attproj matmul_forward"),
              (re.compile(BLOCK + r"ln_2$"), "ln2 layernorm_forward"),
              (re.compile(BLOCK + r"mlp\.c_fc$"), "fc matmul_forward"),
+             (re.compile(BLOCK + r"mlp\.(?:gelu|act|activation|act_fn)$"), "gelu gelu_forward"),
              (re.compile(BLOCK + r"mlp\.c_proj$"), "fcproj matmul_forward")]
+# ops whose module a port may have or not (GELU as a module, or as a function): ordered
+# and counted where the forward calls it, never missed where it does not
+_OPTIONAL = {"gelu gelu_forward"}
 _TOP_AFTER = [(re.compile(r"(?:^|\.)ln_f$"), "lnf layernorm_forward"),
               (re.compile(r"(?:^|\.)lm_head$"), "lm_head matmul_forward")]
 # leaf modules GPT-2's graph is made of (or that compute nothing): anything else that a
@@ -149,6 +153,8 @@ class Census:
         found = []
         for name, (rank, op) in sorted(self.graph.items(), key=lambda x: x[1][0]):
             n = self.calls.get(name, 0)
+            if n == 0 and op.split(" ", 2)[-1] in _OPTIONAL:
+                continue
             if n == 0:
                 found.append(Finding("structure.never-called", f"{name} is never called in the forward (the graph's "
                                      f"{op} is missing)", name, op, {"calls": 0}))
@@ -171,8 +177,14 @@ class Census:
             later = [(r, n) for r, n in seen if r > rank]
             if later:
                 other = min(later)[1]
-                out.append(Finding("structure.out-of-order", f"{name} is called after {other}; the graph runs "
-                                   f"{op} before {self.graph[other][1]}", name, op, {"after": other}))
+                other_op = self.graph[other][1]
+                if other_op.split(" ", 2)[-1] in _OPTIONAL:
+                    # an elementwise op (GELU) applied too early is the one misplaced
+                    out.append(Finding("structure.out-of-order", f"{other} is called before {name}; the graph runs "
+                                       f"{other_op} after {op}", other, other_op, {"before": name}))
+                else:
+                    out.append(Finding("structure.out-of-order", f"{name} is called after {other}; the graph runs "
+                                       f"{op} before {other_op}", name, op, {"after": other}))
             seen.append((rank, name))
         return out
 
