@@ -1,10 +1,11 @@
 """Held-out sets of port bugs (tests/test_model_bugs.py): a second nanoGPT-style model
 written differently from tests/model_ports.py (einsum attention, a hand-written layer norm,
 functional GELU, a hand-written loss) and mistakes of the same kinds as the tuning set's,
-not the same ones, in four batches. Each batch was written after the previous one had run,
-and run once, untuned; its misses were then added to the catalogue as families, so only the
-last batch (BUGS4) is still held out. tests/test_model_bugs.py records each batch's first
-run.
+not the same ones, in four batches (BUGS..BUGS4); then a third model written differently
+again (scaled_dot_product_attention, GELU as a module, F.layer_norm, torch's loss) with a
+fifth batch (BUGS5). Each batch was written after the previous one had run, and run once,
+untuned; its misses were then added to the catalogue as families. tests/test_model_bugs.py
+records each batch's first run.
 
 ``BUGS*``: name -> (model factory, where the first divergence must be, the right cause's id
 (a prefix: ``layernorm.eps`` takes any fitted eps)).

@@ -6,8 +6,9 @@ fail, with no error line, its first divergence at the right module (or the graph
 whose module shows it), and its explanation (the first divergence's diagnosis, or the
 structural census's finding) the right cause, with the fitted constant where there is one.
 The unmodified ports have no finding and no diagnosis (tests/test_models.py runs them ten
-steps). tests/heldout_ports.py is a second, differently written model with other mistakes
-of the same kinds, not used to tune the catalogue: test_heldout_hit_rate reports its rate.
+steps). tests/heldout_ports.py has two more models, each written differently, with other
+mistakes of the same kinds in batches run once untuned before the catalogue learnt from
+them: test_heldout_hit_rate reports the last batch's first run.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
 
 
 def test_unmodified_ports_have_no_finding_and_no_diagnosis():
-    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT):
+    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT, ho.ThirdGPT):
         report = run_bug(factory)
         assert report.passed and report.findings["port"] == []
         assert not report.steps[0].structure
@@ -149,12 +150,22 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
 #                                in GELU, a layer norm's weight and bias swapped, the targets
 #                                shifted inside the loss, the MLP's residual from the block's
 #                                input: no known cause; GELU before c_fc localised at c_fc)
+#   BUGS5 22/22, 21/22, 16/22   (a third model: below, the current catalogue's fresh held-out rate)
 # Each batch's misses were then added to the catalogue as families (so BUGS..BUGS4 are now
-# regression tests, no longer held out); no first run named a wrong cause.
+# regression tests, no longer held out); no first run of BUGS..BUGS4 named a wrong cause.
 HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set()}
+# BUGS5, as it first ran (untuned): not named, of which two named a wrong cause (the others
+# no known cause), and not localised where it was expected
+HELDOUT5_UNNAMED = {"merge-transpose-2-3", "layernorm-one-plus-weight", "positions-across-batch",
+                    "embeddings-multiplied", "log-softmax-with-eps", "parallel-attention-and-mlp"}
+HELDOUT5_WRONG = {"log-softmax-with-eps": "output.scale",                 # a factor 0.9999987 on dlogits
+                  "parallel-attention-and-mlp": "residual.branch-scale"}  # the attention branch x0
+HELDOUT5_UNLOCALISED = {"ln_f-before-the-blocks"}   # at layer 0's ln_1, "called after ln_f"
 
 
 def _heldout(bugs):
+    """Each bug of a batch run once: (unlocalised, unnamed, {bug: the wrong cause named}).
+    Every one must be caught, with no error line."""
     rows = []
     for name, (factory, where, cause) in bugs.items():
         report = run_bug(factory)
@@ -163,15 +174,26 @@ def _heldout(bugs):
     assert all(r[1] for r in rows), [r[0] for r in rows if not r[1]]            # every one caught
     assert not [r for r in rows if r[4]], [(r[0], r[4]) for r in rows if r[4]]  # no error line
     unnamed = {r[0] for r in rows if not r[3]}
-    # honest: where the cause is not the right one, no cause is named at all
-    assert all(not r[5][1] for r in rows if r[0] in unnamed), [(r[0], r[5][1]) for r in rows if r[0] in unnamed]
-    return {r[0] for r in rows if not r[2]}, unnamed
+    wrong = {r[0]: r[5][1][0][0] for r in rows if r[0] in unnamed and r[5][1]}
+    return {r[0] for r in rows if not r[2]}, unnamed, wrong
 
 
 @pytest.mark.parametrize("batch", list(HELDOUT))
 def test_earlier_heldout_batches_are_now_named(batch):
-    unlocalised, unnamed = _heldout(getattr(ho, batch))
-    assert not unlocalised and not unnamed, (unlocalised, unnamed)
+    unlocalised, unnamed, wrong = _heldout(getattr(ho, batch))
+    assert not unlocalised and not unnamed and not wrong, (unlocalised, unnamed, wrong)
+
+
+def test_heldout_hit_rate():
+    """tests/heldout_ports.py's last batch (BUGS5): a third model, 22 mistakes of the same
+    kinds, written before the catalogue met them and run once untuned. Every one caught, no
+    error line; 21 of 22 localised where expected, 16 of 22 named (73%, below the 90% aimed
+    at), two of the others with a wrong cause."""
+    unlocalised, unnamed, wrong = _heldout(ho.BUGS5)
+    assert unlocalised == HELDOUT5_UNLOCALISED
+    assert unnamed == HELDOUT5_UNNAMED
+    assert wrong == HELDOUT5_WRONG
+    assert len(ho.BUGS5) == 22
 
 
 # ----------------------------------------------------------------------------- bad input
