@@ -155,6 +155,8 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         y = att @ v
         if merge == "interleaved":
             out = y.transpose(0, 2, 3, 1).reshape(B, T, C)
+        elif merge == "transpose-2-3":       # (B,NH,hs,T) viewed as (B,T,C)
+            out = y.transpose(0, 1, 3, 2).reshape(B, T, C)
         else:
             out = y.reshape(B, T, C) if merge == "no-transpose" else y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return out, np.where(visit, pre, F(0)), att
@@ -188,6 +190,16 @@ def gelu_power_bwd(dinp, inp, dout):
 def gelu_before_matmul(inp, weight, bias):
     """c_fc applied to GELU(inp): GELU moved before the MLP's first matmul."""
     return nk.matmul_forward(nk.gelu_forward(inp), weight, bias)
+
+
+def layernorm_plus_one(inp, weight, bias):
+    return nk.layernorm_forward(inp, weight + F(1), bias)
+
+
+def ce_backward_log_eps(dlogits, dlosses, probs, targets, V):
+    """The gradient of -log(p + 1e-8) through the softmax: dloss * p/(p + eps) * (probs - onehot)."""
+    p = np.take_along_axis(probs, targets[..., None].astype(np.intp), -1)[..., 0]
+    nk.crossentropy_softmax_backward(dlogits, dlosses * (p / (p + F(1e-8))), probs, targets, V)
 
 
 def layernorm_swapped(inp, weight, bias):
@@ -235,6 +247,16 @@ def softmax_scaled(k):
         out[..., :V] = e / e.sum(-1, keepdims=True)
         return out
     return softmax_forward
+
+
+def encoder_product(inp, wte, wpe):
+    return wte[inp] * wpe[:inp.shape[1]]
+
+
+def encoder_flat_positions(inp, wte, wpe):
+    """Positions counted over the flattened batch: wpe[(b*T + t) % maxT]."""
+    B, T = inp.shape
+    return wte[inp] + wpe[np.arange(B * T).reshape(B, T) % wpe.shape[0]]
 
 
 def encoder_port(shift=0, wte=True, wpe=True, reverse=False, wte_scale=None):
@@ -436,7 +458,8 @@ PORTS = {
                          ("attention_forward", attention_any_port(split="no-transpose")),
                          ("attention_forward", attention_any_port(split="interleaved")),
                          ("attention_forward", attention_any_port(merge="interleaved")),
-                         ("attention_forward", attention_any_port(per_head=True))],
+                         ("attention_forward", attention_any_port(per_head=True)),
+                         ("attention_forward", attention_any_port(merge="transpose-2-3"))],
     "attention.qkv-order": [("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")],
     "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2))],
     "layernorm.eps": [("layernorm_forward", layernorm_port(eps=5e-5)), ("layernorm_forward", layernorm_port(eps=1e-3))],
@@ -448,10 +471,13 @@ PORTS = {
     "gelu.twice": [("gelu_forward", lambda x: nk.gelu_forward(nk.gelu_forward(x)))],
     "gelu.order": [("matmul_forward", gelu_before_matmul, "wide")],
     "layernorm.affine-swapped": [("layernorm_forward", layernorm_swapped)],
+    "layernorm.weight-plus-one": [("layernorm_forward", layernorm_plus_one)],
+    "embedding.product": [("encoder_forward", encoder_product)],
     "layernorm.rms": [("layernorm_forward", layernorm_form_port("rms"))],
     "layernorm.no-sqrt": [("layernorm_forward", layernorm_form_port("no-sqrt"))],
     "attention.scale-after-softmax": [("attention_forward", attention_scaled_after)],
-    "embedding.positions": [("encoder_forward", encoder_port(reverse=True))],
+    "embedding.positions": [("encoder_forward", encoder_port(reverse=True)),
+                            ("encoder_forward", encoder_flat_positions)],
     "embedding.table-scale": [("encoder_forward", encoder_port(wte_scale=math.sqrt(32)))],
     "attention.masking": [("attention_forward", attention_any_port(masking="after")),
                           ("attention_forward", attention_any_port(upper=True))],
@@ -478,7 +504,8 @@ PORTS = {
     "attention.no-diagonal": [("attention_forward", attention_port(diagonal=False))],
     "attention.no-causal-mask": [("attention_forward", attention_port(causal=False))],
     "softmax.padded-columns": [("softmax_forward", softmax_padded)],
-    "crossentropy.log-eps": [("crossentropy_forward", ce_log_eps)],
+    "crossentropy.log-eps": [("crossentropy_forward", ce_log_eps),
+                             ("crossentropy_softmax_backward", ce_backward_log_eps)],
     "labels.next-position": [("crossentropy_forward", ce_forward_shift(+1)),
                              ("crossentropy_softmax_backward", ce_backward_shift(+1)),
                              ("crossentropy_softmax_backward", ce_backward_shift_dropped)],
@@ -557,7 +584,15 @@ def _model_level_case(vid):
     from harness.diagnosis import Call
     rng = np.random.default_rng(0)
     B, T, C, V, Vp = 2, 8, 32, 50, 64
-    if vid == "residual.wrong-input":
+    if vid == "residual.parallel":
+        x, a, m = (rng.standard_normal((B, T, C)).astype(F) for _ in range(3))
+        args = {"inp1": x, "inp2": a}
+        actual = x.copy()                          # the stream the MLP reads: the block's input
+        expected = nk.residual_forward(x.astype(np.float64), a.astype(np.float64))
+        call = Call("residual_forward", "out", dict(args, next_residual=((x + a + m).astype(np.float64),
+                                                                         m.astype(np.float64))))
+        kernel, output = "residual_forward", "out"
+    elif vid == "residual.wrong-input":
         x, ln, branch = (rng.standard_normal((B, T, C)).astype(F) for _ in range(3))
         args = {"inp1": x, "inp2": branch}
         actual = ln + branch                         # the branch added to the normalised stream
@@ -586,12 +621,27 @@ def _model_level_case(vid):
     return judge(kernel, output, actual, expected, a64, name=vid, elem_scale=scale, calls=lambda: call)
 
 
-MODEL_LEVEL = ["residual.wrong-input", "crossentropy.softmax-twice", "crossentropy.no-log"]
+MODEL_LEVEL = ["residual.wrong-input", "residual.parallel", "crossentropy.softmax-twice", "crossentropy.no-log"]
 
 
 @pytest.mark.parametrize("variant_id", MODEL_LEVEL)
 def test_a_model_level_change_is_diagnosed_with_it(variant_id):
     _assert_diagnosed([_model_level_case(variant_id)], variant_id)
+
+
+def test_a_dropped_branch_is_not_a_parallel_block():
+    """The attention's branch lost (the block's output without it) is a factor 0 on the
+    branch, not attention and MLP in parallel (the output would hold both branches)."""
+    from harness.checks.verdict import call_scale, judge
+    from harness.diagnosis import Call
+    rng = np.random.default_rng(1)
+    x, a, m = (rng.standard_normal((2, 8, 32)).astype(F) for _ in range(3))
+    a64 = {"inp1": x.astype(np.float64), "inp2": a.astype(np.float64)}
+    expected = a64["inp1"] + a64["inp2"]
+    call = Call("residual_forward", "out", dict(a64, next_residual=((x + m).astype(np.float64), m.astype(np.float64))))
+    c = judge("residual_forward", "out", x.copy(), expected, a64, name="dropped",
+              elem_scale=call_scale("residual_forward", "out", a64, {"out": expected}), calls=lambda: call)
+    assert c.diagnosis.ids == ("residual.branch-scale",), c.diagnosis.text()
 
 
 def test_fitted_constants_are_reported():

@@ -342,6 +342,12 @@ def _ln_affine_swapped(kernel, args, ctx, value):
     return out if ctx["output"] == "out" else None
 
 
+def _ln_weight_plus_one(kernel, args, ctx, value):
+    """The gain applied as 1 + weight (a port storing it as an offset from 1)."""
+    out = _oracle(kernel, args, weight=1.0 + args["weight"])
+    return out if ctx["output"] == "out" else None
+
+
 def _ln_forms(kernel, args, **kw):
     return [_LnForm("rms", "no mean subtracted: x/sqrt(mean(x^2) + eps) (an RMS norm)"),
             _LnForm("uncentred-variance", "the variance taken about zero: (x-mean)/sqrt(mean(x^2) + eps)"),
@@ -477,12 +483,12 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
         inp = view.transpose(0, 1, *(2 + qkv_axes.index(a) for a in ("3", "NH", "hs"))).reshape(B, T, C3)
     chunks = dict(zip(order, (inp[..., i * C:(i + 1) * C] for i in range(3))))
 
+    axes = _SPLITS.get(split, split)     # (B,T,C) viewed as (B, *axes), then (B,NH,T,hs)
+    sizes = {"T": T, "NH": NH, "hs": hs}
+
     def heads(a):
-        if split == "no-transpose":
-            return a.reshape(B, NH, T, hs)
-        if split == "interleaved":
-            return a.reshape(B, T, hs, NH).transpose(0, 3, 1, 2)
-        return a.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+        view = a.reshape(B, *(sizes[x] for x in axes))
+        return view.transpose(0, *(1 + axes.index(x) for x in ("NH", "T", "hs")))
     q, k, v = (heads(chunks[x]) for x in "qkv")
     mask = np.tril(np.ones((T, T), bool), diagonal) if causal else np.ones((T, T), bool)
     if upper:
@@ -506,15 +512,19 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     return _merged(att @ v, merge), np.where(mask, pre, 0.0), att
 
 
-def _merged(y, merge: str):
-    """(B,NH,T,hs) -> (B,T,C): as the C (head-major channels), without transposing, or
-    interleaved (channel d*NH + h)."""
+# the orders of the axes (T, NH, hs) a port views (B,T,C) as when it splits the heads, or
+# permutes (B,NH,T,hs) to before it views the result as (B,T,C) when it merges them
+_SPLITS = {"heads-major": ("T", "NH", "hs"), "no-transpose": ("NH", "T", "hs"), "interleaved": ("T", "hs", "NH")}
+_MERGES = {"transpose": ("T", "NH", "hs"), "no-transpose": ("NH", "T", "hs"), "interleaved": ("T", "hs", "NH")}
+
+
+def _merged(y, merge):
+    """(B,NH,T,hs) -> (B,T,C): as the C (head-major channels), without transposing,
+    interleaved (channel d*NH + h), or any order of the axes (``merge``: a tuple of "NH",
+    "T", "hs") viewed as (B,T,C)."""
     B, NH, T, hs = y.shape
-    if merge == "no-transpose":
-        return y.reshape(B, T, NH * hs)
-    if merge == "interleaved":
-        return y.transpose(0, 2, 3, 1).reshape(B, T, NH * hs)
-    return y.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
+    axes = _MERGES.get(merge, merge)
+    return y.transpose(0, *(1 + ("NH", "T", "hs").index(x) for x in axes)).reshape(B, T, NH * hs)
 
 
 _PERMUTATIONS = ("qvk", "kqv", "kvq", "vqk", "vkq")
@@ -592,11 +602,28 @@ _QKV_VIEWS = {("NH", "3", "hs"): "q, k, v interleaved per head (c_attn's output 
 
 def _att_layouts(kernel, args, **kw):
     return [*(_Form(text + " instead of (B,T,3,NH,hs)", "qkv_axes", axes) for axes, text in _QKV_VIEWS.items()),
-            _Form("the heads split without transposing ((B,T,C) viewed as (B,NH,T,hs))", "split", "no-transpose"),
-            _Form("the heads split interleaved (channel c = d*NH + h)", "split", "interleaved"),
-            _Form("the heads merged back without transposing ((B,NH,T,hs) viewed as (B,T,C))", "merge",
-                  "no-transpose"),
-            _Form("the heads merged back interleaved (channel c = d*NH + h)", "merge", "interleaved")]
+            *_head_layouts()]
+
+
+def _head_layouts():
+    """Every other order of the axes a port can split the heads from, or merge them back
+    in, each as a form of attention.layout (the usual mistakes by their usual words)."""
+    import itertools
+    usual = {("split", ("NH", "T", "hs")): "the heads split without transposing ((B,T,C) viewed as (B,NH,T,hs))",
+             ("split", ("T", "hs", "NH")): "the heads split interleaved (channel c = d*NH + h)",
+             ("merge", ("NH", "T", "hs")): "the heads merged back without transposing ((B,NH,T,hs) viewed as (B,T,C))",
+             ("merge", ("T", "hs", "NH")): "the heads merged back interleaved (channel c = d*NH + h)",
+             ("merge", ("NH", "hs", "T")): "the heads merged back from (B,NH,hs,T) (transpose(2, 3) for transpose(1, 2))"}
+    forms = []
+    for key in ("split", "merge"):
+        for axes in itertools.permutations(("T", "NH", "hs")):
+            if axes == ("T", "NH", "hs"):
+                continue          # the C's
+            text = usual.get((key, axes)) or (
+                f"the heads split from (B,T,C) viewed as (B,{','.join(axes)})" if key == "split" else
+                f"the heads merged back from (B,NH,T,hs) permuted to (B,{','.join(axes)}) and viewed as (B,T,C)")
+            forms.append(_Form(text, key, axes))
+    return forms
 
 
 def _att_orders(kernel, args, **kw):
@@ -757,8 +784,38 @@ def _loss_on_probs_name(kernel, args, value, ctx):
 
 
 def _ce_log_eps(kernel, args, ctx, value):
+    """-log(p + eps) for the target's probability; in the backward, its gradient through the
+    softmax: dloss * p/(p + eps) * (probs - onehot)."""
     p = np.take_along_axis(args["probs"], args["targets"][..., None].astype(np.intp), -1)[..., 0]
-    return {"losses": -np.log(p + value)}
+    if kernel == "crossentropy_forward":
+        return {"losses": -np.log(p + value)}
+    start, delta = _ce_delta(kernel, args)
+    return {"dlogits": start + (p / (p + value))[..., None] * delta}
+
+
+def _ce_log_eps_estimate(kernel, args, actual, ctx):
+    """eps of -log(p + eps) from the loss's gradient, in closed form: each row is the C's
+    scaled by r = p/(p + eps), so eps = p*(1/r - 1) (the median over the rows)."""
+    if kernel != "crossentropy_softmax_backward":
+        return None
+    start, delta = _ce_delta(kernel, args)
+    a = np.asarray(actual, np.float64) - start
+    den = (delta * delta).sum(-1)
+    ok = den > 0
+    r = np.where(ok, (a * delta).sum(-1) / np.where(ok, den, 1.0), np.nan)
+    p = np.take_along_axis(args["probs"], args["targets"][..., None].astype(np.intp), -1)[..., 0]
+    ok &= (r > 0) & (r < 1) & (p > 0)
+    if not ok.any():
+        return None
+    # each row's estimate p*(1/r - 1) carries the rounding of r times p: weighted by 1/p^2
+    w = 1.0 / p[ok] ** 2
+    return float(np.sum(w * p[ok] * (1.0 / r[ok] - 1.0)) / np.sum(w))
+
+
+def _ce_log_eps_fit(kernel):
+    if kernel == "crossentropy_softmax_backward":
+        return Fit(1e-12, 1e-1, estimate=_ce_log_eps_estimate)
+    return Fit(1e-12, 1e-1, log=True)
 
 
 def _shift(step: int):
@@ -804,28 +861,39 @@ def _shift_defined(step: int):
 
 # --- embeddings
 
-def _position_map(args, actual) -> np.ndarray | None:
-    """Which row of wpe each position t took: the row nearest to what the output holds
-    beyond the token embedding, read at the first sequence (None: no row fits)."""
+def _position_map(args, actual) -> np.ndarray:
+    """Which row of wpe each position (b, t) took: the row nearest to what the output holds
+    beyond the token embedding, (B, T) (nearest in closed form: |r|^2 - 2 r.w + |w|^2, one
+    matmul)."""
     inp, wte, wpe = args["inp"], args["wte"], args["wpe"]
-    rest = np.asarray(actual, np.float64)[0] - wte[inp[0]]               # (T, C)
-    d = ((rest[:, None, :] - wpe[None, :, :]) ** 2).sum(-1)             # (T, maxT)
-    return np.argmin(d, axis=1)
+    rest = (np.asarray(actual, np.float64) - wte[inp]).reshape(-1, wpe.shape[1])      # (B*T, C)
+    d = (rest * rest).sum(-1)[:, None] - 2.0 * (rest @ wpe.T) + (wpe * wpe).sum(-1)[None, :]
+    return np.argmin(d, axis=1).reshape(inp.shape)
 
 
 def _encoder_positions(kernel, args, ctx, value):
-    """wte[token] + wpe[r(t)]: the position rows found by :func:`_position_map`."""
+    """wte[token] + wpe[r(b, t)]: the position rows found by :func:`_position_map`."""
     rows = _position_map(args, ctx["actual"])
     T = args["inp"].shape[1]
-    if np.array_equal(rows, np.arange(T)):
+    if np.array_equal(rows, np.broadcast_to(np.arange(T), rows.shape)):
         return None
     return {"out": args["wte"][args["inp"]] + args["wpe"][rows]}
 
 
 def _positions_name(kernel, args, value, ctx):
     rows = _position_map(args, ctx["actual"])
-    T = rows.size
+    B, T = rows.shape
+    maxT = args["wpe"].shape[0]
     t = np.arange(T)
+    if not (rows == rows[0]).all():
+        flat = np.arange(B * T).reshape(B, T)
+        if np.array_equal(rows, flat % maxT):
+            return "embedding.positions", value, ("positions counted over the flattened batch: wpe[b*T + t] "
+                                                  "instead of wpe[t]")
+        shown = "; ".join(f"b={b}: " + ", ".join(str(r) for r in rows[b, :4]) + (" ..." if T > 4 else "")
+                          for b in range(min(B, 3)))
+        return "embedding.positions", value, f"positions differ between the sequences ({shown}) instead of wpe[t]"
+    rows = rows[0]
     k = int(rows[0])
     if np.array_equal(rows, t + k):
         return "embedding.position-shift", value, f"positions counted from {k}: wpe[t+{k}] instead of wpe[t]"
@@ -833,6 +901,12 @@ def _positions_name(kernel, args, value, ctx):
         return "embedding.positions", value, "positions reversed: wpe[T-1-t] instead of wpe[t]"
     shown = ", ".join(f"{a}->{b}" for a, b in zip(t[:6], rows[:6])) + (" ..." if T > 6 else "")
     return "embedding.positions", value, f"positions mapped to other rows of wpe ({shown}) instead of wpe[t]"
+
+
+def _encoder_product(kernel, args, ctx, value):
+    """wte[token] * wpe[t]: the embeddings multiplied instead of added."""
+    T = args["inp"].shape[1]
+    return {"out": args["wte"][args["inp"]] * args["wpe"][:T]}
 
 
 def _encoder_without(table):
@@ -881,6 +955,8 @@ def _branch_choices(kernel, args, **kw):
 def _not_one(kernel, args, value, ctx):
     if abs(value - 1.0) < 1e-9:
         return None, value, ""
+    if ctx["choice"] == "branch" and abs(value) < 1e-6 and _parallel(args):
+        return None, value, ""       # the branch not lost: added in parallel (residual.parallel)
     what = "the branch added as x + {v}*f(x)" if ctx["choice"] == "branch" else "the stream scaled: {v}*x + f(x)"
     return "residual.branch-scale", value, what.format(v=_short(value))
 
@@ -903,6 +979,29 @@ def _wrong_stream(kernel, args, ctx, value):
     if other is None or np.shape(other) != np.shape(args["inp1"]):
         return None
     return {"out": np.asarray(other, np.float64) + args["inp2"]}
+
+
+def _parallel(args) -> bool:
+    """Whether the block's second residual holds the stream plus both branches: its output
+    (``args["next_residual"]``: output, branch) is inp1 + inp2 + its branch, to float32's
+    rounding of the sum (the MLP read the block's input: a parallel block)."""
+    nxt = args.get("next_residual")
+    if nxt is None:
+        return False
+    out3, branch3 = nxt
+    x, a = args["inp1"], args["inp2"]
+    if np.shape(out3) != np.shape(x):
+        return False
+    size = np.abs(x) + np.abs(a) + np.abs(branch3)
+    err = np.abs(out3 - (x + a + branch3))
+    return bool(np.all(err <= 1e-5 * size + 1e-30)) and bool(np.any(np.abs(a) > 1e-6 * size))
+
+
+def _parallel_block(kernel, args, ctx, value):
+    """The stream after the attention's residual as the MLP reads it: the block's input
+    (out = inp1), where the block's output has both branches (x + attn(ln_1(x)) +
+    mlp(ln_2(x)))."""
+    return {"out": args["inp1"].copy()} if _parallel(args) else None
 
 
 def _wrong_stream_name(kernel, args, value, ctx):
@@ -1227,6 +1326,9 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("layernorm.affine-swapped", "layernorm", ("layernorm_forward",),
             "layernorm's weight and bias swapped: norm*bias + weight instead of norm*weight + bias",
             _ln_affine_swapped),
+    Variant("layernorm.weight-plus-one", "layernorm", ("layernorm_forward",),
+            "layernorm's gain applied as 1 + weight: norm*(1 + weight) + bias instead of norm*weight + bias",
+            _ln_weight_plus_one),
     Variant("layernorm.form", "layernorm", ("layernorm_forward",),
             "layernorm's normalisation in another form: {choice}", _ln_form, choices=_ln_forms,
             name=_ln_form_name),
@@ -1262,9 +1364,9 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("softmax.padded-columns", "softmax", ("softmax_forward", "crossentropy_softmax_backward"),
             "softmax normalises over all Vp columns, padding included, instead of the V real ones",
             _softmax_padded),
-    Variant("crossentropy.log-eps", "crossentropy", ("crossentropy_forward",),
+    Variant("crossentropy.log-eps", "crossentropy", ("crossentropy_forward", "crossentropy_softmax_backward"),
             "cross-entropy takes -log(p + {value}): an epsilon inside the log", _ce_log_eps,
-            fit=Fit(1e-12, 1e-1, log=True)),
+            fit=_ce_log_eps_fit),
     Variant("crossentropy.mean-over-BT+1", "crossentropy", ("loss_mean",),
             "the loss (or its gradient, dlosses) averaged over B*T+1 positions instead of B*T",
             _mean_over(+1)),
@@ -1298,12 +1400,18 @@ CATALOGUE: tuple[Variant, ...] = (
             "the position embedding (wpe) not added", _encoder_without("wpe")),
     Variant("embedding.no-wte", "embedding", ("encoder_forward",),
             "the token embedding (wte) not added", _encoder_without("wte")),
+    Variant("embedding.product", "embedding", ("encoder_forward",),
+            "the token and position embeddings multiplied (wte[token] * wpe[t]) instead of added",
+            _encoder_product),
     Variant("embedding.table-scale", "embedding", ("encoder_forward",),
             "{note}", _table_scale, fit=Fit(-1e4, 1e4, linear=True), choices=_tables(), name=_table_scale_name),
     # the residual stream
     Variant("residual.branch-scale", "residual", ("residual_forward",),
             "a constant factor on the residual: {note} instead of x + f(x)", _branch_scale,
             fit=Fit(-1e3, 1e3, linear=True), choices=_branch_choices, name=_not_one),
+    Variant("residual.parallel", "residual", ("residual_forward",),
+            "attention and MLP in parallel: the MLP reads the block's input, not the stream after the "
+            "attention's residual (the block's output is x + attn(ln_1(x)) + mlp(ln_2(x)))", _parallel_block),
     Variant("residual.wrong-input", "residual", ("residual_forward",),
             "the residual branch added to {choice}{note}", _wrong_stream, choices=_streams,
             name=_wrong_stream_name),

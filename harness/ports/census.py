@@ -10,7 +10,9 @@ graph's op it stands for:
   skipped, ``ln_2`` left out because ``ln_1`` feeds the MLP too);
 * ``structure.called-more``: a module called more than once per forward (its first call
   is the one compared: the capture keeps it);
-* ``structure.out-of-order``: a module called before one the graph runs earlier;
+* ``structure.out-of-order``: a module called out of the graph's order (the fewest such:
+  the longest run of modules in the graph's order is kept; an elementwise module such as
+  an MLP's GELU module is the one named when it and a module swap places);
 * ``structure.no-gradient``: a parameter the loss does not depend on (an unused ``wpe``);
 * ``structure.unknown-module``: a module called in the forward that GPT-2's graph does
   not have (a rotary embedding, a second norm).
@@ -166,26 +168,49 @@ class Census:
         return found
 
     def _order_findings(self) -> list[Finding]:
-        seen: list[tuple[tuple, str]] = []
-        out = []
-        firsts = []
+        """The modules called out of the graph's order: the fewest whose removal leaves the
+        rest in order (the others, the longest run in the graph's order, are kept; among as
+        long runs, one that keeps a module rather than an elementwise one (GELU), then the
+        modules called first). Each is named with a kept module it ran after, or, called too
+        early, before."""
+        firsts: list[str] = []
         for name in self.order:
             if name in self.graph and name not in firsts:
                 firsts.append(name)
-        for name in firsts:
-            rank, op = self.graph[name]
-            later = [(r, n) for r, n in seen if r > rank]
-            if later:
-                other = min(later)[1]
-                other_op = self.graph[other][1]
-                if other_op.split(" ", 2)[-1] in _OPTIONAL:
-                    # an elementwise op (GELU) applied too early is the one misplaced
-                    out.append(Finding("structure.out-of-order", f"{other} is called before {name}; the graph runs "
-                                       f"{other_op} after {op}", other, other_op, {"before": name}))
-                else:
-                    out.append(Finding("structure.out-of-order", f"{name} is called after {other}; the graph runs "
-                                       f"{op} before {other_op}", name, op, {"after": other}))
-            seen.append((rank, name))
+        rank = [self.graph[n][0] for n in firsts]
+        optional = [self.graph[n][1].split(" ", 2)[-1] in _OPTIONAL for n in firsts]
+        # the longest non-decreasing run of ranks (scored: length, then fewer optional kept);
+        # on ties the earliest predecessor (the modules called first are kept)
+        score, prev = [], []
+        for i in range(len(firsts)):
+            best, arg = (1, -int(optional[i])), None
+            for j in range(i):
+                if rank[j] <= rank[i]:
+                    cand = (score[j][0] + 1, score[j][1] - int(optional[i]))
+                    if cand > best:
+                        best, arg = cand, j
+            score.append(best)
+            prev.append(arg)
+        kept: set[int] = set()
+        i = max(range(len(firsts)), key=lambda k: (score[k], -k), default=None)
+        while i is not None:
+            kept.add(i)
+            i = prev[i]
+        out = []
+        for i, name in enumerate(firsts):
+            if i in kept:
+                continue
+            r, op = rank[i], self.graph[name][1]
+            after = [(rank[j], firsts[j]) for j in kept if j < i and rank[j] > r]
+            if after:
+                other = min(after)[1]
+                out.append(Finding("structure.out-of-order", f"{name} is called after {other}; the graph runs "
+                                   f"{op} before {self.graph[other][1]}", name, op, {"after": other}))
+                continue
+            before = [firsts[j] for j in sorted(kept) if j > i and rank[j] < r]
+            other = before[0] if before else None
+            out.append(Finding("structure.out-of-order", f"{name} is called before {other}; the graph runs "
+                               f"{op} after {self.graph[other][1] if other else 'it'}", name, op, {"before": other}))
         return out
 
     def _unknown_modules(self) -> list[Finding]:
