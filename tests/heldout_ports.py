@@ -1,10 +1,11 @@
 """Held-out sets of port bugs (tests/test_model_bugs.py): a second nanoGPT-style model
 written differently from tests/model_ports.py (einsum attention, a hand-written layer norm,
 functional GELU, a hand-written loss) and mistakes of the same kinds as the tuning set's,
-not the same ones, in four batches. Each batch was written after the previous one had run,
-and run once, untuned; its misses were then added to the catalogue as families, so only the
-last batch (BUGS4) is still held out. tests/test_model_bugs.py records each batch's first
-run.
+not the same ones, in four batches (BUGS..BUGS4); then a third model written differently
+again (scaled_dot_product_attention, GELU as a module, F.layer_norm, torch's loss) with a
+fifth batch (BUGS5). Each batch was written after the previous one had run, and run once,
+untuned; its misses were then added to the catalogue as families. tests/test_model_bugs.py
+records each batch's first run.
 
 ``BUGS*``: name -> (model factory, where the first divergence must be, the right cause's id
 (a prefix: ``layernorm.eps`` takes any fitted eps)).
@@ -318,4 +319,220 @@ BUGS4 = {
                                       "residual.wrong-input"),
     "c_proj-twice": (H(proj_twice=True), "layer 0 attproj matmul_forward [transformer.h.0.attn.c_proj]",
                      "structure.called-more"),
+}
+
+
+# ----------------------------------------------------------------------------- a third model
+# Written differently again: a config dataclass, attention through
+# F.scaled_dot_product_attention with c_attn's output viewed as (B, T, 3, NH, hs), the MLP's
+# GELU a module (``act``), a layer norm of its own over F.layer_norm, the positions a
+# buffer, the loss torch's F.cross_entropy. BUGS5: ordinary port bugs of the same kinds as
+# the batches above and none of theirs, written before the catalogue met any of them, run
+# once, untuned (tests/test_model_bugs.py records that first run).
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ThirdConfig:
+    n_embd: int
+    n_head: int
+    n_layer: int
+    vocab_size: int
+    block_size: int
+
+    @classmethod
+    def of(cls, cfg):
+        get = (lambda k: cfg[k]) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k))
+        try:
+            return cls(get("n_embd"), get("n_head"), get("n_layer"), get("vocab_size"), get("block_size"))
+        except (KeyError, AttributeError):
+            return cls(cfg.channels, cfg.num_heads, cfg.num_layers, cfg.vocab_size, cfg.max_seq_len)
+
+
+class ThirdNorm(nn.Module):
+    """A layer norm over F.layer_norm with parameters of its own."""
+
+    def __init__(self, n, bug):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n))
+        self.bug = bug
+
+    def forward(self, x):
+        bug = self.bug
+        if bug.get("rms"):                 # an RMS norm (no mean subtracted), with the bias
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight + self.bias
+        if bug.get("one_plus_weight"):     # the gain stored as an offset from 1
+            return F.layer_norm(x, (x.shape[-1],), eps=1e-5) * (1 + self.weight) + self.bias
+        if bug.get("no_affine"):           # the affine parameters left out
+            return F.layer_norm(x, (x.shape[-1],), eps=1e-5)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
+
+
+class ThirdAttention(nn.Module):
+    def __init__(self, cfg: ThirdConfig, bug):
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.n_head = cfg.n_head
+        self.bug = bug
+
+    def forward(self, x):
+        B, T, C = x.shape
+        nh, hs, bug = self.n_head, C // self.n_head, self.bug
+        qkv = self.c_attn(x)
+        if bug.get("split_hs_nh"):         # (B, T, 3, hs, NH): the head axes in the wrong order
+            q, k, v = qkv.view(B, T, 3, hs, nh).permute(2, 0, 4, 1, 3)
+        else:
+            q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
+        if bug.get("swap_kv"):             # SDPA's arguments k and v swapped
+            k, v = v, k
+        how = dict(is_causal=not bug.get("not_causal"))
+        if "scale" in bug:
+            how["scale"] = bug["scale"](hs, nh, C)
+        if bug.get("mask_triu"):
+            how = dict(attn_mask=torch.ones(T, T, dtype=torch.bool).triu())
+        y = F.scaled_dot_product_attention(q, k, v, **how)
+        if bug.get("merge_transpose_2_3"):   # transpose(2, 3) typed for transpose(1, 2)
+            y = y.transpose(2, 3).reshape(B, T, C)
+        else:
+            y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
+
+class ThirdMLP(nn.Module):
+    def __init__(self, cfg: ThirdConfig, bug):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.act = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.bug = bug
+        self.n_layer = cfg.n_layer
+
+    def gelu(self, h):
+        if self.bug.get("gelu_parenthesis"):   # the cubic term outside sqrt(2/pi)'s bracket
+            return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * h + 0.044715 * h ** 3))
+        if self.bug.get("silu"):
+            return F.silu(h)
+        return self.act(h)
+
+    def forward(self, x):
+        if self.bug.get("act_after_proj"):
+            return self.act(self.c_proj(self.c_fc(x)))
+        out = self.c_proj(self.gelu(self.c_fc(x)))
+        if self.bug.get("init_scale_in_forward"):   # GPT-2's init scaling applied to the output
+            out = out / math.sqrt(2 * self.n_layer)
+        return out
+
+
+class ThirdBlock(nn.Module):
+    def __init__(self, cfg: ThirdConfig, bug):
+        super().__init__()
+        self.ln_1 = ThirdNorm(cfg.n_embd, bug)
+        self.attn = ThirdAttention(cfg, bug)
+        self.ln_2 = ThirdNorm(cfg.n_embd, bug)
+        self.mlp = ThirdMLP(cfg, bug)
+        self.bug = bug
+
+    def forward(self, x):
+        bug = self.bug
+        if bug.get("post_norm"):           # the norms after the residual adds
+            x = self.ln_1(x + self.attn(x))
+            return self.ln_2(x + self.mlp(x))
+        if bug.get("parallel"):            # attention and MLP both on the block's input
+            return x + self.attn(self.ln_1(x)) + self.mlp(self.ln_2(x))
+        if bug.get("residual_from_ln_1"):  # x rebound to its normalised value
+            x = self.ln_1(x)
+            x = x + self.attn(x)
+        else:
+            x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ThirdGPT(nn.Module):
+    bug: dict = {}
+    ln_bug: dict = {}       # the layer norms' bugs (ThirdNorm), for the blocks' norms and ln_f
+    ln_f_bug: dict = {}     # ln_f's own
+
+    def __init__(self, config):
+        super().__init__()
+        cfg = ThirdConfig.of(config)
+        bug = dict(self.bug, **self.ln_bug)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            h=nn.ModuleList([ThirdBlock(cfg, bug) for _ in range(cfg.n_layer)]),
+            ln_f=ThirdNorm(cfg.n_embd, dict(self.ln_bug, **self.ln_f_bug)),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.register_buffer("pos", torch.arange(cfg.block_size), persistent=False)
+        self.block_size = cfg.block_size
+
+    def forward(self, idx, targets=None):
+        bug = self.bug
+        B, T = idx.shape
+        pos = self.pos[:T]
+        if bug.get("positions_across_batch"):   # positions counted over the flattened batch
+            pos = torch.arange(B * T).view(B, T) % self.block_size
+        tok = self.transformer.wte(idx)
+        x = tok * self.transformer.wpe(pos) if bug.get("embeddings_multiplied") else tok + self.transformer.wpe(pos)
+        if bug.get("ln_f_first"):
+            x = self.transformer.ln_f(x)
+        for block in self.transformer.h:
+            x = block(x)
+        if not bug.get("ln_f_first"):
+            x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        flat, tgt = logits.view(-1, logits.size(-1)), targets.view(-1)
+        if bug.get("softmax_then_ce"):
+            loss = F.cross_entropy(F.softmax(flat, dim=-1), tgt)
+        elif bug.get("log_softmax_eps"):
+            loss = F.nll_loss(torch.log(F.softmax(flat, dim=-1) + 1e-8), tgt)
+        elif bug.get("last_position_only"):
+            loss = F.cross_entropy(logits[:, -1], targets[:, -1])
+        else:
+            loss = F.cross_entropy(flat, tgt)
+        return logits, loss
+
+    @classmethod
+    def variant(cls, ln=None, ln_f=None, **bug):
+        name = "_".join([*bug, *(ln or {}), *(ln_f or {})])
+        return type(f"ThirdGPT_{name}", (cls,), {"bug": bug, "ln_bug": ln or {}, "ln_f_bug": ln_f or {}})
+
+
+G = ThirdGPT.variant
+GELU = "layer 0 gelu gelu_forward"
+LN1 = "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]"
+LOSS = "crossentropy crossentropy_softmax_backward"
+BUGS5 = {
+    "heads-split-hs-before-nh": (G(split_hs_nh=True), ATT, "attention.layout"),
+    "merge-transpose-2-3": (G(merge_transpose_2_3=True), ATT, "attention.layout"),
+    "sdpa-k-v-swapped": (G(swap_kv=True), ATT, "attention.qkv-order"),
+    "scale-1/sqrt(n_head)": (G(scale=lambda hs, nh, C: 1 / math.sqrt(nh)), ATT, "attention.scale"),
+    "mask-triu": (G(mask_triu=True), ATT, "attention.masking"),
+    "sdpa-not-causal": (G(not_causal=True), ATT, "attention.no-causal-mask"),
+    "gelu-parenthesis": (G(gelu_parenthesis=True), GELU, "gelu.cubic-constant"),
+    "silu-for-gelu": (G(silu=True), GELU, "gelu.silu"),
+    "gelu-after-c_proj": (G(act_after_proj=True), GELU, "structure.out-of-order"),
+    "layernorm-one-plus-weight": (G(ln=dict(one_plus_weight=True)), LN1, "layernorm.weight-plus-one"),
+    "rmsnorm-for-layernorm": (G(ln=dict(rms=True)), LN1, "layernorm.rms"),
+    "positions-across-batch": (G(positions_across_batch=True), "encoder encoder_forward", "embedding.positions"),
+    "embeddings-multiplied": (G(embeddings_multiplied=True), "encoder encoder_forward", "embedding.product"),
+    "softmax-before-cross-entropy": (G(softmax_then_ce=True), LOSS, "crossentropy.softmax-twice"),
+    "log-softmax-with-eps": (G(log_softmax_eps=True), LOSS, "crossentropy.log-eps"),
+    "last-position-only": (G(last_position_only=True), LOSS, "crossentropy.ignored-positions"),
+    "post-norm-block": (G(post_norm=True), LN1, "structure.out-of-order"),
+    "ln_f-before-the-blocks": (G(ln_f_first=True), "lnf layernorm_forward [transformer.ln_f]",
+                               "structure.out-of-order"),
+    "attention-residual-from-ln_1": (G(residual_from_ln_1=True), "layer 0 residual2 residual_forward",
+                                     "residual.wrong-input"),
+    "parallel-attention-and-mlp": (G(parallel=True), "layer 0 residual2 residual_forward", "residual.parallel"),
+    "ln_f-without-affine": (G(ln_f=dict(no_affine=True)), "lnf layernorm_forward [transformer.ln_f]",
+                            "structure.no-gradient"),
+    "mlp-scaled-by-init-factor": (G(init_scale_in_forward=True), "layer 0 residual3 residual_forward",
+                                  "residual.branch-scale"),
 }

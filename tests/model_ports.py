@@ -158,13 +158,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd, gelu):
+    def __init__(self, n_embd, gelu, gelu_first=False):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd)
         self.gelu = nn.GELU(approximate=gelu)
         self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.gelu_first = gelu_first         # the GELU module called before c_fc
 
     def forward(self, x):
+        if self.gelu_first:
+            return self.c_proj(self.c_fc(self.gelu(x)))
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
@@ -174,7 +177,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(n_embd, eps=eps)
         self.attn = CausalSelfAttention(n_embd, n_head, (bugs or {}).get("attn"))
         self.ln_2 = nn.LayerNorm(n_embd, eps=eps)
-        self.mlp = MLP(n_embd, gelu)
+        self.mlp = MLP(n_embd, gelu, (bugs or {}).get("gelu_first", False))
         self.drop = nn.Dropout(dropout)
         self.bugs = bugs or {}
 

@@ -121,7 +121,7 @@ def attention_port(scale=None, diagonal=True, causal=True):
 
 
 def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0, scale=None,
-                       masking="-inf"):
+                       masking="-inf", per_head=False, upper=False):
     """attention_forward in float32 with one of the mistakes of a hand-written port: q, k, v
     in another order, the heads split or merged in another layout, the softmax over the
     queries, the mask off by a diagonal, a scale by another dimension."""
@@ -130,6 +130,9 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         C = C3 // 3
         hs = C // NH
         parts = dict(zip(order, np.split(inp, 3, axis=-1)))
+        if per_head:        # (B, T, NH, 3, hs): q, k, v interleaved per head
+            parts = dict(zip("qkv", (x.reshape(B, T, C) for x in
+                                     np.moveaxis(inp.reshape(B, T, NH, 3, hs), 3, 0))))
         if split == "no-transpose":
             q, k, v = (parts[x].reshape(B, NH, T, hs) for x in "qkv")
         elif split == "interleaved":
@@ -138,6 +141,8 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
             q, k, v = (parts[x].reshape(B, T, NH, hs).transpose(0, 2, 1, 3) for x in "qkv")
         sc = F(1 / math.sqrt(hs)) if scale is None else F(scale(hs, C))
         visit = np.tril(np.ones((T, T), bool), diagonal)
+        if upper:
+            visit = visit.T
         scores = (q @ k.transpose(0, 1, 3, 2)) * sc
         if masking == "after":
             pre = scores.astype(F)
@@ -150,10 +155,70 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         y = att @ v
         if merge == "interleaved":
             out = y.transpose(0, 2, 3, 1).reshape(B, T, C)
+        elif merge == "transpose-2-3":       # (B,NH,hs,T) viewed as (B,T,C)
+            out = y.transpose(0, 1, 3, 2).reshape(B, T, C)
         else:
             out = y.reshape(B, T, C) if merge == "no-transpose" else y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return out, np.where(visit, pre, F(0)), att
     return attention_forward
+
+
+def attention_scaled_after(inp, NH):
+    """The scores unscaled, the output scaled by 1/sqrt(hs) after the softmax (the port
+    returns the C's preatt and att: only its output is off)."""
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    hs = C // NH
+    q, k, v = (inp[..., i * C:(i + 1) * C].reshape(B, T, NH, hs).transpose(0, 2, 1, 3) for i in range(3))
+    scores = np.where(np.tril(np.ones((T, T), bool)), q @ k.transpose(0, 1, 3, 2), F(-np.inf))
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    y = (e / e.sum(-1, keepdims=True)) @ v * F(1 / math.sqrt(hs))
+    _, preatt, att = nk.attention_forward(inp, NH)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C).astype(F), preatt, att
+
+
+def gelu_power_fwd(inp):
+    return F(0.5) * inp * (F(1) + np.tanh(F(math.sqrt(2 / math.pi)) * (inp + F(0.044715) * inp * inp)))
+
+
+def gelu_power_bwd(dinp, inp, dout):
+    s, c = F(math.sqrt(2 / math.pi)), F(0.044715)
+    th = np.tanh(s * (inp + c * inp * inp))
+    dinp += (F(0.5) * (F(1) + th) + inp * F(0.5) * (F(1) - th * th) * s * (F(1) + F(2) * c * inp)) * dout
+
+
+def gelu_before_matmul(inp, weight, bias):
+    """c_fc applied to GELU(inp): GELU moved before the MLP's first matmul."""
+    return nk.matmul_forward(nk.gelu_forward(inp), weight, bias)
+
+
+def layernorm_plus_one(inp, weight, bias):
+    return nk.layernorm_forward(inp, weight + F(1), bias)
+
+
+def ce_backward_log_eps(dlogits, dlosses, probs, targets, V):
+    """The gradient of -log(p + 1e-8) through the softmax: dloss * p/(p + eps) * (probs - onehot)."""
+    p = np.take_along_axis(probs, targets[..., None].astype(np.intp), -1)[..., 0]
+    nk.crossentropy_softmax_backward(dlogits, dlosses * (p / (p + F(1e-8))), probs, targets, V)
+
+
+def layernorm_swapped(inp, weight, bias):
+    out, mean, rstd = nk.layernorm_forward(inp, weight, bias)
+    return ((out - bias) / np.where(weight == 0, F(1), weight) * bias + weight).astype(F), mean, rstd
+
+
+def layernorm_form_port(form):
+    """A layer norm with another normalisation (an RMS norm; no square root); the mean and
+    rstd it returns are the C's (it has none of its own to compare)."""
+    def layernorm_forward(inp, weight, bias):
+        _, mean, rstd = nk.layernorm_forward(inp, weight, bias)
+        m = inp.mean(-1, keepdims=True)
+        if form == "rms":
+            n = inp / np.sqrt((inp * inp).mean(-1, keepdims=True) + F(1e-5))
+        else:
+            n = (inp - m) / (((inp - m) ** 2).mean(-1, keepdims=True) + F(1e-5))
+        return (n * weight + bias).astype(F), mean, rstd
+    return layernorm_forward
 
 
 def layernorm_outside_port(eps):
@@ -182,6 +247,16 @@ def softmax_scaled(k):
         out[..., :V] = e / e.sum(-1, keepdims=True)
         return out
     return softmax_forward
+
+
+def encoder_product(inp, wte, wpe):
+    return wte[inp] * wpe[:inp.shape[1]]
+
+
+def encoder_flat_positions(inp, wte, wpe):
+    """Positions counted over the flattened batch: wpe[(b*T + t) % maxT]."""
+    B, T = inp.shape
+    return wte[inp] + wpe[np.arange(B * T).reshape(B, T) % wpe.shape[0]]
 
 
 def encoder_port(shift=0, wte=True, wpe=True, reverse=False, wte_scale=None):
@@ -269,6 +344,16 @@ def ce_backward_shift(step):
     def crossentropy_softmax_backward(dlogits, dlosses, probs, targets, V):
         nk.crossentropy_softmax_backward(dlogits, dlosses, probs, _shifted(targets, step), V)
     return crossentropy_softmax_backward
+
+
+def ce_backward_shift_dropped(dlogits, dlosses, probs, targets, V):
+    """A model's loss over logits[:, :-1] and targets[:, 1:]: position t scored against the
+    target of t+1, the last position dropped, the mean over the B*(T-1) left."""
+    B, T = targets.shape
+    d = np.zeros_like(dlogits)
+    nk.crossentropy_softmax_backward(d, dlosses * F(T / (T - 1)), probs, _shifted(targets, +1), V)
+    d[:, -1] = 0
+    dlogits += d
 
 
 def matmul_fwd_no_bias(inp, weight, bias):
@@ -372,14 +457,30 @@ PORTS = {
     "attention.layout": [("attention_forward", attention_any_port(merge="no-transpose")),
                          ("attention_forward", attention_any_port(split="no-transpose")),
                          ("attention_forward", attention_any_port(split="interleaved")),
-                         ("attention_forward", attention_any_port(merge="interleaved"))],
+                         ("attention_forward", attention_any_port(merge="interleaved")),
+                         ("attention_forward", attention_any_port(per_head=True)),
+                         ("attention_forward", attention_any_port(merge="transpose-2-3"))],
     "attention.qkv-order": [("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")],
     "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2))],
     "layernorm.eps": [("layernorm_forward", layernorm_port(eps=5e-5)), ("layernorm_forward", layernorm_port(eps=1e-3))],
     "gelu.sigmoid": [("gelu_forward", lambda x: x / (F(1) + np.exp(F(-1.702) * x)))],
-    "embedding.positions": [("encoder_forward", encoder_port(reverse=True))],
+    "gelu.silu": [("gelu_forward", lambda x: x / (F(1) + np.exp(-x)))],
+    "gelu.square": [("gelu_forward", gelu_power_fwd), ("gelu_backward", gelu_power_bwd)],
+    "gelu.missing": [("gelu_forward", lambda x: x.copy()),
+                     ("gelu_backward", lambda dinp, inp, dout: dinp.__iadd__(dout))],
+    "gelu.twice": [("gelu_forward", lambda x: nk.gelu_forward(nk.gelu_forward(x)))],
+    "gelu.order": [("matmul_forward", gelu_before_matmul, "wide")],
+    "layernorm.affine-swapped": [("layernorm_forward", layernorm_swapped)],
+    "layernorm.weight-plus-one": [("layernorm_forward", layernorm_plus_one)],
+    "embedding.product": [("encoder_forward", encoder_product)],
+    "layernorm.rms": [("layernorm_forward", layernorm_form_port("rms"))],
+    "layernorm.no-sqrt": [("layernorm_forward", layernorm_form_port("no-sqrt"))],
+    "attention.scale-after-softmax": [("attention_forward", attention_scaled_after)],
+    "embedding.positions": [("encoder_forward", encoder_port(reverse=True)),
+                            ("encoder_forward", encoder_flat_positions)],
     "embedding.table-scale": [("encoder_forward", encoder_port(wte_scale=math.sqrt(32)))],
-    "attention.masking": [("attention_forward", attention_any_port(masking="after"))],
+    "attention.masking": [("attention_forward", attention_any_port(masking="after")),
+                          ("attention_forward", attention_any_port(upper=True))],
     "attention.mask-fill": [("attention_forward", attention_any_port(masking=0.0)),
                             ("attention_forward", attention_any_port(masking=-1.0))],
     "gelu.tanh-scale": [("gelu_forward", lambda x: F(0.5) * x * (F(1) + np.tanh(F(math.sqrt(2) / math.pi) *
@@ -403,9 +504,11 @@ PORTS = {
     "attention.no-diagonal": [("attention_forward", attention_port(diagonal=False))],
     "attention.no-causal-mask": [("attention_forward", attention_port(causal=False))],
     "softmax.padded-columns": [("softmax_forward", softmax_padded)],
-    "crossentropy.log-eps": [("crossentropy_forward", ce_log_eps)],
+    "crossentropy.log-eps": [("crossentropy_forward", ce_log_eps),
+                             ("crossentropy_softmax_backward", ce_backward_log_eps)],
     "labels.next-position": [("crossentropy_forward", ce_forward_shift(+1)),
-                             ("crossentropy_softmax_backward", ce_backward_shift(+1))],
+                             ("crossentropy_softmax_backward", ce_backward_shift(+1)),
+                             ("crossentropy_softmax_backward", ce_backward_shift_dropped)],
     "labels.previous-position": [("crossentropy_forward", ce_forward_shift(-1)),
                                  ("crossentropy_softmax_backward", ce_backward_shift(-1))],
     "matmul.no-bias": [("matmul_forward", matmul_fwd_no_bias), ("matmul_backward", matmul_bwd_no_dbias)],
@@ -428,27 +531,117 @@ PORTS = {
     "adamw.no-decay-1d": [("adamw", adamw_port(skip_1d=True))],
     "adamw.betas=(0.9,0.95)": [("adamw", adamw_port(betas=(0.9, 0.95)))],
 }
-PORT_CASES = [pytest.param(vid, kernel, fn, id=f"{vid}-{kernel}-{i}")
-              for vid, rows in PORTS.items() for i, (kernel, fn) in enumerate(rows)]
+PORT_CASES = [pytest.param(vid, row[0], row[1], row[2] if len(row) > 2 else "base", id=f"{vid}-{row[0]}-{i}")
+              for vid, rows in PORTS.items() for i, row in enumerate(rows)]
 
 
-# a fitted variant names its cause by the constant found (attention.scale: 1/hs, 1)
+# a fitted variant names its cause by the constant found (attention.scale: 1/hs, 1), a
+# variant with forms by the form found
 CAUSE_OF = {"attention.scale=1/hs": "attention.scale", "attention.no-scale": "attention.scale",
-            "embedding.positions": "embedding.position-shift"}
+            "embedding.positions": "embedding.position-shift", "gelu.silu": "gelu.sigmoid",
+            "gelu.square": "gelu.power", "layernorm.rms": "layernorm.form", "layernorm.no-sqrt": "layernorm.form",
+            "crossentropy.softmax-twice": "crossentropy.loss-of-probabilities",
+            "crossentropy.no-log": "crossentropy.loss-of-probabilities"}
 
 
 def test_every_variant_has_a_port_and_a_c_edit_per_family():
-    assert {CAUSE_OF.get(v, v) for v in PORTS} | {v for v, *_ in MEAN_EDITS} == set(VARIANT_BY_ID)
+    assert {CAUSE_OF.get(v, v) for v in [*PORTS, *MODEL_LEVEL]} | {v for v, *_ in MEAN_EDITS} == set(VARIANT_BY_ID)
     assert {VARIANT_BY_ID[CAUSE_OF.get(v, v)].family for v, *_ in C_EDITS + MEAN_EDITS} == \
         {v.family for v in CATALOGUE}
     for v in CATALOGUE:        # each variant's kernels are covered by its ports (some are
-        covered = {k for c, rows in PORTS.items() if CAUSE_OF.get(c, c) == v.id for k, _ in rows}
+        covered = {row[0] for c, rows in PORTS.items() if CAUSE_OF.get(c, c) == v.id for row in rows}
         assert covered <= set(v.kernels)   # (some are invisible per op: zero scratch buffers)
 
 
-@pytest.mark.parametrize("variant_id, kernel, port", PORT_CASES)
-def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port):
-    _assert_diagnosed(_failures(_port(kernel, port), kernel), variant_id)
+@pytest.mark.parametrize("variant_id, kernel, port, shape", PORT_CASES)
+def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, shape):
+    _assert_diagnosed(_failures(_port(kernel, port), kernel, SHAPE_BY_NAME[shape]), variant_id)
+
+
+# variants that need what only a model's replay passes (the logits beside the loss's
+# backward, the block's other tensors beside a residual): each with a float32 port, judged
+# as the replay judges it, with the call the replay hands the diagnosis
+def _ce_probs_port(form):
+    def port(logits, dlosses, targets, V):
+        z = logits[..., :V].astype(F)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        onehot = np.zeros_like(p)
+        np.put_along_axis(onehot, targets[..., None].astype(np.intp), F(1), -1)
+        if form == "softmax-twice":
+            q = np.exp(p - p.max(-1, keepdims=True))
+            g = q / q.sum(-1, keepdims=True) - onehot
+        else:
+            g = -onehot
+        out = np.zeros(logits.shape, F)
+        out[..., :V] = dlosses[..., None] * p * (g - (p * g).sum(-1, keepdims=True))
+        return out
+    return port
+
+
+def _model_level_case(vid):
+    from harness.checks.verdict import call_scale, judge
+    from harness.diagnosis import Call
+    rng = np.random.default_rng(0)
+    B, T, C, V, Vp = 2, 8, 32, 50, 64
+    if vid == "residual.parallel":
+        x, a, m = (rng.standard_normal((B, T, C)).astype(F) for _ in range(3))
+        args = {"inp1": x, "inp2": a}
+        actual = x.copy()                          # the stream the MLP reads: the block's input
+        expected = nk.residual_forward(x.astype(np.float64), a.astype(np.float64))
+        call = Call("residual_forward", "out", dict(args, next_residual=((x + a + m).astype(np.float64),
+                                                                         m.astype(np.float64))))
+        kernel, output = "residual_forward", "out"
+    elif vid == "residual.wrong-input":
+        x, ln, branch = (rng.standard_normal((B, T, C)).astype(F) for _ in range(3))
+        args = {"inp1": x, "inp2": branch}
+        actual = ln + branch                         # the branch added to the normalised stream
+        expected = nk.residual_forward(x.astype(np.float64), branch.astype(np.float64))
+        call = Call("residual_forward", "out", dict(args, streams={"acts.ln1[layer 0]": ln.astype(np.float64)},
+                                                    stream_names=("acts.encoded", "acts.attproj[layer 0]")))
+        kernel, output = "residual_forward", "out"
+    else:
+        logits = np.zeros((B, T, Vp), F)
+        logits[..., :V] = 2 * rng.standard_normal((B, T, V))
+        targets = rng.integers(0, V, (B, T)).astype(np.int32)
+        probs = nk.softmax_forward(logits, V)
+        dlosses = np.full((B, T), F(1 / (B * T)))
+        args = {"dlogits": np.zeros((B, T, Vp), F), "dlosses": dlosses, "probs": probs, "targets": targets, "V": V}
+        actual = _ce_probs_port(vid.split(".")[1])(logits, dlosses, targets, V)
+        a64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+               for k, v in args.items()}
+        expected = {"dlogits": a64["dlogits"].copy()}
+        nk.crossentropy_softmax_backward(expected["dlogits"], a64["dlosses"], a64["probs"], targets, V)
+        expected = expected["dlogits"]
+        call = Call("crossentropy_softmax_backward", "dlogits", dict(a64, logits=logits.astype(np.float64)))
+        kernel, output = "crossentropy_softmax_backward", "dlogits"
+    a64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+           for k, v in args.items()}
+    scale = call_scale(kernel, output, a64, {output: expected})
+    return judge(kernel, output, actual, expected, a64, name=vid, elem_scale=scale, calls=lambda: call)
+
+
+MODEL_LEVEL = ["residual.wrong-input", "residual.parallel", "crossentropy.softmax-twice", "crossentropy.no-log"]
+
+
+@pytest.mark.parametrize("variant_id", MODEL_LEVEL)
+def test_a_model_level_change_is_diagnosed_with_it(variant_id):
+    _assert_diagnosed([_model_level_case(variant_id)], variant_id)
+
+
+def test_a_dropped_branch_is_not_a_parallel_block():
+    """The attention's branch lost (the block's output without it) is a factor 0 on the
+    branch, not attention and MLP in parallel (the output would hold both branches)."""
+    from harness.checks.verdict import call_scale, judge
+    from harness.diagnosis import Call
+    rng = np.random.default_rng(1)
+    x, a, m = (rng.standard_normal((2, 8, 32)).astype(F) for _ in range(3))
+    a64 = {"inp1": x.astype(np.float64), "inp2": a.astype(np.float64)}
+    expected = a64["inp1"] + a64["inp2"]
+    call = Call("residual_forward", "out", dict(a64, next_residual=((x + m).astype(np.float64), m.astype(np.float64))))
+    c = judge("residual_forward", "out", x.copy(), expected, a64, name="dropped",
+              elem_scale=call_scale("residual_forward", "out", a64, {"out": expected}), calls=lambda: call)
+    assert c.diagnosis.ids == ("residual.branch-scale",), c.diagnosis.text()
 
 
 def test_fitted_constants_are_reported():

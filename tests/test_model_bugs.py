@@ -6,8 +6,9 @@ fail, with no error line, its first divergence at the right module (or the graph
 whose module shows it), and its explanation (the first divergence's diagnosis, or the
 structural census's finding) the right cause, with the fitted constant where there is one.
 The unmodified ports have no finding and no diagnosis (tests/test_models.py runs them ten
-steps). tests/heldout_ports.py is a second, differently written model with other mistakes
-of the same kinds, not used to tune the catalogue: test_heldout_hit_rate reports its rate.
+steps). tests/heldout_ports.py has two more models, each written differently, with other
+mistakes of the same kinds in batches run once untuned before the catalogue learnt from
+them: test_heldout_hit_rate reports the last batch's first run.
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ BUGS = {
     "wpe-unused": (V(no_wpe=True), "encoder encoder_forward [transformer.wpe]", "structure.never-called", None),
     "loss-over-Vp": (mp.WalkGPT2LossOverVp, "crossentropy crossentropy_softmax_backward", "softmax.padded-columns",
                      None),
+    "gelu-module-before-c_fc": (V(block=dict(gelu_first=True)), "layer 0 gelu gelu_forward [transformer.h.0.mlp.gelu]",
+                                "structure.out-of-order", None),
 }
 
 
@@ -124,7 +127,7 @@ def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
 
 
 def test_unmodified_ports_have_no_finding_and_no_diagnosis():
-    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT):
+    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT, ho.ThirdGPT):
         report = run_bug(factory)
         assert report.passed and report.findings["port"] == []
         assert not report.steps[0].structure
@@ -143,17 +146,36 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
 #                                its parameter, not its module, as it printed then)
 #   BUGS3 14/14, 13/14, 11/14   (ReLU for GELU, a layer norm over the positions, blocks in
 #                                reverse order: no known cause, the last not localised)
-#   BUGS4 15/15, 14/15,  9/15   (below: the current catalogue's fresh held-out rate)
-# Each batch's misses were then added to the catalogue as families (so BUGS..BUGS3 are now
-# regression tests, no longer held out); no first run named a wrong cause.
-HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set()}
-# BUGS4, as it first ran: unnamed (no known cause), and not localised where it was expected
-HELDOUT4_UNNAMED = {"qkv-interleaved-per-head", "gelu-before-c_fc", "gelu-x-squared", "layernorm-affine-swapped",
-                    "targets-shifted-in-loss", "mlp-residual-from-block-input"}
-HELDOUT4_UNLOCALISED = {"gelu-before-c_fc"}   # at the MLP's c_fc, whose input is GELU's output
+#   BUGS4 15/15, 14/15,  9/15   (q/k/v interleaved per head, GELU before c_fc, x**2 for x**3
+#                                in GELU, a layer norm's weight and bias swapped, the targets
+#                                shifted inside the loss, the MLP's residual from the block's
+#                                input: no known cause; GELU before c_fc localised at c_fc)
+#   BUGS5 22/22, 21/22, 16/22   (a third model; a merge by transpose(2, 3), a layer norm's gain
+#                                as 1+weight, positions counted over the flattened batch, the
+#                                embeddings multiplied: no known cause; log(softmax + 1e-8)
+#                                named a constant factor on dlogits and a parallel attention
+#                                and MLP the attention branch times 0: wrong causes; ln_f called
+#                                before the blocks localised at layer 0's ln_1)
+# Each batch's misses were then added to the catalogue as families (so all five are now
+# regression tests, no longer held out). BUGS5's first run is the catalogue's held-out rate:
+# 73% named, 95% localised, every one caught, no error line.
+HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set()}
+# the first runs, as data: batch -> (bugs, caught, localised, named, named a wrong cause)
+FIRST_RUNS = {"BUGS": (18, 18, 18, 16, 0), "BUGS2": (16, 16, 15, 10, 0), "BUGS3": (14, 14, 13, 11, 0),
+              "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2)}
+# BUGS5, as it first ran (untuned; tests/test_model_bugs.py asserted it so at the commit
+# that recorded it): not named (two of them with a wrong cause, the others no known cause),
+# and not localised where it was expected
+HELDOUT5_UNNAMED = {"merge-transpose-2-3", "layernorm-one-plus-weight", "positions-across-batch",
+                    "embeddings-multiplied", "log-softmax-with-eps", "parallel-attention-and-mlp"}
+HELDOUT5_WRONG = {"log-softmax-with-eps": "output.scale",                 # a factor 0.9999987 on dlogits
+                  "parallel-attention-and-mlp": "residual.branch-scale"}  # the attention branch x0
+HELDOUT5_UNLOCALISED = {"ln_f-before-the-blocks"}   # at layer 0's ln_1, "called after ln_f"
 
 
 def _heldout(bugs):
+    """Each bug of a batch run once: (unlocalised, unnamed, {bug: the wrong cause named}).
+    Every one must be caught, with no error line."""
     rows = []
     for name, (factory, where, cause) in bugs.items():
         report = run_bug(factory)
@@ -162,26 +184,28 @@ def _heldout(bugs):
     assert all(r[1] for r in rows), [r[0] for r in rows if not r[1]]            # every one caught
     assert not [r for r in rows if r[4]], [(r[0], r[4]) for r in rows if r[4]]  # no error line
     unnamed = {r[0] for r in rows if not r[3]}
-    # honest: where the cause is not the right one, no cause is named at all
-    assert all(not r[5][1] for r in rows if r[0] in unnamed), [(r[0], r[5][1]) for r in rows if r[0] in unnamed]
-    return {r[0] for r in rows if not r[2]}, unnamed
+    wrong = {r[0]: r[5][1][0][0] for r in rows if r[0] in unnamed and r[5][1]}
+    return {r[0] for r in rows if not r[2]}, unnamed, wrong
 
 
 @pytest.mark.parametrize("batch", list(HELDOUT))
 def test_earlier_heldout_batches_are_now_named(batch):
-    unlocalised, unnamed = _heldout(getattr(ho, batch))
-    assert not unlocalised and not unnamed, (unlocalised, unnamed)
+    unlocalised, unnamed, wrong = _heldout(getattr(ho, batch))
+    assert not unlocalised and not unnamed and not wrong, (unlocalised, unnamed, wrong)
 
 
-def test_heldout_hit_rate():
-    """tests/heldout_ports.py's last batch (BUGS4): another model, other mistakes of the
-    same kinds, written after the catalogue and never used to tune it. Every one caught,
-    no error line, no wrong cause; 14 of 15 localised where expected, 9 of 15 named (60%,
-    below the 90% aimed at: the misses are changes the catalogue does not have)."""
-    unlocalised, unnamed = _heldout(ho.BUGS4)
-    assert unlocalised == HELDOUT4_UNLOCALISED
-    assert unnamed == HELDOUT4_UNNAMED
-    assert len(ho.BUGS4) == 15
+def test_heldout_first_run_is_recorded():
+    """The last held-out batch's first run (BUGS5: a third model, 22 mistakes of the same
+    kinds, written before the catalogue met them, run once untuned): every one caught, no
+    error line, 21 of 22 localised where expected, 16 of 22 named (73%, below the 90% aimed
+    at), two of the others with a wrong cause. The record is the misses' names; the batch
+    itself is now a regression batch (test_earlier_heldout_batches_are_now_named)."""
+    n, caught, localised, named, wrong = FIRST_RUNS["BUGS5"]
+    assert n == len(ho.BUGS5) == 22
+    assert HELDOUT5_UNNAMED | HELDOUT5_UNLOCALISED <= set(ho.BUGS5) and set(HELDOUT5_WRONG) <= HELDOUT5_UNNAMED
+    assert (named, localised, wrong) == (n - len(HELDOUT5_UNNAMED), n - len(HELDOUT5_UNLOCALISED),
+                                         len(HELDOUT5_WRONG))
+    assert all(HELDOUT5_WRONG[b] != ho.BUGS5[b][2] for b in HELDOUT5_WRONG)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -28,7 +28,8 @@ def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]
     and judged once their last contributor ran, against the sum of the contributors' terms."""
     observes, has = observation(state)
     checks = []
-    for node in forward_nodes(cfg):
+    nodes = forward_nodes(cfg)
+    for i, node in enumerate(nodes):
         if not replayable(node, has):
             continue
         args = _inputs64(node, state)
@@ -37,9 +38,50 @@ def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]
             ref = node.arg_dict[o]
             if observes(ref):
                 c = judge(node.kernel, o, ref.get(state), out[o], args, name=str(ref),
-                          elem_scale=call_scale(node.kernel, o, args, out))
+                          elem_scale=call_scale(node.kernel, o, args, out),
+                          calls=_with_streams(node, nodes, i, args, state, has) if node.kernel == "residual_forward"
+                          else None)
                 checks.append(Check(step, impl, "replay", ref, c, (node,), module_of(state, ref)))
     return checks + _replay_backward(cfg, state, observes, has, step=step, impl=impl)
+
+
+def _with_streams(node: Node, nodes: list[Node], i: int, args: dict, state, has):
+    """A residual's call for its diagnosis, with the other tensors of the stream's shape it
+    could have been added to (``streams``: the block's input and what the graph computed
+    before it in the block, as the implementation holds them), the names of its own
+    inputs (``stream_names``) and, for the block's first residual, the second's output and
+    branch (``next_residual``: a block whose MLP reads the block's input, in parallel)."""
+    before = nodes[:i]
+
+    def calls() -> Call:
+        inp1, inp2 = node.arg_dict["inp1"], node.arg_dict["inp2"]
+        shape = np.shape(args["inp1"])
+        refs = [r for nd in before if nd.layer == node.layer for o in FORWARD_OUTPUTS[nd.kernel]
+                if isinstance(r := nd.arg_dict.get(o), Ref)]
+        block_input = next((nd.arg_dict["inp"] for nd in before if nd.layer == node.layer), None)
+        streams = {}
+        for r in ([block_input] if block_input is not None else []) + refs:
+            if r in (inp1, inp2) or not has(r):
+                continue
+            value = r.get(state)
+            if np.shape(value) == shape:
+                with np.errstate(all="ignore"):
+                    streams[_named(r, state)] = np.asarray(value, np.float64)
+        extra = dict(streams=streams, stream_names=(_named(inp1, state), _named(inp2, state)))
+        nxt = next((nd for nd in nodes[i + 1:] if nd.kernel == "residual_forward" and nd.layer == node.layer), None)
+        if nxt is not None and nxt.arg_dict["inp1"] == node.arg_dict["out"]:
+            out3, branch3 = nxt.arg_dict["out"], nxt.arg_dict["inp2"]
+            if has(out3) and has(branch3):
+                extra["next_residual"] = (np.asarray(out3.get(state), np.float64),
+                                          np.asarray(branch3.get(state), np.float64))
+        return Call(node.kernel, "out", dict(args, **extra))
+    return calls
+
+
+def _named(ref: Ref, state) -> str:
+    """A tensor as a diagnosis names it: ``acts.ln1[layer 0]`` (and the module showing it)."""
+    module = module_of(state, ref)
+    return f"{ref}" + (f" ({module})" if module else "")
 
 
 def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: str) -> list[Check]:

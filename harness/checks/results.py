@@ -180,6 +180,16 @@ def first_divergence_check(checks: list[Check]) -> Check | None:
     return None
 
 
+def misplaced_op(c: Check) -> str | None:
+    """The graph's op (``layer 0 gelu gelu_forward``) a failing check's first cause says
+    is misplaced (:attr:`harness.diagnosis.Cause.at`), in the check's layer; else None."""
+    d = c.diagnosis
+    if d is None or not d.causes or not d.causes[0].at:
+        return None
+    layer = c.call_layer
+    return (f"layer {layer} " if layer is not None else "") + d.causes[0].at
+
+
 def first_structure(structure) -> object | None:
     """The structural finding a first divergence names: the first in the graph's order,
     a module the forward departs at (never called, called again, out of order) before a
@@ -205,6 +215,11 @@ def first_divergence(checks: list[Check], heading: bool = True, structure=None) 
         return None
     cmp = c.comparison
     head = ("first divergence: " if heading else "") + c.where
+    at = misplaced_op(c)
+    if at is not None:
+        # the mistake is another op's, moved where this one's output shows it (GELU applied
+        # before c_fc): that op is named, and where it shows
+        head = ("first divergence: " if heading else "") + f"{at}, misplaced: seen at {c.where}"
     if c.kind == "replay":
         # replay feeds each implementation's op its own inputs for that op
         whose = "the C's own" if c.impl == "C" else "its own"

@@ -123,6 +123,165 @@ def _gelu_coef(kernel, args, ctx, value):
     return _with_constants(kernel, args, GELU_COEF=value)
 
 
+def _tanh_arg(x, y):
+    """GELU's tanh form read back from an output: where y = 0.5*x*(1 + tanh(a)), a =
+    atanh(2y/x - 1), at the elements whose a is well conditioned (|x| in [0.25, 3], the
+    tanh not saturated); (x, a) there, or None where too few are."""
+    x, y = np.ravel(x), np.ravel(y)
+    ok = (np.abs(x) > 0.25) & (np.abs(x) < 3.0)
+    t = np.full(x.shape, np.nan)
+    t[ok] = 2.0 * y[ok] / x[ok] - 1.0
+    ok &= np.abs(t) < 0.999
+    if ok.sum() < 8:
+        return None
+    return x[ok], np.arctanh(t[ok])
+
+
+def _gelu_power(kernel, args, ctx, value):
+    """GELU's tanh form with ``value``*x**p (p: the choice) in place of 0.044715*x**3."""
+    x, p = args["inp"], int(ctx["choice"])
+    s = math.sqrt(2 / math.pi)
+    a = s * (x + value * x ** p)
+    th = np.tanh(a)
+    if kernel == "gelu_forward":
+        return {"out": 0.5 * x * (1 + th)}
+    g = 0.5 * (1 + th) + x * 0.5 * (1 - th * th) * s * (1 + p * value * x ** (p - 1))
+    return {"dinp": args["dinp"] + g * args["dout"]}
+
+
+def _gelu_power_estimate(kernel, args, actual, ctx):
+    """The coefficient c of c*x**p in the forward, in closed form: a/s - x = c*x**p over
+    the well-conditioned elements (least squares); the backward: None (searched)."""
+    if kernel != "gelu_forward":
+        return None
+    got = _tanh_arg(args["inp"], actual)
+    if got is None:
+        return None
+    x, a = got
+    u, r = x ** int(ctx["choice"]), a / math.sqrt(2 / math.pi) - x
+    den = float(u @ u)
+    return float(u @ r) / den if den > 0 else None
+
+
+def _gelu_scale_estimate(kernel, args, actual, ctx):
+    """s of tanh(s*(x + 0.044715x^3)) from the forward's output, in closed form: a = s*u
+    over the well-conditioned elements (least squares); the backward: None (searched)."""
+    if kernel != "gelu_forward":
+        return None
+    got = _tanh_arg(args["inp"], actual)
+    if got is None:
+        return None
+    x, a = got
+    u = x + numpy_kernels.GELU_COEF * x ** 3
+    den = float(u @ u)
+    return float(u @ a) / den if den > 0 else None
+
+
+def _gelu_scale_fit(kernel):
+    if kernel == "gelu_forward":
+        return Fit(0.1, 3.0, estimate=_gelu_scale_estimate)
+    return Fit(0.1, 3.0, log=True)
+
+
+def _gelu_coef_estimate(kernel, args, actual, ctx):
+    return _gelu_power_estimate(kernel, args, actual, dict(ctx, choice=3))
+
+
+def _gelu_coef_fit(kernel):
+    if kernel == "gelu_forward":
+        return Fit(0.02, 0.08, estimate=_gelu_coef_estimate)
+    return Fit(0.02, 0.08)
+
+
+def _gelu_power_fit(kernel):
+    if kernel == "gelu_forward":
+        return Fit(-1.0, 1.0, estimate=_gelu_power_estimate)
+    return Fit(1e-3, 0.5, log=True)
+
+
+def _gelu_powers(kernel, args, **kw):
+    # (c*x**1 is x*sigmoid(a*x) exactly: gelu.sigmoid's, with its fitted a)
+    return [_Power(2), _Power(4)]
+
+
+class _Power(int):
+    def __str__(self):
+        return f"x**{int(self)}"
+
+
+def _gelu_power_name(kernel, args, value, ctx):
+    p = int(ctx["choice"])
+    if abs(value) < 1e-6:
+        return None, value, ""        # no cubic term at all: not this mistake
+    near = numpy_kernels.GELU_COEF
+    value = near if abs(value / near - 1) < 2e-3 else value
+    same = " (the coefficient right, the power wrong)" if value == near else ""
+    return ("gelu.square" if p == 2 else "gelu.power"), value, same
+
+
+def _gelu_identity(kernel, args, ctx, value):
+    """No activation: the output is the input (the backward passes dout through)."""
+    if kernel == "gelu_forward":
+        return {"out": args["inp"].copy()}
+    return {"dinp": args["dinp"] + args["dout"]}
+
+
+def _gelu_twice(kernel, args, ctx, value):
+    """GELU applied twice: gelu(gelu(x))."""
+    if kernel != "gelu_forward":
+        return None
+    once = _oracle(kernel, args)["out"]
+    return {"out": _oracle(kernel, dict(args, inp=once))["out"]}
+
+
+def _gelu_before_matmul(kernel, args, ctx, value):
+    """The matmul applied to GELU(inp): GELU moved before the MLP's first matmul (the one
+    whose output is 4C wide, as c_fc's) instead of after it."""
+    w = args["weight"]
+    if w.shape[0] != 4 * w.shape[1]:
+        return None
+    g = _oracle("gelu_forward", {"inp": args["inp"]})["out"]
+    return _oracle(kernel, args, inp=g)
+
+
+def _gelu_sigmoid_scaled(kernel, args, ctx, value):
+    """x*sigmoid(value*x): 1.702 the sigmoid approximation of GELU, 1 SiLU (swish)."""
+    x = args["inp"]
+    s = 1.0 / (1.0 + np.exp(-value * x))
+    if kernel == "gelu_forward":
+        return {"out": x * s}
+    return {"dinp": args["dinp"] + (s + value * x * s * (1 - s)) * args["dout"]}
+
+
+def _gelu_sigmoid_estimate(kernel, args, actual, ctx):
+    """a of x*sigmoid(a*x) from the forward's output, in closed form: logit(y/x)/x, the
+    median over the well-conditioned elements; the backward: None (searched)."""
+    if kernel != "gelu_forward":
+        return None
+    x, y = np.ravel(args["inp"]), np.ravel(actual)
+    ok = (np.abs(x) > 0.25) & (np.abs(x) < 3.0)
+    r = np.full(x.shape, np.nan)
+    r[ok] = y[ok] / x[ok]
+    ok &= (r > 1e-3) & (r < 1 - 1e-3)
+    if ok.sum() < 8:
+        return None
+    return float(np.median(np.log(r[ok] / (1 - r[ok])) / x[ok]))
+
+
+def _gelu_sigmoid_fit(kernel):
+    if kernel == "gelu_forward":
+        return Fit(0.2, 5.0, estimate=_gelu_sigmoid_estimate)
+    return Fit(0.2, 5.0, log=True)
+
+
+def _gelu_sigmoid_name(kernel, args, value, ctx):
+    for x, vid in ((1.702, "gelu.sigmoid"), (1.0, "gelu.silu")):
+        if abs(value / x - 1) < 2e-3:
+            return vid, x, (" = the sigmoid approximation of GELU" if vid == "gelu.sigmoid" else
+                            " = SiLU (swish)")
+    return "gelu.sigmoid-scale", value, ""
+
+
 # --- layernorm
 
 def _ln_eps(eps):
@@ -175,6 +334,55 @@ def _ln_over_positions(kernel, args, ctx, value):
     xs = x - mean
     var = (xs * xs).mean(1, keepdims=True)
     return {"out": xs / np.sqrt(var + numpy_kernels.LN_EPS) * w + b}
+
+
+def _ln_affine_swapped(kernel, args, ctx, value):
+    """The affine parameters swapped: norm*bias + weight."""
+    out = _oracle(kernel, args, weight=args["bias"], bias=args["weight"])
+    return out if ctx["output"] == "out" else None
+
+
+def _ln_weight_plus_one(kernel, args, ctx, value):
+    """The gain applied as 1 + weight (a port storing it as an offset from 1)."""
+    out = _oracle(kernel, args, weight=1.0 + args["weight"])
+    return out if ctx["output"] == "out" else None
+
+
+def _ln_forms(kernel, args, **kw):
+    return [_LnForm("rms", "no mean subtracted: x/sqrt(mean(x^2) + eps) (an RMS norm)"),
+            _LnForm("uncentred-variance", "the variance taken about zero: (x-mean)/sqrt(mean(x^2) + eps)"),
+            _LnForm("no-sqrt", "no square root: (x-mean)/(var + eps)"),
+            _LnForm("multiplied", "multiplied by the standard deviation: (x-mean)*sqrt(var + eps)")]
+
+
+class _LnForm(str):
+    def __new__(cls, key, text):
+        obj = super().__new__(cls, text)
+        obj.key = key
+        return obj
+
+
+def _ln_form(kernel, args, ctx, value):
+    """layernorm's statistics in another form (the choice); its output only (a port in
+    another form has no C-like mean and rstd to compare)."""
+    if ctx["output"] != "out":
+        return None
+    x, w, b = args["inp"], args["weight"], args["bias"]
+    eps, key = numpy_kernels.LN_EPS, ctx["choice"].key
+    mean = x.mean(-1, keepdims=True)
+    xs = x if key == "rms" else x - mean
+    var = (x * x).mean(-1, keepdims=True) if key in ("rms", "uncentred-variance") else (xs * xs).mean(-1, keepdims=True)
+    if key == "no-sqrt":
+        n = xs / (var + eps)
+    elif key == "multiplied":
+        n = xs * np.sqrt(var + eps)
+    else:
+        n = xs / np.sqrt(var + eps)
+    return {"out": n * w + b}
+
+
+def _ln_form_name(kernel, args, value, ctx):
+    return f"layernorm.{ctx['choice'].key}", value, ""
 
 
 def _ln_unbiased(kernel, args, ctx, value):
@@ -252,7 +460,7 @@ def _att_scale_name(kernel, args, value, ctx):
 
 
 def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0,
-                   causal=True, scale=None, masking="-inf"):
+                   causal=True, scale=None, masking="-inf", qkv_axes=("3", "NH", "hs"), upper=False):
     """attention_forward in float64 with the mistakes a port makes: q, k, v taken in another
     ``order``; the heads split from the channels in another layout (``split``:
     ``"heads-major"`` as the C, ``"no-transpose"`` viewing (B,T,C) as (B,NH,T,hs),
@@ -260,22 +468,31 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     (``merge="no-transpose"``); the softmax over another ``axis`` (-2: over the queries);
     the mask's ``diagonal`` (tril(k)); no mask (``causal=False``); another ``scale``; the
     mask applied after the softmax without renormalising (``masking="after"``) or as a
-    finite score (``masking=0.0``) instead of -inf.
+    finite score (``masking=0.0``) instead of -inf; c_attn's 3C outputs read in another
+    layout (``qkv_axes``: the order of the axes (3, NH, hs) the port views them as, e.g.
+    ("NH", "3", "hs"): q, k, v interleaved per head); the mask transposed (``upper``: each
+    position sees itself and the later ones).
     Returns (out, preatt, att), preatt 0 where the mask leaves it out (as the C's)."""
     B, T, C3 = inp.shape
     C = C3 // 3
     hs = C // NH
     scale = 1.0 / math.sqrt(hs) if scale is None else scale
+    if tuple(qkv_axes) != ("3", "NH", "hs"):
+        sizes = {"3": 3, "NH": NH, "hs": hs}
+        view = inp.reshape(B, T, *(sizes[a] for a in qkv_axes))
+        inp = view.transpose(0, 1, *(2 + qkv_axes.index(a) for a in ("3", "NH", "hs"))).reshape(B, T, C3)
     chunks = dict(zip(order, (inp[..., i * C:(i + 1) * C] for i in range(3))))
 
+    axes = _SPLITS.get(split, split)     # (B,T,C) viewed as (B, *axes), then (B,NH,T,hs)
+    sizes = {"T": T, "NH": NH, "hs": hs}
+
     def heads(a):
-        if split == "no-transpose":
-            return a.reshape(B, NH, T, hs)
-        if split == "interleaved":
-            return a.reshape(B, T, hs, NH).transpose(0, 3, 1, 2)
-        return a.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+        view = a.reshape(B, *(sizes[x] for x in axes))
+        return view.transpose(0, *(1 + axes.index(x) for x in ("NH", "T", "hs")))
     q, k, v = (heads(chunks[x]) for x in "qkv")
     mask = np.tril(np.ones((T, T), bool), diagonal) if causal else np.ones((T, T), bool)
+    if upper:
+        mask = mask.T
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale
     if masking != "-inf":
         # the mask applied after the softmax (no renormalisation), or as a finite score
@@ -295,24 +512,49 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     return _merged(att @ v, merge), np.where(mask, pre, 0.0), att
 
 
-def _merged(y, merge: str):
-    """(B,NH,T,hs) -> (B,T,C): as the C (head-major channels), without transposing, or
-    interleaved (channel d*NH + h)."""
+# the orders of the axes (T, NH, hs) a port views (B,T,C) as when it splits the heads, or
+# permutes (B,NH,T,hs) to before it views the result as (B,T,C) when it merges them
+_SPLITS = {"heads-major": ("T", "NH", "hs"), "no-transpose": ("NH", "T", "hs"), "interleaved": ("T", "hs", "NH")}
+_MERGES = {"transpose": ("T", "NH", "hs"), "no-transpose": ("NH", "T", "hs"), "interleaved": ("T", "hs", "NH")}
+
+
+def _merged(y, merge):
+    """(B,NH,T,hs) -> (B,T,C): as the C (head-major channels), without transposing,
+    interleaved (channel d*NH + h), or any order of the axes (``merge``: a tuple of "NH",
+    "T", "hs") viewed as (B,T,C)."""
     B, NH, T, hs = y.shape
-    if merge == "no-transpose":
-        return y.reshape(B, T, NH * hs)
-    if merge == "interleaved":
-        return y.transpose(0, 2, 3, 1).reshape(B, T, NH * hs)
-    return y.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
+    axes = _MERGES.get(merge, merge)
+    return y.transpose(0, *(1 + ("NH", "T", "hs").index(x) for x in axes)).reshape(B, T, NH * hs)
 
 
 _PERMUTATIONS = ("qvk", "kqv", "kvq", "vqk", "vkq")
 
 
-def _att_maskings(kernel, args):
+def _att_maskings(kernel, args, **kw):
     return [_Form("the causal mask applied after the softmax (the kept weights not renormalised)", "masking",
                   "after"),
-]
+            _Form("the causal mask transposed (triu): each position attends to itself and the later ones",
+                  "upper", True)]
+
+
+def _att_scale_after(kernel, args, ctx, value):
+    """The scores not scaled before the softmax, the weights (so the output) by ``value``
+    after it: out = value * softmax(q.k) v, linear in the value."""
+    if kernel != "attention_forward" or ctx["output"] != "out":
+        return None
+    out, _, _ = _attention_any(args["inp"], int(args["NH"]), scale=1.0)
+    return {"out": value * out}
+
+
+def _att_scale_after_name(kernel, args, value, ctx):
+    B, T, C3 = args["inp"].shape
+    hs = C3 // 3 // int(args["NH"])
+    if abs(value - 1.0) < 1e-6:         # no scale at all: attention.scale's
+        return None, value, ""
+    known = [("1/sqrt(hs)", 1 / math.sqrt(hs)), ("1/hs", 1 / hs), ("1/sqrt(C)", 1 / math.sqrt(C3 // 3))]
+    match = next((label for label, x in known if abs(value / x - 1) < 2e-3), None)
+    return "attention.scale-after-softmax", value if match is None else dict(known)[match], \
+        f" = {match}" if match else ""
 
 
 def _att_mask_fill(kernel, args, ctx, value):
@@ -326,7 +568,7 @@ def _mask_fill_name(kernel, args, value, ctx):
     return "attention.mask-fill", float(near) if abs(value - near) < 1e-3 else value, ""
 
 
-def _att_axes(kernel, args):
+def _att_axes(kernel, args, **kw):
     # (over the heads, a causal mask's -inf leaves 0/0: a port sees NaN, not a divergence)
     return [_Form("the queries (dim=-2)", "axis", -2)]
 
@@ -352,19 +594,43 @@ class _Form(str):
         return obj
 
 
-def _att_layouts(kernel, args):
-    return [_Form("the heads split without transposing ((B,T,C) viewed as (B,NH,T,hs))", "split", "no-transpose"),
-            _Form("the heads split interleaved (channel c = d*NH + h)", "split", "interleaved"),
-            _Form("the heads merged back without transposing ((B,NH,T,hs) viewed as (B,T,C))", "merge",
-                  "no-transpose"),
-            _Form("the heads merged back interleaved (channel c = d*NH + h)", "merge", "interleaved")]
+_QKV_VIEWS = {("NH", "3", "hs"): "q, k, v interleaved per head (c_attn's output viewed as (B,T,NH,3,hs))",
+              ("NH", "hs", "3"): "q, k, v interleaved per channel (c_attn's output viewed as (B,T,C,3))",
+              ("hs", "3", "NH"): "c_attn's output viewed as (B,T,hs,3,NH)",
+              ("hs", "NH", "3"): "c_attn's output viewed as (B,T,hs,NH,3)"}
 
 
-def _att_orders(kernel, args):
+def _att_layouts(kernel, args, **kw):
+    return [*(_Form(text + " instead of (B,T,3,NH,hs)", "qkv_axes", axes) for axes, text in _QKV_VIEWS.items()),
+            *_head_layouts()]
+
+
+def _head_layouts():
+    """Every other order of the axes a port can split the heads from, or merge them back
+    in, each as a form of attention.layout (the usual mistakes by their usual words)."""
+    import itertools
+    usual = {("split", ("NH", "T", "hs")): "the heads split without transposing ((B,T,C) viewed as (B,NH,T,hs))",
+             ("split", ("T", "hs", "NH")): "the heads split interleaved (channel c = d*NH + h)",
+             ("merge", ("NH", "T", "hs")): "the heads merged back without transposing ((B,NH,T,hs) viewed as (B,T,C))",
+             ("merge", ("T", "hs", "NH")): "the heads merged back interleaved (channel c = d*NH + h)",
+             ("merge", ("NH", "hs", "T")): "the heads merged back from (B,NH,hs,T) (transpose(2, 3) for transpose(1, 2))"}
+    forms = []
+    for key in ("split", "merge"):
+        for axes in itertools.permutations(("T", "NH", "hs")):
+            if axes == ("T", "NH", "hs"):
+                continue          # the C's
+            text = usual.get((key, axes)) or (
+                f"the heads split from (B,T,C) viewed as (B,{','.join(axes)})" if key == "split" else
+                f"the heads merged back from (B,NH,T,hs) permuted to (B,{','.join(axes)}) and viewed as (B,T,C)")
+            forms.append(_Form(text, key, axes))
+    return forms
+
+
+def _att_orders(kernel, args, **kw):
     return [_Form(o, "order", o) for o in _PERMUTATIONS]
 
 
-def _att_diagonals(kernel, args):
+def _att_diagonals(kernel, args, **kw):
     T = args["inp"].shape[1]
     return [_Form(f"tril({k})" + (" (position t sees t+%d)" % k if k > 0 else ""), "diagonal", k)
             for k in (1, 2, -2) if abs(k) < T]
@@ -420,7 +686,7 @@ def _logit_scale(kernel, args, ctx, value):
     return {"dlogits": args["dlogits"] + np.where(np.arange(x.shape[-1]) < V, d, 0.0)}
 
 
-def _logit_scale_estimate(kernel, args, actual):
+def _logit_scale_estimate(kernel, args, actual, ctx=None):
     """The scale s of softmax(s*logits) from the output, in closed form: log p_i - log p_j
     = s*(l_i - l_j), so s is the slope of the log-probabilities (from dlogits: of log of
     the non-target columns' gradient) against the logits, over a few positions."""
@@ -456,18 +722,132 @@ def _logit_scale_name(kernel, args, value, ctx):
     return "crossentropy.logit-scale", value, f" (a temperature of {_const(1 / value)})"
 
 
+def _loss_on_probs(kernel, args, ctx, value):
+    """The loss's gradient (given the logits) when the loss is taken of the probabilities
+    instead of the logits (the choice): ``"softmax-twice"``, cross-entropy of
+    softmax(logits) (a softmax before F.cross_entropy): -log softmax(p)[target];
+    ``"no-log"``, nll_loss of softmax(logits) (the log forgotten): -p[target]."""
+    x = args.get("logits")
+    if x is None:
+        return None
+    V = int(args["V"])
+    z = x[..., :V]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.zeros_like(p)
+    np.put_along_axis(onehot, args["targets"][..., None].astype(np.intp), 1.0, -1)
+    if ctx["choice"].key == "softmax-twice":
+        q = np.exp(p - p.max(-1, keepdims=True))
+        q /= q.sum(-1, keepdims=True)
+        g = q - onehot                                   # d loss / d p
+    else:
+        g = -onehot                                      # d(-p[target]) / d p
+    d = p * (g - (p * g).sum(-1, keepdims=True))         # through the softmax
+    out = args["dlogits"].copy()
+    out[..., :V] += args["dlosses"][..., None] * d
+    return {"dlogits": out}
+
+
+def _losses_on_probs(kernel, args, **kw):
+    return [_Loss("softmax-twice", "the loss taken of the probabilities: cross-entropy of softmax(logits) "
+                  "(a softmax applied before the cross-entropy's own)"),
+            _Loss("no-log", "the loss taken of the probabilities without their log: nll_loss(softmax(logits)) "
+                  "= -p[target] (the log forgotten)")]
+
+
+class _Loss(str):
+    def __new__(cls, key, text):
+        obj = super().__new__(cls, text)
+        obj.key = key
+        return obj
+
+
+def _loss_on_probs_terms(kernel, args, output):
+    """The sizes of the terms such a loss's gradient is made of, per element: a port
+    recomputes the probabilities from the logits and multiplies them again (dloss*p*(g -
+    <p,g>)), rounding relative to dloss*p*(|g| + <p,|g|>) and to the probabilities."""
+    x = args.get("logits")
+    if x is None or output != "dlogits":
+        return 0.0
+    V = int(args["V"])
+    z = x[..., :V]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dl = np.abs(args["dlosses"])[..., None]
+    out = np.zeros(x.shape)
+    out[..., :V] = dl * p * (2.0 + (p * 1.0).sum(-1, keepdims=True))
+    return out
+
+
+def _loss_on_probs_name(kernel, args, value, ctx):
+    return f"crossentropy.{ctx['choice'].key}", value, ""
+
+
 def _ce_log_eps(kernel, args, ctx, value):
+    """-log(p + eps) for the target's probability; in the backward, its gradient through the
+    softmax: dloss * p/(p + eps) * (probs - onehot)."""
     p = np.take_along_axis(args["probs"], args["targets"][..., None].astype(np.intp), -1)[..., 0]
-    return {"losses": -np.log(p + value)}
+    if kernel == "crossentropy_forward":
+        return {"losses": -np.log(p + value)}
+    start, delta = _ce_delta(kernel, args)
+    return {"dlogits": start + (p / (p + value))[..., None] * delta}
+
+
+def _ce_log_eps_estimate(kernel, args, actual, ctx):
+    """eps of -log(p + eps) from the loss's gradient, in closed form: each row is the C's
+    scaled by r = p/(p + eps), so eps = p*(1/r - 1) (the median over the rows)."""
+    if kernel != "crossentropy_softmax_backward":
+        return None
+    start, delta = _ce_delta(kernel, args)
+    a = np.asarray(actual, np.float64) - start
+    den = (delta * delta).sum(-1)
+    ok = den > 0
+    r = np.where(ok, (a * delta).sum(-1) / np.where(ok, den, 1.0), np.nan)
+    p = np.take_along_axis(args["probs"], args["targets"][..., None].astype(np.intp), -1)[..., 0]
+    ok &= (r > 0) & (r < 1) & (p > 0)
+    if not ok.any():
+        return None
+    # each row's estimate p*(1/r - 1) carries the rounding of r times p: weighted by 1/p^2
+    w = 1.0 / p[ok] ** 2
+    return float(np.sum(w * p[ok] * (1.0 / r[ok] - 1.0)) / np.sum(w))
+
+
+def _ce_log_eps_fit(kernel):
+    if kernel == "crossentropy_softmax_backward":
+        return Fit(1e-12, 1e-1, estimate=_ce_log_eps_estimate)
+    return Fit(1e-12, 1e-1, log=True)
 
 
 def _shift(step: int):
-    """Labels of the neighbouring position: target t+step, within each sequence."""
+    """Labels of the neighbouring position: target t+step, within each sequence. In the
+    loss's backward, its gradient scaled by ``value`` (fitted: a model that shifts the
+    targets inside its loss averages over the B*(T-1) positions left, not B*T)."""
     def run(kernel, args, ctx, value):
         if args["targets"].shape[1] < 2:
             return None
-        return _oracle(kernel, args, targets=np.roll(args["targets"], -step, axis=1))
+        out = _oracle(kernel, args, targets=np.roll(args["targets"], -step, axis=1))
+        if kernel == "crossentropy_softmax_backward" and value is not None and value != 1.0:
+            start = args["dlogits"]
+            out["dlogits"] = start + value * (out["dlogits"] - start)
+        return out
     return run
+
+
+def _shift_fit(kernel):
+    return Fit(1e-3, 1e3, linear=True) if kernel == "crossentropy_softmax_backward" else None
+
+
+def _shift_name(step: int):
+    def name(kernel, args, value, ctx):
+        vid = "labels.next-position" if step > 0 else "labels.previous-position"
+        if value is None or abs(value - 1.0) < 1e-6:
+            return vid, None, ""
+        B, T = args["targets"].shape
+        if abs(value - T / (T - 1)) < 1e-6 * T:
+            return vid, T / (T - 1), (f"; the loss averaged over the B*(T-1) = {B * (T - 1)} positions left "
+                                      f"(the {'last' if step > 0 else 'first'} position dropped)")
+        return vid, value, f"; the loss scaled by {_const(value)}"
+    return name
 
 
 def _shift_defined(step: int):
@@ -481,28 +861,39 @@ def _shift_defined(step: int):
 
 # --- embeddings
 
-def _position_map(args, actual) -> np.ndarray | None:
-    """Which row of wpe each position t took: the row nearest to what the output holds
-    beyond the token embedding, read at the first sequence (None: no row fits)."""
+def _position_map(args, actual) -> np.ndarray:
+    """Which row of wpe each position (b, t) took: the row nearest to what the output holds
+    beyond the token embedding, (B, T) (nearest in closed form: |r|^2 - 2 r.w + |w|^2, one
+    matmul)."""
     inp, wte, wpe = args["inp"], args["wte"], args["wpe"]
-    rest = np.asarray(actual, np.float64)[0] - wte[inp[0]]               # (T, C)
-    d = ((rest[:, None, :] - wpe[None, :, :]) ** 2).sum(-1)             # (T, maxT)
-    return np.argmin(d, axis=1)
+    rest = (np.asarray(actual, np.float64) - wte[inp]).reshape(-1, wpe.shape[1])      # (B*T, C)
+    d = (rest * rest).sum(-1)[:, None] - 2.0 * (rest @ wpe.T) + (wpe * wpe).sum(-1)[None, :]
+    return np.argmin(d, axis=1).reshape(inp.shape)
 
 
 def _encoder_positions(kernel, args, ctx, value):
-    """wte[token] + wpe[r(t)]: the position rows found by :func:`_position_map`."""
+    """wte[token] + wpe[r(b, t)]: the position rows found by :func:`_position_map`."""
     rows = _position_map(args, ctx["actual"])
     T = args["inp"].shape[1]
-    if np.array_equal(rows, np.arange(T)):
+    if np.array_equal(rows, np.broadcast_to(np.arange(T), rows.shape)):
         return None
     return {"out": args["wte"][args["inp"]] + args["wpe"][rows]}
 
 
 def _positions_name(kernel, args, value, ctx):
     rows = _position_map(args, ctx["actual"])
-    T = rows.size
+    B, T = rows.shape
+    maxT = args["wpe"].shape[0]
     t = np.arange(T)
+    if not (rows == rows[0]).all():
+        flat = np.arange(B * T).reshape(B, T)
+        if np.array_equal(rows, flat % maxT):
+            return "embedding.positions", value, ("positions counted over the flattened batch: wpe[b*T + t] "
+                                                  "instead of wpe[t]")
+        shown = "; ".join(f"b={b}: " + ", ".join(str(r) for r in rows[b, :4]) + (" ..." if T > 4 else "")
+                          for b in range(min(B, 3)))
+        return "embedding.positions", value, f"positions differ between the sequences ({shown}) instead of wpe[t]"
+    rows = rows[0]
     k = int(rows[0])
     if np.array_equal(rows, t + k):
         return "embedding.position-shift", value, f"positions counted from {k}: wpe[t+{k}] instead of wpe[t]"
@@ -510,6 +901,12 @@ def _positions_name(kernel, args, value, ctx):
         return "embedding.positions", value, "positions reversed: wpe[T-1-t] instead of wpe[t]"
     shown = ", ".join(f"{a}->{b}" for a, b in zip(t[:6], rows[:6])) + (" ..." if T > 6 else "")
     return "embedding.positions", value, f"positions mapped to other rows of wpe ({shown}) instead of wpe[t]"
+
+
+def _encoder_product(kernel, args, ctx, value):
+    """wte[token] * wpe[t]: the embeddings multiplied instead of added."""
+    T = args["inp"].shape[1]
+    return {"out": args["wte"][args["inp"]] * args["wpe"][:T]}
 
 
 def _encoder_without(table):
@@ -528,7 +925,7 @@ def _table_scale(kernel, args, ctx, value):
 
 
 def _tables():
-    return lambda kernel, args: ["wte", "wpe"]
+    return lambda kernel, args, **kw: ["wte", "wpe"]
 
 
 def _table_scale_name(kernel, args, value, ctx):
@@ -551,15 +948,65 @@ def _branch_scale(kernel, args, ctx, value):
     return {"out": value * args["inp1"] + args["inp2"]}
 
 
-def _branch_choices(kernel, args):
+def _branch_choices(kernel, args, **kw):
     return ["branch", "stream"]
 
 
 def _not_one(kernel, args, value, ctx):
     if abs(value - 1.0) < 1e-9:
         return None, value, ""
+    if ctx["choice"] == "branch" and abs(value) < 1e-6 and _parallel(args):
+        return None, value, ""       # the branch not lost: added in parallel (residual.parallel)
     what = "the branch added as x + {v}*f(x)" if ctx["choice"] == "branch" else "the stream scaled: {v}*x + f(x)"
     return "residual.branch-scale", value, what.format(v=_short(value))
+
+
+def _streams(kernel, args, **kw):
+    """The other tensors of the stream's shape the replay passed (``args["streams"]``:
+    what the graph computed before this residual in the block, and the block's input)."""
+    return [_Stream(label) for label in (args.get("streams") or {})]
+
+
+class _Stream(str):
+    pass
+
+
+def _wrong_stream(kernel, args, ctx, value):
+    """out = S + inp2: the branch added to another tensor S of the block (the block's
+    input, a layer norm's output) instead of the stream inp1."""
+    streams = args.get("streams") or {}
+    other = streams.get(str(ctx["choice"]))
+    if other is None or np.shape(other) != np.shape(args["inp1"]):
+        return None
+    return {"out": np.asarray(other, np.float64) + args["inp2"]}
+
+
+def _parallel(args) -> bool:
+    """Whether the block's second residual holds the stream plus both branches: its output
+    (``args["next_residual"]``: output, branch) is inp1 + inp2 + its branch, to float32's
+    rounding of the sum (the MLP read the block's input: a parallel block)."""
+    nxt = args.get("next_residual")
+    if nxt is None:
+        return False
+    out3, branch3 = nxt
+    x, a = args["inp1"], args["inp2"]
+    if np.shape(out3) != np.shape(x):
+        return False
+    size = np.abs(x) + np.abs(a) + np.abs(branch3)
+    err = np.abs(out3 - (x + a + branch3))
+    return bool(np.all(err <= 1e-5 * size + 1e-30)) and bool(np.any(np.abs(a) > 1e-6 * size))
+
+
+def _parallel_block(kernel, args, ctx, value):
+    """The stream after the attention's residual as the MLP reads it: the block's input
+    (out = inp1), where the block's output has both branches (x + attn(ln_1(x)) +
+    mlp(ln_2(x)))."""
+    return {"out": args["inp1"].copy()} if _parallel(args) else None
+
+
+def _wrong_stream_name(kernel, args, value, ctx):
+    inp1, inp2 = (args.get("stream_names") or ("inp1", "inp2"))
+    return "residual.wrong-input", value, f" instead of {inp1}: out = {ctx['choice']} + {inp2}"
 
 
 def _const(x: float) -> str:
@@ -844,15 +1291,24 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("gelu.erf", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU in its exact form x*Phi(x) (erf); train_gpt2.c uses the tanh approximation", _gelu_erf),
     Variant("gelu.sigmoid", "gelu", ("gelu_forward", "gelu_backward"),
-            "GELU as x*sigmoid(1.702x) (the sigmoid approximation); train_gpt2.c uses the tanh approximation",
-            _gelu_sigmoid),
+            "GELU as x*sigmoid({value}x){note}; train_gpt2.c uses the tanh approximation",
+            _gelu_sigmoid_scaled, fit=_gelu_sigmoid_fit, name=_gelu_sigmoid_name),
     Variant("gelu.relu", "gelu", ("gelu_forward", "gelu_backward"),
             "ReLU where train_gpt2.c has GELU (tanh approximation)", _relu),
     Variant("gelu.tanh-scale", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU's tanh argument scaled by {value}{note} instead of sqrt(2/pi)", _gelu_tanh_scale,
-            fit=Fit(0.1, 3.0, log=True), name=_gelu_scale_name),
+            fit=_gelu_scale_fit, name=_gelu_scale_name),
     Variant("gelu.cubic-constant", "gelu", ("gelu_forward", "gelu_backward"),
-            "GELU's cubic coefficient is {value} instead of 0.044715", _gelu_coef, fit=Fit(0.02, 0.08)),
+            "GELU's cubic coefficient is {value} instead of 0.044715", _gelu_coef, fit=_gelu_coef_fit),
+    Variant("gelu.power", "gelu", ("gelu_forward", "gelu_backward"),
+            "GELU's cubic term written {value}*{choice} instead of 0.044715*x**3{note}", _gelu_power,
+            fit=_gelu_power_fit, choices=_gelu_powers, name=_gelu_power_name),
+    Variant("gelu.missing", "gelu", ("gelu_forward", "gelu_backward"),
+            "no GELU: its output is its input (the activation left out here)", _gelu_identity),
+    Variant("gelu.twice", "gelu", ("gelu_forward",), "GELU applied twice: gelu(gelu(x))", _gelu_twice),
+    Variant("gelu.order", "gelu", ("matmul_forward",),
+            "GELU applied to c_fc's input (before c_fc) instead of to its output", _gelu_before_matmul,
+            at="gelu gelu_forward"),
     # layernorm
     *(Variant(f"layernorm.eps={e:g}", "layernorm", ("layernorm_forward",),
               f"layernorm's eps is {e:g} instead of 1e-5", _ln_eps(e)) for e in (1e-6, 1e-12, 1e-4)),
@@ -867,6 +1323,15 @@ CATALOGUE: tuple[Variant, ...] = (
             _ln_over_positions),
     Variant("layernorm.unbiased-variance", "layernorm", ("layernorm_forward",),
             "layernorm divides the variance by C-1 (unbiased) instead of C", _ln_unbiased),
+    Variant("layernorm.affine-swapped", "layernorm", ("layernorm_forward",),
+            "layernorm's weight and bias swapped: norm*bias + weight instead of norm*weight + bias",
+            _ln_affine_swapped),
+    Variant("layernorm.weight-plus-one", "layernorm", ("layernorm_forward",),
+            "layernorm's gain applied as 1 + weight: norm*(1 + weight) + bias instead of norm*weight + bias",
+            _ln_weight_plus_one),
+    Variant("layernorm.form", "layernorm", ("layernorm_forward",),
+            "layernorm's normalisation in another form: {choice}", _ln_form, choices=_ln_forms,
+            name=_ln_form_name),
     # attention
     Variant("attention.scale", "attention", ("attention_forward", "attention_backward"),
             "attention scores scaled by {value}{note} instead of 1/sqrt(hs)", _att_scale,
@@ -889,6 +1354,9 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("attention.qkv-order", "attention", ("attention_forward",),
             "q, k, v taken from c_attn's output in the order {choice} instead of q, k, v",
             _att_changed(), choices=_att_orders),
+    Variant("attention.scale-after-softmax", "attention", ("attention_forward",),
+            "attention's scale ({value}{note}) applied to the weights after the softmax instead of to the scores "
+            "before it", _att_scale_after, fit=Fit(-1e3, 1e3, linear=True), name=_att_scale_after_name),
     Variant("attention.softmax-axis", "attention", ("attention_forward",),
             "the attention softmax taken over {choice} instead of the keys (dim=-1)",
             _att_changed(), choices=_att_axes),
@@ -896,9 +1364,9 @@ CATALOGUE: tuple[Variant, ...] = (
     Variant("softmax.padded-columns", "softmax", ("softmax_forward", "crossentropy_softmax_backward"),
             "softmax normalises over all Vp columns, padding included, instead of the V real ones",
             _softmax_padded),
-    Variant("crossentropy.log-eps", "crossentropy", ("crossentropy_forward",),
+    Variant("crossentropy.log-eps", "crossentropy", ("crossentropy_forward", "crossentropy_softmax_backward"),
             "cross-entropy takes -log(p + {value}): an epsilon inside the log", _ce_log_eps,
-            fit=Fit(1e-12, 1e-1, log=True)),
+            fit=_ce_log_eps_fit),
     Variant("crossentropy.mean-over-BT+1", "crossentropy", ("loss_mean",),
             "the loss (or its gradient, dlosses) averaged over B*T+1 positions instead of B*T",
             _mean_over(+1)),
@@ -906,14 +1374,17 @@ CATALOGUE: tuple[Variant, ...] = (
             "the loss (or its gradient, dlosses) averaged over B*T-1 positions instead of B*T",
             _mean_over(-1)),
     Variant("labels.next-position", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
-            "labels shifted one position: position t is scored against the target of t+1",
-            _shift(+1), defined=_shift_defined(+1)),
+            "labels shifted one position: position t is scored against the target of t+1{note}",
+            _shift(+1), defined=_shift_defined(+1), fit=_shift_fit, name=_shift_name(+1)),
     Variant("labels.previous-position", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
-            "labels shifted one position: position t is scored against the target of t-1",
-            _shift(-1), defined=_shift_defined(-1)),
+            "labels shifted one position: position t is scored against the target of t-1{note}",
+            _shift(-1), defined=_shift_defined(-1), fit=_shift_fit, name=_shift_name(-1)),
     Variant("crossentropy.logit-scale", "crossentropy", ("softmax_forward", "crossentropy_softmax_backward"),
             "the logits scaled by {value}{note} before the softmax", _logit_scale,
             fit=Fit(0.01, 100.0, estimate=_logit_scale_estimate), name=_logit_scale_name),
+    Variant("crossentropy.loss-of-probabilities", "crossentropy", ("crossentropy_softmax_backward",),
+            "{choice}", _loss_on_probs, choices=_losses_on_probs, name=_loss_on_probs_name,
+            terms=_loss_on_probs_terms),
     Variant("crossentropy.label-smoothing", "crossentropy", ("crossentropy_softmax_backward",),
             "the targets label-smoothed: (1-{value})*onehot + {value}/V (label_smoothing={value})",
             _label_smoothing, fit=Fit(1e-4, 1.0, linear=True)),
@@ -929,12 +1400,21 @@ CATALOGUE: tuple[Variant, ...] = (
             "the position embedding (wpe) not added", _encoder_without("wpe")),
     Variant("embedding.no-wte", "embedding", ("encoder_forward",),
             "the token embedding (wte) not added", _encoder_without("wte")),
+    Variant("embedding.product", "embedding", ("encoder_forward",),
+            "the token and position embeddings multiplied (wte[token] * wpe[t]) instead of added",
+            _encoder_product),
     Variant("embedding.table-scale", "embedding", ("encoder_forward",),
             "{note}", _table_scale, fit=Fit(-1e4, 1e4, linear=True), choices=_tables(), name=_table_scale_name),
     # the residual stream
     Variant("residual.branch-scale", "residual", ("residual_forward",),
             "a constant factor on the residual: {note} instead of x + f(x)", _branch_scale,
             fit=Fit(-1e3, 1e3, linear=True), choices=_branch_choices, name=_not_one),
+    Variant("residual.parallel", "residual", ("residual_forward",),
+            "attention and MLP in parallel: the MLP reads the block's input, not the stream after the "
+            "attention's residual (the block's output is x + attn(ln_1(x)) + mlp(ln_2(x)))", _parallel_block),
+    Variant("residual.wrong-input", "residual", ("residual_forward",),
+            "the residual branch added to {choice}{note}", _wrong_stream, choices=_streams,
+            name=_wrong_stream_name),
     # matmul, accumulation
     Variant("matmul.no-bias", "matmul", ("matmul_forward", "matmul_backward"),
             "matmul without its bias (forward: not added; backward: dbias not accumulated)", _matmul_no_bias),

@@ -52,7 +52,8 @@ class Fit:
     log: bool = False
     linear: bool = False   # the output is affine in the constant: fitted in closed form
     # a closed-form estimate of the constant from the output itself,
-    # ``estimate(kernel, args, actual) -> value or None`` (then judged once)
+    # ``estimate(kernel, args, actual, ctx) -> value or None`` (then judged once; ``ctx``
+    # carries the choice being tried)
     estimate: Callable | None = None
 
 
@@ -88,6 +89,10 @@ class Variant:
                  when no change of a lower level explains the output: 1 for a less usual form
                  of a mistake that a usual one can mimic (eps outside the square root), 2 for
                  a change of any op (a constant factor or offset on its output)
+    at:          optional: the graph's op (its label, ``"gelu gelu_forward"``) the mistake
+                 belongs to when it shows in another op's output (GELU applied before
+                 ``c_fc``: ``c_fc``'s output is off, the GELU is misplaced); the first
+                 divergence names that op of the same layer
     """
 
     id: str
@@ -102,9 +107,10 @@ class Variant:
     choices: Callable | None = None
     name: Callable | None = None
     fallback: int = 0
+    at: str | None = None
 
     def describe(self, value: float | None = None, choice=None, note: str = "", output: str = "") -> str:
-        if value is None and choice is None and not note and "{output}" not in self.description:
+        if "{" not in self.description:
             return self.description
         return self.description.format(value=_const(value) if value is not None else "", choice=choice,
                                        note=note, output=output)
@@ -116,7 +122,8 @@ class Cause:
     tolerance the output uses against the variant (<= 1); ``value`` the fitted constant
     of a fitted variant; ``choice`` the form of a variant with choices (``"kqv"``);
     ``where`` the op call it applies to when a buffer is the sum of several calls (replay
-    of the residual-stream gradients)."""
+    of the residual-stream gradients); ``at`` the graph's op the mistake belongs to when it
+    is not the failing op (:attr:`Variant.at`)."""
 
     id: str
     family: str
@@ -125,11 +132,12 @@ class Cause:
     value: float | None = None
     where: str | None = None
     choice: str | None = None
+    at: str | None = None
 
     def to_json(self) -> dict:
         return {"id": self.id, "family": self.family, "description": self.description,
                 "used": json_float(self.used), "value": json_float(self.value), "choice": self.choice,
-                "where": self.where}
+                "where": self.where, "at": self.at}
 
 
 @dataclass(frozen=True)
@@ -287,14 +295,21 @@ def _try_one(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, ma
     def result(value):
         return _chain(calls, i, v, ctx, value)
 
+    # where the variant is judged (and fitted): the check's mask, and its own positions
+    where = mask
+    if v.defined is not None:
+        where = _region(v, call, actual, expected, mask, dict(name=name, tol=tol, elem_scale=elem_scale))
+        if where is None:
+            return None
     value = None
     fit = v.fit(call.kernel) if callable(v.fit) else v.fit
     if fit is not None and fit.estimate is not None:
-        value = fit.estimate(call.kernel, _as64(call.args), np.asarray(actual, np.float64))
+        value = fit.estimate(call.kernel, _as64(call.args), np.asarray(actual, np.float64),
+                             dict(ctx, output=call.output))
         if value is None or not (fit.lo <= value <= fit.hi):
             return None
     elif fit is not None:
-        value = _fit(result, actual, fit, mask)
+        value = _fit(result, actual, fit, where)
         if value is None:
             return None
     vid, note = v.id, ""
@@ -309,17 +324,12 @@ def _try_one(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, ma
         extra = v.terms(call.kernel, _as64(call.args), call.output)
         elem_scale = extra if elem_scale is None else elem_scale + extra
     same = dict(name=name, tol=tol, elem_scale=elem_scale)
-    where = mask
-    if v.defined is not None:
-        where = _region(v, call, actual, expected, mask, same)
-        if where is None:
-            return None
     c = compare(actual, out, axes=axes, mask=where, **same)
     if not c.passed:
         return None
     choice = ctx.get("choice")
     return Cause(vid, v.family, v.describe(value, choice, note, call.output), c.used, value,
-                 call.where if len(calls) > 1 else None, None if choice is None else str(choice))
+                 call.where if len(calls) > 1 else None, None if choice is None else str(choice), v.at)
 
 
 def _region(v: Variant, call: Call, actual, expected, mask, same: dict):

@@ -10,7 +10,9 @@ graph's op it stands for:
   skipped, ``ln_2`` left out because ``ln_1`` feeds the MLP too);
 * ``structure.called-more``: a module called more than once per forward (its first call
   is the one compared: the capture keeps it);
-* ``structure.out-of-order``: a module called before one the graph runs earlier;
+* ``structure.out-of-order``: a module called out of the graph's order (the fewest such:
+  the longest run of modules in the graph's order is kept; an elementwise module such as
+  an MLP's GELU module is the one named when it and a module swap places);
 * ``structure.no-gradient``: a parameter the loss does not depend on (an unused ``wpe``);
 * ``structure.unknown-module``: a module called in the forward that GPT-2's graph does
   not have (a rotary embedding, a second norm).
@@ -36,7 +38,11 @@ _IN_LAYER = [(re.compile(BLOCK + r"ln_1$"), "ln1 layernorm_forward"),
              (re.compile(BLOCK + r"attn\.c_proj$"), "attproj matmul_forward"),
              (re.compile(BLOCK + r"ln_2$"), "ln2 layernorm_forward"),
              (re.compile(BLOCK + r"mlp\.c_fc$"), "fc matmul_forward"),
+             (re.compile(BLOCK + r"mlp\.(?:gelu|act|activation|act_fn)$"), "gelu gelu_forward"),
              (re.compile(BLOCK + r"mlp\.c_proj$"), "fcproj matmul_forward")]
+# ops whose module a port may have or not (GELU as a module, or as a function): ordered
+# and counted where the forward calls it, never missed where it does not
+_OPTIONAL = {"gelu gelu_forward"}
 _TOP_AFTER = [(re.compile(r"(?:^|\.)ln_f$"), "lnf layernorm_forward"),
               (re.compile(r"(?:^|\.)lm_head$"), "lm_head matmul_forward")]
 # leaf modules GPT-2's graph is made of (or that compute nothing): anything else that a
@@ -149,6 +155,8 @@ class Census:
         found = []
         for name, (rank, op) in sorted(self.graph.items(), key=lambda x: x[1][0]):
             n = self.calls.get(name, 0)
+            if n == 0 and op.split(" ", 2)[-1] in _OPTIONAL:
+                continue
             if n == 0:
                 found.append(Finding("structure.never-called", f"{name} is never called in the forward (the graph's "
                                      f"{op} is missing)", name, op, {"calls": 0}))
@@ -160,20 +168,49 @@ class Census:
         return found
 
     def _order_findings(self) -> list[Finding]:
-        seen: list[tuple[tuple, str]] = []
-        out = []
-        firsts = []
+        """The modules called out of the graph's order: the fewest whose removal leaves the
+        rest in order (the others, the longest run in the graph's order, are kept; among as
+        long runs, one that keeps a module rather than an elementwise one (GELU), then the
+        modules called first). Each is named with a kept module it ran after, or, called too
+        early, before."""
+        firsts: list[str] = []
         for name in self.order:
             if name in self.graph and name not in firsts:
                 firsts.append(name)
-        for name in firsts:
-            rank, op = self.graph[name]
-            later = [(r, n) for r, n in seen if r > rank]
-            if later:
-                other = min(later)[1]
+        rank = [self.graph[n][0] for n in firsts]
+        optional = [self.graph[n][1].split(" ", 2)[-1] in _OPTIONAL for n in firsts]
+        # the longest non-decreasing run of ranks (scored: length, then fewer optional kept);
+        # on ties the earliest predecessor (the modules called first are kept)
+        score, prev = [], []
+        for i in range(len(firsts)):
+            best, arg = (1, -int(optional[i])), None
+            for j in range(i):
+                if rank[j] <= rank[i]:
+                    cand = (score[j][0] + 1, score[j][1] - int(optional[i]))
+                    if cand > best:
+                        best, arg = cand, j
+            score.append(best)
+            prev.append(arg)
+        kept: set[int] = set()
+        i = max(range(len(firsts)), key=lambda k: (score[k], -k), default=None)
+        while i is not None:
+            kept.add(i)
+            i = prev[i]
+        out = []
+        for i, name in enumerate(firsts):
+            if i in kept:
+                continue
+            r, op = rank[i], self.graph[name][1]
+            after = [(rank[j], firsts[j]) for j in kept if j < i and rank[j] > r]
+            if after:
+                other = min(after)[1]
                 out.append(Finding("structure.out-of-order", f"{name} is called after {other}; the graph runs "
                                    f"{op} before {self.graph[other][1]}", name, op, {"after": other}))
-            seen.append((rank, name))
+                continue
+            before = [firsts[j] for j in sorted(kept) if j > i and rank[j] < r]
+            other = before[0] if before else None
+            out.append(Finding("structure.out-of-order", f"{name} is called before {other}; the graph runs "
+                               f"{op} after {self.graph[other][1] if other else 'it'}", name, op, {"before": other}))
         return out
 
     def _unknown_modules(self) -> list[Finding]:

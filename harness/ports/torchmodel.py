@@ -40,7 +40,9 @@ def build_model(factory, cfg: GPT2Config):
     if isinstance(factory, torch.nn.Module):
         return factory
     if not callable(factory):
-        raise ModelError(f"{factory!r} is neither an nn.Module nor a class or factory making one")
+        shown = repr(factory)
+        shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({type(factory).__name__})"
+        raise ModelError(f"{shown} is neither an nn.Module nor a class or factory making one")
     errors = []
     for arg in (cfg, Hyper(cfg)):
         try:
