@@ -87,6 +87,12 @@ class Tolerance:
           constants' roundings, its libm's). A comparison fails on bias when the bias lies
           beyond it by more than ``t`` standard errors, t Student's quantile at ``bias_p``.
           ``inf`` (the default): the bias is measured and reported, not judged.
+    bias_size: a minimum effect relative to the elements' sizes instead of their values
+          (the mean of ``(a-e)/(|e| + scale + elem_scale)``), for an output whose
+          legitimate lean scales a term of it rather than its value (AdamW's float32 bias
+          corrections scale the update, not the parameter): the test's minimum effect is
+          the larger of ``bias`` and ``bias_size / share`` (:class:`harness.stats.Bias`); 0
+          by default.
     bias_p: the probability that the bias test fails an implementation whose bias is
           within ``bias`` (the two forms together).
 
@@ -100,13 +106,14 @@ class Tolerance:
     floor: float = 0.0
     bias: float = math.inf
     bias_p: float = 1e-9
+    bias_size: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.bias_p, bool) or not isinstance(self.bias_p, (int, float, np.number)) \
                 or not 0.0 < float(self.bias_p) < 1.0:
             raise ValueError(f"Tolerance.bias_p must be a probability in (0, 1), got {self.bias_p!r}")
         object.__setattr__(self, "bias_p", float(self.bias_p))
-        for fname in ("rel", "norm", "floor", "bias"):
+        for fname in ("rel", "norm", "floor", "bias", "bias_size"):
             value = getattr(self, fname)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
                 raise TypeError(f"Tolerance.{fname} must be a number, got {value!r}")
@@ -253,10 +260,11 @@ class Comparison:
         if b is None:
             return "n/a"
         z = self.bias_z
-        ztext = "no SE: 1 group" if z is None else f"z {_num(z)}, {b.groups} groups"
+        ztext = f"no SE: {b.groups} group{'s' * (b.groups != 1)} alike" if z is None else \
+            f"z {_num(z)}, {b.groups} groups"
         text = f"{b.form} {b.value:+.2g} ({ztext}"
         if math.isfinite(self.tol.bias) and z is not None:
-            text += f"; allowed {_num(self.tol.bias)} + {b.t:.2g} SE"
+            text += f"; allowed {_num(bias_minimum(b, self.tol))} + {b.t:.2g} SE"
         return text + ")"
 
     def message(self) -> str:
@@ -438,13 +446,23 @@ def comparison_of(t, a: np.ndarray, e: np.ndarray, es, tol: Tolerance, *, name: 
     )
 
 
+def bias_minimum(b: Bias, tol: Tolerance) -> float:
+    """The minimum effect ``b`` is judged against: ``tol.bias``, or ``tol.bias_size`` over
+    the expected values' share of the sizes where that is larger."""
+    if tol.bias_size > 0.0 and b.share > 0.0:
+        return max(tol.bias, tol.bias_size / b.share)
+    return tol.bias
+
+
 def bias_used(b: Bias | None, tol: Tolerance) -> float:
     """The fraction of the bias bound ``b`` uses under ``tol`` (:attr:`Comparison.bias_used`)."""
-    if b is None or not math.isfinite(tol.bias) or math.isinf(b.t):
+    if b is None or not math.isfinite(tol.bias):
         return 0.0
-    out = 0.0
-    for x, se in ((b.scale, b.scale_se), (b.shift, b.shift_se)):
-        bound = tol.bias + b.t * se
+    out, minimum = 0.0, bias_minimum(b, tol)
+    for x, se, t in b.forms():
+        if math.isinf(t):
+            continue
+        bound = minimum + t * se
         out = max(out, abs(x) / bound if bound > 0 else (math.inf if x != 0 else 0.0))
     return out
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from pyref.formats import write_atomic
 
-from .compare import Comparison
+from .compare import Comparison, bias_minimum
 from .errors import InputError
 
 BASELINE_NAME = "llmc-parity-gate.json"
@@ -156,8 +156,8 @@ def _bias_bound(c: Comparison) -> float | None:
     b = c.bias_stats
     if b is None or c.bias_z is None or not np.isfinite(c.tol.bias) or not np.isfinite(b.t):
         return None
-    se = b.scale_se if b.form == "scale" else b.shift_se
-    return c.tol.bias + b.t * se
+    _, se, t = b.forms()[0 if b.form == "scale" else 1]
+    return bias_minimum(b, c.tol) + t * se
 
 
 def run_suite(lib=None, progress=None) -> GateRun:

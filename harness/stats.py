@@ -76,10 +76,15 @@ class Bias:
                       direction of the expected values, and its standard error
     shift, shift_se   the constant offset that explains their plain mean, in units of the
                       elements' typical size (``|e|`` weighted as above), and its standard error
+    scale_t, shift_t  the quantiles each is judged by: Student's t at the test's false-alarm
+                      probability, with one degree of freedom fewer than the groups that differ
+                      in that form (rows that repeat, or repeat scaled by a power of two, round
+                      alike; a copy of a group is not another observation); inf, and the
+                      standard error NaN, where fewer than 2 differ
     groups            the groups the standard errors were estimated from (those with an
-                      element compared); fewer than 2: no standard error (NaN)
-    t                 the quantile the test uses: Student's t with ``groups - 1`` degrees of
-                      freedom at the test's false-alarm probability (inf below 2 groups)
+                      element compared)
+    share             ``sum R / sum N``: the expected values' mean share of the elements' sizes;
+                      ``scale * share`` is the mean signed error relative to the sizes
     """
 
     scale: float
@@ -87,14 +92,20 @@ class Bias:
     shift: float
     shift_se: float
     groups: int
-    t: float
+    scale_t: float
+    shift_t: float
+    share: float = 1.0
+
+    def _of(self, form: str) -> tuple[float, float, float]:
+        return (self.scale, self.scale_se, self.scale_t) if form == "scale" else \
+            (self.shift, self.shift_se, self.shift_t)
 
     def z(self, form: str) -> float | None:
         """The statistic of ``form`` ("scale" or "shift") over its standard error (None
         without one; 0 for an exact zero over a zero error, inf for a nonzero mean that
         every group shows alike)."""
-        x, se = (self.scale, self.scale_se) if form == "scale" else (self.shift, self.shift_se)
-        if not se == se:    # NaN: fewer than 2 groups
+        x, se, _ = self._of(form)
+        if not se == se:    # NaN: fewer than 2 groups differ
             return None
         if se == 0.0:
             return 0.0 if x == 0.0 else math.copysign(math.inf, x)
@@ -103,26 +114,35 @@ class Bias:
     def excess(self, form: str) -> float:
         """How far the statistic's |value| lies beyond t standard errors: the part of it
         that is significant at the test's probability (-inf without a standard error)."""
-        x, se = (self.scale, self.scale_se) if form == "scale" else (self.shift, self.shift_se)
-        if not se == se or math.isinf(self.t):
+        x, se, t = self._of(form)
+        if not se == se or math.isinf(t):
             return -math.inf
-        return abs(x) - self.t * se
+        return abs(x) - t * se
+
+    def forms(self):
+        """(value, standard error, t) of each form."""
+        return self._of("scale"), self._of("shift")
 
     @property
     def form(self) -> str:
         """The more significant of the two forms: "scale" or "shift"."""
         zs, zh = self.z("scale"), self.z("shift")
         if zs is None or zh is None:
+            if zs is not None:
+                return "scale"
+            if zh is not None:
+                return "shift"
             return "scale" if abs(self.scale) >= abs(self.shift) else "shift"
         return "scale" if abs(zs) >= abs(zh) else "shift"
 
     @property
     def value(self) -> float:
-        return self.scale if self.form == "scale" else self.shift
+        return self._of(self.form)[0]
 
     @property
-    def worst_excess(self) -> float:
-        return max(self.excess("scale"), self.excess("shift"))
+    def t(self) -> float:
+        """The quantile of the more significant form."""
+        return self._of(self.form)[2]
 
 
 def bias_of(sums: np.ndarray, p: float) -> Bias | None:
@@ -138,13 +158,32 @@ def bias_of(sums: np.ndarray, p: float) -> Bias | None:
     total = float(R.sum())
     if not (total > 0.0 and math.isfinite(total)):
         return None
-    scale, shift = float(F.sum()) / total, float(S.sum()) / total
-    if G < 2:
-        return Bias(scale, math.nan, shift, math.nan, G, math.inf)
-    c = G / (G - 1)
-    scale_se = math.sqrt(c * float(np.square(F - scale * R).sum())) / total
-    shift_se = math.sqrt(c * float(np.square(S - shift * R).sum())) / total
-    return Bias(scale, scale_se, shift, shift_se, G, t_quantile(p / 4, G - 1))
+    share = total / float(sums[:, 3].sum())
+    out = []
+    for X in (F, S):
+        x = float(X.sum()) / total
+        D = distinct(X, R)
+        if D < 2:
+            out += [x, math.nan, math.inf]
+            continue
+        se = math.sqrt(G / (G - 1) * float(np.square(X - x * R).sum())) / total
+        out += [x, se, t_quantile(p / 4, D - 1)]
+    (scale, scale_se, scale_t), (shift, shift_se, shift_t) = out[:3], out[3:]
+    return Bias(scale, scale_se, shift, shift_se, G, scale_t, shift_t, share)
+
+
+def distinct(X: np.ndarray, R: np.ndarray) -> int:
+    """How many groups differ in their mean error ``X / R`` (rounded to float32; ``X``
+    where R is 0, and a group of expected zeros without error says nothing). Rows that
+    repeat, or repeat scaled by a power of two, round alike: a copy of a group is not
+    another observation, and a tensor of copies has no standard error."""
+    told = (R > 0) | (X != 0)
+    X, R = X[told], R[told]
+    if len(X) < 2:
+        return len(X)
+    with np.errstate(all="ignore"):
+        key = np.where(R > 0, X / np.where(R > 0, R, 1.0), X).astype(np.float32)
+    return len(np.unique(np.stack([key, (R > 0).astype(np.float32)], 1), axis=0))
 
 
 # ----------------------------------------------------------------------------

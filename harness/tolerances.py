@@ -130,11 +130,12 @@ def op_tolerance(kernel: str, output: str, n: int, size: int | None = None) -> T
     g = sqrt(max(1, n))
     z, f = extreme(size), norm_excess(size)
     return Tolerance(rel=r.sigma * z * U * g, norm=r.k_norm * U * g * f, floor=UNDERFLOW_FLOOR,
-                     bias=r.bias * U, bias_p=P_FALSE_ALARM,
+                     bias=r.bias * U, bias_size=r.bias_size * U, bias_p=P_FALSE_ALARM,
                      why=f"{kernel}.{output}: {r.why}; n={n}: "
                          f"{r.sigma:g}·u·√n per element x{z:.2f} (the largest of {size or 1} at p={P_FALSE_ALARM:g}), "
                          f"{r.k_norm:g}·u·√n norm-wise" + (f" x{f:.2f} for {size} elements" if f > 1.05 else "")
-                         + f"; mean {r.bias:g}·u + t·SE ({r.bias_why})")
+                         + f"; mean {r.bias:g}·u" + (f" (or {r.bias_size:g}·u of the sizes)" if r.bias_size else "")
+                         + f" + t·SE ({r.bias_why})")
 
 
 # End to end: multiples of how far float32-sized noise, injected at every op of a float64
@@ -154,6 +155,7 @@ def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -
     rel = max(base.rel, E2E_K_REL * witness.max_rel)
     norm = max(base.norm, E2E_K_NORM * witness.norm_rel)
     return Tolerance(rel=rel, norm=norm, floor=base.floor, bias=base.bias, bias_p=base.bias_p,
+                     bias_size=base.bias_size,
                      why=f"{base.why}; end to end: the larger of that and {E2E_K_REL:g}x/{E2E_K_NORM:g}x "
                          f"the float32-noise witness (max rel {witness.max_rel:.2g}, norm rel "
                          f"{witness.norm_rel:.2g})")

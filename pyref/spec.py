@@ -45,12 +45,16 @@ class Rule:
             a correct implementation may show, in units of u = 2^-24 (half an ulp at 1):
             not u·sqrt(n), since rounding to nearest averages to zero over any reduction
             and what is left is a constant's rounding or a libm's lean, the same at any n;
+    bias_size: a minimum effect relative to the elements' sizes (the terms they are summed
+            from) rather than their values, in units of u, for an output whose legitimate lean
+            scales a term rather than the value (0: none; harness.compare.Tolerance);
     bias_why: why that much (what legitimate builds showed: harness.calibrate)."""
 
     sigma: float
     k_norm: float
     why: str
     bias: float = 1.0
+    bias_size: float = 0.0
     bias_why: str = ("rounding to nearest, FMA and reordered sums average to zero; one constant rounded "
                      "differently, or values that repeat and so round alike, may shift the mean by up to "
                      "u (half an ulp of a value just above a power of two)")
@@ -59,9 +63,9 @@ class Rule:
 DEFAULT = Rule(0.5, 1.5, "float32 rounding, random-walk growth over the reduction")
 
 
-def with_bias(rule: Rule, bias: float, why: str) -> Rule:
+def with_bias(rule: Rule, bias: float, why: str, size: float = 0.0) -> Rule:
     """``rule`` with another minimum effect for the bias test, and its reason."""
-    return replace(rule, bias=bias, bias_why=why)
+    return replace(rule, bias=bias, bias_size=size, bias_why=why)
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,11 @@ _PREATT = with_bias(DEFAULT, 1.5, "the scale 1/sqrt(hs) is a float32 constant, e
                                   "to u off the exact one in every element (0.61u at hs = 6 and 24)")
 _UPDATE = with_bias(DEFAULT, 1.5, "parameters that start equal (the gains at initialisation) move by the same "
                                   "update and round alike, up to u; torch.optim.AdamW's decay multiplies by "
-                                  "float32(1 - lr*wd), up to u/2 more (-0.23u at lr 1e-4, wd 0.1)")
+                                  "float32(1 - lr*wd), up to u/2 more (-0.23u at lr 1e-4, wd 0.1); and the C's "
+                                  "float32 bias corrections 1 - beta^t (powf, then a cancellation) scale every "
+                                  "update alike, by up to u/(1 - beta2^t): -20u of a bias's value at step 2, "
+                                  "0.15u of its size (its terms count the update that many times), hence 0.5u "
+                                  "of the sizes", size=0.5)
 
 SPECS = (
     KernelSpec("encoder_forward", "encoder", ("inp", "wte", "wpe"), (
