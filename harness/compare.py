@@ -64,7 +64,7 @@ from .metrics import CHUNK_ELEMS, FLOAT32_TINY, ulp_key
 from .stats import Bias, bias_of, group_bounds
 
 __all__ = [
-    "Tolerance", "Comparison", "ParityError",
+    "Tolerance", "Comparison", "Bias", "ParityError",
     "compare", "assert_parity", "ulp_distance", "json_float", "CHUNK_ELEMS",
 ]
 

@@ -55,9 +55,8 @@ class Rule:
     why: str
     bias: float = 1.0
     bias_size: float = 0.0
-    bias_why: str = ("rounding to nearest, FMA and reordered sums average to zero; one constant rounded "
-                     "differently, or values that repeat and so round alike, may shift the mean by up to "
-                     "u (half an ulp of a value just above a power of two)")
+    bias_why: str = ("rounding averages to zero; a constant rounded differently, or repeated values "
+                     "rounding alike, leans up to u")
 
 
 DEFAULT = Rule(0.5, 1.5, "float32 rounding, random-walk growth over the reduction")
@@ -317,8 +316,8 @@ for _s in SPECS:
 # docs/kernels.md's tables
 
 def markdown() -> str:
-    """The protocol table and the table of how each output is judged, as docs/kernels.md
-    shows them (tests/test_spec.py keeps the two in sync)."""
+    """The protocol table, the table of how each output is judged and that of its bias test,
+    as docs/kernels.md shows them (tests/test_spec.py keeps them in sync)."""
     lines = ["| function | returns / accumulates into | notes |", "|---|---|---|"]
     for s in SPECS:
         outs = ", ".join(f"`{o.name}` {o.shape}" for o in s.outputs)
@@ -329,4 +328,10 @@ def markdown() -> str:
         for o in s.outputs:
             t = f"`terms.{o.terms.__name__}`" if o.terms else "its own size"
             lines.append(f"| `{s.name}.{o.name}` | {o.n} | {o.rule.sigma:g} | {o.rule.k_norm:g} | {o.rule.why} | {t} |")
+    lines += ["", "| output | a group spans | bias (u) | why |", "|---|---|---:|---|"]
+    for s in SPECS:
+        for o in s.outputs:
+            span = "elements" if o.span <= 0 else "rows" if o.span == 1 else f"the last {o.span} axes"
+            bias = f"{o.rule.bias:g}" + (f" (or {o.rule.bias_size:g} of the sizes)" if o.rule.bias_size else "")
+            lines.append(f"| `{s.name}.{o.name}` | {span} | {bias} | {o.rule.bias_why} |")
     return "\n".join(lines) + "\n"

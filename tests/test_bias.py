@@ -355,3 +355,39 @@ def test_a_port_with_one_output_scaled_fails_its_replay(kernel, output):
         assert not caught
         return
     assert caught, [(c.tensor, c.comparison.bias_text()) for c in mine]
+
+
+def test_the_reports_say_the_bias(scaled_c, tmp_path):
+    """The step table marks the failing mean, the JSON carries bias and bias_z, the plot
+    marks the op, the first divergence says the mean error."""
+    from harness import step_table, to_json
+    from harness.report.png import bias_positions, graph_positions
+    cfg = preset("tiny")
+    report = run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 4, 16, seed=0), lib=scaled_c,
+                        impls={}, steps=1)
+    table = step_table(report.steps[0])
+    header = table.splitlines()[0]
+    assert " bias " in header and re.search(r"acts\.ln1 .* \+4\.\de-07 z=\d+!", table), table
+    checks = [c for s in to_json(report, versions=False)["steps"] for c in s["checks"]]
+    ln1 = next(c for c in checks if c["kind"] == "replay" and c["tensor"] == "acts.ln1[layer 0]")
+    assert not ln1["passed"] and ln1["bias_form"] == "scale" and ln1["bias"] > 4e-7 and ln1["bias_z"] > 10
+    assert ln1["bias_stats"]["groups"] == MAX_GROUPS and ln1["tol"]["bias"] == U
+    pos = {w: i for i, w in enumerate(graph_positions(report))}
+    assert pos["layer 0 ln1 layernorm_forward"] in bias_positions(report, "C", pos)
+    assert "mean error scale +4." in report.first_divergence()
+
+
+def test_the_gate_counts_a_bias_that_grew_near_its_bound():
+    """Growth of the mean error counts once it is 4x the baseline's and uses more than
+    0.8 of its bound (a bias within a few standard errors is noise another build draws
+    anew); the gate's entries keep the bias and its bound."""
+    from harness.gate import GateRun
+    entry = {"max_rel": 1e-8, "norm_rel": 1e-8, "tol_rel": 1e-6, "tol_norm": 1e-6}
+    base = {"metrics": {"op x": dict(entry, bias=1e-9, bias_bound=1e-7)}, "fingerprints": []}
+
+    def verdict(bias):
+        run = GateRun({"op x": dict(entry, bias=bias, bias_bound=1e-7)}, [], {}, None)
+        return evaluate(run, base)
+    assert verdict(2e-8).passed                       # 20x, but a fifth of its bound
+    grown = verdict(-9e-8)
+    assert not grown.passed and "op x: bias +1e-09 -> -9e-08" in grown.text()
