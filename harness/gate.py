@@ -432,7 +432,8 @@ def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
             else:
                 diff.append(f"~ {key}: max_rel {a['max_rel']:.3g} -> {b['max_rel']:.3g}, "
                             f"norm_rel {a['norm_rel']:.3g} -> {b['norm_rel']:.3g}"
-                            + (f", bias {a.get('bias', 0):+.3g} -> {b['bias']:+.3g}" if "bias" in b else ""))
+                            + ("" if "bias" not in b else f", bias {a['bias']:+.3g} -> {b['bias']:+.3g}"
+                               if "bias" in a else f", bias {b['bias']:+.3g} (new)"))
     if moved:
         diff.append(f"~ fingerprints for this build: {len(moved)} tensor(s) changed bits")
     if dropped:
