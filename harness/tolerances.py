@@ -29,6 +29,14 @@ Two bounds per tensor (see :mod:`harness.compare` for the metrics):
   change whenever ``1e-5 > k_norm * u * sqrt(n)``, i.e. for every reduction length up to
   ~12000 with ``k_norm = 1.5`` (GPT-2 124M's longest, 4C = 3072, included).
 
+And a third criterion, the bias test (:mod:`harness.stats`, docs/statistics.md): the mean of
+the signed errors, as a constant factor or offset, must not lie beyond the output's minimum
+effect (``Rule.bias``, in units of u, not u·sqrt(n): rounding averages to zero over any
+reduction, and what a legitimate build leans by is a constant's rounding or a libm's, the
+same at any n) by more than Student's t at ``P_FALSE_ALARM`` standard errors, estimated
+from groups of whole rows. It catches what the norm-wise bound cannot: every element off
+by a few ulps the same way.
+
 How the constants were chosen: ``make calibrate`` (:mod:`harness.calibrate`) measures the
 worst ``sigma`` and ``k_norm`` every legitimate build shows per op (the C built with
 ``-O2``, ``-O3``, ``-O3 -march=native`` (FMA), ``-Ofast -march=native`` (reordered sums,
