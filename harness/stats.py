@@ -57,7 +57,7 @@ def group_bounds(n: int, unit: int, max_groups: int = MAX_GROUPS) -> np.ndarray:
         raise ValueError(f"a unit of {unit} elements does not divide {n}")
     units = n // unit
     G = max(1, min(units, max_groups))
-    return np.array([unit * ((k * units) // G) for k in range(G + 1)], np.int64)
+    return unit * ((np.arange(G + 1, dtype=np.int64) * units) // G)
 
 
 def unit_of(shape: tuple[int, ...], span: int) -> int:
@@ -150,15 +150,16 @@ def bias_of(sums: np.ndarray, p: float) -> Bias | None:
     test at false-alarm probability ``p`` for the two forms together (each two-sided at
     p/2); None when no element was compared or every expected value is 0."""
     sums = np.asarray(sums, np.float64).reshape(-1, len(SUMS))
-    sums = sums[sums[:, 3] > 0]
+    if not sums[:, 3].min(initial=1.0) > 0:
+        sums = sums[sums[:, 3] > 0]
     G = len(sums)
     if G == 0:
         return None
-    F, S, R = sums[:, 0], sums[:, 1], sums[:, 2]
+    F, S, R, N = sums.T
     total = float(R.sum())
     if not (total > 0.0 and math.isfinite(total)):
         return None
-    share = total / float(sums[:, 3].sum())
+    share = total / float(N.sum())
     out = []
     for X in (F, S):
         x = float(X.sum()) / total
@@ -166,7 +167,8 @@ def bias_of(sums: np.ndarray, p: float) -> Bias | None:
         if D < 2:
             out += [x, math.nan, math.inf]
             continue
-        se = math.sqrt(G / (G - 1) * float(np.square(X - x * R).sum())) / total
+        resid = X - x * R
+        se = math.sqrt(G / (G - 1) * float(resid @ resid)) / total
         out += [x, se, t_quantile(p / 4, D - 1)]
     (scale, scale_se, scale_t), (shift, shift_se, shift_t) = out[:3], out[3:]
     return Bias(scale, scale_se, shift, shift_se, G, scale_t, shift_t, share)
@@ -177,13 +179,15 @@ def distinct(X: np.ndarray, R: np.ndarray) -> int:
     where R is 0, and a group of expected zeros without error says nothing). Rows that
     repeat, or repeat scaled by a power of two, round alike: a copy of a group is not
     another observation, and a tensor of copies has no standard error."""
-    told = (R > 0) | (X != 0)
-    X, R = X[told], R[told]
-    if len(X) < 2:
-        return len(X)
+    if R.min(initial=1.0) > 0:          # the common case: every group has an expected value
+        if len(X) < 2:
+            return len(X)
+        keys = np.sort((X / R).astype(np.float32))
+        return 1 + int(np.count_nonzero(keys[1:] != keys[:-1]))
+    pos, told = R > 0, (R > 0) | (X != 0)
     with np.errstate(all="ignore"):
-        key = np.where(R > 0, X / np.where(R > 0, R, 1.0), X).astype(np.float32)
-    return len(np.unique(np.stack([key, (R > 0).astype(np.float32)], 1), axis=0))
+        ratios = set((X[pos] / R[pos]).astype(np.float32).tolist())
+    return len(ratios) + len(set(X[told & ~pos].astype(np.float32).tolist()))
 
 
 # ----------------------------------------------------------------------------
