@@ -158,15 +158,19 @@ def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -
     (``witness`` is that Comparison). Error carried in from upstream grows with depth,
     through layernorm's rstd and the softmax Jacobians, by a factor that depends on the
     model and the batch; the witness measures it instead of guessing it, so the bound
-    widens exactly where rounding noise really grows, and nowhere else."""
+    widens exactly where rounding noise really grows, and nowhere else. The bias test's
+    minimum effect widens by the same factor as the norm-wise bound: the legitimate leans
+    of the ops upstream (a constant rounded differently) reach the tensor through the same
+    Jacobians as their rounding noise."""
     base = op_tolerance(kernel, output, n, size)
     rel = max(base.rel, E2E_K_REL * witness.max_rel)
     norm = max(base.norm, E2E_K_NORM * witness.norm_rel)
-    return Tolerance(rel=rel, norm=norm, floor=base.floor, bias=base.bias, bias_p=base.bias_p,
-                     bias_size=base.bias_size,
+    growth = norm / base.norm if base.norm > 0 else 1.0
+    return Tolerance(rel=rel, norm=norm, floor=base.floor, bias=base.bias * growth, bias_p=base.bias_p,
+                     bias_size=base.bias_size * growth,
                      why=f"{base.why}; end to end: the larger of that and {E2E_K_REL:g}x/{E2E_K_NORM:g}x "
                          f"the float32-noise witness (max rel {witness.max_rel:.2g}, norm rel "
-                         f"{witness.norm_rel:.2g})")
+                         f"{witness.norm_rel:.2g})" + (f", the mean's minimum effect x{growth:.2g}" if growth > 1 else ""))
 
 
 def term_magnitude(kernel: str, output: str, args: dict, outputs: dict) -> np.ndarray | None:
