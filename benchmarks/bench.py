@@ -79,7 +79,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 from bench_parts import (ALL_PARTS, D24, FULL_PARTS, MODEL_PARTS, d24_config, machine_info,  # noqa: E402
-                         part_c_step, part_full_check, part_op_checks, part_py_step)
+                         part_c_step, part_full_check, part_llmc_command, part_op_checks, part_py_step)
 from bench_results import d24_room, memory, overhead  # noqa: E402
 from bench_tables import markdown, text  # noqa: E402
 
@@ -109,6 +109,8 @@ def run_part(name: str, args) -> dict:
             out = part_c_step(cfg, params, batch, args.steps, threads=1)
         elif name in ("numpy_step", "torch_step", "oracle_step", "witness_step"):
             out = part_py_step(cfg, params, batch, args.steps, name[:-5])
+        elif name == "llmc_command":
+            out = part_llmc_command(cfg, params, args.B, args.T)
         elif name in FULL_PARTS:
             steps = {"full_check": args.full_steps, "full_check_d24": 1}.get(name, args.replay_steps)
             profile = None
@@ -198,7 +200,7 @@ def _defaults(args) -> argparse.Namespace:
 def _parts(args, ap) -> list[str]:
     parts = args.parts
     if parts is None:
-        parts = [*MODEL_PARTS, "op_checks", "full_check"]
+        parts = [*MODEL_PARTS, "op_checks", "full_check", "llmc_command"]
         if not args.no_replay:
             parts.append("full_check_replay")
         if args.config in ("d12", "124M") and not args.no_d24:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from math import prod
 
-from bench_parts import (D24, FULL_PARTS, MEMORY_TARGET, MODEL_CATEGORIES, MODEL_PARTS, NECESSARY_PARTS,
-                         OVERHEAD_TARGET, d24_config)
+from bench_parts import (D24, FULL_PARTS, LLMC_SECONDS, LLMC_STEPS, LLMC_TARGET, MEMORY_TARGET, MODEL_CATEGORIES,
+                         MODEL_PARTS, NECESSARY_PARTS, OVERHEAD_TARGET, d24_config)
 
 
 def held_bytes(cfg, B: int, T: int) -> dict:
@@ -105,7 +105,20 @@ def overhead(results: dict) -> dict:
             inside = sum(split["first"]["models_in_check_vs_alone"][c][0] for c in ("C", "numpy", "torch", "oracle"))
             r["first_vs_necessary_in_check"] = split["first"]["step_s"] / inside
         out[name] = r
+    out["llmc_command"] = _llmc_command(parts.get("llmc_command", {}), warm)
     return out
+
+
+def _llmc_command(lc: dict, warm: dict) -> dict:
+    """The README's llm.c command against its necessary parts, measured in the same run: the
+    C's and the oracle's steps for each of its steps, and once more for the debug state."""
+    if lc.get("status") != "ran":
+        return {"why": lc.get("why") or "not run"}
+    necessary = (LLMC_STEPS + 1) * (warm["c_step"] + warm["oracle_step"])
+    ratio = lc["wall_s"] / necessary
+    return {"wall_s": lc["wall_s"], "necessary_s": necessary, "vs_necessary": ratio, "passed": lc["passed"],
+            "target": LLMC_TARGET, "seconds_target": LLMC_SECONDS,
+            "meets_target": ratio <= LLMC_TARGET and lc["wall_s"] <= LLMC_SECONDS}
 
 
 def _split(fc: dict, first: dict, warm: dict) -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from harness import markdown_table, text_table
 
-from bench_parts import CHECKS_PER_SEC_TARGET, FULL_PARTS, MEMORY_TARGET, MODEL_PARTS, OVERHEAD_TARGET, d24_config
+from bench_parts import (CHECKS_PER_SEC_TARGET, FULL_PARTS, LLMC_SECONDS, LLMC_STEPS, LLMC_TARGET, MEMORY_TARGET,
+                         MODEL_PARTS, OVERHEAD_TARGET, d24_config)
 
 PART_HEADER = ("part", "first step", "warm step", "phases (warm, s)", "peak RSS", "held (above baseline)",
                "held by config")
@@ -85,6 +86,13 @@ def target_rows(results: dict) -> list[tuple[str, str, str]]:
     parts, mem, ov = results["parts"], results.get("memory", {}), results.get("overhead", {})
     rows = [_time_row(name, ov[name]) for name in FULL_PARTS if name in ov]
     rows += [_memory_row(name, mem[name], mem) for name in FULL_PARTS if name in mem]
+    lc = ov.get("llmc_command", {})
+    if "wall_s" in lc:
+        rows.append((f"the README's llm.c command ({LLMC_STEPS} steps, --debug-state, defaults): <= {LLMC_TARGET:g} x "
+                     f"its necessary parts and <= {LLMC_SECONDS / 60:.0f} min",
+                     f"{lc['wall_s']:.0f} s = {lc['vs_necessary']:.3g} x its necessary parts ({LLMC_STEPS + 1} x "
+                     f"(the C's step + the oracle's) = {lc['necessary_s']:.0f} s); verdict "
+                     f"{'PASS' if lc['passed'] else 'FAIL'}", _met(lc["meets_target"])))
     d24 = parts.get("full_check_d24")
     if d24 is not None:
         fits = d24.get("status") == "ran" and d24["passed"] and d24["peak_rss_mib"] * 2**20 < 24e9

@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     # a ValueError or RuntimeError from anywhere else is a bug of ours: exit 3 with the trace
     except (InputError, FormatError, ConfigError, FileNotFoundError, FileExistsError,
             IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if getattr(args, "verbose", False):   # -v: where it came from (a model's own trace)
+            import traceback
+            traceback.print_exc()
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llmc-parity: error: {reason}", file=sys.stderr)
         return EXIT_USAGE

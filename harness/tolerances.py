@@ -165,9 +165,9 @@ def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -
     base = op_tolerance(kernel, output, n, size)
     rel = max(base.rel, E2E_K_REL * witness.max_rel)
     norm = max(base.norm, E2E_K_NORM * witness.norm_rel)
-    growth = norm / base.norm if base.norm > 0 else 1.0
+    growth = norm / base.norm if base.norm > 0 else 1.0      # inf where the witness's norm is
     return Tolerance(rel=rel, norm=norm, floor=base.floor, bias=base.bias * growth, bias_p=base.bias_p,
-                     bias_size=base.bias_size * growth,
+                     bias_size=base.bias_size * growth if base.bias_size else 0.0,
                      why=f"{base.why}; end to end: the larger of that and {E2E_K_REL:g}x/{E2E_K_NORM:g}x "
                          f"the float32-noise witness (max rel {witness.max_rel:.2g}, norm rel "
                          f"{witness.norm_rel:.2g})" + (f", the mean's minimum effect x{growth:.2g}" if growth > 1 else ""))

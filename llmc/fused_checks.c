@@ -34,7 +34,6 @@ typedef struct {
     int64_t tol_ulp;
     double floor;
     int32_t nan_equal;
-    int32_t has_es;
     double scale;
 } llmc_rule;
 
@@ -77,21 +76,14 @@ static inline void element(block_acc* k, gsums* g, const llmc_rule* r, int64_t i
         return;
     }
     double diff = fabs(a - e);
-    double den = fabs(e) + r->scale;
-    if (r->has_es) den += es;
+    double den = (fabs(e) + r->scale) + es;     // es is 0 without term sizes: adds nothing
     double rel = diff / den;
     if (diff > k->max_abs) k->max_abs = diff;
     k->sumsq_diff += diff * diff;
-    double size = fabs(e);
-    if (r->has_es || r->floor != 0.0) {
-        if (r->has_es) size += es;
-        size += r->floor;
-        k->sumsq_size += size * size;
-    } else {
-        k->sumsq_size += e * e;
-    }
+    double size = (fabs(e) + es) + r->floor;    // with neither: |e| itself, exactly
+    k->sumsq_size += size * size;
     double sgn = copysign(rel, a - e);          // the bias test's terms (harness/stats.py)
-    g->f += sgn * (double)((e > 0.0) - (e < 0.0));
+    g->f += (e > 0.0 ? sgn : 0.0) - (e < 0.0 ? sgn : 0.0);
     g->s += sgn;
     g->r += fabs(e) / den;
     g->n += 1.0;
@@ -180,8 +172,79 @@ double llmc_sumsq_expected(const llmc_pair* in, int64_t* count_out, int threads)
     return total;
 }
 
+// The common block: every element compared and finite. One vectorised pass computes each
+// element's rel (kept for the argmax), the sums and the counts; a block where some pair is
+// not finite (its sums come out non-finite) goes through element() instead.
+static inline __attribute__((always_inline)) int block_fast(
+        block_acc* k, gsums* g, const llmc_rule* r, int64_t base, int64_t len, double* relbuf,
+        const void* ap, int a64, const void* ep, int e64, const void* esp, int esk) {
+    double sd = 0.0, ss = 0.0, gf = 0.0, gs = 0.0, gr = 0.0, mx = 0.0, mr = -1.0, mu = 0.0, nbad = 0.0;
+    const double scale = r->scale, tol = r->tol_rel, floor_ = r->floor;
+    const double tol_ulp = r->tol_ulp >= 0 ? (double)r->tol_ulp : INFINITY;
+    #pragma omp simd reduction(+:sd, ss, gf, gs, gr, nbad) reduction(max:mx, mr, mu)
+    for (int64_t i = 0; i < len; i++) {
+        double a = a64 ? ((const double*)ap)[i] : (double)((const float*)ap)[i];
+        double e = e64 ? ((const double*)ep)[i] : (double)((const float*)ep)[i];
+        double es = esk == 0 ? 0.0 : esk == 2 ? ((const double*)esp)[i] : (double)((const float*)esp)[i];
+        double diff = fabs(a - e);
+        double den = (fabs(e) + scale) + es;
+        double rel = diff / den;
+        relbuf[i] = rel;
+        mx = diff > mx ? diff : mx;
+        mr = rel > mr ? rel : mr;
+        sd += diff * diff;
+        double size = (fabs(e) + es) + floor_;      // with no es and no floor: |e| itself, exactly
+        ss += size * size;
+        double sgn = copysign(rel, a - e);               // the bias test's terms (harness/stats.py)
+        gf += (e > 0.0 ? sgn : 0.0) - (e < 0.0 ? sgn : 0.0);
+        gs += sgn;
+        gr += fabs(e) / den;
+        // the float32 ulp distance: the monotone keys of the two float32 bit patterns,
+        // subtracted in double (exact: each key is below 2^31 in magnitude)
+        union { float f; int32_t i; } ua = {.f = (float)a}, ue = {.f = (float)e};
+        int32_t ba = ua.i, be = ue.i;
+        int32_t sa = ba >> 31, se = be >> 31;
+        double ulp = fabs((double)(((ba & 0x7FFFFFFF) ^ sa) - sa) - (double)(((be & 0x7FFFFFFF) ^ se) - se));
+        mu = ulp > mu ? ulp : mu;
+        nbad += (rel > tol || ulp > tol_ulp) ? 1.0 : 0.0;
+    }
+    if (!(isfinite(sd) && isfinite(ss) && isfinite(gs))) return 0;   // some pair is not finite
+    k->n_compared += len;
+    k->n_bad += (int64_t)nbad;
+    k->sumsq_diff += sd; k->sumsq_size += ss;
+    g->f += gf; g->s += gs; g->r += gr; g->n += (double)len;
+    if (mx > k->max_abs) k->max_abs = mx;
+    if ((int64_t)mu > k->max_ulp) k->max_ulp = (int64_t)mu;
+    if (mr > k->best_rel) {
+        for (int64_t i = 0; i < len; i++)
+            if (relbuf[i] == mr) { k->best_rel = mr; k->best_index = base + i; break; }
+    }
+    return 1;
+}
+
+// Compiled twice, for AVX2 and for any x86-64 (or once elsewhere), chosen at load time: the
+// same arithmetic either way (no FMA: contraction is off), wider vectors where they exist.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+int llmc_block(block_acc* k, gsums* g, const llmc_pair* in, const llmc_rule* r, int64_t lo, int64_t hi,
+               double* relbuf) {
+    int combo = in->a_f64 * 6 + in->e_f64 * 3 + in->es_kind;
+    const char* a = (const char*)in->a + lo * (in->a_f64 ? 8 : 4);
+    const char* e = (const char*)in->e + lo * (in->e_f64 ? 8 : 4);
+    const char* es = in->es ? (const char*)in->es + lo * (in->es_kind == 2 ? 8 : 4) : NULL;
+    #define FAST(A, E, S) return block_fast(k, g, r, lo, hi - lo, relbuf, a, A, e, E, es, S)
+    switch (combo) {
+        case 0: FAST(0, 0, 0); case 1: FAST(0, 0, 1); case 2: FAST(0, 0, 2);
+        case 3: FAST(0, 1, 0); case 4: FAST(0, 1, 1); case 5: FAST(0, 1, 2);
+        case 6: FAST(1, 0, 0); case 7: FAST(1, 0, 1); case 8: FAST(1, 0, 2);
+        case 9: FAST(1, 1, 0); case 10: FAST(1, 1, 1); default: FAST(1, 1, 2);
+    }
+    #undef FAST
+}
+
 // The pieces of the blocks: block b's elements [lo, hi) cut at the group boundaries. A
-// block's pieces are groups gfirst[b] .. glast(b) and their sums are piece[poff[b] + j].
+// block's pieces are groups gfirst[b] .. and their sums are piece[poff[b] + j].
 typedef struct {
     int64_t nb, G, npieces;
     const int64_t* gbound;     // G + 1 flat offsets (NULL: no groups)
@@ -246,75 +309,6 @@ static void pieces_fold(const pieces* p, const gsums* piece, int64_t stride, dou
         }
 }
 
-// The common piece: every element compared and finite. One vectorised pass computes each
-// element's rel (kept for the argmax), the sums and the counts; a block where some pair is
-// not finite (its sums come out non-finite) goes through element() instead.
-static inline __attribute__((always_inline)) int block_fast(
-        block_acc* k, gsums* g, const llmc_rule* r, int64_t lo, int64_t hi, double* relbuf,
-        const void* ap, int a64, const void* ep, int e64, const void* esp, int esk) {
-    double sd = 0.0, ss = 0.0, gf = 0.0, gs = 0.0, gr = 0.0, mx = 0.0, mr = -1.0;
-    int64_t nbad = 0, mu = 0;
-    const double scale = r->scale, tol = r->tol_rel, floor_ = r->floor;
-    const int64_t tol_ulp = r->tol_ulp;
-    const int sized = esk != 0 || floor_ != 0.0;
-    #pragma omp simd reduction(+:sd, ss, gf, gs, gr, nbad) reduction(max:mx, mr, mu)
-    for (int64_t i = lo; i < hi; i++) {
-        double a = a64 ? ((const double*)ap)[i] : (double)((const float*)ap)[i];
-        double e = e64 ? ((const double*)ep)[i] : (double)((const float*)ep)[i];
-        double es = esk == 0 ? 0.0 : esk == 2 ? ((const double*)esp)[i] : (double)((const float*)esp)[i];
-        double diff = fabs(a - e);
-        double den = fabs(e) + scale;
-        if (esk) den += es;
-        double rel = diff / den;
-        relbuf[i - lo] = rel;
-        mx = diff > mx ? diff : mx;
-        mr = rel > mr ? rel : mr;
-        sd += diff * diff;
-        double size = fabs(e);
-        if (esk) size += es;
-        if (sized) size += floor_;
-        ss += sized ? size * size : e * e;
-        double sgn = copysign(rel, a - e);
-        gf += sgn * (double)((e > 0.0) - (e < 0.0));
-        gs += sgn;
-        gr += fabs(e) / den;
-        float fa = (float)a, fe = (float)e;
-        int32_t ba, be;
-        memcpy(&ba, &fa, 4);
-        memcpy(&be, &fe, 4);
-        int32_t sa = ba >> 31, se = be >> 31;
-        int64_t ka = (int64_t)(((ba & 0x7FFFFFFF) ^ sa) - sa), ke = (int64_t)(((be & 0x7FFFFFFF) ^ se) - se);
-        int64_t ulp = ka > ke ? ka - ke : ke - ka;
-        mu = ulp > mu ? ulp : mu;
-        nbad += (rel > tol) | (tol_ulp >= 0 && ulp > tol_ulp);
-    }
-    if (!(isfinite(sd) && isfinite(ss) && isfinite(gs))) return 0;   // some pair is not finite
-    k->n_compared += hi - lo;
-    k->n_bad += nbad;
-    k->sumsq_diff += sd; k->sumsq_size += ss;
-    g->f += gf; g->s += gs; g->r += gr; g->n += (double)(hi - lo);
-    if (mx > k->max_abs) k->max_abs = mx;
-    if (mu > k->max_ulp) k->max_ulp = mu;
-    if (mr > k->best_rel) {
-        for (int64_t i = lo; i < hi; i++)
-            if (relbuf[i - lo] == mr) { k->best_rel = mr; k->best_index = i; break; }
-    }
-    return 1;
-}
-
-static int block_dispatch(block_acc* k, gsums* g, const llmc_pair* in, const llmc_rule* r, int64_t lo, int64_t hi,
-                          double* relbuf) {
-    int combo = in->a_f64 * 6 + in->e_f64 * 3 + in->es_kind;
-    #define FAST(A, E, S) return block_fast(k, g, r, lo, hi, relbuf, in->a, A, in->e, E, in->es, S)
-    switch (combo) {
-        case 0: FAST(0, 0, 0); case 1: FAST(0, 0, 1); case 2: FAST(0, 0, 2);
-        case 3: FAST(0, 1, 0); case 4: FAST(0, 1, 1); case 5: FAST(0, 1, 2);
-        case 6: FAST(1, 0, 0); case 7: FAST(1, 0, 1); case 8: FAST(1, 0, 2);
-        case 9: FAST(1, 1, 0); case 10: FAST(1, 1, 1); default: FAST(1, 1, 2);
-    }
-    #undef FAST
-}
-
 // The metrics of a pair under rule r (its scale: the RMS scale plus the floor), and the
 // bias test's sums of the G groups that gbound delimits into gout (4 G doubles; gbound
 // NULL: none).
@@ -337,7 +331,7 @@ int llmc_compare(const llmc_pair* in, const llmc_rule* r, llmc_cmp_out* out, con
             block_init(&k);
             int fast = in->causal_T <= 0;
             for (int64_t j = 0; fast && piece_range(&P, b, j, lo, hi, &plo, &phi); j++)
-                fast = block_dispatch(&k, &mine[j], in, r, plo, phi, relbuf);
+                fast = llmc_block(&k, &mine[j], in, r, plo, phi, relbuf);
             if (!fast) {
                 block_init(&k);
                 for (int64_t j = 0; piece_range(&P, b, j, lo, hi, &plo, &phi); j++) {
@@ -378,39 +372,70 @@ typedef struct {
     int64_t n;
 } llmc_adamw_in;
 
-static inline void adamw_expected(const llmc_adamw_in* in, const llmc_adamw_hp* h, int64_t i,
-                                  double* p, double* m, double* v) {
-    double g = (double)in->g[i];
-    double mm = in->m0 ? (double)in->m0[i] : 0.0;
-    double vv = in->v0 ? (double)in->v0[i] : 0.0;
-    mm = mm * h->beta1;
-    mm = mm + (1.0 - h->beta1) * g;
-    vv = vv * h->beta2;
-    vv = vv + ((1.0 - h->beta2) * g) * g;
-    double m_hat = mm / h->bc1, v_hat = vv / h->bc2;
-    double upd = m_hat / (sqrt(v_hat) + h->eps);
-    double pp = (double)in->p0[i];
-    upd = upd + h->wd * pp;
-    upd = upd * h->lr;
-    *p = pp - upd;
-    *m = mm;
-    *v = vv;
+// One block's expected params, m, v (float64) and the term sizes of params and m (float32),
+// into the block buffers, in one vectorised loop; ``state``: m0 and v0 given (else zeros,
+// the first step: the caller gives both or neither).
+static inline __attribute__((always_inline)) void adamw_fill_state(
+        const llmc_adamw_in* in, const llmc_adamw_hp* h, int64_t lo, int64_t len,
+        double* pe, double* me, double* ve, float* ps, float* ms, int state) {
+    const float *p0 = in->p0 + lo, *g = in->g + lo;
+    const float *m0 = state ? in->m0 + lo : NULL, *v0 = state ? in->v0 + lo : NULL;
+    #pragma omp simd
+    for (int64_t i = 0; i < len; i++) {
+        double gi = (double)g[i];
+        float m0f = state ? m0[i] : 0.0f;
+        double mm = (double)m0f;
+        double vv = state ? (double)v0[i] : 0.0;
+        mm = mm * h->beta1;
+        mm = mm + (1.0 - h->beta1) * gi;
+        vv = vv * h->beta2;
+        vv = vv + ((1.0 - h->beta2) * gi) * gi;
+        double upd = (mm / h->bc1) / (sqrt(vv / h->bc2) + h->eps);
+        double pp = (double)p0[i];
+        upd = upd + h->wd * pp;
+        upd = upd * h->lr;
+        pe[i] = pp - upd;
+        me[i] = mm;
+        ve[i] = vv;
+        float m_mag = fabsf(h->b1 * m0f);                       // pyref.terms.adamw_magnitudes
+        m_mag = m_mag + fabsf(h->one_minus_b1 * g[i]);
+        float u = m_mag / h->c1;
+        u = u / (sqrtf((float)vv / h->c2) + h->eps_f);
+        u = u * h->amp;
+        float absp = fabsf(p0[i]);
+        u = u + h->wd_f * absp;
+        u = u * h->lr_f;
+        ms[i] = m_mag;
+        ps[i] = u + absp;
+    }
 }
 
-static inline void adamw_sizes(const llmc_adamw_in* in, const llmc_adamw_hp* h, int64_t i, double v,
-                               float* m_size, float* p_size) {
-    float m0 = in->m0 ? in->m0[i] : 0.0f;
-    float m_mag = fabsf(h->b1 * m0);
-    m_mag = m_mag + fabsf(h->one_minus_b1 * in->g[i]);
-    float upd = m_mag / h->c1;
-    upd = upd / (sqrtf((float)v / h->c2) + h->eps_f);
-    upd = upd * h->amp;
-    float absp = fabsf(in->p0[i]);
-    upd = upd + h->wd_f * absp;
-    upd = upd * h->lr_f;
-    upd = upd + absp;
-    *m_size = m_mag;
-    *p_size = upd;
+static inline __attribute__((always_inline)) void adamw_fill(
+        const llmc_adamw_in* in, const llmc_adamw_hp* h, int64_t lo, int64_t len,
+        double* pe, double* me, double* ve, float* ps, float* ms) {
+    if (in->m0) adamw_fill_state(in, h, lo, len, pe, me, ve, ps, ms, 1);
+    else adamw_fill_state(in, h, lo, len, pe, me, ve, ps, ms, 0);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void llmc_adamw_block_sumsq(const llmc_adamw_in* in, const llmc_adamw_hp* h, int64_t lo, int64_t len,
+                            double* buf, double sums[3], int64_t counts[3]) {
+    double *pe = buf, *me = buf + BLOCK, *ve = buf + 2 * BLOCK;
+    float *ps = (float*)(buf + 3 * BLOCK), *ms = ps + BLOCK;
+    adamw_fill(in, h, lo, len, pe, me, ve, ps, ms);
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, c0 = 0.0, c1 = 0.0, c2 = 0.0;
+    #pragma omp simd reduction(+:s0, s1, s2, c0, c1, c2)
+    for (int64_t i = 0; i < len; i++) {
+        double f0 = isfinite(pe[i]) ? 1.0 : 0.0, f1 = isfinite(me[i]) ? 1.0 : 0.0, f2 = isfinite(ve[i]) ? 1.0 : 0.0;
+        s0 += f0 != 0.0 ? pe[i] * pe[i] : 0.0;
+        s1 += f1 != 0.0 ? me[i] * me[i] : 0.0;
+        s2 += f2 != 0.0 ? ve[i] * ve[i] : 0.0;
+        c0 += f0; c1 += f1; c2 += f2;
+    }
+    sums[0] = s0; sums[1] = s1; sums[2] = s2;
+    counts[0] = (int64_t)c0; counts[1] = (int64_t)c1; counts[2] = (int64_t)c2;
 }
 
 // Pass 1: the sums of squares of the finite expected params, m and v, and their counts.
@@ -418,25 +443,58 @@ void llmc_adamw_sumsq(const llmc_adamw_in* in, const llmc_adamw_hp* h, double su
                       int threads) {
     int64_t nb = (in->n + BLOCK - 1) / BLOCK;
     double* part = malloc(sizeof(double) * 3 * (size_t)(nb ? nb : 1));
-    int64_t c0 = 0, c1 = 0, c2 = 0;
-    #pragma omp parallel for schedule(static) reduction(+:c0, c1, c2) num_threads(threads)
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t lo = b * BLOCK, hi = lo + BLOCK < in->n ? lo + BLOCK : in->n;
-        double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-        for (int64_t i = lo; i < hi; i++) {
-            double p, m, v;
-            adamw_expected(in, h, i, &p, &m, &v);
-            if (isfinite(p)) { s0 += p * p; c0++; }
-            if (isfinite(m)) { s1 += m * m; c1++; }
-            if (isfinite(v)) { s2 += v * v; c2++; }
+    int64_t* cpart = malloc(sizeof(int64_t) * 3 * (size_t)(nb ? nb : 1));
+    #pragma omp parallel num_threads(threads)
+    {
+        double* buf = malloc(sizeof(double) * 4 * BLOCK);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t lo = b * BLOCK, len = lo + BLOCK < in->n ? BLOCK : in->n - lo;
+            llmc_adamw_block_sumsq(in, h, lo, len, buf, part + 3 * b, cpart + 3 * b);
         }
-        part[3 * b] = s0; part[3 * b + 1] = s1; part[3 * b + 2] = s2;
+        free(buf);
     }
-    sumsq[0] = sumsq[1] = sumsq[2] = 0.0;
+    for (int k = 0; k < 3; k++) { sumsq[k] = 0.0; count[k] = 0; }
     for (int64_t b = 0; b < nb; b++)
-        for (int k = 0; k < 3; k++) sumsq[k] += part[3 * b + k];
-    count[0] = c0; count[1] = c1; count[2] = c2;
+        for (int k = 0; k < 3; k++) { sumsq[k] += part[3 * b + k]; count[k] += cpart[3 * b + k]; }
     free(part);
+    free(cpart);
+}
+
+// One block of pass 2: the three comparisons (a block with a non-finite pair element by element).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void llmc_adamw_block(const llmc_adamw_in* in, const llmc_adamw_hp* h, const llmc_rule r[3], int64_t lo,
+                      int64_t len, double* buf, double* relbuf, block_acc acc[3], const int64_t* cuts,
+                      int64_t ncuts, gsums* g) {
+    double *pe = buf, *me = buf + BLOCK, *ve = buf + 2 * BLOCK;
+    float *ps = (float*)(buf + 3 * BLOCK), *ms = ps + BLOCK;
+    adamw_fill(in, h, lo, len, pe, me, ve, ps, ms);
+    const float* actual[3] = {in->p1 + lo, in->m1 + lo, in->v1 + lo};
+    const double* expected[3] = {pe, me, ve};
+    const float* size[3] = {ps, ms, NULL};
+    for (int k = 0; k < 3; k++) {              // each piece [cuts[j], cuts[j+1]) of the block
+        block_init(&acc[k]);
+        int done = 1;
+        for (int64_t j = 0; done && j < ncuts; j++) {
+            int64_t o = cuts[j], n = cuts[j + 1] - cuts[j];
+            done = size[k] ? block_fast(&acc[k], &g[3 * j + k], &r[k], lo + o, n, relbuf, actual[k] + o, 0,
+                                        expected[k] + o, 1, size[k] + o, 1)
+                           : block_fast(&acc[k], &g[3 * j + k], &r[k], lo + o, n, relbuf, actual[k] + o, 0,
+                                        expected[k] + o, 1, NULL, 0);
+        }
+        if (!done) {
+            block_init(&acc[k]);
+            for (int64_t j = 0; j < ncuts; j++) {
+                gsums* gj = &g[3 * j + k];
+                memset(gj, 0, sizeof *gj);
+                for (int64_t i = cuts[j]; i < cuts[j + 1]; i++)
+                    element(&acc[k], gj, &r[k], lo + i, (double)actual[k][i], expected[k][i],
+                            size[k] ? (double)size[k][i] : 0.0);
+            }
+        }
+    }
 }
 
 // Pass 2: the three comparisons (params, m, v: rules r[0..2], results out[0..2]), and the
@@ -450,25 +508,23 @@ int llmc_adamw_compare(const llmc_adamw_in* in, const llmc_adamw_hp* h, const ll
     int failed = pieces_init(&P, in->n, gbound, G) || !acc;
     gsums* piece = failed ? NULL : calloc(3 * ((size_t)(P.G ? P.npieces : nb) + 1), sizeof(gsums));
     if (failed || !piece) { free(acc); free(piece); pieces_free(&P); return 1; }
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t lo = b * BLOCK, hi = lo + BLOCK < in->n ? lo + BLOCK : in->n, plo, phi;
-        gsums* mine = &piece[3 * (P.G ? P.poff[b] : b)];
-        block_acc kp, km, kv;
-        block_init(&kp); block_init(&km); block_init(&kv);
-        for (int64_t j = 0; piece_range(&P, b, j, lo, hi, &plo, &phi); j++) {
-            gsums* g = &mine[3 * j];
-            for (int64_t i = plo; i < phi; i++) {
-                double p, m, v;
-                float m_size, p_size;
-                adamw_expected(in, h, i, &p, &m, &v);
-                adamw_sizes(in, h, i, v, &m_size, &p_size);
-                element(&kp, &g[0], &r[0], i, (double)in->p1[i], p, (double)p_size);
-                element(&km, &g[1], &r[1], i, (double)in->m1[i], m, (double)m_size);
-                element(&kv, &g[2], &r[2], i, (double)in->v1[i], v, 0.0);
+    #pragma omp parallel num_threads(threads)
+    {
+        double* buf = malloc(sizeof(double) * 4 * BLOCK);
+        double* relbuf = malloc(sizeof(double) * BLOCK);
+        int64_t cuts[BLOCK + 1];
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t lo = b * BLOCK, len = lo + BLOCK < in->n ? BLOCK : in->n - lo, plo, phi, ncuts = 0;
+            for (int64_t j = 0; piece_range(&P, b, j, lo, lo + len, &plo, &phi); j++) {
+                cuts[ncuts++] = plo - lo;
+                cuts[ncuts] = phi - lo;
             }
+            llmc_adamw_block(in, h, r, lo, len, buf, relbuf, acc + 3 * b, cuts, ncuts,
+                             &piece[3 * (P.G ? P.poff[b] : b)]);
         }
-        acc[3 * b] = kp; acc[3 * b + 1] = km; acc[3 * b + 2] = kv;
+        free(buf);
+        free(relbuf);
     }
     for (int k = 0; k < 3; k++) {
         fold(acc + k, nb, 3, &out[k]);

@@ -108,22 +108,53 @@ class WalkGPT2VocabBug(WalkGPT2):
     vocab_bug = True
 
 
+class WalkGPT2LossOverVp(WalkGPT2):
+    """The walkthrough's model with torch's cross-entropy over all Vp logits (the padded
+    columns included) instead of its own softmax and loss kernels."""
+
+    def forward(self, inputs, targets):
+        logits, _ = super().forward(inputs, targets)
+        return logits, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1).long())
+
+
 # ----------------------------------------------------------------------------
 # nanoGPT / llm.c train_gpt2.py
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head):
+    """nanoGPT's attention; ``bugs`` (a dict, see :meth:`GPT.variant`) writes it out by hand
+    with one of the mistakes ports make."""
+
+    def __init__(self, n_embd, n_head, bugs=None):
         super().__init__()
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.n_head, self.n_embd = n_head, n_embd
+        self.bugs = bugs or {}
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        if not self.bugs:
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        bug = self.bugs
+        hs = C // self.n_head
+        if "qkv_order" in bug:             # e.g. "kqv": the chunks taken in another order
+            parts = dict(zip(bug["qkv_order"], (q, k, v)))
+            q, k, v = parts["q"], parts["k"], parts["v"]
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * bug.get("scale", 1.0 / math.sqrt(hs))
+        mask = torch.ones(T, T, dtype=torch.bool).tril(bug.get("diagonal", 0))
+        if not bug.get("no_mask"):
+            att = att.masked_fill(~mask, float("-inf"))
+        att = att.softmax(dim=bug.get("softmax_dim", -1))
+        y = att @ v                         # (B, NH, T, hs)
+        if bug.get("merge_no_transpose"):   # heads merged without transposing back
+            y = y.reshape(B, T, C)
+        else:
+            y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
 
 
 class MLP(nn.Module):
@@ -138,33 +169,47 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, eps, gelu, dropout):
+    def __init__(self, n_embd, n_head, eps, gelu, dropout, bugs=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, eps=eps)
-        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.attn = CausalSelfAttention(n_embd, n_head, (bugs or {}).get("attn"))
         self.ln_2 = nn.LayerNorm(n_embd, eps=eps)
         self.mlp = MLP(n_embd, gelu)
         self.drop = nn.Dropout(dropout)
+        self.bugs = bugs or {}
 
     def forward(self, x):
-        x = x + self.drop(self.attn(self.ln_1(x)))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        bug = self.bugs
+        x = x + bug.get("attn_branch", 1.0) * self.drop(self.attn(self.ln_1(x)))
+        h = self.ln_1(x) if bug.get("ln1_for_mlp") else self.ln_2(x)
+        return x + bug.get("mlp_branch", 1.0) * self.drop(self.mlp(h))
 
 
 class GPT(nn.Module):
-    """nanoGPT's GPT on its GPTConfig fields (block_size, vocab_size, n_layer, n_head, n_embd)."""
+    """nanoGPT's GPT on its GPTConfig fields (block_size, vocab_size, n_layer, n_head, n_embd);
+    ``GPT.variant(...)`` plants the bugs the tests look for (class attributes below; ``attn``
+    and ``block`` are dicts read by CausalSelfAttention and Block)."""
 
     eps, gelu, dropout, tied, shift_labels = 1e-5, "tanh", 0.0, True, False
+    attn: dict = {}          # CausalSelfAttention's bugs
+    block: dict = {}         # Block's bugs
+    pos_offset = 0           # positions start at pos_offset
+    no_wpe = False           # the position table is never added
+    skip_ln_f = False        # the final layer norm is left out
+    label_smoothing = 0.0
+    loss_reduction = "mean"  # "sum": summed over the positions
+    ignore_index = None      # targets equal to it are ignored
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         C = config.n_embd
+        bugs = dict(self.block, attn=self.attn) if (self.block or self.attn) else None
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, C),
             wpe=nn.Embedding(config.block_size, C),
             drop=nn.Dropout(self.dropout),
-            h=nn.ModuleList(Block(C, config.n_head, self.eps, self.gelu, self.dropout)
+            h=nn.ModuleList(Block(C, config.n_head, self.eps, self.gelu, self.dropout, bugs)
                             for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(C, eps=self.eps),
         ))
@@ -174,17 +219,23 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
-        pos = torch.arange(T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pos = torch.arange(T) + self.pos_offset
+        x = self.transformer.wte(idx)
+        if not self.no_wpe:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(x if self.skip_ln_f else self.transformer.ln_f(x))
         if targets is None:
             return logits, None
+        how = dict(label_smoothing=self.label_smoothing, reduction=self.loss_reduction)
+        if self.ignore_index is not None:
+            how["ignore_index"] = self.ignore_index
         if self.shift_labels:   # as if the targets were not shifted already
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1))
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), **how)
         else:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), **how)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -216,3 +267,40 @@ def hf_gpt2(cfg, **overrides):
 def hf_gpt2_defaults(cfg):
     """Hugging Face's defaults: dropout 0.1 everywhere."""
     return hf_gpt2(cfg, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+
+
+# two of tests/test_model_bugs.py's bugs under names the command line can load (README)
+GPTqkvOrder = GPT.variant(attn=dict(qkv_order="kqv"))          # q, k, v split in the order k, q, v
+GPTln1ForMLP = GPT.variant(block=dict(ln1_for_mlp=True))       # ln_1 feeds the MLP too; ln_2 unused
+
+
+# ----------------------------------------------------------------------------
+# bad input: models the harness cannot run as given (one line, exit 2)
+
+class RaisesInForward(GPT):
+    """Its second block's MLP raises."""
+
+    def __init__(self, config):
+        super().__init__(config)
+
+        def broken(x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        self.transformer.h[1].mlp.forward = broken
+
+
+class ReturnsNothing(GPT):
+    def forward(self, idx, targets=None):
+        super().forward(idx, targets)
+
+
+class WrongLogits(GPT):
+    def forward(self, idx, targets=None):
+        logits, _ = super().forward(idx, targets)
+        return logits[..., :50], None
+
+
+def half_gain(config):
+    """One layer-norm gain in float16."""
+    model = GPT(config)
+    model.transformer.h[0].ln_1.weight.data = model.transformer.h[0].ln_1.weight.data.half()
+    return model

@@ -192,3 +192,49 @@ def test_model_map_maps_a_model_under_other_names(capsys, tmp_path):
     code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "oracle", "--model", model,
                          "--model-map", f"{tmp_path / 'renamed.py'}:swapped")
     assert code == 1 and "first divergence" in out, out[-2000:] + err
+
+
+def test_the_defaults_fit_the_job(capsys, tmp_path, monkeypatch):
+    """With --debug-state (or from 50M parameters) a run checks the C against the oracle
+    alone, replaying where a check fails, and its header says so and how long a step took;
+    below that, and where the user says otherwise, the references and the replay are as
+    asked."""
+    import argparse
+
+    from harness import cli as cli_mod
+    args = argparse.Namespace(ref=None, replay=None, debug_state=None)
+    assert cli_mod._what_runs(args, TINY)[:2] == (["numpy", "torch"], "always")
+    big = PRESETS["d12"]
+    refs, replay, why = cli_mod._what_runs(args, big)
+    assert (refs, replay) == ([], "on-failure") and "124M parameters" in why
+    asked = argparse.Namespace(ref=["numpy"], replay="always", debug_state=None)
+    assert cli_mod._what_runs(asked, big) == (["numpy"], "always", None)
+    params = synth.init_params(TINY, seed=5)
+    formats.write_checkpoint(tmp_path / "model.bin", TINY, params)
+    from pyref.model import GPT2
+    from harness import load_kernels
+    x, y = synth.make_batch(TINY, 2, 8, seed=3)
+    m = GPT2(TINY, params, kernels=load_kernels("torch"))
+    loss = m.forward(x, y)
+    m.zero_grad()
+    m.backward()
+    formats.write_debug_state(tmp_path / "debug.bin", TINY, x, y, m.acts["logits"], loss, m.grads_memory)
+    code, out, err = cli(capsys, "run", "-q", "--steps", "2", "--checkpoint", tmp_path / "model.bin",
+                         "--debug-state", tmp_path / "debug.bin")
+    assert code == 0, out[-3000:] + err
+    head = out.splitlines()[:3]
+    assert "references: oracle (float64); replay: on-failure" in head[0]
+    assert head[1].startswith("with --debug-state: the C against the float64 oracle")
+    assert head[2].startswith("step 1 took ") and "the 2 steps take about" in head[2]
+    assert "numpy" not in out.split("checks\n", 1)[1].split("first divergence")[0]
+
+
+def test_the_progress_bar_estimates_the_time_left(monkeypatch):
+    from harness import cli as cli_mod
+    clock = iter([0.0, 0.0, 10.0, 10.0, 15.0])
+    monkeypatch.setattr(cli_mod.time, "perf_counter", lambda: next(clock))
+    p = cli_mod.Progress(enabled=False)
+    p(1, 4, "C")                      # step 1 starts at 0
+    p(2, 4, "C")                      # step 2 starts at 10: 10 s a step
+    assert p.left(2, 4, 15.0) == pytest.approx(3 * 10 - 5)
+    assert p.left(1, 4, 5.0) is None

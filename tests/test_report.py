@@ -121,7 +121,7 @@ def _validate(obj, name: str, doc: dict) -> None:
 def test_schema_doc_lists_every_object():
     doc = _documented()
     assert set(doc) == {"run", "config", "hyperparameters", "library", "build", "versions", "count",
-                        "step", "check", "worst", "tol", "diagnosis", "cause", "bias_stats"}
+                        "step", "check", "worst", "tol", "diagnosis", "cause", "finding", "bias_stats"}
     assert all(doc.values())
 
 

@@ -74,9 +74,11 @@ def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int 
     ds = read_debug_state(debug_state, config)
     V, B, T = config.vocab_size, ds.B, ds.T
     rows: list[DebugStateRow] = []
-    oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64)
+    # float64 models reading the checkpoint's float32 parameters where they lie (no copies)
+    params = np.ascontiguousarray(params, np.float32)
+    oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64, share_params=True)
     witness = PyGPT2(config, params, kernels=KernelSet.from_module(Witness(seed=0), name="witness"),
-                     dtype=np.float64)
+                     dtype=np.float64, share_params=True)
     for m in (oracle, witness):
         m.forward(ds.inputs, ds.targets)
         m.zero_grad()

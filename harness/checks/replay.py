@@ -91,6 +91,12 @@ def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
             if isinstance(r, Ref):
                 args[a] = np.zeros(r.get(state).shape)
         arg = next(a for a in INPLACE_ARGS[node.kernel] if node.arg_dict.get(a) == ref)
+        if node.kernel == "crossentropy_softmax_backward":
+            # the logits the probabilities came from: a diagnosis of the loss's gradient
+            # over all Vp columns needs them (the kernel itself reads only the probabilities)
+            logits = Ref("acts", "logits")
+            if observation(state)[1](logits):
+                args["logits"] = np.asarray(logits.get(state), np.float64)
         calls.append(Call(node.kernel, arg, args, f"{node.where()} {node.kernel}"))
     return calls
 

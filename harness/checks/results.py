@@ -86,8 +86,18 @@ class Check:
     @property
     def where(self) -> str:
         """The call that wrote the tensor: ``layer 3 ln1 layernorm_forward``, or the sum
-        of the calls that accumulate into a gradient buffer."""
-        module = f" [{self.module}]" if self.module else ""
+        of the calls that accumulate into a gradient buffer (with the torch model's module
+        that showed it, in brackets)."""
+        return self._where(True)
+
+    @property
+    def position(self) -> str:
+        """Its place in the graph: :attr:`where` without the module (the same for every
+        implementation: the plot's x axis)."""
+        return self._where(False)
+
+    def _where(self, with_module: bool) -> str:
+        module = f" [{self.module}]" if self.module and with_module else ""
         if self.kind == "update":
             return f"gpt2_update {self.ref.name}"
         if self.kind == "loss":
@@ -114,6 +124,9 @@ class StepReport:
     first_divergence: dict[str, str]
     errors: dict[str, str] = field(default_factory=dict)   # impl -> exception text
     seconds: float = 0.0
+    # a torch model's structural findings in this step (harness.ports.census): the model
+    # does not follow GPT-2's graph, so its first divergence is where it departs from it
+    structure: dict[str, list] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -151,7 +164,7 @@ class RunReport:
             for impl, text in s.first_divergence.items():
                 # rendered again from the check (a report put together by hand may lack it)
                 return f"step {s.step} [{impl}] " + (first_divergence(
-                    [c for c in s.checks if c.impl == impl], heading) or text)
+                    [c for c in s.checks if c.impl == impl], heading, s.structure.get(impl)) or text)
             for impl, text in s.errors.items():
                 return f"step {s.step} [{impl}] error: {text}"
         return None
@@ -167,9 +180,26 @@ def first_divergence_check(checks: list[Check]) -> Check | None:
     return None
 
 
-def first_divergence(checks: list[Check], heading: bool = True) -> str | None:
+def first_structure(structure) -> object | None:
+    """The structural finding a first divergence names: the first in the graph's order,
+    a module the forward departs at (never called, called again, out of order) before a
+    parameter without gradient."""
+    found = [f for f in structure or () if getattr(f, "structural", False)]
+    order = ("structure.never-called", "structure.called-more", "structure.out-of-order", "structure.unknown-module",
+             "structure.no-gradient")
+    found.sort(key=lambda f: order.index(f.id) if f.id in order else len(order))
+    return found[0] if found else None
+
+
+def first_divergence(checks: list[Check], heading: bool = True, structure=None) -> str | None:
     """The first failing replay check in graph order (else the first failing check), as
-    text (``first divergence: <where>...``; without that word under a heading of its own)."""
+    text (``first divergence: <where>...``; without that word under a heading of its own).
+    A torch model that departs from GPT-2's graph (``structure``: the census's findings)
+    diverges where it departs: the module is named, not a check downstream of it."""
+    f = first_structure(structure)
+    if f is not None:
+        head = ("first divergence: " if heading else "") + (f.where or "structure")
+        return f"{head} [{f.module}]: {f.description} [{f.id}]"
     c = first_divergence_check(checks)
     if c is None:
         return None

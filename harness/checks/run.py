@@ -39,6 +39,7 @@ from ..clib.cmodel import CModel
 from ..clib.library import as_library
 from ..compare import Tolerance
 from ..cores import shared
+from ..errors import InputError
 from ..ports.state import ModelState
 from ..oracle import ORACLE, Witness, witness_spread
 from ..probe import span
@@ -99,7 +100,12 @@ def _step_report(step: "_Step", names: list[str], losses: dict, checks: list[Che
             if d:
                 divergence[name] = d
     errors = {**step.errors, **step.update_errors}
-    return StepReport(step.t, losses, checks, divergence, errors, time.perf_counter() - t0)
+    for name, found in step.structure.items():
+        d = first_divergence([c for c in checks if c.impl == name], structure=found)
+        if d:
+            divergence[name] = d
+    return StepReport(step.t, losses, checks, divergence, errors, time.perf_counter() - t0,
+                      structure=dict(step.structure))
 
 
 def _run_report(config: GPT2Config, shape, hyper: AdamW, lib, impls: dict, pymodels: dict,
@@ -161,6 +167,7 @@ class _Step:
     update: dict = field(default_factory=dict)         # impl -> update checks
     errors: dict = field(default_factory=dict)         # impl -> forward/backward exception
     update_errors: dict = field(default_factory=dict)  # impl -> update exception
+    structure: dict = field(default_factory=dict)      # impl -> the census's findings (a torch model)
 
 
 def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dict, list[Check]]:
@@ -244,9 +251,16 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
                 losses[name] = float(pm.forward(step.inputs, step.targets))
                 pm.zero_grad()
                 pm.backward()
+        except InputError:
+            raise      # a model that cannot be run as given (it raised, returned no loss): the user's to fix
         except Exception as e:
             step.errors[name] = _error_text(e)
             return
+        structure = list(getattr(pm, "structure", ()))
+        if structure:
+            step.structure[name] = structure
+            known = {f.text() for f in pm.findings}
+            pm.findings.extend(f for f in structure if f.text() not in known)
         step.graph[name] = _check_state(step, name, pm, losses, oracle, spread)
         _release(pm, "drop_activations")   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")

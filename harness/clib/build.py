@@ -175,6 +175,15 @@ def build_library(src: str | os.PathLike | None = None, out: str | os.PathLike |
             old = None
         if old == asdict(info) and out.stat().st_mtime >= max(src.stat().st_mtime, PROBE.stat().st_mtime):
             return info
+    _compile(cmd, src, out, quiet)
+    record.write_text(json.dumps(asdict(info), indent=2) + "\n")
+    return info
+
+
+def _compile(cmd: list[str], src: Path, out: Path, quiet: bool = True) -> None:
+    """Run the compile command ``cmd`` (its output named "OUT") into a temporary file beside
+    ``out``, then rename it into place: a process that has the old library loaded is never
+    left with a half-written file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -189,37 +198,22 @@ def build_library(src: str | os.PathLike | None = None, out: str | os.PathLike |
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    record.write_text(json.dumps(asdict(info), indent=2) + "\n")
-    return info
 
 
 def ensure_helper(cc: str | None = None) -> Path:
     """llmc/fused_checks.c built into the build cache unless it is there (keyed by its
     source, the compiler and its version, and HELPER_CFLAGS), with OpenMP where the compiler
-    has it. Raises BuildError when it cannot be built (the NumPy path then serves)."""
+    has it (else one thread). Raises BuildError when it cannot be built (the NumPy path
+    then serves)."""
     cc = cc or os.environ.get("CC") or "gcc"
-    version = compiler_version(cc)
-    try:
-        check_openmp(cc)
-        openmp = ["-fopenmp"]
-    except BuildError:
-        openmp = []
-    key = "|".join([_sha256(HELPER), version, HELPER_CFLAGS, " ".join(openmp)])
+    key = "|".join([_sha256(HELPER), compiler_version(cc), HELPER_CFLAGS])
     out = build_dir() / f"libllmc_fused-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *shlex.split(HELPER_CFLAGS), "-fPIC", "-shared", *openmp, str(HELPER), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BuildError(f"compiling {HELPER} failed (exit {proc.returncode}):\n{proc.stderr.strip()}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if not out.is_file():
+        cmd = [cc, *shlex.split(HELPER_CFLAGS), "-fPIC", "-shared", str(HELPER), "-o", "OUT", "-lm"]
+        try:
+            _compile([*cmd[:-3], "-fopenmp", *cmd[-3:]], HELPER, out)
+        except BuildError:
+            _compile(cmd, HELPER, out)
     return out
 
 

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 _CDEF = """
-typedef struct { double tol_rel; int64_t tol_ulp; double floor; int32_t nan_equal; int32_t has_es; double scale; }
+typedef struct { double tol_rel; int64_t tol_ulp; double floor; int32_t nan_equal; double scale; }
     llmc_rule;
 typedef struct { int64_t n_compared, n_bad, n_nonfinite; int64_t worst_index; int32_t worst_is_nonfinite;
     double max_abs, max_rel; int64_t max_ulp; double sumsq_diff, sumsq_size; }
@@ -104,12 +104,12 @@ class Tally:
         return t
 
 
-def _float_array(x) -> tuple[int, bool] | None:
-    """(is float64, ok) of an array the helper can read as it lies: C-contiguous float32
-    or float64."""
+def _f64(x) -> int | None:
+    """1 for a C-contiguous float64 array, 0 for a float32 one (the layouts the helper
+    reads as they lie), None for anything else."""
     if not isinstance(x, np.ndarray) or not x.flags.c_contiguous or x.dtype not in (np.float32, np.float64):
         return None
-    return int(x.dtype == np.float64), True
+    return int(x.dtype == np.float64)
 
 
 def _causal_T(m: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
@@ -134,19 +134,19 @@ def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equ
     lib = _lib()
     if lib is None or a.size == 0:
         return None
-    fa, fe = _float_array(a), _float_array(e)
+    fa, fe = _f64(a), _f64(e)
     T = _causal_T(m, a.shape)
     if fa is None or fe is None or T is None:
         return None
     es_kind = 0
     if es is not None:
-        if es.shape != a.shape or _float_array(es) is None:
+        if es.shape != a.shape or _f64(es) is None:
             return None
-        es_kind = 2 if es.dtype == np.float64 else 1
+        es_kind = 1 + _f64(es)
     ffi, L = lib
     pair = ffi.new("llmc_pair*")
-    pair.a, pair.a_f64 = ffi.cast("void*", a.ctypes.data), fa[0]
-    pair.e, pair.e_f64 = ffi.cast("void*", e.ctypes.data), fe[0]
+    pair.a, pair.a_f64 = ffi.cast("void*", a.ctypes.data), fa
+    pair.e, pair.e_f64 = ffi.cast("void*", e.ctypes.data), fe
     pair.es, pair.es_kind = (ffi.NULL if es is None else ffi.cast("void*", es.ctypes.data)), es_kind
     pair.n, pair.causal_T = a.size, T
     threads = _threads(a.size)
@@ -155,7 +155,7 @@ def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equ
         sumsq = L.llmc_sumsq_expected(pair, count, threads)
         scale = math.sqrt(sumsq / count[0]) if count[0] else 0.0
         scale = scale if scale > 0.0 else FLOAT32_TINY
-    r = _rule(ffi.new("llmc_rule*"), tol, nan_equal, es is not None, scale)
+    r = _rule(ffi.new("llmc_rule*"), tol, nan_equal, scale)
     out = ffi.new("llmc_cmp_out*")
     bounds = None if bounds is None else np.ascontiguousarray(bounds, np.int64)
     gb, G, gout, groups = _groups(ffi, bounds, 1)
@@ -175,12 +175,11 @@ def _groups(ffi, bounds: np.ndarray | None, k: int):
     return ffi.cast("int64_t*", bounds.ctypes.data), G, ffi.cast("double*", groups.ctypes.data), groups
 
 
-def _rule(r, tol, nan_equal: bool, has_es: bool, scale: float):
+def _rule(r, tol, nan_equal: bool, scale: float):
     r.tol_rel = tol.rel
     r.tol_ulp = -1 if tol.ulp is None else tol.ulp
     r.floor = tol.floor
     r.nan_equal = bool(nan_equal)
-    r.has_es = has_es
     r.scale = scale + tol.floor
     return r
 
@@ -196,6 +195,8 @@ def adamw_tallies(pre: tuple, grads: np.ndarray, post: tuple, hp: dict, tols: tu
     over the groups ``bounds`` delimits; None where the helper cannot take them."""
     lib = _lib()
     arrays = [x for x in (*pre, grads, *post) if x is not None]
+    if (pre[1] is None) != (pre[2] is None):    # m and v are both given, or both zeros
+        return None
     if lib is None or not all(isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
                               for x in arrays):
         return None
@@ -215,7 +216,7 @@ def adamw_tallies(pre: tuple, grads: np.ndarray, post: tuple, hp: dict, tols: tu
     for k in range(3):
         s = math.sqrt(sumsq[k] / count[k]) if count[k] else 0.0
         scales.append(s if s > 0.0 else FLOAT32_TINY)
-        _rule(rules[k], tols[k], True, k < 2, scales[k])
+        _rule(rules[k], tols[k], True, scales[k])
     bounds = None if bounds is None else np.ascontiguousarray(bounds, np.int64)
     gb, G, gout, groups = _groups(ffi, bounds, 3)
     if L.llmc_adamw_compare(p, h, rules, outs, gb, G, gout, threads) != 0:

@@ -41,11 +41,19 @@ from ..compare import Comparison, Tolerance, compare, json_float
 @dataclass(frozen=True)
 class Fit:
     """A variant with one free constant (a wrong coefficient, an epsilon): it is fitted to
-    the implementation's output over [lo, hi] (log-spaced when ``log``) before judging."""
+    the implementation's output over [lo, hi] (log-spaced when ``log``) before judging;
+    ``linear``: the output is affine in the constant, so two evaluations and a closed-form
+    least-squares solve fit it (a factor, an offset, a smoothing weight); ``estimate``: the
+    constant read from the output in closed form (a softmax temperature from the slope of
+    log-probabilities), where a search would cost too much at GPT-2 124M's vocabulary."""
 
     lo: float
     hi: float
     log: bool = False
+    linear: bool = False   # the output is affine in the constant: fitted in closed form
+    # a closed-form estimate of the constant from the output itself,
+    # ``estimate(kernel, args, actual) -> value or None`` (then judged once)
+    estimate: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,21 @@ class Variant:
                  defines the output (e.g. not at the position a shifted label falls off)
     unwritten:   the positions outside ``defined`` are ones the change leaves unwritten
                  (the diagonal of preatt without it): every one of them must be off
-    fit:         optional :class:`Fit` of one free constant
+    fit:         optional :class:`Fit` of one free constant (or ``fit(kernel) -> Fit``)
     terms:       optional ``terms(kernel, args, output) -> array``: sizes of the
                  terms the change adds where they can cancel (added to the check's element
                  scale: a float32 port of the change rounds relative to them)
+    choices:     optional ``choices(kernel, args) -> [choice, ...]``: the discrete forms the
+                 mistake can take (a layout, an order, an offset); each is tried (passed
+                 as ``ctx["choice"]``, with the fit where there is one) and the best that
+                 explains the output is named; ``{choice}`` in the description is its text
+    name:        optional ``name(kernel, args, value, ctx) -> (id, value, note)``: the
+                 cause's id and constant once fitted (a fitted scale that is 1/hs exactly
+                 is ``attention.scale=1/hs``, snapped to it); ``{note}`` in the description
+    fallback:    0 (or False): a specific change, always tried; a higher level is tried only
+                 when no change of a lower level explains the output: 1 for a less usual form
+                 of a mistake that a usual one can mimic (eps outside the square root), 2 for
+                 a change of any op (a constant factor or offset on its output)
     """
 
     id: str
@@ -78,19 +97,26 @@ class Variant:
     run: Callable
     defined: Callable | None = None
     unwritten: bool = False
-    fit: Fit | None = None
+    fit: Fit | Callable | None = None
     terms: Callable | None = None
+    choices: Callable | None = None
+    name: Callable | None = None
+    fallback: int = 0
 
-    def describe(self, value: float | None = None) -> str:
-        return self.description.format(value=_const(value)) if value is not None else self.description
+    def describe(self, value: float | None = None, choice=None, note: str = "", output: str = "") -> str:
+        if value is None and choice is None and not note and "{output}" not in self.description:
+            return self.description
+        return self.description.format(value=_const(value) if value is not None else "", choice=choice,
+                                       note=note, output=output)
 
 
 @dataclass(frozen=True)
 class Cause:
     """A variant that explains a failing output: ``used`` is the fraction of the check's
     tolerance the output uses against the variant (<= 1); ``value`` the fitted constant
-    of a fitted variant; ``where`` the op call it applies to when a buffer is the sum of
-    several calls (replay of the residual-stream gradients)."""
+    of a fitted variant; ``choice`` the form of a variant with choices (``"kqv"``);
+    ``where`` the op call it applies to when a buffer is the sum of several calls (replay
+    of the residual-stream gradients)."""
 
     id: str
     family: str
@@ -98,10 +124,12 @@ class Cause:
     used: float
     value: float | None = None
     where: str | None = None
+    choice: str | None = None
 
     def to_json(self) -> dict:
         return {"id": self.id, "family": self.family, "description": self.description,
-                "used": json_float(self.used), "value": json_float(self.value), "where": self.where}
+                "used": json_float(self.used), "value": json_float(self.value), "choice": self.choice,
+                "where": self.where}
 
 
 @dataclass(frozen=True)
@@ -210,36 +238,69 @@ def diagnose(calls: Call | Sequence[Call], actual, expected, *, variants: Sequen
     changes to try (:data:`harness.diagnosis.CATALOGUE`)."""
     calls = [calls] if isinstance(calls, Call) else list(calls)
     last = calls[-1]
-    ctx = dict(ctx or {})
+    ctx = dict(ctx or {}, actual=actual)
     causes, tried, skipped = [], [], []
-    for i, call in enumerate(calls):
-        for v in variants_for(call.kernel, variants):
-            tried.append(v.id)
-            try:
-                with np.errstate(all="ignore"):
-                    cause = _try(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale,
-                                 axes=axes, ctx=ctx, name=name)
-            except Exception as e:  # a diagnosis must never break the check it explains
-                skipped.append((v.id, f"{type(e).__name__}: {e}"))
-                continue
-            if cause is not None:
-                causes.append(cause)
+    # the specific changes first; a less usual form, then the changes of any op (a factor,
+    # an offset) only when nothing of a lower level explains the output
+    for level in sorted({int(v.fallback) for v in variants}):
+        if causes:
+            break
+        for i, call in enumerate(calls):
+            for v in variants_for(call.kernel, variants):
+                if int(v.fallback) != level:
+                    continue
+                tried.append(v.id)
+                try:
+                    with np.errstate(all="ignore"):
+                        cause = _try(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale,
+                                     axes=axes, ctx=ctx, name=name)
+                except Exception as e:  # a diagnosis must never break the check it explains
+                    skipped.append((v.id, f"{type(e).__name__}: {e}"))
+                    continue
+                if cause is not None:
+                    causes.append(cause)
     causes.sort(key=lambda c: c.used)
     return Diagnosis(last.kernel, last.output, tuple(causes), tuple(dict.fromkeys(tried)), tuple(skipped))
 
 
 def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, elem_scale, axes,
          ctx, name) -> Cause | None:
-    """The Cause if variant ``v``, applied to call ``i``, explains ``actual``."""
+    """The Cause if variant ``v``, applied to call ``i``, explains ``actual`` (with choices:
+    the best of its forms that does)."""
+    call = calls[i]
+    if v.choices is None:
+        return _try_one(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale, axes=axes,
+                        ctx=ctx, name=name)
+    best = None
+    for choice in v.choices(call.kernel, _as64(call.args)):
+        cause = _try_one(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale, axes=axes,
+                         ctx=dict(ctx, choice=choice), name=name)
+        if cause is not None and (best is None or cause.used < best.used):
+            best = cause
+    return best
+
+
+def _try_one(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, elem_scale, axes,
+             ctx, name) -> Cause | None:
     call = calls[i]
 
     def result(value):
         return _chain(calls, i, v, ctx, value)
 
     value = None
-    if v.fit is not None:
-        value = _fit(result, actual, v.fit, mask)
+    fit = v.fit(call.kernel) if callable(v.fit) else v.fit
+    if fit is not None and fit.estimate is not None:
+        value = fit.estimate(call.kernel, _as64(call.args), np.asarray(actual, np.float64))
+        if value is None or not (fit.lo <= value <= fit.hi):
+            return None
+    elif fit is not None:
+        value = _fit(result, actual, fit, mask)
         if value is None:
+            return None
+    vid, note = v.id, ""
+    if v.name is not None:
+        vid, value, note = v.name(call.kernel, _as64(call.args), value, dict(ctx, output=call.output))
+        if vid is None:
             return None
     out = result(value)
     if out is None:
@@ -256,8 +317,9 @@ def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, 
     c = compare(actual, out, axes=axes, mask=where, **same)
     if not c.passed:
         return None
-    return Cause(v.id, v.family, v.describe(value), c.used, value,
-                 call.where if len(calls) > 1 else None)
+    choice = ctx.get("choice")
+    return Cause(vid, v.family, v.describe(value, choice, note, call.output), c.used, value,
+                 call.where if len(calls) > 1 else None, None if choice is None else str(choice))
 
 
 def _region(v: Variant, call: Call, actual, expected, mask, same: dict):
@@ -322,6 +384,8 @@ def _fit(result, actual, fit: Fit, mask) -> float | None:
         s = float(np.sum(d[np.isfinite(d)])) if d.size else math.inf
         return s if math.isfinite(s) else math.inf
 
+    if fit.linear:
+        return _fit_linear(result, a, m, fit)
     lo, hi = to_x(fit.lo), to_x(fit.hi)
     grid = np.linspace(lo, hi, 25)
     losses = [loss(x) for x in grid]
@@ -342,6 +406,22 @@ def _fit(result, actual, fit: Fit, mask) -> float | None:
             d_ = a_ + g * (b_ - a_)
             fd = loss(d_)
     return float(from_x((a_ + b_) / 2))
+
+
+def _fit_linear(result, a: np.ndarray, m, fit: Fit) -> float | None:
+    """The least-squares constant of an output affine in it: out(p) = out(0) + p*(out(1) - out(0))."""
+    e0, e1 = result(0.0), result(1.0)
+    if e0 is None or e1 is None:
+        return None
+    d, r = np.asarray(e1, np.float64) - e0, a - e0
+    if m is not None:
+        d, r = d[m], r[m]
+    ok = np.isfinite(d) & np.isfinite(r)
+    den = float(np.sum(d[ok] * d[ok]))
+    if den == 0.0 or not math.isfinite(den):
+        return None
+    p = float(np.sum(d[ok] * r[ok])) / den
+    return p if fit.lo <= p <= fit.hi else None
 
 
 def _as64(args: dict) -> dict:

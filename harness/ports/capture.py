@@ -57,8 +57,8 @@ class Capture:
 
     def _hook(self, module, side, key):
         def grab(t):
-            if t is None:
-                return
+            if t is None or key in self.values:
+                return     # a module called again: the graph means its first call (the census says so)
             self.values[key] = t.detach().clone()
             if t.requires_grad:
                 t.register_hook(lambda g: self.grads.__setitem__(key, g.detach().clone()))

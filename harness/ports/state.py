@@ -29,6 +29,7 @@ from ..errors import ModelError
 from ..graph import Ref, backward_nodes, forward_nodes, writers
 from ..oracle import ORACLE
 from .capture import Capture
+from .census import Census, Finding
 from .families import hugging_face
 from .hygiene import hygiene
 from .mapping import Entry, map_parameters
@@ -38,6 +39,39 @@ from .torchmodel import TorchModel, build_model, build_optimizer
 # outputs no module returns but a replay needs as input: derived from the port's own inputs
 # (their rows' ``derivable`` in pyref.spec)
 DERIVED = {k.name: d for k in SPECS if k.returns and (d := tuple(o.name for o in k.outputs if o.derivable))}
+
+
+def _one_dtype(entries: list[Entry]) -> None:
+    """A model's parameters in one floating dtype (a model wholly in another is a hygiene
+    finding); one parameter in another is named."""
+    from collections import Counter
+    kinds = Counter(e.param.dtype for e in entries)
+    odd = [e for e in entries if not e.param.dtype.is_floating_point]
+    if not odd and len(kinds) > 1:
+        common = kinds.most_common(1)[0][0]
+        odd = [e for e in entries if e.param.dtype != common]
+    if odd:
+        e = odd[0]
+        raise ModelError(f"parameter {e.names[0]} ({e.slot}) is {e.param.dtype}, the model's others "
+                         f"{kinds.most_common(1)[0][0]}: the C holds every parameter in float32")
+
+
+def _kind(x) -> str:
+    if x is None:
+        return "None"
+    shape = getattr(x, "shape", None)
+    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
+
+
+_HYGIENE_IDS = (("dropout", "dropout"), ("requires_grad=False", "frozen"), ("not float32", "dtype"),
+                ("TF32", "tf32"), ("layer norm eps", "layernorm-eps"), ("not scaled", "attention-scale"),
+                ("scaled by 1/(layer+1)", "attention-scale"), (".scale=", "attention-scale"),
+                ("activation", "gelu"), ("GELU", "gelu"), ("weight decay on only some", "decay-some"),
+                ("optimizer", "optimizer"))
+
+
+def _hygiene_id(line: str) -> str:
+    return "hygiene." + next((k for word, k in _HYGIENE_IDS if word in line), "other")
 
 
 class ModelState:
@@ -54,6 +88,7 @@ class ModelState:
         if elsewhere:
             raise ModelError(f"{type(self.model).__name__} has parameters on {', '.join(elsewhere)}; "
                              "the harness compares on the CPU: move the model there (model.cpu())")
+        _one_dtype(self.entries)
         shapes = param_shapes(config)
         n = sum(prod(s) for s in shapes.values())
         self.num_parameters = n
@@ -66,8 +101,11 @@ class ModelState:
         self.inputs = self.targets = None
         self.mean_loss = np.float32(-1)
         self.capture = Capture(self.model, config)
+        self.census = Census(self.model, config)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
-        self.findings = hygiene(self.model, self.optimizer, hyper, config, self.entries)
+        self.findings: list[Finding] = [Finding(_hygiene_id(line), line) for line in
+                                        hygiene(self.model, self.optimizer, hyper, config, self.entries)]
+        self.structure: list[Finding] = []    # the last step's structural findings (the census)
         self._loss = None
         self._observed: set = set()
         self._derived: set = set()
@@ -110,13 +148,16 @@ class ModelState:
             a = a[:e.rows]
         return np.ascontiguousarray(a.T if e.slot.transpose else a)
 
-    def _read(self, get, out: dict):
-        """A per-parameter tensor (grad, exp_avg, ...) back into C-layout views ``out``."""
+    def _read(self, get, out: dict, fill=None):
+        """A per-parameter tensor (grad, exp_avg, ...) back into C-layout views ``out``;
+        where there is none, zeros (or ``fill(entry)``)."""
         for e in self.entries:
             t = get(e)
             dst = e.slot.view(out)
             if t is None:
-                dst[...] = np.nan    # no gradient at all: shows up as a failure, not as zeros
+                # no gradient (torch's None is a zero gradient; the census says which) or
+                # no optimizer state (a parameter without gradient is skipped by the step)
+                dst[...] = fill(e) if fill is not None else 0.0
                 continue
             a = t.detach().to(self.torch.float32).numpy()
             a = a.T if e.slot.transpose else a
@@ -141,19 +182,39 @@ class ModelState:
                 for a in d.values():
                     a.fill(np.nan)
         self.capture.clear()
+        self.census.clear()
         idx = torch.from_numpy(self.inputs.astype(np.int64))
         tgt = torch.from_numpy(self.targets.astype(np.int64))
-        with self.capture.kernel_calls(self.model, cfg):
-            logits, loss = self._call(idx, tgt)
+        try:
+            with self.capture.kernel_calls(self.model, cfg):
+                logits, loss = self._call(idx, tgt)
+        except ModelError:
+            raise
+        except Exception as e:
+            where = self.census.running()
+            raise ModelError(f"{type(self.model).__name__}'s forward raised {type(e).__name__}"
+                             + (f" in {where} ({type(self.model.get_submodule(where)).__name__})" if where else "")
+                             + f": {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        self.structure = self.census.forward_findings()
+        if logits is not None and tuple(logits.shape[:2]) != (B, T):
+            raise ModelError(f"{type(self.model).__name__}'s forward returned logits of shape {tuple(logits.shape)}; "
+                             f"the C's are (B, T, V) = ({B}, {T}, {cfg.vocab_size}) or Vp={cfg.padded_vocab_size}")
+        if logits is not None and logits.shape[-1] not in (cfg.vocab_size, cfg.padded_vocab_size):
+            raise ModelError(f"{type(self.model).__name__}'s forward returned logits of shape {tuple(logits.shape)}; "
+                             f"their last axis must be V={cfg.vocab_size} or Vp={cfg.padded_vocab_size}")
         if logits is not None and ("logits", None) not in self.capture.values:
             self.capture.values[("logits", None)] = logits.detach().clone()
             if logits.requires_grad:
                 logits.register_hook(lambda g: self.capture.grads.__setitem__(("logits", None), g.detach().clone()))
         if loss is None:
             if logits is None:
-                raise ModelError(f"{type(self.model).__name__}'s forward returned neither logits nor a loss")
+                raise ModelError(f"{type(self.model).__name__}'s forward returned neither logits (B, T, V) nor a "
+                                 f"scalar loss (it returned {_kind(self._returned)})")
             V = cfg.vocab_size
             loss = torch.nn.functional.cross_entropy(logits[..., :V].reshape(B * T, V).float(), tgt.reshape(-1))
+        if not loss.requires_grad:
+            raise ModelError(f"{type(self.model).__name__}'s loss does not require grad: it is not computed from "
+                             "the parameters (detached, or under torch.no_grad())")
         self._loss = loss
         self.mean_loss = np.float32(loss.detach().float().item())
         self._store(self.capture.values, self.acts, forward=True)
@@ -172,6 +233,7 @@ class ModelState:
             out = model(idx)
         else:
             out = model(idx, tgt)
+        self._returned = out
         logits = loss = None
         items = out if isinstance(out, (tuple, list)) else [out]
         if hasattr(out, "logits"):
@@ -236,8 +298,13 @@ class ModelState:
             raise ModelError("backward() before forward()")
         B, T = self.inputs.shape
         self._observed = {o for o in self._observed if o[0] != "grads_acts"}
-        self._loss.backward()
+        try:
+            self._loss.backward()
+        except Exception as e:
+            raise ModelError(f"{type(self.model).__name__}'s loss.backward() raised {type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         self._loss = None
+        self.structure = self.structure + self.census.gradient_findings(self.entries)
         self._read(lambda e: e.param.grad, self.grads)
         self._store(self.capture.grads, self.grads_acts, forward=False)
         # the C seeds dlosses with 1/(B*T): the mean over all positions
@@ -251,17 +318,26 @@ class ModelState:
         if self._mv_loaded:
             for e in self.entries:
                 self.optimizer.state[e.param]["step"] = torch.tensor(float(t - 1))
+        # a parameter the loss does not depend on (the census's no-gradient finding): its
+        # gradient is zero, as the C's would be, so that the update is the C's and is
+        # checked as such (torch would skip it: no decay, no moment decay)
+        for e in self.entries:
+            if e.param.requires_grad and e.param.grad is None:
+                e.param.grad = torch.zeros_like(e.param)
         self.optimizer.step()
         shapes = param_shapes(self.config)
         if self.m_memory is None:
             self.m_memory = np.zeros(self.num_parameters, np.float32)
             self.v_memory = np.zeros(self.num_parameters, np.float32)
         for key, buf in (("exp_avg", self.m_memory), ("exp_avg_sq", self.v_memory)):
-            missing = [e.names[0] for e in self.entries if key not in self.optimizer.state.get(e.param, {})]
+            # a parameter that got no gradient is skipped by the step: no state (zeros, as
+            # the C's m and v start), or the state it was loaded with
+            missing = [e.names[0] for e in self.entries if key not in self.optimizer.state.get(e.param, {})
+                       and e.param.grad is not None]
             if missing:
                 raise ModelError(f"{type(self.optimizer).__name__} keeps no {key!r} for {missing[0]}: "
                                  "its moments cannot be read as AdamW's m and v")
-            self._read(lambda e: self.optimizer.state[e.param][key], point(buf, shapes))
+            self._read(lambda e: self.optimizer.state.get(e.param, {}).get(key), point(buf, shapes))
         self._read(lambda e: e.param, self.params)
 
     def drop_activations(self):

@@ -43,6 +43,14 @@ def _versions() -> dict[str, str | None]:
             "llmc-parity": own, "platform": platform.platform()}
 
 
+def _finding_json(f) -> dict:
+    """A finding (:class:`harness.ports.census.Finding`) as data; a plain line as its text."""
+    if hasattr(f, "to_json"):
+        return f.to_json()
+    return {"id": None, "family": None, "description": str(f), "module": None, "where": None, "values": {},
+            "text": str(f)}
+
+
 def _check_json(c) -> dict[str, Any]:
     row = c.comparison.summary_row()
     return {
@@ -130,11 +138,14 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
             "passed": bool(s.passed),
             "errors": {str(k): str(v) for k, v in s.errors.items()},
             "first_divergence": {str(k): str(v) for k, v in s.first_divergence.items()},
+            "structure": {str(k): [_finding_json(f) for f in v] for k, v in getattr(s, "structure", {}).items()},
             "checks": [_check_json(c) for c in s.checks],
         } for s in report.steps],
         "not_checked": {str(k): [str(x) for x in v] for k, v in report.not_checked.items()},
         # torch models (--model): hygiene findings, and C tensors the model does not show
         "findings": {str(k): [str(x) for x in v] for k, v in getattr(report, "findings", {}).items()},
+        # the same as data: id, family, description, module, where (the graph's op), values
+        "finding_details": {str(k): [_finding_json(x) for x in v] for k, v in getattr(report, "findings", {}).items()},
         "not_observed": {str(k): [str(x) for x in v] for k, v in getattr(report, "not_observed", {}).items()},
         "derived": {str(k): [str(x) for x in v] for k, v in getattr(report, "derived", {}).items()},
         "free_run": [{"step": int(r.step), "impl": str(r.impl), "passed": bool(r.passed), "error": r.error,

@@ -22,7 +22,7 @@ import numpy as np
 
 from pyref.formats import refuse_existing, write_atomic
 
-from ..checks.results import first_divergence_check
+from ..checks.results import first_divergence_check, first_structure
 from ..compare import Comparison
 from .text import config_text, rel_diff
 
@@ -49,13 +49,14 @@ class Band:
 
 
 def graph_positions(report) -> dict[str, tuple[str, int | None]]:
-    """The graph positions of the e2e checks (their ``where``) in graph order, each with
+    """The graph positions of the e2e checks (their ``position``: the call, without a torch
+    model's module, so that every implementation shares them) in graph order, each with
     its (phase, layer of the call)."""
     pos: dict[str, tuple[str, int | None]] = {}
     for s in report.steps:
         for c in s.checks:
             if c.kind == "e2e":
-                pos.setdefault(c.where, (c.phase, c.call_layer))
+                pos.setdefault(c.position, (c.phase, c.call_layer))
     return pos
 
 
@@ -177,7 +178,7 @@ def _error_lines(ax, report, impl: str, pos: dict, colour: dict) -> bool:
         y = np.full(len(pos), np.nan)
         for c in s.checks:
             if c.impl == impl and c.kind == "e2e":
-                i = pos[c.where]
+                i = pos[c.position]
                 u = c.comparison.used
                 y[i] = u if np.isnan(y[i]) else max(y[i], u)
         if np.all(np.isnan(y)):
@@ -231,12 +232,14 @@ def _error_axes(ax, report, impl: str, drawn: bool) -> None:
 def _mark_first_divergence(ax, report, impl: str, pos: dict) -> None:
     """A vertical line at the first failing replay op of the first failing step."""
     for s in report.steps:
+        f = first_structure(getattr(s, "structure", {}).get(impl))
         c = first_divergence_check([c for c in s.checks if c.impl == impl])
-        if c is None:
+        if c is None and f is None:
             continue
-        text = f"first divergence (step {s.step}): {c.where}"
-        if c.where in pos:
-            x = pos[c.where]
+        where, position = (f"{f.where} [{f.module}]", f.where) if f is not None else (c.where, c.position)
+        text = f"first divergence (step {s.step}): {where}"
+        if position in pos:
+            x = pos[position]
             ax.axvline(x, color="magenta", lw=1.4, alpha=0.8)
             ax.annotate(text, (x, 1.0), xytext=(4, 6), textcoords="offset points", fontsize=8,
                         color="darkmagenta", ha="left" if x < 0.7 * len(pos) else "right")

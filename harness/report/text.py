@@ -19,8 +19,9 @@ from typing import Any, Iterable, Sequence
 
 from pyref.protocol import KERNEL_OP
 
-from ..checks.results import KINDS, first_divergence, first_divergence_check
+from ..checks.results import KINDS, first_divergence, first_divergence_check, first_structure
 from ..compare import Comparison
+from ..tolerances import P_FALSE_ALARM
 from .table import text_table
 
 
@@ -228,7 +229,21 @@ def check_counts(report) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _why(step, impl: str, indent: str) -> list[str]:
     """The diagnosis of ``impl``'s first divergence in ``step`` (:mod:`harness.diagnosis`),
-    as a line to print under it; none when that check was not diagnosed."""
+    as a line to print under it; none when that check was not diagnosed. A model that
+    departs from the graph: the census's other findings of the step (what else departs)."""
+    structure = getattr(step, "structure", {}).get(impl)
+    first = first_structure(structure)
+    if first is not None:
+        # what else departs around the same module (its block), the rest counted
+        parent = (first.module or "").rpartition(".")[0]
+        others = [f for f in structure if f is not first]
+        near = [f for f in others if parent and (f.module or "").startswith(parent + ".")][:3]
+        rest = len(others) - len(near)
+        if not others:
+            return []
+        return [f"{indent}why: the forward departs from GPT-2's graph"
+                + (": " + "; ".join(f.text() for f in near) if near else "")
+                + (f" (and {rest} more finding{'s' if rest > 1 else ''} above)" if rest else "")]
     c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else getattr(c, "diagnosis", None)
     return [] if d is None else [f"{indent}why: {d.text()}"]
@@ -284,7 +299,8 @@ def run_summary(report) -> str:
                      _num(rel_diff(get("C"), get("oracle")))))
     lines += text_table(header, rows, right=set(range(len(header)))) if rows else ["(no steps)"]
 
-    lines += ["", "checks"] + _checks_table(report) + [""]
+    lines += ["", "checks"] + _checks_table(report)
+    lines += [false_alarm_text(sum(len(s.checks) for s in report.steps)), ""]
 
     first = report.first_divergence(heading=False)
     lines.append(f"first divergence: {first or 'none'}")
@@ -294,8 +310,8 @@ def run_summary(report) -> str:
             if impl in seen:
                 continue
             seen.add(impl)
-            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False)
-                                                 or text)
+            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False,
+                                                                    s.structure.get(impl)) or text)
             if entry != first:
                 lines.append(f"  also {entry}")
             lines += _why(s, impl, "    " if entry != first else "  ")
@@ -316,6 +332,13 @@ def run_summary(report) -> str:
     if fp:
         lines.append(f"floating point: {fp['description']}")
     return "\n".join(lines)
+
+
+def false_alarm_text(checks: int) -> str:
+    """What the bounds promise a run of ``checks`` checks (harness.tolerances: each bound is
+    built for P_FALSE_ALARM; a check has two)."""
+    return (f"bounds built for a false-alarm probability of {P_FALSE_ALARM:g} each: at most "
+            f"{2 * P_FALSE_ALARM * checks:.1g} for this run's {checks} checks")
 
 
 # ----------------------------------------------------------------------------

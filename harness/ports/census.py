@@ -1,0 +1,204 @@
+"""What a torch model is made of, before any number: a structural census of its forward.
+
+Hooks on every module count how often each one is called per forward and in which order;
+after the backward, which parameters received no gradient. Against GPT-2's graph (the
+module boundaries of the recognised families, :data:`.families.HOOKS`: each called once
+per forward, in the graph's order) that gives findings, each naming the module and the
+graph's op it stands for:
+
+* ``structure.never-called``: a module of the graph the forward never calls (``ln_f``
+  skipped, ``ln_2`` left out because ``ln_1`` feeds the MLP too);
+* ``structure.called-more``: a module called more than once per forward (its first call
+  is the one compared: the capture keeps it);
+* ``structure.out-of-order``: a module called before one the graph runs earlier;
+* ``structure.no-gradient``: a parameter the loss does not depend on (an unused ``wpe``);
+* ``structure.unknown-module``: a module called in the forward that GPT-2's graph does
+  not have (a rotary embedding, a second norm).
+
+The census also says which module was running when the forward raised
+(:meth:`Census.running`), so that a model that fails inside its forward is told where.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from pyref.config import GPT2Config
+
+from .families import BLOCK
+
+# the recognised families' module boundaries, in the graph's order within a layer (or
+# around the layers): (pattern, the graph's op it stands for)
+_TOP_BEFORE = [(re.compile(r"(?:^|\.)wte$"), "encoder encoder_forward"),
+               (re.compile(r"(?:^|\.)wpe$"), "encoder encoder_forward")]
+_IN_LAYER = [(re.compile(BLOCK + r"ln_1$"), "ln1 layernorm_forward"),
+             (re.compile(BLOCK + r"attn\.c_attn$"), "qkv matmul_forward"),
+             (re.compile(BLOCK + r"attn\.c_proj$"), "attproj matmul_forward"),
+             (re.compile(BLOCK + r"ln_2$"), "ln2 layernorm_forward"),
+             (re.compile(BLOCK + r"mlp\.c_fc$"), "fc matmul_forward"),
+             (re.compile(BLOCK + r"mlp\.c_proj$"), "fcproj matmul_forward")]
+_TOP_AFTER = [(re.compile(r"(?:^|\.)ln_f$"), "lnf layernorm_forward"),
+              (re.compile(r"(?:^|\.)lm_head$"), "lm_head matmul_forward")]
+# leaf modules GPT-2's graph is made of (or that compute nothing): anything else that a
+# forward calls is not in the graph
+_KNOWN_LEAVES = {"Embedding", "Linear", "LayerNorm", "Conv1D", "Dropout", "Identity", "GELU", "NewGELUActivation",
+                 "GELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh", "Softmax", "Sequential",
+                 "ModuleList", "ModuleDict"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing about a model that makes it differ from the C, found before or beside the
+    numbers: ``id`` (``family.kind``, as a diagnosis's cause), the ``module`` (or tensor)
+    it is about, the graph's op it stands for (``where``: ``layer 0 ln2
+    layernorm_forward``), a one-line ``description`` and any ``values`` as data. It reads
+    like a diagnosis's cause, in text and JSON."""
+
+    id: str
+    description: str
+    module: str | None = None
+    where: str | None = None
+    values: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.id.split(".")[0]
+
+    @property
+    def structural(self) -> bool:
+        return self.family == "structure"
+
+    def text(self) -> str:
+        return f"{self.description} [{self.id}]"
+
+    __str__ = text
+
+    def __contains__(self, item: str) -> bool:   # `"eps 1e-06" in finding`, as of the text it was
+        return item in self.text()
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "family": self.family, "description": self.description, "module": self.module,
+                "where": self.where, "values": dict(self.values), "text": self.text()}
+
+
+class Census:
+    """Counts, per forward, every module's calls (forward pre-hooks on all of them) and
+    keeps the stack of modules running, for an error's whereabouts."""
+
+    def __init__(self, model, cfg: GPT2Config):
+        self.model = model
+        self.cfg = cfg
+        self.calls: dict[str, int] = {}
+        self.order: list[str] = []
+        self.stack: list[str] = []
+        self.handles = []
+        self.graph = self._graph_modules(model, cfg)     # name -> (rank, graph op)
+        for name, module in model.named_modules():
+            if module is model:
+                continue
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._exit(name)))
+
+    # ------------------------------------------------------------------ recording
+    def _enter(self, name):
+        def pre(mod, args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.order.append(name)
+            self.stack.append(name)
+        return pre
+
+    def _exit(self, name):
+        def post(mod, args, out):
+            if self.stack and self.stack[-1] == name:
+                self.stack.pop()
+        return post
+
+    def clear(self):
+        self.calls.clear()
+        self.order.clear()
+        self.stack.clear()
+
+    def running(self) -> str | None:
+        """The innermost module running (after an exception inside the forward: the module
+        that raised, or the one whose code did)."""
+        return self.stack[-1] if self.stack else None
+
+    # ------------------------------------------------------------------ the graph
+    @staticmethod
+    def _graph_modules(model, cfg: GPT2Config) -> dict[str, tuple[tuple, str]]:
+        """The model's modules that stand for an op of GPT-2's graph: name -> (rank in the
+        graph's order, the op's label)."""
+        out = {}
+        for name, _ in model.named_modules():
+            for k, (pattern, op) in enumerate(_TOP_BEFORE):
+                if pattern.search(name) and not re.search(BLOCK, name + "."):
+                    out[name] = ((0, 0, 0), op)
+            for k, (pattern, op) in enumerate(_IN_LAYER):
+                m = pattern.search(name)
+                if m and int(m.group(1)) < cfg.num_layers:
+                    layer = int(m.group(1))
+                    out[name] = ((1, layer, k), f"layer {layer} {op}")
+            for k, (pattern, op) in enumerate(_TOP_AFTER):
+                if pattern.search(name) and not re.search(BLOCK, name + "."):
+                    out[name] = ((2, 0, k), op)
+        return out
+
+    # ------------------------------------------------------------------ findings
+    def forward_findings(self) -> list[Finding]:
+        """What the last forward's calls say against GPT-2's graph."""
+        found = []
+        for name, (rank, op) in sorted(self.graph.items(), key=lambda x: x[1][0]):
+            n = self.calls.get(name, 0)
+            if n == 0:
+                found.append(Finding("structure.never-called", f"{name} is never called in the forward (the graph's "
+                                     f"{op} is missing)", name, op, {"calls": 0}))
+            elif n > 1:
+                found.append(Finding("structure.called-more", f"{name} is called {n} times per forward, the graph's "
+                                     f"{op} once (its first call is the one compared)", name, op, {"calls": n}))
+        found += self._order_findings()
+        found += self._unknown_modules()
+        return found
+
+    def _order_findings(self) -> list[Finding]:
+        seen: list[tuple[tuple, str]] = []
+        out = []
+        firsts = []
+        for name in self.order:
+            if name in self.graph and name not in firsts:
+                firsts.append(name)
+        for name in firsts:
+            rank, op = self.graph[name]
+            later = [(r, n) for r, n in seen if r > rank]
+            if later:
+                other = min(later)[1]
+                out.append(Finding("structure.out-of-order", f"{name} is called after {other}; the graph runs "
+                                   f"{op} before {self.graph[other][1]}", name, op, {"after": other}))
+            seen.append((rank, name))
+        return out
+
+    def _unknown_modules(self) -> list[Finding]:
+        out = []
+        modules = dict(self.model.named_modules())
+        for name in dict.fromkeys(self.order):
+            module = modules.get(name)
+            if module is None or name in self.graph or any(True for _ in module.children()):
+                continue
+            kind = type(module).__name__
+            if kind in _KNOWN_LEAVES or kind.endswith(("Activation", "Dropout")):
+                continue
+            out.append(Finding("structure.unknown-module", f"{name} ({kind}) is called in the forward; GPT-2's graph "
+                               "has no such op", name, None, {"type": kind}))
+        return out
+
+    def gradient_findings(self, entries) -> list[Finding]:
+        """Parameters that received no gradient from the backward (the loss does not
+        depend on them): each a finding naming the parameter and the C tensor it holds."""
+        out = []
+        for e in entries:
+            if e.param.requires_grad and e.param.grad is None:
+                module = e.names[0].rpartition(".")[0] or e.names[0]
+                op = self.graph.get(module, (None, None))[1]
+                out.append(Finding("structure.no-gradient", f"{e.names[0]} receives no gradient: the loss does not "
+                                   f"depend on it (the C's {e.slot} has one)", module, op,
+                                   {"parameter": e.names[0], "tensor": str(e.slot)}))
+        return out

@@ -1,0 +1,217 @@
+"""Ordinary port bugs of a nanoGPT-style model, each caught, localised and named.
+
+Every bug is a variant of tests/model_ports.py (``GPT.variant(...)``: attention, GELU,
+layer norm, embeddings, loss, structure) run for one step from the C's state. Each must
+fail, with no error line, its first divergence at the right module (or the graph's op
+whose module shows it), and its explanation (the first divergence's diagnosis, or the
+structural census's finding) the right cause, with the fitted constant where there is one.
+The unmodified ports have no finding and no diagnosis (tests/test_models.py runs them ten
+steps). tests/heldout_ports.py is a second, differently written model with other mistakes
+of the same kinds, not used to tune the catalogue: test_heldout_hit_rate reports its rate.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from harness import TorchModel, run_parity, to_json
+from harness.checks.results import first_divergence_check, first_structure
+from pyref import synth
+from pyref.config import PRESETS
+
+import heldout_ports as ho
+import model_ports as mp
+
+TINY = PRESETS["tiny"]
+V = mp.GPT.variant
+
+# bug -> (model, where the first divergence must be, the cause's id, its fitted value or None)
+BUGS = {
+    "heads-merged-without-transpose": (V(attn=dict(merge_no_transpose=True)), "layer 0 attention attention_forward",
+                                       "attention.layout", None),
+    "qkv-order-kqv": (V(attn=dict(qkv_order="kqv")), "layer 0 attention attention_forward", "attention.qkv-order",
+                      None),
+    "scale-by-sqrt-C": (V(attn=dict(scale=1 / math.sqrt(48))), "layer 0 attention attention_forward", "attention.scale",
+                        1 / math.sqrt(48)),
+    "scale-by-hs": (V(attn=dict(scale=1 / 12)), "layer 0 attention attention_forward", "attention.scale=1/hs", 1 / 12),
+    "mask-off-by-one": (V(attn=dict(diagonal=1)), "layer 0 attention attention_forward", "attention.mask-diagonal",
+                        None),
+    "no-causal-mask": (V(attn=dict(no_mask=True)), "layer 0 attention attention_forward", "attention.no-causal-mask",
+                       None),
+    "softmax-over-queries": (V(attn=dict(softmax_dim=-2)), "layer 0 attention attention_forward",
+                             "attention.softmax-axis", None),
+    "gelu-erf": (V(gelu="none"), "layer 0 gelu gelu_forward", "gelu.erf", None),
+    "layernorm-eps": (V(eps=1e-6), "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]", "layernorm.eps=1e-06",
+                      None),
+    "positions-from-1": (V(pos_offset=1), "encoder encoder_forward", "embedding.position-shift", None),
+    "label-smoothing": (V(label_smoothing=0.1), "crossentropy crossentropy_softmax_backward",
+                        "crossentropy.label-smoothing", 0.1),
+    "loss-summed": (V(loss_reduction="sum"), "crossentropy crossentropy_softmax_backward", "crossentropy.divisor",
+                    None),
+    "ignored-positions": (V(ignore_index=5), "crossentropy crossentropy_softmax_backward",
+                          "crossentropy.ignored-positions", None),
+    "branch-factor": (V(block=dict(mlp_branch=0.5)), "layer 0 residual3 residual_forward", "residual.branch-scale", 0.5),
+    "ln_1-feeds-the-mlp": (V(block=dict(ln1_for_mlp=True)), "layer 0 ln2 layernorm_forward [transformer.h.0.ln_2]",
+                           "structure.never-called", None),
+    "ln_f-skipped": (V(skip_ln_f=True), "lnf layernorm_forward [transformer.ln_f]", "structure.never-called", None),
+    "wpe-unused": (V(no_wpe=True), "encoder encoder_forward [transformer.wpe]", "structure.never-called", None),
+    "loss-over-Vp": (mp.WalkGPT2LossOverVp, "crossentropy crossentropy_softmax_backward", "softmax.padded-columns",
+                     None),
+}
+
+
+def run_bug(factory, B=2, T=8):
+    return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, B, T), steps=1,
+                      models={"port": TorchModel(factory)})
+
+
+def explanation(report, impl="port"):
+    """(the first divergence's text, the causes that explain it: (id, value) pairs) of
+    ``impl``'s first step: the structural census's first finding where the model departs
+    from the graph, else the first divergence's diagnosis."""
+    step = report.steps[0]
+    text = step.first_divergence.get(impl, "")
+    f = first_structure(step.structure.get(impl))
+    if f is not None:
+        return text, [(f.id, None)]
+    c = first_divergence_check([c for c in step.checks if c.impl == impl])
+    d = None if c is None else c.diagnosis
+    return text, [] if d is None else [(x.id, x.value) for x in d.causes]
+
+
+def verdict(report, where, cause, impl="port"):
+    """(localised, named, errors) of a bug's report."""
+    text, causes = explanation(report, impl)
+    errors = [e for s in report.steps for e in s.errors.values()]
+    return where in text, bool(causes) and causes[0][0].startswith(cause), errors
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_port_bug_is_caught_localised_and_named(bug):
+    factory, where, cause, value = BUGS[bug]
+    report = run_bug(factory)
+    assert not report.passed
+    text, causes = explanation(report)
+    assert not [e for s in report.steps for e in s.errors.values()]
+    assert where in text, text
+    assert causes and causes[0][0] == cause, (text, causes)
+    if value is not None:
+        assert causes[0][1] == pytest.approx(value, rel=2e-3), causes
+    # the C is not blamed
+    assert "C" not in report.steps[0].first_divergence
+
+
+def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
+    report = run_bug(V(block=dict(ln1_for_mlp=True)))
+    found = {(f.id, f.module) for f in report.findings["port"]}
+    assert ("structure.called-more", "transformer.h.0.ln_1") in found
+    assert ("structure.never-called", "transformer.h.1.ln_2") in found
+    assert ("structure.no-gradient", "transformer.h.0.ln_2") in found
+    kinds = {c.kind for c in report.steps[0].checks if c.impl == "port"}
+    assert kinds == {"e2e", "replay", "update", "loss"}          # nothing ended in an error
+    # the first call of ln_1 is the one compared (ln1 is right: its output passes)
+    ln1 = [c for c in report.steps[0].checks if c.impl == "port" and c.kind == "replay" and c.tensor == "acts.ln1[layer 0]"]
+    assert ln1 and ln1[0].passed
+    data = to_json(report, versions=False)
+    details = data["finding_details"]["port"]
+    from test_report import _documented, _validate
+    doc = _documented()
+    for d in details + data["steps"][0]["structure"]["port"]:
+        _validate(d, "finding", doc)
+    assert any(d["id"] == "structure.no-gradient" and d["values"]["tensor"] == "ln2w[0]" for d in details)
+    assert data["steps"][0]["structure"]["port"]
+
+
+def test_unmodified_ports_have_no_finding_and_no_diagnosis():
+    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT):
+        report = run_bug(factory)
+        assert report.passed and report.findings["port"] == []
+        assert not report.steps[0].structure
+        assert all(c.diagnosis is None for c in report.steps[0].checks)
+
+
+# ----------------------------------------------------------------------------- held out
+
+# The held-out batches of tests/heldout_ports.py, each written after the previous one was
+# run and run once, untuned, on its first run (caught / localised / named with the right cause):
+#   BUGS  18/18, 18/18, 16/18   (a mask after the softmax, a scaled token table: no known cause)
+#   BUGS2 16/16, 15/16, 10/16   (an interleaved head merge, a finite mask fill, GELU's tanh
+#                                scale, eps outside the square root, a logit temperature: no
+#                                known cause; wpe added twice named by the census, not by the
+#                                embedding family expected; a parameter without gradient named
+#                                its parameter, not its module, as it printed then)
+#   BUGS3 14/14, 13/14, 11/14   (ReLU for GELU, a layer norm over the positions, blocks in
+#                                reverse order: no known cause, the last not localised)
+#   BUGS4 15/15, 14/15,  9/15   (below: the current catalogue's fresh held-out rate)
+# Each batch's misses were then added to the catalogue as families (so BUGS..BUGS3 are now
+# regression tests, no longer held out); no first run named a wrong cause.
+HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set()}
+# BUGS4, as it first ran: unnamed (no known cause), and not localised where it was expected
+HELDOUT4_UNNAMED = {"qkv-interleaved-per-head", "gelu-before-c_fc", "gelu-x-squared", "layernorm-affine-swapped",
+                    "targets-shifted-in-loss", "mlp-residual-from-block-input"}
+HELDOUT4_UNLOCALISED = {"gelu-before-c_fc"}   # at the MLP's c_fc, whose input is GELU's output
+
+
+def _heldout(bugs):
+    rows = []
+    for name, (factory, where, cause) in bugs.items():
+        report = run_bug(factory)
+        localised, named, errors = verdict(report, where, cause)
+        rows.append((name, not report.passed, localised, named, errors, explanation(report)))
+    assert all(r[1] for r in rows), [r[0] for r in rows if not r[1]]            # every one caught
+    assert not [r for r in rows if r[4]], [(r[0], r[4]) for r in rows if r[4]]  # no error line
+    unnamed = {r[0] for r in rows if not r[3]}
+    # honest: where the cause is not the right one, no cause is named at all
+    assert all(not r[5][1] for r in rows if r[0] in unnamed), [(r[0], r[5][1]) for r in rows if r[0] in unnamed]
+    return {r[0] for r in rows if not r[2]}, unnamed
+
+
+@pytest.mark.parametrize("batch", list(HELDOUT))
+def test_earlier_heldout_batches_are_now_named(batch):
+    unlocalised, unnamed = _heldout(getattr(ho, batch))
+    assert not unlocalised and not unnamed, (unlocalised, unnamed)
+
+
+def test_heldout_hit_rate():
+    """tests/heldout_ports.py's last batch (BUGS4): another model, other mistakes of the
+    same kinds, written after the catalogue and never used to tune it. Every one caught,
+    no error line, no wrong cause; 14 of 15 localised where expected, 9 of 15 named (60%,
+    below the 90% aimed at: the misses are changes the catalogue does not have)."""
+    unlocalised, unnamed = _heldout(ho.BUGS4)
+    assert unlocalised == HELDOUT4_UNLOCALISED
+    assert unnamed == HELDOUT4_UNNAMED
+    assert len(ho.BUGS4) == 15
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("name, says", [
+    ("RaisesInForward", r"RaisesInForward's forward raised RuntimeError in transformer\.h\.1\.mlp \(MLP\): mat1"),
+    ("ReturnsNothing", r"returned neither logits .* nor a scalar loss \(it returned None\)"),
+    ("WrongLogits", r"returned logits of shape \(4, 16, 50\); their last axis must be V=123"),
+    ("half_gain", r"parameter transformer\.h\.0\.ln_1\.weight \(ln1w\[0\]\) is torch\.float16"),
+])
+def test_bad_model_is_one_line_and_exit_2(name, says, capsys):
+    import re
+    from pathlib import Path
+    from harness.cli import main
+    spec = f"{Path(mp.__file__)}:{name}"
+    assert main(["run", "--model", spec, "--ref", "oracle", "--steps", "1", "-q", "-s"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and re.search(says, err[0]), err
+    assert "Traceback" not in err[0]
+    assert main(["run", "--model", spec, "--ref", "oracle", "--steps", "1", "-q", "-s", "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err     # -v: where it came from
+
+
+def test_plot_marks_a_forward_first_divergence_in_the_forward_half():
+    """The plot's x positions are the graph's, shared by every implementation: a model's
+    first divergence at layer 0's ln1 sits before the backward half, not after it."""
+    report = run_bug(V(eps=1e-6))
+    c = first_divergence_check([c for c in report.steps[0].checks if c.impl == "port"])
+    e2e = [x for x in report.steps[0].checks if x.kind == "e2e"]
+    positions = list(dict.fromkeys(x.position for x in e2e))
+    first_backward = min(positions.index(x.position) for x in e2e if x.phase == "backward")
+    assert c.position == "layer 0 ln1 layernorm_forward" and positions.index(c.position) < first_backward
+    assert c.where == "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]"
