@@ -82,7 +82,7 @@ sanitize: venv
 VARIANT_CFLAGS  ?= -O2|-O3|-O3 -march=native|-Ofast -march=native
 VARIANT_THREADS ?= 1 2 4
 variants: venv
-	@set -e; IFS='|'; for f in $(VARIANT_CFLAGS); do \
+	@set -e; flags='$(VARIANT_CFLAGS)'; IFS='|'; for f in $$flags; do \
 	  tag=$$(echo "$$f" | tr -c 'A-Za-z0-9\n' _); \
 	  $(PYTHON) -m harness.clib.build --src '$(LLMC_SRC)' --out "build/variants/lib_$$tag.so" --cflags="$$f"; \
 	  for n in $(VARIANT_THREADS); do \

@@ -13,7 +13,11 @@ observed constants
     k_norm = norm_rel / (u sqrt(n) norm_excess(size))
 
 next to the row's constants in :mod:`pyref.spec` (:mod:`harness.tolerances` says what
-they mean); the ratio of the two is the margin.
+they mean); the ratio of the two is the margin. For the bias test (:mod:`harness.stats`) it
+prints, in units of u, the largest legitimate bias (either form, over the cases where it is
+significant: |z| >= 3), the minimum effect each case needs to pass (``|bias| - t SE``, the
+part of it that is significant at the test's probability), the largest |z| seen, and the
+row's ``bias`` (the minimum effect). Each C build runs with 1, 2 and 4 OpenMP threads.
 
 **At scale** (``--scale``): training steps of GPT-2 124M's shape (``--config d12``) from
 GPT-2's initialisation (weights N(0, 0.02), the residual projections N(0, 0.02/sqrt(2L)),
@@ -22,7 +26,8 @@ NumPy and torch references and a ``--model``; ``-O3 -march=native`` and ``-Ofast
 -march=native`` alone). Every check of every step (replay, end to end, update, loss) is
 folded into its (kind, kernel.output): the worst fraction of its bound used, element-wise
 and norm-wise, and where. The margin is one over that; the policy wants 1.5 or more
-everywhere. It also counts how many checks would have failed a bound built for a larger
+everywhere. The bias test's fraction of its bound used is folded the same way, with the
+largest bias (in u) and its z-score. It also counts how many checks would have failed a bound built for a larger
 false-alarm probability (1e-3, 1e-2), against how many the model allows: the bounds'
 tail model, shown on the run itself.
 """
@@ -38,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILDS = {"O2": "-O2", "O3": "-O3", "O3-native": "-O3 -march=native", "Ofast-native": "-Ofast -march=native"}
+THREADS = (1, 2, 4)
+SIGNIFICANT = 3.0     # |z| from which a calibration counts a bias as the build's own
 SCALE_BUILDS = ("O3", "O3-native", "Ofast-native")   # -O2 gives -O3's bits
 MARGIN = 1.5
 LENIENT = (1e-3, 1e-2)
@@ -47,7 +54,8 @@ LENIENT = (1e-3, 1e-2)
 # per op
 
 def measure(impl: str, lib: str | None, seeds: int) -> dict:
-    """Worst observed constants of one implementation: kernel -> output -> [sigma, k_norm]."""
+    """Worst observed constants of one implementation: kernel -> output -> [sigma, k_norm,
+    bias (u, significant ones), the minimum effect needed (u), max |z|, where the bias was]."""
     import numpy as np
 
     from pyref import numpy_kernels, torch_kernels
@@ -57,6 +65,7 @@ def measure(impl: str, lib: str | None, seeds: int) -> dict:
     from .clib.kernels import CKernels
     from .clib.library import load_library
     from .tolerances import U, extreme, norm_excess
+    from .stats import FORMS
 
     kernels = {"numpy": lambda: KernelSet.from_module(numpy_kernels),
                "torch": lambda: KernelSet.from_module(torch_kernels)}.get(impl)
@@ -71,8 +80,19 @@ def measure(impl: str, lib: str | None, seeds: int) -> dict:
             size = int(np.prod(c.shape))
             sigma = c.max_rel / (U * sqrt(n) * extreme(size))
             k_norm = c.norm_rel / (U * sqrt(n) * norm_excess(size))
-            w = worst.setdefault(case.spec.name, {}).setdefault(out, [0.0, 0.0])
+            w = worst.setdefault(case.spec.name, {}).setdefault(out, [0.0, 0.0, 0.0, 0.0, 0.0, ""])
             w[0], w[1] = max(w[0], sigma), max(w[1], k_norm)
+            b = c.bias_stats
+            if b is None:
+                continue
+            for form in FORMS:
+                z, x = b.z(form), getattr(b, form) / U
+                if z is None:
+                    continue
+                w[4] = max(w[4], abs(z))
+                if abs(z) >= SIGNIFICANT and abs(x) > w[2]:
+                    w[2], w[5] = abs(x), f"{form} {x:+.2f}u z {z:+.1f} {case.shape.name} seed {case.seed}"
+                w[3] = max(w[3], b.excess(form) / U)
     return worst
 
 
@@ -84,23 +104,38 @@ def _per_op(args) -> int:
     for name, flags in BUILDS.items():
         out = ROOT / "build" / "variants" / f"lib_{name}.so"
         build_library(ROOT / "llmc" / "train_gpt2.c", out, cflags=flags, quiet=True)
-        runs[f"C {name}"] = ("C", str(out))
-    runs["numpy"], runs["torch"] = ("numpy", "-"), ("torch", "-")
+        for n in args.threads:
+            runs[f"C {name} x{n}"] = ("C", str(out), {"OMP_NUM_THREADS": str(n)})
+    runs["numpy"], runs["torch"] = ("numpy", "-", {}), ("torch", "-", {})
     results = {}
-    for label, (impl, lib) in runs.items():
-        res = _worker(["--seeds", str(args.seeds), "--worker", impl, lib], label)
+    for label, (impl, lib, env) in runs.items():
+        res = _worker(["--seeds", str(args.seeds), "--worker", impl, lib], label, env=env)
         if res is None:
             return 1
         results[label] = res
+    print(per_op_table(results))
+    return 0
+
+
+def per_op_table(results: dict) -> str:
+    """The worst constants per (kernel, output) over every run, beside the rows' own."""
+    from .tolerances import rule
+
     keys = sorted({(k, o) for r in results.values() for k in r for o in r[k]})
-    print(f"{'kernel.output':<40}{'worst sigma':>12}{'policy':>8}{'worst k_norm':>14}{'policy':>8}  worst in")
+    lines = [f"{'kernel.output':<40}{'worst sigma':>12}{'policy':>8}{'worst k_norm':>14}{'policy':>8}"
+             f"{'bias u':>8}{'needs u':>8}{'policy':>7}{'max|z|':>7}  worst in (sigma / k_norm / bias)"]
     for kernel, out in keys:
         r = rule(kernel, out)
         seen = [(res[kernel][out], label) for label, res in results.items() if out in res.get(kernel, {})]
         wr = max((k[0], label) for k, label in seen)
         wn = max((k[1], label) for k, label in seen)
-        print(f"{kernel + '.' + out:<40}{wr[0]:>12.3f}{r.sigma:>8g}{wn[0]:>14.2f}{r.k_norm:>8g}  {wr[1]} / {wn[1]}")
-    return 0
+        wb = max(((k[2], f"{label}: {k[5]}") for k, label in seen), key=lambda x: x[0])
+        need = max(k[3] for k, _ in seen)
+        maxz = max(k[4] for k, _ in seen)
+        lines.append(f"{kernel + '.' + out:<40}{wr[0]:>12.3f}{r.sigma:>8g}{wn[0]:>14.2f}{r.k_norm:>8g}"
+                     f"{wb[0]:>8.2f}{max(need, 0.0):>8.2f}{r.bias:>7g}{maxz:>7.1f}  {wr[1]} / {wn[1]}"
+                     + (f" / {wb[1]}" if wb[0] > 0 else ""))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------
@@ -120,18 +155,24 @@ def fold(checks, worst: dict, tally: dict) -> None:
     """Fold a step's checks into ``worst`` ((kind, kernel.output) -> the worst fractions of
     the element-wise and norm-wise bounds used, and where) and ``tally`` (checks counted,
     and how many exceed the bound built for each LENIENT probability)."""
-    from .tolerances import extreme
+    from .tolerances import U, extreme
     for c in checks:
         cmp = c.comparison
         kernel, output = check_output(c)
         key = f"{c.kind} {kernel}.{output}"
         rel, norm = cmp.max_rel / cmp.tol.rel, cmp.norm_rel / cmp.tol.norm
-        w = worst.setdefault(key, {"rel": 0.0, "norm": 0.0, "rel_at": "", "norm_at": ""})
+        w = worst.setdefault(key, {"rel": 0.0, "norm": 0.0, "rel_at": "", "norm_at": "",
+                                   "bias": 0.0, "bias_u": 0.0, "bias_z": 0.0, "bias_at": ""})
         where = f"{c.impl} step {c.step} {c.tensor} at {cmp.worst_label}"
         if rel > w["rel"]:
             w["rel"], w["rel_at"] = rel, where
         if norm > w["norm"]:
             w["norm"], w["norm_at"] = norm, where
+        w.setdefault("bias", 0.0)
+        if cmp.bias_stats is not None and cmp.bias_used >= w["bias"]:
+            z = cmp.bias_z
+            w["bias"], w["bias_u"] = cmp.bias_used, abs(cmp.bias) / U
+            w["bias_z"], w["bias_at"] = 0.0 if z is None else abs(z), f"{c.impl} step {c.step} {c.tensor}"
         tally["checks"] = tally.get("checks", 0) + 1
         if c.kind in ("replay", "update"):   # the bound is the per-op one: sigma * extreme(N)
             tally["per_op"] = tally.get("per_op", 0) + 1
@@ -201,13 +242,17 @@ def _scale(args) -> int:
 def scale_table(results: dict, p: float) -> str:
     """The worst fraction of each bound used, per (kind, kernel.output), over every run."""
     keys = sorted({k for r in results.values() for k in r["worst"]})
-    lines = [f"{'check':<48}{'elem used':>10}{'norm used':>10}{'margin':>8}  worst element-wise in"]
+    lines = [f"{'check':<48}{'elem used':>10}{'norm used':>10}{'margin':>8}{'bias used':>10}{'bias u':>8}"
+             f"{'|z|':>7}  worst element-wise in / worst bias in"]
     for key in keys:
         seen = [(r["worst"][key], label) for label, r in results.items() if key in r["worst"]]
         w_rel, at = max(((w["rel"], f"{label}: {w['rel_at']}") for w, label in seen), key=lambda x: x[0])
         w_norm = max(w["norm"] for w, _ in seen)
         margin = f"{1 / max(w_rel, w_norm):.1f}x" if max(w_rel, w_norm) > 0 else "exact"
-        lines.append(f"{key:<48}{w_rel:>10.3f}{w_norm:>10.3f}{margin:>8}  {at}")
+        wb, bl = max(((w, label) for w, label in seen), key=lambda x: x[0].get("bias", 0.0))
+        lines.append(f"{key:<48}{w_rel:>10.3f}{w_norm:>10.3f}{margin:>8}{wb.get('bias', 0.0):>10.3f}"
+                     f"{wb.get('bias_u', 0.0):>8.2f}{wb.get('bias_z', 0.0):>7.1f}  {at}"
+                     + (f" / {bl}: {wb['bias_at']}" if wb.get("bias_at") else ""))
     lines.append("")
     for label, r in results.items():
         t = r["tally"]
@@ -215,7 +260,7 @@ def scale_table(results: dict, p: float) -> str:
         tails = ", ".join(f"{t.get(str(q), 0)} over the bound for p={q:g} (the model allows {n * q:.0f})"
                           for q in LENIENT)
         lines.append(f"{label}: {t.get('checks', 0)} checks, {n} per-op bounds (replay, update): {tails}; "
-                     f"built for p={p:g}: at most {2 * t.get('checks', 0) * p:.1e} false alarms per run")
+                     f"built for p={p:g}: at most {3 * t.get('checks', 0) * p:.1e} false alarms per run")
     return "\n".join(lines)
 
 
@@ -233,6 +278,8 @@ def _worker(argv: list[str], label: str, env: dict | None = None) -> dict | None
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.calibrate", description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3, help="per op: seeds per case")
+    ap.add_argument("--threads", default=",".join(map(str, THREADS)), type=lambda s: [int(n) for n in s.split(",") if n],
+                    help="per op: OpenMP thread counts each C build runs with (default 1,2,4)")
     ap.add_argument("--scale", action="store_true", help="training steps at GPT-2 124M's shape instead")
     ap.add_argument("--config", default="d12", help="--scale: the config (default d12)")
     ap.add_argument("--steps", type=int, default=10, help="--scale: training steps (default 10)")

@@ -35,8 +35,19 @@ Metrics, over the *compared* elements (all of them, or those where ``mask`` is T
 ``n_bad``
     Elements that fail: ``rel > tol.rel``, or ``ulp > tol.ulp`` when ``tol.ulp`` is set,
     or a non-finite mismatch.
+``bias``, ``bias_z``
+    The mean of the signed errors (:mod:`harness.stats`): the constant factor ``1 + bias``
+    (``bias_form`` "scale") or the constant offset, in units of the elements' size
+    ("shift"), that explains their mean, whichever is the more significant, and its
+    z-score against a standard error estimated from contiguous groups of whole rows (runs
+    of ``unit`` elements). Rounding to nearest, FMA contraction and reordered sums average
+    to zero; a changed constant or a scale slipped into an expression does not: a shift of
+    a few ulps in every element is far below ``tol.rel`` and ``tol.norm`` and still many
+    standard errors from zero. ``bias_stats`` holds both forms.
 
-A comparison *passes* when ``n_bad == 0`` and ``norm_rel <= tol.norm`` (a NaN norm fails).
+A comparison *passes* when ``n_bad == 0``, ``norm_rel <= tol.norm`` (a NaN norm fails) and
+neither form of the bias lies beyond ``tol.bias`` by more than Student's t quantile at
+``tol.bias_p`` standard errors.
 """
 from __future__ import annotations
 
@@ -50,9 +61,10 @@ import numpy as np
 from . import metrics
 from .clib.fused import tally as fused_tally
 from .metrics import CHUNK_ELEMS, FLOAT32_TINY, ulp_key
+from .stats import Bias, bias_of, group_bounds
 
 __all__ = [
-    "Tolerance", "Comparison", "ParityError",
+    "Tolerance", "Comparison", "Bias", "ParityError",
     "compare", "assert_parity", "ulp_distance", "json_float", "CHUNK_ELEMS",
 ]
 
@@ -70,6 +82,19 @@ class Tolerance:
           size in both metrics (``|a-e| / (|e| + scale + floor)``, ``||a-e|| / |||e| +
           floor||``): an absolute error of ``rel * floor`` is always allowed. The policy
           sets it to the smallest normal float32 (the underflow floor); 0 by default.
+    bias: the minimum effect of the bias test: the largest mean signed error (either form
+          of ``Comparison.bias``, relative) a correct implementation may show (its own
+          constants' roundings, its libm's). A comparison fails on bias when the bias lies
+          beyond it by more than ``t`` standard errors, t Student's quantile at ``bias_p``.
+          ``inf`` (the default): the bias is measured and reported, not judged.
+    bias_size: a minimum effect relative to the elements' sizes instead of their values
+          (the mean of ``(a-e)/(|e| + scale + elem_scale)``), for an output whose
+          legitimate lean scales a term of it rather than its value (AdamW's float32 bias
+          corrections scale the update, not the parameter): the test's minimum effect is
+          the larger of ``bias`` and ``bias_size / share`` (:class:`harness.stats.Bias`); 0
+          by default.
+    bias_p: the probability that the bias test fails an implementation whose bias is
+          within ``bias`` (the two forms together).
 
     ``float('inf')`` disables a bound; ``Tolerance.exact()`` demands bit-identical floats.
     """
@@ -79,9 +104,16 @@ class Tolerance:
     ulp: int | None = None
     why: str = ""
     floor: float = 0.0
+    bias: float = math.inf
+    bias_p: float = 1e-9
+    bias_size: float = 0.0
 
     def __post_init__(self) -> None:
-        for fname in ("rel", "norm", "floor"):
+        if isinstance(self.bias_p, bool) or not isinstance(self.bias_p, (int, float, np.number)) \
+                or not 0.0 < float(self.bias_p) < 1.0:
+            raise ValueError(f"Tolerance.bias_p must be a probability in (0, 1), got {self.bias_p!r}")
+        object.__setattr__(self, "bias_p", float(self.bias_p))
+        for fname in ("rel", "norm", "floor", "bias", "bias_size"):
             value = getattr(self, fname)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
                 raise TypeError(f"Tolerance.{fname} must be a number, got {value!r}")
@@ -101,12 +133,13 @@ class Tolerance:
     @classmethod
     def exact(cls, why: str = "bit-identical: same arithmetic in the same order") -> "Tolerance":
         """Zero tolerance everywhere: every element must be equal (ulp distance 0)."""
-        return cls(rel=0.0, norm=0.0, ulp=0, why=why)
+        return cls(rel=0.0, norm=0.0, ulp=0, why=why, bias=0.0)
 
     def bounds(self) -> str:
-        """The numbers alone, e.g. ``rel <= 1e-06, norm <= 1e-07, ulp <= 4``."""
+        """The numbers alone, e.g. ``rel <= 1e-06, norm <= 1e-07, ulp <= 4, bias <= 1.2e-07``."""
         text = f"rel <= {_num(self.rel)}, norm <= {_num(self.norm)}"
         text += f", ulp <= {self.ulp}" if self.ulp is not None else ""
+        text += f", bias <= {_num(self.bias)} + t SE" if math.isfinite(self.bias) else ""
         return text + (f", sizes floored at {_num(self.floor)}" if self.floor else "")
 
     def __str__(self) -> str:
@@ -139,6 +172,11 @@ class Comparison:
     worst_actual, worst_expected, worst_abs, worst_rel, worst_ulp
                                 the two values there and their differences (``worst_ulp`` is
                                 ``None`` where a value is NaN)
+    bias_stats                  the mean signed error in both forms, with standard errors
+                                (:class:`harness.stats.Bias`; None when nothing was compared
+                                or every expected value is 0): what the diagnosis reads as a
+                                fitted constant factor (``1 + bias_stats.scale``)
+    bias, bias_z, bias_form     the more significant form of it (properties)
     """
 
     name: str
@@ -163,17 +201,43 @@ class Comparison:
     worst_abs: float | None
     worst_rel: float | None
     worst_ulp: int | None
+    bias_stats: Bias | None = None
+
+    @property
+    def bias(self) -> float | None:
+        """The mean signed error, relative (the more significant form: ``bias_form``)."""
+        return None if self.bias_stats is None else self.bias_stats.value
+
+    @property
+    def bias_form(self) -> str | None:
+        """``scale`` (a constant factor ``1 + bias``) or ``shift`` (an offset)."""
+        return None if self.bias_stats is None else self.bias_stats.form
+
+    @property
+    def bias_z(self) -> float | None:
+        """``bias`` over its standard error; None without one (fewer than two groups)."""
+        b = self.bias_stats
+        return None if b is None else b.z(b.form)
+
+    @property
+    def bias_used(self) -> float:
+        """The fraction of the bias bound used, > 1 exactly when the bias test fails: the
+        largest over the two forms of |bias| / (tol.bias + t SE); 0 where the bias is not
+        judged (``tol.bias`` inf, fewer than two groups)."""
+        return bias_used(self.bias_stats, self.tol)
 
     @property
     def used(self) -> float:
         """The fraction of its tolerance used, > 1 exactly when a bound is exceeded: the largest
-        of max_rel/tol.rel, norm_rel/tol.norm and (where checked) max_ulp/tol.ulp; inf for a
-        non-finite mismatch, a NaN norm or an error against a zero bound."""
+        of max_rel/tol.rel, norm_rel/tol.norm, (where checked) max_ulp/tol.ulp and the bias's
+        (:attr:`bias_used`); inf for a non-finite mismatch, a NaN norm or an error against a
+        zero bound."""
         if self.n_nonfinite_mismatch or math.isnan(self.norm_rel):
             return math.inf
         bounds = [(self.max_rel, self.tol.rel), (self.norm_rel, self.tol.norm)]
         bounds += [] if self.tol.ulp is None else [(float(self.max_ulp), float(self.tol.ulp))]
-        return max(err / tol if tol > 0 else (math.inf if err > 0 else 0.0) for err, tol in bounds)
+        return max(self.bias_used,
+                   *(err / tol if tol > 0 else (math.inf if err > 0 else 0.0) for err, tol in bounds))
 
     def failed_checks(self) -> list[str]:
         """Which criteria failed: any of ``rel``, ``ulp``, ``norm``, ``nonfinite``."""
@@ -186,7 +250,22 @@ class Comparison:
             out.append("norm")
         if self.n_nonfinite_mismatch:
             out.append("nonfinite")
+        if self.bias_used > 1.0:
+            out.append("bias")
         return out
+
+    def bias_text(self) -> str:
+        """The bias in a few words: ``scale +4.8e-07 (z 35, 64 groups; allowed 1.2e-07 + 7.3 SE)``."""
+        b = self.bias_stats
+        if b is None:
+            return "n/a"
+        z = self.bias_z
+        ztext = f"no SE: {b.groups} group{'s' * (b.groups != 1)} alike" if z is None else \
+            f"z {_num(z)}, {b.groups} groups"
+        text = f"{b.form} {b.value:+.2g} ({ztext}"
+        if math.isfinite(self.tol.bias) and z is not None:
+            text += f"; allowed {_num(bias_minimum(b, self.tol))} + {b.t:.2g} SE"
+        return text + ")"
 
     def message(self) -> str:
         """A multi-line, human-readable report (the text of :class:`ParityError`)."""
@@ -220,6 +299,7 @@ class Comparison:
             f"Norm-wise relative difference: {_num(self.norm_rel)} (allowed {_num(self.tol.norm)})"
             + flag("norm"),
             f"Non-finite mismatches: {self.n_nonfinite_mismatch}" + flag("nonfinite"),
+            f"Mean signed error (bias): {self.bias_text()}" + flag("bias"),
             f"Tolerance: {self.tol.bounds()}" + (f" -- {self.tol.why}" if self.tol.why else ""),
         ]
         return "\n".join(lines)
@@ -256,6 +336,15 @@ class Comparison:
             "worst_abs": json_float(self.worst_abs),
             "worst_rel": json_float(self.worst_rel),
             "worst_ulp": self.worst_ulp,
+            "bias": json_float(self.bias),
+            "bias_z": json_float(self.bias_z),
+            "bias_form": self.bias_form,
+            "bias_scale": None if self.bias_stats is None else json_float(self.bias_stats.scale),
+            "bias_scale_se": None if self.bias_stats is None else json_float(self.bias_stats.scale_se),
+            "bias_shift": None if self.bias_stats is None else json_float(self.bias_stats.shift),
+            "bias_shift_se": None if self.bias_stats is None else json_float(self.bias_stats.shift_se),
+            "bias_groups": None if self.bias_stats is None else int(self.bias_stats.groups),
+            "tol_bias": json_float(self.tol.bias),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -275,7 +364,7 @@ class ParityError(AssertionError):
 def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
             axes: Sequence[str] | None = None, mask: Any = None,
             scale: float | None = None, nan_equal: bool = True,
-            elem_scale: Any = None, engine: str | None = None) -> Comparison:
+            elem_scale: Any = None, engine: str | None = None, unit: int | None = None) -> Comparison:
     """Compare ``actual`` with ``expected`` element by element; return a :class:`Comparison`.
 
     actual, expected: numeric arrays of the same shape (NumPy arrays, CPU torch tensors or
@@ -296,11 +385,23 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
     engine: ``"numpy"`` for the reference implementation (:mod:`harness.metrics`); by
         default the compiled helper (:mod:`harness.clib.fused`) where it takes the arrays
         as they lie, else NumPy. Both give the same verdicts and metrics.
+    unit: the bias test's correlated run: how many contiguous elements (C order) may share
+        a rounding (a row that shares a layernorm's rstd or a softmax's sum); the standard
+        error of the bias is estimated from groups of whole runs (:mod:`harness.stats`).
+        Default: the last axis (whole rows); 1: every element on its own. Must divide the
+        number of elements.
     """
     a, e, m, es, axes, scale, shape = _validated(actual, expected, name, tol, axes, mask, scale, elem_scale)
-    t = None if engine == "numpy" else fused_tally(a, e, m, es, scale, tol, nan_equal)
+    size = math.prod(shape)
+    if unit is None:
+        unit = shape[-1] if shape else 1
+    unit = max(1, int(unit))
+    if size and size % unit:
+        raise ValueError(f"{name}: unit {unit} does not divide the {size} elements of shape {shape}")
+    bounds = group_bounds(size, unit)
+    t = None if engine == "numpy" else fused_tally(a, e, m, es, scale, tol, nan_equal, bounds)
     if t is None:
-        t = metrics.tally(a, e, m, es, scale, tol, nan_equal)
+        t = metrics.tally(a, e, m, es, scale, tol, nan_equal, bounds)
     return comparison_of(t, a, e, es, tol, name=name, shape=shape, axes=axes)
 
 
@@ -313,7 +414,8 @@ def comparison_of(t, a: np.ndarray, e: np.ndarray, es, tol: Tolerance, *, name: 
         norm_rel = math.sqrt(t.sumsq_diff) / math.sqrt(t.sumsq_size)
     else:
         norm_rel = 0.0 if t.sumsq_diff == 0.0 else math.inf
-    passed = t.n_bad == 0 and norm_rel <= tol.norm      # NaN norm fails
+    groups = getattr(t, "groups", None)
+    bias = None if groups is None else bias_of(groups, tol.bias_p)
     worst_actual = worst_expected = worst_abs = worst_rel = None
     worst_ulp = None
     index = t.worst_index
@@ -330,6 +432,7 @@ def comparison_of(t, a: np.ndarray, e: np.ndarray, es, tol: Tolerance, *, name: 
         if len(shape) == 0:
             index = ()
         label = _label(index, axes)
+    passed = t.n_bad == 0 and norm_rel <= tol.norm and bias_used(bias, tol) <= 1.0     # NaN norm fails
     return Comparison(
         name=name, shape=shape, tol=tol,
         actual_dtype=_dtype_name(a.dtype), expected_dtype=_dtype_name(e.dtype),
@@ -339,8 +442,29 @@ def comparison_of(t, a: np.ndarray, e: np.ndarray, es, tol: Tolerance, *, name: 
         max_ulp=t.max_ulp, norm_rel=norm_rel, scale=t.scale,
         worst_index=index, worst_label=label, worst_actual=worst_actual,
         worst_expected=worst_expected, worst_abs=worst_abs, worst_rel=worst_rel,
-        worst_ulp=worst_ulp,
+        worst_ulp=worst_ulp, bias_stats=bias,
     )
+
+
+def bias_minimum(b: Bias, tol: Tolerance) -> float:
+    """The minimum effect ``b`` is judged against: ``tol.bias``, or ``tol.bias_size`` over
+    the expected values' share of the sizes where that is larger."""
+    if tol.bias_size > 0.0 and b.share > 0.0:
+        return max(tol.bias, tol.bias_size / b.share)
+    return tol.bias
+
+
+def bias_used(b: Bias | None, tol: Tolerance) -> float:
+    """The fraction of the bias bound ``b`` uses under ``tol`` (:attr:`Comparison.bias_used`)."""
+    if b is None or not math.isfinite(tol.bias):
+        return 0.0
+    out, minimum = 0.0, bias_minimum(b, tol)
+    for x, se, t in b.forms():
+        if math.isinf(t):
+            continue
+        bound = minimum + t * se
+        out = max(out, abs(x) / bound if bound > 0 else (math.inf if x != 0 else 0.0))
+    return out
 
 
 def _validated(actual, expected, name, tol, axes, mask, scale, elem_scale):

@@ -5,7 +5,11 @@ steps of the tiny model (C, with the NumPy reference alongside), then fails on
 
 1. any tolerance violation;
 2. any error metric (max rel, norm rel) that grew beyond ``GROWTH_FACTOR`` x its baseline
-   (a floor of ``GROWTH_FLOOR`` x the tolerance keeps noise near zero from counting as growth);
+   (a floor of ``GROWTH_FLOOR`` x the tolerance keeps noise near zero from counting as growth),
+   and any mean signed error (the bias, :mod:`harness.stats`) that grew beyond
+   ``GROWTH_FACTOR`` x its baseline and uses more than ``GROWTH_FACTOR x BIAS_GROWTH_FLOOR``
+   of its bound (``tol.bias + t SE``): a bias within a few standard errors is noise, which
+   another build draws anew, so only one near its bound counts;
 3. any change in the bits of the C's outputs, when the baseline holds a fingerprint for
    the same key: what decides the bits of a given source (compiler, flags, OpenMP, the
    instruction sets the flags target, libm and the CPU features it dispatches on, the
@@ -31,7 +35,7 @@ import numpy as np
 
 from pyref.formats import write_atomic
 
-from .compare import Comparison
+from .compare import Comparison, bias_minimum
 from .errors import InputError
 
 BASELINE_NAME = "llmc-parity-gate.json"
@@ -58,6 +62,7 @@ def default_baseline(start: Path | None = None) -> Path:
 SCHEMA = "llmc-parity/gate/2"
 GROWTH_FACTOR = 4.0
 GROWTH_FLOOR = 0.05
+BIAS_GROWTH_FLOOR = 0.2
 SUITE = {"config": "tiny", "B": 4, "T": 16, "steps": 3, "seed": 0, "impls": ["numpy"]}
 
 
@@ -65,7 +70,7 @@ SUITE = {"config": "tiny", "B": 4, "T": 16, "steps": 3, "seed": 0, "impls": ["nu
 class GateRun:
     """What one run of the suite measured."""
 
-    metrics: dict[str, dict]              # key -> {max_rel, norm_rel, tol_rel, tol_norm}
+    metrics: dict[str, dict]              # key -> {max_rel, norm_rel, tol_rel, tol_norm, bias, bias_bound}
     failures: list[str]                   # tolerance violations (messages)
     fingerprints: dict[str, str]          # key -> sha256 of the C's output bits
     build_key: dict | None                # see build_key; None: unknown build, no bit check
@@ -137,8 +142,22 @@ def _digest(a: np.ndarray) -> str:
 
 
 def _entry(c: Comparison) -> dict:
-    return {"max_rel": float(f"{c.max_rel:.3g}"), "norm_rel": float(f"{c.norm_rel:.3g}"),
-            "tol_rel": float(f"{c.tol.rel:.3g}"), "tol_norm": float(f"{c.tol.norm:.3g}")}
+    out = {"max_rel": float(f"{c.max_rel:.3g}"), "norm_rel": float(f"{c.norm_rel:.3g}"),
+           "tol_rel": float(f"{c.tol.rel:.3g}"), "tol_norm": float(f"{c.tol.norm:.3g}")}
+    bound = _bias_bound(c)
+    if bound is not None:    # the mean signed error and what bounds it here: tol.bias + t SE
+        out["bias"], out["bias_bound"] = float(f"{c.bias:.3g}"), float(f"{bound:.3g}")
+    return out
+
+
+def _bias_bound(c: Comparison) -> float | None:
+    """The bound |bias| is judged against (``tol.bias + t SE``, the form shown), or None
+    where the bias is not judged."""
+    b = c.bias_stats
+    if b is None or c.bias_z is None or not np.isfinite(c.tol.bias) or not np.isfinite(b.t):
+        return None
+    _, se, t = b.forms()[0 if b.form == "scale" else 1]
+    return bias_minimum(b, c.tol) + t * se
 
 
 def run_suite(lib=None, progress=None) -> GateRun:
@@ -275,6 +294,11 @@ def evaluate(run: GateRun, baseline: dict, require_bits: bool = False) -> GateRe
             if new[metric] > GROWTH_FACTOR * max(old[metric], floor):
                 grown.append(f"  {key}: {metric} {old[metric]:.3g} -> {new[metric]:.3g} "
                              f"(x{new[metric] / max(old[metric], 1e-300):.1f}; tolerance {new[tol_key]:.3g})")
+        if "bias" in new and "bias" in old:
+            b_new, b_old = abs(new["bias"]), abs(old["bias"])
+            if b_new > GROWTH_FACTOR * max(b_old, BIAS_GROWTH_FLOOR * new["bias_bound"]):
+                grown.append(f"  {key}: bias {old['bias']:+.3g} -> {new['bias']:+.3g} "
+                             f"(x{b_new / max(b_old, 1e-300):.1f}; bound {new['bias_bound']:.3g})")
     if grown:
         ok = False
         lines.append(f"{len(grown)} error metric(s) grew beyond {GROWTH_FACTOR:g}x the baseline:")
@@ -407,7 +431,9 @@ def write_baseline(run: GateRun, path: Path, old: dict | None) -> list[str]:
                 diff.append(f"- {key}")
             else:
                 diff.append(f"~ {key}: max_rel {a['max_rel']:.3g} -> {b['max_rel']:.3g}, "
-                            f"norm_rel {a['norm_rel']:.3g} -> {b['norm_rel']:.3g}")
+                            f"norm_rel {a['norm_rel']:.3g} -> {b['norm_rel']:.3g}"
+                            + ("" if "bias" not in b else f", bias {a['bias']:+.3g} -> {b['bias']:+.3g}"
+                               if "bias" in a else f", bias {b['bias']:+.3g} (new)"))
     if moved:
         diff.append(f"~ fingerprints for this build: {len(moved)} tensor(s) changed bits")
     if dropped:

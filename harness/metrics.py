@@ -25,16 +25,20 @@ FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def tally(a: np.ndarray, e: np.ndarray, m: np.ndarray | None, es: np.ndarray | None, scale: float | None,
-          tol, nan_equal: bool) -> "_Accumulator":
+          tol, nan_equal: bool, bounds: np.ndarray | None = None) -> "_Accumulator":
     """The metrics of ``a`` against ``e`` (validated, same shape; ``m`` the broadcast mask,
     ``es`` the broadcast element scale): pass 1 the RMS scale unless given, pass 2 the
     metrics, block by block. The result has the fields :func:`harness.compare.compare`
     reads (n_compared, n_bad, n_nonfinite, max_abs, max_rel, max_ulp, sumsq_diff,
-    sumsq_size, worst_index, scale)."""
+    sumsq_size, worst_index, scale) and ``groups``: the bias test's sums (G, 4) over the
+    groups ``bounds`` delimits (:mod:`harness.stats`), None without."""
     blocks = list(_chunks(a.shape, CHUNK_ELEMS)) if a.size else []
     # Scratch arrays sized for the largest block (the first one), reused by every block.
     ws = _Workspace(a[blocks[0][0]].size if blocks else 0, reuse=len(blocks) > 1)
     acc = _Accumulator(tol, nan_equal, ws)
+    if bounds is not None and len(bounds) > 1:
+        acc.bounds = np.asarray(bounds, np.int64)
+        acc.groups = np.zeros((len(bounds) - 1, 4))
     with np.errstate(all="ignore"):
         cached_e64 = None
         if scale is None:               # pass 1: RMS of the finite compared expected values
@@ -44,8 +48,9 @@ def tally(a: np.ndarray, e: np.ndarray, m: np.ndarray | None, es: np.ndarray | N
         acc.floor = tol.floor
         for key, outer, start in blocks:   # pass 2: the metrics
             ab = a[key]
-            acc.update(ab, e[key], None if m is None else m[key],
-                       _Locator(ab.shape, outer, start), cached_e64,
+            locate = _Locator(ab.shape, outer, start)
+            acc.flat0 = 0 if not key else int(np.ravel_multi_index(locate(0), a.shape))
+            acc.update(ab, e[key], None if m is None else m[key], locate, cached_e64,
                        None if es is None else es[key])
     return acc
 
@@ -129,6 +134,9 @@ class _Accumulator:
         self.worst_rel = -1.0            # rel of the worst finite element so far
         self.worst_index: tuple[int, ...] | None = None
         self.worst_is_nonfinite = False
+        self.bounds: np.ndarray | None = None    # the bias test's groups (harness.stats)
+        self.groups: np.ndarray | None = None
+        self.flat0 = 0                           # the flat index of the block's first element
 
     def update(self, a: np.ndarray, e: np.ndarray, m: np.ndarray | None,
                locate: "_Locator", e64: np.ndarray | None = None,
@@ -160,6 +168,8 @@ class _Accumulator:
         if invalid is not None:
             np.copyto(diff, 0.0, where=invalid)
             np.copyto(rel, -1.0, where=invalid)
+        if self.groups is not None:
+            self._group_sums(a64, e64, rel, es, invalid)
         self._sums(diff, e64, es, invalid)
         bad = self._worst(rel, locate)
         self._ulps(a, e, invalid, bad)
@@ -178,6 +188,42 @@ class _Accumulator:
             rel += es
         np.divide(diff, rel, out=rel)
         return diff, rel
+
+    def _group_sums(self, a64, e64, rel, es, invalid) -> None:
+        """The bias test's sums over the block's pieces of each group (:mod:`harness.stats`):
+        ``copysign(rel, a - e)`` in the direction of ``e`` (F) and alone (S), ``|e| / den``
+        (R), and the count (N), over the valid elements, element by element the compiled
+        helper's arithmetic."""
+        ws, shape = self.ws, a64.shape
+        sgn = ws.take("g_sgn", np.float64, shape)
+        np.subtract(a64, e64, out=sgn)
+        np.copysign(rel, sgn, out=sgn)                       # S
+        rho = ws.take("g_rho", np.float64, shape)
+        f = ws.take("g_f", np.float64, shape)
+        np.abs(e64, out=f)
+        np.add(f, self.scale, out=rho)
+        if es is not None:
+            rho += es
+        np.divide(f, rho, out=rho)                           # R
+        np.sign(e64, out=f)
+        np.multiply(sgn, f, out=f)                           # F
+        cols = [f, sgn, rho]
+        if invalid is not None:
+            for x in cols:
+                np.copyto(x, 0.0, where=invalid)
+        n = a64.size
+        lo, hi = self.flat0, self.flat0 + n
+        b = self.bounds
+        g0 = int(np.searchsorted(b, lo, side="right")) - 1
+        g1 = int(np.searchsorted(b, hi, side="left"))        # groups g0 .. g1-1 meet the block
+        starts = np.maximum(b[g0:g1], lo) - lo
+        for k, x in enumerate(cols):
+            self.groups[g0:g1, k] += np.add.reduceat(x.reshape(-1), starts)
+        if invalid is None:
+            counts = np.diff(np.append(starts, n))
+        else:
+            counts = np.add.reduceat((~invalid).reshape(-1).astype(np.int64), starts)
+        self.groups[g0:g1, 3] += counts
 
     def _nonfinite(self, a64, e64, m, invalid, locate):
         """Count pairs with a NaN or inf that differ (the first is the worst element);

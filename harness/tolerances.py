@@ -29,6 +29,14 @@ Two bounds per tensor (see :mod:`harness.compare` for the metrics):
   change whenever ``1e-5 > k_norm * u * sqrt(n)``, i.e. for every reduction length up to
   ~12000 with ``k_norm = 1.5`` (GPT-2 124M's longest, 4C = 3072, included).
 
+And a third criterion, the bias test (:mod:`harness.stats`, docs/statistics.md): the mean of
+the signed errors, as a constant factor or offset, must not lie beyond the output's minimum
+effect (``Rule.bias``, in units of u, not u·sqrt(n): rounding averages to zero over any
+reduction, and what a legitimate build leans by is a constant's rounding or a libm's, the
+same at any n) by more than Student's t at ``P_FALSE_ALARM`` standard errors, estimated
+from groups of whole rows. It catches what the norm-wise bound cannot: every element off
+by a few ulps the same way.
+
 How the constants were chosen: ``make calibrate`` (:mod:`harness.calibrate`) measures the
 worst ``sigma`` and ``k_norm`` every legitimate build shows per op (the C built with
 ``-O2``, ``-O3``, ``-O3 -march=native`` (FMA), ``-Ofast -march=native`` (reordered sums,
@@ -94,9 +102,12 @@ def rule(kernel: str, output: str) -> Rule:
 # the number of elements it is applied to, as the largest of N rounding errors does, by
 # construction rather than by a constant calibrated on one size. The norm-wise error is a
 # root-mean-square: over ``size`` elements it exceeds its expectation by a chi-square
-# quantile of the same probability (norm_excess). A run of K checks is then a false alarm
-# with probability at most 2 K P_FALSE_ALARM (each check has both bounds): 3.2e-5 for the
-# ~16,000 checks of ten steps of GPT-2 124M with two references.
+# quantile of the same probability (norm_excess). The bias test (harness.stats) is built for
+# the same probability: its two forms (a constant factor, a constant offset) are each
+# two-sided at P_FALSE_ALARM / 2, so it fails an implementation whose mean errors are within
+# their minimum effect with probability at most P_FALSE_ALARM. A run of K checks is then a
+# false alarm with probability at most 3 K P_FALSE_ALARM (each check has three criteria):
+# 4.8e-5 for the ~16,000 checks of ten steps of GPT-2 124M with two references.
 P_FALSE_ALARM = 1e-9
 # the one-sided Gaussian quantile of P_FALSE_ALARM / 2: 6.1
 _Z1 = NormalDist().inv_cdf(1.0 - P_FALSE_ALARM / 2)
@@ -127,9 +138,12 @@ def op_tolerance(kernel: str, output: str, n: int, size: int | None = None) -> T
     g = sqrt(max(1, n))
     z, f = extreme(size), norm_excess(size)
     return Tolerance(rel=r.sigma * z * U * g, norm=r.k_norm * U * g * f, floor=UNDERFLOW_FLOOR,
+                     bias=r.bias * U, bias_size=r.bias_size * U, bias_p=P_FALSE_ALARM,
                      why=f"{kernel}.{output}: {r.why}; n={n}: "
                          f"{r.sigma:g}·u·√n per element x{z:.2f} (the largest of {size or 1} at p={P_FALSE_ALARM:g}), "
-                         f"{r.k_norm:g}·u·√n norm-wise" + (f" x{f:.2f} for {size} elements" if f > 1.05 else ""))
+                         f"{r.k_norm:g}·u·√n norm-wise" + (f" x{f:.2f} for {size} elements" if f > 1.05 else "")
+                         + f"; mean {r.bias:g}·u" + (f" (or {r.bias_size:g}·u of the sizes)" if r.bias_size else "")
+                         + f" + t·SE ({r.bias_why})")
 
 
 # End to end: multiples of how far float32-sized noise, injected at every op of a float64
@@ -144,14 +158,19 @@ def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -
     (``witness`` is that Comparison). Error carried in from upstream grows with depth,
     through layernorm's rstd and the softmax Jacobians, by a factor that depends on the
     model and the batch; the witness measures it instead of guessing it, so the bound
-    widens exactly where rounding noise really grows, and nowhere else."""
+    widens exactly where rounding noise really grows, and nowhere else. The bias test's
+    minimum effect widens by the same factor as the norm-wise bound: the legitimate leans
+    of the ops upstream (a constant rounded differently) reach the tensor through the same
+    Jacobians as their rounding noise."""
     base = op_tolerance(kernel, output, n, size)
     rel = max(base.rel, E2E_K_REL * witness.max_rel)
     norm = max(base.norm, E2E_K_NORM * witness.norm_rel)
-    return Tolerance(rel=rel, norm=norm, floor=base.floor,
+    growth = norm / base.norm if base.norm > 0 else 1.0      # inf where the witness's norm is
+    return Tolerance(rel=rel, norm=norm, floor=base.floor, bias=base.bias * growth, bias_p=base.bias_p,
+                     bias_size=base.bias_size * growth if base.bias_size else 0.0,
                      why=f"{base.why}; end to end: the larger of that and {E2E_K_REL:g}x/{E2E_K_NORM:g}x "
                          f"the float32-noise witness (max rel {witness.max_rel:.2g}, norm rel "
-                         f"{witness.norm_rel:.2g})")
+                         f"{witness.norm_rel:.2g})" + (f", the mean's minimum effect x{growth:.2g}" if growth > 1 else ""))
 
 
 def term_magnitude(kernel: str, output: str, args: dict, outputs: dict) -> np.ndarray | None:

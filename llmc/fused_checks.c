@@ -8,6 +8,14 @@
 // off, so that each element's arithmetic is the NumPy path's operation for operation;
 // only the sums are added in another order, in fixed blocks, so that they do not depend
 // on the number of threads. Every entry point takes the number of threads to use.
+//
+// The bias test's group sums (harness/stats.py): the compared elements fall into G
+// contiguous groups (flat boundaries gbound[0..G]); per group the sums F, S, R, N of the
+// signed error in the direction of the expected value, the signed error, the expected
+// value's share of the denominator and the count. Each block of BLOCK elements is cut at
+// the group boundaries into pieces, each piece's sums are kept, and the pieces are added
+// into their groups in order afterwards, so that these sums do not depend on the threads
+// either.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,8 +41,11 @@ typedef struct {
 typedef struct {
     int64_t n_compared, n_bad, n_nonfinite, first_nonfinite, max_ulp, best_index;
     double best_rel, max_abs;
-    double sumsq_diff, sumsq_size, sum_signed, sumsq_signed;
+    double sumsq_diff, sumsq_size;
 } block_acc;
+
+// The bias test's sums of one piece of a group (harness/stats.py: SUMS).
+typedef struct { double f, s, r, n; } gsums;
 
 static void block_init(block_acc* k) {
     memset(k, 0, sizeof *k);
@@ -54,7 +65,7 @@ static inline int32_t ulp_key(float x) {
 // Element i: actual a, expected e, term size es (0 without). As compare.py's _Accumulator:
 // a pair with a NaN or an inf is left out of the metrics and counted when the two differ;
 // rel = |a - e| / (|e| + scale + es); the norm-wise sums; the float32 ulp distance.
-static inline void element(block_acc* k, const llmc_rule* r, int64_t i, double a, double e, double es) {
+static inline void element(block_acc* k, gsums* g, const llmc_rule* r, int64_t i, double a, double e, double es) {
     k->n_compared++;
     if (!(isfinite(a) && isfinite(e))) {
         int equal = (a == e) || (r->nan_equal && isnan(a) && isnan(e));
@@ -71,11 +82,11 @@ static inline void element(block_acc* k, const llmc_rule* r, int64_t i, double a
     k->sumsq_diff += diff * diff;
     double size = (fabs(e) + es) + r->floor;    // with neither: |e| itself, exactly
     k->sumsq_size += size * size;
-    if (size > 0.0) {                           // the signed error against the element's size
-        double s = (a - e) / size;
-        k->sum_signed += s;
-        k->sumsq_signed += s * s;
-    }
+    double sgn = copysign(rel, a - e);          // the bias test's terms (harness/stats.py)
+    g->f += sgn * (double)((e > 0.0) - (e < 0.0));
+    g->s += sgn;
+    g->r += fabs(e) / den;
+    g->n += 1.0;
     if (rel > k->best_rel) { k->best_rel = rel; k->best_index = i; }
     int64_t ulp = (int64_t)ulp_key((float)a) - (int64_t)ulp_key((float)e);
     if (ulp < 0) ulp = -ulp;
@@ -93,7 +104,6 @@ typedef struct {
     double max_abs, max_rel;
     int64_t max_ulp;
     double sumsq_diff, sumsq_size;
-    double sum_signed, sumsq_signed;
 } llmc_cmp_out;
 
 static void fold(const block_acc* acc, int64_t nb, int64_t stride, llmc_cmp_out* o) {
@@ -112,8 +122,6 @@ static void fold(const block_acc* acc, int64_t nb, int64_t stride, llmc_cmp_out*
         if (first_nonfinite < 0 && k->first_nonfinite >= 0) first_nonfinite = k->first_nonfinite;
         o->sumsq_diff += k->sumsq_diff;
         o->sumsq_size += k->sumsq_size;
-        o->sum_signed += k->sum_signed;
-        o->sumsq_signed += k->sumsq_signed;
     }
     o->max_rel = worst_rel > 0.0 ? worst_rel : 0.0;
     if (first_nonfinite >= 0) { o->worst_index = first_nonfinite; o->worst_is_nonfinite = 1; }
@@ -168,12 +176,12 @@ double llmc_sumsq_expected(const llmc_pair* in, int64_t* count_out, int threads)
 // element's rel (kept for the argmax), the sums and the counts; a block where some pair is
 // not finite (its sums come out non-finite) goes through element() instead.
 static inline __attribute__((always_inline)) int block_fast(
-        block_acc* k, const llmc_rule* r, int64_t base, int64_t len, double* relbuf,
+        block_acc* k, gsums* g, const llmc_rule* r, int64_t base, int64_t len, double* relbuf,
         const void* ap, int a64, const void* ep, int e64, const void* esp, int esk) {
-    double sd = 0.0, ss = 0.0, sg = 0.0, sg2 = 0.0, mx = 0.0, mr = -1.0, mu = 0.0, nbad = 0.0;
+    double sd = 0.0, ss = 0.0, gf = 0.0, gs = 0.0, gr = 0.0, mx = 0.0, mr = -1.0, mu = 0.0, nbad = 0.0;
     const double scale = r->scale, tol = r->tol_rel, floor_ = r->floor;
     const double tol_ulp = r->tol_ulp >= 0 ? (double)r->tol_ulp : INFINITY;
-    #pragma omp simd reduction(+:sd, ss, sg, sg2, nbad) reduction(max:mx, mr, mu)
+    #pragma omp simd reduction(+:sd, ss, gf, gs, gr, nbad) reduction(max:mx, mr, mu)
     for (int64_t i = 0; i < len; i++) {
         double a = a64 ? ((const double*)ap)[i] : (double)((const float*)ap)[i];
         double e = e64 ? ((const double*)ep)[i] : (double)((const float*)ep)[i];
@@ -187,10 +195,10 @@ static inline __attribute__((always_inline)) int block_fast(
         sd += diff * diff;
         double size = (fabs(e) + es) + floor_;      // with no es and no floor: |e| itself, exactly
         ss += size * size;
-        double pos = size > 0.0 ? 1.0 : 0.0;             // an element of size 0 adds nothing
-        double sgn = pos * ((a - e) / (size + (1.0 - pos)));
-        sg += sgn;
-        sg2 += sgn * sgn;
+        double sgn = copysign(rel, a - e);               // the bias test's terms (harness/stats.py)
+        gf += sgn * (double)((e > 0.0) - (e < 0.0));     // (this form vectorises; a select does not)
+        gs += sgn;
+        gr += fabs(e) / den;
         // the float32 ulp distance: the monotone keys of the two float32 bit patterns,
         // subtracted in double (exact: each key is below 2^31 in magnitude)
         union { float f; int32_t i; } ua = {.f = (float)a}, ue = {.f = (float)e};
@@ -200,10 +208,11 @@ static inline __attribute__((always_inline)) int block_fast(
         mu = ulp > mu ? ulp : mu;
         nbad += (rel > tol || ulp > tol_ulp) ? 1.0 : 0.0;
     }
-    if (!(isfinite(sd) && isfinite(ss) && isfinite(sg2))) return 0;   // some pair is not finite
+    if (!(isfinite(sd) && isfinite(ss) && isfinite(gs))) return 0;   // some pair is not finite
     k->n_compared += len;
     k->n_bad += (int64_t)nbad;
-    k->sumsq_diff += sd; k->sumsq_size += ss; k->sum_signed += sg; k->sumsq_signed += sg2;
+    k->sumsq_diff += sd; k->sumsq_size += ss;
+    g->f += gf; g->s += gs; g->r += gr; g->n += (double)len;
     if (mx > k->max_abs) k->max_abs = mx;
     if ((int64_t)mu > k->max_ulp) k->max_ulp = (int64_t)mu;
     if (mr > k->best_rel) {
@@ -218,12 +227,13 @@ static inline __attribute__((always_inline)) int block_fast(
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-int llmc_block(block_acc* k, const llmc_pair* in, const llmc_rule* r, int64_t lo, int64_t hi, double* relbuf) {
+int llmc_block(block_acc* k, gsums* g, const llmc_pair* in, const llmc_rule* r, int64_t lo, int64_t hi,
+               double* relbuf) {
     int combo = in->a_f64 * 6 + in->e_f64 * 3 + in->es_kind;
     const char* a = (const char*)in->a + lo * (in->a_f64 ? 8 : 4);
     const char* e = (const char*)in->e + lo * (in->e_f64 ? 8 : 4);
     const char* es = in->es ? (const char*)in->es + lo * (in->es_kind == 2 ? 8 : 4) : NULL;
-    #define FAST(A, E, S) return block_fast(k, r, lo, hi - lo, relbuf, a, A, e, E, es, S)
+    #define FAST(A, E, S) return block_fast(k, g, r, lo, hi - lo, relbuf, a, A, e, E, es, S)
     switch (combo) {
         case 0: FAST(0, 0, 0); case 1: FAST(0, 0, 1); case 2: FAST(0, 0, 2);
         case 3: FAST(0, 1, 0); case 4: FAST(0, 1, 1); case 5: FAST(0, 1, 2);
@@ -233,32 +243,115 @@ int llmc_block(block_acc* k, const llmc_pair* in, const llmc_rule* r, int64_t lo
     #undef FAST
 }
 
-// The metrics of a pair under rule r (its scale: the RMS scale plus the floor).
-int llmc_compare(const llmc_pair* in, const llmc_rule* r, llmc_cmp_out* out, int threads) {
+// The pieces of the blocks: block b's elements [lo, hi) cut at the group boundaries. A
+// block's pieces are groups gfirst[b] .. and their sums are piece[poff[b] + j].
+typedef struct {
+    int64_t nb, G, npieces;
+    const int64_t* gbound;     // G + 1 flat offsets (NULL: no groups)
+    int64_t* gfirst;           // nb + 1: the first group of each block
+    int64_t* poff;             // nb + 1: the first piece of each block
+} pieces;
+
+static int pieces_init(pieces* p, int64_t n, const int64_t* gbound, int64_t G) {
+    memset(p, 0, sizeof *p);
+    p->nb = (n + BLOCK - 1) / BLOCK;
+    p->G = gbound ? G : 0;
+    p->gbound = gbound;
+    if (!p->G) return 0;
+    p->gfirst = malloc(sizeof(int64_t) * (size_t)(p->nb + 1));
+    p->poff = malloc(sizeof(int64_t) * (size_t)(p->nb + 1));
+    if (!p->gfirst || !p->poff) return 1;
+    int64_t g = 0, off = 0;
+    for (int64_t b = 0; b < p->nb; b++) {
+        int64_t lo = b * BLOCK, hi = lo + BLOCK < n ? lo + BLOCK : n;
+        while (g + 1 < p->G && gbound[g + 1] <= lo) g++;
+        p->gfirst[b] = g;
+        p->poff[b] = off;
+        int64_t last = g;
+        while (last + 1 < p->G && gbound[last + 1] < hi) last++;
+        off += last - g + 1;
+    }
+    p->gfirst[p->nb] = p->G;
+    p->poff[p->nb] = off;
+    p->npieces = off;
+    return 0;
+}
+
+static void pieces_free(pieces* p) {
+    free(p->gfirst);
+    free(p->poff);
+}
+
+// Piece j of block b (lo, hi its elements): its range, or 0 when the block has no more.
+static inline int piece_range(const pieces* p, int64_t b, int64_t j, int64_t lo, int64_t hi,
+                              int64_t* plo, int64_t* phi) {
+    if (!p->G) {
+        if (j) return 0;
+        *plo = lo; *phi = hi;
+        return 1;
+    }
+    if (p->poff[b] + j >= p->poff[b + 1]) return 0;
+    int64_t g = p->gfirst[b] + j;
+    *plo = p->gbound[g] > lo ? p->gbound[g] : lo;
+    *phi = p->gbound[g + 1] < hi ? p->gbound[g + 1] : hi;
+    return 1;
+}
+
+// The pieces' sums added into their groups, in order (gout: G sums of F, S, R, N).
+static void pieces_fold(const pieces* p, const gsums* piece, int64_t stride, double* gout) {
+    if (!p->G) return;
+    memset(gout, 0, sizeof(double) * 4 * (size_t)p->G);
+    for (int64_t b = 0; b < p->nb; b++)
+        for (int64_t q = p->poff[b]; q < p->poff[b + 1]; q++) {
+            int64_t g = p->gfirst[b] + (q - p->poff[b]);
+            const gsums* x = &piece[q * stride];
+            gout[4 * g] += x->f; gout[4 * g + 1] += x->s; gout[4 * g + 2] += x->r; gout[4 * g + 3] += x->n;
+        }
+}
+
+// The metrics of a pair under rule r (its scale: the RMS scale plus the floor), and the
+// bias test's sums of the G groups that gbound delimits into gout (4 G doubles; gbound
+// NULL: none).
+int llmc_compare(const llmc_pair* in, const llmc_rule* r, llmc_cmp_out* out, const int64_t* gbound,
+                 int64_t G, double* gout, int threads) {
+    pieces P;
     int64_t nb = (in->n + BLOCK - 1) / BLOCK;
     block_acc* acc = malloc(sizeof(block_acc) * (size_t)(nb ? nb : 1));
-    if (!acc) return 1;
+    int failed = pieces_init(&P, in->n, gbound, G) || !acc;
+    gsums* piece = failed ? NULL : calloc((size_t)(P.G ? P.npieces : nb) + 1, sizeof(gsums));
+    if (failed || !piece) { free(acc); free(piece); pieces_free(&P); return 1; }
     #pragma omp parallel num_threads(threads)
     {
         double relbuf[BLOCK];
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; b++) {
-            int64_t lo = b * BLOCK, hi = lo + BLOCK < in->n ? lo + BLOCK : in->n;
+            int64_t lo = b * BLOCK, hi = lo + BLOCK < in->n ? lo + BLOCK : in->n, plo, phi;
+            gsums* mine = &piece[P.G ? P.poff[b] : b];
             block_acc k;
             block_init(&k);
-            if (in->causal_T > 0 || !llmc_block(&k, in, r, lo, hi, relbuf)) {
+            int fast = in->causal_T <= 0;
+            for (int64_t j = 0; fast && piece_range(&P, b, j, lo, hi, &plo, &phi); j++)
+                fast = llmc_block(&k, &mine[j], in, r, plo, phi, relbuf);
+            if (!fast) {
                 block_init(&k);
-                for (int64_t i = lo; i < hi; i++) {
-                    if (!compared(i, in->causal_T)) continue;
-                    double es = in->es_kind ? get(in->es, in->es_kind == 2, i) : 0.0;
-                    element(&k, r, i, get(in->a, in->a_f64, i), get(in->e, in->e_f64, i), es);
+                for (int64_t j = 0; piece_range(&P, b, j, lo, hi, &plo, &phi); j++) {
+                    gsums* g = &mine[j];
+                    memset(g, 0, sizeof *g);
+                    for (int64_t i = plo; i < phi; i++) {
+                        if (!compared(i, in->causal_T)) continue;
+                        double es = in->es_kind ? get(in->es, in->es_kind == 2, i) : 0.0;
+                        element(&k, g, r, i, get(in->a, in->a_f64, i), get(in->e, in->e_f64, i), es);
+                    }
                 }
             }
             acc[b] = k;
         }
     }
     fold(acc, nb, 1, out);
+    pieces_fold(&P, piece, 1, gout);
     free(acc);
+    free(piece);
+    pieces_free(&P);
     return 0;
 }
 
@@ -373,45 +466,73 @@ void llmc_adamw_sumsq(const llmc_adamw_in* in, const llmc_adamw_hp* h, double su
 __attribute__((target_clones("avx2", "default")))
 #endif
 void llmc_adamw_block(const llmc_adamw_in* in, const llmc_adamw_hp* h, const llmc_rule r[3], int64_t lo,
-                      int64_t len, double* buf, double* relbuf, block_acc acc[3]) {
+                      int64_t len, double* buf, double* relbuf, block_acc acc[3], const int64_t* cuts,
+                      int64_t ncuts, gsums* g) {
     double *pe = buf, *me = buf + BLOCK, *ve = buf + 2 * BLOCK;
     float *ps = (float*)(buf + 3 * BLOCK), *ms = ps + BLOCK;
     adamw_fill(in, h, lo, len, pe, me, ve, ps, ms);
     const float* actual[3] = {in->p1 + lo, in->m1 + lo, in->v1 + lo};
     const double* expected[3] = {pe, me, ve};
     const float* size[3] = {ps, ms, NULL};
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < 3; k++) {              // each piece [cuts[j], cuts[j+1]) of the block
         block_init(&acc[k]);
-        int done = size[k] ? block_fast(&acc[k], &r[k], lo, len, relbuf, actual[k], 0, expected[k], 1, size[k], 1)
-                           : block_fast(&acc[k], &r[k], lo, len, relbuf, actual[k], 0, expected[k], 1, NULL, 0);
+        int done = 1;
+        for (int64_t j = 0; done && j < ncuts; j++) {
+            int64_t o = cuts[j], n = cuts[j + 1] - cuts[j];
+            done = size[k] ? block_fast(&acc[k], &g[3 * j + k], &r[k], lo + o, n, relbuf, actual[k] + o, 0,
+                                        expected[k] + o, 1, size[k] + o, 1)
+                           : block_fast(&acc[k], &g[3 * j + k], &r[k], lo + o, n, relbuf, actual[k] + o, 0,
+                                        expected[k] + o, 1, NULL, 0);
+        }
         if (!done) {
             block_init(&acc[k]);
-            for (int64_t i = 0; i < len; i++)
-                element(&acc[k], &r[k], lo + i, (double)actual[k][i], expected[k][i], size[k] ? (double)size[k][i] : 0.0);
+            for (int64_t j = 0; j < ncuts; j++) {
+                gsums* gj = &g[3 * j + k];
+                memset(gj, 0, sizeof *gj);
+                for (int64_t i = cuts[j]; i < cuts[j + 1]; i++)
+                    element(&acc[k], gj, &r[k], lo + i, (double)actual[k][i], expected[k][i],
+                            size[k] ? (double)size[k][i] : 0.0);
+            }
         }
     }
 }
 
-// Pass 2: the three comparisons (params, m, v: rules r[0..2], results out[0..2]).
+// Pass 2: the three comparisons (params, m, v: rules r[0..2], results out[0..2]), and the
+// bias test's sums of each over the G groups gbound delimits (gout: 3 x 4 G doubles, params
+// then m then v; gbound NULL: none).
 int llmc_adamw_compare(const llmc_adamw_in* in, const llmc_adamw_hp* h, const llmc_rule r[3],
-                       llmc_cmp_out out[3], int threads) {
+                       llmc_cmp_out out[3], const int64_t* gbound, int64_t G, double* gout, int threads) {
+    pieces P;
     int64_t nb = (in->n + BLOCK - 1) / BLOCK;
     block_acc* acc = malloc(sizeof(block_acc) * 3 * (size_t)(nb ? nb : 1));
-    if (!acc) return 1;
+    int failed = pieces_init(&P, in->n, gbound, G) || !acc;
+    gsums* piece = failed ? NULL : calloc(3 * ((size_t)(P.G ? P.npieces : nb) + 1), sizeof(gsums));
+    if (failed || !piece) { free(acc); free(piece); pieces_free(&P); return 1; }
     #pragma omp parallel num_threads(threads)
     {
         double* buf = malloc(sizeof(double) * 4 * BLOCK);
         double* relbuf = malloc(sizeof(double) * BLOCK);
+        int64_t cuts[BLOCK + 1];
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; b++) {
-            int64_t lo = b * BLOCK, len = lo + BLOCK < in->n ? BLOCK : in->n - lo;
-            llmc_adamw_block(in, h, r, lo, len, buf, relbuf, acc + 3 * b);
+            int64_t lo = b * BLOCK, len = lo + BLOCK < in->n ? BLOCK : in->n - lo, plo, phi, ncuts = 0;
+            for (int64_t j = 0; piece_range(&P, b, j, lo, lo + len, &plo, &phi); j++) {
+                cuts[ncuts++] = plo - lo;
+                cuts[ncuts] = phi - lo;
+            }
+            llmc_adamw_block(in, h, r, lo, len, buf, relbuf, acc + 3 * b, cuts, ncuts,
+                             &piece[3 * (P.G ? P.poff[b] : b)]);
         }
         free(buf);
         free(relbuf);
     }
-    for (int k = 0; k < 3; k++) fold(acc + k, nb, 3, &out[k]);
+    for (int k = 0; k < 3; k++) {
+        fold(acc + k, nb, 3, &out[k]);
+        pieces_fold(&P, piece + k, 3, gout ? gout + 4 * k * P.G : NULL);
+    }
     free(acc);
+    free(piece);
+    pieces_free(&P);
     return 0;
 }
 

@@ -22,7 +22,7 @@ text is evaluated for a check and printed in the docs.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -32,20 +32,39 @@ from . import cases, terms
 
 @dataclass(frozen=True)
 class Rule:
-    """Tolerance constants of an output, in units of u·sqrt(n) (harness.tolerances).
+    """Tolerance constants of an output, in units of u·sqrt(n) (harness.tolerances), and
+    the bias test's minimum effect, in units of u.
 
     sigma:  the scale of one element's error (relative to its size): the element-wise
             bound is sigma times the quantile that the largest of the tensor's errors
             exceeds with probability harness.tolerances.P_FALSE_ALARM (7.8 for 1e4
             elements, 8.8 for 4e7);
-    k_norm: the norm-wise bound, the error's root-mean-square over the tensor."""
+    k_norm: the norm-wise bound, the error's root-mean-square over the tensor;
+    bias:   the minimum effect of the bias test (harness.stats): the largest mean signed
+            error, as a constant factor (or offset) relative to the elements' values, that
+            a correct implementation may show, in units of u = 2^-24 (half an ulp at 1):
+            not u·sqrt(n), since rounding to nearest averages to zero over any reduction
+            and what is left is a constant's rounding or a libm's lean, the same at any n;
+    bias_size: a minimum effect relative to the elements' sizes (the terms they are summed
+            from) rather than their values, in units of u, for an output whose legitimate lean
+            scales a term rather than the value (0: none; harness.compare.Tolerance);
+    bias_why: why that much (what legitimate builds showed: harness.calibrate)."""
 
     sigma: float
     k_norm: float
     why: str
+    bias: float = 1.0
+    bias_size: float = 0.0
+    bias_why: str = ("rounding averages to zero; a constant rounded differently, or repeated values "
+                     "rounding alike, leans up to u")
 
 
 DEFAULT = Rule(0.5, 1.5, "float32 rounding, random-walk growth over the reduction")
+
+
+def with_bias(rule: Rule, bias: float, why: str, size: float = 0.0) -> Rule:
+    """``rule`` with another minimum effect for the bias test, and its reason."""
+    return replace(rule, bias=bias, bias_size=size, bias_why=why)
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,9 @@ class Output:
     rule: Rule = DEFAULT
     terms: Callable | None = None       # pyref.terms function; None: judged by its own size
     causal: bool = False                # only the lower triangle (t2 <= t) is ever written
+    span: int = 1                       # the bias test's correlated run: how many trailing axes
+                                        # share a rounding (1: a row shares a layernorm's rstd, a
+                                        # softmax's sum; 0: every element rounds on its own)
     derivable: bool = False             # a port may not give it (a forward's statistics, a fused
                                         # loss's intermediates): then the float64 reference derives
                                         # it from the port's own inputs, and it is never compared
@@ -111,6 +133,12 @@ class KernelSpec:
         """The shapes a forward must return for ``args``, in order."""
         env = {**args, **dims(args), "broadcast": np.broadcast_shapes}
         return [tuple(int(d) for d in _eval(o.shape, env)) for o in self.outputs]
+
+    def unit(self, output: str, shape: tuple[int, ...]) -> int:
+        """The bias test's correlated run of ``output`` (of ``shape``): the number of
+        elements of its last ``span`` axes (:func:`harness.compare.compare`'s ``unit``)."""
+        span = self.output(output).span
+        return 1 if span <= 0 else int(np.prod(shape[len(shape) - min(span, len(shape)):], dtype=np.int64))
 
     def mask(self, output: str, args: dict) -> np.ndarray | None:
         """Elements of ``output`` to compare (None: all): a causal output's upper triangle
@@ -200,72 +228,82 @@ _OVER_BATCH = Rule(0.75, 1.5, "a sum over the B*T positions, whose terms are cor
                               "shares its gradient's direction): the partial sums outgrow a random walk, and the "
                               "C's sequential sum reaches 0.5 u sqrt(n) per element at GPT-2 124M (calibrate --scale)")
 _LOGF = Rule(0.65, 2.0, "logf of a probability: an absolute error of u*|p| becomes ~u in the loss")
+_PREATT = with_bias(DEFAULT, 1.5, "the scale 1/sqrt(hs) is a float32 constant, each implementation's rounded its "
+                                  "own way (the C's (float)(1.0 / sqrtf(hs)), torch's float(1 / math.sqrt(hs))): up "
+                                  "to u off the exact one in every element (0.61u at hs = 6 and 24)")
+_UPDATE = with_bias(DEFAULT, 1.5, "parameters that start equal (the gains at initialisation) move by the same "
+                                  "update and round alike, up to u; torch.optim.AdamW's decay multiplies by "
+                                  "float32(1 - lr*wd), up to u/2 more (-0.23u at lr 1e-4, wd 0.1); and the C's "
+                                  "float32 bias corrections 1 - beta^t (powf, then a cancellation) scale every "
+                                  "update alike, by up to u/(1 - beta2^t): -20u of a bias's value at step 2, "
+                                  "0.15u of its size (its terms count the update that many times), hence 0.5u "
+                                  "of the sizes", size=0.5)
 
 SPECS = (
     KernelSpec("encoder_forward", "encoder", ("inp", "wte", "wpe"), (
-        Output("out", "(B, T, C)", BTC),
+        Output("out", "(B, T, C)", BTC, span=0),
     ), True, cases.encoder_forward),
     KernelSpec("encoder_backward", "encoder", ("dwte", "dwpe", "dout", "inp"), (
-        Output("dwte", "(Vp, C)", ("token", "c"), "B*T", terms=terms.encoder_backward_dwte),
-        Output("dwpe", "(maxT, C)", ("t", "c"), "B", terms=terms.encoder_backward_dwpe),
+        Output("dwte", "(Vp, C)", ("token", "c"), "B*T", terms=terms.encoder_backward_dwte, span=0),
+        Output("dwpe", "(maxT, C)", ("t", "c"), "B", terms=terms.encoder_backward_dwpe, span=0),
     ), False, cases.encoder_backward),
     KernelSpec("layernorm_forward", "layernorm", ("inp", "weight", "bias"), (
         Output("out", "(B, T, C)", BTC, "C", terms=terms.layernorm_forward_out),
-        Output("mean", "(B, T)", BT, "C", terms=terms.layernorm_forward_mean, derivable=True),
-        Output("rstd", "(B, T)", BT, "C", terms=terms.layernorm_forward_rstd, derivable=True),
+        Output("mean", "(B, T)", BT, "C", terms=terms.layernorm_forward_mean, derivable=True, span=0),
+        Output("rstd", "(B, T)", BT, "C", terms=terms.layernorm_forward_rstd, derivable=True, span=0),
     ), True, cases.layernorm_forward, note="eps = 1e-5"),
     KernelSpec("layernorm_backward", "layernorm",
                ("dinp", "dweight", "dbias", "dout", "inp", "weight", "mean", "rstd"), (
         Output("dinp", "(B, T, C)", BTC, "C", terms=terms.layernorm_backward_dinp),
-        Output("dweight", "(C,)", ("c",), "B*T", terms=terms.layernorm_backward_dweight),
-        Output("dbias", "(C,)", ("c",), "B*T", terms=terms.layernorm_backward_dbias),
+        Output("dweight", "(C,)", ("c",), "B*T", terms=terms.layernorm_backward_dweight, span=0),
+        Output("dbias", "(C,)", ("c",), "B*T", terms=terms.layernorm_backward_dbias, span=0),
     ), False, cases.layernorm_backward),
     KernelSpec("matmul_forward", "matmul", ("inp", "weight", "bias"), (
-        Output("out", "(B, T, OC)", ("b", "t", "oc"), "C", terms=terms.matmul_forward_out),
+        Output("out", "(B, T, OC)", ("b", "t", "oc"), "C", terms=terms.matmul_forward_out, span=0),
     ), True, cases.matmul_forward, note="out = inp @ weight.T + bias; `bias` may be `None`"),
     KernelSpec("matmul_backward", "matmul", ("dinp", "dweight", "dbias", "dout", "inp", "weight"), (
-        Output("dinp", "(B, T, C)", BTC, "OC", terms=terms.matmul_backward_dinp),
-        Output("dweight", "(OC, C)", ("oc", "c"), "B*T", _OVER_BATCH, terms.matmul_backward_dweight),
-        Output("dbias", "(OC,)", ("oc",), "B*T", _OVER_BATCH, terms.matmul_backward_dbias),
+        Output("dinp", "(B, T, C)", BTC, "OC", terms=terms.matmul_backward_dinp, span=0),
+        Output("dweight", "(OC, C)", ("oc", "c"), "B*T", _OVER_BATCH, terms.matmul_backward_dweight, span=0),
+        Output("dbias", "(OC,)", ("oc",), "B*T", _OVER_BATCH, terms.matmul_backward_dbias, span=0),
     ), False, cases.matmul_backward, note="`dbias` may be `None`"),
     KernelSpec("attention_forward", "attention", ("inp", "NH"), (
         Output("out", "(B, T, C)", BTC, "T + hs", terms=terms.attention_forward_out),
-        Output("preatt", "(B, NH, T, T)", BHTT, "hs", terms=terms.attention_forward_preatt, causal=True,
-               derivable=True),
+        Output("preatt", "(B, NH, T, T)", BHTT, "hs", _PREATT, terms.attention_forward_preatt, causal=True,
+               derivable=True, span=0),
         Output("att", "(B, NH, T, T)", BHTT, "T + hs", _EXPF_ATT, terms.attention_forward_att, derivable=True),
     ), True, cases.attention_forward,
         note="inp is qkv (B,T,3C); preatt's upper triangle is ignored, att's must be 0"),
     KernelSpec("attention_backward", "attention", ("dinp", "dpreatt", "datt", "dout", "inp", "att", "NH"), (
         Output("dinp", "(B, T, 3*C)", ("b", "t", "c3"), "2*T + hs", _ATT_DINP, terms.attention_backward_dinp),
         Output("dpreatt", "(B, NH, T, T)", BHTT, "T + hs", _DPREATT, terms.attention_backward_dpreatt),
-        Output("datt", "(B, NH, T, T)", BHTT, "hs", terms=terms.attention_backward_datt),
+        Output("datt", "(B, NH, T, T)", BHTT, "hs", terms=terms.attention_backward_datt, span=0),
     ), False, cases.attention_backward, note="dpreatt and datt are scratch buffers, passed zeroed"),
     KernelSpec("gelu_forward", "gelu", ("inp",), (
-        Output("out", "inp.shape", BTC, rule=_GELU_OUT, terms=terms.gelu_forward_out),
+        Output("out", "inp.shape", BTC, rule=_GELU_OUT, terms=terms.gelu_forward_out, span=0),
     ), True, cases.gelu_forward, note="the tanh approximation"),
     KernelSpec("gelu_backward", "gelu", ("dinp", "inp", "dout"), (
-        Output("dinp", "inp.shape", BTC, rule=_GELU_DINP, terms=terms.gelu_backward_dinp),
+        Output("dinp", "inp.shape", BTC, rule=_GELU_DINP, terms=terms.gelu_backward_dinp, span=0),
     ), False, cases.gelu_backward),
     KernelSpec("residual_forward", "residual", ("inp1", "inp2"), (
-        Output("out", "broadcast(inp1.shape, inp2.shape)", BTC),
+        Output("out", "broadcast(inp1.shape, inp2.shape)", BTC, span=0),
     ), True, cases.residual_forward),
     KernelSpec("residual_backward", "residual", ("dinp1", "dinp2", "dout"), (
-        Output("dinp1", "dout.shape", BTC),
-        Output("dinp2", "dout.shape", BTC),
+        Output("dinp1", "dout.shape", BTC, span=0),
+        Output("dinp2", "dout.shape", BTC, span=0),
     ), False, cases.residual_backward),
     KernelSpec("softmax_forward", "softmax", ("logits", "V"), (
         Output("probs", "logits.shape", ("b", "t", "v"), "V", _EXPF_PROBS, derivable=True),
     ), True, cases.softmax_forward, note="over the first V of Vp columns, 0 in the padding"),
     KernelSpec("crossentropy_forward", "crossentropy", ("probs", "targets"), (
-        Output("losses", "(B, T)", BT, rule=_LOGF, derivable=True),
+        Output("losses", "(B, T)", BT, rule=_LOGF, derivable=True, span=0),
     ), True, cases.crossentropy_forward),
     KernelSpec("crossentropy_softmax_backward", "crossentropy", ("dlogits", "dlosses", "probs", "targets", "V"), (
-        Output("dlogits", "probs.shape", ("b", "t", "v")),
+        Output("dlogits", "probs.shape", ("b", "t", "v"), span=0),
     ), False, cases.crossentropy_softmax_backward, note="padded columns untouched"),
     KernelSpec("adamw", "adamw", ("param", "grad", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay", "t"), (
-        Output("param", "param.shape", ("i",), terms=terms.adamw_param),
-        Output("m", "param.shape", ("i",), terms=terms.adamw_m),
-        Output("v", "param.shape", ("i",)),
+        Output("param", "param.shape", ("i",), "1", _UPDATE, terms.adamw_param, span=0),
+        Output("m", "param.shape", ("i",), terms=terms.adamw_m, span=0),
+        Output("v", "param.shape", ("i",), span=0),
     ), False, cases.adamw, note="any shape (flat is fine); `t` counts from 1", shapes=("base", "odd"),
         updates=True),
 )
@@ -278,8 +316,8 @@ for _s in SPECS:
 # docs/kernels.md's tables
 
 def markdown() -> str:
-    """The protocol table and the table of how each output is judged, as docs/kernels.md
-    shows them (tests/test_spec.py keeps the two in sync)."""
+    """The protocol table, the table of how each output is judged and that of its bias test,
+    as docs/kernels.md shows them (tests/test_spec.py keeps them in sync)."""
     lines = ["| function | returns / accumulates into | notes |", "|---|---|---|"]
     for s in SPECS:
         outs = ", ".join(f"`{o.name}` {o.shape}" for o in s.outputs)
@@ -290,4 +328,10 @@ def markdown() -> str:
         for o in s.outputs:
             t = f"`terms.{o.terms.__name__}`" if o.terms else "its own size"
             lines.append(f"| `{s.name}.{o.name}` | {o.n} | {o.rule.sigma:g} | {o.rule.k_norm:g} | {o.rule.why} | {t} |")
+    lines += ["", "| output | a group spans | bias (u) | why |", "|---|---|---:|---|"]
+    for s in SPECS:
+        for o in s.outputs:
+            span = "elements" if o.span <= 0 else "rows" if o.span == 1 else f"the last {o.span} axes"
+            bias = f"{o.rule.bias:g}" + (f" (or {o.rule.bias_size:g} of the sizes)" if o.rule.bias_size else "")
+            lines.append(f"| `{s.name}.{o.name}` | {span} | {bias} | {o.rule.bias_why} |")
     return "\n".join(lines) + "\n"

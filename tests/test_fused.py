@@ -29,6 +29,15 @@ def _same(a, b, rel=1e-13):
     for key in ("max_rel", "norm_rel", "scale", "worst_rel", "worst_abs"):
         x, y = getattr(a, key), getattr(b, key)
         assert (x is None and y is None) or x == pytest.approx(y, rel=rel, abs=1e-300, nan_ok=True), key
+    # the bias test's group sums: the same terms, added in another order
+    assert (a.bias_stats is None) == (b.bias_stats is None)
+    if a.bias_stats is not None:
+        x, y = a.bias_stats, b.bias_stats
+        assert (x.groups, x.scale_t, x.shift_t) == (y.groups, y.scale_t, y.shift_t)
+        for key in ("scale", "shift", "share"):
+            assert getattr(x, key) == pytest.approx(getattr(y, key), rel=1e-9, abs=1e-25), key
+        for key in ("scale_se", "shift_se"):
+            assert getattr(x, key) == pytest.approx(getattr(y, key), rel=1e-6, abs=1e-25, nan_ok=True), key
 
 
 def _case(shape, a_dtype, e_dtype, seed, nonfinite=False):

@@ -121,7 +121,7 @@ def _validate(obj, name: str, doc: dict) -> None:
 def test_schema_doc_lists_every_object():
     doc = _documented()
     assert set(doc) == {"run", "config", "hyperparameters", "library", "build", "versions", "count",
-                        "step", "check", "worst", "tol", "diagnosis", "cause", "finding"}
+                        "step", "check", "worst", "tol", "diagnosis", "cause", "finding", "bias_stats"}
     assert all(doc.values())
 
 
@@ -156,6 +156,8 @@ def test_json_is_strict_and_matches_the_documented_schema(report):
             _validate(c, "check", doc)
             _validate(c["worst"], "worst", doc)
             _validate(c["tol"], "tol", doc)
+            if c["bias_stats"] is not None:
+                _validate(c["bias_stats"], "bias_stats", doc)
             if c["diagnosis"] is not None:
                 _validate(c["diagnosis"], "diagnosis", doc)
                 for cause in c["diagnosis"]["causes"]:

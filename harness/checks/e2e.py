@@ -4,6 +4,8 @@ same state, under a tolerance scaled by how far float32-sized noise carries to e
 (the witness's spread, :func:`harness.oracle.witness_spread`)."""
 from __future__ import annotations
 
+import numpy as np
+
 from pyref.config import GPT2Config
 from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
 from pyref.spec import SPEC
@@ -15,6 +17,18 @@ from ..tolerances import e2e_tolerance
 from .results import Check
 from .state import axes, module_of, named_args, observation
 from .verdict import compared
+
+
+def sequence_unit(ref: Ref, shape: tuple[int, ...]) -> int:
+    """The bias test's correlated run of an end-to-end tensor: a whole sequence. Upstream
+    errors reach every later position of a sequence (attention) and every row through a
+    layernorm's statistics, so only the B sequences of a batch round independently (their
+    forward and backward share nothing but the exact parameters): an activation or its
+    gradient (first axis b) falls into at most B groups. A parameter's gradient sums over
+    every sequence: one group, its bias reported and not judged."""
+    if ref.group in ("acts", "grads_acts") and len(shape) >= 2:
+        return int(np.prod(shape[1:], dtype=np.int64))
+    return max(1, int(np.prod(shape, dtype=np.int64)))
 
 
 @marked("e2e checks")
@@ -33,7 +47,7 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
         actual, expected = ref.get(state), ref.get(oracle_state)
         how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
-        c = compared(actual, expected, **how)
+        c = compared(actual, expected, unit=sequence_unit(ref, actual.shape), **how)
         if diagnose_it and not c.passed:
             c = attach(c, diagnose(Call("loss_mean", output, {"value": expected, "n": positions}),
                                    actual, expected, **how))

@@ -224,6 +224,7 @@ def first_divergence(checks: list[Check], heading: bool = True, structure=None) 
         # replay feeds each implementation's op its own inputs for that op
         whose = "the C's own" if c.impl == "C" else "its own"
         head += f", inputs exact ({whose}), output off"
+    bias = f", mean error {cmp.bias_text()}" if "bias" in cmp.failed_checks() else ""
     return (f"{head}: {c.tensor} max rel {cmp.max_rel:.3g} (tol {cmp.tol.rel:.3g}), "
-            f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}), worst at {cmp.worst_label}: "
+            f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}){bias}, worst at {cmp.worst_label}: "
             f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}")

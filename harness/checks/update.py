@@ -16,6 +16,7 @@ from ..diagnosis import Call, attach, diagnose, is_one_d
 from ..graph import Ref
 from ..oracle import ORACLE
 from ..probe import marked, span
+from ..stats import group_bounds
 from ..tolerances import op_tolerance
 from .results import Check
 from .state import axes
@@ -70,7 +71,8 @@ def _fused(pre, grads, sl: slice, shape, actuals: dict, hows: dict, hp: dict) ->
     args = ((pre[0][sl], None if pre[1] is None else pre[1][sl], None if pre[2] is None else pre[2][sl]),
             grads[sl], tuple(np.asarray(actuals[label]).reshape(-1) for label in LABELS))
     with span("compare", actual=tuple(actuals[label] for label in LABELS)):
-        tallies = fused.adamw_tallies(*args, hp, tols)
+        # every element of an update rounds on its own: groups of any elements (span 0)
+        tallies = fused.adamw_tallies(*args, hp, tols, group_bounds(int(np.prod(shape)), 1))
     if tallies is None:
         return None
     point = _Point(pre, grads, sl, shape, hp)
@@ -131,7 +133,7 @@ def _numpy(pre, grads, offset: int, name: str, shape, actuals: dict, hows: dict,
     shared(lambda r: _expected_update(pre, grads, offset, expected, scales, hp, r), _runs(n))
     for label in LABELS:
         hows[label]["elem_scale"] = None if scales[label] is None else scales[label].reshape(shape)
-    results = shared(lambda k: compared(actuals[k], expected[k].reshape(shape), engine="numpy", **hows[k]),
+    results = shared(lambda k: compared(actuals[k], expected[k].reshape(shape), engine="numpy", unit=1, **hows[k]),
                      LABELS)
     out = []
     for label, c in zip(LABELS, results):

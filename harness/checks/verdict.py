@@ -28,7 +28,8 @@ def compared(actual, expected, **how) -> Comparison:
 def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
           name: str, elem_scale=None, n: int | None = None, calls=None) -> Comparison:
     """Judge ``actual`` (an implementation's ``output`` of a ``kernel`` call on ``args``)
-    against the oracle's ``expected``, under the kernel's per-op tolerance.
+    against the oracle's ``expected``, under the kernel's per-op tolerance, its bias test's
+    groups spanning the row's correlated runs (``span``).
 
     ``elem_scale``: the size of the terms of each element (:func:`call_scale` for one
     call; a replay passes the sum over the calls that accumulated into a buffer). ``n``:
@@ -39,7 +40,7 @@ def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, ar
     n = spec.n(output, args) if n is None else n
     how = dict(name=name, tol=op_tolerance(kernel, output, n, actual.size), axes=spec.output(output).axes,
                mask=spec.mask(output, args), elem_scale=elem_scale)
-    c = compared(actual, expected, **how)
+    c = compared(actual, expected, unit=spec.unit(output, actual.shape), **how)
     if not c.passed:
         c = attach(c, diagnose(calls() if calls else Call(kernel, output, args), actual, expected, **how))
     return c

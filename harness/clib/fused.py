@@ -22,7 +22,7 @@ _CDEF = """
 typedef struct { double tol_rel; int64_t tol_ulp; double floor; int32_t nan_equal; double scale; }
     llmc_rule;
 typedef struct { int64_t n_compared, n_bad, n_nonfinite; int64_t worst_index; int32_t worst_is_nonfinite;
-    double max_abs, max_rel; int64_t max_ulp; double sumsq_diff, sumsq_size; double sum_signed, sumsq_signed; }
+    double max_abs, max_rel; int64_t max_ulp; double sumsq_diff, sumsq_size; }
     llmc_cmp_out;
 typedef struct { const void* a; int32_t a_f64; const void* e; int32_t e_f64; const void* es; int32_t es_kind;
     int64_t n; int64_t causal_T; } llmc_pair;
@@ -30,11 +30,12 @@ typedef struct { double lr, beta1, beta2, eps, wd, bc1, bc2; float b1, one_minus
     llmc_adamw_hp;
 typedef struct { const float *p0, *m0, *v0, *g; const float *p1, *m1, *v1; int64_t n; } llmc_adamw_in;
 double llmc_sumsq_expected(const llmc_pair* in, int64_t* count_out, int threads);
-int llmc_compare(const llmc_pair* in, const llmc_rule* r, llmc_cmp_out* out, int threads);
+int llmc_compare(const llmc_pair* in, const llmc_rule* r, llmc_cmp_out* out, const int64_t* gbound, int64_t G,
+                 double* gout, int threads);
 void llmc_adamw_sumsq(const llmc_adamw_in* in, const llmc_adamw_hp* h, double sumsq[3], int64_t count[3],
                       int threads);
 int llmc_adamw_compare(const llmc_adamw_in* in, const llmc_adamw_hp* h, const llmc_rule r[3],
-                       llmc_cmp_out out[3], int threads);
+                       llmc_cmp_out out[3], const int64_t* gbound, int64_t G, double* gout, int threads);
 void llmc_noise(double* x, int64_t n, double s, uint64_t seed, uint64_t offset, int threads);
 void llmc_add_noisy(double* buf, const double* c, int64_t n, double s, uint64_t seed, uint64_t offset,
                     int threads);
@@ -88,15 +89,15 @@ class Tally:
     make a Comparison of (the NumPy path's :class:`harness.metrics.Tally` alike)."""
 
     __slots__ = ("n_compared", "n_bad", "n_nonfinite", "max_abs", "max_rel", "max_ulp", "sumsq_diff",
-                 "sumsq_size", "worst_index", "scale", "sum_signed", "sumsq_signed")
+                 "sumsq_size", "worst_index", "scale", "groups")
 
     @classmethod
-    def of(cls, out, scale: float, shape: tuple[int, ...]) -> "Tally":
+    def of(cls, out, scale: float, shape: tuple[int, ...], groups: np.ndarray | None = None) -> "Tally":
         t = cls()
         t.n_compared, t.n_bad, t.n_nonfinite = int(out.n_compared), int(out.n_bad), int(out.n_nonfinite)
         t.max_abs, t.max_rel, t.max_ulp = float(out.max_abs), float(out.max_rel), int(out.max_ulp)
         t.sumsq_diff, t.sumsq_size = float(out.sumsq_diff), float(out.sumsq_size)
-        t.sum_signed, t.sumsq_signed = float(out.sum_signed), float(out.sumsq_signed)
+        t.groups = groups     # the bias test's sums, (G, 4): harness.stats.SUMS
         t.worst_index = None if out.worst_index < 0 else \
             tuple(int(i) for i in np.unravel_index(int(out.worst_index), shape))
         t.scale = scale
@@ -125,9 +126,11 @@ def _causal_T(m: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
     return T
 
 
-def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equal: bool) -> Tally | None:
-    """The metrics of ``a`` against ``e`` in one pass (two with the RMS scale), or None when
-    the helper is unavailable or the layout is not one it reads as it lies."""
+def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equal: bool,
+          bounds: np.ndarray | None = None) -> Tally | None:
+    """The metrics of ``a`` against ``e`` in one pass (two with the RMS scale), with the bias
+    test's sums over the groups ``bounds`` delimits (:func:`harness.stats.group_bounds`),
+    or None when the helper is unavailable or the layout is not one it reads as it lies."""
     lib = _lib()
     if lib is None or a.size == 0:
         return None
@@ -154,9 +157,22 @@ def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equ
         scale = scale if scale > 0.0 else FLOAT32_TINY
     r = _rule(ffi.new("llmc_rule*"), tol, nan_equal, scale)
     out = ffi.new("llmc_cmp_out*")
-    if L.llmc_compare(pair, r, out, threads) != 0:
+    bounds = None if bounds is None else np.ascontiguousarray(bounds, np.int64)
+    gb, G, gout, groups = _groups(ffi, bounds, 1)
+    if L.llmc_compare(pair, r, out, gb, G, gout, threads) != 0:
         raise MemoryError("the fused comparison could not allocate its block results")
-    return Tally.of(out, scale + tol.floor, a.shape)
+    return Tally.of(out, scale + tol.floor, a.shape, None if groups is None else groups[0])
+
+
+def _groups(ffi, bounds: np.ndarray | None, k: int):
+    """The group arguments of a call: (boundaries, G, the sums' buffer, the sums: an array
+    (k, G, 4) that the buffer is), NULLs and None without groups. ``bounds`` must be a
+    C-contiguous int64 array (the caller holds it through the call)."""
+    if bounds is None or len(bounds) < 2:
+        return ffi.NULL, 0, ffi.NULL, None
+    G = len(bounds) - 1
+    groups = np.zeros((k, G, 4))
+    return ffi.cast("int64_t*", bounds.ctypes.data), G, ffi.cast("double*", groups.ctypes.data), groups
 
 
 def _rule(r, tol, nan_equal: bool, scale: float):
@@ -171,11 +187,12 @@ def _rule(r, tol, nan_equal: bool, scale: float):
 # ----------------------------------------------------------------------------
 # the update check
 
-def adamw_tallies(pre: tuple, grads: np.ndarray, post: tuple, hp: dict, tols: tuple) -> tuple[Tally, ...] | None:
+def adamw_tallies(pre: tuple, grads: np.ndarray, post: tuple, hp: dict, tols: tuple,
+                  bounds: np.ndarray | None = None) -> tuple[Tally, ...] | None:
     """The tallies of params, m and v after AdamW (``post``, float32 views of one tensor)
     against AdamW in float64 from ``pre`` (params, m, v; m and v None: zeros) and ``grads``,
-    ``hp`` as :meth:`pyref.config.AdamW.kernel_args` gives them; None where the helper
-    cannot take them."""
+    ``hp`` as :meth:`pyref.config.AdamW.kernel_args` gives them, with the bias test's sums
+    over the groups ``bounds`` delimits; None where the helper cannot take them."""
     lib = _lib()
     arrays = [x for x in (*pre, grads, *post) if x is not None]
     if (pre[1] is None) != (pre[2] is None):    # m and v are both given, or both zeros
@@ -200,9 +217,12 @@ def adamw_tallies(pre: tuple, grads: np.ndarray, post: tuple, hp: dict, tols: tu
         s = math.sqrt(sumsq[k] / count[k]) if count[k] else 0.0
         scales.append(s if s > 0.0 else FLOAT32_TINY)
         _rule(rules[k], tols[k], True, scales[k])
-    if L.llmc_adamw_compare(p, h, rules, outs, threads) != 0:
+    bounds = None if bounds is None else np.ascontiguousarray(bounds, np.int64)
+    gb, G, gout, groups = _groups(ffi, bounds, 3)
+    if L.llmc_adamw_compare(p, h, rules, outs, gb, G, gout, threads) != 0:
         raise MemoryError("the fused update check could not allocate its block results")
-    return tuple(Tally.of(outs[k], scales[k] + tols[k].floor, (n,)) for k in range(3))
+    return tuple(Tally.of(outs[k], scales[k] + tols[k].floor, (n,), None if groups is None else groups[k])
+                 for k in range(3))
 
 
 def _adamw_hp(h, hp: dict):

@@ -67,6 +67,14 @@ def _check_json(c) -> dict[str, Any]:
         "max_ulp": row["max_ulp"],
         "norm_rel": row["norm_rel"],
         "used": json_float(c.comparison.used),
+        "bias": row["bias"],
+        "bias_z": row["bias_z"],
+        "bias_form": row["bias_form"],
+        "bias_stats": None if row["bias_groups"] is None else {
+            "scale": row["bias_scale"], "scale_se": row["bias_scale_se"],
+            "shift": row["bias_shift"], "shift_se": row["bias_shift_se"],
+            "groups": row["bias_groups"], "t": json_float(c.comparison.bias_stats.t),
+        },
         "n_bad": row["n_bad"],
         "n_compared": row["n_compared"],
         "n_total": row["n_total"],
@@ -82,7 +90,8 @@ def _check_json(c) -> dict[str, Any]:
             "rel": row["worst_rel"],
             "ulp": row["worst_ulp"],
         },
-        "tol": {"rel": row["tol_rel"], "norm": row["tol_norm"], "ulp": row["tol_ulp"], "why": row["tol_why"]},
+        "tol": {"rel": row["tol_rel"], "norm": row["tol_norm"], "ulp": row["tol_ulp"], "bias": row["tol_bias"],
+                "why": row["tol_why"]},
         "diagnosis": None if getattr(c, "diagnosis", None) is None else c.diagnosis.to_json(),
     }
 

@@ -79,7 +79,8 @@ def plot(report, path, *, overwrite: bool = False, dpi: int = 110) -> Path:
     (forward ops, then backward ops, left to right, layers shaded and numbered), as the
     fraction of its tolerance used (max over the op's tensors, log scale), one line per
     step; the dashed line at 1 is the tolerance, a vertical line marks the first divergence
-    (the first op whose replay fails). Middle: heat maps, one per implementation, of the
+    (the first op whose replay fails), an orange diamond at the top each op whose mean
+    signed error is off (its replay or end-to-end check fails on bias). Middle: heat maps, one per implementation, of the
     norm-wise relative error of the main per-layer tensors (rows: activations, activation
     gradients, weight gradients) across layers (columns), as a fraction of its tolerance
     (max over steps; blue under, white at, red over the tolerance; cells over it boxed).
@@ -195,7 +196,19 @@ def _error_lines(ax, report, impl: str, pos: dict, colour: dict) -> bool:
         ax.plot(xs, [0.96] * len(xs), "^", ms=6, color="red", transform=ax.get_xaxis_transform())
         ax.text(0.995, 0.85, "▲ non-finite mismatch", transform=ax.transAxes, ha="right", va="top",
                 fontsize=7.5, color="red")
+    biased = sorted(bias_positions(report, impl, pos))
+    if biased:         # ops whose mean error is off (replay or e2e): marked at the top
+        ax.plot(biased, [0.9] * len(biased), "D", ms=5, color="darkorange", transform=ax.get_xaxis_transform())
+        ax.text(0.995, 0.75, "◆ mean error off (bias)", transform=ax.transAxes, ha="right", va="top",
+                fontsize=7.5, color="darkorange")
     return drawn
+
+
+def bias_positions(report, impl: str, pos: dict) -> set[int]:
+    """The graph positions where a check of ``impl`` (replay or e2e) fails on its bias."""
+    return {pos[c.where] for s in report.steps for c in s.checks
+            if c.impl == impl and c.kind in ("replay", "e2e") and c.where in pos
+            and "bias" in c.comparison.failed_checks()}
 
 
 def _error_axes(ax, report, impl: str, drawn: bool) -> None:

@@ -50,6 +50,18 @@ def _times(x: float) -> str:
     return f"{x:.2g}x" if 1e-2 <= x < 1e3 else f"{x:.1e}x"
 
 
+def _bias(cmp) -> str:
+    """The bias cell of a table: the mean signed error, relative, and its z-score, with a
+    ``!`` where the check fails on it (``+4.8e-07 z=35!``); ``-`` where there is none."""
+    b = cmp.bias
+    if b is None:
+        return "-"
+    z = cmp.bias_z
+    text = _num(b) if b == 0 else f"{b:+.1e}"
+    text += "" if z is None else f" z={z:.2g}" if abs(z) < 100 else f" z={z:.0e}" if math.isfinite(z) else " z=inf"
+    return text + ("!" if "bias" in cmp.failed_checks() else "")
+
+
 def _severity(c) -> tuple[bool, float]:
     """Sort key of a Comparison or a Check: failing first, then by the fraction of
     tolerance used."""
@@ -101,7 +113,7 @@ def _impl_rows(step: int, mine: list, verbose: bool) -> list[tuple[str, ...]]:
     def row(c, tensor: str, status: str) -> tuple[str, ...]:
         cmp = c.comparison
         return (str(step), c.impl, c.kind, tensor, _num(cmp.max_rel), _num(cmp.tol.rel),
-                _num(cmp.norm_rel), _num(cmp.tol.norm),
+                _num(cmp.norm_rel), _num(cmp.tol.norm), _bias(cmp),
                 cmp.worst_label if cmp.worst_index is not None else "-", status)
 
     groups: dict[tuple[str, str], list] = {}
@@ -142,6 +154,10 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
     likewise the AdamW checks fold to the worst tensor of each buffer (params, m, v),
     ``params.fcw (after update) [worst of 16]``. ``verbose`` shows every row.
 
+    The ``bias`` column is the mean signed error, relative (a constant factor ``1 + bias``
+    or an offset that explains it, :attr:`harness.compare.Comparison.bias`), with its
+    z-score; a ``!`` marks a check that fails on it.
+
     ``impl_filter``: None (all), an implementation's name, a collection of names, or a
     predicate on the name. After the table: the losses (the oracle's and each
     implementation's, with the relative difference), and, when the step failed, the first
@@ -150,11 +166,11 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
     want = _wanted(impl_filter)
     checks = [c for c in step.checks if want(c.impl)]
     impls = impl_order((c.impl for c in checks), ["C"] if any(c.impl == "C" for c in checks) else [])
-    header = ("step", "impl", "kind", "tensor", "max rel", "tol rel", "norm rel", "tol norm",
+    header = ("step", "impl", "kind", "tensor", "max rel", "tol rel", "norm rel", "tol norm", "bias",
               "worst at", "OK/FAIL")
     rows = [row for impl in impls for row in _impl_rows(step.step, [c for c in checks if c.impl == impl], verbose)]
     n_fail = sum(not c.passed for c in checks)
-    lines = text_table(header, rows, right={0, 4, 5, 6, 7}) if rows else ["(no checks)"]
+    lines = text_table(header, rows, right={0, 4, 5, 6, 7, 8}) if rows else ["(no checks)"]
     lines.append(f"{len(checks) - n_fail} OK, {n_fail} FAIL" + ("" if verbose else
                  "  (folded: the worst layer of each per-layer tensor, the worst tensor of each "
                  "AdamW buffer; verbose=True shows every row)"))
@@ -330,9 +346,9 @@ def false_alarm_text(checks: int) -> str:
 
 def format_table(rows: Sequence[Comparison], title: str | None = None) -> str:
     """A fixed-width text table of comparisons, one line per tensor, with a verdict."""
-    header = ("tensor", "max rel", "tol rel", "norm rel", "tol norm", "max ulp", "tol ulp",
+    header = ("tensor", "max rel", "tol rel", "norm rel", "tol norm", "bias", "max ulp", "tol ulp",
               "bad/total", "worst at", "verdict")
-    right = {1, 2, 3, 4, 5, 6, 7}
+    right = {1, 2, 3, 4, 5, 6, 7, 8}
     body = []
     for c in rows:
         bad = f"{c.n_bad}/{c.n_compared}"
@@ -340,7 +356,7 @@ def format_table(rows: Sequence[Comparison], title: str | None = None) -> str:
             bad += f" ({c.n_nonfinite_mismatch} non-finite)"
         body.append((
             c.name, _num(c.max_rel), _num(c.tol.rel), _num(c.norm_rel),
-            _num(c.tol.norm), str(c.max_ulp), "-" if c.tol.ulp is None else str(c.tol.ulp),
+            _num(c.tol.norm), _bias(c), str(c.max_ulp), "-" if c.tol.ulp is None else str(c.tol.ulp),
             bad, c.worst_label if c.worst_index is not None else "-",
             "OK" if c.passed else "FAIL",
         ))
