@@ -21,7 +21,7 @@ import numpy as np
 BACKEND = "numpy"
 
 # The C's constants, module attributes read at call time: tests build mutants by patching them
-from pyref.constants import ATT_MAXVAL_INIT, GELU_COEF, LN_EPS  # noqa: E402 -- absolute: harness.diagnosis.catalogue loads a private copy of this file
+from pyref.constants import ATT_MAXVAL_INIT, GELU_COEF, LN_EPS  # noqa: E402 -- absolute: harness.diagnosis.catalogue._common loads a private copy of this file
 
 
 def _c(x, dtype):

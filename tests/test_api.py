@@ -73,7 +73,7 @@ LAYERS = (("entry points", ("harness.cli", "harness.pytest_plugin", "harness.gat
           ("reports", ("harness.report",)), ("checks", ("harness.checks",)), ("diagnosis", ("harness.diagnosis",)),
           ("implementations", ("harness.clib", "harness.ports")),
           ("the arbiter", ("harness.oracle", "harness.compare", "harness.metrics", "harness.tolerances",
-                           "harness.clib.fused")),
+                           "harness.clib.fused", "harness.stats")),
           ("shared", ("harness.graph", "harness.cores", "harness.probe", "harness.errors", "harness.clib.build")),
           ("references", ("pyref",)))
 
