@@ -21,6 +21,7 @@ from harness.checks.results import first_divergence_check, first_structure
 from pyref import synth
 from pyref.config import PRESETS
 
+import heldout_fourth as h4
 import heldout_ports as ho
 import model_ports as mp
 
@@ -65,8 +66,10 @@ BUGS = {
 
 
 def run_bug(factory, B=2, T=8):
+    """One step of a model (a factory, or a TorchModel that brings its optimizer) from the C's state."""
+    port = factory if isinstance(factory, TorchModel) else TorchModel(factory)
     return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, B, T), steps=1,
-                      models={"port": TorchModel(factory)})
+                      models={"port": port})
 
 
 def explanation(report, impl="port"):
@@ -127,7 +130,8 @@ def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
 
 
 def test_unmodified_ports_have_no_finding_and_no_diagnosis():
-    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT, ho.ThirdGPT):
+    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT, ho.ThirdGPT, h4.FourthGPT,
+                    TorchModel(h4.FourthGPT, optimizer=h4.FourthAdamW.factory())):
         report = run_bug(factory)
         assert report.passed and report.findings["port"] == []
         assert not report.steps[0].structure
