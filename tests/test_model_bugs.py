@@ -6,9 +6,10 @@ fail, with no error line, its first divergence at the right module (or the graph
 whose module shows it), and its explanation (the first divergence's diagnosis, or the
 structural census's finding) the right cause, with the fitted constant where there is one.
 The unmodified ports have no finding and no diagnosis (tests/test_models.py runs them ten
-steps). tests/heldout_ports.py has two more models, each written differently, with other
-mistakes of the same kinds in batches run once untuned before the catalogue learnt from
-them: test_heldout_hit_rate reports the last batch's first run.
+steps). tests/heldout_ports.py has two more models and tests/heldout_fourth.py a fourth, each
+written differently, with other mistakes of the same kinds in batches run once untuned
+before the catalogue learnt from them: FIRST_RUNS records each batch's first run, and
+test_heldout6_first_run_is_recorded the latest's.
 """
 from __future__ import annotations
 
@@ -160,13 +161,20 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
 #                                named a constant factor on dlogits and a parallel attention
 #                                and MLP the attention branch times 0: wrong causes; ln_f called
 #                                before the blocks localised at layer 0's ln_1)
-# Each batch's misses were then added to the catalogue as families (so all five are now
-# regression tests, no longer held out). BUGS5's first run is the catalogue's held-out rate:
-# 73% named, 95% localised, every one caught, no error line.
+#   BUGS6 27/27, 26/27, 21/27   (a fourth model, tests/heldout_fourth.py, with an optimizer of
+#                                its own; heads batched (NH, B) and merged as (B, NH), k = q,
+#                                a 0/1 tril added as the mask bias, GELU's cubic constant
+#                                0.0044715, a layer norm over (T, C), weight decay not scaled
+#                                by the learning rate: no known cause; ln_1 and ln_2 swapped
+#                                in the block localised at layer 0's ln_2, not its ln_1)
+# Each of the first five batches' misses were then added to the catalogue as families (so
+# those five are now regression tests, no longer held out). BUGS6's first run is now the
+# latest held-out rate: 78% named, 96% localised, every one caught, no error line, no wrong
+# cause.
 HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set()}
 # the first runs, as data: batch -> (bugs, caught, localised, named, named a wrong cause)
 FIRST_RUNS = {"BUGS": (18, 18, 18, 16, 0), "BUGS2": (16, 16, 15, 10, 0), "BUGS3": (14, 14, 13, 11, 0),
-              "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2)}
+              "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2), "BUGS6": (27, 27, 26, 21, 0)}
 # BUGS5, as it first ran (untuned; tests/test_model_bugs.py asserted it so at the commit
 # that recorded it): not named (two of them with a wrong cause, the others no known cause),
 # and not localised where it was expected
@@ -175,6 +183,12 @@ HELDOUT5_UNNAMED = {"merge-transpose-2-3", "layernorm-one-plus-weight", "positio
 HELDOUT5_WRONG = {"log-softmax-with-eps": "output.scale",                 # a factor 0.9999987 on dlogits
                   "parallel-attention-and-mlp": "residual.branch-scale"}  # the attention branch x0
 HELDOUT5_UNLOCALISED = {"ln_f-before-the-blocks"}   # at layer 0's ln_1, "called after ln_f"
+# BUGS6, as it first ran (untuned): no known cause for six (none named a wrong cause), one
+# localised elsewhere than expected
+HELDOUT6_UNNAMED = {"heads-batched-nh-major", "k-is-q", "mask-tril-ones-added", "gelu-coefficient-0.0044715",
+                    "layernorm-over-T-and-C", "decay-not-scaled-by-lr"}
+HELDOUT6_WRONG: dict[str, str] = {}
+HELDOUT6_UNLOCALISED = {"block-norms-swapped"}   # at layer 0's ln_2, "called before c_attn"
 
 
 def _heldout(bugs):
@@ -210,6 +224,21 @@ def test_heldout_first_run_is_recorded():
     assert (named, localised, wrong) == (n - len(HELDOUT5_UNNAMED), n - len(HELDOUT5_UNLOCALISED),
                                          len(HELDOUT5_WRONG))
     assert all(HELDOUT5_WRONG[b] != ho.BUGS5[b][2] for b in HELDOUT5_WRONG)
+
+
+def test_heldout6_first_run_is_recorded():
+    """The latest held-out batch's first run (BUGS6: a fourth model, 27 mistakes of the
+    same kinds, written before any of them ran, run once untuned): every one caught, no
+    error line, 26 of 27 localised where expected, 21 of 27 named (78%, below the 90% aimed
+    at), none with a wrong cause. Run again here: until the catalogue learns from it, the
+    batch must still miss exactly these."""
+    n, caught, localised, named, wrong = FIRST_RUNS["BUGS6"]
+    assert n == caught == len(h4.BUGS6) == 27
+    assert HELDOUT6_UNNAMED | HELDOUT6_UNLOCALISED <= set(h4.BUGS6) and set(HELDOUT6_WRONG) <= HELDOUT6_UNNAMED
+    assert (named, localised, wrong) == (n - len(HELDOUT6_UNNAMED), n - len(HELDOUT6_UNLOCALISED),
+                                         len(HELDOUT6_WRONG))
+    unlocalised, unnamed, wrong_causes = _heldout(h4.BUGS6)
+    assert (unlocalised, unnamed, wrong_causes) == (HELDOUT6_UNLOCALISED, HELDOUT6_UNNAMED, HELDOUT6_WRONG)
 
 
 # ----------------------------------------------------------------------------- bad input
