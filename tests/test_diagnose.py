@@ -239,6 +239,15 @@ def layernorm_over_positions(inp, weight, bias):
     return out.astype(F), mean, rstd
 
 
+def layernorm_over_positions_and_channels(inp, weight, bias):
+    """The statistics over (T, C) together (torch.var_mean over dims (-2, -1)); the mean and
+    rstd returned are the C's, as in layernorm_over_positions."""
+    var, m = inp.var(axis=(1, 2), keepdims=True), inp.mean(axis=(1, 2), keepdims=True)
+    out = (inp - m) / np.sqrt(var + F(1e-5)) * weight + bias
+    _, mean, rstd = nk.layernorm_forward(inp, weight, bias)
+    return out.astype(F), mean, rstd
+
+
 def softmax_scaled(k):
     def softmax_forward(logits, V):
         z = logits[..., :V] * F(k)
@@ -488,7 +497,8 @@ PORTS = {
     "gelu.tanh-scale": [("gelu_forward", lambda x: F(0.5) * x * (F(1) + np.tanh(F(math.sqrt(2) / math.pi) *
                                                                                   (x + F(0.044715) * x ** 3))))],
     "layernorm.eps-outside-sqrt": [("layernorm_forward", layernorm_outside_port(1e-5))],
-    "layernorm.axis": [("layernorm_forward", layernorm_over_positions)],
+    "layernorm.axis": [("layernorm_forward", layernorm_over_positions),
+                       ("layernorm_forward", layernorm_over_positions_and_channels)],
     "gelu.relu": [("gelu_forward", lambda x: np.maximum(x, F(0))),
                   ("gelu_backward", lambda dinp, inp, dout: dinp.__iadd__((inp > 0).astype(F) * dout))],
     "crossentropy.logit-scale": [("softmax_forward", softmax_scaled(0.5))],
