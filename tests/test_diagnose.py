@@ -121,15 +121,18 @@ def attention_port(scale=None, diagonal=True, causal=True):
 
 
 def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0, scale=None,
-                       masking="-inf", per_head=False, upper=False):
+                       masking="-inf", per_head=False, upper=False, k_is_q=False, nh_major=False, tril_bias=False):
     """attention_forward in float32 with one of the mistakes of a hand-written port: q, k, v
     in another order, the heads split or merged in another layout, the softmax over the
-    queries, the mask off by a diagonal, a scale by another dimension."""
+    queries, the mask off by a diagonal, a scale by another dimension; k = q; the heads
+    batched (NH*B) and read back as (B*NH); the 0/1 tril added to the scores as the mask."""
     def attention_forward(inp, NH):
         B, T, C3 = inp.shape
         C = C3 // 3
         hs = C // NH
         parts = dict(zip(order, np.split(inp, 3, axis=-1)))
+        if k_is_q:
+            parts["k"] = parts["q"]
         if per_head:        # (B, T, NH, 3, hs): q, k, v interleaved per head
             parts = dict(zip("qkv", (x.reshape(B, T, C) for x in
                                      np.moveaxis(inp.reshape(B, T, NH, 3, hs), 3, 0))))
@@ -144,15 +147,19 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         if upper:
             visit = visit.T
         scores = (q @ k.transpose(0, 1, 3, 2)) * sc
-        if masking == "after":
-            pre = scores.astype(F)
+        if masking == "after" or tril_bias:
+            pre = (scores + visit.astype(F) if tril_bias else scores).astype(F)
         else:
             pre = np.where(visit, scores, F(-np.inf) if masking == "-inf" else F(masking)).astype(F)
         e = np.exp(pre - pre.max(axis, keepdims=True)).astype(F)
         att = (e / e.sum(axis, keepdims=True)).astype(F)
         if masking == "after":
             att = np.where(visit, att, F(0))
+        if tril_bias:
+            pre = scores.astype(F)
         y = att @ v
+        if nh_major:        # batched (NH*B, T, hs), viewed back as (B, NH, T, hs)
+            y = y.transpose(1, 0, 2, 3).reshape(B, NH, T, hs)
         if merge == "interleaved":
             out = y.transpose(0, 2, 3, 1).reshape(B, T, C)
         elif merge == "transpose-2-3":       # (B,NH,hs,T) viewed as (B,T,C)
@@ -470,8 +477,11 @@ PORTS = {
                          ("attention_forward", attention_any_port(split="interleaved")),
                          ("attention_forward", attention_any_port(merge="interleaved")),
                          ("attention_forward", attention_any_port(per_head=True)),
-                         ("attention_forward", attention_any_port(merge="transpose-2-3"))],
-    "attention.qkv-order": [("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")],
+                         ("attention_forward", attention_any_port(merge="transpose-2-3")),
+                         # BUGS6's first run: no known cause
+                         ("attention_forward", attention_any_port(nh_major=True))],
+    "attention.qkv-order": [*(("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")),
+                            ("attention_forward", attention_any_port(k_is_q=True))],   # BUGS6
     "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2))],
     "layernorm.eps": [("layernorm_forward", layernorm_port(eps=5e-5)), ("layernorm_forward", layernorm_port(eps=1e-3))],
     "gelu.sigmoid": [("gelu_forward", lambda x: x / (F(1) + np.exp(F(-1.702) * x)))],
@@ -491,7 +501,8 @@ PORTS = {
                             ("encoder_forward", encoder_flat_positions)],
     "embedding.table-scale": [("encoder_forward", encoder_port(wte_scale=math.sqrt(32)))],
     "attention.masking": [("attention_forward", attention_any_port(masking="after")),
-                          ("attention_forward", attention_any_port(upper=True))],
+                          ("attention_forward", attention_any_port(upper=True)),
+                          ("attention_forward", attention_any_port(tril_bias=True))],     # BUGS6
     "attention.mask-fill": [("attention_forward", attention_any_port(masking=0.0)),
                             ("attention_forward", attention_any_port(masking=-1.0))],
     "gelu.tanh-scale": [("gelu_forward", lambda x: F(0.5) * x * (F(1) + np.tanh(F(math.sqrt(2) / math.pi) *
