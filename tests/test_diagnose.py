@@ -437,7 +437,7 @@ def _one_d_of_tiny():
 
 
 def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None, betas=None,
-               skip_1d=False):
+               skip_1d=False, decay_without_lr=False):
     def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
         b1, b2 = (F(x) for x in (betas or (beta1, beta2)))
         decay = np.full(param.shape, F(weight_decay if wd is None else wd))
@@ -450,6 +450,10 @@ def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None,
         m_hat = m / (F(1) - b1 ** step) if bias_correction else m
         v_hat = v / (F(1) - b2 ** step) if bias_correction else v
         den = np.sqrt(v_hat + F(eps)) if eps_in_sqrt else np.sqrt(v_hat) + F(eps)
+        if decay_without_lr:       # param *= 1 - wd, then the step
+            param *= F(1) - decay
+            param -= F(lr) * (m_hat / den)
+            return
         param -= F(lr) * (m_hat / den + (F(0) if l2 else decay * param))
     return adamw
 
@@ -551,6 +555,7 @@ PORTS = {
     "adamw.eps-in-sqrt": [("adamw", adamw_port(eps_in_sqrt=True))],
     "adamw.l2": [("adamw", adamw_port(l2=True))],
     "adamw.weight-decay=0.01": [("adamw", adamw_port(wd=0.01))],
+    "adamw.weight-decay-without-lr": [("adamw", adamw_port(decay_without_lr=True))],     # BUGS6
     "adamw.no-decay-1d": [("adamw", adamw_port(skip_1d=True))],
     "adamw.betas=(0.9,0.95)": [("adamw", adamw_port(betas=(0.9, 0.95)))],
 }
