@@ -167,11 +167,13 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
 #                                0.0044715, a layer norm over (T, C), weight decay not scaled
 #                                by the learning rate: no known cause; ln_1 and ln_2 swapped
 #                                in the block localised at layer 0's ln_2, not its ln_1)
-# Each of the first five batches' misses were then added to the catalogue as families (so
-# those five are now regression tests, no longer held out). BUGS6's first run is now the
-# latest held-out rate: 78% named, 96% localised, every one caught, no error line, no wrong
-# cause.
-HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set()}
+# Each batch's misses were then added to the catalogue as families, BUGS6's as forms of
+# attention.layout, attention.qkv-order, attention.masking, layernorm.axis, a wider
+# gelu.cubic-constant, adamw.weight-decay-without-lr, and the census's out-of-order findings
+# listed in the graph's order (so all six are now regression tests, no longer held out).
+# BUGS6's first run is the latest held-out rate: 78% named, 96% localised, every one
+# caught, no error line, no wrong cause.
+HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set(), "BUGS6": set()}
 # the first runs, as data: batch -> (bugs, caught, localised, named, named a wrong cause)
 FIRST_RUNS = {"BUGS": (18, 18, 18, 16, 0), "BUGS2": (16, 16, 15, 10, 0), "BUGS3": (14, 14, 13, 11, 0),
               "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2), "BUGS6": (27, 27, 26, 21, 0)}
@@ -209,7 +211,7 @@ def _heldout(bugs):
 
 @pytest.mark.parametrize("batch", list(HELDOUT))
 def test_earlier_heldout_batches_are_now_named(batch):
-    unlocalised, unnamed, wrong = _heldout(getattr(ho, batch))
+    unlocalised, unnamed, wrong = _heldout(getattr(ho, batch, None) or getattr(h4, batch))
     assert not unlocalised and not unnamed and not wrong, (unlocalised, unnamed, wrong)
 
 
@@ -232,7 +234,8 @@ def test_heldout6_first_run_is_recorded():
     same kinds, written before any of them ran, run once untuned): every one caught, no
     error line, 26 of 27 localised where expected, 21 of 27 named (78%, below the 90% aimed
     at), none with a wrong cause. The record is the misses' names (tests/test_model_bugs.py
-    ran the batch and asserted exactly these at the commit that recorded it)."""
+    ran the batch and asserted exactly these at the commit that recorded it); the batch is
+    now a regression batch (test_earlier_heldout_batches_are_now_named)."""
     n, caught, localised, named, wrong = FIRST_RUNS["BUGS6"]
     assert n == caught == len(h4.BUGS6) == 27
     assert HELDOUT6_UNNAMED | HELDOUT6_UNLOCALISED <= set(h4.BUGS6) and set(HELDOUT6_WRONG) <= HELDOUT6_UNNAMED
