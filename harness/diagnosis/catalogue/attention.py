@@ -117,9 +117,7 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
         mask = mask.T
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale
     if bias is not None:      # a finite bias on the left-out scores: every key weighed
-        e = np.where(mask, scores, scores + bias)
-        e = np.exp(e - e.max(-1, keepdims=True))
-        att = e / e.sum(-1, keepdims=True)
+        att = _softmax_biased(scores, mask, bias)
         return _merged(_rebatched(att @ v, batched), merge), np.where(mask, scores, 0.0), att
     if masking != "-inf":
         # the mask applied after the softmax (no renormalisation), or as a finite score
@@ -137,6 +135,13 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     with np.errstate(divide="ignore", invalid="ignore"):
         att = np.where(s == 0, 0.0, e / s)
     return _merged(_rebatched(att @ v, batched), merge), np.where(mask, pre, 0.0), att
+
+
+def _softmax_biased(scores, mask, bias):
+    """The softmax over every key, ``bias`` added to the scores the mask leaves out."""
+    e = np.where(mask, scores, scores + bias)
+    e = np.exp(e - e.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def _rebatched(y, batched):
