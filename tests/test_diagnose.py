@@ -121,15 +121,18 @@ def attention_port(scale=None, diagonal=True, causal=True):
 
 
 def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0, scale=None,
-                       masking="-inf", per_head=False, upper=False):
+                       masking="-inf", per_head=False, upper=False, k_is_q=False, nh_major=False, tril_bias=False):
     """attention_forward in float32 with one of the mistakes of a hand-written port: q, k, v
     in another order, the heads split or merged in another layout, the softmax over the
-    queries, the mask off by a diagonal, a scale by another dimension."""
+    queries, the mask off by a diagonal, a scale by another dimension; k = q; the heads
+    batched (NH*B) and read back as (B*NH); the 0/1 tril added to the scores as the mask."""
     def attention_forward(inp, NH):
         B, T, C3 = inp.shape
         C = C3 // 3
         hs = C // NH
         parts = dict(zip(order, np.split(inp, 3, axis=-1)))
+        if k_is_q:
+            parts["k"] = parts["q"]
         if per_head:        # (B, T, NH, 3, hs): q, k, v interleaved per head
             parts = dict(zip("qkv", (x.reshape(B, T, C) for x in
                                      np.moveaxis(inp.reshape(B, T, NH, 3, hs), 3, 0))))
@@ -144,15 +147,19 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         if upper:
             visit = visit.T
         scores = (q @ k.transpose(0, 1, 3, 2)) * sc
-        if masking == "after":
-            pre = scores.astype(F)
+        if masking == "after" or tril_bias:
+            pre = (scores + visit.astype(F) if tril_bias else scores).astype(F)
         else:
             pre = np.where(visit, scores, F(-np.inf) if masking == "-inf" else F(masking)).astype(F)
         e = np.exp(pre - pre.max(axis, keepdims=True)).astype(F)
         att = (e / e.sum(axis, keepdims=True)).astype(F)
         if masking == "after":
             att = np.where(visit, att, F(0))
+        if tril_bias:
+            pre = scores.astype(F)
         y = att @ v
+        if nh_major:        # batched (NH*B, T, hs), viewed back as (B, NH, T, hs)
+            y = y.transpose(1, 0, 2, 3).reshape(B, NH, T, hs)
         if merge == "interleaved":
             out = y.transpose(0, 2, 3, 1).reshape(B, T, C)
         elif merge == "transpose-2-3":       # (B,NH,hs,T) viewed as (B,T,C)
@@ -235,6 +242,15 @@ def layernorm_over_positions(inp, weight, bias):
     m = inp.mean(1, keepdims=True)
     v = ((inp - m) ** 2).mean(1, keepdims=True)
     out = (inp - m) / np.sqrt(v + F(1e-5)) * weight + bias
+    _, mean, rstd = nk.layernorm_forward(inp, weight, bias)
+    return out.astype(F), mean, rstd
+
+
+def layernorm_over_positions_and_channels(inp, weight, bias):
+    """The statistics over (T, C) together (torch.var_mean over dims (-2, -1)); the mean and
+    rstd returned are the C's, as in layernorm_over_positions."""
+    var, m = inp.var(axis=(1, 2), keepdims=True), inp.mean(axis=(1, 2), keepdims=True)
+    out = (inp - m) / np.sqrt(var + F(1e-5)) * weight + bias
     _, mean, rstd = nk.layernorm_forward(inp, weight, bias)
     return out.astype(F), mean, rstd
 
@@ -421,7 +437,7 @@ def _one_d_of_tiny():
 
 
 def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None, betas=None,
-               skip_1d=False):
+               skip_1d=False, decay_without_lr=False):
     def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
         b1, b2 = (F(x) for x in (betas or (beta1, beta2)))
         decay = np.full(param.shape, F(weight_decay if wd is None else wd))
@@ -434,6 +450,10 @@ def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None,
         m_hat = m / (F(1) - b1 ** step) if bias_correction else m
         v_hat = v / (F(1) - b2 ** step) if bias_correction else v
         den = np.sqrt(v_hat + F(eps)) if eps_in_sqrt else np.sqrt(v_hat) + F(eps)
+        if decay_without_lr:       # param *= 1 - wd, then the step
+            param *= F(1) - decay
+            param -= F(lr) * (m_hat / den)
+            return
         param -= F(lr) * (m_hat / den + (F(0) if l2 else decay * param))
     return adamw
 
@@ -442,7 +462,9 @@ def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None,
 # per-op inputs can show it
 PORTS = {
     "gelu.erf": [("gelu_forward", gelu_erf_fwd), ("gelu_backward", gelu_erf_bwd)],
-    "gelu.cubic-constant": [("gelu_forward", gelu_coef_fwd), ("gelu_backward", gelu_coef_bwd)],
+    "gelu.cubic-constant": [("gelu_forward", gelu_coef_fwd), ("gelu_backward", gelu_coef_bwd),
+                            # the decimal point slipped a place (BUGS6's first run: no known cause)
+                            ("gelu_forward", lambda x: F(0.5) * x * (F(1) + np.tanh(_gelu_tanh_arg(x, 0.0044715))))],
     "layernorm.eps=1e-06": [("layernorm_forward", layernorm_port(eps=1e-6))],
     "layernorm.eps=1e-12": [("layernorm_forward", layernorm_port(eps=1e-12))],
     "layernorm.eps=0.0001": [("layernorm_forward", layernorm_port(eps=1e-4))],
@@ -459,8 +481,11 @@ PORTS = {
                          ("attention_forward", attention_any_port(split="interleaved")),
                          ("attention_forward", attention_any_port(merge="interleaved")),
                          ("attention_forward", attention_any_port(per_head=True)),
-                         ("attention_forward", attention_any_port(merge="transpose-2-3"))],
-    "attention.qkv-order": [("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")],
+                         ("attention_forward", attention_any_port(merge="transpose-2-3")),
+                         # BUGS6's first run: no known cause
+                         ("attention_forward", attention_any_port(nh_major=True))],
+    "attention.qkv-order": [*(("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")),
+                            ("attention_forward", attention_any_port(k_is_q=True))],   # BUGS6
     "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2))],
     "layernorm.eps": [("layernorm_forward", layernorm_port(eps=5e-5)), ("layernorm_forward", layernorm_port(eps=1e-3))],
     "gelu.sigmoid": [("gelu_forward", lambda x: x / (F(1) + np.exp(F(-1.702) * x)))],
@@ -480,13 +505,15 @@ PORTS = {
                             ("encoder_forward", encoder_flat_positions)],
     "embedding.table-scale": [("encoder_forward", encoder_port(wte_scale=math.sqrt(32)))],
     "attention.masking": [("attention_forward", attention_any_port(masking="after")),
-                          ("attention_forward", attention_any_port(upper=True))],
+                          ("attention_forward", attention_any_port(upper=True)),
+                          ("attention_forward", attention_any_port(tril_bias=True))],     # BUGS6
     "attention.mask-fill": [("attention_forward", attention_any_port(masking=0.0)),
                             ("attention_forward", attention_any_port(masking=-1.0))],
     "gelu.tanh-scale": [("gelu_forward", lambda x: F(0.5) * x * (F(1) + np.tanh(F(math.sqrt(2) / math.pi) *
                                                                                   (x + F(0.044715) * x ** 3))))],
     "layernorm.eps-outside-sqrt": [("layernorm_forward", layernorm_outside_port(1e-5))],
-    "layernorm.axis": [("layernorm_forward", layernorm_over_positions)],
+    "layernorm.axis": [("layernorm_forward", layernorm_over_positions),
+                       ("layernorm_forward", layernorm_over_positions_and_channels)],
     "gelu.relu": [("gelu_forward", lambda x: np.maximum(x, F(0))),
                   ("gelu_backward", lambda dinp, inp, dout: dinp.__iadd__((inp > 0).astype(F) * dout))],
     "crossentropy.logit-scale": [("softmax_forward", softmax_scaled(0.5))],
@@ -528,6 +555,7 @@ PORTS = {
     "adamw.eps-in-sqrt": [("adamw", adamw_port(eps_in_sqrt=True))],
     "adamw.l2": [("adamw", adamw_port(l2=True))],
     "adamw.weight-decay=0.01": [("adamw", adamw_port(wd=0.01))],
+    "adamw.weight-decay-without-lr": [("adamw", adamw_port(decay_without_lr=True))],     # BUGS6
     "adamw.no-decay-1d": [("adamw", adamw_port(skip_1d=True))],
     "adamw.betas=(0.9,0.95)": [("adamw", adamw_port(betas=(0.9, 0.95)))],
 }

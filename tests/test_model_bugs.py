@@ -6,9 +6,10 @@ fail, with no error line, its first divergence at the right module (or the graph
 whose module shows it), and its explanation (the first divergence's diagnosis, or the
 structural census's finding) the right cause, with the fitted constant where there is one.
 The unmodified ports have no finding and no diagnosis (tests/test_models.py runs them ten
-steps). tests/heldout_ports.py has two more models, each written differently, with other
-mistakes of the same kinds in batches run once untuned before the catalogue learnt from
-them: test_heldout_hit_rate reports the last batch's first run.
+steps). tests/heldout_ports.py has two more models and tests/heldout_fourth.py a fourth, each
+written differently, with other mistakes of the same kinds in batches run once untuned
+before the catalogue learnt from them: FIRST_RUNS records each batch's first run, and
+test_heldout6_first_run_is_recorded the latest's.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from harness.checks.results import first_divergence_check, first_structure
 from pyref import synth
 from pyref.config import PRESETS
 
+import heldout_fourth as h4
 import heldout_ports as ho
 import model_ports as mp
 
@@ -65,8 +67,10 @@ BUGS = {
 
 
 def run_bug(factory, B=2, T=8):
+    """One step of a model (a factory, or a TorchModel that brings its optimizer) from the C's state."""
+    port = factory if isinstance(factory, TorchModel) else TorchModel(factory)
     return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, B, T), steps=1,
-                      models={"port": TorchModel(factory)})
+                      models={"port": port})
 
 
 def explanation(report, impl="port"):
@@ -127,7 +131,8 @@ def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
 
 
 def test_unmodified_ports_have_no_finding_and_no_diagnosis():
-    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT, ho.ThirdGPT):
+    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT, ho.ThirdGPT, h4.FourthGPT,
+                    TorchModel(h4.FourthGPT, optimizer=h4.FourthAdamW.factory())):
         report = run_bug(factory)
         assert report.passed and report.findings["port"] == []
         assert not report.steps[0].structure
@@ -156,13 +161,22 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
 #                                named a constant factor on dlogits and a parallel attention
 #                                and MLP the attention branch times 0: wrong causes; ln_f called
 #                                before the blocks localised at layer 0's ln_1)
-# Each batch's misses were then added to the catalogue as families (so all five are now
-# regression tests, no longer held out). BUGS5's first run is the catalogue's held-out rate:
-# 73% named, 95% localised, every one caught, no error line.
-HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set()}
+#   BUGS6 27/27, 26/27, 21/27   (a fourth model, tests/heldout_fourth.py, with an optimizer of
+#                                its own; heads batched (NH, B) and merged as (B, NH), k = q,
+#                                a 0/1 tril added as the mask bias, GELU's cubic constant
+#                                0.0044715, a layer norm over (T, C), weight decay not scaled
+#                                by the learning rate: no known cause; ln_1 and ln_2 swapped
+#                                in the block localised at layer 0's ln_2, not its ln_1)
+# Each batch's misses were then added to the catalogue as families, BUGS6's as forms of
+# attention.layout, attention.qkv-order, attention.masking, layernorm.axis, a wider
+# gelu.cubic-constant, adamw.weight-decay-without-lr, and the census's out-of-order findings
+# listed in the graph's order (so all six are now regression tests, no longer held out).
+# BUGS6's first run is the latest held-out rate: 78% named, 96% localised, every one
+# caught, no error line, no wrong cause.
+HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set(), "BUGS6": set()}
 # the first runs, as data: batch -> (bugs, caught, localised, named, named a wrong cause)
 FIRST_RUNS = {"BUGS": (18, 18, 18, 16, 0), "BUGS2": (16, 16, 15, 10, 0), "BUGS3": (14, 14, 13, 11, 0),
-              "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2)}
+              "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2), "BUGS6": (27, 27, 26, 21, 0)}
 # BUGS5, as it first ran (untuned; tests/test_model_bugs.py asserted it so at the commit
 # that recorded it): not named (two of them with a wrong cause, the others no known cause),
 # and not localised where it was expected
@@ -171,6 +185,13 @@ HELDOUT5_UNNAMED = {"merge-transpose-2-3", "layernorm-one-plus-weight", "positio
 HELDOUT5_WRONG = {"log-softmax-with-eps": "output.scale",                 # a factor 0.9999987 on dlogits
                   "parallel-attention-and-mlp": "residual.branch-scale"}  # the attention branch x0
 HELDOUT5_UNLOCALISED = {"ln_f-before-the-blocks"}   # at layer 0's ln_1, "called after ln_f"
+# BUGS6, as it first ran (untuned; tests/test_model_bugs.py asserted it so at the commit that
+# recorded it): no known cause for six (none named a wrong cause), one
+# localised elsewhere than expected
+HELDOUT6_UNNAMED = {"heads-batched-nh-major", "k-is-q", "mask-tril-ones-added", "gelu-coefficient-0.0044715",
+                    "layernorm-over-T-and-C", "decay-not-scaled-by-lr"}
+HELDOUT6_WRONG: dict[str, str] = {}
+HELDOUT6_UNLOCALISED = {"block-norms-swapped"}   # at layer 0's ln_2, "called before c_attn"
 
 
 def _heldout(bugs):
@@ -190,7 +211,7 @@ def _heldout(bugs):
 
 @pytest.mark.parametrize("batch", list(HELDOUT))
 def test_earlier_heldout_batches_are_now_named(batch):
-    unlocalised, unnamed, wrong = _heldout(getattr(ho, batch))
+    unlocalised, unnamed, wrong = _heldout(getattr(ho, batch, None) or getattr(h4, batch))
     assert not unlocalised and not unnamed and not wrong, (unlocalised, unnamed, wrong)
 
 
@@ -206,6 +227,20 @@ def test_heldout_first_run_is_recorded():
     assert (named, localised, wrong) == (n - len(HELDOUT5_UNNAMED), n - len(HELDOUT5_UNLOCALISED),
                                          len(HELDOUT5_WRONG))
     assert all(HELDOUT5_WRONG[b] != ho.BUGS5[b][2] for b in HELDOUT5_WRONG)
+
+
+def test_heldout6_first_run_is_recorded():
+    """The latest held-out batch's first run (BUGS6: a fourth model, 27 mistakes of the
+    same kinds, written before any of them ran, run once untuned): every one caught, no
+    error line, 26 of 27 localised where expected, 21 of 27 named (78%, below the 90% aimed
+    at), none with a wrong cause. The record is the misses' names (tests/test_model_bugs.py
+    ran the batch and asserted exactly these at the commit that recorded it); the batch is
+    now a regression batch (test_earlier_heldout_batches_are_now_named)."""
+    n, caught, localised, named, wrong = FIRST_RUNS["BUGS6"]
+    assert n == caught == len(h4.BUGS6) == 27
+    assert HELDOUT6_UNNAMED | HELDOUT6_UNLOCALISED <= set(h4.BUGS6) and set(HELDOUT6_WRONG) <= HELDOUT6_UNNAMED
+    assert (named, localised, wrong) == (n - len(HELDOUT6_UNNAMED), n - len(HELDOUT6_UNLOCALISED),
+                                         len(HELDOUT6_WRONG))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -172,7 +172,8 @@ class Census:
         rest in order (the others, the longest run in the graph's order, are kept; among as
         long runs, one that keeps a module rather than an elementwise one (GELU), then the
         modules called first). Each is named with a kept module it ran after, or, called too
-        early, before."""
+        early, before; they are listed in the graph's order (of two norms swapped, the one
+        the graph runs first is the first departure)."""
         firsts: list[str] = []
         for name in self.order:
             if name in self.graph and name not in firsts:
@@ -211,7 +212,7 @@ class Census:
             other = before[0] if before else None
             out.append(Finding("structure.out-of-order", f"{name} is called before {other}; the graph runs "
                                f"{op} after {self.graph[other][1] if other else 'it'}", name, op, {"before": other}))
-        return out
+        return sorted(out, key=lambda f: self.graph[f.module][0])
 
     def _unknown_modules(self) -> list[Finding]:
         out = []

@@ -1,5 +1,5 @@
 """AdamW: bias correction, the step count, eps inside the square root, L2 instead of decoupled
-decay, torch's defaults, no decay on 1-D parameters."""
+decay, decay not scaled by the learning rate, torch's defaults, no decay on 1-D parameters."""
 from __future__ import annotations
 
 import math
@@ -11,9 +11,10 @@ from pyref.config import LAYER_PARAMS, AdamW
 from ..engine import Variant
 
 
-def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, **changed):
+def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, decay_lr=True, **changed):
     """AdamW in float64 with one of its conventions changed (``decay``: where weight decay
-    applies; ``changed``: hyperparameters replaced). Returns param, m, v."""
+    applies; ``decay_lr``: False where the decay is not multiplied by the learning rate,
+    param *= 1 - wd; ``changed``: hyperparameters replaced). Returns param, m, v."""
     a = dict(args, **changed)
     p, g, m, v = (np.array(a[k], np.float64) for k in ("param", "grad", "m", "v"))
     lr, b1, b2, eps, wd = AdamW.from_kernel_args(a).as_float32().args()   # float arguments of the C
@@ -26,6 +27,8 @@ def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=Non
     m_hat = m / (1 - b1 ** t) if bias_correction else m
     v_hat = v / (1 - b2 ** t) if bias_correction else v
     denom = np.sqrt(v_hat + eps) if eps_in_sqrt else np.sqrt(v_hat) + eps
+    if not decay_lr:
+        return {"param": p - lr * (m_hat / denom) - wd * p, "m": m, "v": v}
     p = p - lr * (m_hat / denom + (0.0 if l2 else wd * p))
     return {"param": p, "m": m, "v": v}
 
@@ -106,6 +109,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("adamw.l2", "adamw", ("adamw",),
             "weight decay added to the gradient (L2, Adam) instead of decoupled (AdamW)",
             _adamw_variant(l2=True), terms=_adamw_l2_terms),
+    Variant("adamw.weight-decay-without-lr", "adamw", ("adamw",),
+            "weight decay not scaled by the learning rate (param *= 1 - weight_decay, not 1 - lr*weight_decay)",
+            _adamw_variant(decay_lr=False)),
     Variant("adamw.weight-decay=0.01", "adamw", ("adamw",), "weight decay 0.01 (torch's default) instead of "
             "the one given", _adamw_changed(weight_decay=0.01)),
     Variant("adamw.no-decay-1d", "adamw", ("adamw",),

@@ -77,7 +77,8 @@ def _att_scale_name(kernel, args, value, ctx):
 
 
 def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0,
-                   causal=True, scale=None, masking="-inf", qkv_axes=("3", "NH", "hs"), upper=False):
+                   causal=True, scale=None, masking="-inf", qkv_axes=("3", "NH", "hs"), upper=False, take="qkv",
+                   batched=None, bias=None):
     """attention_forward in float64 with the mistakes a port makes: q, k, v taken in another
     ``order``; the heads split from the channels in another layout (``split``:
     ``"heads-major"`` as the C, ``"no-transpose"`` viewing (B,T,C) as (B,NH,T,hs),
@@ -88,7 +89,10 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     finite score (``masking=0.0``) instead of -inf; c_attn's 3C outputs read in another
     layout (``qkv_axes``: the order of the axes (3, NH, hs) the port views them as, e.g.
     ("NH", "3", "hs"): q, k, v interleaved per head); the mask transposed (``upper``: each
-    position sees itself and the later ones).
+    position sees itself and the later ones); q, k, v each taken from a chunk (``take``,
+    "qqv": k is q's chunk); the heads batched as (NH*B) and read back as (B*NH), or the
+    other way (``batched``: "nh-major", "b-major"); the mask a finite ``bias`` added to the
+    left-out scores (a 0/1 tril added as if it were 0/-inf: -1, or -scale before the scale).
     Returns (out, preatt, att), preatt 0 where the mask leaves it out (as the C's)."""
     B, T, C3 = inp.shape
     C = C3 // 3
@@ -99,6 +103,7 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
         view = inp.reshape(B, T, *(sizes[a] for a in qkv_axes))
         inp = view.transpose(0, 1, *(2 + qkv_axes.index(a) for a in ("3", "NH", "hs"))).reshape(B, T, C3)
     chunks = dict(zip(order, (inp[..., i * C:(i + 1) * C] for i in range(3))))
+    chunks = dict(zip("qkv", (chunks[x] for x in take)))
 
     axes = _SPLITS.get(split, split)     # (B,T,C) viewed as (B, *axes), then (B,NH,T,hs)
     sizes = {"T": T, "NH": NH, "hs": hs}
@@ -111,6 +116,9 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     if upper:
         mask = mask.T
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale
+    if bias is not None:      # a finite bias on the left-out scores: every key weighed
+        att = _softmax_biased(scores, mask, bias)
+        return _merged(_rebatched(att @ v, batched), merge), np.where(mask, scores, 0.0), att
     if masking != "-inf":
         # the mask applied after the softmax (no renormalisation), or as a finite score
         e = np.exp(np.where(mask, scores, masking) - np.max(np.where(mask, scores, masking), -1, keepdims=True)) \
@@ -126,7 +134,26 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     s = e.sum(axis, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         att = np.where(s == 0, 0.0, e / s)
-    return _merged(att @ v, merge), np.where(mask, pre, 0.0), att
+    return _merged(_rebatched(att @ v, batched), merge), np.where(mask, pre, 0.0), att
+
+
+def _softmax_biased(scores, mask, bias):
+    """The softmax over every key, ``bias`` added to the scores the mask leaves out."""
+    e = np.where(mask, scores, scores + bias)
+    e = np.exp(e - e.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _rebatched(y, batched):
+    """(B,NH,T,hs) as a port that batches the heads one way and reads them back the other:
+    "nh-major" batched as (NH*B) and viewed back as (B,NH); "b-major" batched as (B*NH)
+    and viewed back as (NH,B). None: as computed."""
+    B, NH, T, hs = y.shape
+    if batched == "nh-major":
+        return y.transpose(1, 0, 2, 3).reshape(B, NH, T, hs)
+    if batched == "b-major":
+        return y.reshape(NH, B, T, hs).transpose(1, 0, 2, 3)
+    return y
 
 
 # the orders of the axes (T, NH, hs) a port views (B,T,C) as when it splits the heads, or
@@ -148,10 +175,15 @@ _PERMUTATIONS = ("qvk", "kqv", "kvq", "vqk", "vkq")
 
 
 def _att_maskings(kernel, args, **kw):
+    hs = args["inp"].shape[-1] // 3 // int(args["NH"])
     return [_Form("the causal mask applied after the softmax (the kept weights not renormalised)", "masking",
                   "after"),
             _Form("the causal mask transposed (triu): each position attends to itself and the later ones",
-                  "upper", True)]
+                  "upper", True),
+            _Form("the 0/1 tril added to the scores as the mask bias (the future scores 1 lower, not -inf)",
+                  "bias", -1.0),
+            _Form("the 0/1 tril added to the scores before the scale as the mask bias (the future scores "
+                  "1/sqrt(hs) lower, not -inf)", "bias", -1.0 / math.sqrt(hs))]
 
 
 def _att_scale_after(kernel, args, ctx, value):
@@ -219,7 +251,9 @@ _QKV_VIEWS = {("NH", "3", "hs"): "q, k, v interleaved per head (c_attn's output 
 
 def _att_layouts(kernel, args, **kw):
     return [*(_Form(text + " instead of (B,T,3,NH,hs)", "qkv_axes", axes) for axes, text in _QKV_VIEWS.items()),
-            *_head_layouts()]
+            *_head_layouts(),
+            _Form("the heads batched as (NH*B, T, hs) and read back as (B*NH)", "batched", "nh-major"),
+            _Form("the heads batched as (B*NH, T, hs) and read back as (NH*B)", "batched", "b-major")]
 
 
 def _head_layouts():
@@ -243,8 +277,14 @@ def _head_layouts():
     return forms
 
 
+# one chunk taken twice (a typo: k = q), as (what q, k, v take, which one is the copy)
+_DUPLICATES = (("qqv", "k = q"), ("qkk", "v = k"), ("qkq", "v = q"), ("kkv", "q = k"), ("vkv", "q = v"),
+               ("qvv", "k = v"))
+
+
 def _att_orders(kernel, args, **kw):
-    return [_Form(o, "order", o) for o in _PERMUTATIONS]
+    return [*(_Form(o, "order", o) for o in _PERMUTATIONS),
+            *(_Form(f"{', '.join(t)} ({same}: one chunk taken twice)", "take", t) for t, same in _DUPLICATES)]
 
 
 def _att_diagonals(kernel, args, **kw):

@@ -56,14 +56,20 @@ def _ln_outside_name(kernel, args, value, ctx):
 
 
 def _ln_over_positions(kernel, args, ctx, value):
-    """The statistics taken over the positions (axis T) instead of the channels."""
+    """The statistics taken over the positions (axis T), or over the positions and the
+    channels together (the choice's key), instead of the channels."""
     x, w, b = args["inp"], args["weight"], args["bias"]
     if x.ndim != 3 or x.shape[1] < 2 or ctx["output"] != "out":
         return None     # (such a port has no per-position mean and rstd to compare)
-    mean = x.mean(1, keepdims=True)
+    axes = (1, 2) if ctx["choice"].key == "TC" else (1,)
+    mean = x.mean(axes, keepdims=True)
     xs = x - mean
-    var = (xs * xs).mean(1, keepdims=True)
+    var = (xs * xs).mean(axes, keepdims=True)
     return {"out": xs / np.sqrt(var + numpy_kernels.LN_EPS) * w + b}
+
+
+def _ln_axes(kernel, args, **kw):
+    return [_LnForm("T", "the positions (T)"), _LnForm("TC", "the positions and the channels together (T, C)")]
 
 
 def _ln_affine_swapped(kernel, args, ctx, value):
@@ -134,8 +140,8 @@ VARIANTS: tuple[Variant, ...] = (
             "layernorm's eps ({value}) added outside the square root: (x-mean)/(sqrt(var)+eps)", _ln_eps_outside,
             fit=Fit(1e-10, 1.0, log=True), name=_ln_outside_name, fallback=1),
     Variant("layernorm.axis", "layernorm", ("layernorm_forward",),
-            "layernorm's mean and variance taken over the positions (T) instead of the channels (C)",
-            _ln_over_positions),
+            "layernorm's mean and variance taken over {choice} instead of the channels (C)",
+            _ln_over_positions, choices=_ln_axes),
     Variant("layernorm.unbiased-variance", "layernorm", ("layernorm_forward",),
             "layernorm divides the variance by C-1 (unbiased) instead of C", _ln_unbiased),
     Variant("layernorm.affine-swapped", "layernorm", ("layernorm_forward",),
