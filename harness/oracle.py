@@ -51,7 +51,8 @@ class Witness:
     draws and the same arithmetic: seeded, the same run gives the same tolerances either
     way, whatever the thread count. A backward kernel runs into zeroed buffers (its
     contribution alone), which are noised and added into the model's: no copy of a
-    gradient buffer is made. AdamW (a free run's witness trains) rewrites its buffers:
+    gradient buffer is made; the zeroed buffers are kept for the next call of the same
+    shape until :meth:`release`. AdamW (a free run's witness trains) rewrites its buffers:
     there the change of each is noised.
     """
 
@@ -62,6 +63,7 @@ class Witness:
     def __init__(self, seed: int = 0):
         self.key = _splitmix64(seed)
         self.position = 0          # the stream position of the next draw
+        self._scratch: dict[tuple, np.ndarray] = {}   # the backward's zeroed buffers (_zeros)
         for kernel in SIGNATURES:
             setattr(self, kernel, self._wrap(kernel))
 
@@ -93,6 +95,23 @@ class Witness:
                     hi = min(cf.size, lo + self.BLOCK)
                     b[lo:hi] += cf[lo:hi] + cf[lo:hi] * (s * draws(self.key, at + lo, hi - lo))
 
+    def _zeros(self, kernel: str, name: str, shape: tuple) -> np.ndarray:
+        """A zeroed float64 scratch for one buffer of a backward kernel, kept for the next
+        call of the same shape: a fresh np.zeros of a parameter's gradient is touched page
+        by page for the first time in the kernel's +=, which at 124M cost the witness's
+        backward as much again as its arithmetic (the contribution is consumed by
+        _add_noisy before the next call, so one per (kernel, buffer, shape) serves)."""
+        buf = self._scratch.get((kernel, name, shape))
+        if buf is None:
+            buf = self._scratch[(kernel, name, shape)] = np.zeros(shape)
+        else:
+            buf.fill(0.0)
+        return buf
+
+    def release(self) -> None:
+        """Drop the backward's scratch buffers (a finished model's witness holds none)."""
+        self._scratch.clear()
+
     def _wrap(self, kernel: str):
         f = getattr(ORACLE, kernel)
         spec = SPEC[kernel]
@@ -112,7 +131,7 @@ class Witness:
                     named[k][...] = old
                     self._add_noisy(named[k], change, spec.n(k, named))
                 return None
-            own = {k: np.zeros(named[k].shape) for k in spec.inplace if named.get(k) is not None}
+            own = {k: self._zeros(kernel, k, named[k].shape) for k in spec.inplace if named.get(k) is not None}
             f(*(own.get(k, a) for k, a in zip(spec.signature, args)))
             for k, c in own.items():
                 self._add_noisy(named[k], c, spec.n(k, named))

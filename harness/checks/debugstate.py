@@ -77,12 +77,14 @@ def check_debug_state(checkpoint: str, debug_state: str, lib=None, threads: int 
     # float64 models reading the checkpoint's float32 parameters where they lie (no copies)
     params = np.ascontiguousarray(params, np.float32)
     oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64, share_params=True)
-    witness = PyGPT2(config, params, kernels=KernelSet.from_module(Witness(seed=0), name="witness"),
+    noisy = Witness(seed=0)
+    witness = PyGPT2(config, params, kernels=KernelSet.from_module(noisy, name="witness"),
                      dtype=np.float64, share_params=True)
     for m in (oracle, witness):
         m.forward(ds.inputs, ds.targets)
         m.zero_grad()
         m.backward()
+    noisy.release()
     oracle_loss = float(oracle.mean_loss)
     free = Tolerance(rel=np.inf, norm=np.inf)
 

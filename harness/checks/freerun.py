@@ -64,9 +64,9 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     hyper = hyper or AdamW()
     params = np.asarray(params, np.float32)
     oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64)
-    witnesses = [PyGPT2(config, params, dtype=np.float64,
-                        kernels=KernelSet.from_module(Witness(seed=10_000 + i), name="witness"))
-                 for i in range(WITNESSES)]
+    noisy = [Witness(seed=10_000 + i) for i in range(WITNESSES)]
+    witnesses = [PyGPT2(config, params, dtype=np.float64, kernels=KernelSet.from_module(n, name="witness"))
+                 for n in noisy]
     cmodel = CModel.from_params(config, params, lib=as_library(lib))
     runners = {"C": cmodel}
     runners.update({n: PyGPT2(config, params, kernels=k, dtype=np.float32) for n, k in (impls or {}).items()})
@@ -77,8 +77,9 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
         for t, (inputs, targets) in enumerate(batches, 1):
             oracle_loss = float(oracle.step(inputs, targets, hyper, t=t))
             w_loss, w_param = 0.0, 0.0
-            for w in witnesses:
+            for w, n in zip(witnesses, noisy):
                 loss = float(w.step(inputs, targets, hyper, t=t))
+                n.release()
                 # a float32 run stores its parameters and moments in float32 after each step
                 for buf in (w.params_memory, w.m_memory, w.v_memory):
                     buf[...] = buf.astype(np.float32)

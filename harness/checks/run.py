@@ -206,8 +206,9 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]
         cmodel.backward(threads=threads)
     say("oracle and witness forward/backward")
     with span("models built"):
+        noisy = Witness(seed=step.t)
         witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64, share_params=True,
-                         kernels=KernelSet.from_module(Witness(seed=step.t), name="witness"))
+                         kernels=KernelSet.from_module(noisy, name="witness"))
 
     def run(named):
         name, model = named
@@ -218,6 +219,7 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]
         return loss
     # independent float64 models on the same read-only parameters: one per core
     losses["oracle"], _ = shared(run, (("oracle", oracle), ("witness", witness)))
+    noisy.release()
     with span("witness spread"):
         spread = witness_spread(config, witness, oracle)
     return losses, spread
