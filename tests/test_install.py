@@ -49,6 +49,16 @@ def test_sources_ship_inside_the_package():
     assert build.DEFAULT_SRC == llmc.SOURCE_DIR / "train_gpt2.c"
 
 
+def test_every_package_of_the_checkout_is_listed_for_the_wheel():
+    """pyproject.toml lists its packages by name: a subpackage added to the checkout and
+    not to the list is missing from an installed wheel (imports fail only there)."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for root in ("harness", "pyref", "llmc")
+             for p in (ROOT / root).rglob("__init__.py")}
+    assert found == listed, (found - listed, listed - found)
+
+
 def test_default_baseline_lives_in_the_users_project(tmp_path, monkeypatch):
     monkeypatch.delenv("LLMC_GATE_BASELINE", raising=False)
     proj = tmp_path / "myport"
