@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import pristine_source
+from conftest import edit_function, pristine_source
 
 from harness import CKernels, build_library, load_library, run_parity
 from harness.checks.perop import check_outputs
@@ -272,23 +272,13 @@ C_EDITS = [
 ]
 
 
-def _edit_function(src: str, func: str, old: str, new: str) -> str:
-    m = re.search(rf"\n(void|float\*?|int) {func}\(", src)
-    assert m, func
-    start = src.index("{", m.end())
-    end = src.index("\n}\n", start)
-    body = src[start:end]
-    assert body.count(old) == 1, (func, old)
-    return src[:start] + body.replace(old, new) + src[end:]
-
-
 @pytest.fixture(scope="module")
 def scaled_c(tmp_path_factory):
     """The C with each output of C_EDITS scaled by 1 + 4 ulp, built like the library under
     test (its flags)."""
     text = pristine_source()
     for func, _, _, old, new in C_EDITS:
-        text = _edit_function(text, func, old, new)
+        text = edit_function(text, func, old, new, once=True)
     d = tmp_path_factory.mktemp("bias_c")
     (d / "train_gpt2.c").write_text(text)
     info = load_library().build_info
@@ -296,12 +286,23 @@ def scaled_c(tmp_path_factory):
     return load_library(build_library(d / "train_gpt2.c", d / "lib.so", quiet=True, **kw).library)
 
 
-def test_a_c_with_outputs_scaled_by_four_ulps_fails_a_training_step(scaled_c):
+def _tiny_step(lib=None, impls=None):
+    """One training step of the tiny model checked (seed 0, B=4, T=16)."""
+    cfg = preset("tiny")
+    return run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 4, 16, seed=0), lib=lib,
+                      impls=impls if impls is not None else {}, steps=1)
+
+
+@pytest.fixture(scope="module")
+def scaled_step(scaled_c):
+    """The scaled C's checked step, which the tests below read."""
+    return _tiny_step(lib=scaled_c)
+
+
+def test_a_c_with_outputs_scaled_by_four_ulps_fails_a_training_step(scaled_step):
     """Every scaled output fails its replay on bias alone (its inputs exact, the C's own),
     named by the first divergence; nothing else moves enough for the two bounds."""
-    cfg = preset("tiny")
-    report = run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 4, 16, seed=0), lib=scaled_c,
-                        impls={}, steps=1)
+    report = scaled_step
     assert not report.passed
     failed = [c for s in report.steps for c in s.checks if not c.passed and c.kind == "replay"]
     edited = {kernel for _, kernel, *_ in C_EDITS}
@@ -343,11 +344,9 @@ def test_a_port_with_one_output_scaled_fails_its_replay(kernel, output):
     step of the tiny model: the replay of that op fails on bias. Except a contribution that
     the buffer's other contributors dominate: encoder_backward's part of dwte, under the
     tied lm head's dweight (docs/statistics.md: what the test cannot see)."""
-    cfg = preset("tiny")
     port = Planted(KernelSet.from_module(numpy_kernels, name="numpy"), kernel, output, FACTOR[4])
     port.missing = []
-    report = run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 4, 16, seed=0),
-                        impls={"port": port}, steps=1)
+    report = _tiny_step(impls={"port": port})
     mine = [c for s in report.steps for c in s.checks if c.impl == "port" and c.kind in ("replay", "update")
             and kernel in c.kernels]
     caught = [c for c in mine if "bias" in c.comparison.failed_checks()]
@@ -357,14 +356,12 @@ def test_a_port_with_one_output_scaled_fails_its_replay(kernel, output):
     assert caught, [(c.tensor, c.comparison.bias_text()) for c in mine]
 
 
-def test_the_reports_say_the_bias(scaled_c, tmp_path):
+def test_the_reports_say_the_bias(scaled_step):
     """The step table marks the failing mean, the JSON carries bias and bias_z, the plot
     marks the op, the first divergence says the mean error."""
     from harness import step_table, to_json
     from harness.report.png import bias_positions, graph_positions
-    cfg = preset("tiny")
-    report = run_parity(cfg, synth.init_params(cfg, seed=0), synth.batches(cfg, 4, 16, seed=0), lib=scaled_c,
-                        impls={}, steps=1)
+    report = scaled_step
     table = step_table(report.steps[0])
     header = table.splitlines()[0]
     assert " bias " in header and re.search(r"acts\.ln1 .* \+4\.\de-07 z=\d+!", table), table
@@ -374,6 +371,11 @@ def test_the_reports_say_the_bias(scaled_c, tmp_path):
     assert ln1["bias_stats"]["groups"] == MAX_GROUPS and ln1["tol"]["bias"] == U
     pos = {w: i for i, w in enumerate(graph_positions(report))}
     assert pos["layer 0 ln1 layernorm_forward"] in bias_positions(report, "C", pos)
+    # a torch model's checks name their module in ``where``: the plot places them by position
+    from dataclasses import replace
+    moduled = replace(report, steps=[replace(s, checks=[replace(c, module="transformer.h.0.ln_1")
+                                                         for c in s.checks]) for s in report.steps])
+    assert bias_positions(moduled, "C", pos) == bias_positions(report, "C", pos)
     assert "mean error scale +4." in report.first_divergence()
 
 

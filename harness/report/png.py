@@ -206,8 +206,8 @@ def _error_lines(ax, report, impl: str, pos: dict, colour: dict) -> bool:
 
 def bias_positions(report, impl: str, pos: dict) -> set[int]:
     """The graph positions where a check of ``impl`` (replay or e2e) fails on its bias."""
-    return {pos[c.where] for s in report.steps for c in s.checks
-            if c.impl == impl and c.kind in ("replay", "e2e") and c.where in pos
+    return {pos[c.position] for s in report.steps for c in s.checks
+            if c.impl == impl and c.kind in ("replay", "e2e") and c.position in pos
             and "bias" in c.comparison.failed_checks()}
 
 
