@@ -1,5 +1,6 @@
 """Test configuration: the repository root on sys.path (tests run from a checkout too, as
 `make test` does after an editable install) and the llmc-parity plugin's fixtures."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def edit_function(src: str, func: str, old: str, new: str, once: bool = False) -> str:
+    """``src`` with ``old`` replaced by ``new`` inside the body of C function ``func`` (a
+    planted edit); ``once``: ``old`` must occur there exactly once, else at least once."""
+    m = re.search(rf"\n(void|float\*?|int) {func}\(", src)
+    assert m, func
+    start = src.index("{", m.end())
+    end = src.index("\n}\n", start)
+    body = src[start:end]
+    if once:
+        assert body.count(old) == 1, (func, old)
+    else:
+        assert old in body, (func, old)
+    return src[:start] + body.replace(old, new) + src[end:]
 
 
 def pristine_source() -> str:

@@ -83,19 +83,25 @@ def test_json_and_plot_reports_never_overwrite(capsys, tmp_path):
     assert j.read_bytes() == before
 
 
-def test_run_from_llmc_files(capsys, tmp_path):
-    """An llm.c checkpoint, a token shard to draw batches from, and a debug state."""
+def _llmc_files(tmp_path):
+    """What llm.c's train_gpt2.py writes, for the tiny model: model.bin (a checkpoint) and
+    debug.bin (a debug state: one batch, its logits, loss and gradients, from torch)."""
+    from harness import load_kernels
+    from pyref.model import GPT2
     params = synth.init_params(TINY, seed=5)
     formats.write_checkpoint(tmp_path / "model.bin", TINY, params)
-    formats.write_tokens(tmp_path / "tokens.bin", synth.make_tokens(TINY, 1000, seed=1))
-    from pyref.model import GPT2
-    from harness import load_kernels
     x, y = synth.make_batch(TINY, 2, 8, seed=3)
     m = GPT2(TINY, params, kernels=load_kernels("torch"))
     loss = m.forward(x, y)
     m.zero_grad()
     m.backward()
     formats.write_debug_state(tmp_path / "debug.bin", TINY, x, y, m.acts["logits"], loss, m.grads_memory)
+
+
+def test_run_from_llmc_files(capsys, tmp_path):
+    """An llm.c checkpoint, a token shard to draw batches from, and a debug state."""
+    _llmc_files(tmp_path)
+    formats.write_tokens(tmp_path / "tokens.bin", synth.make_tokens(TINY, 1000, seed=1))
     code, out, err = cli(capsys, "run", "-q", "--steps", "2", "--ref", "numpy", "--checkpoint", tmp_path / "model.bin",
                          "--tokens", tmp_path / "tokens.bin", "--debug-state", tmp_path / "debug.bin")
     assert code == 0, out[-3000:] + err
@@ -209,16 +215,7 @@ def test_the_defaults_fit_the_job(capsys, tmp_path, monkeypatch):
     assert (refs, replay) == ([], "on-failure") and "124M parameters" in why
     asked = argparse.Namespace(ref=["numpy"], replay="always", debug_state=None)
     assert cli_mod._what_runs(asked, big) == (["numpy"], "always", None)
-    params = synth.init_params(TINY, seed=5)
-    formats.write_checkpoint(tmp_path / "model.bin", TINY, params)
-    from pyref.model import GPT2
-    from harness import load_kernels
-    x, y = synth.make_batch(TINY, 2, 8, seed=3)
-    m = GPT2(TINY, params, kernels=load_kernels("torch"))
-    loss = m.forward(x, y)
-    m.zero_grad()
-    m.backward()
-    formats.write_debug_state(tmp_path / "debug.bin", TINY, x, y, m.acts["logits"], loss, m.grads_memory)
+    _llmc_files(tmp_path)
     code, out, err = cli(capsys, "run", "-q", "--steps", "2", "--checkpoint", tmp_path / "model.bin",
                          "--debug-state", tmp_path / "debug.bin")
     assert code == 0, out[-3000:] + err

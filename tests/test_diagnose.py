@@ -13,14 +13,13 @@ passing checks do no diagnosis work.
 from __future__ import annotations
 
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import pristine_source
+from conftest import edit_function, pristine_source
 
 from harness import (CATALOGUE, VARIANT_BY_ID, CKernels, DiagnosedComparison, assert_kernel, build_library,
                      check_kernel, first_divergence_check, load_library, make_inputs, run_parity)
@@ -844,16 +843,6 @@ EXTRA = {("softmax.padded-columns", "softmax_forward"): ("probs_bt[i] = 0.0f;", 
 KERNEL_OF = {"gpt2_update": "adamw"}
 
 
-def _edit_function(src: str, func: str, old: str, new: str) -> str:
-    m = re.search(rf"\n(void|float\*?|int) {func}\(", src)
-    assert m, func
-    start = src.index("{", m.end())
-    end = src.index("\n}\n", start)
-    body = src[start:end]
-    assert old in body, (func, old)
-    return src[:start] + body.replace(old, new) + src[end:]
-
-
 def _builds() -> list[list[tuple]]:
     """The edits grouped into as few sources as possible, one edit per function each."""
     groups: list[list[tuple]] = []
@@ -873,9 +862,9 @@ def c_mutants(tmp_path_factory):
     for i, group in enumerate(_builds()):
         text = src
         for vid, func, old, new in group:
-            text = _edit_function(text, func, old, new)
+            text = edit_function(text, func, old, new)
             if (vid, func) in EXTRA:
-                text = _edit_function(text, func, *EXTRA[vid, func])
+                text = edit_function(text, func, *EXTRA[vid, func])
         d = tmp_path_factory.mktemp(f"diag{i}")
         (d / "train_gpt2.c").write_text(text)
         jobs.append((group, d))
@@ -944,7 +933,7 @@ MEAN_EDITS = [("crossentropy.mean-over-BT+1", "gpt2_forward", "mean_loss /= B * 
 def mean_mutant(tmp_path_factory):
     text = pristine_source()
     for _, func, old, new in MEAN_EDITS:
-        text = _edit_function(text, func, old, new)
+        text = edit_function(text, func, old, new)
     d = tmp_path_factory.mktemp("diag_mean")
     (d / "train_gpt2.c").write_text(text)
     return load_library(build_library(d / "train_gpt2.c", d / "lib.so", quiet=True).library)
