@@ -95,15 +95,11 @@ def _step_report(step: "_Step", names: list[str], losses: dict, checks: list[Che
     """A step's report: its losses, its checks, each implementation's first divergence."""
     divergence = {}
     with span("first divergence"):
-        for name in names:
-            d = first_divergence([c for c in checks if c.impl == name])
+        for name in dict.fromkeys([*names, *step.structure]):
+            d = first_divergence([c for c in checks if c.impl == name], structure=step.structure.get(name))
             if d:
                 divergence[name] = d
     errors = {**step.errors, **step.update_errors}
-    for name, found in step.structure.items():
-        d = first_divergence([c for c in checks if c.impl == name], structure=found)
-        if d:
-            divergence[name] = d
     return StepReport(step.t, losses, checks, divergence, errors, time.perf_counter() - t0,
                       structure=dict(step.structure))
 
