@@ -96,14 +96,18 @@ def measure(impl: str, lib: str | None, seeds: int) -> dict:
     return worst
 
 
-def _per_op(args) -> int:
+def _variant(name: str) -> Path:
+    """Our train_gpt2.c built with BUILDS[name]'s flags (build/variants/lib_NAME.so)."""
     from .clib.build import build_library
-    from .tolerances import rule
+    out = ROOT / "build" / "variants" / f"lib_{name}.so"
+    build_library(ROOT / "llmc" / "train_gpt2.c", out, cflags=BUILDS[name], quiet=True)
+    return out
 
+
+def _per_op(args) -> int:
     runs = {}
-    for name, flags in BUILDS.items():
-        out = ROOT / "build" / "variants" / f"lib_{name}.so"
-        build_library(ROOT / "llmc" / "train_gpt2.c", out, cflags=flags, quiet=True)
+    for name in BUILDS:
+        out = _variant(name)
         for n in args.threads:
             runs[f"C {name} x{n}"] = ("C", str(out), {"OMP_NUM_THREADS": str(n)})
     runs["numpy"], runs["torch"] = ("numpy", "-", {}), ("torch", "-", {})
@@ -168,7 +172,6 @@ def fold(checks, worst: dict, tally: dict) -> None:
             w["rel"], w["rel_at"] = rel, where
         if norm > w["norm"]:
             w["norm"], w["norm_at"] = norm, where
-        w.setdefault("bias", 0.0)
         if cmp.bias_stats is not None and cmp.bias_used >= w["bias"]:
             z = cmp.bias_z
             w["bias"], w["bias_u"] = cmp.bias_used, abs(cmp.bias) / U
@@ -215,13 +218,11 @@ def measure_scale(config: str, steps: int, refs: list[str], model: str | None, s
 
 
 def _scale(args) -> int:
-    from .clib.build import build_library
     from .tolerances import P_FALSE_ALARM
 
     results = {}
     for i, name in enumerate(args.builds):
-        out = ROOT / "build" / "variants" / f"lib_{name}.so"
-        build_library(ROOT / "llmc" / "train_gpt2.c", out, cflags=BUILDS[name], quiet=True)
+        out = _variant(name)
         refs = args.refs if i == 0 else []
         model = args.model if i == 0 else None
         label = f"C {name}" + "".join(f" + {r}" for r in refs) + (" + model" if model else "")
@@ -241,6 +242,7 @@ def _scale(args) -> int:
 
 def scale_table(results: dict, p: float) -> str:
     """The worst fraction of each bound used, per (kind, kernel.output), over every run."""
+    from .tolerances import false_alarm_bound
     keys = sorted({k for r in results.values() for k in r["worst"]})
     lines = [f"{'check':<48}{'elem used':>10}{'norm used':>10}{'margin':>8}{'bias used':>10}{'bias u':>8}"
              f"{'|z|':>7}  worst element-wise in / worst bias in"]
@@ -260,7 +262,7 @@ def scale_table(results: dict, p: float) -> str:
         tails = ", ".join(f"{t.get(str(q), 0)} over the bound for p={q:g} (the model allows {n * q:.0f})"
                           for q in LENIENT)
         lines.append(f"{label}: {t.get('checks', 0)} checks, {n} per-op bounds (replay, update): {tails}; "
-                     f"built for p={p:g}: at most {3 * t.get('checks', 0) * p:.1e} false alarms per run")
+                     f"built for p={p:g}: at most {false_alarm_bound(t.get('checks', 0), p):.1e} false alarms per run")
     return "\n".join(lines)
 
 

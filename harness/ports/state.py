@@ -148,16 +148,16 @@ class ModelState:
             a = a[:e.rows]
         return np.ascontiguousarray(a.T if e.slot.transpose else a)
 
-    def _read(self, get, out: dict, fill=None):
+    def _read(self, get, out: dict):
         """A per-parameter tensor (grad, exp_avg, ...) back into C-layout views ``out``;
-        where there is none, zeros (or ``fill(entry)``)."""
+        where there is none, zeros."""
         for e in self.entries:
             t = get(e)
             dst = e.slot.view(out)
             if t is None:
                 # no gradient (torch's None is a zero gradient; the census says which) or
                 # no optimizer state (a parameter without gradient is skipped by the step)
-                dst[...] = fill(e) if fill is not None else 0.0
+                dst[...] = 0.0
                 continue
             a = t.detach().to(self.torch.float32).numpy()
             a = a.T if e.slot.transpose else a

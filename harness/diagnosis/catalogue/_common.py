@@ -55,7 +55,3 @@ def _forward(kernel: str, outputs: tuple) -> dict:
 
 def _const(x: float) -> str:
     return f"{x:.4g}"
-
-
-def _short(x: float) -> str:
-    return f"{x:.4g}"

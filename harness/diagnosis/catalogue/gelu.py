@@ -27,15 +27,6 @@ def _gelu_erf(kernel, args, ctx, value):
     return {"dinp": dinp}
 
 
-def _gelu_sigmoid(kernel, args, ctx, value):
-    """x*sigmoid(1.702x), the sigmoid approximation (and its derivative)."""
-    x = args["inp"]
-    s = 1.0 / (1.0 + np.exp(-1.702 * x))
-    if kernel == "gelu_forward":
-        return {"out": x * s}
-    return {"dinp": args["dinp"] + (s + 1.702 * x * s * (1 - s)) * args["dout"]}
-
-
 def _gelu_tanh_scale(kernel, args, ctx, value):
     """GELU's tanh form with ``value`` in place of sqrt(2/pi)."""
     x = args["inp"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine import Fit, Variant
-from ._common import _short
+from ._common import _const
 
 
 def _branch_scale(kernel, args, ctx, value):
@@ -25,7 +25,7 @@ def _not_one(kernel, args, value, ctx):
     if ctx["choice"] == "branch" and abs(value) < 1e-6 and _parallel(args):
         return None, value, ""       # the branch not lost: added in parallel (residual.parallel)
     what = "the branch added as x + {v}*f(x)" if ctx["choice"] == "branch" else "the stream scaled: {v}*x + f(x)"
-    return "residual.branch-scale", value, what.format(v=_short(value))
+    return "residual.branch-scale", value, what.format(v=_const(value))
 
 
 def _streams(kernel, args, **kw):
