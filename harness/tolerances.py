@@ -109,6 +109,13 @@ def rule(kernel: str, output: str) -> Rule:
 # false alarm with probability at most 3 K P_FALSE_ALARM (each check has three criteria):
 # 4.8e-5 for the ~16,000 checks of ten steps of GPT-2 124M with two references.
 P_FALSE_ALARM = 1e-9
+CRITERIA = 3    # element-wise, norm-wise, bias: each built for P_FALSE_ALARM
+
+
+def false_alarm_bound(checks: int, p: float = P_FALSE_ALARM) -> float:
+    """The probability that a run of ``checks`` checks, each criterion built for ``p``, has
+    a false alarm at all: at most CRITERIA * checks * p (a union bound)."""
+    return CRITERIA * checks * p
 # the one-sided Gaussian quantile of P_FALSE_ALARM / 2: 6.1
 _Z1 = NormalDist().inv_cdf(1.0 - P_FALSE_ALARM / 2)
 

@@ -21,7 +21,7 @@ from pyref.protocol import KERNEL_OP
 
 from ..checks.results import KINDS, first_divergence, first_divergence_check, first_structure
 from ..compare import Comparison
-from ..tolerances import P_FALSE_ALARM
+from ..tolerances import P_FALSE_ALARM, false_alarm_bound
 from .table import text_table
 
 
@@ -335,10 +335,10 @@ def run_summary(report) -> str:
 
 
 def false_alarm_text(checks: int) -> str:
-    """What the bounds promise a run of ``checks`` checks (harness.tolerances: each bound is
-    built for P_FALSE_ALARM; a check has two)."""
+    """What the bounds promise a run of ``checks`` checks (harness.tolerances: each of a
+    check's criteria is built for P_FALSE_ALARM)."""
     return (f"bounds built for a false-alarm probability of {P_FALSE_ALARM:g} each: at most "
-            f"{2 * P_FALSE_ALARM * checks:.1g} for this run's {checks} checks")
+            f"{false_alarm_bound(checks):.1g} for this run's {checks} checks")
 
 
 # ----------------------------------------------------------------------------
