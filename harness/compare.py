@@ -54,13 +54,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import metrics
 from .clib.fused import tally as fused_tally
-from .metrics import CHUNK_ELEMS, FLOAT32_TINY, ulp_key
+from .metrics import CHUNK_ELEMS, ulp_key
 from .stats import Bias, bias_of, group_bounds
 
 __all__ = [

@@ -55,6 +55,13 @@ def tally(a: np.ndarray, e: np.ndarray, m: np.ndarray | None, es: np.ndarray | N
     return acc
 
 
+def rms_scale(sumsq: float, count: int) -> float:
+    """The RMS sqrt(sumsq / count) of ``count`` expected values, FLOAT32_TINY where it is 0
+    (all zeros, or none: a denominator that avoids 0/0)."""
+    scale = math.sqrt(sumsq / count) if count else 0.0
+    return scale if scale > 0.0 else FLOAT32_TINY
+
+
 def _rms_scale(e, m, blocks, ws) -> tuple[float, np.ndarray | None]:
     """The RMS of the finite compared expected values (the smallest normal float32 when
     that is 0), and, for a one-block tensor, its float64 expected values to reuse."""
@@ -65,8 +72,7 @@ def _rms_scale(e, m, blocks, ws) -> tuple[float, np.ndarray | None]:
         sumsq, count = sumsq + s, count + c
         if len(blocks) == 1:
             cached = e64    # the small path: reuse it instead of converting twice
-    scale = math.sqrt(sumsq / count) if count else 0.0
-    return (scale if scale > 0.0 else FLOAT32_TINY), cached    # all zeros: avoid 0/0
+    return rms_scale(sumsq, count), cached
 
 
 

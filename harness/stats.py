@@ -60,14 +60,6 @@ def group_bounds(n: int, unit: int, max_groups: int = MAX_GROUPS) -> np.ndarray:
     return unit * ((np.arange(G + 1, dtype=np.int64) * units) // G)
 
 
-def unit_of(shape: tuple[int, ...], span: int) -> int:
-    """The number of elements of a unit that spans the last ``span`` axes of ``shape``
-    (0: each element its own unit)."""
-    if span <= 0:
-        return 1
-    return max(1, math.prod(shape[len(shape) - min(span, len(shape)):]))
-
-
 @dataclass(frozen=True)
 class Bias:
     """The mean of a comparison's signed errors (see the module docstring).

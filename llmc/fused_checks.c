@@ -99,8 +99,7 @@ static inline void element(block_acc* k, gsums* g, const llmc_rule* r, int64_t i
 
 typedef struct {
     int64_t n_compared, n_bad, n_nonfinite;
-    int64_t worst_index;          // flat index; -1: none
-    int32_t worst_is_nonfinite;
+    int64_t worst_index;          // flat index (the first non-finite pair's, if any); -1: none
     double max_abs, max_rel;
     int64_t max_ulp;
     double sumsq_diff, sumsq_size;
@@ -124,7 +123,7 @@ static void fold(const block_acc* acc, int64_t nb, int64_t stride, llmc_cmp_out*
         o->sumsq_size += k->sumsq_size;
     }
     o->max_rel = worst_rel > 0.0 ? worst_rel : 0.0;
-    if (first_nonfinite >= 0) { o->worst_index = first_nonfinite; o->worst_is_nonfinite = 1; }
+    if (first_nonfinite >= 0) o->worst_index = first_nonfinite;
 }
 
 // ----------------------------------------------------------------------------------------

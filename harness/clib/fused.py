@@ -12,16 +12,17 @@ mask other than the causal one), the NumPy path serves; ``LLMC_FUSED=0`` forces 
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 
 import numpy as np
 
+from ..metrics import rms_scale
+
 _CDEF = """
 typedef struct { double tol_rel; int64_t tol_ulp; double floor; int32_t nan_equal; double scale; }
     llmc_rule;
-typedef struct { int64_t n_compared, n_bad, n_nonfinite; int64_t worst_index; int32_t worst_is_nonfinite;
+typedef struct { int64_t n_compared, n_bad, n_nonfinite; int64_t worst_index;
     double max_abs, max_rel; int64_t max_ulp; double sumsq_diff, sumsq_size; }
     llmc_cmp_out;
 typedef struct { const void* a; int32_t a_f64; const void* e; int32_t e_f64; const void* es; int32_t es_kind;
@@ -41,7 +42,6 @@ void llmc_add_noisy(double* buf, const double* c, int64_t n, double s, uint64_t 
                     int threads);
 """
 
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 PARALLEL_MIN = 1 << 17   # elements below which one thread is quicker than waking a team
 
 _LOCK = threading.Lock()
@@ -153,8 +153,7 @@ def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equ
     if scale is None:
         count = ffi.new("int64_t*")
         sumsq = L.llmc_sumsq_expected(pair, count, threads)
-        scale = math.sqrt(sumsq / count[0]) if count[0] else 0.0
-        scale = scale if scale > 0.0 else FLOAT32_TINY
+        scale = rms_scale(sumsq, count[0])
     r = _rule(ffi.new("llmc_rule*"), tol, nan_equal, scale)
     out = ffi.new("llmc_cmp_out*")
     bounds = None if bounds is None else np.ascontiguousarray(bounds, np.int64)
@@ -214,8 +213,7 @@ def adamw_tallies(pre: tuple, grads: np.ndarray, post: tuple, hp: dict, tols: tu
     rules, outs = ffi.new("llmc_rule[3]"), ffi.new("llmc_cmp_out[3]")
     scales = []
     for k in range(3):
-        s = math.sqrt(sumsq[k] / count[k]) if count[k] else 0.0
-        scales.append(s if s > 0.0 else FLOAT32_TINY)
+        scales.append(rms_scale(sumsq[k], count[k]))
         _rule(rules[k], tols[k], True, scales[k])
     bounds = None if bounds is None else np.ascontiguousarray(bounds, np.int64)
     gb, G, gout, groups = _groups(ffi, bounds, 3)
