@@ -84,6 +84,12 @@ BUGS = {
 }
 
 
+# the hygiene finding's id each names (a finding carries its identity as data)
+HYGIENE_IDS = {"dropout-on": "hygiene.dropout", "ln-eps-1e-6": "hygiene.layernorm-eps",
+               "adamw-default-decay": "hygiene.optimizer", "betas-0.95": "hygiene.optimizer",
+               "decay-2d-only": "hygiene.decay-some"}
+
+
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_planted_bug_is_localised(bug):
     factory, optimizer, where, finding = BUGS[bug]
@@ -95,6 +101,10 @@ def test_planted_bug_is_localised(bug):
     assert where in text, text
     if finding:
         assert any(finding in f for f in report.findings["port"]), report.findings
+    if bug in HYGIENE_IDS:
+        from harness import to_json
+        details = to_json(report, versions=False)["finding_details"]["port"]
+        assert any(d["id"] == HYGIENE_IDS[bug] and finding in d["description"] for d in details), details
     bad = [c for c in step.checks if not c.passed]
     assert bad and all(c.impl == "port" for c in bad)
 

@@ -63,17 +63,6 @@ def _kind(x) -> str:
     return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
 
 
-_HYGIENE_IDS = (("dropout", "dropout"), ("requires_grad=False", "frozen"), ("not float32", "dtype"),
-                ("TF32", "tf32"), ("layer norm eps", "layernorm-eps"), ("not scaled", "attention-scale"),
-                ("scaled by 1/(layer+1)", "attention-scale"), (".scale=", "attention-scale"),
-                ("activation", "gelu"), ("GELU", "gelu"), ("weight decay on only some", "decay-some"),
-                ("optimizer", "optimizer"))
-
-
-def _hygiene_id(line: str) -> str:
-    return "hygiene." + next((k for word, k in _HYGIENE_IDS if word in line), "other")
-
-
 class ModelState:
     """One training step of a torch model from the C's state, read back in the C's layout."""
 
@@ -103,7 +92,7 @@ class ModelState:
         self.capture = Capture(self.model, config)
         self.census = Census(self.model, config)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
-        self.findings: list[Finding] = [Finding(_hygiene_id(line), line) for line in
+        self.findings: list[Finding] = [Finding(f"hygiene.{kind}", line) for kind, line in
                                         hygiene(self.model, self.optimizer, hyper, config, self.entries)]
         self.structure: list[Finding] = []    # the last step's structural findings (the census)
         self._loss = None
