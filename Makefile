@@ -60,7 +60,7 @@ bench: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VPY) benchmarks/bench_model.py --json build/bench_model.json
 
 fuzz: venv lib
-	LLMC_LIB='$(abspath $(LIB))' HYPOTHESIS_PROFILE=long $(VPY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
+	LLMC_LIB='$(abspath $(LIB))' HYPOTHESIS_PROFILE=long $(VPY) -m pytest tests/ops/test_fuzz.py $(PYTEST_ARGS)
 
 # ASan's runtime must be loaded before the Python interpreter itself, from the compiler
 # that built the library. Leak detection is on: it records only the allocating function
@@ -74,8 +74,8 @@ sanitize: venv
 	    ASAN_OPTIONS=detect_leaks=1:malloc_context_size=2:abort_on_error=1 \
 	    LSAN_OPTIONS=suppressions=$(abspath tests/lsan-python.supp):print_suppressions=0 \
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	    $(VPY) -m pytest -p no:cacheprovider -q tests/test_binding.py tests/test_ops.py \
-	    tests/test_model_parity.py tests/test_hostile.py tests/test_determinism.py $(PYTEST_ARGS)
+	    $(VPY) -m pytest -p no:cacheprovider -q tests/binding/test_binding.py tests/ops/test_ops.py \
+	    tests/checks/test_model_parity.py tests/binding/test_hostile.py tests/binding/test_determinism.py $(PYTEST_ARGS)
 
 # the non-slow suite against every legitimate build and several OpenMP thread counts: a
 # test that assumes how the library was built fails here before it reaches a user
@@ -95,7 +95,7 @@ variants: venv
 CALIBRATE_ARGS ?=
 calibrate: venv
 	$(VPY) -m harness.calibrate
-	$(VPY) -m harness.calibrate --scale --model tests/model_ports.py:GPT $(CALIBRATE_ARGS)
+	$(VPY) -m harness.calibrate --scale --model tests/ports/model_ports.py:GPT $(CALIBRATE_ARGS)
 
 # the standalone trainer (main() is compiled when TESTING is not defined)
 train_gpt2: $(LLMC_SRC)

@@ -12,7 +12,7 @@ takes at most 1.5x the sum of its necessary parts (the C's step, the float64 ora
 implementation's own step); its peak memory is at most 3x the C model's own footprint; a
 one-step full check of GPT-2 medium's shape (d24, B=4, T=64) completes on a 24 GB machine.*
 Also kept: per-op checks >= 300/s. (That no C buffer is copied to be compared, views
-only, is asserted by tests/test_views.py.)
+only, is asserted by tests/binding/test_views.py.)
 
 Parts, each alone in its own child process (so that each one's time and peak RSS is its
 own); each runs a first step (it pays the lazy allocations, and torch its start-up) and
@@ -23,7 +23,7 @@ then ``--steps`` warm ones (1 at d12), timed per phase:
   torch_step    pyref.model.GPT2, float32, pyref.torch_kernels: the same four phases
   oracle_step   pyref.model.GPT2, float64, NumPy kernels: forward, zero_grad, backward
                 (run_parity's oracle never updates)
-  witness_step  the same with harness.oracle.Witness kernels (float32-sized noise on
+  witness_step  the same with harness.arbiter.oracle.Witness kernels (float32-sized noise on
                 every result); its construction is timed apart (run_parity builds one
                 per step)
   op_checks     per-op check throughput: harness.check_kernel calls per second

@@ -9,7 +9,7 @@ in this process, first a step that pays the lazy allocations and torch's start-u
 timed (warm) one:
 
   c_step       the C library: forward, zero_grad, backward, update
-  model_step   the model as its port trains it (tests/model_ports.py:GPT, nanoGPT's layout):
+  model_step   the model as its port trains it (tests/ports/model_ports.py:GPT, nanoGPT's layout):
                forward with the targets, backward, torch.optim.AdamW
   oracle_step  pyref.model.GPT2 in float64: forward, zero_grad, backward
   model_check  harness.run_parity with the model alone beside the C (the witness,

@@ -3,7 +3,7 @@ that C, computes the same numbers as the C reference (docs/architecture.md draws
 layers).
 
 The public entry points are the names below, importable from ``harness`` itself, and two
-modules whose every public name is API: :mod:`harness.compare` (the comparison engine:
+modules whose every public name is API: :mod:`harness.arbiter.compare` (the comparison engine:
 ``compare``, ``Tolerance``, ``Comparison``) and :mod:`harness.probe` (listeners that time
 or inspect a run). The subpackages' modules are how these are built; code outside the
 package should not need them.
@@ -22,8 +22,9 @@ _API = {
     "harness.clib.library": ("load_library", "Library", "LibraryError", "LlmcInputError"),
     "harness.clib.cmodel": ("CModel",),
     "harness.clib.kernels": ("CKernels",),
-    "harness.oracle": ("ORACLE", "Witness", "oracle_outputs", "witness_spread"),
-    "harness.tolerances": ("op_tolerance", "e2e_tolerance"),
+    "harness.arbiter.compare": ("compare", "Tolerance", "Comparison", "ParityError"),
+    "harness.arbiter.oracle": ("ORACLE", "Witness", "oracle_outputs", "witness_spread"),
+    "harness.arbiter.tolerances": ("op_tolerance", "e2e_tolerance"),
     "harness.ports": ("load_kernels", "load_model", "load_object", "KernelLoadError", "TorchModel",
                       "ModelState", "Hyper", "map_parameters"),
     "harness.checks.perop": ("check_kernel", "check_outputs", "assert_kernel", "assert_case", "case_id",

@@ -12,8 +12,8 @@ observed constants
     sigma  = max_rel  / (u sqrt(n) extreme(size))
     k_norm = norm_rel / (u sqrt(n) norm_excess(size))
 
-next to the row's constants in :mod:`pyref.spec` (:mod:`harness.tolerances` says what
-they mean); the ratio of the two is the margin. For the bias test (:mod:`harness.stats`) it
+next to the row's constants in :mod:`pyref.spec` (:mod:`harness.arbiter.tolerances` says what
+they mean); the ratio of the two is the margin. For the bias test (:mod:`harness.arbiter.stats`) it
 prints, in units of u, the largest legitimate bias (either form, over the cases where it is
 significant: |z| >= 3), the minimum effect each case needs to pass (``|bias| - t SE``, the
 part of it that is significant at the test's probability), the largest |z| seen, and the
@@ -64,8 +64,8 @@ def measure(impl: str, lib: str | None, seeds: int) -> dict:
     from .checks.perop import sweep
     from .clib.kernels import CKernels
     from .clib.library import load_library
-    from .tolerances import U, extreme, norm_excess
-    from .stats import FORMS
+    from .arbiter.tolerances import U, extreme, norm_excess
+    from .arbiter.stats import FORMS
 
     kernels = {"numpy": lambda: KernelSet.from_module(numpy_kernels),
                "torch": lambda: KernelSet.from_module(torch_kernels)}.get(impl)
@@ -123,7 +123,7 @@ def _per_op(args) -> int:
 
 def per_op_table(results: dict) -> str:
     """The worst constants per (kernel, output) over every run, beside the rows' own."""
-    from .tolerances import rule
+    from .arbiter.tolerances import rule
 
     keys = sorted({(k, o) for r in results.values() for k in r for o in r[k]})
     lines = [f"{'kernel.output':<40}{'worst sigma':>12}{'policy':>8}{'worst k_norm':>14}{'policy':>8}"
@@ -159,7 +159,7 @@ def fold(checks, worst: dict, tally: dict) -> None:
     """Fold a step's checks into ``worst`` ((kind, kernel.output) -> the worst fractions of
     the element-wise and norm-wise bounds used, and where) and ``tally`` (checks counted,
     and how many exceed the bound built for each LENIENT probability)."""
-    from .tolerances import U, extreme
+    from .arbiter.tolerances import U, extreme
     for c in checks:
         cmp = c.comparison
         kernel, output = check_output(c)
@@ -218,7 +218,7 @@ def measure_scale(config: str, steps: int, refs: list[str], model: str | None, s
 
 
 def _scale(args) -> int:
-    from .tolerances import P_FALSE_ALARM
+    from .arbiter.tolerances import P_FALSE_ALARM
 
     results = {}
     for i, name in enumerate(args.builds):
@@ -242,7 +242,7 @@ def _scale(args) -> int:
 
 def scale_table(results: dict, p: float) -> str:
     """The worst fraction of each bound used, per (kind, kernel.output), over every run."""
-    from .tolerances import false_alarm_bound
+    from .arbiter.tolerances import false_alarm_bound
     keys = sorted({k for r in results.values() for k in r["worst"]})
     lines = [f"{'check':<48}{'elem used':>10}{'norm used':>10}{'margin':>8}{'bias used':>10}{'bias u':>8}"
              f"{'|z|':>7}  worst element-wise in / worst bias in"]

@@ -6,7 +6,7 @@ steps of the tiny model (C, with the NumPy reference alongside), then fails on
 1. any tolerance violation;
 2. any error metric (max rel, norm rel) that grew beyond ``GROWTH_FACTOR`` x its baseline
    (a floor of ``GROWTH_FLOOR`` x the tolerance keeps noise near zero from counting as growth),
-   and any mean signed error (the bias, :mod:`harness.stats`) that grew beyond
+   and any mean signed error (the bias, :mod:`harness.arbiter.stats`) that grew beyond
    ``GROWTH_FACTOR`` x its baseline and uses more than ``GROWTH_FACTOR x BIAS_GROWTH_FLOOR``
    of its bound (``tol.bias + t SE``): a bias within a few standard errors is noise, which
    another build draws anew, so only one near its bound counts;
@@ -35,7 +35,7 @@ import numpy as np
 
 from pyref.formats import write_atomic
 
-from .compare import Comparison, bias_minimum
+from .arbiter.compare import Comparison, bias_minimum
 from .errors import InputError
 
 BASELINE_NAME = "llmc-parity-gate.json"

@@ -3,7 +3,7 @@
 The harness marks where its work goes (``with span("e2e checks"):``) and what a comparison
 reads (``span("compare", actual=array)``). Nothing is measured unless a listener is
 installed with :func:`listening`: a benchmark times the spans (benchmarks/bench.py, thread
-by thread), a test inspects them (tests/test_views.py: the C's tensors are compared where
+by thread), a test inspects them (tests/binding/test_views.py: the C's tensors are compared where
 they lie, not copied). With nobody listening a span costs a check of an empty list.
 
 A listener has ``enter(category, detail) -> token`` and ``exit(token)``, called in the

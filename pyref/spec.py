@@ -10,8 +10,8 @@ inputs for a per-op case (:mod:`pyref.cases`).
 
 Everything else is read from here: the protocol and its adapter (:mod:`pyref.protocol`),
 the op table and the per-op checks (:mod:`harness.checks.perop`), the replay and the
-witness (:mod:`harness.checks.replay`, :mod:`harness.oracle`), the tolerance policy
-(:mod:`harness.tolerances`) and the tables of docs/kernels.md (:func:`markdown`, kept in
+witness (:mod:`harness.checks.replay`, :mod:`harness.arbiter.oracle`), the tolerance policy
+(:mod:`harness.arbiter.tolerances`) and the tables of docs/kernels.md (:func:`markdown`, kept in
 sync by a test). docs/kernels.md, "Adding a kernel or an output", shows what a change
 touches: one row.
 
@@ -32,22 +32,22 @@ from . import cases, terms
 
 @dataclass(frozen=True)
 class Rule:
-    """Tolerance constants of an output, in units of u·sqrt(n) (harness.tolerances), and
+    """Tolerance constants of an output, in units of u·sqrt(n) (harness.arbiter.tolerances), and
     the bias test's minimum effect, in units of u.
 
     sigma:  the scale of one element's error (relative to its size): the element-wise
             bound is sigma times the quantile that the largest of the tensor's errors
-            exceeds with probability harness.tolerances.P_FALSE_ALARM (7.8 for 1e4
+            exceeds with probability harness.arbiter.tolerances.P_FALSE_ALARM (7.8 for 1e4
             elements, 8.8 for 4e7);
     k_norm: the norm-wise bound, the error's root-mean-square over the tensor;
-    bias:   the minimum effect of the bias test (harness.stats): the largest mean signed
+    bias:   the minimum effect of the bias test (harness.arbiter.stats): the largest mean signed
             error, as a constant factor (or offset) relative to the elements' values, that
             a correct implementation may show, in units of u = 2^-24 (half an ulp at 1):
             not u·sqrt(n), since rounding to nearest averages to zero over any reduction
             and what is left is a constant's rounding or a libm's lean, the same at any n;
     bias_size: a minimum effect relative to the elements' sizes (the terms they are summed
             from) rather than their values, in units of u, for an output whose legitimate lean
-            scales a term rather than the value (0: none; harness.compare.Tolerance);
+            scales a term rather than the value (0: none; harness.arbiter.compare.Tolerance);
     bias_why: why that much (what legitimate builds showed: harness.calibrate)."""
 
     sigma: float
@@ -136,7 +136,7 @@ class KernelSpec:
 
     def unit(self, output: str, shape: tuple[int, ...]) -> int:
         """The bias test's correlated run of ``output`` (of ``shape``): the number of
-        elements of its last ``span`` axes (:func:`harness.compare.compare`'s ``unit``)."""
+        elements of its last ``span`` axes (:func:`harness.arbiter.compare.compare`'s ``unit``)."""
         span = self.output(output).span
         return 1 if span <= 0 else int(np.prod(shape[len(shape) - min(span, len(shape)):], dtype=np.int64))
 
@@ -317,7 +317,7 @@ for _s in SPECS:
 
 def markdown() -> str:
     """The protocol table, the table of how each output is judged and that of its bias test,
-    as docs/kernels.md shows them (tests/test_spec.py keeps them in sync)."""
+    as docs/kernels.md shows them (tests/ops/test_spec.py keeps them in sync)."""
     lines = ["| function | returns / accumulates into | notes |", "|---|---|---|"]
     for s in SPECS:
         outs = ", ".join(f"`{o.name}` {o.shape}" for o in s.outputs)

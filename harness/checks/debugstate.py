@@ -21,10 +21,10 @@ from pyref.formats import read_checkpoint, read_debug_state
 from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import KernelSet
 
-from ..compare import Comparison, Tolerance, compare
-from ..oracle import ORACLE, Witness
+from ..arbiter.compare import Comparison, Tolerance, compare
+from ..arbiter.oracle import ORACLE, Witness
 from .state import PARAM_AXES
-from ..tolerances import e2e_tolerance
+from ..arbiter.tolerances import e2e_tolerance
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The end-to-end check: every tensor a step's graph writes (the 23 activations, their
 gradients and the parameter gradients, per layer) against a float64 model run from the
 same state, under a tolerance scaled by how far float32-sized noise carries to each tensor
-(the witness's spread, :func:`harness.oracle.witness_spread`)."""
+(the witness's spread, :func:`harness.arbiter.oracle.witness_spread`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +13,7 @@ from pyref.spec import SPEC
 from ..diagnosis import Call, attach, diagnose
 from ..graph import Ref, backward_nodes, forward_nodes, writers
 from ..probe import marked
-from ..tolerances import e2e_tolerance
+from ..arbiter.tolerances import e2e_tolerance
 from .results import Check
 from .state import axes, module_of, named_args, observation
 from .verdict import compared
@@ -36,7 +36,7 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
               spread: dict) -> list[Check]:
     """Every tensor the graph writes against the float64 model ``oracle_state``, under a
     tolerance widened by how far float32-sized noise carried to it (``spread``: witness
-    vs oracle per tensor, :func:`harness.oracle.witness_spread`, the same for every
+    vs oracle per tensor, :func:`harness.arbiter.oracle.witness_spread`, the same for every
     implementation of a step). Gradient buffers are compared once complete; a
     failing one is diagnosed against a changed loss scale (all gradients scale with
     dlosses, averaged over ``positions``)."""

@@ -10,9 +10,9 @@ and parameters are compared with the float64 oracle's own run.
 How far apart may they be? Rounding noise compounds through the steps (the update feeds
 the next forward), at a rate that depends on the model, the data and the learning rate. The
 bound is measured, not guessed: witnesses (the oracle's kernels with float32-sized noise
-on every result, :class:`harness.oracle.Witness`, their parameters and moments rounded to
+on every result, :class:`harness.arbiter.oracle.Witness`, their parameters and moments rounded to
 float32 after each step as a float32 run stores them) train alongside, and their distance from
-the oracle at each step, times the end-to-end factors of :mod:`harness.tolerances`, is that
+the oracle at each step, times the end-to-end factors of :mod:`harness.arbiter.tolerances`, is that
 step's bound, never below the per-op float32 tolerance. A float32 implementation computing
 the C's step stays inside; a different step (other betas, another GELU) leaves it.
 """
@@ -26,9 +26,9 @@ from pyref.config import AdamW, GPT2Config
 from pyref.model import GPT2 as PyGPT2
 from pyref.protocol import KernelSet
 
-from ..compare import compare, Tolerance
-from ..oracle import ORACLE
-from ..tolerances import E2E_K_NORM, E2E_K_REL, op_tolerance
+from ..arbiter.compare import compare, Tolerance
+from ..arbiter.oracle import ORACLE
+from ..arbiter.tolerances import E2E_K_NORM, E2E_K_REL, op_tolerance
 
 WITNESSES = 2   # the bound takes the larger distance of two independently seeded witnesses
 
@@ -60,7 +60,7 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     from ..clib.library import as_library
     from ..clib.cmodel import CModel
     from ..ports.state import ModelState
-    from ..oracle import Witness
+    from ..arbiter.oracle import Witness
     hyper = hyper or AdamW()
     params = np.asarray(params, np.float32)
     oracle = PyGPT2(config, params, kernels=ORACLE, dtype=np.float64)

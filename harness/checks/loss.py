@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compare import Tolerance
+from ..arbiter.compare import Tolerance
 from ..diagnosis import Call, attach, diagnose
 from ..graph import Ref
 from .results import Check

@@ -5,7 +5,7 @@ float64 oracle, on every case shape of :mod:`pyref.cases`, for every row of
 ``check_kernel(impl, "layernorm_forward", args)`` runs the implementation (the C through
 :class:`~harness.clib.kernels.CKernels`, NumPy, torch or a user's port) and the oracle on
 the same float32 inputs and judges every output (:func:`.verdict.judge`). The result is a
-list of :class:`~harness.compare.Comparison`, named ``<kernel>.<output>``; a failing one
+list of :class:`~harness.arbiter.compare.Comparison`, named ``<kernel>.<output>``; a failing one
 is a :class:`~harness.diagnosis.DiagnosedComparison`. :func:`sweep` runs the whole table.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pyref.cases import SHAPE_BY_NAME, SHAPES, Shape
 from pyref.protocol import run_kernel
 from pyref.spec import SPEC, SPECS, KernelSpec
 
-from ..compare import Comparison, ParityError
-from ..oracle import oracle_outputs
+from ..arbiter.compare import Comparison, ParityError
+from ..arbiter.oracle import oracle_outputs
 from .verdict import call_scale, judge
 
 

@@ -12,9 +12,9 @@ from pyref.spec import SPEC
 
 from ..diagnosis import Call
 from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
-from ..oracle import ORACLE
+from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
-from ..tolerances import term_magnitude
+from ..arbiter.tolerances import term_magnitude
 from .results import Check
 from .state import args64, module_of, observation, replayable
 from .verdict import call_scale, judge

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pyref.config import AdamW, GPT2Config
 from pyref.protocol import KERNEL_OP
 
-from ..compare import Comparison
+from ..arbiter.compare import Comparison
 from ..graph import Node, Ref
 
 if TYPE_CHECKING:

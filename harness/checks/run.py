@@ -10,7 +10,7 @@ and for each Python implementation:
   the op's own, not carried in from upstream.
 * ``e2e``: all 23 activations and the activation and parameter gradients (per layer)
   against a float64 model run from the same state, under a tolerance scaled by how far
-  float32-sized noise carries to each tensor (the :class:`~harness.oracle.Witness`).
+  float32-sized noise carries to each tensor (the :class:`~harness.arbiter.oracle.Witness`).
 * ``update``: parameters, m and v after AdamW, against AdamW in float64 from the common
   pre-step state and the implementation's own gradients.
 * the mean loss against the float64 model's.
@@ -37,13 +37,13 @@ from pyref.protocol import KernelSet
 
 from ..clib.cmodel import CModel
 from ..clib.library import as_library
-from ..compare import Tolerance
+from ..arbiter.compare import Tolerance
 from ..cores import shared
 from ..errors import InputError
 from ..ports.state import ModelState
-from ..oracle import ORACLE, Witness, witness_spread
+from ..arbiter.oracle import ORACLE, Witness, witness_spread
 from ..probe import span
-from ..tolerances import e2e_tolerance
+from ..arbiter.tolerances import e2e_tolerance
 from .e2e import e2e_graph
 from .loss import check_loss
 from .replay import replay_graph

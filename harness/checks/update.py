@@ -9,15 +9,15 @@ import numpy as np
 from pyref.config import AdamW, GPT2Config, param_shapes
 from pyref.terms import adamw_magnitudes
 
-from ..clib import fused
-from ..compare import comparison_of
+from ..arbiter import fused
+from ..arbiter.compare import comparison_of
 from ..cores import shared, workers
 from ..diagnosis import Call, attach, diagnose, is_one_d
 from ..graph import Ref
-from ..oracle import ORACLE
+from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
-from ..stats import group_bounds
-from ..tolerances import op_tolerance
+from ..arbiter.stats import group_bounds
+from ..arbiter.tolerances import op_tolerance
 from .results import Check
 from .state import axes
 from .verdict import compared
@@ -33,7 +33,7 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     """AdamW in float64 from the common pre-step state ``pre`` = (params, m, v; m and v
     None at the first step: zeros) with ``grads``, against ``post`` (params, m, v after the
     implementation's update), tensor by tensor: in one pass per tensor by the compiled
-    helper (:func:`harness.clib.fused.adamw_tallies`, the expected values never stored);
+    helper (:func:`harness.arbiter.fused.adamw_tallies`, the expected values never stored);
     where it is not at hand, or a tensor fails (its diagnosis needs the expected values),
     in NumPy, in cache-sized blocks into buffers made once for the largest tensor."""
     hp = hyper.kernel_args(t)

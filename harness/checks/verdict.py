@@ -12,14 +12,14 @@ import numpy as np
 
 from pyref.spec import SPEC
 
-from ..compare import Comparison, compare
+from ..arbiter.compare import Comparison, compare
 from ..diagnosis import Call, attach, diagnose
 from ..probe import span
-from ..tolerances import op_tolerance, term_magnitude
+from ..arbiter.tolerances import op_tolerance, term_magnitude
 
 
 def compared(actual, expected, **how) -> Comparison:
-    """:func:`harness.compare.compare` as every check calls it: a probe span ``compare``
+    """:func:`harness.arbiter.compare.compare` as every check calls it: a probe span ``compare``
     whose detail is the array compared (:mod:`harness.probe`)."""
     with span("compare", actual=actual):
         return compare(actual, expected, **how)

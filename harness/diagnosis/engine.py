@@ -15,9 +15,9 @@ a specific change (GELU's exact erf form, layernorm's eps 1e-6, the attention sc
 * :func:`diagnose` -- given the failing op's call(s), the implementation's output, the
   comparison settings of the failing check (tolerance, mask, element scale) and the
   variants to try, re-judge the output against every applicable variant through the same
-  :func:`harness.compare.compare` and return a :class:`Diagnosis`: every variant that
+  :func:`harness.arbiter.compare.compare` and return a :class:`Diagnosis`: every variant that
   explains the output, best first, or none ("no known cause").
-* :func:`attach` -- a failing :class:`~harness.compare.Comparison` carrying its diagnosis
+* :func:`attach` -- a failing :class:`~harness.arbiter.compare.Comparison` carrying its diagnosis
   (:class:`DiagnosedComparison`: still failed; its message says the cause).
 
 Diagnosis runs only for failed checks and never changes a verdict. A variant counts only
@@ -35,7 +35,7 @@ import numpy as np
 from pyref import numpy_kernels
 from pyref.protocol import run_kernel
 
-from ..compare import Comparison, Tolerance, compare, json_float
+from ..arbiter.compare import Comparison, Tolerance, compare, json_float
 
 
 @dataclass(frozen=True)

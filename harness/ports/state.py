@@ -27,7 +27,7 @@ from pyref.spec import SPECS
 
 from ..errors import ModelError
 from ..graph import Ref, backward_nodes, forward_nodes, writers
-from ..oracle import ORACLE
+from ..arbiter.oracle import ORACLE
 from .capture import Capture
 from .census import Census, Finding
 from .families import hugging_face

@@ -3,7 +3,8 @@
 * :mod:`.table` -- the one table renderer (fixed-width text, or markdown, from the same rows);
 * :mod:`.text` -- the per-step table, the run's summary, and the other tables;
 * :mod:`.jsonfile` -- the JSON report (schema ``llmc-parity/run/1``, docs/report-schema.md);
-* :mod:`.png` -- the PNG of a run (matplotlib, imported when drawing).
+* :mod:`.png` -- the PNG of a run (matplotlib, imported when drawing);
+* :mod:`.progress` -- the progress bar on stderr while a run runs.
 
 Nothing here writes over an existing file unless asked to (``overwrite=True``), and files
 are written atomically (:func:`pyref.formats.write_atomic`).

@@ -13,7 +13,7 @@ from typing import Any
 from pyref.formats import refuse_existing, write_atomic
 
 from ..checks.results import KINDS
-from ..compare import json_float
+from ..arbiter.compare import json_float
 from .text import check_counts, impl_order
 
 SCHEMA = "llmc-parity/run/1"

@@ -23,7 +23,7 @@ import numpy as np
 from pyref.formats import refuse_existing, write_atomic
 
 from ..checks.results import first_divergence_check, first_structure
-from ..compare import Comparison
+from ..arbiter.compare import Comparison
 from .text import config_text, rel_diff
 
 # per-layer tensors of the heat map: the forward activations, then the activation

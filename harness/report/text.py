@@ -20,8 +20,8 @@ from typing import Any, Iterable, Sequence
 from pyref.protocol import KERNEL_OP
 
 from ..checks.results import KINDS, first_divergence, first_divergence_check, first_structure
-from ..compare import Comparison
-from ..tolerances import P_FALSE_ALARM, false_alarm_bound
+from ..arbiter.compare import Comparison
+from ..arbiter.tolerances import P_FALSE_ALARM, false_alarm_bound
 from .table import text_table
 
 
@@ -155,7 +155,7 @@ def step_table(step, impl_filter=None, verbose: bool = False) -> str:
     ``params.fcw (after update) [worst of 16]``. ``verbose`` shows every row.
 
     The ``bias`` column is the mean signed error, relative (a constant factor ``1 + bias``
-    or an offset that explains it, :attr:`harness.compare.Comparison.bias`), with its
+    or an offset that explains it, :attr:`harness.arbiter.compare.Comparison.bias`), with its
     z-score; a ``!`` marks a check that fails on it.
 
     ``impl_filter``: None (all), an implementation's name, a collection of names, or a
@@ -335,7 +335,7 @@ def run_summary(report) -> str:
 
 
 def false_alarm_text(checks: int) -> str:
-    """What the bounds promise a run of ``checks`` checks (harness.tolerances: each of a
+    """What the bounds promise a run of ``checks`` checks (harness.arbiter.tolerances: each of a
     check's criteria is built for P_FALSE_ALARM)."""
     return (f"bounds built for a false-alarm probability of {P_FALSE_ALARM:g} each: at most "
             f"{false_alarm_bound(checks):.1g} for this run's {checks} checks")

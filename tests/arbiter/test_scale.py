@@ -1,0 +1,224 @@
+"""What makes a full check fit its floor (issue 13) changes no result: the witness's
+blockwise noise is the same draws and arithmetic as one whole-array draw, a float64 model
+reading the C's float32 parameters computes what it computes on float64 copies, and a
+reference released between steps computes what a fresh one does."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import ORACLE, Witness
+from pyref import numpy_kernels
+from pyref.config import preset
+from pyref.model import GPT2
+from pyref.protocol import KernelSet
+from pyref.synth import init_params, make_batch
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint64)
+
+
+def _numpy_only(monkeypatch):
+    """The NumPy path alone: the compiled helper taken away."""
+    from harness.arbiter import fused
+    monkeypatch.setitem(fused._STATE, "lib", None)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, Witness.BLOCK - 1, Witness.BLOCK, 3 * Witness.BLOCK + 5, 300_001])
+def test_witness_noise_is_the_same_draws_compiled_or_not(monkeypatch, size):
+    """The compiled noise and the NumPy reference draw the same numbers at the same stream
+    positions, with the same arithmetic (bit for bit), whatever the thread count; a view
+    the caller does not own is never written."""
+    from harness.arbiter import fused
+    x = np.random.default_rng(1).standard_normal(size) * 3.0
+    compiled = Witness(seed=4)
+    got = [compiled._noise(x.copy(), 768), compiled._noise(np.ones((3, 4)), 1)]
+    monkeypatch.setattr(fused, "NOISE_THREADS", 3)   # the noise passes run on NOISE_THREADS
+    threaded = Witness(seed=4)._noise(x.copy(), 768)
+    _numpy_only(monkeypatch)
+    reference = Witness(seed=4)
+    want = [reference._noise(x.copy(), 768), reference._noise(np.ones((3, 4)), 1)]
+    for g, w in zip(got + [threaded], want + want[:1]):
+        assert np.array_equal(_bits(g), _bits(w))
+    big = np.concatenate([x, x])
+    view, before = big[::2], big.copy()
+    Witness(seed=0)._noise(view, 5)
+    assert np.array_equal(_bits(big), _bits(before)), "an array the caller does not own was written"
+
+
+def test_witness_draws_are_uniform_with_unit_variance():
+    from harness.arbiter.oracle import draws
+    d = draws(12345, 0, 2_000_000)
+    assert abs(d.mean()) < 5 * np.sqrt(1 / 2_000_000) and d.var() == pytest.approx(1.0, abs=5e-3)
+    assert d.min() >= -np.sqrt(3) and d.max() < np.sqrt(3)
+    assert not np.array_equal(draws(1, 0, 10), draws(2, 0, 10))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_witness_backward_adds_its_noised_contribution_without_copying_the_buffer(monkeypatch, compiled):
+    """A backward kernel's contribution (the kernel run into zeroed buffers) is noised and
+    added into the model's buffer, which keeps what it held before."""
+    from harness.arbiter.oracle import draws
+    from pyref.constants import U
+    if not compiled:
+        _numpy_only(monkeypatch)
+    rng = np.random.default_rng(0)
+    B, T, C, OC = 2, 3, 4, 5
+    inp, dout, w = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, OC)), rng.standard_normal((OC, C))
+    bufs = [rng.standard_normal(s) for s in ((B, T, C), (OC, C), (OC,))]
+    held = [b.copy() for b in bufs]
+    wit = Witness(seed=7)
+    wit.matmul_backward(*bufs, dout, inp, w)
+    contrib = [np.zeros(s) for s in ((B, T, C), (OC, C), (OC,))]
+    ORACLE.matmul_backward(*contrib, dout, inp, w)
+    at, n = 0, {0: OC, 1: B * T, 2: B * T}
+    for k, (b, h, c) in enumerate(zip(bufs, held, contrib)):
+        s = U * np.sqrt(n[k])
+        want = h.reshape(-1) + (c.reshape(-1) + c.reshape(-1) * (s * draws(wit.key, at, c.size)))
+        assert np.array_equal(_bits(b.reshape(-1)), _bits(want))
+        at += c.size
+
+
+def test_witness_backward_scratch_is_zeroed_for_each_call_and_released(monkeypatch):
+    """The backward's zeroed buffers are kept between calls of one shape (a fresh np.zeros
+    per call cost the witness's backward as much again at 124M): two steps of a model whose
+    layers reuse them give, bit for bit, what fresh zeros give; release() drops them."""
+    cfg = preset("small")
+    p = init_params(cfg, seed=0).astype(np.float32)
+    x, y = make_batch(cfg, 2, 16, seed=0)
+
+    def two_steps(noisy):
+        model = GPT2(cfg, p, kernels=KernelSet.from_module(noisy, name="witness"), dtype=np.float64)
+        for _ in range(2):
+            _run(model, x, y)
+        return model
+    kept = Witness(seed=5)
+    reused = two_steps(kept)
+    assert kept._scratch                     # kept after the steps, until released
+    kept.release()
+    assert not kept._scratch
+    monkeypatch.setattr(Witness, "_zeros", lambda self, kernel, name, shape: np.zeros(shape))
+    fresh = two_steps(Witness(seed=5))
+    for buf in ("grads_memory", "grads_acts_memory"):
+        assert np.array_equal(_bits(getattr(reused, buf)), _bits(getattr(fresh, buf))), buf
+
+
+def _run(model, x, y):
+    model.forward(x, y)
+    model.zero_grad()
+    model.backward()
+    return model
+
+
+@pytest.mark.parametrize("kernels", ["oracle", "witness"])
+def test_float64_model_on_shared_float32_params_is_bit_identical(kernels):
+    cfg = preset("small")
+    p = init_params(cfg, seed=0).astype(np.float32)
+    x, y = make_batch(cfg, 2, 16, seed=0)
+    make = (lambda: ORACLE) if kernels == "oracle" else \
+        (lambda: KernelSet.from_module(Witness(seed=3), name="witness"))
+    copied = _run(GPT2(cfg, p, kernels=make(), dtype=np.float64), x, y)
+    shared = _run(GPT2(cfg, p, kernels=make(), dtype=np.float64, share_params=True), x, y)
+    assert np.shares_memory(shared.params_memory, p) and shared.params_memory.dtype == np.float32
+    assert copied.mean_loss == shared.mean_loss
+    for buf in ("acts_memory", "grads_memory", "grads_acts_memory"):
+        assert np.array_equal(_bits(getattr(copied, buf)), _bits(getattr(shared, buf))), buf
+
+
+def test_shared_params_model_refuses_m_v_and_reads_new_values():
+    cfg = preset("tiny")
+    p = init_params(cfg, seed=0).astype(np.float32)
+    m = GPT2(cfg, p, kernels=ORACLE, dtype=np.float64, share_params=True)
+    with pytest.raises(ValueError, match="no m, v"):
+        m.load_state(p, np.zeros_like(p), np.zeros_like(p))
+    with pytest.raises(ValueError, match="contiguous"):
+        GPT2(cfg, np.stack([p, p], 1)[:, 0], kernels=ORACLE, dtype=np.float64, share_params=True)
+    p[0] = 0.5                                         # the owner's values, not a copy
+    assert m.params_memory[0] == 0.5
+
+
+def test_released_model_computes_what_a_fresh_one_does():
+    cfg = preset("tiny")
+    p = init_params(cfg, seed=0).astype(np.float32)
+    x, y = make_batch(cfg, 2, 8, seed=1)
+    ks = KernelSet.from_module(numpy_kernels)
+    fresh = GPT2(cfg, p, kernels=ks)
+    reused = GPT2(cfg, init_params(cfg, seed=5).astype(np.float32), kernels=ks)
+    _run(reused, *make_batch(cfg, 2, 8, seed=9))
+    reused.update(1e-3, 0.9, 0.999, 1e-8, 0.1, 1)
+    reused.release()
+    assert reused.acts_memory is None and reused.params_memory is None and reused.m_memory is None
+    m0 = np.full(p.size, 1e-3, np.float32)
+    for model in (fresh, reused):
+        model.load_state(p, m0, m0 * m0)
+        _run(model, x, y)
+        model.update(1e-3, 0.9, 0.999, 1e-8, 0.1, 2)
+    for buf in ("params_memory", "grads_memory", "m_memory", "v_memory", "acts_memory", "grads_acts_memory"):
+        assert np.array_equal(getattr(fresh, buf).view(np.uint32), getattr(reused, buf).view(np.uint32)), buf
+
+
+def test_run_parity_holds_one_reference_at_a_time(monkeypatch):
+    """Each reference is loaded, run, checked, updated and released in turn: when one
+    runs its forward, no other float32 reference holds buffers (and the float64 models
+    read the C's parameters: no copies)."""
+    import weakref
+
+    from harness import run_parity
+    from pyref import torch_kernels
+
+    made = weakref.WeakSet()
+    seen = []
+    init, forward = GPT2.__init__, GPT2.forward
+
+    def tracked_init(self, *a, **k):
+        init(self, *a, **k)
+        made.add(self)
+
+    def tracked_forward(self, *a, **k):
+        if self.dtype == np.float32:
+            seen.append(sum(m.params_memory is not None for m in made if m.dtype == np.float32))
+        else:
+            seen.append(("float64 copies", sum(m.shared_params is None for m in made if m.dtype == np.float64)))
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(GPT2, "__init__", tracked_init)
+    monkeypatch.setattr(GPT2, "forward", tracked_forward)
+    cfg = preset("tiny")
+    impls = {"numpy": KernelSet.from_module(numpy_kernels), "torch": KernelSet.from_module(torch_kernels)}
+    report = run_parity(cfg, init_params(cfg, seed=0), iter(lambda: make_batch(cfg, 2, 8, seed=0), None),
+                        impls=impls, steps=2, replay=False)
+    assert report.passed
+    assert [s for s in seen if not isinstance(s, tuple)] == [1, 1, 1, 1]
+    assert all(s == ("float64 copies", 0) for s in seen if isinstance(s, tuple))
+
+
+def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
+    """check_update's AdamW runs and comparisons shared among threads give what one thread
+    gives, bit for bit, and a wrong update still fails there."""
+    from harness import cores
+    from harness.checks import update
+    from harness import check_update
+    from pyref.config import AdamW
+
+    cfg = preset("small")
+    rng = np.random.default_rng(0)
+    P = cfg.num_parameters()
+    p = rng.standard_normal(P, dtype=np.float32) * np.float32(0.02)
+    g = rng.standard_normal(P, dtype=np.float32) * np.float32(1e-3)
+    m = rng.standard_normal(P, dtype=np.float32) * np.float32(1e-4)
+    v = np.abs(m) * np.float32(1e-3)
+    post = [p.copy(), m.copy(), v.copy()]
+    numpy_kernels.adamw(*post[:1], g, *post[1:], 1e-4, 0.9, 0.999, 1e-8, 0.1, 2)
+    post[0][123] += np.float32(1e-3)                  # one wrong parameter
+    monkeypatch.setattr(update, "UPDATE_BLOCK", 1 << 10)   # several blocks, several runs
+
+    def rows(workers):
+        monkeypatch.setattr(update, "workers", lambda: workers)   # the update's runs
+        monkeypatch.setattr(cores, "workers", lambda: workers)    # and the threads they go to
+        checks = check_update(cfg, (p, m, v), g, tuple(post), AdamW(), 2, step=2, impl="x")
+        return [(c.tensor, c.passed, c.comparison.summary_row()) for c in checks]
+
+    serial, shared = rows(1), rows(3)
+    assert serial == shared
+    assert [t for t, ok, _ in serial if not ok] == ["params.wte (after update)"]

@@ -1,0 +1,276 @@
+"""Ordinary port bugs of a nanoGPT-style model, each caught, localised and named.
+
+Every bug is a variant of tests/ports/model_ports.py (``GPT.variant(...)``: attention, GELU,
+layer norm, embeddings, loss, structure) run for one step from the C's state. Each must
+fail, with no error line, its first divergence at the right module (or the graph's op
+whose module shows it), and its explanation (the first divergence's diagnosis, or the
+structural census's finding) the right cause, with the fitted constant where there is one.
+The unmodified ports have no finding and no diagnosis (tests/ports/test_models.py runs them ten
+steps). tests/ports/heldout_einsum_sdpa.py has two more models and tests/ports/heldout_baddbmm.py a fourth, each
+written differently, with other mistakes of the same kinds in batches run once untuned
+before the catalogue learnt from them: FIRST_RUNS records each batch's first run, and
+test_heldout6_first_run_is_recorded the latest's.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from harness import TorchModel, run_parity, to_json
+from harness.checks.results import first_divergence_check, first_structure
+from pyref import synth
+from pyref.config import PRESETS
+
+import heldout_baddbmm as h4
+import heldout_einsum_sdpa as ho
+import model_ports as mp
+
+TINY = PRESETS["tiny"]
+V = mp.GPT.variant
+
+# bug -> (model, where the first divergence must be, the cause's id, its fitted value or None)
+BUGS = {
+    "heads-merged-without-transpose": (V(attn=dict(merge_no_transpose=True)), "layer 0 attention attention_forward",
+                                       "attention.layout", None),
+    "qkv-order-kqv": (V(attn=dict(qkv_order="kqv")), "layer 0 attention attention_forward", "attention.qkv-order",
+                      None),
+    "scale-by-sqrt-C": (V(attn=dict(scale=1 / math.sqrt(48))), "layer 0 attention attention_forward", "attention.scale",
+                        1 / math.sqrt(48)),
+    "scale-by-hs": (V(attn=dict(scale=1 / 12)), "layer 0 attention attention_forward", "attention.scale=1/hs", 1 / 12),
+    "mask-off-by-one": (V(attn=dict(diagonal=1)), "layer 0 attention attention_forward", "attention.mask-diagonal",
+                        None),
+    "no-causal-mask": (V(attn=dict(no_mask=True)), "layer 0 attention attention_forward", "attention.no-causal-mask",
+                       None),
+    "softmax-over-queries": (V(attn=dict(softmax_dim=-2)), "layer 0 attention attention_forward",
+                             "attention.softmax-axis", None),
+    "gelu-erf": (V(gelu="none"), "layer 0 gelu gelu_forward", "gelu.erf", None),
+    "layernorm-eps": (V(eps=1e-6), "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]", "layernorm.eps=1e-06",
+                      None),
+    "positions-from-1": (V(pos_offset=1), "encoder encoder_forward", "embedding.position-shift", None),
+    "label-smoothing": (V(label_smoothing=0.1), "crossentropy crossentropy_softmax_backward",
+                        "crossentropy.label-smoothing", 0.1),
+    "loss-summed": (V(loss_reduction="sum"), "crossentropy crossentropy_softmax_backward", "crossentropy.divisor",
+                    None),
+    "ignored-positions": (V(ignore_index=5), "crossentropy crossentropy_softmax_backward",
+                          "crossentropy.ignored-positions", None),
+    "branch-factor": (V(block=dict(mlp_branch=0.5)), "layer 0 residual3 residual_forward", "residual.branch-scale", 0.5),
+    "ln_1-feeds-the-mlp": (V(block=dict(ln1_for_mlp=True)), "layer 0 ln2 layernorm_forward [transformer.h.0.ln_2]",
+                           "structure.never-called", None),
+    "ln_f-skipped": (V(skip_ln_f=True), "lnf layernorm_forward [transformer.ln_f]", "structure.never-called", None),
+    "wpe-unused": (V(no_wpe=True), "encoder encoder_forward [transformer.wpe]", "structure.never-called", None),
+    "loss-over-Vp": (mp.WalkGPT2LossOverVp, "crossentropy crossentropy_softmax_backward", "softmax.padded-columns",
+                     None),
+    "gelu-module-before-c_fc": (V(block=dict(gelu_first=True)), "layer 0 gelu gelu_forward [transformer.h.0.mlp.gelu]",
+                                "structure.out-of-order", None),
+}
+
+
+def run_bug(factory, B=2, T=8):
+    """One step of a model (a factory, or a TorchModel that brings its optimizer) from the C's state."""
+    port = factory if isinstance(factory, TorchModel) else TorchModel(factory)
+    return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, B, T), steps=1,
+                      models={"port": port})
+
+
+def explanation(report, impl="port"):
+    """(the first divergence's text, the causes that explain it: (id, value) pairs) of
+    ``impl``'s first step: the structural census's first finding where the model departs
+    from the graph, else the first divergence's diagnosis."""
+    step = report.steps[0]
+    text = step.first_divergence.get(impl, "")
+    f = first_structure(step.structure.get(impl))
+    if f is not None:
+        return text, [(f.id, None)]
+    c = first_divergence_check([c for c in step.checks if c.impl == impl])
+    d = None if c is None else c.diagnosis
+    return text, [] if d is None else [(x.id, x.value) for x in d.causes]
+
+
+def verdict(report, where, cause, impl="port"):
+    """(localised, named, errors) of a bug's report."""
+    text, causes = explanation(report, impl)
+    errors = [e for s in report.steps for e in s.errors.values()]
+    return where in text, bool(causes) and causes[0][0].startswith(cause), errors
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_port_bug_is_caught_localised_and_named(bug):
+    factory, where, cause, value = BUGS[bug]
+    report = run_bug(factory)
+    assert not report.passed
+    text, causes = explanation(report)
+    assert not [e for s in report.steps for e in s.errors.values()]
+    assert where in text, text
+    assert causes and causes[0][0] == cause, (text, causes)
+    if value is not None:
+        assert causes[0][1] == pytest.approx(value, rel=2e-3), causes
+    # the C is not blamed
+    assert "C" not in report.steps[0].first_divergence
+
+
+def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
+    report = run_bug(V(block=dict(ln1_for_mlp=True)))
+    found = {(f.id, f.module) for f in report.findings["port"]}
+    assert ("structure.called-more", "transformer.h.0.ln_1") in found
+    assert ("structure.never-called", "transformer.h.1.ln_2") in found
+    assert ("structure.no-gradient", "transformer.h.0.ln_2") in found
+    kinds = {c.kind for c in report.steps[0].checks if c.impl == "port"}
+    assert kinds == {"e2e", "replay", "update", "loss"}          # nothing ended in an error
+    # the first call of ln_1 is the one compared (ln1 is right: its output passes)
+    ln1 = [c for c in report.steps[0].checks if c.impl == "port" and c.kind == "replay" and c.tensor == "acts.ln1[layer 0]"]
+    assert ln1 and ln1[0].passed
+    data = to_json(report, versions=False)
+    details = data["finding_details"]["port"]
+    from test_report import _documented, _validate
+    doc = _documented()
+    for d in details + data["steps"][0]["structure"]["port"]:
+        _validate(d, "finding", doc)
+    assert any(d["id"] == "structure.no-gradient" and d["values"]["tensor"] == "ln2w[0]" for d in details)
+    assert data["steps"][0]["structure"]["port"]
+
+
+def test_unmodified_ports_have_no_finding_and_no_diagnosis():
+    for factory in (mp.GPT, mp.WalkGPT2, ho.HeldGPT, ho.ThirdGPT, h4.FourthGPT,
+                    TorchModel(h4.FourthGPT, optimizer=h4.FourthAdamW.factory())):
+        report = run_bug(factory)
+        assert report.passed and report.findings["port"] == []
+        assert not report.steps[0].structure
+        assert all(c.diagnosis is None for c in report.steps[0].checks)
+
+
+# ----------------------------------------------------------------------------- held out
+
+# The held-out batches of tests/ports/heldout_einsum_sdpa.py, each written after the previous one was
+# run and run once, untuned, on its first run (caught / localised / named with the right cause):
+#   BUGS  18/18, 18/18, 16/18   (a mask after the softmax, a scaled token table: no known cause)
+#   BUGS2 16/16, 15/16, 10/16   (an interleaved head merge, a finite mask fill, GELU's tanh
+#                                scale, eps outside the square root, a logit temperature: no
+#                                known cause; wpe added twice named by the census, not by the
+#                                embedding family expected; a parameter without gradient named
+#                                its parameter, not its module, as it printed then)
+#   BUGS3 14/14, 13/14, 11/14   (ReLU for GELU, a layer norm over the positions, blocks in
+#                                reverse order: no known cause, the last not localised)
+#   BUGS4 15/15, 14/15,  9/15   (q/k/v interleaved per head, GELU before c_fc, x**2 for x**3
+#                                in GELU, a layer norm's weight and bias swapped, the targets
+#                                shifted inside the loss, the MLP's residual from the block's
+#                                input: no known cause; GELU before c_fc localised at c_fc)
+#   BUGS5 22/22, 21/22, 16/22   (a third model; a merge by transpose(2, 3), a layer norm's gain
+#                                as 1+weight, positions counted over the flattened batch, the
+#                                embeddings multiplied: no known cause; log(softmax + 1e-8)
+#                                named a constant factor on dlogits and a parallel attention
+#                                and MLP the attention branch times 0: wrong causes; ln_f called
+#                                before the blocks localised at layer 0's ln_1)
+#   BUGS6 27/27, 26/27, 21/27   (a fourth model, tests/ports/heldout_baddbmm.py, with an optimizer of
+#                                its own; heads batched (NH, B) and merged as (B, NH), k = q,
+#                                a 0/1 tril added as the mask bias, GELU's cubic constant
+#                                0.0044715, a layer norm over (T, C), weight decay not scaled
+#                                by the learning rate: no known cause; ln_1 and ln_2 swapped
+#                                in the block localised at layer 0's ln_2, not its ln_1)
+# Each batch's misses were then added to the catalogue as families, BUGS6's as forms of
+# attention.layout, attention.qkv-order, attention.masking, layernorm.axis, a wider
+# gelu.cubic-constant, adamw.weight-decay-without-lr, and the census's out-of-order findings
+# listed in the graph's order (so all six are now regression tests, no longer held out).
+# BUGS6's first run is the latest held-out rate: 78% named, 96% localised, every one
+# caught, no error line, no wrong cause.
+HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set(), "BUGS6": set()}
+# the first runs, as data: batch -> (bugs, caught, localised, named, named a wrong cause)
+FIRST_RUNS = {"BUGS": (18, 18, 18, 16, 0), "BUGS2": (16, 16, 15, 10, 0), "BUGS3": (14, 14, 13, 11, 0),
+              "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2), "BUGS6": (27, 27, 26, 21, 0)}
+# BUGS5, as it first ran (untuned; tests/ports/test_model_bugs.py asserted it so at the commit
+# that recorded it): not named (two of them with a wrong cause, the others no known cause),
+# and not localised where it was expected
+HELDOUT5_UNNAMED = {"merge-transpose-2-3", "layernorm-one-plus-weight", "positions-across-batch",
+                    "embeddings-multiplied", "log-softmax-with-eps", "parallel-attention-and-mlp"}
+HELDOUT5_WRONG = {"log-softmax-with-eps": "output.scale",                 # a factor 0.9999987 on dlogits
+                  "parallel-attention-and-mlp": "residual.branch-scale"}  # the attention branch x0
+HELDOUT5_UNLOCALISED = {"ln_f-before-the-blocks"}   # at layer 0's ln_1, "called after ln_f"
+# BUGS6, as it first ran (untuned; tests/ports/test_model_bugs.py asserted it so at the commit that
+# recorded it): no known cause for six (none named a wrong cause), one
+# localised elsewhere than expected
+HELDOUT6_UNNAMED = {"heads-batched-nh-major", "k-is-q", "mask-tril-ones-added", "gelu-coefficient-0.0044715",
+                    "layernorm-over-T-and-C", "decay-not-scaled-by-lr"}
+HELDOUT6_WRONG: dict[str, str] = {}
+HELDOUT6_UNLOCALISED = {"block-norms-swapped"}   # at layer 0's ln_2, "called before c_attn"
+
+
+def _heldout(bugs):
+    """Each bug of a batch run once: (unlocalised, unnamed, {bug: the wrong cause named}).
+    Every one must be caught, with no error line."""
+    rows = []
+    for name, (factory, where, cause) in bugs.items():
+        report = run_bug(factory)
+        localised, named, errors = verdict(report, where, cause)
+        rows.append((name, not report.passed, localised, named, errors, explanation(report)))
+    assert all(r[1] for r in rows), [r[0] for r in rows if not r[1]]            # every one caught
+    assert not [r for r in rows if r[4]], [(r[0], r[4]) for r in rows if r[4]]  # no error line
+    unnamed = {r[0] for r in rows if not r[3]}
+    wrong = {r[0]: r[5][1][0][0] for r in rows if r[0] in unnamed and r[5][1]}
+    return {r[0] for r in rows if not r[2]}, unnamed, wrong
+
+
+@pytest.mark.parametrize("batch", list(HELDOUT))
+def test_earlier_heldout_batches_are_now_named(batch):
+    unlocalised, unnamed, wrong = _heldout(getattr(ho, batch, None) or getattr(h4, batch))
+    assert not unlocalised and not unnamed and not wrong, (unlocalised, unnamed, wrong)
+
+
+def test_heldout_first_run_is_recorded():
+    """The last held-out batch's first run (BUGS5: a third model, 22 mistakes of the same
+    kinds, written before the catalogue met them, run once untuned): every one caught, no
+    error line, 21 of 22 localised where expected, 16 of 22 named (73%, below the 90% aimed
+    at), two of the others with a wrong cause. The record is the misses' names; the batch
+    itself is now a regression batch (test_earlier_heldout_batches_are_now_named)."""
+    n, caught, localised, named, wrong = FIRST_RUNS["BUGS5"]
+    assert n == len(ho.BUGS5) == 22
+    assert HELDOUT5_UNNAMED | HELDOUT5_UNLOCALISED <= set(ho.BUGS5) and set(HELDOUT5_WRONG) <= HELDOUT5_UNNAMED
+    assert (named, localised, wrong) == (n - len(HELDOUT5_UNNAMED), n - len(HELDOUT5_UNLOCALISED),
+                                         len(HELDOUT5_WRONG))
+    assert all(HELDOUT5_WRONG[b] != ho.BUGS5[b][2] for b in HELDOUT5_WRONG)
+
+
+def test_heldout6_first_run_is_recorded():
+    """The latest held-out batch's first run (BUGS6: a fourth model, 27 mistakes of the
+    same kinds, written before any of them ran, run once untuned): every one caught, no
+    error line, 26 of 27 localised where expected, 21 of 27 named (78%, below the 90% aimed
+    at), none with a wrong cause. The record is the misses' names (tests/ports/test_model_bugs.py
+    ran the batch and asserted exactly these at the commit that recorded it); the batch is
+    now a regression batch (test_earlier_heldout_batches_are_now_named)."""
+    n, caught, localised, named, wrong = FIRST_RUNS["BUGS6"]
+    assert n == caught == len(h4.BUGS6) == 27
+    assert HELDOUT6_UNNAMED | HELDOUT6_UNLOCALISED <= set(h4.BUGS6) and set(HELDOUT6_WRONG) <= HELDOUT6_UNNAMED
+    assert (named, localised, wrong) == (n - len(HELDOUT6_UNNAMED), n - len(HELDOUT6_UNLOCALISED),
+                                         len(HELDOUT6_WRONG))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("name, says", [
+    ("RaisesInForward", r"RaisesInForward's forward raised RuntimeError in transformer\.h\.1\.mlp \(MLP\): mat1"),
+    ("ReturnsNothing", r"returned neither logits .* nor a scalar loss \(it returned None\)"),
+    ("WrongLogits", r"returned logits of shape \(4, 16, 50\); their last axis must be V=123"),
+    ("half_gain", r"parameter transformer\.h\.0\.ln_1\.weight \(ln1w\[0\]\) is torch\.float16"),
+])
+def test_bad_model_is_one_line_and_exit_2(name, says, capsys):
+    import re
+    from pathlib import Path
+    from harness.cli import main
+    spec = f"{Path(mp.__file__)}:{name}"
+    assert main(["run", "--model", spec, "--ref", "oracle", "--steps", "1", "-q", "-s"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and re.search(says, err[0]), err
+    assert "Traceback" not in err[0]
+    assert main(["run", "--model", spec, "--ref", "oracle", "--steps", "1", "-q", "-s", "-v"]) == 2
+    assert "Traceback" in capsys.readouterr().err     # -v: where it came from
+
+
+def test_plot_marks_a_forward_first_divergence_in_the_forward_half():
+    """The plot's x positions are the graph's, shared by every implementation: a model's
+    first divergence at layer 0's ln1 sits before the backward half, not after it."""
+    report = run_bug(V(eps=1e-6))
+    c = first_divergence_check([c for c in report.steps[0].checks if c.impl == "port"])
+    e2e = [x for x in report.steps[0].checks if x.kind == "e2e"]
+    positions = list(dict.fromkeys(x.position for x in e2e))
+    first_backward = min(positions.index(x.position) for x in e2e if x.phase == "backward")
+    assert c.position == "layer 0 ln1 layernorm_forward" and positions.index(c.position) < first_backward
+    assert c.where == "layer 0 ln1 layernorm_forward [transformer.h.0.ln_1]"
