@@ -53,9 +53,11 @@ def _library(args):
 
 def _config(args):
     from pyref.config import preset
-    from pyref.formats import read_checkpoint
+    from pyref.formats import read_checkpoint, read_checkpoint_header
     if args.checkpoint:
-        cfg, params = read_checkpoint(args.checkpoint)
+        if args.debug_state:   # the C reads the checkpoint itself for it: float32 (version 3) only
+            read_checkpoint_header(args.checkpoint)
+        cfg, params = read_checkpoint(args.checkpoint)   # bf16 (version 5) widened exactly
         _refuse_nonfinite(args.checkpoint, cfg, params)
         return cfg, params
     from pyref import synth
@@ -125,6 +127,7 @@ def _batches(args, cfg, B, T):
 
 def cmd_run(args) -> int:
     from pyref.config import AdamW
+    from pyref.formats import checkpoint_note
 
     from .checks.run import run_parity
 
@@ -141,6 +144,8 @@ def cmd_run(args) -> int:
               + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {replay}")
         if why:
             print(why)
+        if args.checkpoint and (note := checkpoint_note(args.checkpoint)):
+            print(note)
     progress = Progress(enabled=not args.quiet)
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
     report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
@@ -362,7 +367,7 @@ def _run_parser(sub) -> None:
     run = sub.add_parser("run", help="train N steps in C and the references, check every step")
     _common(run)
     run.add_argument("--config", default="tiny", help="built-in config: tiny (default), small, d12 / 124M")
-    run.add_argument("--checkpoint", help="an llm.c model checkpoint (version 3) instead of --config")
+    run.add_argument("--checkpoint", help="an llm.c model checkpoint (version 3, or 5: bf16) instead of --config")
     run.add_argument("--tokens", help="an llm.c token shard to draw batches from (default: generated)")
     run.add_argument("--debug-state", help="an llm.c debug state (version 2) to check the C against")
     run.add_argument("--steps", type=int, default=10)

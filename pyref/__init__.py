@@ -11,7 +11,7 @@ Importing ``pyref`` pulls in NumPy only (torch is imported by ``pyref.torch_kern
 """
 from .config import (ACT_NAMES, PARAM_NAMES, PRESETS, GPT2Config, act_shapes, pad_vocab,
                      param_shapes, preset)
-from .formats import (DebugState, FormatError, read_checkpoint, read_debug_state, read_tokens,
+from .formats import (Checkpoint, DebugState, FormatError, read_checkpoint, read_debug_state, read_tokens,
                       write_checkpoint, write_debug_state, write_tokens)
 from .model import GPT2
 from .protocol import KERNEL_NAMES, KernelNotProvided, KernelSet, kernel_set, missing
@@ -20,7 +20,7 @@ from .synth import batches, batches_from_tokens, init_params, make_batch, make_t
 __all__ = [
     "ACT_NAMES", "PARAM_NAMES", "PRESETS", "GPT2Config", "act_shapes", "pad_vocab",
     "param_shapes", "preset",
-    "DebugState", "FormatError", "read_checkpoint", "read_debug_state", "read_tokens",
+    "Checkpoint", "DebugState", "FormatError", "read_checkpoint", "read_debug_state", "read_tokens",
     "write_checkpoint", "write_debug_state", "write_tokens",
     "GPT2", "KERNEL_NAMES", "KernelNotProvided", "KernelSet", "kernel_set", "missing",
     "batches", "batches_from_tokens", "init_params", "make_batch", "make_tokens",

@@ -4,7 +4,11 @@ Little-endian throughout; every file starts with a header of 256 int32.
 
 - checkpoint: [0]=20240326, [1]=3 (float32, padded vocab), [2]=maxT, [3]=V, [4]=L, [5]=NH,
   [6]=C, [7]=Vp; then every parameter as float32, in ``PARAM_NAMES`` order (wte: Vp rows).
-  Version 5 is llm.c's bf16 variant, which the float32 trainer refuses (so do we).
+  Version 5 (llm.c's ``*_bf16.bin``, written beside the float32 one by train_gpt2.py) is
+  the same header and layout with every parameter as bfloat16 (2 bytes, the top half of
+  a float32). :func:`read_checkpoint` reads both and widens bf16 to float32, exactly;
+  :class:`Checkpoint` also keeps the parameters as stored. train_gpt2.c reads version 3
+  only, so :func:`read_checkpoint_header`, the check before the C reads a file, refuses 5.
 - debug state: [0]=20240327, [1]=2, [2]=B, [3]=T; then inputs int32[B*T], targets
   int32[B*T], logits float32[B*T*V] (V wide, not padded), the mean loss float32[1], and
   the gradients of every parameter as float32 in parameter order (wte's padded to Vp rows).
@@ -28,6 +32,8 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 
 CHECKPOINT_MAGIC, CHECKPOINT_VERSION, CHECKPOINT_VERSION_BF16 = 20240326, 3, 5
+# a checkpoint's stored parameter type -> (its version, bytes per parameter)
+CHECKPOINT_DTYPES = {"float32": (CHECKPOINT_VERSION, 4), "bf16": (CHECKPOINT_VERSION_BF16, 2)}
 DEBUG_STATE_MAGIC, DEBUG_STATE_VERSION = 20240327, 2
 TOKENS_MAGIC, TOKENS_VERSION = 20240520, 1
 
@@ -63,9 +69,9 @@ def _read_header(path, kind, magic, versions):
     return header, size
 
 
-def _check_size(path, kind, size, expected):
+def _check_size(path, kind, size, expected, note=""):
     if size != expected:
-        raise FormatError(path, f"{kind} file holds {size} bytes, header implies {expected}")
+        raise FormatError(path, f"{kind} file holds {size} bytes, header implies {expected}{note}")
 
 
 class _Body:
@@ -149,22 +155,113 @@ def _flat_params(config, params, what):
     return _f32(flat_params(config, params, what), what)
 
 
+# ----------------------------------------------------------------------------- bfloat16
+
+def bf16_to_float32(bits) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32. Exact: a bf16 is the top 16 bits of a
+    float32 (sign, the same 8-bit exponent, 7 of the 23 mantissa bits), so widening puts
+    the pattern in the high half and zeros in the low half; NaN, Inf, -0 and subnormals
+    come through as themselves."""
+    b = np.asarray(bits)
+    if b.dtype != np.uint16:
+        raise ValueError(f"bf16 bits must be uint16, got dtype {b.dtype}")
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(x) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even, as
+    torch's ``.to(torch.bfloat16)`` (what llm.c's train_gpt2.py writes version 5 with):
+    add 0x7FFF plus the lowest kept bit, keep the top half. A finite value past bf16's
+    largest rounds to Inf. A NaN stays a NaN of its sign, made quiet (torch's own NaN
+    pattern differs between its scalar and vector paths: 0x7FC0, 0xFFFF). Other float
+    input is made float32 first."""
+    u = _f32(x, "float32_to_bf16's input").astype(np.float32, copy=False).view(np.uint32)
+    # wraps around only for u >= 0xFFFF8000, all NaNs, which are replaced below
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, (u >> 16).astype(np.uint16) | np.uint16(0x0040), rounded)
+
+
 # ----------------------------------------------------------------------------- checkpoint
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint as read: ``params`` is what every implementation gets (float32; a bf16
+    file's values widened exactly), ``stored`` the parameters as the file holds them
+    (the same float32 array for version 3; uint16 bf16 bit patterns for version 5), so a
+    port that computes in bf16 may take them as they are (:meth:`stored_torch`)."""
+
+    config: GPT2Config
+    params: np.ndarray     # (num_parameters,) float32
+    dtype: str             # "float32" (version 3) or "bf16" (version 5): what the file holds
+    stored: np.ndarray     # (num_parameters,) float32 or uint16 (bf16 bits)
+
+    @property
+    def version(self) -> int:
+        return CHECKPOINT_DTYPES[self.dtype][0]
+
+    @classmethod
+    def read(cls, path) -> "Checkpoint":
+        """Read a version-3 or version-5 checkpoint (header, size and body checked)."""
+        config, dtype = _checkpoint_header(path, tuple(CHECKPOINT_DTYPES))
+        n, body = config.num_parameters(), _Body(path)
+        if dtype == "bf16":
+            stored = body.take("<u2", n, np.uint16)
+            return cls(config, bf16_to_float32(stored), dtype, stored)
+        params = body.take("<f4", n, np.float32)
+        return cls(config, params, dtype, params)
+
+    def stored_torch(self):
+        """The stored parameters as a flat torch tensor of the stored type (torch.float32,
+        or torch.bfloat16 with the file's bits). Imports torch, which pyref does not need."""
+        import torch
+        if self.dtype == "float32":
+            return torch.from_numpy(self.stored)
+        return torch.from_numpy(self.stored.view(np.int16)).view(torch.bfloat16)
+
+
 def read_checkpoint(path) -> tuple[GPT2Config, np.ndarray]:
-    """``gpt2_build_from_checkpoint``'s reading: -> (config, flat float32 params)."""
-    config = read_checkpoint_header(path)
-    return config, _Body(path).take("<f4", config.num_parameters(), np.float32)
+    """``gpt2_build_from_checkpoint``'s reading: -> (config, flat float32 params). A bf16
+    (version 5) file's parameters come widened, exactly; :class:`Checkpoint` says which."""
+    ckpt = Checkpoint.read(path)
+    return ckpt.config, ckpt.params
 
 
 def read_checkpoint_header(path) -> GPT2Config:
     """Check a checkpoint's header (magic, version, config) and its size without reading
-    the parameters; -> the config. What the C would exit() on, or read past, raises."""
+    the parameters; -> the config. What train_gpt2.c would exit() on, or read past, raises:
+    this is the check before the C reads a file itself, so version 5 (bf16) is refused."""
+    return _checkpoint_header(path, ("float32",))[0]
+
+
+def checkpoint_dtype(path) -> str:
+    """What a checkpoint's parameters are stored as, "float32" or "bf16", from its header
+    (checked as :func:`read_checkpoint` checks it)."""
+    return _checkpoint_header(path, tuple(CHECKPOINT_DTYPES))[1]
+
+
+def checkpoint_note(path) -> str:
+    """A line for a run's header where the checkpoint is not float32: that its values were
+    widened exactly for the C (which reads float32 only) and for every reference. ""
+    for a float32 checkpoint."""
+    if checkpoint_dtype(path) == "float32":
+        return ""
+    return (f"checkpoint {os.fspath(path)}: bf16 parameters (version 5), widened exactly to "
+            "float32 (bf16 is a float32's top half) for the C, which reads float32 only, "
+            "and for every reference")
+
+
+def _checkpoint_header(path, dtypes) -> tuple[GPT2Config, str]:
+    """The header checks of a checkpoint whose parameters may be stored as ``dtypes``;
+    -> (config, dtype). The size is checked against the dtype's bytes per parameter."""
     header, size = _read_header(path, "checkpoint", CHECKPOINT_MAGIC,
                                 (CHECKPOINT_VERSION, CHECKPOINT_VERSION_BF16))
-    if header[1] == CHECKPOINT_VERSION_BF16:
-        raise FormatError(path, "checkpoint version 5 holds bf16 parameters; the float32 "
-                                "trainer (train_gpt2.c) needs version 3 (a float32 checkpoint)")
+    dtype = next(d for d, (v, _) in CHECKPOINT_DTYPES.items() if v == header[1])
+    if dtype not in dtypes:
+        raise FormatError(path, "checkpoint version 5 holds bf16 parameters; train_gpt2.c "
+                                "reads version 3 (float32) only: give the C the float32 "
+                                "checkpoint llm.c writes beside the _bf16 one (or read_checkpoint, "
+                                "which widens bf16 exactly, and CModel.from_params)")
     maxT, V, L, NH, C, Vp = (int(x) for x in header[2:8])
     config = GPT2Config(max_seq_len=maxT, vocab_size=V, padded_vocab_size=Vp,
                         num_layers=L, num_heads=NH, channels=C)
@@ -172,19 +269,25 @@ def read_checkpoint_header(path) -> GPT2Config:
         config.validate()
     except ValueError as e:
         raise FormatError(path, f"invalid config in header: {e}") from None
-    n = config.num_parameters()
-    _check_size(path, "checkpoint", size, HEADER_BYTES + 4 * n)
-    return config
+    itemsize = CHECKPOINT_DTYPES[dtype][1]
+    note = f" (version 5: bf16 parameters, {itemsize} bytes each)" if dtype == "bf16" else ""
+    _check_size(path, "checkpoint", size, HEADER_BYTES + itemsize * config.num_parameters(), note)
+    return config, dtype
 
 
-def write_checkpoint(path, config: GPT2Config, params, overwrite=False):
-    """Write a version-3 (float32) checkpoint; params flat (num_parameters) or a dict."""
+def write_checkpoint(path, config: GPT2Config, params, overwrite=False, dtype="float32"):
+    """Write a checkpoint; params flat (num_parameters) or a dict. ``dtype="float32"``:
+    version 3; ``"bf16"``: version 5, each value rounded to nearest even (as llm.c's
+    train_gpt2.py writes its ``_bf16.bin``)."""
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ValueError(f"checkpoint dtype must be one of {', '.join(CHECKPOINT_DTYPES)}, got {dtype!r}")
     config.validate()
     c = config
     p = _flat_params(config, params, "params")
-    head = _header(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, c.max_seq_len, c.vocab_size,
+    body = float32_to_bf16(p).astype("<u2", copy=False) if dtype == "bf16" else p
+    head = _header(CHECKPOINT_MAGIC, CHECKPOINT_DTYPES[dtype][0], c.max_seq_len, c.vocab_size,
                    c.num_layers, c.num_heads, c.channels, c.padded_vocab_size)
-    write_atomic(path, [head, p.tobytes()], overwrite)
+    write_atomic(path, [head, body.tobytes()], overwrite)
 
 
 # ----------------------------------------------------------------------------- debug state
