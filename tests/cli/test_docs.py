@@ -80,9 +80,8 @@ def test_readme_is_a_five_minute_read():
 
 def test_a_planted_bad_path_or_command_fails():
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    assert missing_paths(text + "\nsee `harness/arbiter/no_such.py` and [x](docs/nowhere.md)\n", readme) == \
-        ["docs/nowhere.md", "harness/arbiter/no_such.py"]
+    planted = "`harness/cli.py`, [x](docs/kernels.md); see `harness/arbiter/no_such.py` and [x](docs/nowhere.md).\n"
+    assert missing_paths(planted, readme) == ["docs/nowhere.md", "harness/arbiter/no_such.py"]
     assert missing_paths("[x](nowhere.md), tests/cli/test_docs.py", ROOT / "docs" / "x.md") == ["docs/nowhere.md"]
     assert missing_paths("~/llm.c/train_gpt2.c edited/train_gpt2.c build/bench.json", readme) == []
     assert commands("```sh\nllmc-parity run --no-such-flag  # a comment\n```\n") == [["run", "--no-such-flag"]]
