@@ -67,42 +67,112 @@ def test_the_loader_reports_user_code_that_raises_as_the_users_mistake(tmp_path)
     assert model.name == "GPT" and model.optimizer == "configure_optimizers" and model.mapping is None
 
 
-# docs/architecture.md's layers, top to bottom: a module imports from its own and lower ones
-LAYERS = (("entry points", ("harness.cli", "harness.pytest_plugin", "harness.gate", "harness.calibrate",
-                            "harness.suite")),
-          ("reports", ("harness.report",)), ("checks", ("harness.checks",)), ("diagnosis", ("harness.diagnosis",)),
-          ("implementations", ("harness.clib", "harness.ports")),
-          ("the arbiter", ("harness.arbiter",)),
-          ("shared", ("harness.graph", "harness.cores", "harness.probe", "harness.errors", "harness.clib.build")),
-          ("references", ("pyref",)))
+# the layers are docs/architecture.md's table: the test reads them from there, so the doc and
+# the imports are kept in step
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+SCANNED = ("harness", "pyref", "benchmarks")
 
 
-def _layer(module: str) -> int | None:
-    found = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
-             if module == p or module.startswith(p + ".")]
+def doc_layers(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The layers of docs/architecture.md, top to bottom: (name, paths) from the rows of the
+    table under "## The layers" whose second column holds paths in backquotes."""
+    import re
+    section = text.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    layers = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and len(cells) >= 2:
+            paths = tuple(re.findall(r"`([^`]+)`", cells[1]))
+            if paths and cells[0] not in ("layer",) and not set(cells[0]) <= set("-: "):
+                layers.append((cells[0], paths))
+    if not layers:
+        raise ValueError(f"{ARCHITECTURE}: no layer table under '## The layers'")
+    return layers
+
+
+def _layer(rel: str, layers) -> int | None:
+    """The index of the layer a file (a path relative to the root) belongs to: the longest
+    path of the table that is the file itself or a folder above it."""
+    found = [(len(p), i) for i, (_, paths) in enumerate(layers) for p in paths
+             if rel == p or (p.endswith("/") and rel.startswith(p))]
     return max(found)[1] if found else None
 
 
+def _module_file(module: str) -> str | None:
+    """The file (relative to the root) of an importable module of the checkout, if any."""
+    base = module.replace(".", "/")
+    for rel in (base + ".py", base + "/__init__.py"):
+        if (ROOT / rel).is_file():
+            return rel
+    return None
+
+
 def _imports(path: Path, package: str):
+    """The modules a file imports, anywhere in it (lazy imports too): for ``from X import
+    name`` the submodule X.name where there is one, else X."""
     import ast
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
-            yield ".".join(base + ([node.module] if node.module else []))
+            parts = package.split(".")
+            base = ".".join((parts[:len(parts) - node.level + 1] if node.level else [])
+                            + ([node.module] if node.module else []))
+            for alias in node.names:
+                yield base + "." + alias.name if _module_file(base + "." + alias.name) else base
         elif isinstance(node, ast.Import):
             yield from (a.name for a in node.names)
 
 
-def test_the_layers_of_docs_architecture_hold():
-    upward = []
-    for root in ("harness", "pyref"):
-        for path in (ROOT / root).rglob("*.py"):
+def layering_problems(layers, roots=SCANNED) -> list[str]:
+    """Every file of ``roots`` that no layer holds, and every import of a higher layer."""
+    problems = []
+    for root in roots:
+        for path in sorted((ROOT / root).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            mine = _layer(rel, layers)
+            if mine is None:
+                problems.append(f"{rel} is in no layer of {ARCHITECTURE.name}")
+                continue
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             package = module if parts[-1] == "__init__" else module.rpartition(".")[0]
-            mine = _layer(module)
             for target in _imports(path, package):
-                theirs = _layer(target)
-                if mine is not None and theirs is not None and theirs < mine:
-                    upward.append(f"{module} ({LAYERS[mine][0]}) imports {target} ({LAYERS[theirs][0]})")
-    assert not upward, upward
+                where = _module_file(target)
+                theirs = None if where is None else _layer(where, layers)
+                if theirs is not None and theirs < mine:
+                    problems.append(f"{rel} ({layers[mine][0]}) imports {target} ({layers[theirs][0]})")
+    return problems
+
+
+def test_the_layers_of_docs_architecture_hold():
+    problems = layering_problems(doc_layers(ARCHITECTURE.read_text()))
+    assert not problems, problems
+
+
+def test_the_layer_table_is_read_from_the_doc():
+    layers = doc_layers(ARCHITECTURE.read_text())
+    names = [n for n, _ in layers]
+    assert names[0] == "entry points" and names[-1] == "references" and "the arbiter" in names
+    assert dict(layers)["shared"] == ("harness/graph.py", "harness/cores.py", "harness/probe.py",
+                                      "harness/errors.py", "harness/clib/build.py")
+    for _, paths in layers:
+        for p in paths:
+            assert (ROOT / p).exists(), f"{ARCHITECTURE.name} names {p}, which does not exist"
+
+
+def test_an_upward_import_or_a_module_in_no_layer_fails(tmp_path, monkeypatch):
+    """Planted in a copy of the tree: pyref importing harness, and a harness module the doc's
+    table does not hold; and the table without a layer's row."""
+    import shutil
+    for root in SCANNED:
+        shutil.copytree(ROOT / root, tmp_path / root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    layers = doc_layers(ARCHITECTURE.read_text())
+    assert layering_problems(layers) == []
+    (tmp_path / "pyref" / "upward.py").write_text("from harness.checks.run import run_parity\n")
+    (tmp_path / "harness" / "stray.py").write_text("import pyref\n")
+    problems = layering_problems(layers)
+    assert problems == ["harness/stray.py is in no layer of architecture.md",
+                        "pyref/upward.py (references) imports harness.checks.run (checks)"], problems
+    without_arbiter = [row for row in layers if row[0] != "the arbiter"]
+    assert any(p.startswith("harness/arbiter/") and "is in no layer" in p
+               for p in layering_problems(without_arbiter))
