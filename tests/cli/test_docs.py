@@ -14,9 +14,6 @@ README_MAX_LINES = 220
 # the checkout's own folders: a path that starts with one of them names a file of the project
 # (build/ holds outputs, and a user's paths start elsewhere: ~/llm.c/, edited/, path/to/)
 ROOTS = ("harness", "pyref", "tests", "docs", "llmc", "benchmarks", "baselines", ".ci")
-# written on another branch at the same time; drop from here once merged
-ELSEWHERE = {"docs/formats.md"}
-
 _PATH = re.compile(r"(?<![\w./~-])((?:" + "|".join(re.escape(r) for r in ROOTS) + r")/[\w./-]*)")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
@@ -37,7 +34,7 @@ def named_paths(text: str, doc: Path) -> set[str]:
 
 
 def missing_paths(text: str, doc: Path) -> list[str]:
-    return sorted(p for p in named_paths(text, doc) if p not in ELSEWHERE and not (ROOT / p).exists())
+    return sorted(p for p in named_paths(text, doc) if not (ROOT / p).exists())
 
 
 def commands(text: str) -> list[list[str]]:
