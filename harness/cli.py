@@ -359,7 +359,8 @@ def _run_parser(sub) -> None:
     run.add_argument("--debug-state", help="an llm.c debug state (version 2) to check the C against")
     run.add_argument("--steps", type=int, default=10, help="training steps, each checked (default 10)")
     run.add_argument("-B", "--batch", type=int, default=4, help="batch size B (default 4)")
-    run.add_argument("-T", "--seq-len", type=int, default=None, help="sequence length T (default 16; 64 from C = 512 channels)")
+    run.add_argument("-T", "--seq-len", type=int, default=None,
+                     help="sequence length T (default 16; 64 from C = 512 channels)")
     run.add_argument("--ref", default=None, type=lambda s: [x for x in s.split(",") if x],
                      help="references beside the oracle: numpy, torch, oracle (only), or a module "
                           "(default: numpy, and torch where it is installed; none from 50M parameters "
