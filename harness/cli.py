@@ -126,67 +126,44 @@ def _batches(args, cfg, B, T):
 
 
 def cmd_run(args) -> int:
+    """One run (:func:`harness.checks.run.run_parity`): its steps, free run and debug state
+    in one report, whose verdict the text's last line, the JSON and the exit status read."""
     from pyref.config import AdamW
     from pyref.formats import checkpoint_note
 
+    from .checks.policy import plan
     from .checks.run import run_parity
 
+    if args.json == "-":
+        args.json_only = True   # stdout is the JSON: text beside it would break the reader's parse
     cfg, params, B, T = _run_inputs(args)
     lib = _library(args)
-    refs, replay, why = _what_runs(args, cfg)
-    impls = _impls(refs)
+    what = plan(cfg, refs=args.ref, replay=args.replay, debug_state=bool(args.debug_state))
+    impls = _impls(what.refs)
     if args.impl:
         impls.update(_impls([args.impl]))
     models = _models(args)
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
-              + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {replay}")
-        if why:
-            print(why)
+              + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {what.replay}")
+        if what.why:
+            print(what.why)
         if args.checkpoint and (note := checkpoint_note(args.checkpoint)):
             print(note)
     progress = Progress(enabled=not args.quiet)
     hyper = AdamW(learning_rate=args.lr, weight_decay=args.weight_decay)
+    free = _batches(args, cfg, B, T)
     report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
-                        steps=args.steps, hyper=hyper, threads=args.threads,
-                        replay={"always": True, "on-failure": "on-failure", "never": False}[replay],
-                        progress=progress, on_step=_first_step_said(args, progress, large=_large(args, cfg)))
-    if args.free_run:
-        from .checks.freerun import free_run
-        gen = _batches(args, cfg, B, T)
-        progress(args.steps, args.steps, f"free run of {args.free_run} steps")
-        report.free_run = free_run(cfg, params, [next(gen) for _ in range(args.free_run)], lib=lib, impls=impls,
-                                   models=models, hyper=hyper, threads=args.threads)
+                        steps=args.steps, hyper=hyper, threads=args.threads, replay=what.replay_arg,
+                        progress=progress, on_step=_first_step_said(args, progress, large=what.large),
+                        free_run_batches=[next(free) for _ in range(args.free_run)],
+                        checkpoint=args.checkpoint, debug_state=args.debug_state)
     progress.done()
-    ds_ok = _print_run(args, report, lib)
+    if not args.json_only:
+        _print_run(report, verbose=args.verbose)
     _write_run(args, report)
-    return EXIT_PASS if report.passed and ds_ok else EXIT_FAIL
-
-
-# From this many parameters (GPT-2 124M has 124M), or with --debug-state, a run checks the C
-# against the float64 oracle alone and replays the ops only where an end-to-end check failed:
-# the NumPy and torch references are ours, not the user's, each costs a step of its own at
-# that size, and a replay on failure localises a failure as well as one every step.
-LARGE = 50_000_000
-
-
-def _large(args, cfg) -> bool:
-    return cfg.num_parameters() >= LARGE or bool(args.debug_state)
-
-
-def _what_runs(args, cfg) -> tuple[list[str], str, str | None]:
-    """The references and the replay of a run (what the user asked for, else what fits the
-    job), and, where the defaults were chosen for the size, a line that says so."""
-    large = _large(args, cfg)
-    torch = ["torch"] if importlib.util.find_spec("torch") is not None else []
-    refs = args.ref if args.ref is not None else ([] if large else ["numpy", *torch])
-    replay = args.replay or ("on-failure" if large else "always")
-    if not large or (args.ref is not None and args.replay is not None):
-        return refs, replay, None
-    size = "with --debug-state" if args.debug_state else f"at {cfg.num_parameters() / 1e6:.0f}M parameters"
-    return refs, replay, (f"{size}: the C against the float64 oracle, each op replayed where a check fails "
-                          "(--ref numpy,torch adds our own references, --replay always every op each step)")
+    return EXIT_PASS if report.passed else EXIT_FAIL
 
 
 def _first_step_said(args, progress: Progress, large: bool):
@@ -205,6 +182,8 @@ def _run_inputs(args):
     before the (maybe long) run, so a parity failure is never reported as a usage error."""
     if args.debug_state and not args.checkpoint:
         raise UsageError("--debug-state needs the --checkpoint it was made from")
+    _require_files(args, ("--checkpoint", "--tokens", "--debug-state", "--impl", "--model", "--optimizer",
+                          "--model-map", "--src"))
     for what, path in (("--json", args.json), ("--plot", args.plot)):
         if path and path != "-" and os.path.exists(path) and not args.overwrite:
             raise UsageError(f"{what} {path} exists; pass --overwrite to replace it")
@@ -224,27 +203,41 @@ def _run_inputs(args):
     return cfg, params, B, T
 
 
-def _print_run(args, report, lib) -> bool:
-    """The step tables, the free run, the summary and the debug-state check (unless
-    --json-only); returns whether the debug state (if asked for) passed."""
+def _require_files(args, flags: tuple[str, ...]) -> None:
+    """Refuse, in one line naming the option and the file, an input file that is not there
+    (``--checkpoint model.bin: no such file``), before anything is built or run. Options
+    that name a module (``--impl numpy``, ``--model pkg.mod:GPT``) are left to the loader."""
+    from .ports.loader import target_file
+
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if not value:
+            continue
+        path = value if flag in ("--checkpoint", "--tokens", "--debug-state", "--src") else target_file(value)
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file")
+
+
+def _print_run(report, verbose: bool) -> None:
+    """The run's text: notes on torch models, the tables of failed steps (every step's,
+    every layer's row, when ``verbose``), the free run's and the debug state's, then the
+    summary, whose last line is the verdict."""
     from .report import debug_state_table, free_run_table, model_notes, run_summary, step_table
 
-    if not args.json_only:
-        for line in model_notes(report):
-            print(line)
-        for step in report.steps:
-            if not args.summary_only or not step.passed:
-                print(step_table(step, verbose=args.verbose))
-        if report.free_run:
-            print(free_run_table(report.free_run))
-        print(run_summary(report))
-    if not args.debug_state:
-        return True
-    from .checks.debugstate import check_debug_state
-    ds = check_debug_state(args.checkpoint, args.debug_state, lib=lib, threads=args.threads)
-    if not args.json_only:
-        print(debug_state_table(ds))
-    return ds.passed
+    for line in model_notes(report):
+        print(line)
+    shown = [s for s in report.steps if verbose or not s.passed]
+    for step in shown:
+        print(step_table(step, verbose=verbose))
+    hidden = len(report.steps) - len(shown)
+    if hidden:
+        print(f"step tables: the {hidden} passed step(s) not shown" + (f", the {len(shown)} failed shown" if shown
+                                                                      else "") + " (-v: every step, every layer)")
+    if report.free_run:
+        print(free_run_table(report.free_run, verbose=verbose))
+    if report.debug_state is not None:
+        print(debug_state_table(report.debug_state, verbose=verbose))
+    print(run_summary(report, verbose=verbose))
 
 
 def _write_run(args, report) -> None:
@@ -265,6 +258,7 @@ def cmd_ops(args) -> int:
     from .report import format_table
     from .checks.perop import sweep
 
+    _require_files(args, ("--impl", "--src"))
     lib = _library(args)
     impls = {"C": CKernels(lib), **_impls(args.ref)}
     if args.impl:
@@ -352,7 +346,7 @@ def _common(p):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmc-parity", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, help="what to do (each takes -h)")
     _run_parser(sub)
     _ops_parser(sub)
     _gate_parser(sub)
@@ -370,9 +364,10 @@ def _run_parser(sub) -> None:
     run.add_argument("--checkpoint", help="an llm.c model checkpoint (version 3, or 5: bf16) instead of --config")
     run.add_argument("--tokens", help="an llm.c token shard to draw batches from (default: generated)")
     run.add_argument("--debug-state", help="an llm.c debug state (version 2) to check the C against")
-    run.add_argument("--steps", type=int, default=10)
-    run.add_argument("-B", "--batch", type=int, default=4)
-    run.add_argument("-T", "--seq-len", type=int, default=None, help="default 16 (64 for C >= 512)")
+    run.add_argument("--steps", type=int, default=10, help="training steps, each checked (default 10)")
+    run.add_argument("-B", "--batch", type=int, default=4, help="batch size B (default 4)")
+    run.add_argument("-T", "--seq-len", type=int, default=None,
+                     help="sequence length T (default 16; 64 from C = 512 channels)")
     run.add_argument("--ref", default=None, type=lambda s: [x for x in s.split(",") if x],
                      help="references beside the oracle: numpy, torch, oracle (only), or a module "
                           "(default: numpy, and torch where it is installed; none from 50M parameters "
@@ -388,20 +383,28 @@ def _run_parser(sub) -> None:
     run.add_argument("--free-run", type=int, default=0, metavar="N",
                      help="also train every implementation N steps on its own state from the common start, "
                           "checking its loss and parameters against the float64 oracle's own run per step")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--lr", type=float, default=AdamW.learning_rate)
-    run.add_argument("--weight-decay", type=float, default=AdamW.weight_decay)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the generated parameters (without --checkpoint) and batches (without "
+                          "--tokens) (default 0)")
+    run.add_argument("--lr", type=float, default=AdamW.learning_rate,
+                     help=f"AdamW learning rate (default {AdamW.learning_rate:g}, llm.c's)")
+    run.add_argument("--weight-decay", type=float, default=AdamW.weight_decay,
+                     help=f"AdamW weight decay (default {AdamW.weight_decay:g}, llm.c's)")
     run.add_argument("--replay", choices=["always", "on-failure", "never"], default=None,
                      help="re-run every op in float64 on each implementation's own inputs: every step "
                           "(the default below 50M parameters), only where an end-to-end check failed (the "
                           "default from 50M parameters and with --debug-state), or never")
-    run.add_argument("--json", help="write the JSON report here ('-' for stdout)")
+    run.add_argument("--json", help="write the JSON report here ('-' for stdout, which then holds "
+                                    "the JSON alone, as with --json-only)")
     run.add_argument("--json-only", action="store_true", help="print nothing but the JSON")
     run.add_argument("--plot", help="write a PNG of error per tensor across steps and layers")
     run.add_argument("--overwrite", action="store_true", help="let --json/--plot replace existing files")
-    run.add_argument("-v", "--verbose", action="store_true", help="every layer's row")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="every step's table with every layer's row, every free-run step and debug-state "
+                          "tensor (default: only what failed, then the summary), and the trace of an input error")
     run.add_argument("-s", "--summary-only", action="store_true",
-                     help="print the per-step tables only for steps that failed, then the summary")
+                     help="the per-step tables only of steps that failed, then the summary: the default "
+                          "now, kept for the scripts that pass it")
     run.set_defaults(func=cmd_run)
 
 
@@ -412,7 +415,7 @@ def _ops_parser(sub) -> None:
                      help="Python references to check too: numpy, torch")
     ops.add_argument("--impl", help="your port (a .py file or module[:attr])")
     ops.add_argument("-k", "--kernel", action="append", help="only kernels whose name contains this")
-    ops.add_argument("--seeds", type=int, default=1)
+    ops.add_argument("--seeds", type=int, default=1, help="random inputs per kernel and shape (default 1)")
     ops.add_argument("-v", "--verbose", action="store_true", help="every row, not just failures")
     ops.set_defaults(func=cmd_ops)
 

@@ -324,9 +324,22 @@ def evaluate(run: GateRun, baseline: dict, require_bits: bool = False) -> GateRe
                      ("" if bits["status"] == "checked" else "; C output bits NOT checked"))
     else:
         lines.insert(0, "GATE FAIL")
-        lines.append("If this change is intended, accept it: `llmc-parity gate --update` (or `make gate-update`) "
-                     "and commit baselines/gate.json (the diff shows what moved).")
+        lines.append(_advice(run))
     return GateResult(ok, lines, bits)
+
+
+def _advice(run: GateRun) -> str:
+    """What to do about a failed gate, by what failed. A tolerance violation means the C's
+    numbers are wrong against the float64 oracle: ``--update`` records it, and the gate
+    still fails on it, so it is not the remedy. Anything else (moved bits, grown errors
+    within tolerance, a changed suite, a build without a fingerprint) is a change the
+    baseline can accept, if it is intended."""
+    if run.failures:
+        return ("The C's numbers are wrong: a tolerance violation is an error against the float64 oracle, not "
+                "a drift; fix the C (the violations above say where). `llmc-parity gate --update` will not make "
+                "it pass: it records the violations and the gate still fails on them.")
+    return ("If this change is intended, accept it: `llmc-parity gate --update` (or `make gate-update`) "
+            "and commit baselines/gate.json (the diff shows what moved).")
 
 
 def bit_check(run: GateRun, baseline: dict) -> dict:

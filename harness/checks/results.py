@@ -152,10 +152,27 @@ class RunReport:
     derived: dict[str, list[str]] = field(default_factory=dict)
     # --free-run: each implementation on its own state (harness.checks.freerun.FreeRunRow)
     free_run: list = field(default_factory=list)
+    # --debug-state: the C against llm.c's debug state (harness.checks.debugstate.DebugStateReport)
+    debug_state: object | None = None
+
+    def failed_parts(self) -> list[str]:
+        """The parts of the run that failed, in the order they ran: ``"steps"`` (a per-step
+        check failed or an implementation raised; also when no step ran), ``"free run"``,
+        ``"debug state"``. Empty: the run passed."""
+        parts = []
+        if not self.steps or not all(s.passed for s in self.steps):
+            parts.append("steps")
+        if not all(r.passed for r in self.free_run):
+            parts.append("free run")
+        if self.debug_state is not None and not self.debug_state.passed:
+            parts.append("debug state")
+        return parts
 
     @property
     def passed(self) -> bool:
-        return bool(self.steps) and all(s.passed for s in self.steps) and all(r.passed for r in self.free_run)
+        """The run's one verdict: every step, the free run and the debug state (where they
+        ran) passed. The text report, the JSON's verdict and the exit status all read it."""
+        return not self.failed_parts()
 
     def first_divergence(self, heading: bool = True) -> str | None:
         """``step N [impl] first divergence: ...`` of the first step that diverged (or

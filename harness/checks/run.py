@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,7 +44,9 @@ from ..ports.state import ModelState
 from ..arbiter.oracle import ORACLE, Witness, witness_spread
 from ..probe import span
 from ..arbiter.tolerances import e2e_tolerance
+from .debugstate import check_debug_state
 from .e2e import e2e_graph
+from .freerun import free_run
 from .loss import check_loss
 from .replay import replay_graph
 from .results import Check, RunReport, StepReport, first_divergence
@@ -57,7 +59,9 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                steps: int = 10,
                hyper: AdamW = AdamW(), threads: int | None = None, replay: bool | str = True,
                progress: Callable[[int, int, str], None] | None = None,
-               on_step: Callable[[int, object], None] | None = None) -> RunReport:
+               on_step: Callable[[int, object], None] | None = None,
+               free_run_batches: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+               checkpoint: str | None = None, debug_state: str | None = None) -> RunReport:
     """Run ``steps`` training steps of the C (the library ``lib``) and of each Python
     implementation in ``impls`` (name -> KernelSet; default: none, the C alone against the
     oracle), checking everything after every step. ``models`` (name ->
@@ -67,7 +71,14 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     ``replay``: True (every step), ``"on-failure"`` (only for an implementation whose
     end-to-end checks failed, to localise; cheaper at 124M scale) or False.
     ``on_step(t, cmodel)`` is called after each step's update (the gate fingerprints the
-    C's buffers there)."""
+    C's buffers there).
+
+    The run is one verdict (:attr:`RunReport.passed`) over all it checks: the steps, then
+    a free run on ``free_run_batches`` where there are any (every implementation on its
+    own state from ``params``, :mod:`.freerun`), then llm.c's ``debug_state`` file
+    against the C built from ``checkpoint`` (:mod:`.debugstate`), each kept in the report."""
+    if debug_state and not checkpoint:
+        raise InputError("a debug state needs the checkpoint it was made from")
     lib = as_library(lib)
     impls = dict(impls or {})
     with span("models built"):
@@ -88,7 +99,16 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                 on_step(t, cmodel)
     finally:
         cmodel.close()
-    return _run_report(config, shape, hyper, lib, impls, pymodels, reports)
+    report = _run_report(config, shape, hyper, lib, impls, pymodels, reports)
+    say = progress or (lambda t, n, what: None)
+    if free_run_batches:
+        say(steps, steps, f"free run of {len(free_run_batches)} steps")
+        report.free_run = free_run(config, params, list(free_run_batches), lib=lib, impls=impls, models=models,
+                                   hyper=hyper, threads=threads)
+    if debug_state:
+        say(steps, steps, "debug state")
+        report.debug_state = check_debug_state(checkpoint, debug_state, lib=lib, threads=threads)
+    return report
 
 
 def _step_report(step: "_Step", names: list[str], losses: dict, checks: list[Check], t0: float) -> StepReport:

@@ -77,6 +77,26 @@ def _is_file(where: str) -> bool:
     return where.endswith(".py") or os.sep in where or "/" in where
 
 
+def target_file(target: str) -> str | None:
+    """The file a target names (``file.py`` of ``file.py:name``, or a ``.py`` path given
+    alone, as ``--impl`` takes it); None for a module, a built-in name (``numpy``) or a
+    word such as ``configure_optimizers``."""
+    if not isinstance(target, str) or target in BUILTIN:
+        return None
+    where = target.rpartition(":")[0] if ":" in target else target
+    return where if where and _is_file(where) else None
+
+
+def model_label(target: str) -> str:
+    """The name a model is reported under: the name the user gave it in ``target``
+    (``file.py:GPT`` -> ``GPT``, ``file.py:make_gpt`` -> ``make_gpt``, ``pkg.mod:Outer.GPT``
+    -> ``Outer.GPT``), never a generic word for what kind of object it is."""
+    name = target.rpartition(":")[2] if isinstance(target, str) else ""
+    if not name:
+        raise ModelError(f"expected file.py:name or module:name, got {target!r}")
+    return name
+
+
 def load_object(target: str, error: type[InputError] = ModelError):
     """The object ``target`` names: ``path/to/file.py:name`` or ``package.module:name``
     (``name`` may be dotted); ``error`` says what is wrong with it."""
@@ -137,4 +157,4 @@ def load_model(target: str, *, optimizer: str | None = None, mapping: str | None
     if optimizer and optimizer != CONFIGURE_OPTIMIZERS:
         optimizer = load_object(optimizer)
     return TorchModel(factory, mapping=load_object(mapping) if mapping else None, optimizer=optimizer or None,
-                      name=name or target.rpartition(":")[2])
+                      name=name or model_label(target))

@@ -152,8 +152,25 @@ def to_json(report, *, versions: bool = True) -> dict[str, Any]:
                       **{k: json_float(getattr(r, k)) for k in ("loss", "oracle_loss", "loss_rel", "loss_bound",
                                                                  "param_norm_rel", "param_bound")}}
                      for r in getattr(report, "free_run", [])],
+        "debug_state": _debug_state_json(getattr(report, "debug_state", None)),
     }
     return _plain(out)
+
+
+def _debug_state_json(ds) -> dict[str, Any] | None:
+    """llm.c's debug-state check (harness.checks.debugstate.DebugStateReport) as data;
+    None where the run had none."""
+    if ds is None:
+        return None
+    return {"path": str(ds.path), "B": int(ds.B), "T": int(ds.T), "passed": bool(ds.passed),
+            "losses": {"C": json_float(ds.c_loss), "debug_state": json_float(ds.expected_loss),
+                       "oracle": json_float(ds.oracle_loss)},
+            "tensors": [{"tensor": r.tensor, "passed": bool(r.passed), "max_rel": json_float(r.vs_expected.max_rel),
+                         "tol_rel": json_float(r.vs_expected.tol.rel), "norm_rel": json_float(r.vs_expected.norm_rel),
+                         "tol_norm": json_float(r.vs_expected.tol.norm),
+                         "c_vs_oracle": json_float(r.c_vs_oracle.norm_rel),
+                         "debug_state_vs_oracle": json_float(r.expected_vs_oracle.norm_rel), "closer": r.closer}
+                        for r in ds.rows]}
 
 
 def _plain(x):

@@ -3,8 +3,8 @@
 * :func:`step_table` -- one step: a row per checked tensor, implementation and kind
   (per-layer tensors folded to their worst layer unless ``verbose``), the losses, and on
   failure the first divergence and errors.
-* :func:`run_summary` -- the verdict block of a whole run; :func:`model_notes`, what it
-  says of torch models before the numbers.
+* :func:`run_summary` -- the summary of a whole run, ending in its verdict
+  (:func:`verdict_line`); :func:`model_notes`, what it says of torch models before the numbers.
 * :func:`format_table` -- comparisons, one line each (the per-op checks);
   :func:`worst_per_op_table` -- the pytest plugin's end-of-session table;
   :func:`free_run_table`, :func:`debug_state_table` -- a free run's and a debug state's.
@@ -280,23 +280,56 @@ def _checks_table(report) -> list[str]:
             if rows else ["(no checks)"])
 
 
-def run_summary(report) -> str:
-    """The verdict block of a :class:`~harness.checks.results.RunReport`: PASS/FAIL, what ran, the
-    loss trajectory, checks and failures per implementation and kind, the first
-    divergence, the kernels not checked, the library and its build."""
+def verdict_line(report) -> str:
+    """The run's verdict in one line, read from :attr:`RunReport.passed` and what failed
+    (:meth:`RunReport.failed_parts`): ``llmc-parity: PASS``, or ``llmc-parity: FAIL (...)``
+    naming the failed steps, the free run, the debug state. The text report ends with it."""
+    parts = report.failed_parts()
+    if not parts:
+        return "llmc-parity: PASS"
+    if not report.steps:
+        return "llmc-parity: FAIL (no steps were run)"
+    said = []
+    for part in parts:
+        if part == "steps":
+            failed = [s.step for s in report.steps if not s.passed]
+            said.append(f"{len(failed)} of {len(report.steps)} steps failed")
+        else:
+            said.append(f"the {part} failed")
+    return f"llmc-parity: FAIL ({'; '.join(said)})"
+
+
+def _loss_rows(report, verbose: bool) -> list[tuple[str, ...]]:
+    """The loss trajectory's rows: every step (``verbose``), else the first, the last and
+    every failed step, a ``...`` row where steps are left out."""
+    impls = [i for i in report.impls if i != "C"]
+    keep = {s.step for s in report.steps if verbose or not s.passed}
+    keep |= {report.steps[0].step, report.steps[-1].step} if report.steps else set()
+    rows, last = [], None
+    for s in report.steps:
+        if s.step not in keep:
+            continue
+        if last is not None and s.step > last + 1:
+            rows.append(("...",) + ("",) * (len(impls) + 3))
+        get = s.losses.get
+        rows.append((str(s.step), _loss_text(get("C")), _loss_text(get("oracle")),
+                     *[_loss_text(get(i)) for i in impls], _num(rel_diff(get("C"), get("oracle")))))
+        last = s.step
+    return rows
+
+
+def run_summary(report, verbose: bool = False) -> str:
+    """The summary of a :class:`~harness.checks.results.RunReport`: what ran, the loss
+    trajectory (its first, last and failed steps; every step when ``verbose``), checks and
+    failures per implementation and kind, the first divergence, the kernels not checked,
+    the library and its build; its last line is the verdict (:func:`verdict_line`)."""
     impls = list(report.impls)
-    lines = [f"llmc-parity: {'PASS' if report.passed else 'FAIL'}" + ("" if report.steps else " (no steps were run)"),
-             f"steps: {len(report.steps)}   impls: {', '.join(impls)}   config: {config_text(report.config)}"
+    lines = [f"steps: {len(report.steps)}   impls: {', '.join(impls)}   config: {config_text(report.config)}"
              f"   batch: B={report.B} T={report.T}",
              "AdamW: " + " ".join(f"{k}={v:g}" for k, v in asdict(report.hyper).items()),
              "", "loss trajectory"]
     header = ("step", "C loss", "oracle loss", *[f"{i} loss" for i in impls if i != "C"], "C vs oracle")
-    rows = []
-    for s in report.steps:
-        get = s.losses.get
-        rows.append((str(s.step), _loss_text(get("C")), _loss_text(get("oracle")),
-                     *[_loss_text(get(i)) for i in impls if i != "C"],
-                     _num(rel_diff(get("C"), get("oracle")))))
+    rows = _loss_rows(report, verbose)
     lines += text_table(header, rows, right=set(range(len(header)))) if rows else ["(no steps)"]
 
     lines += ["", "checks"] + _checks_table(report)
@@ -331,6 +364,7 @@ def run_summary(report) -> str:
     fp = getattr(report, "floating_point", None)
     if fp:
         lines.append(f"floating point: {fp['description']}")
+    lines.append(verdict_line(report))
     return "\n".join(lines)
 
 
@@ -382,29 +416,45 @@ def worst_per_op_table(records: list[Comparison]) -> str:
                                 rows, right={1, 2, 4, 5, 6, 7}))
 
 
-def free_run_table(rows) -> str:
+def free_run_table(rows, verbose: bool = True) -> str:
     """A free run (:func:`harness.checks.freerun.free_run`), per step and implementation:
-    loss and parameter divergence from the oracle's own run, against the witness bound."""
+    loss and parameter divergence from the oracle's own run, against the witness bound.
+    Not ``verbose``: each implementation's last step and every failed row."""
+    last = {r.impl: r.step for r in rows}
+    shown = [r for r in rows if verbose or not r.passed or r.step == last[r.impl]]
     body = [(str(r.step), r.impl, f"{r.loss:.7f}", f"{r.loss_rel:.2g}", f"{r.loss_bound:.2g}",
              f"{r.param_norm_rel:.2g}", f"{r.param_bound:.2g}",
-             "ok" if r.passed else ("ERROR " + r.error if r.error else "FAIL")) for r in rows]
+             "ok" if r.passed else ("ERROR " + r.error if r.error else "FAIL")) for r in shown]
+    failed = sum(not r.passed for r in rows)
     return "\n".join(["free run: each implementation on its own state, against the float64 oracle's own run",
                       *text_table(("step", "impl", "loss", "loss rel", "bound", "params rel", "bound", "verdict"),
-                                  body, right={0, 2, 3, 4, 5, 6})])
+                                  body, right={0, 2, 3, 4, 5, 6}),
+                      f"free run: {'PASS' if not failed else 'FAIL'} ({len(rows) - failed} of {len(rows)} rows ok"
+                      + ("" if len(shown) == len(rows) else "; the last step of each and failed rows shown, "
+                         "-v every step") + ")"])
 
 
-def debug_state_table(report) -> str:
+def debug_state_table(report, verbose: bool = True) -> str:
     """llm.c's debug-state check (:func:`harness.checks.debugstate.check_debug_state`): the
-    C against the debug state, tensor by tensor, and which of the two is closer to exact."""
+    C against the debug state, tensor by tensor, and which of the two is closer to exact.
+    Not ``verbose``: the failed tensors, or where none failed, the one that came closest
+    to its tolerance."""
+    worst = max(report.rows, key=lambda r: (not r.passed, r.vs_expected.used), default=None)
+    shown = [r for r in report.rows if verbose or not r.passed or (report.passed and r is worst)]
     rows, notes = [], []
-    for r in report.rows:
+    for r in shown:
         c = r.vs_expected
         rows.append((r.tensor, f"{c.max_rel:.2e}", f"{c.tol.rel:.2e}", f"{c.norm_rel:.2e}", f"{c.tol.norm:.2e}",
                      r.closer, "OK" if c.passed else "FAIL"))
         if not c.passed:
             notes.append("    " + c.message().replace("\n", "\n    "))
+    failed = sum(not r.passed for r in report.rows)
     lines = [f"debug state {report.path}: B={report.B} T={report.T}",
              f"loss: C {report.c_loss:.6f}, debug state {report.expected_loss:.6f}, oracle {report.oracle_loss:.6f}",
              *text_table(("tensor", "max rel", "tol rel", "norm rel", "tol norm", "closer to oracle", "verdict"),
-                         rows, right={1, 2, 3, 4}), *notes, "PASS" if report.passed else "FAIL"]
+                         rows, right={1, 2, 3, 4}), *notes,
+             f"debug state: {'PASS' if report.passed else 'FAIL'} ({len(report.rows) - failed} of {len(report.rows)} "
+             "tensors OK" + ("" if len(shown) == len(report.rows) else
+                             f"; {'the closest to its tolerance' if report.passed else 'the failed'} shown, "
+                             "-v every tensor") + ")"]
     return "\n".join(lines)

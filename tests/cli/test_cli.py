@@ -22,16 +22,27 @@ def cli(capsys, *args):
 
 
 def test_run_passes_and_prints_table_and_verdict(capsys):
-    code, out, err = cli(capsys, "run", "--steps", "2", "-q")
+    code, out, err = cli(capsys, "run", "--steps", "2", "-q", "-v")
     assert code == 0, out[-2000:] + err
-    assert "llmc-parity: PASS" in out
-    assert "acts.ln1" in out and "grads.wte" in out and "mean_loss" in out
+    assert out.splitlines()[-1] == "llmc-parity: PASS"
+    assert "acts.ln1[layer 1]" in out and "grads.wte" in out and "mean_loss" in out   # -v: every row
     assert "loss trajectory" in out
+
+
+def test_a_passing_run_fits_on_one_screen_and_ends_with_its_verdict(capsys):
+    """`make parity`: the header, a short summary, the verdict last; no passing step's table."""
+    code, out, err = cli(capsys, "run", "-q")
+    lines = out.splitlines()
+    assert code == 0, out[-2000:] + err
+    assert lines[0].startswith("llmc-parity run: tiny") and "10 steps" in lines[0]
+    assert len(lines) < 40, out
+    assert lines[-1] == "llmc-parity: PASS"
+    assert "acts.ln1 [layer" not in out and "loss trajectory" in out and "first divergence: none" in out
 
 
 def test_summary_only_prints_no_passing_step_tables(capsys):
     code, out, err = cli(capsys, "run", "--steps", "2", "-q", "--ref", "numpy", "--summary-only")
-    assert code == 0 and "llmc-parity: PASS" in out
+    assert code == 0 and out.splitlines()[-1] == "llmc-parity: PASS"
     assert "acts.ln1 [layer" not in out and "loss trajectory" in out
 
 
@@ -45,19 +56,28 @@ def test_run_with_a_broken_port_exits_1_with_first_divergence(capsys, tmp_path):
     """))
     code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "numpy", "--impl", port)
     assert code == 1, out[-2000:] + err
-    assert "FAIL" in out
+    assert out.splitlines()[-1] == "llmc-parity: FAIL (1 of 1 steps failed)"
     assert "first divergence" in out and "gelu_forward" in out
+    assert "acts.fch_gelu [layer" in out        # the failed step's table is shown
 
 
 @pytest.mark.parametrize("args, reason", [
     (["run", "--config", "nope"], "unknown config"),
-    (["run", "--checkpoint", "/nonexistent/model.bin"], "No such file"),
+    (["run", "--checkpoint", "/nonexistent/model.bin"], "--checkpoint /nonexistent/model.bin: no such file"),
+    (["run", "--tokens", "/nonexistent/tok.bin"], "--tokens /nonexistent/tok.bin: no such file"),
+    (["run", "--checkpoint", __file__, "--debug-state", "/nonexistent/d.bin"],
+     "--debug-state /nonexistent/d.bin: no such file"),
+    (["run", "--model", "/nonexistent/m.py:GPT"], "--model /nonexistent/m.py: no such file"),
+    (["run", "--model", f"{__file__}:x", "--optimizer", "/nonexistent/o.py:f"],
+     "--optimizer /nonexistent/o.py: no such file"),
+    (["run", "--src", "/nonexistent/train_gpt2.c"], "--src /nonexistent/train_gpt2.c: no such file"),
+    (["ops", "--impl", "/nonexistent/port.py"], "--impl /nonexistent/port.py: no such file"),
     (["run", "-T", "999"], "max_seq_len"),
     (["run", "--steps", "0"], "positive"),
     (["run", "-T", "0"], "positive"),
     (["run", "--debug-state", "/nonexistent/d.bin"], "--checkpoint"),
     (["ops", "-k", "no_such_kernel"], "no check ran"),
-    (["run", "--impl", "/nonexistent/port.py"], "no such file"),
+    (["run", "--impl", "/nonexistent/port.py"], "--impl /nonexistent/port.py: no such file"),
     (["run", "--lib", "/nonexistent/lib.so"], "does not exist"),
     (["gate", "--baseline", "/nonexistent/gate.json"], "no gate baseline"),
 ])
@@ -66,6 +86,19 @@ def test_bad_usage_exits_2_with_one_line_reason(capsys, args, reason):
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("llmc-parity: error:")]
     assert len(lines) == 1 and reason.lower() in lines[0].lower(), err
+
+
+def test_every_option_of_every_subcommand_has_help():
+    import argparse
+
+    from harness.cli import parser
+    top = parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in subs.choices.items()
+               for a in sub._actions if not (a.help or "").strip()]
+    missing += [a.dest for a in top._actions if not (a.help or "").strip()]
+    assert not missing, missing
+    assert set(subs.choices) == {"run", "ops", "gate", "info"}
 
 
 def test_json_and_plot_reports_never_overwrite(capsys, tmp_path):
@@ -83,9 +116,10 @@ def test_json_and_plot_reports_never_overwrite(capsys, tmp_path):
     assert j.read_bytes() == before
 
 
-def _llmc_files(tmp_path):
+def _llmc_files(tmp_path, logits_factor: float = 1.0):
     """What llm.c's train_gpt2.py writes, for the tiny model: model.bin (a checkpoint) and
-    debug.bin (a debug state: one batch, its logits, loss and gradients, from torch)."""
+    debug.bin (a debug state: one batch, its logits, loss and gradients, from torch);
+    ``logits_factor``: the debug state's logits doctored by that factor."""
     from harness import load_kernels
     from pyref.model import GPT2
     params = synth.init_params(TINY, seed=5)
@@ -95,7 +129,8 @@ def _llmc_files(tmp_path):
     loss = m.forward(x, y)
     m.zero_grad()
     m.backward()
-    formats.write_debug_state(tmp_path / "debug.bin", TINY, x, y, m.acts["logits"], loss, m.grads_memory)
+    formats.write_debug_state(tmp_path / "debug.bin", TINY, x, y, m.acts["logits"] * logits_factor, loss,
+                              m.grads_memory)
 
 
 def test_run_from_llmc_files(capsys, tmp_path):
@@ -103,9 +138,82 @@ def test_run_from_llmc_files(capsys, tmp_path):
     _llmc_files(tmp_path)
     formats.write_tokens(tmp_path / "tokens.bin", synth.make_tokens(TINY, 1000, seed=1))
     code, out, err = cli(capsys, "run", "-q", "--steps", "2", "--ref", "numpy", "--checkpoint", tmp_path / "model.bin",
-                         "--tokens", tmp_path / "tokens.bin", "--debug-state", tmp_path / "debug.bin")
+                         "--tokens", tmp_path / "tokens.bin", "--debug-state", tmp_path / "debug.bin",
+                         "--free-run", "2", "--json", tmp_path / "out.json")
     assert code == 0, out[-3000:] + err
-    assert "debug state" in out and "grads.wte" in out
+    assert "debug state: PASS (18 of 18 tensors OK" in out and "free run: PASS" in out
+    assert out.splitlines()[-1] == "llmc-parity: PASS"
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["verdict"] == "pass" and data["debug_state"]["passed"]
+    assert len(data["debug_state"]["tensors"]) == 18 and len(data["free_run"]) == 2 * 2   # C, numpy
+
+
+def _verdicts(code: int, out: str, json_path: Path) -> tuple[int, str, str]:
+    """The run's three verdicts: the exit status, the JSON's and the last printed line."""
+    return code, json.loads(json_path.read_text())["verdict"], out.splitlines()[-1]
+
+
+def test_a_failing_debug_state_fails_the_run_in_every_verdict(capsys, tmp_path):
+    """Logits 1% off in the debug state: the exit status, the JSON's verdict and the last
+    line all say FAIL (the per-step checks pass), the last line after the debug state's table."""
+    _llmc_files(tmp_path, logits_factor=1.01)
+    code, out, err = cli(capsys, "run", "-q", "--steps", "1", "--checkpoint", tmp_path / "model.bin",
+                         "--debug-state", tmp_path / "debug.bin", "--json", tmp_path / "out.json")
+    assert _verdicts(code, out, tmp_path / "out.json") == (1, "fail", "llmc-parity: FAIL (the debug state failed)"), \
+        out[-3000:] + err
+    assert out.index("debug state: FAIL") < out.index("llmc-parity: FAIL")
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert [t["tensor"] for t in data["debug_state"]["tensors"] if not t["passed"]] == ["logits"]
+    assert all(s["passed"] for s in data["steps"])
+
+
+def test_a_failing_free_run_fails_the_run_in_every_verdict(capsys, tmp_path, monkeypatch):
+    """A free run whose C leaves its bound at the last step (doctored: the free run's own
+    bounds are tested in tests/ports): exit 1, "fail", a last FAIL line after its table."""
+    import dataclasses
+
+    import harness.checks.run as run_mod
+    real = run_mod.free_run
+
+    def drifting(*a, **k):
+        rows = real(*a, **k)
+        return [dataclasses.replace(r, loss_rel=10 * r.loss_bound) if (r.impl, r.step) == ("C", len(a[2])) else r
+                for r in rows]
+    monkeypatch.setattr(run_mod, "free_run", drifting)
+    code, out, err = cli(capsys, "run", "-q", "--steps", "1", "--ref", "oracle", "--free-run", "2",
+                         "--json", tmp_path / "out.json")
+    assert _verdicts(code, out, tmp_path / "out.json") == (1, "fail", "llmc-parity: FAIL (the free run failed)"), \
+        out[-3000:] + err
+    assert out.index("free run: FAIL") < out.index("llmc-parity: FAIL")
+
+
+def test_json_on_stdout_is_the_json_alone(capsys):
+    """`--json -`: stdout parses as the report (no text before it), whose verdict is the
+    exit status's; the text's verdict line would otherwise not be last."""
+    code, out, err = cli(capsys, "run", "-q", "--steps", "1", "--ref", "oracle", "--json", "-")
+    assert (code, json.loads(out)["verdict"]) == (0, "pass"), out[-2000:] + err
+
+
+def test_a_model_is_labelled_by_the_name_the_user_gave(capsys, tmp_path):
+    """A model made by a factory function is reported under the factory's name, as a class
+    is under its own: never a generic word."""
+    from harness.ports.loader import model_label, target_file
+    assert model_label("my_gpt.py:GPT") == "GPT" and model_label("pkg.models:make_gpt") == "make_gpt"
+    assert target_file("my_gpt.py:GPT") == "my_gpt.py" and target_file("pkg.models:make_gpt") is None
+    assert target_file("configure_optimizers") is None and target_file("numpy") is None
+    (tmp_path / "factory_model.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests" / "ports")!r})
+        import model_ports as mp
+
+        def make_gpt(cfg):
+            return mp.GPT(cfg)
+    """))
+    code, out, err = cli(capsys, "run", "--steps", "1", "-q", "--ref", "oracle",
+                         "--model", f"{tmp_path / 'factory_model.py'}:make_gpt")
+    assert code == 0, out[-2000:] + err
+    assert "not observed [make_gpt]:" in out and "impls: C, make_gpt" in out
+    assert "factory" not in out.replace("factory_model.py", "")
 
 
 def test_run_builds_a_c_source(capsys, tmp_path):
@@ -205,16 +313,14 @@ def test_the_defaults_fit_the_job(capsys, tmp_path, monkeypatch):
     alone, replaying where a check fails, and its header says so and how long a step took;
     below that, and where the user says otherwise, the references and the replay are as
     asked."""
-    import argparse
-
-    from harness import cli as cli_mod
-    args = argparse.Namespace(ref=None, replay=None, debug_state=None)
-    assert cli_mod._what_runs(args, TINY)[:2] == (["numpy", "torch"], "always")
+    from harness.checks.policy import Plan, plan
+    small = plan(TINY)
+    assert (small.refs, small.replay, small.large, small.why) == (["numpy", "torch"], "always", False, None)
     big = PRESETS["d12"]
-    refs, replay, why = cli_mod._what_runs(args, big)
-    assert (refs, replay) == ([], "on-failure") and "124M parameters" in why
-    asked = argparse.Namespace(ref=["numpy"], replay="always", debug_state=None)
-    assert cli_mod._what_runs(asked, big) == (["numpy"], "always", None)
+    large = plan(big)
+    assert (large.refs, large.replay, large.large) == ([], "on-failure", True) and "124M parameters" in large.why
+    assert plan(big, refs=["numpy"], replay="always") == Plan(["numpy"], "always", True)
+    assert plan(TINY, debug_state=True).large and "--debug-state" in plan(TINY, debug_state=True).why
     _llmc_files(tmp_path)
     code, out, err = cli(capsys, "run", "-q", "--steps", "2", "--checkpoint", tmp_path / "model.bin",
                          "--debug-state", tmp_path / "debug.bin")

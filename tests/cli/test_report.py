@@ -121,7 +121,8 @@ def _validate(obj, name: str, doc: dict) -> None:
 def test_schema_doc_lists_every_object():
     doc = _documented()
     assert set(doc) == {"run", "config", "hyperparameters", "library", "build", "versions", "count",
-                        "step", "check", "worst", "tol", "diagnosis", "cause", "finding", "bias_stats"}
+                        "step", "check", "worst", "tol", "diagnosis", "cause", "finding", "bias_stats",
+                        "debug_state", "debug_state_tensor"}
     assert all(doc.values())
 
 
@@ -172,6 +173,67 @@ def test_json_is_strict_and_matches_the_documented_schema(report):
     assert n_diagnosed > 0      # the mutant's layernorm replay checks
 
 
+@pytest.fixture(scope="module")
+def debug_states(tmp_path_factory):
+    """llm.c's debug-state check of a tiny checkpoint: a right debug state, and one whose
+    gradient of wte is 1% off (harness.checks.debugstate.DebugStateReport each)."""
+    from harness import check_debug_state
+    from pyref import formats
+    from pyref.model import GPT2
+    d = tmp_path_factory.mktemp("debug_state")
+    params = synth.init_params(TINY, seed=5)
+    formats.write_checkpoint(d / "model.bin", TINY, params)
+    x, y = synth.make_batch(TINY, 2, 8, seed=3)
+    m = GPT2(TINY, params, kernels=KernelSet.from_module(numpy_kernels))
+    loss = m.forward(x, y)
+    m.zero_grad()
+    m.backward()
+    out = []
+    for factor in (1.0, 1.01):
+        grads = m.grads_memory.copy()
+        grads[:TINY.padded_vocab_size * TINY.channels] *= factor       # wte comes first
+        formats.write_debug_state(d / f"debug{factor}.bin", TINY, x, y, m.acts["logits"], loss, grads)
+        out.append(check_debug_state(d / "model.bin", d / f"debug{factor}.bin"))
+    return out
+
+
+def test_the_debug_state_is_part_of_the_verdict_and_the_json(passing, debug_states):
+    good, bad = debug_states
+    assert good.passed and not bad.passed
+    doc = _documented()
+    for ds, verdict in ((good, "pass"), (bad, "fail")):
+        run = dataclasses.replace(passing, debug_state=ds)
+        data = R.to_json(run, versions=False)
+        json.dumps(data, allow_nan=False)
+        _validate(data, "run", doc)
+        _validate(data["debug_state"], "debug_state", doc)
+        for t in data["debug_state"]["tensors"]:
+            _validate(t, "debug_state_tensor", doc)
+        assert data["verdict"] == verdict and run.passed == (verdict == "pass")
+        last = R.run_summary(run).splitlines()[-1]
+        assert last == ("llmc-parity: PASS" if ds.passed else "llmc-parity: FAIL (the debug state failed)")
+    assert [t["tensor"] for t in R.to_json(dataclasses.replace(passing, debug_state=bad))["debug_state"]["tensors"]
+            if not t["passed"]] == ["grads.wte"]
+    assert R.to_json(passing)["debug_state"] is None
+
+
+def test_debug_state_and_free_run_tables_fold_to_what_matters(debug_states):
+    from harness.checks.freerun import FreeRunRow
+    good, bad = debug_states
+    full, folded = R.debug_state_table(bad), R.debug_state_table(bad, verbose=False)
+    assert "grads.lnfb" in full and "grads.lnfb" not in folded and "grads.wte" in folded
+    assert folded.splitlines()[-1].startswith("debug state: FAIL (17 of 18 tensors OK; the failed shown")
+    assert R.debug_state_table(good, verbose=False).splitlines()[-1].startswith(
+        "debug state: PASS (18 of 18 tensors OK; the closest to its tolerance shown")
+    rows = [FreeRunRow(t, impl, 4.0, 4.0, 1e-7 if (impl, t) != ("numpy", 2) else 1.0, 1e-6, 1e-7, 1e-6)
+            for t in (1, 2, 3) for impl in ("C", "numpy")]
+    folded = R.free_run_table(rows, verbose=False)
+    body = [line.split() for line in folded.splitlines()[3:-1]]
+    assert [(r[0], r[1]) for r in body] == [("2", "numpy"), ("3", "C"), ("3", "numpy")]
+    assert folded.splitlines()[-1].startswith("free run: FAIL (5 of 6 rows ok")
+    assert len(R.free_run_table(rows).splitlines()) == 3 + 6 + 1
+
+
 def test_json_versions_can_be_left_out(passing):
     data = R.to_json(passing, versions=False)
     assert data["versions"] is None
@@ -202,7 +264,7 @@ def test_failing_run_names_the_mutant_and_its_kernel(report):
     assert "C" not in report.steps[0].first_divergence and "numpy" not in report.steps[0].first_divergence
 
     summary = R.run_summary(report)
-    assert summary.startswith("llmc-parity: FAIL")
+    assert summary.splitlines()[-1] == "llmc-parity: FAIL (2 of 2 steps failed)"
     fd = next(line for line in summary.splitlines() if line.startswith("first divergence:"))
     assert "[mutant]" in fd and "layernorm_forward" in fd
     assert "broken: attention_backward" in summary          # kernels not checked
@@ -253,7 +315,7 @@ def test_step_table_filter_and_verbose(report):
 
 def test_passing_summary(passing):
     summary = R.run_summary(passing)
-    assert summary.startswith("llmc-parity: PASS")
+    assert summary.splitlines()[-1] == "llmc-parity: PASS"
     assert "first divergence: none" in summary
     table = R.step_table(passing.steps[0])
     rows = _rows(table)

@@ -55,6 +55,24 @@ def test_a_moved_bit_fails_and_names_the_tensor(suite_run, tmp_path):
     result = evaluate(suite_run, base)
     assert not result.passed and result.bits["status"] == "changed"
     assert key in result.text() and "gate --update" in result.text()
+    # a bit-only change: accepting it is the remedy, and the advice says so
+    assert "accept it" in result.lines[-1] and "will not make it pass" not in result.text()
+
+
+def test_a_tolerance_violation_is_not_advised_away_by_update(suite_run, tmp_path):
+    """A tolerance violation is the C's numbers being wrong, not drift: the advice says so
+    and that --update is no remedy; and it is none (the updated baseline still fails)."""
+    run = copy.copy(suite_run)
+    run.failures = ["op layernorm_forward tiny out: max rel 3e-3 > tol 1e-5"]
+    _, base = _baseline(suite_run, tmp_path)
+    result = evaluate(run, base)
+    assert not result.passed
+    advice = result.lines[-1]
+    assert "numbers are wrong" in advice and "will not make it pass" in advice and "accept it" not in advice
+    path = tmp_path / "updated.json"
+    write_baseline(run, path, base)
+    again = evaluate(run, load_baseline(path))
+    assert not again.passed and again.lines[-1] == advice
 
 
 def test_grown_error_fails_and_says_by_how_much(suite_run, tmp_path):
@@ -63,8 +81,10 @@ def test_grown_error_fails_and_says_by_how_much(suite_run, tmp_path):
     # under which growth is not counted
     key = max(base["metrics"], key=lambda k: base["metrics"][k]["max_rel"] / base["metrics"][k]["tol_rel"])
     base["metrics"][key]["max_rel"] = base["metrics"][key]["tol_rel"] * 0.01  # pretend it was tiny
-    text = evaluate(suite_run, base).text()
+    result = evaluate(suite_run, base)
+    text = result.text()
     assert "GATE FAIL" in text and key in text and "grew beyond 4x" in text
+    assert "accept it" in result.lines[-1]    # within tolerance: the baseline may accept it
 
 
 @pytest.mark.parametrize("component", ["cflags", "libm_dispatch", "inputs"])
