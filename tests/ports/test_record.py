@@ -174,3 +174,14 @@ def test_a_matcher_without_layouts_does_not_pin_the_attention_bug(monkeypatch):
     _, c, _ = run(lp.TransposedGPT)
     assert c.pin is not None
     assert [s.line for s in c.pin.lines] != [line_of(text)]
+
+
+def test_the_command_line_prints_the_line(capsys):
+    from harness.cli import main
+    text = PLANTED["attention"][1]
+    code = main(["run", "--steps", "1", "-q", "--ref", "oracle", "--model", f"{PORTS}:TransposedGPT"])
+    out = capsys.readouterr().out
+    assert code == 1
+    first = next(line for line in out.splitlines() if line.startswith("first divergence:"))
+    assert first.endswith(f"attention_forward at line_ports.py:{line_of(text)} ({text}): "
+                          "the softmax matches, the weighted values do not")
