@@ -13,7 +13,8 @@ reference by its name), ``models built``, ``load_state``, ``C acts poisoned``, `
 noise``, ``witness spread``, the checks (``e2e checks``, ``replay checks``, ``update
 checks``, ``first divergence``), inside them ``compare`` (detail ``actual``: the array
 compared, or a tuple of the arrays one pass compares), ``term
-magnitudes``, ``replay: float64 ops``, ``replay: float64 inputs``, and ``diagnose``.
+magnitudes``, ``replay: float64 ops``, ``replay: float64 inputs``, ``diagnose`` and
+``record`` (detail ``module``: a failing torch port's module recorded op by op).
 """
 from __future__ import annotations
 

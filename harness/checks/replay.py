@@ -15,7 +15,8 @@ from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
 from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
 from ..arbiter.tolerances import term_magnitude
-from .results import Check
+from ..ports.record import pin_failure
+from .results import Check, first_divergence_check
 from .state import args64, module_of, observation, replayable
 from .verdict import call_scale, judge
 
@@ -153,3 +154,14 @@ def _oracle_run(kernel: str, args: dict) -> dict:
     """The oracle's outputs of ``kernel`` on ``args``, in float64."""
     with span("replay: float64 ops"):
         return run_kernel(ORACLE, kernel, args, np.float64)
+
+
+def pin_divergence(checks: list[Check], state) -> None:
+    """A torch model's first divergence at a forward op, pinned to the line of the port's
+    source where it goes wrong (:func:`harness.ports.record.pin_failure`: the module
+    recorded op by op on its own inputs). Only a failure is recorded: on a passing step
+    this looks at the checks and returns."""
+    c = first_divergence_check(checks)
+    if c is None or c.kind != "replay" or c.ref.group != "acts" or not c.nodes:
+        return
+    c.pin = pin_failure(state, c.nodes[-1], c.ref)

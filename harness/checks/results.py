@@ -35,6 +35,7 @@ class Check:
     comparison: Comparison
     nodes: tuple[Node, ...] = ()   # the graph's calls that write ``ref``, in order
     module: str | None = None      # the torch model's module that showed it
+    pin: object = None             # where in a torch port's source it goes wrong (harness.ports.record.Pin)
 
     @property
     def passed(self) -> bool:
@@ -242,6 +243,7 @@ def first_divergence(checks: list[Check], heading: bool = True, structure=None) 
         whose = "the C's own" if c.impl == "C" else "its own"
         head += f", inputs exact ({whose}), output off"
     bias = f", mean error {cmp.bias_text()}" if "bias" in cmp.failed_checks() else ""
+    pin = f"; {c.pin.describe()}" if c.pin is not None else ""
     return (f"{head}: {c.tensor} max rel {cmp.max_rel:.3g} (tol {cmp.tol.rel:.3g}), "
             f"norm rel {cmp.norm_rel:.3g} (tol {cmp.tol.norm:.3g}){bias}, worst at {cmp.worst_label}: "
-            f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}")
+            f"{cmp.worst_actual!r} vs {cmp.worst_expected!r}{pin}")

@@ -48,7 +48,7 @@ from .debugstate import check_debug_state
 from .e2e import e2e_graph
 from .freerun import free_run
 from .loss import check_loss
-from .replay import replay_graph
+from .replay import pin_divergence, replay_graph
 from .results import Check, RunReport, StepReport, first_divergence
 from .state import returned_by, unobserved
 from .update import check_update
@@ -280,6 +280,7 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
             known = {f.text() for f in pm.findings}
             pm.findings.extend(f for f in structure if f.text() not in known)
         step.graph[name] = _check_state(step, name, pm, losses, oracle, spread)
+        pin_divergence(step.graph[name], pm)   # a failure of a torch port: its line (nothing on a pass)
         _release(pm, "drop_activations")   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
         try:

@@ -93,6 +93,7 @@ def _check_json(c) -> dict[str, Any]:
         "tol": {"rel": row["tol_rel"], "norm": row["tol_norm"], "ulp": row["tol_ulp"], "bias": row["tol_bias"],
                 "why": row["tol_why"]},
         "diagnosis": None if getattr(c, "diagnosis", None) is None else c.diagnosis.to_json(),
+        "pin": None if getattr(c, "pin", None) is None else c.pin.to_json(),
     }
 
 

@@ -17,7 +17,6 @@ from pyref.config import PRESETS
 from pyref.protocol import KernelSet
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_DOC = ROOT / "docs" / "report-schema.md"
 TINY = PRESETS["tiny"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -72,50 +71,7 @@ def passing(report):
 
 # ---------------------------------------------------------------------------- the schema doc
 
-def _documented() -> dict[str, dict[str, str]]:
-    """object name -> {field: type} from the tables of docs/report-schema.md."""
-    objects: dict[str, dict[str, str]] = {}
-    current = None
-    for line in SCHEMA_DOC.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^## Object: `(\w+)`", line)
-        if m:
-            current = objects.setdefault(m.group(1), {})
-            continue
-        if line.startswith("## "):
-            current = None
-        m = re.match(r"^\| `([\w-]+)` \| ([a-z ]+) \|", line)
-        if m and current is not None:
-            current[m.group(1)] = m.group(2).strip()
-    return objects
-
-
-def _type_ok(value, spec: str) -> bool:
-    alts = spec.split(" or ")
-    for t in alts:
-        if t == "null" and value is None:
-            return True
-        if t == "string" and isinstance(value, str):
-            return True
-        if t == "integer" and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if t == "boolean" and isinstance(value, bool):
-            return True
-        if t == "float" and ((isinstance(value, (int, float)) and not isinstance(value, bool))
-                             or value in ("nan", "inf", "-inf")):
-            return True
-        if t == "object" and isinstance(value, dict):
-            return True
-        if t == "array" and isinstance(value, list):
-            return True
-    return False
-
-
-def _validate(obj, name: str, doc: dict) -> None:
-    fields = doc[name]
-    assert isinstance(obj, dict), name
-    assert list(obj) == list(fields), f"{name}: fields {list(obj)} vs documented {list(fields)}"
-    for key, spec in fields.items():
-        assert _type_ok(obj[key], spec), f"{name}.{key} = {obj[key]!r} is not {spec}"
+from report_schema import documented as _documented, type_ok as _type_ok, validate as _validate  # noqa: E402
 
 
 def test_schema_doc_lists_every_object():

@@ -122,10 +122,10 @@ def test_structural_findings_name_the_module_and_run_the_checks_that_can_run():
     assert ln1 and ln1[0].passed
     data = to_json(report, versions=False)
     details = data["finding_details"]["port"]
-    from test_report import _documented, _validate
-    doc = _documented()
+    from report_schema import documented, validate
+    doc = documented()
     for d in details + data["steps"][0]["structure"]["port"]:
-        _validate(d, "finding", doc)
+        validate(d, "finding", doc)
     assert any(d["id"] == "structure.no-gradient" and d["values"]["tensor"] == "ln2w[0]" for d in details)
     assert data["steps"][0]["structure"]["port"]
 

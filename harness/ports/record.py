@@ -1,0 +1,509 @@
+"""Seeing inside a torch port: its forward recorded op by op, and a failure pinned to the
+line of the port's source that made it.
+
+The checks see a torch model only at the module boundaries the families name
+(:mod:`.capture`), so a module whose output fails with no known cause leaves its user to
+bisect the module's forward by hand. Here, only once a check has failed (a passing step
+records nothing, so its cost does not change), the model's forward is run again, under
+``torch.no_grad()``, with the failing module's call recorded at the level of torch's
+dispatched operations (:class:`Recorder`, a ``TorchDispatchMode``): each op's aten
+overload, its output's shape and dtype, the module it ran under and the innermost stack
+frame in the user's own files (not torch, the harness, the references or
+site-packages), as ``path:line`` and the line's text. The module thus runs on exactly the
+inputs it had.
+
+The op's reference (:func:`stages`) is the float64 oracle of the graph's op on the port's
+own inputs for it, with the intermediates the C computes on the way (attention's scores
+and softmax, a layer norm's mean, centred input, variance and rstd). Each recorded output
+is matched to them up to a layout (:data:`LAYOUTS`: a view, a transpose, heads split or
+merged) within a float32-sized bound. The op that produced the port's failing tensor is
+found among the recorded ones; its ancestors back to the tensors that match (the last
+intermediate reproduced) are the suspects, narrowed to those of the first intermediate the
+port computes and does not reproduce; their lines are the :class:`Pin`.
+
+``torch.utils._debug_mode.DebugMode`` records the same dispatched ops, but renders every
+op's arguments to text and keeps stack traces as formatted strings; the pin needs the
+output tensors, which op produced each input, and one frame: a small mode of its own.
+"""
+from __future__ import annotations
+
+import functools
+import linecache
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pyref.protocol import FORWARD_OUTPUTS, run_kernel
+
+from ..arbiter.oracle import ORACLE
+from ..graph import Node, Ref
+from ..probe import span
+
+# a recorded tensor reproduces an intermediate when its layout of the value is within this
+# fraction of the intermediate's norm: float32 roundoff over a sum of C terms stays below
+# it by orders of magnitude, a wrong op is off by far more
+MATCH_BOUND = 2.0 ** -16
+# the op that produced the port's own failing tensor reproduces it to the last bits
+SAME_BOUND = 2.0 ** -20
+# a wrong value of an intermediate is within its own size of it (a different quantity is not): the
+# nearest suspect stands for the intermediate only within this
+NEAR_BOUND = 1.0
+
+
+# ----------------------------------------------------------------------------- where an op is
+
+@dataclass(frozen=True)
+class Site:
+    """A line of the user's source: its file, its number and its text."""
+
+    file: str
+    line: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{Path(self.file).name}:{self.line} ({self.text})"
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "line": self.line, "text": self.text}
+
+
+def _not_user_roots() -> tuple[str, ...]:
+    """Folders whose files are not the user's: torch, the harness, the references, the
+    standard library and installed packages."""
+    import torch
+    here = Path(__file__).resolve().parents[1]
+    roots = {str(Path(torch.__file__).resolve().parent), str(here), str(here.parent / "pyref")}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            roots.add(str(Path(p).resolve()))
+    return tuple(r + os.sep for r in roots)
+
+
+@functools.lru_cache(maxsize=None)
+def is_user_file(filename: str) -> bool:
+    """Whether ``filename`` is one of the user's own files."""
+    if not filename or filename.startswith("<"):
+        return False
+    path = str(Path(filename).resolve())
+    if "site-packages" in path or "dist-packages" in path:
+        return False
+    return not path.startswith(_not_user_roots())
+
+
+def user_site(frame=None) -> Site | None:
+    """The innermost frame of the running stack that lies in the user's files."""
+    f = frame if frame is not None else sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename
+        if is_user_file(name):
+            return Site(name, f.f_lineno, linecache.getline(name, f.f_lineno).strip())
+        f = f.f_back
+    return None
+
+
+# ----------------------------------------------------------------------------- recording
+
+@dataclass
+class Op:
+    """One dispatched operation's output (an op with several outputs is one per output):
+    the aten overload, which op produced each tensor input (``inputs``: indices into the
+    recording), the module it ran under, its user site, and the output (a copy, when the
+    recording keeps it: float64, NumPy). ``name == "input"``: a tensor made before the recording (a
+    module's input, a parameter)."""
+
+    index: int
+    name: str
+    shape: tuple
+    dtype: str
+    inputs: tuple[int, ...] = ()
+    module: str = ""
+    site: Site | None = None
+    value: object = None
+
+
+def _recorder_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.weak import WeakIdKeyDictionary
+    import torch
+
+    class Recorder(TorchDispatchMode):
+        """Records every op dispatched while ``active``: see :class:`Op`. ``keep(t)``
+        says whether to keep a copy of an output."""
+
+        def __init__(self, keep: Callable | None = None):
+            super().__init__()
+            self.ops: list[Op] = []
+            self.modules: list[str] = []
+            self.active = True
+            self.keep = keep or (lambda t: True)
+            self._producer = WeakIdKeyDictionary()
+
+        def _op(self, name, t, inputs=(), site=None) -> int:
+            value = (t.detach().to(torch.float64, copy=True).numpy()
+                     if t.dtype.is_floating_point and self.keep(t) else None)
+            op = Op(len(self.ops), name, tuple(t.shape), str(t.dtype).replace("torch.", ""), inputs,
+                    self.modules[-1] if self.modules else "", site, value)
+            self.ops.append(op)
+            self._producer[t] = op.index
+            return op.index
+
+        def _source(self, t) -> int:
+            i = self._producer.get(t)
+            return self._op("input", t) if i is None else i
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not self.active:
+                return func(*args, **kwargs)
+            inputs = tuple(self._source(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            out = func(*args, **kwargs)
+            site = user_site()
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._op(str(func), t, inputs, site)
+            return out
+
+    return Recorder
+
+
+class _Done(Exception):
+    """The recorded module's call has returned: the rest of the forward is not needed."""
+
+
+def record(model, call: Callable, module: str | None = None, keep: Callable | None = None) -> list[Op]:
+    """The ops of ``call()`` (a forward of ``model``), under ``torch.no_grad()``: all of
+    them, or (``module``: a submodule's name) those of that module's first call only, the
+    forward stopped once it returns. Each op is attributed to the innermost module running
+    (forward hooks on ``model``'s modules, removed after)."""
+    import torch
+    rec = _recorder_class()(keep)
+    rec.active = module is None
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(_enter(rec, name, name == module)))
+        handles.append(m.register_forward_hook(_leave(rec, name, name == module), always_call=True))
+    try:
+        with torch.no_grad(), rec:
+            call()
+    except _Done:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return rec.ops
+
+
+def _enter(rec, name: str, target: bool):
+    def pre(mod, args):
+        rec.modules.append(name)
+        if target and not rec.ops:
+            rec.active = True
+    return pre
+
+
+def _leave(rec, name: str, target: bool):
+    def post(mod, args, out):
+        if rec.modules and rec.modules[-1] == name:
+            rec.modules.pop()
+        if target and rec.active:
+            rec.active = False
+            raise _Done
+    return post
+
+
+# ----------------------------------------------------------------------------- the reference's intermediates
+
+@dataclass
+class Stage:
+    """A value the graph's op computes on the way to (or as) its output, in float64 on the
+    port's own inputs: ``name``, the words for it (``phrase``, ``plural``), its value and,
+    where only part of it is defined (the causal triangle), the mask of that part."""
+
+    name: str
+    phrase: str
+    value: np.ndarray
+    where: np.ndarray | None = None
+    plural: bool = False
+
+    def says(self, matches: bool) -> str:
+        if matches:
+            return f"{self.phrase} {'match' if self.plural else 'matches'}"
+        return f"{self.phrase} {'do' if self.plural else 'does'} not"
+
+
+# words for the graph's tensors: (kernel, argument) -> (phrase, plural)
+PHRASES = {
+    ("attention_forward", "inp"): ("c_attn's q, k, v", True),
+    ("attention_forward", "q"): ("the queries", True),
+    ("attention_forward", "k"): ("the keys", True),
+    ("attention_forward", "v"): ("the values", True),
+    ("attention_forward", "preatt"): ("the scaled scores", True),
+    ("attention_forward", "masked"): ("the masked scores", True),
+    ("attention_forward", "att"): ("the softmax", False),
+    ("attention_forward", "out"): ("the weighted values", True),
+    ("layernorm_forward", "inp"): ("the input", False),
+    ("layernorm_forward", "mean"): ("the mean", False),
+    ("layernorm_forward", "xshift"): ("the centred input", False),
+    ("layernorm_forward", "var"): ("the variance", False),
+    ("layernorm_forward", "rstd"): ("the reciprocal standard deviation", False),
+    ("layernorm_forward", "norm"): ("the normalised input", False),
+    ("layernorm_forward", "out"): ("the scaled and shifted output", False),
+    ("gelu_forward", "inp"): ("the GELU's input", False),
+    ("gelu_forward", "out"): ("the GELU", False),
+    ("matmul_forward", "inp"): ("the matmul's input", False),
+    ("matmul_forward", "out"): ("the product", False),
+    ("residual_forward", "inp1"): ("the residual stream", False),
+    ("residual_forward", "inp2"): ("the branch", False),
+    ("residual_forward", "out"): ("the sum", False),
+    ("encoder_forward", "out"): ("the embeddings", True),
+    ("softmax_forward", "logits"): ("the logits", True),
+    ("softmax_forward", "probs"): ("the probabilities", True),
+}
+
+
+def _stage(kernel: str, name: str, value, where=None) -> Stage:
+    phrase, plural = PHRASES.get((kernel, name), (name, False))
+    return Stage(name, phrase, np.asarray(value, np.float64), where, plural)
+
+
+def stages(kernel: str, args: dict, out: dict) -> list[Stage]:
+    """The op's values in the order it computes them: its tensor inputs, the
+    intermediates the C computes on the way (:data:`_INTERMEDIATES`), its outputs
+    (``out``: the oracle's)."""
+    inputs = [_stage(kernel, k, v) for k, v in args.items()
+              if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim >= 2]
+    more = _INTERMEDIATES.get(kernel)
+    if more is not None:
+        return inputs + more(kernel, args, out)
+    return inputs + [_stage(kernel, o, out[o]) for o in FORWARD_OUTPUTS[kernel] if o in out]
+
+
+def _attention(kernel: str, args: dict, out: dict) -> list[Stage]:
+    """q, k, v split into heads (B, NH, T, hs), the scores on the causal triangle, the
+    scores masked (-inf above the diagonal), the softmax, the output."""
+    inp, NH = args["inp"], int(args["NH"])
+    B, T, C3 = inp.shape
+    C = C3 // 3
+    heads = lambda x: x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)   # noqa: E731
+    tri = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, NH, T, T))
+    return ([_stage(kernel, n, heads(inp[..., i * C:(i + 1) * C])) for i, n in enumerate("qkv")]
+            + [_stage(kernel, "preatt", out["preatt"], tri), _stage(kernel, "masked", np.where(tri, out["preatt"], -np.inf)),
+               _stage(kernel, "att", out["att"]),
+               _stage(kernel, "out", out["out"])])
+
+
+def _layernorm(kernel: str, args: dict, out: dict) -> list[Stage]:
+    """The mean, the centred input, the (biased) variance, rstd, the normalised input,
+    the output."""
+    x = args["inp"]
+    xshift = x - out["mean"][..., None]
+    return [_stage(kernel, "mean", out["mean"]), _stage(kernel, "xshift", xshift),
+            _stage(kernel, "var", (xshift * xshift).mean(-1)), _stage(kernel, "rstd", out["rstd"]),
+            _stage(kernel, "norm", xshift * out["rstd"][..., None]), _stage(kernel, "out", out["out"])]
+
+
+_INTERMEDIATES = {"attention_forward": _attention, "layernorm_forward": _layernorm}
+
+
+# ----------------------------------------------------------------------------- matching up to a layout
+
+def layouts(a: np.ndarray, shape: tuple) -> list[np.ndarray]:
+    """``a``'s values laid out in ``shape`` as a port may hold them: a view (reshape:
+    flattened or unflattened axes, keepdim's size-1 axes), a transpose of two of its axes
+    then a view (heads merged: (B, NH, T, hs) -> (B, T, C)), a view then a transpose of
+    two axes (heads split: (B, T, C) -> (B, NH, T, hs)). A tensor of the shape itself (up
+    to size-1 axes) is taken as it is: a softmax transposed is not the softmax."""
+    if a.size != int(np.prod(shape)):
+        return []
+    out = [a.reshape(shape)]
+    if _squeezed(a.shape) == _squeezed(shape):
+        return out
+    for i in range(a.ndim):
+        for j in range(i + 1, a.ndim):
+            out.append(np.swapaxes(a, i, j).reshape(shape))
+    for i in range(len(shape)):
+        for j in range(i + 1, len(shape)):
+            swapped = list(shape)
+            swapped[i], swapped[j] = swapped[j], swapped[i]
+            out.append(np.swapaxes(a.reshape(swapped), i, j))
+    return out
+
+
+def _squeezed(shape) -> tuple:
+    return tuple(n for n in shape if n != 1)
+
+
+def distance(a: np.ndarray, stage: Stage, layout=layouts) -> float:
+    """The least norm-relative difference between ``a`` in any of its ``layout``s and the
+    stage's value (on its mask); inf where no layout fits."""
+    best = np.inf
+    ref = stage.value if stage.where is None else stage.value[stage.where]
+    norm = float(np.linalg.norm(ref[np.isfinite(ref)])) or 1.0
+    for x in layout(a, stage.value.shape):
+        x = x if stage.where is None else x[stage.where]
+        with np.errstate(all="ignore"):
+            d = float(np.linalg.norm(np.where(x == ref, 0.0, x - ref))) / norm   # -inf where -inf: equal
+        if d < best:        # NaN never is
+            best = d
+    return best
+
+
+# ----------------------------------------------------------------------------- pinning a failure to a line
+
+@dataclass
+class Pin:
+    """Where in the port's source a failing op goes wrong: the first of the suspect
+    ``lines`` (``file``, ``line``, ``text``), the module recorded, the last intermediate
+    the port reproduces (``matched``, None where none is) and the first it computes and
+    does not (``unmatched``), by name (:func:`stages`), with their words for the text."""
+
+    kernel: str
+    module: str
+    lines: tuple[Site, ...]
+    matched: str | None
+    unmatched: str
+    says: tuple[str, ...] = field(default=(), repr=False)   # the words: matched's, unmatched's
+
+    @property
+    def file(self) -> str:
+        return self.lines[0].file
+
+    @property
+    def line(self) -> int:
+        return self.lines[0].line
+
+    @property
+    def text(self) -> str:
+        return self.lines[0].text
+
+    def describe(self) -> str:
+        """``attention_forward at gpt.py:87 (y = att.transpose(-2, -1) @ v): the softmax
+        matches, the weighted values do not``."""
+        return f"{self.kernel} at {', '.join(map(str, self.lines))}: {', '.join(self.says)}"
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "line": self.line, "text": self.text, "module": self.module,
+                "matched": self.matched, "unmatched": self.unmatched, "lines": [s.to_json() for s in self.lines],
+                "text_line": self.describe()}
+
+
+def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
+    """The line(s) of a torch model's source where ``node``'s output ``ref`` (a failing
+    forward replay check) goes wrong: the module that showed ``ref`` recorded again on its
+    own inputs (:func:`record`), its ops matched to the op's intermediates
+    (:func:`locate`). None where ``state`` is not a torch model's, or nothing is found."""
+    model = getattr(state, "model", None)
+    if model is None or "torch" not in sys.modules or ref.group != "acts" or getattr(state, "inputs", None) is None:
+        return None     # not a torch model's state (and torch is not even loaded)
+    import torch
+    if not isinstance(model, torch.nn.Module):
+        return None
+    args = {k: (np.asarray(v.get(state), np.float64) if isinstance(v, Ref) and v.group != "batch"
+                else (v.get(state) if isinstance(v, Ref) else v))
+            for k, v in node.args if k not in FORWARD_OUTPUTS[node.kernel]}
+    found = stages(node.kernel, args, run_kernel(ORACLE, node.kernel, args, np.float64))
+    observed = _stage(node.kernel, "observed", np.asarray(ref.get(state), np.float64))
+    sizes = {s.value.size for s in found}
+    idx = torch.from_numpy(np.asarray(state.inputs, np.int64))
+    tgt = torch.from_numpy(np.asarray(state.targets, np.int64))
+    module = recorded_module(model, state.module_of(ref))
+    with span("record", module=module):
+        try:
+            ops = record(model, lambda: state._call(idx, tgt), module, keep=lambda t: t.numel() in sizes)
+        except Exception:
+            return None     # the port's forward raised run again, recorded: no line, the check stands
+    return locate(ops, found, observed, node.kernel, module or "", layout)
+
+
+def recorded_module(model, shown: str | None) -> str | None:
+    """The module whose call computes a tensor shown at ``shown`` (:meth:`Capture.points`):
+    the module itself for its output, its parent for its input (attention's output is
+    ``attn.c_proj``'s input: ``attn`` computes it), the whole model (None) otherwise."""
+    if not shown or " " in shown.replace(" input", ""):
+        return None
+    import torch
+    name = shown.removesuffix(" input")
+    if shown.endswith(" input"):
+        name = name.rpartition(".")[0]
+    names = dict(model.named_modules())
+    # a container that is never called itself (transformer.h, a ModuleList): its caller
+    while name and (name not in names or type(names[name]).forward is torch.nn.Module.forward):
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, module: str,
+           layout=layouts) -> Pin | None:
+    """The pin from a recording: the op that produced the port's failing tensor
+    (``observed``), its ancestors back to the ops that reproduce an intermediate (the
+    suspects), narrowed to those of the first intermediate the suspects compute and do not
+    reproduce."""
+    good = {op.index: {s.name for s in found if distance(op.value, s, layout) <= MATCH_BOUND}
+            for op in ops if op.value is not None}
+    good = {i: names for i, names in good.items() if names}
+    made = [op for op in ops if op.value is not None and op.name != "input"]
+    anchor = next((op for op in made if distance(op.value, observed, layout) <= SAME_BOUND), None)
+    if anchor is None or anchor.index in good:
+        return None     # the failing tensor is not among the ops, or it is the reference's
+    suspects, frontier = _ancestors(ops, anchor.index, good)
+    unmatched = _first_unmatched(ops, found, good, suspects, frontier, layout)
+    if unmatched is not None:
+        stage, op = unmatched
+        narrowed, frontier = _ancestors(ops, op, good)
+        suspects &= narrowed
+    else:
+        stage = next((s for s in found if s.name == "out"), found[-1])
+    sites = tuple(dict.fromkeys(ops[i].site for i in sorted(suspects) if ops[i].site is not None))
+    if not sites:
+        return None
+    before = _last_reproduced(found, good, frontier, stage)
+    says = ((before.says(True),) if before is not None else ()) + (stage.says(False),)
+    return Pin(kernel, module, sites, before.name if before is not None else None, stage.name, says)
+
+
+def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: set, frontier: set, layout):
+    """(the first intermediate after the suspects' inputs that no op reproduces and a
+    suspect could stand for, the suspect nearest to it), or None."""
+    reproduced = {n for names in good.values() for n in names}
+    names = [s.name for s in found]
+    start = max((names.index(n) + 1 for i in frontier for n in good[i]), default=0)
+    for s in found[start:]:
+        if s.name in reproduced:
+            continue
+        near = [(d, i) for i in sorted(suspects) if ops[i].value is not None
+                and (d := distance(ops[i].value, s, layout)) <= NEAR_BOUND]
+        if near:
+            return s, min(near)[1]
+    return None
+
+
+def _last_reproduced(found: list[Stage], good: dict, frontier: set, stage: Stage) -> Stage | None:
+    """The latest intermediate before ``stage`` that the suspects' inputs reproduce."""
+    names = [s.name for s in found]
+    at = names.index(stage.name)
+    best = max((names.index(n) for i in frontier for n in good[i] if names.index(n) < at), default=None)
+    return None if best is None else found[best]
+
+
+def _ancestors(ops: list[Op], start: int, good: dict) -> tuple[set[int], set[int]]:
+    """The ops ``start`` was computed from, itself included, back to (not through) the
+    ones that reproduce an intermediate (``good``), and those (the frontier)."""
+    seen, frontier, todo = set(), set(), [start]
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        for p in ops[i].inputs:
+            if p in good:
+                frontier.add(p)
+            elif p not in seen:
+                todo.append(p)
+    return {i for i in seen if ops[i].name != "input"}, frontier

@@ -1,0 +1,187 @@
+"""A torch port's failure pinned to the line of its source (harness/ports/record.py).
+
+A module's forward recorded at the level of torch's dispatched ops gives each op its user
+line; a planted bug on one line of a hand-written attention, GELU or layer norm
+(tests/ports/line_ports.py) is pinned to that line, found by its text; the right port
+records nothing; a matcher that ignores layouts does not pin the attention bug.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from harness import TorchModel, run_parity, to_json
+from harness.checks.results import first_divergence_check
+from harness.ports import record as R
+from harness.probe import listening
+from pyref import synth
+from pyref.config import PRESETS
+
+import line_ports as lp
+
+TINY = PRESETS["tiny"]
+PORTS = Path(lp.__file__)
+
+
+def line_of(text: str, path: Path = PORTS) -> int:
+    """The number of the one line of ``path`` whose text is ``text``."""
+    found = [i for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip() == text]
+    assert len(found) == 1, (text, found)
+    return found[0]
+
+
+class Recorded:
+    """A probe listener: the spans "record" it hears."""
+
+    def __init__(self):
+        self.modules = []
+
+    def enter(self, category, detail):
+        if category == "record":
+            self.modules.append(detail.get("module"))
+
+    def exit(self, token):
+        pass
+
+
+def run(factory):
+    """One step from the C's state; (the report, the port's first divergence check, the
+    modules recorded)."""
+    with listening(Recorded()) as heard:
+        report = run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, 2, 8), steps=1,
+                            models={"port": TorchModel(factory)})
+    c = first_divergence_check([c for c in report.steps[0].checks if c.impl == "port"])
+    return report, c, heard.modules
+
+
+# ----------------------------------------------------------------------------- recording
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        y = h.transpose(-2, -1) @ h
+        return y.softmax(-1)
+
+
+def test_recording_gives_each_op_its_user_line_and_module():
+    model = Small()
+    ops = R.record(model, lambda: model(torch.randn(2, 3, 4)))
+    here = Path(__file__)
+    made = [op for op in ops if op.name != "input"]
+    assert {op.site.file for op in made} == {str(here)}
+    lines = {op.name: (op.site.line, op.site.text, op.module) for op in made}
+    assert lines["aten.addmm.default"] == (line_of("h = self.lin(x)", here), "h = self.lin(x)", "lin")
+    assert lines["aten.bmm.default"][:2] == (line_of("y = h.transpose(-2, -1) @ h", here),
+                                             "y = h.transpose(-2, -1) @ h")
+    assert lines["aten.bmm.default"][2] == ""          # the model's own forward
+    assert lines["aten._softmax.default"][0] == line_of("return y.softmax(-1)", here)
+    soft = next(op for op in made if op.name == "aten._softmax.default")
+    assert soft.shape == (2, 4, 4) and soft.dtype == "float32"
+    # which op produced each input: the softmax reads the matmul's output
+    assert ops[soft.inputs[0]].name == "aten._unsafe_view.default"
+    np.testing.assert_allclose(soft.value.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_recording_a_module_keeps_its_first_call_only():
+    model = Small()
+    ops = R.record(model, lambda: model(torch.randn(2, 3, 4)), module="lin")
+    assert [op.name for op in ops if op.name != "input"] == ["aten.view.default", "aten.t.default",
+                                                            "aten.addmm.default", "aten.view.default"]
+    assert all(op.module == "lin" for op in ops)
+
+
+def test_user_files_are_not_torch_nor_the_harness():
+    assert R.is_user_file(__file__)
+    assert not R.is_user_file(torch.__file__)
+    assert not R.is_user_file(R.__file__)
+    assert not R.is_user_file(json.__file__)
+    assert not R.is_user_file("<frozen importlib._bootstrap>")
+
+
+# ----------------------------------------------------------------------------- pinning
+
+PLANTED = {
+    # port, the buggy line's text, the op, what matches, what does not
+    "attention": (lp.TransposedGPT, "y = att.transpose(-2, -1) @ v", "attention_forward", "att", "out"),
+    "gelu": (lp.SquareGeluGPT, "return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * "
+             "(input + 0.044715 * torch.pow(input, 2.0))))", "gelu_forward", "inp", "out"),
+    "layernorm": (lp.UnbiasedGPT, "var = (xshift * xshift).sum(-1, keepdim=True) / (x.size(-1) - 1)",
+                  "layernorm_forward", "xshift", "var"),
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_planted_bug_is_pinned_to_its_line(bug):
+    factory, text, kernel, matched, unmatched = PLANTED[bug]
+    report, c, recorded = run(factory)
+    assert not report.passed and c is not None and c.kind == "replay"
+    assert c.kernels == (kernel,)
+    pin = c.pin
+    assert pin is not None, report.steps[0].first_divergence
+    assert [(s.file, s.line, s.text) for s in pin.lines] == [(str(PORTS), line_of(text), text)]
+    assert (pin.file, pin.line, pin.text) == (str(PORTS), line_of(text), text)
+    assert (pin.matched, pin.unmatched) == (matched, unmatched)
+    assert len(recorded) == 1        # only the failing module, once
+    # in the first divergence's text and in the JSON, as data
+    first = report.steps[0].first_divergence["port"]
+    assert f"{kernel} at line_ports.py:{line_of(text)} ({text})" in first
+    assert report.first_divergence().endswith(pin.describe())
+    data = to_json(report, versions=False)
+    row = next(r for r in data["steps"][0]["checks"] if r["impl"] == "port" and r["kind"] == "replay"
+               and r["tensor"] == c.tensor)
+    assert row["pin"]["line"] == line_of(text) and row["pin"]["file"] == str(PORTS)
+    assert (row["pin"]["matched"], row["pin"]["unmatched"]) == (matched, unmatched)
+    json.dumps(data, allow_nan=False)
+
+
+def test_attention_pin_says_what_matches():
+    _, c, _ = run(lp.TransposedGPT)
+    assert c.pin.describe().endswith("the softmax matches, the weighted values do not")
+    assert c.diagnosis is not None and not c.diagnosis.known   # no known cause: the line is what there is
+
+
+def test_a_named_cause_keeps_its_diagnosis_and_gains_the_line():
+    _, c, _ = run(lp.UnbiasedGPT)
+    assert c.diagnosis.known and c.diagnosis.causes[0].id.startswith("layernorm.")
+    assert c.pin is not None
+
+
+def test_the_right_port_passes_and_records_nothing():
+    report, c, recorded = run(lp.LineGPT)
+    assert report.passed and c is None
+    assert recorded == []
+    assert all(ch.pin is None for ch in report.steps[0].checks)
+
+
+def test_a_matcher_without_layouts_does_not_pin_the_attention_bug(monkeypatch):
+    """Heads merged and split are the same values in another layout: a matcher that
+    only reshapes does not see that the weighted sum is the first wrong value, and
+    blames the head merge too."""
+    text = PLANTED["attention"][1]
+    right = R.pin_failure
+    monkeypatch.setattr("harness.checks.replay.pin_failure",
+                        lambda state, node, ref: right(state, node, ref, layout=lambda a, shape: (
+                            [a.reshape(shape)] if a.size == int(np.prod(shape)) else [])))
+    _, c, _ = run(lp.TransposedGPT)
+    assert c.pin is not None
+    assert [s.line for s in c.pin.lines] != [line_of(text)]
+
+
+def test_the_command_line_prints_the_line(capsys):
+    from harness.cli import main
+    text = PLANTED["attention"][1]
+    code = main(["run", "--steps", "1", "-q", "--ref", "oracle", "--model", f"{PORTS}:TransposedGPT"])
+    out = capsys.readouterr().out
+    assert code == 1
+    first = next(line for line in out.splitlines() if line.startswith("first divergence:"))
+    assert first.endswith(f"attention_forward at line_ports.py:{line_of(text)} ({text}): "
+                          "the softmax matches, the weighted values do not")
