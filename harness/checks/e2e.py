@@ -15,7 +15,7 @@ from ..graph import Ref, backward_nodes, forward_nodes, writers
 from ..probe import marked
 from ..arbiter.tolerances import e2e_tolerance
 from .results import Check
-from .state import axes, module_of, named_args, observation
+from .modelstate import axes, module_of, named_args, observation
 from .verdict import compared
 
 

@@ -16,7 +16,7 @@ from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
 from ..arbiter.tolerances import term_magnitude
 from .results import Check
-from .state import args64, module_of, observation, replayable
+from .modelstate import args64, module_of, observation, replayable
 from .verdict import call_scale, judge
 
 
@@ -144,7 +144,7 @@ def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
 
 
 def _inputs64(node: Node, state) -> dict:
-    """The node's inputs read from ``state`` as float64 (:func:`.state.args64`)."""
+    """The node's inputs read from ``state`` as float64 (:func:`.modelstate.args64`)."""
     with span("replay: float64 inputs"):
         return args64(node, state)
 

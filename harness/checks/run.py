@@ -40,7 +40,7 @@ from ..clib.library import as_library
 from ..arbiter.compare import Tolerance
 from ..cores import shared
 from ..errors import InputError
-from ..ports.state import ModelState
+from ..ports.torchstate import ModelState
 from ..arbiter.oracle import ORACLE, Witness, witness_spread
 from ..probe import span
 from ..arbiter.tolerances import e2e_tolerance
@@ -48,7 +48,7 @@ from .e2e import e2e_graph
 from .loss import check_loss
 from .replay import replay_graph
 from .results import Check, RunReport, StepReport, first_divergence
-from .state import returned_by, unobserved
+from .modelstate import returned_by, unobserved
 from .update import check_update
 
 

@@ -19,7 +19,7 @@ from ..probe import marked, span
 from ..arbiter.stats import group_bounds
 from ..arbiter.tolerances import op_tolerance
 from .results import Check
-from .state import axes
+from .modelstate import axes
 from .verdict import compared
 
 

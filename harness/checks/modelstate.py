@@ -3,7 +3,7 @@ the state produced itself, the module of a torch model that showed one, the labe
 tensor's axes.
 
 A model state is the C's (:class:`~harness.clib.cmodel.CModel`), a kernel port's
-(:class:`pyref.model.GPT2`) or a torch model's (:class:`~harness.ports.state.ModelState`):
+(:class:`pyref.model.GPT2`) or a torch model's (:class:`~harness.ports.torchstate.ModelState`):
 anything with ``params``, ``grads``, ``acts`` and ``grads_acts`` in the C's names and shapes
 (:mod:`harness.graph`). A state that does not say otherwise produced every tensor.
 """
