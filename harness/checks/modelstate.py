@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pyref.config import GPT2Config
-from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, SIGNATURES, KernelSet
+from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS, SIGNATURES, KernelSet, as64
 
 from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
 
@@ -39,8 +39,7 @@ def named_args(node: Node, state) -> dict:
 
 def args64(node: Node, state) -> dict:
     """The node's input arguments read from ``state``, float arrays as float64 copies."""
-    return {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-            for k, v in named_args(node, state).items()}
+    return as64(named_args(node, state))
 
 
 def observation(state):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pyref.protocol import as64
 from pyref.spec import SPEC
 
 from ..arbiter.compare import Comparison, compare
@@ -49,15 +50,10 @@ def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, ar
 def call_scale(kernel: str, output: str, args: dict, expected: dict):
     """Sum |term| of each element of one call: the kernel's own terms, plus the value a
     backward kernel's gradient buffer held before it accumulated into it."""
-    args = _as64(args)
+    args = as64(args)
     with span("term magnitudes"):
         mag = term_magnitude(kernel, output, args, expected)
     if SPEC[kernel].backward and output in SPEC[kernel].inplace:
         start = np.abs(args[output])
         mag = start if mag is None else mag + start
     return mag
-
-
-def _as64(args: dict) -> dict:
-    return {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-            for k, v in args.items()}
