@@ -10,13 +10,13 @@ from pyref.config import GPT2Config
 from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
 from pyref.spec import SPEC
 
-from ..diagnosis import Call, attach, diagnose
+from ..diagnosis import Call
 from ..graph import Ref, backward_nodes, forward_nodes, writers
 from ..probe import marked
 from ..arbiter.tolerances import e2e_tolerance
 from .results import Check
 from .modelstate import axes, module_of, named_args, observation
-from .verdict import compared
+from .verdict import checked
 
 
 def sequence_unit(ref: Ref, shape: tuple[int, ...]) -> int:
@@ -47,10 +47,8 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
         actual, expected = ref.get(state), ref.get(oracle_state)
         how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
-        c = compared(actual, expected, unit=sequence_unit(ref, actual.shape), **how)
-        if diagnose_it and not c.passed:
-            c = attach(c, diagnose(Call("loss_mean", output, {"value": expected, "n": positions}),
-                                   actual, expected, **how))
+        calls = (lambda: Call("loss_mean", output, {"value": expected, "n": positions})) if diagnose_it else None
+        c = checked(actual, expected, calls, unit=sequence_unit(ref, actual.shape), **how)
         checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), module_of(state, ref)))
 
     for node in forward_nodes(cfg):

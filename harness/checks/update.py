@@ -12,7 +12,7 @@ from pyref.terms import adamw_magnitudes
 from ..arbiter import fused
 from ..arbiter.compare import comparison_of
 from ..cores import shared, workers
-from ..diagnosis import Call, attach, diagnose, is_one_d
+from ..diagnosis import Call, is_one_d
 from ..graph import Ref
 from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
@@ -20,7 +20,7 @@ from ..arbiter.stats import group_bounds
 from ..arbiter.tolerances import op_tolerance
 from .results import Check
 from .modelstate import axes
-from .verdict import compared
+from .verdict import compared, explained
 
 
 UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporaries stay in cache
@@ -135,15 +135,11 @@ def _numpy(pre, grads, offset: int, name: str, shape, actuals: dict, hows: dict,
         hows[label]["elem_scale"] = None if scales[label] is None else scales[label].reshape(shape)
     results = shared(lambda k: compared(actuals[k], expected[k].reshape(shape), engine="numpy", unit=1, **hows[k]),
                      LABELS)
-    out = []
-    for label, c in zip(LABELS, results):
-        if not c.passed:
-            output = "param" if label == "params" else label
-            call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
-            c = attach(c, diagnose(call, actuals[label], expected[label].reshape(shape),
-                                   ctx={"one_d": is_one_d(name, shape)}, **hows[label]))
-        out.append(c)
-    return out
+    return [explained(c, actuals[label], expected[label].reshape(shape),
+                      lambda label=label: Call("adamw", "param" if label == "params" else label,
+                                               _update_args(pre, grads, slice(offset, offset + n), shape, hp)),
+                      ctx={"one_d": is_one_d(name, shape)}, **hows[label])
+            for label, c in zip(LABELS, results)]
 
 
 def _runs(n: int) -> list[tuple[int, int]]:
