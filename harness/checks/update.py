@@ -6,7 +6,7 @@ from math import prod
 
 import numpy as np
 
-from pyref.config import AdamW, GPT2Config, param_shapes
+from pyref.config import AdamW, GPT2Config, layout, param_shapes
 from pyref.terms import adamw_magnitudes
 
 from ..arbiter import fused
@@ -40,8 +40,7 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     shapes = param_shapes(cfg)
     buf: dict = {}
     checks = []
-    offset = 0
-    for name, shape in shapes.items():
+    for name, (offset, shape) in layout(shapes).items():
         n = prod(shape)
         sl = slice(offset, offset + n)
         hows = {label: dict(name=f"{label}.{name} (after update)",
@@ -57,7 +56,6 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                        for k in (*LABELS, "scale_params", "scale_m")}
             found = _numpy(pre, grads, offset, name, shape, actuals, hows, hp, buf)
         checks += [Check(step, impl, "update", Ref(label, name), c) for label, c in zip(LABELS, found)]
-        offset += n
     return checks
 
 
