@@ -15,7 +15,7 @@ from ..graph import Ref, backward_nodes, forward_nodes, writers
 from ..probe import marked
 from ..arbiter.tolerances import e2e_tolerance
 from .results import Check
-from .modelstate import axes, module_of, named_args, observation
+from .modelstate import CheckedState, axes, named_args
 from .verdict import checked
 
 
@@ -32,7 +32,7 @@ def sequence_unit(ref: Ref, shape: tuple[int, ...]) -> int:
 
 
 @marked("e2e checks")
-def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int, impl: str,
+def e2e_graph(cfg: GPT2Config, positions: int, state: CheckedState, oracle_state: CheckedState, *, step: int, impl: str,
               spread: dict) -> list[Check]:
     """Every tensor the graph writes against the float64 model ``oracle_state``, under a
     tolerance widened by how far float32-sized noise carried to it (``spread``: witness
@@ -40,7 +40,7 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
     implementation of a step). Gradient buffers are compared once complete; a
     failing one is diagnosed against a changed loss scale (all gradients scale with
     dlosses, averaged over ``positions``)."""
-    observes, _ = observation(state)
+    observes = state.observes
     checks = []
 
     def one(ref, kernel, output, n, nodes, diagnose_it):
@@ -49,7 +49,7 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
         calls = (lambda: Call("loss_mean", output, {"value": expected, "n": positions})) if diagnose_it else None
         c = checked(actual, expected, calls, unit=sequence_unit(ref, actual.shape), **how)
-        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), module_of(state, ref)))
+        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), state.module_of(ref)))
 
     for node in forward_nodes(cfg):
         for o in FORWARD_OUTPUTS[node.kernel]:

@@ -114,7 +114,7 @@ class Check:
     def diagnosis(self) -> Diagnosis | None:
         """Why it failed (:mod:`harness.diagnosis`): set on failed replay, update and
         loss checks and failed end-to-end checks of gradients; None otherwise."""
-        return getattr(self.comparison, "diagnosis", None)
+        return self.comparison.diagnosis
 
 
 @dataclass
