@@ -111,8 +111,8 @@ def _run_report(config: GPT2Config, shape, hyper: AdamW, lib, impls: dict, pymod
     B, T = shape
     not_checked = {name: list(k.missing) for name, k in impls.items() if k.missing}
     torch_models = {n: pm for n, pm in pymodels.items() if n not in impls}
-    # a torch model's always; a kernel port's where its kernels left outputs unreturned
-    not_observed = {n: pm.not_observed() for n, pm in pymodels.items() if n not in impls or impls[n].not_returned}
+    not_observed = {n: pm.not_observed() for n, pm in torch_models.items()}
+    not_observed.update({n: pymodels[n].not_observed() for n, k in impls.items() if k.not_returned})
     return RunReport(config, B, T, hyper, ["C", *pymodels], reports, lib.path,
                      None if lib.build_info is None else vars(lib.build_info), not_checked,
                      lib.floating_point(),
