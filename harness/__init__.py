@@ -36,6 +36,7 @@ _API = {
                                "first_divergence_check"),
     "harness.checks.freerun": ("free_run", "FreeRunRow"),
     "harness.checks.debugstate": ("check_debug_state",),
+    "harness.checks.modelstate": ("CheckedState", "Reference"),
     "harness.diagnosis": ("diagnose", "Diagnosis", "DiagnosedComparison", "Variant", "CATALOGUE",
                           "VARIANT_BY_ID"),
     "harness.report": ("step_table", "run_summary", "model_notes", "format_table", "worst_per_op_table",

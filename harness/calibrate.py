@@ -124,10 +124,12 @@ def _per_op(args) -> int:
 def per_op_table(results: dict) -> str:
     """The worst constants per (kernel, output) over every run, beside the rows' own."""
     from .arbiter.tolerances import rule
+    from .report.table import text_table
 
     keys = sorted({(k, o) for r in results.values() for k in r for o in r[k]})
-    lines = [f"{'kernel.output':<40}{'worst sigma':>12}{'policy':>8}{'worst k_norm':>14}{'policy':>8}"
-             f"{'bias u':>8}{'needs u':>8}{'policy':>7}{'max|z|':>7}  worst in (sigma / k_norm / bias)"]
+    header = ["kernel.output", "worst sigma", "policy", "worst k_norm", "policy", "bias u", "needs u", "policy",
+              "max|z|", "worst in (sigma / k_norm / bias)"]
+    rows = []
     for kernel, out in keys:
         r = rule(kernel, out)
         seen = [(res[kernel][out], label) for label, res in results.items() if out in res.get(kernel, {})]
@@ -136,10 +138,10 @@ def per_op_table(results: dict) -> str:
         wb = max(((k[2], f"{label}: {k[5]}") for k, label in seen), key=lambda x: x[0])
         need = max(k[3] for k, _ in seen)
         maxz = max(k[4] for k, _ in seen)
-        lines.append(f"{kernel + '.' + out:<40}{wr[0]:>12.3f}{r.sigma:>8g}{wn[0]:>14.2f}{r.k_norm:>8g}"
-                     f"{wb[0]:>8.2f}{max(need, 0.0):>8.2f}{r.bias:>7g}{maxz:>7.1f}  {wr[1]} / {wn[1]}"
-                     + (f" / {wb[1]}" if wb[0] > 0 else ""))
-    return "\n".join(lines)
+        rows.append([f"{kernel}.{out}", f"{wr[0]:.3f}", f"{r.sigma:g}", f"{wn[0]:.2f}", f"{r.k_norm:g}",
+                     f"{wb[0]:.2f}", f"{max(need, 0.0):.2f}", f"{r.bias:g}", f"{maxz:.1f}",
+                     f"{wr[1]} / {wn[1]}" + (f" / {wb[1]}" if wb[0] > 0 else "")])
+    return "\n".join(text_table(header, rows, right=range(1, 9)))
 
 
 # ----------------------------------------------------------------------------
@@ -243,19 +245,21 @@ def _scale(args) -> int:
 def scale_table(results: dict, p: float) -> str:
     """The worst fraction of each bound used, per (kind, kernel.output), over every run."""
     from .arbiter.tolerances import false_alarm_bound
+    from .report.table import text_table
     keys = sorted({k for r in results.values() for k in r["worst"]})
-    lines = [f"{'check':<48}{'elem used':>10}{'norm used':>10}{'margin':>8}{'bias used':>10}{'bias u':>8}"
-             f"{'|z|':>7}  worst element-wise in / worst bias in"]
+    header = ["check", "elem used", "norm used", "margin", "bias used", "bias u", "|z|",
+              "worst element-wise in / worst bias in"]
+    rows = []
     for key in keys:
         seen = [(r["worst"][key], label) for label, r in results.items() if key in r["worst"]]
         w_rel, at = max(((w["rel"], f"{label}: {w['rel_at']}") for w, label in seen), key=lambda x: x[0])
         w_norm = max(w["norm"] for w, _ in seen)
         margin = f"{1 / max(w_rel, w_norm):.1f}x" if max(w_rel, w_norm) > 0 else "exact"
         wb, bl = max(((w, label) for w, label in seen), key=lambda x: x[0].get("bias", 0.0))
-        lines.append(f"{key:<48}{w_rel:>10.3f}{w_norm:>10.3f}{margin:>8}{wb.get('bias', 0.0):>10.3f}"
-                     f"{wb.get('bias_u', 0.0):>8.2f}{wb.get('bias_z', 0.0):>7.1f}  {at}"
-                     + (f" / {bl}: {wb['bias_at']}" if wb.get("bias_at") else ""))
-    lines.append("")
+        rows.append([key, f"{w_rel:.3f}", f"{w_norm:.3f}", margin, f"{wb.get('bias', 0.0):.3f}",
+                     f"{wb.get('bias_u', 0.0):.2f}", f"{wb.get('bias_z', 0.0):.1f}",
+                     at + (f" / {bl}: {wb['bias_at']}" if wb.get("bias_at") else "")])
+    lines = [*text_table(header, rows, right=range(1, 7)), ""]
     for label, r in results.items():
         t = r["tally"]
         n = t.get("per_op", 0)

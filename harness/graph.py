@@ -150,3 +150,15 @@ def writers(nodes: list[Node]) -> dict[Ref, list[tuple[Node, str]]]:
             if isinstance(ref := node.arg_dict.get(a), Ref):
                 out.setdefault(ref, []).append((node, a))
     return out
+
+
+def unobserved(cfg: GPT2Config, observes) -> list[str]:
+    """The tensors the graph writes that a state did not produce itself (``observes(ref)``
+    false), as ``group.name``, with the layers where not every layer's is missing: what a
+    state's ``not_observed()`` says, and a run's report shows."""
+    unseen: dict[str, list] = {}
+    for ref in writers(forward_nodes(cfg) + backward_nodes(cfg)):
+        if not observes(ref):
+            unseen.setdefault(f"{ref.group}.{ref.name}", []).append(ref.layer)
+    return [what + (f" (layers {', '.join(map(str, layers))})" if layers != [None] and len(layers) < cfg.num_layers
+                    else "") for what, layers in unseen.items()]

@@ -56,6 +56,10 @@ class GPT2:
         self.mean_loss = self.dtype.type(-1.0)
         self._has_targets = False
         self.t = 0   # AdamW steps taken through step()
+        # what a harness asks of any model state: this model has no census and no hygiene
+        # findings (it is GPT-2's graph, on the protocol's kernels)
+        self.structure: list = []
+        self.findings: list = []
         if not share_params:
             self.load_state(params)
 
@@ -94,6 +98,25 @@ class GPT2:
                 if getattr(self, name) is None:
                     setattr(self, name, np.zeros(self.num_parameters, self.dtype))
                 getattr(self, name)[...] = self._flat(name, x)
+
+    # ------------------------------------------------------------------ what was seen
+    # what a harness reads of any model state (harness.checks.modelstate): this model
+    # computes every tensor of the graph itself, in its buffers
+    def observes(self, ref) -> bool:
+        """Whether this model produced tensor ``ref`` itself: every one."""
+        return True
+
+    def has(self, ref) -> bool:
+        """Whether it holds a value of ``ref`` (a replay's input): every one."""
+        return True
+
+    def module_of(self, ref) -> None:
+        """The module that showed ``ref``: none (no modules, kernels)."""
+        return None
+
+    def not_observed(self) -> list[str]:
+        """The tensors of the graph it did not produce itself: none."""
+        return []
 
     # ------------------------------------------------------------------ forward
     def _take_batch(self, inputs, targets):

@@ -300,8 +300,7 @@ class KernelSet:
     @staticmethod
     def _reference_outputs(kernel, named, dtype):
         from . import numpy_kernels
-        args = {k: (np.asarray(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-                for k, v in named.items()}
+        args = as64(named)
         out = getattr(numpy_kernels, kernel)(*(args[p] for p in SIGNATURES[kernel]))
         return [np.asarray(o, dtype) for o in out[1:]]
 
@@ -344,6 +343,15 @@ class KernelSet:
         call.__doc__ = getattr(f, "__doc__", None)
         call.__wrapped__ = f
         return call
+
+
+def as64(args: dict, copy: bool = False) -> dict:
+    """A kernel call's arguments with every float array as float64 (the oracle's inputs),
+    the others as they are; ``copy``: float64 arrays copied too, for a caller whose kernels
+    write into them (a backward accumulates into its buffers)."""
+    cast = np.array if copy else np.asarray
+    return {k: (cast(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
+            for k, v in args.items()}
 
 
 def run_kernel(kernels, kernel: str, args: dict, dtype=np.float32) -> dict[str, np.ndarray]:

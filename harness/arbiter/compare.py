@@ -177,7 +177,11 @@ class Comparison:
                                 or every expected value is 0): what the diagnosis reads as a
                                 fitted constant factor (``1 + bias_stats.scale``)
     bias, bias_z, bias_form     the more significant form of it (properties)
+    diagnosis                   why it failed: None here (not a field); a diagnosed failure
+                                (:class:`harness.diagnosis.DiagnosedComparison`) carries one
     """
+
+    diagnosis = None
 
     name: str
     shape: tuple[int, ...]

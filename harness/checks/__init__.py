@@ -9,5 +9,5 @@
 * :mod:`.freerun` -- each implementation on its own state, against the oracle's own run;
 * :mod:`.debugstate` -- llm.c's debug-state check;
 * :mod:`.results` -- what they found (``Check``, ``StepReport``, ``RunReport``), and
-  :mod:`.state` -- how they read a model state.
+  :mod:`.modelstate` -- what they read of a model state, and how.
 """

@@ -23,7 +23,7 @@ from pyref.protocol import KernelSet
 
 from ..arbiter.compare import Comparison, Tolerance, compare
 from ..arbiter.oracle import ORACLE, Witness
-from .state import PARAM_AXES
+from .modelstate import PARAM_AXES
 from ..arbiter.tolerances import e2e_tolerance
 
 

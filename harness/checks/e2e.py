@@ -10,13 +10,13 @@ from pyref.config import GPT2Config
 from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
 from pyref.spec import SPEC
 
-from ..diagnosis import Call, attach, diagnose
+from ..diagnosis import Call
 from ..graph import Ref, backward_nodes, forward_nodes, writers
 from ..probe import marked
 from ..arbiter.tolerances import e2e_tolerance
 from .results import Check
-from .state import axes, module_of, named_args, observation
-from .verdict import compared
+from .modelstate import CheckedState, axes, named_args
+from .verdict import checked
 
 
 def sequence_unit(ref: Ref, shape: tuple[int, ...]) -> int:
@@ -32,7 +32,7 @@ def sequence_unit(ref: Ref, shape: tuple[int, ...]) -> int:
 
 
 @marked("e2e checks")
-def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int, impl: str,
+def e2e_graph(cfg: GPT2Config, positions: int, state: CheckedState, oracle_state: CheckedState, *, step: int, impl: str,
               spread: dict) -> list[Check]:
     """Every tensor the graph writes against the float64 model ``oracle_state``, under a
     tolerance widened by how far float32-sized noise carried to it (``spread``: witness
@@ -40,18 +40,16 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
     implementation of a step). Gradient buffers are compared once complete; a
     failing one is diagnosed against a changed loss scale (all gradients scale with
     dlosses, averaged over ``positions``)."""
-    observes, _ = observation(state)
+    observes = state.observes
     checks = []
 
     def one(ref, kernel, output, n, nodes, diagnose_it):
         actual, expected = ref.get(state), ref.get(oracle_state)
         how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
-        c = compared(actual, expected, unit=sequence_unit(ref, actual.shape), **how)
-        if diagnose_it and not c.passed:
-            c = attach(c, diagnose(Call("loss_mean", output, {"value": expected, "n": positions}),
-                                   actual, expected, **how))
-        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), module_of(state, ref)))
+        calls = (lambda: Call("loss_mean", output, {"value": expected, "n": positions})) if diagnose_it else None
+        c = checked(actual, expected, calls, unit=sequence_unit(ref, actual.shape), **how)
+        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), state.module_of(ref)))
 
     for node in forward_nodes(cfg):
         for o in FORWARD_OUTPUTS[node.kernel]:

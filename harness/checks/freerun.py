@@ -59,7 +59,7 @@ def free_run(config: GPT2Config, params: np.ndarray, batches: list, *, lib, impl
     and implementation."""
     from ..clib.library import as_library
     from ..clib.cmodel import CModel
-    from ..ports.state import ModelState
+    from ..ports.torchstate import ModelState
     from ..arbiter.oracle import Witness
     hyper = hyper or AdamW()
     params = np.asarray(params, np.float32)

@@ -16,18 +16,18 @@ from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
 from ..arbiter.tolerances import term_magnitude
 from ..ports.record import pin_failure
+from .modelstate import CheckedState, args64, replayable
 from .results import Check, first_divergence_check
-from .state import args64, module_of, observation, replayable
 from .verdict import call_scale, judge
 
 
 @marked("replay checks")
-def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]:
+def replay_graph(cfg: GPT2Config, state: CheckedState, *, step: int, impl: str) -> list[Check]:
     """Every op of the graph re-run in float64 on ``state``'s own inputs for it, its
     outputs judged as the per-op check judges one call (:func:`.verdict.judge`).
     Backward buffers that several ops accumulate into are replayed as a chain from zero
     and judged once their last contributor ran, against the sum of the contributors' terms."""
-    observes, has = observation(state)
+    observes, has = state.observes, state.has
     checks = []
     nodes = forward_nodes(cfg)
     for i, node in enumerate(nodes):
@@ -42,7 +42,7 @@ def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]
                           elem_scale=call_scale(node.kernel, o, args, out),
                           calls=_with_streams(node, nodes, i, args, state, has) if node.kernel == "residual_forward"
                           else None)
-                checks.append(Check(step, impl, "replay", ref, c, (node,), module_of(state, ref)))
+                checks.append(Check(step, impl, "replay", ref, c, (node,), state.module_of(ref)))
     return checks + _replay_backward(cfg, state, observes, has, step=step, impl=impl)
 
 
@@ -81,7 +81,7 @@ def _with_streams(node: Node, nodes: list[Node], i: int, args: dict, state, has)
 
 def _named(ref: Ref, state) -> str:
     """A tensor as a diagnosis names it: ``acts.ln1[layer 0]`` (and the module showing it)."""
-    module = module_of(state, ref)
+    module = state.module_of(ref)
     return f"{ref}" + (f" ({module})" if module else "")
 
 
@@ -118,7 +118,7 @@ def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: 
             c = judge(node.kernel, a, ref.get(state), acc.pop(ref), args, name=str(ref),
                       elem_scale=mags.pop(ref), n=nmax[ref],
                       calls=lambda: _buffer_calls(ref, nodes, state))
-            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), module_of(state, ref)))
+            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), state.module_of(ref)))
     return checks
 
 
@@ -138,14 +138,14 @@ def _buffer_calls(ref: Ref, nodes: list[Node], state) -> list[Call]:
             # the logits the probabilities came from: a diagnosis of the loss's gradient
             # over all Vp columns needs them (the kernel itself reads only the probabilities)
             logits = Ref("acts", "logits")
-            if observation(state)[1](logits):
+            if state.has(logits):
                 args["logits"] = np.asarray(logits.get(state), np.float64)
         calls.append(Call(node.kernel, arg, args, f"{node.where()} {node.kernel}"))
     return calls
 
 
 def _inputs64(node: Node, state) -> dict:
-    """The node's inputs read from ``state`` as float64 (:func:`.state.args64`)."""
+    """The node's inputs read from ``state`` as float64 (:func:`.modelstate.args64`)."""
     with span("replay: float64 inputs"):
         return args64(node, state)
 

@@ -13,6 +13,7 @@ from pyref.protocol import KERNEL_OP
 
 from ..arbiter.compare import Comparison
 from ..graph import Node, Ref
+from ..ports.census import first_structure
 
 if TYPE_CHECKING:
     from ..diagnosis import Diagnosis
@@ -114,7 +115,7 @@ class Check:
     def diagnosis(self) -> Diagnosis | None:
         """Why it failed (:mod:`harness.diagnosis`): set on failed replay, update and
         loss checks and failed end-to-end checks of gradients; None otherwise."""
-        return getattr(self.comparison, "diagnosis", None)
+        return self.comparison.diagnosis
 
 
 @dataclass
@@ -206,17 +207,6 @@ def misplaced_op(c: Check) -> str | None:
         return None
     layer = c.call_layer
     return (f"layer {layer} " if layer is not None else "") + d.causes[0].at
-
-
-def first_structure(structure) -> object | None:
-    """The structural finding a first divergence names: the first in the graph's order,
-    a module the forward departs at (never called, called again, out of order) before a
-    parameter without gradient."""
-    found = [f for f in structure or () if getattr(f, "structural", False)]
-    order = ("structure.never-called", "structure.called-more", "structure.out-of-order", "structure.unknown-module",
-             "structure.no-gradient")
-    found.sort(key=lambda f: order.index(f.id) if f.id in order else len(order))
-    return found[0] if found else None
 
 
 def first_divergence(checks: list[Check], heading: bool = True, structure=None) -> str | None:

@@ -40,7 +40,7 @@ from ..clib.library import as_library
 from ..arbiter.compare import Tolerance
 from ..cores import shared
 from ..errors import InputError
-from ..ports.state import ModelState
+from ..ports.torchstate import ModelState
 from ..arbiter.oracle import ORACLE, Witness, witness_spread
 from ..probe import span
 from ..arbiter.tolerances import e2e_tolerance
@@ -50,7 +50,7 @@ from .freerun import free_run
 from .loss import check_loss
 from .replay import pin_divergence, replay_graph
 from .results import Check, RunReport, StepReport, first_divergence
-from .state import returned_by, unobserved
+from .modelstate import KernelPort, Reference
 from .update import check_update
 
 
@@ -129,17 +129,16 @@ def _run_report(config: GPT2Config, shape, hyper: AdamW, lib, impls: dict, pymod
     """The run's report: its steps and what it knows of each implementation (kernels not
     checked, tensors not observed, hygiene findings, kernels derived by autograd)."""
     B, T = shape
-    not_checked = {name: list(k.missing) for name, k in impls.items() if getattr(k, "missing", None)}
+    not_checked = {name: list(k.missing) for name, k in impls.items() if k.missing}
     torch_models = {n: pm for n, pm in pymodels.items() if n not in impls}
     not_observed = {n: pm.not_observed() for n, pm in torch_models.items()}
-    not_observed.update({n: unobserved(pymodels[n], config) for n, k in impls.items()
-                         if getattr(k, "not_returned", None)})
+    not_observed.update({n: pymodels[n].not_observed() for n, k in impls.items() if k.not_returned})
     return RunReport(config, B, T, hyper, ["C", *pymodels], reports, lib.path,
                      None if lib.build_info is None else vars(lib.build_info), not_checked,
                      lib.floating_point(),
                      findings={n: list(pm.findings) for n, pm in torch_models.items()},
                      not_observed=not_observed,
-                     derived={n: list(k.derived) for n, k in impls.items() if getattr(k, "derived", None)})
+                     derived={n: list(k.derived) for n, k in impls.items() if k.derived})
 
 
 # ----------------------------------------------------------------------------
@@ -155,15 +154,13 @@ def _references(config: GPT2Config, cmodel, impls: dict, models: dict | None, hy
 
 def _built(config: GPT2Config, cmodel, impls: dict, models: dict | None, hyper: AdamW):
     oracle = PyGPT2(config, cmodel.params_memory, kernels=ORACLE, dtype=np.float64, share_params=True)
-    pymodels = {name: PyGPT2(config, cmodel.params_memory, kernels=k, dtype=np.float32)
-                for name, k in impls.items()}
+    pymodels: dict[str, Reference] = {}
     for name, k in impls.items():
-        _release(pymodels[name])    # loaded again at its turn in each step
-        if getattr(k, "not_returned", None) is not None:
-            pymodels[name].observes = returned_by(k, config)
+        pymodels[name] = KernelPort(config, cmodel.params_memory, k)
+        pymodels[name].release()    # loaded again at its turn in each step
     for name, model in (models or {}).items():
         pymodels[name] = ModelState(config, cmodel.params_memory, model, hyper)
-        _release(pymodels[name])
+        pymodels[name].release()
     return oracle, pymodels
 
 
@@ -255,7 +252,7 @@ def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: di
     return checks
 
 
-def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle, spread: dict) -> None:
+def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: dict, oracle, spread: dict) -> None:
     """One reference's turn: loaded from the C's pre-step state, forward/backward,
     checked, updated, update-checked, released. A user's kernel may raise: reported in
     ``step.errors`` / ``step.update_errors``, and the run carries on."""
@@ -274,14 +271,14 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
         except Exception as e:
             step.errors[name] = _error_text(e)
             return
-        structure = list(getattr(pm, "structure", ()))
+        structure = list(pm.structure)
         if structure:
             step.structure[name] = structure
             known = {f.text() for f in pm.findings}
             pm.findings.extend(f for f in structure if f.text() not in known)
         step.graph[name] = _check_state(step, name, pm, losses, oracle, spread)
         pin_divergence(step.graph[name], pm)   # a failure of a torch port: its line (nothing on a pass)
-        _release(pm, "drop_activations")   # checked: the update needs none of them
+        pm.drop_activations()   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
         try:
             with span(name):
@@ -293,7 +290,7 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
                                          (pm.params_memory, pm.m_memory, pm.v_memory), h, step.t,
                                          step=step.t, impl=name)
     finally:
-        _release(pm)
+        pm.release()
 
 
 def _update_c(step: _Step, cmodel, threads) -> list[Check]:
@@ -307,14 +304,6 @@ def _update_c(step: _Step, cmodel, threads) -> list[Check]:
         cmodel.update(*h.args(), t, threads=threads)
     return check_update(step.config, pre, cmodel.grads_memory,
                         (cmodel.params_memory, cmodel.m_memory, cmodel.v_memory), h, t, step=t, impl="C")
-
-
-def _release(pm, how: str = "release") -> None:
-    """Drop a reference's buffers until its next turn (``release``), or its activations
-    once they are checked (``drop_activations``), where the reference has the method."""
-    release = getattr(pm, how, None)
-    if release is not None:
-        release()
 
 
 def _error_text(e: Exception) -> str:

@@ -6,21 +6,21 @@ from math import prod
 
 import numpy as np
 
-from pyref.config import AdamW, GPT2Config, param_shapes
+from pyref.config import AdamW, GPT2Config, layout, param_shapes
 from pyref.terms import adamw_magnitudes
 
 from ..arbiter import fused
 from ..arbiter.compare import comparison_of
 from ..cores import shared, workers
-from ..diagnosis import Call, attach, diagnose, is_one_d
+from ..diagnosis import Call, is_one_d
 from ..graph import Ref
 from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
 from ..arbiter.stats import group_bounds
 from ..arbiter.tolerances import op_tolerance
 from .results import Check
-from .state import axes
-from .verdict import compared
+from .modelstate import axes
+from .verdict import compared, explained
 
 
 UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporaries stay in cache
@@ -40,8 +40,7 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     shapes = param_shapes(cfg)
     buf: dict = {}
     checks = []
-    offset = 0
-    for name, shape in shapes.items():
+    for name, (offset, shape) in layout(shapes).items():
         n = prod(shape)
         sl = slice(offset, offset + n)
         hows = {label: dict(name=f"{label}.{name} (after update)",
@@ -57,7 +56,6 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                        for k in (*LABELS, "scale_params", "scale_m")}
             found = _numpy(pre, grads, offset, name, shape, actuals, hows, hp, buf)
         checks += [Check(step, impl, "update", Ref(label, name), c) for label, c in zip(LABELS, found)]
-        offset += n
     return checks
 
 
@@ -135,15 +133,11 @@ def _numpy(pre, grads, offset: int, name: str, shape, actuals: dict, hows: dict,
         hows[label]["elem_scale"] = None if scales[label] is None else scales[label].reshape(shape)
     results = shared(lambda k: compared(actuals[k], expected[k].reshape(shape), engine="numpy", unit=1, **hows[k]),
                      LABELS)
-    out = []
-    for label, c in zip(LABELS, results):
-        if not c.passed:
-            output = "param" if label == "params" else label
-            call = Call("adamw", output, _update_args(pre, grads, slice(offset, offset + n), shape, hp))
-            c = attach(c, diagnose(call, actuals[label], expected[label].reshape(shape),
-                                   ctx={"one_d": is_one_d(name, shape)}, **hows[label]))
-        out.append(c)
-    return out
+    return [explained(c, actuals[label], expected[label].reshape(shape),
+                      lambda label=label: Call("adamw", "param" if label == "params" else label,
+                                               _update_args(pre, grads, slice(offset, offset + n), shape, hp)),
+                      ctx={"one_d": is_one_d(name, shape)}, **hows[label])
+            for label, c in zip(LABELS, results)]
 
 
 def _runs(n: int) -> list[tuple[int, int]]:

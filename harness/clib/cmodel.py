@@ -219,6 +219,23 @@ class CModel:
         with self.lib.num_threads(threads):
             self.lib.lib.gpt2_update(s, learning_rate, beta1, beta2, eps, weight_decay, int(t))
 
+    # -- what was seen (harness.checks.modelstate.CheckedState) ---------------------
+    def observes(self, ref) -> bool:
+        """Whether the C produced tensor ``ref`` itself: every one (it is the reference)."""
+        return True
+
+    def has(self, ref) -> bool:
+        """Whether the C holds a value of ``ref`` (a replay's input): every one."""
+        return True
+
+    def module_of(self, ref) -> None:
+        """The module that showed ``ref``: none (a torch model's notion)."""
+        return None
+
+    def not_observed(self) -> list[str]:
+        """The tensors of the graph the C did not produce itself: none."""
+        return []
+
     # -- state ----------------------------------------------------------------
     @property
     def batch_size(self) -> int:

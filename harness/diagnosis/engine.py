@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pyref import numpy_kernels
-from pyref.protocol import run_kernel
+from pyref.protocol import as64, run_kernel
 
 from ..arbiter.compare import Comparison, Tolerance, compare, json_float
 
@@ -112,8 +112,8 @@ class Variant:
     def describe(self, value: float | None = None, choice=None, note: str = "", output: str = "") -> str:
         if "{" not in self.description:
             return self.description
-        return self.description.format(value=_const(value) if value is not None else "", choice=choice,
-                                       note=note, output=output)
+        value = const_text(value, short_extremes=True) if value is not None else ""
+        return self.description.format(value=value, choice=choice, note=note, output=output)
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ def _try(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, mask, 
         return _try_one(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale, axes=axes,
                         ctx=ctx, name=name)
     best = None
-    for choice in v.choices(call.kernel, _as64(call.args)):
+    for choice in v.choices(call.kernel, as64(call.args, copy=True)):
         cause = _try_one(v, calls, i, actual, expected, tol=tol, mask=mask, elem_scale=elem_scale, axes=axes,
                          ctx=dict(ctx, choice=choice), name=name)
         if cause is not None and (best is None or cause.used < best.used):
@@ -304,7 +304,7 @@ def _try_one(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, ma
     value = None
     fit = v.fit(call.kernel) if callable(v.fit) else v.fit
     if fit is not None and fit.estimate is not None:
-        value = fit.estimate(call.kernel, _as64(call.args), np.asarray(actual, np.float64),
+        value = fit.estimate(call.kernel, as64(call.args, copy=True), np.asarray(actual, np.float64),
                              dict(ctx, output=call.output))
         if value is None or not (fit.lo <= value <= fit.hi):
             return None
@@ -314,14 +314,14 @@ def _try_one(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, ma
             return None
     vid, note = v.id, ""
     if v.name is not None:
-        vid, value, note = v.name(call.kernel, _as64(call.args), value, dict(ctx, output=call.output))
+        vid, value, note = v.name(call.kernel, as64(call.args, copy=True), value, dict(ctx, output=call.output))
         if vid is None:
             return None
     out = result(value)
     if out is None:
         return None
     if v.terms is not None and len(calls) == 1:
-        extra = v.terms(call.kernel, _as64(call.args), call.output)
+        extra = v.terms(call.kernel, as64(call.args, copy=True), call.output)
         elem_scale = extra if elem_scale is None else elem_scale + extra
     same = dict(name=name, tol=tol, elem_scale=elem_scale)
     c = compare(actual, out, axes=axes, mask=where, **same)
@@ -357,7 +357,7 @@ def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarra
     """The judged output with call ``i`` run under ``v`` and the others as the C does."""
     buf = None
     for j, call in enumerate(calls):
-        args = _as64(call.args)
+        args = as64(call.args, copy=True)
         if j > 0:
             args[call.output] = buf
         if j == i:
@@ -434,10 +434,7 @@ def _fit_linear(result, a: np.ndarray, m, fit: Fit) -> float | None:
     return p if fit.lo <= p <= fit.hi else None
 
 
-def _as64(args: dict) -> dict:
-    return {k: (np.array(v, np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-            for k, v in args.items()}
-
-
-def _const(x: float) -> str:
-    return f"{x:.4g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2g}"
+def const_text(x: float, *, short_extremes: bool = False) -> str:
+    """A found constant as a cause says it: four significant digits (a variant's note), or
+    with ``short_extremes`` two outside [1e-3, 1e4) (a description's ``{value}``)."""
+    return f"{x:.4g}" if not short_extremes or 1e-3 <= abs(x) < 1e4 else f"{x:.2g}"

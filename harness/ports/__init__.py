@@ -7,8 +7,8 @@
   :mod:`.torchmodel` (what to build: :class:`~.torchmodel.TorchModel`, the optimizer),
   :mod:`.families` (what the recognised families call things), :mod:`.mapping` (which C
   tensor each parameter holds), :mod:`.capture` (which activations its modules show),
-  :mod:`.hygiene` (what silently differs from the C), :mod:`.state`
-  (:class:`~.state.ModelState`: one step, read back in the C's layout).
+  :mod:`.hygiene` (what silently differs from the C), :mod:`.torchstate`
+  (:class:`~.torchstate.ModelState`: one step, read back in the C's layout).
 
 A kernel port needs no more than its loader: :class:`pyref.model.GPT2` runs it.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 from ..errors import ModelError
 from .loader import KernelLoadError, load_kernels, load_model, load_object
 from .mapping import Entry, Slot, map_parameters, parse_slot
-from .state import ModelState
+from .torchstate import ModelState
 from .torchmodel import Hyper, TorchModel, build_model, build_optimizer
 
 __all__ = ["KernelLoadError", "ModelError", "load_kernels", "load_model", "load_object", "Entry", "Slot",

@@ -87,6 +87,21 @@ class Finding:
                 "where": self.where, "values": dict(self.values), "text": self.text()}
 
 
+# the kinds of structural finding in the order a first divergence names them: a module the
+# forward departs at (never called, called again, out of order, not in the graph) before a
+# parameter without gradient
+DEPARTURES = ("structure.never-called", "structure.called-more", "structure.out-of-order",
+              "structure.unknown-module", "structure.no-gradient")
+
+
+def first_structure(findings) -> Finding | None:
+    """The structural finding a first divergence names (of a step's ``findings``, or
+    None): the first by :data:`DEPARTURES`, then in the order the census found them."""
+    found = [f for f in findings or () if f.structural]
+    found.sort(key=lambda f: DEPARTURES.index(f.id) if f.id in DEPARTURES else len(DEPARTURES))
+    return found[0] if found else None
+
+
 class Census:
     """Counts, per forward, every module's calls (forward pre-hooks on all of them) and
     keeps the stack of modules running, for an error's whereabouts."""

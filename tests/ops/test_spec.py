@@ -48,7 +48,7 @@ def test_the_kernels_facts_elsewhere_follow_the_rows():
     outputs a port may leave out (derived for a torch model's replay), the C symbols a
     library must export, the ops the pytest plugin groups a model's checks by."""
     from harness.clib.cdefs import REQUIRED_SYMBOLS
-    from harness.ports.state import DERIVED
+    from harness.ports.torchstate import DERIVED
     from harness.pytest_plugin import OPS
     assert {s.name for s in S.SPECS if not s.updates} <= set(REQUIRED_SYMBOLS)
     assert DERIVED == {"layernorm_forward": ("mean", "rstd"), "attention_forward": ("preatt", "att"),

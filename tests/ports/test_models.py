@@ -158,6 +158,21 @@ def test_explicit_mapping_and_bits_preserved():
     assert hf.model.transformer.wte.weight.shape[0] == cfg.vocab_size   # V rows of the C's Vp
 
 
+def test_a_torch_model_state_is_a_reference():
+    """ModelState has what run_parity drives and the checks read of any reference
+    (harness.checks.modelstate.Reference), and says what it did not show the one way."""
+    from harness.checks.modelstate import Reference
+    from harness.graph import unobserved
+    state = ModelState(TINY, synth.init_params(TINY, seed=0), TorchModel(mp.GPT), AdamW())
+    inputs, targets = next(synth.batches(TINY, 2, 8))
+    state.forward(inputs, targets)
+    state.zero_grad()
+    state.backward()
+    assert isinstance(state, Reference)
+    assert state.not_observed() == unobserved(TINY, state.observes)
+    assert "grads_acts.att" in state.not_observed() and "acts.ln1" not in state.not_observed()
+
+
 def test_cli_model_check(capsys):
     spec = f"{HERE / 'model_ports.py'}:GPT"
     assert cli_main(["run", "--model", spec, "--steps", "1", "--ref", "oracle", "-q", "-s"]) == 0

@@ -51,7 +51,3 @@ def _oracle(kernel: str, args: dict, **changed) -> dict:
 
 def _forward(kernel: str, outputs: tuple) -> dict:
     return dict(zip(FORWARD_OUTPUTS[kernel], outputs))
-
-
-def _const(x: float) -> str:
-    return f"{x:.4g}"

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 
-from ..engine import Fit, Variant
-from ._common import _const
+from ..engine import Fit, Variant, const_text
 
 
 def _position_map(args, actual) -> np.ndarray:
@@ -84,7 +83,7 @@ def _table_scale_name(kernel, args, value, ctx):
     known = [("sqrt(C)", math.sqrt(C)), ("1/sqrt(C)", 1 / math.sqrt(C)), ("C", float(C)), ("2", 2.0), ("0.5", 0.5)]
     match = next((label for label, x in known if abs(value / x - 1) < 1e-4), None)
     table = "token" if ctx["choice"] == "wte" else "position"
-    return "embedding.table-scale", value, f"the {table} embedding ({ctx['choice']}) scaled by {_const(value)}" + \
+    return "embedding.table-scale", value, f"the {table} embedding ({ctx['choice']}) scaled by {const_text(value)}" + \
         (f" = {match}" if match else "")
 
 

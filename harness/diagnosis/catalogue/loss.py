@@ -7,8 +7,8 @@ import numpy as np
 
 from pyref import numpy_kernels
 
-from ..engine import Fit, Variant
-from ._common import _const, _oracle
+from ..engine import Fit, Variant, const_text
+from ._common import _oracle
 
 
 def _softmax_padded(kernel, args, ctx, value):
@@ -78,7 +78,7 @@ def _logit_scale_estimate(kernel, args, actual, ctx=None):
 def _logit_scale_name(kernel, args, value, ctx):
     if abs(value - 1) < 1e-6:
         return None, value, ""
-    return "crossentropy.logit-scale", value, f" (a temperature of {_const(1 / value)})"
+    return "crossentropy.logit-scale", value, f" (a temperature of {const_text(1 / value)})"
 
 
 def _loss_on_probs(kernel, args, ctx, value):
@@ -205,7 +205,7 @@ def _shift_name(step: int):
         if abs(value - T / (T - 1)) < 1e-6 * T:
             return vid, T / (T - 1), (f"; the loss averaged over the B*(T-1) = {B * (T - 1)} positions left "
                                       f"(the {'last' if step > 0 else 'first'} position dropped)")
-        return vid, value, f"; the loss scaled by {_const(value)}"
+        return vid, value, f"; the loss scaled by {const_text(value)}"
     return name
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import Fit, Variant
-from ._common import _const
+from ..engine import Fit, Variant, const_text
 
 
 def _branch_scale(kernel, args, ctx, value):
@@ -25,7 +24,7 @@ def _not_one(kernel, args, value, ctx):
     if ctx["choice"] == "branch" and abs(value) < 1e-6 and _parallel(args):
         return None, value, ""       # the branch not lost: added in parallel (residual.parallel)
     what = "the branch added as x + {v}*f(x)" if ctx["choice"] == "branch" else "the stream scaled: {v}*x + f(x)"
-    return "residual.branch-scale", value, what.format(v=_const(value))
+    return "residual.branch-scale", value, what.format(v=const_text(value))
 
 
 def _streams(kernel, args, **kw):

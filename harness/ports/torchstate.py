@@ -26,7 +26,7 @@ from pyref.protocol import FORWARD_OUTPUTS, run_kernel
 from pyref.spec import SPECS
 
 from ..errors import ModelError
-from ..graph import Ref, backward_nodes, forward_nodes, writers
+from ..graph import Ref, forward_nodes, unobserved
 from ..arbiter.oracle import ORACLE
 from .capture import Capture
 from .census import Census, Finding
@@ -364,15 +364,4 @@ class ModelState:
 
     def not_observed(self) -> list[str]:
         """The C's activations (and gradients) this model does not show at a module boundary."""
-        cfg = self.config
-        refs = [r for r in writers(forward_nodes(cfg) + backward_nodes(cfg)) if r.group in ("acts", "grads_acts")]
-        unseen: dict[str, list] = {}
-        for r in refs:
-            if not self.observes(r):
-                unseen.setdefault(f"{r.group}.{r.name}", []).append(r.layer)
-        out = []
-        for what, layers in unseen.items():
-            if layers != [None] and len(layers) < cfg.num_layers:
-                what += f" (layers {', '.join(map(str, layers))})"
-            out.append(what)
-        return out
+        return unobserved(self.config, self.observes)
