@@ -16,6 +16,7 @@ from ..probe import marked
 from ..arbiter.tolerances import e2e_tolerance
 from .results import Check
 from .state import axes, module_of, named_args, observation
+from .precision import precision_of
 from .verdict import compared
 
 
@@ -45,13 +46,14 @@ def e2e_graph(cfg: GPT2Config, positions: int, state, oracle_state, *, step: int
 
     def one(ref, kernel, output, n, nodes, diagnose_it):
         actual, expected = ref.get(state), ref.get(oracle_state)
-        how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
+        p = precision_of(state, nodes)
+        how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref], p),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
         c = compared(actual, expected, unit=sequence_unit(ref, actual.shape), **how)
         if diagnose_it and not c.passed:
             c = attach(c, diagnose(Call("loss_mean", output, {"value": expected, "n": positions}),
                                    actual, expected, **how))
-        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), module_of(state, ref)))
+        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), module_of(state, ref), p))
 
     for node in forward_nodes(cfg):
         for o in FORWARD_OUTPUTS[node.kernel]:

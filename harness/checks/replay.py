@@ -17,6 +17,7 @@ from ..probe import marked, span
 from ..arbiter.tolerances import term_magnitude
 from .results import Check
 from .state import args64, module_of, observation, replayable
+from .precision import precision_of
 from .verdict import call_scale, judge
 
 
@@ -37,11 +38,12 @@ def replay_graph(cfg: GPT2Config, state, *, step: int, impl: str) -> list[Check]
         for o in FORWARD_OUTPUTS[node.kernel]:
             ref = node.arg_dict[o]
             if observes(ref):
+                p = precision_of(state, (node,))
                 c = judge(node.kernel, o, ref.get(state), out[o], args, name=str(ref),
                           elem_scale=call_scale(node.kernel, o, args, out),
                           calls=_with_streams(node, nodes, i, args, state, has) if node.kernel == "residual_forward"
-                          else None)
-                checks.append(Check(step, impl, "replay", ref, c, (node,), module_of(state, ref)))
+                          else None, precision=p)
+                checks.append(Check(step, impl, "replay", ref, c, (node,), module_of(state, ref), p))
     return checks + _replay_backward(cfg, state, observes, has, step=step, impl=impl)
 
 
@@ -114,10 +116,11 @@ def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: 
             if last[ref] is not node or not observes(ref) or ref in skipped:
                 continue
             nodes = [nd for nd, _ in buffers[ref]]
+            p = precision_of(state, nodes)
             c = judge(node.kernel, a, ref.get(state), acc.pop(ref), args, name=str(ref),
                       elem_scale=mags.pop(ref), n=nmax[ref],
-                      calls=lambda: _buffer_calls(ref, nodes, state))
-            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), module_of(state, ref)))
+                      calls=lambda: _buffer_calls(ref, nodes, state), precision=p)
+            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), module_of(state, ref), p))
     return checks
 
 
