@@ -47,6 +47,7 @@ from ..arbiter.tolerances import e2e_tolerance
 from .e2e import e2e_graph
 from .loss import check_loss
 from .precision import loss_tolerance, spread_at, update_precision
+from .reach import note_reach
 from .replay import replay_graph
 from .results import Check, RunReport, StepReport, first_divergence
 from .state import returned_by, unobserved
@@ -265,6 +266,7 @@ def _run_reference(step: _Step, name: str, pm, pre: tuple, losses: dict, oracle,
             pm.findings.extend(f for f in structure if f.text() not in known)
         step.graph[name] = _check_state(step, name, pm, losses, oracle,
                                         spread_at(pm, step, pre[0], oracle, spread, step.witnesses))
+        note_reach(pm, step.config, step.graph[name])
         _release(pm, "drop_activations")   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
         try:
