@@ -96,6 +96,8 @@ CALIBRATE_ARGS ?=
 calibrate: venv
 	$(VPY) -m harness.calibrate
 	$(VPY) -m harness.calibrate --scale --model tests/ports/model_ports.py:GPT $(CALIBRATE_ARGS)
+	$(VPY) -m harness.calibrate --scale --builds O3 --refs '' --model tests/ports/model_ports.py:GPT --precision autocast=bf16 $(CALIBRATE_ARGS)
+	$(VPY) -m harness.calibrate --scale --builds O3 --refs '' --model tests/ports/model_ports.py:GPT --precision params=bf16 $(CALIBRATE_ARGS)
 
 # the standalone trainer (main() is compiled when TESTING is not defined)
 train_gpt2: $(LLMC_SRC)

@@ -186,7 +186,8 @@ def fold(checks, worst: dict, tally: dict) -> None:
                     tally[str(p)] = tally.get(str(p), 0) + 1
 
 
-def measure_scale(config: str, steps: int, refs: list[str], model: str | None, seed: int) -> dict:
+def measure_scale(config: str, steps: int, refs: list[str], model: str | None, seed: int,
+                  precision: str = "") -> dict:
     """One build's run at scale (the library in $LLMC_LIB): the worst fractions of the bounds
     used per (kind, kernel.output), and the tally."""
     from pyref import numpy_kernels, synth, torch_kernels
@@ -203,6 +204,16 @@ def measure_scale(config: str, steps: int, refs: list[str], model: str | None, s
     if model:
         from .ports.loader import load_model
         models["model"] = load_model(model, name="model")
+        for part in filter(None, precision.split(",")):   # "autocast=bf16,params=bf16,scaler"
+            key, _, value = part.partition("=")
+            if key == "autocast":
+                models["model"].autocast = value
+            elif key == "params":
+                models["model"].param_dtype = value
+            elif key == "scaler":
+                models["model"].grad_scaler = True
+            else:
+                raise SystemExit(f"--precision: unknown part {part!r} (autocast=bf16|fp16, params=bf16|fp16, scaler)")
     worst: dict = {}
     tally: dict = {}
     T = min(64, cfg.max_seq_len)
@@ -230,7 +241,8 @@ def _scale(args) -> int:
         label = f"C {name}" + "".join(f" + {r}" for r in refs) + (" + model" if model else "")
         print(f"{label}: {args.steps} steps of {args.config}, every op replayed ...", file=sys.stderr, flush=True)
         res = _worker(["--scale-worker", "--config", args.config, "--steps", str(args.steps),
-                       "--seed", str(args.seed), "--refs", ",".join(refs), "--model", model or ""],
+                       "--seed", str(args.seed), "--refs", ",".join(refs), "--model", model or "",
+                       "--precision", args.precision if model else ""],
                       label, env={"LLMC_LIB": str(out)})
         if res is None:
             return 1
@@ -296,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="--scale: references beside the first build")
     ap.add_argument("--model", default=None, help="--scale: a PyTorch model (file.py:name) beside the first build")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "LIB"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="", help="--scale with --model: the model's mixed precision, "
+                    "e.g. autocast=bf16 or params=bf16 or autocast=fp16,scaler (judged at the precision each op ran in)")
     ap.add_argument("--scale-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -303,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(impl, None if lib == "-" else lib, args.seeds)))
         return 0
     if args.scale_worker:
-        print(json.dumps(measure_scale(args.config, args.steps, args.refs, args.model or None, args.seed)))
+        print(json.dumps(measure_scale(args.config, args.steps, args.refs, args.model or None, args.seed,
+                                       args.precision)))
         return 0
     unknown = [b for b in args.builds if b not in BUILDS]
     if unknown:

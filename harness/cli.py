@@ -101,11 +101,13 @@ def _impls(names: list[str]):
 def _models(args) -> dict:
     """``--model TARGET`` (and its ``--optimizer``, ``--model-map``) as a TorchModel."""
     if not args.model:
-        if args.optimizer or args.model_map:
-            raise UsageError("--optimizer and --model-map go with --model")
+        if args.optimizer or args.model_map or getattr(args, "autocast", None) or getattr(args, "param_dtype", None):
+            raise UsageError("--optimizer, --model-map, --autocast and --param-dtype go with --model")
         return {}
     from .ports.loader import load_model
     model = load_model(args.model, optimizer=args.optimizer, mapping=args.model_map)
+    model.autocast, model.param_dtype = getattr(args, "autocast", None), getattr(args, "param_dtype", None)
+    model.grad_scaler = bool(getattr(args, "grad_scaler", False))
     if model.name in RESERVED:   # "C" and "oracle" name the library and the arbiter in reports
         model.name = f"{model.name} (model)"
     return {model.name: model}
@@ -380,6 +382,12 @@ def _run_parser(sub) -> None:
                                          "(the model's own method); default torch.optim.AdamW with the run's settings")
     run.add_argument("--model-map", help="with --model: file.py:name of a dict or callable (param name, shape) -> "
                                          "C tensor like 'qkvw[3]' or 'fcw[0].T', for names not recognised")
+    run.add_argument("--autocast", choices=("bf16", "fp16"), help="with --model: its forward under "
+                     "torch.autocast('cpu', dtype); each op is judged at the precision it is seen to run in")
+    run.add_argument("--param-dtype", choices=("bf16", "fp16"), help="with --model: its parameters held in "
+                     "this dtype (the C's rounded into it); judged at that precision")
+    run.add_argument("--grad-scaler", action="store_true", help="with --model: its loss scaled by "
+                     "torch.amp.GradScaler (fp16 training); gradients compared unscaled")
     run.add_argument("--free-run", type=int, default=0, metavar="N",
                      help="also train every implementation N steps on its own state from the common start, "
                           "checking its loss and parameters against the float64 oracle's own run per step")

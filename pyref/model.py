@@ -118,6 +118,18 @@ class GPT2:
         """The tensors of the graph it did not produce itself: none."""
         return []
 
+    def precision_of(self, nodes) -> None:
+        """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
+        return None
+
+    def update_precision(self, label: str) -> None:
+        """The precision of its AdamW's ``params``/``m``/``v`` below float32: none."""
+        return None
+
+    def witness_precisions(self) -> dict:
+        """Kernel -> a precision below float32 the witness must noise it at: none."""
+        return {}
+
     # ------------------------------------------------------------------ forward
     def _take_batch(self, inputs, targets):
         """Validated (inputs, targets); the activations allocated for their (B, T) on the

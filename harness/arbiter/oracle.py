@@ -20,6 +20,7 @@ from pyref.protocol import SIGNATURES, KernelSet
 from pyref.spec import SPEC
 
 from .fused import add_noisy, noise
+from .precision import round_to
 from .compare import Comparison, Tolerance, compare
 from ..cores import shared
 from ..graph import Ref, backward_nodes, forward_nodes, writers
@@ -60,7 +61,11 @@ class Witness:
 
     BLOCK = 1 << 15   # elements per block of the NumPy draws: they and the scratch stay in cache
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, precisions: dict | None = None):
+        # kernel -> harness.arbiter.precision.Precision where a port computes it more coarsely
+        # than float32: its results are noised at that precision's element scale
+        # (Precision.unit(n), what its per-op tolerance allows) instead of u sqrt(n)
+        self.precisions = {k: p for k, p in (precisions or {}).items() if not p.is_float32}
         self.key = _splitmix64(seed)
         self.position = 0          # the stream position of the next draw
         self._scratch: dict[tuple, np.ndarray] = {}   # the backward's zeroed buffers (_zeros)
@@ -71,12 +76,18 @@ class Witness:
         at, self.position = self.position, self.position + size
         return at
 
-    def _noise(self, x: np.ndarray, n: int) -> np.ndarray:
-        """``x (1 + u sqrt(n) xi)``: in place on a result the caller owns outright (a
-        kernel's fresh float64 output), else on a new float64 array."""
+    def _scale(self, kernel: str, n: int) -> float:
+        """The noise's scale for a result of ``kernel`` over a chain of ``n``: ``u sqrt(n)``,
+        or the element scale of the precision a port computes the kernel at."""
+        p = self.precisions.get(kernel)
+        return U * sqrt(max(n, 1)) if p is None else p.unit(n, inputs=not p.rounds_inputs)
+
+    def _noise(self, x: np.ndarray, n: int, kernel: str = "") -> np.ndarray:
+        """``x (1 + s xi)``, s = ``u sqrt(n)`` (:meth:`_scale`): in place on a result the
+        caller owns outright (a kernel's fresh float64 output), else on a new float64 array."""
         own = x.dtype == np.float64 and x.flags.owndata and x.flags.writeable and x.flags.c_contiguous
         out = x if own else np.array(x, np.float64, order="C")
-        s, at = U * sqrt(max(n, 1)), self._take(out.size)
+        s, at = self._scale(kernel, n), self._take(out.size)
         with span("witness noise"):
             if not noise(out, s, self.key, at):
                 flat = out.reshape(-1)
@@ -85,9 +96,9 @@ class Witness:
                     flat[lo:hi] += flat[lo:hi] * (s * draws(self.key, at + lo, hi - lo))
         return out
 
-    def _add_noisy(self, buf: np.ndarray, c: np.ndarray, n: int) -> None:
-        """``buf += c (1 + u sqrt(n) xi)``: a backward's contribution, noised, added."""
-        s, at = U * sqrt(max(n, 1)), self._take(c.size)
+    def _add_noisy(self, buf: np.ndarray, c: np.ndarray, n: int, kernel: str = "") -> None:
+        """``buf += c (1 + s xi)``: a backward's contribution, noised, added."""
+        s, at = self._scale(kernel, n), self._take(c.size)
         with span("witness noise"):
             if not add_noisy(buf, c, s, self.key, at):
                 b, cf = buf.reshape(-1), np.ascontiguousarray(c).reshape(-1)
@@ -116,12 +127,16 @@ class Witness:
         f = getattr(ORACLE, kernel)
         spec = SPEC[kernel]
 
+        p = self.precisions.get(kernel)
+
         def call(*args):
+            if p is not None and p.rounds_inputs:
+                args = _rounded_inputs(spec, args, p.compute)
             named = dict(zip(spec.signature, args))
             if spec.returns:
                 out = f(*args)
                 outs = out if isinstance(out, tuple) else (out,)
-                noisy = tuple(self._noise(o, spec.n(name, named)) for name, o in zip(spec.output_names, outs))
+                noisy = tuple(self._noise(o, spec.n(name, named), kernel) for name, o in zip(spec.output_names, outs))
                 return noisy if isinstance(out, tuple) else noisy[0]
             if spec.updates:   # AdamW rewrites its buffers: the change is what is noised
                 before = {k: named[k].copy() for k in spec.inplace}
@@ -129,13 +144,26 @@ class Witness:
                 for k, old in before.items():
                     change = named[k] - old
                     named[k][...] = old
-                    self._add_noisy(named[k], change, spec.n(k, named))
+                    self._add_noisy(named[k], change, spec.n(k, named), kernel)
                 return None
             own = {k: self._zeros(kernel, k, named[k].shape) for k in spec.inplace if named.get(k) is not None}
             f(*(own.get(k, a) for k, a in zip(spec.signature, args)))
             for k, c in own.items():
-                self._add_noisy(named[k], c, spec.n(k, named))
+                self._add_noisy(named[k], c, spec.n(k, named), kernel)
         return call
+
+
+def _rounded_inputs(spec, args: tuple, dtype: str) -> tuple:
+    """A kernel's inputs rounded to ``dtype`` as a port computing the kernel at it rounds
+    them (its operands cast, its parameters held in it): exactly, nearest even, not
+    noise -- a rounded weight is the same at every position, so its error does not
+    average away over a batch as independent noise would. Buffers it writes stay as they are."""
+    out = []
+    for name, a in zip(spec.signature, args):
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f" and name not in spec.inplace:
+            a = round_to(np.asarray(a, np.float32), dtype).astype(np.float64)
+        out.append(a)
+    return tuple(out)
 
 
 _GAMMA = 0x9E3779B97F4A7C15

@@ -71,6 +71,7 @@ from pyref.constants import U
 from pyref.spec import SPEC, Rule
 
 from .compare import Tolerance
+from .precision import Precision
 
 
 # Underflow. Below the smallest normal float32 (2^-126) the spacing of float32 stops
@@ -138,9 +139,14 @@ def norm_excess(size: int | None) -> float:
     return sqrt(max(1.0, q))
 
 
-def op_tolerance(kernel: str, output: str, n: int, size: int | None = None) -> Tolerance:
+def op_tolerance(kernel: str, output: str, n: int, size: int | None = None,
+                 precision: Precision | None = None) -> Tolerance:
     """The per-op tolerance of ``kernel``'s ``output`` for a rounding chain of length ``n``,
-    over a tensor of ``size`` elements (at most that many compared)."""
+    over a tensor of ``size`` elements (at most that many compared), for an op that ran at
+    ``precision`` (:class:`.precision.Precision`; None or float32: the C's, these formulas
+    as they always were)."""
+    if precision is not None and not precision.is_float32:
+        return _at_precision(kernel, output, n, size, precision)
     r = rule(kernel, output)
     g = sqrt(max(1, n))
     z, f = extreme(size), norm_excess(size)
@@ -153,13 +159,39 @@ def op_tolerance(kernel: str, output: str, n: int, size: int | None = None) -> T
                          + f" + t·SE ({r.bias_why})")
 
 
+def _at_precision(kernel: str, output: str, n: int, size: int | None, p: Precision) -> Tolerance:
+    """:func:`op_tolerance` of an op that rounded its inputs, accumulation or output more
+    coarsely than float32: the same formulas with ``u sqrt(n)`` replaced by the op's own
+    element error scale ``p.unit(n)`` (:mod:`.precision`), the bias test's minimum effect in
+    units of its coarsest rounding, the underflow floor its dtype's smallest normal."""
+    r = rule(kernel, output)
+    g = p.unit(n)
+    z, f = extreme(size), norm_excess(size)
+    return Tolerance(rel=r.sigma * z * g, norm=r.k_norm * g * f, floor=p.floor,
+                     bias=r.bias * p.lean, bias_size=r.bias_size * p.lean, bias_p=P_FALSE_ALARM,
+                     why=f"{kernel}.{output} at {p.label} ({p.detail}): {r.why}; n={n}: "
+                         f"{r.sigma:g}·g per element, g = sqrt(u_acc²n + 2u_in² + u_out²) = {g:.3g}, "
+                         f"x{z:.2f} (the largest of {size or 1} at p={P_FALSE_ALARM:g}), {r.k_norm:g}·g norm-wise"
+                         + (f" x{f:.2f} for {size} elements" if f > 1.05 else "")
+                         + f"; mean {r.bias:g}·{p.lean:.3g}" + f" + t·SE ({r.bias_why})")
+
+
+def reach(tol: Tolerance) -> float:
+    """The smallest change that a check under ``tol`` reveals, relative to the scale of the
+    value (its terms' size): a change of every element by that fraction moves the
+    norm-wise error to its bound. A change below it can pass; at bf16 it is ~2^-8 x the
+    row's k_norm, at float32 ~2^-24 sqrt(n) x k_norm."""
+    return tol.norm
+
+
 # End to end: multiples of how far float32-sized noise, injected at every op of a float64
 # model (oracle.Witness), carried to each tensor on this model and batch.
 E2E_K_REL = 4.0
 E2E_K_NORM = 3.0
 
 
-def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -> Tolerance:
+def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness,
+                  precision: Precision | None = None) -> Tolerance:
     """The end-to-end tolerance of a tensor produced by ``kernel``'s ``output``: the larger
     of its per-op tolerance and E2E_K x the witness's distance from the oracle
     (``witness`` is that Comparison). Error carried in from upstream grows with depth,
@@ -169,14 +201,14 @@ def e2e_tolerance(kernel: str, output: str, n: int, size: int | None, witness) -
     minimum effect widens by the same factor as the norm-wise bound: the legitimate leans
     of the ops upstream (a constant rounded differently) reach the tensor through the same
     Jacobians as their rounding noise."""
-    base = op_tolerance(kernel, output, n, size)
+    base = op_tolerance(kernel, output, n, size, precision)
     rel = max(base.rel, E2E_K_REL * witness.max_rel)
     norm = max(base.norm, E2E_K_NORM * witness.norm_rel)
     growth = norm / base.norm if base.norm > 0 else 1.0      # inf where the witness's norm is
     return Tolerance(rel=rel, norm=norm, floor=base.floor, bias=base.bias * growth, bias_p=base.bias_p,
                      bias_size=base.bias_size * growth if base.bias_size else 0.0,
                      why=f"{base.why}; end to end: the larger of that and {E2E_K_REL:g}x/{E2E_K_NORM:g}x "
-                         f"the float32-noise witness (max rel {witness.max_rel:.2g}, norm rel "
+                         f"the {'float32' if precision is None else precision.label}-noise witness (max rel {witness.max_rel:.2g}, norm rel "
                          f"{witness.norm_rel:.2g})" + (f", the mean's minimum effect x{growth:.2g}" if growth > 1 else ""))
 
 

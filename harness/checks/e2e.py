@@ -16,6 +16,7 @@ from ..probe import marked
 from ..arbiter.tolerances import e2e_tolerance
 from .results import Check
 from .modelstate import CheckedState, axes, named_args
+from .precision import precision_of
 from .verdict import checked
 
 
@@ -45,11 +46,12 @@ def e2e_graph(cfg: GPT2Config, positions: int, state: CheckedState, oracle_state
 
     def one(ref, kernel, output, n, nodes, diagnose_it):
         actual, expected = ref.get(state), ref.get(oracle_state)
-        how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref]),
+        p = precision_of(state, nodes)
+        how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref], p),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
         calls = (lambda: Call("loss_mean", output, {"value": expected, "n": positions})) if diagnose_it else None
         c = checked(actual, expected, calls, unit=sequence_unit(ref, actual.shape), **how)
-        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), state.module_of(ref)))
+        checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), state.module_of(ref), p))
 
     for node in forward_nodes(cfg):
         for o in FORWARD_OUTPUTS[node.kernel]:

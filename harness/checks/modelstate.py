@@ -54,6 +54,19 @@ class CheckedState(Protocol):
     def not_observed(self) -> list[str]:
         """The graph's tensors it did not produce itself (:func:`harness.graph.unobserved`)."""
 
+    def precision_of(self, nodes) -> object | None:
+        """The precision it ran ``nodes`` at (the calls that wrote one tensor), where below
+        float32 (:class:`harness.arbiter.precision.Precision`; None: float32, whose bounds
+        apply unchanged)."""
+
+    def update_precision(self, label: str) -> object | None:
+        """The precision its AdamW's ``params``, ``m`` or ``v`` is held at, where below
+        float32 (None: float32)."""
+
+    def witness_precisions(self) -> dict:
+        """Kernel -> the precision the witness must noise it at, where below float32 (empty:
+        the float32 witness serves)."""
+
 
 @runtime_checkable
 class Reference(CheckedState, Protocol):

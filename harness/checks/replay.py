@@ -18,6 +18,7 @@ from ..arbiter.tolerances import term_magnitude
 from ..ports.record import pin_failure
 from .modelstate import CheckedState, args64, replayable
 from .results import Check, first_divergence_check
+from .precision import precision_of
 from .verdict import call_scale, judge
 
 
@@ -38,11 +39,12 @@ def replay_graph(cfg: GPT2Config, state: CheckedState, *, step: int, impl: str) 
         for o in FORWARD_OUTPUTS[node.kernel]:
             ref = node.arg_dict[o]
             if observes(ref):
+                p = precision_of(state, (node,))
                 c = judge(node.kernel, o, ref.get(state), out[o], args, name=str(ref),
                           elem_scale=call_scale(node.kernel, o, args, out),
                           calls=_with_streams(node, nodes, i, args, state, has) if node.kernel == "residual_forward"
-                          else None)
-                checks.append(Check(step, impl, "replay", ref, c, (node,), state.module_of(ref)))
+                          else None, precision=p)
+                checks.append(Check(step, impl, "replay", ref, c, (node,), state.module_of(ref), p))
     return checks + _replay_backward(cfg, state, observes, has, step=step, impl=impl)
 
 
@@ -115,10 +117,11 @@ def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: 
             if last[ref] is not node or not observes(ref) or ref in skipped:
                 continue
             nodes = [nd for nd, _ in buffers[ref]]
+            p = precision_of(state, nodes)
             c = judge(node.kernel, a, ref.get(state), acc.pop(ref), args, name=str(ref),
                       elem_scale=mags.pop(ref), n=nmax[ref],
-                      calls=lambda: _buffer_calls(ref, nodes, state))
-            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), state.module_of(ref)))
+                      calls=lambda: _buffer_calls(ref, nodes, state), precision=p)
+            checks.append(Check(step, impl, "replay", ref, c, tuple(nodes), state.module_of(ref), p))
     return checks
 
 

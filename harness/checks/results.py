@@ -36,6 +36,9 @@ class Check:
     comparison: Comparison
     nodes: tuple[Node, ...] = ()   # the graph's calls that write ``ref``, in order
     module: str | None = None      # the torch model's module that showed it
+    # the precision it was judged at where not float32 (harness.arbiter.precision.Precision,
+    # of a mixed-precision port's op: its label is what the reports show)
+    precision: object = None
     pin: object = None             # where in a torch port's source it goes wrong (harness.ports.record.Pin)
 
     @property

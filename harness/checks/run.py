@@ -48,6 +48,8 @@ from .debugstate import check_debug_state
 from .e2e import e2e_graph
 from .freerun import free_run
 from .loss import check_loss
+from .precision import loss_tolerance, spread_at, update_precision
+from .reach import note_reach
 from .replay import pin_divergence, replay_graph
 from .results import Check, RunReport, StepReport, first_divergence
 from .modelstate import KernelPort, Reference
@@ -181,6 +183,7 @@ class _Step:
     errors: dict = field(default_factory=dict)         # impl -> forward/backward exception
     update_errors: dict = field(default_factory=dict)  # impl -> update exception
     structure: dict = field(default_factory=dict)      # impl -> the census's findings (a torch model)
+    witnesses: dict = field(default_factory=dict)      # a mixed-precision port's witness spreads (.precision)
 
 
 def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dict, list[Check]]:
@@ -243,7 +246,9 @@ def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: di
     replay (always, or on a failed end-to-end check)."""
     B, T = step.inputs.shape
     step.say(f"checking {name}")
-    checks = [check_loss(step.t, name, losses[name], losses["oracle"], step.loss_tol, B * T)]
+    loss_tol, loss_precision = loss_tolerance(state, step, spread, oracle)
+    checks = [check_loss(step.t, name, losses[name], losses["oracle"], loss_tol or step.loss_tol, B * T)]
+    checks[0].precision = loss_precision
     e2e = e2e_graph(step.config, B * T, state, oracle, step=step.t, impl=name, spread=spread)
     checks += e2e
     if step.replay is True or (step.replay == "on-failure" and not all(c.passed for c in e2e)):
@@ -276,7 +281,9 @@ def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: di
             step.structure[name] = structure
             known = {f.text() for f in pm.findings}
             pm.findings.extend(f for f in structure if f.text() not in known)
-        step.graph[name] = _check_state(step, name, pm, losses, oracle, spread)
+        step.graph[name] = _check_state(step, name, pm, losses, oracle,
+                                        spread_at(pm, step, pre[0], oracle, spread, step.witnesses))
+        note_reach(pm, step.config, step.graph[name])
         pin_divergence(step.graph[name], pm)   # a failure of a torch port: its line (nothing on a pass)
         pm.drop_activations()   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
@@ -288,7 +295,7 @@ def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: di
             return
         step.update[name] = check_update(step.config, pre, pm.grads_memory,
                                          (pm.params_memory, pm.m_memory, pm.v_memory), h, step.t,
-                                         step=step.t, impl=name)
+                                         step=step.t, impl=name, precision=update_precision(pm))
     finally:
         pm.release()
 

@@ -29,13 +29,16 @@ UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporar
 @marked("update checks")
 def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  post: tuple[np.ndarray, np.ndarray, np.ndarray], hyper: AdamW, t: int, *,
-                 step: int, impl: str) -> list[Check]:
+                 step: int, impl: str, precision=None) -> list[Check]:
     """AdamW in float64 from the common pre-step state ``pre`` = (params, m, v; m and v
     None at the first step: zeros) with ``grads``, against ``post`` (params, m, v after the
     implementation's update), tensor by tensor: in one pass per tensor by the compiled
     helper (:func:`harness.arbiter.fused.adamw_tallies`, the expected values never stored);
     where it is not at hand, or a tensor fails (its diagnosis needs the expected values),
-    in NumPy, in cache-sized blocks into buffers made once for the largest tensor."""
+    in NumPy, in cache-sized blocks into buffers made once for the largest tensor.
+    ``precision``: ``label -> Precision or None`` (``"params"``, ``"m"``, ``"v"``) of a
+    port whose parameters or optimizer state are held below float32 (None: float32)."""
+    at = precision or (lambda label: None)
     hp = hyper.kernel_args(t)
     shapes = param_shapes(cfg)
     buf: dict = {}
@@ -44,7 +47,7 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
         n = prod(shape)
         sl = slice(offset, offset + n)
         hows = {label: dict(name=f"{label}.{name} (after update)",
-                            tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n),
+                            tol=op_tolerance("adamw", "param" if label == "params" else label, 1, n, at(label)),
                             axes=axes(Ref(label, name), shape))
                 for label in LABELS}
         actuals = {label: np.asarray(post[i][sl]).reshape(shape) for i, label in enumerate(LABELS)}
@@ -55,7 +58,8 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                 buf = {k: np.empty(largest, np.float64 if k in LABELS else np.float32)
                        for k in (*LABELS, "scale_params", "scale_m")}
             found = _numpy(pre, grads, offset, name, shape, actuals, hows, hp, buf)
-        checks += [Check(step, impl, "update", Ref(label, name), c) for label, c in zip(LABELS, found)]
+        checks += [Check(step, impl, "update", Ref(label, name), c, precision=at(label))
+                   for label, c in zip(LABELS, found)]
     return checks
 
 

@@ -50,7 +50,7 @@ def explained(c: Comparison, actual, expected, calls: Callable[[], Call | list[C
 
 
 def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, args: dict, *,
-          name: str, elem_scale=None, n: int | None = None, calls=None) -> Comparison:
+          name: str, elem_scale=None, n: int | None = None, calls=None, precision=None) -> Comparison:
     """Judge ``actual`` (an implementation's ``output`` of a ``kernel`` call on ``args``)
     against the oracle's ``expected``, under the kernel's per-op tolerance, its bias test's
     groups spanning the row's correlated runs (``span``).
@@ -59,10 +59,11 @@ def judge(kernel: str, output: str, actual: np.ndarray, expected: np.ndarray, ar
     call; a replay passes the sum over the calls that accumulated into a buffer). ``n``:
     the reduction length when several calls made the output (default: this call's).
     ``calls``: a function giving what :mod:`harness.diagnosis` re-runs on failure (default:
-    this call), called only then."""
+    this call), called only then. ``precision``: the precision the op ran at
+    (:class:`harness.arbiter.precision.Precision`; None: float32)."""
     spec = SPEC[kernel]
     n = spec.n(output, args) if n is None else n
-    how = dict(name=name, tol=op_tolerance(kernel, output, n, actual.size), axes=spec.output(output).axes,
+    how = dict(name=name, tol=op_tolerance(kernel, output, n, actual.size, precision), axes=spec.output(output).axes,
                mask=spec.mask(output, args), elem_scale=elem_scale)
     return checked(actual, expected, calls or (lambda: Call(kernel, output, args)),
                    unit=spec.unit(output, actual.shape), **how)

@@ -236,6 +236,18 @@ class CModel:
         """The tensors of the graph the C did not produce itself: none."""
         return []
 
+    def precision_of(self, nodes) -> None:
+        """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
+        return None
+
+    def update_precision(self, label: str) -> None:
+        """The precision of its AdamW's ``params``/``m``/``v`` below float32: none."""
+        return None
+
+    def witness_precisions(self) -> dict:
+        """Kernel -> a precision below float32 the witness must noise it at: none."""
+        return {}
+
     # -- state ----------------------------------------------------------------
     @property
     def batch_size(self) -> int:

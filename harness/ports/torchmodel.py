@@ -68,6 +68,11 @@ class TorchModel:
     mapping: object = None
     optimizer: object = None
     name: str = "model"
+    # mixed precision asked of the run (harness.ports.precision.Mixed): the forward under
+    # torch.autocast ("bf16"/"fp16"), the parameters cast ("bf16"/"fp16"), a GradScaler
+    autocast: str | None = None
+    param_dtype: str | None = None
+    grad_scaler: bool = False
 
 
 def build_optimizer(factory, model, hyper: AdamW):

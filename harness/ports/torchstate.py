@@ -33,6 +33,7 @@ from .census import Census, Finding
 from .families import hugging_face
 from .hygiene import hygiene
 from .mapping import Entry, map_parameters
+from .precision import Mixed
 from .torchmodel import TorchModel, build_model, build_optimizer
 
 
@@ -71,6 +72,8 @@ class ModelState:
         self.config = config
         self.hyper = hyper
         self.model = build_model(model.factory, config)
+        self.mixed = Mixed(model.autocast, model.param_dtype, model.grad_scaler)
+        self.mixed.prepare(self.model)
         mapping = model.mapping if model.mapping is not None else getattr(self.model, "llmc_param_map", None)
         self.entries = map_parameters(self.model, config, mapping)
         elsewhere = sorted({str(e.param.device) for e in self.entries if e.param.device.type != "cpu"})
@@ -125,11 +128,18 @@ class ModelState:
             for e in self.entries:
                 self.optimizer.state[e.param] = {
                     "step": torch.tensor(0.0),   # set to t - 1 by update()
-                    "exp_avg": torch.from_numpy(self._model_layout(e, mv["m"]).copy()).to(e.param.dtype),
-                    "exp_avg_sq": torch.from_numpy(self._model_layout(e, mv["v"]).copy()).to(e.param.dtype)}
+                    "exp_avg": torch.from_numpy(self._model_layout(e, mv["m"]).copy()).to(self._held(e, "m")),
+                    "exp_avg_sq": torch.from_numpy(self._model_layout(e, mv["v"]).copy()).to(self._held(e, "v"))}
             self._mv_loaded = True
         else:
             self._mv_loaded = False
+
+    def _held(self, e: Entry, label: str):
+        """The dtype the optimizer holds ``label`` (m, v) in: as its last step left it
+        (harness.ports.precision), else the parameter's."""
+        prof = self.mixed.profile
+        held = prof.state.get(label) if prof is not None else None
+        return getattr(self.torch, held) if held else e.param.dtype
 
     def _model_layout(self, e: Entry, views: dict) -> np.ndarray:
         a = e.slot.view(views)
@@ -137,9 +147,9 @@ class ModelState:
             a = a[:e.rows]
         return np.ascontiguousarray(a.T if e.slot.transpose else a)
 
-    def _read(self, get, out: dict):
-        """A per-parameter tensor (grad, exp_avg, ...) back into C-layout views ``out``;
-        where there is none, zeros."""
+    def _read(self, get, out: dict, scale: float = 1.0):
+        """A per-parameter tensor (grad, exp_avg, ...) back into C-layout views ``out``
+        (divided by ``scale``: a GradScaler's factor); where there is none, zeros."""
         for e in self.entries:
             t = get(e)
             dst = e.slot.view(out)
@@ -149,6 +159,7 @@ class ModelState:
                 dst[...] = 0.0
                 continue
             a = t.detach().to(self.torch.float32).numpy()
+            a = a / np.float32(scale) if scale != 1.0 else a
             a = a.T if e.slot.transpose else a
             if e.rows is not None:
                 dst[:e.rows] = a
@@ -176,7 +187,7 @@ class ModelState:
         tgt = torch.from_numpy(self.targets.astype(np.int64))
         try:
             with self.capture.kernel_calls(self.model, cfg):
-                logits, loss = self._call(idx, tgt)
+                logits, loss = self.mixed.forward(self.model, lambda: self._call(idx, tgt))
         except ModelError:
             raise
         except Exception as e:
@@ -205,6 +216,7 @@ class ModelState:
             raise ModelError(f"{type(self.model).__name__}'s loss does not require grad: it is not computed from "
                              "the parameters (detached, or under torch.no_grad())")
         self._loss = loss
+        self.mixed.observed(cfg, self.capture, self.model, loss)
         self.mean_loss = np.float32(loss.detach().float().item())
         self._store(self.capture.values, self.acts, forward=True)
         self._derive()
@@ -236,10 +248,11 @@ class ModelState:
         self._own_loss = loss is not None
         return logits, loss
 
-    def _store(self, captured: dict, out: dict, forward: bool):
+    def _store(self, captured: dict, out: dict, forward: bool, scale: float = 1.0):
         cfg = self.config
         for (act, layer), t in captured.items():
             a = t.to(self.torch.float32).numpy()
+            a = a / np.float32(scale) if scale != 1.0 else a
             dst = out[act] if layer is None else out[act][layer]
             if act in ("logits", "probs") and a.shape[-1] == cfg.vocab_size < cfg.padded_vocab_size:
                 dst[..., :cfg.vocab_size] = a
@@ -288,14 +301,14 @@ class ModelState:
         B, T = self.inputs.shape
         self._observed = {o for o in self._observed if o[0] != "grads_acts"}
         try:
-            self._loss.backward()
+            self.mixed.backward(self._loss)
         except Exception as e:
             raise ModelError(f"{type(self.model).__name__}'s loss.backward() raised {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         self._loss = None
         self.structure = self.structure + self.census.gradient_findings(self.entries)
-        self._read(lambda e: e.param.grad, self.grads)
-        self._store(self.capture.grads, self.grads_acts, forward=False)
+        self._read(lambda e: e.param.grad, self.grads, self.mixed.scale)
+        self._store(self.capture.grads, self.grads_acts, forward=False, scale=self.mixed.scale)
         # the C seeds dlosses with 1/(B*T): the mean over all positions
         self.grads_acts["losses"][...] = np.float32(1.0) / np.float32(B * T)
         self._derived.add(("grads_acts", "losses", None))
@@ -313,7 +326,8 @@ class ModelState:
         for e in self.entries:
             if e.param.requires_grad and e.param.grad is None:
                 e.param.grad = torch.zeros_like(e.param)
-        self.optimizer.step()
+        self.mixed.step(self.optimizer)
+        self.mixed.state_dtypes(self.optimizer, [e.param for e in self.entries])
         shapes = param_shapes(self.config)
         if self.m_memory is None:
             self.m_memory = np.zeros(self.num_parameters, np.float32)
@@ -361,6 +375,26 @@ class ModelState:
         if ref.group not in ("acts", "grads_acts"):
             return None
         return self.capture.points.get((ref.name, ref.layer))
+
+    def precision_of(self, nodes) -> "Precision | None":
+        """The precision the port ran ``nodes`` at (one op, or the ops accumulating into a
+        gradient buffer), observed on its first forward (harness.ports.precision); None
+        where it ran all of them at float32 (the C's bounds apply unchanged)."""
+        prof = self.mixed.profile
+        if prof is None:
+            return None
+        p = prof.of_buffer(nodes)
+        return None if p.is_float32 else p
+
+    def update_precision(self, label: str) -> "Precision | None":
+        """The precision of its AdamW's ``params``/``m``/``v``; None at float32."""
+        prof = self.mixed.profile
+        p = None if prof is None else prof.update(label)
+        return None if p is None or p.is_float32 else p
+
+    def witness_precisions(self) -> dict:
+        """Kernel -> the precision the witness must noise it at (empty: float32)."""
+        return {} if self.mixed.profile is None else self.mixed.profile.witness()
 
     def not_observed(self) -> list[str]:
         """The C's activations (and gradients) this model does not show at a module boundary."""

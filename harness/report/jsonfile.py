@@ -53,7 +53,9 @@ def _finding_json(f) -> dict:
 
 def _check_json(c) -> dict[str, Any]:
     row = c.comparison.summary_row()
-    return {
+    # the precision it was judged at, where not float32 (a mixed-precision port's op)
+    judged = {} if c.precision is None else {"precision": c.precision.label, "precision_detail": c.precision.detail}
+    return {**judged,
         "impl": c.impl,
         "kind": c.kind,
         "phase": c.phase,

@@ -364,8 +364,27 @@ def run_summary(report, verbose: bool = False) -> str:
     fp = getattr(report, "floating_point", None)
     if fp:
         lines.append(f"floating point: {fp['description']}")
+    lines += _precision_lines(report)
     lines.append(verdict_line(report))
     return "\n".join(lines)
+
+
+def _precision_lines(report) -> list[str]:
+    """At the end: the precision each implementation's checks were judged at, where any
+    was judged below float32 (a mixed-precision port: Check.precision)."""
+    counts: dict[str, dict[str, int]] = {}
+    for s in report.steps:
+        for c in s.checks:
+            if getattr(c, "precision", None) is not None:
+                counts.setdefault(c.impl, {})
+                counts[c.impl][c.precision.label] = counts[c.impl].get(c.precision.label, 0) + 1
+    out = []
+    for impl, by in counts.items():
+        total = sum(1 for s in report.steps for c in s.checks if c.impl == impl)
+        rest = total - sum(by.values())
+        out.append(f"judged at: {impl}: " + ", ".join(f"{n} checks at {label}" for label, n in by.items())
+                   + f", {rest} at float32 (each op at the precision it ran in)")
+    return out
 
 
 def false_alarm_text(checks: int) -> str:

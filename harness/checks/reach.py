@@ -1,0 +1,120 @@
+"""What a mixed-precision run can still reveal, said where it matters: a change of
+semantics the hygiene found (a layer-norm eps, the GELU's form) whose effect on the
+port's own op lies below what the op's precision can reveal is reported as such, with the
+figures, never left as a silent pass.
+
+The effect is measured as the checks measure an error: the op re-run in float64 on the
+port's own inputs under the change (the diagnosis catalogue's variant,
+:mod:`harness.diagnosis.catalogue`), its norm-wise distance from the op's own float64
+output relative to the scale the check judges at (its terms' size). The reach is that
+check's norm-wise bound at the op's precision (:func:`harness.arbiter.tolerances.reach`):
+a change of every element by less can pass."""
+from __future__ import annotations
+
+import numpy as np
+
+from pyref.constants import LN_EPS
+
+from ..arbiter.compare import compare
+from ..arbiter.oracle import oracle_outputs
+from ..arbiter.tolerances import op_tolerance, reach
+from ..diagnosis.catalogue import VARIANT_BY_ID
+from ..graph import forward_nodes
+from .precision import precision_of
+from .modelstate import args64, replayable
+from .verdict import call_scale
+
+# the hygiene finding -> (the catalogue's variant, the kernel and output it changes)
+CHANGES = {"hygiene.layernorm-eps": ("layernorm.eps", "layernorm_forward", "out"),
+           "hygiene.gelu": ("gelu.erf", "gelu_forward", "out")}
+
+
+def _value(finding_id: str, model):
+    """The port's own constant of the change (its layer norm's eps), None where fixed."""
+    if finding_id != "hygiene.layernorm-eps":
+        return None
+    import torch
+    eps = [m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and m.eps != LN_EPS]
+    conf = getattr(getattr(model, "config", None), "layer_norm_epsilon", None)
+    return eps[0] if eps else conf
+
+
+def effect(state, cfg, variant_id: str, kernel: str, output: str, value=None):
+    """``(node, effect, reach, precision)`` of a change on the first call of ``kernel``
+    the port's own inputs allow, or None where none does."""
+    node = next((nd for nd in forward_nodes(cfg) if nd.kernel == kernel and replayable(nd, state.has)), None)
+    if node is None:
+        return None
+    args = args64(node, state)
+    expected = oracle_outputs(kernel, args)
+    changed = VARIANT_BY_ID[variant_id].run(kernel, {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                                                     for k, v in args.items()}, {"output": output}, value)
+    p = precision_of(state, (node,))
+    out = expected[output]
+    tol = op_tolerance(kernel, output, 1, out.size, p)
+    c = compare(np.asarray(changed[output]), out, name=output, tol=tol,
+                elem_scale=call_scale(kernel, output, args, expected))
+    return node, c.norm_rel, reach(tol), p
+
+
+def below_reach(state, cfg) -> list[tuple[str, str]]:
+    """(id, line) for each hygiene finding of a port computing below float32 whose
+    change the run's precision can or cannot reveal, with the figures."""
+    if not state.witness_precisions():
+        return []
+    out = []
+    for f in list(state.findings):
+        if f.id not in CHANGES:
+            continue
+        variant_id, kernel, output = CHANGES[f.id]
+        found = effect(state, cfg, variant_id, kernel, output, _value(f.id, state.model))
+        if found is None:
+            continue
+        node, size, bound, p = found
+        label = "float32" if p is None else p.label
+        verdict = (f"below what {label} can reveal here: this run cannot see it" if size < bound
+                   else f"within {label}'s reach: the checks judge it")
+        out.append((f"precision.{'below-reach' if size < bound else 'within-reach'}",
+                    f"{f.description}: it changes {node.where()} by {size:.2g} of its scale; the smallest "
+                    f"change {label} reveals there is {bound:.2g} -- {verdict}"))
+    return out
+
+
+def op_reach(checks) -> str | None:
+    """One line: per op of the graph judged below float32, the smallest change of its
+    scale its checks reveal (the largest of their norm-wise bounds: the weakest check of
+    the op), replay checks where there are, else end-to-end."""
+    judged = [c for c in checks if c.precision is not None and c.kind in ("replay", "e2e")]
+    kind = "replay" if any(c.kind == "replay" for c in judged) else "e2e"
+    worst: dict[str, tuple[float, str]] = {}
+    for c in judged:
+        if c.kind != kind:
+            continue
+        op = c.nodes[-1].label if c.nodes else c.base
+        bound = reach(c.comparison.tol)
+        if op not in worst or bound > worst[op][0]:
+            worst[op] = (bound, c.precision.label)
+    if not worst:
+        return None
+    return (f"what its {kind} checks can reveal below float32 (the smallest change of an op's scale that fails "
+            "them; a smaller one can pass): " + ", ".join(f"{op} {b:.2g} ({lab})" for op, (b, lab) in worst.items()))
+
+
+def note_reach(state, cfg, checks=()) -> None:
+    """Once per port, after its first checked step: what it was judged at and can reveal
+    (:func:`op_reach`), and :func:`below_reach`'s lines, as findings of their own (the
+    report lists them beside the hygiene's)."""
+    if not hasattr(state, "findings") or getattr(state, "_reach_noted", False):
+        return
+    from ..ports.census import Finding
+    state._reach_noted = True
+    if not state.witness_precisions():
+        return
+    prof = getattr(getattr(state, "mixed", None), "profile", None)
+    if prof is not None:
+        state.findings.append(Finding("precision.judged-at", "judged at the precision each op ran in: "
+                                      + "; ".join(prof.lines())))
+    line = op_reach(checks)
+    if line:
+        state.findings.append(Finding("precision.reach", line))
+    state.findings.extend(Finding(kind, line) for kind, line in below_reach(state, cfg))

@@ -1,0 +1,356 @@
+"""The precision each op of a torch port ran in, observed rather than assumed.
+
+A mixed-precision port (``torch.autocast``, parameters held in bf16 or fp16, TF32 or a
+reduced float32 matmul precision) rounds some ops more coarsely than the C. What it did is
+read off the port's own run:
+
+* :class:`Observer` -- a small ``TorchDispatchMode`` (``torch.utils._python_dispatch``)
+  under which the port's first forward runs: each aten op's floating input and output
+  dtypes, with the module that was running (module hooks keep the stack). It sees what
+  autocast's policy did (a ``linear`` cast to bf16, a ``layer_norm`` kept in float32) and
+  what a model does by itself (an autocast inside its forward, a ``.half()`` branch);
+* :class:`Profile` -- those records, the dtypes of the activations the port showed (the
+  dtype an op's result was stored in), its parameters' and optimizer state's dtypes and
+  torch's float32 matmul precision setting, turned into one
+  :class:`harness.arbiter.precision.Precision` per op of the graph (:meth:`Profile.of`),
+  per gradient buffer (:meth:`Profile.of_buffer`), per update output
+  (:meth:`Profile.update`), and per kernel for the witness (:meth:`Profile.witness`).
+
+The rules (each a fact of how the op ran, not of a policy table):
+
+* a matmul or attention (the graph's ``matmul_forward``, ``attention_forward``) computes
+  in the coarsest dtype its aten matmuls (mm, addmm, bmm, baddbmm, sdpa ...) took as
+  inputs, in the module that showed the op's output; computed below float32 its
+  operands as the checks see them (float32 activations, the C's float32 parameters) were
+  rounded to that dtype in it. Float32 matmuls under ``float32_matmul_precision`` 'high'
+  round their operands to TF32 (2^-11), under 'medium' to bf16;
+* any other op computes in the dtype its result was stored in (a GELU on a bf16 input is
+  a bf16 GELU); it rounds its inputs only where it reads a parameter held below float32
+  (the checks read the C's float32 values);
+* an op's backward computes as its forward did, and its results are rounded at the
+  coarser of its forward's compute and output dtypes (the gradient of a bf16 matmul's
+  operand is a bf16 product, whatever dtype it is then cast to);
+* accumulation is float32 (torch's CPU kernels accumulate bf16 and fp16 reductions in float).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyref.config import GPT2Config
+
+from ..arbiter.precision import FLOAT32, Precision, coarser, dtype_name
+from ..errors import ModelError
+from ..graph import Node, backward_nodes, forward_nodes
+
+# aten ops that are a matmul (their operands' dtype is the op's compute dtype)
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addbmm", "dot", "mv",
+              "scaled_dot_product", "flash_attention", "efficient_attention")
+MATMUL_KERNELS = ("matmul_forward", "attention_forward")
+# what torch's float32 matmul precision setting makes a float32 matmul's operands on the
+# CPU (oneDNN: 'medium' may use bf16 internally; 'high' TF32's 10 mantissa bits)
+FLOAT32_MATMUL = {"highest": "float32", "high": "tf32", "medium": "bfloat16"}
+
+
+@dataclass
+class Record:
+    """One aten op as the port ran it: its name, the module running it, the dtypes."""
+
+    op: str
+    module: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def matmul(self) -> bool:
+        name = self.op.split("::")[-1].split(".")[0]
+        return any(name == m or name.startswith(f"_{m}") or name.startswith(m) for m in MATMUL_OPS)
+
+
+def _floats(x) -> tuple[str, ...]:
+    import torch
+    from torch.utils._pytree import tree_leaves
+    return tuple(dtype_name(t.dtype) for t in tree_leaves(x)
+                 if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def observe(model, run):
+    """``run()`` under the :class:`Observer`, with the module stack kept by hooks on
+    ``model``'s modules; returns (what run returned, the records)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    stack: list[str] = [""]
+    records: list[Record] = []
+
+    class Observer(TorchDispatchMode):
+        """Notes each aten op's floating input and output dtypes, and its module."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            records.append(Record(func._schema.name, stack[-1], _floats((args, kwargs)), _floats(out)))
+            return out
+
+    def enter(name):
+        def pre(mod, args):
+            stack.append(name)
+        return pre
+
+    def leave(mod, args, out):
+        if len(stack) > 1:
+            stack.pop()     # returns None: a forward hook's value would replace the output
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(enter(name)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with Observer():
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, records
+
+
+@dataclass
+class Profile:
+    """The precision of each op of a port's graph, from what its run showed."""
+
+    config: GPT2Config
+    records: list[Record]
+    stored: dict                      # (act, layer) -> dtype name of the tensor the port showed
+    points: dict                      # (act, layer) -> module name (Capture.points)
+    params: str = "float32"           # the parameters' dtype
+    state: dict = field(default_factory=dict)   # "m"/"v" -> the optimizer state's dtype
+    matmul_setting: str = "highest"   # torch.get_float32_matmul_precision()
+    loss: str = "float32"             # the loss tensor's dtype
+    _of: dict = field(default_factory=dict, repr=False)
+
+    # -------------------------------------------------------------- per op
+    def of(self, node: Node) -> Precision:
+        """The precision ``node`` (forward or backward) ran at."""
+        key = (node.kernel, node.layer, node.label)
+        if key not in self._of:
+            fwd = self._forward_node(node)
+            p = self._forward(fwd)
+            if fwd is not node:
+                p = self._backward(node, p)
+            self._of[key] = p
+        return self._of[key]
+
+    def of_buffer(self, nodes) -> Precision:
+        """A gradient buffer several ops accumulate into: the coarsest of theirs."""
+        p = FLOAT32
+        for nd in nodes:
+            p = p.joined(self.of(nd))
+        return p
+
+    def update(self, label: str) -> Precision:
+        """AdamW's ``params``, ``m`` or ``v``: computed in the parameters' dtype from
+        pre-step values rounded to the dtype they are held in, stored in that dtype."""
+        held = self.params if label == "params" else self.state.get(label, self.params)
+        return Precision(coarser(self.params, held), held, held != "float32" or self.params != "float32")
+
+    def witness(self) -> dict[str, Precision]:
+        """Kernel -> the coarsest precision any of its calls ran at (the witness noises
+        each kernel's results at it): empty for a port that computes at float32."""
+        out: dict[str, Precision] = {}
+        for nd in forward_nodes(self.config) + backward_nodes(self.config):
+            p = self.of(nd)
+            out[nd.kernel] = out[nd.kernel].joined(p) if nd.kernel in out else p
+        return {k: p for k, p in out.items() if not p.is_float32}
+
+    @property
+    def is_float32(self) -> bool:
+        return not self.witness() and self.update("params").is_float32 and \
+            self.update("m").is_float32 and self.update("v").is_float32
+
+    def key(self) -> tuple:
+        """What the witness depends on (runs of equal profiles share one)."""
+        return tuple(sorted(self.witness().items()))
+
+    # -------------------------------------------------------------- the rules
+    def _forward_node(self, node: Node) -> Node:
+        if node.kernel.endswith("_forward"):
+            return node
+        for fwd in forward_nodes(self.config):
+            if fwd.layer == node.layer and fwd.label.split()[0] == node.label.split()[0]:
+                return fwd
+        return node
+
+    def _backward(self, node: Node, fwd: Precision) -> Precision:
+        """A backward computes as its forward did; its results are rounded at the coarser
+        of its forward's compute and output dtypes and of the dtype of each tensor whose
+        gradient it writes (a gradient has its tensor's dtype: the gradient of a bf16
+        branch added to a float32 residual stream is a bf16 tensor)."""
+        from pyref.protocol import INPLACE_ARGS
+        out = coarser(fwd.compute, fwd.output) if fwd.rounds_inputs or fwd.compute != "float32" else fwd.output
+        for a in INPLACE_ARGS.get(node.kernel, ()):
+            r = node.arg_dict.get(a)
+            if getattr(r, "group", None) == "grads_acts" and (r.name, r.layer) in self.stored:
+                out = coarser(out, self.stored[(r.name, r.layer)])
+        return Precision(fwd.compute, out, fwd.rounds_inputs, fwd.accumulate)
+
+    def _output_dtype(self, node: Node) -> str | None:
+        from pyref.protocol import FORWARD_OUTPUTS
+        seen = [self.stored[(r.name, r.layer)] for o in FORWARD_OUTPUTS.get(node.kernel, ())
+                if (r := node.arg_dict.get(o)) is not None and (r.name, r.layer) in self.stored]
+        if not seen:
+            return None
+        d = seen[0]
+        for x in seen[1:]:
+            d = coarser(d, x)
+        return d
+
+    def _forward(self, node: Node) -> Precision:
+        out = self._output_dtype(node)
+        if out is None:
+            out = self.loss if node.kernel.startswith(("softmax", "crossentropy")) else self.params
+        reads_params = any(getattr(v, "group", None) == "params" for _, v in node.args)
+        if node.kernel in MATMUL_KERNELS:
+            compute = self._matmul_dtype(node)
+            if compute == "float32":
+                compute = FLOAT32_MATMUL.get(self.matmul_setting, "float32")
+            return Precision(compute, out, compute != "float32")
+        return Precision(out, out, reads_params and self.params != "float32")
+
+    def _matmul_dtype(self, node: Node) -> str:
+        """The coarsest operand dtype of the aten matmuls in the module that showed the
+        node's output (its parent, for an output seen as a module's input), else in the
+        whole forward."""
+        from pyref.protocol import FORWARD_OUTPUTS
+        modules = []
+        for o in FORWARD_OUTPUTS[node.kernel]:
+            r = node.arg_dict.get(o)
+            point = self.points.get((r.name, r.layer)) if r is not None else None
+            if point:
+                modules.append(point.rsplit(".", 1)[0] if point.endswith(" input") else point)
+        mm = [r for r in self.records if r.matmul]
+        inside = [r for r in mm if any(r.module == m or r.module.startswith(m + ".") for m in modules)]
+        dtypes = [d for r in (inside or mm) for d in r.inputs]
+        if not dtypes:
+            return "float32"
+        d = dtypes[0]
+        for x in dtypes[1:]:
+            d = coarser(d, x)
+        return d
+
+    # -------------------------------------------------------------- what it says
+    def lines(self) -> list[str]:
+        """What the run found, one line each: the ops below float32, the parameters and
+        the optimizer state, the matmul setting."""
+        by: dict[str, list[str]] = {}
+        for nd in forward_nodes(self.config):
+            p = self.of(nd)
+            if not p.is_float32:
+                name = nd.label.split()[0]
+                by.setdefault(f"{p.label} ({p.detail})", [])
+                if name not in by[f"{p.label} ({p.detail})"]:
+                    by[f"{p.label} ({p.detail})"].append(name)
+        out = [f"{', '.join(names)}: {how}" for how, names in by.items()]
+        if self.params != "float32":
+            out.append(f"parameters held in {self.params}; optimizer state m {self.state.get('m', self.params)}, "
+                       f"v {self.state.get('v', self.params)}")
+        if self.matmul_setting != "highest":
+            out.append(f"float32_matmul_precision={self.matmul_setting!r}: float32 matmuls at "
+                       f"{FLOAT32_MATMUL.get(self.matmul_setting, 'float32')}")
+        return out
+
+
+def profile(config: GPT2Config, records: list[Record], captured: dict, points: dict, params, loss) -> Profile:
+    """The :class:`Profile` of a port's first forward: ``records`` from :func:`observe`,
+    ``captured`` its activations ((act, layer) -> tensor), ``params`` its parameters."""
+    import torch
+    dtypes = {str(p.dtype) for p in params}
+    param = dtype_name(next(iter(dtypes))) if len(dtypes) == 1 and next(iter(dtypes)) != "torch.float64" \
+        else "float32"
+    stored = {}
+    for k, t in captured.items():
+        try:
+            stored[k] = dtype_name(t.dtype)
+        except ValueError:
+            continue
+    return Profile(config, records, stored, dict(points), params=param,
+                   matmul_setting=torch.get_float32_matmul_precision(),
+                   loss=dtype_name(loss.dtype) if loss is not None and loss.dtype != torch.float64 else "float32")
+
+
+class Mixed:
+    """How a port is run at the precision asked of it, and what it was seen to run at:
+    ``autocast`` (``"bf16"``/``"fp16"``: its forward under ``torch.autocast('cpu', ...)``),
+    ``param_dtype`` (its parameters cast to it once built), ``grad_scaler`` (its loss
+    scaled by a ``torch.amp.GradScaler`` before backward, its gradients read back unscaled
+    and its step taken through the scaler, as fp16 training does). A port that autocasts
+    or casts by itself needs none of them: its first forward is observed either way."""
+
+    def __init__(self, autocast: str | None = None, param_dtype: str | None = None, grad_scaler: bool = False):
+        self.autocast = None if autocast is None else _torch_dtype(autocast, "autocast")
+        self.param_dtype = None if param_dtype is None else _torch_dtype(param_dtype, "param dtype")
+        self.grad_scaler = bool(grad_scaler)
+        self.scaler = None
+        self.profile: Profile | None = None
+        self.records: list[Record] | None = None
+
+    def prepare(self, model) -> None:
+        """The parameters cast to ``param_dtype``; a GradScaler made where asked."""
+        if self.param_dtype is not None:
+            model.to(self.param_dtype)
+        if self.grad_scaler:
+            import torch
+            self.scaler = torch.amp.GradScaler("cpu")
+
+    def forward(self, model, call):
+        """``call()`` (the port's forward) under autocast where asked; the first one
+        observed (:func:`observe`)."""
+        import contextlib
+        import torch
+        ctx = torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
+        with ctx:
+            if self.records is None:
+                out, self.records = observe(model, call)
+                return out
+            return call()
+
+    def observed(self, config: GPT2Config, capture, model, loss) -> None:
+        """The profile of the first forward, once its activations are captured."""
+        if self.profile is None and self.records is not None:
+            self.profile = profile(config, self.records, capture.values, capture.points,
+                                   list(model.parameters()), loss)
+
+    @property
+    def scale(self) -> float:
+        """The factor the gradients carry (1 without a GradScaler)."""
+        return 1.0 if self.scaler is None else float(self.scaler.get_scale())
+
+    def backward(self, loss) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer) -> None:
+        """The optimizer's step (through the scaler: it unscales the gradients, skips a
+        step with non-finite ones, and updates its scale)."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dtypes(self, optimizer, params) -> None:
+        """The optimizer state's dtypes (m: exp_avg, v: exp_avg_sq) as the step left them."""
+        if self.profile is None:
+            return
+        for p in params:
+            st = optimizer.state.get(p, {})
+            for key, label in (("exp_avg", "m"), ("exp_avg_sq", "v")):
+                if key in st and hasattr(st[key], "dtype"):
+                    self.profile.state[label] = dtype_name(st[key].dtype)
+            if st:
+                return
+
+
+def _torch_dtype(name: str, what: str):
+    import torch
+    try:
+        d = dtype_name(name)
+    except ValueError:
+        raise ModelError(f"{what} {name!r}: expected bf16 or fp16") from None
+    if d not in ("bfloat16", "float16"):
+        raise ModelError(f"{what} {name!r}: expected bf16 or fp16")
+    return getattr(torch, d)

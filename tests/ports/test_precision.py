@@ -1,0 +1,154 @@
+"""Mixed precision: a torch port judged at the precision each op ran in (observed on its
+first forward), with the witness noising at that precision, and what the run can still
+reveal said. Each bound passes a legitimate bf16/fp16 run and fails a wrong one; a batch
+of one-line port mistakes, written before running, each caught or reported as below
+bf16's reach with the figures."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness import ModelError, TorchModel, run_parity
+from harness.checks.reach import effect
+from harness.ports import precision as ports_precision
+from pyref import synth
+from pyref.config import PRESETS
+
+import model_ports as mp
+
+TINY = PRESETS["tiny"]
+G = mp.GPT.variant
+
+
+def run(factory=mp.GPT, steps=1, replay=True, **mixed):
+    return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, 4, 16), steps=steps,
+                      models={"port": TorchModel(factory, **mixed)}, replay=replay)
+
+
+def failures(report):
+    return [f"{c.kind} {c.tensor}: {c.comparison.message().splitlines()[-1][:200]}"
+            for s in report.steps for c in s.checks if not c.passed] + \
+        [f"error {e}" for s in report.steps for e in s.errors.values()]
+
+
+def labels(report, kind):
+    return {(c.tensor, None if c.precision is None else c.precision.label)
+            for s in report.steps for c in s.checks if c.impl == "port" and c.kind == kind}
+
+
+def test_bf16_autocast_passes_judged_at_bf16():
+    report = run(steps=2, autocast="bf16")
+    assert report.passed, failures(report)[:5]
+    replay = dict(labels(report, "replay"))
+    # autocast's policy, as observed: matmuls and attention in bf16, layer norm in float32
+    assert replay["acts.qkv[layer 0]"] == "bf16" and replay["acts.atty[layer 1]"] == "bf16"
+    assert replay["acts.ln1[layer 0]"] is None and replay["acts.encoded"] is None
+    assert {v for k, v in replay.items() if k.startswith("grads.qkvw")} == {"bf16"}   # a bf16 matmul's
+    ids = [f.id for f in report.findings["port"]]
+    assert "precision.judged-at" in ids and "precision.reach" in ids
+    # the C is judged at float32 as ever
+    assert all(c.precision is None for s in report.steps for c in s.checks if c.impl == "C")
+
+
+def test_bf16_autocast_fails_at_float32_bounds(monkeypatch):
+    """The same run judged as if it were float32 (the profile not consulted) fails:
+    the bf16 bounds are what lets it pass."""
+    monkeypatch.setattr(ports_precision.Profile, "of_buffer", lambda self, nodes: ports_precision.FLOAT32)
+    monkeypatch.setattr(ports_precision.Profile, "witness", lambda self: {})
+    report = run(autocast="bf16", replay=False)
+    assert not report.passed
+
+
+def test_model_that_autocasts_itself_is_observed():
+    class Own(mp.GPT):
+        def forward(self, idx, targets=None):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return super().forward(idx, targets)
+    report = run(Own)
+    assert report.passed, failures(report)[:5]
+    assert ("acts.fch[layer 0]", "bf16") in labels(report, "replay")
+
+
+def test_bf16_parameters_pass_with_update_at_bf16():
+    report = run(steps=2, param_dtype="bf16")
+    assert report.passed, failures(report)[:5]
+    update = dict(labels(report, "update"))
+    assert update["params.wte (after update)"] == "bf16" and update["m.wte (after update)"] == "bf16"
+    assert dict(labels(report, "replay"))["acts.ln1[layer 0]"] == "bf16"
+
+
+def test_bf16_update_fails_a_wrong_optimizer():
+    """At bf16 the update check still sees a wrong beta1 (m = 0.5 g where the C's is 0.1 g).
+    (A doubled learning rate at step 1 moves each bf16 parameter by about one ulp more:
+    below what bf16 parameters can reveal, and it passes.)"""
+    def wrong(model, h):
+        return torch.optim.AdamW(model.parameters(), lr=h.learning_rate, betas=(0.5, h.beta2),
+                                 eps=h.eps, weight_decay=h.weight_decay)
+    report = run(param_dtype="bf16", optimizer=wrong, replay=False)
+    failed = {c.ref.group for s in report.steps for c in s.checks if c.kind == "update" and not c.passed}
+    assert "m" in failed
+
+
+def test_fp16_autocast_with_grad_scaler_passes():
+    report = run(steps=2, autocast="fp16", grad_scaler=True)
+    assert report.passed, failures(report)[:5]
+    assert ("acts.qkv[layer 0]", "fp16") in labels(report, "replay")
+
+
+def test_fp16_scaled_gradients_not_unscaled_fail(monkeypatch):
+    """Gradients compared as the scaler left them (x65536) fail: the unscaling is checked."""
+    monkeypatch.setattr(ports_precision.Mixed, "scale", property(lambda self: 1.0))
+    report = run(autocast="fp16", grad_scaler=True, replay=False)
+    assert not report.passed
+
+
+def test_bad_precision_option_is_one_line():
+    with pytest.raises(ModelError, match="expected bf16 or fp16"):
+        run(autocast="int8")
+
+
+# one-line port mistakes under bf16 autocast, written before running: each is caught
+# (fails), or passes with the figures that say it lies below what bf16 can reveal
+MISTAKES = {
+    "qkv-order": (G(attn=dict(qkv_order="kqv")), None),
+    "attention-scale-1/hs": (G(attn=dict(scale=1 / 12)), ("attention.scale", "attention_forward", "out", 1 / 12)),
+    "no-causal-mask": (G(attn=dict(no_mask=True)), None),
+    "ln1-for-mlp": (G(block=dict(ln1_for_mlp=True)), None),
+    "no-ln_f": (G(skip_ln_f=True), None),
+    "positions-offset": (G(pos_offset=1), None),
+    "mlp-branch-halved": (G(block=dict(mlp_branch=0.5)), None),
+    "ln-eps-1e-6": (G(eps=1e-6), None),
+    "erf-gelu": (G(gelu="none"), None),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_mistake_caught_or_below_bf16_reach(mistake):
+    factory, change = MISTAKES[mistake]
+    report = run(factory, autocast="bf16", replay="on-failure")
+    if not report.passed:
+        assert report.first_divergence()
+        return
+    found = {f.id: f.description for f in report.findings["port"]}
+    if "precision.below-reach" in found:     # a hygiene finding, its effect measured
+        line = found["precision.below-reach"]
+        assert "below what bf16 can reveal" in line
+        return
+    # no hygiene handle: its effect on its op (the catalogue's variant on the port's own
+    # inputs) lies below the reach the report states for that op
+    assert change is not None, f"{mistake} passed silently"
+    variant, kernel, output, value = change
+    pm = _state_after(factory)
+    node, size, bound, p = effect(pm, TINY, variant, kernel, output, value)
+    assert p.label == "bf16" and size < bound
+    assert f"{node.label} " in found["precision.reach"]
+
+
+def _state_after(factory):
+    from harness.ports.torchstate import ModelState
+    from pyref.config import AdamW
+    pm = ModelState(TINY, synth.init_params(TINY, seed=0), TorchModel(factory, autocast="bf16"), AdamW())
+    inputs, targets = next(synth.batches(TINY, 4, 16))
+    pm.forward(inputs, targets)
+    return pm
