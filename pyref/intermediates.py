@@ -1,0 +1,335 @@
+"""The reference's intermediates: each kernel's float64 computation as named steps, beside
+its row of :mod:`pyref.spec`.
+
+A failure at an op's output says that the op is wrong, not where inside it. The C computes
+each op through a few values with a meaning of their own (attention's scores, scaled and
+masked, its softmax, the weighted values; a layer norm's mean, centred input, variance and
+rstd; GELU's inner term and tanh; the loss's shift and log-sum-exp; the softmax Jacobian's
+diagonal term and its off-diagonal sum in attention's backward). Here each kernel has one
+function ``(args) -> {name: float64 array}`` that computes them, in the order
+:data:`STEPS` documents, from the kernel's own arguments (a backward's in-place buffers as
+they are before the call, which are not written):
+
+* every output of the kernel (:attr:`pyref.spec.KernelSpec.outputs`) is a step of its own
+  name, computed by the same float64 operations as :mod:`pyref.numpy_kernels`' (so it
+  equals the oracle's output bit for bit); a backward's and an optimizer's outputs are its
+  last steps, in the row's order; a forward's statistics (layernorm's mean and rstd,
+  attention's preatt and att) stand where the C computes them, and its main output last;
+* a step that is only a later step in another layout (attention's per-head weighted values,
+  merged into ``out``) says so (:attr:`Step.layout_of`): a matcher up to layouts keeps one;
+* a step that is not on the way to an output (attention backward's Jacobian terms, the
+  loss's log-sum-exp) is tied to one by an identity (tests/references/test_intermediates.py).
+
+Readers: :mod:`harness.ports.record` (which of a torch port's ops reproduce which step)
+and :mod:`harness.diagnosis.catalogue.intermediates` (a failing output recomputed with one
+step left out). NumPy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import numpy_kernels as nk
+from .protocol import as64
+from .spec import SPEC
+
+
+@dataclass(frozen=True)
+class Step:
+    """One named value of a kernel's computation: ``what`` it is in words (``plural``: the
+    words are a plural), where it is defined (``causal``: on the causal triangle only, 0
+    above it as the oracle's preatt) and, for a step that is a later one's values in another
+    layout, which (``layout_of``)."""
+
+    name: str
+    what: str
+    plural: bool = False
+    causal: bool = False
+    layout_of: str | None = None
+
+
+def _s(name, what, plural=False, **kw) -> Step:
+    return Step(name, what, plural, **kw)
+
+
+# words for a kernel's tensor arguments: (kernel, argument) -> (words, plural)
+INPUTS = {
+    ("attention_forward", "inp"): ("c_attn's q, k, v", True),
+    ("layernorm_forward", "inp"): ("the input", False),
+    ("gelu_forward", "inp"): ("the GELU's input", False),
+    ("matmul_forward", "inp"): ("the matmul's input", False),
+    ("residual_forward", "inp1"): ("the residual stream", False),
+    ("residual_forward", "inp2"): ("the branch", False),
+    ("softmax_forward", "logits"): ("the logits", True),
+    ("crossentropy_forward", "probs"): ("the probabilities", True),
+}
+
+STEPS: dict[str, tuple[Step, ...]] = {
+    "encoder_forward": (_s("tokens", "the token embeddings", True), _s("positions", "the position embeddings", True),
+                        _s("out", "the embeddings", True)),
+    "layernorm_forward": (_s("mean", "the mean"), _s("xshift", "the centred input"), _s("var", "the variance"),
+                          _s("rstd", "the reciprocal standard deviation"), _s("norm", "the normalised input"),
+                          _s("out", "the scaled and shifted output")),
+    "matmul_forward": (_s("product", "the product"), _s("out", "the product plus bias")),
+    "attention_forward": (
+        _s("q", "the queries", True), _s("k", "the keys", True), _s("v", "the values", True),
+        _s("scores", "the scores", True), _s("preatt", "the scaled scores", True, causal=True),
+        _s("masked", "the masked scores", True), _s("att", "the softmax"),
+        _s("weighted", "the weighted values, per head", True, layout_of="out"),
+        _s("out", "the weighted values", True)),
+    "gelu_forward": (_s("inner", "the GELU's inner term x + 0.044715 x^3"), _s("scaled", "the scaled inner term"),
+                     _s("tanh", "the tanh"), _s("out", "the GELU")),
+    "residual_forward": (_s("out", "the sum"),),
+    "softmax_forward": (
+        _s("vlogits", "the logits of the V real tokens", True), _s("shift", "the shift (the row maximum)"),
+        _s("shifted", "the shifted logits", True), _s("exps", "the exponentials", True),
+        _s("expsum", "the sum of the exponentials"), _s("lse", "the log-sum-exp"),
+        _s("logprobs", "the log-probabilities", True), _s("probs", "the probabilities", True)),
+    "crossentropy_forward": (_s("picked", "the target's probability"),
+                             _s("logpicked", "the target's log-probability"), _s("losses", "the losses", True)),
+    "encoder_backward": (_s("dwte", "the token embeddings' gradient"),
+                         _s("dwpe", "the position embeddings' gradient")),
+    "layernorm_backward": (
+        _s("norm", "the normalised input"), _s("dnorm", "the normalised input's gradient"),
+        _s("dnorm_mean", "the mean of dnorm"), _s("dnorm_norm_mean", "the mean of dnorm * norm"),
+        _s("dinp_add", "this call's input gradient"),
+        _s("dinp", "dinp"), _s("dweight", "dweight"), _s("dbias", "dbias")),
+    "matmul_backward": (_s("dinp_add", "dout @ weight"), _s("dweight_add", "dout^T @ inp"),
+                        _s("dbias_add", "dout summed over positions"),
+                        _s("dinp", "dinp"), _s("dweight", "dweight"), _s("dbias", "dbias")),
+    "attention_backward": (
+        _s("datt_add", "this call's v . dout"), _s("dv", "the values' gradient"),
+        _s("diag", "the softmax Jacobian's diagonal term att * datt"),
+        _s("offdiag", "the softmax Jacobian's off-diagonal sum att * sum(att * datt)"),
+        _s("dpreatt_add", "this call's softmax backward att * (datt - sum(att * datt))", causal=True),
+        _s("dq", "the queries' gradient"), _s("dk", "the keys' gradient"),
+        _s("dinp", "dinp"), _s("dpreatt", "dpreatt"), _s("datt", "datt")),
+    "gelu_backward": (_s("inner", "the GELU's inner term"), _s("scaled", "the scaled inner term"),
+                      _s("tanh", "the tanh"), _s("sech2", "sech^2 of the scaled inner term"),
+                      _s("local", "the GELU's local derivative"), _s("dinp", "dinp")),
+    "residual_backward": (_s("dinp1", "dinp1"), _s("dinp2", "dinp2")),
+    "crossentropy_softmax_backward": (_s("onehot", "the target's one-hot row"),
+                                      _s("diff", "the probabilities minus the one-hot row", True),
+                                      _s("dlogits", "dlogits")),
+    "adamw": (_s("m_hat", "the bias-corrected first moment"), _s("v_hat", "the bias-corrected second moment"),
+              _s("step", "m_hat / (sqrt(v_hat) + eps)"), _s("update", "the update lr * (step + wd * param)"),
+              _s("param", "the parameters", True), _s("m", "the first moment"), _s("v", "the second moment")),
+}
+
+
+def step(kernel: str, name: str) -> Step:
+    """The documented step ``name`` of ``kernel``."""
+    for s in steps(kernel):
+        if s.name == name:
+            return s
+    raise KeyError(f"{kernel} has no step {name!r} (it has {', '.join(s.name for s in steps(kernel))})")
+
+
+def steps(kernel: str) -> tuple[Step, ...]:
+    """``kernel``'s steps, in the documented order."""
+    if kernel not in STEPS:
+        raise KeyError(f"no intermediates for {kernel!r} (kernels: {', '.join(STEPS)})")
+    return STEPS[kernel]
+
+
+def intermediates(kernel: str, args: dict) -> dict[str, np.ndarray]:
+    """``kernel``'s named float64 steps on ``args`` (its named arguments, any float dtype:
+    cast to float64 copies; nothing of ``args`` is written), in :data:`STEPS`' order."""
+    if kernel not in _FUNCTIONS:
+        raise KeyError(f"no intermediates for {kernel!r} (kernels: {', '.join(STEPS)})")
+    missing = [a for a in SPEC[kernel].signature if a not in args]
+    if missing:
+        raise ValueError(f"{kernel}'s intermediates need {', '.join(missing)}")
+    out = _FUNCTIONS[kernel](as64(args, copy=True))
+    names = [s.name for s in STEPS[kernel]]
+    return {n: out[n] for n in names if n in out}     # (an optional bias's steps may be absent)
+
+
+# ----------------------------------------------------------------------------- forwards
+
+def _encoder_forward(a):
+    T = a["inp"].shape[1]
+    tokens, positions = a["wte"][a["inp"]], a["wpe"][:T]
+    return dict(tokens=tokens, positions=positions, out=tokens + positions)
+
+
+def _layernorm_forward(a):
+    x, C = a["inp"], a["inp"].shape[-1]
+    mean = x.sum(-1) / np.float64(C)
+    xshift = x - mean[..., None]
+    var = (xshift * xshift).sum(-1) / np.float64(C)
+    rstd = 1.0 / np.sqrt(var + np.float64(nk.LN_EPS))
+    norm = rstd[..., None] * xshift
+    return dict(mean=mean, xshift=xshift, var=var, rstd=rstd, norm=norm, out=norm * a["weight"] + a["bias"])
+
+
+def _matmul_forward(a):
+    inp, w = a["inp"], a["weight"]
+    product = (inp.reshape(-1, inp.shape[-1]) @ w.T).reshape(*inp.shape[:-1], w.shape[0])
+    return dict(product=product, out=product + a["bias"] if a["bias"] is not None else product.copy())
+
+
+def _qkv(inp, NH):
+    """q, k, v of (B,T,3C), each split into heads (B,NH,T,hs)."""
+    C = inp.shape[-1] // 3
+    return tuple(nk._heads(inp[..., i * C:(i + 1) * C], NH) for i in range(3))
+
+
+def _attention_forward(a):
+    inp, NH = a["inp"], int(a["NH"])
+    T, hs = inp.shape[1], inp.shape[-1] // 3 // NH
+    q, k, v = _qkv(inp, NH)
+    mask = nk._causal(T)
+    scores = q @ k.transpose(0, 1, 3, 2)
+    preatt = np.where(mask, scores * (1.0 / float(np.sqrt(np.float64(hs)))), 0.0)
+    masked = np.where(mask, preatt, -np.inf)
+    shift = np.maximum(masked.max(-1, keepdims=True), np.float64(nk.ATT_MAXVAL_INIT))
+    exps = np.exp(np.where(mask, preatt - shift, -np.inf))
+    expsum = exps.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        att = exps * np.where(expsum == 0, 0.0, 1.0 / expsum)
+    weighted = att @ v
+    return dict(q=q, k=k, v=v, scores=scores, preatt=preatt, masked=masked, att=att, weighted=weighted,
+                out=nk._unheads(weighted))
+
+
+def _gelu_forward(a):
+    x = a["inp"]
+    inner = x + np.float64(nk.GELU_COEF) * x * x * x
+    scaled = nk._gelu_s(np.float64) * inner
+    th = np.tanh(scaled)
+    return dict(inner=inner, scaled=scaled, tanh=th, out=0.5 * x * (1.0 + th))
+
+
+def _softmax_forward(a):
+    logits, V = a["logits"], int(a["V"])
+    vlogits = logits[..., :V]
+    shift = np.maximum(vlogits.max(-1, keepdims=True), np.float64(nk.ATT_MAXVAL_INIT))
+    shifted = vlogits - shift
+    exps = np.exp(shifted)
+    expsum = exps.sum(-1, keepdims=True)
+    probs = np.zeros_like(logits)
+    probs[..., :V] = exps / expsum
+    return dict(vlogits=vlogits, shift=shift, shifted=shifted, exps=exps, expsum=expsum,
+                lse=shift + np.log(expsum), logprobs=shifted - np.log(expsum), probs=probs)
+
+
+def _crossentropy_forward(a):
+    targets = a["targets"][..., None].astype(np.intp)
+    picked = np.take_along_axis(a["probs"], targets, axis=-1)[..., 0]
+    logpicked = np.log(picked)
+    return dict(picked=picked, logpicked=logpicked, losses=-logpicked)
+
+
+# ----------------------------------------------------------------------------- backwards and AdamW
+
+def _encoder_backward(a):
+    dwte, dwpe = a["dwte"].copy(), a["dwpe"].copy()
+    nk.encoder_backward(dwte, dwpe, a["dout"], a["inp"])
+    return dict(dwte=dwte, dwpe=dwpe)
+
+
+def _layernorm_backward(a):
+    inp, dout, C = a["inp"], a["dout"], a["inp"].shape[-1]
+    rstd = a["rstd"][..., None]
+    norm = (inp - a["mean"][..., None]) * rstd
+    dnorm = a["weight"] * dout
+    dnorm_mean = dnorm.sum(-1, keepdims=True) / np.float64(C)
+    dnorm_norm_mean = (dnorm * norm).sum(-1, keepdims=True) / np.float64(C)
+    dinp_add = ((dnorm - dnorm_mean) - norm * dnorm_norm_mean) * rstd
+    lead = tuple(range(dout.ndim - 1))
+    return dict(norm=norm, dnorm=dnorm, dnorm_mean=dnorm_mean, dnorm_norm_mean=dnorm_norm_mean,
+                dinp_add=dinp_add, dinp=a["dinp"] + dinp_add, dweight=a["dweight"] + (norm * dout).sum(lead),
+                dbias=a["dbias"] + dout.sum(lead))
+
+
+def _matmul_backward(a):
+    inp, w = a["inp"], a["weight"]
+    dout2 = a["dout"].reshape(-1, w.shape[0])
+    out = dict(dinp_add=(dout2 @ w).reshape(a["dinp"].shape), dweight_add=dout2.T @ inp.reshape(-1, inp.shape[-1]))
+    if a["dbias"] is not None:
+        out["dbias_add"] = dout2.sum(0)
+    out.update(dinp=a["dinp"] + out["dinp_add"], dweight=a["dweight"] + out["dweight_add"])
+    if a["dbias"] is not None:
+        out["dbias"] = a["dbias"] + out["dbias_add"]
+    return out
+
+
+def _attention_backward(a):
+    """The C's passes: datt += v . dout, dv += att * dout; the softmax Jacobian
+    att[t2]*((t2 == t3) - att[t3]) applied to the accumulated datt, whose diagonal term
+    (att * datt) and off-diagonal sum (att * sum(att * datt)) are steps of their own; dq,
+    dk from the accumulated dpreatt."""
+    inp, att, NH = a["inp"], a["att"], int(a["NH"])
+    T, hs = inp.shape[1], inp.shape[-1] // 3 // NH
+    q, k, v = _qkv(inp, NH)
+    dout = nk._heads(a["dout"], NH)
+    mask = nk._causal(T)
+    datt_add = np.where(mask, dout @ v.transpose(0, 1, 3, 2), 0.0)
+    datt = np.where(mask, a["datt"] + datt_add, a["datt"])
+    dv = att.transpose(0, 1, 3, 2) @ dout
+    datt_c = np.where(mask, datt, 0.0)
+    rowdot = (att * datt_c).sum(-1, keepdims=True)
+    dpreatt_add = np.where(mask, att * (datt_c - rowdot), 0.0)
+    dpreatt = np.where(mask, a["dpreatt"] + dpreatt_add, a["dpreatt"])
+    dpreatt_c = np.where(mask, dpreatt, 0.0)
+    scale = 1.0 / np.sqrt(np.float64(hs))
+    dq = (dpreatt_c @ k) * scale
+    dk = (dpreatt_c.transpose(0, 1, 3, 2) @ q) * scale
+    dinp = a["dinp"] + np.concatenate([nk._unheads(dq), nk._unheads(dk), nk._unheads(dv)], axis=-1)
+    return dict(datt_add=datt_add, dv=dv, diag=att * datt_c, offdiag=att * rowdot, dpreatt_add=dpreatt_add,
+                dq=dq, dk=dk, dinp=dinp, dpreatt=dpreatt, datt=datt)
+
+
+def _gelu_backward(a):
+    x, s, coef = a["inp"], nk._gelu_s(np.float64), np.float64(nk.GELU_COEF)
+    inner = x + coef * x * x * x
+    scaled = s * inner
+    th = np.tanh(scaled)
+    with np.errstate(over="ignore"):
+        ch = np.cosh(scaled)
+        sech2 = 1.0 / (ch * ch)
+    local = 0.5 * (1.0 + th) + x * 0.5 * sech2 * s * (1.0 + 3.0 * coef * x * x)
+    return dict(inner=inner, scaled=scaled, tanh=th, sech2=sech2, local=local, dinp=a["dinp"] + local * a["dout"])
+
+
+def _residual_backward(a):
+    return dict(dinp1=a["dinp1"] + a["dout"], dinp2=a["dinp2"] + a["dout"])
+
+
+def _crossentropy_softmax_backward(a):
+    probs, V = a["probs"], int(a["V"])
+    onehot = np.zeros(probs.shape[:-1] + (V,))
+    np.put_along_axis(onehot, a["targets"][..., None].astype(np.intp), 1.0, axis=-1)
+    diff = probs[..., :V] - onehot
+    dlogits = a["dlogits"].copy()
+    dlogits[..., :V] += diff * a["dlosses"][..., None]
+    return dict(onehot=onehot, diff=diff, dlogits=dlogits)
+
+
+def _adamw(a):
+    """AdamW's steps, the hyperparameters rounded to float32 first as the C's float
+    arguments (:func:`pyref.numpy_kernels.adamw`)."""
+    lr, b1, b2, eps, wd = (np.float64(np.float32(a[k])) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    p, g = a["param"], a["grad"]
+    m = a["m"] * b1 + (1.0 - b1) * g
+    v = a["v"] * b2 + (1.0 - b2) * g * g
+    m_hat, v_hat = m / (1.0 - b1 ** int(a["t"])), v / (1.0 - b2 ** int(a["t"]))
+    step_ = m_hat / (np.sqrt(v_hat) + eps)
+    update = (step_ + wd * p) * lr
+    return dict(m_hat=m_hat, v_hat=v_hat, step=step_, update=update, param=p - update, m=m, v=v)
+
+
+_FUNCTIONS: dict[str, Callable[[dict], dict]] = {
+    "encoder_forward": _encoder_forward, "layernorm_forward": _layernorm_forward,
+    "matmul_forward": _matmul_forward, "attention_forward": _attention_forward, "gelu_forward": _gelu_forward,
+    "residual_forward": lambda a: dict(out=a["inp1"] + a["inp2"]), "softmax_forward": _softmax_forward,
+    "crossentropy_forward": _crossentropy_forward, "encoder_backward": _encoder_backward,
+    "layernorm_backward": _layernorm_backward, "matmul_backward": _matmul_backward,
+    "attention_backward": _attention_backward, "gelu_backward": _gelu_backward,
+    "residual_backward": _residual_backward, "crossentropy_softmax_backward": _crossentropy_softmax_backward,
+    "adamw": _adamw,
+}
+assert set(_FUNCTIONS) == set(STEPS) == set(SPEC), "one function and one list of steps per kernel of the spec"
