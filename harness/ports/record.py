@@ -12,9 +12,11 @@ frame in the user's own files (not torch, the harness, the references or
 site-packages), as ``path:line`` and the line's text. The module thus runs on exactly the
 inputs it had.
 
-The op's reference (:func:`stages`) is the float64 oracle of the graph's op on the port's
-own inputs for it, with the intermediates the C computes on the way (attention's scores
-and softmax, a layer norm's mean, centred input, variance and rstd). Each recorded output
+The op's reference (:func:`stages`) is the reference's float64 computation of the graph's
+op on the port's own inputs for it, step by named step (:mod:`pyref.intermediates`:
+attention's scores and softmax, a layer norm's mean, centred input, variance and rstd,
+GELU's inner term and tanh, the loss's shift and log-sum-exp, a matmul's product before its
+bias), ending in the op's outputs. Each recorded output
 is matched to them up to a layout (:data:`LAYOUTS`: a view, a transpose, heads split or
 merged) within a float32-sized bound. The op that produced the port's failing tensor is
 found among the recorded ones; its ancestors back to the tensors that match (the last
@@ -38,9 +40,9 @@ from typing import Callable
 
 import numpy as np
 
-from pyref.protocol import FORWARD_OUTPUTS, run_kernel
+from pyref.intermediates import INPUTS, STEPS, intermediates, step
+from pyref.protocol import FORWARD_OUTPUTS
 
-from ..arbiter.oracle import ORACLE
 from ..graph import Node, Ref
 from ..probe import span
 
@@ -238,78 +240,36 @@ class Stage:
         return f"{self.phrase} {'do' if self.plural else 'does'} not"
 
 
-# words for the graph's tensors: (kernel, argument) -> (phrase, plural)
-PHRASES = {
-    ("attention_forward", "inp"): ("c_attn's q, k, v", True),
-    ("attention_forward", "q"): ("the queries", True),
-    ("attention_forward", "k"): ("the keys", True),
-    ("attention_forward", "v"): ("the values", True),
-    ("attention_forward", "preatt"): ("the scaled scores", True),
-    ("attention_forward", "masked"): ("the masked scores", True),
-    ("attention_forward", "att"): ("the softmax", False),
-    ("attention_forward", "out"): ("the weighted values", True),
-    ("layernorm_forward", "inp"): ("the input", False),
-    ("layernorm_forward", "mean"): ("the mean", False),
-    ("layernorm_forward", "xshift"): ("the centred input", False),
-    ("layernorm_forward", "var"): ("the variance", False),
-    ("layernorm_forward", "rstd"): ("the reciprocal standard deviation", False),
-    ("layernorm_forward", "norm"): ("the normalised input", False),
-    ("layernorm_forward", "out"): ("the scaled and shifted output", False),
-    ("gelu_forward", "inp"): ("the GELU's input", False),
-    ("gelu_forward", "out"): ("the GELU", False),
-    ("matmul_forward", "inp"): ("the matmul's input", False),
-    ("matmul_forward", "out"): ("the product", False),
-    ("residual_forward", "inp1"): ("the residual stream", False),
-    ("residual_forward", "inp2"): ("the branch", False),
-    ("residual_forward", "out"): ("the sum", False),
-    ("encoder_forward", "out"): ("the embeddings", True),
-    ("softmax_forward", "logits"): ("the logits", True),
-    ("softmax_forward", "probs"): ("the probabilities", True),
-}
-
-
 def _stage(kernel: str, name: str, value, where=None) -> Stage:
-    phrase, plural = PHRASES.get((kernel, name), (name, False))
+    """A value of the op as a stage, with its words (:data:`pyref.intermediates.INPUTS`,
+    :data:`pyref.intermediates.STEPS`; the name itself where it has none)."""
+    words = INPUTS.get((kernel, name))
+    if words is None and kernel in STEPS:
+        words = next(((s.what, s.plural) for s in STEPS[kernel] if s.name == name), None)
+    phrase, plural = words or (name, False)
     return Stage(name, phrase, np.asarray(value, np.float64), where, plural)
 
 
-def stages(kernel: str, args: dict, out: dict) -> list[Stage]:
-    """The op's values in the order it computes them: its tensor inputs, the
-    intermediates the C computes on the way (:data:`_INTERMEDIATES`), its outputs
-    (``out``: the oracle's)."""
+def stages(kernel: str, args: dict) -> list[Stage]:
+    """The op's values in the order it computes them: its tensor inputs, then the steps of
+    the reference's computation on them (:func:`pyref.intermediates.intermediates`, ending in
+    the op's outputs). A step that is a later one's values in another layout (attention's
+    weighted values per head, merged into its output) is left to that one: the matcher
+    matches up to layouts, so the two are one value to it. A step defined on the causal
+    triangle only (preatt) is matched there."""
     inputs = [_stage(kernel, k, v) for k, v in args.items()
               if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim >= 2]
-    more = _INTERMEDIATES.get(kernel)
-    if more is not None:
-        return inputs + more(kernel, args, out)
-    return inputs + [_stage(kernel, o, out[o]) for o in FORWARD_OUTPUTS[kernel] if o in out]
-
-
-def _attention(kernel: str, args: dict, out: dict) -> list[Stage]:
-    """q, k, v split into heads (B, NH, T, hs), the scores on the causal triangle, the
-    scores masked (-inf above the diagonal), the softmax, the output."""
-    inp, NH = args["inp"], int(args["NH"])
-    B, T, C3 = inp.shape
-    C = C3 // 3
-    heads = lambda x: x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)   # noqa: E731
-    tri = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, NH, T, T))
-    return ([_stage(kernel, n, heads(inp[..., i * C:(i + 1) * C])) for i, n in enumerate("qkv")]
-            + [_stage(kernel, "preatt", out["preatt"], tri), _stage(kernel, "masked", np.where(tri, out["preatt"], -np.inf)),
-               _stage(kernel, "att", out["att"]),
-               _stage(kernel, "out", out["out"])])
-
-
-def _layernorm(kernel: str, args: dict, out: dict) -> list[Stage]:
-    """The mean, the centred input, the (biased) variance, rstd, the normalised input,
-    the output."""
-    x = args["inp"]
-    xshift = x - out["mean"][..., None]
-    return [_stage(kernel, "mean", out["mean"]), _stage(kernel, "xshift", xshift),
-            _stage(kernel, "var", (xshift * xshift).mean(-1)), _stage(kernel, "rstd", out["rstd"]),
-            _stage(kernel, "norm", xshift * out["rstd"][..., None]), _stage(kernel, "out", out["out"])]
-
-
-_INTERMEDIATES = {"attention_forward": _attention, "layernorm_forward": _layernorm}
+    found = []
+    for name, value in intermediates(kernel, args).items():
+        s = step(kernel, name)
+        if s.layout_of is not None:
+            continue
+        where = None
+        if s.causal:
+            T = value.shape[-1]
+            where = np.broadcast_to(np.tril(np.ones((T, T), bool)), value.shape)
+        found.append(_stage(kernel, name, value, where))
+    return inputs + found
 
 
 # ----------------------------------------------------------------------------- matching up to a layout
@@ -408,7 +368,7 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
     args = {k: (np.asarray(v.get(state), np.float64) if isinstance(v, Ref) and v.group != "batch"
                 else (v.get(state) if isinstance(v, Ref) else v))
             for k, v in node.args if k not in FORWARD_OUTPUTS[node.kernel]}
-    found = stages(node.kernel, args, run_kernel(ORACLE, node.kernel, args, np.float64))
+    found = stages(node.kernel, args)
     observed = _stage(node.kernel, "observed", np.asarray(ref.get(state), np.float64))
     sizes = {s.value.size for s in found}
     idx = torch.from_numpy(np.asarray(state.inputs, np.int64))

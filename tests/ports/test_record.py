@@ -113,7 +113,7 @@ PLANTED = {
     # port, the buggy line's text, the op, what matches, what does not
     "attention": (lp.TransposedGPT, "y = att.transpose(-2, -1) @ v", "attention_forward", "att", "out"),
     "gelu": (lp.SquareGeluGPT, "return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * "
-             "(input + 0.044715 * torch.pow(input, 2.0))))", "gelu_forward", "inp", "out"),
+             "(input + 0.044715 * torch.pow(input, 2.0))))", "gelu_forward", "inp", "inner"),
     "layernorm": (lp.UnbiasedGPT, "var = (xshift * xshift).sum(-1, keepdim=True) / (x.size(-1) - 1)",
                   "layernorm_forward", "xshift", "var"),
 }
