@@ -6,9 +6,10 @@ each op through a few values with a meaning of their own (attention's scores, sc
 masked, its softmax, the weighted values; a layer norm's mean, centred input, variance and
 rstd; GELU's inner term and tanh; the loss's shift and log-sum-exp; the softmax Jacobian's
 diagonal term and its off-diagonal sum in attention's backward). Here each kernel has one
-function ``(args) -> {name: float64 array}`` that computes them, in the order
-:data:`STEPS` documents, from the kernel's own arguments (a backward's in-place buffers as
-they are before the call, which are not written):
+function that computes them, and :func:`intermediates` returns them as ``{name: float64
+array}`` in the order :data:`STEPS` documents, from the kernel's own arguments (a backward's
+in-place buffers as they are before the call, which are not written); any step can be
+replaced (``replace``) and the computation goes on from it:
 
 * every output of the kernel (:attr:`pyref.spec.KernelSpec.outputs`) is a step of its own
   name, computed by the same float64 operations as :mod:`pyref.numpy_kernels`' (so it
@@ -134,130 +135,150 @@ def steps(kernel: str) -> tuple[Step, ...]:
     return STEPS[kernel]
 
 
-def intermediates(kernel: str, args: dict) -> dict[str, np.ndarray]:
+def intermediates(kernel: str, args: dict, replace: dict[str, Callable] | None = None) -> dict[str, np.ndarray]:
     """``kernel``'s named float64 steps on ``args`` (its named arguments, any float dtype:
-    cast to float64 copies; nothing of ``args`` is written), in :data:`STEPS`' order."""
+    cast to float64 copies; nothing of ``args`` is written), in :data:`STEPS`' order.
+
+    ``replace``: {step: fn(steps so far) -> its value instead}: the computation goes on
+    from the replaced value, so every later step (the outputs among them) is what the op
+    computes with that one intermediate changed: a variance divided by C - 1, the softmax
+    Jacobian without its diagonal term."""
     if kernel not in _FUNCTIONS:
         raise KeyError(f"no intermediates for {kernel!r} (kernels: {', '.join(STEPS)})")
     missing = [a for a in SPEC[kernel].signature if a not in args]
     if missing:
         raise ValueError(f"{kernel}'s intermediates need {', '.join(missing)}")
-    out = _FUNCTIONS[kernel](as64(args, copy=True))
-    names = [s.name for s in STEPS[kernel]]
-    return {n: out[n] for n in names if n in out}     # (an optional bias's steps may be absent)
+    unknown = sorted(set(replace or ()) - {st.name for st in STEPS[kernel]})
+    if unknown:
+        raise KeyError(f"{kernel} has no step {', '.join(map(repr, unknown))} to replace")
+    put = _Put(replace or {})
+    _FUNCTIONS[kernel](as64(args, copy=True), put)
+    return {st.name: put.steps[st.name] for st in STEPS[kernel] if st.name in put.steps}   # (no bias: no bias steps)
+
+
+class _Put:
+    """Records each step as a function computes it, or its replacement (``replace``)."""
+
+    def __init__(self, replace: dict):
+        self.replace, self.steps = replace, {}
+
+    def __call__(self, name: str, value):
+        if name in self.replace:
+            value = np.broadcast_to(np.asarray(self.replace[name](dict(self.steps)), np.float64),
+                                    np.shape(value)).copy()
+        self.steps[name] = value
+        return value
 
 
 # ----------------------------------------------------------------------------- forwards
 
-def _encoder_forward(a):
+def _encoder_forward(a, put):
     T = a["inp"].shape[1]
-    tokens, positions = a["wte"][a["inp"]], a["wpe"][:T]
-    return dict(tokens=tokens, positions=positions, out=tokens + positions)
+    put("out", put("tokens", a["wte"][a["inp"]]) + put("positions", a["wpe"][:T]))
 
 
-def _layernorm_forward(a):
+def _layernorm_forward(a, put):
     x, C = a["inp"], a["inp"].shape[-1]
-    mean = x.sum(-1) / np.float64(C)
-    xshift = x - mean[..., None]
-    var = (xshift * xshift).sum(-1) / np.float64(C)
-    rstd = 1.0 / np.sqrt(var + np.float64(nk.LN_EPS))
-    norm = rstd[..., None] * xshift
-    return dict(mean=mean, xshift=xshift, var=var, rstd=rstd, norm=norm, out=norm * a["weight"] + a["bias"])
+    mean = put("mean", x.sum(-1) / np.float64(C))
+    xshift = put("xshift", x - mean[..., None])
+    var = put("var", (xshift * xshift).sum(-1) / np.float64(C))
+    rstd = put("rstd", 1.0 / np.sqrt(var + np.float64(nk.LN_EPS)))
+    norm = put("norm", rstd[..., None] * xshift)
+    put("out", norm * a["weight"] + a["bias"])
 
 
-def _matmul_forward(a):
+def _matmul_forward(a, put):
     inp, w = a["inp"], a["weight"]
-    product = (inp.reshape(-1, inp.shape[-1]) @ w.T).reshape(*inp.shape[:-1], w.shape[0])
-    return dict(product=product, out=product + a["bias"] if a["bias"] is not None else product.copy())
+    product = put("product", (inp.reshape(-1, inp.shape[-1]) @ w.T).reshape(*inp.shape[:-1], w.shape[0]))
+    put("out", product + a["bias"] if a["bias"] is not None else product.copy())
 
 
-def _qkv(inp, NH):
+def _qkv(inp, NH, put=None):
     """q, k, v of (B,T,3C), each split into heads (B,NH,T,hs)."""
     C = inp.shape[-1] // 3
-    return tuple(nk._heads(inp[..., i * C:(i + 1) * C], NH) for i in range(3))
+    heads = tuple(nk._heads(inp[..., i * C:(i + 1) * C], NH) for i in range(3))
+    return heads if put is None else tuple(put(n, x) for n, x in zip("qkv", heads))
 
 
-def _attention_forward(a):
+def _attention_forward(a, put):
     inp, NH = a["inp"], int(a["NH"])
     T, hs = inp.shape[1], inp.shape[-1] // 3 // NH
-    q, k, v = _qkv(inp, NH)
+    q, k, v = _qkv(inp, NH, put)
     mask = nk._causal(T)
-    scores = q @ k.transpose(0, 1, 3, 2)
-    preatt = np.where(mask, scores * (1.0 / float(np.sqrt(np.float64(hs)))), 0.0)
-    masked = np.where(mask, preatt, -np.inf)
+    scores = put("scores", q @ k.transpose(0, 1, 3, 2))
+    preatt = put("preatt", np.where(mask, scores * (1.0 / float(np.sqrt(np.float64(hs)))), 0.0))
+    masked = put("masked", np.where(mask, preatt, -np.inf))
     shift = np.maximum(masked.max(-1, keepdims=True), np.float64(nk.ATT_MAXVAL_INIT))
-    exps = np.exp(np.where(mask, preatt - shift, -np.inf))
+    exps = np.exp(np.where(mask, masked - shift, -np.inf))
     expsum = exps.sum(-1, keepdims=True)
     with np.errstate(divide="ignore"):
-        att = exps * np.where(expsum == 0, 0.0, 1.0 / expsum)
-    weighted = att @ v
-    return dict(q=q, k=k, v=v, scores=scores, preatt=preatt, masked=masked, att=att, weighted=weighted,
-                out=nk._unheads(weighted))
+        att = put("att", exps * np.where(expsum == 0, 0.0, 1.0 / expsum))
+    put("out", nk._unheads(put("weighted", att @ v)))
 
 
-def _gelu_forward(a):
+def _gelu_forward(a, put):
     x = a["inp"]
-    inner = x + np.float64(nk.GELU_COEF) * x * x * x
-    scaled = nk._gelu_s(np.float64) * inner
-    th = np.tanh(scaled)
-    return dict(inner=inner, scaled=scaled, tanh=th, out=0.5 * x * (1.0 + th))
+    inner = put("inner", x + np.float64(nk.GELU_COEF) * x * x * x)
+    th = put("tanh", np.tanh(put("scaled", nk._gelu_s(np.float64) * inner)))
+    put("out", 0.5 * x * (1.0 + th))
 
 
-def _softmax_forward(a):
+def _softmax_forward(a, put):
     logits, V = a["logits"], int(a["V"])
-    vlogits = logits[..., :V]
-    shift = np.maximum(vlogits.max(-1, keepdims=True), np.float64(nk.ATT_MAXVAL_INIT))
-    shifted = vlogits - shift
-    exps = np.exp(shifted)
-    expsum = exps.sum(-1, keepdims=True)
+    vlogits = put("vlogits", logits[..., :V])
+    shift = put("shift", np.maximum(vlogits.max(-1, keepdims=True), np.float64(nk.ATT_MAXVAL_INIT)))
+    shifted = put("shifted", vlogits - shift)
+    exps = put("exps", np.exp(shifted))
+    expsum = put("expsum", exps.sum(-1, keepdims=True))
+    put("lse", shift + np.log(expsum))
+    put("logprobs", shifted - np.log(expsum))
     probs = np.zeros_like(logits)
     probs[..., :V] = exps / expsum
-    return dict(vlogits=vlogits, shift=shift, shifted=shifted, exps=exps, expsum=expsum,
-                lse=shift + np.log(expsum), logprobs=shifted - np.log(expsum), probs=probs)
+    put("probs", probs)
 
 
-def _crossentropy_forward(a):
+def _crossentropy_forward(a, put):
     targets = a["targets"][..., None].astype(np.intp)
-    picked = np.take_along_axis(a["probs"], targets, axis=-1)[..., 0]
-    logpicked = np.log(picked)
-    return dict(picked=picked, logpicked=logpicked, losses=-logpicked)
+    picked = put("picked", np.take_along_axis(a["probs"], targets, axis=-1)[..., 0])
+    put("losses", -put("logpicked", np.log(picked)))
 
 
 # ----------------------------------------------------------------------------- backwards and AdamW
 
-def _encoder_backward(a):
+def _encoder_backward(a, put):
     dwte, dwpe = a["dwte"].copy(), a["dwpe"].copy()
     nk.encoder_backward(dwte, dwpe, a["dout"], a["inp"])
-    return dict(dwte=dwte, dwpe=dwpe)
+    put("dwte", dwte)
+    put("dwpe", dwpe)
 
 
-def _layernorm_backward(a):
+def _layernorm_backward(a, put):
     inp, dout, C = a["inp"], a["dout"], a["inp"].shape[-1]
     rstd = a["rstd"][..., None]
-    norm = (inp - a["mean"][..., None]) * rstd
-    dnorm = a["weight"] * dout
-    dnorm_mean = dnorm.sum(-1, keepdims=True) / np.float64(C)
-    dnorm_norm_mean = (dnorm * norm).sum(-1, keepdims=True) / np.float64(C)
-    dinp_add = ((dnorm - dnorm_mean) - norm * dnorm_norm_mean) * rstd
+    norm = put("norm", (inp - a["mean"][..., None]) * rstd)
+    dnorm = put("dnorm", a["weight"] * dout)
+    dnorm_mean = put("dnorm_mean", dnorm.sum(-1, keepdims=True) / np.float64(C))
+    dnorm_norm_mean = put("dnorm_norm_mean", (dnorm * norm).sum(-1, keepdims=True) / np.float64(C))
+    dinp_add = put("dinp_add", ((dnorm - dnorm_mean) - norm * dnorm_norm_mean) * rstd)
     lead = tuple(range(dout.ndim - 1))
-    return dict(norm=norm, dnorm=dnorm, dnorm_mean=dnorm_mean, dnorm_norm_mean=dnorm_norm_mean,
-                dinp_add=dinp_add, dinp=a["dinp"] + dinp_add, dweight=a["dweight"] + (norm * dout).sum(lead),
-                dbias=a["dbias"] + dout.sum(lead))
+    put("dinp", a["dinp"] + dinp_add)
+    put("dweight", a["dweight"] + (norm * dout).sum(lead))
+    put("dbias", a["dbias"] + dout.sum(lead))
 
 
-def _matmul_backward(a):
+def _matmul_backward(a, put):
     inp, w = a["inp"], a["weight"]
     dout2 = a["dout"].reshape(-1, w.shape[0])
-    out = dict(dinp_add=(dout2 @ w).reshape(a["dinp"].shape), dweight_add=dout2.T @ inp.reshape(-1, inp.shape[-1]))
-    if a["dbias"] is not None:
-        out["dbias_add"] = dout2.sum(0)
-    out.update(dinp=a["dinp"] + out["dinp_add"], dweight=a["dweight"] + out["dweight_add"])
-    if a["dbias"] is not None:
-        out["dbias"] = a["dbias"] + out["dbias_add"]
-    return out
+    dinp_add = put("dinp_add", (dout2 @ w).reshape(a["dinp"].shape))
+    dweight_add = put("dweight_add", dout2.T @ inp.reshape(-1, inp.shape[-1]))
+    dbias_add = put("dbias_add", dout2.sum(0)) if a["dbias"] is not None else None
+    put("dinp", a["dinp"] + dinp_add)
+    put("dweight", a["dweight"] + dweight_add)
+    if dbias_add is not None:
+        put("dbias", a["dbias"] + dbias_add)
 
 
-def _attention_backward(a):
+def _attention_backward(a, put):
     """The C's passes: datt += v . dout, dv += att * dout; the softmax Jacobian
     att[t2]*((t2 == t3) - att[t3]) applied to the accumulated datt, whose diagonal term
     (att * datt) and off-diagonal sum (att * sum(att * datt)) are steps of their own; dq,
@@ -267,65 +288,70 @@ def _attention_backward(a):
     q, k, v = _qkv(inp, NH)
     dout = nk._heads(a["dout"], NH)
     mask = nk._causal(T)
-    datt_add = np.where(mask, dout @ v.transpose(0, 1, 3, 2), 0.0)
-    datt = np.where(mask, a["datt"] + datt_add, a["datt"])
-    dv = att.transpose(0, 1, 3, 2) @ dout
+    datt_add = put("datt_add", np.where(mask, dout @ v.transpose(0, 1, 3, 2), 0.0))
+    datt = put("datt", np.where(mask, a["datt"] + datt_add, a["datt"]))
+    dv = put("dv", att.transpose(0, 1, 3, 2) @ dout)
     datt_c = np.where(mask, datt, 0.0)
     rowdot = (att * datt_c).sum(-1, keepdims=True)
-    dpreatt_add = np.where(mask, att * (datt_c - rowdot), 0.0)
-    dpreatt = np.where(mask, a["dpreatt"] + dpreatt_add, a["dpreatt"])
+    put("diag", att * datt_c)
+    put("offdiag", att * rowdot)
+    dpreatt_add = put("dpreatt_add", np.where(mask, att * (datt_c - rowdot), 0.0))
+    dpreatt = put("dpreatt", np.where(mask, a["dpreatt"] + dpreatt_add, a["dpreatt"]))
     dpreatt_c = np.where(mask, dpreatt, 0.0)
     scale = 1.0 / np.sqrt(np.float64(hs))
-    dq = (dpreatt_c @ k) * scale
-    dk = (dpreatt_c.transpose(0, 1, 3, 2) @ q) * scale
-    dinp = a["dinp"] + np.concatenate([nk._unheads(dq), nk._unheads(dk), nk._unheads(dv)], axis=-1)
-    return dict(datt_add=datt_add, dv=dv, diag=att * datt_c, offdiag=att * rowdot, dpreatt_add=dpreatt_add,
-                dq=dq, dk=dk, dinp=dinp, dpreatt=dpreatt, datt=datt)
+    dq = put("dq", (dpreatt_c @ k) * scale)
+    dk = put("dk", (dpreatt_c.transpose(0, 1, 3, 2) @ q) * scale)
+    put("dinp", a["dinp"] + np.concatenate([nk._unheads(dq), nk._unheads(dk), nk._unheads(dv)], axis=-1))
 
 
-def _gelu_backward(a):
+def _gelu_backward(a, put):
     x, s, coef = a["inp"], nk._gelu_s(np.float64), np.float64(nk.GELU_COEF)
-    inner = x + coef * x * x * x
-    scaled = s * inner
-    th = np.tanh(scaled)
+    inner = put("inner", x + coef * x * x * x)
+    scaled = put("scaled", s * inner)
+    th = put("tanh", np.tanh(scaled))
     with np.errstate(over="ignore"):
         ch = np.cosh(scaled)
-        sech2 = 1.0 / (ch * ch)
-    local = 0.5 * (1.0 + th) + x * 0.5 * sech2 * s * (1.0 + 3.0 * coef * x * x)
-    return dict(inner=inner, scaled=scaled, tanh=th, sech2=sech2, local=local, dinp=a["dinp"] + local * a["dout"])
+        sech2 = put("sech2", 1.0 / (ch * ch))
+    local = put("local", 0.5 * (1.0 + th) + x * 0.5 * sech2 * s * (1.0 + 3.0 * coef * x * x))
+    put("dinp", a["dinp"] + local * a["dout"])
 
 
-def _residual_backward(a):
-    return dict(dinp1=a["dinp1"] + a["dout"], dinp2=a["dinp2"] + a["dout"])
+def _residual_forward(a, put):
+    put("out", a["inp1"] + a["inp2"])
 
 
-def _crossentropy_softmax_backward(a):
+def _residual_backward(a, put):
+    put("dinp1", a["dinp1"] + a["dout"])
+    put("dinp2", a["dinp2"] + a["dout"])
+
+
+def _crossentropy_softmax_backward(a, put):
     probs, V = a["probs"], int(a["V"])
     onehot = np.zeros(probs.shape[:-1] + (V,))
     np.put_along_axis(onehot, a["targets"][..., None].astype(np.intp), 1.0, axis=-1)
-    diff = probs[..., :V] - onehot
+    diff = put("diff", probs[..., :V] - put("onehot", onehot))
     dlogits = a["dlogits"].copy()
     dlogits[..., :V] += diff * a["dlosses"][..., None]
-    return dict(onehot=onehot, diff=diff, dlogits=dlogits)
+    put("dlogits", dlogits)
 
 
-def _adamw(a):
+def _adamw(a, put):
     """AdamW's steps, the hyperparameters rounded to float32 first as the C's float
     arguments (:func:`pyref.numpy_kernels.adamw`)."""
     lr, b1, b2, eps, wd = (np.float64(np.float32(a[k])) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
     p, g = a["param"], a["grad"]
-    m = a["m"] * b1 + (1.0 - b1) * g
-    v = a["v"] * b2 + (1.0 - b2) * g * g
-    m_hat, v_hat = m / (1.0 - b1 ** int(a["t"])), v / (1.0 - b2 ** int(a["t"]))
-    step_ = m_hat / (np.sqrt(v_hat) + eps)
-    update = (step_ + wd * p) * lr
-    return dict(m_hat=m_hat, v_hat=v_hat, step=step_, update=update, param=p - update, m=m, v=v)
+    m = put("m", a["m"] * b1 + (1.0 - b1) * g)
+    v = put("v", a["v"] * b2 + (1.0 - b2) * g * g)
+    m_hat = put("m_hat", m / (1.0 - b1 ** int(a["t"])))
+    v_hat = put("v_hat", v / (1.0 - b2 ** int(a["t"])))
+    update = put("update", (put("step", m_hat / (np.sqrt(v_hat) + eps)) + wd * p) * lr)
+    put("param", p - update)
 
 
-_FUNCTIONS: dict[str, Callable[[dict], dict]] = {
+_FUNCTIONS: dict[str, Callable] = {
     "encoder_forward": _encoder_forward, "layernorm_forward": _layernorm_forward,
     "matmul_forward": _matmul_forward, "attention_forward": _attention_forward, "gelu_forward": _gelu_forward,
-    "residual_forward": lambda a: dict(out=a["inp1"] + a["inp2"]), "softmax_forward": _softmax_forward,
+    "residual_forward": _residual_forward, "softmax_forward": _softmax_forward,
     "crossentropy_forward": _crossentropy_forward, "encoder_backward": _encoder_backward,
     "layernorm_backward": _layernorm_backward, "matmul_backward": _matmul_backward,
     "attention_backward": _attention_backward, "gelu_backward": _gelu_backward,
