@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import edit_function, pristine_source
+from test_intermediate_causes import _port_without
 
 from harness import (CATALOGUE, VARIANT_BY_ID, CKernels, DiagnosedComparison, assert_kernel, build_library,
                      check_kernel, first_divergence_check, load_library, make_inputs, run_parity)
@@ -529,6 +530,9 @@ PORTS = {
     "output.offset": [(k, scaled_port(k, offset=0.01)) for k in ("matmul_forward", "gelu_forward")],
     "attention.no-diagonal": [("attention_forward", attention_port(diagonal=False))],
     "attention.no-causal-mask": [("attention_forward", attention_port(causal=False))],
+    # the softmax Jacobian's terms, each left out (tests/diagnosis/test_intermediate_causes.py: the C edited)
+    "attention.jacobian-no-diagonal": [("attention_backward", _port_without("diagonal"))],
+    "attention.jacobian-no-sum": [("attention_backward", _port_without("sum"))],
     "softmax.padded-columns": [("softmax_forward", softmax_padded)],
     "crossentropy.log-eps": [("crossentropy_forward", ce_log_eps),
                              ("crossentropy_softmax_backward", ce_backward_log_eps)],
@@ -718,7 +722,7 @@ MUTANT_CAUSES = {"encoder_forward": "embedding.no-wpe", "attention_forward": "ou
 
 def test_uncatalogued_bugs_have_no_known_cause():
     """test_ops' mutants whose change is not in the catalogue: never a wrong cause."""
-    from tests.test_ops import MUTANTS
+    from tests.ops.test_ops import MUTANTS
     for kernel in ("layernorm_backward", "gelu_backward", "crossentropy_softmax_backward"):
         failed = _failures(_port(kernel, MUTANTS[kernel][1]), kernel)
         assert failed and all(not c.diagnosis.known for c in failed), (kernel, [c.diagnosis.text() for c in failed])
@@ -726,7 +730,7 @@ def test_uncatalogued_bugs_have_no_known_cause():
 
 @pytest.mark.parametrize("kernel", list(MUTANT_CAUSES))
 def test_mutants_of_a_catalogued_kind_are_named(kernel):
-    from tests.test_ops import MUTANTS
+    from tests.ops.test_ops import MUTANTS
     failed = _failures(_port(kernel, MUTANTS[kernel][1]), kernel)
     _assert_diagnosed(failed, MUTANT_CAUSES[kernel])
     if MUTANT_CAUSES[kernel] == "output.scale":
@@ -967,7 +971,7 @@ def test_a_variant_that_raises_is_skipped_not_fatal(monkeypatch):
 
 def test_kernels_without_variants_say_so(monkeypatch):
     import harness.diagnosis as D
-    from tests.test_ops import MUTANTS
+    from tests.ops.test_ops import MUTANTS
     monkeypatch.setattr(D.catalogue, "CATALOGUE", tuple(v for v in D.CATALOGUE if "encoder_forward" not in v.kernels))
     (c,) = _failures(_port("encoder_forward", MUTANTS["encoder_forward"][1]), "encoder_forward")
     assert c.diagnosis.text() == "no known cause: the catalogue has no change to encoder_forward"

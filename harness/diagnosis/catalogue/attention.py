@@ -1,6 +1,8 @@
 """attention: the scale (fitted; before or after the softmax), the causal mask (missing, off by
 a diagonal, its fill value), the layouts of c_attn's output and of the heads, the order of q, k,
-v, the softmax's axis."""
+v, the softmax's axis; in the backward, the softmax Jacobian without its diagonal term or
+without its off-diagonal sum (the reference's own steps, :mod:`pyref.intermediates`, with
+one left out)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +10,8 @@ import math
 import numpy as np
 
 from pyref import numpy_kernels
+from pyref.intermediates import intermediates
+from pyref.spec import SPEC
 
 from ..engine import Fit, Variant
 from ._common import _forward, _oracle
@@ -306,6 +310,31 @@ def _att_no_diagonal_defined(kernel, output, args):
     return _causal(T, diagonal=False) if output == "preatt" else np.ones((), bool)
 
 
+def _without_step(kernel: str, step: str, instead):
+    """``kernel`` recomputed from the reference's steps with ``step`` replaced by
+    ``instead(steps so far)`` (:func:`pyref.intermediates.intermediates`): every later step,
+    the outputs among them, follows from the changed one."""
+    def run(k, args, ctx, value):
+        if k != kernel:
+            return None
+        steps = intermediates(kernel, args, replace={step: instead})
+        return {o: steps[o] for o in SPEC[kernel].output_names}
+    return run
+
+
+def _causal_of(s):
+    """The causal triangle of a (B, NH, T, T) step."""
+    return _causal(s["diag"].shape[-1])
+
+
+# the softmax Jacobian att[t2] * ((t2 == t3) - att[t3]) applied to datt is the diagonal term
+# att * datt less the off-diagonal sum att * sum(att * datt): one of the two left out
+_NO_JACOBIAN_DIAGONAL = _without_step("attention_backward", "dpreatt_add",
+                                      lambda s: np.where(_causal_of(s), -s["offdiag"], 0.0))
+_NO_JACOBIAN_SUM = _without_step("attention_backward", "dpreatt_add",
+                                 lambda s: np.where(_causal_of(s), s["diag"], 0.0))
+
+
 VARIANTS: tuple[Variant, ...] = (
     Variant("attention.scale", "attention", ("attention_forward", "attention_backward"),
             "attention scores scaled by {value}{note} instead of 1/sqrt(hs)", _att_scale,
@@ -334,4 +363,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("attention.softmax-axis", "attention", ("attention_forward",),
             "the attention softmax taken over {choice} instead of the keys (dim=-1)",
             _att_changed(), choices=_att_axes),
+    Variant("attention.jacobian-no-diagonal", "attention", ("attention_backward",),
+            "the softmax's backward without the Jacobian's diagonal term att * datt (dpreatt = "
+            "-att * sum(att * datt): the indicator (t2 == t3) dropped)", _NO_JACOBIAN_DIAGONAL),
+    Variant("attention.jacobian-no-sum", "attention", ("attention_backward",),
+            "the softmax's backward without the Jacobian's off-diagonal sum att * sum(att * datt) "
+            "(dpreatt = att * datt: the - att[t3] dropped)", _NO_JACOBIAN_SUM),
 )
