@@ -139,10 +139,10 @@ def intermediates(kernel: str, args: dict, replace: dict[str, Callable] | None =
     """``kernel``'s named float64 steps on ``args`` (its named arguments, any float dtype:
     cast to float64 copies; nothing of ``args`` is written), in :data:`STEPS`' order.
 
-    ``replace``: {step: fn(steps so far) -> its value instead}: the computation goes on
-    from the replaced value, so every later step (the outputs among them) is what the op
-    computes with that one intermediate changed: a variance divided by C - 1, the softmax
-    Jacobian without its diagonal term."""
+    ``replace``: {step: fn(steps so far, its own value included) -> its value instead}:
+    the computation goes on from the replaced value, so every later step (the outputs
+    among them) is what the op computes with that one intermediate changed: a variance
+    divided by C - 1, the softmax Jacobian without its diagonal term."""
     if kernel not in _FUNCTIONS:
         raise KeyError(f"no intermediates for {kernel!r} (kernels: {', '.join(STEPS)})")
     missing = [a for a in SPEC[kernel].signature if a not in args]
@@ -164,7 +164,7 @@ class _Put:
 
     def __call__(self, name: str, value):
         if name in self.replace:
-            value = np.broadcast_to(np.asarray(self.replace[name](dict(self.steps)), np.float64),
+            value = np.broadcast_to(np.asarray(self.replace[name](dict(self.steps, **{name: value})), np.float64),
                                     np.shape(value)).copy()
         self.steps[name] = value
         return value
