@@ -185,3 +185,53 @@ def test_the_command_line_prints_the_line(capsys):
     first = next(line for line in out.splitlines() if line.startswith("first divergence:"))
     assert first.endswith(f"attention_forward at line_ports.py:{line_of(text)} ({text}): "
                           "the softmax matches, the weighted values do not")
+
+
+# ----------------------------------------------------------------------------- the ops the intermediates added
+
+class DoubledBias(nn.Module):
+    """A linear written out, its bias doubled."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        product = x @ self.weight.t()
+        return product + 2 * self.bias
+
+
+class HotLogSoftmax(nn.Module):
+    """The probabilities from a log-softmax whose log-sum-exp is taken of scaled logits."""
+
+    def forward(self, z):
+        lse = (z * 1.1).logsumexp(-1, keepdim=True)
+        logp = z - lse
+        return logp.exp()
+
+
+def _pin(model, kernel, x, **more):
+    ops = R.record(model, lambda: model(x))
+    args = {("logits" if kernel == "softmax_forward" else "inp"): x.double().numpy(), **more}
+    observed = R.Stage("observed", "observed", model(x).detach().double().numpy())
+    return R.locate(ops, R.stages(kernel, args), observed, kernel, "")
+
+
+def test_a_matmul_is_pinned_past_its_product():
+    torch.manual_seed(0)
+    model = DoubledBias()
+    pin = _pin(model, "matmul_forward", torch.randn(2, 3, 4), weight=model.weight.detach().double().numpy(),
+               bias=model.bias.detach().double().numpy())
+    here = Path(__file__)
+    assert [s.line for s in pin.lines] == [line_of("return product + 2 * self.bias", here)]
+    assert (pin.matched, pin.unmatched) == ("product", "out")
+
+
+def test_the_loss_is_pinned_at_its_shift():
+    torch.manual_seed(0)
+    pin = _pin(HotLogSoftmax(), "softmax_forward", 2 * torch.randn(2, 3, 11), V=11)
+    here = Path(__file__)
+    assert [s.line for s in pin.lines] == [line_of("lse = (z * 1.1).logsumexp(-1, keepdim=True)", here)]
+    # torch's logsumexp takes the row maximum first: the scaled logits' is the first value off
+    assert (pin.matched, pin.unmatched) == ("vlogits", "shift")
+    assert pin.describe().endswith("the logits of the V real tokens match, the shift (the row maximum) does not")
