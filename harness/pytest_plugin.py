@@ -138,8 +138,9 @@ def checks_by_op(report, impl: str, kinds=None) -> dict[str, list]:
 def op_failure(report, impl: str, op: str) -> str | None:
     """Why ``op`` of ``impl`` fails on its own inputs (its checks of :data:`OP_KINDS`), as
     the CLI says it: the first step where one failed, its first divergence (with the line
-    of the port it is pinned to) and cause; or the error of a step that raised before the
-    op was checked. None: no check of the op failed."""
+    of the port it is pinned to) and cause, and where the model departs from GPT-2's graph
+    (the census) if it does; or the error of a step that raised before the op was checked.
+    None: no check of the op failed."""
     from .checks.results import first_divergence, first_divergence_check
     from .report import cause_lines
     for s in report.steps:
@@ -149,8 +150,11 @@ def op_failure(report, impl: str, op: str) -> str | None:
         text = first_divergence(mine)
         if text is not None:
             bad = sum(not c.passed for c in mine)
+            # a model that departs from GPT-2's graph: where it departs, the step's first divergence
+            departs = s.structure.get(impl)
             return "\n".join([f"{op}: {bad} of {len(mine)} checks on its own inputs failed in step {s.step}",
-                              f"step {s.step} [{impl}] {text}", *cause_lines(first_divergence_check(mine), "  ")])
+                              f"step {s.step} [{impl}] {text}", *cause_lines(first_divergence_check(mine), "  "),
+                              *([f"the step's {first_divergence(mine, True, departs)}"] if departs else [])])
     return None
 
 

@@ -39,12 +39,14 @@ def user_folder(tmp_path: Path, model: str = "GPT", conftest: str | None = None)
     return tmp_path
 
 
-def pytest_in(folder: Path, *args: str) -> dict[str, tuple[str, str]]:
-    """``pytest --llmc-model port.py:GPT ARGS`` run in ``folder`` (this checkout's harness
-    first on the path), as test name -> (outcome, message): passed, failed, skipped."""
+def pytest_in(folder: Path, *args: str, code: tuple[str, str] = ("--llmc-model", "port.py:GPT")) \
+        -> dict[str, tuple[str, str]]:
+    """``pytest --llmc-model port.py:GPT ARGS`` (or the user's ``code`` named otherwise) run
+    in ``folder`` (this checkout's harness first on the path), as test name -> (outcome,
+    message): passed, failed, skipped."""
     xml = folder / "results.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--llmc-model", "port.py:GPT",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *code,
                         "--llmc-steps", "1", f"--junitxml={xml}", *args],
                        capture_output=True, text=True, timeout=300, cwd=folder, env=env)
     assert r.returncode in (0, 1) and xml.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
@@ -121,3 +123,34 @@ def test_an_optimizer_bug_fails_adamw_by_its_update_check(tmp_path):
     assert got[op_test("gelu")] == ("passed", ""), got
     outcome, message = got[op_test("adamw")]
     assert outcome == "failed" and "gpt2_update" in message, message
+
+
+# a kernel port's GELU with its tanh argument scaled by 0.8 instead of sqrt(2/pi)
+KERNEL_PORT = """import numpy as np
+
+
+def gelu_forward(inp):
+    return 0.5 * inp * (1.0 + np.tanh(0.8 * (inp + 0.044715 * inp ** 3)))
+"""
+
+
+def test_a_kernel_ports_model_test_says_the_first_divergence_and_its_cause(tmp_path):
+    """``--llmc-impl``: the kernels are judged one call at a time already; the model-level
+    test's message is the CLI's first divergence and cause, and no model test is collected."""
+    (tmp_path / "port.py").write_text(KERNEL_PORT)
+    got = pytest_in(tmp_path, "-k", "trains or gelu-gelu_forward-base", code=("--llmc-impl", "port.py"))
+    assert set(got) == {"test_port_trains_like_the_c", "test_port_kernel[gelu-gelu_forward-base-port]"}, got
+    outcome, message = got["test_port_trains_like_the_c"]
+    assert outcome == "failed" and "C itself failed" not in message, message
+    assert "first divergence: step 1 [port] layer 0 gelu gelu_forward, inputs exact (its own)" in message, message
+    assert "why: probable cause: GELU's tanh argument scaled by 0.8" in message, message
+
+
+def test_an_op_failing_in_a_model_that_departs_from_the_graph_says_where_it_departs(tmp_path):
+    """ln_1 feeding the MLP too: layer norm's own checks fail (its weights' gradients sum
+    two calls), and the message says where the forward departs from GPT-2's graph."""
+    got = pytest_in(user_folder(tmp_path, "GPTln1ForMLP"), "-k", "layernorm")
+    outcome, message = got[op_test("layernorm")]
+    assert outcome == "failed", message
+    assert "the step's first divergence: layer 0 ln2 layernorm_forward [transformer.h.0.ln_2]" in message, message
+    assert "never called" in message, message
