@@ -25,7 +25,7 @@ import os
 
 import pytest
 
-from pyref.protocol import OPS
+from pyref.protocol import KERNEL_OP, OPS
 
 #: The kinds of check that judge one op on its own inputs (``test_model_op``): the replay
 #: (each op of the graph re-run in float64 on the port's own inputs for it) and the update
@@ -162,7 +162,6 @@ def op_not_checked(report, impl: str, op: str) -> str:
     """Why ``op`` has no check on its own inputs: the tensors its calls read or write that
     ``impl`` does not show (no check of any kind names them), from the graph."""
     from .graph import Ref, backward_nodes, forward_nodes
-    from pyref.protocol import KERNEL_OP
     checked = {c.ref for s in report.steps for c in s.checks if c.impl == impl}
     unseen = [f"{v.group}.{v.name}" for n in forward_nodes(report.config) + backward_nodes(report.config)
               if KERNEL_OP[n.kernel] == op for _, v in n.args
