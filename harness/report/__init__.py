@@ -14,8 +14,9 @@ from __future__ import annotations
 from .jsonfile import SCHEMA, to_json, write_json
 from .png import plot
 from .table import markdown_table, text_table
-from .text import (debug_state_table, format_table, free_run_table, model_notes, run_summary, step_table,
-                   worst_per_op_table)
+from .text import (cause_lines, debug_state_table, divergence_lines, format_table, free_run_table, model_notes,
+                   run_summary, step_table, worst_per_op_table)
 
-__all__ = ["SCHEMA", "to_json", "write_json", "plot", "markdown_table", "text_table", "debug_state_table",
-           "format_table", "free_run_table", "model_notes", "run_summary", "step_table", "worst_per_op_table"]
+__all__ = ["SCHEMA", "to_json", "write_json", "plot", "markdown_table", "text_table", "cause_lines",
+           "debug_state_table", "divergence_lines", "format_table", "free_run_table", "model_notes", "run_summary",
+           "step_table", "worst_per_op_table"]

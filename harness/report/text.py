@@ -244,8 +244,14 @@ def _why(step, impl: str, indent: str) -> list[str]:
         return [f"{indent}why: the forward departs from GPT-2's graph"
                 + (": " + "; ".join(f.text() for f in near) if near else "")
                 + (f" (and {rest} more finding{'s' if rest > 1 else ''} above)" if rest else "")]
-    c = first_divergence_check([c for c in step.checks if c.impl == impl])
-    d = None if c is None else getattr(c, "diagnosis", None)
+    return cause_lines(first_divergence_check([c for c in step.checks if c.impl == impl]), indent)
+
+
+def cause_lines(check, indent: str = "") -> list[str]:
+    """The diagnosis of a failed check (:mod:`harness.diagnosis`) as the reports print it
+    under its first divergence, ``why: ...``; none when the check (or None) was not
+    diagnosed. The pytest plugin's message of a failed op says it too."""
+    d = None if check is None else getattr(check, "diagnosis", None)
     return [] if d is None else [f"{indent}why: {d.text()}"]
 
 
@@ -335,22 +341,7 @@ def run_summary(report, verbose: bool = False) -> str:
     lines += ["", "checks"] + _checks_table(report)
     lines += [false_alarm_text(sum(len(s.checks) for s in report.steps)), ""]
 
-    first = report.first_divergence(heading=False)
-    lines.append(f"first divergence: {first or 'none'}")
-    seen = set()
-    for s in report.steps:
-        for impl, text in s.first_divergence.items():
-            if impl in seen:
-                continue
-            seen.add(impl)
-            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False,
-                                                                    s.structure.get(impl)) or text)
-            if entry != first:
-                lines.append(f"  also {entry}")
-            lines += _why(s, impl, "    " if entry != first else "  ")
-    errors = [(s.step, i, t) for s in report.steps for i, t in s.errors.items()]
-    for step, impl, text in errors:
-        lines.append(f"error: step {step} [{impl}] {text}")
+    lines += divergence_lines(report)
 
     py_impls = [i for i in impls if i != "C"]
     if py_impls:
@@ -367,6 +358,29 @@ def run_summary(report, verbose: bool = False) -> str:
     lines += _precision_lines(report)
     lines.append(verdict_line(report))
     return "\n".join(lines)
+
+
+def divergence_lines(report) -> list[str]:
+    """What the summary says of where a run went wrong: ``first divergence: step N [impl]
+    ...`` (or ``none``) with its cause (``why: ...``), each other implementation's first
+    divergence (``also ...``) with its cause, and every error. The pytest plugin's message
+    of a failed end-to-end test is these lines."""
+    first = report.first_divergence(heading=False)
+    lines = [f"first divergence: {first or 'none'}"]
+    seen = set()
+    for s in report.steps:
+        for impl, text in s.first_divergence.items():
+            if impl in seen:
+                continue
+            seen.add(impl)
+            entry = f"step {s.step} [{impl}] " + (first_divergence([c for c in s.checks if c.impl == impl], False,
+                                                                    s.structure.get(impl)) or text)
+            if entry != first:
+                lines.append(f"  also {entry}")
+            lines += _why(s, impl, "    " if entry != first else "  ")
+    for s in report.steps:
+        lines += [f"error: step {s.step} [{impl}] {text}" for impl, text in s.errors.items()]
+    return lines
 
 
 def _precision_lines(report) -> list[str]:
