@@ -118,7 +118,7 @@ class GPT2:
         """The tensors of the graph it did not produce itself: none."""
         return []
 
-    def precision_of(self, nodes) -> None:
+    def precision_of(self, nodes, ref=None) -> None:
         """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
         return None
 

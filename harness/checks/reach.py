@@ -49,7 +49,7 @@ def effect(state, cfg, variant_id: str, kernel: str, output: str, value=None):
     expected = oracle_outputs(kernel, args)
     changed = VARIANT_BY_ID[variant_id].run(kernel, {k: (v.copy() if isinstance(v, np.ndarray) else v)
                                                      for k, v in args.items()}, {"output": output}, value)
-    p = precision_of(state, (node,))
+    p = precision_of(state, (node,), node.arg_dict.get(output))
     out = expected[output]
     tol = op_tolerance(kernel, output, 1, out.size, p)
     c = compare(np.asarray(changed[output]), out, name=output, tol=tol,

@@ -376,14 +376,15 @@ class ModelState:
             return None
         return self.capture.points.get((ref.name, ref.layer))
 
-    def precision_of(self, nodes) -> "Precision | None":
+    def precision_of(self, nodes, ref=None) -> "Precision | None":
         """The precision the port ran ``nodes`` at (one op, or the ops accumulating into a
-        gradient buffer), observed on its first forward (harness.ports.precision); None
-        where it ran all of them at float32 (the C's bounds apply unchanged)."""
+        gradient buffer) writing ``ref``, observed on its first forward
+        (harness.ports.precision); None where it ran all of them at float32 (the C's bounds
+        apply unchanged)."""
         prof = self.mixed.profile
         if prof is None:
             return None
-        p = prof.of_buffer(nodes)
+        p = prof.of_buffer(nodes, ref)
         return None if p.is_float32 else p
 
     def update_precision(self, label: str) -> "Precision | None":
