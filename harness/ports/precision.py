@@ -150,6 +150,7 @@ class Profile:
     points: dict                      # (act, layer) -> module name (Capture.points)
     params: str = "float32"           # the parameters' dtype
     state: dict = field(default_factory=dict)   # "m"/"v" -> the optimizer state's dtype
+    stepped: str | None = None        # the dtype of what the optimizer steps: the parameters' or their masters'
     matmul_setting: str = "highest"   # torch.get_float32_matmul_precision()
     loss: str = "float32"             # the loss tensor's dtype
     _of: dict = field(default_factory=dict, repr=False)
@@ -178,10 +179,19 @@ class Profile:
         return p
 
     def update(self, label: str) -> Precision:
-        """AdamW's ``params``, ``m`` or ``v``: computed in the parameters' dtype from
-        pre-step values rounded to the dtype they are held in, stored in that dtype."""
-        held = self.params if label == "params" else self.state.get(label, self.params)
-        return Precision(coarser(self.params, held), held, held != "float32" or self.params != "float32")
+        """AdamW's ``params``, ``m`` or ``v``: computed in the coarsest dtype of what it reads
+        (the tensors the optimizer steps -- the parameters, or their float32 master weights --
+        and the value's own held dtype; the parameters also read m and v), from pre-step
+        values rounded to the dtypes they are held in, stored in its held dtype. float32
+        masters with float32 moments: a float32 AdamW, judged as the C's."""
+        stepped = self.stepped or self.params
+        held = stepped if label == "params" else self.state.get(label, stepped)
+        read = [stepped, held] + ([self.state.get("m", stepped), self.state.get("v", stepped)]
+                                  if label == "params" else [])
+        compute = read[0]
+        for d in read[1:]:
+            compute = coarser(compute, d)
+        return Precision(compute, held, compute != "float32")
 
     def witness(self) -> dict[str, Precision]:
         """Kernel -> the coarsest precision any of its calls ran at (the witness noises
@@ -295,9 +305,12 @@ class Profile:
                 if name not in by[f"{p.label} ({p.detail})"]:
                     by[f"{p.label} ({p.detail})"].append(name)
         out = [f"{', '.join(names)}: {how}" for how, names in by.items()]
-        if self.params != "float32":
-            out.append(f"parameters held in {self.params}; optimizer state m {self.state.get('m', self.params)}, "
-                       f"v {self.state.get('v', self.params)}")
+        stepped = self.stepped or self.params
+        m, v = self.state.get("m", stepped), self.state.get("v", stepped)
+        if {self.params, stepped, *self.state.values()} != {"float32"}:
+            masters = f", stepped as {stepped} master weights" if stepped != self.params else ""
+            held = f"; optimizer state m {m}, v {v}" if self.state else ""   # known once it stepped
+            out.append(f"parameters held in {self.params}{masters}{held}")
         if self.matmul_setting != "highest":
             out.append(f"float32_matmul_precision={self.matmul_setting!r}: float32 matmuls at "
                        f"{FLOAT32_MATMUL.get(self.matmul_setting, 'float32')}")
@@ -381,11 +394,14 @@ class Mixed:
         self.scaler.step(optimizer)
         self.scaler.update()
 
-    def state_dtypes(self, optimizer, params) -> None:
-        """The optimizer state's dtypes (m: exp_avg, v: exp_avg_sq) as the step left them."""
+    def state_dtypes(self, optimizer, stepped) -> None:
+        """The dtypes of what the optimizer steps (``stepped``: the parameters or their
+        master weights) and of its state (m: exp_avg, v: exp_avg_sq) as the step left them."""
         if self.profile is None:
             return
-        for p in params:
+        if stepped and stepped[0].dtype.is_floating_point and str(stepped[0].dtype) != "torch.float64":
+            self.profile.stepped = dtype_name(stepped[0].dtype)
+        for p in stepped:
             st = optimizer.state.get(p, {})
             for key, label in (("exp_avg", "m"), ("exp_avg_sq", "v")):
                 if key in st and hasattr(st[key], "dtype"):
