@@ -130,6 +130,10 @@ class GPT2:
         """Kernel -> a precision below float32 the witness must noise it at: none."""
         return {}
 
+    def precision_lines(self) -> list[str]:
+        """What it computed below float32, one line each: nothing."""
+        return []
+
     # ------------------------------------------------------------------ forward
     def _take_batch(self, inputs, targets):
         """Validated (inputs, targets); the activations allocated for their (B, T) on the

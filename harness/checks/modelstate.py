@@ -68,6 +68,9 @@ class CheckedState(Protocol):
         """Kernel -> the precision the witness must noise it at, where below float32 (empty:
         the float32 witness serves)."""
 
+    def precision_lines(self) -> list[str]:
+        """What its run was seen to compute below float32, one line each (empty: float32)."""
+
 
 @runtime_checkable
 class Reference(CheckedState, Protocol):

@@ -248,6 +248,10 @@ class CModel:
         """Kernel -> a precision below float32 the witness must noise it at: none."""
         return {}
 
+    def precision_lines(self) -> list[str]:
+        """What it computed below float32, one line each: nothing."""
+        return []
+
     # -- state ----------------------------------------------------------------
     @property
     def batch_size(self) -> int:

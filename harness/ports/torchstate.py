@@ -410,6 +410,10 @@ class ModelState:
         """Kernel -> the precision the witness must noise it at (empty: float32)."""
         return {} if self.mixed.profile is None else self.mixed.profile.witness()
 
+    def precision_lines(self) -> list[str]:
+        """What its first forward and its optimizer were seen to compute below float32."""
+        return [] if self.mixed.profile is None else self.mixed.profile.lines()
+
     def not_observed(self) -> list[str]:
         """The C's activations (and gradients) this model does not show at a module boundary."""
         return unobserved(self.config, self.observes)
