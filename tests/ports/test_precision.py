@@ -76,6 +76,8 @@ def test_bf16_parameters_pass_with_update_at_bf16():
     update = dict(labels(report, "update"))
     assert update["params.wte (after update)"] == "bf16" and update["m.wte (after update)"] == "bf16"
     assert dict(labels(report, "replay"))["acts.ln1[layer 0]"] == "bf16"
+    dtype = next(f.description for f in report.findings["port"] if f.id == "hygiene.dtype")
+    assert "judged at the precision it ran in" in dtype and "not float32" not in dtype
 
 
 class _LayerNormGrad(torch.autograd.Function):
