@@ -118,7 +118,7 @@ class GPT2:
         """The tensors of the graph it did not produce itself: none."""
         return []
 
-    def precision_of(self, nodes) -> None:
+    def precision_of(self, nodes, ref=None) -> None:
         """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
         return None
 
@@ -129,6 +129,10 @@ class GPT2:
     def witness_precisions(self) -> dict:
         """Kernel -> a precision below float32 the witness must noise it at: none."""
         return {}
+
+    def precision_lines(self) -> list[str]:
+        """What it computed below float32, one line each: nothing."""
+        return []
 
     # ------------------------------------------------------------------ forward
     def _take_batch(self, inputs, targets):

@@ -47,9 +47,17 @@ def type_ok(value, spec: str) -> bool:
     return False
 
 
+def optional(spec: str) -> bool:
+    """A field documented as ``... or absent``: it may be left out."""
+    return "absent" in spec.split(" or ")
+
+
 def validate(obj, name: str, doc: dict) -> None:
+    """``obj`` has the documented fields of ``name``, in order (those ``... or absent``
+    only where present), each of its documented type."""
     fields = doc[name]
     assert isinstance(obj, dict), name
-    assert list(obj) == list(fields), f"{name}: fields {list(obj)} vs documented {list(fields)}"
-    for key, spec in fields.items():
-        assert type_ok(obj[key], spec), f"{name}.{key} = {obj[key]!r} is not {spec}"
+    wanted = [k for k, spec in fields.items() if k in obj or not optional(spec)]
+    assert list(obj) == wanted, f"{name}: fields {list(obj)} vs documented {wanted}"
+    for key in wanted:
+        assert type_ok(obj[key], fields[key]), f"{name}.{key} = {obj[key]!r} is not {fields[key]}"

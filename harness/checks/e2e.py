@@ -46,7 +46,7 @@ def e2e_graph(cfg: GPT2Config, positions: int, state: CheckedState, oracle_state
 
     def one(ref, kernel, output, n, nodes, diagnose_it):
         actual, expected = ref.get(state), ref.get(oracle_state)
-        p = precision_of(state, nodes)
+        p = precision_of(state, nodes, ref)
         how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref], p),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], state)))
         calls = (lambda: Call("loss_mean", output, {"value": expected, "n": positions})) if diagnose_it else None

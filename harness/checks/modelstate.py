@@ -54,8 +54,9 @@ class CheckedState(Protocol):
     def not_observed(self) -> list[str]:
         """The graph's tensors it did not produce itself (:func:`harness.graph.unobserved`)."""
 
-    def precision_of(self, nodes) -> object | None:
-        """The precision it ran ``nodes`` at (the calls that wrote one tensor), where below
+    def precision_of(self, nodes, ref=None) -> object | None:
+        """The precision it ran ``nodes`` at (the calls that wrote one tensor, ``ref`` where
+        given: a kernel may accumulate one output more coarsely than another), where below
         float32 (:class:`harness.arbiter.precision.Precision`; None: float32, whose bounds
         apply unchanged)."""
 
@@ -66,6 +67,9 @@ class CheckedState(Protocol):
     def witness_precisions(self) -> dict:
         """Kernel -> the precision the witness must noise it at, where below float32 (empty:
         the float32 witness serves)."""
+
+    def precision_lines(self) -> list[str]:
+        """What its run was seen to compute below float32, one line each (empty: float32)."""
 
 
 @runtime_checkable

@@ -16,10 +16,10 @@ from ..cores import shared
 from ..probe import span
 
 
-def precision_of(state, nodes):
-    """The precision ``state`` ran ``nodes`` at (they accumulate into one tensor), or None
-    (float32; a state that does not say, as the C and kernel ports do not)."""
-    return state.precision_of(tuple(nodes))
+def precision_of(state, nodes, ref=None):
+    """The precision ``state`` ran ``nodes`` at writing ``ref`` (they accumulate into one
+    tensor), or None (float32; a state that does not say, as the C and kernel ports do not)."""
+    return state.precision_of(tuple(nodes), ref)
 
 
 def update_precision(state):
@@ -75,7 +75,7 @@ def loss_tolerance(state, step, spread: dict, oracle):
         return None, None
     B, T = step.inputs.shape
     node = next(nd for nd in forward_nodes(step.config) if nd.kernel == "crossentropy_forward")
-    p = precision_of(state, (node,))
+    p = precision_of(state, (node,), node.arg_dict["losses"])
     base = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"], p)
     losses = np.asarray(oracle.acts["losses"], np.float64)
     mean = abs(float(losses.mean()))

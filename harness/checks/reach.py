@@ -49,7 +49,7 @@ def effect(state, cfg, variant_id: str, kernel: str, output: str, value=None):
     expected = oracle_outputs(kernel, args)
     changed = VARIANT_BY_ID[variant_id].run(kernel, {k: (v.copy() if isinstance(v, np.ndarray) else v)
                                                      for k, v in args.items()}, {"output": output}, value)
-    p = precision_of(state, (node,))
+    p = precision_of(state, (node,), node.arg_dict.get(output))
     out = expected[output]
     tol = op_tolerance(kernel, output, 1, out.size, p)
     c = compare(np.asarray(changed[output]), out, name=output, tol=tol,
@@ -100,20 +100,19 @@ def op_reach(checks) -> str | None:
             "them; a smaller one can pass): " + ", ".join(f"{op} {b:.2g} ({lab})" for op, (b, lab) in worst.items()))
 
 
+JUDGED_AT = "precision.judged-at"
+
+
 def note_reach(state, cfg, checks=()) -> None:
-    """Once per port, after its first checked step: what it was judged at and can reveal
-    (:func:`op_reach`), and :func:`below_reach`'s lines, as findings of their own (the
-    report lists them beside the hygiene's)."""
-    if not hasattr(state, "findings") or getattr(state, "_reach_noted", False):
+    """Once per port computing below float32, after its first checked step (its
+    ``precision.judged-at`` finding says it was noted): what it was judged at and can
+    reveal (:func:`op_reach`), and :func:`below_reach`'s lines, as findings of their own
+    (the report lists them beside the hygiene's)."""
+    if any(f.id == JUDGED_AT for f in state.findings) or not state.witness_precisions():
         return
     from ..ports.census import Finding
-    state._reach_noted = True
-    if not state.witness_precisions():
-        return
-    prof = getattr(getattr(state, "mixed", None), "profile", None)
-    if prof is not None:
-        state.findings.append(Finding("precision.judged-at", "judged at the precision each op ran in: "
-                                      + "; ".join(prof.lines())))
+    state.findings.append(Finding(JUDGED_AT, "judged at the precision each op ran in: "
+                                  + "; ".join(state.precision_lines())))
     line = op_reach(checks)
     if line:
         state.findings.append(Finding("precision.reach", line))

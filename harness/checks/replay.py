@@ -39,7 +39,7 @@ def replay_graph(cfg: GPT2Config, state: CheckedState, *, step: int, impl: str) 
         for o in FORWARD_OUTPUTS[node.kernel]:
             ref = node.arg_dict[o]
             if observes(ref):
-                p = precision_of(state, (node,))
+                p = precision_of(state, (node,), ref)
                 c = judge(node.kernel, o, ref.get(state), out[o], args, name=str(ref),
                           elem_scale=call_scale(node.kernel, o, args, out),
                           calls=_with_streams(node, nodes, i, args, state, has) if node.kernel == "residual_forward"
@@ -117,7 +117,7 @@ def _replay_backward(cfg: GPT2Config, state, observes, has, *, step: int, impl: 
             if last[ref] is not node or not observes(ref) or ref in skipped:
                 continue
             nodes = [nd for nd, _ in buffers[ref]]
-            p = precision_of(state, nodes)
+            p = precision_of(state, nodes, ref)
             c = judge(node.kernel, a, ref.get(state), acc.pop(ref), args, name=str(ref),
                       elem_scale=mags.pop(ref), n=nmax[ref],
                       calls=lambda: _buffer_calls(ref, nodes, state), precision=p)

@@ -236,7 +236,7 @@ class CModel:
         """The tensors of the graph the C did not produce itself: none."""
         return []
 
-    def precision_of(self, nodes) -> None:
+    def precision_of(self, nodes, ref=None) -> None:
         """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
         return None
 
@@ -247,6 +247,10 @@ class CModel:
     def witness_precisions(self) -> dict:
         """Kernel -> a precision below float32 the witness must noise it at: none."""
         return {}
+
+    def precision_lines(self) -> list[str]:
+        """What it computed below float32, one line each: nothing."""
+        return []
 
     # -- state ----------------------------------------------------------------
     @property

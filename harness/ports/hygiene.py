@@ -35,7 +35,12 @@ def hygiene(model, optimizer, hyper, cfg: GPT2Config, entries: list[Entry]) -> l
         out.append(("frozen", f"{', '.join(frozen[:3])}{' ...' if len(frozen) > 3 else ''} requires_grad=False: "
                               "no gradient, no update (the C trains every parameter)"))
     odd = sorted({str(e.param.dtype) for e in entries if e.param.dtype != torch.float32})
-    if odd:
+    if odd and set(odd) <= {"torch.bfloat16", "torch.float16"}:
+        # a mixed-precision port: a fact of the run, not an error (harness.ports.precision)
+        out.append(("dtype", f"parameters in {', '.join(odd)} (the C's are float32): each op is judged at the "
+                             "precision it ran in, and what that precision cannot reveal is said "
+                             "(precision.* findings; docs/precision.md)"))
+    elif odd:
         out.append(("dtype", f"parameters in {', '.join(odd)}, not float32 (the C computes in float32)"))
     if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
         out.append(("tf32", "TF32 / reduced-precision float32 matmul enabled (torch.backends.*.allow_tf32 or "

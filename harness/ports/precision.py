@@ -30,11 +30,22 @@ The rules (each a fact of how the op ran, not of a policy table):
 * an op's backward computes as its forward did, and its results are rounded at the
   coarser of its forward's compute and output dtypes (the gradient of a bf16 matmul's
   operand is a bf16 product, whatever dtype it is then cast to);
-* accumulation is float32 (torch's CPU kernels accumulate bf16 and fp16 reductions in float).
+* accumulation is float32 (torch's CPU kernels accumulate bf16 and fp16 reductions in
+  float), except where a kernel the port ran is known to hold its partial sums in its
+  input's dtype (:data:`ACCUMULATES_IN_INPUT`): aten's ``native_layer_norm`` on a bf16 or
+  fp16 input, whose backward sums the weight and bias gradients over the B*T rows in a
+  buffer of that dtype (torch's CPU ``LayerNormBackwardKernelImplInternal``: the
+  per-thread buffer is ``at::empty({0}, X.options())``; only the few per-thread partials
+  are added in float). Measured on torch 2.13's CPU kernel against float64: its dgamma
+  and dbeta are off by ~1 bf16 unit of their terms' size for sign-mixed terms, and by
+  u_bf16 sqrt(n) for same-signed ones, as a chain of n bf16 roundings is, where float32
+  accumulation would leave only the output's rounding. The aten op is what is observed
+  (a port writing its layer norm from elementary ops gets autograd's float-accumulated
+  sums, and float32 bounds for them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pyref.config import GPT2Config
 
@@ -49,6 +60,10 @@ MATMUL_KERNELS = ("matmul_forward", "attention_forward")
 # what torch's float32 matmul precision setting makes a float32 matmul's operands on the
 # CPU (oneDNN: 'medium' may use bf16 internally; 'high' TF32's 10 mantissa bits)
 FLOAT32_MATMUL = {"highest": "float32", "high": "tf32", "medium": "bfloat16"}
+# kernel of the graph -> (the aten op of its forward, the outputs of its backward that op's
+# CPU kernel accumulates in its input's dtype when that is bf16 or fp16): see the module's
+# docstring
+ACCUMULATES_IN_INPUT = {"layernorm_backward": ("native_layer_norm", ("dweight", "dbias"))}
 
 
 @dataclass
@@ -61,9 +76,24 @@ class Record:
     outputs: tuple[str, ...]
 
     @property
+    def name(self) -> str:
+        """The aten op's name without namespace or overload: ``native_layer_norm``."""
+        return self.op.split("::")[-1].split(".")[0]
+
+    @property
     def matmul(self) -> bool:
-        name = self.op.split("::")[-1].split(".")[0]
+        name = self.name
         return any(name == m or name.startswith(f"_{m}") or name.startswith(m) for m in MATMUL_OPS)
+
+
+def _written(node: Node, ref) -> str | None:
+    """The argument under which ``node`` writes ``ref`` (an output or an accumulated
+    gradient), or None."""
+    from pyref.protocol import FORWARD_OUTPUTS, INPLACE_ARGS
+    if ref is None:
+        return None
+    names = INPLACE_ARGS.get(node.kernel, ()) + tuple(FORWARD_OUTPUTS.get(node.kernel, ()))
+    return next((a for a in names if node.arg_dict.get(a) == ref), None)
 
 
 def _floats(x) -> tuple[str, ...]:
@@ -120,13 +150,15 @@ class Profile:
     points: dict                      # (act, layer) -> module name (Capture.points)
     params: str = "float32"           # the parameters' dtype
     state: dict = field(default_factory=dict)   # "m"/"v" -> the optimizer state's dtype
+    stepped: str | None = None        # the dtype of what the optimizer steps: the parameters' or their masters'
     matmul_setting: str = "highest"   # torch.get_float32_matmul_precision()
     loss: str = "float32"             # the loss tensor's dtype
     _of: dict = field(default_factory=dict, repr=False)
 
     # -------------------------------------------------------------- per op
-    def of(self, node: Node) -> Precision:
-        """The precision ``node`` (forward or backward) ran at."""
+    def of(self, node: Node, output: str | None = None) -> Precision:
+        """The precision ``node`` (forward or backward) ran at; writing its ``output`` where
+        named (an output its kernel accumulates in a reduced dtype, :data:`ACCUMULATES_IN_INPUT`)."""
         key = (node.kernel, node.layer, node.label)
         if key not in self._of:
             fwd = self._forward_node(node)
@@ -134,20 +166,32 @@ class Profile:
             if fwd is not node:
                 p = self._backward(node, p)
             self._of[key] = p
-        return self._of[key]
+        p = self._of[key]
+        held = self._accumulated_in(node, output)
+        return p if held is None else replace(p, accumulate=coarser(p.accumulate, held))
 
-    def of_buffer(self, nodes) -> Precision:
-        """A gradient buffer several ops accumulate into: the coarsest of theirs."""
+    def of_buffer(self, nodes, ref=None) -> Precision:
+        """A tensor (``ref``, where given) that one op wrote or several accumulated into:
+        the coarsest of their precisions writing it."""
         p = FLOAT32
         for nd in nodes:
-            p = p.joined(self.of(nd))
+            p = p.joined(self.of(nd, _written(nd, ref)))
         return p
 
     def update(self, label: str) -> Precision:
-        """AdamW's ``params``, ``m`` or ``v``: computed in the parameters' dtype from
-        pre-step values rounded to the dtype they are held in, stored in that dtype."""
-        held = self.params if label == "params" else self.state.get(label, self.params)
-        return Precision(coarser(self.params, held), held, held != "float32" or self.params != "float32")
+        """AdamW's ``params``, ``m`` or ``v``: computed in the coarsest dtype of what it reads
+        (the tensors the optimizer steps -- the parameters, or their float32 master weights --
+        and the value's own held dtype; the parameters also read m and v), from pre-step
+        values rounded to the dtypes they are held in, stored in its held dtype. float32
+        masters with float32 moments: a float32 AdamW, judged as the C's."""
+        stepped = self.stepped or self.params
+        held = stepped if label == "params" else self.state.get(label, stepped)
+        read = [stepped, held] + ([self.state.get("m", stepped), self.state.get("v", stepped)]
+                                  if label == "params" else [])
+        compute = read[0]
+        for d in read[1:]:
+            compute = coarser(compute, d)
+        return Precision(compute, held, compute != "float32")
 
     def witness(self) -> dict[str, Precision]:
         """Kernel -> the coarsest precision any of its calls ran at (the witness noises
@@ -212,10 +256,20 @@ class Profile:
             return Precision(compute, out, compute != "float32")
         return Precision(out, out, reads_params and self.params != "float32")
 
-    def _matmul_dtype(self, node: Node) -> str:
-        """The coarsest operand dtype of the aten matmuls in the module that showed the
-        node's output (its parent, for an output seen as a module's input), else in the
-        whole forward."""
+    def _accumulated_in(self, node: Node, output: str | None) -> str | None:
+        """The reduced dtype ``node``'s ``output`` is accumulated in by the kernel the port
+        ran (:data:`ACCUMULATES_IN_INPUT`: the aten op of its forward, on an input of that
+        dtype), or None (float32 accumulation)."""
+        op, outputs = ACCUMULATES_IN_INPUT.get(node.kernel, (None, ()))
+        if output not in outputs:
+            return None
+        ran = [r for r in self._records_of(self._forward_node(node), lambda r: r.name == op) if r.inputs]
+        held = [r.inputs[0] for r in ran if r.inputs[0] != "float32"]
+        return held[0] if held else None
+
+    def _records_of(self, node: Node, which) -> list[Record]:
+        """The records ``which`` selects in the module that showed forward ``node``'s output
+        (its parent, for an output seen as a module's input), else in the whole forward."""
         from pyref.protocol import FORWARD_OUTPUTS
         modules = []
         for o in FORWARD_OUTPUTS[node.kernel]:
@@ -223,9 +277,14 @@ class Profile:
             point = self.points.get((r.name, r.layer)) if r is not None else None
             if point:
                 modules.append(point.rsplit(".", 1)[0] if point.endswith(" input") else point)
-        mm = [r for r in self.records if r.matmul]
-        inside = [r for r in mm if any(r.module == m or r.module.startswith(m + ".") for m in modules)]
-        dtypes = [d for r in (inside or mm) for d in r.inputs]
+        chosen = [r for r in self.records if which(r)]
+        inside = [r for r in chosen if any(r.module == m or r.module.startswith(m + ".") for m in modules)]
+        return inside or chosen
+
+    def _matmul_dtype(self, node: Node) -> str:
+        """The coarsest operand dtype of the aten matmuls in the module that showed the
+        node's output, else in the whole forward (:meth:`_records_of`)."""
+        dtypes = [d for r in self._records_of(node, lambda r: r.matmul) for d in r.inputs]
         if not dtypes:
             return "float32"
         d = dtypes[0]
@@ -246,9 +305,12 @@ class Profile:
                 if name not in by[f"{p.label} ({p.detail})"]:
                     by[f"{p.label} ({p.detail})"].append(name)
         out = [f"{', '.join(names)}: {how}" for how, names in by.items()]
-        if self.params != "float32":
-            out.append(f"parameters held in {self.params}; optimizer state m {self.state.get('m', self.params)}, "
-                       f"v {self.state.get('v', self.params)}")
+        stepped = self.stepped or self.params
+        m, v = self.state.get("m", stepped), self.state.get("v", stepped)
+        if {self.params, stepped, *self.state.values()} != {"float32"}:
+            masters = f", stepped as {stepped} master weights" if stepped != self.params else ""
+            held = f"; optimizer state m {m}, v {v}" if self.state else ""   # known once it stepped
+            out.append(f"parameters held in {self.params}{masters}{held}")
         if self.matmul_setting != "highest":
             out.append(f"float32_matmul_precision={self.matmul_setting!r}: float32 matmuls at "
                        f"{FLOAT32_MATMUL.get(self.matmul_setting, 'float32')}")
@@ -332,11 +394,14 @@ class Mixed:
         self.scaler.step(optimizer)
         self.scaler.update()
 
-    def state_dtypes(self, optimizer, params) -> None:
-        """The optimizer state's dtypes (m: exp_avg, v: exp_avg_sq) as the step left them."""
+    def state_dtypes(self, optimizer, stepped) -> None:
+        """The dtypes of what the optimizer steps (``stepped``: the parameters or their
+        master weights) and of its state (m: exp_avg, v: exp_avg_sq) as the step left them."""
         if self.profile is None:
             return
-        for p in params:
+        if stepped and stepped[0].dtype.is_floating_point and str(stepped[0].dtype) != "torch.float64":
+            self.profile.stepped = dtype_name(stepped[0].dtype)
+        for p in stepped:
             st = optimizer.state.get(p, {})
             for key, label in (("exp_avg", "m"), ("exp_avg_sq", "v")):
                 if key in st and hasattr(st[key], "dtype"):

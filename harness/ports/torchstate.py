@@ -33,6 +33,7 @@ from .census import Census, Finding
 from .families import hugging_face
 from .hygiene import hygiene
 from .mapping import Entry, map_parameters
+from .master import master_weights, not_written_back
 from .precision import Mixed
 from .torchmodel import TorchModel, build_model, build_optimizer
 
@@ -95,6 +96,7 @@ class ModelState:
         self.capture = Capture(self.model, config)
         self.census = Census(self.model, config)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
+        self.masters = master_weights(self.optimizer, self.entries)   # id(param) -> its float32 master
         self.findings: list[Finding] = [Finding(f"hygiene.{kind}", line) for kind, line in
                                         hygiene(self.model, self.optimizer, hyper, config, self.entries)]
         self.structure: list[Finding] = []    # the last step's structural findings (the census)
@@ -121,12 +123,14 @@ class ModelState:
                 if e.param.dtype == torch.float32 and not np.array_equal(
                         back.view(np.uint32), self._model_layout(e, self.params).view(np.uint32)):
                     raise ModelError(f"{e.names[0]} did not take the C's values bit for bit")
+                if id(e.param) in self.masters:   # the float32 copy the optimizer steps: exactly the C's
+                    self.masters[id(e.param)].copy_(torch.from_numpy(self._model_layout(e, self.params)))
         self.optimizer.state.clear()
         if m is not None:
             mv = {"m": point(np.asarray(m, np.float32), param_shapes(self.config)),
                   "v": point(np.asarray(v, np.float32), param_shapes(self.config))}
             for e in self.entries:
-                self.optimizer.state[e.param] = {
+                self.optimizer.state[self._stepped(e)] = {
                     "step": torch.tensor(0.0),   # set to t - 1 by update()
                     "exp_avg": torch.from_numpy(self._model_layout(e, mv["m"]).copy()).to(self._held(e, "m")),
                     "exp_avg_sq": torch.from_numpy(self._model_layout(e, mv["v"]).copy()).to(self._held(e, "v"))}
@@ -136,10 +140,15 @@ class ModelState:
 
     def _held(self, e: Entry, label: str):
         """The dtype the optimizer holds ``label`` (m, v) in: as its last step left it
-        (harness.ports.precision), else the parameter's."""
+        (harness.ports.precision), else that of the tensor it steps."""
         prof = self.mixed.profile
         held = prof.state.get(label) if prof is not None else None
-        return getattr(self.torch, held) if held else e.param.dtype
+        return getattr(self.torch, held) if held else self._stepped(e).dtype
+
+    def _stepped(self, e: Entry):
+        """The tensor the optimizer steps for ``e``'s parameter: the parameter, or its
+        master weight (harness.ports.master)."""
+        return self.masters.get(id(e.param), e.param)
 
     def _model_layout(self, e: Entry, views: dict) -> np.ndarray:
         a = e.slot.view(views)
@@ -217,6 +226,7 @@ class ModelState:
                              "the parameters (detached, or under torch.no_grad())")
         self._loss = loss
         self.mixed.observed(cfg, self.capture, self.model, loss)
+        self.mixed.state_dtypes(self.optimizer, [self._stepped(e) for e in self.entries])
         self.mean_loss = np.float32(loss.detach().float().item())
         self._store(self.capture.values, self.acts, forward=True)
         self._derive()
@@ -319,7 +329,7 @@ class ModelState:
         torch = self.torch
         if self._mv_loaded:
             for e in self.entries:
-                self.optimizer.state[e.param]["step"] = torch.tensor(float(t - 1))
+                self.optimizer.state[self._stepped(e)]["step"] = torch.tensor(float(t - 1))
         # a parameter the loss does not depend on (the census's no-gradient finding): its
         # gradient is zero, as the C's would be, so that the update is the C's and is
         # checked as such (torch would skip it: no decay, no moment decay)
@@ -327,7 +337,10 @@ class ModelState:
             if e.param.requires_grad and e.param.grad is None:
                 e.param.grad = torch.zeros_like(e.param)
         self.mixed.step(self.optimizer)
-        self.mixed.state_dtypes(self.optimizer, [e.param for e in self.entries])
+        self.mixed.state_dtypes(self.optimizer, [self._stepped(e) for e in self.entries])
+        stale = not_written_back(self.entries, self.masters)
+        if stale:
+            raise ModelError(stale)
         shapes = param_shapes(self.config)
         if self.m_memory is None:
             self.m_memory = np.zeros(self.num_parameters, np.float32)
@@ -335,13 +348,13 @@ class ModelState:
         for key, buf in (("exp_avg", self.m_memory), ("exp_avg_sq", self.v_memory)):
             # a parameter that got no gradient is skipped by the step: no state (zeros, as
             # the C's m and v start), or the state it was loaded with
-            missing = [e.names[0] for e in self.entries if key not in self.optimizer.state.get(e.param, {})
+            missing = [e.names[0] for e in self.entries if key not in self.optimizer.state.get(self._stepped(e), {})
                        and e.param.grad is not None]
             if missing:
                 raise ModelError(f"{type(self.optimizer).__name__} keeps no {key!r} for {missing[0]}: "
                                  "its moments cannot be read as AdamW's m and v")
-            self._read(lambda e: self.optimizer.state.get(e.param, {}).get(key), point(buf, shapes))
-        self._read(lambda e: e.param, self.params)
+            self._read(lambda e: self.optimizer.state.get(self._stepped(e), {}).get(key), point(buf, shapes))
+        self._read(self._stepped, self.params)   # the masters where there are: what the next step starts from
 
     def drop_activations(self):
         """Drop the activations, their gradients and the captured tensors (the next
@@ -376,14 +389,15 @@ class ModelState:
             return None
         return self.capture.points.get((ref.name, ref.layer))
 
-    def precision_of(self, nodes) -> "Precision | None":
+    def precision_of(self, nodes, ref=None) -> "Precision | None":
         """The precision the port ran ``nodes`` at (one op, or the ops accumulating into a
-        gradient buffer), observed on its first forward (harness.ports.precision); None
-        where it ran all of them at float32 (the C's bounds apply unchanged)."""
+        gradient buffer) writing ``ref``, observed on its first forward
+        (harness.ports.precision); None where it ran all of them at float32 (the C's bounds
+        apply unchanged)."""
         prof = self.mixed.profile
         if prof is None:
             return None
-        p = prof.of_buffer(nodes)
+        p = prof.of_buffer(nodes, ref)
         return None if p.is_float32 else p
 
     def update_precision(self, label: str) -> "Precision | None":
@@ -395,6 +409,10 @@ class ModelState:
     def witness_precisions(self) -> dict:
         """Kernel -> the precision the witness must noise it at (empty: float32)."""
         return {} if self.mixed.profile is None else self.mixed.profile.witness()
+
+    def precision_lines(self) -> list[str]:
+        """What its first forward and its optimizer were seen to compute below float32."""
+        return [] if self.mixed.profile is None else self.mixed.profile.lines()
 
     def not_observed(self) -> list[str]:
         """The C's activations (and gradients) this model does not show at a module boundary."""

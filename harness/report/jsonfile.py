@@ -53,9 +53,10 @@ def _finding_json(f) -> dict:
 
 def _check_json(c) -> dict[str, Any]:
     row = c.comparison.summary_row()
-    # the precision it was judged at, where not float32 (a mixed-precision port's op)
+    # the precision it was judged at, where not float32 (a mixed-precision port's op): last,
+    # and absent at float32 (a float32 run's document is as it was)
     judged = {} if c.precision is None else {"precision": c.precision.label, "precision_detail": c.precision.detail}
-    return {**judged,
+    return {
         "impl": c.impl,
         "kind": c.kind,
         "phase": c.phase,
@@ -96,6 +97,7 @@ def _check_json(c) -> dict[str, Any]:
                 "why": row["tol_why"]},
         "diagnosis": None if getattr(c, "diagnosis", None) is None else c.diagnosis.to_json(),
         "pin": None if getattr(c, "pin", None) is None else c.pin.to_json(),
+        **judged,
     }
 
 

@@ -197,6 +197,23 @@ def test_json_versions_can_be_left_out(passing):
     json.dumps(data, allow_nan=False)
 
 
+def test_json_of_checks_judged_below_float32_matches_the_schema(passing):
+    """A mixed-precision port's check carries precision and precision_detail, last and as
+    documented; a float32 check has neither (the schema's ``or absent``)."""
+    from harness.arbiter.precision import Precision
+    p = Precision("bfloat16", "bfloat16", rounds_inputs=True)
+    s = passing.steps[0]
+    low = dataclasses.replace(s, checks=[dataclasses.replace(c, precision=p) for c in s.checks[:3]] + s.checks[3:])
+    data = R.to_json(dataclasses.replace(passing, steps=[low]))
+    doc = _documented()
+    checks = data["steps"][0]["checks"]
+    for c in checks:
+        _validate(c, "check", doc)
+    assert [list(c)[-2:] for c in checks[:3]] == [["precision", "precision_detail"]] * 3
+    assert checks[0]["precision"] == "bf16" and "float32 accumulation" in checks[0]["precision_detail"]
+    assert all("precision" not in c and "precision_detail" not in c for c in checks[3:])
+
+
 def test_json_non_finite_values_become_strings(report):
     s = report.steps[0]
     c = s.checks[1]
