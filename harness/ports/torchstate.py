@@ -92,7 +92,7 @@ class ModelState:
         self.acts = self.grads_acts = None
         self.inputs = self.targets = None
         self.mean_loss = np.float32(-1)
-        self.capture = Capture(self.model, config)
+        self.capture = Capture(self.model, config, self.entries)
         self.census = Census(self.model, config)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
         self.findings: list[Finding] = [Finding(f"hygiene.{kind}", line) for kind, line in
