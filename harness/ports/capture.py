@@ -59,9 +59,11 @@ class Capture:
                 self.points[key] = mname + (" input" if side == "in" else "")
                 self.handles.append(self._hook(module, side, key))
         modules = dict(model.named_modules())
+        self.anchored = False    # whether a module found by what it holds shows any activation
         for key, group in anchors(model, cfg, entries).items():
             if key in self.points:
                 continue
+            self.anchored = True
             side = group[0][1]
             self.points[key] = _shown(group) + (" input" if side == "in" else "")
             for k, (mname, _) in enumerate(group):
