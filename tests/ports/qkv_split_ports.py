@@ -48,6 +48,23 @@ class SelfAttention(nn.Module):
         return self.o_proj(out)
 
 
+class LetteredAttention(SelfAttention):
+    """The same attention with projections no convention names: they take a map."""
+
+    def __init__(self, dim, n_heads, max_len, causal=True):
+        super().__init__(dim, n_heads, max_len, causal)
+        self.first, self.second, self.third = self.q_proj, self.k_proj, self.v_proj
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.first, self.second, self.third))
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)).masked_fill(self.mask[:T, :T] == 0, -math.inf)
+        out = (F.softmax(scores, dim=-1) @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.o_proj(out)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim, act="tanh"):
         super().__init__()
@@ -62,10 +79,10 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, dim, n_heads, max_len, causal=True, act="tanh"):
+    def __init__(self, dim, n_heads, max_len, causal=True, act="tanh", attention=SelfAttention):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = SelfAttention(dim, n_heads, max_len, causal)
+        self.self_attn = attention(dim, n_heads, max_len, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, act)
 
@@ -75,12 +92,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, cfg, causal=True, act="tanh"):
+    def __init__(self, cfg, causal=True, act="tanh", attention=SelfAttention):
         super().__init__()
         V, T, L, H, C = _hp(cfg, "vocab_size", "max_seq_len", "num_layers", "num_heads", "channels")
         self.embed_tokens = nn.Embedding(V, C)
         self.embed_positions = nn.Embedding(T, C)
-        self.layers = nn.ModuleList([DecoderLayer(C, H, T, causal, act) for _ in range(L)])
+        self.layers = nn.ModuleList([DecoderLayer(C, H, T, causal, act, attention) for _ in range(L)])
         self.final_norm = nn.LayerNorm(C)
         self.lm_head = nn.Linear(C, V, bias=False)
         self.lm_head.weight = self.embed_tokens.weight
@@ -102,6 +119,10 @@ def no_mask(cfg):
 
 def erf_gelu(cfg):
     return DecoderLM(cfg, act="gelu")
+
+
+def lettered(cfg):
+    return DecoderLM(cfg, attention=LetteredAttention)
 
 
 # ----------------------------------------------------------------------------- names of its own
