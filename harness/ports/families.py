@@ -7,7 +7,14 @@ here; anything else takes an explicit mapping (:func:`harness.ports.mapping.pars
 * llm.c's ``train_gpt2.py`` / nanoGPT: ``transformer.h.{i}.attn.c_attn.weight``, ``nn.Linear``
   weights (out, in) as the C stores them, ``lm_head.weight`` tied to ``transformer.wte.weight``;
 * Hugging Face ``GPT2LMHeadModel``: the same names, ``Conv1D`` weights stored (in, out),
-  so transposed (:func:`transposed_module`).
+  so transposed (:func:`transposed_module`);
+* any other common convention, by a module's own name (:func:`named_role`:
+  ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``query``, ``wq``, ``fc1``/``fc2``,
+  ``w1``/``w2``, ``norm1``/``norm2``, ``embed_tokens``, ``final_norm``, ``lm_head`` ...),
+  a block being whatever the first integer of a name indexes (``layers.3``, ``blocks.3``).
+
+:data:`HOOKS` names the activations' module boundaries of the first three only; for the
+others :func:`harness.ports.capture.anchors` finds them by the parameters modules hold.
 """
 from __future__ import annotations
 
