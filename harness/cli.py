@@ -381,7 +381,9 @@ def _run_parser(sub) -> None:
                                          "(model, hyper) -> torch.optim.Optimizer, or 'configure_optimizers' "
                                          "(the model's own method); default torch.optim.AdamW with the run's settings")
     run.add_argument("--model-map", help="with --model: file.py:name of a dict or callable (param name, shape) -> "
-                                         "C tensor like 'qkvw[3]' or 'fcw[0].T', for names not recognised")
+                                         "C tensor like 'qkvw[3]', 'fcw[0].T' or rows of one, 'qkvw[0][C:2C]' "
+                                         "(a separate k projection); it adds to the recognition by name and "
+                                         "shape: the names it maps override, the rest are still recognised")
     run.add_argument("--autocast", choices=("bf16", "fp16"), help="with --model: its forward under "
                      "torch.autocast('cpu', dtype); each op is judged at the precision it is seen to run in")
     run.add_argument("--param-dtype", choices=("bf16", "fp16"), help="with --model: its parameters held in "

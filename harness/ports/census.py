@@ -2,9 +2,10 @@
 
 Hooks on every module count how often each one is called per forward and in which order;
 after the backward, which parameters received no gradient. Against GPT-2's graph (the
-module boundaries of the recognised families, :data:`.families.HOOKS`: each called once
-per forward, in the graph's order) that gives findings, each naming the module and the
-graph's op it stands for:
+module boundaries of the recognised families, :data:`.families.HOOKS`, and where a
+model's names are its own, the modules found holding the mapped parameters,
+:func:`.capture.anchors`: each called once per forward, in the graph's order) that gives
+findings, each naming the module and the graph's op it stands for:
 
 * ``structure.never-called``: a module of the graph the forward never calls (``ln_f``
   skipped, ``ln_2`` left out because ``ln_1`` feeds the MLP too);
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 from pyref.config import GPT2Config
 
+from .capture import anchors
 from .families import BLOCK
 
 # the recognised families' module boundaries, in the graph's order within a layer (or
@@ -45,6 +47,12 @@ _IN_LAYER = [(re.compile(BLOCK + r"ln_1$"), "ln1 layernorm_forward"),
 _OPTIONAL = {"gelu gelu_forward"}
 _TOP_AFTER = [(re.compile(r"(?:^|\.)ln_f$"), "lnf layernorm_forward"),
               (re.compile(r"(?:^|\.)lm_head$"), "lm_head matmul_forward")]
+# an activation that a module found by what it holds gives -> (before/in/after the layers,
+# its rank within, the graph's op it stands for)
+_ANCHOR_RANK = {"ln1": (1, 0, "ln1 layernorm_forward"), "qkv": (1, 1, "qkv matmul_forward"),
+                "attproj": (1, 2, "attproj matmul_forward"), "ln2": (1, 3, "ln2 layernorm_forward"),
+                "fch": (1, 4, "fc matmul_forward"), "fcproj": (1, 6, "fcproj matmul_forward"),
+                "lnf": (2, 0, "lnf layernorm_forward"), "logits": (2, 1, "lm_head matmul_forward")}
 # leaf modules GPT-2's graph is made of (or that compute nothing): anything else that a
 # forward calls is not in the graph
 _KNOWN_LEAVES = {"Embedding", "Linear", "LayerNorm", "Conv1D", "Dropout", "Identity", "GELU", "NewGELUActivation",
@@ -106,7 +114,7 @@ class Census:
     """Counts, per forward, every module's calls (forward pre-hooks on all of them) and
     keeps the stack of modules running, for an error's whereabouts."""
 
-    def __init__(self, model, cfg: GPT2Config):
+    def __init__(self, model, cfg: GPT2Config, entries=()):
         self.model = model
         self.cfg = cfg
         self.calls: dict[str, int] = {}
@@ -114,6 +122,7 @@ class Census:
         self.stack: list[str] = []
         self.handles = []
         self.graph = self._graph_modules(model, cfg)     # name -> (rank, graph op)
+        self._anchored(model, cfg, entries)
         for name, module in model.named_modules():
             if module is model:
                 continue
@@ -163,6 +172,22 @@ class Census:
                 if pattern.search(name) and not re.search(BLOCK, name + "."):
                     out[name] = ((2, 0, k), op)
         return out
+
+    def _anchored(self, model, cfg: GPT2Config, entries) -> None:
+        """The graph's modules found by what they hold (:func:`.capture.anchors`), for the
+        ops no recognised name stands for: the module giving an op's output (each of
+        separate q, k, v projections) stands for the op."""
+        named = {op for _, op in self.graph.values()}
+        for (act, layer), group in anchors(model, cfg, entries).items():
+            rank = _ANCHOR_RANK.get(act)
+            if rank is None or group[0][1] != "out":
+                continue
+            top, k, op = rank
+            label = op if top != 1 else f"layer {layer} {op}"
+            if label in named:
+                continue
+            for mname, _ in group:
+                self.graph.setdefault(mname, ((top, layer or 0, k), label))
 
     # ------------------------------------------------------------------ findings
     def forward_findings(self) -> list[Finding]:

@@ -7,7 +7,14 @@ here; anything else takes an explicit mapping (:func:`harness.ports.mapping.pars
 * llm.c's ``train_gpt2.py`` / nanoGPT: ``transformer.h.{i}.attn.c_attn.weight``, ``nn.Linear``
   weights (out, in) as the C stores them, ``lm_head.weight`` tied to ``transformer.wte.weight``;
 * Hugging Face ``GPT2LMHeadModel``: the same names, ``Conv1D`` weights stored (in, out),
-  so transposed (:func:`transposed_module`).
+  so transposed (:func:`transposed_module`);
+* any other common convention, by a module's own name (:func:`named_role`:
+  ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``query``, ``wq``, ``fc1``/``fc2``,
+  ``w1``/``w2``, ``norm1``/``norm2``, ``embed_tokens``, ``final_norm``, ``lm_head`` ...),
+  a block being whatever the first integer of a name indexes (``layers.3``, ``blocks.3``).
+
+:data:`HOOKS` names the activations' module boundaries of the first three only; for the
+others :func:`harness.ports.capture.anchors` finds them by the parameters modules hold.
 """
 from __future__ import annotations
 
@@ -57,3 +64,86 @@ def transposed_module(module) -> bool:
 def hugging_face(model) -> bool:
     """Whether ``model`` is Hugging Face's (its forward's labels are shifted: not the C's loss)."""
     return any(transposed_module(c) for c in model.modules()) or type(model).__module__.startswith("transformers.")
+
+
+# ----------------------------------------------------------------------------- any family, by name
+# what the common conventions call a block's modules (nanoGPT, Hugging Face's GPT-2, Llama,
+# OPT/BART, BERT, torch.nn.MultiheadAttention, minGPT, hand-written ports): a module's own
+# name -> its role; q, k, v are the row pieces of the C's qkv
+ROLE_NAMES = {
+    "ln1": ("ln_1", "ln1", "norm1", "norm_1", "input_layernorm", "attention_norm", "attn_norm", "ln_attn",
+            "self_attn_layer_norm", "layernorm_before", "norm_attn", "attn_ln"),
+    "ln2": ("ln_2", "ln2", "norm2", "norm_2", "post_attention_layernorm", "ffn_norm", "mlp_norm", "ln_mlp",
+            "layernorm_after", "norm_mlp", "mlp_ln", "ffn_layer_norm"),
+    "qkv": ("c_attn", "qkv", "qkv_proj", "in_proj", "wqkv", "query_key_value", "to_qkv", "attn_qkv"),
+    "q": ("q_proj", "query", "wq", "q", "to_q", "q_lin", "q_linear"),
+    "k": ("k_proj", "key", "wk", "k", "to_k", "k_lin", "k_linear"),
+    "v": ("v_proj", "value", "wv", "v", "to_v", "v_lin", "v_linear"),
+    "attproj": ("o_proj", "out_proj", "wo", "to_out", "out_lin", "attn_out", "o"),
+    "fc": ("c_fc", "fc1", "fc_1", "w1", "fc_in", "up_proj", "dense_h_to_4h", "lin1", "linear1", "ff1"),
+    "fcproj": ("fc2", "fc_2", "w2", "fc_out", "down_proj", "dense_4h_to_h", "lin2", "linear2", "ff2"),
+}
+# names that say "a projection" and need the enclosing module to tell attention's from the MLP's
+PROJ_NAMES = ("c_proj", "proj", "dense", "out", "output", "linear")
+ATTN_PARENTS = ("attn", "attention", "self_attn", "self_attention", "mha", "sa", "selfattention")
+MLP_PARENTS = ("mlp", "ffn", "feed_forward", "feedforward", "ff", "ffwd")
+# outside the blocks: a module's own name -> the C tensor (the head is wte itself)
+TOP_NAMES = {
+    "wte": ("wte", "embed_tokens", "tok_embeddings", "token_embedding", "tok_emb", "token_embeddings",
+            "word_embeddings", "tok_embedding", "embed_in", "embedding", "embed", "tokens", "tok"),
+    "wpe": ("wpe", "embed_positions", "pos_emb", "position_embedding", "position_embeddings", "pos_embedding",
+            "pos_embed", "positional_embedding", "pos", "positions"),
+    "lnf": ("ln_f", "final_norm", "norm_f", "final_layernorm", "final_layer_norm", "norm", "ln_final", "ln_out",
+            "lnf"),
+    "head": ("lm_head", "head", "unembed", "out_head", "output", "classifier"),
+}
+# a parameter's own name -> weight ("w") or bias ("b"); MultiheadAttention's fused in_proj
+KINDS = {"weight": "w", "bias": "b", "gamma": "w", "beta": "b", "scale": "w", "shift": "b",
+         "in_proj_weight": "w", "in_proj_bias": "b"}
+PIECES = ("q", "k", "v")
+_ROLE_OF = {n: role for role, names in ROLE_NAMES.items() for n in names}
+_TOP_OF = {n: c for c, names in TOP_NAMES.items() for n in names}
+
+
+def split_name(name: str) -> tuple[int | None, list[str], list[str], str] | None:
+    """A parameter's dotted name as (its block's index: the first integer in it, the module
+    path inside the block (or the whole path outside one), the path above the block, the
+    parameter's own name); None for a name that is not a module's weight or bias."""
+    parts = name.split(".")
+    if parts[-1] not in KINDS:
+        return None
+    path = parts[:-1]
+    for i, p in enumerate(path):
+        if p.isdigit():
+            return int(p), path[i + 1:], path[:i], parts[-1]
+    return None, path, [], parts[-1]
+
+
+def named_role(name: str) -> tuple[int | None, str, str] | None:
+    """(layer, role, "w"/"b") a parameter's name says it holds, by the common conventions
+    (:data:`ROLE_NAMES`, :data:`TOP_NAMES`; role: ``ln1``, ``q``, ``attproj``, ..., or
+    outside the blocks ``wte``, ``wpe``, ``lnf``, ``head``); None where its name does not
+    say (then its shape may: :func:`harness.ports.mapping.map_parameters`)."""
+    parsed = split_name(name)
+    if parsed is None:
+        return None
+    layer, inner, _, leaf = parsed
+    kind = KINDS[leaf]
+    if leaf.startswith("in_proj"):
+        return (layer, "qkv", kind) if layer is not None else None
+    if not inner:
+        return None
+    own = inner[-1].lower()
+    if layer is None:
+        top = _TOP_OF.get(own)
+        if top in ("wte", "wpe", "head") and kind != "w":
+            return None
+        return (None, top, kind) if top else None
+    role = _ROLE_OF.get(own)
+    if role is None and own in PROJ_NAMES:
+        above = {p.lower() for p in inner[:-1]}
+        if above & set(ATTN_PARENTS):
+            role = "attproj"
+        elif above & set(MLP_PARENTS):
+            role = "fcproj" if own in ("c_proj", "proj", "output", "out") else None
+    return (layer, role, kind) if role else None

@@ -30,6 +30,7 @@ from ..graph import Ref, forward_nodes, unobserved
 from ..arbiter.oracle import ORACLE
 from .capture import Capture
 from .census import Census, Finding
+from .finder import Finder
 from .families import hugging_face
 from .hygiene import hygiene
 from .mapping import Entry, map_parameters
@@ -40,6 +41,8 @@ from .torchmodel import TorchModel, build_model, build_optimizer
 
 # outputs no module returns but a replay needs as input: derived from the port's own inputs
 # (their rows' ``derivable`` in pyref.spec)
+# every activation (a finder for none: a port whose names are all known)
+_ALL_ACTS = type("_All", (), {"__contains__": lambda self, key: True})()
 DERIVED = {k.name: d for k in SPECS if k.returns and (d := tuple(o.name for o in k.outputs if o.derivable))}
 
 
@@ -93,8 +96,10 @@ class ModelState:
         self.acts = self.grads_acts = None
         self.inputs = self.targets = None
         self.mean_loss = np.float32(-1)
-        self.capture = Capture(self.model, config)
-        self.census = Census(self.model, config)
+        self.capture = Capture(self.model, config, self.entries)
+        self.census = Census(self.model, config, self.entries)
+        # what no module boundary shows, found by value, where the names are not all known
+        self.finder = Finder(config, set(self.capture.points) if self.capture.anchored else _ALL_ACTS)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
         self.masters = master_weights(self.optimizer, self.entries)   # id(param) -> its float32 master
         self.findings: list[Finding] = [Finding(f"hygiene.{kind}", line) for kind, line in
@@ -195,8 +200,9 @@ class ModelState:
         idx = torch.from_numpy(self.inputs.astype(np.int64))
         tgt = torch.from_numpy(self.targets.astype(np.int64))
         try:
-            with self.capture.kernel_calls(self.model, cfg):
+            with self.capture.kernel_calls(self.model, cfg), self.finder.watch(B, T):
                 logits, loss = self.mixed.forward(self.model, lambda: self._call(idx, tgt))
+            self.finder.take(self.capture)
         except ModelError:
             raise
         except Exception as e:
@@ -230,6 +236,8 @@ class ModelState:
         self.mean_loss = np.float32(loss.detach().float().item())
         self._store(self.capture.values, self.acts, forward=True)
         self._derive()
+        if self.finder.first and self.finder.find(self):
+            self._derive()
         return self.mean_loss
 
     __call__ = forward

@@ -1,0 +1,141 @@
+"""Ports whose module names are not nanoGPT's (tests/ports/qkv_split_ports.py): separate q,
+k, v projections and the OPT/Llama-style names, and a port with names of its own. Their
+parameters are placed by name, by shape, or by a map that slices the C's qkv and adds to
+the recognition; their activations are seen at the modules holding the mapped parameters
+and, for what no module shows, found by value; a planted bug is localised at its op."""
+from __future__ import annotations
+
+import pytest
+
+from harness import ModelError, TorchModel, map_parameters, run_parity
+from harness.checks.results import first_divergence_check
+from harness.ports.torchmodel import build_model
+from pyref import synth
+from pyref.config import PRESETS
+
+import model_ports as mp
+import qkv_split_ports as qs
+
+TINY = PRESETS["tiny"]
+# the graph's activations at a module boundary of a nanoGPT-named port, and their gradients
+BOUNDARY = ["encoded", "ln1", "qkv", "atty", "attproj", "residual2", "ln2", "fch", "fch_gelu", "fcproj",
+            "residual3", "lnf", "logits"]
+C = TINY.channels
+# the lettered port's q, k, v projections, mapped onto the rows of the C's qkvw (their
+# biases follow: a module's bias goes with its weight)
+LETTERS = {f"layers.{l}.self_attn.{name}.weight": f"qkvw[{l}][{rows}]" for l in range(TINY.num_layers)
+           for name, rows in (("first", "0:C"), ("second", "C:2C"), ("third", "2C:3C"))}
+
+
+def run(factory, mapping=None, steps=1):
+    return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, 2, 8), steps=steps,
+                      models={"port": TorchModel(factory, mapping=mapping)})
+
+
+def replays(report):
+    return sum(c.kind == "replay" for s in report.steps for c in s.checks if c.impl == "port")
+
+
+@pytest.fixture(scope="module")
+def nanogpt():
+    return run(mp.GPT)
+
+
+@pytest.mark.parametrize("factory, mapping", [(qs.DecoderLM, None), (qs.Pondering, qs.NORMS),
+                                              (qs.lettered, LETTERS)], ids=["split-qkv", "own-names", "lettered"])
+def test_unmodified_port_passes_with_every_activation_observed(factory, mapping, nanogpt):
+    report = run(factory, mapping, steps=2)
+    bad = [(c.tensor, c.where) for s in report.steps for c in s.checks if not c.passed]
+    assert report.passed and not bad, bad
+    unseen = set(report.not_observed["port"])
+    assert not unseen & {f"{g}.{a}" for a in BOUNDARY for g in ("acts", "grads_acts")}, unseen
+    # as much as a nanoGPT-named port shows, or more (a layer norm's mean and rstd found by value)
+    assert unseen <= set(nanogpt.not_observed["port"]) and "acts.ln1_mean" not in unseen, unseen
+    assert replays(report) >= replays(nanogpt) > 50
+
+
+def test_separate_qkv_are_the_rows_of_the_c_qkv_both_ways():
+    from harness import AdamW, ModelState
+    params = synth.init_params(TINY, seed=3)
+    state = ModelState(TINY, params, TorchModel(qs.DecoderLM), AdamW())
+    attn = state.model.layers[1].self_attn
+    for i, p in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        assert (p.weight.detach().numpy() == state.params["qkvw"][1][i * C:(i + 1) * C]).all()
+        assert (p.bias.detach().numpy() == state.params["qkvb"][1][i * C:(i + 1) * C]).all()
+    inputs, targets = next(synth.batches(TINY, 2, 8))
+    state.forward(inputs, targets)
+    state.zero_grad()
+    state.backward()
+    assert (attn.v_proj.weight.grad.numpy() == state.grads["qkvw"][1][2 * C:]).all()
+    assert (state.grads["qkvw"][1][:C] != 0).any()
+
+
+@pytest.mark.parametrize("factory, where, cause", [
+    (qs.no_mask, "layer 0 attention attention_forward", "attention.no-causal-mask"),
+    (qs.erf_gelu, "layer 0 gelu gelu_forward", "gelu.erf"),
+])
+def test_planted_bug_is_localised_at_its_op(factory, where, cause):
+    report = run(factory)
+    assert not report.passed
+    step = report.steps[0]
+    c = first_divergence_check([c for c in step.checks if c.impl == "port"])
+    assert c.kind == "replay" and c.where.startswith(where), (c.kind, c.where)
+    assert where in step.first_divergence["port"]
+    assert c.diagnosis is not None and c.diagnosis.causes[0].id == cause
+    assert "qkv_split_ports.py:" in step.first_divergence["port"]      # pinned to the port's line
+
+
+def test_a_slice_map_adds_to_the_recognition():
+    model = build_model(qs.lettered, TINY)
+    with pytest.raises(ModelError, match=r"self_attn\.first\.weight"):
+        map_parameters(model, TINY)
+    entries = {e.names[0]: str(e.slot) for e in map_parameters(model, TINY, LETTERS)}
+    assert entries["layers.1.self_attn.second.weight"] == f"qkvw[1][{C}:{2 * C}]"
+    assert entries["layers.1.self_attn.second.bias"] == f"qkvb[1][{C}:{2 * C}]"
+    assert entries["layers.0.norm2.weight"] == "ln2w[0]" and entries["final_norm.bias"] == "lnfb"
+    # a map overrides what a name says
+    swapped = {"layers.0.norm1.weight": "ln2w[0]", "layers.0.norm2.weight": "ln1w[0]"}
+    entries = {e.names[0]: str(e.slot) for e in map_parameters(build_model(qs.DecoderLM, TINY), TINY, swapped)}
+    assert entries["layers.0.norm1.weight"] == "ln2w[0]" and entries["layers.0.norm1.bias"] == "ln1b[0]"
+
+
+def test_k_and_v_rows_swapped_fail_at_the_attention():
+    wrong = dict(LETTERS)
+    for l in range(TINY.num_layers):
+        wrong[f"layers.{l}.self_attn.second.weight"] = f"qkvw[{l}][2C:3C]"
+        wrong[f"layers.{l}.self_attn.third.weight"] = f"qkvw[{l}][C:2C]"
+    report = run(qs.lettered, wrong)
+    assert not report.passed
+    assert "layer 0 attention attention_forward" in report.steps[0].first_divergence["port"]
+
+
+def test_ambiguous_and_bad_maps_are_refused_in_one_line():
+    model = build_model(qs.Pondering, TINY)
+    with pytest.raises(ModelError) as e:
+        map_parameters(model, TINY)
+    text = str(e.value)
+    assert "\n" not in text
+    assert "'trunk.0.before_mix.weight' (48,) matches no C tensor by name and by shape could be ln1w[0] or ln2w[0]" \
+        in text and "map it, e.g. {'trunk.0.before_mix.weight': 'ln1w[0]'}" in text, text
+    # two parameters on the same rows; rows left uncovered
+    overlap = dict(LETTERS, **{"layers.0.self_attn.third.weight": "qkvw[0][C:2C]"})
+    with pytest.raises(ModelError, match=r"both hold qkvw\[0\]\[48:96\].*missing: no parameter holds "
+                                         r"qkvw\[0\]\[96:144\]"):
+        map_parameters(build_model(qs.lettered, TINY), TINY, overlap)
+    with pytest.raises(ModelError, match="slice bound 'D'"):
+        map_parameters(build_model(qs.lettered, TINY), TINY, {"layers.0.self_attn.first.weight": "qkvw[0][0:D]"})
+
+
+def test_census_names_modules_found_by_what_they_hold():
+    """A block whose norm2 is skipped (norm1 feeds the MLP too): never called, by its name
+    found from the parameter it holds, not from a family's name."""
+    from harness import AdamW, ModelState
+    state = ModelState(TINY, synth.init_params(TINY, seed=0), TorchModel(qs.DecoderLM), AdamW())
+    layer = state.model.layers[1]
+    layer.norm2.forward = lambda x: x      # noqa: E731  (an instance attribute: the hooks still see a call)
+    layer.forward = lambda x: (lambda h: h + layer.ffn(layer.norm1(h)))(x + layer.self_attn(layer.norm1(x)))
+    inputs, targets = next(synth.batches(TINY, 2, 8))
+    state.forward(inputs, targets)
+    found = {(f.id, f.module, f.where) for f in state.structure}
+    assert ("structure.never-called", "layers.1.norm2", "layer 1 ln2 layernorm_forward") in found, found
+    assert ("structure.called-more", "layers.1.norm1", "layer 1 ln1 layernorm_forward") in found, found
