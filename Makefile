@@ -1,6 +1,9 @@
 # llmc-parity: build the C reference, set up the Python side, run the checks.
 #   make parity    C vs Python references on the built-in tiny model, per step
-#   make test      the whole test suite (creates .venv and builds the library first)
+#   make test      the fast test suite (creates .venv and builds the library first): every
+#                  test but those marked slow; SLOW=1 runs those too
+#   make test-slow the slow tests alone (long statistics, many processes, variant builds,
+#                  a wheel install): CI (.ci/run) runs them after make test
 #   make lib       build/libtrain_gpt2.so; LLMC_SRC=path/to/train_gpt2.c builds another source
 #   make gate      the numerical drift gate against baselines/gate.json
 #   make bench     speed and memory at GPT-2 124M scale, and a one-step check at GPT-2 medium's
@@ -21,13 +24,18 @@ LIB      ?= build/libtrain_gpt2.so
 CFLAGS   ?= -O3
 NO_OMP   ?=
 PYTEST_ARGS ?=
+# make test leaves out the tests marked slow (pyproject.toml's markers) unless SLOW=1
+SLOW ?=
+TEST_MARK := $(if $(SLOW),,-m 'not slow')
 # pytest-xdist with one worker per core where there is more than one: on this project's
-# 2-core machine the suite takes 3 min instead of ~5 (XDIST= runs it serially)
+# 2-core machine make test (1,712 tests) took 2 min 47 s at a load of 2-3, make test-slow (39
+# tests, two of them ten minutes each) 13 min 40 s at a load of 5-8
+# (XDIST= runs them serially)
 XDIST ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 1 ] && echo "-n $$n")
 
 OMP_FLAG := $(if $(NO_OMP),--no-openmp,)
 
-.PHONY: all lib venv test parity gate gate-update bench fuzz sanitize variants calibrate train_gpt2 clean
+.PHONY: all lib venv test test-slow parity gate gate-update bench fuzz sanitize variants calibrate train_gpt2 clean
 
 all: lib
 
@@ -43,8 +51,14 @@ venv: $(VENV)/.installed
 lib:
 	$(PYTHON) -m harness.clib.build --src '$(LLMC_SRC)' --out '$(LIB)' --cflags='$(CFLAGS)' $(OMP_FLAG)
 
+# pytest's exit status 5 is "no tests collected": a run that checked nothing fails, saying so
+NOTHING_RAN = { rc=$$?; [ $$rc -ne 5 ] || echo "make $@: pytest collected no tests (marker or -k selects nothing?)" >&2; exit $$rc; }
+
 test: venv lib
-	LLMC_LIB='$(abspath $(LIB))' $(VPY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	LLMC_LIB='$(abspath $(LIB))' $(VPY) -m pytest $(XDIST) $(TEST_MARK) $(PYTEST_ARGS) || $(NOTHING_RAN)
+
+test-slow: venv lib
+	LLMC_LIB='$(abspath $(LIB))' $(VPY) -m pytest $(XDIST) -m slow $(PYTEST_ARGS) || $(NOTHING_RAN)
 
 parity: venv lib
 	LLMC_LIB='$(abspath $(LIB))' $(VENV)/bin/llmc-parity run $(ARGS)
@@ -75,7 +89,7 @@ sanitize: venv
 	    LSAN_OPTIONS=suppressions=$(abspath tests/lsan-python.supp):print_suppressions=0 \
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    $(VPY) -m pytest -p no:cacheprovider -q tests/binding/test_binding.py tests/ops/test_ops.py \
-	    tests/checks/test_model_parity.py tests/binding/test_hostile.py tests/binding/test_determinism.py $(PYTEST_ARGS)
+	    tests/checks/test_model_parity.py tests/binding/test_hostile_*.py tests/binding/test_determinism.py $(PYTEST_ARGS)
 
 # the non-slow suite against every legitimate build and several OpenMP thread counts: a
 # test that assumes how the library was built fails here before it reaches a user

@@ -209,6 +209,10 @@ def _heldout(bugs):
     return {r[0] for r in rows if not r[2]}, unnamed, wrong
 
 
+# slow: a batch is some twenty model runs (about 130 in all, seven minutes of the suite on
+# two busy cores); test_port_bug_is_caught_localised_and_named keeps one run per kind of
+# mistake in the fast suite, and CI (make test-slow) runs every batch
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", list(HELDOUT))
 def test_earlier_heldout_batches_are_now_named(batch):
     unlocalised, unnamed, wrong = _heldout(getattr(ho, batch, None) or getattr(h4, batch))

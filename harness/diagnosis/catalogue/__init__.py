@@ -8,7 +8,7 @@ Each :class:`~..engine.Variant` is one op under one change: a float64 function p
 one-line description. A new diagnosis is a few lines in its family's module, e.g.
 ``Variant("layernorm.eps=1e-3", "layernorm", ("layernorm_forward",),
 "layernorm's eps is 1e-3 instead of 1e-5", _ln_eps(1e-3))`` in its ``VARIANTS``, and a
-port of the change in tests/diagnosis/test_diagnose.py that shows the check names it.
+port of the change in tests/diagnosis/test_diagnose_layernorm.py that shows the check names it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,102 @@
+"""AdamW's changes: no bias correction, the step off by one, eps inside the square root, L2
+for decoupled decay, another decay or betas, decay without the learning rate, no decay of
+the 1-D parameters; and a Python port diagnosed through a training step's update.
+
+Each test module shows, for one family of harness.diagnosis.CATALOGUE (one module of
+harness/diagnosis/catalogue), that a float32 port carrying a variant's change, and an edit of
+llmc/train_gpt2.c carrying it, fail their check and are diagnosed with exactly that cause;
+tests/diagnosis/diagnose_common.py holds what they share.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diagnose_common import (F, assert_c_edit_diagnosed, assert_diagnosed,  # noqa: F401 - c_mutants is a fixture
+                             c_cases, c_mutants, failures, gelu_erf_fwd, overwrite, port_cases, port_with, tiny_run)
+
+from pyref import numpy_kernels as nk
+from pyref.cases import SHAPE_BY_NAME
+from pyref.config import PRESETS, param_shapes
+from pyref.protocol import KernelSet
+from pyref.spec import SPEC
+
+
+# ----------------------------------------------------------------------------- ports
+
+def _one_d_of_tiny():
+    """Which of the tiny preset's parameters are biases or layernorm gains (by name)."""
+    parts = [np.full(int(np.prod(s)), name.endswith("b") or name.startswith("ln"))
+             for name, s in param_shapes(PRESETS["tiny"]).items()]
+    return np.concatenate(parts)
+
+
+def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None, betas=None,
+               skip_1d=False, decay_without_lr=False):
+    def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
+        b1, b2 = (F(x) for x in (betas or (beta1, beta2)))
+        decay = np.full(param.shape, F(weight_decay if wd is None else wd))
+        if skip_1d:
+            decay[_one_d_of_tiny()] = 0
+        g = grad + decay * param if l2 else grad
+        m[...] = b1 * m + (F(1) - b1) * g
+        v[...] = b2 * v + (F(1) - b2) * g * g
+        step = t + dt
+        m_hat = m / (F(1) - b1 ** step) if bias_correction else m
+        v_hat = v / (F(1) - b2 ** step) if bias_correction else v
+        den = np.sqrt(v_hat + F(eps)) if eps_in_sqrt else np.sqrt(v_hat) + F(eps)
+        if decay_without_lr:       # param *= 1 - wd, then the step
+            param *= F(1) - decay
+            param -= F(lr) * (m_hat / den)
+            return
+        param -= F(lr) * (m_hat / den + (F(0) if l2 else decay * param))
+    return adamw
+
+
+# variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
+# applies to where the per-op inputs can show it
+PORTS = {
+    "adamw.no-bias-correction": [("adamw", adamw_port(bias_correction=False))],
+    "adamw.step+1": [("adamw", adamw_port(dt=+1))],
+    "adamw.step-1": [("adamw", adamw_port(dt=-1))],
+    "adamw.eps-in-sqrt": [("adamw", adamw_port(eps_in_sqrt=True))],
+    "adamw.l2": [("adamw", adamw_port(l2=True))],
+    "adamw.weight-decay=0.01": [("adamw", adamw_port(wd=0.01))],
+    "adamw.weight-decay-without-lr": [("adamw", adamw_port(decay_without_lr=True))],     # BUGS6
+    "adamw.no-decay-1d": [("adamw", adamw_port(skip_1d=True))],
+    "adamw.betas=(0.9,0.95)": [("adamw", adamw_port(betas=(0.9, 0.95)))],
+}
+
+
+@pytest.mark.parametrize("variant_id, kernel, port, shape", port_cases(PORTS))
+def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, shape):
+    assert_diagnosed(failures(port_with(kernel, port), kernel, SHAPE_BY_NAME[shape]), variant_id)
+
+
+# ----------------------------------------------------------------------------- a training step
+
+@pytest.mark.parametrize("adamw, cause", [(adamw_port(l2=True), "adamw.l2"),
+                                          (adamw_port(skip_1d=True), "adamw.no-decay-1d")])
+def test_a_python_port_is_diagnosed_in_a_training_step(adamw, cause):
+    """Replay (forward and an accumulated gradient) and update of a Python model."""
+    funcs = {name: getattr(nk, name) for name in SPEC}
+    funcs.update(gelu_forward=gelu_erf_fwd, layernorm_backward=overwrite("layernorm_backward", "dinp"),
+                 adamw=adamw)
+    report = tiny_run(impls={"port": KernelSet(funcs, name="port")})
+    failed = [c for s in report.steps for c in s.checks if c.impl == "port" and not c.passed
+              and c.kind in ("replay", "update")]
+    assert {c.diagnosis.ids for c in failed} == {("gelu.erf",), ("backward.overwrite",), (cause,)}
+    assert all(c.diagnosis is None for s in report.steps for c in s.checks if c.impl == "C")
+    over = next(c for c in failed if c.diagnosis.ids == ("backward.overwrite",))
+    assert "layernorm_backward" in over.diagnosis.causes[0].where
+    if cause == "adamw.no-decay-1d":     # only the biases and gains are off
+        shapes = param_shapes(PRESETS["tiny"])
+        off = {c.tensor.split(".")[1].split(" ")[0] for c in failed if c.kind == "update"}
+        assert off == {n for n in shapes if n.endswith("b") or n.startswith("ln")}
+
+
+# ----------------------------------------------------------------------------- the C, edited
+
+@pytest.mark.parametrize("variant_id, func", c_cases("adamw"))
+def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
+    assert_c_edit_diagnosed(c_mutants, variant_id, func)

@@ -1,0 +1,68 @@
+"""The embedding's changes: positions shifted, reversed or counted over the batch, no wpe or
+no wte, a product for a sum, the table scaled.
+
+Each test module shows, for one family of harness.diagnosis.CATALOGUE (one module of
+harness/diagnosis/catalogue), that a float32 port carrying a variant's change, and an edit of
+llmc/train_gpt2.c carrying it, fail their check and are diagnosed with exactly that cause;
+tests/diagnosis/diagnose_common.py holds what they share.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from diagnose_common import (F, assert_c_edit_diagnosed, assert_diagnosed,  # noqa: F401 - c_mutants is a fixture
+                             c_cases, c_mutants, failures, port_cases, port_with)
+
+from pyref.cases import SHAPE_BY_NAME
+
+
+# ----------------------------------------------------------------------------- ports
+
+def encoder_product(inp, wte, wpe):
+    return wte[inp] * wpe[:inp.shape[1]]
+
+
+def encoder_flat_positions(inp, wte, wpe):
+    """Positions counted over the flattened batch: wpe[(b*T + t) % maxT]."""
+    B, T = inp.shape
+    return wte[inp] + wpe[np.arange(B * T).reshape(B, T) % wpe.shape[0]]
+
+
+def encoder_port(shift=0, wte=True, wpe=True, reverse=False, wte_scale=None):
+    def encoder_forward(inp, wte_, wpe_):
+        T = inp.shape[1]
+        out = np.zeros(inp.shape + (wte_.shape[1],), F)
+        if wte:
+            out = out + (wte_[inp] * F(wte_scale) if wte_scale else wte_[inp])
+        if wpe:
+            out = out + wpe_[(np.arange(T) + shift)[::-1] if reverse else np.arange(T) + shift]
+        return out
+    return encoder_forward
+
+
+# variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
+# applies to where the per-op inputs can show it
+PORTS = {
+    "embedding.product": [("encoder_forward", encoder_product)],
+    "embedding.positions": [("encoder_forward", encoder_port(reverse=True)),
+                            ("encoder_forward", encoder_flat_positions)],
+    "embedding.table-scale": [("encoder_forward", encoder_port(wte_scale=math.sqrt(32)))],
+    "embedding.position-shift": [("encoder_forward", encoder_port(shift=1))],
+    "embedding.no-wpe": [("encoder_forward", encoder_port(wpe=False))],
+    "embedding.no-wte": [("encoder_forward", encoder_port(wte=False))],
+}
+
+
+@pytest.mark.parametrize("variant_id, kernel, port, shape", port_cases(PORTS))
+def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, shape):
+    assert_diagnosed(failures(port_with(kernel, port), kernel, SHAPE_BY_NAME[shape]), variant_id)
+
+
+# ----------------------------------------------------------------------------- the C, edited
+
+@pytest.mark.parametrize("variant_id, func", c_cases("embedding"))
+def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
+    assert_c_edit_diagnosed(c_mutants, variant_id, func)

@@ -1,0 +1,52 @@
+"""The generic changes tried last (the catalogue's output module): a constant factor or offset
+on any op's output.
+
+Each test module shows, for one family of harness.diagnosis.CATALOGUE (one module of
+harness/diagnosis/catalogue), that a float32 port carrying a variant's change, and an edit of
+llmc/train_gpt2.c carrying it, fail their check and are diagnosed with exactly that cause;
+tests/diagnosis/diagnose_common.py holds what they share.
+"""
+from __future__ import annotations
+
+import pytest
+
+from diagnose_common import (F, assert_c_edit_diagnosed, assert_diagnosed,  # noqa: F401 - c_mutants is a fixture
+                             c_cases, c_mutants, failures, port_cases, port_with)
+
+from pyref import numpy_kernels as nk
+from pyref.cases import SHAPE_BY_NAME
+
+
+# ----------------------------------------------------------------------------- ports
+
+def scaled_port(kernel, factor=1.0, offset=0.0):
+    """Any forward kernel with a constant factor or offset on its (first) output."""
+    f = getattr(nk, kernel)
+
+    def port(*args):
+        out = f(*args)
+        first = out[0] if isinstance(out, tuple) else out
+        first = (first * F(factor) + F(offset)).astype(F)
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+    return port
+
+
+# variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
+# applies to where the per-op inputs can show it
+PORTS = {
+    "output.scale": [(k, scaled_port(k, factor=1.001)) for k in ("layernorm_forward", "matmul_forward",
+                                                                "gelu_forward", "softmax_forward")],
+    "output.offset": [(k, scaled_port(k, offset=0.01)) for k in ("matmul_forward", "gelu_forward")],
+}
+
+
+@pytest.mark.parametrize("variant_id, kernel, port, shape", port_cases(PORTS))
+def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, shape):
+    assert_diagnosed(failures(port_with(kernel, port), kernel, SHAPE_BY_NAME[shape]), variant_id)
+
+
+# ----------------------------------------------------------------------------- the C, edited
+
+@pytest.mark.parametrize("variant_id, func", c_cases("output"))
+def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
+    assert_c_edit_diagnosed(c_mutants, variant_id, func)
