@@ -20,7 +20,46 @@ from .config import LLMC_MAIN, AdamW, GPT2Config, act_shapes, check_tokens, flat
 from .protocol import KernelSet, kernel_set
 
 
-class GPT2:
+class ComputesEverything:
+    """What a harness reads of a model state that computes every tensor of the graph itself,
+    in float32 (or float64) throughout (:class:`harness.checks.modelstate.CheckedState`):
+    the C's model and :class:`GPT2` say so by inheriting this; a torch port answers these
+    from what it was seen to do."""
+
+    def observes(self, ref) -> bool:
+        """Whether this model produced tensor ``ref`` itself: every one."""
+        return True
+
+    def has(self, ref) -> bool:
+        """Whether it holds a value of ``ref`` (a replay's input): every one."""
+        return True
+
+    def module_of(self, ref) -> None:
+        """The module that showed ``ref``: none (no modules)."""
+        return None
+
+    def not_observed(self) -> list[str]:
+        """The tensors of the graph it did not produce itself: none."""
+        return []
+
+    def precision_of(self, nodes, ref=None) -> None:
+        """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
+        return None
+
+    def update_precision(self, label: str) -> None:
+        """The precision of its AdamW's ``params``/``m``/``v`` below float32: none."""
+        return None
+
+    def witness_precisions(self) -> dict:
+        """Kernel -> a precision below float32 the witness must noise it at: none."""
+        return {}
+
+    def precision_lines(self) -> list[str]:
+        """What it computed below float32, one line each: nothing."""
+        return []
+
+
+class GPT2(ComputesEverything):
     """llm.c's ``GPT2`` struct and its four functions, on a protocol KernelSet.
 
     ``params``: a flat array of ``config.num_parameters()`` values (checkpoint order) or a
@@ -98,41 +137,6 @@ class GPT2:
                 if getattr(self, name) is None:
                     setattr(self, name, np.zeros(self.num_parameters, self.dtype))
                 getattr(self, name)[...] = self._flat(name, x)
-
-    # ------------------------------------------------------------------ what was seen
-    # what a harness reads of any model state (harness.checks.modelstate): this model
-    # computes every tensor of the graph itself, in its buffers
-    def observes(self, ref) -> bool:
-        """Whether this model produced tensor ``ref`` itself: every one."""
-        return True
-
-    def has(self, ref) -> bool:
-        """Whether it holds a value of ``ref`` (a replay's input): every one."""
-        return True
-
-    def module_of(self, ref) -> None:
-        """The module that showed ``ref``: none (no modules, kernels)."""
-        return None
-
-    def not_observed(self) -> list[str]:
-        """The tensors of the graph it did not produce itself: none."""
-        return []
-
-    def precision_of(self, nodes, ref=None) -> None:
-        """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
-        return None
-
-    def update_precision(self, label: str) -> None:
-        """The precision of its AdamW's ``params``/``m``/``v`` below float32: none."""
-        return None
-
-    def witness_precisions(self) -> dict:
-        """Kernel -> a precision below float32 the witness must noise it at: none."""
-        return {}
-
-    def precision_lines(self) -> list[str]:
-        """What it computed below float32, one line each: nothing."""
-        return []
 
     # ------------------------------------------------------------------ forward
     def _take_batch(self, inputs, targets):

@@ -21,6 +21,8 @@ import numpy as np
 from pyref.config import (ACT_NAMES, LLMC_MAIN, PARAM_NAMES, GPT2Config, ParamsError, act_shapes,
                           check_tokens, flat_params, layout, param_shapes)
 
+from pyref.model import ComputesEverything
+
 from .library import INT_MAX, Library, LlmcInputError, _fits_int, as_library, ffi
 
 
@@ -56,8 +58,9 @@ def _physical_memory() -> int:
         return 1 << 62
 
 
-class CModel:
-    """A GPT2 struct of the bound library, driven from Python."""
+class CModel(ComputesEverything):
+    """A GPT2 struct of the bound library, driven from Python. What the checks read of it
+    (:class:`pyref.model.ComputesEverything`): the C computes every tensor, in float32."""
 
     def __init__(self, owner: _Owner, config: GPT2Config):
         self._owner: _Owner | None = owner
@@ -218,39 +221,6 @@ class CModel:
                 raise LlmcInputError(f"{k} must be finite, got {v}")
         with self.lib.num_threads(threads):
             self.lib.lib.gpt2_update(s, learning_rate, beta1, beta2, eps, weight_decay, int(t))
-
-    # -- what was seen (harness.checks.modelstate.CheckedState) ---------------------
-    def observes(self, ref) -> bool:
-        """Whether the C produced tensor ``ref`` itself: every one (it is the reference)."""
-        return True
-
-    def has(self, ref) -> bool:
-        """Whether the C holds a value of ``ref`` (a replay's input): every one."""
-        return True
-
-    def module_of(self, ref) -> None:
-        """The module that showed ``ref``: none (a torch model's notion)."""
-        return None
-
-    def not_observed(self) -> list[str]:
-        """The tensors of the graph the C did not produce itself: none."""
-        return []
-
-    def precision_of(self, nodes, ref=None) -> None:
-        """The precision it ran ``nodes`` at below float32: none (float32 throughout)."""
-        return None
-
-    def update_precision(self, label: str) -> None:
-        """The precision of its AdamW's ``params``/``m``/``v`` below float32: none."""
-        return None
-
-    def witness_precisions(self) -> dict:
-        """Kernel -> a precision below float32 the witness must noise it at: none."""
-        return {}
-
-    def precision_lines(self) -> list[str]:
-        """What it computed below float32, one line each: nothing."""
-        return []
 
     # -- state ----------------------------------------------------------------
     @property
