@@ -80,24 +80,32 @@ def below_reach(state, cfg) -> list[tuple[str, str]]:
     return out
 
 
-def op_reach(checks) -> str | None:
-    """One line: per op of the graph judged below float32, the smallest change of its
-    scale its checks reveal (the largest of their norm-wise bounds: the weakest check of
-    the op), replay checks where there are, else end-to-end."""
-    judged = [c for c in checks if c.precision is not None and c.kind in ("replay", "e2e")]
-    kind = "replay" if any(c.kind == "replay" for c in judged) else "e2e"
+def reach_key(check) -> str:
+    """The op a check's reach is stated for: the graph's last call writing its tensor
+    (``layer 0 ln1`` is ``ln1``), or the tensor itself (``mean_loss``)."""
+    return check.nodes[-1].label if check.nodes else check.base
+
+
+def op_reach(checks) -> tuple[str, dict] | None:
+    """One line, and the same as data (``{"kind": "replay"|"e2e", "reach": {op: bound}}``):
+    for a port judged below float32, per op of the graph, the smallest change of its scale
+    its checks reveal (the largest of their norm-wise bounds: the weakest check of the op),
+    replay checks where there are, else end-to-end; and the mean loss's. Every op is
+    stated, those computed in float32 too: their end-to-end bounds carry the noise of the
+    coarser ops upstream, so a change of them (or of the loss) can pass as well."""
+    kind = "replay" if any(c.kind == "replay" for c in checks) else "e2e"
     worst: dict[str, tuple[float, str]] = {}
-    for c in judged:
-        if c.kind != kind:
+    for c in checks:
+        if c.kind not in (kind, "loss"):
             continue
-        op = c.nodes[-1].label if c.nodes else c.base
-        bound = reach(c.comparison.tol)
+        op, bound = reach_key(c), reach(c.comparison.tol)
         if op not in worst or bound > worst[op][0]:
-            worst[op] = (bound, c.precision.label)
+            worst[op] = (bound, "float32" if c.precision is None else c.precision.label)
     if not worst:
         return None
-    return (f"what its {kind} checks can reveal below float32 (the smallest change of an op's scale that fails "
+    line = (f"what its {kind} checks can reveal below float32 (the smallest change of an op's scale that fails "
             "them; a smaller one can pass): " + ", ".join(f"{op} {b:.2g} ({lab})" for op, (b, lab) in worst.items()))
+    return line, {"kind": kind, "reach": {op: b for op, (b, _) in worst.items()}}
 
 
 JUDGED_AT = "precision.judged-at"
@@ -113,7 +121,7 @@ def note_reach(state, cfg, checks=()) -> None:
     from ..ports.census import Finding
     state.findings.append(Finding(JUDGED_AT, "judged at the precision each op ran in: "
                                   + "; ".join(state.precision_lines())))
-    line = op_reach(checks)
-    if line:
-        state.findings.append(Finding("precision.reach", line))
+    stated = op_reach(checks)
+    if stated:
+        state.findings.append(Finding("precision.reach", stated[0], values=stated[1]))
     state.findings.extend(Finding(kind, line) for kind, line in below_reach(state, cfg))
