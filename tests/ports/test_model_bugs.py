@@ -24,6 +24,7 @@ from pyref.config import PRESETS
 
 import heldout_baddbmm as h4
 import heldout_einsum_sdpa as ho
+import heldout_qkv as h5
 import model_ports as mp
 
 TINY = PRESETS["tiny"]
@@ -245,6 +246,56 @@ def test_heldout6_first_run_is_recorded():
     assert HELDOUT6_UNNAMED | HELDOUT6_UNLOCALISED <= set(h4.BUGS6) and set(HELDOUT6_WRONG) <= HELDOUT6_UNNAMED
     assert (named, localised, wrong) == (n - len(HELDOUT6_UNNAMED), n - len(HELDOUT6_UNLOCALISED),
                                          len(HELDOUT6_WRONG))
+
+
+# ----------------------------------------------------------------------------- BUGS7 (issue 30)
+
+# The fifth model's batch (tests/ports/heldout_qkv.py: separate to_q/to_k/to_v/to_out, names
+# of its own, everything written by hand), scored as written before it ran: caught (the run
+# fails), localised (the first divergence's text holds the place expected), pinned (the
+# first divergence's Check.pin, its first line, is the line of heldout_qkv.py holding the
+# mistake; no pin is not pinned), named (the explanation's first cause's id starts with
+# the id expected; a bug expecting None cannot be named, and any cause it is given is a
+# wrong one), error lines (a step's errors, or the run raising).
+
+def pin_of(report, impl="port"):
+    """The first divergence's pin (harness.ports.record.Pin), or None."""
+    c = first_divergence_check([c for c in report.steps[0].checks if c.impl == impl])
+    return None if c is None else c.pin
+
+
+def on_line(pin, text, module) -> bool:
+    """Whether ``pin``'s line is the line of ``module``'s source holding ``text``."""
+    from pathlib import Path
+    return (pin is not None and Path(pin.file).resolve() == Path(module.__file__).resolve()
+            and pin.line == module.line_of(text))
+
+
+def heldout7_row(name, bugs=None, module=h5):
+    """One bug of BUGS7 run once and scored (the rules above), with what the harness said."""
+    factory, where, cause, line = (bugs or module.BUGS7)[name]
+    try:
+        report = run_bug(factory)
+    except Exception as e:      # an error line: scored as such, not raised
+        return dict(name=name, caught=False, localised=False, pinned=False, named=False, wrong=None,
+                    errors=[f"{type(e).__name__}: {e}"], text="", causes=[], pin=None)
+    text, causes = explanation(report)
+    pin = pin_of(report)
+    named = cause is not None and bool(causes) and causes[0][0].startswith(cause)
+    return dict(name=name, caught=not report.passed, localised=where in text, pinned=on_line(pin, line, module),
+                named=named, wrong=causes[0][0] if causes and not named else None,
+                errors=[e for s in report.steps for e in s.errors.values()], text=text, causes=causes,
+                pin=None if pin is None else pin.describe())
+
+
+def test_heldout7_lines_are_each_on_one_line_of_the_port():
+    """Every BUGS7 mistake quotes a line that is in heldout_qkv.py once (so a pin can be
+    checked against it), and a line that is not there is refused."""
+    assert len(h5.BUGS7) == 25
+    lines = {h5.line_of(v[3]) for v in h5.BUGS7.values()}
+    assert len(lines) == 25
+    with pytest.raises(ValueError, match="on 0 lines"):
+        h5.line_of("x = x + 1  # not in the file")
 
 
 # ----------------------------------------------------------------------------- bad input
