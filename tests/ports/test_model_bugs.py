@@ -8,12 +8,15 @@ structural census's finding) the right cause, with the fitted constant where the
 The unmodified ports have no finding and no diagnosis (tests/ports/test_models.py runs them ten
 steps). tests/ports/heldout_einsum_sdpa.py has two more models and tests/ports/heldout_baddbmm.py a fourth, each
 written differently, with other mistakes of the same kinds in batches run once untuned
-before the catalogue learnt from them: FIRST_RUNS records each batch's first run, and
-test_heldout6_first_run_is_recorded the latest's.
+before the catalogue learnt from them: FIRST_RUNS records each batch's first run.
+tests/ports/heldout_qkv.py has a fifth (separate q/k/v projections, names of its own) and
+BUGS7, whose first run (test_heldout7_first_run_is_recorded) also counts the failures pinned
+to the mistake's line of the port.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 
@@ -24,6 +27,7 @@ from pyref.config import PRESETS
 
 import heldout_baddbmm as h4
 import heldout_einsum_sdpa as ho
+import heldout_qkv as h5
 import model_ports as mp
 
 TINY = PRESETS["tiny"]
@@ -171,12 +175,31 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
 # attention.layout, attention.qkv-order, attention.masking, layernorm.axis, a wider
 # gelu.cubic-constant, adamw.weight-decay-without-lr, and the census's out-of-order findings
 # listed in the graph's order (so all six are now regression tests, no longer held out).
-# BUGS6's first run is the latest held-out rate: 78% named, 96% localised, every one
-# caught, no error line, no wrong cause.
+# BUGS6's first run: 78% named, 96% localised, every one caught, no error line, no wrong cause.
+#   BUGS7 25/25, 25/25, 21/25, pinned 9/25   (a fifth model, tests/ports/heldout_qkv.py, issue 30's
+#                                measurement: see HELDOUT7_* below; it is the latest held-out
+#                                rate, and its misses are not yet in the catalogue)
 HELDOUT = {"BUGS": set(), "BUGS2": set(), "BUGS3": set(), "BUGS4": set(), "BUGS5": set(), "BUGS6": set()}
-# the first runs, as data: batch -> (bugs, caught, localised, named, named a wrong cause)
-FIRST_RUNS = {"BUGS": (18, 18, 18, 16, 0), "BUGS2": (16, 16, 15, 10, 0), "BUGS3": (14, 14, 13, 11, 0),
-              "BUGS4": (15, 15, 14, 9, 0), "BUGS5": (22, 22, 21, 16, 2), "BUGS6": (27, 27, 26, 21, 0)}
+
+
+class FirstRun(NamedTuple):
+    """A held-out batch's first run, as counts: pinned (the first divergence's line of the
+    port is the mistake's) is counted from BUGS7 on (None: the pin did not exist yet);
+    every batch so far ran with no error line."""
+
+    bugs: int
+    caught: int
+    localised: int
+    named: int
+    wrong: int          # named a wrong cause
+    pinned: int | None = None
+
+
+# the first runs, as data
+FIRST_RUNS = {"BUGS": FirstRun(18, 18, 18, 16, 0), "BUGS2": FirstRun(16, 16, 15, 10, 0),
+              "BUGS3": FirstRun(14, 14, 13, 11, 0), "BUGS4": FirstRun(15, 15, 14, 9, 0),
+              "BUGS5": FirstRun(22, 22, 21, 16, 2), "BUGS6": FirstRun(27, 27, 26, 21, 0),
+              "BUGS7": FirstRun(25, 25, 25, 21, 2, pinned=9)}
 # BUGS5, as it first ran (untuned; tests/ports/test_model_bugs.py asserted it so at the commit
 # that recorded it): not named (two of them with a wrong cause, the others no known cause),
 # and not localised where it was expected
@@ -225,7 +248,7 @@ def test_heldout_first_run_is_recorded():
     error line, 21 of 22 localised where expected, 16 of 22 named (73%, below the 90% aimed
     at), two of the others with a wrong cause. The record is the misses' names; the batch
     itself is now a regression batch (test_earlier_heldout_batches_are_now_named)."""
-    n, caught, localised, named, wrong = FIRST_RUNS["BUGS5"]
+    n, caught, localised, named, wrong, _ = FIRST_RUNS["BUGS5"]
     assert n == len(ho.BUGS5) == 22
     assert HELDOUT5_UNNAMED | HELDOUT5_UNLOCALISED <= set(ho.BUGS5) and set(HELDOUT5_WRONG) <= HELDOUT5_UNNAMED
     assert (named, localised, wrong) == (n - len(HELDOUT5_UNNAMED), n - len(HELDOUT5_UNLOCALISED),
@@ -234,17 +257,113 @@ def test_heldout_first_run_is_recorded():
 
 
 def test_heldout6_first_run_is_recorded():
-    """The latest held-out batch's first run (BUGS6: a fourth model, 27 mistakes of the
+    """BUGS6's first run (a fourth model, 27 mistakes of the
     same kinds, written before any of them ran, run once untuned): every one caught, no
     error line, 26 of 27 localised where expected, 21 of 27 named (78%, below the 90% aimed
     at), none with a wrong cause. The record is the misses' names (tests/ports/test_model_bugs.py
     ran the batch and asserted exactly these at the commit that recorded it); the batch is
     now a regression batch (test_earlier_heldout_batches_are_now_named)."""
-    n, caught, localised, named, wrong = FIRST_RUNS["BUGS6"]
+    n, caught, localised, named, wrong, _ = FIRST_RUNS["BUGS6"]
     assert n == caught == len(h4.BUGS6) == 27
     assert HELDOUT6_UNNAMED | HELDOUT6_UNLOCALISED <= set(h4.BUGS6) and set(HELDOUT6_WRONG) <= HELDOUT6_UNNAMED
     assert (named, localised, wrong) == (n - len(HELDOUT6_UNNAMED), n - len(HELDOUT6_UNLOCALISED),
                                          len(HELDOUT6_WRONG))
+
+
+# ----------------------------------------------------------------------------- BUGS7 (issue 30)
+
+# The fifth model's batch (tests/ports/heldout_qkv.py: separate to_q/to_k/to_v/to_out, names
+# of its own, everything written by hand), scored as written before it ran: caught (the run
+# fails), localised (the first divergence's text holds the place expected), pinned (the
+# first divergence's Check.pin, its first line, is the line of heldout_qkv.py holding the
+# mistake; no pin is not pinned), named (the explanation's first cause's id starts with
+# the id expected; a bug expecting None cannot be named, and any cause it is given is a
+# wrong one), error lines (a step's errors, or the run raising).
+
+def pin_of(report, impl="port"):
+    """The first divergence's pin (harness.ports.record.Pin), or None."""
+    c = first_divergence_check([c for c in report.steps[0].checks if c.impl == impl])
+    return None if c is None else c.pin
+
+
+def on_line(pin, text, module) -> bool:
+    """Whether ``pin``'s line is the line of ``module``'s source holding ``text``."""
+    from pathlib import Path
+    return (pin is not None and Path(pin.file).resolve() == Path(module.__file__).resolve()
+            and pin.line == module.line_of(text))
+
+
+def heldout7_row(name, bugs=None, module=h5):
+    """One bug of BUGS7 run once and scored (the rules above), with what the harness said."""
+    factory, where, cause, line = (bugs or module.BUGS7)[name]
+    try:
+        report = run_bug(factory)
+    except Exception as e:      # an error line: scored as such, not raised
+        return dict(name=name, caught=False, localised=False, pinned=False, named=False, wrong=None,
+                    errors=[f"{type(e).__name__}: {e}"], text="", causes=[], pin=None)
+    text, causes = explanation(report)
+    pin = pin_of(report)
+    named = cause is not None and bool(causes) and causes[0][0].startswith(cause)
+    return dict(name=name, caught=not report.passed, localised=where in text, pinned=on_line(pin, line, module),
+                named=named, wrong=causes[0][0] if causes and not named else None,
+                errors=[e for s in report.steps for e in s.errors.values()], text=text, causes=causes,
+                pin=None if pin is None else pin.describe())
+
+
+def test_heldout7_lines_are_each_on_one_line_of_the_port():
+    """Every BUGS7 mistake quotes a line that is in heldout_qkv.py once (so a pin can be
+    checked against it), and a line that is not there is refused."""
+    assert len(h5.BUGS7) == 25
+    lines = {h5.line_of(v[3]) for v in h5.BUGS7.values()}
+    assert len(lines) == 25
+    with pytest.raises(ValueError, match="on 0 lines"):
+        h5.line_of("x = x + 1  # not in the file")
+
+
+# BUGS7, as it first ran (untuned, the harness as it was; the batch, its lines and the
+# rules above were committed before it ran): every one caught and localised, no error
+# line; named by the rules: all but four, two of those with a wrong cause; pinned: nine
+HELDOUT7_UNNAMED = {"softmax-over-heads",          # NaN (all of a query's heads masked): no known cause, no pin
+                    "head-weight-detached",        # expected no cause; named backward.overwrite
+                    "loss-targets-shifted",        # expected crossentropy.*; named labels.next-position
+                    "adamw-nanogpt-betas"}         # the first divergence m.wte (the port's double 0.9): no known cause
+HELDOUT7_WRONG = {"head-weight-detached": "backward.overwrite", "loss-targets-shifted": "labels.next-position"}
+HELDOUT7_UNLOCALISED: set[str] = set()
+HELDOUT7_PINNED = {"scale-by-sqrt-width", "mask-past-not-future", "split-head-dim-first", "split-without-transpose",
+                   "layernorm-unbiased-variance", "layernorm-eps-on-std", "gelu-erf", "gelu-root-inverted",
+                   "gelu-sigmoid"}
+
+
+def test_heldout7_first_run_is_recorded():
+    """The latest held-out batch's first run (BUGS7: a fifth model, 25 mistakes, written and
+    committed before any ran, run once untuned): 25/25 caught, 25/25 localised, 9/25
+    pinned to the mistake's line, 21/25 named (84%), two wrong causes, no error line. The
+    record is the misses' names; the counts must agree with them."""
+    r = FIRST_RUNS["BUGS7"]
+    assert r.bugs == r.caught == len(h5.BUGS7) == 25
+    assert HELDOUT7_UNNAMED | HELDOUT7_UNLOCALISED | HELDOUT7_PINNED <= set(h5.BUGS7)
+    assert set(HELDOUT7_WRONG) <= HELDOUT7_UNNAMED
+    assert (r.named, r.localised, r.wrong, r.pinned) == (r.bugs - len(HELDOUT7_UNNAMED),
+                                                         r.bugs - len(HELDOUT7_UNLOCALISED), len(HELDOUT7_WRONG),
+                                                         len(HELDOUT7_PINNED))
+    # a wrong cause is one the batch did not expect: not the expected id's prefix
+    assert all(h5.BUGS7[b][2] is None or not HELDOUT7_WRONG[b].startswith(h5.BUGS7[b][2]) for b in HELDOUT7_WRONG)
+
+
+@pytest.mark.slow
+def test_heldout7_batch_is_no_worse_than_its_first_run():
+    """BUGS7 run again: every one still caught with no error line, and no bug that was
+    localised, pinned or named on the first run lost, nor a new wrong cause (an improvement
+    passes; the first run itself is kept by test_heldout7_first_run_is_recorded)."""
+    rows = [heldout7_row(name) for name in h5.BUGS7]
+    assert all(r["caught"] for r in rows), [r["name"] for r in rows if not r["caught"]]
+    assert not [r for r in rows if r["errors"]], [(r["name"], r["errors"]) for r in rows if r["errors"]]
+    lost = {k: {r["name"] for r in rows if not r[k]} - missed
+            for k, missed in (("localised", HELDOUT7_UNLOCALISED), ("named", HELDOUT7_UNNAMED),
+                              ("pinned", set(h5.BUGS7) - HELDOUT7_PINNED))}
+    assert not any(lost.values()), lost
+    new_wrong = {r["name"]: r["wrong"] for r in rows if r["wrong"] and r["name"] not in HELDOUT7_WRONG}
+    assert not new_wrong, new_wrong
 
 
 # ----------------------------------------------------------------------------- bad input
