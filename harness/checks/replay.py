@@ -4,6 +4,8 @@ inputs for it, its outputs judged as the per-op check judges one call
 own error, at any depth; the first one is the step's *first divergence*."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from pyref.config import GPT2Config
@@ -15,6 +17,8 @@ from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
 from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
 from ..arbiter.tolerances import term_magnitude
+from ..ports.census import first_structure
+from ..ports.pins import backward_pin, loss_pin, optimizer_pin, structure_pin
 from ..ports.record import pin_failure
 from .modelstate import CheckedState, args64, replayable
 from .results import Check, first_divergence_check
@@ -159,12 +163,43 @@ def _oracle_run(kernel: str, args: dict) -> dict:
         return run_kernel(ORACLE, kernel, args, np.float64)
 
 
-def pin_divergence(checks: list[Check], state) -> None:
-    """A torch model's first divergence at a forward op, pinned to the line of the port's
-    source where it goes wrong (:func:`harness.ports.record.pin_failure`: the module
-    recorded op by op on its own inputs). Only a failure is recorded: on a passing step
-    this looks at the checks and returns."""
+def pin_divergence(checks: list[Check], state, structure: list | None = None) -> None:
+    """A torch model's first divergence pinned to the line of the port's source where it
+    goes wrong: a structural finding's (``structure``: the census's findings of the step,
+    the first replaced by a copy with its pin, :func:`harness.ports.pins.structure_pin`),
+    else a failing replay check's: a forward op's (:func:`harness.ports.record.pin_failure`:
+    the module recorded op by op on its own inputs), the loss's gradient
+    (:func:`harness.ports.pins.loss_pin`), a parameter's or activation's gradient
+    (:func:`harness.ports.pins.backward_pin`). Only a failure is recorded: on a passing
+    step this looks at the checks and returns. The update's is :func:`pin_update`'s."""
     c = first_divergence_check(checks)
-    if c is None or c.kind != "replay" or c.ref.group != "acts" or not c.nodes:
+    if c is None:
         return
-    c.pin = pin_failure(state, c.nodes[-1], c.ref)
+    f = first_structure(structure)
+    if f is not None:
+        pin = structure_pin(state, f)
+        if pin is not None:
+            structure[structure.index(f)] = replace(f, pin=pin)
+        return
+    if c.kind != "replay" or c.pin is not None:
+        return
+    if c.ref.group == "acts" and c.nodes:
+        c.pin = pin_failure(state, c.nodes[-1], c.ref)
+    elif "crossentropy_softmax_backward" in c.kernels:
+        c.pin = loss_pin(state)
+    elif c.ref.group in ("grads", "grads_acts"):
+        c.pin = backward_pin(state, c.ref)
+
+
+def pin_update(checks: list[Check], state) -> None:
+    """A torch model's first divergence, where it is not a replay check (the forward's and
+    backward's are pinned before the update: :func:`pin_divergence`), pinned once the
+    update is checked: a failing update to the optimizer's construction
+    (:func:`harness.ports.pins.optimizer_pin`), a failing loss check to the loss's lines."""
+    c = first_divergence_check(checks)
+    if c is None or c.pin is not None or c.kind == "replay":
+        return
+    if c.kind == "update":
+        c.pin = optimizer_pin(state)
+    elif c.kind == "loss":
+        c.pin = loss_pin(state)

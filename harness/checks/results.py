@@ -220,7 +220,8 @@ def first_divergence(checks: list[Check], heading: bool = True, structure=None) 
     f = first_structure(structure)
     if f is not None:
         head = ("first divergence: " if heading else "") + (f.where or "structure")
-        return f"{head} [{f.module}]: {f.description} [{f.id}]"
+        pin = f"; {f.pin.describe()}" if f.pin is not None else ""
+        return f"{head} [{f.module}]: {f.description} [{f.id}]{pin}"
     c = first_divergence_check(checks)
     if c is None:
         return None

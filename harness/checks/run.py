@@ -50,7 +50,7 @@ from .freerun import free_run
 from .loss import check_loss
 from .precision import loss_tolerance, spread_at, update_precision
 from .reach import note_reach
-from .replay import pin_divergence, replay_graph
+from .replay import pin_divergence, pin_update, replay_graph
 from .results import Check, RunReport, StepReport, first_divergence
 from .modelstate import KernelPort, Reference
 from .update import check_update
@@ -284,7 +284,8 @@ def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: di
         step.graph[name] = _check_state(step, name, pm, losses, oracle,
                                         spread_at(pm, step, pre[0], oracle, spread, step.witnesses))
         note_reach(pm, step.config, step.graph[name])
-        pin_divergence(step.graph[name], pm)   # a failure of a torch port: its line (nothing on a pass)
+        # a failure of a torch port: its line (nothing on a pass)
+        pin_divergence(step.graph[name], pm, step.structure.get(name))
         pm.drop_activations()   # checked: the update needs none of them
         step.say(f"{name}'s AdamW update")
         try:
@@ -296,6 +297,7 @@ def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: di
         step.update[name] = check_update(step.config, pre, pm.grads_memory,
                                          (pm.params_memory, pm.m_memory, pm.v_memory), h, step.t,
                                          step=step.t, impl=name, precision=update_precision(pm))
+        pin_update(step.graph[name] + step.update[name], pm)
     finally:
         pm.release()
 

@@ -73,6 +73,8 @@ class Finding:
     module: str | None = None
     where: str | None = None
     values: dict = field(default_factory=dict)
+    # the line of a torch port that makes it, once a step failed (harness.ports.pins.structure_pin)
+    pin: object = field(default=None, compare=False)
 
     @property
     def family(self) -> str:
@@ -92,7 +94,8 @@ class Finding:
 
     def to_json(self) -> dict:
         return {"id": self.id, "family": self.family, "description": self.description, "module": self.module,
-                "where": self.where, "values": dict(self.values), "text": self.text()}
+                "where": self.where, "values": dict(self.values), "text": self.text(),
+                "pin": None if self.pin is None else self.pin.to_json()}
 
 
 # the kinds of structural finding in the order a first divergence names them: a module the

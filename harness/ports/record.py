@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import functools
 import linecache
+import math
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -104,9 +105,42 @@ def user_site(frame=None) -> Site | None:
     while f is not None:
         name = f.f_code.co_filename
         if is_user_file(name):
-            return Site(name, f.f_lineno, linecache.getline(name, f.f_lineno).strip())
+            return _site(f)
         f = f.f_back
     return None
+
+
+def _site(f) -> Site:
+    name = f.f_code.co_filename
+    return Site(name, f.f_lineno, linecache.getline(name, f.f_lineno).strip())
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A user frame of an op's stack: its line and the object its code runs on (``owner``:
+    ``id`` of its ``self``, 0 where it has none): which module's method the line is in."""
+
+    site: Site
+    owner: int
+
+
+def user_stack(frame=None) -> tuple[Frame, ...]:
+    """Every frame of the running stack in the user's files, innermost first."""
+    f = frame if frame is not None else sys._getframe(1)
+    out = []
+    while f is not None:
+        if is_user_file(f.f_code.co_filename):
+            owner = f.f_locals.get("self") if "self" in f.f_code.co_varnames else None
+            out.append(Frame(_site(f), 0 if owner is None else id(owner)))
+        f = f.f_back
+    return tuple(out)
+
+
+def owned_site(stack, owner, outermost: bool = False) -> Site | None:
+    """The line of ``stack`` (:func:`user_stack`) in a method of ``owner`` (a module): the
+    innermost such frame, or the outermost (its ``forward`` where it calls its helpers)."""
+    found = [f.site for f in stack if f.owner == id(owner)]
+    return (found[-1] if outermost else found[0]) if found else None
 
 
 # ----------------------------------------------------------------------------- recording
@@ -127,6 +161,20 @@ class Op:
     module: str = ""
     site: Site | None = None
     value: object = None
+    stack: tuple = ()       # every user frame (:class:`Frame`), innermost first
+
+
+@dataclass
+class ModuleCall:
+    """A module's call during a recording: its name, how many ops were recorded before it,
+    the user frames calling it (:class:`Frame`, innermost first) and the op that produced
+    its first tensor output (None until it returns) and those of all its outputs."""
+
+    module: str
+    at: int
+    stack: tuple
+    output: int | None = None
+    outputs: tuple[int, ...] = ()
 
 
 def _recorder_class():
@@ -142,16 +190,17 @@ def _recorder_class():
         def __init__(self, keep: Callable | None = None):
             super().__init__()
             self.ops: list[Op] = []
+            self.calls: list[ModuleCall] = []
             self.modules: list[str] = []
             self.active = True
             self.keep = keep or (lambda t: True)
             self._producer = WeakIdKeyDictionary()
 
-        def _op(self, name, t, inputs=(), site=None) -> int:
+        def _op(self, name, t, inputs=(), stack=()) -> int:
             value = (t.detach().to(torch.float64, copy=True).numpy()
                      if t.dtype.is_floating_point and self.keep(t) else None)
             op = Op(len(self.ops), name, tuple(t.shape), str(t.dtype).replace("torch.", ""), inputs,
-                    self.modules[-1] if self.modules else "", site, value)
+                    self.modules[-1] if self.modules else "", stack[0].site if stack else None, value, stack)
             self.ops.append(op)
             self._producer[t] = op.index
             return op.index
@@ -166,13 +215,24 @@ def _recorder_class():
                 return func(*args, **kwargs)
             inputs = tuple(self._source(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
             out = func(*args, **kwargs)
-            site = user_site()
+            stack = user_stack()
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
-                    self._op(str(func), t, inputs, site)
+                    self._op(str(func), t, inputs, stack)
             return out
 
+        def produced(self, t) -> int | None:
+            """The index of the op that produced tensor ``t``, or None."""
+            return self._producer.get(t)
+
     return Recorder
+
+
+def _producer(rec, t) -> int | None:
+    try:
+        return rec.produced(t)
+    except TypeError:       # not a tensor (a weak reference cannot be taken)
+        return None
 
 
 class _Done(Exception):
@@ -184,8 +244,21 @@ def record(model, call: Callable, module: str | None = None, keep: Callable | No
     them, or (``module``: a submodule's name) those of that module's first call only, the
     forward stopped once it returns. Each op is attributed to the innermost module running
     (forward hooks on ``model``'s modules, removed after)."""
+    return recording(model, call, module, keep).ops
+
+
+def recording(model, call: Callable, module: str | None = None, keep: Callable | None = None,
+              params: bool = False):
+    """:func:`record`'s recorder itself: its ``ops`` and the modules' ``calls``
+    (:class:`ModuleCall`, each with the user lines calling it); ``params``: the model's
+    parameters first, each an op named ``param`` (``param_ids``: its index -> ``id`` of
+    the parameter), so that what reads a parameter is known."""
     import torch
     rec = _recorder_class()(keep)
+    rec.param_ids = {}
+    if params:
+        for p in model.parameters():
+            rec.param_ids[rec._op("param", p)] = id(p)
     rec.active = module is None
     handles = []
     for name, m in model.named_modules():
@@ -199,7 +272,7 @@ def record(model, call: Callable, module: str | None = None, keep: Callable | No
     finally:
         for h in handles:
             h.remove()
-    return rec.ops
+    return rec
 
 
 def _enter(rec, name: str, target: bool):
@@ -207,11 +280,18 @@ def _enter(rec, name: str, target: bool):
         rec.modules.append(name)
         if target and not rec.ops:
             rec.active = True
+        if rec.active:
+            rec.calls.append(ModuleCall(name, len(rec.ops), user_stack()))
     return pre
 
 
 def _leave(rec, name: str, target: bool):
     def post(mod, args, out):
+        from torch.utils._pytree import tree_leaves
+        call = next((c for c in reversed(rec.calls) if c.module == name and c.output is None), None)
+        if call is not None:
+            call.outputs = tuple(i for t in tree_leaves(out) if (i := _producer(rec, t)) is not None)
+            call.output = call.outputs[0] if call.outputs else None
         if rec.modules and rec.modules[-1] == name:
             rec.modules.pop()
         if target and rec.active:
@@ -309,7 +389,8 @@ def distance(a: np.ndarray, stage: Stage, layout=layouts) -> float:
     for x in layout(a, stage.value.shape):
         x = x if stage.where is None else x[stage.where]
         with np.errstate(all="ignore"):
-            d = float(np.linalg.norm(np.where(x == ref, 0.0, x - ref))) / norm   # -inf where -inf: equal
+            same = (x == ref) | (np.isnan(x) & np.isnan(ref))      # -inf where -inf, NaN where NaN: equal
+            d = float(np.linalg.norm(np.where(same, 0.0, x - ref))) / norm
         if d < best:        # NaN never is
             best = d
     return best
@@ -346,7 +427,8 @@ class Pin:
     def describe(self) -> str:
         """``attention_forward at gpt.py:87 (y = att.transpose(-2, -1) @ v): the softmax
         matches, the weighted values do not``."""
-        return f"{self.kernel} at {', '.join(map(str, self.lines))}: {', '.join(self.says)}"
+        says = f": {', '.join(self.says)}" if self.says else ""
+        return f"{self.kernel} at {', '.join(map(str, self.lines))}{says}"
 
     def to_json(self) -> dict:
         return {"file": self.file, "line": self.line, "text": self.text, "module": self.module,
@@ -358,7 +440,12 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
     """The line(s) of a torch model's source where ``node``'s output ``ref`` (a failing
     forward replay check) goes wrong: the module that showed ``ref`` recorded again on its
     own inputs (:func:`record`), its ops matched to the op's intermediates
-    (:func:`locate`). None where ``state`` is not a torch model's, or nothing is found."""
+    (:func:`locate`); where the failing tensor is not among that module's ops (a module's
+    input shows it, made before the module), the whole forward. A residual is pinned to
+    its block's line (:func:`residual_line`); a pin whose line reads a module's float
+    attribute that is not one of the op's constants names where the attribute was set first
+    (:func:`attribute_origin`). None where ``state`` is not a torch model's, or nothing is
+    found."""
     model = getattr(state, "model", None)
     if model is None or "torch" not in sys.modules or ref.group != "acts" or getattr(state, "inputs", None) is None:
         return None     # not a torch model's state (and torch is not even loaded)
@@ -371,15 +458,96 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
     found = stages(node.kernel, args)
     observed = _stage(node.kernel, "observed", np.asarray(ref.get(state), np.float64))
     sizes = {s.value.size for s in found}
+    module = None if node.kernel == "residual_forward" else recorded_module(model, state.module_of(ref))
+    for name in dict.fromkeys((module, None)):
+        rec = forward_recording(state, name, keep=lambda t: t.numel() in sizes)
+        if rec is None:
+            return None     # the port's forward raised run again, recorded: no line, the check stands
+        if node.kernel == "residual_forward":
+            return residual_line(rec.ops, observed, _block(state, node.layer), node.kernel, layout)
+        pin = locate(rec.ops, found, observed, node.kernel, name or "", layout)
+        if pin is not None:
+            return attribute_origin(pin, rec.ops, model, node.kernel, args)
+    return None
+
+
+def forward_recording(state, module: str | None = None, keep: Callable | None = None, params: bool = False):
+    """The recorder (:func:`recording`) of the port's forward on its step's batch: of
+    ``module``'s first call, or of the whole forward; None where the forward raised."""
+    import torch
     idx = torch.from_numpy(np.asarray(state.inputs, np.int64))
     tgt = torch.from_numpy(np.asarray(state.targets, np.int64))
-    module = recorded_module(model, state.module_of(ref))
     with span("record", module=module):
         try:
-            ops = record(model, lambda: state._call(idx, tgt), module, keep=lambda t: t.numel() in sizes)
+            return recording(state.model, lambda: state._call(idx, tgt), module, keep=keep, params=params)
         except Exception:
-            return None     # the port's forward raised run again, recorded: no line, the check stands
-    return locate(ops, found, observed, node.kernel, module or "", layout)
+            return None
+
+
+def _block(state, layer: int | None):
+    """The module of the graph's block ``layer`` (the parent of its ln1's or ln2's module,
+    as the census knows them), or None."""
+    census = getattr(state, "census", None)
+    if census is None or layer is None:
+        return None
+    names = [n for n, (_, op) in census.graph.items()
+             if op in (f"layer {layer} ln1 layernorm_forward", f"layer {layer} ln2 layernorm_forward")]
+    modules = dict(state.model.named_modules())
+    parent = names[0].rpartition(".")[0] if names else ""
+    return modules.get(parent) if parent else None
+
+
+def residual_line(ops: list[Op], observed: Stage, block, kernel: str, layout=layouts) -> Pin | None:
+    """A residual's pin: the op that made the port's failing stream (the add, or whatever
+    stands where the add is not made: the branch's output), at its line in the block's own
+    method (the block that should add: a residual added wrong, or not added, is a line of
+    the block's forward, not of the branch it calls)."""
+    anchor = next((op for op in ops if op.value is not None and op.name != "input"
+                   and distance(op.value, observed, layout) <= SAME_BOUND), None)
+    if anchor is None:
+        return None
+    site = (owned_site(anchor.stack, block) if block is not None else None) or anchor.site
+    if site is None:
+        return None
+    return Pin(kernel, "", (site,), None, "out", ("the sum does not",))
+
+
+# the C's float constants of an op: a module attribute read on a pinned line that is none of
+# them is the op's wrong constant (layer norm's eps of 1e-12); pyref.numpy_kernels' values
+def _constants(kernel: str, args: dict) -> tuple[float, ...]:
+    from pyref import numpy_kernels as nk
+    if kernel == "layernorm_forward":
+        return (nk.LN_EPS,)
+    if kernel == "gelu_forward":
+        return (nk.GELU_COEF, math.sqrt(2.0 / math.pi), 0.5)
+    if kernel == "attention_forward":
+        hs = np.shape(args["inp"])[-1] // 3 // int(args["NH"])
+        return (1.0 / math.sqrt(hs),)
+    return ()
+
+
+def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) -> Pin:
+    """``pin`` with, before its lines, the line that set a module's float attribute read on
+    its first line (``self.eps``) where the value is none of the op's constants
+    (:func:`_constants`): a wrong constant lives where it is set (a constructor's default,
+    ``eps=1e-12``), not where the forward reads it. A documented heuristic: the attribute
+    is found by the line's source (``ast``), its origin by :func:`.pins.attribute_site`."""
+    from .pins import attribute_site, float_attributes
+    constants = _constants(kernel, args)
+    if not constants:
+        return pin
+    owners = {id(m): m for m in model.modules()}
+    first = pin.lines[0]
+    op = next((o for o in ops if o.site == first and o.stack), None)
+    owner = owners.get(op.stack[0].owner) if op is not None else None
+    if owner is None:
+        return pin
+    for name, value in float_attributes(owner, first.text):
+        if not any(math.isclose(value, c, rel_tol=1e-6) for c in constants):
+            site = attribute_site(type(owner), name, value)
+            if site is not None and site not in pin.lines:
+                return replace(pin, lines=(site, *pin.lines))
+    return pin
 
 
 def recorded_module(model, shown: str | None) -> str | None:
@@ -417,9 +585,10 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
     if unmatched is not None:
         stage, op = unmatched
         narrowed, frontier = _ancestors(ops, op, good)
-        suspects &= narrowed
+        suspects = (suspects & narrowed) | _unverified(ops, found, good, frontier, op, stage)
     else:
         stage = next((s for s in found if s.name == "out"), found[-1])
+        suspects = _first_nan(ops, suspects) or suspects
     sites = tuple(dict.fromkeys(ops[i].site for i in sorted(suspects) if ops[i].site is not None))
     if not sites:
         return None
@@ -442,6 +611,41 @@ def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: se
         if near:
             return s, min(near)[1]
     return None
+
+
+def _unverified(ops: list[Op], found: list[Stage], good: dict, frontier: set, op: int, stage: Stage) -> set[int]:
+    """The ops that made the part of a frontier op's value its match did not check (an
+    intermediate defined on part only, the causal triangle: the mask that decides the
+    rest), where the first unmatched op (``op``) has mass in that part and the reference's
+    ``stage`` has none there (the future seen: a mask built wrong on its own line)."""
+    x = ops[op].value
+    if x is None or x.shape != stage.value.shape:
+        return set()
+    partial = {s.name: s for s in found if s.where is not None}
+    out: set[int] = set()
+    for f in frontier:
+        for name in good[f] & set(partial):
+            outside = ~np.broadcast_to(partial[name].where, x.shape)
+            with np.errstate(all="ignore"):
+                seen = np.isfinite(x[outside]) & (x[outside] != 0)
+            if seen.any() and not np.any(stage.value[outside]):
+                for i in ops[f].inputs:
+                    if i not in good and ops[i].value is None:
+                        out |= _ancestors(ops, i, good)[0]
+    return out
+
+
+def _first_nan(ops: list[Op], suspects: set[int]) -> set[int]:
+    """The first suspect that makes a NaN of inputs without one (a softmax of a row all
+    -inf), as a set (empty where none does): a NaN matches no intermediate, its maker is
+    the line."""
+    def clean(i):
+        v = ops[i].value
+        return v is None or not bool(np.isnan(v).any())
+    for i in sorted(suspects):
+        if not clean(i) and all(clean(j) for j in ops[i].inputs):
+            return {i}
+    return set()
 
 
 def _last_reproduced(found: list[Stage], good: dict, frontier: set, stage: Stage) -> Stage | None:

@@ -101,6 +101,7 @@ class ModelState:
         # what no module boundary shows, found by value, where the names are not all known
         self.finder = Finder(config, set(self.capture.points) if self.capture.anchored else _ALL_ACTS)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
+        self.optimizer_factory = model.optimizer   # where the port's optimizer comes from (harness.ports.pins)
         self.masters = master_weights(self.optimizer, self.entries)   # id(param) -> its float32 master
         self.findings: list[Finding] = [Finding(f"hygiene.{kind}", line) for kind, line in
                                         hygiene(self.model, self.optimizer, hyper, config, self.entries)]

@@ -281,7 +281,12 @@ def test_heldout6_first_run_is_recorded():
 # wrong one), error lines (a step's errors, or the run raising).
 
 def pin_of(report, impl="port"):
-    """The first divergence's pin (harness.ports.record.Pin), or None."""
+    """The first divergence's pin (harness.ports.record.Pin), or None: the structural
+    finding's where the first divergence is one (the model departs from the graph there),
+    else the first failing check's."""
+    f = first_structure(report.steps[0].structure.get(impl))
+    if f is not None:
+        return f.pin
     c = first_divergence_check([c for c in report.steps[0].checks if c.impl == impl])
     return None if c is None else c.pin
 

@@ -1,0 +1,310 @@
+"""The line of a torch port behind a failure that no forward op shows: a structural finding
+(a module skipped, called twice, out of order), the loss, the backward (a detached
+weight, a custom autograd Function's gradient) and the optimizer's settings; and where a
+module's float attribute was set.
+
+:mod:`.record` pins a failing forward op to its line by recording the module's ops. The
+failures here are of other kinds, each pinned by what it is about, and each only once a
+check has failed (nothing here runs on a passing step):
+
+* a structural finding (:mod:`.census`) names a module; the forward recorded with the user
+  lines calling each module (:class:`.record.ModuleCall`) gives the line: the call of a
+  module called out of order, twice, or not in GPT-2's graph; for a module never called,
+  the line that calls a sibling of the same graph op in its stead (``to_k`` for ``to_v``),
+  else the line of its parent's forward that calls the next module of the graph (``x = x
+  + self.attention(x)``, its norm left out), else the line of its parent's forward that
+  makes the parent's output (``logits = self.head(x)``, ``out_norm`` skipped);
+* the loss (:func:`loss_pin`): the forward recorded from the logits to the loss the
+  model returns, matched to the reference's log-softmax and cross-entropy steps
+  (:func:`.record.locate`): the lines after the last step the port reproduces;
+* a parameter's gradient (:func:`backward_pin`): the line that detaches a parameter in
+  the forward (``weight.detach()``, ``.data``), else the user lines autograd runs in the
+  backward (a custom ``autograd.Function``'s ``backward``);
+* the update (:func:`optimizer_pin`): the port's optimizer factory run again, the frame
+  that constructs the optimizer caught (``sys.setprofile``), and of its call the
+  keyword whose setting differs from the run's (``betas=(0.9, 0.95)``), or the call's last
+  line where the keyword is left to torch's default (``weight_decay``).
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import linecache
+import re
+import sys
+import textwrap
+
+import numpy as np
+
+from .record import Pin, Site, Stage, forward_recording, is_user_file, locate, owned_site, stages
+
+
+def _pin(kernel: str, site: Site | tuple, says: str, unmatched: str = "") -> Pin:
+    lines = site if isinstance(site, tuple) else (site,)
+    return Pin(kernel, "", lines, None, unmatched, (says,))
+
+
+# ----------------------------------------------------------------------------- structure
+
+def structure_pin(state, finding) -> Pin | None:
+    """The line of the port's source that makes a structural ``finding`` (see the module's
+    docstring), from the forward recorded with its modules' calls; None where none is."""
+    model = getattr(state, "model", None)
+    census = getattr(state, "census", None)
+    if model is None or census is None or not finding.module:
+        return None
+    rec = forward_recording(state, None, keep=lambda t: False)
+    if rec is None:
+        return None
+    calls = [c for c in rec.calls if c.module == finding.module]
+    if finding.id == "structure.never-called":
+        site = _skipped(rec, census.graph, dict(model.named_modules()), finding.module)
+    elif finding.id == "structure.called-more":
+        site = calls[1].stack[0].site if len(calls) > 1 and calls[1].stack else None
+    elif finding.id in ("structure.out-of-order", "structure.unknown-module"):
+        site = calls[0].stack[0].site if calls and calls[0].stack else None
+    else:
+        return None
+    return None if site is None else _pin(finding.where or finding.module, site, finding.description)
+
+
+def _parent(name: str, modules: dict) -> str:
+    """The module whose forward calls ``name``: its parent, past containers never called
+    themselves (a ModuleList)."""
+    import torch
+    parent = name.rpartition(".")[0]
+    while parent and type(modules[parent]).forward is torch.nn.Module.forward:
+        parent = parent.rpartition(".")[0]
+    return parent
+
+
+def _skipped(rec, graph: dict, modules: dict, name: str) -> Site | None:
+    """The line where a module never called should have been (:func:`structure_pin`)."""
+    parent = _parent(name, modules)
+    owner = modules[parent]
+    rank, label = graph.get(name, ((), None))
+    counts: dict[str, list] = {}
+    for c in rec.calls:
+        counts.setdefault(c.module, []).append(c)
+    # a sibling standing for the same graph op, called again in its stead
+    for other, (_, op) in graph.items():
+        if other != name and op == label and _parent(other, modules) == parent and len(counts.get(other, ())) > 1:
+            stack = counts[other][1].stack
+            return owned_site(stack, owner) or (stack[0].site if stack else None)
+    # the next module of the graph, under the same parent: the parent's line calling it
+    inside = [(r, other) for other, (r, _) in graph.items() if r > rank and other in counts
+              and other.startswith(parent + "." if parent else "")]
+    if inside:
+        return owned_site(counts[min(inside)[1]][0].stack, owner, outermost=True)
+    # else the parent's line that makes its output
+    call = next((c for c in rec.calls if c.module == parent), None)
+    if call is None or call.output is None:
+        return None
+    return owned_site(rec.ops[call.output].stack, owner, outermost=True)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def loss_pin(state) -> Pin | None:
+    """The line(s) of the port's loss that differ from the mean cross-entropy: the forward
+    recorded whole, the loss the model returns (a scalar) traced back to the logits it
+    returns, its ops matched to the reference's log-softmax and cross-entropy steps on those
+    logits. None where the model returns no loss (the harness computes it: not the port's)."""
+    model, targets = getattr(state, "model", None), getattr(state, "targets", None)
+    if model is None or targets is None:
+        return None
+    B, T = np.shape(targets)
+    V = state.config.vocab_size
+    rec = forward_recording(state, None, keep=lambda t: t.dim() <= 3 and t.numel() % (B * T) in (0, 1)
+                            and t.numel() <= B * T * state.config.padded_vocab_size)
+    root = next((c for c in rec.calls if c.module == ""), None) if rec is not None else None
+    if root is None:
+        return None
+    outs = [rec.ops[i] for i in root.outputs]
+    loss = next((o for o in outs if o.shape == () and o.value is not None), None)
+    logits = next((o for o in outs if len(o.shape) == 3 and o.value is not None), None)
+    if loss is None or logits is None:
+        return None
+    found = stages("softmax_forward", {"logits": logits.value[..., :V], "V": V})
+    probs = next(s.value for s in found if s.name == "probs")
+    ce = [s for s in stages("crossentropy_forward", {"probs": probs, "targets": np.asarray(targets, np.int64)})
+          if s.name != "probs"]
+    losses = next(s.value for s in ce if s.name == "losses")
+    found += ce + [Stage("mean", "the mean loss", np.asarray(losses.mean()))]
+    return locate(rec.ops, found, Stage("observed", "observed", loss.value), "crossentropy_forward", "")
+
+
+# ----------------------------------------------------------------------------- the backward
+
+def backward_pin(state, ref) -> Pin | None:
+    """The line where the port's forward breaks the graph to a parameter (the gradient
+    ``ref``'s first, else any): a detach of it (``.detach()``, ``.data``) whose result is
+    used; else the user lines that autograd runs in the backward (a custom Function's
+    ``backward``, a hook): :func:`backward_lines`."""
+    model = getattr(state, "model", None)
+    entries = getattr(state, "entries", None)
+    if model is None or entries is None:
+        return None
+    rec = forward_recording(state, None, keep=lambda t: False, params=True)
+    if rec is None:
+        return None
+    wanted = {id(e.param) for e in entries if e.slot.name == ref.name}
+    used = {i for op in rec.ops for i in op.inputs}
+    detached = [op for op in rec.ops if op.name in ("aten.detach.default", "aten.alias.default") and op.site
+                and op.index in used and any(rec.ops[i].name == "param" for i in op.inputs)]
+    detached.sort(key=lambda op: not any(rec.param_ids.get(i) in wanted for i in op.inputs))
+    if detached:
+        return _pin("backward", detached[0].site, "the graph is broken here: the parameter's gradient stops")
+    lines = backward_lines(state)
+    return _pin("backward", lines, "autograd runs the port's own backward here") if lines else None
+
+
+def backward_lines(state) -> tuple[Site, ...]:
+    """The user lines run in the backward of the port's loss (a custom autograd Function's
+    ``backward``, a tensor hook), in order: the forward run again with gradients and its
+    backward recorded (``torch.autograd.grad``: no parameter's ``.grad`` is written)."""
+    import torch
+    from .record import _recorder_class
+    idx = torch.from_numpy(np.asarray(state.inputs, np.int64))
+    tgt = torch.from_numpy(np.asarray(state.targets, np.int64))
+    try:
+        _, loss = state._call(idx, tgt)
+        params = [e.param for e in state.entries if e.param.requires_grad]
+        if loss is None or not loss.requires_grad:
+            return ()
+        rec = _recorder_class()(lambda t: False)
+        with rec:
+            torch.autograd.grad(loss, params, allow_unused=True)
+    except Exception:
+        return ()
+    return tuple(dict.fromkeys(op.site for op in rec.ops if op.site is not None))
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+def optimizer_pin(state) -> Pin | None:
+    """The line of the port's optimizer construction whose setting differs from the run's
+    (see the module's docstring); None for the harness's own optimizer."""
+    from .torchmodel import build_optimizer
+    factory = getattr(state, "optimizer_factory", None)
+    optimizer = getattr(state, "optimizer", None)
+    if factory is None or optimizer is None:
+        return None
+    where = _constructed(lambda: build_optimizer(factory, state.model, state.hyper))
+    if where is None:
+        return None
+    file, (line, end, col, end_col) = where
+    call = _call_at(file, line, col, end, end_col)
+    differ = _differing(optimizer, state.hyper.as_float32())
+    if call is None:
+        return _pin("adamw", _line(file, line), "the optimizer is constructed here")
+    keywords = {k.arg: k for k in call.keywords if k.arg}
+    lines = sorted({keywords[k].lineno if k in keywords else call.end_lineno for k in differ}) or [call.lineno]
+    says = (f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}" if differ
+            else "the optimizer is constructed here")
+    return _pin("adamw", tuple(_line(file, n) for n in lines), says)
+
+
+def _line(file: str, n: int) -> Site:
+    return Site(file, n, linecache.getline(file, n).strip())
+
+
+def _constructed(build):
+    """(file, the call's positions) of the user's frame that constructs a torch optimizer
+    in ``build()``, caught by a profile function; None where none does."""
+    import torch
+    found = []
+
+    def profile(frame, event, arg):
+        if event != "call" or found or frame.f_code.co_name != "__init__":
+            return
+        if not isinstance(frame.f_locals.get("self"), torch.optim.Optimizer):
+            return
+        f = frame.f_back
+        while f is not None and not is_user_file(f.f_code.co_filename):
+            f = f.f_back
+        if f is not None:
+            found.append((f.f_code.co_filename, list(f.f_code.co_positions())[f.f_lasti // 2]))
+
+    old = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        build()
+    except Exception:
+        return None
+    finally:
+        sys.setprofile(old)
+    return found[0] if found else None
+
+
+def _call_at(file: str, line: int, col, end: int, end_col) -> ast.Call | None:
+    """The call expression of ``file`` at those positions (the innermost one spanning them)."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(file)))
+    except SyntaxError:
+        return None
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and n.lineno <= line and n.end_lineno >= end]
+    exact = [n for n in calls if (n.lineno, n.col_offset, n.end_lineno, n.end_col_offset) == (line, col, end, end_col)]
+    pool = exact or calls
+    return min(pool, key=lambda n: (n.end_lineno - n.lineno, n.end_col_offset - n.col_offset)) if pool else None
+
+
+def _differing(optimizer, hyper) -> dict[str, tuple]:
+    """The optimizer's settings (torch's keywords) that differ from the run's, in float32:
+    {keyword: (the port's, the run's)}."""
+    run = {"lr": hyper.learning_rate, "betas": (hyper.beta1, hyper.beta2), "eps": hyper.eps,
+           "weight_decay": hyper.weight_decay}
+    out = {}
+    for group in optimizer.param_groups:
+        for k, want in run.items():
+            have = group.get(k)
+            if have is None or k in out:
+                continue
+            if not np.array_equal(np.float32(np.asarray(have, np.float64)), np.float32(np.asarray(want, np.float64))):
+                out[k] = (have, want)
+    return out
+
+
+# ----------------------------------------------------------------------------- a module's attribute
+
+def float_attributes(owner, text: str) -> list[tuple[str, float]]:
+    """The float attributes of ``owner`` (a module) that a line of its source reads as
+    ``self.<name>``: [(name, value)]."""
+    out = []
+    for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\b(?!\s*\()", text)):
+        value = getattr(owner, name, None)
+        if isinstance(value, float):
+            out.append((name, value))
+    return out
+
+
+def attribute_site(cls, name: str, value: float) -> Site | None:
+    """Where the attribute ``name`` of ``cls``'s instances got ``value``: the parameter
+    default equal to it in a constructor of ``cls``'s MRO (the most derived first: a
+    subclass's ``eps=1e-12``), else the line of a constructor assigning ``self.<name>``.
+    A heuristic on the source (``inspect`` and ``ast``): a value passed by the caller is
+    not followed."""
+    inits = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or not hasattr(init, "__code__") or not is_user_file(init.__code__.co_filename):
+            continue
+        try:
+            lines, start = inspect.getsourcelines(init)
+            tree = ast.parse(textwrap.dedent("".join(lines)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        inits.append((init.__code__.co_filename, start, tree.body[0]))
+    for file, start, fn in inits:
+        for d in fn.args.defaults + [d for d in fn.args.kw_defaults if d is not None]:
+            if isinstance(d, ast.Constant) and isinstance(d.value, (int, float)) and not isinstance(d.value, bool) \
+                    and np.isclose(float(d.value), value, rtol=1e-9, atol=0):
+                return _line(file, start + d.lineno - 1)
+    for file, start, fn in inits:
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Attribute) and t.attr == name and isinstance(t.value, ast.Name)
+                       and t.value.id == "self" for t in targets):
+                    return _line(file, start + node.lineno - 1)
+    return None
