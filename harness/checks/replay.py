@@ -188,7 +188,7 @@ def pin_divergence(checks: list[Check], state, structure: list | None = None) ->
     elif "crossentropy_softmax_backward" in c.kernels:
         c.pin = loss_pin(state)
     elif c.ref.group in ("grads", "grads_acts"):
-        c.pin = backward_pin(state, c.ref)
+        c.pin = backward_pin(state, c.ref.name)
 
 
 def pin_update(checks: list[Check], state) -> None:

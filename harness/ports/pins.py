@@ -33,6 +33,7 @@ import linecache
 import re
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 
@@ -53,6 +54,9 @@ def structure_pin(state, finding) -> Pin | None:
     census = getattr(state, "census", None)
     if model is None or census is None or not finding.module:
         return None
+    if finding.id == "structure.no-gradient":
+        pin = backward_pin(state, finding.values.get("tensor", "").split("[")[0])
+        return None if pin is None else replace(pin, kernel=finding.where or finding.module)
     rec = forward_recording(state, None, keep=lambda t: False)
     if rec is None:
         return None
@@ -92,11 +96,13 @@ def _skipped(rec, graph: dict, modules: dict, name: str) -> Site | None:
             stack = counts[other][1].stack
             return owned_site(stack, owner) or (stack[0].site if stack else None)
     # the next module of the graph, under the same parent: the parent's line calling it
+    # (the innermost: of a helper method where the forward calls one)
     inside = [(r, other) for other, (r, _) in graph.items() if r > rank and other in counts
               and other.startswith(parent + "." if parent else "")]
     if inside:
-        return owned_site(counts[min(inside)[1]][0].stack, owner, outermost=True)
-    # else the parent's line that makes its output
+        return owned_site(counts[min(inside)[1]][0].stack, owner)
+    # else the parent's forward's line that makes its output (the outermost: its helpers
+    # compute the output the forward returns without the module)
     call = next((c for c in rec.calls if c.module == parent), None)
     if call is None or call.output is None:
         return None
@@ -136,11 +142,11 @@ def loss_pin(state) -> Pin | None:
 
 # ----------------------------------------------------------------------------- the backward
 
-def backward_pin(state, ref) -> Pin | None:
-    """The line where the port's forward breaks the graph to a parameter (the gradient
-    ``ref``'s first, else any): a detach of it (``.detach()``, ``.data``) whose result is
-    used; else the user lines that autograd runs in the backward (a custom Function's
-    ``backward``, a hook): :func:`backward_lines`."""
+def backward_pin(state, name: str) -> Pin | None:
+    """The line where the port's forward breaks the graph (the C tensor ``name``'s
+    parameter first): a detach (``.detach()``, ``.data``) whose result is used, of that
+    parameter, of another, else of an activation; else the user lines that autograd runs in
+    the backward (a custom Function's ``backward``, a hook): :func:`backward_lines`."""
     model = getattr(state, "model", None)
     entries = getattr(state, "entries", None)
     if model is None or entries is None:
@@ -148,21 +154,25 @@ def backward_pin(state, ref) -> Pin | None:
     rec = forward_recording(state, None, keep=lambda t: False, params=True)
     if rec is None:
         return None
-    wanted = {id(e.param) for e in entries if e.slot.name == ref.name}
+    wanted = {id(e.param) for e in entries if e.slot.name == name}
     used = {i for op in rec.ops for i in op.inputs}
     detached = [op for op in rec.ops if op.name in ("aten.detach.default", "aten.alias.default") and op.site
-                and op.index in used and any(rec.ops[i].name == "param" for i in op.inputs)]
-    detached.sort(key=lambda op: not any(rec.param_ids.get(i) in wanted for i in op.inputs))
+                and op.index in used and all(rec.ops[i].name != "input" for i in op.inputs)]
+
+    def rank(op):
+        params = [rec.param_ids.get(i) for i in op.inputs if i in rec.param_ids]
+        return (not any(p in wanted for p in params), not params, op.index)
     if detached:
-        return _pin("backward", detached[0].site, "the graph is broken here: the parameter's gradient stops")
+        return _pin("backward", min(detached, key=rank).site, "the graph is broken here: no gradient flows back")
     lines = backward_lines(state)
-    return _pin("backward", lines, "autograd runs the port's own backward here") if lines else None
+    return _pin("backward", lines, "the port's own backward returns the gradient here") if lines else None
 
 
 def backward_lines(state) -> tuple[Site, ...]:
-    """The user lines run in the backward of the port's loss (a custom autograd Function's
-    ``backward``, a tensor hook), in order: the forward run again with gradients and its
-    backward recorded (``torch.autograd.grad``: no parameter's ``.grad`` is written)."""
+    """The user lines that make what the port's own backward code returns (a custom
+    autograd Function's ``backward``, a tensor hook): of the ops that autograd runs with a
+    user line, the last of each run in one function. The forward is run again with
+    gradients and its backward recorded (``torch.autograd.grad``: no ``.grad`` is written)."""
     import torch
     from .record import _recorder_class
     idx = torch.from_numpy(np.asarray(state.inputs, np.int64))
@@ -173,11 +183,14 @@ def backward_lines(state) -> tuple[Site, ...]:
         if loss is None or not loss.requires_grad:
             return ()
         rec = _recorder_class()(lambda t: False)
+        rec.stop = sys._getframe()
         with rec:
             torch.autograd.grad(loss, params, allow_unused=True)
     except Exception:
         return ()
-    return tuple(dict.fromkeys(op.site for op in rec.ops if op.site is not None))
+    ops = [op for op in rec.ops if op.stack]
+    last = [op.site for op, nxt in zip(ops, ops[1:] + [None]) if nxt is None or nxt.stack[0].code != op.stack[0].code]
+    return tuple(dict.fromkeys(last))
 
 
 # ----------------------------------------------------------------------------- the optimizer

@@ -122,16 +122,19 @@ class Frame:
 
     site: Site
     owner: int
+    code: int = 0           # id of the frame's code: which function the line is in
 
 
-def user_stack(frame=None) -> tuple[Frame, ...]:
-    """Every frame of the running stack in the user's files, innermost first."""
+def user_stack(frame=None, stop=None) -> tuple[Frame, ...]:
+    """Every frame of the running stack in the user's files, innermost first, up to (not
+    through) the frame ``stop`` (the recording's own: whoever called the harness is not the
+    port)."""
     f = frame if frame is not None else sys._getframe(1)
     out = []
-    while f is not None:
+    while f is not None and f is not stop:
         if is_user_file(f.f_code.co_filename):
             owner = f.f_locals.get("self") if "self" in f.f_code.co_varnames else None
-            out.append(Frame(_site(f), 0 if owner is None else id(owner)))
+            out.append(Frame(_site(f), 0 if owner is None else id(owner), id(f.f_code)))
         f = f.f_back
     return tuple(out)
 
@@ -193,6 +196,7 @@ def _recorder_class():
             self.calls: list[ModuleCall] = []
             self.modules: list[str] = []
             self.active = True
+            self.stop = None        # the frame the user stacks stop at (user_stack)
             self.keep = keep or (lambda t: True)
             self._producer = WeakIdKeyDictionary()
 
@@ -215,7 +219,7 @@ def _recorder_class():
                 return func(*args, **kwargs)
             inputs = tuple(self._source(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
             out = func(*args, **kwargs)
-            stack = user_stack()
+            stack = user_stack(stop=self.stop)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     self._op(str(func), t, inputs, stack)
@@ -255,6 +259,7 @@ def recording(model, call: Callable, module: str | None = None, keep: Callable |
     the parameter), so that what reads a parameter is known."""
     import torch
     rec = _recorder_class()(keep)
+    rec.stop = sys._getframe()
     rec.param_ids = {}
     if params:
         for p in model.parameters():
@@ -281,7 +286,7 @@ def _enter(rec, name: str, target: bool):
         if target and not rec.ops:
             rec.active = True
         if rec.active:
-            rec.calls.append(ModuleCall(name, len(rec.ops), user_stack()))
+            rec.calls.append(ModuleCall(name, len(rec.ops), user_stack(stop=rec.stop)))
     return pre
 
 

@@ -1,0 +1,242 @@
+"""A small GPT-2 written out by hand under nanoGPT's names (``transformer.h.N.attn.c_attn``
+...), its parts as small methods, with one mistake per variant on one line, for
+tests/ports/test_pins.py: each failure (a structural finding, a residual, the encoder, a NaN,
+a mask, a constructor's constant, the loss, a detached weight, a custom autograd
+Function's gradient, the optimizer's settings) must be pinned to the mistake's line,
+found by its text. ``PinGPT`` itself is right; it is not tests/ports/heldout_qkv.py's model
+(the tests are not tuned to BUGS7)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Norm(nn.Module):
+    """A layer norm written out."""
+
+    def __init__(self, C, eps=1e-5):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
+        self.eps = eps
+
+    def forward(self, x):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * (xc.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt() * self.weight + self.bias
+
+
+class Attn(nn.Module):
+    """Causal attention, fused q, k, v."""
+
+    def __init__(self, C, NH):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.NH = NH
+
+    def heads(self, t):
+        B, T, C = t.shape
+        return t.view(B, T, self.NH, C // self.NH).transpose(1, 2)
+
+    def causal(self, T):
+        return torch.ones(T, T, dtype=torch.bool).triu(1)
+
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return F.softmax(s, dim=-1)
+
+    def forward(self, x):
+        q, k, v = (self.heads(t) for t in self.c_attn(x).chunk(3, dim=-1))
+        y = (self.probs(q, k) @ v).transpose(1, 2).flatten(2)
+        return self.c_proj(y)
+
+
+class Gelu(nn.Module):
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+class MLP(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.c_fc, self.gelu, self.c_proj = nn.Linear(C, 4 * C), Gelu(), nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, C, NH, norm=Norm, attn=Attn):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = norm(C), attn(C, NH), norm(C), MLP(C)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class PinGPT(nn.Module):
+    """GPT-2 on the harness's config; class attributes pick the parts (``norm``, ``attn``,
+    ``block``)."""
+
+    norm, attn, block = Norm, Attn, Block
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.channels
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, C), wpe=nn.Embedding(config.max_seq_len, C),
+            h=nn.ModuleList(self.block(C, config.num_heads, self.norm, self.attn) for _ in range(config.num_layers)),
+            ln_f=self.norm(C)))
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    @classmethod
+    def variant(cls, **parts):
+        return type(f"PinGPT_{'_'.join(parts)}", (cls,), parts)
+
+    def embed(self, idx):
+        return self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1)))
+
+    def head(self, x):
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def loss(self, logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.head(x)
+        return logits, (None if targets is None else self.loss(logits, targets))
+
+
+# ----------------------------------------------------------------------------- the mistakes, one line each
+
+class NoLn2(Block):
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(x)
+        return x
+
+
+class NoProj(Attn):
+    def forward(self, x):
+        q, k, v = (self.heads(t) for t in self.c_attn(x).chunk(3, dim=-1))
+        return (self.probs(q, k) @ v).transpose(1, 2).flatten(2)
+
+
+class LnFSkipped(PinGPT):
+    def head(self, x):
+        return self.lm_head(x)
+
+
+class PostLN(Block):
+    def forward(self, x):
+        x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+class Ln1Twice(Block):
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(self.ln_1(x)))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class MlpResidualDropped(Block):
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = self.mlp(self.ln_2(x))
+        return x
+
+
+class WteHalved(PinGPT):
+    def embed(self, idx):
+        return self.transformer.wte(idx) * 0.5 + self.transformer.wpe(torch.arange(idx.size(1)))
+
+
+class SoftmaxOverQueriesAndHeads(Attn):
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return F.softmax(s, dim=1)
+
+
+class MaskSeesNext(Attn):
+    def causal(self, T):
+        return torch.ones(T, T, dtype=torch.bool).triu(2)
+
+
+class TinyEpsNorm(Norm):
+    def __init__(self, C, eps=1e-9):
+        super().__init__(C, eps)
+
+
+class LossSmoothed(PinGPT):
+    def loss(self, logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=0.05)
+
+
+class TokensDetached(PinGPT):
+    def embed(self, idx):
+        return self.transformer.wte(idx).detach() + self.transformer.wpe(torch.arange(idx.size(1)))
+
+
+class GainDetached(Norm):
+    def forward(self, x):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * (xc.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt() * self.weight.detach() + self.bias
+
+
+class DoubledGeluGrad(torch.autograd.Function):
+    """GELU's forward, its backward's gradient doubled."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            y = F.gelu(x, approximate="tanh")
+            (d,) = torch.autograd.grad(y, x, g)
+        return 2.0 * d
+
+
+class FunctionGelu(Gelu):
+    def forward(self, x):
+        return DoubledGeluGrad.apply(x)
+
+
+class FunctionMLP(MLP):
+    def __init__(self, C):
+        super().__init__(C)
+        self.gelu = FunctionGelu()
+
+
+class FunctionBlock(Block):
+    def __init__(self, C, NH, norm=Norm, attn=Attn):
+        super().__init__(C, NH, norm, attn)
+        self.mlp = FunctionMLP(C)
+
+
+def adam_wrong_eps(model, hyper):
+    """An optimizer factory whose eps is nanoGPT-style 1e-6."""
+    return torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate,
+                             betas=(hyper.beta1, hyper.beta2),
+                             eps=1e-6,
+                             weight_decay=hyper.weight_decay)
+
+
+def adam_no_decay(model, hyper):
+    """An optimizer factory that leaves weight decay to torch's default."""
+    return torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate,
+                             betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)

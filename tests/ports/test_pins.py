@@ -1,0 +1,184 @@
+"""Failures that no forward op shows, pinned to the line of the port that makes them
+(harness/ports/pins.py, and record.py's residual, whole-forward, NaN, mask and attribute
+pins): a port of its own (tests/ports/pin_ports.py, not BUGS7's model), one mistake per
+variant, each pinned to the mistake's line (found by its text); a deliberately wrong
+pinner pins each elsewhere (or nowhere); a passing port records nothing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import TorchModel, run_parity, to_json
+from harness.checks.results import first_divergence_check, first_structure
+from harness.ports import pins as P
+from harness.ports import record as R
+from harness.probe import listening
+from pyref import synth
+from pyref.config import PRESETS
+
+import pin_ports as pp
+from test_record import Recorded, line_of
+
+TINY = PRESETS["tiny"]
+PORTS = Path(pp.__file__)
+V = pp.PinGPT.variant
+
+# mistake -> (the port, the text of the mistake's line, the pin's first words (its kind))
+MISTAKES = {
+    "ln_2 never called": (V(block=pp.NoLn2), "x = x + self.mlp(x)", "layer 0 ln2 layernorm_forward"),
+    "c_proj never called": (V(attn=pp.NoProj), "return (self.probs(q, k) @ v).transpose(1, 2).flatten(2)",
+                            "layer 0 attproj matmul_forward"),
+    "ln_f never called": (pp.LnFSkipped, "return self.lm_head(x)", "lnf layernorm_forward"),
+    "post-norm": (V(block=pp.PostLN), "x = self.ln_1(x + self.attn(x))", "layer 0 ln1 layernorm_forward"),
+    "ln_1 called twice": (V(block=pp.Ln1Twice), "x = x + self.attn(self.ln_1(self.ln_1(x)))",
+                          "layer 0 ln1 layernorm_forward"),
+    "mlp residual dropped": (V(block=pp.MlpResidualDropped), "x = self.mlp(self.ln_2(x))", "residual_forward"),
+    "wte halved": (pp.WteHalved, "return self.transformer.wte(idx) * 0.5 + self.transformer.wpe(torch.arange("
+                   "idx.size(1)))", "encoder_forward"),
+    "softmax over heads (NaN)": (V(attn=pp.SoftmaxOverQueriesAndHeads), "return F.softmax(s, dim=1)",
+                                 "attention_forward"),
+    "mask sees the next token": (V(attn=pp.MaskSeesNext), "return torch.ones(T, T, dtype=torch.bool).triu(2)",
+                                 "attention_forward"),
+    "eps in the constructor": (V(norm=pp.TinyEpsNorm), "def __init__(self, C, eps=1e-9):", "layernorm_forward"),
+    "label smoothing": (pp.LossSmoothed, "return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), "
+                        "label_smoothing=0.05)", "crossentropy_forward"),
+    "token embeddings detached": (pp.TokensDetached, "return self.transformer.wte(idx).detach() + "
+                                  "self.transformer.wpe(torch.arange(idx.size(1)))", "backward"),
+    "norm gain detached": (V(norm=pp.GainDetached), "return xc * (xc.pow(2).mean(-1, keepdim=True) + "
+                           "self.eps).rsqrt() * self.weight.detach() + self.bias", "layer 0 ln1 layernorm_forward"),
+    "custom Function's gradient": (V(block=pp.FunctionBlock), "return 2.0 * d", "backward"),
+    "optimizer eps": (TorchModel(pp.PinGPT, optimizer=pp.adam_wrong_eps), "eps=1e-6,", "adamw"),
+    "weight decay left to torch": (TorchModel(pp.PinGPT, optimizer=pp.adam_no_decay),
+                                   "betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)", "adamw"),
+}
+
+
+def run(port):
+    """One step from the C's state: (the report, the first divergence's pin, the modules
+    recorded)."""
+    port = port if isinstance(port, TorchModel) else TorchModel(port)
+    with listening(Recorded()) as heard:
+        report = run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, 2, 8), steps=1,
+                            models={"port": port})
+    return report, pin_of(report), heard.modules
+
+
+def pin_of(report):
+    """The first divergence's pin: the structural finding's where it is one, else the
+    first failing check's."""
+    step = report.steps[0]
+    f = first_structure(step.structure.get("port"))
+    if f is not None:
+        return f.pin
+    c = first_divergence_check([c for c in step.checks if c.impl == "port"])
+    return None if c is None else c.pin
+
+
+def first_line(pin):
+    return None if pin is None else (pin.file, pin.line, pin.text)
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_mistake_is_pinned_to_its_line(mistake):
+    port, text, kind = MISTAKES[mistake]
+    report, pin, _ = run(port)
+    assert not report.passed and not report.steps[0].errors
+    assert first_line(pin) == (str(PORTS), line_of(text, PORTS), text), report.first_divergence()
+    assert pin.kernel == kind
+    # in the first divergence's text, and in the JSON as data
+    assert report.first_divergence().endswith(pin.describe())
+    data = to_json(report, versions=False)
+    json.dumps(data, allow_nan=False)
+    assert f"{PORTS.name}:{line_of(text, PORTS)} ({text})" in json.dumps(data)
+
+
+def test_the_right_port_passes_and_records_nothing():
+    report, pin, recorded = run(pp.PinGPT)
+    assert report.passed and pin is None and recorded == []
+    assert not report.steps[0].structure.get("port")
+
+
+def test_a_structural_pin_is_the_findings_in_json():
+    report, pin, _ = run(V(block=pp.NoLn2))
+    f = first_structure(report.steps[0].structure["port"])
+    assert f.pin is pin and f.to_json()["pin"]["line"] == line_of("x = x + self.mlp(x)", PORTS)
+    assert f.id == "structure.never-called" and f.module == "transformer.h.0.ln_2"
+
+
+def test_the_optimizer_pin_names_the_differing_setting():
+    _, pin, _ = run(MISTAKES["optimizer eps"][0])
+    assert pin.describe().endswith("its eps 1e-06 (the run: 9.99999993922529e-09)")
+
+
+# ----------------------------------------------------------------------------- a wrong pinner fails them
+
+_RIGHT = {"residual": R.residual_line, "distance": R.distance, "recording": R.forward_recording}
+
+
+def _innermost_block_line(ops, observed, block, kernel, layout=R.layouts):
+    """The residual's line taken in the innermost user frame, not the block's."""
+    return _RIGHT["residual"](ops, observed, None, kernel, layout)
+
+
+def _nan_blind(a, stage, layout=R.layouts):
+    """A distance that never matches a value holding NaN."""
+    return float("inf") if np.isnan(a).any() else _RIGHT["distance"](a, stage, layout)
+
+
+WRONG = {
+    # mistake -> (what is replaced, by what): each wrong pinner pins that mistake elsewhere or nowhere
+    "ln_2 never called": ("harness.ports.pins.owned_site", lambda stack, owner, outermost=False: stack[-1].site),
+    "ln_f never called": ("harness.ports.pins.owned_site",
+                          lambda stack, owner, outermost=False: R.owned_site(stack, owner, True)),
+    "c_proj never called": ("harness.ports.pins.owned_site", lambda stack, owner, outermost=False: stack[-1].site),
+    "mlp residual dropped": ("harness.ports.record.residual_line", _innermost_block_line),
+    "wte halved": ("harness.ports.record.forward_recording",      # the module showing it only, never the whole
+                   lambda state, module=None, keep=None, params=False:
+                   _RIGHT["recording"](state, module or "transformer.h.0", keep)),
+    "softmax over heads (NaN)": ("harness.ports.record.distance", _nan_blind),
+    "mask sees the next token": ("harness.ports.record._unverified", lambda *a: set()),
+    "eps in the constructor": ("harness.ports.record.attribute_origin", lambda pin, *a: pin),
+    "label smoothing": ("harness.ports.pins.forward_recording",  # the blocks only: the loss is not seen
+                        lambda state, module=None, keep=None, params=False:
+                        _RIGHT["recording"](state, "transformer.h.0", keep)),
+    "token embeddings detached": ("harness.ports.pins.forward_recording",   # no detach seen
+                                  lambda state, module=None, keep=None, params=False:
+                                  _RIGHT["recording"](state, "transformer.h.0", keep, params)),
+    "custom Function's gradient": ("harness.ports.pins.backward_lines", lambda state: ()),
+    "optimizer eps": ("harness.ports.pins._differing", lambda optimizer, hyper: {}),
+}
+
+
+@pytest.mark.parametrize("mistake", list(WRONG))
+def test_a_wrong_pinner_misses_the_line(mistake, monkeypatch):
+    port, text, _ = MISTAKES[mistake]
+    target, wrong = WRONG[mistake]
+    monkeypatch.setattr(target, wrong)
+    _, pin, _ = run(port)
+    assert first_line(pin) != (str(PORTS), line_of(text, PORTS), text)
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def test_an_attribute_is_traced_to_the_default_that_set_it():
+    site = P.attribute_site(pp.TinyEpsNorm, "eps", 1e-9)
+    assert (site.file, site.line) == (str(PORTS), line_of("def __init__(self, C, eps=1e-9):", PORTS))
+    # a value no default gives: the constructor's assignment
+    site = P.attribute_site(pp.Norm, "eps", 3e-4)
+    assert site.line == line_of("self.eps = eps", PORTS)
+    assert P.float_attributes(pp.Norm(4), "x + self.eps * self.weight") == [("eps", 1e-5)]
+
+
+def test_a_passing_step_runs_no_pinner(monkeypatch):
+    """The pinners are only reached through a failure: a right port with its own optimizer
+    factory reaches none of them."""
+    called = []
+    for name in ("structure_pin", "loss_pin", "backward_pin", "optimizer_pin", "pin_failure"):
+        monkeypatch.setattr(f"harness.checks.replay.{name}", lambda *a, _n=name: called.append(_n))
+    report, _, recorded = run(TorchModel(pp.PinGPT, optimizer=lambda m, h: __import__("torch").optim.AdamW(
+        m.parameters(), lr=h.learning_rate, betas=(h.beta1, h.beta2), eps=h.eps, weight_decay=h.weight_decay)))
+    assert report.passed and called == [] and recorded == []
