@@ -27,6 +27,7 @@ from pyref.config import PRESETS
 
 import heldout_baddbmm as h4
 import heldout_einsum_sdpa as ho
+import heldout_fused as h6
 import heldout_qkv as h5
 import model_ports as mp
 
@@ -385,6 +386,20 @@ def test_heldout7_batch_is_no_worse_than_its_first_run():
     assert not any(lost.values()), lost
     new_wrong = {r["name"]: r["wrong"] for r in rows if r["wrong"] and r["name"] not in HELDOUT7_WRONG}
     assert not new_wrong, new_wrong
+
+
+# ----------------------------------------------------------------------------- BUGS8 (issue 30)
+
+# The sixth model's batch (tests/ports/heldout_fused.py: one fused F.linear on a raw (3C, C)
+# parameter, ModuleDict stages, einsum attention over (B, T, NH, hs), torch.var_mean, names
+# of its own), written and committed before it ran, scored by heldout7_row's rules.
+
+def test_heldout8_lines_are_each_on_one_line_of_the_port():
+    """Every BUGS8 mistake quotes a line that is in heldout_fused.py once."""
+    assert len(h6.BUGS8) == 25
+    assert len({h6.line_of(v[3]) for v in h6.BUGS8.values()}) == 25
+    with pytest.raises(ValueError, match="on 0 lines"):
+        h6.line_of("x = x + 1  # not in the file")
 
 
 # ----------------------------------------------------------------------------- bad input
