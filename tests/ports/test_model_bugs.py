@@ -403,7 +403,7 @@ def test_heldout8_lines_are_each_on_one_line_of_the_port():
         h6.line_of("x = x + 1  # not in the file")
 
 
-# BUGS8, as it first ran (untuned, the harness as it was at b1e22c7's parent; the batch and its
+# BUGS8, as it first ran (untuned, the harness as it is at b1e22c7, unchanged; the batch and its
 # lines committed before it ran). Two findings: the model's names need a map (C_NAMES,
 # c_slot: the ModuleDict's "stage0" keys and gain/shift/w_in/widen are recognised by no
 # name or shape), and the unmodified model passes but with a structure.unknown-module
