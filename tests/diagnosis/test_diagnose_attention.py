@@ -72,8 +72,9 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
             pre = (scores + visit.astype(F) if tril_bias else scores).astype(F)
         else:
             pre = np.where(visit, scores, F(-np.inf) if masking == "-inf" else F(masking)).astype(F)
-        e = np.exp(pre - pre.max(axis, keepdims=True)).astype(F)
-        att = (e / e.sum(axis, keepdims=True)).astype(F)
+        with np.errstate(invalid="ignore"):     # over the heads, -inf - -inf: NaN, as torch's
+            e = np.exp(pre - pre.max(axis, keepdims=True)).astype(F)
+            att = (e / e.sum(axis, keepdims=True)).astype(F)
         if masking == "after":
             att = np.where(visit, att, F(0))
         if tril_bias:
@@ -137,7 +138,10 @@ PORTS = {
                          ("attention_forward", attention_any_port(nh_major=True))],
     "attention.qkv-order": [*(("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")),
                             ("attention_forward", attention_any_port(k_is_q=True))],   # BUGS6
-    "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2))],
+    "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2)),
+                               # BUGS7's first run: NaN, no known cause (torch.softmax(scores, dim=1))
+                               ("attention_forward", attention_any_port(axis=1)),
+                               ("attention_forward", attention_any_port(axis=1, masking=-1e9))],
     "attention.scale-after-softmax": [("attention_forward", attention_scaled_after)],
     "attention.masking": [("attention_forward", attention_any_port(masking="after")),
                           ("attention_forward", attention_any_port(upper=True)),

@@ -67,6 +67,11 @@ def last_term(kernel, arg):
             "encoder_backward": encoder_backward}[kernel]
 
 
+def matmul_bwd_weight_detached(dinp, dweight, dbias, dout, inp, weight):
+    """The weight detached: dinp and dbias as the C's, nothing added to dweight."""
+    nk.matmul_backward(dinp, dweight.copy(), dbias, dout, inp, weight)
+
+
 # variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
 # applies to where the per-op inputs can show it
 PORTS = {
@@ -77,6 +82,8 @@ PORTS = {
         ("matmul_backward", "dweight"), ("matmul_backward", "dbias"), ("attention_backward", "dinp"),
         ("gelu_backward", "dinp"), ("residual_backward", "dinp1"), ("residual_backward", "dinp2"),
         ("crossentropy_softmax_backward", "dlogits"))],
+    # BUGS7's first run: a tied head's weight detached, named backward.overwrite
+    "backward.weight-without-gradient": [("matmul_backward", matmul_bwd_weight_detached)],
     "backward.last-term-only": [(k, last_term(k, a)) for k, a in (
         ("layernorm_backward", "dbias"), ("layernorm_backward", "dweight"), ("matmul_backward", "dinp"),
         ("matmul_backward", "dweight"), ("matmul_backward", "dbias"), ("encoder_backward", "dwte"),

@@ -361,8 +361,14 @@ def test_heldout7_first_run_is_recorded():
 # BUGS7 now, with the pins of issue 30's second part (harness/ports/pins.py: structural findings,
 # residuals, the encoder, NaN, the mask's line, a constructor's constant, the loss, a
 # detached weight, the optimizer's settings), tuned on BUGS7 (so no longer a held-out rate):
-# every one pinned to the mistake's line; named unchanged (the same four misses)
-BUGS7_NOW = FirstRun(25, 25, 25, 21, 2, pinned=25)
+# every one pinned to the mistake's line; then, with BUGS7's misses catalogued (the softmax
+# over the heads as a form of attention.softmax-axis, a detached head as
+# backward.weight-without-gradient), 22 named: head-weight-detached is named for what it is,
+# but its record expected no cause (so by the rules a wrong one, as labels.next-position,
+# the right description, is for loss-targets-shifted's crossentropy.), and
+# adamw-nanogpt-betas still fails first at m.wte (the update check's false alarm on a
+# Python-double beta1: docs/diagnosis.md)
+BUGS7_NOW = FirstRun(25, 25, 25, 22, 2, pinned=25)
 HELDOUT7_PINNED_NOW = set(h5.BUGS7)
 
 

@@ -82,7 +82,7 @@ def _att_scale_name(kernel, args, value, ctx):
 
 def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0,
                    causal=True, scale=None, masking="-inf", qkv_axes=("3", "NH", "hs"), upper=False, take="qkv",
-                   batched=None, bias=None):
+                   batched=None, bias=None, nan_empty=False):
     """attention_forward in float64 with the mistakes a port makes: q, k, v taken in another
     ``order``; the heads split from the channels in another layout (``split``:
     ``"heads-major"`` as the C, ``"no-transpose"`` viewing (B,T,C) as (B,NH,T,hs),
@@ -96,7 +96,8 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     position sees itself and the later ones); q, k, v each taken from a chunk (``take``,
     "qqv": k is q's chunk); the heads batched as (NH*B) and read back as (B*NH), or the
     other way (``batched``: "nh-major", "b-major"); the mask a finite ``bias`` added to the
-    left-out scores (a 0/1 tril added as if it were 0/-inf: -1, or -scale before the scale).
+    left-out scores (a 0/1 tril added as if it were 0/-inf: -1, or -scale before the scale);
+    ``nan_empty``: a softmax over an all -inf slice is NaN (torch's 0/0), not the C's 0.
     Returns (out, preatt, att), preatt 0 where the mask leaves it out (as the C's)."""
     B, T, C3 = inp.shape
     C = C3 // 3
@@ -125,9 +126,9 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
         return _merged(_rebatched(att @ v, batched), merge), np.where(mask, scores, 0.0), att
     if masking != "-inf":
         # the mask applied after the softmax (no renormalisation), or as a finite score
-        e = np.exp(np.where(mask, scores, masking) - np.max(np.where(mask, scores, masking), -1, keepdims=True)) \
-            if masking != "after" else np.exp(scores - scores.max(-1, keepdims=True))
-        att = e / e.sum(-1, keepdims=True)
+        e = np.exp(np.where(mask, scores, masking) - np.max(np.where(mask, scores, masking), axis, keepdims=True)) \
+            if masking != "after" else np.exp(scores - scores.max(axis, keepdims=True))
+        att = e / e.sum(axis, keepdims=True)
         if masking == "after":
             att = np.where(mask, att, 0.0)
         return _merged(att @ v, merge), np.where(mask, scores, 0.0), att
@@ -137,7 +138,7 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     e = np.exp(pre - mx)
     s = e.sum(axis, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        att = np.where(s == 0, 0.0, e / s)
+        att = np.where(s == 0, np.nan if nan_empty else 0.0, e / s)
     return _merged(_rebatched(att @ v, batched), merge), np.where(mask, pre, 0.0), att
 
 
@@ -222,8 +223,16 @@ def _mask_fill_name(kernel, args, value, ctx):
 
 
 def _att_axes(kernel, args, **kw):
-    # (over the heads, a causal mask's -inf leaves 0/0: a port sees NaN, not a divergence)
-    return [_Form("the queries (dim=-2)", "axis", -2)]
+    """The axes a port's softmax may take instead of the keys': the queries (dim=-2; with a
+    causal mask no column is all masked, so -inf and a finite fill agree), and the heads
+    (dim=1 of (B,NH,T,T)): with -inf filled in, a future key is -inf in every head, 0/0 is
+    NaN and the output NaN at every query but the last; with a large finite fill, the
+    masked scores are equal in every head, so each weighs 1/NH."""
+    return [_Form("the queries (dim=-2)", "axis", -2),
+            _Form("the heads (dim=1): a future key is -inf in every head, so its weights are 0/0 = NaN",
+                  "axis", 1, nan_empty=True),
+            _Form("the heads (dim=1), the masked scores a finite fill (each future key weighs 1/NH)",
+                  "axis", 1, masking=-1e30)]
 
 
 def _att_changed(**fixed):
@@ -233,17 +242,19 @@ def _att_changed(**fixed):
         choice = ctx.get("choice")
         if choice is not None:
             key, x = choice.change
-            change[key] = x
+            change.update({key: x}, **choice.more)
         return _forward(kernel, _attention_any(args["inp"], int(args["NH"]), **change))
     return run
 
 
 class _Form(str):
-    """A choice of a variant: its text, and the keyword of :func:`_attention_any` it sets."""
+    """A choice of a variant: its text, the keyword of :func:`_attention_any` it sets, and
+    ``more`` keywords that go with it (the heads' softmax's -inf, or a finite fill)."""
 
-    def __new__(cls, text, key, value):
+    def __new__(cls, text, key, value, **more):
         obj = super().__new__(cls, text)
         obj.change = (key, value)
+        obj.more = more
         return obj
 
 

@@ -1,5 +1,6 @@
 """matmul and the backward's accumulation: the bias left out, a gradient assigned instead of
-accumulated, a sum's += turned into =."""
+accumulated, a sum's += turned into =, a weight's gradient left out (the weight detached or
+frozen where a matmul uses it: a tied head's, so that wte's gradient is the encoder's alone)."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +28,18 @@ def _overwrite(kernel, args, ctx, value):
     if args.get(name) is None or not np.any(args[name]):
         return None      # a zero buffer: = and += agree
     return _oracle(kernel, args, **{name: np.zeros_like(args[name])})
+
+
+def _no_weight_gradient(kernel, args, ctx, value):
+    """matmul's dweight not accumulated: the weight detached (or frozen) where this matmul
+    uses it. Of the tied wte's chain (the lm head's matmul_backward, then the encoder's), the
+    encoder's part alone: numerically backward.overwrite of the encoder's dwte, tried first
+    (the head is the chain's first call), since autograd accumulates and a port detaches."""
+    if ctx["output"] != "dweight" or args.get("dweight") is None:
+        return None
+    out = _oracle(kernel, args)
+    out["dweight"] = args["dweight"]       # left as it was
+    return out
 
 
 def _rows(a):
@@ -83,6 +96,9 @@ def _last_term(kernel, args, ctx, value):
 VARIANTS: tuple[Variant, ...] = (
     Variant("matmul.no-bias", "matmul", ("matmul_forward", "matmul_backward"),
             "matmul without its bias (forward: not added; backward: dbias not accumulated)", _matmul_no_bias),
+    Variant("backward.weight-without-gradient", "backward", ("matmul_backward",),
+            "the weight's gradient left out of dweight (the weight detached, or frozen, where this matmul uses "
+            "it: a tied head's, so that wte's gradient is the encoder's alone)", _no_weight_gradient),
     Variant("backward.overwrite", "backward", BACKWARD_KERNELS,
             "the gradient is assigned (=) instead of accumulated (+=)", _overwrite),
     Variant("backward.last-term-only", "backward", tuple(dict.fromkeys(k for k, _ in _LAST_TERM)),
