@@ -13,6 +13,8 @@ from math import prod
 
 import numpy as np
 
+from pyref.constants import Held
+
 # ParameterTensors, in struct (and checkpoint file) order.
 PARAM_NAMES = (
     "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
@@ -174,13 +176,21 @@ class AdamW:
 
     def as_float32(self) -> "AdamW":
         """The settings as the C holds them (``float``): 0.999f, not 0.999. A double
-        0.999 makes 1 - beta2 differ from the C's 1.0f - 0.999f by 1.3e-5 relative."""
-        return AdamW(*(float(np.float32(x)) for x in self.args()))
+        0.999 makes 1 - beta2 differ from the C's 1.0f - 0.999f by 1.3e-5 relative. A
+        :class:`pyref.constants.Held` setting (an optimizer's own double) stays as held."""
+        return AdamW(*(x if isinstance(x, Held) else float(np.float32(x)) for x in self.args()))
 
-    def kernel_args(self, t: int) -> dict:
+    def kernel_args(self, t: int, held: Mapping | None = None) -> dict:
         """The protocol kernel ``adamw``'s scalar arguments for step ``t``, as the C's
-        floats (:meth:`as_float32`)."""
-        return dict(zip(ADAMW_ARGS, self.as_float32().args()), t=t)
+        floats (:meth:`as_float32`). ``held``: the settings an optimizer holds itself
+        (argument name -> its double); each one that is the C's up to float rounding is
+        passed as it is held (:class:`pyref.constants.Held`), any other as the C's float, so
+        that a different setting (beta2 0.95 for 0.999) still fails the update check."""
+        args = dict(zip(ADAMW_ARGS, self.as_float32().args()))
+        for k, x in (held or {}).items():
+            if k in args and float(np.float32(x)) == args[k]:
+                args[k] = Held(x)
+        return {**args, "t": t}
 
     @classmethod
     def from_kernel_args(cls, args: Mapping) -> "AdamW":

@@ -58,6 +58,10 @@ class ComputesEverything:
         """What it computed below float32, one line each: nothing."""
         return []
 
+    def held_settings(self) -> dict:
+        """The AdamW settings its optimizer holds itself: none (it takes the C's floats)."""
+        return {}
+
 
 class GPT2(ComputesEverything):
     """llm.c's ``GPT2`` struct and its four functions, on a protocol KernelSet.

@@ -21,7 +21,7 @@ import numpy as np
 BACKEND = "numpy"
 
 # The C's constants, module attributes read at call time: tests build mutants by patching them
-from pyref.constants import ATT_MAXVAL_INIT, GELU_COEF, LN_EPS  # noqa: E402 -- absolute: harness.diagnosis.catalogue._common loads a private copy of this file
+from pyref.constants import ATT_MAXVAL_INIT, GELU_COEF, LN_EPS, Held  # noqa: E402 -- absolute: harness.diagnosis.catalogue._common loads a private copy of this file
 
 
 def _c(x, dtype):
@@ -272,9 +272,11 @@ def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
 
     The hyperparameters are ``float`` arguments of the C function, so they are rounded to
     float32 first, in both dtypes: ``1 - beta2`` would otherwise amplify the rounding of
-    beta2 = 0.999 a thousandfold (float32(0.999) is 1 - 0.00099998713...)."""
+    beta2 = 0.999 a thousandfold (float32(0.999) is 1 - 0.00099998713...). A setting
+    given as :class:`pyref.constants.Held` (an optimizer's own double, the C's setting up to
+    that rounding) is used as given."""
     dt = param.dtype
-    lr, beta1, beta2, eps, wd = (_c(np.float32(x), dt)
+    lr, beta1, beta2, eps, wd = (_c(x if isinstance(x, Held) else np.float32(x), dt)
                                  for x in (lr, beta1, beta2, eps, weight_decay))
     one = _c(1, dt)
     bc1 = one - beta1 ** int(t)   # 1.0f - powf(beta1, t)

@@ -17,6 +17,8 @@ import threading
 
 import numpy as np
 
+from pyref.constants import Held
+
 from .metrics import rms_scale
 
 _CDEF = """
@@ -227,7 +229,8 @@ def _adamw_hp(h, hp: dict):
     """AdamW's constants as the float64 reference and the float32 term sizes use them
     (pyref.numpy_kernels.adamw, pyref.terms.adamw_magnitudes)."""
     t = int(hp["t"])
-    w = {k: float(np.float64(np.float32(hp[k]))) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}
+    w = {k: float(hp[k]) if isinstance(hp[k], Held) else float(np.float64(np.float32(hp[k])))
+         for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}   # Held: an optimizer's own double
     h.lr, h.beta1, h.beta2, h.eps, h.wd = w["lr"], w["beta1"], w["beta2"], w["eps"], w["weight_decay"]
     h.bc1 = float(np.float64(1) - np.float64(w["beta1"]) ** t)
     h.bc2 = float(np.float64(1) - np.float64(w["beta2"]) ** t)

@@ -64,6 +64,11 @@ class CheckedState(Protocol):
         """The precision its AdamW's ``params``, ``m`` or ``v`` is held at, where below
         float32 (None: float32)."""
 
+    def held_settings(self) -> dict:
+        """The AdamW settings its optimizer holds itself (``adamw`` argument name -> the
+        value, a double where torch's AdamW keeps one), for the update check; empty: the
+        C's floats."""
+
     def witness_precisions(self) -> dict:
         """Kernel -> the precision the witness must noise it at, where below float32 (empty:
         the float32 witness serves)."""

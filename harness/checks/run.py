@@ -296,7 +296,8 @@ def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: di
             return
         step.update[name] = check_update(step.config, pre, pm.grads_memory,
                                          (pm.params_memory, pm.m_memory, pm.v_memory), h, step.t,
-                                         step=step.t, impl=name, precision=update_precision(pm))
+                                         step=step.t, impl=name, precision=update_precision(pm),
+                                         held=pm.held_settings())
         pin_update(step.graph[name] + step.update[name], pm)
     finally:
         pm.release()

@@ -29,7 +29,7 @@ UPDATE_BLOCK = 1 << 16   # elements per block of the float64 AdamW: its temporar
 @marked("update checks")
 def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
                  post: tuple[np.ndarray, np.ndarray, np.ndarray], hyper: AdamW, t: int, *,
-                 step: int, impl: str, precision=None) -> list[Check]:
+                 step: int, impl: str, precision=None, held: dict | None = None) -> list[Check]:
     """AdamW in float64 from the common pre-step state ``pre`` = (params, m, v; m and v
     None at the first step: zeros) with ``grads``, against ``post`` (params, m, v after the
     implementation's update), tensor by tensor: in one pass per tensor by the compiled
@@ -37,9 +37,11 @@ def check_update(cfg: GPT2Config, pre: tuple, grads: np.ndarray,
     where it is not at hand, or a tensor fails (its diagnosis needs the expected values),
     in NumPy, in cache-sized blocks into buffers made once for the largest tensor.
     ``precision``: ``label -> Precision or None`` (``"params"``, ``"m"``, ``"v"``) of a
-    port whose parameters or optimizer state are held below float32 (None: float32)."""
+    port whose parameters or optimizer state are held below float32 (None: float32).
+    ``held``: the settings the implementation's optimizer holds itself (a torch port's:
+    :meth:`pyref.config.AdamW.kernel_args`), judged as held where they are the run's."""
     at = precision or (lambda label: None)
-    hp = hyper.kernel_args(t)
+    hp = hyper.kernel_args(t, held)
     shapes = param_shapes(cfg)
     buf: dict = {}
     checks = []

@@ -419,6 +419,21 @@ class ModelState:
         """Kernel -> the precision the witness must noise it at (empty: float32)."""
         return {} if self.mixed.profile is None else self.mixed.profile.witness()
 
+    def held_settings(self) -> dict:
+        """The AdamW settings its optimizer holds (``adamw`` argument name -> value), where
+        every parameter group holds the same one: torch keeps them as Python floats
+        (``betas=(0.9, 0.999)``), which the update check takes as given where they are the
+        run's up to the C's float rounding (:meth:`pyref.config.AdamW.kernel_args`)."""
+        groups = self.optimizer.param_groups
+        found = {}
+        for name, get in (("lr", lambda g: g.get("lr")), ("beta1", lambda g: (g.get("betas") or (None,))[0]),
+                          ("beta2", lambda g: (g.get("betas") or (None, None))[1]),
+                          ("eps", lambda g: g.get("eps")), ("weight_decay", lambda g: g.get("weight_decay"))):
+            values = {float(v) for v in map(get, groups) if isinstance(v, (int, float)) or hasattr(v, "item")}
+            if len(values) == 1 and len(groups) > 0:
+                found[name] = values.pop()
+        return found
+
     def precision_lines(self) -> list[str]:
         """What its first forward and its optimizer were seen to compute below float32."""
         return [] if self.mixed.profile is None else self.mixed.profile.lines()

@@ -354,3 +354,33 @@ def test_kernel_signatures_by_name_on_numpy_too():
     vague = KernelSet.from_module(as_namespace({"attention_forward": lambda x, a, b, c, d: x}), name="vague")
     with pytest.raises(TypeError, match="vague.attention_forward"):
         vague.attention_forward(np.zeros((1, 2, 6), np.float32), 2)
+
+
+def _literal_adamw(betas):
+    """An optimizer as a port writes it: the settings as Python literals (doubles), not the
+    C's floats."""
+    def make(model, hyper):
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, eps=1e-8, weight_decay=0.1)
+    return make
+
+
+def test_an_adamw_with_literal_settings_is_judged_at_the_settings_it_holds():
+    """torch's AdamW keeps betas=(0.9, 0.999) as doubles: 1 - 0.9 differs from the C's
+    1.0f - 0.9f by 2.4e-7 relative, more than an update's rounding. The same settings up
+    to float rounding are judged as held (no false alarm over two steps); another beta2 is
+    not (0.95 fails at v and is named), and the C's floats alone would fail the right one."""
+    report = run_model(mp.GPT, steps=2, optimizer=_literal_adamw((0.9, 0.999)), replay="on-failure")
+    assert report.passed, "\n".join(failures(report)[:5])
+    wrong = run_model(mp.GPT, steps=1, optimizer=_literal_adamw((0.9, 0.95)), replay="on-failure")
+    failed = [c for c in wrong.steps[0].checks if c.impl == "port" and not c.passed]
+    assert failed and {c.ref.group for c in failed} <= {"v", "params"}, failed[:3]
+    assert any(c.diagnosis is not None and c.diagnosis.known for c in failed)
+
+
+def test_the_cs_floats_alone_would_fail_a_correct_literal_adamw(monkeypatch):
+    """The check the test above relies on can fail: with the held settings ignored (the
+    C's floats for every port), the correct literal-settings AdamW fails at m."""
+    from harness.ports.torchstate import ModelState
+    monkeypatch.setattr(ModelState, "held_settings", lambda self: {})
+    report = run_model(mp.GPT, steps=1, optimizer=_literal_adamw((0.9, 0.999)), replay="on-failure")
+    assert not report.passed and any(c.ref.group == "m" for s in report.steps for c in s.checks if not c.passed)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from pyref.constants import Held
 from pyref.config import LAYER_PARAMS, AdamW
 
 from ..engine import Variant
@@ -63,6 +64,9 @@ def _adamw_changed(**hyper):
     def run(kernel, args, ctx, value):
         if AdamW.from_kernel_args(args).as_float32() == AdamW.from_kernel_args(dict(args, **hyper)).as_float32():
             return None   # the change changes nothing
+        if any(isinstance(args.get(k), Held) for k in hyper):
+            # an optimizer that holds its settings as doubles holds the changed ones so too
+            return _adamw(args, **{k: Held(v) for k, v in hyper.items()})
         return _adamw(args, **hyper)
     return run
 
