@@ -133,6 +133,7 @@ def cmd_run(args) -> int:
     from pyref.config import AdamW
     from pyref.formats import checkpoint_note
 
+    from .arbiter.oracle import plan_witness
     from .checks.policy import plan
     from .checks.run import run_parity
 
@@ -145,12 +146,14 @@ def cmd_run(args) -> int:
     if args.impl:
         impls.update(_impls([args.impl]))
     models = _models(args)
+    witness = plan_witness(cfg, B, T)   # decided here, so that the header says what the run does
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
               + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {what.replay}")
         if what.why:
             print(what.why)
+        print(witness.line())
         if args.checkpoint and (note := checkpoint_note(args.checkpoint)):
             print(note)
     progress = Progress(enabled=not args.quiet)
@@ -160,7 +163,7 @@ def cmd_run(args) -> int:
                         steps=args.steps, hyper=hyper, threads=args.threads, replay=what.replay_arg,
                         progress=progress, on_step=_first_step_said(args, progress, large=what.large),
                         free_run_batches=[next(free) for _ in range(args.free_run)],
-                        checkpoint=args.checkpoint, debug_state=args.debug_state)
+                        checkpoint=args.checkpoint, debug_state=args.debug_state, keep_witness=witness.keep)
     progress.done()
     if not args.json_only:
         _print_run(report, verbose=args.verbose)
