@@ -324,14 +324,26 @@ class WitnessRun:
     step, bit for bit (every activation is rewritten by the forward, the gradients and
     the scratch are zeroed before they accumulate, the stream restarts at the step's
     seed). Not kept, it is made for each step and dropped by :meth:`done`. ``keep=None``:
-    decided by the first step from its batch's shape (:func:`plan_witness`)."""
+    decided by the first step from its batch's shape (:func:`plan_witness`).
+
+    ``every``: the spread is measured at steps 1, 1 + every, 1 + 2 every, ... (:meth:`due`)
+    and the last one measured (:attr:`spread`) serves the steps between (1, the default:
+    every step; benchmarks/witness_drift.py measures what a larger one costs in margin)."""
 
     def __init__(self, cfg: GPT2Config, params: np.ndarray, keep: bool | None = None,
-                 precisions: dict | None = None):
+                 precisions: dict | None = None, every: int = 1):
+        if int(every) != every or every < 1:
+            raise ValueError(f"the witness is measured every k >= 1 steps, got {every!r}")
         self.config, self.params, self.keep, self.precisions = cfg, params, keep, precisions
+        self.every = int(every)
         self.plan: WitnessPlan | None = None
         self.noisy: Witness | None = None
         self.model = None
+        self.spread: dict | None = None     # the last spread measured (run_parity's)
+
+    def due(self, t: int) -> bool:
+        """Whether step ``t`` (from 1) measures the spread afresh."""
+        return self.spread is None or (t - 1) % self.every == 0
 
     def run(self, seed: int, inputs: np.ndarray, targets: np.ndarray) -> float:
         """The witness's forward and backward of one step (seeded ``seed``): its loss."""

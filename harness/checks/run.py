@@ -64,7 +64,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                on_step: Callable[[int, object], None] | None = None,
                free_run_batches: Sequence[tuple[np.ndarray, np.ndarray]] = (),
                checkpoint: str | None = None, debug_state: str | None = None,
-               keep_witness: bool | None = None) -> RunReport:
+               keep_witness: bool | None = None, witness_every: int = 1) -> RunReport:
     """Run ``steps`` training steps of the C (the library ``lib``) and of each Python
     implementation in ``impls`` (name -> KernelSet; default: none, the C alone against the
     oracle), checking everything after every step. ``models`` (name ->
@@ -82,16 +82,20 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     against the C built from ``checkpoint`` (:mod:`.debugstate`), each kept in the report.
     ``keep_witness``: the witness's buffers kept from step to step (True), made each step
     (False), or as the memory available allows (None:
-    :func:`harness.arbiter.oracle.plan_witness`); the results are the same."""
+    :func:`harness.arbiter.oracle.plan_witness`); the results are the same.
+    ``witness_every``: the witness's spread measured at steps 1, 1 + k, ... and the last
+    one used between (1, the default: every step)."""
     if debug_state and not checkpoint:
         raise InputError("a debug state needs the checkpoint it was made from")
+    if int(witness_every) != witness_every or witness_every < 1:
+        raise InputError(f"the witness is measured every k >= 1 steps, got {witness_every!r}")
     lib = as_library(lib)
     impls = dict(impls or {})
     with span("models built"):
         cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
     reports: list[StepReport] = []
     shape = (0, 0)
-    witness = WitnessRun(config, cmodel.params_memory, keep=keep_witness)
+    witness = WitnessRun(config, cmodel.params_memory, keep=keep_witness, every=witness_every)
     try:
         oracle, pymodels = _references(config, cmodel, impls, models, hyper)
         for t in range(1, steps + 1):
@@ -238,12 +242,15 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, witness: WitnessRun, threads)
             oracle.zero_grad()
             oracle.backward()
         return loss
+    if not witness.due(step.t):      # the last spread measured serves (witness_every)
+        losses["oracle"] = run("oracle")
+        return losses, witness.spread
     # independent float64 models on the same read-only parameters: one per core
     losses["oracle"], _ = shared(run, ("oracle", "witness"))
     with span("witness spread"):
-        spread = witness_spread(config, witness.model, oracle)
+        witness.spread = witness_spread(config, witness.model, oracle)
     witness.done()
-    return losses, spread
+    return losses, witness.spread
 
 
 def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: dict) -> list[Check]:

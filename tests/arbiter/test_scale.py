@@ -318,3 +318,29 @@ def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     serial, shared = rows(1), rows(3)
     assert serial == shared
     assert [t for t, ok, _ in serial if not ok] == ["params.wte (after update)"]
+
+
+def test_witness_measured_every_k_steps_serves_the_steps_between(monkeypatch):
+    """witness_every=2: the witness runs at steps 1 and 3, and step 2's end-to-end bounds
+    are step 1's (every step, they are the step's own); k < 1 is refused."""
+    from harness import run_parity
+    from harness.arbiter.oracle import WitnessRun
+    from harness.errors import InputError
+    seeds = []
+    run = WitnessRun.run
+    monkeypatch.setattr(WitnessRun, "run", lambda self, seed, x, y: seeds.append(seed) or run(self, seed, x, y))
+    cfg = preset("tiny")
+
+    def tols(every):
+        seeds.clear()
+        batches = (make_batch(cfg, 2, 8, seed=t) for t in range(10))
+        report = run_parity(cfg, init_params(cfg, seed=0), batches, steps=3, replay=False, witness_every=every)
+        assert report.passed
+        return [{str(c.tensor): c.comparison.tol for c in s.checks if c.kind == "e2e"} for s in report.steps]
+    every2 = tols(2)
+    assert seeds == [1, 3]
+    assert every2[1] == every2[0] and every2[2] != every2[0]
+    every1 = tols(1)
+    assert seeds == [1, 2, 3] and every1[1] != every1[0] and every1[0] == every2[0]
+    with pytest.raises(InputError, match="every k >= 1"):
+        run_parity(cfg, init_params(cfg, seed=0), iter([]), steps=1, witness_every=0)

@@ -75,6 +75,7 @@ def test_run_with_a_broken_port_exits_1_with_first_divergence(capsys, tmp_path):
     (["run", "-T", "999"], "max_seq_len"),
     (["run", "--steps", "0"], "positive"),
     (["run", "-T", "0"], "positive"),
+    (["run", "--witness-every", "0"], "--witness-every must be >= 1"),
     (["run", "--debug-state", "/nonexistent/d.bin"], "--checkpoint"),
     (["ops", "-k", "no_such_kernel"], "no check ran"),
     (["run", "--impl", "/nonexistent/port.py"], "--impl /nonexistent/port.py: no such file"),
