@@ -229,15 +229,16 @@ def _reused(args, ap, parts: list[str]) -> dict:
 
 
 def _warm(cfg, args, parts: list[str]) -> dict:
-    """Touch, once, as much fresh memory as the largest part needs (by config: the run's
-    buffers with the witness kept, :func:`harness.arbiter.oracle.plan_witness`), leaving
-    3 GiB of what is available to the machine's other users; said on stderr."""
+    """Touch, once, as much fresh memory as a full check of ``cfg`` needs (by config: the
+    run's buffers with the witness kept, :func:`harness.arbiter.oracle.plan_witness`),
+    leaving 4 GiB of what is available to the machine's other users; said on stderr.
+    (On the project's VM the host takes freed memory back within minutes -- virtio
+    balloon's free page reporting -- so the warmth does not last the whole bench: the
+    cold and warm figures say what a page costs either way.)"""
     from harness.arbiter.oracle import plan_witness
     need = plan_witness(cfg, args.B, args.T, available=0).need
-    if "full_check_d24" in parts:
-        need = max(need, plan_witness(d24_config(), D24["B"], D24["T"], available=0).need)
     have = mem_available_bytes()
-    nbytes = need if have is None else max(0, min(need, have - 3 * 2**30))
+    nbytes = need if have is None else max(0, min(need, have - 4 * 2**30))
     print(f"[bench] warming {nbytes / 2**30:.1f} GiB of memory before timing (a fresh page's first touch is "
           "slow on a VM) ...", file=sys.stderr, flush=True)
     w = warm_memory(nbytes)
