@@ -19,6 +19,13 @@ timed (warm) one:
 The ratio is model_check / (c_step + model_step + oracle_step). The float32-noise witness
 is a second float64 model run inside every check, so it is part of the check's cost and
 not of the denominator.
+
+Where the check's steps go (issue 32.3): run_parity's probes, and spans this benchmark puts
+around the port's own costs (:data:`PORT_SPANS`: the copy-in of the C's state, the
+read-back of activations, gradients and the update, the derived activations, the census,
+the mixed-precision observer and its profile on the first step), timed wall-clock
+(benchmarks/bench_parts.py Breakdown: a step's categories add up to it); the port's
+forward and backward with its hooks are ``GPT``, against ``model_step`` alone.
 """
 from __future__ import annotations
 
@@ -32,8 +39,47 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGET = 1.5
+# the port's own costs, timed by wrapping (only in this benchmark): "module:Class.method" -> span
+PORT_SPANS = {
+    "harness.ports.torchstate:ModelState.load_state": "port: copy-in",
+    "harness.ports.torchstate:ModelState._store": "port: read-back (activations)",
+    "harness.ports.torchstate:ModelState._read": "port: read-back (grads, m, v, params)",
+    "harness.ports.torchstate:ModelState._derive": "port: derived activations",
+    "harness.ports.census:Census.forward_findings": "port: census",
+    "harness.ports.census:Census.gradient_findings": "port: census",
+    "harness.ports.precision:observe": "port: observer (first step)",
+    "harness.ports.precision:profile": "port: precision profile (first step)",
+}
+
+
+def instrumented():
+    """The port's own costs marked as spans (:data:`PORT_SPANS`), for as long as the
+    returned context lasts."""
+    import contextlib
+    import importlib
+    from harness.probe import marked
+
+    @contextlib.contextmanager
+    def ctx():
+        undo = []
+        for where, category in PORT_SPANS.items():
+            mod_name, attr = where.split(":")
+            owner = importlib.import_module(mod_name)
+            *path, name = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            original = owner.__dict__[name]
+            setattr(owner, name, marked(category)(original))
+            undo.append((owner, name, original))
+        try:
+            yield
+        finally:
+            for owner, name, original in reversed(undo):
+                setattr(owner, name, original)
+    return ctx()
 
 
 def _timed(step, warmups: int = 1) -> float:
@@ -54,7 +100,7 @@ def measure(cfg, B: int, T: int) -> dict:
     params = synth.init_params(cfg, seed=0)
     x, y = synth.make_batch(cfg, B, T, seed=1)
     lib = load_library()
-    GPT = load_object(f"{ROOT / 'tests' / 'model_ports.py'}:GPT")
+    GPT = load_object(f"{ROOT / 'tests' / 'ports' / 'model_ports.py'}:GPT")
     out = {}
 
     c = CModel.from_params(cfg, params, lib=lib)
@@ -87,13 +133,20 @@ def measure(cfg, B: int, T: int) -> dict:
         oracle.backward()
     out["oracle_step"] = _timed(oracle_step)
 
+    from bench_parts import Breakdown
+    from harness.probe import listening
+    bd = Breakdown()
+
     def batches():
         while True:
+            bd.snapshot()
             yield x, y
-    report = run_parity(cfg, params, batches(), lib=lib, impls={}, steps=2, hyper=hyper, replay="on-failure",
-                        models={"GPT": TorchModel(GPT)})
+    with instrumented(), listening(bd):
+        report = run_parity(cfg, params, batches(), lib=lib, impls={}, steps=2, hyper=hyper, replay="on-failure",
+                            models={"GPT": TorchModel(GPT)})
     out["model_check"] = report.steps[1].seconds
     out["model_check_first"] = report.steps[0].seconds
+    out["breakdown_first_s"], out["breakdown_warm_s"] = bd.per_step([s.seconds for s in report.steps])
     out["passed"] = report.passed
     out["ratio"] = out["model_check"] / (out["c_step"] + out["model_step"] + out["oracle_step"])
     out["target"] = TARGET
@@ -116,6 +169,9 @@ def main(argv=None) -> int:
           f"{r['model_step']:.2f}s, oracle step {r['oracle_step']:.2f}s; check step {r['model_check']:.2f}s "
           f"(first {r['model_check_first']:.2f}s), {'passed' if r['passed'] else 'FAILED'}")
     print(f"ratio {r['ratio']:.2f} (target <= {TARGET}): {'met' if r['met'] else 'NOT MET'}")
+    for label in ("first", "warm"):
+        bd = r[f"breakdown_{label}_s"]
+        print(f"  {label} step, wall-clock: " + ", ".join(f"{k} {v:.3g}" for k, v in bd.items() if v >= 0.005))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0

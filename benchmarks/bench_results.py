@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from math import prod
 
-from bench_parts import (D24, FULL_PARTS, LLMC_SECONDS, LLMC_STEPS, LLMC_TARGET, MEMORY_TARGET, MODEL_CATEGORIES,
+from bench_parts import (D24, ESTIMATE_TARGET, FULL_PARTS, LLMC_SECONDS, LLMC_STEPS, LLMC_TARGET, MEMORY_TARGET, MODEL_CATEGORIES,
                          MODEL_PARTS, NECESSARY_PARTS, OVERHEAD_TARGET, d24_config)
 
 
@@ -116,9 +116,13 @@ def _llmc_command(lc: dict, warm: dict) -> dict:
         return {"why": lc.get("why") or "not run"}
     necessary = (LLMC_STEPS + 1) * (warm["c_step"] + warm["oracle_step"])
     ratio = lc["wall_s"] / necessary
+    est = lc.get("estimate_s")
+    off = None if est is None else est / lc["wall_s"] - 1.0
     return {"wall_s": lc["wall_s"], "necessary_s": necessary, "vs_necessary": ratio, "passed": lc["passed"],
-            "target": LLMC_TARGET, "seconds_target": LLMC_SECONDS,
-            "meets_target": ratio <= LLMC_TARGET and lc["wall_s"] <= LLMC_SECONDS}
+            "target": LLMC_TARGET, "seconds_target": LLMC_SECONDS, "header": lc.get("header"),
+            "estimate_s": est, "estimate_off": off, "estimate_target": ESTIMATE_TARGET,
+            "meets_target": ratio <= LLMC_TARGET and lc["wall_s"] <= LLMC_SECONDS,
+            "estimate_meets_target": off is not None and abs(off) <= ESTIMATE_TARGET}
 
 
 def _split(fc: dict, first: dict, warm: dict) -> dict:

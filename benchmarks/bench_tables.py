@@ -93,6 +93,10 @@ def target_rows(results: dict) -> list[tuple[str, str, str]]:
                      f"{lc['wall_s']:.0f} s = {lc['vs_necessary']:.3g} x its necessary parts ({LLMC_STEPS + 1} x "
                      f"(the C's step + the oracle's) = {lc['necessary_s']:.0f} s); verdict "
                      f"{'PASS' if lc['passed'] else 'FAIL'}", _met(lc["meets_target"])))
+        est = "-" if lc.get("estimate_s") is None else \
+            f"{lc['estimate_s']:.0f} s, {100 * lc['estimate_off']:+.0f}% of its {lc['wall_s']:.0f} s"
+        rows.append((f"the llm.c command's header estimate within {100 * lc['estimate_target']:.0f}% of its time",
+                     est, _met(lc["estimate_meets_target"])))
     d24 = parts.get("full_check_d24")
     if d24 is not None:
         fits = d24.get("status") == "ran" and d24["passed"] and d24["peak_rss_mib"] * 2**20 < 24e9
@@ -144,6 +148,17 @@ def breakdown_lines(results: dict) -> list[str]:
     return lines
 
 
+def warming_line(results: dict) -> str:
+    """What warming the memory did before the parts ran: first touch cold and warm."""
+    w = results.get("memory_warming")
+    if not w:
+        return "memory: not warmed before the parts ran (--no-warm)"
+    c, h = w["cold"], w["warm"]
+    return (f"memory: {w['warmed_gib']:.1f} GiB warmed before the parts ran ({w['seconds']:.0f} s); a fresh page's "
+            f"first touch {c['first_touch_ns_per_page'] / 1e3:.2g} us cold, {h['first_touch_ns_per_page'] / 1e3:.2g} us "
+            f"warm (a touched page {h['touched_ns_per_page'] / 1e3:.2g} us)")
+
+
 def machine_line(results: dict) -> str:
     m = results["machine"]
     return (f"machine: {m['cpu_model']}, {m['cores_usable']} cores, {m['memory_gib']} GiB, "
@@ -163,7 +178,7 @@ def text(results: dict, cfg_label: str) -> str:
     if reused:
         lines.append(f"* reused from {', '.join(reused)} (same config, B, T)")
     targets = [f"  {target}: {measured} -> {verdict}" for target, measured, verdict in target_rows(results)]
-    lines += ["", "targets:", *targets, *breakdown_lines(results), "", machine_line(results)]
+    lines += ["", "targets:", *targets, *breakdown_lines(results), "", machine_line(results), warming_line(results)]
     return "\n".join(lines)
 
 
@@ -171,7 +186,8 @@ def markdown(results: dict) -> str:
     """The same rows as markdown tables (for the README)."""
     cfg = f"{results['config']}, B={results['B']}, T={results['T']}"
     return "\n".join([*markdown_table((cfg, *PART_HEADER[1:]), part_rows(results), right={1, 2, 4, 5, 6}), "",
-                      *markdown_table(TARGET_HEADER, target_rows(results)), "", machine_line(results) + "."])
+                      *markdown_table(TARGET_HEADER, target_rows(results)), "", machine_line(results) + ".",
+                      warming_line(results) + "."])
 
 
 def _load_range(parts: dict) -> str:

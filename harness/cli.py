@@ -133,6 +133,7 @@ def cmd_run(args) -> int:
     from pyref.config import AdamW
     from pyref.formats import checkpoint_note
 
+    from .arbiter.oracle import plan_witness
     from .checks.policy import plan
     from .checks.run import run_parity
 
@@ -145,12 +146,14 @@ def cmd_run(args) -> int:
     if args.impl:
         impls.update(_impls([args.impl]))
     models = _models(args)
+    witness = plan_witness(cfg, B, T)   # decided here, so that the header says what the run does
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
               + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {what.replay}")
         if what.why:
             print(what.why)
+        print(witness.line() + (f"; measured every {args.witness_every} steps" if args.witness_every > 1 else ""))
         if args.checkpoint and (note := checkpoint_note(args.checkpoint)):
             print(note)
     progress = Progress(enabled=not args.quiet)
@@ -160,7 +163,8 @@ def cmd_run(args) -> int:
                         steps=args.steps, hyper=hyper, threads=args.threads, replay=what.replay_arg,
                         progress=progress, on_step=_first_step_said(args, progress, large=what.large),
                         free_run_batches=[next(free) for _ in range(args.free_run)],
-                        checkpoint=args.checkpoint, debug_state=args.debug_state)
+                        checkpoint=args.checkpoint, debug_state=args.debug_state, keep_witness=witness.keep,
+                        witness_every=args.witness_every)
     progress.done()
     if not args.json_only:
         _print_run(report, verbose=args.verbose)
@@ -200,6 +204,8 @@ def _run_inputs(args):
         raise UsageError(f"-T {T} exceeds the model's max_seq_len {cfg.max_seq_len}")
     if args.free_run < 0:
         raise UsageError(f"--free-run must be >= 0, got {args.free_run}")
+    if args.witness_every < 1:
+        raise UsageError(f"--witness-every must be >= 1, got {args.witness_every}")
     if B < 1 or T < 1 or args.steps < 1:
         raise UsageError("batch size, sequence length and steps must be positive")
     return cfg, params, B, T
@@ -404,6 +410,10 @@ def _run_parser(sub) -> None:
                      help="re-run every op in float64 on each implementation's own inputs: every step "
                           "(the default below 50M parameters), only where an end-to-end check failed (the "
                           "default from 50M parameters and with --debug-state), or never")
+    run.add_argument("--witness-every", type=int, default=1, metavar="K",
+                     help="measure the float32-noise witness's spread (what the end-to-end bounds are made "
+                          "from) at steps 1, 1+K, 1+2K, ... and use the last one between (default 1: every "
+                          "step; see docs/performance.md for what a larger K keeps of the bounds' margin)")
     run.add_argument("--json", help="write the JSON report here ('-' for stdout, which then holds "
                                     "the JSON alone, as with --json-only)")
     run.add_argument("--json-only", action="store_true", help="print nothing but the JSON")

@@ -9,6 +9,7 @@ that measures how far float32-sized rounding noise carries through a model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import sqrt
 
 import numpy as np
@@ -66,11 +67,16 @@ class Witness:
         # than float32: its results are noised at that precision's element scale
         # (Precision.unit(n), what its per-op tolerance allows) instead of u sqrt(n)
         self.precisions = {k: p for k, p in (precisions or {}).items() if not p.is_float32}
-        self.key = _splitmix64(seed)
-        self.position = 0          # the stream position of the next draw
+        self.reseed(seed)
         self._scratch: dict[tuple, np.ndarray] = {}   # the backward's zeroed buffers (_zeros)
         for kernel in SIGNATURES:
             setattr(self, kernel, self._wrap(kernel))
+
+    def reseed(self, seed: int) -> None:
+        """Start the stream of ``seed`` from its first draw: what a new ``Witness(seed)``
+        draws, with this one's scratch buffers kept (a run's witness, one seed per step)."""
+        self.key = _splitmix64(seed)
+        self.position = 0          # the stream position of the next draw
 
     def _take(self, size: int) -> int:
         at, self.position = self.position, self.position + size
@@ -106,18 +112,24 @@ class Witness:
                     hi = min(cf.size, lo + self.BLOCK)
                     b[lo:hi] += cf[lo:hi] + cf[lo:hi] * (s * draws(self.key, at + lo, hi - lo))
 
-    def _zeros(self, kernel: str, name: str, shape: tuple) -> np.ndarray:
+    def _zeros(self, shape: tuple, slot: int) -> np.ndarray:
         """A zeroed float64 scratch for one buffer of a backward kernel, kept for the next
-        call of the same shape: a fresh np.zeros of a parameter's gradient is touched page
-        by page for the first time in the kernel's +=, which at 124M cost the witness's
-        backward as much again as its arithmetic (the contribution is consumed by
-        _add_noisy before the next call, so one per (kernel, buffer, shape) serves)."""
-        buf = self._scratch.get((kernel, name, shape))
+        call: a fresh np.zeros of a parameter's gradient is touched page by page for the
+        first time in the kernel's +=, which at 124M cost the witness's backward as much
+        again as its arithmetic. The contribution is consumed by _add_noisy before the
+        next call, so one buffer per shape serves every kernel (``slot``: the call's
+        first, second ... buffer of that shape: residual_backward's two, attention's
+        dpreatt and datt); the encoder's dwte and the LM head's dweight share one."""
+        buf = self._scratch.get((shape, slot))
         if buf is None:
-            buf = self._scratch[(kernel, name, shape)] = np.zeros(shape)
+            buf = self._scratch[(shape, slot)] = np.zeros(shape)
         else:
             buf.fill(0.0)
         return buf
+
+    def scratch_bytes(self) -> int:
+        """What the backward's scratch buffers hold now."""
+        return sum(b.nbytes for b in self._scratch.values())
 
     def release(self) -> None:
         """Drop the backward's scratch buffers (a finished model's witness holds none)."""
@@ -146,11 +158,22 @@ class Witness:
                     named[k][...] = old
                     self._add_noisy(named[k], change, spec.n(k, named), kernel)
                 return None
-            own = {k: self._zeros(kernel, k, named[k].shape) for k in spec.inplace if named.get(k) is not None}
+            own = _scratch_of(self, spec.inplace, named)
             f(*(own.get(k, a) for k, a in zip(spec.signature, args)))
             for k, c in own.items():
                 self._add_noisy(named[k], c, spec.n(k, named), kernel)
         return call
+
+
+def _scratch_of(witness: Witness, inplace: tuple, named: dict) -> dict:
+    """A backward call's zeroed scratch, buffer by buffer (those it was given)."""
+    own, seen = {}, {}
+    for k in inplace:
+        if named.get(k) is not None:
+            shape = named[k].shape
+            seen[shape] = seen.get(shape, -1) + 1
+            own[k] = witness._zeros(shape, seen[shape])
+    return own
 
 
 def _rounded_inputs(spec, args: tuple, dtype: str) -> tuple:
@@ -210,3 +233,143 @@ def witness_spread(cfg: GPT2Config, witness_state, oracle_state) -> dict:
     spread["mean_loss"] = compare(np.array([witness_state.mean_loss]), np.array([oracle_state.mean_loss]),
                                   name="mean_loss", tol=_FREE)
     return spread
+
+
+# ----------------------------------------------------------------------------- a run's witness
+
+MARGIN = 1 << 30   # bytes left over, beyond what a run's buffers need, before a witness is kept
+
+
+def _elements(cfg: GPT2Config, B: int, T: int) -> tuple[int, int, int]:
+    """(parameters, activations, the witness's backward scratch) of ``cfg`` at (B, T), in
+    elements: the scratch one buffer per distinct shape a backward kernel writes
+    (:meth:`Witness._zeros`): the LM head's dlogits and dweight (wte's, shared with the
+    encoder's), each layer's weight gradients and the activation gradients' shapes."""
+    from math import prod
+    from pyref.config import act_shapes
+    C, Vp, NH, BT = cfg.channels, cfg.padded_vocab_size, cfg.num_heads, B * T
+    P = cfg.num_parameters()
+    A = sum(prod(s) for s in act_shapes(cfg, B, T).values())
+    per_shape = {(Vp, C): 1, (BT, Vp): 1, (cfg.max_seq_len, C): 1, (3 * C, C): 1, (C, C): 1,
+                 (4 * C, C): 1, (C, 4 * C): 1, (BT, C): 2, (BT, 4 * C): 1, (BT, 3 * C): 1,
+                 (B * NH, T * T): 2, (C,): 2, (3 * C,): 1, (4 * C,): 1}
+    return P, A, sum(n * prod(s) for s, n in per_shape.items())
+
+
+def witness_bytes(cfg: GPT2Config, B: int, T: int) -> int:
+    """What a witness kept through a run holds: its float64 gradients, activations and
+    their gradients (it reads the C's parameters) and its backward's scratch."""
+    P, A, S = _elements(cfg, B, T)
+    return 8 * (P + 2 * A + S)
+
+
+def run_bytes(cfg: GPT2Config, B: int, T: int) -> int:
+    """What a run holds besides the witness at its fullest: the C model (float32 params,
+    grads, m, v, acts, grads_acts), the float64 oracle (grads, acts, grads_acts), one
+    float32 reference as large as the C, and the pre-step params, m, v copied for the
+    update checks."""
+    P, A, _ = _elements(cfg, B, T)
+    return 2 * 4 * (4 * P + 2 * A) + 8 * (P + 2 * A) + 4 * 3 * P
+
+
+def mem_available() -> int | None:
+    """The memory this machine can still give without swapping (``MemAvailable`` of
+    /proc/meminfo), in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class WitnessPlan:
+    """Whether a run keeps its witness's buffers from step to step, and why: kept when
+    the memory available holds them beside what the run needs anyway (and a margin)."""
+
+    keep: bool
+    need: int                  # bytes: the kept witness + the rest of the run + MARGIN
+    available: int | None      # bytes: MemAvailable when decided (None: unknown)
+
+    def line(self) -> str:
+        gib = lambda b: f"{b / 2**30:.1f} GiB"   # noqa: E731
+        have = "unknown" if self.available is None else gib(self.available)
+        if self.keep:
+            return f"witness: kept from step to step (needs {gib(self.need)}; {have} available)"
+        return (f"witness: made afresh each step (kept, the run would need {gib(self.need)}; "
+                f"{have} available)")
+
+
+def plan_witness(cfg: GPT2Config, B: int, T: int, available: int | None = -1) -> WitnessPlan:
+    """Keep the witness (:class:`WitnessRun`) when ``available`` (default: MemAvailable
+    now) holds its buffers, the run's others (:func:`run_bytes`) and :data:`MARGIN`;
+    unknown memory: kept only below 1 GiB of need."""
+    if available == -1:
+        available = mem_available()
+    need = witness_bytes(cfg, B, T) + run_bytes(cfg, B, T) + MARGIN
+    keep = need <= available if available is not None else need <= 2 * MARGIN
+    return WitnessPlan(keep, need, available)
+
+
+class WitnessRun:
+    """A run's witness: the float64 model on :class:`Witness` kernels, reading ``params``
+    (the C's float32 parameters, shared), run once per step with that step's seed.
+
+    Kept (``keep=True``), its buffers (activations, gradients, the backward's scratch)
+    are made by the first step and reused by every later one, which therefore pays no
+    first touch of fresh memory; its results are those of a witness made afresh for the
+    step, bit for bit (every activation is rewritten by the forward, the gradients and
+    the scratch are zeroed before they accumulate, the stream restarts at the step's
+    seed). Not kept, it is made for each step and dropped by :meth:`done`. ``keep=None``:
+    decided by the first step from its batch's shape (:func:`plan_witness`).
+
+    ``every``: the spread is measured at steps 1, 1 + every, 1 + 2 every, ... (:meth:`due`)
+    and the last one measured (:attr:`spread`) serves the steps between (1, the default:
+    every step; benchmarks/witness_drift.py measures what a larger one costs in margin)."""
+
+    def __init__(self, cfg: GPT2Config, params: np.ndarray, keep: bool | None = None,
+                 precisions: dict | None = None, every: int = 1):
+        if int(every) != every or every < 1:
+            raise ValueError(f"the witness is measured every k >= 1 steps, got {every!r}")
+        self.config, self.params, self.keep, self.precisions = cfg, params, keep, precisions
+        self.every = int(every)
+        self.plan: WitnessPlan | None = None
+        self.noisy: Witness | None = None
+        self.model = None
+        self.spread: dict | None = None     # the last spread measured (run_parity's)
+
+    def due(self, t: int) -> bool:
+        """Whether step ``t`` (from 1) measures the spread afresh."""
+        return self.spread is None or (t - 1) % self.every == 0
+
+    def run(self, seed: int, inputs: np.ndarray, targets: np.ndarray) -> float:
+        """The witness's forward and backward of one step (seeded ``seed``): its loss."""
+        from pyref.model import GPT2
+        if self.keep is None:
+            self.plan = plan_witness(self.config, *np.shape(inputs))
+            self.keep = self.plan.keep
+        if self.model is None:
+            self.noisy = Witness(seed, self.precisions)
+            self.model = GPT2(self.config, self.params, dtype=np.float64, share_params=True,
+                              kernels=KernelSet.from_module(self.noisy, name="witness"))
+        else:
+            self.noisy.reseed(seed)
+            self.model.load_state(self.params)
+        loss = float(self.model.forward(inputs, targets))
+        self.model.zero_grad()
+        self.model.backward()
+        if not self.keep:
+            self.noisy.release()    # not needed by the spread
+        return loss
+
+    def done(self) -> None:
+        """The step's spread measured: a witness not kept is dropped."""
+        if not self.keep:
+            self.release()
+
+    def release(self) -> None:
+        """Drop every buffer (the next :meth:`run` makes them again)."""
+        self.model = self.noisy = None

@@ -41,7 +41,7 @@ from ..arbiter.compare import Tolerance
 from ..cores import shared
 from ..errors import InputError
 from ..ports.torchstate import ModelState
-from ..arbiter.oracle import ORACLE, Witness, witness_spread
+from ..arbiter.oracle import ORACLE, WitnessRun, witness_spread
 from ..probe import span
 from ..arbiter.tolerances import e2e_tolerance
 from .debugstate import check_debug_state
@@ -63,7 +63,8 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
                progress: Callable[[int, int, str], None] | None = None,
                on_step: Callable[[int, object], None] | None = None,
                free_run_batches: Sequence[tuple[np.ndarray, np.ndarray]] = (),
-               checkpoint: str | None = None, debug_state: str | None = None) -> RunReport:
+               checkpoint: str | None = None, debug_state: str | None = None,
+               keep_witness: bool | None = None, witness_every: int = 1) -> RunReport:
     """Run ``steps`` training steps of the C (the library ``lib``) and of each Python
     implementation in ``impls`` (name -> KernelSet; default: none, the C alone against the
     oracle), checking everything after every step. ``models`` (name ->
@@ -78,15 +79,23 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
     The run is one verdict (:attr:`RunReport.passed`) over all it checks: the steps, then
     a free run on ``free_run_batches`` where there are any (every implementation on its
     own state from ``params``, :mod:`.freerun`), then llm.c's ``debug_state`` file
-    against the C built from ``checkpoint`` (:mod:`.debugstate`), each kept in the report."""
+    against the C built from ``checkpoint`` (:mod:`.debugstate`), each kept in the report.
+    ``keep_witness``: the witness's buffers kept from step to step (True), made each step
+    (False), or as the memory available allows (None:
+    :func:`harness.arbiter.oracle.plan_witness`); the results are the same.
+    ``witness_every``: the witness's spread measured at steps 1, 1 + k, ... and the last
+    one used between (1, the default: every step)."""
     if debug_state and not checkpoint:
         raise InputError("a debug state needs the checkpoint it was made from")
+    if int(witness_every) != witness_every or witness_every < 1:
+        raise InputError(f"the witness is measured every k >= 1 steps, got {witness_every!r}")
     lib = as_library(lib)
     impls = dict(impls or {})
     with span("models built"):
         cmodel = CModel.from_params(config, np.asarray(params, np.float32), lib=lib)
     reports: list[StepReport] = []
     shape = (0, 0)
+    witness = WitnessRun(config, cmodel.params_memory, keep=keep_witness, every=witness_every)
     try:
         oracle, pymodels = _references(config, cmodel, impls, models, hyper)
         for t in range(1, steps + 1):
@@ -95,11 +104,12 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             shape = inputs.shape
             say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
             step = _Step(config, t, inputs, targets, hyper, replay, say)
-            losses, checks = _run_step(step, cmodel, oracle, pymodels, threads)
+            losses, checks = _run_step(step, cmodel, (oracle, witness), pymodels, threads)
             reports.append(_step_report(step, ["C", *pymodels], losses, checks, t0))
             if on_step is not None:
                 on_step(t, cmodel)
     finally:
+        witness.release()   # a kept witness is not held through the free run and the debug state
         cmodel.close()
     report = _run_report(config, shape, hyper, lib, impls, pymodels, reports)
     say = progress or (lambda t, n, what: None)
@@ -186,13 +196,14 @@ class _Step:
     witnesses: dict = field(default_factory=dict)      # a mixed-precision port's witness spreads (.precision)
 
 
-def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dict, list[Check]]:
-    """One step: the C, the oracle and the witness; the C's checks; each reference in turn;
-    the C's update last (so its params, m, v are every reference's pre-step state). Returns
-    the losses and the checks: loss, e2e and replay checks by implementation, then the
-    update checks."""
+def _run_step(step: _Step, cmodel, float64: tuple, pymodels: dict, threads) -> tuple[dict, list[Check]]:
+    """One step: the C, the oracle and the witness (``float64``: the oracle, the run's
+    WitnessRun); the C's checks; each reference in turn; the C's update last (so its
+    params, m, v are every reference's pre-step state). Returns the losses and the
+    checks: loss, e2e and replay checks by implementation, then the update checks."""
     B, T = step.inputs.shape
-    losses, spread = _run_c_and_oracle(step, cmodel, oracle, threads)
+    oracle = float64[0]
+    losses, spread = _run_c_and_oracle(step, cmodel, *float64, threads)
     step.loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
     step.graph["C"] = _check_state(step, "C", cmodel, losses, oracle, spread)
     t = step.t
@@ -206,10 +217,11 @@ def _run_step(step: _Step, cmodel, oracle, pymodels: dict, threads) -> tuple[dic
         [c for n in names for c in step.update.get(n, [])]
 
 
-def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]:
-    """The C's and the oracle's forward and backward, and the witness's spread (made,
-    measured and dropped here: at 124M scale its buffers are as large as the oracle's, and
-    only its distances are kept). Returns the losses and the spread."""
+def _run_c_and_oracle(step: _Step, cmodel, oracle, witness: WitnessRun, threads) -> tuple[dict, dict]:
+    """The C's and the oracle's forward and backward, and the witness's spread (the
+    witness run with the step's seed, measured, and dropped here unless the run keeps it:
+    at 124M scale its buffers are as large as the oracle's, and only its distances are
+    needed). Returns the losses and the spread."""
     say, config = step.say, step.config
     with span("load_state"):
         oracle.load_state(cmodel.params_memory)  # it never updates: no m, v
@@ -221,24 +233,24 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, threads) -> tuple[dict, dict]
         cmodel.zero_grad()
         cmodel.backward(threads=threads)
     say("oracle and witness forward/backward")
-    with span("models built"):
-        noisy = Witness(seed=step.t)
-        witness = PyGPT2(config, cmodel.params_memory, dtype=np.float64, share_params=True,
-                         kernels=KernelSet.from_module(noisy, name="witness"))
 
-    def run(named):
-        name, model = named
+    def run(name):
         with span(name):
-            loss = float(model.forward(step.inputs, step.targets))
-            model.zero_grad()
-            model.backward()
+            if name == "witness":
+                return witness.run(step.t, step.inputs, step.targets)
+            loss = float(oracle.forward(step.inputs, step.targets))
+            oracle.zero_grad()
+            oracle.backward()
         return loss
+    if not witness.due(step.t):      # the last spread measured serves (witness_every)
+        losses["oracle"] = run("oracle")
+        return losses, witness.spread
     # independent float64 models on the same read-only parameters: one per core
-    losses["oracle"], _ = shared(run, (("oracle", oracle), ("witness", witness)))
-    noisy.release()
+    losses["oracle"], _ = shared(run, ("oracle", "witness"))
     with span("witness spread"):
-        spread = witness_spread(config, witness, oracle)
-    return losses, spread
+        witness.spread = witness_spread(config, witness.model, oracle)
+    witness.done()
+    return losses, witness.spread
 
 
 def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: dict) -> list[Check]:

@@ -9,7 +9,7 @@ import pytest
 
 from harness import ORACLE, Witness
 from pyref import numpy_kernels
-from pyref.config import preset
+from pyref.config import GPT2Config, preset
 from pyref.model import GPT2
 from pyref.protocol import KernelSet
 from pyref.synth import init_params, make_batch
@@ -98,10 +98,106 @@ def test_witness_backward_scratch_is_zeroed_for_each_call_and_released(monkeypat
     assert kept._scratch                     # kept after the steps, until released
     kept.release()
     assert not kept._scratch
-    monkeypatch.setattr(Witness, "_zeros", lambda self, kernel, name, shape: np.zeros(shape))
+    monkeypatch.setattr(Witness, "_zeros", lambda self, shape, slot: np.zeros(shape))
     fresh = two_steps(Witness(seed=5))
     for buf in ("grads_memory", "grads_acts_memory"):
         assert np.array_equal(_bits(getattr(reused, buf)), _bits(getattr(fresh, buf))), buf
+
+
+def _float64_buffers(model) -> dict:
+    return {"mean_loss": np.array([model.mean_loss]), "acts": model.acts_memory,
+            "grads": model.grads_memory, "grads_acts": model.grads_acts_memory}
+
+
+def _kept_vs_fresh(cfg, steps: int = 3) -> list[tuple[int, str]]:
+    """(step, buffer) where a kept witness (WitnessRun, keep=True) differs, bit for bit,
+    from one made afresh for each step, over ``steps`` steps of new batches, seeds and
+    parameters (the C's, changed in place between steps as its update changes them)."""
+    from harness.arbiter.oracle import WitnessRun
+    p = init_params(cfg, seed=0).astype(np.float32)
+    kept, fresh = WitnessRun(cfg, p, keep=True), WitnessRun(cfg, p, keep=False)
+    differ = []
+    for t in range(1, steps + 1):
+        x, y = make_batch(cfg, 2, 16, seed=t)
+        kept.run(t, x, y)
+        fresh.run(t, x, y)
+        assert kept.model is not None and fresh.model is not None
+        a, b = _float64_buffers(kept.model), _float64_buffers(fresh.model)
+        differ += [(t, k) for k in a if not np.array_equal(_bits(a[k]), _bits(b[k]))]
+        kept.done()
+        fresh.done()
+        assert fresh.model is None and kept.model is not None    # dropped / kept
+        p *= np.float32(0.999)
+    return differ
+
+
+def test_kept_witness_gives_what_fresh_witnesses_give():
+    """A witness kept through a run (its activations, gradients and scratch reused) gives
+    at every step, bit for bit, what a witness made for that step gives."""
+    assert _kept_vs_fresh(preset("small")) == []
+
+
+@pytest.mark.parametrize("stale", ["grads not zeroed", "scratch not zeroed"])
+def test_kept_witness_with_a_stale_buffer_is_caught(monkeypatch, stale):
+    """The comparison above fails on a kept witness whose buffers are not zeroed between
+    steps: its gradients (zero_grad skipped) or its backward's scratch (kept as it was)."""
+    if stale == "grads not zeroed":
+        monkeypatch.setattr(GPT2, "zero_grad", lambda self: None)
+    else:
+        def stale_zeros(self, shape, slot):
+            return self._scratch.setdefault((shape, slot), np.zeros(shape))
+        monkeypatch.setattr(Witness, "_zeros", stale_zeros)
+    differ = _kept_vs_fresh(preset("small"))
+    assert differ and all(t > 1 for t, _ in differ) and {k for _, k in differ} >= {"grads"}
+
+
+def test_run_parity_results_are_the_same_with_the_witness_kept_or_not(monkeypatch):
+    """run_parity's checks are the same, metric for metric, whether the witness is kept
+    through the run or made each step; kept, it is made once."""
+    from harness import run_parity
+    from pyref import torch_kernels
+    made = []
+    init = GPT2.__init__
+
+    def counted(self, *a, **k):
+        init(self, *a, **k)
+        made.append(getattr(self.kernels, "name", None))
+    monkeypatch.setattr(GPT2, "__init__", counted)
+    cfg = preset("tiny")
+    impls = {"torch": KernelSet.from_module(torch_kernels)}
+    rows = {}
+    for keep in (True, False):
+        made.clear()
+        batches = (make_batch(cfg, 2, 8, seed=t) for t in range(10))
+        report = run_parity(cfg, init_params(cfg, seed=0), batches, impls=impls, steps=3, replay=True,
+                            keep_witness=keep)
+        assert report.passed
+        rows[keep] = [(c.impl, c.kind, str(c.tensor), c.passed, c.comparison.summary_row(), c.comparison.tol)
+                      for s in report.steps for c in s.checks]
+        assert made.count("witness") == (1 if keep else 3)
+    assert rows[True] == rows[False] and len(rows[True]) > 100
+
+
+def test_plan_witness_keeps_it_only_where_the_memory_is():
+    """The witness is kept when the memory available holds it beside the run's other
+    buffers; GPT-2 medium's (d24) is not kept on a 24 GiB machine; its estimate of the
+    scratch is what the witness makes."""
+    from harness.arbiter.oracle import WitnessRun, plan_witness, run_bytes, witness_bytes
+    cfg = preset("small")
+    need = plan_witness(cfg, 2, 16, available=0).need
+    assert plan_witness(cfg, 2, 16, available=need).keep
+    assert not plan_witness(cfg, 2, 16, available=need - 1).keep
+    assert "kept" in plan_witness(cfg, 2, 16, available=need).line()
+    assert "afresh" in plan_witness(cfg, 2, 16, available=need - 1).line()
+    d24 = GPT2Config(max_seq_len=1024, vocab_size=50257, padded_vocab_size=50304,
+                     num_layers=24, num_heads=16, channels=1024)
+    assert not plan_witness(d24, 4, 64, available=22 * 2**30).keep
+    assert plan_witness(preset("d12"), 4, 64, available=20 * 2**30).keep
+    run = WitnessRun(cfg, init_params(cfg, seed=0).astype(np.float32), keep=True)
+    run.run(1, *make_batch(cfg, 2, 16, seed=0))
+    m = run.model
+    held = m.grads_memory.nbytes + m.acts_memory.nbytes + m.grads_acts_memory.nbytes + run.noisy.scratch_bytes()
+    assert witness_bytes(cfg, 2, 16) == held and run_bytes(cfg, 2, 16) > held
 
 
 def _run(model, x, y):
@@ -222,3 +318,29 @@ def test_update_checks_shared_among_threads_are_the_serial_ones(monkeypatch):
     serial, shared = rows(1), rows(3)
     assert serial == shared
     assert [t for t, ok, _ in serial if not ok] == ["params.wte (after update)"]
+
+
+def test_witness_measured_every_k_steps_serves_the_steps_between(monkeypatch):
+    """witness_every=2: the witness runs at steps 1 and 3, and step 2's end-to-end bounds
+    are step 1's (every step, they are the step's own); k < 1 is refused."""
+    from harness import run_parity
+    from harness.arbiter.oracle import WitnessRun
+    from harness.errors import InputError
+    seeds = []
+    run = WitnessRun.run
+    monkeypatch.setattr(WitnessRun, "run", lambda self, seed, x, y: seeds.append(seed) or run(self, seed, x, y))
+    cfg = preset("tiny")
+
+    def tols(every):
+        seeds.clear()
+        batches = (make_batch(cfg, 2, 8, seed=t) for t in range(10))
+        report = run_parity(cfg, init_params(cfg, seed=0), batches, steps=3, replay=False, witness_every=every)
+        assert report.passed
+        return [{str(c.tensor): c.comparison.tol for c in s.checks if c.kind == "e2e"} for s in report.steps]
+    every2 = tols(2)
+    assert seeds == [1, 3]
+    assert every2[1] == every2[0] and every2[2] != every2[0]
+    every1 = tols(1)
+    assert seeds == [1, 2, 3] and every1[1] != every1[0] and every1[0] == every2[0]
+    with pytest.raises(InputError, match="every k >= 1"):
+        run_parity(cfg, init_params(cfg, seed=0), iter([]), steps=1, witness_every=0)

@@ -75,6 +75,7 @@ def test_run_with_a_broken_port_exits_1_with_first_divergence(capsys, tmp_path):
     (["run", "-T", "999"], "max_seq_len"),
     (["run", "--steps", "0"], "positive"),
     (["run", "-T", "0"], "positive"),
+    (["run", "--witness-every", "0"], "--witness-every must be >= 1"),
     (["run", "--debug-state", "/nonexistent/d.bin"], "--checkpoint"),
     (["ops", "-k", "no_such_kernel"], "no check ran"),
     (["run", "--impl", "/nonexistent/port.py"], "--impl /nonexistent/port.py: no such file"),
@@ -325,10 +326,11 @@ def test_the_defaults_fit_the_job(capsys, tmp_path, monkeypatch):
     code, out, err = cli(capsys, "run", "-q", "--steps", "2", "--checkpoint", tmp_path / "model.bin",
                          "--debug-state", tmp_path / "debug.bin")
     assert code == 0, out[-3000:] + err
-    head = out.splitlines()[:3]
+    head = out.splitlines()[:4]
     assert "references: oracle (float64); replay: on-failure" in head[0]
     assert head[1].startswith("with --debug-state: the C against the float64 oracle")
-    assert head[2].startswith("step 1 took ") and "the 2 steps take about" in head[2]
+    assert head[2].startswith("witness: ") and " GiB available)" in head[2]
+    assert head[3].startswith("step 1 took ") and "the 2 steps take about" in head[3]
     assert "numpy" not in out.split("checks\n", 1)[1].split("first divergence")[0]
 
 
