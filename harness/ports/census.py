@@ -125,6 +125,7 @@ class Census:
         self.stack: list[str] = []
         self.handles = []
         self.graph = self._graph_modules(model, cfg)     # name -> (rank, graph op)
+        self.mapped = {id(e.param) for e in entries}     # the parameters holding C tensors
         self._anchored(model, cfg, entries)
         for name, module in model.named_modules():
             if module is model:
@@ -257,12 +258,23 @@ class Census:
                                f"{op} after {self.graph[other][1] if other else 'it'}", name, op, {"before": other}))
         return sorted(out, key=lambda f: self.graph[f.module][0])
 
+    def _computes_graph_ops(self, module) -> bool:
+        """Whether ``module`` holds parameters that hold C tensors (a fused attention on raw
+        ``nn.Parameter``s, ``F.linear`` on its qkv and projection weights): it computes
+        those tensors' ops, so it is part of the graph even where no single op stands for
+        it (its ops are compared by value, :mod:`.finder`)."""
+        own = [id(p) for p in module.parameters(recurse=False)]
+        return bool(own) and all(p in self.mapped for p in own)
+
     def _unknown_modules(self) -> list[Finding]:
+        """The leaf modules the forward calls that GPT-2's graph does not have: not a
+        module of the graph, not a kind it is made of, holding no C tensor."""
         out = []
         modules = dict(self.model.named_modules())
         for name in dict.fromkeys(self.order):
             module = modules.get(name)
-            if module is None or name in self.graph or any(True for _ in module.children()):
+            if (module is None or name in self.graph or any(True for _ in module.children())
+                    or self._computes_graph_ops(module)):
                 continue
             kind = type(module).__name__
             if kind in _KNOWN_LEAVES or kind.endswith(("Activation", "Dropout")):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from harness import ModelError, TorchModel, map_parameters, run_parity
-from harness.checks.results import first_divergence_check
+from harness.checks.results import first_divergence_check, first_structure
 from harness.ports.torchmodel import build_model
 from pyref import synth
 from pyref.config import PRESETS
@@ -139,3 +139,77 @@ def test_census_names_modules_found_by_what_they_hold():
     found = {(f.id, f.module, f.where) for f in state.structure}
     assert ("structure.never-called", "layers.1.norm2", "layer 1 ln2 layernorm_forward") in found, found
     assert ("structure.called-more", "layers.1.norm1", "layer 1 ln1 layernorm_forward") in found, found
+
+
+# ----------------------------------------------------------------------------- modules outside the graph
+
+class RawAttention(mp.nn.Module):
+    """nanoGPT's attention on raw parameters: one ``F.linear`` on a (3C, C) ``nn.Parameter``,
+    then the projection's; ``scale`` (None: 1/sqrt(hs)) the scores' factor."""
+
+    def __init__(self, C, n_head, scale=None):
+        super().__init__()
+        self.n_head, self.scale = n_head, scale
+        self.w_qkv = mp.nn.Parameter(mp.torch.zeros(3 * C, C))
+        self.b_qkv = mp.nn.Parameter(mp.torch.zeros(3 * C))
+        self.w_out = mp.nn.Parameter(mp.torch.zeros(C, C))
+        self.b_out = mp.nn.Parameter(mp.torch.zeros(C))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2)
+                   for t in mp.F.linear(x, self.w_qkv, self.b_qkv).split(C, dim=2))
+        y = mp.F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return mp.F.linear(y.transpose(1, 2).reshape(B, T, C), self.w_out, self.b_out)
+
+
+RAW = {f"transformer.h.{l}.attn.{name}": f"{slot}[{l}]" for l in range(TINY.num_layers)
+       for name, slot in (("w_qkv", "qkvw"), ("b_qkv", "qkvb"), ("w_out", "attprojw"), ("b_out", "attprojb"))}
+
+
+def raw_attention(scale=None):
+    """nanoGPT with every block's attention a :class:`RawAttention`."""
+    def factory(config):
+        model = mp.GPT(config)
+        for block in model.transformer.h:
+            block.attn = RawAttention(config.n_embd, config.n_head, scale)
+        return model
+    return factory
+
+
+class Rescale(mp.nn.Module):
+    """A module GPT-2's graph has no op for: the residual stream times 1.5."""
+
+    def forward(self, x):
+        return 1.5 * x
+
+
+def rescaled(config):
+    """nanoGPT whose dropout after the embeddings is a :class:`Rescale` (the math changed)."""
+    model = mp.GPT(config)
+    model.transformer.drop = Rescale()
+    return model
+
+
+def test_a_module_holding_c_tensors_is_in_the_graph():
+    """An attention on raw parameters mapped to qkvw and attprojw computes the graph's ops:
+    the unmodified port has no structural finding, and a wrong scale in it is the attention's
+    failing replay, not a structure.unknown-module at the module."""
+    right = run(raw_attention(), RAW)
+    assert right.passed and not right.steps[0].structure.get("port"), right.steps[0].structure
+    wrong = run(raw_attention(scale=1.0 / C), RAW)
+    step = wrong.steps[0]
+    assert not wrong.passed and not step.structure.get("port"), step.structure
+    c = first_divergence_check([c for c in step.checks if c.impl == "port"])
+    assert c.kind == "replay" and "attention_forward" in c.where, c.where
+    assert "attention_forward" in wrong.first_divergence()
+
+
+def test_a_module_outside_the_graph_is_the_first_divergence():
+    """A parameterless module that changes the residual stream is structure.unknown-module,
+    named as the first divergence (before the encoder's replay that it makes fail)."""
+    report = run(rescaled)
+    f = first_structure(report.steps[0].structure.get("port"))
+    assert not report.passed and f is not None
+    assert (f.id, f.module, f.values["type"]) == ("structure.unknown-module", "transformer.drop", "Rescale")
+    assert "[structure.unknown-module]" in report.first_divergence()
