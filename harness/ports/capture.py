@@ -59,7 +59,10 @@ class Capture:
                 self.points[key] = mname + (" input" if side == "in" else "")
                 self.handles.append(self._hook(module, side, key))
         modules = dict(model.named_modules())
-        self.anchored = False    # whether a module found by what it holds shows any activation
+        # whether a module found by what it holds shows any activation, or one holds the C
+        # tensors of several ops (a fused attention on raw parameters): either way, names
+        # do not show every activation, and what none shows is sought by value
+        self.anchored = bool(fused_holders(model, entries))
         for key, group in anchors(model, cfg, entries).items():
             if key in self.points:
                 continue
@@ -174,6 +177,20 @@ _ANCHORS = {
     "fcprojw": (("in", "fch_gelu", 0), ("out", "fcproj", 0)),
     "lnfw": (("in", "residual3", None), ("out", "lnf", 0)),
 }
+
+
+def fused_holders(model, entries) -> list[str]:
+    """The modules holding C tensors whose boundary is no single op's (:func:`_own_op`): an
+    attention's qkv and projection weights as raw ``nn.Parameter``s, the ops between them
+    inside its forward, at no module's boundary."""
+    by_id = {id(e.param): e for e in entries}
+    out = []
+    for e in entries:
+        for name in e.names:
+            owned = _owner(model, name)
+            if owned is not None and owned[1] not in out and not _own_op(owned[0], e, by_id):
+                out.append(owned[1])
+    return out
 
 
 def _owner(model, name: str):
