@@ -439,24 +439,57 @@ def test_heldout8_first_run_is_recorded():
 
 
 def test_heldout8_unmodified_model_passes_with_its_map():
-    """The sixth model, unmodified, with its map: it passes (its only findings the Mixers'
-    structure.unknown-module, which BUGS8's first run met as every failure's first divergence)."""
+    """The sixth model, unmodified, with its map: it passes with no finding (BUGS8's first run
+    met a structure.unknown-module for each Mixer, a module holding the C's qkvw and
+    attprojw, as every failure's first divergence: such a module is now part of the graph)."""
     report = run_bug(h6.port())
     assert report.passed
-    assert {f.id for f in report.findings["port"]} <= {"structure.unknown-module"}
+    assert not report.findings["port"], report.findings["port"]
+
+
+# BUGS8 now, with a module holding C tensors counted as part of the graph (the census: no
+# structure.unknown-module for the Mixer) and its inside sought by value (capture.fused_holders):
+# 16 localised, 15 pinned, 13 named, one wrong cause (gelu-without-half: output.scale). Not
+# localised: the seven attention mistakes (the Mixer's wrong atty and attproj are found by no
+# value and shown at no boundary: the first divergence is the mean loss), mask-not-inverted
+# (a passing-looking lm_head replay), softmax-in-half (residual2 off, end to end)
+HELDOUT8_LOCALISED_NOW = {"adamw-betas-swapped", "adamw-eps-1e-6", "adamw-no-decay-on-vectors", "eps-outside-root",
+                          "gelu-cube-as-times-three", "gelu-erf", "gelu-without-half", "head-scaled",
+                          "log-softmax-over-time", "loss-summed-over-time", "norm-over-positions", "positions-from-one",
+                          "post-norm-feed", "residual-from-normed", "tokens-scaled-sqrt-C", "var-mean-unbiased"}
+HELDOUT8_PINNED_NOW = {"adamw-betas-swapped", "adamw-eps-1e-6", "eps-outside-root", "gelu-cube-as-times-three",
+                       "gelu-erf", "gelu-without-half", "log-softmax-over-time", "loss-summed-over-time",
+                       "norm-over-positions", "positions-detached", "positions-from-one", "post-norm-feed",
+                       "residual-from-normed", "tokens-scaled-sqrt-C", "var-mean-unbiased"}
+HELDOUT8_NAMED_NOW = {"adamw-no-decay-on-vectors", "eps-outside-root", "gelu-cube-as-times-three", "gelu-erf",
+                      "head-scaled", "loss-summed-over-time", "norm-over-positions", "positions-detached",
+                      "positions-from-one", "post-norm-feed", "residual-from-normed", "tokens-scaled-sqrt-C",
+                      "var-mean-unbiased"}
+HELDOUT8_WRONG_NOW = {"gelu-without-half": "output.scale"}
+BUGS8_NOW = FirstRun(25, 25, 16, 13, 1, pinned=15)
+
+
+def test_heldout8_now_is_recorded():
+    r = BUGS8_NOW
+    assert (r.localised, r.named, r.pinned, r.wrong) == (len(HELDOUT8_LOCALISED_NOW), len(HELDOUT8_NAMED_NOW),
+                                                         len(HELDOUT8_PINNED_NOW), len(HELDOUT8_WRONG_NOW))
+    assert HELDOUT8_LOCALISED_NOW | HELDOUT8_PINNED_NOW | HELDOUT8_NAMED_NOW | set(HELDOUT8_WRONG_NOW) <= set(h6.BUGS8)
+    first = FIRST_RUNS["BUGS8"]
+    assert r.localised >= first.localised and r.named >= first.named and r.pinned >= first.pinned
 
 
 @pytest.mark.slow
 def test_heldout8_batch_is_no_worse_than_its_first_run():
     """BUGS8 run again: every one caught, no error line, nothing localised, named or pinned
-    on the first run lost, no new wrong cause (an improvement passes)."""
+    now (BUGS8_NOW) lost, no new wrong cause (an improvement passes)."""
     rows = [heldout7_row(name, h6.BUGS8, h6) for name in h6.BUGS8]
     assert all(r["caught"] for r in rows) and not [r for r in rows if r["errors"]]
     lost = {k: {r["name"] for r in rows if not r[k]} - missed
-            for k, missed in (("localised", HELDOUT8_UNLOCALISED), ("named", HELDOUT8_UNNAMED),
-                              ("pinned", set(h6.BUGS8) - HELDOUT8_PINNED))}
+            for k, missed in (("localised", set(h6.BUGS8) - HELDOUT8_LOCALISED_NOW),
+                              ("named", set(h6.BUGS8) - HELDOUT8_NAMED_NOW),
+                              ("pinned", set(h6.BUGS8) - HELDOUT8_PINNED_NOW))}
     assert not any(lost.values()), lost
-    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in HELDOUT8_WRONG}
+    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in HELDOUT8_WRONG_NOW}
 
 
 # ----------------------------------------------------------------------------- bad input
