@@ -16,7 +16,9 @@ findings, each naming the module and the graph's op it stands for:
   an MLP's GELU module is the one named when it and a module swap places);
 * ``structure.no-gradient``: a parameter the loss does not depend on (an unused ``wpe``);
 * ``structure.unknown-module``: a module called in the forward that GPT-2's graph does
-  not have (a rotary embedding, a second norm).
+  not have (a rotary embedding, a parameterless rescale); a module holding parameters
+  mapped to C tensors (a fused attention on raw ``nn.Parameter``s) computes their ops, and
+  is part of the graph.
 
 The census also says which module was running when the forward raised
 (:meth:`Census.running`), so that a model that fails inside its forward is told where.
