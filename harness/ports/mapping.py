@@ -192,10 +192,12 @@ def _key(slot: Slot) -> tuple:
 def _shape_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> list[Slot]:
     """The C tensors not yet held that a parameter of this shape could hold, in its block
     (the first integer of its name) or outside the blocks; a weight only a weight, a bias
-    only a bias."""
+    only a bias; a raw parameter of a block (its own name no weight's or bias's: a fused
+    attention's ``w_qkv``) either, so that a shape one C tensor of the block alone has
+    (the (3C, C) qkv weight) places it."""
     parsed = split_name(name)
     if parsed is None:
-        return []
+        return _raw_candidates(cfg, name, shape, taken)
     layer, _, _, leaf = parsed
     kind = "b" if leaf.endswith(("bias", "beta", "shift")) else "w"
     if layer is not None:
@@ -212,6 +214,16 @@ def _shape_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> l
         if fits and not any(k[:2] == (s.name, s.layer) for k in taken):
             out.append(s)
     return out
+
+
+def _raw_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> list[Slot]:
+    """:func:`_shape_candidates` of a raw parameter inside a block (``layers.0.attn.w_qkv``):
+    the block's C tensors, weights and biases, of its shape; none outside the blocks."""
+    digits = [int(p) for p in name.split(".")[:-1] if p.isdigit()]
+    if not digits or digits[0] >= cfg.num_layers:
+        return []
+    slots = [Slot(c, digits[0]) for c in PARAM_NAMES if c in LAYER_PARAMS]
+    return [s for s in slots if shape == _c_shape(cfg, s) and not any(k[:2] == (s.name, s.layer) for k in taken)]
 
 
 def _sibling_slot(name: str, slots_by_name: dict) -> Slot | None:

@@ -216,3 +216,18 @@ def test_a_module_outside_the_graph_is_the_first_divergence():
     assert not report.passed and f is not None
     assert (f.id, f.module, f.values["type"]) == ("structure.unknown-module", "transformer.drop", "Rescale")
     assert "[structure.unknown-module]" in report.first_divergence()
+
+
+def test_raw_parameters_of_a_block_are_placed_by_a_shape_only_they_have():
+    """A block's raw parameters (no weight's or bias's name: ``w_qkv``, ``b_qkv``, ``w_out``,
+    ``b_out``) are placed by shape among the block's C tensors no name placed: the (3C, C)
+    one is the qkv weight, and the (C,) bias the projection's once the norms' are named; the
+    port passes with no map. A raw parameter outside the blocks is still refused."""
+    model = build_model(raw_attention(), TINY)
+    slots = {n: str(e.slot) for e in map_parameters(model, TINY) for n in e.names}
+    assert all(slots[k] == v for k, v in RAW.items()), slots
+    assert run(raw_attention()).passed
+    model.transformer.extra = mp.nn.Module()
+    model.transformer.extra.w_raw = mp.nn.Parameter(mp.torch.zeros(3 * C, C))
+    with pytest.raises(ModelError, match=r"extra parameter transformer\.extra\.w_raw"):
+        map_parameters(model, TINY)
