@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from math import prod
 
+from harness.arbiter.oracle import mem_available as mem_available_bytes  # the one reading of MemAvailable
+
 from bench_parts import (D24, ESTIMATE_TARGET, FULL_PARTS, LLMC_SECONDS, LLMC_STEPS, LLMC_TARGET, MEMORY_TARGET, MODEL_CATEGORIES,
                          MODEL_PARTS, NECESSARY_PARTS, OVERHEAD_TARGET, d24_config)
 
@@ -39,15 +41,6 @@ def projected_peak_bytes(cfg, B: int, T: int) -> int:
     return 4 * (2 * P + 2 * A) + 2 * 8 * (P + 2 * A) + 3 * 8 * wte
 
 
-def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def d24_room() -> dict | None:
