@@ -342,18 +342,22 @@ HELDOUT7_PINNED = {"scale-by-sqrt-width", "mask-past-not-future", "split-head-di
                    "gelu-sigmoid"}
 
 
+def _agrees(r, batch: dict, unnamed: set, unlocalised: set, pinned: set, wrong: dict) -> None:
+    """A pinned batch's recorded run agrees with the names of its misses: every bug caught,
+    the counts those of the sets, the wrong causes among the unnamed."""
+    assert r.bugs == r.caught == len(batch) == 25
+    assert unnamed | unlocalised | pinned <= set(batch)
+    assert set(wrong) <= unnamed
+    assert (r.named, r.localised, r.wrong, r.pinned) == (r.bugs - len(unnamed), r.bugs - len(unlocalised),
+                                                         len(wrong), len(pinned))
+
+
 def test_heldout7_first_run_is_recorded():
     """The latest held-out batch's first run (BUGS7: a fifth model, 25 mistakes, written and
     committed before any ran, run once untuned): 25/25 caught, 25/25 localised, 9/25
     pinned to the mistake's line, 21/25 named (84%), two wrong causes, no error line. The
     record is the misses' names; the counts must agree with them."""
-    r = FIRST_RUNS["BUGS7"]
-    assert r.bugs == r.caught == len(h5.BUGS7) == 25
-    assert HELDOUT7_UNNAMED | HELDOUT7_UNLOCALISED | HELDOUT7_PINNED <= set(h5.BUGS7)
-    assert set(HELDOUT7_WRONG) <= HELDOUT7_UNNAMED
-    assert (r.named, r.localised, r.wrong, r.pinned) == (r.bugs - len(HELDOUT7_UNNAMED),
-                                                         r.bugs - len(HELDOUT7_UNLOCALISED), len(HELDOUT7_WRONG),
-                                                         len(HELDOUT7_PINNED))
+    _agrees(FIRST_RUNS["BUGS7"], h5.BUGS7, HELDOUT7_UNNAMED, HELDOUT7_UNLOCALISED, HELDOUT7_PINNED, HELDOUT7_WRONG)
     # a wrong cause is one the batch did not expect: not the expected id's prefix
     assert all(h5.BUGS7[b][2] is None or not HELDOUT7_WRONG[b].startswith(h5.BUGS7[b][2]) for b in HELDOUT7_WRONG)
 
@@ -429,13 +433,7 @@ def test_heldout8_first_run_is_recorded():
     untuned): 25/25 caught, 1/25 localised, 2/25 pinned, 1/25 named, 24 wrong causes (all
     structure.unknown-module: the unmodified Mixer's finding taken as the first divergence),
     no error line. The counts must agree with the misses' names."""
-    r = FIRST_RUNS["BUGS8"]
-    assert r.bugs == r.caught == len(h6.BUGS8) == 25
-    assert HELDOUT8_UNNAMED | HELDOUT8_UNLOCALISED | HELDOUT8_PINNED <= set(h6.BUGS8)
-    assert set(HELDOUT8_WRONG) <= HELDOUT8_UNNAMED
-    assert (r.named, r.localised, r.wrong, r.pinned) == (r.bugs - len(HELDOUT8_UNNAMED),
-                                                         r.bugs - len(HELDOUT8_UNLOCALISED), len(HELDOUT8_WRONG),
-                                                         len(HELDOUT8_PINNED))
+    _agrees(FIRST_RUNS["BUGS8"], h6.BUGS8, HELDOUT8_UNNAMED, HELDOUT8_UNLOCALISED, HELDOUT8_PINNED, HELDOUT8_WRONG)
 
 
 def test_heldout8_unmodified_model_passes_with_its_map():
