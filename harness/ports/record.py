@@ -460,8 +460,15 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
     args = {k: (np.asarray(v.get(state), np.float64) if isinstance(v, Ref) and v.group != "batch"
                 else (v.get(state) if isinstance(v, Ref) else v))
             for k, v in node.args if k not in FORWARD_OUTPUTS[node.kernel]}
+    value = np.asarray(ref.get(state), np.float64)
+    V = getattr(getattr(state, "config", None), "vocab_size", None)
+    held = getattr(getattr(state, "capture", None), "values", {}).get(("logits", None))
+    if ref.name == "logits" and held is not None and held.shape[-1] == V < value.shape[-1]:
+        # a port's logits over the V real tokens: the C's padded columns (zero rows of its
+        # wte) are the harness's
+        value, args = value[..., :V], dict(args, weight=args["weight"][:V])
     found = stages(node.kernel, args)
-    observed = _stage(node.kernel, "observed", np.asarray(ref.get(state), np.float64))
+    observed = _stage(node.kernel, "observed", value)
     sizes = {s.value.size for s in found}
     module = None if node.kernel == "residual_forward" else recorded_module(model, state.module_of(ref))
     for name in dict.fromkeys((module, None)):

@@ -65,9 +65,18 @@ class FusedCells(nn.Module):
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
         for cell in self.cells:
             x = cell(x)
-        logits = self.last(x) @ self.tok.weight.t()
+        logits = self.head(self.last(x))
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
+
+
+    def head(self, x):
+        return x @ self.tok.weight.t()
+
+
+class HeadHalved(FusedCells):                # the logits halved (a temperature of 2)
+    def head(self, x):
+        return x @ self.tok.weight.t() * 0.5
 
 
 class MergedWithoutTranspose(Attend):        # (B, NH, T, hs) viewed as (B, T, C): the heads not moved back
@@ -97,12 +106,12 @@ def c_slot(name, shape):
     return f"{NAMES[rest]}[{int(layer)}]"
 
 
-def port(attend=Attend):
+def port(attend=Attend, model=FusedCells):
     from harness import TorchModel
 
     def factory(config):
-        return FusedCells(config, attend)
-    factory.__name__ = f"FusedCells[{attend.__name__}]"
+        return model(config, attend)
+    factory.__name__ = f"{model.__name__}[{attend.__name__}]"
     return TorchModel(factory, mapping=c_slot)
 
 

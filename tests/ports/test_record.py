@@ -310,3 +310,13 @@ def test_an_end_to_end_activation_ranks_before_the_loss():
     assert checks.index(loss) < checks.index(fwd)
     assert first_divergence_check(checks) is fwd
     assert first_divergence_check([bwd, loss]) is loss
+
+
+def test_logits_over_the_real_tokens_are_pinned():
+    """A port's logits have V columns, the C's Vp (padded): the failing logits are looked
+    for over the V real tokens, so the head's mistake is pinned to its line (it was not
+    found among the port's ops at all)."""
+    assert TINY.padded_vocab_size > TINY.vocab_size
+    c = _first(_run(fp.port(model=fp.HeadHalved)))
+    assert c.where.startswith("lm_head matmul_forward") and c.diagnosis.causes[0].id == "output.scale"
+    assert c.pin is not None and c.pin.line == fp.line_of("return x @ self.tok.weight.t() * 0.5")
