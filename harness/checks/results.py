@@ -194,12 +194,15 @@ class RunReport:
 
 def first_divergence_check(checks: list[Check]) -> Check | None:
     """The first failing replay check in graph order (else the first failing update, else
-    e2e or loss check): the check the first divergence names."""
-    for kinds in (("replay",), ("update",), ("e2e", "loss")):
+    end-to-end or loss check, in the graph's order: a forward activation's end-to-end check
+    before the loss, computed after it, and the loss before the gradients): the check the
+    first divergence names."""
+    for kinds in (("replay",), ("update",)):
         for c in checks:
             if c.kind in kinds and not c.passed:
                 return c
-    return None
+    failed = [c for c in checks if c.kind in ("e2e", "loss") and not c.passed]
+    return min(failed, key=lambda c: {"forward": 0, "loss": 1}.get(c.phase, 2), default=None)
 
 
 def misplaced_op(c: Check) -> str | None:

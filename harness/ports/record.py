@@ -460,8 +460,15 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
     args = {k: (np.asarray(v.get(state), np.float64) if isinstance(v, Ref) and v.group != "batch"
                 else (v.get(state) if isinstance(v, Ref) else v))
             for k, v in node.args if k not in FORWARD_OUTPUTS[node.kernel]}
+    value = np.asarray(ref.get(state), np.float64)
+    V = getattr(getattr(state, "config", None), "vocab_size", None)
+    held = getattr(getattr(state, "capture", None), "values", {}).get(("logits", None))
+    if ref.name == "logits" and held is not None and held.shape[-1] == V < value.shape[-1]:
+        # a port's logits over the V real tokens: the C's padded columns (zero rows of its
+        # wte) are the harness's
+        value, args = value[..., :V], dict(args, weight=args["weight"][:V])
     found = stages(node.kernel, args)
-    observed = _stage(node.kernel, "observed", np.asarray(ref.get(state), np.float64))
+    observed = _stage(node.kernel, "observed", value)
     sizes = {s.value.size for s in found}
     module = None if node.kernel == "residual_forward" else recorded_module(model, state.module_of(ref))
     for name in dict.fromkeys((module, None)):
@@ -507,8 +514,7 @@ def residual_line(ops: list[Op], observed: Stage, block, kernel: str, layout=lay
     stands where the add is not made: the branch's output), at its line in the block's own
     method (the block that should add: a residual added wrong, or not added, is a line of
     the block's forward, not of the branch it calls)."""
-    anchor = next((op for op in ops if op.value is not None and op.name != "input"
-                   and distance(op.value, observed, layout) <= SAME_BOUND), None)
+    anchor = _anchor(ops, observed, layout)
     if anchor is None:
         return None
     site = (owned_site(anchor.stack, block) if block is not None else None) or anchor.site
@@ -581,8 +587,7 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
     good = {op.index: {s.name for s in found if distance(op.value, s, layout) <= MATCH_BOUND}
             for op in ops if op.value is not None}
     good = {i: names for i, names in good.items() if names}
-    made = [op for op in ops if op.value is not None and op.name != "input"]
-    anchor = next((op for op in made if distance(op.value, observed, layout) <= SAME_BOUND), None)
+    anchor = _anchor(ops, observed, layout, good)
     if anchor is None or anchor.index in good:
         return None     # the failing tensor is not among the ops, or it is the reference's
     suspects, frontier = _ancestors(ops, anchor.index, good)
@@ -602,6 +607,25 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
     return Pin(kernel, module, sites, before.name if before is not None else None, stage.name, says)
 
 
+def _anchor(ops: list[Op], observed: Stage, layout=layouts, good: dict | None = None) -> Op | None:
+    """The op that made the port's failing tensor: the first that holds its values in any
+    layout; but where an op after it that the failing tensor is made from reproduces an
+    intermediate (the weighted values, right in the heads' layout), the op that holds them
+    in the tensor's own shape: the values were right, their reshape (heads merged without
+    moving them back) is what made the tensor."""
+    made = [op for op in ops if op.value is not None and op.name != "input"]
+    first = next((op for op in made if distance(op.value, observed, layout) <= SAME_BOUND), None)
+    if first is None or not good:
+        return first
+    as_is = lambda a, shape: [a.reshape(shape)] if _squeezed(a.shape) == _squeezed(shape) else []  # noqa: E731
+    own = next((op for op in made if op.index > first.index and distance(op.value, observed, as_is) <= SAME_BOUND),
+               None)
+    if own is None:
+        return first
+    between, _ = _ancestors(ops, own.index, {})
+    return own if any(first.index < i < own.index and i in good for i in between) else first
+
+
 def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: set, frontier: set, layout):
     """(the first intermediate after the suspects' inputs that no op reproduces and a
     suspect could stand for, the suspect nearest to it), or None."""
@@ -614,7 +638,10 @@ def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: se
         near = [(d, i) for i in sorted(suspects) if ops[i].value is not None
                 and (d := distance(ops[i].value, s, layout)) <= NEAR_BOUND]
         if near:
-            return s, min(near)[1]
+            # the first of the nearest (a reshape after it holds the same values: it only
+            # lays them out, a roundoff nearer or further)
+            best = min(near)[0]
+            return s, min(i for d, i in near if d <= best * (1 + 1e-9) + 1e-300)
     return None
 
 

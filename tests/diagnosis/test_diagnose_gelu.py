@@ -54,6 +54,8 @@ PORTS = {
     "gelu.order": [("matmul_forward", gelu_before_matmul, "wide")],
     "gelu.tanh-scale": [("gelu_forward", lambda x: F(0.5) * x * (F(1) + np.tanh(F(math.sqrt(2) / math.pi) *
                                                                                   (x + F(0.044715) * x ** 3))))],
+    # the 0.5 left out (BUGS8's first run: named output.scale, a factor 2 on the output)
+    "gelu.half-factor": [("gelu_forward", lambda x: x * (F(1) + np.tanh(gelu_tanh_arg(x, 0.044715))))],
     "gelu.relu": [("gelu_forward", lambda x: np.maximum(x, F(0))),
                   ("gelu_backward", lambda dinp, inp, dout: dinp.__iadd__((inp > 0).astype(F) * dout))],
 }

@@ -446,25 +446,28 @@ def test_heldout8_unmodified_model_passes_with_its_map():
 
 
 # BUGS8 now, with a module holding C tensors counted as part of the graph (the census: no
-# structure.unknown-module for the Mixer) and its inside sought by value (capture.fused_holders):
-# 16 localised, 15 pinned, 13 named, one wrong cause (gelu-without-half: output.scale). Not
-# localised: the seven attention mistakes (the Mixer's wrong atty and attproj are found by no
-# value and shown at no boundary: the first divergence is the mean loss), mask-not-inverted
-# (a passing-looking lm_head replay), softmax-in-half (residual2 off, end to end)
-HELDOUT8_LOCALISED_NOW = {"adamw-betas-swapped", "adamw-eps-1e-6", "adamw-no-decay-on-vectors", "eps-outside-root",
-                          "gelu-cube-as-times-three", "gelu-erf", "gelu-without-half", "head-scaled",
-                          "log-softmax-over-time", "loss-summed-over-time", "norm-over-positions", "positions-from-one",
-                          "post-norm-feed", "residual-from-normed", "tokens-scaled-sqrt-C", "var-mean-unbiased"}
-HELDOUT8_PINNED_NOW = {"adamw-betas-swapped", "adamw-eps-1e-6", "eps-outside-root", "gelu-cube-as-times-three",
-                       "gelu-erf", "gelu-without-half", "log-softmax-over-time", "loss-summed-over-time",
-                       "norm-over-positions", "positions-detached", "positions-from-one", "post-norm-feed",
-                       "residual-from-normed", "tokens-scaled-sqrt-C", "var-mean-unbiased"}
-HELDOUT8_NAMED_NOW = {"adamw-no-decay-on-vectors", "eps-outside-root", "gelu-cube-as-times-three", "gelu-erf",
-                      "head-scaled", "loss-summed-over-time", "norm-over-positions", "positions-detached",
-                      "positions-from-one", "post-norm-feed", "residual-from-normed", "tokens-scaled-sqrt-C",
-                      "var-mean-unbiased"}
-HELDOUT8_WRONG_NOW = {"gelu-without-half": "output.scale"}
-BUGS8_NOW = FirstRun(25, 25, 16, 13, 1, pinned=15)
+# structure.unknown-module for the Mixer) and its inside sought by value (capture.fused_holders),
+# it was 16 localised, 15 pinned, 13 named, one wrong cause (gelu-without-half: output.scale),
+# the seven attention mistakes not localised (the Mixer's wrong atty found by no value: the
+# first divergence the mean loss), nor mask-not-inverted or softmax-in-half. Then (issue 30's
+# localisation inside a module of several ops): an activation a matmul with the C's weight
+# reads or writes is taken there, found by use (harness/ports/finder.py: the Mixer's atty is
+# what it multiplies by attprojw, wrong values and all), so the attention's replay fails and
+# is diagnosed; a forward end-to-end failure ranks before the loss (checks/results.py); the
+# anchor of a pin is the reshape where right values were laid out wrong (record._anchor);
+# GELU without its 0.5 is gelu.half-factor; a port's V-wide logits are pinned over the V real
+# tokens (record.pin_failure): 24 localised, 21 pinned, 20 named, no wrong cause.
+# Left: positions-detached localised at its structure.no-gradient finding, not the encoder's
+# backward; the pins of qkv-chunked-k-first (the scores' line: q and k each reproduce an
+# intermediate, swapped), the two masks (the softmax's line) and adamw-no-decay-on-vectors
+# (the call's line, not the group's); no cause for mask-not-inverted (NaN), log-softmax-over-time, adamw eps and betas
+HELDOUT8_LOCALISED_NOW = set(h6.BUGS8) - {"positions-detached"}
+HELDOUT8_PINNED_NOW = set(h6.BUGS8) - {"qkv-chunked-k-first", "mask-filled-with-zero", "mask-not-inverted",
+                                       "adamw-no-decay-on-vectors"}
+HELDOUT8_NAMED_NOW = set(h6.BUGS8) - {"mask-not-inverted", "softmax-in-half", "log-softmax-over-time",
+                                      "adamw-eps-1e-6", "adamw-betas-swapped"}
+HELDOUT8_WRONG_NOW: dict[str, str] = {}
+BUGS8_NOW = FirstRun(25, 25, 24, 20, 0, pinned=21)
 
 
 def test_heldout8_now_is_recorded():

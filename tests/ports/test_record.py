@@ -235,3 +235,88 @@ def test_the_loss_is_pinned_at_its_shift():
     # torch's logsumexp takes the row maximum first: the scaled logits' is the first value off
     assert (pin.matched, pin.unmatched) == ("vlogits", "shift")
     assert pin.describe().endswith("the logits of the V real tokens match, the shift (the row maximum) does not")
+
+
+# ----------------------------------------------------------------------------- inside a module of several ops
+
+import fused_ports as fp     # noqa: E402
+
+
+def _run(port):
+    return run_parity(TINY, synth.init_params(TINY, seed=0), synth.batches(TINY, 2, 8), steps=1,
+                      models={"port": port})
+
+
+def _first(report):
+    return first_divergence_check([c for c in report.steps[0].checks if c.impl == "port"])
+
+
+FUSED = {"MergedWithoutTranspose": ("return y.reshape(B, T, NH * hs)", "attention.layout"),
+         "ScaledByWidth": ("s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1) * self.NH)", "attention.scale")}
+
+
+@pytest.mark.parametrize("mistake", list(FUSED))
+def test_a_mistake_inside_a_module_of_several_ops_is_the_attentions(mistake):
+    """An attention on raw parameters (qkv, ops, projection in one module's forward): the
+    tensor it multiplies by attprojw is its output (found by use, wrong values and all),
+    so the attention's replay fails, pinned to the mistake's line and named."""
+    text, cause = FUSED[mistake]
+    c = _first(_run(fp.port(getattr(fp, mistake))))
+    assert (c.kind, c.where.split(" [")[0]) == ("replay", "layer 0 attention attention_forward"), c.where
+    assert "found by use" in c.module
+    assert c.diagnosis is not None and c.diagnosis.causes[0].id.startswith(cause), c.diagnosis
+    assert c.pin is not None and (Path(c.pin.file).name, c.pin.line) == ("fused_ports.py", fp.line_of(text))
+
+
+def test_the_unmodified_fused_port_passes_with_the_attentions_output_observed():
+    report = _run(fp.port())
+    assert report.passed and not report.findings["port"]
+    assert "acts.atty" not in report.not_observed["port"] and "acts.attproj" not in report.not_observed["port"]
+
+
+def test_without_the_rule_by_use_the_mistake_is_not_the_attentions(monkeypatch):
+    """Without the rule by use, a wrong attention's output is found by no value (or, its
+    heads merged wrong, by the right values before the merge): the first divergence is not
+    the attention's."""
+    from harness.ports import finder
+    monkeypatch.setattr(finder, "_by_use", lambda *a: (None, None))
+    for mistake in FUSED:
+        c = _first(_run(fp.port(getattr(fp, mistake))))
+        assert "attention_forward" not in c.where, c.where
+
+
+def test_a_reshape_of_right_values_is_the_line_not_the_product(monkeypatch):
+    """The heads merged without moving them back: the weighted values are right (in the
+    heads' layout), their reshape made the wrong tensor. The anchor that took the first op
+    holding the failing values in any layout (the product, before the reshape) pins the
+    product's line instead."""
+    text = FUSED["MergedWithoutTranspose"][0]
+    monkeypatch.setattr(R, "_anchor", lambda ops, observed, layout=R.layouts, good=None: next(
+        (op for op in ops if op.value is not None and op.name != "input"
+         and R.distance(op.value, observed, layout) <= R.SAME_BOUND), None))
+    c = _first(_run(fp.port(fp.MergedWithoutTranspose)))
+    assert c.pin is None or c.pin.line != fp.line_of(text)
+
+
+def test_an_end_to_end_activation_ranks_before_the_loss():
+    """With no replay failing, the first divergence is the forward's first end-to-end
+    failure, in the graph before the loss (the checks list the loss first), and the loss
+    before a gradient's."""
+    report = _run(fp.port(fp.ScaledByWidth))
+    checks = [c for c in report.steps[0].checks if c.impl == "port" and not c.passed and c.kind != "replay"]
+    loss = next(c for c in checks if c.kind == "loss")
+    fwd = next(c for c in checks if c.kind == "e2e" and c.phase == "forward")
+    bwd = next(c for c in checks if c.kind == "e2e" and c.phase == "backward")
+    assert checks.index(loss) < checks.index(fwd)
+    assert first_divergence_check(checks) is fwd
+    assert first_divergence_check([bwd, loss]) is loss
+
+
+def test_logits_over_the_real_tokens_are_pinned():
+    """A port's logits have V columns, the C's Vp (padded): the failing logits are looked
+    for over the V real tokens, so the head's mistake is pinned to its line (it was not
+    found among the port's ops at all)."""
+    assert TINY.padded_vocab_size > TINY.vocab_size
+    c = _first(_run(fp.port(model=fp.HeadHalved)))
+    assert c.where.startswith("lm_head matmul_forward") and c.diagnosis.causes[0].id == "output.scale"
+    assert c.pin is not None and c.pin.line == fp.line_of("return x @ self.tok.weight.t() * 0.5")

@@ -195,7 +195,8 @@ def test_a_module_holding_c_tensors_is_in_the_graph():
     """An attention on raw parameters mapped to qkvw and attprojw computes the graph's ops:
     the unmodified port has no structural finding, and with a wrong scale in it the first
     divergence is numeric (the qkv, which it computes inside, found by value and right; the
-    layer's residual stream after it off), not a structure.unknown-module at the module."""
+    attention's output, the input of its projection by attprojw, found by use and off: the
+    attention's replay fails), not a structure.unknown-module at the module."""
     right = run(raw_attention(), RAW)
     assert right.passed and not right.steps[0].structure.get("port"), right.steps[0].structure
     assert "acts.qkv" not in right.not_observed["port"]
@@ -203,7 +204,9 @@ def test_a_module_holding_c_tensors_is_in_the_graph():
     step = wrong.steps[0]
     assert not wrong.passed and not step.structure.get("port"), step.structure
     failing = [c for c in step.checks if c.impl == "port" and not c.passed]
-    assert first_divergence_check(failing).kind in ("e2e", "loss") and "structure" not in wrong.first_divergence()
+    first = first_divergence_check(failing)
+    assert (first.kind, first.where.split(" [")[0]) == ("replay", "layer 0 attention attention_forward")
+    assert "[structure." not in wrong.first_divergence()
     assert "acts.qkv[layer 0]" not in {c.tensor for c in failing}
     assert "acts.residual2[layer 0]" in {c.tensor for c in failing if c.kind == "e2e"}
 

@@ -220,6 +220,26 @@ def _gelu_sigmoid_name(kernel, args, value, ctx):
     return "gelu.sigmoid-scale", value, ""
 
 
+def _gelu_half(kernel, args, ctx, value):
+    """GELU's tanh form with ``value`` in place of its leading 0.5."""
+    x = args["inp"]
+    c = numpy_kernels.GELU_COEF
+    s = math.sqrt(2 / math.pi)
+    th = np.tanh(s * (x + c * x ** 3))
+    if kernel == "gelu_forward":
+        return {"out": value * x * (1 + th)}
+    g = value * ((1 + th) + x * (1 - th * th) * s * (1 + 3 * c * x * x))
+    return {"dinp": args["dinp"] + g * args["dout"]}
+
+
+def _gelu_half_name(kernel, args, value, ctx):
+    """Named only where the factor is 1 (the 0.5 left out): any other factor on GELU's
+    output is output.scale's (a constant factor on an op's output)."""
+    if abs(value - 1.0) >= 1e-3:
+        return None, value, ""
+    return "gelu.half-factor", value, " (the 0.5 left out)"
+
+
 VARIANTS: tuple[Variant, ...] = (
     Variant("gelu.erf", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU in its exact form x*Phi(x) (erf); train_gpt2.c uses the tanh approximation", _gelu_erf),
@@ -231,6 +251,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("gelu.tanh-scale", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU's tanh argument scaled by {value}{note} instead of sqrt(2/pi)", _gelu_tanh_scale,
             fit=_gelu_scale_fit, name=_gelu_scale_name),
+    Variant("gelu.half-factor", "gelu", ("gelu_forward", "gelu_backward"),
+            "GELU's leading factor is {value}{note} instead of 0.5",
+            _gelu_half, fit=Fit(-1e6, 1e6, linear=True), name=_gelu_half_name),
     Variant("gelu.cubic-constant", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU's cubic coefficient is {value} instead of 0.044715", _gelu_coef, fit=_gelu_coef_fit),
     Variant("gelu.power", "gelu", ("gelu_forward", "gelu_backward"),
