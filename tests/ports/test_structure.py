@@ -88,7 +88,10 @@ def test_planted_bug_is_localised_at_its_op(factory, where, cause):
 def test_a_slice_map_adds_to_the_recognition():
     model = build_model(qs.lettered, TINY)
     with pytest.raises(ModelError, match=r"self_attn\.first\.weight"):
-        map_parameters(model, TINY)
+        map_parameters(model, TINY, uses=False)      # names and shapes alone cannot tell q, k, v
+    # their use can: the three (C, C) products of one input, in the order used, and o_proj
+    used = {e.names[0]: str(e.slot) for e in map_parameters(model, TINY)}
+    assert all(used[k] == v.replace("2C", str(2 * C)).replace("C", str(C)) for k, v in LETTERS.items()), used
     entries = {e.names[0]: str(e.slot) for e in map_parameters(model, TINY, LETTERS)}
     assert entries["layers.1.self_attn.second.weight"] == f"qkvw[1][{C}:{2 * C}]"
     assert entries["layers.1.self_attn.second.bias"] == f"qkvb[1][{C}:{2 * C}]"
@@ -112,7 +115,7 @@ def test_k_and_v_rows_swapped_fail_at_the_attention():
 def test_ambiguous_and_bad_maps_are_refused_in_one_line():
     model = build_model(qs.Pondering, TINY)
     with pytest.raises(ModelError) as e:
-        map_parameters(model, TINY)
+        map_parameters(model, TINY, uses=False)
     text = str(e.value)
     assert "\n" not in text
     assert "'trunk.0.before_mix.weight' (48,) matches no C tensor by name and by shape could be ln1w[0] or ln2w[0]" \
