@@ -36,7 +36,8 @@ from .mapping import Entry, map_parameters
 from .master import master_weights, not_written_back
 from .precision import Mixed
 from .torchmodel import TorchModel, build_model, build_optimizer, call_model
-from .usage import Usage, record_usage
+from .usage import Usage, record_usage, relaid
+from .usage import _mode_class as usage_mode
 
 
 # outputs no module returns but a replay needs as input: derived from the port's own inputs
@@ -106,10 +107,15 @@ class ModelState:
             if all(m in bypassed for m, _ in group):
                 self.capture.points.pop(key, None)     # shown at no boundary: sought by value
         self.census = Census(self.model, config, self.entries, bypassed)
+        # what no boundary shows, taken where the forward computes it by the mapped parameters
+        self.sites = {k: v for k, v in (self.usage().sites(self.entries) if own_names and not stacked else {}).items()
+                      if v[0] not in self.capture.points}
+        self._site_watch = None
         # what no module boundary shows, found by value, where the names are not all known (a
         # functional port's, on raw parameters of the model itself, too)
         by_value = self.capture.anchored or bypassed or (own_names and not stacked and not self.capture.points)
-        self.finder = Finder(config, set(self.capture.points) if by_value else _ALL_ACTS)
+        self.finder = Finder(config, set(self.capture.points) | {a for a, _ in self.sites.values()}
+                             if by_value else _ALL_ACTS)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
         self.optimizer_factory = model.optimizer   # where the port's optimizer comes from (harness.ports.pins)
         self.masters = master_weights(self.optimizer, self.entries)   # id(param) -> its float32 master
@@ -218,9 +224,10 @@ class ModelState:
         idx = torch.from_numpy(self.inputs.astype(np.int64))
         tgt = torch.from_numpy(self.targets.astype(np.int64))
         try:
-            with self.capture.kernel_calls(self.model, cfg), self.finder.watch(B, T):
+            with self.capture.kernel_calls(self.model, cfg), self.finder.watch(B, T), self._watch_sites():
                 logits, loss = self.mixed.forward(self.model, lambda: self._call(idx, tgt))
             self.finder.take(self.capture)
+            self._take_sites(B, T)
         except ModelError:
             raise
         except Exception as e:
@@ -259,6 +266,32 @@ class ModelState:
         return self.mean_loss
 
     __call__ = forward
+
+    def _watch_sites(self):
+        """The mode under which a forward's sites (:meth:`.usage.Usage.sites`) are kept."""
+        import contextlib
+        if not self.sites:
+            return contextlib.nullcontext()
+        params = {id(e.param): tuple(e.param.shape) for e in self.entries}
+        self._site_watch = usage_mode()(params, wanted=set(self.sites))
+        return self._site_watch
+
+    def _take_sites(self, B: int, T: int) -> None:
+        """The sites' tensors as the C's activations (and a hook for each one's gradient)."""
+        watch, self._site_watch = self._site_watch, None
+        if watch is None:
+            return
+        names = {id(e.param): e.names[0] for e in self.entries}
+        for (pid, role), (t, value) in watch.sites.items():
+            key, layout = self.sites[(pid, role)]
+            if key in self.capture.values or value.numel() != B * T * value.shape[-1]:
+                continue
+            self.capture.values[key] = relaid(value, layout, B, T)
+            what = {"out": "the output of", "operand": "the input of", "residual": "the sum after"}[role]
+            self.capture.points[key] = f"the forward ({what} {names[pid]}'s op, found by use)"
+            if t.requires_grad:
+                t.register_hook(lambda g, key=key, layout=layout: self.capture.grads.__setitem__(
+                    key, relaid(g, layout, B, T)))
 
     def _call(self, idx, tgt):
         """The model's forward as the port calls it: with the targets where its forward

@@ -107,8 +107,9 @@ def _mode_class():
         """Follows the parameters (``params``: id -> shape) and the tokens through the forward's
         ops: ``uses`` (index -> :class:`Use`), ``consumed`` (indices read by any op)."""
 
-        def __init__(self, params: dict, tokens):
+        def __init__(self, params: dict, tokens=None, wanted=None):
             super().__init__()
+            self.wanted = wanted        # the site keys to keep (None: all)
             self.uses: dict[int, Use] = {}
             self.consumed: set[int] = set()
             self.count = 0
@@ -116,7 +117,15 @@ def _mode_class():
             self.tags = WeakIdKeyDictionary()      # tensor -> tag
             self.roots = WeakIdKeyDictionary()     # tensor -> the tensor it views (an int)
             self.params = params
-            self.tags[tokens] = ("tokens",)
+            if tokens is not None:
+                self.tags[tokens] = ("tokens",)
+            self.sites: dict[tuple, tuple] = {}   # (id of a parameter, role) -> (the tensor there, its value)
+
+        def site(self, key, t, again=False):
+            """The tensor at ``key`` (the first, or with ``again`` a later one: a bias added)."""
+            if (isinstance(t, torch.Tensor) and (again or key not in self.sites)
+                    and (self.wanted is None or key in self.wanted)):
+                self.sites[key] = (t, t.detach().to(torch.float32, copy=True))
 
         def tag(self, t):
             if not isinstance(t, torch.Tensor):
@@ -175,7 +184,7 @@ def _mode_class():
             if name in _MULS or name in _ADDS:
                 return self._elementwise(name, at, args, tags, out)
             if name == "native_layer_norm":
-                return self._layer_norm(at, tags)
+                return self._layer_norm(at, tags, out)
             if name in ("embedding", "index"):
                 return self._embedding(name, at, args, tags)
             return False
@@ -197,10 +206,13 @@ def _mode_class():
                 break
             if weight is None:
                 return False
-            if name in ("addmm", "baddbmm") and tags[0] is not None and tags[0][0] == "param":
+            self.site((weight, "operand"), args[other])
+            self.site((weight, "out"), out)
+            biased = name in ("addmm", "baddbmm") and tags[0] is not None and tags[0][0] == "param"
+            if biased:
                 self.use(tags[0][1], Use(at, "bias", of=weight))
             if isinstance(out, torch.Tensor):
-                self.tags[out] = ("product", weight)
+                self.tags[out] = ("biased" if biased else "product", weight)
             return True
 
         def _elementwise(self, name, at, args, tags, out) -> bool:
@@ -212,20 +224,29 @@ def _mode_class():
                     continue
                 if name in _MULS and (o is None or o[0] != "param"):
                     self.use(t[1], Use(at, "norm"))
+                    self.site((t[1], "out"), out)
                     if isinstance(out, torch.Tensor):
                         self.tags[out] = ("scaled", t[1])
                     return True
                 if name in _ADDS and o is not None and o[0] in ("product", "scaled"):
                     self.use(t[1], Use(at, "bias", of=o[1]))
+                    self.site((o[1], "out"), out, again=True)
+                    if o[0] == "product" and isinstance(out, torch.Tensor):
+                        self.tags[out] = ("biased", o[1])
                     return True
+            if name in _ADDS:      # the residual stream: a product's output (and bias) added to it
+                for t, o in ((tags[0], tags[1]), (tags[1], tags[0])):
+                    if t is not None and t[0] in ("product", "biased") and o is None:
+                        self.site((t[1], "residual"), out)
             return False
 
-        def _layer_norm(self, at, tags) -> bool:
+        def _layer_norm(self, at, tags, out) -> bool:
             w = tags[2] if len(tags) > 2 else None
             b = tags[3] if len(tags) > 3 else None
             w = w[1] if w is not None and w[0] == "param" else None
             if w is not None:
                 self.use(w, Use(at, "norm"))
+                self.site((w, "out"), out[0] if isinstance(out, (tuple, list)) else out)
             if b is not None and b[0] == "param":
                 self.use(b[1], Use(at, "bias", of=w))
             return True
@@ -247,8 +268,9 @@ class Usage:
     ``uses`` (id of a parameter -> its first :class:`Use`), ``called`` (the modules the
     forward called), ``error`` (why the forward could not be followed, or None)."""
 
-    def __init__(self, model, uses: dict, consumed: set, called: set, error: str | None = None):
+    def __init__(self, model, uses: dict, consumed: set, called: set, error: str | None = None, layouts=None):
         self.model = model
+        self.layouts = layouts or {}    # a site (id of a parameter, role) -> its rows' layout (:func:`_rows`)
         self.uses = uses
         self.consumed = consumed
         self.called = called
@@ -262,6 +284,18 @@ class Usage:
             own = [id(p) for p in m.parameters(recurse=False)]
             if name and name not in self.called and own and all(p in self.consumed for p in own):
                 out.add(name)
+        return out
+
+    def sites(self, entries) -> dict:
+        """The graph's activations the forward computes by the mapped parameters (:data:`SITES`):
+        a site (id of a parameter, role) -> ((act, layer), its rows' layout)."""
+        out = {}
+        for e in entries:
+            for role in ("out", "operand", "residual"):
+                act = SITES.get((e.slot.name, role)) if e.slot.rows is None else None
+                key = (id(e.param), role)
+                if act is not None and key in self.layouts:
+                    out[key] = ((act, e.slot.layer), self.layouts[key])
         return out
 
     def proposals(self, cfg: GPT2Config) -> tuple[dict, dict]:
@@ -326,23 +360,57 @@ def _square(square: list, L: int, C: int, fused: bool) -> dict:
     return out
 
 
+# a site (the C tensor a parameter holds, its role there) -> the graph's activation it is
+SITES = {("qkvw", "out"): "qkv", ("attprojw", "operand"): "atty", ("attprojw", "out"): "attproj",
+         ("attprojw", "residual"): "residual2", ("fcw", "out"): "fch", ("fcprojw", "operand"): "fch_gelu",
+         ("fcprojw", "out"): "fcproj", ("fcprojw", "residual"): "residual3", ("ln1w", "out"): "ln1",
+         ("ln2w", "out"): "ln2", ("lnfw", "out"): "lnf"}
+_B = 2
+
+
+def _rows(a, b, B: int, T: int) -> str | None:
+    """How a site's tensor lays out its (batch, position) rows, from its value on two
+    batches that differ in batch element 1 only: ``"bt"`` (batch-major: (B, T, X), (B*T, X)),
+    ``"tb"`` (position-major: ``nn.MultiheadAttention``'s (T, B, X)), None where neither."""
+    import numpy as np
+    X = a.shape[-1] if a.ndim else 0
+    if a.shape != b.shape or not X or a.size != B * T * X:
+        return None
+    changed = np.any(a.reshape(B * T, X) != b.reshape(B * T, X), axis=1)
+    if np.array_equal(changed, np.repeat(np.arange(B) == 1, T)):
+        return "bt"
+    if np.array_equal(changed, np.tile(np.arange(B) == 1, T)):
+        return "tb"
+    return None
+
+
+def relaid(t, layout: str, B: int, T: int):
+    """A site's tensor (or its gradient) as the C's (B, T, X)."""
+    import torch
+    x = t.detach().to(torch.float32).reshape(-1, t.shape[-1])
+    return (x.reshape(T, B, -1).transpose(0, 1) if layout == "tb" else x.reshape(B, T, -1)).contiguous()
+
+
 def record_usage(model, cfg: GPT2Config) -> Usage:
     """The uses of ``model``'s parameters in a forward of one sequence of a few tokens
     (under ``torch.no_grad()``, the random state as it was after); a forward that raises
     gives a :class:`Usage` with no uses and its ``error``."""
     import torch
-    T = min(cfg.max_seq_len, _T)
-    idx = (torch.arange(T, dtype=torch.long) % cfg.vocab_size)[None]
-    tgt = torch.roll(idx, -1, 1)
+    B, T = _B, min(cfg.max_seq_len, _T)
+    idx = (torch.arange(B * T, dtype=torch.long) % cfg.vocab_size).reshape(B, T)
+    other = idx.clone()
+    other[1] = (other[1] + 1) % cfg.vocab_size
     params = {id(p): tuple(p.shape) for p in model.parameters()}
-    watch = _mode_class()(params, idx)
     called: set[str] = set()
     handles = [m.register_forward_pre_hook(lambda mod, a, n=name: called.add(n))
                for name, m in model.named_modules() if name]
-    error = None
+    runs, error = [], None
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), watch:
-            call_model(model, idx, tgt)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _noised(model):
+            for tokens in (idx, other):
+                runs.append(_mode_class()(params, tokens))
+                with runs[-1]:
+                    call_model(model, tokens, torch.roll(tokens, -1, 1))
     except Exception as e:      # the port's own forward: any error is its own, reported in the refusal
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     finally:
@@ -350,4 +418,27 @@ def record_usage(model, cfg: GPT2Config) -> Usage:
             h.remove()
     if error is not None:
         return Usage(model, {}, set(), called, error)
-    return Usage(model, watch.uses, watch.consumed, called)
+    first, second = runs
+    layouts = {k: r for k, (_, v) in first.sites.items() if k in second.sites
+               and (r := _rows(v.numpy(), second.sites[k][1].numpy(), B, T)) is not None}
+    return Usage(model, first.uses, first.consumed, called, layouts=layouts)
+
+
+class _noised:
+    """The model's parameters, for the small forwards, filled with small seeded noise (a
+    port may initialise a weight to zero, which would hide the rows a batch element
+    changes); put back after."""
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+
+    def __enter__(self):
+        import torch
+        self.saved = [p.detach().clone() for p in self.params]
+        g = torch.Generator().manual_seed(0)
+        for p in self.params:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 else 0.0)).to(p.dtype))
+
+    def __exit__(self, *exc):
+        for p, v in zip(self.params, self.saved):
+            p.copy_(v)
