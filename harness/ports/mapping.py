@@ -313,11 +313,22 @@ def _by_shape(cfg: GPT2Config, groups, slots: dict, bad: set, problems: list) ->
         shape = tuple(p.shape)
         if not cands[i]:
             problems.append(f"extra parameter {names[0]} {shape}: no C tensor matches it by name or shape"
-                            f" (map it, e.g. {{{names[0]!r}: 'qkvw[0]'}}, or remove it)")
+                            f" (map it, e.g. {{{names[0]!r}: '{_example(cfg, shape, slots)}'}}, or remove it)")
         else:
             could = " or ".join(map(str, cands[i][:4])) + (" ..." if len(cands[i]) > 4 else "")
             problems.append(f"the model's parameter {names[0]!r} {shape} matches no C tensor by name and by shape "
                             f"could be {could}: map it, e.g. {{{names[0]!r}: '{cands[i][0]}'}}")
+
+
+def _example(cfg: GPT2Config, shape: tuple, slots: dict) -> Slot:
+    """A C tensor no parameter holds yet that a parameter of ``shape`` could (a map's example)."""
+    taken = {_key(s) for s in slots.values()}
+    for n in PARAM_NAMES:
+        for layer in (range(cfg.num_layers) if n in LAYER_PARAMS else [None]):
+            s = Slot(n, layer)
+            if _fits(cfg, s, shape, taken):
+                return s
+    return Slot("qkvw", 0)
 
 
 def _entries(cfg: GPT2Config, groups, slots: dict, problems: list) -> list[Entry]:
