@@ -5,8 +5,10 @@ slice of one (separate q, k, v projections hold the rows 0:C, C:2C, 2C:3C of the
 ``qkvw``/``qkvb``): by name (the C's own names; the common conventions of
 :mod:`.families`: ``c_attn``, ``q_proj``, ``query``, ``wq``, ``fc1``, ``w1``, ``norm1``,
 ``embed_tokens``, ``final_norm``, ``lm_head``, blocks under ``h.{i}``, ``layers.{i}``,
-any ``name.{i}``), then, for what no name says, by shape within its block (a (3C, C)
-weight is the qkv, a bias follows its module's weight), then by an explicit mapping
+any ``name.{i}``, a key ending in a number: ``stage0``), then, for what no name says, by
+its use in a small recorded forward (:mod:`.usage`: the op and operand that consume it, in
+the forward's order), then by shape within its block (a (3C, C) weight is the qkv, a bias
+follows its module's weight), and an explicit mapping
 (``{model parameter name: "qkvw[3]"}``, ``"qkvw[0][C:2C]"`` for k's rows, a ``.T`` suffix
 for a transposed layout, or a callable ``(name, shape) -> such a string``, None for "as
 recognised"), which ADDS to the recognition: the names it maps override, the rest are
