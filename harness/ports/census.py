@@ -18,7 +18,9 @@ findings, each naming the module and the graph's op it stands for:
 * ``structure.unknown-module``: a module called in the forward that GPT-2's graph does
   not have (a rotary embedding, a parameterless rescale); a module holding parameters
   mapped to C tensors (a fused attention on raw ``nn.Parameter``s) computes their ops, and
-  is part of the graph.
+  is part of the graph; so is a module its parent applies without calling it
+  (``nn.MultiheadAttention``'s ``out_proj``: :meth:`.usage.Usage.bypassed`), never called
+  by design, so never named as such.
 
 The census also says which module was running when the forward raised
 (:meth:`Census.running`), so that a model that fails inside its forward is told where.
@@ -119,8 +121,9 @@ class Census:
     """Counts, per forward, every module's calls (forward pre-hooks on all of them) and
     keeps the stack of modules running, for an error's whereabouts."""
 
-    def __init__(self, model, cfg: GPT2Config, entries=()):
+    def __init__(self, model, cfg: GPT2Config, entries=(), bypassed=()):
         self.model = model
+        self.bypassed = set(bypassed)     # modules whose parameters their parent applies (:mod:`.usage`)
         self.cfg = cfg
         self.calls: dict[str, int] = {}
         self.order: list[str] = []
@@ -192,6 +195,8 @@ class Census:
             label = op if top != 1 else f"layer {layer} {op}"
             if label in named:
                 continue
+            if all(mname in self.bypassed for mname, _ in group):
+                continue    # never called by design: nn.MultiheadAttention applies its out_proj's weight itself
             for mname, _ in group:
                 self.graph.setdefault(mname, ((top, layer or 0, k), label))
 

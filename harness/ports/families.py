@@ -11,7 +11,8 @@ here; anything else takes an explicit mapping (:func:`harness.ports.mapping.pars
 * any other common convention, by a module's own name (:func:`named_role`:
   ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``query``, ``wq``, ``fc1``/``fc2``,
   ``w1``/``w2``, ``norm1``/``norm2``, ``embed_tokens``, ``final_norm``, ``lm_head`` ...),
-  a block being whatever the first integer of a name indexes (``layers.3``, ``blocks.3``).
+  a block being whatever the first integer of a name indexes (``layers.3``, ``blocks.3``,
+  or a key ending in one: ``stage0``, ``layer_3``; :func:`block_key`).
 
 :data:`HOOKS` names the activations' module boundaries of the first three only; for the
 others :func:`harness.ports.capture.anchors` finds them by the parameters modules hold.
@@ -98,24 +99,48 @@ TOP_NAMES = {
     "head": ("lm_head", "head", "unembed", "out_head", "output", "classifier"),
 }
 # a parameter's own name -> weight ("w") or bias ("b"); MultiheadAttention's fused in_proj
-KINDS = {"weight": "w", "bias": "b", "gamma": "w", "beta": "b", "scale": "w", "shift": "b",
+KINDS = {"weight": "w", "bias": "b", "gamma": "w", "beta": "b", "scale": "w", "shift": "b", "gain": "w",
          "in_proj_weight": "w", "in_proj_bias": "b"}
 PIECES = ("q", "k", "v")
 _ROLE_OF = {n: role for role, names in ROLE_NAMES.items() for n in names}
 _TOP_OF = {n: c for c, names in TOP_NAMES.items() for n in names}
 
 
+_KEYED = re.compile(r"^[A-Za-z_]*?[_-]?(\d+)$")
+
+
+def block_key(part: str) -> int | None:
+    """The block index a part of a dotted name gives: a number (``layers.3``), or a key
+    ending in one (an ``nn.ModuleDict``'s ``stage0``, ``layer_3``, ``block-2``) that is not
+    a module's own name with a digit in it (``fc1``, ``w2``, ``norm1``, ``ln_1``)."""
+    if part.isdigit():
+        return int(part)
+    m = _KEYED.match(part)
+    if m is None or part.lower() in _ROLE_OF or part.lower() in _TOP_OF:
+        return None
+    return int(m.group(1))
+
+
+def block_of(path: list[str]) -> int | None:
+    """Where in ``path`` (a dotted name's parts) its block's index is: the first number, or
+    else the first key ending in one (:func:`block_key`); None outside the blocks."""
+    numbers = [i for i, p in enumerate(path) if p.isdigit()]
+    if numbers:
+        return numbers[0]
+    return next((i for i, p in enumerate(path) if block_key(p) is not None), None)
+
+
 def split_name(name: str) -> tuple[int | None, list[str], list[str], str] | None:
-    """A parameter's dotted name as (its block's index: the first integer in it, the module
-    path inside the block (or the whole path outside one), the path above the block, the
+    """A parameter's dotted name as (its block's index (:func:`block_of`), the module path
+    inside the block (or the whole path outside one), the path above the block, the
     parameter's own name); None for a name that is not a module's weight or bias."""
     parts = name.split(".")
     if parts[-1] not in KINDS:
         return None
     path = parts[:-1]
-    for i, p in enumerate(path):
-        if p.isdigit():
-            return int(p), path[i + 1:], path[:i], parts[-1]
+    i = block_of(path)
+    if i is not None:
+        return block_key(path[i]), path[i + 1:], path[:i], parts[-1]
     return None, path, [], parts[-1]
 
 

@@ -5,8 +5,10 @@ slice of one (separate q, k, v projections hold the rows 0:C, C:2C, 2C:3C of the
 ``qkvw``/``qkvb``): by name (the C's own names; the common conventions of
 :mod:`.families`: ``c_attn``, ``q_proj``, ``query``, ``wq``, ``fc1``, ``w1``, ``norm1``,
 ``embed_tokens``, ``final_norm``, ``lm_head``, blocks under ``h.{i}``, ``layers.{i}``,
-any ``name.{i}``), then, for what no name says, by shape within its block (a (3C, C)
-weight is the qkv, a bias follows its module's weight), then by an explicit mapping
+any ``name.{i}``, a key ending in a number: ``stage0``), then, for what no name says, by
+its use in a small recorded forward (:mod:`.usage`: the op and operand that consume it, in
+the forward's order), then by shape within its block (a (3C, C) weight is the qkv, a bias
+follows its module's weight), and an explicit mapping
 (``{model parameter name: "qkvw[3]"}``, ``"qkvw[0][C:2C]"`` for k's rows, a ``.T`` suffix
 for a transposed layout, or a callable ``(name, shape) -> such a string``, None for "as
 recognised"), which ADDS to the recognition: the names it maps override, the rest are
@@ -24,7 +26,8 @@ import numpy as np
 from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, param_shapes
 
 from ..errors import ModelError
-from .families import C_NAMED, PIECES, named_role, split_name, transposed_module
+from .families import C_NAMED, PIECES, block_key, block_of, named_role, split_name, transposed_module
+from .usage import Usage, record_usage
 
 
 @dataclass(frozen=True)
@@ -139,10 +142,13 @@ class Entry:
     rows: int | None     # wte: the model's vocabulary rows (V or Vp)
 
 
-def map_parameters(model, cfg: GPT2Config, mapping=None) -> list[Entry]:
+def map_parameters(model, cfg: GPT2Config, mapping=None, uses=None) -> list[Entry]:
     """Every parameter of ``model`` matched to one C tensor (or rows of one), every C
     tensor covered once, the head tied to ``wte``: else a :class:`ModelError` that lists
-    what is wrong, each ambiguous or unknown parameter with the map that would settle it."""
+    what is wrong, each ambiguous or unknown parameter with the map that would settle it.
+    ``uses``: where names leave a parameter unplaced, how the forward uses it
+    (:mod:`.usage`): None to record it then, a :class:`.usage.Usage` (or a callable giving
+    one), or False for names and shapes alone."""
     groups = _parameter_groups(model)
     if not groups:
         raise ModelError(f"{type(model).__name__} has no parameters")
@@ -158,11 +164,51 @@ def map_parameters(model, cfg: GPT2Config, mapping=None) -> list[Entry]:
             bad.add(i)
         elif found:
             slots[i] = found.pop()
+    note = None
+    if uses is not False and any(i not in slots and i not in bad for i in range(len(groups))):
+        usage = uses if isinstance(uses, Usage) else (uses() if callable(uses) else record_usage(model, cfg))
+        _by_use(cfg, groups, slots, usage)
+        note = usage.error
     _by_shape(cfg, groups, slots, bad, problems)
     entries = _entries(cfg, groups, slots, problems)
     if problems:
-        raise ModelError(f"cannot map {type(model).__name__}'s parameters onto the C's: " + "; ".join(problems))
+        raise ModelError(f"cannot map {type(model).__name__}'s parameters onto the C's: " + "; ".join(problems)
+                         + (f" (its forward, run to see how it uses them, raised {note})" if note else ""))
     return entries
+
+
+def _fits(cfg: GPT2Config, slot: Slot, shape: tuple, taken: set) -> bool:
+    """Whether a parameter of ``shape`` can hold ``slot`` (in its layout), none holding it yet."""
+    if any(k[:2] == (slot.name, slot.layer) and _overlap(k[2], slot.rows) for k in taken):
+        return False
+    want = _c_shape(cfg, slot)
+    want = want[::-1] if slot.transpose else want
+    return shape == want or (slot.name == "wte" and shape[1:] == want[1:]
+                             and shape[0] in (cfg.vocab_size, cfg.padded_vocab_size))
+
+
+def _by_use(cfg: GPT2Config, groups, slots: dict, usage) -> None:
+    """The parameters no name placed, by their use in the forward (:meth:`.usage.Usage.proposals`):
+    a weight, a norm's weight, a table where its use says; then each bias as the one added to
+    its weight's (or norm's) output. A C tensor a name placed is not taken again."""
+    proposed, biases = usage.proposals(cfg)
+    index = {id(p): i for i, (_, p) in enumerate(groups)}
+    todo = [i for i in range(len(groups)) if i not in slots]
+    taken = {_key(s) for s in slots.values()}
+    for i in todo:
+        s = proposed.get(id(groups[i][1]))
+        if s is not None and _fits(cfg, s, tuple(groups[i][1].shape), taken):
+            slots[i] = s
+            taken.add(_key(s))
+    for i in todo:
+        w = index.get(biases.get(id(groups[i][1])))
+        s = slots.get(w) if w is not None else None
+        if i in slots or s is None or s.name in ("wte", "wpe"):
+            continue
+        b = Slot(s.name[:-1] + "b", s.layer, rows=s.rows)
+        if _fits(cfg, b, tuple(groups[i][1].shape), taken):
+            slots[i] = b
+            taken.add(_key(b))
 
 
 def _parameter_groups(model) -> list[tuple[tuple[str, ...], object]]:
@@ -219,10 +265,12 @@ def _shape_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> l
 def _raw_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> list[Slot]:
     """:func:`_shape_candidates` of a raw parameter inside a block (``layers.0.attn.w_qkv``):
     the block's C tensors, weights and biases, of its shape; none outside the blocks."""
-    digits = [int(p) for p in name.split(".")[:-1] if p.isdigit()]
-    if not digits or digits[0] >= cfg.num_layers:
+    path = name.split(".")[:-1]
+    at = block_of(path)
+    layer = None if at is None else block_key(path[at])
+    if layer is None or layer >= cfg.num_layers:
         return []
-    slots = [Slot(c, digits[0]) for c in PARAM_NAMES if c in LAYER_PARAMS]
+    slots = [Slot(c, layer) for c in PARAM_NAMES if c in LAYER_PARAMS]
     return [s for s in slots if shape == _c_shape(cfg, s) and not any(k[:2] == (s.name, s.layer) for k in taken)]
 
 
@@ -267,11 +315,22 @@ def _by_shape(cfg: GPT2Config, groups, slots: dict, bad: set, problems: list) ->
         shape = tuple(p.shape)
         if not cands[i]:
             problems.append(f"extra parameter {names[0]} {shape}: no C tensor matches it by name or shape"
-                            f" (map it, e.g. {{{names[0]!r}: 'qkvw[0]'}}, or remove it)")
+                            f" (map it, e.g. {{{names[0]!r}: '{_example(cfg, shape, slots)}'}}, or remove it)")
         else:
             could = " or ".join(map(str, cands[i][:4])) + (" ..." if len(cands[i]) > 4 else "")
             problems.append(f"the model's parameter {names[0]!r} {shape} matches no C tensor by name and by shape "
                             f"could be {could}: map it, e.g. {{{names[0]!r}: '{cands[i][0]}'}}")
+
+
+def _example(cfg: GPT2Config, shape: tuple, slots: dict) -> Slot:
+    """A C tensor no parameter holds yet that a parameter of ``shape`` could (a map's example)."""
+    taken = {_key(s) for s in slots.values()}
+    for n in PARAM_NAMES:
+        for layer in (range(cfg.num_layers) if n in LAYER_PARAMS else [None]):
+            s = Slot(n, layer)
+            if _fits(cfg, s, shape, taken):
+                return s
+    return Slot("qkvw", 0)
 
 
 def _entries(cfg: GPT2Config, groups, slots: dict, problems: list) -> list[Entry]:

@@ -75,6 +75,17 @@ class TorchModel:
     grad_scaler: bool = False
 
 
+def call_model(model, idx, tgt):
+    """The model's forward as a port is called: ``model(idx, targets)`` where its forward
+    takes the targets and its loss is the C's, else ``model(idx)`` (Hugging Face's
+    forward shifts its labels: not the C's loss)."""
+    from .families import hugging_face
+    params = list(inspect.signature(model.forward).parameters)
+    if hugging_face(model) or len(params) < 2:
+        return model(idx)
+    return model(idx, tgt)
+
+
 def build_optimizer(factory, model, hyper: AdamW):
     """The port's optimizer: ``torch.optim.AdamW`` with the run's settings as the C holds
     them (``factory`` None), the model's own ``configure_optimizers`` (nanoGPT's), or

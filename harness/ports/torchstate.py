@@ -16,27 +16,28 @@ a replay's inputs stay the port's own.
 """
 from __future__ import annotations
 
-import inspect
 from math import prod
 
 import numpy as np
 
-from pyref.config import GPT2Config, act_shapes, param_shapes, point
+from pyref.config import LAYER_PARAMS, GPT2Config, act_shapes, param_shapes, point
 from pyref.protocol import FORWARD_OUTPUTS, run_kernel
 from pyref.spec import SPECS
 
 from ..errors import ModelError
 from ..graph import Ref, forward_nodes, unobserved
 from ..arbiter.oracle import ORACLE
-from .capture import Capture
+from .capture import Capture, anchors
 from .census import Census, Finding
+from .families import HOOKS
 from .finder import Finder
-from .families import hugging_face
 from .hygiene import hygiene
 from .mapping import Entry, map_parameters
 from .master import master_weights, not_written_back
 from .precision import Mixed
-from .torchmodel import TorchModel, build_model, build_optimizer
+from .torchmodel import TorchModel, build_model, build_optimizer, call_model
+from .usage import Usage, record_usage, relaid
+from .usage import _mode_class as usage_mode
 
 
 # outputs no module returns but a replay needs as input: derived from the port's own inputs
@@ -79,7 +80,8 @@ class ModelState:
         self.mixed = Mixed(model.autocast, model.param_dtype, model.grad_scaler)
         self.mixed.prepare(self.model)
         mapping = model.mapping if model.mapping is not None else getattr(self.model, "llmc_param_map", None)
-        self.entries = map_parameters(self.model, config, mapping)
+        self._usage = None
+        self.entries = map_parameters(self.model, config, mapping, uses=self.usage)
         elsewhere = sorted({str(e.param.device) for e in self.entries if e.param.device.type != "cpu"})
         if elsewhere:
             raise ModelError(f"{type(self.model).__name__} has parameters on {', '.join(elsewhere)}; "
@@ -96,10 +98,24 @@ class ModelState:
         self.acts = self.grads_acts = None
         self.inputs = self.targets = None
         self.mean_loss = np.float32(-1)
+        # a port whose names are its own: which of its modules its parents apply without a call
+        own_names = not any(p.search(n) for n, _ in self.model.named_modules() for p, _, _ in HOOKS)
+        stacked = any(e.slot.layer is None and e.slot.name in LAYER_PARAMS for e in self.entries)
+        bypassed = self.usage().bypassed() if own_names and not stacked else set()
         self.capture = Capture(self.model, config, self.entries)
-        self.census = Census(self.model, config, self.entries)
-        # what no module boundary shows, found by value, where the names are not all known
-        self.finder = Finder(config, set(self.capture.points) if self.capture.anchored else _ALL_ACTS)
+        for key, group in anchors(self.model, config, self.entries).items():
+            if all(m in bypassed for m, _ in group):
+                self.capture.points.pop(key, None)     # shown at no boundary: sought by value
+        self.census = Census(self.model, config, self.entries, bypassed)
+        # what no boundary shows, taken where the forward computes it by the mapped parameters
+        self.sites = {k: v for k, v in (self.usage().sites(self.entries) if own_names and not stacked else {}).items()
+                      if v[0] not in self.capture.points}
+        self._site_watch = None
+        # what no module boundary shows, found by value, where the names are not all known (a
+        # functional port's, on raw parameters of the model itself, too)
+        by_value = self.capture.anchored or bypassed or (own_names and not stacked and not self.capture.points)
+        self.finder = Finder(config, set(self.capture.points) | {a for a, _ in self.sites.values()}
+                             if by_value else _ALL_ACTS)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)
         self.optimizer_factory = model.optimizer   # where the port's optimizer comes from (harness.ports.pins)
         self.masters = master_weights(self.optimizer, self.entries)   # id(param) -> its float32 master
@@ -112,6 +128,13 @@ class ModelState:
         self._own_loss = False
         self.torch = torch
         self.load_state(params)
+
+    def usage(self) -> Usage:
+        """How the port's forward uses its parameters (:mod:`.usage`), recorded once, when
+        first asked (its names did not place every parameter, or are its own)."""
+        if self._usage is None:
+            self._usage = record_usage(self.model, self.config)
+        return self._usage
 
     # ------------------------------------------------------------------ state
     def load_state(self, params, m=None, v=None):
@@ -201,9 +224,10 @@ class ModelState:
         idx = torch.from_numpy(self.inputs.astype(np.int64))
         tgt = torch.from_numpy(self.targets.astype(np.int64))
         try:
-            with self.capture.kernel_calls(self.model, cfg), self.finder.watch(B, T):
+            with self.capture.kernel_calls(self.model, cfg), self.finder.watch(B, T), self._watch_sites():
                 logits, loss = self.mixed.forward(self.model, lambda: self._call(idx, tgt))
             self.finder.take(self.capture)
+            self._take_sites(B, T)
         except ModelError:
             raise
         except Exception as e:
@@ -243,16 +267,36 @@ class ModelState:
 
     __call__ = forward
 
+    def _watch_sites(self):
+        """The mode under which a forward's sites (:meth:`.usage.Usage.sites`) are kept."""
+        import contextlib
+        if not self.sites:
+            return contextlib.nullcontext()
+        params = {id(e.param): tuple(e.param.shape) for e in self.entries}
+        self._site_watch = usage_mode()(params, wanted=set(self.sites))
+        return self._site_watch
+
+    def _take_sites(self, B: int, T: int) -> None:
+        """The sites' tensors as the C's activations (and a hook for each one's gradient)."""
+        watch, self._site_watch = self._site_watch, None
+        if watch is None:
+            return
+        names = {id(e.param): e.names[0] for e in self.entries}
+        for (pid, role), (t, value) in watch.sites.items():
+            key, layout = self.sites[(pid, role)]
+            if key in self.capture.values or value.numel() != B * T * value.shape[-1]:
+                continue
+            self.capture.values[key] = relaid(value, layout, B, T)
+            what = {"out": "the output of", "operand": "the input of", "residual": "the sum after"}[role]
+            self.capture.points[key] = f"the forward ({what} {names[pid]}'s op, found by use)"
+            if t.requires_grad:
+                t.register_hook(lambda g, key=key, layout=layout: self.capture.grads.__setitem__(
+                    key, relaid(g, layout, B, T)))
+
     def _call(self, idx, tgt):
         """The model's forward as the port calls it: with the targets where its forward
         takes them and its loss means the C's (not Hugging Face's shifted labels)."""
-        model = self.model
-        hf = hugging_face(model)
-        params = list(inspect.signature(model.forward).parameters)
-        if hf or len(params) < 2:
-            out = model(idx)
-        else:
-            out = model(idx, tgt)
+        out = call_model(self.model, idx, tgt)
         self._returned = out
         logits = loss = None
         items = out if isinstance(out, (tuple, list)) else [out]

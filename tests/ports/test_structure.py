@@ -6,15 +6,19 @@ and, for what no module shows, found by value; a planted bug is localised at its
 from __future__ import annotations
 
 import pytest
+import torch.nn.functional as F
 
 from harness import ModelError, TorchModel, map_parameters, run_parity
+from harness.ports import parse_slot
 from harness.checks.results import first_divergence_check, first_structure
 from harness.ports.torchmodel import build_model
 from pyref import synth
 from pyref.config import PRESETS
 
+import heldout_fused as h6
 import model_ports as mp
 import qkv_split_ports as qs
+import structure_ports as sp
 
 TINY = PRESETS["tiny"]
 # the graph's activations at a module boundary of a nanoGPT-named port, and their gradients
@@ -42,7 +46,8 @@ def nanogpt():
 
 
 @pytest.mark.parametrize("factory, mapping", [(qs.DecoderLM, None), (qs.Pondering, qs.NORMS),
-                                              (qs.lettered, LETTERS)], ids=["split-qkv", "own-names", "lettered"])
+                                              (qs.lettered, LETTERS), (qs.Pondering, None), (qs.lettered, None)],
+                         ids=["split-qkv", "own-names", "lettered", "own-names-by-use", "lettered-by-use"])
 def test_unmodified_port_passes_with_every_activation_observed(factory, mapping, nanogpt):
     report = run(factory, mapping, steps=2)
     bad = [(c.tensor, c.where) for s in report.steps for c in s.checks if not c.passed]
@@ -88,7 +93,10 @@ def test_planted_bug_is_localised_at_its_op(factory, where, cause):
 def test_a_slice_map_adds_to_the_recognition():
     model = build_model(qs.lettered, TINY)
     with pytest.raises(ModelError, match=r"self_attn\.first\.weight"):
-        map_parameters(model, TINY)
+        map_parameters(model, TINY, uses=False)      # names and shapes alone cannot tell q, k, v
+    # their use can: the three (C, C) products of one input, in the order used, and o_proj
+    used = {e.names[0]: str(e.slot) for e in map_parameters(model, TINY)}
+    assert all(used[k] == str(parse_slot(v, TINY)) for k, v in LETTERS.items()), used
     entries = {e.names[0]: str(e.slot) for e in map_parameters(model, TINY, LETTERS)}
     assert entries["layers.1.self_attn.second.weight"] == f"qkvw[1][{C}:{2 * C}]"
     assert entries["layers.1.self_attn.second.bias"] == f"qkvb[1][{C}:{2 * C}]"
@@ -112,7 +120,7 @@ def test_k_and_v_rows_swapped_fail_at_the_attention():
 def test_ambiguous_and_bad_maps_are_refused_in_one_line():
     model = build_model(qs.Pondering, TINY)
     with pytest.raises(ModelError) as e:
-        map_parameters(model, TINY)
+        map_parameters(model, TINY, uses=False)
     text = str(e.value)
     assert "\n" not in text
     assert "'trunk.0.before_mix.weight' (48,) matches no C tensor by name and by shape could be ln1w[0] or ln2w[0]" \
@@ -234,3 +242,94 @@ def test_raw_parameters_of_a_block_are_placed_by_a_shape_only_they_have():
     model.transformer.extra.w_raw = mp.nn.Parameter(mp.torch.zeros(3 * C, C))
     with pytest.raises(ModelError, match=r"extra parameter transformer\.extra\.w_raw"):
         map_parameters(model, TINY)
+
+
+# ----------------------------------------------------------------------------- any structure, by use (issue 30, point 4)
+
+def _every_activation_observed(report, nanogpt):
+    bad = [(c.tensor, c.where) for s in report.steps for c in s.checks if not c.passed]
+    assert report.passed and not bad, bad
+    assert not report.findings["port"], report.findings["port"]
+    unseen = set(report.not_observed["port"])
+    assert not unseen & {f"{g}.{a}" for a in BOUNDARY for g in ("acts", "grads_acts")}, unseen
+    assert unseen <= set(nanogpt.not_observed["port"]), unseen
+
+
+def test_block_keys_of_a_module_dict():
+    """A ModuleDict's key ending in digits is its block's index; a module's own name with a
+    digit in it (fc1, w2, norm1, ln_1) is not."""
+    from harness.ports.families import block_key, split_name
+    assert [block_key(k) for k in ("stage0", "layer_3", "block-2", "h11", "7")] == [0, 3, 2, 11, 7]
+    assert [block_key(k) for k in ("fc1", "w2", "norm1", "ln_1", "ln2", "mlp", "stack")] == [None] * 7
+    assert split_name("stack.stage1.ffn.widen.weight")[:2] == (1, ["ffn", "widen"])
+    assert split_name("layers.0.ffn.fc1.weight")[:2] == (0, ["ffn", "fc1"])
+
+
+def test_heldout_fused_maps_by_use_and_passes_with_no_map(nanogpt):
+    """BUGS8's model (tests/ports/heldout_fused.py, unmodified) with no map: its norms'
+    gain/shift, the raw (3C, C) w_in through F.linear, widen/narrow, lexicon/placement and
+    norm_out placed by their use, as its hand-written C_NAMES map places them; it passes with
+    every graph activation observed. Names and shapes alone cannot place it."""
+    model = build_model(h6.FusedGPT, TINY)
+    with pytest.raises(ModelError, match=r"norm_a\.gain.*could be ln1w\[0\] or ln2w\[0\]"):
+        map_parameters(model, TINY, uses=False)
+    placed = {e.names[0]: str(e.slot) for e in map_parameters(model, TINY)}
+    assert placed == {n: h6.c_slot(n, None) for n in placed}, placed
+    _every_activation_observed(run(h6.FusedGPT), nanogpt)
+
+
+@pytest.mark.parametrize("factory", [sp.functional("dict"), sp.functional("list"), sp.functional("attrs"), sp.MHAGPT],
+                         ids=["parameter-dict", "parameter-list", "raw-attributes", "multihead-attention"])
+def test_any_structure_passes_with_no_map_and_every_activation_observed(factory, nanogpt):
+    """A functional port (no module per layer: its parameters in a ParameterDict, a
+    ParameterList or raw attributes of the model, the forward F.linear/F.layer_norm/@ on
+    them) and an nn.MultiheadAttention port (whose out_proj its parent applies without
+    calling it: no never-called finding) map with no map and pass, every activation seen."""
+    report = run(factory)
+    _every_activation_observed(report, nanogpt)
+    if factory is sp.MHAGPT:
+        slots = {n: str(e.slot) for e in map_parameters(build_model(factory, TINY), TINY) for n in e.names}
+        assert slots["tower.1.attend.in_proj_weight"] == "qkvw[1]" and slots["tower.1.pre.bias"] == "ln1b[1]"
+        assert slots["tower.0.attend.out_proj.bias"] == "attprojb[0]" and slots["closing.weight"] == "lnfw"
+
+
+@pytest.mark.parametrize("factory, where, cause", [
+    (sp.functional("list", gelu="erf"), "layer 0 gelu gelu_forward", "gelu.erf"),
+    (sp.mha_unmasked, "layer 0 attention attention_forward", "attention.no-causal-mask"),
+], ids=["functional-erf-gelu", "mha-no-mask"])
+def test_any_structure_wrong_variant_fails_at_its_op(factory, where, cause):
+    """The activations no module boundary shows are taken where the forward computes them
+    by the mapped parameters (a product's input: the GELU's output, attention's), so a
+    wrong op is judged on its own inputs: replayed, named and pinned to its line."""
+    report = run(factory)
+    assert not report.passed
+    step = report.steps[0]
+    c = first_divergence_check([c for c in step.checks if c.impl == "port"])
+    assert c.kind == "replay" and c.where.startswith(where), (c.kind, c.where)
+    assert c.diagnosis is not None and c.diagnosis.causes[0].id == cause
+    assert "structure_ports.py:" in step.first_divergence["port"]
+
+
+def test_what_use_cannot_settle_is_refused_in_one_line():
+    """A functional port whose final norm is skipped (2L norms where the forward should use
+    2L + 1: which is which cannot be told) is refused naming what to map; one whose
+    forward raises says so."""
+    class Skipped(sp.FunctionalGPT):
+        def forward(self, idx, targets):
+            x = F.embedding(idx, self.w("vocab")) + self.w("where")[:idx.shape[1]]
+            for l in range(self.L):
+                x = x + self.attention(F.layer_norm(x, (self.C,), self.w(f"pre_g{l}"), self.w(f"pre_s{l}")), l)
+                x = x + self.mlp(F.layer_norm(x, (self.C,), self.w(f"mid_g{l}"), self.w(f"mid_s{l}")), l)
+            return x @ self.w("vocab").t(), None
+
+    class Raises(sp.FunctionalGPT):
+        def forward(self, idx, targets):
+            raise RuntimeError("shapes do not match")
+
+    with pytest.raises(ModelError) as e:
+        map_parameters(Skipped(TINY), TINY)
+    text = str(e.value)
+    assert "\n" not in text and "p.pre_g0 (48,)" in text and "{'p.pre_g0': 'ln1w[0]'}" in text, text
+    assert "p.mix_w0" not in text, text      # what the use placed is not asked for
+    with pytest.raises(ModelError, match=r"raised RuntimeError: shapes do not match\)$"):
+        map_parameters(Raises(TINY), TINY)
