@@ -236,6 +236,9 @@ _PREATT = with_bias(DEFAULT, 7.0, "the scale 1/sqrt(hs) is a float32 constant, e
                                   "to +2.22u over every estimate allowed and hs <= 4096; -u on a Xeon at hs = 16); "
                                   "and the product with it leans up to u more where it sits just off a power of two "
                                   "(-1.5u in all on that Xeon)")
+_LN_MEAN = with_bias(DEFAULT, 2.0, "a row's sum over C, divided by C: under -ffast-math (-Ofast) gcc multiplies by "
+                                   "1.0f / C instead (-freciprocal-math), a constant rounded up to u off, whose product "
+                                   "leans up to u more: +1.23u for a constant row at C = 7 (-3.25 -> -3.2500002)")
 _UPDATE = with_bias(DEFAULT, 1.5, "parameters that start equal (the gains at initialisation) move by the same "
                                   "update and round alike, up to u; torch.optim.AdamW's decay multiplies by "
                                   "float32(1 - lr*wd), up to u/2 more (-0.23u at lr 1e-4, wd 0.1); and the C's "
@@ -254,7 +257,7 @@ SPECS = (
     ), False, cases.encoder_backward),
     KernelSpec("layernorm_forward", "layernorm", ("inp", "weight", "bias"), (
         Output("out", "(B, T, C)", BTC, "C", terms=terms.layernorm_forward_out),
-        Output("mean", "(B, T)", BT, "C", terms=terms.layernorm_forward_mean, derivable=True, span=0),
+        Output("mean", "(B, T)", BT, "C", _LN_MEAN, terms.layernorm_forward_mean, derivable=True, span=0),
         Output("rstd", "(B, T)", BT, "C", terms=terms.layernorm_forward_rstd, derivable=True, span=0),
     ), True, cases.layernorm_forward, note="eps = 1e-5"),
     KernelSpec("layernorm_backward", "layernorm",

@@ -343,6 +343,55 @@ def test_the_worst_ofast_scale_passes_and_a_few_ulps_beyond_it_fail():
     assert "bias" in c.failed_checks() and c.bias == pytest.approx(4 * ULP, rel=0.05), c.message()
 
 
+def reciprocal_mean(x: np.ndarray) -> np.ndarray:
+    """A row's mean as -Ofast computes train_gpt2.c's m / C (vdivss 1.0f / C once, then a
+    vmulss per row): the float32 sum times float32(1 / C)."""
+    C = x.shape[-1]
+    return x.sum(-1, dtype=np.float32) * (np.float32(1) / np.float32(C))
+
+
+def test_layernorms_mean_minimum_effect_covers_a_reciprocal():
+    """A constant row (the fuzz's: its sum and its mean exact) through -Ofast's reciprocal:
+    off by up to 2u (1/C rounded, then the product), over u for some C (1.23u at C = 7,
+    found by tests/ops/test_fuzz.py at -Ofast), never over the row's minimum effect."""
+    worst = 0.0
+    for C in range(1, 1025):
+        for v in (1.0, -2.0, 0.5, -3.25, 1024.0, 3.0, 5.0, 7.0):
+            m = float(reciprocal_mean(np.full((1, C), v, np.float32))[0])
+            worst = max(worst, abs(m / v - 1) / U)
+    assert reciprocal_mean(np.full((1, 7), -3.25, np.float32))[0] == np.float32(-3.2500002)
+    assert 1.0 < worst <= SPEC["layernorm_forward"].output("mean").rule.bias
+
+
+class ReciprocalMean:
+    """The NumPy reference with layernorm's mean as -Ofast computes it."""
+
+    def __init__(self):
+        self.base = KernelSet.from_module(numpy_kernels)
+
+    def __getattr__(self, name):
+        f = getattr(self.base, name)
+        if name != "layernorm_forward":
+            return f
+
+        def forward(inp, weight, bias):
+            out, mean, rstd = f(inp, weight, bias)
+            return out, reciprocal_mean(inp), rstd
+        return forward
+
+
+def test_the_fuzz_case_of_a_reciprocal_mean_passes_and_four_ulps_fail():
+    """tests/ops/test_fuzz.py's case at -Ofast (B=1, T=2, C=7: one row ~1e-30, one of -3.25,
+    whose mean then weighs the whole test): the reciprocal's +1.23u passes; 4 ulp fails."""
+    rng = np.random.default_rng(0)
+    inp = np.stack([rng.standard_normal(7) * 1e-30, np.full(7, -3.25)])[None].astype(np.float32)
+    args = dict(inp=inp, weight=np.ones(7, np.float32), bias=np.zeros(7, np.float32))
+    c = check_outputs(ReciprocalMean(), "layernorm_forward", args)["mean"]
+    assert c.passed and c.bias == pytest.approx(1.23 * U, rel=0.01), c.message()
+    bad = check_outputs(Planted(ReciprocalMean(), "layernorm_forward", "mean", FACTOR[4]), "layernorm_forward", args)
+    assert "bias" in bad["mean"].failed_checks(), bad["mean"].message()
+
+
 # ----------------------------------------------------------------------------- a training step
 
 # (function, the text, the text with its output scaled by 1 + 4 ulp): one edit per function,
