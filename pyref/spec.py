@@ -228,9 +228,17 @@ _OVER_BATCH = Rule(0.75, 1.5, "a sum over the B*T positions, whose terms are cor
                               "shares its gradient's direction): the partial sums outgrow a random walk, and the "
                               "C's sequential sum reaches 0.5 u sqrt(n) per element at GPT-2 124M (calibrate --scale)")
 _LOGF = Rule(0.65, 2.0, "logf of a probability: an absolute error of u*|p| becomes ~u in the loss")
-_PREATT = with_bias(DEFAULT, 1.5, "the scale 1/sqrt(hs) is a float32 constant, each implementation's rounded its "
-                                  "own way (the C's (float)(1.0 / sqrtf(hs)), torch's float(1 / math.sqrt(hs))): up "
-                                  "to u off the exact one in every element (0.61u at hs = 6 and 24)")
+_PREATT = with_bias(DEFAULT, 7.0, "the scale 1/sqrt(hs) is a float32 constant, each implementation's computed its "
+                                  "own way: the C's (float)(1.0 / sqrtf(hs)) and torch's float(1 / math.sqrt(hs)) "
+                                  "are rounded, up to u off (0.61u at hs = 6 and 24); under -ffast-math (-Ofast) gcc "
+                                  "computes it as rsqrtss, whose estimate Intel and AMD document to within 1.5*2^-12, "
+                                  "and one Newton step with an fma: 1.5e^2 + three roundings, -5.9u to +2.5u (-5.48u "
+                                  "to +2.22u over every estimate allowed and hs <= 4096; -u on a Xeon at hs = 16); "
+                                  "and the product with it leans up to u more where it sits just off a power of two "
+                                  "(-1.5u in all on that Xeon)")
+_LN_MEAN = with_bias(DEFAULT, 2.0, "a row's sum over C, divided by C: under -ffast-math (-Ofast) gcc multiplies by "
+                                   "1.0f / C instead (-freciprocal-math), a constant rounded up to u off, whose product "
+                                   "leans up to u more: +1.23u for a constant row at C = 7 (-3.25 -> -3.2500002)")
 _UPDATE = with_bias(DEFAULT, 1.5, "parameters that start equal (the gains at initialisation) move by the same "
                                   "update and round alike, up to u; torch.optim.AdamW's decay multiplies by "
                                   "float32(1 - lr*wd), up to u/2 more (-0.23u at lr 1e-4, wd 0.1); and the C's "
@@ -249,7 +257,7 @@ SPECS = (
     ), False, cases.encoder_backward),
     KernelSpec("layernorm_forward", "layernorm", ("inp", "weight", "bias"), (
         Output("out", "(B, T, C)", BTC, "C", terms=terms.layernorm_forward_out),
-        Output("mean", "(B, T)", BT, "C", terms=terms.layernorm_forward_mean, derivable=True, span=0),
+        Output("mean", "(B, T)", BT, "C", _LN_MEAN, terms.layernorm_forward_mean, derivable=True, span=0),
         Output("rstd", "(B, T)", BT, "C", terms=terms.layernorm_forward_rstd, derivable=True, span=0),
     ), True, cases.layernorm_forward, note="eps = 1e-5"),
     KernelSpec("layernorm_backward", "layernorm",

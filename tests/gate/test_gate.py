@@ -183,11 +183,18 @@ def test_same_key_gives_same_bits(under_test_flags, suite_run, tmp_path):
 
 def test_a_bit_only_change_of_the_c_fails_the_gate(under_test_flags, suite_run, tmp_path):
     """layernorm's mean one float32 ulp larger in the first row of every call (m / C *
-    1.0000001f at b = t = 0): every error stays far inside its tolerance, no metric grows
-    4x, but the bits move, and the gate fails on them. (m * (1.0f / C) would do at -O3,
-    but -Ofast compiles m / C into exactly that. In every row, the change is a systematic
-    lean of two units of roundoff that the bias test catches where the build's own lean
-    adds to it: at -Ofast -march=native; one row of many moves no tensor's mean error.)"""
+    1.0000001f at b = t = 0): every error stays far inside its tolerance, but the bits move,
+    and the gate fails on them. (m * (1.0f / C) would do at -O3, but -Ofast compiles m / C
+    into exactly that. In every row, the change is a systematic lean of two units of
+    roundoff that the bias test catches where the build's own lean adds to it: at -Ofast
+    -march=native; one row of many moves no tensor's mean error.)
+
+    What else the gate says depends on the build: the change moves every later rounding,
+    so each of the suite's ~1,600 metrics is drawn anew, and one near its growth floor may
+    land beyond 4x its baseline (a NumPy update's norm on a Xeon at -Ofast -march=native;
+    here, with the ulp in row b = 1 instead, v.lnfw's x5.0 at -Ofast). So the bit check is
+    shown to fail it on its own: against the mutant's own metrics with the unchanged C's
+    fingerprints, nothing can have grown, and the gate still fails, on bits alone."""
     text = pristine_source()
     assert text.count("m = m / C;") == 1
     src = tmp_path / "train_gpt2.c"
@@ -200,5 +207,9 @@ def test_a_bit_only_change_of_the_c_fails_the_gate(under_test_flags, suite_run, 
     path, base = _baseline(suite_run, tmp_path)
     result = evaluate(run, base)
     assert not result.passed and result.bits["status"] == "changed", result.text()
-    assert "4x" not in result.text()                     # not a growth failure
     assert any("layernorm_forward" in k for k in result.bits["moved"]), result.bits["moved"][:10]
+    bits_only = dict(copy.deepcopy(base), metrics=copy.deepcopy(run.metrics))
+    alone = evaluate(run, bits_only)
+    assert not alone.passed and alone.bits["status"] == "changed", alone.text()
+    assert "4x" not in alone.text() and "tolerance violation" not in alone.text()   # bits, nothing else
+    assert evaluate(suite_run, dict(bits_only, metrics=base["metrics"])).passed    # the C unchanged: pass
