@@ -85,10 +85,10 @@ def explanation(report, impl="port"):
     from the graph, else the first divergence's diagnosis."""
     step = report.steps[0]
     text = step.first_divergence.get(impl, "")
-    f = first_structure(step.structure.get(impl))
+    c = first_divergence_check([c for c in step.checks if c.impl == impl])
+    f = first_structure(step.structure.get(impl), c)
     if f is not None:
         return text, [(f.id, None)]
-    c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else c.diagnosis
     return text, [] if d is None else [(x.id, x.value) for x in d.causes]
 
@@ -289,11 +289,9 @@ def pin_of(report, impl="port"):
     """The first divergence's pin (harness.ports.record.Pin), or None: the structural
     finding's where the first divergence is one (the model departs from the graph there),
     else the first failing check's."""
-    f = first_structure(report.steps[0].structure.get(impl))
-    if f is not None:
-        return f.pin
     c = first_divergence_check([c for c in report.steps[0].checks if c.impl == impl])
-    return None if c is None else c.pin
+    f = first_structure(report.steps[0].structure.get(impl), c)
+    return (f.pin if f is not None else None if c is None else c.pin)
 
 
 def on_line(pin, text, module) -> bool:
