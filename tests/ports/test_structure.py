@@ -219,14 +219,102 @@ def test_a_module_holding_c_tensors_is_in_the_graph():
     assert "acts.residual2[layer 0]" in {c.tensor for c in failing if c.kind == "e2e"}
 
 
-def test_a_module_outside_the_graph_is_the_first_divergence():
+def test_a_module_outside_the_graph_is_a_finding_beside_the_numbers():
     """A parameterless module that changes the residual stream is structure.unknown-module,
-    named as the first divergence (before the encoder's replay that it makes fail)."""
+    a finding of the step; the first divergence is the numeric failure it makes (a finding
+    of that kind outranks no failing check)."""
     report = run(rescaled)
-    f = first_structure(report.steps[0].structure.get("port"))
+    step = report.steps[0]
+    f = first_structure(step.structure.get("port"))
     assert not report.passed and f is not None
     assert (f.id, f.module, f.values["type"]) == ("structure.unknown-module", "transformer.drop", "Rescale")
-    assert "[structure.unknown-module]" in report.first_divergence()
+    assert first_structure(step.structure["port"], first_divergence_check(step.checks)) is None
+    assert "[structure.unknown-module]" not in report.first_divergence()
+
+
+class Passthrough(mp.nn.Module):
+    """A module GPT-2's graph has no op for, that computes nothing (a port's own hook point)."""
+
+    def forward(self, x):
+        return x
+
+
+def passthrough(base=mp.GPT):
+    """``base`` whose dropout after the embeddings is a :class:`Passthrough`."""
+    def factory(config):
+        model = base(config)
+        model.transformer.drop = Passthrough()
+        return model
+    return factory
+
+
+def test_an_unknown_module_does_not_outrank_a_failing_check(monkeypatch):
+    """A harmless module outside the graph passes as a finding; with a mistake elsewhere (a
+    layer norm's eps) the first divergence is the layer norm's, not the module's finding
+    (which stays in the step's structure). Ranked as before, the finding is named instead."""
+    from harness.ports import census
+    right = run(passthrough())
+    assert right.passed and [f.id for f in right.steps[0].structure["port"]] == ["structure.unknown-module"]
+    wrong = run(passthrough(mp.GPT.variant(eps=1e-3)))
+    assert not wrong.passed and "structure.unknown-module" in {f.id for f in wrong.steps[0].structure["port"]}
+    assert "layernorm_forward" in wrong.first_divergence() and "[structure." not in wrong.first_divergence()
+    monkeypatch.setattr(census, "BESIDE", ())
+    assert "[structure.unknown-module]" in run(passthrough(mp.GPT.variant(eps=1e-3))).first_divergence()
+
+
+class Squash(mp.nn.Module):
+    """The tanh GELU, by hand, under a name of its own."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + mp.torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
+
+
+class Gelu(Squash):
+    pass
+
+
+class OwnMLP(mp.nn.Module):
+    """nanoGPT's MLP with its activation a parameterless module at ``attr``."""
+
+    def __init__(self, n_embd, act, attr):
+        super().__init__()
+        self.c_fc, self.c_proj, self.attr = mp.nn.Linear(n_embd, 4 * n_embd), mp.nn.Linear(4 * n_embd, n_embd), attr
+        setattr(self, attr, act())
+
+    def forward(self, x):
+        return self.c_proj(getattr(self, self.attr)(self.c_fc(x)))
+
+
+def own_act(act, attr):
+    def factory(config):
+        model = mp.GPT(config)
+        for block in model.transformer.h:
+            block.mlp = OwnMLP(config.n_embd, act, attr)
+        return model
+    return factory
+
+
+def test_a_parameterless_module_whose_output_the_projection_multiplies_is_the_gelu(monkeypatch):
+    """An MLP's activation module of a class and name of its own is the graph's GELU by use:
+    its output is what the layer's fcproj multiplies. The port passes with no finding; not
+    followed by use, it is a structure.unknown-module."""
+    from harness.ports import census
+    report = run(own_act(Squash, "squash"))
+    assert report.passed and not report.steps[0].structure.get("port"), report.steps[0].structure
+    monkeypatch.setattr(census, "_storage", lambda t: None)
+    found = run(own_act(Squash, "squash")).steps[0].structure["port"]
+    assert {(f.id, f.values["type"]) for f in found} == {("structure.unknown-module", "Squash")}
+
+
+@pytest.mark.parametrize("act, attr, known", [(Gelu, "squash", True), (Squash, "act", True),
+                                              (Squash, "squash", False)])
+def test_a_parameterless_module_named_for_a_gelu_is_the_gelu(monkeypatch, act, attr, known):
+    """Not followed by use, an MLP's activation module is the graph's GELU by its class's
+    name (``Gelu``) or its attribute's (``act``) inside the MLP; by neither, unknown."""
+    from harness.ports import census
+    monkeypatch.setattr(census, "_storage", lambda t: None)
+    found = run(own_act(act, attr)).steps[0].structure.get("port")
+    assert (not found) == known, found
 
 
 def test_raw_parameters_of_a_block_are_placed_by_a_shape_only_they_have():
