@@ -74,6 +74,21 @@ def _storage(t) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
 
 
+# a C tensor -> the graph's op it is a parameter of (a parameter the loss does not depend on
+# departs there, whatever module holds it: a ParameterDict's table)
+_SLOT_OPS = {"wte": "encoder encoder_forward", "wpe": "encoder encoder_forward", "ln1": "ln1 layernorm_forward",
+             "qkv": "qkv matmul_forward", "attproj": "attproj matmul_forward", "ln2": "ln2 layernorm_forward",
+             "fc": "fc matmul_forward", "fcproj": "fcproj matmul_forward", "lnf": "lnf layernorm_forward"}
+
+
+def _slot_op(slot) -> str | None:
+    """The graph's op a C tensor (a mapping ``Slot``) is a parameter of, in its layer."""
+    op = _SLOT_OPS.get(slot.name if slot.name in ("wte", "wpe") else slot.name[:-1])
+    if op is None or slot.layer is None:
+        return op
+    return f"layer {slot.layer} {op}"
+
+
 @dataclass(frozen=True)
 class Finding:
     """One thing about a model that makes it differ from the C, found before or beside the
@@ -349,7 +364,7 @@ class Census:
         for e in entries:
             if e.param.requires_grad and e.param.grad is None:
                 module = e.names[0].rpartition(".")[0] or e.names[0]
-                op = self.graph.get(module, (None, None))[1]
+                op = self.graph.get(module, (None, None))[1] or _slot_op(e.slot)
                 out.append(Finding("structure.no-gradient", f"{e.names[0]} receives no gradient: the loss does not "
                                    f"depend on it (the C's {e.slot} has one)", module, op,
                                    {"parameter": e.names[0], "tensor": str(e.slot)}))

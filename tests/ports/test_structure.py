@@ -421,3 +421,21 @@ def test_what_use_cannot_settle_is_refused_in_one_line():
     assert "p.mix_w0" not in text, text      # what the use placed is not asked for
     with pytest.raises(ModelError, match=r"raised RuntimeError: shapes do not match\)$"):
         map_parameters(Raises(TINY), TINY)
+
+
+def test_a_parameter_without_gradient_departs_at_its_tensors_op():
+    """A parameter the loss does not depend on, held by no module of the graph (a
+    ParameterDict's table), is a finding at the graph's op of the C tensor it holds (the
+    encoder for wpe, layer 1's fc for fcb[1]), not at no op."""
+    import types
+    import torch
+    from harness.ports.census import Census
+    from harness.ports.mapping import Slot
+    model = torch.nn.Module()
+    model.embed = torch.nn.ParameterDict({"positions": torch.nn.Parameter(torch.zeros(4, 2)),
+                                          "bias": torch.nn.Parameter(torch.zeros(2))})
+    entries = [types.SimpleNamespace(param=model.embed["positions"], names=["embed.positions"], slot=Slot("wpe")),
+               types.SimpleNamespace(param=model.embed["bias"], names=["embed.bias"], slot=Slot("fcb", 1))]
+    found = Census(model, TINY).gradient_findings(entries)
+    assert [(f.id, f.where) for f in found] == [("structure.no-gradient", "encoder encoder_forward"),
+                                                ("structure.no-gradient", "layer 1 fc matmul_forward")]
