@@ -439,3 +439,16 @@ def test_a_parameter_without_gradient_departs_at_its_tensors_op():
     found = Census(model, TINY).gradient_findings(entries)
     assert [(f.id, f.where) for f in found] == [("structure.no-gradient", "encoder encoder_forward"),
                                                 ("structure.no-gradient", "layer 1 fc matmul_forward")]
+
+
+def test_a_sites_rows_are_told_past_rows_that_are_not_finite():
+    """A site's row layout is told from the rows a batch element changes, those holding a
+    NaN (a wrong mask's) set aside: batch-major with a NaN row in each batch element."""
+    import numpy as np
+    from harness.ports.usage import _rows
+    a = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    b = a.copy()
+    b[1] += 1.0
+    a[:, 3, 0] = b[:, 3, 0] = np.nan
+    assert _rows(a, b, 2, 4) == "bt"
+    assert _rows(a.transpose(1, 0, 2).copy(), b.transpose(1, 0, 2).copy(), 2, 4) == "tb"
