@@ -175,7 +175,7 @@ def pin_divergence(checks: list[Check], state, structure: list | None = None) ->
     c = first_divergence_check(checks)
     if c is None:
         return
-    f = first_structure(structure)
+    f = first_structure(structure, c)
     if f is not None:
         pin = structure_pin(state, f)
         if pin is not None:

@@ -220,7 +220,7 @@ def first_divergence(checks: list[Check], heading: bool = True, structure=None) 
     text (``first divergence: <where>...``; without that word under a heading of its own).
     A torch model that departs from GPT-2's graph (``structure``: the census's findings)
     diverges where it departs: the module is named, not a check downstream of it."""
-    f = first_structure(structure)
+    f = first_structure(structure, first_divergence_check(checks))
     if f is not None:
         head = ("first divergence: " if heading else "") + (f.where or "structure")
         pin = f"; {f.pin.describe()}" if f.pin is not None else ""

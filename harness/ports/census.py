@@ -64,6 +64,31 @@ _KNOWN_LEAVES = {"Embedding", "Linear", "LayerNorm", "Conv1D", "Dropout", "Ident
                  "ModuleList", "ModuleDict"}
 
 
+# an MLP's activation module by its attribute's name (:meth:`Census._known_gelus`)
+_ACT_NAMES = {"gelu", "act", "activation", "act_fn"}
+
+
+def _storage(t) -> int | None:
+    """The address of a tensor's storage (a view shares it), or None for anything else."""
+    import torch
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+# a C tensor -> the graph's op it is a parameter of (a parameter the loss does not depend on
+# departs there, whatever module holds it: a ParameterDict's table)
+_SLOT_OPS = {"wte": "encoder encoder_forward", "wpe": "encoder encoder_forward", "ln1": "ln1 layernorm_forward",
+             "qkv": "qkv matmul_forward", "attproj": "attproj matmul_forward", "ln2": "ln2 layernorm_forward",
+             "fc": "fc matmul_forward", "fcproj": "fcproj matmul_forward", "lnf": "lnf layernorm_forward"}
+
+
+def _slot_op(slot) -> str | None:
+    """The graph's op a C tensor (a mapping ``Slot``) is a parameter of, in its layer."""
+    op = _SLOT_OPS.get(slot.name if slot.name in ("wte", "wpe") else slot.name[:-1])
+    if op is None or slot.layer is None:
+        return op
+    return f"layer {slot.layer} {op}"
+
+
 @dataclass(frozen=True)
 class Finding:
     """One thing about a model that makes it differ from the C, found before or beside the
@@ -109,10 +134,18 @@ DEPARTURES = ("structure.never-called", "structure.called-more", "structure.out-
               "structure.unknown-module", "structure.no-gradient")
 
 
-def first_structure(findings) -> Finding | None:
+# findings that outrank no failing numeric check: a module outside the graph may compute
+# nothing wrong (a port's own harmless module), so where a check fails, the numbers say first
+# where the run departs; the finding stays one, shown beside
+BESIDE = ("structure.unknown-module",)
+
+
+def first_structure(findings, failing=None) -> Finding | None:
     """The structural finding a first divergence names (of a step's ``findings``, or
-    None): the first by :data:`DEPARTURES`, then in the order the census found them."""
-    found = [f for f in findings or () if f.structural]
+    None): the first by :data:`DEPARTURES`, then in the order the census found them; with
+    ``failing`` (the failing check a first divergence would name, or None), none of
+    :data:`BESIDE`."""
+    found = [f for f in findings or () if f.structural and (failing is None or f.id not in BESIDE)]
     found.sort(key=lambda f: DEPARTURES.index(f.id) if f.id in DEPARTURES else len(DEPARTURES))
     return found[0] if found else None
 
@@ -132,6 +165,13 @@ class Census:
         self.graph = self._graph_modules(model, cfg)     # name -> (rank, graph op)
         self.mapped = {id(e.param) for e in entries}     # the parameters holding C tensors
         self._anchored(model, cfg, entries)
+        # the tensors the graph's fcproj modules multiply, and the outputs of the modules holding
+        # no parameter (a GELU module of the port's own is the one whose output they multiply)
+        self._projections = {n for n, (_, op) in self.graph.items() if op.endswith("fcproj matmul_forward")}
+        self._bare = {n for n, m in model.named_modules() if m is not model and not any(True for _ in m.children())
+                      and not any(True for _ in m.parameters(recurse=False))}
+        self._fed: dict[str, set] = {}
+        self._outs: dict[str, int] = {}
         for name, module in model.named_modules():
             if module is model:
                 continue
@@ -143,11 +183,15 @@ class Census:
         def pre(mod, args):
             self.calls[name] = self.calls.get(name, 0) + 1
             self.order.append(name)
+            if name in self._projections and name not in self._fed:
+                self._fed[name] = {p for p in map(_storage, args) if p is not None}
             self.stack.append(name)
         return pre
 
     def _exit(self, name):
         def post(mod, args, out):
+            if name in self._bare and name not in self._outs:
+                self._outs[name] = _storage(out)
             if self.stack and self.stack[-1] == name:
                 self.stack.pop()
         return post
@@ -156,6 +200,8 @@ class Census:
         self.calls.clear()
         self.order.clear()
         self.stack.clear()
+        self._fed.clear()
+        self._outs.clear()
 
     def running(self) -> str | None:
         """The innermost module running (after an exception inside the forward: the module
@@ -203,6 +249,7 @@ class Census:
     # ------------------------------------------------------------------ findings
     def forward_findings(self) -> list[Finding]:
         """What the last forward's calls say against GPT-2's graph."""
+        self._known_gelus()
         found = []
         for name, (rank, op) in sorted(self.graph.items(), key=lambda x: x[1][0]):
             n = self.calls.get(name, 0)
@@ -217,6 +264,26 @@ class Census:
         found += self._order_findings()
         found += self._unknown_modules()
         return found
+
+    def _known_gelus(self) -> None:
+        """The modules holding no parameter that are the graph's GELU (as an optional op of
+        their layer, :data:`_OPTIONAL`): by use, the one whose output a layer's fcproj module
+        multiplies (``fch_gelu``, whatever it computes); else by name, a class named for a
+        GELU or an ``act``/``activation`` inside the module holding the layer's fc and
+        fcproj (its MLP)."""
+        layers = {n: rank[1] for n, (rank, op) in self.graph.items() if rank[0] == 1
+                  and op.endswith(("fc matmul_forward", "fcproj matmul_forward"))}
+        modules = dict(self.model.named_modules())
+        for name in self._bare:
+            if name in self.graph or name not in self.calls:
+                continue
+            fed = [layers[p] for p, ptrs in self._fed.items() if self._outs.get(name) in ptrs and p in layers]
+            parent, _, attr = name.rpartition(".")
+            mlp = {layers[n] for n in layers if n.startswith(parent + ".")} if parent else set()
+            named = "gelu" in type(modules[name]).__name__.lower() or attr.lower() in _ACT_NAMES
+            layer = fed[0] if fed else (next(iter(mlp)) if named and len(mlp) == 1 else None)
+            if layer is not None:
+                self.graph[name] = ((1, layer, 5), f"layer {layer} gelu gelu_forward")
 
     def _order_findings(self) -> list[Finding]:
         """The modules called out of the graph's order: the fewest whose removal leaves the
@@ -297,7 +364,7 @@ class Census:
         for e in entries:
             if e.param.requires_grad and e.param.grad is None:
                 module = e.names[0].rpartition(".")[0] or e.names[0]
-                op = self.graph.get(module, (None, None))[1]
+                op = self.graph.get(module, (None, None))[1] or _slot_op(e.slot)
                 out.append(Finding("structure.no-gradient", f"{e.names[0]} receives no gradient: the loss does not "
                                    f"depend on it (the C's {e.slot} has one)", module, op,
                                    {"parameter": e.names[0], "tensor": str(e.slot)}))

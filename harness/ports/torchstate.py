@@ -107,13 +107,15 @@ class ModelState:
             if all(m in bypassed for m, _ in group):
                 self.capture.points.pop(key, None)     # shown at no boundary: sought by value
         self.census = Census(self.model, config, self.entries, bypassed)
-        # what no boundary shows, taken where the forward computes it by the mapped parameters
-        self.sites = {k: v for k, v in (self.usage().sites(self.entries) if own_names and not stacked else {}).items()
-                      if v[0] not in self.capture.points}
-        self._site_watch = None
         # what no module boundary shows, found by value, where the names are not all known (a
         # functional port's, on raw parameters of the model itself, too)
         by_value = self.capture.anchored or bypassed or (own_names and not stacked and not self.capture.points)
+        # what no boundary shows, taken where the forward computes it by the mapped parameters
+        # (whatever its values: before any is sought by value)
+        by_use = (own_names or by_value) and not stacked
+        self.sites = {k: v for k, v in (self.usage().sites(self.entries) if by_use else {}).items()
+                      if v[0] not in self.capture.points}
+        self._site_watch = None
         self.finder = Finder(config, set(self.capture.points) | {a for a, _ in self.sites.values()}
                              if by_value else _ALL_ACTS)
         self.optimizer = build_optimizer(model.optimizer, self.model, hyper)

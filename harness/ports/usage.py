@@ -371,17 +371,19 @@ _B = 2
 def _rows(a, b, B: int, T: int) -> str | None:
     """How a site's tensor lays out its (batch, position) rows, from its value on two
     batches that differ in batch element 1 only: ``"bt"`` (batch-major: (B, T, X), (B*T, X)),
-    ``"tb"`` (position-major: ``nn.MultiheadAttention``'s (T, B, X)), None where neither."""
+    ``"tb"`` (position-major: ``nn.MultiheadAttention``'s (T, B, X)), None where neither (or
+    both: the rows left once those not finite are set aside tell them apart no more)."""
     import numpy as np
     X = a.shape[-1] if a.ndim else 0
     if a.shape != b.shape or not X or a.size != B * T * X:
         return None
-    changed = np.any(a.reshape(B * T, X) != b.reshape(B * T, X), axis=1)
-    if np.array_equal(changed, np.repeat(np.arange(B) == 1, T)):
-        return "bt"
-    if np.array_equal(changed, np.tile(np.arange(B) == 1, T)):
-        return "tb"
-    return None
+    a, b = a.reshape(B * T, X), b.reshape(B * T, X)
+    changed = np.any(a != b, axis=1)
+    # rows holding a NaN or an infinity (a wrong mask's) say nothing: judged on the others
+    ok = np.all(np.isfinite(a), axis=1) & np.all(np.isfinite(b), axis=1)
+    fits = [name for name, rows in (("bt", np.repeat(np.arange(B) == 1, T)), ("tb", np.tile(np.arange(B) == 1, T)))
+            if np.array_equal(changed[ok], rows[ok]) and rows[ok].any() and not rows[ok].all()]
+    return fits[0] if len(fits) == 1 else None
 
 
 def relaid(t, layout: str, B: int, T: int):

@@ -232,8 +232,8 @@ def _error_axes(ax, report, impl: str, drawn: bool) -> None:
 def _mark_first_divergence(ax, report, impl: str, pos: dict) -> None:
     """A vertical line at the first failing replay op of the first failing step."""
     for s in report.steps:
-        f = first_structure(getattr(s, "structure", {}).get(impl))
         c = first_divergence_check([c for c in s.checks if c.impl == impl])
+        f = first_structure(getattr(s, "structure", {}).get(impl), c)
         if c is None and f is None:
             continue
         where, position = (f"{f.where} [{f.module}]", f.where) if f is not None else (c.where, c.position)

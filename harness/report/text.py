@@ -232,7 +232,8 @@ def _why(step, impl: str, indent: str) -> list[str]:
     as a line to print under it; none when that check was not diagnosed. A model that
     departs from the graph: the census's other findings of the step (what else departs)."""
     structure = getattr(step, "structure", {}).get(impl)
-    first = first_structure(structure)
+    check = first_divergence_check([c for c in step.checks if c.impl == impl])
+    first = first_structure(structure, check)
     if first is not None:
         # what else departs around the same module (its block), the rest counted
         parent = (first.module or "").rpartition(".")[0]
@@ -244,7 +245,7 @@ def _why(step, impl: str, indent: str) -> list[str]:
         return [f"{indent}why: the forward departs from GPT-2's graph"
                 + (": " + "; ".join(f.text() for f in near) if near else "")
                 + (f" (and {rest} more finding{'s' if rest > 1 else ''} above)" if rest else "")]
-    return cause_lines(first_divergence_check([c for c in step.checks if c.impl == impl]), indent)
+    return cause_lines(check, indent)
 
 
 def cause_lines(check, indent: str = "") -> list[str]:

@@ -85,10 +85,10 @@ def explanation(report, impl="port"):
     from the graph, else the first divergence's diagnosis."""
     step = report.steps[0]
     text = step.first_divergence.get(impl, "")
-    f = first_structure(step.structure.get(impl))
+    c = first_divergence_check([c for c in step.checks if c.impl == impl])
+    f = first_structure(step.structure.get(impl), c)
     if f is not None:
         return text, [(f.id, None)]
-    c = first_divergence_check([c for c in step.checks if c.impl == impl])
     d = None if c is None else c.diagnosis
     return text, [] if d is None else [(x.id, x.value) for x in d.causes]
 
@@ -289,11 +289,9 @@ def pin_of(report, impl="port"):
     """The first divergence's pin (harness.ports.record.Pin), or None: the structural
     finding's where the first divergence is one (the model departs from the graph there),
     else the first failing check's."""
-    f = first_structure(report.steps[0].structure.get(impl))
-    if f is not None:
-        return f.pin
     c = first_divergence_check([c for c in report.steps[0].checks if c.impl == impl])
-    return None if c is None else c.pin
+    f = first_structure(report.steps[0].structure.get(impl), c)
+    return (f.pin if f is not None else None if c is None else c.pin)
 
 
 def on_line(pin, text, module) -> bool:
@@ -551,6 +549,51 @@ def test_heldout9_first_run_is_recorded():
     divergence), no error line. The counts must agree with the misses' names."""
     _agrees(FIRST_RUNS["BUGS9"], h7.BUGS9, HELDOUT9_UNNAMED, HELDOUT9_UNLOCALISED, HELDOUT9_PINNED, HELDOUT9_WRONG)
 
+
+# BUGS9 now (tuned on it, by general rules, after its first run): a parameterless module is
+# the graph's GELU where a layer's fcproj multiplies its output (by use) or its name says so
+# (census._known_gelus), and a structure.unknown-module finding outranks no failing numeric
+# check (census.BESIDE); the activations found by use have one home (usage.Usage.sites); a
+# parameter without gradient departs at its C tensor's op (census._slot_op): 25 localised,
+# 13 pinned, 20 named. Left: the attention's pins span the head loop's lines
+# (its per-head intermediates reproduce none of the reference's: the first line pinned is
+# the slicing), the structural findings of layer order and a skipped layer with no line,
+# eps and the GELU's misplaced factor pinned to two lines; no cause for a stride-less head
+# offset, dropout always on, lr 3e-4; a cause other than the one written before the run for
+# the layer norm over (T, C) (layernorm.axis, where none was expected) and the RMS norm
+# (layernorm.rms, where layernorm.form was).
+HELDOUT9_LOCALISED_NOW = set(h7.BUGS9)
+HELDOUT9_PINNED_NOW = set(h7.BUGS9) - {
+    "embedding-dropout-always-on", "gelu-scaling-on-x-only", "heads-stacked-last", "last-layer-skipped",
+    "ln-keras-eps", "mask-after-softmax", "mlp-before-attention", "parallel-branches", "positions-from-token-table",
+    "scale-power-precedence", "softmax-over-padded-vocab", "softmax-over-query-axis"}
+HELDOUT9_NAMED_NOW = set(h7.BUGS9) - {"adamw-lr-3e-4", "embedding-dropout-always-on", "head-offset-without-stride",
+                                      "ln-over-time-and-channels", "ln-rms"}
+HELDOUT9_WRONG_NOW = {"ln-over-time-and-channels": "layernorm.axis", "ln-rms": "layernorm.rms"}
+BUGS9_NOW = FirstRun(25, 25, 25, 20, 2, pinned=13)
+
+
+def test_heldout9_now_is_recorded():
+    r = BUGS9_NOW
+    assert (r.localised, r.named, r.pinned, r.wrong) == (len(HELDOUT9_LOCALISED_NOW), len(HELDOUT9_NAMED_NOW),
+                                                         len(HELDOUT9_PINNED_NOW), len(HELDOUT9_WRONG_NOW))
+    assert HELDOUT9_LOCALISED_NOW | HELDOUT9_PINNED_NOW | HELDOUT9_NAMED_NOW | set(HELDOUT9_WRONG_NOW) <= set(h7.BUGS9)
+    first = FIRST_RUNS["BUGS9"]
+    assert r.localised >= first.localised and r.named >= first.named and r.pinned >= first.pinned
+
+
+@pytest.mark.slow
+def test_heldout9_batch_is_no_worse_than_its_first_run():
+    """BUGS9 run again: every one caught, no error line, nothing localised, named or pinned
+    now (BUGS9_NOW) lost, no new wrong cause (an improvement passes)."""
+    rows = [heldout7_row(name, h7.BUGS9, h7) for name in h7.BUGS9]
+    assert all(r["caught"] for r in rows) and not [r for r in rows if r["errors"]]
+    lost = {k: {r["name"] for r in rows if not r[k]} - missed
+            for k, missed in (("localised", set(h7.BUGS9) - HELDOUT9_LOCALISED_NOW),
+                              ("named", set(h7.BUGS9) - HELDOUT9_NAMED_NOW),
+                              ("pinned", set(h7.BUGS9) - HELDOUT9_PINNED_NOW))}
+    assert not any(lost.values()), lost
+    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in HELDOUT9_WRONG_NOW}
 
 def test_plot_marks_a_forward_first_divergence_in_the_forward_half():
     """The plot's x positions are the graph's, shared by every implementation: a model's

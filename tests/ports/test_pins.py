@@ -71,11 +71,9 @@ def pin_of(report):
     """The first divergence's pin: the structural finding's where it is one, else the
     first failing check's."""
     step = report.steps[0]
-    f = first_structure(step.structure.get("port"))
-    if f is not None:
-        return f.pin
     c = first_divergence_check([c for c in step.checks if c.impl == "port"])
-    return None if c is None else c.pin
+    f = first_structure(step.structure.get("port"), c)
+    return f.pin if f is not None else None if c is None else c.pin
 
 
 def first_line(pin):

@@ -278,8 +278,8 @@ def test_without_the_rule_by_use_the_mistake_is_not_the_attentions(monkeypatch):
     """Without the rule by use, a wrong attention's output is found by no value (or, its
     heads merged wrong, by the right values before the merge): the first divergence is not
     the attention's."""
-    from harness.ports import finder
-    monkeypatch.setattr(finder, "_by_use", lambda *a: (None, None))
+    from harness.ports import usage
+    monkeypatch.setattr(usage.Usage, "sites", lambda self, entries: {})
     for mistake in FUSED:
         c = _first(_run(fp.port(getattr(fp, mistake))))
         assert "attention_forward" not in c.where, c.where

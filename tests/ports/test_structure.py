@@ -219,14 +219,102 @@ def test_a_module_holding_c_tensors_is_in_the_graph():
     assert "acts.residual2[layer 0]" in {c.tensor for c in failing if c.kind == "e2e"}
 
 
-def test_a_module_outside_the_graph_is_the_first_divergence():
+def test_a_module_outside_the_graph_is_a_finding_beside_the_numbers():
     """A parameterless module that changes the residual stream is structure.unknown-module,
-    named as the first divergence (before the encoder's replay that it makes fail)."""
+    a finding of the step; the first divergence is the numeric failure it makes (a finding
+    of that kind outranks no failing check)."""
     report = run(rescaled)
-    f = first_structure(report.steps[0].structure.get("port"))
+    step = report.steps[0]
+    f = first_structure(step.structure.get("port"))
     assert not report.passed and f is not None
     assert (f.id, f.module, f.values["type"]) == ("structure.unknown-module", "transformer.drop", "Rescale")
-    assert "[structure.unknown-module]" in report.first_divergence()
+    assert first_structure(step.structure["port"], first_divergence_check(step.checks)) is None
+    assert "[structure.unknown-module]" not in report.first_divergence()
+
+
+class Passthrough(mp.nn.Module):
+    """A module GPT-2's graph has no op for, that computes nothing (a port's own hook point)."""
+
+    def forward(self, x):
+        return x
+
+
+def passthrough(base=mp.GPT):
+    """``base`` whose dropout after the embeddings is a :class:`Passthrough`."""
+    def factory(config):
+        model = base(config)
+        model.transformer.drop = Passthrough()
+        return model
+    return factory
+
+
+def test_an_unknown_module_does_not_outrank_a_failing_check(monkeypatch):
+    """A harmless module outside the graph passes as a finding; with a mistake elsewhere (a
+    layer norm's eps) the first divergence is the layer norm's, not the module's finding
+    (which stays in the step's structure). Ranked as before, the finding is named instead."""
+    from harness.ports import census
+    right = run(passthrough())
+    assert right.passed and [f.id for f in right.steps[0].structure["port"]] == ["structure.unknown-module"]
+    wrong = run(passthrough(mp.GPT.variant(eps=1e-3)))
+    assert not wrong.passed and "structure.unknown-module" in {f.id for f in wrong.steps[0].structure["port"]}
+    assert "layernorm_forward" in wrong.first_divergence() and "[structure." not in wrong.first_divergence()
+    monkeypatch.setattr(census, "BESIDE", ())
+    assert "[structure.unknown-module]" in run(passthrough(mp.GPT.variant(eps=1e-3))).first_divergence()
+
+
+class Squash(mp.nn.Module):
+    """The tanh GELU, by hand, under a name of its own."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + mp.torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
+
+
+class Gelu(Squash):
+    pass
+
+
+class OwnMLP(mp.nn.Module):
+    """nanoGPT's MLP with its activation a parameterless module at ``attr``."""
+
+    def __init__(self, n_embd, act, attr):
+        super().__init__()
+        self.c_fc, self.c_proj, self.attr = mp.nn.Linear(n_embd, 4 * n_embd), mp.nn.Linear(4 * n_embd, n_embd), attr
+        setattr(self, attr, act())
+
+    def forward(self, x):
+        return self.c_proj(getattr(self, self.attr)(self.c_fc(x)))
+
+
+def own_act(act, attr):
+    def factory(config):
+        model = mp.GPT(config)
+        for block in model.transformer.h:
+            block.mlp = OwnMLP(config.n_embd, act, attr)
+        return model
+    return factory
+
+
+def test_a_parameterless_module_whose_output_the_projection_multiplies_is_the_gelu(monkeypatch):
+    """An MLP's activation module of a class and name of its own is the graph's GELU by use:
+    its output is what the layer's fcproj multiplies. The port passes with no finding; not
+    followed by use, it is a structure.unknown-module."""
+    from harness.ports import census
+    report = run(own_act(Squash, "squash"))
+    assert report.passed and not report.steps[0].structure.get("port"), report.steps[0].structure
+    monkeypatch.setattr(census, "_storage", lambda t: None)
+    found = run(own_act(Squash, "squash")).steps[0].structure["port"]
+    assert {(f.id, f.values["type"]) for f in found} == {("structure.unknown-module", "Squash")}
+
+
+@pytest.mark.parametrize("act, attr, known", [(Gelu, "squash", True), (Squash, "act", True),
+                                              (Squash, "squash", False)])
+def test_a_parameterless_module_named_for_a_gelu_is_the_gelu(monkeypatch, act, attr, known):
+    """Not followed by use, an MLP's activation module is the graph's GELU by its class's
+    name (``Gelu``) or its attribute's (``act``) inside the MLP; by neither, unknown."""
+    from harness.ports import census
+    monkeypatch.setattr(census, "_storage", lambda t: None)
+    found = run(own_act(act, attr)).steps[0].structure.get("port")
+    assert (not found) == known, found
 
 
 def test_raw_parameters_of_a_block_are_placed_by_a_shape_only_they_have():
@@ -333,3 +421,34 @@ def test_what_use_cannot_settle_is_refused_in_one_line():
     assert "p.mix_w0" not in text, text      # what the use placed is not asked for
     with pytest.raises(ModelError, match=r"raised RuntimeError: shapes do not match\)$"):
         map_parameters(Raises(TINY), TINY)
+
+
+def test_a_parameter_without_gradient_departs_at_its_tensors_op():
+    """A parameter the loss does not depend on, held by no module of the graph (a
+    ParameterDict's table), is a finding at the graph's op of the C tensor it holds (the
+    encoder for wpe, layer 1's fc for fcb[1]), not at no op."""
+    import types
+    import torch
+    from harness.ports.census import Census
+    from harness.ports.mapping import Slot
+    model = torch.nn.Module()
+    model.embed = torch.nn.ParameterDict({"positions": torch.nn.Parameter(torch.zeros(4, 2)),
+                                          "bias": torch.nn.Parameter(torch.zeros(2))})
+    entries = [types.SimpleNamespace(param=model.embed["positions"], names=["embed.positions"], slot=Slot("wpe")),
+               types.SimpleNamespace(param=model.embed["bias"], names=["embed.bias"], slot=Slot("fcb", 1))]
+    found = Census(model, TINY).gradient_findings(entries)
+    assert [(f.id, f.where) for f in found] == [("structure.no-gradient", "encoder encoder_forward"),
+                                                ("structure.no-gradient", "layer 1 fc matmul_forward")]
+
+
+def test_a_sites_rows_are_told_past_rows_that_are_not_finite():
+    """A site's row layout is told from the rows a batch element changes, those holding a
+    NaN (a wrong mask's) set aside: batch-major with a NaN row in each batch element."""
+    import numpy as np
+    from harness.ports.usage import _rows
+    a = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    b = a.copy()
+    b[1] += 1.0
+    a[:, 3, 0] = b[:, 3, 0] = np.nan
+    assert _rows(a, b, 2, 4) == "bt"
+    assert _rows(a.transpose(1, 0, 2).copy(), b.transpose(1, 0, 2).copy(), 2, 4) == "tb"
