@@ -49,6 +49,12 @@ class Step:
     plural: bool = False
     causal: bool = False
     layout_of: str | None = None
+    # a step a port looping over heads makes one head at a time: the step whose values per
+    # head (its axis 1: attention's (B, NH, T, x)) are this one's, one head's slice each
+    heads_of: str | None = None
+    # the steps it is computed from, in the order the op takes them (scores: q @ k^T): a
+    # port's op given another step's value in one's place (k where q goes) is told by it
+    of: tuple[str, ...] = ()
 
 
 def _s(name, what, plural=False, **kw) -> Step:
@@ -75,11 +81,12 @@ STEPS: dict[str, tuple[Step, ...]] = {
                           _s("out", "the scaled and shifted output")),
     "matmul_forward": (_s("product", "the product"), _s("out", "the product plus bias")),
     "attention_forward": (
-        _s("q", "the queries", True), _s("k", "the keys", True), _s("v", "the values", True),
-        _s("scores", "the scores", True), _s("preatt", "the scaled scores", True, causal=True),
-        _s("masked", "the masked scores", True), _s("att", "the softmax"),
+        _s("q", "the queries", True, heads_of="q"), _s("k", "the keys", True, heads_of="k"),
+        _s("v", "the values", True, heads_of="v"), _s("scores", "the scores", True, heads_of="scores", of=("q", "k")),
+        _s("preatt", "the scaled scores", True, causal=True, heads_of="preatt"),
+        _s("masked", "the masked scores", True, heads_of="masked"), _s("att", "the softmax", heads_of="att"),
         _s("weighted", "the weighted values, per head", True, layout_of="out"),
-        _s("out", "the weighted values", True)),
+        _s("out", "the weighted values", True, heads_of="weighted")),
     "gelu_forward": (_s("inner", "the GELU's inner term x + 0.044715 x^3"), _s("scaled", "the scaled inner term"),
                      _s("tanh", "the tanh"), _s("out", "the GELU")),
     "residual_forward": (_s("out", "the sum"),),

@@ -318,6 +318,16 @@ class Stage:
     value: np.ndarray
     where: np.ndarray | None = None
     plural: bool = False
+    # one value per head, heads first (a port looping over heads makes each head's slice
+    # on its own: :attr:`pyref.intermediates.Step.heads_of`), with its mask; None: no heads
+    heads: np.ndarray | None = None
+    heads_where: np.ndarray | None = None
+    of: tuple[str, ...] = ()        # the stages it is computed from, in order (Step.of)
+
+    def head(self, h: int) -> "Stage":
+        """Head ``h``'s slice of the stage, as a stage of its own."""
+        where = None if self.heads_where is None else self.heads_where[h]
+        return Stage(self.name, self.phrase, self.heads[h], where, self.plural, of=self.of)
 
     def says(self, matches: bool) -> str:
         if matches:
@@ -345,7 +355,8 @@ def stages(kernel: str, args: dict) -> list[Stage]:
     inputs = [_stage(kernel, k, v) for k, v in args.items()
               if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim >= 2]
     found = []
-    for name, value in intermediates(kernel, args).items():
+    values = intermediates(kernel, args)
+    for name, value in values.items():
         s = step(kernel, name)
         if s.layout_of is not None:
             continue
@@ -353,7 +364,13 @@ def stages(kernel: str, args: dict) -> list[Stage]:
         if s.causal:
             T = value.shape[-1]
             where = np.broadcast_to(np.tril(np.ones((T, T), bool)), value.shape)
-        found.append(_stage(kernel, name, value, where))
+        stage = replace(_stage(kernel, name, value, where), of=s.of)
+        if s.heads_of is not None:
+            per = values[s.heads_of]
+            mask = where if s.heads_of == name else None
+            stage = replace(stage, heads=np.moveaxis(np.asarray(per, np.float64), 1, 0),
+                            heads_where=None if mask is None else np.moveaxis(mask, 1, 0))
+        found.append(stage)
     return inputs + found
 
 
@@ -387,7 +404,10 @@ def _squeezed(shape) -> tuple:
 
 def distance(a: np.ndarray, stage: Stage, layout=layouts) -> float:
     """The least norm-relative difference between ``a`` in any of its ``layout``s and the
-    stage's value (on its mask); inf where no layout fits."""
+    stage's value (on its mask); inf where no layout fits. A tensor of one head's size is
+    matched to each head's slice (:attr:`Stage.heads`): the nearest."""
+    if stage.heads is not None and a.size != stage.value.size and a.size == stage.heads[0].size:
+        return min(distance(a, stage.head(h), layout) for h in range(len(stage.heads)))
     best = np.inf
     ref = stage.value if stage.where is None else stage.value[stage.where]
     norm = float(np.linalg.norm(ref[np.isfinite(ref)])) or 1.0
@@ -469,7 +489,7 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
         value, args = value[..., :V], dict(args, weight=args["weight"][:V])
     found = stages(node.kernel, args)
     observed = _stage(node.kernel, "observed", value)
-    sizes = {s.value.size for s in found}
+    sizes = {s.value.size for s in found} | {s.heads[0].size for s in found if s.heads is not None}
     module = None if node.kernel == "residual_forward" else recorded_module(model, state.module_of(ref))
     for name in dict.fromkeys((module, None)):
         rec = forward_recording(state, name, keep=lambda t: t.numel() in sizes)
@@ -594,6 +614,9 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
     unmatched = _first_unmatched(ops, found, good, suspects, frontier, layout)
     if unmatched is not None:
         stage, op = unmatched
+        misplaced = _misplaced(ops, found, good, op, stage)
+        if misplaced is not None:
+            return Pin(kernel, module, *misplaced)
         narrowed, frontier = _ancestors(ops, op, good)
         suspects = (suspects & narrowed) | _unverified(ops, found, good, frontier, op, stage)
     else:
@@ -642,6 +665,48 @@ def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: se
             # lays them out, a roundoff nearer or further)
             best = min(near)[0]
             return s, min(i for d, i in near if d <= best * (1 + 1e-9) + 1e-300)
+    return None
+
+
+def _misplaced(ops: list[Op], found: list[Stage], good: dict, op: int, stage: Stage):
+    """(lines, matched, unmatched, says) of a :class:`Pin` where the first unmatched op
+    (``op``) takes, in place of one of the stages it is computed from (:attr:`Stage.of`:
+    scores of q and k), another stage's value (the values where the keys go, the keys
+    where the queries go): the line that made that tensor, where it was first made (not
+    a view of it taken later); None where its operands are the ones it should have."""
+    if not stage.of:
+        return None
+    for o in sorted(_ancestors(ops, op, good)[0], reverse=True):
+        found_ = _misplaced_at(ops, found, good, o, stage)
+        if found_ is not None:
+            return found_
+    return None
+
+
+def _misplaced_at(ops: list[Op], found: list[Stage], good: dict, op: int, stage: Stage):
+    """:func:`_misplaced` at one op of those the unmatched one is made from."""
+    roles = []
+    for i in ops[op].inputs:
+        frontier = {i} if i in good else _ancestors(ops, i, good)[1]
+        names = {n for f in frontier for n in good[f]}
+        if names:
+            roles.append((i if i in good else min(frontier), names))
+    if len(roles) != len(stage.of):
+        return None
+    for (i, names), want in zip(roles, stage.of):
+        if want in names:
+            continue
+        held = next(n for n in (s.name for s in found) if n in names)
+        while True:     # back through re-layouts of the same value to the op that made it
+            back = [j for j in ops[i].inputs if j in good and held in good[j]]
+            if not back:
+                break
+            i = back[0]
+        if ops[i].site is None:
+            return None
+        words = {s.name: s for s in found}
+        says = (f"{words[held].phrase} stand where {words[want].phrase} belong", stage.says(False))
+        return (ops[i].site,), held, stage.name, says
     return None
 
 

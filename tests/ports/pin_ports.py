@@ -240,3 +240,39 @@ def adam_no_decay(model, hyper):
     """An optimizer factory that leaves weight decay to torch's default."""
     return torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate,
                              betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)
+
+
+class HeadLoopAttn(Attn):
+    """The same attention, one head at a time: each head's (B, T, hs) slices of the fused
+    q, k, v, its own scores, softmax and weighted values, the heads concatenated."""
+
+    def slices(self, qkv, h):
+        C = qkv.size(-1) // 3
+        hs = C // self.NH
+        return [qkv[..., o + h * hs:o + (h + 1) * hs] for o in (0, C, 2 * C)]
+
+    def weights(self, s):
+        T = s.size(-1)
+        return F.softmax(s.masked_fill(self.causal(T), -math.inf), dim=-1)
+
+    def one(self, qkv, h):
+        q, k, v = self.slices(qkv, h)
+        s = q @ k.transpose(1, 2) / math.sqrt(q.size(-1))
+        return self.weights(s) @ v
+
+    def forward(self, x):
+        qkv = self.c_attn(x)
+        return self.c_proj(torch.cat([self.one(qkv, h) for h in range(self.NH)], dim=-1))
+
+
+class HeadLoopSoftmaxOverQueries(HeadLoopAttn):
+    def weights(self, s):
+        T = s.size(-1)
+        return F.softmax(s.masked_fill(self.causal(T), -math.inf), dim=1)
+
+
+class HeadLoopKeysFromValues(HeadLoopAttn):
+    def slices(self, qkv, h):
+        C = qkv.size(-1) // 3
+        hs = C // self.NH
+        return [qkv[..., o + h * hs:o + (h + 1) * hs] for o in (0, 2 * C, 2 * C)]

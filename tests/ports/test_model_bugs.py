@@ -562,15 +562,20 @@ def test_heldout9_first_run_is_recorded():
 # offset, dropout always on, lr 3e-4; a cause other than the one written before the run for
 # the layer norm over (T, C) (layernorm.axis, where none was expected) and the RMS norm
 # (layernorm.rms, where layernorm.form was).
+# Then a port's per-head tensor matched to the reference's head slice (Step.heads_of) and an
+# op given another step's value in one operand's place pinned where that value was made
+# (Step.of): mask-after-softmax and softmax-over-query-axis pinned at their line (the
+# first per-head op not reproducing its intermediate), kv-offsets-swapped kept at its
+# slicing line: 15 pinned.
 HELDOUT9_LOCALISED_NOW = set(h7.BUGS9)
 HELDOUT9_PINNED_NOW = set(h7.BUGS9) - {
     "embedding-dropout-always-on", "gelu-scaling-on-x-only", "heads-stacked-last", "last-layer-skipped",
-    "ln-keras-eps", "mask-after-softmax", "mlp-before-attention", "parallel-branches", "positions-from-token-table",
-    "scale-power-precedence", "softmax-over-padded-vocab", "softmax-over-query-axis"}
+    "ln-keras-eps", "mlp-before-attention", "parallel-branches", "positions-from-token-table",
+    "scale-power-precedence", "softmax-over-padded-vocab"}
 HELDOUT9_NAMED_NOW = set(h7.BUGS9) - {"adamw-lr-3e-4", "embedding-dropout-always-on", "head-offset-without-stride",
                                       "ln-over-time-and-channels", "ln-rms"}
 HELDOUT9_WRONG_NOW = {"ln-over-time-and-channels": "layernorm.axis", "ln-rms": "layernorm.rms"}
-BUGS9_NOW = FirstRun(25, 25, 25, 20, 2, pinned=13)
+BUGS9_NOW = FirstRun(25, 25, 25, 20, 2, pinned=15)
 
 
 def test_heldout9_now_is_recorded():

@@ -7,6 +7,7 @@ pinner pins each elsewhere (or nowhere); a passing port records nothing.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,10 @@ MISTAKES = {
                    "idx.size(1)))", "encoder_forward"),
     "softmax over heads (NaN)": (V(attn=pp.SoftmaxOverQueriesAndHeads), "return F.softmax(s, dim=1)",
                                  "attention_forward"),
+    "head loop: softmax over the queries": (V(attn=pp.HeadLoopSoftmaxOverQueries), "return F.softmax(s.masked_fill("
+                                            "self.causal(T), -math.inf), dim=1)", "attention_forward"),
+    "head loop: keys read from the values": (V(attn=pp.HeadLoopKeysFromValues), "return [qkv[..., o + h * hs:o + "
+                                             "(h + 1) * hs] for o in (0, 2 * C, 2 * C)]", "attention_forward"),
     "mask sees the next token": (V(attn=pp.MaskSeesNext), "return torch.ones(T, T, dtype=torch.bool).triu(2)",
                                  "attention_forward"),
     "eps in the constructor": (V(norm=pp.TinyEpsNorm), "def __init__(self, C, eps=1e-9):", "layernorm_forward"),
@@ -100,6 +105,16 @@ def test_the_right_port_passes_and_records_nothing():
     assert not report.steps[0].structure.get("port")
 
 
+def test_the_right_head_loop_passes_and_records_nothing():
+    report, pin, recorded = run(V(attn=pp.HeadLoopAttn))
+    assert report.passed and pin is None and recorded == []
+
+
+def test_a_head_loop_mistake_says_which_value_stands_where():
+    _, pin, _ = run(MISTAKES["head loop: keys read from the values"][0])
+    assert pin.says == ("the values stand where the keys belong", "the scores do not")
+
+
 def test_a_structural_pin_is_the_findings_in_json():
     report, pin, _ = run(V(block=pp.NoLn2))
     f = first_structure(report.steps[0].structure["port"])
@@ -122,6 +137,11 @@ def _innermost_block_line(ops, observed, block, kernel, layout=R.layouts):
     return _RIGHT["residual"](ops, observed, None, kernel, layout)
 
 
+def _headless(a, stage, layout=R.layouts):
+    """A distance that matches no tensor to one head's slice of a stage."""
+    return _RIGHT["distance"](a, replace(stage, heads=None), layout)
+
+
 def _nan_blind(a, stage, layout=R.layouts):
     """A distance that never matches a value holding NaN."""
     return float("inf") if np.isnan(a).any() else _RIGHT["distance"](a, stage, layout)
@@ -138,6 +158,8 @@ WRONG = {
                    lambda state, module=None, keep=None, params=False:
                    _RIGHT["recording"](state, module or "transformer.h.0", keep)),
     "softmax over heads (NaN)": ("harness.ports.record.distance", _nan_blind),
+    "head loop: softmax over the queries": ("harness.ports.record.distance", _headless),
+    "head loop: keys read from the values": ("harness.ports.record._misplaced", lambda *a: None),
     "mask sees the next token": ("harness.ports.record._unverified", lambda *a: set()),
     "eps in the constructor": ("harness.ports.record.attribute_origin", lambda pin, *a: pin),
     "label smoothing": ("harness.ports.pins.forward_recording",  # the blocks only: the loss is not seen
