@@ -255,7 +255,7 @@ def test_heldout_first_run_is_recorded():
     error line, 21 of 22 localised where expected, 16 of 22 named (73%, below the 90% aimed
     at), two of the others with a wrong cause. The record is the misses' names; the batch
     itself is now a regression batch (test_earlier_heldout_batches_are_now_named)."""
-    n, caught, localised, named, wrong, _ = FIRST_RUNS["BUGS5"]
+    n, caught, localised, named, wrong, *_ = FIRST_RUNS["BUGS5"]
     assert n == len(ho.BUGS5) == 22
     assert HELDOUT5_UNNAMED | HELDOUT5_UNLOCALISED <= set(ho.BUGS5) and set(HELDOUT5_WRONG) <= HELDOUT5_UNNAMED
     assert (named, localised, wrong) == (n - len(HELDOUT5_UNNAMED), n - len(HELDOUT5_UNLOCALISED),
@@ -270,7 +270,7 @@ def test_heldout6_first_run_is_recorded():
     at), none with a wrong cause. The record is the misses' names (tests/ports/test_model_bugs.py
     ran the batch and asserted exactly these at the commit that recorded it); the batch is
     now a regression batch (test_earlier_heldout_batches_are_now_named)."""
-    n, caught, localised, named, wrong, _ = FIRST_RUNS["BUGS6"]
+    n, caught, localised, named, wrong, *_ = FIRST_RUNS["BUGS6"]
     assert n == caught == len(h4.BUGS6) == 27
     assert HELDOUT6_UNNAMED | HELDOUT6_UNLOCALISED <= set(h4.BUGS6) and set(HELDOUT6_WRONG) <= HELDOUT6_UNNAMED
     assert (named, localised, wrong) == (n - len(HELDOUT6_UNNAMED), n - len(HELDOUT6_UNLOCALISED),
