@@ -133,10 +133,11 @@ def cmd_run(args) -> int:
     from pyref.config import AdamW
     from pyref.formats import checkpoint_note
 
-    from .arbiter.oracle import plan_witness
+    from .arbiter.oracle import hold_freed_memory, plan_witness
     from .checks.policy import plan
     from .checks.run import run_parity
 
+    held = hold_freed_memory()   # first: every buffer after it reuses what the run freed
     if args.json == "-":
         args.json_only = True   # stdout is the JSON: text beside it would break the reader's parse
     cfg, params, B, T = _run_inputs(args)
@@ -153,7 +154,8 @@ def cmd_run(args) -> int:
               + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {what.replay}")
         if what.why:
             print(what.why)
-        print(witness.line() + (f"; measured every {args.witness_every} steps" if args.witness_every > 1 else ""))
+        print(witness.line() + (f"; measured every {args.witness_every} steps" if args.witness_every > 1 else "")
+              + ("; freed memory kept for reuse" if held else ""))
         if args.checkpoint and (note := checkpoint_note(args.checkpoint)):
             print(note)
     progress = Progress(enabled=not args.quiet)

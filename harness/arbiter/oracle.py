@@ -285,6 +285,56 @@ def mem_available() -> int | None:
     return None
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_HELD: list[bool] = []     # hold_freed_memory's answer, once per process
+
+
+def _libc():
+    """glibc's C library (ctypes), or None where this is not glibc (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def hold_freed_memory() -> bool:
+    """Keep the memory this process frees for its own reuse, for the rest of its life
+    (``llmc-parity run`` calls it at its start): glibc's malloc told to serve every block
+    from its heap (no mmap, ``M_MMAP_MAX`` 0), never to trim the heap (``M_TRIM_THRESHOLD``
+    -1) and to keep one arena for every thread (``M_ARENA_MAX`` 1: a thread's arena cannot
+    grow past 64 MiB without mmap). A step's fresh buffers (the kernels' outputs, the C's
+    pre-step copies, the update checks' float64 AdamW) then reuse the pages the step
+    before freed: on a VM whose host takes freed memory back (virtio balloon's free page
+    reporting) each fresh page's first touch costs ~10 us, every step. The peak is what it
+    was; the memory is held until the process ends. Returns whether it is in force (False
+    off glibc, or with ``LLMC_HOLD_MEMORY=0`` in the environment: the benchmark's other
+    side); called again, it does nothing more."""
+    import os
+    if not _HELD:
+        libc = None if os.environ.get("LLMC_HOLD_MEMORY", "1") == "0" else _libc()
+        _HELD.append(libc is not None and all(
+            libc.mallopt(param, value) == 1
+            for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))))
+    return _HELD[0]
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the system now (glibc's ``malloc_trim(0)``):
+    a benchmark's baseline, so that memory freed before it is not reused unseen. False
+    off glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)      # its answer says whether any was given back, not whether it worked
+    return True
+
+
 @dataclass(frozen=True)
 class WitnessPlan:
     """Whether a run keeps its witness's buffers from step to step, and why: kept when
