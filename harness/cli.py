@@ -137,7 +137,9 @@ def cmd_run(args) -> int:
     from .checks.policy import plan
     from .checks.run import run_parity
 
-    held = hold_freed_memory()   # first: every buffer after it reuses what the run freed
+    # first, so that every buffer after it reuses what the run freed; only in a process of
+    # its own (the command line's: main() without argv), never in a caller's (a test's)
+    held = hold_freed_memory() if getattr(args, "own_process", False) else False
     if args.json == "-":
         args.json_only = True   # stdout is the JSON: text beside it would break the reader's parse
     cfg, params, B, T = _run_inputs(args)
@@ -462,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyref.formats import FormatError
 
     args = parser().parse_args(argv)
+    args.own_process = argv is None      # the process is this command's: it may set its malloc
     try:
         return args.func(args)
     # errors about the user's input, raised as such where it is validated (harness.errors);

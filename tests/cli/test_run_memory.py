@@ -1,0 +1,40 @@
+"""``llmc-parity run`` keeps the memory it frees for its own reuse when it is the process's
+own command (harness.arbiter.oracle.hold_freed_memory), says so in its header, and leaves a
+caller's process as it is (main(argv) from a test or a notebook)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SAID = "; freed memory kept for reuse"
+
+
+def _header(hold: str) -> str:
+    env = dict(os.environ, LLMC_HOLD_MEMORY=hold, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--steps", "1", "-q", "--ref", "oracle"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    return next(ln for ln in proc.stdout.splitlines() if ln.startswith("witness: "))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_the_command_holds_its_freed_memory_and_says_so():
+    assert _header("1").endswith(SAID)
+    assert not _header("0").endswith(SAID)
+
+
+def test_a_callers_process_is_left_as_it_is(capsys, monkeypatch):
+    from harness.arbiter import oracle
+    called = []
+    monkeypatch.setattr(oracle, "hold_freed_memory", lambda: called.append(1) or True)
+    assert main(["run", "--steps", "1", "-q", "--ref", "oracle"]) == 0
+    out = capsys.readouterr().out
+    assert not called and SAID not in out
