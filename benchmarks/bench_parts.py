@@ -322,10 +322,11 @@ def part_llmc_command(cfg, params, B: int, T: int, hold: bool = True) -> dict:
 
 
 def _estimate_s(header: list[str]) -> float | None:
-    """The seconds the command's header says its steps take (``... take about 4.6 min``)."""
+    """The seconds the command's header says it takes (``... the run about 4.6 min in all``;
+    before, ``the 10 steps take about 4.6 min``)."""
     import re
     for line in header:
-        m = re.search(r"take about ([0-9.]+) ?(s|min)\b", line)
+        m = re.search(r"the run about ([0-9.]+) ?(s|min)\b", line) or re.search(r"take about ([0-9.]+) ?(s|min)\b", line)
         if m:
             return float(m.group(1)) * (60.0 if m.group(2) == "min" else 1.0)
     return None

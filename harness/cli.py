@@ -178,13 +178,26 @@ def cmd_run(args) -> int:
 
 def _first_step_said(args, progress: Progress, large: bool):
     """run_parity's on_step: after the first step of a large run, a line with its time and
-    the run's."""
+    the run's (:func:`run_estimate`)."""
     def said(t: int, _cmodel) -> None:
         if t == 1 and large and not args.json_only:
-            took = time.perf_counter() - progress.step_began.get(1, progress.start)
+            now = time.perf_counter()
+            took = now - progress.step_began.get(1, progress.start)
+            total = run_estimate(took, now - getattr(args, "started", progress.start), args.steps,
+                                 args.free_run, bool(args.debug_state))
             print(f"step 1 took {_duration(took)}; the {args.steps} steps take about "
-                  f"{_duration(took * args.steps)}", flush=True)
+                  f"{_duration(took * args.steps)}, the run about {_duration(total)} in all", flush=True)
     return said
+
+
+def run_estimate(step1: float, elapsed: float, steps: int, free_run: int, debug_state: bool) -> float:
+    """The seconds a run takes from its start, told after its first step (``step1``
+    seconds; ``elapsed`` since the process started): each later step as long as the
+    first (a run holding its freed memory pays no first touch on later steps:
+    :func:`harness.arbiter.oracle.hold_freed_memory`), a free-run step as a third of one
+    (no float64 model, no checks), the debug state's check as one (the C, the oracle and
+    the witness on one batch)."""
+    return elapsed + step1 * (steps - 1 + free_run / 3 + (1 if debug_state else 0))
 
 
 def _run_inputs(args):
@@ -465,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     args.own_process = argv is None      # the process is this command's: it may set its malloc
+    args.started = time.perf_counter()   # the run's estimate counts from here
     try:
         return args.func(args)
     # errors about the user's input, raised as such where it is validated (harness.errors);

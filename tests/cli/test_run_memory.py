@@ -38,3 +38,11 @@ def test_a_callers_process_is_left_as_it_is(capsys, monkeypatch):
     assert main(["run", "--steps", "1", "-q", "--ref", "oracle"]) == 0
     out = capsys.readouterr().out
     assert not called and SAID not in out
+
+
+def test_the_estimate_counts_the_start_the_later_steps_and_the_debug_state():
+    from harness.cli import run_estimate
+    # 5 s before step 1 ended, step 1 took 10 s: 9 more steps and the debug state as long
+    assert run_estimate(10.0, 15.0, 10, 0, True) == 15.0 + 10 * 10.0
+    assert run_estimate(10.0, 15.0, 10, 0, False) == 15.0 + 9 * 10.0
+    assert run_estimate(10.0, 15.0, 1, 3, False) == 15.0 + 10.0      # a free-run step: a third of one
