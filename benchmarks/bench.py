@@ -92,9 +92,11 @@ def run_part(name: str, args) -> dict:
     from pyref.config import preset
     from pyref.synth import init_params, make_batch
 
-    from harness.arbiter.oracle import hold_freed_memory
+    from harness.arbiter.oracle import one_arena
 
-    held = name in LLMC_PARTS or hold_freed_memory()   # as `llmc-parity run` does (the command: its own)
+    # as `llmc-parity run` does (the command: its own): one arena from the start, freed memory
+    # held after the first step (bench_parts.timed_steps, part_full_check)
+    held = name in LLMC_PARTS or one_arena()
     cfg = preset(args.config)
     if name == "full_check_d24":
         cfg, args.B, args.T = d24_config(), D24["B"], D24["T"]

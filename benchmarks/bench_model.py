@@ -140,8 +140,10 @@ class PinTimer:
 
 
 def _timed(step, warmups: int = 1) -> float:
+    from bench_parts import hold_after_first_step
     for _ in range(warmups):
         step()
+    hold_after_first_step()
     t0 = time.perf_counter()
     step()
     return time.perf_counter() - t0
@@ -190,12 +192,14 @@ def measure(cfg, B: int, T: int) -> dict:
         oracle.backward()
     out["oracle_step"] = _timed(oracle_step)
 
-    from bench_parts import Breakdown
+    from bench_parts import Breakdown, hold_after_first_step
     from harness.probe import listening
     bd = Breakdown()
 
     def batches():
         while True:
+            if bd.step_starts:      # after the first step, as `llmc-parity run` does
+                hold_after_first_step()
             bd.snapshot()
             yield x, y
     pins = PinTimer()
@@ -225,11 +229,11 @@ def failing(cfg, B: int, T: int) -> dict:
     from bench_parts import MEMORY_TARGET, Baseline, Breakdown
     from bench_results import held_bytes
     from harness import AdamW, TorchModel, load_library, run_parity
-    from harness.arbiter.oracle import hold_freed_memory
+    from harness.arbiter.oracle import one_arena
     from harness.probe import listening
     from pyref import synth
 
-    held = hold_freed_memory()       # as `llmc-parity run` does
+    held = one_arena()       # as `llmc-parity run` does (one step: the freed memory is held after it)
     sys.path.insert(0, str(ROOT / "tests" / "ports"))
     port = getattr(importlib.import_module(FAILING_PORT[0]), FAILING_PORT[1])
     params = synth.init_params(cfg, seed=0)
@@ -303,8 +307,8 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"failing": failed}, indent=1))
         return 0 if "vs_c_footprint" in failed else 1
-    from harness.arbiter.oracle import hold_freed_memory
-    held = hold_freed_memory()       # as `llmc-parity run` does
+    from harness.arbiter.oracle import one_arena
+    held = one_arena()       # as `llmc-parity run` does: one arena, freed memory held after the first step
     r = measure(cfg, args.B, args.T)
     r["hold_freed_memory"] = held
     print(f"model check ({args.config}, B={args.B}, T={args.T}): C step {r['c_step']:.2f}s, model step "

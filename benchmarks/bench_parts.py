@@ -174,6 +174,14 @@ def _median(xs: list[float]) -> float:
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
+def hold_after_first_step() -> bool:
+    """What ``llmc-parity run`` does after its first step, where the memory keeps the
+    witness: the freed memory held from there on (:func:`harness.arbiter.oracle.hold_freed_memory`;
+    off with ``LLMC_HOLD_MEMORY=0``)."""
+    from harness.arbiter.oracle import hold_freed_memory
+    return hold_freed_memory()
+
+
 def timed_steps(phases, steps: int) -> dict:
     """Run ``1 + steps`` steps of ``phases`` (name -> f(t)); the first step is reported
     alone (it allocates), the others as a median, per phase and in total."""
@@ -189,6 +197,7 @@ def timed_steps(phases, steps: int) -> dict:
         if t == 1:
             out["first_step_s"] = sum(per.values())
             out["first_phases_s"] = per
+            out["hold_freed_memory"] = hold_after_first_step()
             continue
         totals.append(sum(per.values()))
         for name, dt in per.items():
@@ -385,6 +394,8 @@ def part_full_check(cfg, params, batch, steps: int, replay, profile: str | None 
 
     def batches():
         while True:
+            if bd.step_starts:      # a step done: as the command does after its first
+                out["hold_freed_memory"] = hold_after_first_step()
             bd.snapshot()
             yield batch
 

@@ -133,13 +133,14 @@ def cmd_run(args) -> int:
     from pyref.config import AdamW
     from pyref.formats import checkpoint_note
 
-    from .arbiter.oracle import hold_freed_memory, plan_witness
+    from .arbiter.oracle import one_arena, plan_witness
     from .checks.policy import plan
     from .checks.run import run_parity
 
-    # first, so that every buffer after it reuses what the run freed; only in a process of
-    # its own (the command line's: main() without argv), never in a caller's (a test's)
-    held = hold_freed_memory() if getattr(args, "own_process", False) else False
+    # freed memory held from step 2 on (harness.arbiter.oracle.hold_freed_memory), every thread
+    # in one arena from the start: only in a process of its own (the command line's, main()
+    # without argv), never in a caller's (a test's), and where the memory keeps the witness
+    own = getattr(args, "own_process", False) and one_arena()
     if args.json == "-":
         args.json_only = True   # stdout is the JSON: text beside it would break the reader's parse
     cfg, params, B, T = _run_inputs(args)
@@ -150,6 +151,7 @@ def cmd_run(args) -> int:
         impls.update(_impls([args.impl]))
     models = _models(args)
     witness = plan_witness(cfg, B, T)   # decided here, so that the header says what the run does
+    hold = own and witness.keep
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
@@ -157,7 +159,7 @@ def cmd_run(args) -> int:
         if what.why:
             print(what.why)
         print(witness.line() + (f"; measured every {args.witness_every} steps" if args.witness_every > 1 else "")
-              + ("; freed memory kept for reuse" if held else ""))
+              + ("; freed memory kept for reuse from step 2 on" if hold else ""))
         if args.checkpoint and (note := checkpoint_note(args.checkpoint)):
             print(note)
     progress = Progress(enabled=not args.quiet)
@@ -165,7 +167,7 @@ def cmd_run(args) -> int:
     free = _batches(args, cfg, B, T)
     report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
                         steps=args.steps, hyper=hyper, threads=args.threads, replay=what.replay_arg,
-                        progress=progress, on_step=_first_step_said(args, progress, large=what.large),
+                        progress=progress, on_step=_first_step_said(args, progress, large=what.large, hold=hold),
                         free_run_batches=[next(free) for _ in range(args.free_run)],
                         checkpoint=args.checkpoint, debug_state=args.debug_state, keep_witness=witness.keep,
                         witness_every=args.witness_every)
@@ -176,10 +178,14 @@ def cmd_run(args) -> int:
     return EXIT_PASS if report.passed else EXIT_FAIL
 
 
-def _first_step_said(args, progress: Progress, large: bool):
+def _first_step_said(args, progress: Progress, large: bool, hold: bool = False):
     """run_parity's on_step: after the first step of a large run, a line with its time and
-    the run's (:func:`run_estimate`)."""
+    the run's (:func:`run_estimate`); and, with ``hold``, the freed memory held from there
+    on (:func:`harness.arbiter.oracle.hold_freed_memory`)."""
     def said(t: int, _cmodel) -> None:
+        if t == 1 and hold:
+            from .arbiter.oracle import hold_freed_memory
+            hold_freed_memory()
         if t == 1 and large and not args.json_only:
             now = time.perf_counter()
             took = now - progress.step_began.get(1, progress.start)

@@ -14,7 +14,7 @@ import pytest
 from harness.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-SAID = "; freed memory kept for reuse"
+SAID = "; freed memory kept for reuse from step 2 on"
 
 
 def _header(hold: str) -> str:
@@ -35,7 +35,8 @@ def test_a_callers_process_is_left_as_it_is(capsys, monkeypatch):
     from harness.arbiter import oracle
     called = []
     monkeypatch.setattr(oracle, "hold_freed_memory", lambda: called.append(1) or True)
-    assert main(["run", "--steps", "1", "-q", "--ref", "oracle"]) == 0
+    monkeypatch.setattr(oracle, "one_arena", lambda: called.append(0) or True)
+    assert main(["run", "--steps", "2", "-q", "--ref", "oracle"]) == 0
     out = capsys.readouterr().out
     assert not called and SAID not in out
 
@@ -46,3 +47,19 @@ def test_the_estimate_counts_the_start_the_later_steps_and_the_debug_state():
     assert run_estimate(10.0, 15.0, 10, 0, True) == 15.0 + 10 * 10.0
     assert run_estimate(10.0, 15.0, 10, 0, False) == 15.0 + 9 * 10.0
     assert run_estimate(10.0, 15.0, 1, 3, False) == 15.0 + 10.0      # a free-run step: a third of one
+
+
+def test_the_hold_comes_after_the_first_step(monkeypatch):
+    import argparse
+    from harness import cli
+    from harness.arbiter import oracle
+    from harness.report.progress import Progress
+    called = []
+    monkeypatch.setattr(oracle, "hold_freed_memory", lambda: called.append(1) or True)
+    args = argparse.Namespace(json_only=True)
+    for hold in (False, True):
+        said = cli._first_step_said(args, Progress(enabled=False), large=False, hold=hold)
+        said(2, None)           # not after a later step
+        assert not called
+        said(1, None)
+        assert called == ([1] if hold else [])
