@@ -78,7 +78,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench_parts import (ALL_PARTS, D24, FULL_PARTS, MODEL_PARTS, d24_config, machine_info,  # noqa: E402
+from bench_parts import (ALL_PARTS, D24, FULL_PARTS, LLMC_PARTS, MODEL_PARTS, d24_config, machine_info,  # noqa: E402
                          part_c_step, part_full_check, part_llmc_command, part_op_checks, part_py_step,
                          warm_memory)
 from bench_results import d24_room, mem_available_bytes, memory, overhead  # noqa: E402
@@ -92,6 +92,11 @@ def run_part(name: str, args) -> dict:
     from pyref.config import preset
     from pyref.synth import init_params, make_batch
 
+    from harness.arbiter.oracle import one_arena
+
+    # as `llmc-parity run` does (the command: its own): one arena from the start, freed memory
+    # held after the first step (bench_parts.timed_steps, part_full_check)
+    held = name in LLMC_PARTS or one_arena()
     cfg = preset(args.config)
     if name == "full_check_d24":
         cfg, args.B, args.T = d24_config(), D24["B"], D24["T"]
@@ -110,8 +115,8 @@ def run_part(name: str, args) -> dict:
             out = part_c_step(cfg, params, batch, args.steps, threads=1)
         elif name in ("numpy_step", "torch_step", "oracle_step", "witness_step"):
             out = part_py_step(cfg, params, batch, args.steps, name[:-5])
-        elif name == "llmc_command":
-            out = part_llmc_command(cfg, params, args.B, args.T)
+        elif name in LLMC_PARTS:
+            out = part_llmc_command(cfg, params, args.B, args.T, hold=LLMC_PARTS[name])
         elif name in FULL_PARTS:
             steps = {"full_check": args.full_steps, "full_check_d24": 1}.get(name, args.replay_steps)
             profile = None
@@ -121,6 +126,7 @@ def run_part(name: str, args) -> dict:
         else:
             raise SystemExit(f"unknown part {name!r}")
     out["part_wall_s"] = time.perf_counter() - t0
+    out.setdefault("hold_freed_memory", held)
     return out
 
 

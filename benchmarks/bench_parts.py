@@ -33,7 +33,8 @@ MODEL_PARTS = ("c_step", "numpy_step", "torch_step", "oracle_step", "witness_ste
 NECESSARY_PARTS = ("c_step", "numpy_step", "torch_step", "oracle_step")
 FULL_PARTS = {"full_check": "on-failure", "full_check_replay": True, "full_check_d24": "on-failure"}
 D24 = dict(config="d24", B=4, T=64)     # GPT-2 medium's shape (350M parameters)
-ALL_PARTS = (*MODEL_PARTS, "c_step_1t", "op_checks", *FULL_PARTS, "llmc_command")
+LLMC_PARTS = {"llmc_command": True, "llmc_command_unheld": False}   # -> hold_freed_memory
+ALL_PARTS = (*MODEL_PARTS, "c_step_1t", "op_checks", *FULL_PARTS, *LLMC_PARTS)
 # the categories of a full check's breakdown that are a model's own work, and its part
 MODEL_CATEGORIES = {"C": "c_step", "numpy": "numpy_step", "torch": "torch_step",
                     "oracle": "oracle_step", "witness": "witness_step"}
@@ -82,6 +83,8 @@ class Baseline:
     high-water mark reset there; ``.done(out)`` adds the part's own peak above it."""
 
     def __init__(self):
+        from harness.arbiter.oracle import trim_heap
+        trim_heap()        # what was freed before is given back: a held heap would serve it unseen
         self.reset = reset_peak_rss()
         self.rss = rss_mib()
 
@@ -171,6 +174,14 @@ def _median(xs: list[float]) -> float:
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
+def hold_after_first_step() -> bool:
+    """What ``llmc-parity run`` does after its first step, where the memory keeps the
+    witness: the freed memory held from there on (:func:`harness.arbiter.oracle.hold_freed_memory`;
+    off with ``LLMC_HOLD_MEMORY=0``)."""
+    from harness.arbiter.oracle import hold_freed_memory
+    return hold_freed_memory()
+
+
 def timed_steps(phases, steps: int) -> dict:
     """Run ``1 + steps`` steps of ``phases`` (name -> f(t)); the first step is reported
     alone (it allocates), the others as a median, per phase and in total."""
@@ -186,6 +197,7 @@ def timed_steps(phases, steps: int) -> dict:
         if t == 1:
             out["first_step_s"] = sum(per.values())
             out["first_phases_s"] = per
+            out["hold_freed_memory"] = hold_after_first_step()
             continue
         totals.append(sum(per.values()))
         for name, dt in per.items():
@@ -273,12 +285,15 @@ def part_py_step(cfg, params, batch, steps: int, which: str) -> dict:
     return out
 
 
-def part_llmc_command(cfg, params, B: int, T: int) -> dict:
+def part_llmc_command(cfg, params, B: int, T: int, hold: bool = True) -> dict:
     """The README's llm.c command as a user runs it: ``llmc-parity run --checkpoint
     model.bin --debug-state debug.bin`` with every default (10 steps, B=4, T=64), on a
     checkpoint of GPT-2's initialisation and a debug state recorded by the torch reference
     (float32, as llm.c's train_gpt2.py records one), both written here first; timed from
-    the process's start to its exit."""
+    the process's start to its exit, with each step's seconds (from its JSON report) and
+    its peak RSS. ``hold=False``: with ``LLMC_HOLD_MEMORY=0``, the process returning freed
+    memory to the system as it did before :func:`harness.arbiter.oracle.hold_freed_memory`."""
+    import json
     import subprocess
     import tempfile
 
@@ -289,7 +304,7 @@ def part_llmc_command(cfg, params, B: int, T: int) -> dict:
     from pyref.synth import make_batch
 
     with tempfile.TemporaryDirectory(prefix="llmc-bench-") as tmp:
-        ck, ds = Path(tmp) / "model.bin", Path(tmp) / "debug.bin"
+        ck, ds, js = Path(tmp) / "model.bin", Path(tmp) / "debug.bin", Path(tmp) / "run.json"
         formats.write_checkpoint(ck, cfg, params)
         x, y = make_batch(cfg, B, T, seed=0)
         ref = GPT2(cfg, params, kernels=KernelSet.from_module(torch_kernels), dtype=np.float32)
@@ -298,23 +313,29 @@ def part_llmc_command(cfg, params, B: int, T: int) -> dict:
         ref.backward()
         formats.write_debug_state(ds, cfg, x, y, ref.acts["logits"][..., :cfg.vocab_size], loss, ref.grads_memory)
         del ref
+        env = dict(os.environ, LLMC_HOLD_MEMORY="1" if hold else "0")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--checkpoint", str(ck),
-                               "--debug-state", str(ds), "-q"], capture_output=True, text=True, cwd=ROOT)
+                               "--debug-state", str(ds), "-q", "--json", str(js)],
+                              capture_output=True, text=True, cwd=ROOT, env=env)
         wall = time.perf_counter() - t0
+        steps_s = [s["seconds"] for s in json.loads(js.read_text())["steps"]] if js.is_file() else []
     lines = proc.stdout.splitlines()
     header = [ln for ln in lines[:6] if ln.startswith(("llmc-parity run", "with --debug", "witness:", "at ", "step 1"))]
     return {"status": "ran", "wall_s": wall, "returncode": proc.returncode, "steps": LLMC_STEPS,
+            "hold_freed_memory": hold, "steps_s": steps_s,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
             "passed": proc.returncode == 0, "header": header, "estimate_s": _estimate_s(header),
             "verdict": next((ln for ln in lines if ln.startswith("llmc-parity:")), None),
             "stderr_tail": proc.stderr[-1000:] if proc.returncode not in (0, 1) else ""}
 
 
 def _estimate_s(header: list[str]) -> float | None:
-    """The seconds the command's header says its steps take (``... take about 4.6 min``)."""
+    """The seconds the command's header says it takes (``... the run about 4.6 min in all``;
+    before, ``the 10 steps take about 4.6 min``)."""
     import re
     for line in header:
-        m = re.search(r"take about ([0-9.]+) ?(s|min)\b", line)
+        m = re.search(r"the run about ([0-9.]+) ?(s|min)\b", line) or re.search(r"take about ([0-9.]+) ?(s|min)\b", line)
         if m:
             return float(m.group(1)) * (60.0 if m.group(2) == "min" else 1.0)
     return None
@@ -373,6 +394,8 @@ def part_full_check(cfg, params, batch, steps: int, replay, profile: str | None 
 
     def batches():
         while True:
+            if bd.step_starts:      # a step done: as the command does after its first
+                out["hold_freed_memory"] = hold_after_first_step()
             bd.snapshot()
             yield batch
 

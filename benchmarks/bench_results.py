@@ -99,6 +99,8 @@ def overhead(results: dict) -> dict:
             r["first_vs_necessary_in_check"] = split["first"]["step_s"] / inside
         out[name] = r
     out["llmc_command"] = _llmc_command(parts.get("llmc_command", {}), warm)
+    if "llmc_command_unheld" in parts:     # the same command returning its freed memory to the system
+        out["llmc_command_unheld"] = _llmc_command(parts["llmc_command_unheld"], warm)
     return out
 
 
@@ -111,7 +113,11 @@ def _llmc_command(lc: dict, warm: dict) -> dict:
     ratio = lc["wall_s"] / necessary
     est = lc.get("estimate_s")
     off = None if est is None else est / lc["wall_s"] - 1.0
+    steps = lc.get("steps_s") or []
     return {"wall_s": lc["wall_s"], "necessary_s": necessary, "vs_necessary": ratio, "passed": lc["passed"],
+            "hold_freed_memory": lc.get("hold_freed_memory"), "steps_s": steps, "peak_rss_mib": lc.get("peak_rss_mib"),
+            "first_step_s": steps[0] if steps else None,
+            "later_steps_median_s": sorted(steps[1:])[len(steps[1:]) // 2] if len(steps) > 1 else None,
             "target": LLMC_TARGET, "seconds_target": LLMC_SECONDS, "header": lc.get("header"),
             "estimate_s": est, "estimate_off": off, "estimate_target": ESTIMATE_TARGET,
             "meets_target": ratio <= LLMC_TARGET and lc["wall_s"] <= LLMC_SECONDS,

@@ -133,10 +133,14 @@ def cmd_run(args) -> int:
     from pyref.config import AdamW
     from pyref.formats import checkpoint_note
 
-    from .arbiter.oracle import plan_witness
+    from .arbiter.oracle import one_arena, plan_witness
     from .checks.policy import plan
     from .checks.run import run_parity
 
+    # freed memory held from step 2 on (harness.arbiter.oracle.hold_freed_memory), every thread
+    # in one arena from the start: only in a process of its own (the command line's, main()
+    # without argv), never in a caller's (a test's), and where the memory keeps the witness
+    own = getattr(args, "own_process", False) and one_arena()
     if args.json == "-":
         args.json_only = True   # stdout is the JSON: text beside it would break the reader's parse
     cfg, params, B, T = _run_inputs(args)
@@ -147,13 +151,15 @@ def cmd_run(args) -> int:
         impls.update(_impls([args.impl]))
     models = _models(args)
     witness = plan_witness(cfg, B, T)   # decided here, so that the header says what the run does
+    hold = own and witness.keep
     if not args.json_only:
         print(f"llmc-parity run: {args.checkpoint or args.config} {cfg}, B={B} T={T}, {args.steps} steps; "
               f"C={lib.path}; references: {', '.join(['oracle (float64)', *impls])}"
               + "".join(f"; model: {n} ({args.model})" for n in models) + f"; replay: {what.replay}")
         if what.why:
             print(what.why)
-        print(witness.line() + (f"; measured every {args.witness_every} steps" if args.witness_every > 1 else ""))
+        print(witness.line() + (f"; measured every {args.witness_every} steps" if args.witness_every > 1 else "")
+              + ("; freed memory kept for reuse from step 2 on" if hold else ""))
         if args.checkpoint and (note := checkpoint_note(args.checkpoint)):
             print(note)
     progress = Progress(enabled=not args.quiet)
@@ -161,7 +167,7 @@ def cmd_run(args) -> int:
     free = _batches(args, cfg, B, T)
     report = run_parity(cfg, params, _batches(args, cfg, B, T), lib=lib, impls=impls, models=models,
                         steps=args.steps, hyper=hyper, threads=args.threads, replay=what.replay_arg,
-                        progress=progress, on_step=_first_step_said(args, progress, large=what.large),
+                        progress=progress, on_step=_first_step_said(args, progress, large=what.large, hold=hold),
                         free_run_batches=[next(free) for _ in range(args.free_run)],
                         checkpoint=args.checkpoint, debug_state=args.debug_state, keep_witness=witness.keep,
                         witness_every=args.witness_every)
@@ -172,15 +178,32 @@ def cmd_run(args) -> int:
     return EXIT_PASS if report.passed else EXIT_FAIL
 
 
-def _first_step_said(args, progress: Progress, large: bool):
+def _first_step_said(args, progress: Progress, large: bool, hold: bool = False):
     """run_parity's on_step: after the first step of a large run, a line with its time and
-    the run's."""
+    the run's (:func:`run_estimate`); and, with ``hold``, the freed memory held from there
+    on (:func:`harness.arbiter.oracle.hold_freed_memory`)."""
     def said(t: int, _cmodel) -> None:
+        if t == 1 and hold:
+            from .arbiter.oracle import hold_freed_memory
+            hold_freed_memory()
         if t == 1 and large and not args.json_only:
-            took = time.perf_counter() - progress.step_began.get(1, progress.start)
+            now = time.perf_counter()
+            took = now - progress.step_began.get(1, progress.start)
+            total = run_estimate(took, now - getattr(args, "started", progress.start), args.steps,
+                                 args.free_run, bool(args.debug_state))
             print(f"step 1 took {_duration(took)}; the {args.steps} steps take about "
-                  f"{_duration(took * args.steps)}", flush=True)
+                  f"{_duration(took * args.steps)}, the run about {_duration(total)} in all", flush=True)
     return said
+
+
+def run_estimate(step1: float, elapsed: float, steps: int, free_run: int, debug_state: bool) -> float:
+    """The seconds a run takes from its start, told after its first step (``step1``
+    seconds; ``elapsed`` since the process started): each later step as long as the
+    first (a run holding its freed memory pays no first touch on later steps:
+    :func:`harness.arbiter.oracle.hold_freed_memory`), a free-run step as a third of one
+    (no float64 model, no checks), the debug state's check as one (the C, the oracle and
+    the witness on one batch)."""
+    return elapsed + step1 * (steps - 1 + free_run / 3 + (1 if debug_state else 0))
 
 
 def _run_inputs(args):
@@ -460,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     from pyref.formats import FormatError
 
     args = parser().parse_args(argv)
+    args.own_process = argv is None      # the process is this command's: it may set its malloc
+    args.started = time.perf_counter()   # the run's estimate counts from here
     try:
         return args.func(args)
     # errors about the user's input, raised as such where it is validated (harness.errors);

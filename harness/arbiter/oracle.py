@@ -285,6 +285,75 @@ def mem_available() -> int | None:
     return None
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_HELD: list[bool] = []     # hold_freed_memory's answer, once per process
+_ARENA: list[bool] = []    # one_arena's
+
+
+def _libc():
+    """glibc's C library (ctypes), or None where this is not glibc (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _mallopt(settings: tuple) -> bool:
+    """glibc's mallopt for each (parameter, value); False off glibc, with
+    ``LLMC_HOLD_MEMORY=0`` in the environment (the benchmark's other side) or where one
+    is refused."""
+    import os
+    libc = None if os.environ.get("LLMC_HOLD_MEMORY", "1") == "0" else _libc()
+    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def one_arena() -> bool:
+    """Every thread of this process allocating from glibc's main arena (``M_ARENA_MAX``
+    1), so that :func:`hold_freed_memory` holds what the worker threads free too (a
+    thread's own arena cannot grow past 64 MiB without mmap). Call it before the threads
+    first allocate (a thread keeps the arena it first had); alone, it changes nothing else.
+    Returns whether it is in force; once per process."""
+    if not _ARENA:
+        _ARENA.append(_mallopt(((_M_ARENA_MAX, 1),)))
+    return _ARENA[0]
+
+
+def hold_freed_memory() -> bool:
+    """Keep the memory this process frees for its own reuse, for the rest of its life
+    (``llmc-parity run`` calls it after its first step, where the memory allows): glibc's
+    malloc told to serve every block from its heap (no mmap, ``M_MMAP_MAX`` 0) and never
+    to trim the heap (``M_TRIM_THRESHOLD`` -1), with every thread in one arena
+    (:func:`one_arena`). A step's fresh buffers (the kernels' outputs, the C's pre-step
+    copies, the update checks' float64 AdamW) then reuse the pages the step before freed:
+    on a VM whose host takes freed memory back (virtio balloon's free page reporting)
+    each fresh page's first touch costs ~10 us, every step. After the first step, not
+    before: the first step's long-lived buffers (the C's, the oracle's, the kept
+    witness's) are made with its transients between them, and a heap that held the
+    transients' holes would raise the run's peak (by 1.9 GiB at 124M, measured; from step
+    2 on the transients reuse each other's places). Returns whether it is in force (False
+    off glibc or with ``LLMC_HOLD_MEMORY=0``); called again, it does nothing more."""
+    if not _HELD:
+        _HELD.append(one_arena() and _mallopt(((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))))
+    return _HELD[0]
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the system now (glibc's ``malloc_trim(0)``):
+    a benchmark's baseline, so that memory freed before it is not reused unseen. False
+    off glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)      # its answer says whether any was given back, not whether it worked
+    return True
+
+
 @dataclass(frozen=True)
 class WitnessPlan:
     """Whether a run keeps its witness's buffers from step to step, and why: kept when

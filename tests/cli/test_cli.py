@@ -331,6 +331,7 @@ def test_the_defaults_fit_the_job(capsys, tmp_path, monkeypatch):
     assert head[1].startswith("with --debug-state: the C against the float64 oracle")
     assert head[2].startswith("witness: ") and " GiB available)" in head[2]
     assert head[3].startswith("step 1 took ") and "the 2 steps take about" in head[3]
+    assert head[3].endswith(" in all") and ", the run about " in head[3]
     assert "numpy" not in out.split("checks\n", 1)[1].split("first divergence")[0]
 
 

@@ -1,0 +1,65 @@
+"""``llmc-parity run`` keeps the memory it frees for its own reuse when it is the process's
+own command (harness.arbiter.oracle.hold_freed_memory), says so in its header, and leaves a
+caller's process as it is (main(argv) from a test or a notebook)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SAID = "; freed memory kept for reuse from step 2 on"
+
+
+def _header(hold: str) -> str:
+    env = dict(os.environ, LLMC_HOLD_MEMORY=hold, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--steps", "1", "-q", "--ref", "oracle"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    return next(ln for ln in proc.stdout.splitlines() if ln.startswith("witness: "))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_the_command_holds_its_freed_memory_and_says_so():
+    assert _header("1").endswith(SAID)
+    assert not _header("0").endswith(SAID)
+
+
+def test_a_callers_process_is_left_as_it_is(capsys, monkeypatch):
+    from harness.arbiter import oracle
+    called = []
+    monkeypatch.setattr(oracle, "hold_freed_memory", lambda: called.append(1) or True)
+    monkeypatch.setattr(oracle, "one_arena", lambda: called.append(0) or True)
+    assert main(["run", "--steps", "2", "-q", "--ref", "oracle"]) == 0
+    out = capsys.readouterr().out
+    assert not called and SAID not in out
+
+
+def test_the_estimate_counts_the_start_the_later_steps_and_the_debug_state():
+    from harness.cli import run_estimate
+    # 5 s before step 1 ended, step 1 took 10 s: 9 more steps and the debug state as long
+    assert run_estimate(10.0, 15.0, 10, 0, True) == 15.0 + 10 * 10.0
+    assert run_estimate(10.0, 15.0, 10, 0, False) == 15.0 + 9 * 10.0
+    assert run_estimate(10.0, 15.0, 1, 3, False) == 15.0 + 10.0      # a free-run step: a third of one
+
+
+def test_the_hold_comes_after_the_first_step(monkeypatch):
+    import argparse
+    from harness import cli
+    from harness.arbiter import oracle
+    from harness.report.progress import Progress
+    called = []
+    monkeypatch.setattr(oracle, "hold_freed_memory", lambda: called.append(1) or True)
+    args = argparse.Namespace(json_only=True)
+    for hold in (False, True):
+        said = cli._first_step_said(args, Progress(enabled=False), large=False, hold=hold)
+        said(2, None)           # not after a later step
+        assert not called
+        said(1, None)
+        assert called == ([1] if hold else [])
