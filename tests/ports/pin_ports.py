@@ -271,6 +271,12 @@ class HeadLoopSoftmaxOverQueries(HeadLoopAttn):
         return F.softmax(s.masked_fill(self.causal(T), -math.inf), dim=1)
 
 
+class HeadLoopQKVSideBySide(HeadLoopAttn):    # Megatron's layout: a head's q, k, v side by side
+    def slices(self, qkv, h):
+        hs = qkv.size(-1) // 3 // self.NH
+        return qkv[..., 3 * h * hs:3 * (h + 1) * hs].split(hs, dim=-1)
+
+
 class HeadLoopKeysFromValues(HeadLoopAttn):
     def slices(self, qkv, h):
         C = qkv.size(-1) // 3

@@ -46,6 +46,8 @@ MISTAKES = {
                                             "self.causal(T), -math.inf), dim=1)", "attention_forward"),
     "head loop: keys read from the values": (V(attn=pp.HeadLoopKeysFromValues), "return [qkv[..., o + h * hs:o + "
                                              "(h + 1) * hs] for o in (0, 2 * C, 2 * C)]", "attention_forward"),
+    "head loop: a head's q, k, v side by side": (V(attn=pp.HeadLoopQKVSideBySide), "return qkv[..., 3 * h * hs:"
+                                                 "3 * (h + 1) * hs].split(hs, dim=-1)", "attention_forward"),
     "mask sees the next token": (V(attn=pp.MaskSeesNext), "return torch.ones(T, T, dtype=torch.bool).triu(2)",
                                  "attention_forward"),
     "eps in the constructor": (V(norm=pp.TinyEpsNorm), "def __init__(self, C, eps=1e-9):", "layernorm_forward"),
@@ -160,6 +162,7 @@ WRONG = {
     "softmax over heads (NaN)": ("harness.ports.record.distance", _nan_blind),
     "head loop: softmax over the queries": ("harness.ports.record.distance", _headless),
     "head loop: keys read from the values": ("harness.ports.record._misplaced", lambda *a: None),
+    "head loop: a head's q, k, v side by side": ("harness.ports.record._operands_misplaced", lambda *a: None),
     "mask sees the next token": ("harness.ports.record._unverified", lambda *a: set()),
     "eps in the constructor": ("harness.ports.record.attribute_origin", lambda pin, *a: pin),
     "label smoothing": ("harness.ports.pins.forward_recording",  # the blocks only: the loss is not seen
