@@ -228,6 +228,13 @@ class FunctionBlock(Block):
         self.mlp = FunctionMLP(C)
 
 
+def adam_blocks_only(model, hyper):
+    """An optimizer factory given the blocks' parameters only: the rest is never updated."""
+    return torch.optim.AdamW(
+        model.transformer.h.parameters(),
+        lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2), eps=hyper.eps, weight_decay=hyper.weight_decay)
+
+
 def adam_wrong_eps(model, hyper):
     """An optimizer factory whose eps is nanoGPT-style 1e-6."""
     return torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate,

@@ -59,6 +59,8 @@ MISTAKES = {
                            "self.eps).rsqrt() * self.weight.detach() + self.bias", "layer 0 ln1 layernorm_forward"),
     "custom Function's gradient": (V(block=pp.FunctionBlock), "return 2.0 * d", "backward"),
     "optimizer eps": (TorchModel(pp.PinGPT, optimizer=pp.adam_wrong_eps), "eps=1e-6,", "adamw"),
+    "optimizer given the blocks only": (TorchModel(pp.PinGPT, optimizer=pp.adam_blocks_only),
+                                        "model.transformer.h.parameters(),", "adamw"),
     "weight decay left to torch": (TorchModel(pp.PinGPT, optimizer=pp.adam_no_decay),
                                    "betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)", "adamw"),
 }
@@ -117,6 +119,12 @@ def test_a_head_loop_mistake_says_which_value_stands_where():
     assert pin.says == ("the values stand where the keys belong", "the scores do not")
 
 
+def test_an_optimizer_given_some_parameters_fails_the_update_and_names_them():
+    report, pin, _ = run(MISTAKES["optimizer given the blocks only"][0])
+    assert not report.passed and "transformer.wte.weight" in pin.describe()
+    assert pin.describe().endswith("not among the parameters it updates")
+
+
 def test_a_structural_pin_is_the_findings_in_json():
     report, pin, _ = run(V(block=pp.NoLn2))
     f = first_structure(report.steps[0].structure["port"])
@@ -173,6 +181,7 @@ WRONG = {
                                   _RIGHT["recording"](state, "transformer.h.0", keep, params)),
     "custom Function's gradient": ("harness.ports.pins.backward_lines", lambda state: ()),
     "optimizer eps": ("harness.ports.pins._differing", lambda optimizer, hyper: {}),
+    "optimizer given the blocks only": ("harness.ports.pins.not_given", lambda *a: []),
 }
 
 
