@@ -209,6 +209,11 @@ def optimizer_pin(state) -> Pin | None:
     file, (line, end, col, end_col) = where
     call = _call_at(file, line, col, end, end_col)
     differ = _differing(optimizer, state.hyper.as_float32())
+    left = not_given(optimizer, state.model, getattr(state, "masters", {}))
+    if left:
+        lines = (call.args[0].lineno,) if call is not None and call.args else (line,)
+        return _pin("adamw", tuple(_line(file, n) for n in lines),
+                    f"{', '.join(left[:3])}{' ...' if len(left) > 3 else ''} not among the parameters it updates")
     if call is None:
         return _pin("adamw", _line(file, line), "the optimizer is constructed here")
     keywords = {k.arg: k for k in call.keywords if k.arg}
@@ -216,6 +221,14 @@ def optimizer_pin(state) -> Pin | None:
     says = (f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}" if differ
             else "the optimizer is constructed here")
     return _pin("adamw", tuple(_line(file, n) for n in lines), says)
+
+
+def not_given(optimizer, model, masters: dict) -> list[str]:
+    """The names of ``model``'s trainable parameters that none of ``optimizer``'s groups
+    holds (a master weight standing for one counts as it): the step leaves them as they are."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in held and id(masters.get(id(p), p)) not in held]
 
 
 def _line(file: str, n: int) -> Site:

@@ -614,7 +614,7 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
     unmatched = _first_unmatched(ops, found, good, suspects, frontier, layout)
     if unmatched is not None:
         stage, op = unmatched
-        misplaced = _misplaced(ops, found, good, op, stage)
+        misplaced = _misplaced(ops, found, good, op, stage) or _operands_misplaced(ops, found, good, suspects, stage)
         if misplaced is not None:
             return Pin(kernel, module, *misplaced)
         narrowed, frontier = _ancestors(ops, op, good)
@@ -680,6 +680,25 @@ def _misplaced(ops: list[Op], found: list[Stage], good: dict, op: int, stage: St
         found_ = _misplaced_at(ops, found, good, o, stage)
         if found_ is not None:
             return found_
+    return None
+
+
+def _operands_misplaced(ops: list[Op], found: list[Stage], good: dict, suspects: set, stage: Stage):
+    """:func:`_misplaced`'s (lines, matched, unmatched, says) for an intermediate before
+    ``stage`` (the first unmatched one a suspect is near) that no op reproduces and no
+    suspect is near: one computed from other stages (:attr:`Stage.of`: the scores of q and
+    k) by a suspect that takes another stage's value in an operand's place (a port looping
+    over heads whose keys are its queries' next head: each operand matches some head, their
+    product none, so the first stage near a suspect is a later one)."""
+    reproduced = {n for names in good.values() for n in names}
+    for s in found[:[f.name for f in found].index(stage.name)]:
+        if not s.of or s.name in reproduced:
+            continue
+        for o in sorted(suspects):
+            if o not in good and ops[o].value is not None:
+                made = _misplaced_at(ops, found, good, o, s)
+                if made is not None:
+                    return made
     return None
 
 

@@ -403,8 +403,12 @@ class ModelState:
         for key, buf in (("exp_avg", self.m_memory), ("exp_avg_sq", self.v_memory)):
             # a parameter that got no gradient is skipped by the step: no state (zeros, as
             # the C's m and v start), or the state it was loaded with
+            # one the optimizer was not given is not updated: read as no state (zeros), so
+            # that the update's check fails where the C's updates it (pins.optimizer_pin
+            # names it); one it holds without the state is not AdamW's
+            held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             missing = [e.names[0] for e in self.entries if key not in self.optimizer.state.get(self._stepped(e), {})
-                       and e.param.grad is not None]
+                       and e.param.grad is not None and id(self._stepped(e)) in held]
             if missing:
                 raise ModelError(f"{type(self.optimizer).__name__} keeps no {key!r} for {missing[0]}: "
                                  "its moments cannot be read as AdamW's m and v")

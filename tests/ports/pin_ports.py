@@ -228,6 +228,13 @@ class FunctionBlock(Block):
         self.mlp = FunctionMLP(C)
 
 
+def adam_blocks_only(model, hyper):
+    """An optimizer factory given the blocks' parameters only: the rest is never updated."""
+    return torch.optim.AdamW(
+        model.transformer.h.parameters(),
+        lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2), eps=hyper.eps, weight_decay=hyper.weight_decay)
+
+
 def adam_wrong_eps(model, hyper):
     """An optimizer factory whose eps is nanoGPT-style 1e-6."""
     return torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate,
@@ -269,6 +276,12 @@ class HeadLoopSoftmaxOverQueries(HeadLoopAttn):
     def weights(self, s):
         T = s.size(-1)
         return F.softmax(s.masked_fill(self.causal(T), -math.inf), dim=1)
+
+
+class HeadLoopQKVSideBySide(HeadLoopAttn):    # Megatron's layout: a head's q, k, v side by side
+    def slices(self, qkv, h):
+        hs = qkv.size(-1) // 3 // self.NH
+        return qkv[..., 3 * h * hs:3 * (h + 1) * hs].split(hs, dim=-1)
 
 
 class HeadLoopKeysFromValues(HeadLoopAttn):

@@ -46,6 +46,8 @@ MISTAKES = {
                                             "self.causal(T), -math.inf), dim=1)", "attention_forward"),
     "head loop: keys read from the values": (V(attn=pp.HeadLoopKeysFromValues), "return [qkv[..., o + h * hs:o + "
                                              "(h + 1) * hs] for o in (0, 2 * C, 2 * C)]", "attention_forward"),
+    "head loop: a head's q, k, v side by side": (V(attn=pp.HeadLoopQKVSideBySide), "return qkv[..., 3 * h * hs:"
+                                                 "3 * (h + 1) * hs].split(hs, dim=-1)", "attention_forward"),
     "mask sees the next token": (V(attn=pp.MaskSeesNext), "return torch.ones(T, T, dtype=torch.bool).triu(2)",
                                  "attention_forward"),
     "eps in the constructor": (V(norm=pp.TinyEpsNorm), "def __init__(self, C, eps=1e-9):", "layernorm_forward"),
@@ -57,6 +59,8 @@ MISTAKES = {
                            "self.eps).rsqrt() * self.weight.detach() + self.bias", "layer 0 ln1 layernorm_forward"),
     "custom Function's gradient": (V(block=pp.FunctionBlock), "return 2.0 * d", "backward"),
     "optimizer eps": (TorchModel(pp.PinGPT, optimizer=pp.adam_wrong_eps), "eps=1e-6,", "adamw"),
+    "optimizer given the blocks only": (TorchModel(pp.PinGPT, optimizer=pp.adam_blocks_only),
+                                        "model.transformer.h.parameters(),", "adamw"),
     "weight decay left to torch": (TorchModel(pp.PinGPT, optimizer=pp.adam_no_decay),
                                    "betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)", "adamw"),
 }
@@ -115,6 +119,12 @@ def test_a_head_loop_mistake_says_which_value_stands_where():
     assert pin.says == ("the values stand where the keys belong", "the scores do not")
 
 
+def test_an_optimizer_given_some_parameters_fails_the_update_and_names_them():
+    report, pin, _ = run(MISTAKES["optimizer given the blocks only"][0])
+    assert not report.passed and "transformer.wte.weight" in pin.describe()
+    assert pin.describe().endswith("not among the parameters it updates")
+
+
 def test_a_structural_pin_is_the_findings_in_json():
     report, pin, _ = run(V(block=pp.NoLn2))
     f = first_structure(report.steps[0].structure["port"])
@@ -160,6 +170,7 @@ WRONG = {
     "softmax over heads (NaN)": ("harness.ports.record.distance", _nan_blind),
     "head loop: softmax over the queries": ("harness.ports.record.distance", _headless),
     "head loop: keys read from the values": ("harness.ports.record._misplaced", lambda *a: None),
+    "head loop: a head's q, k, v side by side": ("harness.ports.record._operands_misplaced", lambda *a: None),
     "mask sees the next token": ("harness.ports.record._unverified", lambda *a: set()),
     "eps in the constructor": ("harness.ports.record.attribute_origin", lambda pin, *a: pin),
     "label smoothing": ("harness.ports.pins.forward_recording",  # the blocks only: the loss is not seen
@@ -170,6 +181,7 @@ WRONG = {
                                   _RIGHT["recording"](state, "transformer.h.0", keep, params)),
     "custom Function's gradient": ("harness.ports.pins.backward_lines", lambda state: ()),
     "optimizer eps": ("harness.ports.pins._differing", lambda optimizer, hyper: {}),
+    "optimizer given the blocks only": ("harness.ports.pins.not_given", lambda *a: []),
 }
 
 
