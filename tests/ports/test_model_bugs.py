@@ -471,29 +471,38 @@ HELDOUT8_NAMED_NOW = set(h6.BUGS8) - {"mask-not-inverted", "softmax-in-half", "l
                                       "adamw-eps-1e-6", "adamw-betas-swapped"}
 HELDOUT8_WRONG_NOW: dict[str, str] = {}
 BUGS8_NOW = FirstRun(25, 25, 24, 20, 0, pinned=21)
+NOW8 = {"caught": set(h6.BUGS8), "localised": HELDOUT8_LOCALISED_NOW, "named": HELDOUT8_NAMED_NOW,
+        "pinned": HELDOUT8_PINNED_NOW}
+
+
+def _now_agrees(r, batch: dict, first, now: dict, wrong: dict) -> None:
+    """A batch's record since its first run agrees with the names it holds (``now``: measure
+    -> the names it reaches), and has lost nothing its first run had."""
+    assert all(names <= set(batch) for names in now.values()) and set(wrong) <= set(batch)
+    assert {k: getattr(r, k) for k in now} == {k: len(names) for k, names in now.items()} and r.wrong == len(wrong)
+    assert r.localised >= first.localised and r.named >= first.named and r.pinned >= first.pinned
+    assert r.errors <= first.errors
+
+
+def _no_worse(batch: dict, module, now: dict, wrong: dict) -> None:
+    """A batch run again: no error line, nothing ``now`` reaches (measure -> names) lost, no
+    new wrong cause (an improvement passes)."""
+    rows = [heldout7_row(name, batch, module) for name in batch]
+    assert not [r for r in rows if r["errors"]]
+    lost = {k: {r["name"] for r in rows if not r[k]} & names for k, names in now.items()}
+    assert not any(lost.values()), lost
+    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in wrong}
 
 
 def test_heldout8_now_is_recorded():
-    r = BUGS8_NOW
-    assert (r.localised, r.named, r.pinned, r.wrong) == (len(HELDOUT8_LOCALISED_NOW), len(HELDOUT8_NAMED_NOW),
-                                                         len(HELDOUT8_PINNED_NOW), len(HELDOUT8_WRONG_NOW))
-    assert HELDOUT8_LOCALISED_NOW | HELDOUT8_PINNED_NOW | HELDOUT8_NAMED_NOW | set(HELDOUT8_WRONG_NOW) <= set(h6.BUGS8)
-    first = FIRST_RUNS["BUGS8"]
-    assert r.localised >= first.localised and r.named >= first.named and r.pinned >= first.pinned
+    _now_agrees(BUGS8_NOW, h6.BUGS8, FIRST_RUNS["BUGS8"], NOW8, HELDOUT8_WRONG_NOW)
 
 
 @pytest.mark.slow
 def test_heldout8_batch_is_no_worse_than_its_first_run():
     """BUGS8 run again: every one caught, no error line, nothing localised, named or pinned
     now (BUGS8_NOW) lost, no new wrong cause (an improvement passes)."""
-    rows = [heldout7_row(name, h6.BUGS8, h6) for name in h6.BUGS8]
-    assert all(r["caught"] for r in rows) and not [r for r in rows if r["errors"]]
-    lost = {k: {r["name"] for r in rows if not r[k]} - missed
-            for k, missed in (("localised", set(h6.BUGS8) - HELDOUT8_LOCALISED_NOW),
-                              ("named", set(h6.BUGS8) - HELDOUT8_NAMED_NOW),
-                              ("pinned", set(h6.BUGS8) - HELDOUT8_PINNED_NOW))}
-    assert not any(lost.values()), lost
-    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in HELDOUT8_WRONG_NOW}
+    _no_worse(h6.BUGS8, h6, NOW8, HELDOUT8_WRONG_NOW)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -579,29 +588,19 @@ HELDOUT9_NAMED_NOW = set(h7.BUGS9) - {"adamw-lr-3e-4", "embedding-dropout-always
                                       "ln-over-time-and-channels", "ln-rms"}
 HELDOUT9_WRONG_NOW = {"ln-over-time-and-channels": "layernorm.axis", "ln-rms": "layernorm.rms"}
 BUGS9_NOW = FirstRun(25, 25, 25, 20, 2, pinned=15)
+NOW9 = {"caught": set(h7.BUGS9), "localised": HELDOUT9_LOCALISED_NOW, "named": HELDOUT9_NAMED_NOW,
+        "pinned": HELDOUT9_PINNED_NOW}
 
 
 def test_heldout9_now_is_recorded():
-    r = BUGS9_NOW
-    assert (r.localised, r.named, r.pinned, r.wrong) == (len(HELDOUT9_LOCALISED_NOW), len(HELDOUT9_NAMED_NOW),
-                                                         len(HELDOUT9_PINNED_NOW), len(HELDOUT9_WRONG_NOW))
-    assert HELDOUT9_LOCALISED_NOW | HELDOUT9_PINNED_NOW | HELDOUT9_NAMED_NOW | set(HELDOUT9_WRONG_NOW) <= set(h7.BUGS9)
-    first = FIRST_RUNS["BUGS9"]
-    assert r.localised >= first.localised and r.named >= first.named and r.pinned >= first.pinned
+    _now_agrees(BUGS9_NOW, h7.BUGS9, FIRST_RUNS["BUGS9"], NOW9, HELDOUT9_WRONG_NOW)
 
 
 @pytest.mark.slow
 def test_heldout9_batch_is_no_worse_than_its_first_run():
     """BUGS9 run again: every one caught, no error line, nothing localised, named or pinned
     now (BUGS9_NOW) lost, no new wrong cause (an improvement passes)."""
-    rows = [heldout7_row(name, h7.BUGS9, h7) for name in h7.BUGS9]
-    assert all(r["caught"] for r in rows) and not [r for r in rows if r["errors"]]
-    lost = {k: {r["name"] for r in rows if not r[k]} - missed
-            for k, missed in (("localised", set(h7.BUGS9) - HELDOUT9_LOCALISED_NOW),
-                              ("named", set(h7.BUGS9) - HELDOUT9_NAMED_NOW),
-                              ("pinned", set(h7.BUGS9) - HELDOUT9_PINNED_NOW))}
-    assert not any(lost.values()), lost
-    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in HELDOUT9_WRONG_NOW}
+    _no_worse(h7.BUGS9, h7, NOW9, HELDOUT9_WRONG_NOW)
 
 # ---------------------------------------------------------------------------- BUGS10 (issue 30)
 
@@ -646,29 +645,19 @@ HELDOUT10_PINNED_NOW = set(h8.BUGS10) - (HELDOUT10_UNPINNED - {"adamw-blocks-onl
 HELDOUT10_NAMED_NOW = set(h8.BUGS10) - HELDOUT10_UNNAMED
 HELDOUT10_WRONG_NOW = dict(HELDOUT10_WRONG)
 BUGS10_NOW = FirstRun(25, 24, 22, 14, 4, pinned=18, errors=0)
+NOW10 = {"caught": HELDOUT10_CAUGHT_NOW, "localised": HELDOUT10_LOCALISED_NOW, "named": HELDOUT10_NAMED_NOW,
+         "pinned": HELDOUT10_PINNED_NOW}
 
 
 def test_heldout10_now_is_recorded():
-    r = BUGS10_NOW
-    assert (r.caught, r.localised, r.named, r.pinned, r.wrong) == (
-        len(HELDOUT10_CAUGHT_NOW), len(HELDOUT10_LOCALISED_NOW), len(HELDOUT10_NAMED_NOW), len(HELDOUT10_PINNED_NOW),
-        len(HELDOUT10_WRONG_NOW))
-    first = FIRST_RUNS["BUGS10"]
-    assert r.localised >= first.localised and r.named >= first.named and r.pinned >= first.pinned
-    assert r.errors <= first.errors
+    _now_agrees(BUGS10_NOW, h8.BUGS10, FIRST_RUNS["BUGS10"], NOW10, HELDOUT10_WRONG_NOW)
 
 
 @pytest.mark.slow
 def test_heldout10_batch_is_no_worse_than_its_first_run():
     """BUGS10 run again: nothing caught, localised, named or pinned now (BUGS10_NOW) lost,
     no error line, no new wrong cause (an improvement passes)."""
-    rows = [heldout7_row(name, h8.BUGS10, h8) for name in h8.BUGS10]
-    assert not [r for r in rows if r["errors"]]
-    lost = {k: {r["name"] for r in rows if not r[k]} - (set(h8.BUGS10) - now)
-            for k, now in (("caught", HELDOUT10_CAUGHT_NOW), ("localised", HELDOUT10_LOCALISED_NOW),
-                           ("named", HELDOUT10_NAMED_NOW), ("pinned", HELDOUT10_PINNED_NOW))}
-    assert not any(lost.values()), lost
-    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in HELDOUT10_WRONG_NOW}
+    _no_worse(h8.BUGS10, h8, NOW10, HELDOUT10_WRONG_NOW)
 
 
 def test_plot_marks_a_forward_first_divergence_in_the_forward_half():
