@@ -109,13 +109,52 @@ def op_reach(checks) -> tuple[str, dict] | None:
 
 
 JUDGED_AT = "precision.judged-at"
+UNDECLARED = "precision.undeclared"
+
+
+def undeclared(state) -> list:
+    """A :class:`~harness.ports.census.Finding` (``precision.undeclared``) per kernel the
+    port ran below float32 by a cast of its own in a run that declared no mixed precision
+    (:meth:`harness.ports.precision.Profile.undeclared`): its checks judge it at float32,
+    so it fails there, and this says why. Empty for the C, a kernel port, a float32 port
+    and a declared mixed-precision run."""
+    from ..ports.census import Finding
+    prof = getattr(getattr(state, "mixed", None), "profile", None)
+    if prof is None:
+        return []
+    by: dict[str, list] = {}
+    for node, p in prof.undeclared_ops():
+        by.setdefault(node.kernel, []).append((node, p))
+    out = []
+    for kernel, ran in by.items():
+        node, p = ran[0]
+        dtype = p.compute if p.compute in ("bfloat16", "float16") else p.output
+        layers = [nd.layer for nd, _ in ran if nd.layer is not None]
+        out.append(Finding(UNDECLARED, f"{kernel} ran in {dtype} in a float32 run (no --autocast/--param-dtype "
+                                       f"declared){f' in layers {layers}' if layers else ''}: judged at the C's "
+                                       "float32; declare the mixed precision to be judged at it",
+                           module=_module_of(state, node), where=f"{node.where()} {kernel}",
+                           values={"kernel": kernel, "dtype": dtype, "layers": layers}))
+    return out
+
+
+def _module_of(state, node) -> str | None:
+    from pyref.protocol import FORWARD_OUTPUTS
+    for o in FORWARD_OUTPUTS.get(node.kernel, ()):
+        ref = node.arg_dict.get(o)
+        if ref is not None and (m := state.module_of(ref)):
+            return m
+    return None
 
 
 def note_reach(state, cfg, checks=()) -> None:
     """Once per port computing below float32, after its first checked step (its
     ``precision.judged-at`` finding says it was noted): what it was judged at and can
     reveal (:func:`op_reach`), and :func:`below_reach`'s lines, as findings of their own
-    (the report lists them beside the hygiene's)."""
+    (the report lists them beside the hygiene's). Before that, once, the ops it ran below
+    float32 undeclared (:func:`undeclared`)."""
+    if not any(f.id == UNDECLARED for f in state.findings):
+        state.findings.extend(undeclared(state))
     if any(f.id == JUDGED_AT for f in state.findings) or not state.witness_precisions():
         return
     from ..ports.census import Finding

@@ -64,6 +64,8 @@ FLOAT32_MATMUL = {"highest": "float32", "high": "tf32", "medium": "bfloat16"}
 # CPU kernel accumulates in its input's dtype when that is bf16 or fp16): see the module's
 # docstring
 ACCUMULATES_IN_INPUT = {"layernorm_backward": ("native_layer_norm", ("dweight", "dbias"))}
+# the dtypes below float32 an op may compute or store in
+REDUCED = ("bfloat16", "float16")
 
 
 @dataclass
@@ -74,6 +76,9 @@ class Record:
     module: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    # its module was entered inside a torch.autocast region (the run's or the port's own:
+    # inside the dispatch mode autocast's own state reads as off, so the module's is kept)
+    autocast: bool = False
 
     @property
     def name(self) -> str:
@@ -103,11 +108,16 @@ def _floats(x) -> tuple[str, ...]:
                  if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
+def _autocasting() -> bool:
+    import torch
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
+
 def observe(model, run):
     """``run()`` under the :class:`Observer`, with the module stack kept by hooks on
     ``model``'s modules; returns (what run returned, the records)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    stack: list[str] = [""]
+    stack: list[tuple[str, bool]] = [("", _autocasting())]
     records: list[Record] = []
 
     class Observer(TorchDispatchMode):
@@ -115,12 +125,13 @@ def observe(model, run):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            records.append(Record(func._schema.name, stack[-1], _floats((args, kwargs)), _floats(out)))
+            records.append(Record(func._schema.name, stack[-1][0], _floats((args, kwargs)), _floats(out),
+                                  stack[-1][1]))
             return out
 
     def enter(name):
         def pre(mod, args):
-            stack.append(name)
+            stack.append((name, _autocasting()))
         return pre
 
     def leave(mod, args, out):
@@ -153,6 +164,7 @@ class Profile:
     stepped: str | None = None        # the dtype of what the optimizer steps: the parameters' or their masters'
     matmul_setting: str = "highest"   # torch.get_float32_matmul_precision()
     loss: str = "float32"             # the loss tensor's dtype
+    declared: bool = False            # the run asked for mixed precision (--autocast, --param-dtype)
     _of: dict = field(default_factory=dict, repr=False)
 
     # -------------------------------------------------------------- per op
@@ -175,7 +187,7 @@ class Profile:
         the coarsest of their precisions writing it."""
         p = FLOAT32
         for nd in nodes:
-            p = p.joined(self.of(nd, _written(nd, ref)))
+            p = p.joined(FLOAT32 if self.undeclared(nd) else self.of(nd, _written(nd, ref)))
         return p
 
     def update(self, label: str) -> Precision:
@@ -198,7 +210,7 @@ class Profile:
         each kernel's results at it): empty for a port that computes at float32."""
         out: dict[str, Precision] = {}
         for nd in forward_nodes(self.config) + backward_nodes(self.config):
-            p = self.of(nd)
+            p = FLOAT32 if self.undeclared(nd) else self.of(nd)
             out[nd.kernel] = out[nd.kernel].joined(p) if nd.kernel in out else p
         return {k: p for k, p in out.items() if not p.is_float32}
 
@@ -210,6 +222,24 @@ class Profile:
     def key(self) -> tuple:
         """What the witness depends on (runs of equal profiles share one)."""
         return tuple(sorted(self.witness().items()))
+
+    def undeclared(self, node: Node) -> bool:
+        """Whether ``node`` (forward or backward) is an op the port ran below float32 by a
+        cast of its own (outside any ``torch.autocast`` region, its parameters float32) in
+        a run that declared no mixed precision (:attr:`declared`): such an op is judged at
+        the C's float32 (:meth:`of_buffer`, :meth:`witness`), not at what it ran in."""
+        if self.declared or self.params != "float32":
+            return False
+        fwd = self._forward_node(node)
+        p = self.of(fwd)
+        if p.compute not in REDUCED and p.output not in REDUCED:
+            return False
+        return any(not r.autocast for r in self._records_of(fwd, lambda r: any(d in REDUCED for d in r.inputs
+                                                                                + r.outputs)))
+
+    def undeclared_ops(self) -> list[tuple[Node, Precision]]:
+        """The forward ops :meth:`undeclared` names, with the precision each ran in."""
+        return [(nd, self.of(nd)) for nd in forward_nodes(self.config) if self.undeclared(nd)]
 
     # -------------------------------------------------------------- the rules
     def _forward_node(self, node: Node) -> Node:
@@ -317,9 +347,11 @@ class Profile:
         return out
 
 
-def profile(config: GPT2Config, records: list[Record], captured: dict, points: dict, params, loss) -> Profile:
+def profile(config: GPT2Config, records: list[Record], captured: dict, points: dict, params, loss,
+            declared: bool = False) -> Profile:
     """The :class:`Profile` of a port's first forward: ``records`` from :func:`observe`,
-    ``captured`` its activations ((act, layer) -> tensor), ``params`` its parameters."""
+    ``captured`` its activations ((act, layer) -> tensor), ``params`` its parameters,
+    ``declared`` whether the run asked for mixed precision."""
     import torch
     dtypes = {str(p.dtype) for p in params}
     param = dtype_name(next(iter(dtypes))) if len(dtypes) == 1 and next(iter(dtypes)) != "torch.float64" \
@@ -332,7 +364,8 @@ def profile(config: GPT2Config, records: list[Record], captured: dict, points: d
             continue
     return Profile(config, records, stored, dict(points), params=param,
                    matmul_setting=torch.get_float32_matmul_precision(),
-                   loss=dtype_name(loss.dtype) if loss is not None and loss.dtype != torch.float64 else "float32")
+                   loss=dtype_name(loss.dtype) if loss is not None and loss.dtype != torch.float64 else "float32",
+                   declared=declared)
 
 
 class Mixed:
@@ -375,7 +408,12 @@ class Mixed:
         """The profile of the first forward, once its activations are captured."""
         if self.profile is None and self.records is not None:
             self.profile = profile(config, self.records, capture.values, capture.points,
-                                   list(model.parameters()), loss)
+                                   list(model.parameters()), loss, declared=self.declared)
+
+    @property
+    def declared(self) -> bool:
+        """Whether the run asked for mixed precision (``autocast`` or ``param_dtype``)."""
+        return self.autocast is not None or self.param_dtype is not None
 
     @property
     def scale(self) -> float:
