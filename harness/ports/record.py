@@ -695,7 +695,9 @@ def _operands_misplaced(ops: list[Op], found: list[Stage], good: dict, suspects:
         if not s.of or s.name in reproduced:
             continue
         for o in sorted(suspects):
-            if o not in good and ops[o].value is not None:
+            # an op of the stage's own kind: each operand itself holds a stage (not an op
+            # further on, the weighted values' att @ v, whose operands only descend from some)
+            if o not in good and ops[o].value is not None and all(i in good for i in ops[o].inputs):
                 made = _misplaced_at(ops, found, good, o, s)
                 if made is not None:
                     return made
