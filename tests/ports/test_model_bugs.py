@@ -638,13 +638,15 @@ def test_heldout10_first_run_is_recorded():
 
 
 # BUGS10 now (no longer held out): adamw-blocks-only a failing update pinned to the
-# optimizer's parameters argument (no error line); attention-in-bf16 still passes.
-HELDOUT10_CAUGHT_NOW = set(h8.BUGS10) - {"attention-in-bf16"}
-HELDOUT10_LOCALISED_NOW = set(h8.BUGS10) - {"attention-in-bf16", "blocks-not-chained", "final-norm-in-loop"}
-HELDOUT10_PINNED_NOW = set(h8.BUGS10) - (HELDOUT10_UNPINNED - {"adamw-blocks-only"})
+# optimizer's parameters argument (no error line); attention-in-bf16 caught, localised and
+# pinned (a port's own bf16 cast in a run that declared no mixed precision is judged at the
+# C's float32: precision.undeclared).
+HELDOUT10_CAUGHT_NOW = set(h8.BUGS10)
+HELDOUT10_LOCALISED_NOW = set(h8.BUGS10) - {"blocks-not-chained", "final-norm-in-loop"}
+HELDOUT10_PINNED_NOW = set(h8.BUGS10) - (HELDOUT10_UNPINNED - {"adamw-blocks-only", "attention-in-bf16"})
 HELDOUT10_NAMED_NOW = set(h8.BUGS10) - HELDOUT10_UNNAMED
 HELDOUT10_WRONG_NOW = dict(HELDOUT10_WRONG)
-BUGS10_NOW = FirstRun(25, 24, 22, 14, 4, pinned=18, errors=0)
+BUGS10_NOW = FirstRun(25, 25, 23, 14, 4, pinned=19, errors=0)
 NOW10 = {"caught": HELDOUT10_CAUGHT_NOW, "localised": HELDOUT10_LOCALISED_NOW, "named": HELDOUT10_NAMED_NOW,
          "pinned": HELDOUT10_PINNED_NOW}
 
