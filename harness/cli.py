@@ -189,21 +189,29 @@ def _first_step_said(args, progress: Progress, large: bool, hold: bool = False):
         if t == 1 and large and not args.json_only:
             now = time.perf_counter()
             took = now - progress.step_began.get(1, progress.start)
-            total = run_estimate(took, now - getattr(args, "started", progress.start), args.steps,
+            later = later_step(took, os.times().system - progress.system_began.get(1, os.times().system), hold)
+            total = run_estimate(later, now - getattr(args, "started", progress.start), args.steps,
                                  args.free_run, bool(args.debug_state))
             print(f"step 1 took {_duration(took)}; the {args.steps} steps take about "
-                  f"{_duration(took * args.steps)}, the run about {_duration(total)} in all", flush=True)
+                  f"{_duration(took + later * (args.steps - 1))}, the run about {_duration(total)} in all",
+                  flush=True)
     return said
 
 
-def run_estimate(step1: float, elapsed: float, steps: int, free_run: int, debug_state: bool) -> float:
-    """The seconds a run takes from its start, told after its first step (``step1``
-    seconds; ``elapsed`` since the process started): each later step as long as the
-    first (a run holding its freed memory pays no first touch on later steps:
-    :func:`harness.arbiter.oracle.hold_freed_memory`), a free-run step as a third of one
-    (no float64 model, no checks), the debug state's check as one (the C, the oracle and
-    the witness on one batch)."""
-    return elapsed + step1 * (steps - 1 + free_run / 3 + (1 if debug_state else 0))
+def later_step(step1: float, system: float, hold: bool) -> float:
+    """The seconds of a step after the first, told from the first (``step1`` seconds, of
+    which ``system`` the kernel's: giving the process fresh pages, each first touch of a
+    page paid there): where the run holds the memory it frees, later steps touch no fresh
+    page, so they take the first's time less the kernel's; else as long as the first."""
+    return max(step1 - system, 0.0) if hold else step1
+
+
+def run_estimate(later: float, elapsed: float, steps: int, free_run: int, debug_state: bool) -> float:
+    """The seconds a run takes from its start, told after its first step (``elapsed``
+    since the process started): each later step ``later`` seconds (:func:`later_step`), a
+    free-run step a third of one (no float64 model, no checks), the debug state's check
+    one (the C, the oracle and the witness on one batch)."""
+    return elapsed + later * (steps - 1 + free_run / 3 + (1 if debug_state else 0))
 
 
 def _run_inputs(args):

@@ -1,6 +1,7 @@
 """The progress bar on stderr, for anything that takes more than a couple of seconds."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -17,10 +18,14 @@ class Progress:
         self.shown = False
         self.tty = sys.stderr.isatty()
         self.step_began: dict[int, float] = {}
+        # the process's system CPU seconds as each step began: the kernel's share of a step,
+        # where a fresh page's first touch is paid (harness.cli.later_step)
+        self.system_began: dict[int, float] = {}
 
     def __call__(self, step: int, steps: int, what: str) -> None:
         now = time.perf_counter()
         self.step_began.setdefault(step, now)
+        self.system_began.setdefault(step, os.times().system)
         if not self.enabled:
             return
         elapsed = now - self.start

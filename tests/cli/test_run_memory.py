@@ -49,6 +49,13 @@ def test_the_estimate_counts_the_start_the_later_steps_and_the_debug_state():
     assert run_estimate(10.0, 15.0, 1, 3, False) == 15.0 + 10.0      # a free-run step: a third of one
 
 
+def test_a_later_step_is_the_first_less_its_first_touches_where_memory_is_held():
+    from harness.cli import later_step
+    assert later_step(37.0, 10.0, hold=True) == 27.0     # the kernel's 10 s: fresh pages, not paid again
+    assert later_step(37.0, 10.0, hold=False) == 37.0    # freed memory given back: paid again each step
+    assert later_step(5.0, 8.0, hold=True) == 0.0        # threads' system time summed past the wall time
+
+
 def test_the_hold_comes_after_the_first_step(monkeypatch):
     import argparse
     from harness import cli
