@@ -21,15 +21,20 @@ from ..errors import ModelError
 from .mapping import Entry
 
 
+def stepped(optimizer) -> dict:
+    """``id(tensor) -> tensor`` of every tensor ``optimizer``'s groups hold: what its step updates."""
+    return {id(p): p for g in optimizer.param_groups for p in g["params"]}
+
+
 def master_weights(optimizer, entries: list[Entry]) -> dict:
     """``id(parameter) -> master`` for a port whose optimizer steps masters (empty where it
     steps the model's parameters themselves); a clear error where it steps other tensors
     and does not say which is whose, or says so wrongly."""
-    stepped = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+    held = stepped(optimizer)
     params = {id(e.param) for e in entries}
     declared = getattr(optimizer, "master_weights", None)
     if declared is None:
-        foreign = [p for k, p in stepped.items() if k not in params]
+        foreign = [p for k, p in held.items() if k not in params]
         if foreign:
             raise ModelError(f"{type(optimizer).__name__} steps {len(foreign)} tensors that are not the model's "
                              "parameters (master weights?): give it a master_weights dict {model parameter: the "
@@ -46,7 +51,7 @@ def master_weights(optimizer, entries: list[Entry]) -> dict:
         if tuple(m.shape) != tuple(e.param.shape) or not m.dtype.is_floating_point:
             raise ModelError(f"the master of {e.names[0]} is {m.dtype} {tuple(m.shape)}; the parameter is "
                              f"{tuple(e.param.shape)}: a master holds the parameter's values at a finer precision")
-        if id(m) not in stepped:
+        if id(m) not in held:
             raise ModelError(f"the master of {e.names[0]} is not among the tensors "
                              f"{type(optimizer).__name__} steps")
     return masters

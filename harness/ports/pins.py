@@ -37,6 +37,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .master import stepped
 from .record import Pin, Site, Stage, forward_recording, is_user_file, locate, owned_site, stages
 
 
@@ -226,7 +227,7 @@ def optimizer_pin(state) -> Pin | None:
 def not_given(optimizer, model, masters: dict) -> list[str]:
     """The names of ``model``'s trainable parameters that none of ``optimizer``'s groups
     holds (a master weight standing for one counts as it): the step leaves them as they are."""
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    held = stepped(optimizer)
     return [n for n, p in model.named_parameters()
             if p.requires_grad and id(p) not in held and id(masters.get(id(p), p)) not in held]
 

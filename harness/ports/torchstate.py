@@ -33,7 +33,7 @@ from .families import HOOKS
 from .finder import Finder
 from .hygiene import hygiene
 from .mapping import Entry, map_parameters
-from .master import master_weights, not_written_back
+from .master import master_weights, not_written_back, stepped
 from .precision import Mixed
 from .torchmodel import TorchModel, build_model, build_optimizer, call_model
 from .usage import Usage, record_usage, relaid
@@ -400,13 +400,13 @@ class ModelState:
         if self.m_memory is None:
             self.m_memory = np.zeros(self.num_parameters, np.float32)
             self.v_memory = np.zeros(self.num_parameters, np.float32)
+        held = stepped(self.optimizer)
         for key, buf in (("exp_avg", self.m_memory), ("exp_avg_sq", self.v_memory)):
             # a parameter that got no gradient is skipped by the step: no state (zeros, as
             # the C's m and v start), or the state it was loaded with
             # one the optimizer was not given is not updated: read as no state (zeros), so
             # that the update's check fails where the C's updates it (pins.optimizer_pin
             # names it); one it holds without the state is not AdamW's
-            held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             missing = [e.names[0] for e in self.entries if key not in self.optimizer.state.get(self._stepped(e), {})
                        and e.param.grad is not None and id(self._stepped(e)) in held]
             if missing:
