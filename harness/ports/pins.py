@@ -3,7 +3,7 @@
 weight, a custom autograd Function's gradient) and the optimizer's settings; and where a
 module's float attribute was set.
 
-:mod:`.record` pins a failing forward op to its line by recording the module's ops. The
+:mod:`.localise` pins a failing forward op to its line by recording the module's ops. The
 failures here are of other kinds, each pinned by what it is about, and each only once a
 check has failed (nothing here runs on a passing step):
 
@@ -16,7 +16,7 @@ check has failed (nothing here runs on a passing step):
   makes the parent's output (``logits = self.head(x)``, ``out_norm`` skipped);
 * the loss (:func:`loss_pin`): the forward recorded from the logits to the loss the
   model returns, matched to the reference's log-softmax and cross-entropy steps
-  (:func:`.record.locate`): the lines after the last step the port reproduces;
+  (:func:`.localise.locate`): the lines after the last step the port reproduces;
 * a parameter's gradient (:func:`backward_pin`): the line that detaches a parameter in
   the forward (``weight.detach()``, ``.data``), else the user lines autograd runs in the
   backward (a custom ``autograd.Function``'s ``backward``);
@@ -38,7 +38,8 @@ from dataclasses import replace
 import numpy as np
 
 from .master import stepped
-from .record import Pin, Site, Stage, forward_recording, is_user_file, locate, owned_site, stages
+from .localise import Pin, locate
+from .record import Site, Stage, forward_recording, is_user_file, owned_site, stages
 
 
 def _pin(kernel: str, site: Site | tuple, says: str, unmatched: str = "") -> Pin:

@@ -1,5 +1,5 @@
 """Failures that no forward op shows, pinned to the line of the port that makes them
-(harness/ports/pins.py, and record.py's residual, whole-forward, NaN, mask and attribute
+(harness/ports/pins.py, and localise.py's residual, whole-forward, NaN, mask and attribute
 pins): a port of its own (tests/ports/pin_ports.py, not BUGS7's model), one mistake per
 variant, each pinned to the mistake's line (found by its text); a deliberately wrong
 pinner pins each elsewhere (or nowhere); a passing port records nothing.
@@ -16,6 +16,7 @@ import pytest
 from harness import TorchModel, run_parity, to_json
 from harness.checks.results import first_divergence_check, first_structure
 from harness.ports import pins as P
+from harness.ports import localise as L
 from harness.ports import record as R
 from harness.probe import listening
 from pyref import synth
@@ -139,7 +140,7 @@ def test_the_optimizer_pin_names_the_differing_setting():
 
 # ----------------------------------------------------------------------------- a wrong pinner fails them
 
-_RIGHT = {"residual": R.residual_line, "distance": R.distance, "recording": R.forward_recording}
+_RIGHT = {"residual": L.residual_line, "distance": R.distance, "recording": R.forward_recording}
 
 
 def _innermost_block_line(ops, observed, block, kernel, layout=R.layouts):
@@ -163,16 +164,16 @@ WRONG = {
     "ln_f never called": ("harness.ports.pins.owned_site",
                           lambda stack, owner, outermost=False: R.owned_site(stack, owner, True)),
     "c_proj never called": ("harness.ports.pins.owned_site", lambda stack, owner, outermost=False: stack[-1].site),
-    "mlp residual dropped": ("harness.ports.record.residual_line", _innermost_block_line),
-    "wte halved": ("harness.ports.record.forward_recording",      # the module showing it only, never the whole
+    "mlp residual dropped": ("harness.ports.localise.residual_line", _innermost_block_line),
+    "wte halved": ("harness.ports.localise.forward_recording",      # the module showing it only, never the whole
                    lambda state, module=None, keep=None, params=False:
                    _RIGHT["recording"](state, module or "transformer.h.0", keep)),
-    "softmax over heads (NaN)": ("harness.ports.record.distance", _nan_blind),
-    "head loop: softmax over the queries": ("harness.ports.record.distance", _headless),
-    "head loop: keys read from the values": ("harness.ports.record._misplaced", lambda *a: None),
-    "head loop: a head's q, k, v side by side": ("harness.ports.record._operands_misplaced", lambda *a: None),
-    "mask sees the next token": ("harness.ports.record._unverified", lambda *a: set()),
-    "eps in the constructor": ("harness.ports.record.attribute_origin", lambda pin, *a: pin),
+    "softmax over heads (NaN)": ("harness.ports.localise.distance", _nan_blind),
+    "head loop: softmax over the queries": ("harness.ports.localise.distance", _headless),
+    "head loop: keys read from the values": ("harness.ports.localise._misplaced", lambda *a: None),
+    "head loop: a head's q, k, v side by side": ("harness.ports.localise._operands_misplaced", lambda *a: None),
+    "mask sees the next token": ("harness.ports.localise._unverified", lambda *a: set()),
+    "eps in the constructor": ("harness.ports.localise.attribute_origin", lambda pin, *a: pin),
     "label smoothing": ("harness.ports.pins.forward_recording",  # the blocks only: the loss is not seen
                         lambda state, module=None, keep=None, params=False:
                         _RIGHT["recording"](state, "transformer.h.0", keep)),
