@@ -157,9 +157,12 @@ def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) ->
     """``pin`` with, before its lines, the line that set a module's float attribute read on
     its first line (``self.eps``) where the value is none of the op's constants
     (:func:`_constants`): a wrong constant lives where it is set (a constructor's default,
-    ``eps=1e-12``), not where the forward reads it. A documented heuristic: the attribute
-    is found by the line's source (``ast``), its origin by :func:`.pins.attribute_site`."""
-    from .pins import attribute_site, float_attributes
+    ``eps=1e-12``), not where the forward reads it; likewise a method of the module called
+    on the line with no argument (``self.softmax_scale()``) whose float result is none of
+    them: the line of the method that returns it. A documented heuristic: the attribute
+    is found by the line's source (``ast``), its origin by :func:`.pins.attribute_site`,
+    the method's line by :func:`.pins.method_site`."""
+    from .pins import attribute_site, float_attributes, float_methods, method_site
     constants = _constants(kernel, args)
     if not constants:
         return pin
@@ -172,6 +175,11 @@ def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) ->
     for name, value in float_attributes(owner, first.text):
         if not any(math.isclose(value, c, rel_tol=1e-6) for c in constants):
             site = attribute_site(type(owner), name, value)
+            if site is not None and site not in pin.lines:
+                return replace(pin, lines=(site, *pin.lines))
+    for name, value in float_methods(owner, first.text):
+        if not any(math.isclose(value, c, rel_tol=1e-6) for c in constants):
+            site = method_site(owner, name)
             if site is not None and site not in pin.lines:
                 return replace(pin, lines=(site, *pin.lines))
     return pin
@@ -204,9 +212,14 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
             for op in ops if op.value is not None}
     good = {i: names for i, names in good.items() if names}
     anchor = _anchor(ops, observed, layout, good)
-    if anchor is None or anchor.index in good:
-        return None     # the failing tensor is not among the ops, or it is the reference's
+    if anchor is not None and anchor.index in good:
+        # the failing tensor is one of the reference's values: an input of the op passed on
+        # where its output belongs (the op not applied there), else nothing to pin
+        return _passed_on(ops, found, good, anchor, kernel, module)
+    if anchor is None:
+        return None     # the failing tensor is not among the ops
     suspects, frontier = _ancestors(ops, anchor.index, good)
+    every = suspects
     unmatched = _first_unmatched(ops, found, good, suspects, frontier, layout)
     if unmatched is not None:
         stage, op = unmatched
@@ -218,6 +231,7 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
     else:
         stage = next((s for s in found if s.name == "out"), found[-1])
         suspects = _first_nan(ops, suspects) or suspects
+    suspects = _infinite_maker(ops, every) or suspects
     sites = tuple(dict.fromkeys(ops[i].site for i in sorted(suspects) if ops[i].site is not None))
     if not sites:
         return None
@@ -358,6 +372,50 @@ def _first_nan(ops: list[Op], suspects: set[int]) -> set[int]:
         return v is None or not bool(np.isnan(v).any())
     for i in sorted(suspects):
         if not clean(i) and all(clean(j) for j in ops[i].inputs):
+            return {i}
+    return set()
+
+
+def _passed_on(ops: list[Op], found: list[Stage], good: dict, anchor: Op, kernel: str, module: str) -> Pin | None:
+    """The pin where the port's failing tensor is one of the op's inputs as it was given
+    (the GELU's input where its output belongs: the op applied elsewhere, or not at all):
+    the line that passes it on (the first op taking it that has a line, else the line that
+    made it); None where it reproduces a computed intermediate, not an input."""
+    given = {s.name: s for s in found if s.given}
+    held = [n for n in (s.name for s in found) if n in good[anchor.index]]
+    if not held or any(n not in given for n in held):
+        return None
+    taker = next((o for o in ops[anchor.index + 1:] if anchor.index in o.inputs and o.site is not None), None)
+    site = (taker or anchor).site
+    if site is None:
+        return None
+    out = next((s for s in found if s.name == "out"), found[-1])
+    words = given[held[0]]
+    says = (f"{words.phrase} {'stand' if words.plural else 'stands'} where {out.phrase} belong"
+            f"{'' if out.plural else 's'}", out.says(False))
+    return Pin(kernel, module, (site,), held[0], out.name, says)
+
+
+def _infinite_maker(ops: list[Op], suspects: set[int]) -> set[int]:
+    """Where a suspect makes a NaN of inputs without one, and an input of it holds an
+    infinity that a suspect made of inputs without one (a softmax of a row that a mask
+    filled with -inf everywhere): that suspect, as a set (empty where there is none). The
+    NaN is the softmax's; the line that put the infinities is the mistake."""
+    def has(i, test):
+        v = ops[i].value
+        return v is not None and bool(test(v).any())
+    nan = _first_nan(ops, suspects)
+    if not nan:
+        return set()
+    back, todo = set(), [i for n in nan for i in ops[n].inputs]
+    while todo:
+        i = todo.pop()
+        if i in back or i not in suspects:
+            continue
+        back.add(i)
+        todo.extend(ops[i].inputs)
+    for i in sorted(back):
+        if has(i, np.isinf) and not any(has(j, np.isinf) or has(j, np.isnan) for j in ops[i].inputs):
             return {i}
     return set()
 

@@ -219,7 +219,9 @@ def optimizer_pin(state) -> Pin | None:
     if call is None:
         return _pin("adamw", _line(file, line), "the optimizer is constructed here")
     keywords = {k.arg: k for k in call.keywords if k.arg}
-    lines = sorted({keywords[k].lineno if k in keywords else call.end_lineno for k in differ}) or [call.lineno]
+    groups = _group_lines(file, line, differ)
+    lines = sorted({groups[k] if k in groups else keywords[k].lineno if k in keywords else call.end_lineno
+                    for k in differ}) or [call.lineno]
     says = (f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}" if differ
             else "the optimizer is constructed here")
     return _pin("adamw", tuple(_line(file, n) for n in lines), says)
@@ -231,6 +233,29 @@ def not_given(optimizer, model, masters: dict) -> list[str]:
     held = stepped(optimizer)
     return [n for n, p in model.named_parameters()
             if p.requires_grad and id(p) not in held and id(masters.get(id(p), p)) not in held]
+
+
+def _group_lines(file: str, line: int, settings) -> dict[str, int]:
+    """{setting: the line of a parameter group's dict literal (``{"params": ...,
+    "weight_decay": 0.0}``) that sets it}, in the function of ``file`` whose call at
+    ``line`` constructs the optimizer: a group's own setting overrides the constructor's
+    keyword, so a differing one lives there."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(file)))
+    except SyntaxError:
+        return {}
+    fns = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+           and n.lineno <= line <= n.end_lineno]
+    if not fns:
+        return {}
+    fn = max(fns, key=lambda n: n.lineno)      # the innermost
+    out: dict[str, int] = {}
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value == "params" for k in node.keys):
+            for k in node.keys:
+                if isinstance(k, ast.Constant) and k.value in settings and k.value not in out:
+                    out[k.value] = k.lineno
+    return out
 
 
 def _line(file: str, n: int) -> Site:
@@ -304,6 +329,42 @@ def float_attributes(owner, text: str) -> list[tuple[str, float]]:
         if isinstance(value, float):
             out.append((name, value))
     return out
+
+
+def float_methods(owner, text: str) -> list[tuple[str, float]]:
+    """The methods of ``owner`` (a module), defined in the user's files, that a line of its
+    source calls with no argument (``self.<name>()``) and that return a float:
+    [(name, value)]. Each is called once more to read its value (a method of no argument
+    whose result the line uses: a scale, an eps)."""
+    import torch
+    out = []
+    for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\(\s*\)", text)):
+        method = getattr(owner, name, None)
+        fn = getattr(method, "__func__", None)
+        if fn is None or not hasattr(fn, "__code__") or not is_user_file(fn.__code__.co_filename):
+            continue
+        try:
+            with torch.no_grad():
+                value = method()
+        except Exception:
+            continue
+        if isinstance(value, (float, int)) and not isinstance(value, bool):
+            out.append((name, float(value)))
+    return out
+
+
+def method_site(owner, name: str) -> Site | None:
+    """The line of ``owner``'s method ``name`` that returns its value: its one ``return``
+    (the def's line where it has several, or none)."""
+    fn = getattr(getattr(owner, name, None), "__func__", None)
+    try:
+        lines, start = inspect.getsourcelines(fn)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    returns = [n for n in ast.walk(tree.body[0]) if isinstance(n, ast.Return)]
+    at = returns[0].lineno if len(returns) == 1 else tree.body[0].lineno
+    return _line(fn.__code__.co_filename, start + at - 1)
 
 
 def attribute_site(cls, name: str, value: float) -> Site | None:

@@ -334,6 +334,7 @@ class Stage:
     heads: np.ndarray | None = None
     heads_where: np.ndarray | None = None
     of: tuple[str, ...] = ()        # the stages it is computed from, in order (Step.of)
+    given: bool = False              # one of the op's inputs (not computed by it)
 
     def head(self, h: int) -> "Stage":
         """Head ``h``'s slice of the stage, as a stage of its own."""
@@ -363,7 +364,7 @@ def stages(kernel: str, args: dict) -> list[Stage]:
     weighted values per head, merged into its output) is left to that one: the matcher
     matches up to layouts, so the two are one value to it. A step defined on the causal
     triangle only (preatt) is matched there."""
-    inputs = [_stage(kernel, k, v) for k, v in args.items()
+    inputs = [replace(_stage(kernel, k, v), given=True) for k, v in args.items()
               if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim >= 2]
     found = []
     values = intermediates(kernel, args)

@@ -64,6 +64,14 @@ MISTAKES = {
                                         "model.transformer.h.parameters(),", "adamw"),
     "weight decay left to torch": (TorchModel(pp.PinGPT, optimizer=pp.adam_no_decay),
                                    "betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)", "adamw"),
+    "scale from a method": (V(attn=pp.MethodScaleByHs), "return 1.0 / (self.c_attn.in_features // self.NH)",
+                            "attention_forward"),
+    "mask hides the past (NaN)": (V(attn=pp.MaskHidesThePast), "s = s.masked_fill(~self.causal(q.size(-2)), "
+                                  "float('-inf'))", "attention_forward"),
+    "GELU after the projection": (V(block=pp.mlp_block(pp.GeluAfterProj)), "return self.act(self.c_proj(self.c_fc(x)))",
+                                  "gelu_forward"),
+    "no decay in a parameter group": (TorchModel(pp.PinGPT, optimizer=pp.adam_groups_no_decay), "'weight_decay': 0.0}]",
+                                      "adamw"),
 }
 
 
@@ -108,6 +116,16 @@ def test_the_right_port_passes_and_records_nothing():
     report, pin, recorded = run(pp.PinGPT)
     assert report.passed and pin is None and recorded == []
     assert not report.steps[0].structure.get("port")
+
+
+@pytest.mark.parametrize("port", [V(attn=pp.MethodScaleAttn), V(block=pp.mlp_block(pp.FnMLP)),
+                                  TorchModel(pp.PinGPT, optimizer=pp.adam_groups)], ids=["method scale", "gelu method",
+                                                                                         "groups"])
+def test_the_right_forms_of_the_new_pins_pass(port):
+    """A scale from a method, a GELU by a method, parameter groups that keep the run's
+    decay: right, so nothing fails and nothing is pinned."""
+    report, pin, recorded = run(port)
+    assert report.passed and pin is None and recorded == []
 
 
 def test_the_right_head_loop_passes_and_records_nothing():
@@ -183,6 +201,10 @@ WRONG = {
     "custom Function's gradient": ("harness.ports.pins.backward_lines", lambda state: ()),
     "optimizer eps": ("harness.ports.pins._differing", lambda optimizer, hyper: {}),
     "optimizer given the blocks only": ("harness.ports.pins.not_given", lambda *a: []),
+    "scale from a method": ("harness.ports.pins.float_methods", lambda owner, text: []),
+    "mask hides the past (NaN)": ("harness.ports.localise._infinite_maker", lambda ops, suspects: set()),
+    "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
+    "no decay in a parameter group": ("harness.ports.pins._group_lines", lambda *a: {}),
 }
 
 
