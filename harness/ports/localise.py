@@ -344,8 +344,13 @@ def _misplaced_at(ops: list[Op], found: list[Stage], good: dict, op: int, stage:
 def _unverified(ops: list[Op], found: list[Stage], good: dict, frontier: set, op: int, stage: Stage) -> set[int]:
     """The ops that made the part of a frontier op's value its match did not check (an
     intermediate defined on part only, the causal triangle: the mask that decides the
-    rest), where the first unmatched op (``op``) has mass in that part and the reference's
-    ``stage`` has none there (the future seen: a mask built wrong on its own line)."""
+    rest), where the first unmatched op (``op``, or the op it lays out again) has mass in
+    that part and the reference's ``stage`` has none there (the future seen): the mask's
+    makers where it marks another part (a mask built wrong on its own line), the frontier
+    op itself where it fills that very part with a value that leaves mass there (0 for
+    -inf: the fill is the mistake)."""
+    while ops[op].value is not None and ops[op].value.shape != stage.value.shape and len(ops[op].inputs) == 1:
+        op = ops[op].inputs[0]      # back through re-layouts (a view, a permute) to the value itself
     x = ops[op].value
     if x is None or x.shape != stage.value.shape:
         return set()
@@ -356,11 +361,27 @@ def _unverified(ops: list[Op], found: list[Stage], good: dict, frontier: set, op
             outside = ~np.broadcast_to(partial[name].where, x.shape)
             with np.errstate(all="ignore"):
                 seen = np.isfinite(x[outside]) & (x[outside] != 0)
-            if seen.any() and not np.any(stage.value[outside]):
-                for i in ops[f].inputs:
-                    if i not in good and ops[i].value is None:
-                        out |= _ancestors(ops, i, good)[0]
+            if not seen.any() or np.any(stage.value[outside]):
+                continue
+            if _fills(ops, f, outside):
+                out.add(f)
+                continue
+            for i in ops[f].inputs:
+                if i not in good and ops[i].value is None:
+                    out |= _ancestors(ops, i, good)[0]
     return out
+
+
+def _fills(ops: list[Op], f: int, part: np.ndarray) -> bool:
+    """Whether op ``f`` changed exactly ``part`` of its float input (a masked fill whose
+    mask is the right one), as far as the values kept show."""
+    value = ops[f].value
+    given = [ops[i].value for i in ops[f].inputs if ops[i].value is not None]
+    if value is None or len(given) != 1 or given[0].shape != value.shape or value.shape != part.shape:
+        return False
+    with np.errstate(all="ignore"):
+        changed = ~((value == given[0]) | (np.isnan(value) & np.isnan(given[0])))
+    return bool(np.array_equal(changed, part))
 
 
 def _first_nan(ops: list[Op], suspects: set[int]) -> set[int]:

@@ -362,3 +362,10 @@ def adam_groups_no_decay(model, hyper):
                'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2), eps=hyper.eps,
                              weight_decay=hyper.weight_decay)
+
+
+class MaskFilledWithZero(Attn):
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), 0.0)
+        return F.softmax(s, dim=-1)

@@ -68,6 +68,8 @@ MISTAKES = {
                             "attention_forward"),
     "mask hides the past (NaN)": (V(attn=pp.MaskHidesThePast), "s = s.masked_fill(~self.causal(q.size(-2)), "
                                   "float('-inf'))", "attention_forward"),
+    "mask filled with 0": (V(attn=pp.MaskFilledWithZero), "s = s.masked_fill(self.causal(q.size(-2)), 0.0)",
+                           "attention_forward"),
     "GELU after the projection": (V(block=pp.mlp_block(pp.GeluAfterProj)), "return self.act(self.c_proj(self.c_fc(x)))",
                                   "gelu_forward"),
     "no decay in a parameter group": (TorchModel(pp.PinGPT, optimizer=pp.adam_groups_no_decay), "'weight_decay': 0.0}]",
@@ -203,6 +205,7 @@ WRONG = {
     "optimizer given the blocks only": ("harness.ports.pins.not_given", lambda *a: []),
     "scale from a method": ("harness.ports.pins.float_methods", lambda owner, text: []),
     "mask hides the past (NaN)": ("harness.ports.localise._infinite_maker", lambda ops, suspects: set()),
+    "mask filled with 0": ("harness.ports.localise._fills", lambda *a: False),
     "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
     "no decay in a parameter group": ("harness.ports.pins._group_lines", lambda *a: {}),
 }
