@@ -157,7 +157,8 @@ def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) ->
     """``pin`` with, before its lines, the line that set a module's float attribute read on
     its first line (``self.eps``) where the value is none of the op's constants
     (:func:`_constants`): a wrong constant lives where it is set (a constructor's default,
-    ``eps=1e-12``), not where the forward reads it; likewise a method of the module called
+    ``eps=1e-12``, or a config's field the constructor was given: :func:`.pins.config_site`),
+    not where the forward reads it; likewise a method of the module called
     on the line with no argument (``self.softmax_scale()``) whose float result is none of
     them: the line of the method that returns it. A documented heuristic: the attribute
     is found by the line's source (``ast``), its origin by :func:`.pins.attribute_site`,
@@ -174,7 +175,7 @@ def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) ->
         return pin
     for name, value in float_attributes(owner, first.text):
         if not any(math.isclose(value, c, rel_tol=1e-6) for c in constants):
-            site = attribute_site(type(owner), name, value)
+            site = attribute_site(type(owner), name, value, model)
             if site is not None and site not in pin.lines:
                 return replace(pin, lines=(site, *pin.lines))
     for name, value in float_methods(owner, first.text):

@@ -367,12 +367,47 @@ def method_site(owner, name: str) -> Site | None:
     return _line(fn.__code__.co_filename, start + at - 1)
 
 
-def attribute_site(cls, name: str, value: float) -> Site | None:
+def config_site(model, name: str, value: float) -> Site | None:
+    """Where a value a module was given by its caller comes from: a class-level field of
+    a config object the model's modules hold (a dataclass's ``norm_eps: float = 1e-6``,
+    the most derived class first) whose default is ``value``, a field whose name holds
+    ``name`` first. A heuristic on the source, like :func:`attribute_site`."""
+    import torch
+    classes = []
+    for module in model.modules():
+        for obj in vars(module).values():
+            if isinstance(obj, (torch.nn.Module, torch.Tensor, dict, list, tuple, str, int, float)) or obj is None:
+                continue
+            for klass in type(obj).__mro__:
+                if klass not in classes and is_user_file(getattr(sys.modules.get(klass.__module__), "__file__", "")
+                                                         or ""):
+                    classes.append(klass)
+    found = []
+    for klass in classes:
+        try:
+            lines, start = inspect.getsourcelines(klass)
+            tree = ast.parse(textwrap.dedent("".join(lines)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in tree.body[0].body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+            v = getattr(node, "value", None)
+            if isinstance(target, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (int, float)) \
+                    and not isinstance(v.value, bool) and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
+                found.append((name not in target.id, len(found), inspect.getsourcefile(klass), start + node.lineno - 1))
+    if not found:
+        return None
+    _, _, file, n = min(found)
+    return _line(file, n)
+
+
+def attribute_site(cls, name: str, value: float, model=None) -> Site | None:
     """Where the attribute ``name`` of ``cls``'s instances got ``value``: the parameter
     default equal to it in a constructor of ``cls``'s MRO (the most derived first: a
-    subclass's ``eps=1e-12``), else the line of a constructor assigning ``self.<name>``.
-    A heuristic on the source (``inspect`` and ``ast``): a value passed by the caller is
-    not followed."""
+    subclass's ``eps=1e-12``), else (given the ``model``) a config's field holding it
+    (:func:`config_site`: the value the caller passed), else the line of a constructor
+    assigning ``self.<name>``. A heuristic on the source (``inspect`` and ``ast``)."""
     inits = []
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -389,6 +424,9 @@ def attribute_site(cls, name: str, value: float) -> Site | None:
             if isinstance(d, ast.Constant) and isinstance(d.value, (int, float)) and not isinstance(d.value, bool) \
                     and np.isclose(float(d.value), value, rtol=1e-9, atol=0):
                 return _line(file, start + d.lineno - 1)
+    site = config_site(model, name, value) if model is not None else None
+    if site is not None:
+        return site
     for file, start, fn in inits:
         for node in ast.walk(fn):
             if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):

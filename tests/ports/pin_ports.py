@@ -8,6 +8,7 @@ found by its text. ``PinGPT`` itself is right; it is not tests/ports/heldout_qkv
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -369,3 +370,25 @@ class MaskFilledWithZero(Attn):
         s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
         s = s.masked_fill(self.causal(q.size(-2)), 0.0)
         return F.softmax(s, dim=-1)
+
+
+@dataclass
+class NormConfig:
+    """The norms' settings, a config object the blocks hold (right)."""
+
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class TinyEpsConfig(NormConfig):
+    norm_eps: float = 1e-8
+
+
+def config_block(config):
+    """A Block whose norms take their eps from a ``config`` object it holds."""
+    class ConfigBlock(Block):
+        def __init__(self, C, NH, norm=Norm, attn=Attn):
+            super().__init__(C, NH, norm, attn)
+            self.settings = config()
+            self.ln_1, self.ln_2 = norm(C, eps=self.settings.norm_eps), norm(C, eps=self.settings.norm_eps)
+    return ConfigBlock

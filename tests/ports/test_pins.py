@@ -70,6 +70,8 @@ MISTAKES = {
                                   "float('-inf'))", "attention_forward"),
     "mask filled with 0": (V(attn=pp.MaskFilledWithZero), "s = s.masked_fill(self.causal(q.size(-2)), 0.0)",
                            "attention_forward"),
+    "eps from a config's field": (V(block=pp.config_block(pp.TinyEpsConfig)), "norm_eps: float = 1e-8",
+                                  "layernorm_forward"),
     "GELU after the projection": (V(block=pp.mlp_block(pp.GeluAfterProj)), "return self.act(self.c_proj(self.c_fc(x)))",
                                   "gelu_forward"),
     "no decay in a parameter group": (TorchModel(pp.PinGPT, optimizer=pp.adam_groups_no_decay), "'weight_decay': 0.0}]",
@@ -121,8 +123,9 @@ def test_the_right_port_passes_and_records_nothing():
 
 
 @pytest.mark.parametrize("port", [V(attn=pp.MethodScaleAttn), V(block=pp.mlp_block(pp.FnMLP)),
-                                  TorchModel(pp.PinGPT, optimizer=pp.adam_groups)], ids=["method scale", "gelu method",
-                                                                                         "groups"])
+                                  TorchModel(pp.PinGPT, optimizer=pp.adam_groups),
+                                  V(block=pp.config_block(pp.NormConfig))],
+                         ids=["method scale", "gelu method", "groups", "config eps"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay: right, so nothing fails and nothing is pinned."""
@@ -206,6 +209,7 @@ WRONG = {
     "scale from a method": ("harness.ports.pins.float_methods", lambda owner, text: []),
     "mask hides the past (NaN)": ("harness.ports.localise._infinite_maker", lambda ops, suspects: set()),
     "mask filled with 0": ("harness.ports.localise._fills", lambda *a: False),
+    "eps from a config's field": ("harness.ports.pins.config_site", lambda *a: None),
     "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
     "no decay in a parameter group": ("harness.ports.pins._group_lines", lambda *a: {}),
 }
