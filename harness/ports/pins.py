@@ -3,7 +3,7 @@
 weight, a custom autograd Function's gradient) and the optimizer's settings; and where a
 module's float attribute was set.
 
-:mod:`.record` pins a failing forward op to its line by recording the module's ops. The
+:mod:`.localise` pins a failing forward op to its line by recording the module's ops. The
 failures here are of other kinds, each pinned by what it is about, and each only once a
 check has failed (nothing here runs on a passing step):
 
@@ -16,7 +16,7 @@ check has failed (nothing here runs on a passing step):
   makes the parent's output (``logits = self.head(x)``, ``out_norm`` skipped);
 * the loss (:func:`loss_pin`): the forward recorded from the logits to the loss the
   model returns, matched to the reference's log-softmax and cross-entropy steps
-  (:func:`.record.locate`): the lines after the last step the port reproduces;
+  (:func:`.localise.locate`): the lines after the last step the port reproduces;
 * a parameter's gradient (:func:`backward_pin`): the line that detaches a parameter in
   the forward (``weight.detach()``, ``.data``), else the user lines autograd runs in the
   backward (a custom ``autograd.Function``'s ``backward``);
@@ -38,7 +38,8 @@ from dataclasses import replace
 import numpy as np
 
 from .master import stepped
-from .record import Pin, Site, Stage, forward_recording, is_user_file, locate, owned_site, stages
+from .localise import Pin, locate
+from .record import Site, Stage, forward_recording, is_user_file, owned_site, stages
 
 
 def _pin(kernel: str, site: Site | tuple, says: str, unmatched: str = "") -> Pin:
@@ -218,7 +219,9 @@ def optimizer_pin(state) -> Pin | None:
     if call is None:
         return _pin("adamw", _line(file, line), "the optimizer is constructed here")
     keywords = {k.arg: k for k in call.keywords if k.arg}
-    lines = sorted({keywords[k].lineno if k in keywords else call.end_lineno for k in differ}) or [call.lineno]
+    groups = _group_lines(file, line, differ)
+    lines = sorted({groups[k] if k in groups else keywords[k].lineno if k in keywords else call.end_lineno
+                    for k in differ}) or [call.lineno]
     says = (f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}" if differ
             else "the optimizer is constructed here")
     return _pin("adamw", tuple(_line(file, n) for n in lines), says)
@@ -230,6 +233,29 @@ def not_given(optimizer, model, masters: dict) -> list[str]:
     held = stepped(optimizer)
     return [n for n, p in model.named_parameters()
             if p.requires_grad and id(p) not in held and id(masters.get(id(p), p)) not in held]
+
+
+def _group_lines(file: str, line: int, settings) -> dict[str, int]:
+    """{setting: the line of a parameter group's dict literal (``{"params": ...,
+    "weight_decay": 0.0}``) that sets it}, in the function of ``file`` whose call at
+    ``line`` constructs the optimizer: a group's own setting overrides the constructor's
+    keyword, so a differing one lives there."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(file)))
+    except SyntaxError:
+        return {}
+    fns = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+           and n.lineno <= line <= n.end_lineno]
+    if not fns:
+        return {}
+    fn = max(fns, key=lambda n: n.lineno)      # the innermost
+    out: dict[str, int] = {}
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value == "params" for k in node.keys):
+            for k in node.keys:
+                if isinstance(k, ast.Constant) and k.value in settings and k.value not in out:
+                    out[k.value] = k.lineno
+    return out
 
 
 def _line(file: str, n: int) -> Site:
@@ -305,12 +331,83 @@ def float_attributes(owner, text: str) -> list[tuple[str, float]]:
     return out
 
 
-def attribute_site(cls, name: str, value: float) -> Site | None:
+def float_methods(owner, text: str) -> list[tuple[str, float]]:
+    """The methods of ``owner`` (a module), defined in the user's files, that a line of its
+    source calls with no argument (``self.<name>()``) and that return a float:
+    [(name, value)]. Each is called once more to read its value (a method of no argument
+    whose result the line uses: a scale, an eps)."""
+    import torch
+    out = []
+    for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\(\s*\)", text)):
+        method = getattr(owner, name, None)
+        fn = getattr(method, "__func__", None)
+        if fn is None or not hasattr(fn, "__code__") or not is_user_file(fn.__code__.co_filename):
+            continue
+        try:
+            with torch.no_grad():
+                value = method()
+        except Exception:
+            continue
+        if isinstance(value, (float, int)) and not isinstance(value, bool):
+            out.append((name, float(value)))
+    return out
+
+
+def method_site(owner, name: str) -> Site | None:
+    """The line of ``owner``'s method ``name`` that returns its value: its one ``return``
+    (the def's line where it has several, or none)."""
+    fn = getattr(getattr(owner, name, None), "__func__", None)
+    try:
+        lines, start = inspect.getsourcelines(fn)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    returns = [n for n in ast.walk(tree.body[0]) if isinstance(n, ast.Return)]
+    at = returns[0].lineno if len(returns) == 1 else tree.body[0].lineno
+    return _line(fn.__code__.co_filename, start + at - 1)
+
+
+def config_site(model, name: str, value: float) -> Site | None:
+    """Where a value a module was given by its caller comes from: a class-level field of
+    a config object the model's modules hold (a dataclass's ``norm_eps: float = 1e-6``,
+    the most derived class first) whose default is ``value``, a field whose name holds
+    ``name`` first. A heuristic on the source, like :func:`attribute_site`."""
+    import torch
+    classes = []
+    for module in model.modules():
+        for obj in vars(module).values():
+            if isinstance(obj, (torch.nn.Module, torch.Tensor, dict, list, tuple, str, int, float)) or obj is None:
+                continue
+            for klass in type(obj).__mro__:
+                if klass not in classes and is_user_file(getattr(sys.modules.get(klass.__module__), "__file__", "")
+                                                         or ""):
+                    classes.append(klass)
+    found = []
+    for klass in classes:
+        try:
+            lines, start = inspect.getsourcelines(klass)
+            tree = ast.parse(textwrap.dedent("".join(lines)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in tree.body[0].body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+            v = getattr(node, "value", None)
+            if isinstance(target, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (int, float)) \
+                    and not isinstance(v.value, bool) and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
+                found.append((name not in target.id, len(found), inspect.getsourcefile(klass), start + node.lineno - 1))
+    if not found:
+        return None
+    _, _, file, n = min(found)
+    return _line(file, n)
+
+
+def attribute_site(cls, name: str, value: float, model=None) -> Site | None:
     """Where the attribute ``name`` of ``cls``'s instances got ``value``: the parameter
     default equal to it in a constructor of ``cls``'s MRO (the most derived first: a
-    subclass's ``eps=1e-12``), else the line of a constructor assigning ``self.<name>``.
-    A heuristic on the source (``inspect`` and ``ast``): a value passed by the caller is
-    not followed."""
+    subclass's ``eps=1e-12``), else (given the ``model``) a config's field holding it
+    (:func:`config_site`: the value the caller passed), else the line of a constructor
+    assigning ``self.<name>``. A heuristic on the source (``inspect`` and ``ast``)."""
     inits = []
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -327,6 +424,9 @@ def attribute_site(cls, name: str, value: float) -> Site | None:
             if isinstance(d, ast.Constant) and isinstance(d.value, (int, float)) and not isinstance(d.value, bool) \
                     and np.isclose(float(d.value), value, rtol=1e-9, atol=0):
                 return _line(file, start + d.lineno - 1)
+    site = config_site(model, name, value) if model is not None else None
+    if site is not None:
+        return site
     for file, start, fn in inits:
         for node in ast.walk(fn):
             if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):

@@ -8,6 +8,7 @@ found by its text. ``PinGPT`` itself is right; it is not tests/ports/heldout_qkv
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -289,3 +290,105 @@ class HeadLoopKeysFromValues(HeadLoopAttn):
         C = qkv.size(-1) // 3
         hs = C // self.NH
         return [qkv[..., o + h * hs:o + (h + 1) * hs] for o in (0, 2 * C, 2 * C)]
+
+
+# ----------------------------------------------------------------------------- more general pins
+
+class MethodScaleAttn(Attn):
+    """The scores' scale from a method of the module (right: 1/sqrt(hs))."""
+
+    def scale(self):
+        return 1.0 / math.sqrt(self.c_attn.in_features // self.NH)
+
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) * self.scale()
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return F.softmax(s, dim=-1)
+
+
+class MethodScaleByHs(MethodScaleAttn):
+    def scale(self):
+        return 1.0 / (self.c_attn.in_features // self.NH)
+
+
+class MaskHidesThePast(Attn):
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(~self.causal(q.size(-2)), float('-inf'))
+        return F.softmax(s, dim=-1)
+
+
+class FnMLP(nn.Module):
+    """The MLP with its GELU a method, no module (right)."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+    def act(self, h):
+        return F.gelu(h, approximate="tanh")
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GeluAfterProj(FnMLP):
+    def forward(self, x):
+        return self.act(self.c_proj(self.c_fc(x)))
+
+
+def mlp_block(mlp):
+    """A Block whose MLP is ``mlp``."""
+    class MLPBlock(Block):
+        def __init__(self, C, NH, norm=Norm, attn=Attn):
+            super().__init__(C, NH, norm, attn)
+            self.mlp = mlp(C)
+    return MLPBlock
+
+
+def adam_groups(model, hyper):
+    """Parameter groups, decay on all (right)."""
+    ps = list(model.parameters())
+    groups = [{"params": [p for p in ps if p.dim() >= 2]},
+              {"params": [p for p in ps if p.dim() < 2]}]
+    return torch.optim.AdamW(groups, lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2), eps=hyper.eps,
+                             weight_decay=hyper.weight_decay)
+
+
+def adam_groups_no_decay(model, hyper):
+    """nanoGPT's groups: no decay on the vectors, set in their group's dict."""
+    ps = list(model.parameters())
+    groups = [{"params": [p for p in ps if p.dim() >= 2]},
+              {"params": [p for p in ps if p.dim() < 2],
+               'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2), eps=hyper.eps,
+                             weight_decay=hyper.weight_decay)
+
+
+class MaskFilledWithZero(Attn):
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), 0.0)
+        return F.softmax(s, dim=-1)
+
+
+@dataclass
+class NormConfig:
+    """The norms' settings, a config object the blocks hold (right)."""
+
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class TinyEpsConfig(NormConfig):
+    norm_eps: float = 1e-8
+
+
+def config_block(config):
+    """A Block whose norms take their eps from a ``config`` object it holds."""
+    class ConfigBlock(Block):
+        def __init__(self, C, NH, norm=Norm, attn=Attn):
+            super().__init__(C, NH, norm, attn)
+            self.settings = config()
+            self.ln_1, self.ln_2 = norm(C, eps=self.settings.norm_eps), norm(C, eps=self.settings.norm_eps)
+    return ConfigBlock

@@ -1,5 +1,5 @@
 """Failures that no forward op shows, pinned to the line of the port that makes them
-(harness/ports/pins.py, and record.py's residual, whole-forward, NaN, mask and attribute
+(harness/ports/pins.py, and localise.py's residual, whole-forward, NaN, mask and attribute
 pins): a port of its own (tests/ports/pin_ports.py, not BUGS7's model), one mistake per
 variant, each pinned to the mistake's line (found by its text); a deliberately wrong
 pinner pins each elsewhere (or nowhere); a passing port records nothing.
@@ -16,6 +16,7 @@ import pytest
 from harness import TorchModel, run_parity, to_json
 from harness.checks.results import first_divergence_check, first_structure
 from harness.ports import pins as P
+from harness.ports import localise as L
 from harness.ports import record as R
 from harness.probe import listening
 from pyref import synth
@@ -63,6 +64,18 @@ MISTAKES = {
                                         "model.transformer.h.parameters(),", "adamw"),
     "weight decay left to torch": (TorchModel(pp.PinGPT, optimizer=pp.adam_no_decay),
                                    "betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)", "adamw"),
+    "scale from a method": (V(attn=pp.MethodScaleByHs), "return 1.0 / (self.c_attn.in_features // self.NH)",
+                            "attention_forward"),
+    "mask hides the past (NaN)": (V(attn=pp.MaskHidesThePast), "s = s.masked_fill(~self.causal(q.size(-2)), "
+                                  "float('-inf'))", "attention_forward"),
+    "mask filled with 0": (V(attn=pp.MaskFilledWithZero), "s = s.masked_fill(self.causal(q.size(-2)), 0.0)",
+                           "attention_forward"),
+    "eps from a config's field": (V(block=pp.config_block(pp.TinyEpsConfig)), "norm_eps: float = 1e-8",
+                                  "layernorm_forward"),
+    "GELU after the projection": (V(block=pp.mlp_block(pp.GeluAfterProj)), "return self.act(self.c_proj(self.c_fc(x)))",
+                                  "gelu_forward"),
+    "no decay in a parameter group": (TorchModel(pp.PinGPT, optimizer=pp.adam_groups_no_decay), "'weight_decay': 0.0}]",
+                                      "adamw"),
 }
 
 
@@ -109,6 +122,17 @@ def test_the_right_port_passes_and_records_nothing():
     assert not report.steps[0].structure.get("port")
 
 
+@pytest.mark.parametrize("port", [V(attn=pp.MethodScaleAttn), V(block=pp.mlp_block(pp.FnMLP)),
+                                  TorchModel(pp.PinGPT, optimizer=pp.adam_groups),
+                                  V(block=pp.config_block(pp.NormConfig))],
+                         ids=["method scale", "gelu method", "groups", "config eps"])
+def test_the_right_forms_of_the_new_pins_pass(port):
+    """A scale from a method, a GELU by a method, parameter groups that keep the run's
+    decay: right, so nothing fails and nothing is pinned."""
+    report, pin, recorded = run(port)
+    assert report.passed and pin is None and recorded == []
+
+
 def test_the_right_head_loop_passes_and_records_nothing():
     report, pin, recorded = run(V(attn=pp.HeadLoopAttn))
     assert report.passed and pin is None and recorded == []
@@ -139,7 +163,7 @@ def test_the_optimizer_pin_names_the_differing_setting():
 
 # ----------------------------------------------------------------------------- a wrong pinner fails them
 
-_RIGHT = {"residual": R.residual_line, "distance": R.distance, "recording": R.forward_recording}
+_RIGHT = {"residual": L.residual_line, "distance": R.distance, "recording": R.forward_recording}
 
 
 def _innermost_block_line(ops, observed, block, kernel, layout=R.layouts):
@@ -163,16 +187,16 @@ WRONG = {
     "ln_f never called": ("harness.ports.pins.owned_site",
                           lambda stack, owner, outermost=False: R.owned_site(stack, owner, True)),
     "c_proj never called": ("harness.ports.pins.owned_site", lambda stack, owner, outermost=False: stack[-1].site),
-    "mlp residual dropped": ("harness.ports.record.residual_line", _innermost_block_line),
-    "wte halved": ("harness.ports.record.forward_recording",      # the module showing it only, never the whole
+    "mlp residual dropped": ("harness.ports.localise.residual_line", _innermost_block_line),
+    "wte halved": ("harness.ports.localise.forward_recording",      # the module showing it only, never the whole
                    lambda state, module=None, keep=None, params=False:
                    _RIGHT["recording"](state, module or "transformer.h.0", keep)),
-    "softmax over heads (NaN)": ("harness.ports.record.distance", _nan_blind),
-    "head loop: softmax over the queries": ("harness.ports.record.distance", _headless),
-    "head loop: keys read from the values": ("harness.ports.record._misplaced", lambda *a: None),
-    "head loop: a head's q, k, v side by side": ("harness.ports.record._operands_misplaced", lambda *a: None),
-    "mask sees the next token": ("harness.ports.record._unverified", lambda *a: set()),
-    "eps in the constructor": ("harness.ports.record.attribute_origin", lambda pin, *a: pin),
+    "softmax over heads (NaN)": ("harness.ports.localise.distance", _nan_blind),
+    "head loop: softmax over the queries": ("harness.ports.localise.distance", _headless),
+    "head loop: keys read from the values": ("harness.ports.localise._misplaced", lambda *a: None),
+    "head loop: a head's q, k, v side by side": ("harness.ports.localise._operands_misplaced", lambda *a: None),
+    "mask sees the next token": ("harness.ports.localise._unverified", lambda *a: set()),
+    "eps in the constructor": ("harness.ports.localise.attribute_origin", lambda pin, *a: pin),
     "label smoothing": ("harness.ports.pins.forward_recording",  # the blocks only: the loss is not seen
                         lambda state, module=None, keep=None, params=False:
                         _RIGHT["recording"](state, "transformer.h.0", keep)),
@@ -182,6 +206,12 @@ WRONG = {
     "custom Function's gradient": ("harness.ports.pins.backward_lines", lambda state: ()),
     "optimizer eps": ("harness.ports.pins._differing", lambda optimizer, hyper: {}),
     "optimizer given the blocks only": ("harness.ports.pins.not_given", lambda *a: []),
+    "scale from a method": ("harness.ports.pins.float_methods", lambda owner, text: []),
+    "mask hides the past (NaN)": ("harness.ports.localise._infinite_maker", lambda ops, suspects: set()),
+    "mask filled with 0": ("harness.ports.localise._fills", lambda *a: False),
+    "eps from a config's field": ("harness.ports.pins.config_site", lambda *a: None),
+    "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
+    "no decay in a parameter group": ("harness.ports.pins._group_lines", lambda *a: {}),
 }
 
 

@@ -1,4 +1,5 @@
-"""A torch port's failure pinned to the line of its source (harness/ports/record.py).
+"""A torch port's failure pinned to the line of its source (harness/ports/record.py,
+harness/ports/localise.py).
 
 A module's forward recorded at the level of torch's dispatched ops gives each op its user
 line; a planted bug on one line of a hand-written attention, GELU or layer norm
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 from harness import TorchModel, run_parity, to_json
 from harness.checks.results import first_divergence_check
+from harness.ports import localise as L
 from harness.ports import record as R
 from harness.probe import listening
 from pyref import synth
@@ -167,7 +169,7 @@ def test_a_matcher_without_layouts_does_not_pin_the_attention_bug(monkeypatch):
     only reshapes does not see that the weighted sum is the first wrong value, and
     blames the head merge too."""
     text = PLANTED["attention"][1]
-    right = R.pin_failure
+    right = L.pin_failure
     monkeypatch.setattr("harness.checks.replay.pin_failure",
                         lambda state, node, ref: right(state, node, ref, layout=lambda a, shape: (
                             [a.reshape(shape)] if a.size == int(np.prod(shape)) else [])))
@@ -214,7 +216,7 @@ def _pin(model, kernel, x, **more):
     ops = R.record(model, lambda: model(x))
     args = {("logits" if kernel == "softmax_forward" else "inp"): x.double().numpy(), **more}
     observed = R.Stage("observed", "observed", model(x).detach().double().numpy())
-    return R.locate(ops, R.stages(kernel, args), observed, kernel, "")
+    return L.locate(ops, R.stages(kernel, args), observed, kernel, "")
 
 
 def test_a_matmul_is_pinned_past_its_product():
@@ -291,7 +293,7 @@ def test_a_reshape_of_right_values_is_the_line_not_the_product(monkeypatch):
     holding the failing values in any layout (the product, before the reshape) pins the
     product's line instead."""
     text = FUSED["MergedWithoutTranspose"][0]
-    monkeypatch.setattr(R, "_anchor", lambda ops, observed, layout=R.layouts, good=None: next(
+    monkeypatch.setattr(L, "_anchor", lambda ops, observed, layout=R.layouts, good=None: next(
         (op for op in ops if op.value is not None and op.name != "input"
          and R.distance(op.value, observed, layout) <= R.SAME_BOUND), None))
     c = _first(_run(fp.port(fp.MergedWithoutTranspose)))
