@@ -432,11 +432,3 @@ def distance(a: np.ndarray, stage: Stage, layout=layouts) -> float:
             best = d
     return best
 
-
-def __getattr__(name: str):
-    """``pin_failure``, whose home is :mod:`.localise` (which imports this module), for
-    :mod:`harness.checks.replay`'s import of it from here."""
-    if name == "pin_failure":
-        from .localise import pin_failure
-        return pin_failure
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
