@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import inspect
 import linecache
+import math
 import re
 import sys
 import textwrap
@@ -299,13 +300,16 @@ def backward_lines(state) -> tuple[Site, ...]:
 # torch's modules -> the options of their constructor that change what they compute or
 # their gradient (a padding row that gets none, a gain or bias left out, a GELU's form)
 _OPTIONS = {"Embedding": ("padding_idx", "max_norm", "scale_grad_by_freq", "sparse"),
-            "LayerNorm": ("elementwise_affine", "bias"), "Linear": ("bias",), "GELU": ("approximate",)}
+            "LayerNorm": ("eps", "elementwise_affine", "bias"), "Linear": ("bias",), "GELU": ("approximate",)}
+# where GPT-2's setting is not torch's default: the tanh GELU
+_GPT2 = {("GELU", "approximate"): "tanh"}
 
 
 def changed_options(module) -> tuple[type | None, dict]:
     """(the torch class of ``module`` that has options of :data:`_OPTIONS`, {option: its
-    setting} for those not at the constructor's default): ``padding_idx=0`` on an
-    ``nn.Embedding``, ``bias=False`` on a ``Linear`` (read as whether it holds a bias)."""
+    setting} for those not at GPT-2's setting, the constructor's default but where
+    :data:`_GPT2` says): ``padding_idx=0`` on an ``nn.Embedding``, ``bias=False`` on a
+    ``Linear`` (read as whether it holds a bias), ``eps=1e-3``, an ``nn.GELU()`` (erf)."""
     import torch
     base = next((k for k in type(module).__mro__ if k.__name__ in _OPTIONS
                  and k.__module__.startswith("torch.") and issubclass(k, torch.nn.Module)), None)
@@ -317,10 +321,13 @@ def changed_options(module) -> tuple[type | None, dict]:
         if name not in params or not hasattr(module, name):
             continue
         value = getattr(module, name)
-        default = params[name].default
+        default = _GPT2.get((base.__name__, name), params[name].default)
         if isinstance(default, bool) and (value is None or isinstance(value, torch.Tensor)):
             value = value is not None       # bias: held or not
-        if value != default:
+        if isinstance(default, float) and isinstance(value, float):
+            if not math.isclose(value, default, rel_tol=1e-6):
+                out[name] = value
+        elif value != default:
             out[name] = value
     return base, out
 
@@ -343,61 +350,102 @@ def option_site(model, wanted: set) -> tuple[Site, str] | None:
 
 def constructor_site(model, name: str, base: type, options: dict) -> Site | None:
     """The line, in the user's files, of the call constructing ``model``'s module ``name``
-    (a ``base`` torch module) with ``options`` set: the calls of its class's name whose
-    arguments, bound to ``base``'s signature, set one of them (to that value where it is a
-    constant), those in the classes of the module's owners first (the most derived, the
-    innermost owner first: the subclass whose method makes it). A heuristic on the source
-    (``ast``), as the optimizer's call is found."""
+    (a ``base`` torch module) with ``options`` set: the calls of its class's name (or a
+    ``super().__init__`` in its class) whose arguments, bound to ``base``'s signature, set
+    one of them (to that value where it is a constant), or leave to torch's default one
+    whose GPT-2 setting is not it (:func:`_option_line`); of those, the call whose result
+    is assigned under the module's own name first (``self.gelu = nn.GELU()``,
+    ``wpe=nn.Embedding(...)``), then those in the classes of the module's owners (the most
+    derived, the innermost owner first: the subclass whose method makes it). A heuristic
+    on the source (``ast``), as the optimizer's call is found."""
     modules = dict(model.named_modules())
-    kinds = {k.__name__ for k in type(modules[name]).__mro__[:type(modules[name]).__mro__.index(base) + 1]}
-    owners, at = [], name
+    mro = type(modules[name]).__mro__
+    kinds = {k.__name__ for k in mro[:mro.index(base) + 1]}
+    owners, at = [k for k in mro[:mro.index(base)]], name
     while at:
         at = at.rpartition(".")[0]
         owners.extend(k for k in type(modules[at]).__mro__ if k not in owners)
-    files = {f for f in (getattr(sys.modules.get(k.__module__), "__file__", None) for k in owners) if f and is_user_file(f)}
+    # the owners' files, and those of the functions their classes hold (a factory given as a
+    # class attribute: ``norm = make_norm``)
+    held = [getattr(v, "__func__", v) for k in owners for v in vars(k).values()]
+    files = {f for f in [getattr(sys.modules.get(k.__module__), "__file__", None) for k in owners]
+             + [getattr(getattr(v, "__code__", None), "co_filename", None) for v in held] if f and is_user_file(f)}
     found = []
     for file in sorted(files):
-        for klass, call in _calls_in(file, kinds):
+        for klass, assigned, call in _calls_in(file, kinds):
             line = _option_line(call, base, options)
             if line is not None:
                 rank = next((i for i, k in enumerate(owners) if k.__name__ == klass
                              and getattr(sys.modules.get(k.__module__), "__file__", None) == file), len(owners))
-                found.append((rank, file, line))
+                found.append((assigned != name.rpartition(".")[2], rank, file, line))
     if not found:
         return None
-    _, file, line = min(found)
+    *_, file, line = min(found)
     return _line(file, line)
 
 
 def _calls_in(file: str, kinds: set):
-    """(the enclosing class's name or None, the call) for each call in ``file`` of a name
-    in ``kinds`` (``nn.Embedding(...)``, ``Embedding(...)``)."""
+    """(the enclosing class's name or None, the name its result is given or None, the
+    call) for each call in ``file`` of a name in ``kinds`` (``nn.Embedding(...)``,
+    ``Embedding(...)``), or of ``super().__init__`` in a class of that name."""
     try:
         tree = ast.parse("".join(linecache.getlines(file)))
     except SyntaxError:
         return
     classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    names = _assigned_names(tree)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            f = node.func
-            called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
-            if called in kinds:
-                inner = [c for c in classes if c.lineno <= node.lineno <= c.end_lineno]
-                yield (max(inner, key=lambda c: c.lineno).name if inner else None), node
+        if not isinstance(node, ast.Call):
+            continue
+        inner = [c for c in classes if c.lineno <= node.lineno <= c.end_lineno]
+        klass = max(inner, key=lambda c: c.lineno).name if inner else None
+        f = node.func
+        called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        init = (called == "__init__" and isinstance(f.value, ast.Call) and isinstance(f.value.func, ast.Name)
+                and f.value.func.id == "super" and klass in kinds)
+        if called in kinds or init:
+            yield klass, names.get(id(node)), node
+
+
+def _assigned_names(tree) -> dict[int, str]:
+    """{id of a call: the name it is assigned to}: ``self.x = call``, ``x = call``, element by
+    element of a tuple assigned to a tuple, ``x=call`` as a keyword, ``"x": call`` in a dict."""
+    out = {}
+
+    def name_of(t):
+        return t.attr if isinstance(t, ast.Attribute) else t.id if isinstance(t, ast.Name) else None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Tuple) and isinstance(node.value, ast.Tuple) and len(t.elts) == len(node.value.elts):
+                    out.update({id(v): name_of(e) for e, v in zip(t.elts, node.value.elts)})
+                else:
+                    out[id(node.value)] = name_of(t)
+        elif isinstance(node, ast.keyword) and node.arg:
+            out[id(node.value)] = node.arg
+        elif isinstance(node, ast.Dict):
+            out.update({id(v): k.value for k, v in zip(node.keys, node.values)
+                        if isinstance(k, ast.Constant) and isinstance(k.value, str)})
+    return out
 
 
 def _option_line(call: ast.Call, base: type, options: dict) -> int | None:
     """The line of ``call``'s argument setting one of ``options`` (bound to ``base``'s
-    signature), where it is not a constant other than the option's setting; None."""
+    signature), where it is not a constant other than the option's setting; else the
+    call's last line where it leaves one to torch's default and that default is the
+    option's setting (not GPT-2's: ``nn.GELU()``); None."""
     if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
         return None
     try:
         bound = inspect.signature(base).bind(*call.args, **{k.arg: k.value for k in call.keywords})
     except TypeError:
         return None
+    params = inspect.signature(base).parameters
     for option, value in options.items():
         node = bound.arguments.get(option)
         if node is None:
+            if option in params and params[option].default == value:
+                return call.end_lineno
             continue
         if isinstance(node, ast.Constant) and node.value != value and not (
                 isinstance(value, bool) and node.value is None and value is False):

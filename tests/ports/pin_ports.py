@@ -430,3 +430,25 @@ class KeysChunkedFirst(Attn):
     def forward(self, x):
         k, q, v = map(self.heads, self.c_attn(x).chunk(3, dim=-1))
         return self.c_proj((self.probs(q, k) @ v).transpose(1, 2).flatten(2))
+
+
+class TorchGeluMLP(MLP):
+    def __init__(self, C):
+        super().__init__(C)
+        self.gelu = nn.GELU()
+
+
+class TanhGeluMLP(MLP):                     # torch's GELU module, tanh (right)
+    def __init__(self, C):
+        super().__init__(C)
+        self.gelu = nn.GELU(approximate="tanh")
+
+
+class TorchNorm(nn.LayerNorm):              # torch's layer norm (right)
+    def __init__(self, C):
+        super().__init__(C)
+
+
+class LooseTorchNorm(nn.LayerNorm):
+    def __init__(self, C):
+        super().__init__(C, eps=1e-3)

@@ -83,6 +83,8 @@ MISTAKES = {
     "positions' gradient scaled by count": (pp.PositionsScaledByFreq, "scale_grad_by_freq=True)", "backward"),
     "keys chunked first": (V(attn=pp.KeysChunkedFirst), "k, q, v = map(self.heads, self.c_attn(x).chunk(3, dim=-1))",
                            "attention_forward"),
+    "torch's GELU at its default": (V(block=pp.mlp_block(pp.TorchGeluMLP)), "self.gelu = nn.GELU()", "gelu_forward"),
+    "torch's layer norm's eps": (V(norm=pp.LooseTorchNorm), "super().__init__(C, eps=1e-3)", "layernorm_forward"),
 }
 
 
@@ -131,8 +133,10 @@ def test_the_right_port_passes_and_records_nothing():
 
 @pytest.mark.parametrize("port", [V(attn=pp.MethodScaleAttn), V(block=pp.mlp_block(pp.FnMLP)),
                                   TorchModel(pp.PinGPT, optimizer=pp.adam_groups),
-                                  V(block=pp.config_block(pp.NormConfig)), pp.DefaultsSpelledOut],
-                         ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out"])
+                                  V(block=pp.config_block(pp.NormConfig)), pp.DefaultsSpelledOut,
+                                  V(block=pp.mlp_block(pp.TanhGeluMLP)), V(norm=pp.TorchNorm)],
+                         ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
+                              "torch's tanh GELU", "torch's layer norm"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay, torch's modules built with their defaults written out: right, so nothing fails
@@ -225,6 +229,8 @@ WRONG = {
     "positions' gradient scaled by count": ("harness.ports.pins.changed_options", lambda module: (None, {})),
     # scores of (B*NH, T, T) matched in any layout again: k q^T taken for the scores
     "keys chunked first": ("harness.ports.record._common_tail", lambda a, b: 0),
+    "torch's GELU at its default": ("harness.ports.localise.module_origin", lambda pin, *a: pin),
+    "torch's layer norm's eps": ("harness.ports.pins._calls_in", lambda file, kinds: iter(())),
 }
 
 
@@ -277,10 +283,13 @@ def test_a_torch_modules_changed_options_and_its_constructor():
     assert P.changed_options(torch.nn.LayerNorm(3, elementwise_affine=False))[1] == {"elementwise_affine": False,
                                                                                      "bias": False}
     assert P.changed_options(pp.Norm(3)) == (None, {})       # not torch's: its own code
+    assert P.changed_options(torch.nn.GELU())[1] == {"approximate": "none"}     # GPT-2's is tanh
+    assert P.changed_options(pp.LooseTorchNorm(3)) == (torch.nn.LayerNorm, {"eps": 1e-3})
     call = lambda text: ast.parse(text).body[0].value       # noqa: E731
     assert P._option_line(call("nn.Embedding(5, 3,\n 2)"), torch.nn.Embedding, {"padding_idx": 2}) == 2
     assert P._option_line(call("nn.Embedding(5, 3, padding_idx=0)"), torch.nn.Embedding, {"padding_idx": 2}) is None
     assert P._option_line(call("nn.Embedding(5, 3)"), torch.nn.Embedding, {"padding_idx": 2}) is None
+    assert P._option_line(call("nn.GELU(\n)"), torch.nn.GELU, {"approximate": "none"}) == 2     # left to the default
     model = pp.PositionsScaledByFreq(TINY)
     site = P.constructor_site(model, "transformer.wpe", torch.nn.Embedding, {"scale_grad_by_freq": True})
     assert (site.file, site.line) == (str(PORTS), line_of("scale_grad_by_freq=True)", PORTS))
