@@ -11,8 +11,9 @@ compute and do not reproduce (:func:`_first_unmatched`). Around that rule: an op
 holds another intermediate's value in its place (:func:`_misplaced`,
 :func:`_operands_misplaced`: the line that made it), a mask decided outside the checked
 causal triangle (:func:`_unverified`), the first NaN (:func:`_first_nan`), a residual at
-its block's line (:func:`residual_line`) and a wrong constant where the attribute read on
-the pinned line was set (:func:`attribute_origin`).
+its block's line (:func:`residual_line`), a wrong constant where the attribute read on
+the pinned line was set (:func:`attribute_origin`) and an op computed by torch's own module
+at the call that built it with a setting not GPT-2's (:func:`module_origin`).
 """
 from __future__ import annotations
 

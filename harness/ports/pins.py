@@ -18,8 +18,13 @@ check has failed (nothing here runs on a passing step):
   model returns, matched to the reference's log-softmax and cross-entropy steps
   (:func:`.localise.locate`): the lines after the last step the port reproduces;
 * a parameter's gradient (:func:`backward_pin`): the line that detaches a parameter in
-  the forward (``weight.detach()``, ``.data``), else the user lines autograd runs in the
-  backward (a custom ``autograd.Function``'s ``backward``);
+  the forward (``weight.detach()``, ``.data``), else the constructor call of the torch
+  module holding it where an option changes its gradient (``padding_idx=0``:
+  :func:`option_site`), else the user lines autograd runs in the backward (a custom
+  ``autograd.Function``'s ``backward``);
+* a parameter that receives no gradient (:func:`no_gradient_pin`): a detach, else the line
+  that uses the other parameters of its op without it (never read), else the line that
+  calls its module and drops what it returns (read, but never reaching the loss);
 * the update (:func:`optimizer_pin`): the port's optimizer factory run again, the frame
   that constructs the optimizer caught (``sys.setprofile``), and of its call the
   keyword whose setting differs from the run's (``betas=(0.9, 0.95)``), or the call's last
