@@ -2,7 +2,8 @@
 ...), its parts as small methods, with one mistake per variant on one line, for
 tests/ports/test_pins.py: each failure (a structural finding, a residual, the encoder, a NaN,
 a mask, a constructor's constant, the loss, a detached weight, a custom autograd
-Function's gradient, the optimizer's settings) must be pinned to the mistake's line,
+Function's gradient, the optimizer's settings, a parameter left out or its module's output
+dropped, torch's module built with a setting not GPT-2's, q and k chunked swapped) must be pinned to the mistake's line,
 found by its text. ``PinGPT`` itself is right; it is not tests/ports/heldout_qkv.py's model
 (the tests are not tuned to BUGS7)."""
 from __future__ import annotations
