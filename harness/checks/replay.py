@@ -19,7 +19,7 @@ from ..probe import marked, span
 from ..arbiter.tolerances import term_magnitude
 from ..ports.census import first_structure
 from ..ports.pins import backward_pin, loss_pin, optimizer_pin, structure_pin
-from ..ports.record import pin_failure
+from ..ports.localise import pin_failure
 from .modelstate import CheckedState, args64, replayable
 from .results import Check, first_divergence_check
 from .precision import precision_of

@@ -11,8 +11,9 @@ compute and do not reproduce (:func:`_first_unmatched`). Around that rule: an op
 holds another intermediate's value in its place (:func:`_misplaced`,
 :func:`_operands_misplaced`: the line that made it), a mask decided outside the checked
 causal triangle (:func:`_unverified`), the first NaN (:func:`_first_nan`), a residual at
-its block's line (:func:`residual_line`) and a wrong constant where the attribute read on
-the pinned line was set (:func:`attribute_origin`).
+its block's line (:func:`residual_line`), a wrong constant where the attribute read on
+the pinned line was set (:func:`attribute_origin`) and an op computed by torch's own module
+at the call that built it with a setting not GPT-2's (:func:`module_origin`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pyref.protocol import FORWARD_OUTPUTS
 
 from ..graph import Node, Ref
 from .record import (MATCH_BOUND, NEAR_BOUND, SAME_BOUND, Op, Site, Stage, _squeezed, _stage, distance,
-                     forward_recording, layouts, owned_site, stages)
+                     forward_recording, is_user_file, layouts, owned_site, stages)
 
 
 # ----------------------------------------------------------------------------- pinning a failure to a line
@@ -107,7 +108,7 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
             return residual_line(rec.ops, observed, _block(state, node.layer), node.kernel, layout)
         pin = locate(rec.ops, found, observed, node.kernel, name or "", layout)
         if pin is not None:
-            return attribute_origin(pin, rec.ops, model, node.kernel, args)
+            return module_origin(attribute_origin(pin, rec.ops, model, node.kernel, args), rec.ops, model, node.kernel)
     return None
 
 
@@ -183,6 +184,35 @@ def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) ->
             site = method_site(owner, name)
             if site is not None and site not in pin.lines:
                 return replace(pin, lines=(site, *pin.lines))
+    return pin
+
+
+# the torch module that computes a graph op itself (its forward torch's, its settings the
+# constructor's)
+_OWN_MODULE = {"gelu_forward": "GELU", "layernorm_forward": "LayerNorm", "encoder_forward": "Embedding"}
+
+
+def module_origin(pin: Pin, ops: list[Op], model, kernel: str) -> Pin:
+    """``pin`` with, before its lines, the line constructing the torch module that computed
+    the op on its first line (an ``nn.GELU``, an ``nn.LayerNorm``: the line calls it, its
+    forward is torch's) where that module is the graph op's own kind and is built with a
+    setting that is not GPT-2's (:func:`.pins.changed_options`: ``nn.GELU()``'s erf,
+    ``eps=1e-3``): its inputs matched and it computed them wrong, so what it was built with
+    is the mistake (:func:`.pins.constructor_site`)."""
+    from .pins import changed_options, constructor_site
+    if _OWN_MODULE.get(kernel) is None:
+        return pin
+    modules = dict(model.named_modules())
+    for name in dict.fromkeys(o.module for o in ops if o.site == pin.lines[0] and o.module in modules):
+        module = modules[name]
+        base, options = changed_options(module)
+        forward = getattr(type(module).forward, "__code__", None)
+        if base is None or base.__name__ != _OWN_MODULE[kernel] or not options or (
+                forward is not None and is_user_file(forward.co_filename)):
+            continue
+        site = constructor_site(model, name, base, options)
+        if site is not None and site not in pin.lines:
+            return replace(pin, lines=(site, *pin.lines))
     return pin
 
 

@@ -18,8 +18,13 @@ check has failed (nothing here runs on a passing step):
   model returns, matched to the reference's log-softmax and cross-entropy steps
   (:func:`.localise.locate`): the lines after the last step the port reproduces;
 * a parameter's gradient (:func:`backward_pin`): the line that detaches a parameter in
-  the forward (``weight.detach()``, ``.data``), else the user lines autograd runs in the
-  backward (a custom ``autograd.Function``'s ``backward``);
+  the forward (``weight.detach()``, ``.data``), else the constructor call of the torch
+  module holding it where an option changes its gradient (``padding_idx=0``:
+  :func:`option_site`), else the user lines autograd runs in the backward (a custom
+  ``autograd.Function``'s ``backward``);
+* a parameter that receives no gradient (:func:`no_gradient_pin`): a detach, else the line
+  that uses the other parameters of its op without it (never read), else the line that
+  calls its module and drops what it returns (read, but never reaching the loss);
 * the update (:func:`optimizer_pin`): the port's optimizer factory run again, the frame
   that constructs the optimizer caught (``sys.setprofile``), and of its call the
   keyword whose setting differs from the run's (``betas=(0.9, 0.95)``), or the call's last
@@ -30,6 +35,7 @@ from __future__ import annotations
 import ast
 import inspect
 import linecache
+import math
 import re
 import sys
 import textwrap
@@ -57,7 +63,7 @@ def structure_pin(state, finding) -> Pin | None:
     if model is None or census is None or not finding.module:
         return None
     if finding.id == "structure.no-gradient":
-        pin = backward_pin(state, finding.values.get("tensor", "").split("[")[0])
+        pin = no_gradient_pin(state, finding)
         return None if pin is None else replace(pin, kernel=finding.where or finding.module)
     rec = forward_recording(state, None, keep=lambda t: False)
     if rec is None:
@@ -147,8 +153,11 @@ def loss_pin(state) -> Pin | None:
 def backward_pin(state, name: str) -> Pin | None:
     """The line where the port's forward breaks the graph (the C tensor ``name``'s
     parameter first): a detach (``.detach()``, ``.data``) whose result is used, of that
-    parameter, of another, else of an activation; else the user lines that autograd runs in
-    the backward (a custom Function's ``backward``, a hook): :func:`backward_lines`."""
+    parameter, of another, else of an activation (:func:`_detached`); else the constructor
+    call of the torch module holding that parameter where an option of it changes its
+    gradient (``nn.Embedding(..., padding_idx=0)``: :func:`option_site`); else the user
+    lines that autograd runs in the backward (a custom Function's ``backward``, a hook):
+    :func:`backward_lines`."""
     model = getattr(state, "model", None)
     entries = getattr(state, "entries", None)
     if model is None or entries is None:
@@ -157,6 +166,21 @@ def backward_pin(state, name: str) -> Pin | None:
     if rec is None:
         return None
     wanted = {id(e.param) for e in entries if e.slot.name == name}
+    site = _detached(rec, wanted)
+    if site is not None:
+        return _pin("backward", site, "the graph is broken here: no gradient flows back")
+    found = option_site(model, wanted)
+    if found is not None:
+        site, says = found
+        return _pin("backward", site, says)
+    lines = backward_lines(state)
+    return _pin("backward", lines, "the port's own backward returns the gradient here") if lines else None
+
+
+def _detached(rec, wanted: set) -> Site | None:
+    """The line of the recorded forward (``params``: its parameters known) that detaches
+    a tensor whose result is used: of a ``wanted`` parameter first, of another, else of an
+    activation; None where none does."""
     used = {i for op in rec.ops for i in op.inputs}
     detached = [op for op in rec.ops if op.name in ("aten.detach.default", "aten.alias.default") and op.site
                 and op.index in used and all(rec.ops[i].name != "input" for i in op.inputs)]
@@ -164,10 +188,93 @@ def backward_pin(state, name: str) -> Pin | None:
     def rank(op):
         params = [rec.param_ids.get(i) for i in op.inputs if i in rec.param_ids]
         return (not any(p in wanted for p in params), not params, op.index)
-    if detached:
-        return _pin("backward", min(detached, key=rank).site, "the graph is broken here: no gradient flows back")
+    return min(detached, key=rank).site if detached else None
+
+
+def no_gradient_pin(state, finding) -> Pin | None:
+    """The line behind a parameter that receives no gradient (a ``structure.no-gradient``
+    ``finding``), from the forward recorded with its parameters: a detach (:func:`_detached`);
+    else, where no op reads the parameter, the line of its module's forward that reads the
+    module's other parameters of the same graph op without it (``F.layer_norm(x, shape,
+    self.weight, None, eps)``: :func:`_unread_site`); else, where it is read but its
+    module's output never reaches the loss, the line that calls the outermost such module
+    and drops what it returns (``h = block(x)``: :func:`_dropped_site`); else the port's
+    own backward lines (:func:`backward_lines`)."""
+    model, entries = getattr(state, "model", None), getattr(state, "entries", None)
+    if model is None or entries is None:
+        return None
+    rec = forward_recording(state, None, keep=lambda t: False, params=True)
+    if rec is None:
+        return None
+    name = finding.values.get("parameter", "")
+    tensor = finding.values.get("tensor", "").split("[")[0]
+    site = _detached(rec, {id(e.param) for e in entries if e.slot.name == tensor})
+    if site is not None:
+        return _pin("backward", site, "the graph is broken here: no gradient flows back")
+    entry = next((e for e in entries if name in e.names), None)
+    if entry is not None:
+        found = (_unread_site(rec, model, entry, entries)
+                 or _dropped_site(rec, model, name, getattr(getattr(state, "census", None), "graph", {})))
+        if found is not None:
+            return _pin("backward", found[0], found[1])
     lines = backward_lines(state)
     return _pin("backward", lines, "the port's own backward returns the gradient here") if lines else None
+
+
+def _unread_site(rec, model, entry, entries) -> tuple[Site, str] | None:
+    """(the line, the words) where no recorded op reads ``entry``'s parameter: the first
+    line that reads another parameter of the same graph op (``ln1w[0]`` beside
+    ``ln1b[0]``), in a method of the module holding it where one does (a forward that
+    left it out of the call); None where the parameter is read, or no sibling is."""
+    from .census import _slot_op
+    pid = id(entry.param)
+    own = {i for i, p in rec.param_ids.items() if p == pid}
+    if any(i in own for op in rec.ops for i in op.inputs):
+        return None
+    op_of = _slot_op(entry.slot)
+    siblings = {id(e.param) for e in entries if e is not entry and op_of is not None and _slot_op(e.slot) == op_of}
+    others = {i for i, p in rec.param_ids.items() if p in siblings}
+    name = entry.names[0]
+    owner = dict(model.named_modules()).get(name.rpartition(".")[0])
+    for op in rec.ops:
+        if op.name != "param" and others.intersection(op.inputs):
+            site = (owned_site(op.stack, owner) if owner is not None else None) or op.site
+            if site is not None:
+                return site, f"{name} is never read: this line uses the other parameters of its op without it"
+    return None
+
+
+def _dropped_site(rec, model, name: str, graph: dict) -> tuple[Site, str] | None:
+    """(the line, the words) where the parameter ``name`` is read but what its module
+    returns never reaches what the model returns (the loss, the logits): the line calling
+    the outermost module whose every call's output is left unused, the graph's op after
+    that module's named as the one not given it; None where the module's output is used."""
+    root = next((c for c in rec.calls if c.module == ""), None)
+    if root is None or not root.outputs:
+        return None
+    reach, todo = set(), list(root.outputs)
+    while todo:
+        i = todo.pop()
+        if i not in reach:
+            reach.add(i)
+            todo.extend(rec.ops[i].inputs)
+    dropped, module = None, name.rpartition(".")[0]
+    while module:
+        calls = [c for c in rec.calls if c.module == module]
+        if calls:
+            if not all(c.outputs for c in calls) or any(i in reach for c in calls for i in c.outputs):
+                break
+            dropped = calls[0]
+        module = module.rpartition(".")[0]
+    if dropped is None or not dropped.stack:
+        return None
+    inside = [r for n, (r, _) in graph.items() if n == dropped.module or n.startswith(dropped.module + ".")]
+    after = sorted((r, op) for n, (r, op) in graph.items() if inside and r > max(inside)
+                   and not (n == dropped.module or n.startswith(dropped.module + ".")))
+    says = f"{dropped.module}'s output never reaches the loss: this line drops it"
+    if after:
+        says += f" (the graph's next op, {after[0][1]}, is not given it)"
+    return dropped.stack[0].site, says
 
 
 def backward_lines(state) -> tuple[Site, ...]:
@@ -193,6 +300,163 @@ def backward_lines(state) -> tuple[Site, ...]:
     ops = [op for op in rec.ops if op.stack]
     last = [op.site for op, nxt in zip(ops, ops[1:] + [None]) if nxt is None or nxt.stack[0].code != op.stack[0].code]
     return tuple(dict.fromkeys(last))
+
+
+# torch's modules -> the options of their constructor that change what they compute or
+# their gradient (a padding row that gets none, a gain or bias left out, a GELU's form)
+_OPTIONS = {"Embedding": ("padding_idx", "max_norm", "scale_grad_by_freq", "sparse"),
+            "LayerNorm": ("eps", "elementwise_affine", "bias"), "Linear": ("bias",), "GELU": ("approximate",)}
+# where GPT-2's setting is not torch's default: the tanh GELU
+_GPT2 = {("GELU", "approximate"): "tanh"}
+
+
+def changed_options(module) -> tuple[type | None, dict]:
+    """(the torch class of ``module`` that has options of :data:`_OPTIONS`, {option: its
+    setting} for those not at GPT-2's setting, the constructor's default but where
+    :data:`_GPT2` says): ``padding_idx=0`` on an ``nn.Embedding``, ``bias=False`` on a
+    ``Linear`` (read as whether it holds a bias), ``eps=1e-3``, an ``nn.GELU()`` (erf)."""
+    import torch
+    base = next((k for k in type(module).__mro__ if k.__name__ in _OPTIONS
+                 and k.__module__.startswith("torch.") and issubclass(k, torch.nn.Module)), None)
+    if base is None:
+        return None, {}
+    params = inspect.signature(base.__init__).parameters
+    out = {}
+    for name in _OPTIONS[base.__name__]:
+        if name not in params or not hasattr(module, name):
+            continue
+        value = getattr(module, name)
+        default = _GPT2.get((base.__name__, name), params[name].default)
+        if isinstance(default, bool) and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None       # bias: held or not
+        if isinstance(default, float) and isinstance(value, float):
+            if not math.isclose(value, default, rel_tol=1e-6):
+                out[name] = value
+        elif value != default:
+            out[name] = value
+    return base, out
+
+
+def option_site(model, wanted: set) -> tuple[Site, str] | None:
+    """(the line, the words) of the constructor call, in the user's source, of a torch
+    module holding one of the ``wanted`` parameters (``id``s) built with an option that
+    changes its gradient or output (:func:`changed_options`); None where none is."""
+    for name, module in model.named_modules():
+        if not any(id(p) in wanted for p in module.parameters(recurse=False)):
+            continue
+        base, options = changed_options(module)
+        if options:
+            site = constructor_site(model, name, base, options)
+            if site is not None:
+                said = ", ".join(f"{k}={v!r}" for k, v in options.items())
+                return site, f"{name} is built with {said}: not GPT-2's {base.__name__}"
+    return None
+
+
+def constructor_site(model, name: str, base: type, options: dict) -> Site | None:
+    """The line, in the user's files, of the call constructing ``model``'s module ``name``
+    (a ``base`` torch module) with ``options`` set: the calls of its class's name (or a
+    ``super().__init__`` in its class) whose arguments, bound to ``base``'s signature, set
+    one of them (to that value where it is a constant), or leave to torch's default one
+    whose GPT-2 setting is not it (:func:`_option_line`); of those, the call whose result
+    is assigned under the module's own name first (``self.gelu = nn.GELU()``,
+    ``wpe=nn.Embedding(...)``), then those in the classes of the module's owners (the most
+    derived, the innermost owner first: the subclass whose method makes it). A heuristic
+    on the source (``ast``), as the optimizer's call is found."""
+    modules = dict(model.named_modules())
+    mro = type(modules[name]).__mro__
+    kinds = {k.__name__ for k in mro[:mro.index(base) + 1]}
+    owners, at = [k for k in mro[:mro.index(base)]], name
+    while at:
+        at = at.rpartition(".")[0]
+        owners.extend(k for k in type(modules[at]).__mro__ if k not in owners)
+    # the owners' files, and those of the functions their classes hold (a factory given as a
+    # class attribute: ``norm = make_norm``)
+    held = [getattr(v, "__func__", v) for k in owners for v in vars(k).values()]
+    files = {f for f in [getattr(sys.modules.get(k.__module__), "__file__", None) for k in owners]
+             + [getattr(getattr(v, "__code__", None), "co_filename", None) for v in held] if f and is_user_file(f)}
+    found = []
+    for file in sorted(files):
+        for klass, assigned, call in _calls_in(file, kinds):
+            line = _option_line(call, base, options)
+            if line is not None:
+                rank = next((i for i, k in enumerate(owners) if k.__name__ == klass
+                             and getattr(sys.modules.get(k.__module__), "__file__", None) == file), len(owners))
+                found.append((assigned != name.rpartition(".")[2], rank, file, line))
+    if not found:
+        return None
+    *_, file, line = min(found)
+    return _line(file, line)
+
+
+def _calls_in(file: str, kinds: set):
+    """(the enclosing class's name or None, the name its result is given or None, the
+    call) for each call in ``file`` of a name in ``kinds`` (``nn.Embedding(...)``,
+    ``Embedding(...)``), or of ``super().__init__`` in a class of that name."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(file)))
+    except SyntaxError:
+        return
+    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    names = _assigned_names(tree)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        inner = [c for c in classes if c.lineno <= node.lineno <= c.end_lineno]
+        klass = max(inner, key=lambda c: c.lineno).name if inner else None
+        f = node.func
+        called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        init = (called == "__init__" and isinstance(f.value, ast.Call) and isinstance(f.value.func, ast.Name)
+                and f.value.func.id == "super" and klass in kinds)
+        if called in kinds or init:
+            yield klass, names.get(id(node)), node
+
+
+def _assigned_names(tree) -> dict[int, str]:
+    """{id of a call: the name it is assigned to}: ``self.x = call``, ``x = call``, element by
+    element of a tuple assigned to a tuple, ``x=call`` as a keyword, ``"x": call`` in a dict."""
+    out = {}
+
+    def name_of(t):
+        return t.attr if isinstance(t, ast.Attribute) else t.id if isinstance(t, ast.Name) else None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Tuple) and isinstance(node.value, ast.Tuple) and len(t.elts) == len(node.value.elts):
+                    out.update({id(v): name_of(e) for e, v in zip(t.elts, node.value.elts)})
+                else:
+                    out[id(node.value)] = name_of(t)
+        elif isinstance(node, ast.keyword) and node.arg:
+            out[id(node.value)] = node.arg
+        elif isinstance(node, ast.Dict):
+            out.update({id(v): k.value for k, v in zip(node.keys, node.values)
+                        if isinstance(k, ast.Constant) and isinstance(k.value, str)})
+    return out
+
+
+def _option_line(call: ast.Call, base: type, options: dict) -> int | None:
+    """The line of ``call``'s argument setting one of ``options`` (bound to ``base``'s
+    signature), where it is not a constant other than the option's setting; else the
+    call's last line where it leaves one to torch's default and that default is the
+    option's setting (not GPT-2's: ``nn.GELU()``); None."""
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+        return None
+    try:
+        bound = inspect.signature(base).bind(*call.args, **{k.arg: k.value for k in call.keywords})
+    except TypeError:
+        return None
+    params = inspect.signature(base).parameters
+    for option, value in options.items():
+        node = bound.arguments.get(option)
+        if node is None:
+            if option in params and params[option].default == value:
+                return call.end_lineno
+            continue
+        if isinstance(node, ast.Constant) and node.value != value and not (
+                isinstance(value, bool) and node.value is None and value is False):
+            continue
+        return node.lineno
+    return None
 
 
 # ----------------------------------------------------------------------------- the optimizer

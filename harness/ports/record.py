@@ -393,21 +393,34 @@ def layouts(a: np.ndarray, shape: tuple) -> list[np.ndarray]:
     flattened or unflattened axes, keepdim's size-1 axes), a transpose of two of its axes
     then a view (heads merged: (B, NH, T, hs) -> (B, T, C)), a view then a transpose of
     two axes (heads split: (B, T, C) -> (B, NH, T, hs)). A tensor of the shape itself (up
-    to size-1 axes) is taken as it is: a softmax transposed is not the softmax."""
+    to size-1 axes) is taken as it is: a softmax transposed is not the softmax; so are the
+    axes that a tensor of leading axes merged or split shares with the shape (the last two
+    at least: scores of (B*NH, T, T) for (B, NH, T, T)), only its leading axes moved: the
+    scores of k and q, transposed, are not the scores."""
     if a.size != int(np.prod(shape)):
         return []
     out = [a.reshape(shape)]
     if _squeezed(a.shape) == _squeezed(shape):
         return out
-    for i in range(a.ndim):
-        for j in range(i + 1, a.ndim):
+    tail = _common_tail(a.shape, shape)
+    lead_a, lead = (a.ndim - tail, len(shape) - tail) if tail >= 2 else (a.ndim, len(shape))
+    for i in range(lead_a):
+        for j in range(i + 1, lead_a):
             out.append(np.swapaxes(a, i, j).reshape(shape))
-    for i in range(len(shape)):
-        for j in range(i + 1, len(shape)):
+    for i in range(lead):
+        for j in range(i + 1, lead):
             swapped = list(shape)
             swapped[i], swapped[j] = swapped[j], swapped[i]
             out.append(np.swapaxes(a.reshape(swapped), i, j))
     return out
+
+
+def _common_tail(a: tuple, b: tuple) -> int:
+    """How many trailing axes the shapes ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return n
 
 
 def _squeezed(shape) -> tuple:
@@ -432,11 +445,3 @@ def distance(a: np.ndarray, stage: Stage, layout=layouts) -> float:
             best = d
     return best
 
-
-def __getattr__(name: str):
-    """``pin_failure``, whose home is :mod:`.localise` (which imports this module), for
-    :mod:`harness.checks.replay`'s import of it from here."""
-    if name == "pin_failure":
-        from .localise import pin_failure
-        return pin_failure
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

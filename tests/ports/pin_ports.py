@@ -2,7 +2,8 @@
 ...), its parts as small methods, with one mistake per variant on one line, for
 tests/ports/test_pins.py: each failure (a structural finding, a residual, the encoder, a NaN,
 a mask, a constructor's constant, the loss, a detached weight, a custom autograd
-Function's gradient, the optimizer's settings) must be pinned to the mistake's line,
+Function's gradient, the optimizer's settings, a parameter left out or its module's output
+dropped, torch's module built with a setting not GPT-2's, q and k chunked swapped) must be pinned to the mistake's line,
 found by its text. ``PinGPT`` itself is right; it is not tests/ports/heldout_qkv.py's model
 (the tests are not tuned to BUGS7)."""
 from __future__ import annotations
@@ -392,3 +393,63 @@ def config_block(config):
             self.settings = config()
             self.ln_1, self.ln_2 = norm(C, eps=self.settings.norm_eps), norm(C, eps=self.settings.norm_eps)
     return ConfigBlock
+
+
+class BiasLeftOutNorm(Norm):
+    def forward(self, x):
+        xc = x - x.mean(-1, keepdim=True)
+        return self.weight * xc * (xc.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt()
+
+
+class BlocksSideBySide(PinGPT):             # every block run on the embeddings, the last one's result kept
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        outs = [block(x) for block in self.transformer.h]
+        logits = self.head(outs[-1])
+        return logits, (None if targets is None else self.loss(logits, targets))
+
+
+class PositionsScaledByFreq(PinGPT):        # the position table's gradient divided by each row's count
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer.wpe = nn.Embedding(config.max_seq_len, config.channels,
+                                            scale_grad_by_freq=True)
+
+    def embed(self, idx):
+        return self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1)).expand_as(idx))
+
+
+class DefaultsSpelledOut(PinGPT):           # torch's defaults written out (right)
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer.wpe = nn.Embedding(config.max_seq_len, config.channels, None, None, 2.0, False)
+        self.lm_head = nn.Linear(config.channels, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+
+class KeysChunkedFirst(Attn):
+    def forward(self, x):
+        k, q, v = map(self.heads, self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj((self.probs(q, k) @ v).transpose(1, 2).flatten(2))
+
+
+class TorchGeluMLP(MLP):
+    def __init__(self, C):
+        super().__init__(C)
+        self.gelu = nn.GELU()
+
+
+class TanhGeluMLP(MLP):                     # torch's GELU module, tanh (right)
+    def __init__(self, C):
+        super().__init__(C)
+        self.gelu = nn.GELU(approximate="tanh")
+
+
+class TorchNorm(nn.LayerNorm):              # torch's layer norm (right)
+    def __init__(self, C):
+        super().__init__(C)
+
+
+class LooseTorchNorm(nn.LayerNorm):
+    def __init__(self, C):
+        super().__init__(C, eps=1e-3)

@@ -76,6 +76,15 @@ MISTAKES = {
                                   "gelu_forward"),
     "no decay in a parameter group": (TorchModel(pp.PinGPT, optimizer=pp.adam_groups_no_decay), "'weight_decay': 0.0}]",
                                       "adamw"),
+    "norm's bias never read": (V(norm=pp.BiasLeftOutNorm), "return self.weight * xc * (xc.pow(2).mean(-1, "
+                               "keepdim=True) + self.eps).rsqrt()", "layer 0 ln1 layernorm_forward"),
+    "a block's output dropped": (pp.BlocksSideBySide, "outs = [block(x) for block in self.transformer.h]",
+                                 "layer 0 ln1 layernorm_forward"),
+    "positions' gradient scaled by count": (pp.PositionsScaledByFreq, "scale_grad_by_freq=True)", "backward"),
+    "keys chunked first": (V(attn=pp.KeysChunkedFirst), "k, q, v = map(self.heads, self.c_attn(x).chunk(3, dim=-1))",
+                           "attention_forward"),
+    "torch's GELU at its default": (V(block=pp.mlp_block(pp.TorchGeluMLP)), "self.gelu = nn.GELU()", "gelu_forward"),
+    "torch's layer norm's eps": (V(norm=pp.LooseTorchNorm), "super().__init__(C, eps=1e-3)", "layernorm_forward"),
 }
 
 
@@ -124,11 +133,14 @@ def test_the_right_port_passes_and_records_nothing():
 
 @pytest.mark.parametrize("port", [V(attn=pp.MethodScaleAttn), V(block=pp.mlp_block(pp.FnMLP)),
                                   TorchModel(pp.PinGPT, optimizer=pp.adam_groups),
-                                  V(block=pp.config_block(pp.NormConfig))],
-                         ids=["method scale", "gelu method", "groups", "config eps"])
+                                  V(block=pp.config_block(pp.NormConfig)), pp.DefaultsSpelledOut,
+                                  V(block=pp.mlp_block(pp.TanhGeluMLP)), V(norm=pp.TorchNorm)],
+                         ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
+                              "torch's tanh GELU", "torch's layer norm"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
-    decay: right, so nothing fails and nothing is pinned."""
+    decay, torch's modules built with their defaults written out: right, so nothing fails
+    and nothing is pinned."""
     report, pin, recorded = run(port)
     assert report.passed and pin is None and recorded == []
 
@@ -212,6 +224,13 @@ WRONG = {
     "eps from a config's field": ("harness.ports.pins.config_site", lambda *a: None),
     "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
     "no decay in a parameter group": ("harness.ports.pins._group_lines", lambda *a: {}),
+    "norm's bias never read": ("harness.ports.pins._unread_site", lambda *a: None),
+    "a block's output dropped": ("harness.ports.pins._dropped_site", lambda *a: None),
+    "positions' gradient scaled by count": ("harness.ports.pins.changed_options", lambda module: (None, {})),
+    # scores of (B*NH, T, T) matched in any layout again: k q^T taken for the scores
+    "keys chunked first": ("harness.ports.record._common_tail", lambda a, b: 0),
+    "torch's GELU at its default": ("harness.ports.localise.module_origin", lambda pin, *a: pin),
+    "torch's layer norm's eps": ("harness.ports.pins._calls_in", lambda file, kinds: iter(())),
 }
 
 
@@ -244,3 +263,46 @@ def test_a_passing_step_runs_no_pinner(monkeypatch):
     report, _, recorded = run(TorchModel(pp.PinGPT, optimizer=lambda m, h: __import__("torch").optim.AdamW(
         m.parameters(), lr=h.learning_rate, betas=(h.beta1, h.beta2), eps=h.eps, weight_decay=h.weight_decay)))
     assert report.passed and called == [] and recorded == []
+
+
+def test_a_dropped_blocks_pin_names_the_op_not_given_its_output():
+    _, pin, _ = run(MISTAKES["a block's output dropped"][0])
+    assert pin.says == ("transformer.h.0's output never reaches the loss: this line drops it (the graph's next op, "
+                        "layer 1 ln1 layernorm_forward, is not given it)",)
+
+
+def test_a_torch_modules_changed_options_and_its_constructor():
+    """The options of torch's modules not at their defaults (a bias read as held or not),
+    and the call setting one found by its arguments bound to torch's signature (by keyword,
+    by position; a call setting it to another constant is not the one)."""
+    import ast
+    import torch
+    assert P.changed_options(torch.nn.Embedding(5, 3)) == (torch.nn.Embedding, {})
+    assert P.changed_options(torch.nn.Embedding(5, 3, padding_idx=2))[1] == {"padding_idx": 2}
+    assert P.changed_options(torch.nn.Linear(3, 3, bias=False))[1] == {"bias": False}
+    assert P.changed_options(torch.nn.LayerNorm(3, elementwise_affine=False))[1] == {"elementwise_affine": False,
+                                                                                     "bias": False}
+    assert P.changed_options(pp.Norm(3)) == (None, {})       # not torch's: its own code
+    assert P.changed_options(torch.nn.GELU())[1] == {"approximate": "none"}     # GPT-2's is tanh
+    assert P.changed_options(pp.LooseTorchNorm(3)) == (torch.nn.LayerNorm, {"eps": 1e-3})
+    call = lambda text: ast.parse(text).body[0].value       # noqa: E731
+    assert P._option_line(call("nn.Embedding(5, 3,\n 2)"), torch.nn.Embedding, {"padding_idx": 2}) == 2
+    assert P._option_line(call("nn.Embedding(5, 3, padding_idx=0)"), torch.nn.Embedding, {"padding_idx": 2}) is None
+    assert P._option_line(call("nn.Embedding(5, 3)"), torch.nn.Embedding, {"padding_idx": 2}) is None
+    assert P._option_line(call("nn.GELU(\n)"), torch.nn.GELU, {"approximate": "none"}) == 2     # left to the default
+    model = pp.PositionsScaledByFreq(TINY)
+    site = P.constructor_site(model, "transformer.wpe", torch.nn.Embedding, {"scale_grad_by_freq": True})
+    assert (site.file, site.line) == (str(PORTS), line_of("scale_grad_by_freq=True)", PORTS))
+    assert P.constructor_site(pp.PinGPT(TINY), "transformer.wpe", torch.nn.Embedding, {"padding_idx": 0}) is None
+
+
+def test_scores_of_merged_heads_keep_their_own_axes():
+    """A tensor that shares its last two axes with an intermediate, its leading ones merged
+    ((B*NH, T, T) for (B, NH, T, T)), is matched with those axes kept: its transpose is
+    another value (the scores of k and q); heads split or merged still match."""
+    a = np.random.default_rng(0).standard_normal((2, 3, 4, 4))
+    scores = R.Stage("preatt", "the scores", a)
+    assert R.distance(a.reshape(6, 4, 4), scores) == 0.0
+    assert R.distance(a.swapaxes(2, 3).reshape(6, 4, 4), scores) > 0.1
+    heads = R.Stage("q", "the queries", a)
+    assert R.distance(a.transpose(0, 2, 1, 3).reshape(2, 4, 12), heads) == 0.0
