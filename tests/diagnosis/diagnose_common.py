@@ -79,6 +79,12 @@ CAUSE_OF = {"attention.scale=1/hs": "attention.scale", "attention.no-scale": "at
             "gelu.square": "gelu.power", "layernorm.rms": "layernorm.form", "layernorm.no-sqrt": "layernorm.form",
             "crossentropy.softmax-twice": "crossentropy.loss-of-probabilities",
             "crossentropy.no-log": "crossentropy.loss-of-probabilities"}
+# a variant whose forms each name a cause of their own: <variant>.<form>
+CAUSE_OF.update({f"attention.masking.{f}": "attention.masking"
+                 for f in ("after-softmax", "transposed", "added", "inverted")})
+CAUSE_OF.update({f"attention.qkv-order.{f}": "attention.qkv-order"
+                 for f in ("q-k-swapped", "k-v-swapped", "q-v-swapped", "rotated", "k-is-q", "v-is-k", "v-is-q",
+                           "q-is-k", "q-is-v", "k-is-v")})
 
 
 # variant id -> its family's module in harness/diagnosis/catalogue (loss: softmax,
