@@ -79,6 +79,9 @@ CAUSE_OF = {"attention.scale=1/hs": "attention.scale", "attention.no-scale": "at
             "gelu.square": "gelu.power", "layernorm.rms": "layernorm.form", "layernorm.no-sqrt": "layernorm.form",
             "crossentropy.softmax-twice": "crossentropy.loss-of-probabilities",
             "crossentropy.no-log": "crossentropy.loss-of-probabilities"}
+CAUSE_OF.update({"labels.time-major": "labels.permuted"})
+CAUSE_OF.update({f"gelu.{f}": "gelu.activation"
+                 for f in ("relu-squared", "squared", "leaky-relu", "elu", "softplus", "mish", "tanh")})
 # a variant whose forms each name a cause of their own: <variant>.<form>
 CAUSE_OF.update({f"attention.masking.{f}": "attention.masking"
                  for f in ("after-softmax", "transposed", "added", "inverted")})
