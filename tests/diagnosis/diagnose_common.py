@@ -186,6 +186,10 @@ C_EDITS = [
     ("adamw.no-bias-correction", "gpt2_update", "(1.0f - powf(beta1, t))", "1.0f"),
     ("adamw.eps-in-sqrt", "gpt2_update", "(sqrtf(v_hat) + eps)", "sqrtf(v_hat + eps)"),
     ("adamw.weight-decay=0.01", "gpt2_update", "weight_decay * param", "0.01f * param"),
+    # GELU's output stored in bfloat16 (rounded to nearest even), as a port's .bfloat16() cast
+    ("precision.bfloat16", "gelu_forward", "out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube)));",
+     "float y_ = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube))); unsigned int b_; memcpy(&b_, &y_, 4); "
+     "b_ = (b_ + 0x7FFFu + ((b_ >> 16) & 1u)) & 0xFFFF0000u; memcpy(&y_, &b_, 4); out[i] = y_;"),
 ]
 # the softmax over Vp must also keep its padded probabilities (the zeroing loop goes)
 EXTRA = {("softmax.padded-columns", "softmax_forward"): ("probs_bt[i] = 0.0f;", "(void)0;"),
