@@ -76,7 +76,9 @@ def judge_as_replay(vid, kernel, output, actual, expected, args, call):
 # variant with forms by the form found
 CAUSE_OF = {"attention.scale=1/hs": "attention.scale", "attention.no-scale": "attention.scale",
             "embedding.positions": "embedding.position-shift", "gelu.silu": "gelu.sigmoid",
-            "gelu.square": "gelu.power", "layernorm.rms": "layernorm.form", "layernorm.no-sqrt": "layernorm.form",
+            "gelu.sigmoid-scale": "gelu.sigmoid", "gelu.square": "gelu.power", "layernorm.rms": "layernorm.form",
+            "layernorm.no-sqrt": "layernorm.form", "layernorm.uncentred-variance": "layernorm.form",
+            "layernorm.multiplied": "layernorm.form",
             "crossentropy.softmax-twice": "crossentropy.loss-of-probabilities",
             "crossentropy.no-log": "crossentropy.loss-of-probabilities"}
 CAUSE_OF.update({"labels.time-major": "labels.permuted"})

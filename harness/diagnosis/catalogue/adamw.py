@@ -1,4 +1,5 @@
-"""AdamW: bias correction, the step count, eps inside the square root, L2 instead of decoupled
+"""AdamW: bias correction (left out, or (1 - beta)^t), the step count, eps inside the square root
+or before the bias correction, L2 instead of decoupled
 decay, decay not scaled by the learning rate, torch's defaults, no decay on 1-D parameters, a
 tensor not stepped, and any one setting (lr, a beta, eps, the decay) fitted from the output and
 named by where its value comes from (another setting typed in its place, torch's default, a
@@ -15,10 +16,14 @@ from pyref.config import LAYER_PARAMS, AdamW
 from ..engine import Fit, Variant, const_text
 
 
-def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, decay_lr=True, **changed):
+def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, decay_lr=True,
+           correction_power=False, eps_before_correction=False, **changed):
     """AdamW in float64 with one of its conventions changed (``decay``: where weight decay
     applies; ``decay_lr``: False where the decay is not multiplied by the learning rate,
-    param *= 1 - wd; ``changed``: hyperparameters replaced). Returns param, m, v."""
+    param *= 1 - wd; ``correction_power``: the bias corrections (1 - beta)^t, not
+    1 - beta^t; ``eps_before_correction``: eps added to sqrt(v) before v's correction,
+    (sqrt(v) + eps)/sqrt(1 - beta2^t); ``changed``: hyperparameters replaced). Returns
+    param, m, v."""
     a = dict(args, **changed)
     p, g, m, v = (np.array(a[k], np.float64) for k in ("param", "grad", "m", "v"))
     lr, b1, b2, eps, wd = AdamW.from_kernel_args(a).as_float32().args()   # float arguments of the C
@@ -28,9 +33,12 @@ def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=Non
         g = g + wd * p
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    m_hat = m / (1 - b1 ** t) if bias_correction else m
-    v_hat = v / (1 - b2 ** t) if bias_correction else v
+    c1, c2 = ((1 - b1) ** t, (1 - b2) ** t) if correction_power else (1 - b1 ** t, 1 - b2 ** t)
+    m_hat = m / c1 if bias_correction else m
+    v_hat = v / c2 if bias_correction else v
     denom = np.sqrt(v_hat + eps) if eps_in_sqrt else np.sqrt(v_hat) + eps
+    if eps_before_correction:
+        denom = (np.sqrt(v) + eps) / math.sqrt(c2)
     if not decay_lr:
         return {"param": p - lr * (m_hat / denom) - wd * p, "m": m, "v": v}
     p = p - lr * (m_hat / denom + (0.0 if l2 else wd * p))
@@ -241,6 +249,11 @@ VARIANTS: tuple[Variant, ...] = (
             _adamw_step(-1)),
     Variant("adamw.eps-in-sqrt", "adamw", ("adamw",), "AdamW's eps inside the square root: sqrt(v_hat + eps)",
             _adamw_variant(eps_in_sqrt=True)),
+    Variant("adamw.bias-correction-power", "adamw", ("adamw",),
+            "AdamW's bias corrections written (1 - beta)**t instead of 1 - beta**t", _adamw_variant(correction_power=True)),
+    Variant("adamw.eps-before-bias-correction", "adamw", ("adamw",),
+            "AdamW's eps added to sqrt(v) before v's bias correction: (sqrt(v) + eps)/sqrt(1 - beta2**t) "
+            "(Adam's paper's efficient form) instead of sqrt(v_hat) + eps", _adamw_variant(eps_before_correction=True)),
     Variant("adamw.l2", "adamw", ("adamw",),
             "weight decay added to the gradient (L2, Adam) instead of decoupled (AdamW)",
             _adamw_variant(l2=True), terms=_adamw_l2_terms),
