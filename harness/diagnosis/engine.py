@@ -93,10 +93,11 @@ class Variant:
                  belongs to when it shows in another op's output (GELU applied before
                  ``c_fc``: ``c_fc``'s output is off, the GELU is misplaced); the first
                  divergence names that op of the same layer
-    judged_at:   optional ``judged_at(kernel, output, args, actual) -> Tolerance or None``:
-                 the tolerance the changed op is judged at instead of the check's (an op
-                 that ran in bfloat16 is judged at bfloat16's), None where the change does
-                 not apply (the output shows no sign of it)
+    judged_at:   optional ``judged_at(kernel, output, args, actual, tol) -> Tolerance or
+                 None``: the tolerance the changed op is judged at instead of the check's
+                 ``tol`` (an op that ran in bfloat16 is judged at bfloat16's), None where the
+                 change does not apply (the output shows no sign of it, or the check already
+                 judged it so)
     """
 
     id: str
@@ -303,7 +304,7 @@ def _try_one(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, ma
     if v.judged_at is not None:
         if len(calls) > 1:
             return None      # (an accumulated buffer: its calls' precisions are not one)
-        tol = v.judged_at(call.kernel, call.output, as64(call.args, copy=True), np.asarray(actual))
+        tol = v.judged_at(call.kernel, call.output, as64(call.args, copy=True), np.asarray(actual), tol)
         if tol is None:
             return None
 

@@ -38,6 +38,22 @@ def in_half(kernel, dtype, round_inputs=True):
     return port
 
 
+def attention_softmax_in(dtype):
+    """The attention with its softmax in ``dtype``: the weights cast to it and back before
+    the weighted sum (F.softmax(scores, -1, dtype=torch.float16).float() @ v)."""
+    cast = _bf16 if dtype == "bfloat16" else (lambda x: x.astype(np.float16).astype(F))
+
+    def attention_forward(inp, NH):
+        B, T, C3 = inp.shape
+        C = C3 // 3
+        hs = C // NH
+        out, preatt, att = nk.attention_forward(inp, NH)
+        v = inp[..., 2 * C:].reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
+        y = (cast(att) @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+        return y.astype(F), preatt, att
+    return attention_forward
+
+
 # variant id -> [(kernel, port[, shape])]
 PORTS = {
     "precision.bfloat16": [("attention_forward", in_half("attention_forward", "bfloat16")),    # BUGS10
@@ -45,6 +61,8 @@ PORTS = {
                            ("gelu_forward", in_half("gelu_forward", "bfloat16", round_inputs=False))],
     "precision.float16": [("attention_forward", in_half("attention_forward", "float16")),
                           ("matmul_forward", in_half("matmul_forward", "float16"))],
+    "precision.softmax-float16": [("attention_forward", attention_softmax_in("float16"))],
+    "precision.softmax-bfloat16": [("attention_forward", attention_softmax_in("bfloat16"))],
 }
 
 
@@ -85,3 +103,17 @@ def test_held_in_tells_the_dtype_from_the_bits():
 @pytest.mark.parametrize("variant_id, func", c_cases("precision"))
 def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
     assert_c_edit_diagnosed(c_mutants, variant_id, func)
+
+
+def test_a_check_already_at_the_precision_is_not_explained_by_it():
+    """A check judged at bfloat16 (a declared mixed-precision run) that fails is not the
+    precision's doing: the variant does not judge it again at the same tolerance."""
+    from harness.arbiter.tolerances import op_tolerance
+    from harness.diagnosis.catalogue.precision import VARIANTS, _at
+    v = next(x for x in VARIANTS if x.id == "precision.bfloat16")
+    out = _bf16(np.random.default_rng(0).standard_normal(64).astype(F))
+    args = {"inp": out.astype(np.float64)}
+    at_f32 = op_tolerance("gelu_forward", "out", 1, out.size)
+    at_bf16 = op_tolerance("gelu_forward", "out", 1, out.size, _at("bfloat16"))
+    assert v.judged_at("gelu_forward", "out", args, out, at_f32) is not None
+    assert v.judged_at("gelu_forward", "out", args, out, at_bf16) is None

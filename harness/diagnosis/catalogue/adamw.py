@@ -204,6 +204,9 @@ def _setting_name(name: str):
                       for o in SETTINGS if o != name and near(hp[o])), None)
         if where is None and near(_TORCH_DEFAULT[name]):
             where = " (torch's default)"
+        if where is None and name == "lr" and hp["lr"]:
+            where = "" if any(near(x) for x in _USUAL[name]) else \
+                f" ({const_text(value / hp['lr'])} times the run's: a schedule's factor, warmup or decay, applied?)"
         if where is None:
             where = "" if any(near(x) for x in _USUAL[name]) else " (no usual value)"
         shown = next((x for x in (*hp.values(), *_USUAL[name]) if near(x)), value)

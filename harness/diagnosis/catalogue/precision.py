@@ -1,5 +1,6 @@
 """precision: an op a float32 port computed in bfloat16 or float16 (a cast of its own: q, k, v
-cast for the attention, a half-precision layer norm). Its output carries the sign: every
+cast for the attention, a half-precision layer norm), or the attention's softmax alone in half
+precision (its weights rounded; the output, a float32 sum, shows it at float32's tolerance). Its output carries the sign: every
 element is exact in that dtype (the result was rounded to it, then cast back to float32). The
 op is then re-run on its inputs rounded to that dtype, its output rounded too, and judged at
 that dtype's tolerance (:func:`harness.arbiter.tolerances.op_tolerance` at a
@@ -51,10 +52,13 @@ def _at(dtype: str) -> Precision:
 
 
 def _judged_at(dtype: str):
-    def judged_at(kernel, output, args, actual):
+    def judged_at(kernel, output, args, actual, tol):
         if held_in(actual) != dtype:
             return None
-        return op_tolerance(kernel, output, SPEC[kernel].n(output, args), np.size(actual), _at(dtype))
+        at = op_tolerance(kernel, output, SPEC[kernel].n(output, args), np.size(actual), _at(dtype))
+        # a check already judging at this precision (a declared mixed-precision run) failed
+        # at it: the precision is not what is wrong
+        return None if tol.norm >= 0.5 * at.norm else at
     return judged_at
 
 
@@ -68,7 +72,31 @@ def _in(dtype: str):
     return run
 
 
-VARIANTS: tuple[Variant, ...] = tuple(
+def _softmax_in(dtype: str):
+    def run(kernel, args, ctx, value):
+        """The attention with its weights (the softmax's output) rounded to ``dtype``, the
+        rest as the C: a softmax taken in half precision (F.softmax(..., dtype=torch.float16),
+        or the scores cast before it) and cast back for the weighted sum."""
+        if ctx["output"] != "out" or held_in(ctx["actual"]) is not None:
+            return None       # (an output itself half: precision.<dtype>'s)
+        inp, NH = args["inp"], int(args["NH"])
+        B, T, C3 = inp.shape
+        C = C3 // 3
+        hs = C // NH
+        q, k, v = (inp[..., i * C:(i + 1) * C].reshape(B, T, NH, hs).transpose(0, 2, 1, 3) for i in range(3))
+        mask = np.tril(np.ones((T, T), bool))
+        s = np.where(mask, (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(hs), -np.inf)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        att = _rounded(e / e.sum(-1, keepdims=True), dtype)
+        return {"out": (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)}
+    return run
+
+
+VARIANTS: tuple[Variant, ...] = (
+    *(Variant(f"precision.softmax-{dtype}", "precision", ("attention_forward",),
+              f"the attention's softmax taken in {dtype} (its weights rounded to {dtype}, the rest in float32)",
+              _softmax_in(dtype), fallback=1) for dtype in _DTYPES),
+) + tuple(
     Variant(f"precision.{dtype}", "precision", FORWARD_KERNELS,
             f"the op computed in {dtype} in a float32 run (its {{output}} exact in {dtype}: a cast of the port's own, "
             f"no mixed precision declared); within {dtype}'s tolerance of train_gpt2.c's semantics",
