@@ -62,7 +62,9 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         if per_head:        # (B, T, NH, 3, hs): q, k, v interleaved per head
             parts = dict(zip("qkv", (x.reshape(B, T, C) for x in
                                      np.moveaxis(inp.reshape(B, T, NH, 3, hs), 3, 0))))
-        if split == "no-transpose":
+        if split == "no-stride":        # [..., h:h + hs] for head h: the stride hs left out
+            q, k, v = (np.stack([parts[x][..., h:h + hs] for h in range(NH)], 1) for x in "qkv")
+        elif split == "no-transpose":
             q, k, v = (parts[x].reshape(B, NH, T, hs) for x in "qkv")
         elif split == "interleaved":
             q, k, v = (parts[x].reshape(B, T, hs, NH).transpose(0, 3, 1, 2) for x in "qkv")
@@ -142,7 +144,9 @@ PORTS = {
                          ("attention_forward", attention_any_port(per_head=True)),
                          ("attention_forward", attention_any_port(merge="transpose-2-3")),
                          # BUGS6's first run: no known cause
-                         ("attention_forward", attention_any_port(nh_major=True))],
+                         ("attention_forward", attention_any_port(nh_major=True)),
+                         # BUGS9's head offset without its stride: no known cause
+                         ("attention_forward", attention_any_port(split="no-stride"))],
     "attention.qkv-order.q-k-swapped": [("attention_forward", attention_any_port(order="kqv")),
                                         ("attention_forward", attention_any_port(take="kqv"))],   # sdpa(k, q, v)
     "attention.qkv-order.q-v-swapped": [("attention_forward", attention_any_port(order="vkq"))],

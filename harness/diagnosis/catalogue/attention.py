@@ -86,7 +86,8 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     """attention_forward in float64 with the mistakes a port makes: q, k, v taken in another
     ``order``; the heads split from the channels in another layout (``split``:
     ``"heads-major"`` as the C, ``"no-transpose"`` viewing (B,T,C) as (B,NH,T,hs),
-    ``"interleaved"`` channel c = d*NH + h) or merged back without transposing
+    ``"interleaved"`` channel c = d*NH + h, ``"no-stride"`` head h sliced at channel h, not
+    h*hs) or merged back without transposing
     (``merge="no-transpose"``); the softmax over another ``axis`` (-2: over the queries);
     the mask's ``diagonal`` (tril(k)); no mask (``causal=False``); another ``scale``; the
     mask applied after the softmax without renormalising (``masking="after"``) or as a
@@ -115,6 +116,8 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     sizes = {"T": T, "NH": NH, "hs": hs}
 
     def heads(a):
+        if split == "no-stride":     # head h's slice at channel h, not h*hs (overlapping)
+            return np.stack([a[..., h:h + hs] for h in range(NH)], axis=1)
         view = a.reshape(B, *(sizes[x] for x in axes))
         return view.transpose(0, *(1 + axes.index(x) for x in ("NH", "T", "hs")))
     q, k, v = (heads(chunks[x]) for x in "qkv")
@@ -283,7 +286,9 @@ def _att_layouts(kernel, args, **kw):
     return [*(_Form(text + " instead of (B,T,3,NH,hs)", "qkv_axes", axes) for axes, text in _QKV_VIEWS.items()),
             *_head_layouts(),
             _Form("the heads batched as (NH*B, T, hs) and read back as (B*NH)", "batched", "nh-major"),
-            _Form("the heads batched as (B*NH, T, hs) and read back as (NH*B)", "batched", "b-major")]
+            _Form("the heads batched as (B*NH, T, hs) and read back as (NH*B)", "batched", "b-major"),
+            _Form("each head's slice taken at channel h instead of h*hs (the stride left out of the head's "
+                  "offset: the heads overlap)", "split", "no-stride")]
 
 
 def _head_layouts():
