@@ -93,6 +93,11 @@ class Variant:
                  belongs to when it shows in another op's output (GELU applied before
                  ``c_fc``: ``c_fc``'s output is off, the GELU is misplaced); the first
                  divergence names that op of the same layer
+    judged_at:   optional ``judged_at(kernel, output, args, actual, tol) -> Tolerance or
+                 None``: the tolerance the changed op is judged at instead of the check's
+                 ``tol`` (an op that ran in bfloat16 is judged at bfloat16's), None where the
+                 change does not apply (the output shows no sign of it, or the check already
+                 judged it so)
     """
 
     id: str
@@ -108,6 +113,7 @@ class Variant:
     name: Callable | None = None
     fallback: int = 0
     at: str | None = None
+    judged_at: Callable | None = None
 
     def describe(self, value: float | None = None, choice=None, note: str = "", output: str = "") -> str:
         if "{" not in self.description:
@@ -294,6 +300,13 @@ def _try_one(v: Variant, calls: list[Call], i: int, actual, expected, *, tol, ma
 
     def result(value):
         return _chain(calls, i, v, ctx, value)
+
+    if v.judged_at is not None:
+        if len(calls) > 1:
+            return None      # (an accumulated buffer: its calls' precisions are not one)
+        tol = v.judged_at(call.kernel, call.output, as64(call.args, copy=True), np.asarray(actual), tol)
+        if tol is None:
+            return None
 
     # where the variant is judged (and fitted): the check's mask, and its own positions
     where = mask

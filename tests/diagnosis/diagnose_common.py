@@ -76,9 +76,20 @@ def judge_as_replay(vid, kernel, output, actual, expected, args, call):
 # variant with forms by the form found
 CAUSE_OF = {"attention.scale=1/hs": "attention.scale", "attention.no-scale": "attention.scale",
             "embedding.positions": "embedding.position-shift", "gelu.silu": "gelu.sigmoid",
-            "gelu.square": "gelu.power", "layernorm.rms": "layernorm.form", "layernorm.no-sqrt": "layernorm.form",
+            "gelu.sigmoid-scale": "gelu.sigmoid", "gelu.square": "gelu.power", "layernorm.rms": "layernorm.form",
+            "layernorm.no-sqrt": "layernorm.form", "layernorm.uncentred-variance": "layernorm.form",
+            "layernorm.multiplied": "layernorm.form",
             "crossentropy.softmax-twice": "crossentropy.loss-of-probabilities",
             "crossentropy.no-log": "crossentropy.loss-of-probabilities"}
+CAUSE_OF.update({"labels.time-major": "labels.permuted"})
+CAUSE_OF.update({f"gelu.{f}": "gelu.activation"
+                 for f in ("relu-squared", "squared", "leaky-relu", "elu", "softplus", "mish", "tanh")})
+# a variant whose forms each name a cause of their own: <variant>.<form>
+CAUSE_OF.update({f"attention.masking.{f}": "attention.masking"
+                 for f in ("after-softmax", "transposed", "added", "inverted")})
+CAUSE_OF.update({f"attention.qkv-order.{f}": "attention.qkv-order"
+                 for f in ("q-k-swapped", "k-v-swapped", "q-v-swapped", "rotated", "k-is-q", "v-is-k", "v-is-q",
+                           "q-is-k", "q-is-v", "k-is-v")})
 
 
 # variant id -> its family's module in harness/diagnosis/catalogue (loss: softmax,
@@ -177,6 +188,10 @@ C_EDITS = [
     ("adamw.no-bias-correction", "gpt2_update", "(1.0f - powf(beta1, t))", "1.0f"),
     ("adamw.eps-in-sqrt", "gpt2_update", "(sqrtf(v_hat) + eps)", "sqrtf(v_hat + eps)"),
     ("adamw.weight-decay=0.01", "gpt2_update", "weight_decay * param", "0.01f * param"),
+    # GELU's output stored in bfloat16 (rounded to nearest even), as a port's .bfloat16() cast
+    ("precision.bfloat16", "gelu_forward", "out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube)));",
+     "float y_ = 0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + cube))); unsigned int b_; memcpy(&b_, &y_, 4); "
+     "b_ = (b_ + 0x7FFFu + ((b_ >> 16) & 1u)) & 0xFFFF0000u; memcpy(&y_, &b_, 4); out[i] = y_;"),
 ]
 # the softmax over Vp must also keep its padded probabilities (the zeroing loop goes)
 EXTRA = {("softmax.padded-columns", "softmax_forward"): ("probs_bt[i] = 0.0f;", "(void)0;"),

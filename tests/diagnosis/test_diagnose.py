@@ -59,6 +59,20 @@ def test_every_variant_has_a_port_and_a_c_edit_per_family():
         assert covered <= set(v.kernels)   # (some are invisible per op: zero scratch buffers)
 
 
+def test_the_docs_list_every_cause_a_diagnosis_can_name():
+    """docs/diagnosis.md's catalogue lists every variant's id and every id a variant's forms
+    name (CAUSE_OF), each in backquotes; an id it lists is one of them."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "docs" / "diagnosis.md").read_text()
+    section = text[text.index("## The catalogue"):text.index("A new suspect is one `Variant`")]
+    listed = set(re.findall(r"`([a-z]+\.[^`\s]+)`", section))
+    known = set(VARIANT_BY_ID) | set(CAUSE_OF)
+    assert known - listed == set(), "not in docs/diagnosis.md's list"
+    families = {i.split(".")[0] for i in known}
+    assert {i for i in listed if i.split(".")[0] in families} - known == set(), "listed but no cause"
+
+
 def test_fitted_constants_are_reported():
     (c,) = failures(port_with("gelu_forward", gelu_coef_fwd), "gelu_forward")
     (cause,) = c.diagnosis.causes

@@ -32,8 +32,17 @@ def _one_d_of_tiny():
 
 
 def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None, betas=None,
-               skip_1d=False, decay_without_lr=False):
+               skip_1d=False, decay_without_lr=False, setting=None, frozen=False, power=False, eps_first=False):
+    """AdamW in float32 with one mistake; ``setting``: (its name, the value given, or the
+    name of another setting typed in its place); ``frozen``: the tensor not stepped."""
     def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
+        if frozen:
+            return
+        if setting is not None:
+            given = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+            name, x = setting
+            given[name] = given[x] if isinstance(x, str) else x
+            lr, beta1, beta2, eps, weight_decay = given.values()
         b1, b2 = (F(x) for x in (betas or (beta1, beta2)))
         decay = np.full(param.shape, F(weight_decay if wd is None else wd))
         if skip_1d:
@@ -42,9 +51,14 @@ def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None,
         m[...] = b1 * m + (F(1) - b1) * g
         v[...] = b2 * v + (F(1) - b2) * g * g
         step = t + dt
-        m_hat = m / (F(1) - b1 ** step) if bias_correction else m
-        v_hat = v / (F(1) - b2 ** step) if bias_correction else v
+        if power:          # the precedence slip: (1 - beta1)**t
+            m_hat, v_hat = m / (F(1) - b1) ** step, v / (F(1) - b2) ** step
+        else:
+            m_hat = m / (F(1) - b1 ** step) if bias_correction else m
+            v_hat = v / (F(1) - b2 ** step) if bias_correction else v
         den = np.sqrt(v_hat + F(eps)) if eps_in_sqrt else np.sqrt(v_hat) + F(eps)
+        if eps_first:      # Adam's efficient form: eps before v's correction
+            den = (np.sqrt(v) + F(eps)) / np.sqrt(F(1) - b2 ** step)
         if decay_without_lr:       # param *= 1 - wd, then the step
             param *= F(1) - decay
             param -= F(lr) * (m_hat / den)
@@ -65,6 +79,18 @@ PORTS = {
     "adamw.weight-decay-without-lr": [("adamw", adamw_port(decay_without_lr=True))],     # BUGS6
     "adamw.no-decay-1d": [("adamw", adamw_port(skip_1d=True))],
     "adamw.betas=(0.9,0.95)": [("adamw", adamw_port(betas=(0.9, 0.95)))],
+    "adamw.bias-correction-power": [("adamw", adamw_port(power=True))],
+    "adamw.eps-before-bias-correction": [("adamw", adamw_port(eps_first=True))],
+    "adamw.not-stepped": [("adamw", adamw_port(frozen=True))],       # BUGS10: the blocks alone given to AdamW
+    # one setting, fitted and named by where its value comes from
+    "adamw.beta2": [("adamw", adamw_port(setting=("beta2", "beta1"))),       # BUGS10: betas=(beta1, beta1)
+                    ("adamw", adamw_port(setting=("beta2", 0.98)))],
+    "adamw.beta1": [("adamw", adamw_port(setting=("beta1", "beta2"))),
+                    ("adamw", adamw_port(setting=("beta1", 0.8)))],
+    "adamw.lr": [("adamw", adamw_port(setting=("lr", 3e-4)))],
+    "adamw.eps": [("adamw", adamw_port(setting=("eps", 1e-6)))],
+    "adamw.weight-decay": [("adamw", adamw_port(setting=("weight_decay", 0.0))),
+                           ("adamw", adamw_port(setting=("weight_decay", "lr")))],
 }
 
 

@@ -42,11 +42,14 @@ def attention_port(scale=None, diagonal=True, causal=True):
 
 
 def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0, scale=None,
-                       masking="-inf", per_head=False, upper=False, k_is_q=False, nh_major=False, tril_bias=False):
+                       masking="-inf", per_head=False, upper=False, k_is_q=False, nh_major=False, tril_bias=False,
+                       take=None, inverted=False):
     """attention_forward in float32 with one of the mistakes of a hand-written port: q, k, v
     in another order, the heads split or merged in another layout, the softmax over the
     queries, the mask off by a diagonal, a scale by another dimension; k = q; the heads
-    batched (NH*B) and read back as (B*NH); the 0/1 tril added to the scores as the mask."""
+    batched (NH*B) and read back as (B*NH); the 0/1 tril added to the scores as the mask;
+    ``take``: what q, k, v are given (sdpa(q, k, k): "qkk"); ``inverted``: the mask's sense
+    inverted (the future attended, the past masked)."""
     def attention_forward(inp, NH):
         B, T, C3 = inp.shape
         C = C3 // 3
@@ -54,10 +57,14 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         parts = dict(zip(order, np.split(inp, 3, axis=-1)))
         if k_is_q:
             parts["k"] = parts["q"]
+        if take:
+            parts = dict(zip("qkv", (parts[x] for x in take)))
         if per_head:        # (B, T, NH, 3, hs): q, k, v interleaved per head
             parts = dict(zip("qkv", (x.reshape(B, T, C) for x in
                                      np.moveaxis(inp.reshape(B, T, NH, 3, hs), 3, 0))))
-        if split == "no-transpose":
+        if split == "no-stride":        # [..., h:h + hs] for head h: the stride hs left out
+            q, k, v = (np.stack([parts[x][..., h:h + hs] for h in range(NH)], 1) for x in "qkv")
+        elif split == "no-transpose":
             q, k, v = (parts[x].reshape(B, NH, T, hs) for x in "qkv")
         elif split == "interleaved":
             q, k, v = (parts[x].reshape(B, T, hs, NH).transpose(0, 3, 1, 2) for x in "qkv")
@@ -67,6 +74,8 @@ def attention_any_port(order="qkv", split="heads-major", merge="transpose", axis
         visit = np.tril(np.ones((T, T), bool), diagonal)
         if upper:
             visit = visit.T
+        if inverted:
+            visit = ~visit
         scores = (q @ k.transpose(0, 1, 3, 2)) * sc
         if masking == "after" or tril_bias:
             pre = (scores + visit.astype(F) if tril_bias else scores).astype(F)
@@ -135,17 +144,25 @@ PORTS = {
                          ("attention_forward", attention_any_port(per_head=True)),
                          ("attention_forward", attention_any_port(merge="transpose-2-3")),
                          # BUGS6's first run: no known cause
-                         ("attention_forward", attention_any_port(nh_major=True))],
-    "attention.qkv-order": [*(("attention_forward", attention_any_port(order=o)) for o in ("kqv", "vkq")),
-                            ("attention_forward", attention_any_port(k_is_q=True))],   # BUGS6
+                         ("attention_forward", attention_any_port(nh_major=True)),
+                         # BUGS9's head offset without its stride: no known cause
+                         ("attention_forward", attention_any_port(split="no-stride"))],
+    "attention.qkv-order.q-k-swapped": [("attention_forward", attention_any_port(order="kqv")),
+                                        ("attention_forward", attention_any_port(take="kqv"))],   # sdpa(k, q, v)
+    "attention.qkv-order.q-v-swapped": [("attention_forward", attention_any_port(order="vkq"))],
+    "attention.qkv-order.k-v-swapped": [("attention_forward", attention_any_port(take="qvk"))],
+    "attention.qkv-order.rotated": [("attention_forward", attention_any_port(order="kvq"))],
+    "attention.qkv-order.k-is-q": [("attention_forward", attention_any_port(k_is_q=True))],     # BUGS6
+    "attention.qkv-order.v-is-k": [("attention_forward", attention_any_port(take="qkk"))],      # sdpa(q, k, k)
     "attention.softmax-axis": [("attention_forward", attention_any_port(axis=-2)),
                                # BUGS7's first run: NaN, no known cause (torch.softmax(scores, dim=1))
                                ("attention_forward", attention_any_port(axis=1)),
                                ("attention_forward", attention_any_port(axis=1, masking=-1e9))],
     "attention.scale-after-softmax": [("attention_forward", attention_scaled_after)],
-    "attention.masking": [("attention_forward", attention_any_port(masking="after")),
-                          ("attention_forward", attention_any_port(upper=True)),
-                          ("attention_forward", attention_any_port(tril_bias=True))],     # BUGS6
+    "attention.masking.after-softmax": [("attention_forward", attention_any_port(masking="after"))],
+    "attention.masking.transposed": [("attention_forward", attention_any_port(upper=True))],
+    "attention.masking.added": [("attention_forward", attention_any_port(tril_bias=True))],     # BUGS6
+    "attention.masking.inverted": [("attention_forward", attention_any_port(inverted=True))],
     "attention.mask-fill": [("attention_forward", attention_any_port(masking=0.0)),
                             ("attention_forward", attention_any_port(masking=-1.0))],
     "attention.no-diagonal": [("attention_forward", attention_port(diagonal=False))],

@@ -43,6 +43,20 @@ def encoder_port(shift=0, wte=True, wpe=True, reverse=False, wte_scale=None):
     return encoder_forward
 
 
+def encoder_backward_padding(table, row):
+    """The encoder's backward with ``row`` of ``table`` ("wte", "wpe") left without
+    gradient, as torch's nn.Embedding(padding_idx=row) leaves it (None: the first token's row)."""
+    def encoder_backward(dwte, dwpe, dout, inp):
+        nonlocal row
+        row = int(inp.flat[0]) if row is None else row
+        before = (dwte if table == "wte" else dwpe)[row].copy()
+        B, T, C = dout.shape
+        np.add.at(dwte, inp.reshape(-1), dout.reshape(B * T, C))
+        dwpe[:T] += dout.sum(0)
+        (dwte if table == "wte" else dwpe)[row] = before
+    return encoder_backward
+
+
 # variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
 # applies to where the per-op inputs can show it
 PORTS = {
@@ -53,6 +67,8 @@ PORTS = {
     "embedding.position-shift": [("encoder_forward", encoder_port(shift=1))],
     "embedding.no-wpe": [("encoder_forward", encoder_port(wpe=False))],
     "embedding.no-wte": [("encoder_forward", encoder_port(wte=False))],
+    "embedding.padding-idx": [("encoder_backward", encoder_backward_padding("wpe", 0)),      # BUGS10
+                              ("encoder_backward", encoder_backward_padding("wte", None))],
 }
 
 

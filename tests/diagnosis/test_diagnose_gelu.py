@@ -58,6 +58,13 @@ PORTS = {
     "gelu.half-factor": [("gelu_forward", lambda x: x * (F(1) + np.tanh(gelu_tanh_arg(x, 0.044715))))],
     "gelu.relu": [("gelu_forward", lambda x: np.maximum(x, F(0))),
                   ("gelu_backward", lambda dinp, inp, dout: dinp.__iadd__((inp > 0).astype(F) * dout))],
+    # another activation in GELU's place (gelu.activation's forms; BUGS10's relu-squared)
+    "gelu.relu-squared": [("gelu_forward", lambda x: np.square(np.maximum(x, F(0)))),
+                          ("gelu_backward", lambda dinp, inp, dout: dinp.__iadd__(F(2) * np.maximum(inp, F(0)) * dout))],
+    "gelu.squared": [("gelu_forward", lambda x: np.square(nk.gelu_forward(x)))],
+    "gelu.leaky-relu": [("gelu_forward", lambda x: np.where(x > 0, x, F(0.01) * x))],
+    "gelu.mish": [("gelu_forward", lambda x: x * np.tanh(np.log1p(np.exp(x))))],
+    "gelu.softplus": [("gelu_forward", lambda x: np.log1p(np.exp(x)))],
 }
 
 

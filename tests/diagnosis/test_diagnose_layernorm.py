@@ -84,6 +84,23 @@ def layernorm_over_positions_and_channels(inp, weight, bias):
     return out.astype(F), mean, rstd
 
 
+def layernorm_without(param):
+    """layernorm with its bias (F.layer_norm(x, shape, weight, None)) or its gain
+    (elementwise_affine=False) left out, forward and backward (that parameter gets no gradient)."""
+    def layernorm_forward(inp, weight, bias):
+        m = inp.mean(-1, keepdims=True)
+        s = F(1) / np.sqrt(((inp - m) ** 2).mean(-1, keepdims=True) + F(1e-5))
+        n = s * (inp - m)
+        return (n * weight if param == "bias" else n + bias), m[..., 0], s[..., 0]
+
+    def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+        kept = (dbias if param == "bias" else dweight).copy()
+        nk.layernorm_backward(dinp, dweight, dbias, dout, inp, weight if param == "bias" else np.ones_like(weight),
+                              mean, rstd)
+        (dbias if param == "bias" else dweight)[...] = kept
+    return layernorm_forward, layernorm_backward
+
+
 # variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
 # applies to where the per-op inputs can show it
 PORTS = {
@@ -99,6 +116,10 @@ PORTS = {
     "layernorm.eps-outside-sqrt": [("layernorm_forward", layernorm_outside_port(1e-5))],
     "layernorm.axis": [("layernorm_forward", layernorm_over_positions),
                        ("layernorm_forward", layernorm_over_positions_and_channels)],
+    "layernorm.no-bias": [("layernorm_forward", layernorm_without("bias")[0]),         # BUGS10
+                          ("layernorm_backward", layernorm_without("bias")[1])],
+    "layernorm.no-weight": [("layernorm_forward", layernorm_without("weight")[0]),
+                            ("layernorm_backward", layernorm_without("weight")[1])],
 }
 
 

@@ -93,6 +93,24 @@ def ce_backward_shift_dropped(dlogits, dlosses, probs, targets, V):
     dlogits += d
 
 
+def _time_major(targets):
+    """The (B, T) targets as a port reads them time-major: targets.t().reshape(-1) against
+    the logits' (B*T) rows."""
+    return targets.T.reshape(targets.shape)
+
+
+def ce_forward_time_major(probs, targets):
+    return nk.crossentropy_forward(probs, _time_major(targets))
+
+
+def ce_backward_time_major(dlogits, dlosses, probs, targets, V):
+    nk.crossentropy_softmax_backward(dlogits, dlosses, probs, _time_major(targets), V)
+
+
+def ce_backward_reversed(dlogits, dlosses, probs, targets, V):
+    nk.crossentropy_softmax_backward(dlogits, dlosses, probs, np.ascontiguousarray(targets[:, ::-1]), V)
+
+
 # variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
 # applies to where the per-op inputs can show it
 PORTS = {
@@ -108,6 +126,9 @@ PORTS = {
                              ("crossentropy_softmax_backward", ce_backward_shift_dropped)],
     "labels.previous-position": [("crossentropy_forward", ce_forward_shift(-1)),
                                  ("crossentropy_softmax_backward", ce_backward_shift(-1))],
+    "labels.time-major": [("crossentropy_forward", ce_forward_time_major),          # BUGS10
+                          ("crossentropy_softmax_backward", ce_backward_time_major)],
+    "labels.permuted": [("crossentropy_softmax_backward", ce_backward_reversed)],
 }
 
 
@@ -122,6 +143,9 @@ def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, sha
 # backward): its float32 ports, judged as the replay judges them, with the call the replay
 # hands the diagnosis
 def _ce_probs_port(form):
+    if form.startswith("z-loss"):
+        return _z_loss_port(1e-4 if form == "z-loss" else 1e-3)
+
     def port(logits, dlosses, targets, V):
         z = logits[..., :V].astype(F)
         p = np.exp(z - z.max(-1, keepdims=True))
@@ -139,7 +163,22 @@ def _ce_probs_port(form):
     return port
 
 
-def _model_level_case(vid):
+def _z_loss_port(coef):
+    """The loss's gradient with PaLM's z-loss: loss + coef * mean(logsumexp(logits)^2)."""
+    def port(logits, dlosses, targets, V):
+        z = logits[..., :V].astype(F)
+        mx = z.max(-1, keepdims=True)
+        lse = mx + np.log(np.exp(z - mx).sum(-1, keepdims=True))
+        p = np.exp(z - lse)
+        onehot = np.zeros_like(p)
+        np.put_along_axis(onehot, targets[..., None].astype(np.intp), F(1), -1)
+        out = np.zeros(logits.shape, F)
+        out[..., :V] = dlosses[..., None] * (p - onehot + F(2 * coef) * lse * p)
+        return out
+    return port
+
+
+def _model_level_case(vid, form=None):
     """The loss's backward of a model whose loss is of the probabilities (the softmax
     twice; no log), judged as the replay judges it, with the logits beside the call."""
     from harness.diagnosis import Call
@@ -151,7 +190,7 @@ def _model_level_case(vid):
     probs = nk.softmax_forward(logits, V)
     dlosses = np.full((B, T), F(1 / (B * T)))
     args = {"dlogits": np.zeros((B, T, Vp), F), "dlosses": dlosses, "probs": probs, "targets": targets, "V": V}
-    actual = _ce_probs_port(vid.split(".")[1])(logits, dlosses, targets, V)
+    actual = _ce_probs_port(form or vid.split(".")[1])(logits, dlosses, targets, V)
     a64 = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
            for k, v in args.items()}
     expected = {"dlogits": a64["dlogits"].copy()}
@@ -161,12 +200,18 @@ def _model_level_case(vid):
     return judge_as_replay(vid, "crossentropy_softmax_backward", "dlogits", actual, expected, args, call)
 
 
-MODEL_LEVEL = ["crossentropy.softmax-twice", "crossentropy.no-log"]
+MODEL_LEVEL = ["crossentropy.softmax-twice", "crossentropy.no-log", "crossentropy.z-loss"]
+# the forms each is tried in: (variant id, the port's form)
+MODEL_LEVEL_FORMS = [("crossentropy.softmax-twice", None), ("crossentropy.no-log", None),
+                     ("crossentropy.z-loss", "z-loss"), ("crossentropy.z-loss", "z-loss-1e-3")]     # BUGS10
 
 
-@pytest.mark.parametrize("variant_id", MODEL_LEVEL)
-def test_a_model_level_change_is_diagnosed_with_it(variant_id):
-    assert_diagnosed([_model_level_case(variant_id)], variant_id)
+@pytest.mark.parametrize("variant_id, form", MODEL_LEVEL_FORMS)
+def test_a_model_level_change_is_diagnosed_with_it(variant_id, form):
+    c = _model_level_case(variant_id, form)
+    assert_diagnosed([c], variant_id)
+    if form and form.startswith("z-loss"):      # the coefficient found
+        assert c.diagnosis.causes[0].value == pytest.approx(1e-3 if form.endswith("1e-3") else 1e-4, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- the loss mean, edited in the C

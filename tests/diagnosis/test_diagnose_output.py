@@ -13,6 +13,8 @@ import pytest
 from diagnose_common import (F, assert_c_edit_diagnosed, assert_diagnosed,  # noqa: F401 - c_mutants is a fixture
                              c_cases, c_mutants, failures, port_cases, port_with)
 
+import numpy as np
+
 from pyref import numpy_kernels as nk
 from pyref.cases import SHAPE_BY_NAME
 
@@ -31,18 +33,47 @@ def scaled_port(kernel, factor=1.0, offset=0.0):
     return port
 
 
+def dropout_port(kernel, p):
+    """Any forward kernel with dropout left on after it (a seeded mask, torch's scaling)."""
+    f = getattr(nk, kernel)
+
+    def port(*args):
+        out = f(*args)
+        first = out[0] if isinstance(out, tuple) else out
+        keep = np.random.default_rng(0).random(first.shape) >= p
+        first = np.where(keep, first / F(1 - p), F(0)).astype(F)
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+    return port
+
+
 # variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
 # applies to where the per-op inputs can show it
 PORTS = {
     "output.scale": [(k, scaled_port(k, factor=1.001)) for k in ("layernorm_forward", "matmul_forward",
                                                                 "gelu_forward", "softmax_forward")],
     "output.offset": [(k, scaled_port(k, offset=0.01)) for k in ("matmul_forward", "gelu_forward")],
+    # BUGS9's embedding dropout always on (p 0.1), and a dropout after the MLP's GELU
+    "output.dropout": [("encoder_forward", dropout_port("encoder_forward", 0.1)),
+                       ("gelu_forward", dropout_port("gelu_forward", 0.2))],
 }
 
 
 @pytest.mark.parametrize("variant_id, kernel, port, shape", port_cases(PORTS))
 def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, shape):
     assert_diagnosed(failures(port_with(kernel, port), kernel, SHAPE_BY_NAME[shape]), variant_id)
+
+
+def test_zeros_without_the_scale_are_no_dropout():
+    """GELU zeroed at its negative inputs (zeros where the C's output is not, the rest not
+    scaled) and a dropout mask without its 1/(1-p): neither is named a dropout."""
+    def gelu_cut(x):
+        return np.where(x > 0, nk.gelu_forward(x), F(0)).astype(F)
+
+    def unscaled(x):
+        return np.where(np.random.default_rng(0).random(x.shape) >= 0.1, nk.gelu_forward(x), F(0)).astype(F)
+    for port in (gelu_cut, unscaled):
+        failed = failures(port_with("gelu_forward", port), "gelu_forward")
+        assert failed and all("output.dropout" not in c.diagnosis.ids for c in failed)
 
 
 # ----------------------------------------------------------------------------- the C, edited

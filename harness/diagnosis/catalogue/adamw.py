@@ -1,5 +1,9 @@
-"""AdamW: bias correction, the step count, eps inside the square root, L2 instead of decoupled
-decay, decay not scaled by the learning rate, torch's defaults, no decay on 1-D parameters."""
+"""AdamW: bias correction (left out, or (1 - beta)^t), the step count, eps inside the square root
+or before the bias correction, L2 instead of decoupled
+decay, decay not scaled by the learning rate, torch's defaults, no decay on 1-D parameters, a
+tensor not stepped, and any one setting (lr, a beta, eps, the decay) fitted from the output and
+named by where its value comes from (another setting typed in its place, torch's default, a
+usual value)."""
 from __future__ import annotations
 
 import math
@@ -9,13 +13,17 @@ import numpy as np
 from pyref.constants import Held
 from pyref.config import LAYER_PARAMS, AdamW
 
-from ..engine import Variant
+from ..engine import Fit, Variant, const_text
 
 
-def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, decay_lr=True, **changed):
+def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=None, decay_lr=True,
+           correction_power=False, eps_before_correction=False, **changed):
     """AdamW in float64 with one of its conventions changed (``decay``: where weight decay
     applies; ``decay_lr``: False where the decay is not multiplied by the learning rate,
-    param *= 1 - wd; ``changed``: hyperparameters replaced). Returns param, m, v."""
+    param *= 1 - wd; ``correction_power``: the bias corrections (1 - beta)^t, not
+    1 - beta^t; ``eps_before_correction``: eps added to sqrt(v) before v's correction,
+    (sqrt(v) + eps)/sqrt(1 - beta2^t); ``changed``: hyperparameters replaced). Returns
+    param, m, v."""
     a = dict(args, **changed)
     p, g, m, v = (np.array(a[k], np.float64) for k in ("param", "grad", "m", "v"))
     lr, b1, b2, eps, wd = AdamW.from_kernel_args(a).as_float32().args()   # float arguments of the C
@@ -25,9 +33,12 @@ def _adamw(args, *, bias_correction=True, eps_in_sqrt=False, l2=False, decay=Non
         g = g + wd * p
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    m_hat = m / (1 - b1 ** t) if bias_correction else m
-    v_hat = v / (1 - b2 ** t) if bias_correction else v
+    c1, c2 = ((1 - b1) ** t, (1 - b2) ** t) if correction_power else (1 - b1 ** t, 1 - b2 ** t)
+    m_hat = m / c1 if bias_correction else m
+    v_hat = v / c2 if bias_correction else v
     denom = np.sqrt(v_hat + eps) if eps_in_sqrt else np.sqrt(v_hat) + eps
+    if eps_before_correction:
+        denom = (np.sqrt(v) + eps) / math.sqrt(c2)
     if not decay_lr:
         return {"param": p - lr * (m_hat / denom) - wd * p, "m": m, "v": v}
     p = p - lr * (m_hat / denom + (0.0 if l2 else wd * p))
@@ -80,6 +91,137 @@ def _adamw_no_decay_1d(kernel, args, ctx, value):
     return _adamw(args, decay=~np.broadcast_to(one_d, np.shape(args["param"])))
 
 
+def _adamw_not_stepped(kernel, args, ctx, value):
+    """The tensor left as it was: not among the optimizer's parameters (or its gradient
+    None), so neither it nor its moments step."""
+    return {"param": args["param"].copy(), "m": args["m"].copy(), "v": args["v"].copy()}
+
+
+# ----------------------------------------------------------------------------- one setting, fitted
+
+# the settings by the names a port writes them with (the kernel's argument names)
+SETTINGS = {"lr": "learning rate", "beta1": "beta1", "beta2": "beta2", "eps": "eps", "weight_decay": "weight decay"}
+# the values a setting is often given instead of the run's: torch's defaults first
+_USUAL = {"lr": (1e-3, 3e-4, 6e-4, 1e-4, 1e-2, 5e-4, 2e-4),
+          "beta1": (0.9, 0.95, 0.8, 0.85, 0.99, 0.0),
+          "beta2": (0.999, 0.95, 0.98, 0.99, 0.9, 0.9999),
+          "eps": (1e-8, 1e-6, 1e-5, 1e-7, 1e-10, 1e-12, 1e-4, 1e-3),
+          "weight_decay": (1e-2, 0.0, 0.1, 0.05, 1e-4, 1e-3)}
+_TORCH_DEFAULT = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
+
+
+def _adamw_setting(name: str):
+    def run(kernel, args, ctx, value):
+        return _adamw(args, **{name: Held(value)})      # the value as found, not rounded to the C's float
+    return run
+
+
+def _adamw_parts(args):
+    """(p, g, m0, v0, the run's settings, m_hat, v_hat) of an adamw call, in float64."""
+    p, g, m0, v0 = (np.asarray(args[k], np.float64) for k in ("param", "grad", "m", "v"))
+    hp = AdamW.from_kernel_args(args).as_float32()
+    t = int(args["t"])
+    m = hp.beta1 * m0 + (1 - hp.beta1) * g
+    v = hp.beta2 * v0 + (1 - hp.beta2) * g * g
+    return p, g, m0, v0, hp, m / (1 - hp.beta1 ** t), v / (1 - hp.beta2 ** t)
+
+
+def _ls(u, r):
+    """c minimising |c*u - r| over the finite elements (None where u is zero there)."""
+    u, r = np.ravel(u), np.ravel(r)
+    ok = np.isfinite(u) & np.isfinite(r)
+    den = float(u[ok] @ u[ok])
+    return float(u[ok] @ r[ok]) / den if den > 0 else None
+
+
+def _setting_estimate(name: str):
+    """The setting ``name`` read from the output in closed form, where the output is affine
+    in it (m in beta1, v in beta2, the parameter in lr and the decay), else searched (the
+    parameter in eps and in the betas: :func:`_search`)."""
+    def estimate(kernel, args, actual, ctx):
+        out = ctx["output"]
+        p, g, m0, v0, hp, m_hat, v_hat = _adamw_parts(args)
+        a = np.asarray(actual, np.float64)
+        if out == "m" and name == "beta1":
+            return _ls(m0 - g, a - g)
+        if out == "v" and name == "beta2":
+            return _ls(v0 - g * g, a - g * g)
+        if out == "param" and name.startswith("beta"):
+            return _search(args, name, a, math.log(1e-5), math.log(0.9), lambda x: 1.0 - math.exp(x))
+        if out != "param":
+            return None
+        r = m_hat / (np.sqrt(v_hat) + hp.eps)
+        if name == "lr":
+            return _ls(r + hp.weight_decay * p, p - a)
+        if name == "weight_decay":
+            return _ls(hp.learning_rate * p, p - hp.learning_rate * r - a)
+        # eps's effect on the step is small beside the parameter's rounding: searched (log scale)
+        return _search(args, name, a, math.log(1e-12), math.log(1e-1), math.exp)
+    return estimate
+
+
+def _search(args, name: str, actual, lo: float, hi: float, value_of, n: int = 4096):
+    """A setting read from the parameters where they are not affine in it (a beta, through
+    the bias correction and the moment; eps): ``value_of(x)`` over x in [lo, hi] (a log
+    scale of the setting), a grid then a golden-section search, on at most ``n`` elements
+    (evenly strided; the whole tensor is judged after)."""
+    idx = np.linspace(0, np.size(actual) - 1, min(n, np.size(actual))).astype(np.intp)
+    sub = {k: (np.ravel(x)[idx] if isinstance(x, np.ndarray) else x) for k, x in args.items()}
+    a = np.ravel(actual)[idx]
+
+    def loss(x):
+        d = _adamw(sub, **{name: Held(value_of(x))})["param"] - a
+        d = d[np.isfinite(d)]
+        return float(d @ d) if d.size else math.inf
+    grid = np.linspace(lo, hi, 41)
+    losses = [loss(x) for x in grid]
+    k = int(np.argmin(losses))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    gr = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        c, d = hi - gr * (hi - lo), lo + gr * (hi - lo)
+        if loss(c) <= loss(d):
+            hi = d
+        else:
+            lo = c
+    return value_of((lo + hi) / 2)
+
+
+def _setting_name(name: str):
+    """The setting's cause: where its value comes from (another of the run's settings typed
+    in its place, torch's default, a usual value), or None where it is the run's own."""
+    def named(kernel, args, value, ctx):
+        hp = dict(zip(SETTINGS, AdamW.from_kernel_args(args).as_float32().args()))
+        # how closely each is found: the betas from m and v to their rounding, the learning
+        # rate and the decay through the parameter's rounding, eps (a small effect) to a few percent
+        close = {"beta1": 1e-5, "beta2": 1e-5, "eps": 0.05}.get(name, 1e-3)
+
+        def near(x):
+            return abs(value - x) <= close * (abs(x) if x else abs(hp[name]))
+        if near(hp[name]):
+            return None, value, ""
+        where = next((f" (the run's {SETTINGS[o]}, typed in {SETTINGS[name]}'s place)"
+                      for o in SETTINGS if o != name and near(hp[o])), None)
+        if where is None and near(_TORCH_DEFAULT[name]):
+            where = " (torch's default)"
+        if where is None and name == "lr" and hp["lr"]:
+            where = "" if any(near(x) for x in _USUAL[name]) else \
+                f" ({const_text(value / hp['lr'])} times the run's: a schedule's factor, warmup or decay, applied?)"
+        if where is None:
+            where = "" if any(near(x) for x in _USUAL[name]) else " (no usual value)"
+        shown = next((x for x in (*hp.values(), *_USUAL[name]) if near(x)), value)
+        if not name.startswith("beta"):
+            value = shown        # judged at the round value it is near (a beta as found: its double)
+        return f"adamw.{name.replace('_', '-')}", value, (
+            f"AdamW's {SETTINGS[name]} is {const_text(shown)}{where} instead of {const_text(hp[name])}")
+    return named
+
+
+def _setting_fit(name: str):
+    lo, hi = (-1.0, 1.0) if name.startswith("beta") else (0.0, 10.0) if name != "eps" else (0.0, 1.0)
+    return Fit(lo, hi, estimate=_setting_estimate(name))
+
+
 def one_d_mask(n_params: int, config=None) -> np.ndarray | None:
     """For a flat parameter vector of a model (``config``, else the built-in preset with
     ``n_params`` parameters): True at the parameters of 1-D tensors per layer (biases,
@@ -110,6 +252,11 @@ VARIANTS: tuple[Variant, ...] = (
             _adamw_step(-1)),
     Variant("adamw.eps-in-sqrt", "adamw", ("adamw",), "AdamW's eps inside the square root: sqrt(v_hat + eps)",
             _adamw_variant(eps_in_sqrt=True)),
+    Variant("adamw.bias-correction-power", "adamw", ("adamw",),
+            "AdamW's bias corrections written (1 - beta)**t instead of 1 - beta**t", _adamw_variant(correction_power=True)),
+    Variant("adamw.eps-before-bias-correction", "adamw", ("adamw",),
+            "AdamW's eps added to sqrt(v) before v's bias correction: (sqrt(v) + eps)/sqrt(1 - beta2**t) "
+            "(Adam's paper's efficient form) instead of sqrt(v_hat) + eps", _adamw_variant(eps_before_correction=True)),
     Variant("adamw.l2", "adamw", ("adamw",),
             "weight decay added to the gradient (L2, Adam) instead of decoupled (AdamW)",
             _adamw_variant(l2=True), terms=_adamw_l2_terms),
@@ -123,4 +270,10 @@ VARIANTS: tuple[Variant, ...] = (
             _adamw_no_decay_1d),
     Variant("adamw.betas=(0.9,0.95)", "adamw", ("adamw",), "AdamW betas (0.9, 0.95) instead of the ones given",
             _adamw_changed(beta1=0.9, beta2=0.95)),
+    Variant("adamw.not-stepped", "adamw", ("adamw",),
+            "the tensor not stepped (left out of the optimizer's parameters, or its gradient None): it and its "
+            "moments keep their values", _adamw_not_stepped),
+    # one setting other than the run's, fitted: tried where no specific change explains the output
+    *(Variant(f"adamw.{name.replace('_', '-')}", "adamw", ("adamw",), "{note}", _adamw_setting(name),
+              fit=_setting_fit(name), name=_setting_name(name), fallback=1) for name in SETTINGS),
 )

@@ -82,11 +82,12 @@ def _att_scale_name(kernel, args, value, ctx):
 
 def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpose", axis=-1, diagonal=0,
                    causal=True, scale=None, masking="-inf", qkv_axes=("3", "NH", "hs"), upper=False, take="qkv",
-                   batched=None, bias=None, nan_empty=False):
+                   batched=None, bias=None, nan_empty=False, inverted=False):
     """attention_forward in float64 with the mistakes a port makes: q, k, v taken in another
     ``order``; the heads split from the channels in another layout (``split``:
     ``"heads-major"`` as the C, ``"no-transpose"`` viewing (B,T,C) as (B,NH,T,hs),
-    ``"interleaved"`` channel c = d*NH + h) or merged back without transposing
+    ``"interleaved"`` channel c = d*NH + h, ``"no-stride"`` head h sliced at channel h, not
+    h*hs) or merged back without transposing
     (``merge="no-transpose"``); the softmax over another ``axis`` (-2: over the queries);
     the mask's ``diagonal`` (tril(k)); no mask (``causal=False``); another ``scale``; the
     mask applied after the softmax without renormalising (``masking="after"``) or as a
@@ -97,7 +98,8 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     "qqv": k is q's chunk); the heads batched as (NH*B) and read back as (B*NH), or the
     other way (``batched``: "nh-major", "b-major"); the mask a finite ``bias`` added to the
     left-out scores (a 0/1 tril added as if it were 0/-inf: -1, or -scale before the scale);
-    ``nan_empty``: a softmax over an all -inf slice is NaN (torch's 0/0), not the C's 0.
+    ``nan_empty``: a softmax over an all -inf slice is NaN (torch's 0/0), not the C's 0;
+    ``inverted``: the mask's complement (True read as masked where it means attend).
     Returns (out, preatt, att), preatt 0 where the mask leaves it out (as the C's)."""
     B, T, C3 = inp.shape
     C = C3 // 3
@@ -114,12 +116,16 @@ def _attention_any(inp, NH, *, order="qkv", split="heads-major", merge="transpos
     sizes = {"T": T, "NH": NH, "hs": hs}
 
     def heads(a):
+        if split == "no-stride":     # head h's slice at channel h, not h*hs (overlapping)
+            return np.stack([a[..., h:h + hs] for h in range(NH)], axis=1)
         view = a.reshape(B, *(sizes[x] for x in axes))
         return view.transpose(0, *(1 + axes.index(x) for x in ("NH", "T", "hs")))
     q, k, v = (heads(chunks[x]) for x in "qkv")
     mask = np.tril(np.ones((T, T), bool), diagonal) if causal else np.ones((T, T), bool)
     if upper:
         mask = mask.T
+    if inverted:
+        mask = ~mask
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale
     if bias is not None:      # a finite bias on the left-out scores: every key weighed
         att = _softmax_biased(scores, mask, bias)
@@ -176,19 +182,29 @@ def _merged(y, merge):
     return y.transpose(0, *(1 + ("NH", "T", "hs").index(x) for x in axes)).reshape(B, T, NH * hs)
 
 
-_PERMUTATIONS = ("qvk", "kqv", "kvq", "vqk", "vkq")
 
 
 def _att_maskings(kernel, args, **kw):
     hs = args["inp"].shape[-1] // 3 // int(args["NH"])
-    return [_Form("the causal mask applied after the softmax (the kept weights not renormalised)", "masking",
-                  "after"),
-            _Form("the causal mask transposed (triu): each position attends to itself and the later ones",
-                  "upper", True),
-            _Form("the 0/1 tril added to the scores as the mask bias (the future scores 1 lower, not -inf)",
-                  "bias", -1.0),
-            _Form("the 0/1 tril added to the scores before the scale as the mask bias (the future scores "
-                  "1/sqrt(hs) lower, not -inf)", "bias", -1.0 / math.sqrt(hs))]
+    T = args["inp"].shape[1]
+    forms = [_Form("the causal mask applied after the softmax (the kept weights not renormalised)", "masking",
+                   "after", id="after-softmax"),
+             _Form("the causal mask transposed (triu): each position attends to itself and the later ones",
+                   "upper", True, id="transposed"),
+             _Form("the 0/1 tril added to the scores as the mask bias (the future scores 1 lower, not -inf: "
+                   "a float mask given to sdpa's attn_mask, or scores + tril)", "bias", -1.0, id="added"),
+             _Form("the 0/1 tril added to the scores before the scale as the mask bias (the future scores "
+                   "1/sqrt(hs) lower, not -inf)", "bias", -1.0 / math.sqrt(hs), id="added")]
+    if T > 1:   # with T = 1 the inverted mask leaves nothing to attend: the same as no causal mask's NaN
+        forms.append(_Form("the causal mask's sense inverted (True where masked, as nn.MultiheadAttention's, "
+                           "given where True means attend, as sdpa's): each position attends only to the later "
+                           "ones, the last to none (NaN)", "inverted", True, id="inverted", nan_empty=True))
+    return forms
+
+
+def _att_masking_name(kernel, args, value, ctx):
+    """attention.masking.<form>: which way the mask went wrong (its form's id)."""
+    return f"attention.masking.{ctx['choice'].id}", value, ""
 
 
 def _att_scale_after(kernel, args, ctx, value):
@@ -248,12 +264,14 @@ def _att_changed(**fixed):
 
 
 class _Form(str):
-    """A choice of a variant: its text, the keyword of :func:`_attention_any` it sets, and
+    """A choice of a variant: its text, the keyword of :func:`_attention_any` it sets, its
+    ``id`` where the form names a cause of its own (``attention.masking.added``), and
     ``more`` keywords that go with it (the heads' softmax's -inf, or a finite fill)."""
 
-    def __new__(cls, text, key, value, **more):
+    def __new__(cls, text, key, value, id=None, **more):
         obj = super().__new__(cls, text)
         obj.change = (key, value)
+        obj.id = id
         obj.more = more
         return obj
 
@@ -268,7 +286,9 @@ def _att_layouts(kernel, args, **kw):
     return [*(_Form(text + " instead of (B,T,3,NH,hs)", "qkv_axes", axes) for axes, text in _QKV_VIEWS.items()),
             *_head_layouts(),
             _Form("the heads batched as (NH*B, T, hs) and read back as (B*NH)", "batched", "nh-major"),
-            _Form("the heads batched as (B*NH, T, hs) and read back as (NH*B)", "batched", "b-major")]
+            _Form("the heads batched as (B*NH, T, hs) and read back as (NH*B)", "batched", "b-major"),
+            _Form("each head's slice taken at channel h instead of h*hs (the stride left out of the head's "
+                  "offset: the heads overlap)", "split", "no-stride")]
 
 
 def _head_layouts():
@@ -292,14 +312,32 @@ def _head_layouts():
     return forms
 
 
-# one chunk taken twice (a typo: k = q), as (what q, k, v take, which one is the copy)
-_DUPLICATES = (("qqv", "k = q"), ("qkk", "v = k"), ("qkq", "v = q"), ("kkv", "q = k"), ("vkv", "q = v"),
-               ("qvv", "k = v"))
+# the other orders of c_attn's chunks, as (what chunks 0, 1, 2 are taken as, the form's id,
+# its words): the same numbers whether the chunks are read in that order or sdpa (or the
+# port's own attention) is given its arguments so
+_ORDERS = (("kqv", "q-k-swapped", "q and k swapped (k, q, v: sdpa(k, q, v), or c_attn's chunks read k, q, v)"),
+           ("qvk", "k-v-swapped", "k and v swapped (q, v, k: sdpa(q, v, k), or c_attn's chunks read q, v, k)"),
+           ("vkq", "q-v-swapped", "q and v swapped (v, k, q: sdpa(v, k, q), or c_attn's chunks read v, k, q)"),
+           ("kvq", "rotated", "q, k, v rotated (c_attn's chunks read k, v, q)"),
+           ("vqk", "rotated", "q, k, v rotated (c_attn's chunks read v, q, k)"))
+# one chunk taken twice (a typo: k = q), as (what q, k, v take, the form's id)
+_DUPLICATES = (("qqv", "k-is-q"), ("qkk", "v-is-k"), ("qkq", "v-is-q"), ("kkv", "q-is-k"), ("vkv", "q-is-v"),
+               ("qvv", "k-is-v"))
+_ROLE = {"q": "the queries", "k": "the keys", "v": "the values"}
 
 
 def _att_orders(kernel, args, **kw):
-    return [*(_Form(o, "order", o) for o in _PERMUTATIONS),
-            *(_Form(f"{', '.join(t)} ({same}: one chunk taken twice)", "take", t) for t, same in _DUPLICATES)]
+    forms = [_Form(text, "order", o, id=fid) for o, fid, text in _ORDERS]
+    for take, fid in _DUPLICATES:
+        role, src = fid[0], fid[-1]
+        forms.append(_Form(f"{_ROLE[src]} taken as {_ROLE[role]} too ({role} = {src}: q, k, v are "
+                           f"{', '.join(take)}, e.g. sdpa({', '.join(take)}))", "take", take, id=fid))
+    return forms
+
+
+def _att_order_name(kernel, args, value, ctx):
+    """attention.qkv-order.<form>: which of q, k, v took which (its form's id)."""
+    return f"attention.qkv-order.{ctx['choice'].id}", value, ""
 
 
 def _att_diagonals(kernel, args, **kw):
@@ -359,15 +397,14 @@ VARIANTS: tuple[Variant, ...] = (
             "the causal mask off by a diagonal: {choice} instead of tril(0)", _att_changed(),
             choices=_att_diagonals),
     Variant("attention.masking", "attention", ("attention_forward",),
-            "{choice}", _att_changed(), choices=_att_maskings),
+            "{choice}", _att_changed(), choices=_att_maskings, name=_att_masking_name),
     Variant("attention.mask-fill", "attention", ("attention_forward",),
             "the masked scores set to {value} before the softmax instead of -inf", _att_mask_fill,
             fit=Fit(-100.0, 100.0), name=_mask_fill_name),
     Variant("attention.layout", "attention", ("attention_forward",),
             "{choice}", _att_changed(), choices=_att_layouts),
     Variant("attention.qkv-order", "attention", ("attention_forward",),
-            "q, k, v taken from c_attn's output in the order {choice} instead of q, k, v",
-            _att_changed(), choices=_att_orders),
+            "q, k, v mixed up: {choice}", _att_changed(), choices=_att_orders, name=_att_order_name),
     Variant("attention.scale-after-softmax", "attention", ("attention_forward",),
             "attention's scale ({value}{note}) applied to the weights after the softmax instead of to the scores "
             "before it", _att_scale_after, fit=Fit(-1e3, 1e3, linear=True), name=_att_scale_after_name),

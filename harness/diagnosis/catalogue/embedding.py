@@ -1,5 +1,5 @@
 """embeddings: positions shifted or counted per sequence, a table left out or scaled, the tables
-multiplied."""
+multiplied; in the backward, rows of a table that get no gradient (nn.Embedding's padding_idx)."""
 from __future__ import annotations
 
 import math
@@ -87,6 +87,48 @@ def _table_scale_name(kernel, args, value, ctx):
         (f" = {match}" if match else "")
 
 
+def _rows_without_gradient(kernel, args, ctx):
+    """(the table's output name, the rows of it the encoder's gradient does not reach in the
+    judged output, the C's contribution) or None: a row whose contribution in the output
+    (the output less what it held before this call) is under half the C's."""
+    out = ctx["output"]
+    start = np.asarray(args[out], np.float64).copy()
+    from ._common import _oracle
+    delta = _oracle(kernel, args)[out] - start
+    got = np.asarray(ctx["actual"], np.float64) - start
+    size = np.sqrt((delta * delta).sum(-1))
+    rows = np.flatnonzero((size > 0) & (np.sqrt((got * got).sum(-1)) < 0.5 * size))
+    reached = int((size > 0).sum())
+    if rows.size == 0 or 2 * rows.size >= reached:
+        return None       # none, or most of the table: a table without gradient, not padding rows
+    return out, rows, start, delta
+
+
+def _padding_rows(kernel, args, ctx, value):
+    """The encoder's backward with some rows of a table left without gradient (torch's
+    padding_idx: its row's gradient is zeroed), the rows found where the output's
+    contribution is missing."""
+    found = _rows_without_gradient(kernel, args, ctx)
+    if found is None:
+        return None
+    out, rows, start, delta = found
+    delta[rows] = 0.0
+    other = "dwpe" if out == "dwte" else "dwte"
+    return {out: start + delta, other: args[other]}
+
+
+def _padding_name(kernel, args, value, ctx):
+    found = _rows_without_gradient(kernel, args, ctx)
+    if found is None:
+        return None, value, ""
+    out, rows, _, _ = found
+    table = {"dwte": "token embedding (wte)", "dwpe": "position embedding (wpe)"}[out]
+    shown = ", ".join(str(int(r)) for r in rows[:4]) + (" ..." if rows.size > 4 else "")
+    how = f" (nn.Embedding(..., padding_idx={int(rows[0])}))" if rows.size == 1 else ""
+    return "embedding.padding-idx", value, (f"row{'s' if rows.size > 1 else ''} {shown} of the {table} "
+                                            f"get{'' if rows.size > 1 else 's'} no gradient{how}")
+
+
 VARIANTS: tuple[Variant, ...] = (
     Variant("embedding.position-shift", "embedding", ("encoder_forward",),
             "{note}", _encoder_positions, name=_positions_name),
@@ -99,4 +141,6 @@ VARIANTS: tuple[Variant, ...] = (
             _encoder_product),
     Variant("embedding.table-scale", "embedding", ("encoder_forward",),
             "{note}", _table_scale, fit=Fit(-1e4, 1e4, linear=True), choices=_tables(), name=_table_scale_name),
+    Variant("embedding.padding-idx", "embedding", ("encoder_backward",), "{note}", _padding_rows,
+            name=_padding_name),
 )

@@ -1,5 +1,6 @@
-"""GELU: its exact erf form, a sigmoid or ReLU in its place, its constants (the tanh scale, the
-cubic coefficient and power) fitted, left out, applied twice or before c_fc."""
+"""GELU: its exact erf form, a sigmoid, ReLU or another activation in its place (ReLU squared,
+GELU squared, leaky ReLU, ELU, softplus, Mish, tanh), its constants (the tanh scale, the cubic
+coefficient and power) fitted, left out, applied twice or before c_fc."""
 from __future__ import annotations
 
 import math
@@ -220,6 +221,64 @@ def _gelu_sigmoid_name(kernel, args, value, ctx):
     return "gelu.sigmoid-scale", value, ""
 
 
+def _tanh_gelu(x):
+    """GELU's tanh form and its derivative."""
+    c, a = numpy_kernels.GELU_COEF, math.sqrt(2 / math.pi)
+    th = np.tanh(a * (x + c * x ** 3))
+    return 0.5 * x * (1 + th), 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * a * (1 + 3 * c * x * x)
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def _sigmoid(x):
+    return 0.5 * (1 + np.tanh(0.5 * x))
+
+
+def _mish(x):
+    t = np.tanh(_softplus(x))
+    return x * t, t + x * (1 - t * t) * _sigmoid(x)
+
+
+# another activation where GPT-2 has GELU: (the form's id, its words, f(x) -> (f, f'))
+_ACTIVATIONS = (
+    ("relu-squared", "ReLU squared, relu(x)^2 (modded-nanogpt's, Primer's)",
+     lambda x: (np.maximum(x, 0.0) ** 2, 2 * np.maximum(x, 0.0))),
+    ("squared", "GELU squared, gelu(x)^2", lambda x: (lambda f, d: (f * f, 2 * f * d))(*_tanh_gelu(x))),
+    ("leaky-relu", "leaky ReLU (slope 0.01, torch's default)",
+     lambda x: (np.where(x > 0, x, 0.01 * x), np.where(x > 0, 1.0, 0.01))),
+    ("elu", "ELU (alpha 1)", lambda x: (np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+                                        np.where(x > 0, 1.0, np.exp(np.minimum(x, 0.0))))),
+    ("softplus", "softplus, log(1 + e^x)", lambda x: (_softplus(x), _sigmoid(x))),
+    ("mish", "Mish, x*tanh(softplus(x))", _mish),
+    ("tanh", "tanh", lambda x: (np.tanh(x), 1 - np.tanh(x) ** 2)),
+)
+
+
+class _Activation(str):
+    def __new__(cls, fid, text, f):
+        obj = super().__new__(cls, text)
+        obj.id, obj.f = fid, f
+        return obj
+
+
+def _activations(kernel, args, **kw):
+    return [_Activation(*a) for a in _ACTIVATIONS]
+
+
+def _activation(kernel, args, ctx, value):
+    """Another activation (the choice) in GELU's place, forward or backward."""
+    f, d = ctx["choice"].f(args["inp"])
+    if kernel == "gelu_forward":
+        return {"out": f}
+    return {"dinp": args["dinp"] + d * args["dout"]}
+
+
+def _activation_name(kernel, args, value, ctx):
+    return f"gelu.{ctx['choice'].id}", value, ""
+
+
 def _gelu_half(kernel, args, ctx, value):
     """GELU's tanh form with ``value`` in place of its leading 0.5."""
     x = args["inp"]
@@ -248,6 +307,9 @@ VARIANTS: tuple[Variant, ...] = (
             _gelu_sigmoid_scaled, fit=_gelu_sigmoid_fit, name=_gelu_sigmoid_name),
     Variant("gelu.relu", "gelu", ("gelu_forward", "gelu_backward"),
             "ReLU where train_gpt2.c has GELU (tanh approximation)", _relu),
+    Variant("gelu.activation", "gelu", ("gelu_forward", "gelu_backward"),
+            "{choice} where train_gpt2.c has GELU (tanh approximation)", _activation, choices=_activations,
+            name=_activation_name),
     Variant("gelu.tanh-scale", "gelu", ("gelu_forward", "gelu_backward"),
             "GELU's tanh argument scaled by {value}{note} instead of sqrt(2/pi)", _gelu_tanh_scale,
             fit=_gelu_scale_fit, name=_gelu_scale_name),

@@ -1,6 +1,6 @@
 """layernorm: its eps (fixed values and fitted, inside or outside the square root), the axis,
 the variance's divisor, the affine parameters swapped or the gain as 1 + weight, other
-normalisations."""
+normalisations, the bias or the gain left out.""" 
 from __future__ import annotations
 
 import math
@@ -84,6 +84,22 @@ def _ln_weight_plus_one(kernel, args, ctx, value):
     return out if ctx["output"] == "out" else None
 
 
+def _ln_without(param: str):
+    """layernorm without its bias (F.layer_norm(x, shape, weight, None), nn.LayerNorm(bias=False))
+    or its gain (elementwise_affine=False; the bias alone): forward as with a zero bias or a
+    unit gain; backward, that parameter's gradient untouched, the input's as with a unit gain."""
+    def run(kernel, args, ctx, value):
+        if kernel == "layernorm_forward":
+            neutral = np.zeros_like(args["bias"]) if param == "bias" else np.ones_like(args["weight"])
+            return _oracle(kernel, args, **{param: neutral})
+        before = np.array(args[f"d{param}"], np.float64)
+        changed = {"weight": np.ones_like(args["weight"])} if param == "weight" else {}
+        out = _oracle(kernel, args, **changed)
+        out[f"d{param}"] = before
+        return out
+    return run
+
+
 def _ln_forms(kernel, args, **kw):
     return [_LnForm("rms", "no mean subtracted: x/sqrt(mean(x^2) + eps) (an RMS norm)"),
             _LnForm("uncentred-variance", "the variance taken about zero: (x-mean)/sqrt(mean(x^2) + eps)"),
@@ -150,6 +166,12 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("layernorm.weight-plus-one", "layernorm", ("layernorm_forward",),
             "layernorm's gain applied as 1 + weight: norm*(1 + weight) + bias instead of norm*weight + bias",
             _ln_weight_plus_one),
+    Variant("layernorm.no-bias", "layernorm", ("layernorm_forward", "layernorm_backward"),
+            "layernorm without its bias (F.layer_norm(x, shape, weight, None), or bias=False): norm*weight",
+            _ln_without("bias")),
+    Variant("layernorm.no-weight", "layernorm", ("layernorm_forward", "layernorm_backward"),
+            "layernorm without its gain (elementwise_affine=False, or weight None): norm + bias",
+            _ln_without("weight")),
     Variant("layernorm.form", "layernorm", ("layernorm_forward",),
             "layernorm's normalisation in another form: {choice}", _ln_form, choices=_ln_forms,
             name=_ln_form_name),

@@ -1,6 +1,6 @@
 """softmax, cross-entropy and labels: the padded columns, an epsilon in the log, the logits
-scaled, the loss of the probabilities, label smoothing, the divisor of the mean, ignored or
-shifted positions."""
+scaled, the loss of the probabilities, label smoothing, an auxiliary z-loss, the divisor of the
+mean, ignored, shifted or permuted positions (the targets read time-major)."""
 from __future__ import annotations
 
 import numpy as np
@@ -283,6 +283,80 @@ def _ignored_name(kernel, args, value, ctx):
     return "crossentropy.ignored-positions", value, text
 
 
+def _z_loss(kernel, args, ctx, value):
+    """The loss plus ``value`` * logsumexp(logits)^2 averaged as the loss is (PaLM's z-loss):
+    its gradient adds dloss * 2 * value * lse * p to the logits' (the softmax over the V
+    columns the loss reads); needs the logits (the replay passes them)."""
+    x = args.get("logits")
+    if x is None:
+        return None
+    V = int(args["V"])
+    z = x[..., :V]
+    mx = z.max(-1, keepdims=True)
+    lse = mx + np.log(np.exp(z - mx).sum(-1, keepdims=True))
+    start, delta = _ce_delta(kernel, args)
+    delta[..., :V] += args["dlosses"][..., None] * 2.0 * value * lse * np.exp(z - lse)
+    return {"dlogits": start + delta}
+
+
+def _z_loss_name(kernel, args, value, ctx):
+    if abs(value) < 1e-9:
+        return None, value, ""
+    return "crossentropy.z-loss", value, ""
+
+
+def _targets_used(kernel, args, actual):
+    """The target each position was scored against, read from the output: in the loss's
+    gradient, the column of p - 1 (the most negative of dlogits/dloss); in the losses, the
+    column whose -log p is the loss. (B, T), or None where no gradient says it."""
+    if kernel == "crossentropy_forward":      # (its probabilities are zero past V)
+        lp = np.log(np.maximum(args["probs"], 1e-300))
+        return np.argmin(np.abs(lp + np.asarray(actual, np.float64)[..., None]), axis=-1)
+    V, dl = int(args["V"]), args["dlosses"]
+    if np.any(dl == 0):
+        return None
+    g = (np.asarray(actual, np.float64) - args["dlogits"])[..., :V] / dl[..., None]
+    return np.argmin(g, axis=-1)
+
+
+def _targets_permuted(kernel, args, ctx, value):
+    """The loss against the targets found by :func:`_targets_used`, where they are the
+    targets of other positions (:func:`_permutation`)."""
+    used = _targets_used(kernel, args, ctx["actual"])
+    if used is None or _permutation(args["targets"], used) is None:
+        return None
+    return _oracle(kernel, args, targets=used.astype(args["targets"].dtype))
+
+
+def _permutation(targets, used):
+    """How ``used`` takes the (B, T) ``targets`` from other positions: (id, words), or None
+    where it is the targets themselves or not a rearrangement of them."""
+    B, T = targets.shape
+    if np.array_equal(used, targets) or not np.array_equal(np.sort(used, None), np.sort(targets, None)):
+        return None
+    if any(np.array_equal(used, np.roll(targets, k, axis=1)) for k in (1, -1)):
+        return None       # shifted a position: labels.next-position's, labels.previous-position's
+    flat = targets.reshape(-1)
+    if B > 1 and T > 1 and np.array_equal(used.reshape(-1), targets.T.reshape(-1)):
+        return "labels.time-major", ("the targets read in (T, B) order against the logits' (B, T): "
+                                     "targets.t().reshape(-1) (position b*T+t scored against the target of "
+                                     "(b', t') = ((b*T+t) % B, (b*T+t) // B))")
+    if B > 1 and T > 1 and np.array_equal(used, flat.reshape(T, B).T):
+        return "labels.time-major", ("the logits flattened in (T, B) order against the targets' (B, T) "
+                                     "(position (b, t) scored against the target at b + t*B of the flat targets)")
+    if np.array_equal(used, targets[:, ::-1]):
+        return "labels.permuted", "the targets reversed in time (position t scored against the target of T-1-t)"
+    if all(any(np.array_equal(used[b], targets[c]) for c in range(B)) for b in range(B)):
+        return "labels.permuted", "the sequences' targets given to other sequences of the batch"
+    return "labels.permuted", "each position scored against the target of another position"
+
+
+def _targets_permuted_name(kernel, args, value, ctx):
+    used = _targets_used(kernel, args, ctx["actual"])
+    found = None if used is None else _permutation(args["targets"], used)
+    return (None, value, "") if found is None else (found[0], value, found[1])
+
+
 def _mean_over(delta: int):
     def run(kernel, args, ctx, value):
         n = int(args["n"])
@@ -318,6 +392,11 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("crossentropy.label-smoothing", "crossentropy", ("crossentropy_softmax_backward",),
             "the targets label-smoothed: (1-{value})*onehot + {value}/V (label_smoothing={value})",
             _label_smoothing, fit=Fit(1e-4, 1.0, linear=True)),
+    Variant("crossentropy.z-loss", "crossentropy", ("crossentropy_softmax_backward",),
+            "an auxiliary z-loss {value} * logsumexp(logits)^2 added to the loss (PaLM's; averaged as the loss is)",
+            _z_loss, fit=Fit(-1e3, 1e3, linear=True), name=_z_loss_name),
+    Variant("labels.permuted", "labels", ("crossentropy_forward", "crossentropy_softmax_backward"),
+            "{note}", _targets_permuted, name=_targets_permuted_name),
     Variant("crossentropy.divisor", "crossentropy", ("crossentropy_softmax_backward", "loss_mean"),
             "the loss divided by {note}", _divisor, fit=Fit(1e-9, 1e9, linear=True), name=_divisor_name),
     Variant("crossentropy.ignored-positions", "crossentropy", ("crossentropy_softmax_backward",),
