@@ -40,8 +40,8 @@ V = mp.GPT.variant
 BUGS = {
     "heads-merged-without-transpose": (V(attn=dict(merge_no_transpose=True)), "layer 0 attention attention_forward",
                                        "attention.layout", None),
-    "qkv-order-kqv": (V(attn=dict(qkv_order="kqv")), "layer 0 attention attention_forward", "attention.qkv-order",
-                      None),
+    "qkv-order-kqv": (V(attn=dict(qkv_order="kqv")), "layer 0 attention attention_forward",
+                      "attention.qkv-order.q-k-swapped", None),
     "scale-by-sqrt-C": (V(attn=dict(scale=1 / math.sqrt(48))), "layer 0 attention attention_forward", "attention.scale",
                         1 / math.sqrt(48)),
     "scale-by-hs": (V(attn=dict(scale=1 / 12)), "layer 0 attention attention_forward", "attention.scale=1/hs", 1 / 12),
@@ -492,7 +492,7 @@ def _no_worse(batch: dict, module, now: dict, wrong: dict) -> None:
     assert not [r for r in rows if r["errors"]]
     lost = {k: {r["name"] for r in rows if not r[k]} & names for k, names in now.items()}
     assert not any(lost.values()), lost
-    assert not {r["name"] for r in rows if r["wrong"] and r["name"] not in wrong}
+    assert not {r["name"] for r in rows if r["wrong"] and not r["wrong"].startswith(wrong.get(r["name"], "\0"))}
 
 
 def test_heldout8_now_is_recorded():
@@ -588,7 +588,11 @@ HELDOUT9_PINNED_NOW = set(h7.BUGS9) - {
 HELDOUT9_NAMED_NOW = set(h7.BUGS9) - {"adamw-lr-3e-4", "embedding-dropout-always-on", "head-offset-without-stride",
                                       "ln-over-time-and-channels", "ln-rms"}
 HELDOUT9_WRONG_NOW = {"ln-over-time-and-channels": "layernorm.axis", "ln-rms": "layernorm.rms"}
-BUGS9_NOW = FirstRun(25, 25, 25, 20, 2, pinned=15)
+# named since by causes added after (8 Dec): the batch expected none (None: scored as a wrong
+# cause), each read by the lead and found to be the mistake
+HELDOUT9_WRONG_NOW |= {"adamw-lr-3e-4": "adamw.lr", "embedding-dropout-always-on": "output.dropout",
+                       "head-offset-without-stride": "attention.layout"}
+BUGS9_NOW = FirstRun(25, 25, 25, 20, 5, pinned=15)
 NOW9 = {"caught": set(h7.BUGS9), "localised": HELDOUT9_LOCALISED_NOW, "named": HELDOUT9_NAMED_NOW,
         "pinned": HELDOUT9_PINNED_NOW}
 
@@ -653,8 +657,17 @@ HELDOUT10_CAUGHT_NOW = set(h8.BUGS10)
 HELDOUT10_LOCALISED_NOW = set(h8.BUGS10) - {"final-norm-in-loop"}
 HELDOUT10_PINNED_NOW = set(h8.BUGS10)
 HELDOUT10_NAMED_NOW = set(h8.BUGS10) - HELDOUT10_UNNAMED
-HELDOUT10_WRONG_NOW = dict(HELDOUT10_WRONG)
-BUGS10_NOW = FirstRun(25, 25, 24, 14, 4, pinned=25, errors=0)
+# every one it expected no cause for is named since (8 Dec, causes added after; scored as a
+# wrong cause, each read by the lead and found to be the mistake) but ln-without-bias (the
+# census's no-gradient finding outranks the layer norm's own failing check, named
+# layernorm.no-bias)
+HELDOUT10_WRONG_NOW = {
+    "values-are-keys": "attention.qkv-order.v-is-k", "query-key-swapped": "attention.qkv-order.q-k-swapped",
+    "float-tril-mask": "attention.masking.added", "ln-without-bias": "structure.no-gradient",
+    "z-loss": "crossentropy.z-loss", "targets-time-major": "labels.time-major", "relu-squared": "gelu.relu-squared",
+    "adamw-beta1-twice": "adamw.beta2", "adamw-blocks-only": "adamw.not-stepped",
+    "position-padding-idx": "embedding.padding-idx", "attention-in-bf16": "precision.bfloat16"}
+BUGS10_NOW = FirstRun(25, 25, 24, 14, 11, pinned=25, errors=0)
 NOW10 = {"caught": HELDOUT10_CAUGHT_NOW, "localised": HELDOUT10_LOCALISED_NOW, "named": HELDOUT10_NAMED_NOW,
          "pinned": HELDOUT10_PINNED_NOW}
 
