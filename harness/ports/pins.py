@@ -84,12 +84,10 @@ def structure_pin(state, finding) -> Pin | None:
 
 
 def _order_site(calls: list, others: list) -> Site | None:
-    """The line that decides a module's place against the module it runs out of order
-    with: of its first call's user frames, the innermost that both calls run through (the
-    same method of the same module, from the outermost in), its line there (``return
-    self.attend(self.feed(x))``, the halves of a block called in the other order through
-    helpers; the call's own line where both are called from one method); its innermost
-    line where the other is not called."""
+    """The line deciding a module's place against the one it runs out of order with: of
+    its first call's frames, the innermost that both calls run through (the same method
+    of the same module, from the outermost in), its line there (``return
+    self.attend(self.feed(x))``); its innermost line where the other is not called."""
     if not calls or not calls[0].stack:
         return None
     mine = calls[0].stack
@@ -206,17 +204,19 @@ def loss_pin(state) -> Pin | None:
     logits = next((o for o in outs if len(o.shape) == 3 and o.value is not None), None)
     if loss is None or logits is None:
         return None
-    found = stages("softmax_forward", {"logits": logits.value[..., :V], "V": V})
-    if logits.value.shape[-1] > V:
-        # the logits as returned, padded columns and all (the C's Vp): given, so what is
-        # made of them after is what is suspect, not the forward before
-        found.insert(0, Stage("returned", "the logits it returns", logits.value, plural=True, given=True))
+    found = as_returned(logits.value, V) + stages("softmax_forward", {"logits": logits.value[..., :V], "V": V})
     probs = next(s.value for s in found if s.name == "probs")
     ce = [s for s in stages("crossentropy_forward", {"probs": probs, "targets": np.asarray(targets, np.int64)})
           if s.name != "probs"]
     losses = next(s.value for s in ce if s.name == "losses")
     found += ce + [Stage("mean", "the mean loss", np.asarray(losses.mean()))]
     return locate(rec.ops, found, Stage("observed", "observed", loss.value), "crossentropy_forward", "")
+
+
+def as_returned(logits: np.ndarray, V: int) -> list[Stage]:
+    """The logits as the port returns them, where they hold more than V columns (the C's
+    Vp): a given stage, so that what is made of them after is suspect, not the forward."""
+    return [Stage("returned", "the logits it returns", logits, plural=True, given=True)] if logits.shape[-1] > V else []
 
 
 # ----------------------------------------------------------------------------- the backward
@@ -315,15 +315,19 @@ def _unread_site(rec, model, entry, entries) -> tuple[Site, str] | None:
                 for i in sorted(others.intersection(op.inputs)):
                     seen = reads.setdefault((rec.param_ids[i], op.name), [])
                     seen.extend([site] if site not in seen else [])
-    again = [sites[1] for sites in reads.values() if len(sites) > 1]
-    if again:
-        # a sibling read a second time the same way (the token table looked up with the
-        # positions): that read stands where the parameter left out belongs
-        return again[0], f"{name} is never read: this line reads another parameter of its op in its place"
+    again = read_again(reads)
+    if again is not None:
+        return again, f"{name} is never read: this line reads another parameter of its op in its place"
     first = next((sites[0] for sites in reads.values()), None)
     if first is not None:
         return first, f"{name} is never read: this line uses the other parameters of its op without it"
     return None
+
+
+def read_again(reads: dict) -> Site | None:
+    """Of the lines reading each (parameter, op kind), the second of the first read twice
+    the same way (the token table looked up with the positions), or None."""
+    return next((sites[1] for sites in reads.values() if len(sites) > 1), None)
 
 
 def _dropped_site(rec, model, name: str, graph: dict) -> tuple[Site, str] | None:
@@ -728,48 +732,36 @@ def config_site(model, name: str, value: float) -> Site | None:
                 if klass not in classes and is_user_file(getattr(sys.modules.get(klass.__module__), "__file__", "")
                                                          or ""):
                     classes.append(klass)
-    found = []
-    for klass in classes:
-        try:
-            lines, start = inspect.getsourcelines(klass)
-            tree = ast.parse(textwrap.dedent("".join(lines)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        for node in tree.body[0].body:
-            target = node.target if isinstance(node, ast.AnnAssign) else (
-                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-            v = getattr(node, "value", None)
-            if isinstance(target, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (int, float)) \
-                    and not isinstance(v.value, bool) and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
-                found.append((name not in target.id, len(found), inspect.getsourcefile(klass), start + node.lineno - 1))
+    fields = [f for klass in classes for f in _class_constants(klass, value)]
+    found = [(name not in field, i, site) for i, (field, site) in enumerate(fields)]
     if not found:
         return None
-    _, _, file, n = min(found)
-    return _line(file, n)
+    return min(found)[2]
+
+
+def _class_constants(klass, value: float):
+    """(name, line) of each assignment in ``klass``'s body of a number equal to ``value``."""
+    try:
+        lines, start = inspect.getsourcelines(klass)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return
+    for node in tree.body[0].body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        v = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (int, float)) \
+                and not isinstance(v.value, bool) and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
+            yield target.id, _line(inspect.getsourcefile(klass), start + node.lineno - 1)
 
 
 def class_site(cls, name: str, value: float) -> Site | None:
     """The line of a class body in ``cls``'s MRO (the most derived first) that sets the
     class attribute ``name`` to ``value`` (``eps = 1e-3`` in a subclass); None where none
     does. A heuristic on the source, like :func:`attribute_site`."""
-    for klass in cls.__mro__:
-        if name not in vars(klass):
-            continue
-        try:
-            lines, start = inspect.getsourcelines(klass)
-            tree = ast.parse(textwrap.dedent("".join(lines)))
-        except (OSError, TypeError, SyntaxError):
-            return None
-        for node in tree.body[0].body:
-            target = node.target if isinstance(node, ast.AnnAssign) else (
-                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-            v = getattr(node, "value", None)
-            if isinstance(target, ast.Name) and target.id == name and isinstance(v, ast.Constant) \
-                    and isinstance(v.value, (int, float)) and not isinstance(v.value, bool) \
-                    and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
-                return _line(inspect.getsourcefile(klass), start + node.lineno - 1)
-        return None     # the most derived class setting it sets another value
-    return None
+    klass = next((k for k in cls.__mro__ if name in vars(k)), None)
+    # the most derived class setting it: where it sets another value, no line
+    return next((site for field, site in _class_constants(klass, value) if field == name), None) if klass else None
 
 
 def attribute_site(cls, name: str, value: float, model=None) -> Site | None:
