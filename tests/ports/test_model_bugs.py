@@ -581,14 +581,15 @@ def test_heldout9_first_run_is_recorded():
 # first per-head op not reproducing its intermediate), kv-offsets-swapped kept at its
 # slicing line: 15 pinned.
 HELDOUT9_LOCALISED_NOW = set(h7.BUGS9)
-HELDOUT9_PINNED_NOW = set(h7.BUGS9) - {
-    "embedding-dropout-always-on", "gelu-scaling-on-x-only", "heads-stacked-last", "last-layer-skipped",
-    "ln-keras-eps", "mlp-before-attention", "parallel-branches", "positions-from-token-table",
-    "scale-power-precedence", "softmax-over-padded-vocab"}
+# Then (general pin rules: a random draw, a sum's wrong term, a layout flattened as it is,
+# a class body's constant, the loss after the logits as returned, a block's input passed on,
+# the frame deciding an order, a loop's header, a parameter's sibling read in its place):
+# every one pinned.
+HELDOUT9_PINNED_NOW = set(h7.BUGS9)
 HELDOUT9_NAMED_NOW = set(h7.BUGS9) - {"adamw-lr-3e-4", "embedding-dropout-always-on", "head-offset-without-stride",
                                       "ln-over-time-and-channels", "ln-rms"}
 HELDOUT9_WRONG_NOW = {"ln-over-time-and-channels": "layernorm.axis", "ln-rms": "layernorm.rms"}
-BUGS9_NOW = FirstRun(25, 25, 25, 20, 2, pinned=15)
+BUGS9_NOW = FirstRun(25, 25, 25, 20, 2, pinned=25)
 NOW9 = {"caught": set(h7.BUGS9), "localised": HELDOUT9_LOCALISED_NOW, "named": HELDOUT9_NAMED_NOW,
         "pinned": HELDOUT9_PINNED_NOW}
 
