@@ -589,3 +589,12 @@ class PositionsFromTokens(TablesGPT):
 
 
 TABLES = {"tables.tokens": "wte", "tables.positions": "wpe"}
+
+
+class LnFInLoop(PinGPT):                    # the final norm inside the blocks' loop (and again in the head)
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.transformer.h:
+            x = self.transformer.ln_f(block(x))
+        logits = self.head(x)
+        return logits, (None if targets is None else self.loss(logits, targets))

@@ -339,3 +339,29 @@ def test_scores_of_merged_heads_keep_their_own_axes():
     assert R.distance(a.swapaxes(2, 3).reshape(6, 4, 4), scores) > 0.1
     heads = R.Stage("q", "the queries", a)
     assert R.distance(a.transpose(0, 2, 1, 3).reshape(2, 4, 12), heads) == 0.0
+
+
+def test_a_module_called_early_names_the_first_op_it_can_feed(monkeypatch):
+    """ln_f called inside the blocks' loop: the called-more finding says its first call
+    runs before layer 1's ln1 (the first graph op whose input is wrong); ln_1 called twice
+    in place runs before no earlier op, so says nothing more; without the rule, nothing."""
+    report, pin, _ = run(pp.LnFInLoop)
+    assert "its first runs before layer 1 ln1 layernorm_forward" in report.first_divergence()
+    assert first_line(pin) == (str(PORTS), line_of("x = self.transformer.ln_f(block(x))", PORTS),
+                               "x = self.transformer.ln_f(block(x))")
+    report, _, _ = run(MISTAKES["ln_1 called twice"][0])
+    assert "called 2 times" in report.first_divergence() and "runs before" not in report.first_divergence()
+    monkeypatch.setattr("harness.ports.census.Census._early", lambda self, name: "")
+    report, _, _ = run(pp.LnFInLoop)
+    assert "layer 1 ln1" not in report.first_divergence()
+
+
+def test_a_parameter_without_gradient_names_the_backward_it_misses(monkeypatch):
+    """A table never read: the no-gradient finding names the graph's backward op that gives
+    the C's tensor its gradient (encoder_backward); a wrong census names none."""
+    port = MISTAKES["positions looked up in the token table"][0]
+    report, _, _ = run(port)
+    assert "(the C's wpe has one, from encoder encoder_backward)" in report.first_divergence()
+    monkeypatch.setattr("harness.ports.census.backward_of", lambda op: None)
+    report, _, _ = run(port)
+    assert "encoder_backward" not in report.first_divergence()
