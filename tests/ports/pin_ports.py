@@ -3,7 +3,10 @@
 tests/ports/test_pins.py: each failure (a structural finding, a residual, the encoder, a NaN,
 a mask, a constructor's constant, the loss, a detached weight, a custom autograd
 Function's gradient, the optimizer's settings, a parameter left out or its module's output
-dropped, torch's module built with a setting not GPT-2's, q and k chunked swapped) must be pinned to the mistake's line,
+dropped, torch's module built with a setting not GPT-2's, q and k chunked swapped, a dropout left on, a
+GELU's sum with a wrong term, heads flattened interleaved, a class body's eps, the loss over padded logits, a
+parallel block, halves swapped through helpers, a block skipped by a loop, a table read in another's place)
+must be pinned to the mistake's line,
 found by its text. ``PinGPT`` itself is right; it is not tests/ports/heldout_qkv.py's model
 (the tests are not tuned to BUGS7)."""
 from __future__ import annotations
