@@ -140,6 +140,12 @@ DEPARTURES = ("structure.never-called", "structure.called-more", "structure.out-
 BESIDE = ("structure.unknown-module",)
 
 
+def backward_of(op: str | None) -> str | None:
+    """The graph op whose backward gives a forward op's parameters their gradient
+    (``encoder encoder_forward`` -> ``encoder encoder_backward``), or None."""
+    return f"{op.removesuffix('_forward')}_backward" if op and op.endswith("_forward") else None
+
+
 def first_structure(findings, failing=None) -> Finding | None:
     """The structural finding a first divergence names (of a step's ``findings``, or
     None): the first by :data:`DEPARTURES`, then in the order the census found them; with
@@ -260,10 +266,20 @@ class Census:
                                      f"{op} is missing)", name, op, {"calls": 0}))
             elif n > 1:
                 found.append(Finding("structure.called-more", f"{name} is called {n} times per forward, the graph's "
-                                     f"{op} once (its first call is the one compared)", name, op, {"calls": n}))
+                                     f"{op} once (its first call is the one compared){self._early(name)}", name, op,
+                                     {"calls": n}))
         found += self._order_findings()
         found += self._unknown_modules()
         return found
+
+    def _early(self, name: str) -> str:
+        """Where a module called more than once is first called before a module the graph
+        runs before it (ln_f inside the blocks' loop): the words naming that module's op, the
+        first whose input the early call can have made; else nothing."""
+        rank = self.graph[name][0]
+        at = self.order.index(name) if name in self.order else None
+        later = [n for n in self.order[at + 1:] if n in self.graph and self.graph[n][0] < rank] if at is not None else []
+        return f"; its first runs before {self.graph[later[0]][1]}, the first op it can feed" if later else ""
 
     def _known_gelus(self) -> None:
         """The modules holding no parameter that are the graph's GELU (as an optional op of
@@ -365,7 +381,8 @@ class Census:
             if e.param.requires_grad and e.param.grad is None:
                 module = e.names[0].rpartition(".")[0] or e.names[0]
                 op = self.graph.get(module, (None, None))[1] or _slot_op(e.slot)
+                back = f", from {backward_of(op)}" if backward_of(op) else ""
                 out.append(Finding("structure.no-gradient", f"{e.names[0]} receives no gradient: the loss does not "
-                                   f"depend on it (the C's {e.slot} has one)", module, op,
+                                   f"depend on it (the C's {e.slot} has one{back})", module, op,
                                    {"parameter": e.names[0], "tensor": str(e.slot)}))
         return out

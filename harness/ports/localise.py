@@ -135,6 +135,14 @@ def residual_line(ops: list[Op], observed: Stage, block, kernel: str, layout=lay
     if anchor is None:
         return None
     site = (owned_site(anchor.stack, block) if block is not None else None) or anchor.site
+    if block is not None and owned_site(anchor.stack, block) is None:
+        # made before the block (its input, given where its sum belongs: the MLP's branch
+        # reading the block's input, GPT-J's parallel block): the block's line passing it on
+        taker = next((o for o in ops[anchor.index + 1:] if anchor.index in o.inputs
+                      and owned_site(o.stack, block) is not None), None)
+        if taker is not None:
+            return Pin(kernel, "", (owned_site(taker.stack, block),), None, "out",
+                       ("the block's input stands where the sum belongs",))
     if site is None:
         return None
     return Pin(kernel, "", (site,), None, "out", ("the sum does not",))
@@ -248,7 +256,9 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
         # where its output belongs (the op not applied there), else nothing to pin
         return _passed_on(ops, found, good, anchor, kernel, module)
     if anchor is None:
-        return None     # the failing tensor is not among the ops
+        # the failing tensor is not among the ops: a random draw (a dropout left on) is
+        # not repeated by the recording, and the C's forward has none: its line
+        return _random_draw(ops, kernel, module)
     suspects, frontier = _ancestors(ops, anchor.index, good)
     every = suspects
     unmatched = _first_unmatched(ops, found, good, suspects, frontier, layout)
@@ -259,6 +269,7 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
             return Pin(kernel, module, *misplaced)
         narrowed, frontier = _ancestors(ops, op, good)
         suspects = (suspects & narrowed) | _unverified(ops, found, good, frontier, op, stage)
+        suspects = _wrong_term(ops, good, op, stage, suspects) or suspects
     else:
         stage = next((s for s in found if s.name == "out"), found[-1])
         suspects = _first_nan(ops, suspects) or suspects
@@ -287,7 +298,47 @@ def _anchor(ops: list[Op], observed: Stage, layout=layouts, good: dict | None = 
     if own is None:
         return first
     between, _ = _ancestors(ops, own.index, {})
+    if first.index in good and own.index not in good and first.index in between:
+        return own      # the values right in a layout of their own (heads stacked last), flattened as they are
     return own if any(first.index < i < own.index and i in good for i in between) else first
+
+
+# aten's ops that draw random numbers: the C's GPT-2 forward draws none
+_RANDOM = ("aten.bernoulli", "aten.native_dropout", "aten.rand", "aten.randn", "aten.randint", "aten.normal",
+           "aten.uniform", "aten.multinomial", "aten.randperm", "aten.exponential", "aten.geometric")
+
+
+def _random_draw(ops: list[Op], kernel: str, module: str) -> Pin | None:
+    """The pin at the first op that draws random numbers and whose draw is used (a
+    dropout left on: ``F.dropout``'s ``training=True``): a recording draws again, so no op
+    holds the failing tensor, and GPT-2's forward draws nothing. None where no op draws."""
+    used = {i for op in ops for i in op.inputs}
+
+    def draws(op):
+        parts = op.name.split(".")
+        return len(parts) > 1 and f"{parts[0]}.{parts[1].rstrip('_')}" in _RANDOM
+    draw = next((op for op in ops if draws(op) and op.site is not None and op.index in used), None)
+    if draw is None:
+        return None
+    return Pin(kernel, module, (draw.site,), None, "out", ("a random draw: GPT-2's forward makes none",))
+
+
+def _wrong_term(ops: list[Op], good: dict, op: int, stage: Stage, suspects: set[int]) -> set[int]:
+    """Where the first unmatched op (``op``) is a sum of two terms and the stage less one
+    term is a value the port reproduces (x + c x^3 less the port's c x^3 is x): that term
+    is right, so the other one (``s * x`` where ``x`` belongs) is the mistake: the suspects
+    that make it, and the sum, as a set (empty where no term is shown right)."""
+    terms = ops[op].inputs
+    if ops[op].name != "aten.add.Tensor" or len(terms) != 2:
+        return set()
+    if any(ops[t].value is None or ops[t].value.shape != stage.value.shape for t in terms):
+        return set()
+    known = [ops[g].value for g in good if ops[g].value is not None and ops[g].value.shape == stage.value.shape]
+    for right, other in (terms, terms[::-1]):
+        rest = Stage("rest", "the rest", stage.value - ops[right].value)
+        if other not in good and any(distance(k, rest) <= MATCH_BOUND for k in known):
+            return (_ancestors(ops, other, good)[0] & suspects) | {op}
+    return set()
 
 
 def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: set, frontier: set, layout):

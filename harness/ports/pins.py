@@ -73,11 +73,35 @@ def structure_pin(state, finding) -> Pin | None:
         site = _skipped(rec, census.graph, dict(model.named_modules()), finding.module)
     elif finding.id == "structure.called-more":
         site = calls[1].stack[0].site if len(calls) > 1 and calls[1].stack else None
-    elif finding.id in ("structure.out-of-order", "structure.unknown-module"):
+    elif finding.id == "structure.out-of-order":
+        other = finding.values.get("after") or finding.values.get("before")
+        site = _order_site(calls, [c for c in rec.calls if c.module == other])
+    elif finding.id == "structure.unknown-module":
         site = calls[0].stack[0].site if calls and calls[0].stack else None
     else:
         return None
     return None if site is None else _pin(finding.where or finding.module, site, finding.description)
+
+
+def _order_site(calls: list, others: list) -> Site | None:
+    """The line deciding a module's place against the one it runs out of order with: of
+    its first call's frames, the innermost that both calls run through (the same method
+    of the same module, from the outermost in), its line there (``return
+    self.attend(self.feed(x))``); its innermost line where the other is not called."""
+    if not calls or not calls[0].stack:
+        return None
+    mine = calls[0].stack
+    if not others or not others[0].stack:
+        return mine[0].site
+    theirs = others[0].stack
+    common = None
+    for a, b in zip(reversed(mine), reversed(theirs)):
+        if (a.owner, a.code) != (b.owner, b.code):
+            break
+        common = a
+        if a.site != b.site:
+            break       # the method calling both, on lines of its own: the order is its
+    return (common or mine[0]).site
 
 
 def _parent(name: str, modules: dict) -> str:
@@ -93,6 +117,11 @@ def _parent(name: str, modules: dict) -> str:
 def _skipped(rec, graph: dict, modules: dict, name: str) -> Site | None:
     """The line where a module never called should have been (:func:`structure_pin`)."""
     parent = _parent(name, modules)
+    called = {c.module for c in rec.calls}
+    if parent and parent not in called:
+        # its parent was never called either (a whole block left out): the line that calls
+        # the parent's siblings in its stead
+        return _left_out(rec, modules, parent)
     owner = modules[parent]
     rank, label = graph.get(name, ((), None))
     counts: dict[str, list] = {}
@@ -117,6 +146,42 @@ def _skipped(rec, graph: dict, modules: dict, name: str) -> Site | None:
     return owned_site(rec.ops[call.output].stack, owner, outermost=True)
 
 
+def _left_out(rec, modules: dict, name: str) -> Site | None:
+    """The line behind a module never called whose whole parent ``name`` (a block of a
+    ModuleList) was never called: climbed to the outermost such, the line calling its
+    called siblings of the same container (``x = self.layers[i](x)``), and where that line
+    is in a ``for`` loop of its function, the loop's header (``for i in range(depth -
+    1):``: how many it calls is the mistake)."""
+    called = {c.module for c in rec.calls}
+    while True:
+        up = _parent(name, modules)
+        if not up or up in called:
+            break
+        name = up
+    container = name.rpartition(".")[0]
+    siblings = [c for c in rec.calls if c.module.rpartition(".")[0] == container and c.module != name and c.stack]
+    if not siblings:
+        return None
+    owner = modules.get(_parent(name, modules))
+    site = (owned_site(siblings[-1].stack, owner) if owner is not None else None) or siblings[-1].stack[0].site
+    header = _loop_header(site)
+    return header or site
+
+
+def _loop_header(site: Site) -> Site | None:
+    """The header line of the innermost ``for`` loop whose body holds ``site``'s line, in
+    the function holding it; None where the line is in no loop."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(site.file)))
+    except SyntaxError:
+        return None
+    loops = [n for n in ast.walk(tree) if isinstance(n, ast.For) and n.body
+             and n.body[0].lineno <= site.line <= n.body[-1].end_lineno]
+    if not loops:
+        return None
+    return _line(site.file, max(loops, key=lambda n: n.lineno).lineno)
+
+
 # ----------------------------------------------------------------------------- the loss
 
 def loss_pin(state) -> Pin | None:
@@ -139,13 +204,19 @@ def loss_pin(state) -> Pin | None:
     logits = next((o for o in outs if len(o.shape) == 3 and o.value is not None), None)
     if loss is None or logits is None:
         return None
-    found = stages("softmax_forward", {"logits": logits.value[..., :V], "V": V})
+    found = as_returned(logits.value, V) + stages("softmax_forward", {"logits": logits.value[..., :V], "V": V})
     probs = next(s.value for s in found if s.name == "probs")
     ce = [s for s in stages("crossentropy_forward", {"probs": probs, "targets": np.asarray(targets, np.int64)})
           if s.name != "probs"]
     losses = next(s.value for s in ce if s.name == "losses")
     found += ce + [Stage("mean", "the mean loss", np.asarray(losses.mean()))]
     return locate(rec.ops, found, Stage("observed", "observed", loss.value), "crossentropy_forward", "")
+
+
+def as_returned(logits: np.ndarray, V: int) -> list[Stage]:
+    """The logits as the port returns them, where they hold more than V columns (the C's
+    Vp): a given stage, so that what is made of them after is suspect, not the forward."""
+    return [Stage("returned", "the logits it returns", logits, plural=True, given=True)] if logits.shape[-1] > V else []
 
 
 # ----------------------------------------------------------------------------- the backward
@@ -236,12 +307,27 @@ def _unread_site(rec, model, entry, entries) -> tuple[Site, str] | None:
     others = {i for i, p in rec.param_ids.items() if p in siblings}
     name = entry.names[0]
     owner = dict(model.named_modules()).get(name.rpartition(".")[0])
+    reads: dict[tuple, list[Site]] = {}
     for op in rec.ops:
         if op.name != "param" and others.intersection(op.inputs):
             site = (owned_site(op.stack, owner) if owner is not None else None) or op.site
             if site is not None:
-                return site, f"{name} is never read: this line uses the other parameters of its op without it"
+                for i in sorted(others.intersection(op.inputs)):
+                    seen = reads.setdefault((rec.param_ids[i], op.name), [])
+                    seen.extend([site] if site not in seen else [])
+    again = read_again(reads)
+    if again is not None:
+        return again, f"{name} is never read: this line reads another parameter of its op in its place"
+    first = next((sites[0] for sites in reads.values()), None)
+    if first is not None:
+        return first, f"{name} is never read: this line uses the other parameters of its op without it"
     return None
+
+
+def read_again(reads: dict) -> Site | None:
+    """Of the lines reading each (parameter, op kind), the second of the first read twice
+    the same way (the token table looked up with the positions), or None."""
+    return next((sites[1] for sites in reads.values() if len(sites) > 1), None)
 
 
 def _dropped_site(rec, model, name: str, graph: dict) -> tuple[Site, str] | None:
@@ -646,30 +732,43 @@ def config_site(model, name: str, value: float) -> Site | None:
                 if klass not in classes and is_user_file(getattr(sys.modules.get(klass.__module__), "__file__", "")
                                                          or ""):
                     classes.append(klass)
-    found = []
-    for klass in classes:
-        try:
-            lines, start = inspect.getsourcelines(klass)
-            tree = ast.parse(textwrap.dedent("".join(lines)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        for node in tree.body[0].body:
-            target = node.target if isinstance(node, ast.AnnAssign) else (
-                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-            v = getattr(node, "value", None)
-            if isinstance(target, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (int, float)) \
-                    and not isinstance(v.value, bool) and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
-                found.append((name not in target.id, len(found), inspect.getsourcefile(klass), start + node.lineno - 1))
+    fields = [f for klass in classes for f in _class_constants(klass, value)]
+    found = [(name not in field, i, site) for i, (field, site) in enumerate(fields)]
     if not found:
         return None
-    _, _, file, n = min(found)
-    return _line(file, n)
+    return min(found)[2]
+
+
+def _class_constants(klass, value: float):
+    """(name, line) of each assignment in ``klass``'s body of a number equal to ``value``."""
+    try:
+        lines, start = inspect.getsourcelines(klass)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return
+    for node in tree.body[0].body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        v = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (int, float)) \
+                and not isinstance(v.value, bool) and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
+            yield target.id, _line(inspect.getsourcefile(klass), start + node.lineno - 1)
+
+
+def class_site(cls, name: str, value: float) -> Site | None:
+    """The line of a class body in ``cls``'s MRO (the most derived first) that sets the
+    class attribute ``name`` to ``value`` (``eps = 1e-3`` in a subclass); None where none
+    does. A heuristic on the source, like :func:`attribute_site`."""
+    klass = next((k for k in cls.__mro__ if name in vars(k)), None)
+    # the most derived class setting it: where it sets another value, no line
+    return next((site for field, site in _class_constants(klass, value) if field == name), None) if klass else None
 
 
 def attribute_site(cls, name: str, value: float, model=None) -> Site | None:
     """Where the attribute ``name`` of ``cls``'s instances got ``value``: the parameter
     default equal to it in a constructor of ``cls``'s MRO (the most derived first: a
-    subclass's ``eps=1e-12``), else (given the ``model``) a config's field holding it
+    subclass's ``eps=1e-12``), else a class body setting it (:func:`class_site`: ``eps =
+    1e-3``), else (given the ``model``) a config's field holding it
     (:func:`config_site`: the value the caller passed), else the line of a constructor
     assigning ``self.<name>``. A heuristic on the source (``inspect`` and ``ast``)."""
     inits = []
@@ -688,7 +787,7 @@ def attribute_site(cls, name: str, value: float, model=None) -> Site | None:
             if isinstance(d, ast.Constant) and isinstance(d.value, (int, float)) and not isinstance(d.value, bool) \
                     and np.isclose(float(d.value), value, rtol=1e-9, atol=0):
                 return _line(file, start + d.lineno - 1)
-    site = config_site(model, name, value) if model is not None else None
+    site = class_site(cls, name, value) or (config_site(model, name, value) if model is not None else None)
     if site is not None:
         return site
     for file, start, fn in inits:

@@ -3,7 +3,10 @@
 tests/ports/test_pins.py: each failure (a structural finding, a residual, the encoder, a NaN,
 a mask, a constructor's constant, the loss, a detached weight, a custom autograd
 Function's gradient, the optimizer's settings, a parameter left out or its module's output
-dropped, torch's module built with a setting not GPT-2's, q and k chunked swapped) must be pinned to the mistake's line,
+dropped, torch's module built with a setting not GPT-2's, q and k chunked swapped, a dropout left on, a
+GELU's sum with a wrong term, heads flattened interleaved, a class body's eps, the loss over padded logits, a
+parallel block, halves swapped through helpers, a block skipped by a loop, a table read in another's place)
+must be pinned to the mistake's line,
 found by its text. ``PinGPT`` itself is right; it is not tests/ports/heldout_qkv.py's model
 (the tests are not tuned to BUGS7)."""
 from __future__ import annotations
@@ -453,3 +456,148 @@ class TorchNorm(nn.LayerNorm):              # torch's layer norm (right)
 class LooseTorchNorm(nn.LayerNorm):
     def __init__(self, C):
         super().__init__(C, eps=1e-3)
+
+
+# ----------------------------------------------------------------------------- wiring, draws, terms and layouts
+
+class DropoutLeftOn(PinGPT):                # F.dropout's training defaults to True
+    def embed(self, idx):
+        return F.dropout(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1))), p=0.1)
+
+
+class DropoutOff(PinGPT):                   # a dropout of p=0 (right)
+    def embed(self, idx):
+        return F.dropout(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1))), p=0.0)
+
+
+class GeluByHand(Gelu):                     # the tanh GELU written out (right)
+    def forward(self, x):
+        inner = 0.044715 * x ** 3
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + inner)))
+
+
+class GeluFactorOnXOnly(Gelu):
+    def forward(self, x):
+        inner = 0.044715 * x ** 3
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * x + inner))
+
+
+class GeluByHandMLP(MLP):
+    gelu_class = GeluByHand
+
+    def __init__(self, C):
+        super().__init__(C)
+        self.gelu = self.gelu_class()
+
+
+class GeluFactorMLP(GeluByHandMLP):
+    gelu_class = GeluFactorOnXOnly
+
+
+class HeadsInterleaved(Attn):
+    def forward(self, x):
+        q, k, v = (self.heads(t) for t in self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj((self.probs(q, k) @ v).permute(0, 2, 3, 1).flatten(2))
+
+
+class ClassEpsNorm(nn.Module):              # its eps a class attribute (right)
+    eps = 1e-5
+
+    def __init__(self, C):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, eps=self.eps)
+
+
+class LooseClassEpsNorm(ClassEpsNorm):
+    eps = 1e-3
+
+
+class PaddedVocabGPT(PinGPT):               # logits over the padded vocabulary, the loss over the first V (right)
+    def __init__(self, config):
+        super().__init__(config)
+        self.V = config.vocab_size
+        self.lm_head = nn.Linear(config.channels, config.padded_vocab_size, bias=False)
+        self.transformer.wte = nn.Embedding(config.padded_vocab_size, config.channels)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def loss(self, logits, targets):
+        return F.cross_entropy(logits[..., :self.V].flatten(0, 1), targets.flatten())
+
+
+class LossOverPaddedVocab(PaddedVocabGPT):
+    def loss(self, logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))
+
+
+class ParallelBlock(Block):                 # GPT-J's block: both branches read the block's input
+    def forward(self, x):
+        return x + self.attn(self.ln_1(x)) + self.mlp(self.ln_2(x))
+
+
+class HelperBlock(Block):                   # the halves as helpers (right)
+    def attend(self, x):
+        return x + self.attn(self.ln_1(x))
+
+    def feed(self, x):
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x):
+        return self.feed(self.attend(x))
+
+
+class HalvesSwapped(HelperBlock):
+    def forward(self, x):
+        return self.attend(self.feed(x))
+
+
+class IndexedLoopGPT(PinGPT):               # the blocks walked by index (right)
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for i in range(len(self.transformer.h)):
+            x = self.transformer.h[i](x)
+        logits = self.head(x)
+        return logits, (None if targets is None else self.loss(logits, targets))
+
+
+class LastBlockSkipped(PinGPT):
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for i in range(len(self.transformer.h) - 1):
+            x = self.transformer.h[i](x)
+        logits = self.head(x)
+        return logits, (None if targets is None else self.loss(logits, targets))
+
+
+class TablesGPT(PinGPT):                    # the tables raw parameters in a ParameterDict (right)
+    def __init__(self, config):
+        super().__init__(config)
+        del self.transformer["wte"], self.transformer["wpe"]
+        self.tables = nn.ParameterDict({"tokens": self.lm_head.weight,
+                                        "positions": nn.Parameter(torch.zeros(config.max_seq_len, config.channels))})
+
+    def embed(self, idx):
+        tok = F.embedding(idx, self.tables["tokens"])
+        pos = F.embedding(torch.arange(idx.size(1)), self.tables["positions"])
+        return tok + pos
+
+
+class PositionsFromTokens(TablesGPT):
+    def embed(self, idx):
+        tok = F.embedding(idx, self.tables["tokens"])
+        pos = F.embedding(torch.arange(idx.size(1)), self.tables['tokens'])
+        return tok + pos
+
+
+TABLES = {"tables.tokens": "wte", "tables.positions": "wpe"}
+
+
+class LnFInLoop(PinGPT):                    # the final norm inside the blocks' loop (and again in the head)
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.transformer.h:
+            x = self.transformer.ln_f(block(x))
+        logits = self.head(x)
+        return logits, (None if targets is None else self.loss(logits, targets))

@@ -466,12 +466,12 @@ def test_heldout8_unmodified_model_passes_with_its_map():
 # the q/k swap is found where it is made): 25 pinned.
 # Left: positions-detached localised at its structure.no-gradient finding, not the encoder's
 # backward; no cause for mask-not-inverted (NaN), log-softmax-over-time, adamw eps and betas
-HELDOUT8_LOCALISED_NOW = set(h6.BUGS8) - {"positions-detached"}
+HELDOUT8_LOCALISED_NOW = set(h6.BUGS8)   # positions-detached since: its no-gradient finding names encoder_backward
 HELDOUT8_PINNED_NOW = set(h6.BUGS8)
 HELDOUT8_NAMED_NOW = set(h6.BUGS8) - {"mask-not-inverted", "softmax-in-half", "log-softmax-over-time",
                                       "adamw-eps-1e-6", "adamw-betas-swapped"}
 HELDOUT8_WRONG_NOW: dict[str, str] = {}
-BUGS8_NOW = FirstRun(25, 25, 24, 20, 0, pinned=25)
+BUGS8_NOW = FirstRun(25, 25, 25, 20, 0, pinned=25)
 NOW8 = {"caught": set(h6.BUGS8), "localised": HELDOUT8_LOCALISED_NOW, "named": HELDOUT8_NAMED_NOW,
         "pinned": HELDOUT8_PINNED_NOW}
 
@@ -581,10 +581,11 @@ def test_heldout9_first_run_is_recorded():
 # first per-head op not reproducing its intermediate), kv-offsets-swapped kept at its
 # slicing line: 15 pinned.
 HELDOUT9_LOCALISED_NOW = set(h7.BUGS9)
-HELDOUT9_PINNED_NOW = set(h7.BUGS9) - {
-    "embedding-dropout-always-on", "gelu-scaling-on-x-only", "heads-stacked-last", "last-layer-skipped",
-    "ln-keras-eps", "mlp-before-attention", "parallel-branches", "positions-from-token-table",
-    "scale-power-precedence", "softmax-over-padded-vocab"}
+# Then (general pin rules: a random draw, a sum's wrong term, a layout flattened as it is,
+# a class body's constant, the loss after the logits as returned, a block's input passed on,
+# the frame deciding an order, a loop's header, a parameter's sibling read in its place):
+# every one pinned.
+HELDOUT9_PINNED_NOW = set(h7.BUGS9)
 HELDOUT9_NAMED_NOW = set(h7.BUGS9) - {"adamw-lr-3e-4", "embedding-dropout-always-on", "head-offset-without-stride",
                                       "ln-over-time-and-channels", "ln-rms"}
 HELDOUT9_WRONG_NOW = {"ln-over-time-and-channels": "layernorm.axis", "ln-rms": "layernorm.rms"}
@@ -592,7 +593,7 @@ HELDOUT9_WRONG_NOW = {"ln-over-time-and-channels": "layernorm.axis", "ln-rms": "
 # cause), each read by the lead and found to be the mistake
 HELDOUT9_WRONG_NOW |= {"adamw-lr-3e-4": "adamw.lr", "embedding-dropout-always-on": "output.dropout",
                        "head-offset-without-stride": "attention.layout"}
-BUGS9_NOW = FirstRun(25, 25, 25, 20, 5, pinned=15)
+BUGS9_NOW = FirstRun(25, 25, 25, 20, 5, pinned=25)
 NOW9 = {"caught": set(h7.BUGS9), "localised": HELDOUT9_LOCALISED_NOW, "named": HELDOUT9_NAMED_NOW,
         "pinned": HELDOUT9_PINNED_NOW}
 
@@ -654,7 +655,7 @@ def test_heldout10_first_run_is_recorded():
 # (pins.option_site): 24 localised, 25 pinned. Left: final-norm-in-loop localised at lnf
 # (called twice), not layer 1's ln1; 11 unnamed, 4 with a wrong cause.
 HELDOUT10_CAUGHT_NOW = set(h8.BUGS10)
-HELDOUT10_LOCALISED_NOW = set(h8.BUGS10) - {"final-norm-in-loop"}
+HELDOUT10_LOCALISED_NOW = set(h8.BUGS10)   # final-norm-in-loop since: its first call named as running before layer 1 ln1
 HELDOUT10_PINNED_NOW = set(h8.BUGS10)
 HELDOUT10_NAMED_NOW = set(h8.BUGS10) - HELDOUT10_UNNAMED
 # every one it expected no cause for is named since (8 Dec, causes added after; scored as a
@@ -667,7 +668,7 @@ HELDOUT10_WRONG_NOW = {
     "z-loss": "crossentropy.z-loss", "targets-time-major": "labels.time-major", "relu-squared": "gelu.relu-squared",
     "adamw-beta1-twice": "adamw.beta2", "adamw-blocks-only": "adamw.not-stepped",
     "position-padding-idx": "embedding.padding-idx", "attention-in-bf16": "precision.bfloat16"}
-BUGS10_NOW = FirstRun(25, 25, 24, 14, 11, pinned=25, errors=0)
+BUGS10_NOW = FirstRun(25, 25, 25, 14, 11, pinned=25, errors=0)
 NOW10 = {"caught": HELDOUT10_CAUGHT_NOW, "localised": HELDOUT10_LOCALISED_NOW, "named": HELDOUT10_NAMED_NOW,
          "pinned": HELDOUT10_PINNED_NOW}
 

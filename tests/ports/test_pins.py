@@ -85,6 +85,24 @@ MISTAKES = {
                            "attention_forward"),
     "torch's GELU at its default": (V(block=pp.mlp_block(pp.TorchGeluMLP)), "self.gelu = nn.GELU()", "gelu_forward"),
     "torch's layer norm's eps": (V(norm=pp.LooseTorchNorm), "super().__init__(C, eps=1e-3)", "layernorm_forward"),
+    "dropout left on": (pp.DropoutLeftOn, "return F.dropout(self.transformer.wte(idx) + self.transformer.wpe("
+                        "torch.arange(idx.size(1))), p=0.1)", "encoder_forward"),
+    "GELU's factor on x only": (V(block=pp.mlp_block(pp.GeluFactorMLP)), "return 0.5 * x * (1.0 + torch.tanh("
+                                "math.sqrt(2.0 / math.pi) * x + inner))", "gelu_forward"),
+    "heads interleaved": (V(attn=pp.HeadsInterleaved), "return self.c_proj((self.probs(q, k) @ v).permute(0, 2, 3, 1)"
+                          ".flatten(2))", "attention_forward"),
+    "eps a class attribute": (V(norm=pp.LooseClassEpsNorm), "eps = 1e-3", "layernorm_forward"),
+    "loss over the padded vocabulary": (pp.LossOverPaddedVocab, "return F.cross_entropy(logits.flatten(0, 1), "
+                                        "targets.reshape(-1))", "crossentropy_forward"),
+    "parallel block": (V(block=pp.ParallelBlock), "return x + self.attn(self.ln_1(x)) + self.mlp(self.ln_2(x))",
+                       "residual_forward"),
+    "halves swapped through helpers": (V(block=pp.HalvesSwapped), "return self.attend(self.feed(x))",
+                                       "layer 0 ln1 layernorm_forward"),
+    "last block skipped": (pp.LastBlockSkipped, "for i in range(len(self.transformer.h) - 1):",
+                           "layer 1 ln1 layernorm_forward"),
+    "positions looked up in the token table": (TorchModel(pp.PositionsFromTokens, mapping=pp.TABLES),
+                                               "pos = F.embedding(torch.arange(idx.size(1)), self.tables['tokens'])",
+                                               "encoder encoder_forward"),
 }
 
 
@@ -134,9 +152,13 @@ def test_the_right_port_passes_and_records_nothing():
 @pytest.mark.parametrize("port", [V(attn=pp.MethodScaleAttn), V(block=pp.mlp_block(pp.FnMLP)),
                                   TorchModel(pp.PinGPT, optimizer=pp.adam_groups),
                                   V(block=pp.config_block(pp.NormConfig)), pp.DefaultsSpelledOut,
-                                  V(block=pp.mlp_block(pp.TanhGeluMLP)), V(norm=pp.TorchNorm)],
+                                  V(block=pp.mlp_block(pp.TanhGeluMLP)), V(norm=pp.TorchNorm),
+                                  pp.DropoutOff, V(block=pp.mlp_block(pp.GeluByHandMLP)), V(norm=pp.ClassEpsNorm),
+                                  pp.PaddedVocabGPT, V(block=pp.HelperBlock), pp.IndexedLoopGPT,
+                                  TorchModel(pp.TablesGPT, mapping=pp.TABLES)],
                          ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
-                              "torch's tanh GELU", "torch's layer norm"])
+                              "torch's tanh GELU", "torch's layer norm", "dropout of 0", "GELU by hand",
+                              "class eps", "padded logits", "helper halves", "indexed loop", "raw tables"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay, torch's modules built with their defaults written out: right, so nothing fails
@@ -175,7 +197,7 @@ def test_the_optimizer_pin_names_the_differing_setting():
 
 # ----------------------------------------------------------------------------- a wrong pinner fails them
 
-_RIGHT = {"residual": L.residual_line, "distance": R.distance, "recording": R.forward_recording}
+_RIGHT = {"residual": L.residual_line, "distance": R.distance, "recording": R.forward_recording, "anchor": L._anchor}
 
 
 def _innermost_block_line(ops, observed, block, kernel, layout=R.layouts):
@@ -231,6 +253,17 @@ WRONG = {
     "keys chunked first": ("harness.ports.record._common_tail", lambda a, b: 0),
     "torch's GELU at its default": ("harness.ports.localise.module_origin", lambda pin, *a: pin),
     "torch's layer norm's eps": ("harness.ports.pins._calls_in", lambda file, kinds: iter(())),
+    "dropout left on": ("harness.ports.localise._random_draw", lambda *a: None),
+    "GELU's factor on x only": ("harness.ports.localise._wrong_term", lambda *a: set()),
+    # the first op holding the values in any layout, never the reshape after it
+    "heads interleaved": ("harness.ports.localise._anchor",
+                          lambda ops, observed, layout=R.layouts, good=None: _RIGHT["anchor"](ops, observed, layout)),
+    "eps a class attribute": ("harness.ports.pins.class_site", lambda *a: None),
+    "loss over the padded vocabulary": ("harness.ports.pins.as_returned", lambda logits, V: []),
+    "parallel block": ("harness.ports.localise.residual_line", _innermost_block_line),
+    "halves swapped through helpers": ("harness.ports.pins._order_site", lambda calls, others: calls[0].stack[0].site),
+    "last block skipped": ("harness.ports.pins._loop_header", lambda site: None),
+    "positions looked up in the token table": ("harness.ports.pins.read_again", lambda reads: None),
 }
 
 
@@ -306,3 +339,29 @@ def test_scores_of_merged_heads_keep_their_own_axes():
     assert R.distance(a.swapaxes(2, 3).reshape(6, 4, 4), scores) > 0.1
     heads = R.Stage("q", "the queries", a)
     assert R.distance(a.transpose(0, 2, 1, 3).reshape(2, 4, 12), heads) == 0.0
+
+
+def test_a_module_called_early_names_the_first_op_it_can_feed(monkeypatch):
+    """ln_f called inside the blocks' loop: the called-more finding says its first call
+    runs before layer 1's ln1 (the first graph op whose input is wrong); ln_1 called twice
+    in place runs before no earlier op, so says nothing more; without the rule, nothing."""
+    report, pin, _ = run(pp.LnFInLoop)
+    assert "its first runs before layer 1 ln1 layernorm_forward" in report.first_divergence()
+    assert first_line(pin) == (str(PORTS), line_of("x = self.transformer.ln_f(block(x))", PORTS),
+                               "x = self.transformer.ln_f(block(x))")
+    report, _, _ = run(MISTAKES["ln_1 called twice"][0])
+    assert "called 2 times" in report.first_divergence() and "runs before" not in report.first_divergence()
+    monkeypatch.setattr("harness.ports.census.Census._early", lambda self, name: "")
+    report, _, _ = run(pp.LnFInLoop)
+    assert "layer 1 ln1" not in report.first_divergence()
+
+
+def test_a_parameter_without_gradient_names_the_backward_it_misses(monkeypatch):
+    """A table never read: the no-gradient finding names the graph's backward op that gives
+    the C's tensor its gradient (encoder_backward); a wrong census names none."""
+    port = MISTAKES["positions looked up in the token table"][0]
+    report, _, _ = run(port)
+    assert "(the C's wpe has one, from encoder encoder_backward)" in report.first_divergence()
+    monkeypatch.setattr("harness.ports.census.backward_of", lambda op: None)
+    report, _, _ = run(port)
+    assert "encoder_backward" not in report.first_divergence()
