@@ -117,19 +117,19 @@ def _parent(name: str, modules: dict) -> str:
 def _skipped(rec, graph: dict, modules: dict, name: str) -> Site | None:
     """The line where a module never called should have been (:func:`structure_pin`)."""
     parent = _parent(name, modules)
-    called = {c.module for c in rec.calls}
-    if parent and parent not in called:
-        # its parent was never called either (a whole block left out): the line that calls
-        # the parent's siblings in its stead
+    if parent and parent not in {c.module for c in rec.calls}:
+        # its parent never called either (a whole block left out): where its siblings are
         return _left_out(rec, modules, parent)
     owner = modules[parent]
     rank, label = graph.get(name, ((), None))
     counts: dict[str, list] = {}
     for c in rec.calls:
         counts.setdefault(c.module, []).append(c)
-    # a sibling standing for the same graph op, called again in its stead
+    # a sibling of the same kind of graph op (a norm for a norm) called again in its stead
+    kind = (label or "?").rsplit(" ", 1)[-1]
     for other, (_, op) in graph.items():
-        if other != name and op == label and _parent(other, modules) == parent and len(counts.get(other, ())) > 1:
+        if other != name and op.endswith(" " + kind) and _parent(other, modules) == parent \
+                and len(counts.get(other, ())) > 1:
             stack = counts[other][1].stack
             return owned_site(stack, owner) or (stack[0].site if stack else None)
     # the next module of the graph, under the same parent: the parent's line calling it

@@ -129,6 +129,13 @@ class NoLn2(Block):
         return x
 
 
+class Ln1ForMlp(Block):
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        h = self.ln_1(x)
+        return x + self.mlp(h)
+
+
 class NoProj(Attn):
     def forward(self, x):
         q, k, v = (self.heads(t) for t in self.c_attn(x).chunk(3, dim=-1))

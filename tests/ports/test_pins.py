@@ -190,6 +190,15 @@ def test_a_structural_pin_is_the_findings_in_json():
     assert f.id == "structure.never-called" and f.module == "transformer.h.0.ln_2"
 
 
+def test_a_module_never_called_is_pinned_where_its_sibling_is_called_in_its_stead():
+    """ln_2 never called because ln_1 is called again for the MLP: the pin is that second
+    call's line (the mistake), not the MLP's (as for a norm simply left out, above)."""
+    report, pin, _ = run(V(block=pp.Ln1ForMlp))
+    f = first_structure(report.steps[0].structure["port"])
+    assert f.id == "structure.never-called" and f.module == "transformer.h.0.ln_2"
+    assert f.pin is pin and pin.lines[0].line == line_of("h = self.ln_1(x)", PORTS)
+
+
 def test_the_optimizer_pin_names_the_differing_setting():
     _, pin, _ = run(MISTAKES["optimizer eps"][0])
     assert pin.describe().endswith("its eps 1e-06 (the run: 9.99999993922529e-09)")
