@@ -103,7 +103,7 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             inputs, targets = next(batches)
             shape = inputs.shape
             say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
-            step = _Step(config, t, inputs, targets, hyper, replay, say)
+            step = _Step(config, t, inputs, targets, hyper, replay, say, witness_again=witness.measures_after(t, steps))
             losses, checks = _run_step(step, cmodel, (oracle, witness), pymodels, threads)
             reports.append(_step_report(step, ["C", *pymodels], losses, checks, t0))
             if on_step is not None:
@@ -194,6 +194,7 @@ class _Step:
     update_errors: dict = field(default_factory=dict)  # impl -> update exception
     structure: dict = field(default_factory=dict)      # impl -> the census's findings (a torch model)
     witnesses: dict = field(default_factory=dict)      # a mixed-precision port's witness spreads (.precision)
+    witness_again: bool = True                         # a later step runs the witness (else dropped once measured)
 
 
 def _run_step(step: _Step, cmodel, float64: tuple, pymodels: dict, threads) -> tuple[dict, list[Check]]:
@@ -249,7 +250,7 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, witness: WitnessRun, threads)
     losses["oracle"], _ = shared(run, ("oracle", "witness"))
     with span("witness spread"):
         witness.spread = witness_spread(config, witness.model, oracle)
-    witness.done()
+    witness.done(again=step.witness_again)
     return losses, witness.spread
 
 

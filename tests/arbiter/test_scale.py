@@ -344,3 +344,37 @@ def test_witness_measured_every_k_steps_serves_the_steps_between(monkeypatch):
     assert seeds == [1, 2, 3] and every1[1] != every1[0] and every1[0] == every2[0]
     with pytest.raises(InputError, match="every k >= 1"):
         run_parity(cfg, init_params(cfg, seed=0), iter([]), steps=1, witness_every=0)
+
+
+def test_a_kept_witness_is_dropped_once_no_later_step_runs_it(monkeypatch):
+    """A kept witness's buffers (as large as the oracle's) are released as soon as no later
+    step runs it (the last step, or the last due one with witness_every), so a failing
+    check's diagnosis and recording run without them; the checks are the same."""
+    from harness import run_parity
+    from harness.arbiter.oracle import WitnessRun
+    held = []
+    done = WitnessRun.done
+
+    def spy(self, again=True):
+        done(self, again)
+        held.append(self.model is not None)
+    monkeypatch.setattr(WitnessRun, "done", spy)
+    cfg = preset("tiny")
+
+    def run(steps, every):
+        held.clear()
+        batches = (make_batch(cfg, 2, 8, seed=t) for t in range(10))
+        report = run_parity(cfg, init_params(cfg, seed=0), batches, steps=steps, replay=False, keep_witness=True,
+                            witness_every=every)
+        assert report.passed
+        return list(held), [[c.comparison.tol for c in s.checks if c.kind == "e2e"] for s in report.steps]
+    kept, tols = run(3, 1)
+    assert kept == [True, True, False]
+    assert run(3, 2)[0] == [True, False]        # measured at steps 1 and 3
+    assert run(2, 2)[0] == [False]              # step 2 does not run it
+    made_each_step = WitnessRun.__init__
+
+    def afresh(self, *a, **k):
+        made_each_step(self, *a, **dict(k, keep=False))
+    monkeypatch.setattr(WitnessRun, "__init__", afresh)
+    assert run(3, 1) == ([False, False, False], tols)
