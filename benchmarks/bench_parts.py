@@ -314,25 +314,39 @@ def part_llmc_command(cfg, params, B: int, T: int, hold: bool = True) -> dict:
         formats.write_debug_state(ds, cfg, x, y, ref.acts["logits"][..., :cfg.vocab_size], loss, ref.grads_memory)
         del ref
         env = dict(os.environ, LLMC_HOLD_MEMORY="1" if hold else "0")
+        lines, at, err = [], [], tempfile.TemporaryFile("w+")
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--checkpoint", str(ck),
-                               "--debug-state", str(ds), "-q", "--json", str(js)],
-                              capture_output=True, text=True, cwd=ROOT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--checkpoint", str(ck),
+                                 "--debug-state", str(ds), "-q", "--json", str(js)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=env)
+        for line in proc.stdout:       # each line with the second it came (the header's estimates)
+            lines.append(line.rstrip("\n"))
+            at.append(time.perf_counter() - t0)
+        proc.wait()
         wall = time.perf_counter() - t0
+        err.seek(0)
+        stderr = err.read()
         steps_s = [s["seconds"] for s in json.loads(js.read_text())["steps"]] if js.is_file() else []
-    lines = proc.stdout.splitlines()
-    header = [ln for ln in lines[:6] if ln.startswith(("llmc-parity run", "with --debug", "witness:", "at ", "step 1"))]
+    head = [(ln, s) for ln, s in zip(lines[:8], at) if ln.startswith(HEADER_LINES)]
+    header = [ln for ln, _ in head]
+    estimates = {ln.split(" took", 1)[0]: {"estimate_s": _estimate_s([ln]), "said_at_s": s}
+                 for ln, s in head if ln.startswith(("step 1", "step 2"))}
     return {"status": "ran", "wall_s": wall, "returncode": proc.returncode, "steps": LLMC_STEPS,
             "hold_freed_memory": hold, "steps_s": steps_s,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
             "passed": proc.returncode == 0, "header": header, "estimate_s": _estimate_s(header),
+            "estimates": estimates, "report_at_s": at[-1] if at else None,
             "verdict": next((ln for ln in lines if ln.startswith("llmc-parity:")), None),
-            "stderr_tail": proc.stderr[-1000:] if proc.returncode not in (0, 1) else ""}
+            "stderr_tail": stderr[-1000:] if proc.returncode not in (0, 1) else ""}
+
+
+# the llm.c command's header: its lines up to the estimates after steps 1 and 2
+HEADER_LINES = ("llmc-parity run", "with --debug", "witness:", "at ", "step 1", "step 2")
 
 
 def _estimate_s(header: list[str]) -> float | None:
-    """The seconds the command's header says it takes (``... the run about 4.6 min in all``;
-    before, ``the 10 steps take about 4.6 min``)."""
+    """The seconds the command's header says it takes, after step 1 (the first line that
+    says it: ``... the run about 4.6 min in all``; before, ``the 10 steps take about 4.6 min``)."""
     import re
     for line in header:
         m = re.search(r"the run about ([0-9.]+) ?(s|min)\b", line) or re.search(r"take about ([0-9.]+) ?(s|min)\b", line)

@@ -102,6 +102,9 @@ def target_rows(results: dict) -> list[tuple[str, str, str]]:
     if "wall_s" in lc:
         est = "-" if lc.get("estimate_s") is None else \
             f"{lc['estimate_s']:.0f} s, {100 * lc['estimate_off']:+.0f}% of its {lc['wall_s']:.0f} s"
+        if lc.get("estimate_after_step2_s") is not None:
+            est += (f"; after step 2: {lc['estimate_after_step2_s']:.0f} s, "
+                    f"{100 * lc['estimate_after_step2_off']:+.0f}%")
         rows.append((f"the llm.c command's header estimate within {100 * lc['estimate_target']:.0f}% of its time",
                      est, _met(lc["estimate_meets_target"])))
     d24 = parts.get("full_check_d24")

@@ -180,21 +180,27 @@ def cmd_run(args) -> int:
 
 def _first_step_said(args, progress: Progress, large: bool, hold: bool = False):
     """run_parity's on_step: after the first step of a large run, a line with its time and
-    the run's (:func:`run_estimate`); and, with ``hold``, the freed memory held from there
-    on (:func:`harness.arbiter.oracle.hold_freed_memory`)."""
+    the run's (:func:`run_estimate`); after the second, where more is left, the run's again
+    from the second's measured time (a held step, as every later one); and, with ``hold``,
+    the freed memory held from step 2 on (:func:`harness.arbiter.oracle.hold_freed_memory`)."""
     def said(t: int, _cmodel) -> None:
         if t == 1 and hold:
             from .arbiter.oracle import hold_freed_memory
             hold_freed_memory()
-        if t == 1 and large and not args.json_only:
-            now = time.perf_counter()
-            took = now - progress.step_began.get(1, progress.start)
+        if t > 2 or not large or args.json_only:
+            return
+        now = time.perf_counter()
+        took = now - progress.step_began.get(t, progress.start)
+        elapsed = now - getattr(args, "started", progress.start)
+        if t == 1:
             later = later_step(took, os.times().system - progress.system_began.get(1, os.times().system), hold)
-            total = run_estimate(later, now - getattr(args, "started", progress.start), args.steps,
-                                 args.free_run, bool(args.debug_state))
+            total = run_estimate(later, elapsed, args.steps, args.free_run, bool(args.debug_state))
             print(f"step 1 took {_duration(took)}; the {args.steps} steps take about "
                   f"{_duration(took + later * (args.steps - 1))}, the run about {_duration(total)} in all",
                   flush=True)
+        elif args.steps > 2 or args.free_run or args.debug_state:
+            total = run_estimate(took, elapsed, args.steps, args.free_run, bool(args.debug_state), done=2)
+            print(f"step 2 took {_duration(took)}; the run about {_duration(total)} in all", flush=True)
     return said
 
 
@@ -206,12 +212,14 @@ def later_step(step1: float, system: float, hold: bool) -> float:
     return max(step1 - system, 0.0) if hold else step1
 
 
-def run_estimate(later: float, elapsed: float, steps: int, free_run: int, debug_state: bool) -> float:
-    """The seconds a run takes from its start, told after its first step (``elapsed``
-    since the process started): each later step ``later`` seconds (:func:`later_step`), a
-    free-run step a third of one (no float64 model, no checks), the debug state's check
-    one (the C, the oracle and the witness on one batch)."""
-    return elapsed + later * (steps - 1 + free_run / 3 + (1 if debug_state else 0))
+def run_estimate(later: float, elapsed: float, steps: int, free_run: int, debug_state: bool,
+                 done: int = 1) -> float:
+    """The seconds a run takes from its start, told after its step ``done`` (``elapsed``
+    since the process started): each later step ``later`` seconds (after step 1:
+    :func:`later_step`; after step 2: its measured time), a free-run step a third of one
+    (no float64 model, no checks), the debug state's check one (the C, the oracle and the
+    witness on one batch)."""
+    return elapsed + later * (steps - done + free_run / 3 + (1 if debug_state else 0))
 
 
 def _run_inputs(args):

@@ -434,9 +434,15 @@ class WitnessRun:
             self.noisy.release()    # not needed by the spread
         return loss
 
-    def done(self) -> None:
-        """The step's spread measured: a witness not kept is dropped."""
-        if not self.keep:
+    def measures_after(self, t: int, steps: int) -> bool:
+        """Whether a step after ``t`` (up to ``steps``) runs the witness again."""
+        return any((u - 1) % self.every == 0 for u in range(t + 1, steps + 1))
+
+    def done(self, again: bool = True) -> None:
+        """The step's spread measured: a witness not kept is dropped, and a kept one where
+        it will not run ``again`` (its buffers, as large as the oracle's, are not held
+        through the rest of the run: a failing check's diagnosis and recording)."""
+        if not self.keep or not again:
             self.release()
 
     def release(self) -> None:

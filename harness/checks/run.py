@@ -103,7 +103,8 @@ def run_parity(config: GPT2Config, params: np.ndarray, batches: Iterator[tuple[n
             inputs, targets = next(batches)
             shape = inputs.shape
             say = (lambda what: progress(t, steps, what)) if progress else (lambda what: None)
-            step = _Step(config, t, inputs, targets, hyper, replay, say)
+            step = _Step(config, t, inputs, targets, hyper, replay, say, witness_again=witness.measures_after(t, steps),
+                         last=t == steps)
             losses, checks = _run_step(step, cmodel, (oracle, witness), pymodels, threads)
             reports.append(_step_report(step, ["C", *pymodels], losses, checks, t0))
             if on_step is not None:
@@ -194,6 +195,8 @@ class _Step:
     update_errors: dict = field(default_factory=dict)  # impl -> update exception
     structure: dict = field(default_factory=dict)      # impl -> the census's findings (a torch model)
     witnesses: dict = field(default_factory=dict)      # a mixed-precision port's witness spreads (.precision)
+    witness_again: bool = True                         # a later step runs the witness (else dropped once measured)
+    last: bool = False                                 # the run's last step (the oracle dropped once last read)
 
 
 def _run_step(step: _Step, cmodel, float64: tuple, pymodels: dict, threads) -> tuple[dict, list[Check]]:
@@ -205,12 +208,16 @@ def _run_step(step: _Step, cmodel, float64: tuple, pymodels: dict, threads) -> t
     oracle = float64[0]
     losses, spread = _run_c_and_oracle(step, cmodel, *float64, threads)
     step.loss_tol = e2e_tolerance("crossentropy_forward", "losses", B * T, 1, spread["mean_loss"])
-    step.graph["C"] = _check_state(step, "C", cmodel, losses, oracle, spread)
+    # the oracle's float64 buffers (as large as the C's and more) are read last by the e2e
+    # checks of the last step's last implementation: dropped there, before its replay, its
+    # diagnosis and a torch port's recording, which read the implementation's own state
+    final = [*pymodels][-1] if pymodels and step.last else "C" if step.last else None
+    step.graph["C"] = _check_state(step, "C", cmodel, losses, oracle, spread, final == "C")
     t = step.t
     pre = (cmodel.params_memory, cmodel.m_memory if t > 1 else None,
            cmodel.v_memory if t > 1 else None)   # None: zeros, as the C starts them
     for name, pm in pymodels.items():
-        _run_reference(step, name, pm, pre, losses, oracle, spread)
+        _run_reference(step, name, pm, pre, losses, oracle, spread, final == name)
     step.update["C"] = _update_c(step, cmodel, threads)
     names = ["C", *pymodels]
     return losses, [c for n in names for c in step.graph.get(n, [])] + \
@@ -249,13 +256,15 @@ def _run_c_and_oracle(step: _Step, cmodel, oracle, witness: WitnessRun, threads)
     losses["oracle"], _ = shared(run, ("oracle", "witness"))
     with span("witness spread"):
         witness.spread = witness_spread(config, witness.model, oracle)
-    witness.done()
+    witness.done(again=step.witness_again)
     return losses, witness.spread
 
 
-def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: dict) -> list[Check]:
+def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: dict,
+                 oracle_done: bool = False) -> list[Check]:
     """The loss and end-to-end checks of one implementation's forward/backward, and its
-    replay (always, or on a failed end-to-end check)."""
+    replay (always, or on a failed end-to-end check); ``oracle_done``: nothing reads the
+    oracle after these end-to-end checks, so its buffers are dropped before the replay."""
     B, T = step.inputs.shape
     step.say(f"checking {name}")
     loss_tol, loss_precision = loss_tolerance(state, step, spread, oracle)
@@ -263,13 +272,16 @@ def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: di
     checks[0].precision = loss_precision
     e2e = e2e_graph(step.config, B * T, state, oracle, step=step.t, impl=name, spread=spread)
     checks += e2e
+    if oracle_done:
+        oracle.release()
     if step.replay is True or (step.replay == "on-failure" and not all(c.passed for c in e2e)):
         step.say(f"replaying {name}'s ops")
         checks += replay_graph(step.config, state, step=step.t, impl=name)
     return checks
 
 
-def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: dict, oracle, spread: dict) -> None:
+def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: dict, oracle, spread: dict,
+                   oracle_done: bool = False) -> None:
     """One reference's turn: loaded from the C's pre-step state, forward/backward,
     checked, updated, update-checked, released. A user's kernel may raise: reported in
     ``step.errors`` / ``step.update_errors``, and the run carries on."""
@@ -294,7 +306,7 @@ def _run_reference(step: _Step, name: str, pm: Reference, pre: tuple, losses: di
             known = {f.text() for f in pm.findings}
             pm.findings.extend(f for f in structure if f.text() not in known)
         step.graph[name] = _check_state(step, name, pm, losses, oracle,
-                                        spread_at(pm, step, pre[0], oracle, spread, step.witnesses))
+                                        spread_at(pm, step, pre[0], oracle, spread, step.witnesses), oracle_done)
         note_reach(pm, step.config, step.graph[name])
         # a failure of a torch port: its line (nothing on a pass)
         pin_divergence(step.graph[name], pm, step.structure.get(name))

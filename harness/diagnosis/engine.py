@@ -388,6 +388,8 @@ def _chain(calls: list[Call], i: int, v: Variant, ctx: dict, value) -> np.ndarra
 def _fit(result, actual, fit: Fit, mask) -> float | None:
     """The constant in [fit.lo, fit.hi] whose variant is closest (least squares) to
     ``actual``: a coarse grid, then golden-section search around the best point."""
+    if fit.linear:      # before the float64 copy of ``actual`` below: it needs none
+        return _fit_linear(result, actual, None if mask is None else np.broadcast_to(mask, np.shape(actual)), fit)
     a = np.asarray(actual, np.float64)
     m = None if mask is None else np.broadcast_to(mask, a.shape)
 
@@ -407,8 +409,6 @@ def _fit(result, actual, fit: Fit, mask) -> float | None:
         s = float(np.sum(d[np.isfinite(d)])) if d.size else math.inf
         return s if math.isfinite(s) else math.inf
 
-    if fit.linear:
-        return _fit_linear(result, a, m, fit)
     lo, hi = to_x(fit.lo), to_x(fit.hi)
     grid = np.linspace(lo, hi, 25)
     losses = [loss(x) for x in grid]
@@ -431,20 +431,44 @@ def _fit(result, actual, fit: Fit, mask) -> float | None:
     return float(from_x((a_ + b_) / 2))
 
 
-def _fit_linear(result, a: np.ndarray, m, fit: Fit) -> float | None:
-    """The least-squares constant of an output affine in it: out(p) = out(0) + p*(out(1) - out(0))."""
-    e0, e1 = result(0.0), result(1.0)
-    if e0 is None or e1 is None:
+def _fit_linear(result, actual, m, fit: Fit) -> float | None:
+    """The least-squares constant of an output affine in it: out(p) = out(0) + p*(out(1) - out(0)).
+    Over a whole parameter gradient (wte's: 309 MB in float64) its arrays are the
+    diagnosis's largest: the differences are taken in place of the two evaluations and
+    the products in place of the differences, the same numbers summed in the same order."""
+    e0 = result(0.0)
+    if e0 is None:
         return None
-    d, r = np.asarray(e1, np.float64) - e0, a - e0
+    e1 = result(1.0)
+    if e1 is None:
+        return None
+    d = _difference(np.asarray(e1, np.float64), e0, keep=(e0, actual))
+    r = _difference(actual, e0, keep=(actual,), into=e0)
+    del e0, e1
     if m is not None:
         d, r = d[m], r[m]
-    ok = np.isfinite(d) & np.isfinite(r)
-    den = float(np.sum(d[ok] * d[ok]))
+    d, r = d.reshape(-1), r.reshape(-1)
+    ok = np.isfinite(d)
+    ok &= np.isfinite(r)
+    if not ok.all():
+        d, r = d[ok], r[ok]
+    num = float(np.sum(np.multiply(d, r, out=r)))
+    den = float(np.sum(np.multiply(d, d, out=d)))
     if den == 0.0 or not math.isfinite(den):
         return None
-    p = float(np.sum(d[ok] * r[ok])) / den
+    p = num / den
     return p if fit.lo <= p <= fit.hi else None
+
+
+def _difference(x, y: np.ndarray, keep: tuple, into: np.ndarray | None = None) -> np.ndarray:
+    """``x - y`` in float64, written over ``into`` (default ``x``) where that is a float64
+    array of the diagnosis's own (writable, sharing no memory with the arrays in ``keep``,
+    still needed): an evaluation no longer needed after it."""
+    into = x if into is None else into
+    own = isinstance(into, np.ndarray) and into.dtype == np.float64 and into.flags.writeable and \
+        np.shape(into) == np.broadcast_shapes(np.shape(x), np.shape(y)) and \
+        not any(np.may_share_memory(into, k) for k in keep)
+    return np.subtract(x, y, out=into) if own else np.subtract(np.asarray(x, np.float64), y)
 
 
 def const_text(x: float, *, short_extremes: bool = False) -> str:

@@ -344,3 +344,72 @@ def test_witness_measured_every_k_steps_serves_the_steps_between(monkeypatch):
     assert seeds == [1, 2, 3] and every1[1] != every1[0] and every1[0] == every2[0]
     with pytest.raises(InputError, match="every k >= 1"):
         run_parity(cfg, init_params(cfg, seed=0), iter([]), steps=1, witness_every=0)
+
+
+def test_a_kept_witness_is_dropped_once_no_later_step_runs_it(monkeypatch):
+    """A kept witness's buffers (as large as the oracle's) are released as soon as no later
+    step runs it (the last step, or the last due one with witness_every), so a failing
+    check's diagnosis and recording run without them; the checks are the same."""
+    from harness import run_parity
+    from harness.arbiter.oracle import WitnessRun
+    held = []
+    done = WitnessRun.done
+
+    def spy(self, again=True):
+        done(self, again)
+        held.append(self.model is not None)
+    monkeypatch.setattr(WitnessRun, "done", spy)
+    cfg = preset("tiny")
+
+    def run(steps, every):
+        held.clear()
+        batches = (make_batch(cfg, 2, 8, seed=t) for t in range(10))
+        report = run_parity(cfg, init_params(cfg, seed=0), batches, steps=steps, replay=False, keep_witness=True,
+                            witness_every=every)
+        assert report.passed
+        return list(held), [[c.comparison.tol for c in s.checks if c.kind == "e2e"] for s in report.steps]
+    kept, tols = run(3, 1)
+    assert kept == [True, True, False]
+    assert run(3, 2)[0] == [True, False]        # measured at steps 1 and 3
+    assert run(2, 2)[0] == [False]              # step 2 does not run it
+    made_each_step = WitnessRun.__init__
+
+    def afresh(self, *a, **k):
+        made_each_step(self, *a, **dict(k, keep=False))
+    monkeypatch.setattr(WitnessRun, "__init__", afresh)
+    assert run(3, 1) == ([False, False, False], tols)
+
+
+def test_the_oracle_is_dropped_after_the_last_steps_last_end_to_end_checks(monkeypatch):
+    """The oracle's float64 buffers are released once the last step's last implementation
+    has had its end-to-end checks (before its replay, diagnosis, recording and update),
+    never earlier: every check of the run is the same as with the oracle kept."""
+    from harness import run_parity
+    from harness.checks import e2e as e2e_mod, run as run_mod
+    from pyref.model import GPT2
+    from pyref import numpy_kernels
+    from pyref.protocol import KernelSet
+    cfg = preset("tiny")
+    events = []
+    release, graph = GPT2.release, e2e_mod.e2e_graph
+    monkeypatch.setattr(GPT2, "release", lambda self: (events.append(("release", self.dtype == np.float64
+                                                                      and self.acts is not None)), release(self)))
+    monkeypatch.setattr(run_mod, "e2e_graph", lambda *a, **k: (events.append(("e2e", k["impl"])), graph(*a, **k))[1])
+
+    def run():
+        events.clear()
+        batches = (make_batch(cfg, 2, 8, seed=t) for t in range(10))
+        report = run_parity(cfg, init_params(cfg, seed=0), batches, steps=2, replay=True,
+                            impls={"numpy": KernelSet.from_module(numpy_kernels)})
+        assert report.passed
+        return [(c.impl, c.kind, str(c.tensor), c.comparison.max_rel, c.comparison.tol)
+                for s in report.steps for c in s.checks]
+    dropped = run()
+    # the oracle's (float64, holding activations) release: once, after step 2's last e2e checks
+    oracle_releases = [i for i, e in enumerate(events) if e == ("release", True)]
+    e2e_at = [i for i, e in enumerate(events) if e[0] == "e2e"]
+    assert len(e2e_at) == 4 and len(oracle_releases) == 1 and oracle_releases[0] == e2e_at[-1] + 1
+    check_state = run_mod._check_state
+    monkeypatch.setattr(run_mod, "_check_state", lambda *a: check_state(*a[:6]))   # the oracle kept
+    assert run() == dropped
+    assert ("release", True) not in events

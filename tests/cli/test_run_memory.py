@@ -47,6 +47,33 @@ def test_the_estimate_counts_the_start_the_later_steps_and_the_debug_state():
     assert run_estimate(10.0, 15.0, 10, 0, True) == 15.0 + 10 * 10.0
     assert run_estimate(10.0, 15.0, 10, 0, False) == 15.0 + 9 * 10.0
     assert run_estimate(10.0, 15.0, 1, 3, False) == 15.0 + 10.0      # a free-run step: a third of one
+    # after step 2 (40 s since the start): 8 more steps and the debug state as long as step 2
+    assert run_estimate(8.0, 40.0, 10, 0, True, done=2) == 40.0 + 9 * 8.0
+
+
+def test_the_estimate_is_said_again_after_step_2_from_its_measured_time(capsys):
+    import argparse
+    from harness import cli
+    from harness.report.progress import Progress
+    progress = Progress(enabled=False)
+    args = argparse.Namespace(json_only=False, steps=10, free_run=0, debug_state="debug.bin",
+                              started=progress.start - 5.0)
+    said = cli._first_step_said(args, progress, large=True)
+    progress.step_began[1] = progress.start - 5.0 + 2.0
+    said(1, None)
+    progress.step_began[2] = cli.time.perf_counter() - 30.0     # step 2 took 30 s
+    args.started = cli.time.perf_counter() - 62.0                # the run began 62 s ago
+    said(2, None)
+    said(3, None)                                                # nothing after later steps
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 1 took ")
+    step2, total = lines[1].split("; ")
+    assert step2 == "step 2 took 30s"
+    # 62 s since the start, then 8 steps and the debug state of 30 s each: 332 s
+    assert total.startswith("the run about 5.") and total.endswith(" min in all")
+    args.steps, args.debug_state = 2, None                       # nothing left after step 2: no line
+    said(2, None)
+    assert capsys.readouterr().out == ""
 
 
 def test_a_later_step_is_the_first_less_its_first_touches_where_memory_is_held():
