@@ -34,13 +34,15 @@ def sequence_unit(ref: Ref, shape: tuple[int, ...]) -> int:
 
 @marked("e2e checks")
 def e2e_graph(cfg: GPT2Config, positions: int, state: CheckedState, oracle_state: CheckedState, *, step: int, impl: str,
-              spread: dict) -> list[Check]:
+              spread: dict, shared: dict | None = None) -> list[Check]:
     """Every tensor the graph writes against the float64 model ``oracle_state``, under a
     tolerance widened by how far float32-sized noise carried to it (``spread``: witness
     vs oracle per tensor, :func:`harness.arbiter.oracle.witness_spread`, the same for every
     implementation of a step). Gradient buffers are compared once complete; a
     failing one is diagnosed against a changed loss scale (all gradients scale with
-    dlosses, averaged over ``positions``)."""
+    dlosses, averaged over ``positions``). ``shared``: kept by the caller for the step's
+    implementations, what their comparisons with one float64 tensor compute alike (its RMS
+    scale: :func:`harness.arbiter.compare.compare`'s ``shared``), by tensor."""
     observes = state.observes
     checks = []
     # a call's reduction length and mask read its arguments' shapes alone, the same in
@@ -54,7 +56,8 @@ def e2e_graph(cfg: GPT2Config, positions: int, state: CheckedState, oracle_state
         how = dict(name=str(ref), tol=e2e_tolerance(kernel, output, n, actual.size, spread[ref], p),
                    axes=axes(ref, actual.shape), mask=SPEC[kernel].mask(output, named_args(nodes[-1], shapes)))
         calls = (lambda: Call("loss_mean", output, {"value": expected, "n": positions})) if diagnose_it else None
-        c = checked(actual, expected, calls, unit=sequence_unit(ref, actual.shape), **how)
+        c = checked(actual, expected, calls, unit=sequence_unit(ref, actual.shape),
+                    shared=None if shared is None else shared.setdefault(ref, {}), **how)
         checks.append(Check(step, impl, "e2e", ref, c, tuple(nodes), state.module_of(ref), p))
 
     for node in forward_nodes(cfg):

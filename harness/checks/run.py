@@ -194,6 +194,7 @@ class _Step:
     update_errors: dict = field(default_factory=dict)  # impl -> update exception
     structure: dict = field(default_factory=dict)      # impl -> the census's findings (a torch model)
     witnesses: dict = field(default_factory=dict)      # a mixed-precision port's witness spreads (.precision)
+    shared: dict = field(default_factory=dict)         # what the implementations' e2e comparisons share (.e2e)
 
 
 def _run_step(step: _Step, cmodel, float64: tuple, pymodels: dict, threads) -> tuple[dict, list[Check]]:
@@ -261,7 +262,7 @@ def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: di
     loss_tol, loss_precision = loss_tolerance(state, step, spread, oracle)
     checks = [check_loss(step.t, name, losses[name], losses["oracle"], loss_tol or step.loss_tol, B * T)]
     checks[0].precision = loss_precision
-    e2e = e2e_graph(step.config, B * T, state, oracle, step=step.t, impl=name, spread=spread)
+    e2e = e2e_graph(step.config, B * T, state, oracle, step=step.t, impl=name, spread=spread, shared=step.shared)
     checks += e2e
     if step.replay is True or (step.replay == "on-failure" and not all(c.passed for c in e2e)):
         step.say(f"replaying {name}'s ops")
