@@ -63,6 +63,7 @@ PORT_SPANS = {
     "harness.ports.torchstate:ModelState._store": "port: read-back (activations)",
     "harness.ports.torchstate:ModelState._read": "port: read-back (grads, m, v, params)",
     "harness.ports.torchstate:ModelState._derive": "port: derived activations",
+    "harness.ports.torchstate:ModelState._derive_one": "port: derived activations",
     "harness.ports.census:Census.forward_findings": "port: census",
     "harness.ports.census:Census.gradient_findings": "port: census",
     "harness.ports.precision:observe": "port: observer (first step)",

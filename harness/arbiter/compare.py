@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import metrics
+from .fused import expected_scale as fused_scale
 from .fused import tally as fused_tally
 from .metrics import CHUNK_ELEMS, ulp_key
 from .stats import Bias, bias_of, group_bounds
@@ -368,7 +369,8 @@ class ParityError(AssertionError):
 def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
             axes: Sequence[str] | None = None, mask: Any = None,
             scale: float | None = None, nan_equal: bool = True,
-            elem_scale: Any = None, engine: str | None = None, unit: int | None = None) -> Comparison:
+            elem_scale: Any = None, engine: str | None = None, unit: int | None = None,
+            shared: dict | None = None) -> Comparison:
     """Compare ``actual`` with ``expected`` element by element; return a :class:`Comparison`.
 
     actual, expected: numeric arrays of the same shape (NumPy arrays, CPU torch tensors or
@@ -394,8 +396,14 @@ def compare(actual: Any, expected: Any, *, name: str, tol: Tolerance,
         error of the bias is estimated from groups of whole runs (:mod:`harness.arbiter.stats`).
         Default: the last axis (whole rows); 1: every element on its own. Must divide the
         number of elements.
+    shared: a dict the caller keeps for the comparisons of one expected tensor (each
+        implementation's against one float64 tensor): the default ``scale`` computed once
+        for them all by the compiled helper (:func:`harness.arbiter.fused.expected_scale`),
+        the same value each would compute.
     """
     a, e, m, es, axes, scale, shape = _validated(actual, expected, name, tol, axes, mask, scale, elem_scale)
+    if scale is None and shared is not None and engine != "numpy":
+        scale = fused_scale(a, e, m, es, shared)
     size = math.prod(shape)
     if unit is None:
         unit = shape[-1] if shape else 1

@@ -128,11 +128,9 @@ def _causal_T(m: np.ndarray | None, shape: tuple[int, ...]) -> int | None:
     return T
 
 
-def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equal: bool,
-          bounds: np.ndarray | None = None) -> Tally | None:
-    """The metrics of ``a`` against ``e`` in one pass (two with the RMS scale), with the bias
-    test's sums over the groups ``bounds`` delimits (:func:`harness.arbiter.stats.group_bounds`),
-    or None when the helper is unavailable or the layout is not one it reads as it lies."""
+def _pair(a: np.ndarray, e: np.ndarray, m, es):
+    """(ffi, lib, the helper's ``llmc_pair`` of the arrays) where the helper reads them as
+    they lie, else None."""
     lib = _lib()
     if lib is None or a.size == 0:
         return None
@@ -151,11 +149,44 @@ def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equ
     pair.e, pair.e_f64 = ffi.cast("void*", e.ctypes.data), fe
     pair.es, pair.es_kind = (ffi.NULL if es is None else ffi.cast("void*", es.ctypes.data)), es_kind
     pair.n, pair.causal_T = a.size, T
+    return ffi, L, pair
+
+
+def _expected_scale(L, ffi, pair, threads: int) -> float:
+    """The RMS of the pair's finite compared expected values (in fixed blocks: the same on
+    any number of threads)."""
+    count = ffi.new("int64_t*")
+    sumsq = L.llmc_sumsq_expected(pair, count, threads)
+    return rms_scale(sumsq, count[0])
+
+
+def expected_scale(a: np.ndarray, e: np.ndarray, m, es, shared: dict) -> float | None:
+    """The RMS scale :func:`tally` computes for ``e`` (under the mask ``m``), kept in
+    ``shared`` for the next comparison with the same expected values (another
+    implementation's against one float64 tensor); None where the helper does not take the
+    arrays (the NumPy path then computes its own)."""
+    got = _pair(a, e, m, es)
+    if got is None:
+        return None
+    ffi, L, pair = got
+    key = (e.__array_interface__["data"][0], e.shape, e.dtype.str, int(pair.causal_T))
+    if key not in shared:
+        shared[key] = _expected_scale(L, ffi, pair, _threads(a.size))
+    return shared[key]
+
+
+def tally(a: np.ndarray, e: np.ndarray, m, es, scale: float | None, tol, nan_equal: bool,
+          bounds: np.ndarray | None = None) -> Tally | None:
+    """The metrics of ``a`` against ``e`` in one pass (two with the RMS scale), with the bias
+    test's sums over the groups ``bounds`` delimits (:func:`harness.arbiter.stats.group_bounds`),
+    or None when the helper is unavailable or the layout is not one it reads as it lies."""
+    got = _pair(a, e, m, es)
+    if got is None:
+        return None
+    ffi, L, pair = got
     threads = _threads(a.size)
     if scale is None:
-        count = ffi.new("int64_t*")
-        sumsq = L.llmc_sumsq_expected(pair, count, threads)
-        scale = rms_scale(sumsq, count[0])
+        scale = _expected_scale(L, ffi, pair, threads)
     r = _rule(ffi.new("llmc_rule*"), tol, nan_equal, scale)
     out = ffi.new("llmc_cmp_out*")
     bounds = None if bounds is None else np.ascontiguousarray(bounds, np.int64)

@@ -197,6 +197,7 @@ class _Step:
     witnesses: dict = field(default_factory=dict)      # a mixed-precision port's witness spreads (.precision)
     witness_again: bool = True                         # a later step runs the witness (else dropped once measured)
     last: bool = False                                 # the run's last step (the oracle dropped once last read)
+    shared: dict = field(default_factory=dict)         # what the implementations' e2e comparisons share (.e2e)
 
 
 def _run_step(step: _Step, cmodel, float64: tuple, pymodels: dict, threads) -> tuple[dict, list[Check]]:
@@ -270,7 +271,7 @@ def _check_state(step: _Step, name: str, state, losses: dict, oracle, spread: di
     loss_tol, loss_precision = loss_tolerance(state, step, spread, oracle)
     checks = [check_loss(step.t, name, losses[name], losses["oracle"], loss_tol or step.loss_tol, B * T)]
     checks[0].precision = loss_precision
-    e2e = e2e_graph(step.config, B * T, state, oracle, step=step.t, impl=name, spread=spread)
+    e2e = e2e_graph(step.config, B * T, state, oracle, step=step.t, impl=name, spread=spread, shared=step.shared)
     checks += e2e
     if oracle_done:
         oracle.release()

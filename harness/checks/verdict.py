@@ -30,11 +30,11 @@ def compared(actual, expected, **how) -> Comparison:
 
 
 def checked(actual, expected, calls: Callable[[], Call | list[Call]] | None = None, *, unit: int | None = None,
-            engine: str | None = None, ctx: dict | None = None, **how) -> Comparison:
-    """:func:`compared` (``unit``, ``engine`` and ``how``: :func:`harness.arbiter.compare.compare`'s
-    settings) and, where it fails, :func:`explained`."""
-    return explained(compared(actual, expected, unit=unit, engine=engine, **how), actual, expected, calls,
-                     ctx=ctx, **how)
+            engine: str | None = None, ctx: dict | None = None, shared: dict | None = None, **how) -> Comparison:
+    """:func:`compared` (``unit``, ``engine``, ``shared`` and ``how``:
+    :func:`harness.arbiter.compare.compare`'s settings) and, where it fails, :func:`explained`."""
+    return explained(compared(actual, expected, unit=unit, engine=engine, shared=shared, **how), actual, expected,
+                     calls, ctx=ctx, **how)
 
 
 def explained(c: Comparison, actual, expected, calls: Callable[[], Call | list[Call]] | None = None, *,

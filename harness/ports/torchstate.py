@@ -12,7 +12,10 @@ mapped by :mod:`.mapping`, its activations captured by :mod:`.capture`.
 The values an op's replay needs but no module returns (a layernorm's mean and rstd,
 attention's softmax, the probabilities; the ``derivable`` outputs of :mod:`pyref.spec`)
 are *derived*: the float64 oracle of the op applied to the port's own observed inputs, so
-a replay's inputs stay the port's own.
+a replay's inputs stay the port's own; each is computed when first read (:class:`Derived`).
+The C's m and v are loaded into the buffers the update check reads, which the optimizer's
+state tensors view where it holds them in float32 in the C's layout: stepped in place, they
+are not copied back.
 """
 from __future__ import annotations
 
@@ -62,11 +65,72 @@ def _one_dtype(entries: list[Entry]) -> None:
                          f"{kinds.most_common(1)[0][0]}: the C holds every parameter in float32")
 
 
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory (a copy would be a no-op)."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.dtype == b.dtype
+            and a.shape == b.shape and a.strides == b.strides)
+
+
 def _kind(x) -> str:
     if x is None:
         return "None"
     shape = getattr(x, "shape", None)
     return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
+
+
+class Derived(dict):
+    """A port's activations by the C's names, whose derived ones (``pending``: (node, its
+    outputs), in the graph's order) are computed when first read, each with what it reads
+    before it: the float64 oracle on the port's own inputs (attention's and the
+    probabilities' softmax: 1.5 s of a 124M step) serves a replay, a pin or a diagnosis;
+    a passing check compares only what the port showed. ``run(node, outputs)`` computes
+    one into the arrays (read without computing: :meth:`raw`)."""
+
+    def __init__(self, arrays: dict, run):
+        super().__init__(arrays)
+        self.pending: list = []
+        self._run = run
+
+    def complete(self, names=None) -> None:
+        """Compute the pending outputs of ``names`` (None: all) and what they read."""
+        todo, needed = [], None if names is None else set(names)
+        for node, outs in reversed(self.pending):
+            if needed is None or needed & {node.arg_dict[o].name for o in outs}:
+                todo.append((node, outs))
+                if needed is not None:
+                    needed |= {r.name for _, r in node.args if isinstance(r, Ref) and r.group == "acts"}
+        for item in reversed(todo):
+            self.pending.remove(item)
+            self._run(*item)
+
+    def raw(self, name: str) -> np.ndarray:
+        return dict.__getitem__(self, name)
+
+    def raw_items(self):
+        return dict.items(self)
+
+    def __getitem__(self, name):
+        if self.pending:
+            self.complete((name,))
+        return dict.__getitem__(self, name)
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def values(self):
+        self.complete()
+        return dict.values(self)
+
+    def items(self):
+        self.complete()
+        return dict.items(self)
+
+    def __iter__(self):     # (not dict's: dict(acts) and {**acts} then read through __getitem__)
+        return iter(list(dict.keys(self)))
+
+    def copy(self) -> dict:
+        self.complete()
+        return dict(dict.items(self))
 
 
 class ModelState:
@@ -157,17 +221,31 @@ class ModelState:
                 if id(e.param) in self.masters:   # the float32 copy the optimizer steps: exactly the C's
                     self.masters[id(e.param)].copy_(torch.from_numpy(self._model_layout(e, self.params)))
         self.optimizer.state.clear()
+        self._mv = None
         if m is not None:
-            mv = {"m": point(np.asarray(m, np.float32), param_shapes(self.config)),
-                  "v": point(np.asarray(v, np.float32), param_shapes(self.config))}
+            # the C's m and v copied once into the buffers update() reads back: the state
+            # tensors view them where they are the optimizer's float32 in the C's layout
+            # (stepped in place, nothing to copy back), else hold copies
+            self._mv = {"m": np.array(m, np.float32).reshape(-1), "v": np.array(v, np.float32).reshape(-1)}
+            mv = {k: point(buf, param_shapes(self.config)) for k, buf in self._mv.items()}
             for e in self.entries:
                 self.optimizer.state[self._stepped(e)] = {
                     "step": torch.tensor(0.0),   # set to t - 1 by update()
-                    "exp_avg": torch.from_numpy(self._model_layout(e, mv["m"]).copy()).to(self._held(e, "m")),
-                    "exp_avg_sq": torch.from_numpy(self._model_layout(e, mv["v"]).copy()).to(self._held(e, "v"))}
+                    "exp_avg": self._state_tensor(e, mv["m"], self._held(e, "m")),
+                    "exp_avg_sq": self._state_tensor(e, mv["v"], self._held(e, "v"))}
             self._mv_loaded = True
         else:
             self._mv_loaded = False
+
+    def _state_tensor(self, e: Entry, views: dict, dtype):
+        """A moment of ``e``'s parameter from the C-layout ``views``: a view of them where
+        the optimizer holds it in float32 as the C lays it out, else a tensor of its own."""
+        a = e.slot.view(views)
+        a = a[:e.rows] if e.rows is not None else a
+        if dtype == self.torch.float32 and not e.slot.transpose and a.flags.c_contiguous \
+                and tuple(a.shape) == tuple(self._stepped(e).shape):
+            return self.torch.from_numpy(a)
+        return self.torch.from_numpy(self._model_layout(e, views).copy()).to(dtype)
 
     def _held(self, e: Entry, label: str):
         """The dtype the optimizer holds ``label`` (m, v) in: as its last step left it
@@ -201,11 +279,11 @@ class ModelState:
             a = t.detach().to(self.torch.float32).numpy()
             a = a / np.float32(scale) if scale != 1.0 else a
             a = a.T if e.slot.transpose else a
+            into = dst[:e.rows] if e.rows is not None else dst
+            if not _same_memory(a, into):    # (a moment the optimizer stepped in place: there)
+                into[...] = a
             if e.rows is not None:
-                dst[:e.rows] = a
                 dst[e.rows:] = 0   # the C's padded rows: zero gradient, zero moments
-            else:
-                dst[...] = a
 
     # ------------------------------------------------------------------ forward
     def forward(self, inputs, targets):
@@ -214,11 +292,12 @@ class ModelState:
         B, T = inputs.shape
         self.inputs, self.targets = np.asarray(inputs, np.int32), np.asarray(targets, np.int32)
         shapes = act_shapes(cfg, B, T)
-        if self.acts is None or self.acts["encoded"].shape[:2] != (B, T):
-            self.acts = {k: np.full(s, np.nan, np.float32) for k, s in shapes.items()}
+        if self.acts is None or self.acts.raw("encoded").shape[:2] != (B, T):
+            self.acts = Derived({k: np.full(s, np.nan, np.float32) for k, s in shapes.items()}, self._derive_one)
             self.grads_acts = {k: np.full(s, np.nan, np.float32) for k, s in shapes.items()}
         else:
-            for d in (self.acts, self.grads_acts):
+            self.acts.pending = []
+            for d in (dict(self.acts.raw_items()), self.grads_acts):
                 for a in d.values():
                     a.fill(np.nan)
         self.capture.clear()
@@ -333,8 +412,10 @@ class ModelState:
                 self._observed.add(("grads_acts", act, layer))
 
     def _derive(self):
-        """The oracle's outputs for what no module returns, from the port's own inputs."""
+        """What the oracle's outputs for what no module returns (from the port's own inputs)
+        will be computed of (:class:`Derived`: when first read)."""
         self._derived = set()
+        self.acts.pending = []
         for node in forward_nodes(self.config):
             wanted = DERIVED.get(node.kernel)
             if not wanted:
@@ -346,15 +427,25 @@ class ModelState:
             outs = [o for o in wanted if not self.observes(refs[o])]
             if not outs:
                 continue
-            args = {k: (np.asarray(v.get(self), np.float64) if isinstance(v, Ref) and v.group != "batch"
-                        else (v.get(self) if isinstance(v, Ref) else v)) for k, v in node.args
-                    if k not in FORWARD_OUTPUTS[node.kernel]}
-            res = run_kernel(ORACLE, node.kernel, args, np.float64)
-            for o in outs:
-                r = refs[o]
-                dst = self.acts[r.name] if r.layer is None else self.acts[r.name][r.layer]
-                dst[...] = res[o]
-                self._derived.add(("acts", r.name, r.layer))
+            self.acts.pending.append((node, tuple(outs)))
+            self._derived.update(("acts", refs[o].name, refs[o].layer) for o in outs)
+
+    def _derive_one(self, node, outs: tuple) -> None:
+        """The oracle's ``outs`` of ``node`` on the port's own inputs, into the activations
+        (those the port has shown since they were planned stay its own)."""
+        refs = node.arg_dict
+        outs = [o for o in outs if not self.observes(refs[o])]
+        if not outs:
+            return
+        args = {k: (np.asarray(v.get(self), np.float64) if isinstance(v, Ref) and v.group != "batch"
+                    else (v.get(self) if isinstance(v, Ref) else v)) for k, v in node.args
+                if k not in FORWARD_OUTPUTS[node.kernel]}
+        res = run_kernel(ORACLE, node.kernel, args, np.float64)
+        for o in outs:
+            r = refs[o]
+            dst = self.acts.raw(r.name)
+            dst = dst if r.layer is None else dst[r.layer]
+            dst[...] = res[o]
 
     # ------------------------------------------------------------------ backward
     def zero_grad(self):
@@ -397,7 +488,9 @@ class ModelState:
         if stale:
             raise ModelError(stale)
         shapes = param_shapes(self.config)
-        if self.m_memory is None:
+        if self._mv is not None:     # the buffers the loaded moments were copied into
+            self.m_memory, self.v_memory = self._mv["m"], self._mv["v"]
+        elif self.m_memory is None:
             self.m_memory = np.zeros(self.num_parameters, np.float32)
             self.v_memory = np.zeros(self.num_parameters, np.float32)
         held = stepped(self.optimizer)
@@ -427,7 +520,7 @@ class ModelState:
         ``load_state``: run_parity checks one reference at a time. The parameters (the
         model's own and the C-layout copy) stay; what was observed is kept for the report."""
         self.drop_activations()
-        self.m_memory = self.v_memory = None
+        self.m_memory = self.v_memory = self._mv = None
         self._loss = None
         self.model.zero_grad(set_to_none=True)
         self.optimizer.state.clear()

@@ -147,3 +147,23 @@ def test_worst_values_of_a_fused_update_are_the_elements_own():
         cmp = c.comparison
         if cmp.worst_index is not None:
             assert math.isfinite(cmp.worst_expected) and cmp.worst_rel <= cmp.max_rel * (1 + 1e-12)
+
+
+def test_a_shared_scale_is_computed_once_per_expected_tensor(monkeypatch):
+    """Comparisons of several implementations with one float64 tensor (``shared``) compute
+    its RMS scale once and give what each computing its own gives; a scale is never carried
+    to other expected values (another tensor, or the same one under another mask)."""
+    rng = np.random.default_rng(4)
+    e1, e2 = rng.standard_normal((3, 16, 16)), rng.standard_normal((3, 16, 16)) * 7.0
+    mask = np.tril(np.ones((16, 16), bool))
+    tol = Tolerance(rel=1e-5, norm=1e-6)
+    calls = []
+    own = fused._expected_scale
+    monkeypatch.setattr(fused, "_expected_scale", lambda *a: calls.append(1) or own(*a))
+    shared: dict = {}
+    for e, m in ((e1, None), (e1, mask), (e2, None)):
+        for k in range(3):     # three implementations, each off by its own rounding
+            a = (e * (1 + rng.uniform(-1e-7, 1e-7, e.shape))).astype(np.float32)
+            assert compare(a, e, name="x", tol=tol, mask=m, shared=shared) == \
+                compare(a, e, name="x", tol=tol, mask=m)
+    assert len(calls) == 3 * 3 + 3      # each unshared comparison its own, the shared ones once per tensor
