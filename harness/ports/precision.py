@@ -166,6 +166,7 @@ class Profile:
     loss: str = "float32"             # the loss tensor's dtype
     declared: bool = False            # the run asked for mixed precision (--autocast, --param-dtype)
     _of: dict = field(default_factory=dict, repr=False)
+    _forwards: dict = field(default_factory=dict, repr=False)   # (layer, op's first word) -> forward node
 
     # -------------------------------------------------------------- per op
     def of(self, node: Node, output: str | None = None) -> Precision:
@@ -245,10 +246,10 @@ class Profile:
     def _forward_node(self, node: Node) -> Node:
         if node.kernel.endswith("_forward"):
             return node
-        for fwd in forward_nodes(self.config):
-            if fwd.layer == node.layer and fwd.label.split()[0] == node.label.split()[0]:
-                return fwd
-        return node
+        if not self._forwards:      # the graph built once (a step asks for each backward node's)
+            for fwd in reversed(forward_nodes(self.config)):
+                self._forwards[(fwd.layer, fwd.label.split()[0])] = fwd
+        return self._forwards.get((node.layer, node.label.split()[0]), node)
 
     def _backward(self, node: Node, fwd: Precision) -> Precision:
         """A backward computes as its forward did; its results are rounded at the coarser
