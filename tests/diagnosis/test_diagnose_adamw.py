@@ -1,6 +1,6 @@
 """AdamW's changes: no bias correction, the step off by one, eps inside the square root, L2
 for decoupled decay, another decay or betas, decay without the learning rate, no decay of
-the 1-D parameters; and a Python port diagnosed through a training step's update.
+the 1-D parameters, two settings exchanged; and a Python port diagnosed through a training step's update.
 
 Each test module shows, for one family of harness.diagnosis.CATALOGUE (one module of
 harness/diagnosis/catalogue), that a float32 port carrying a variant's change, and an edit of
@@ -32,7 +32,8 @@ def _one_d_of_tiny():
 
 
 def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None, betas=None,
-               skip_1d=False, decay_without_lr=False, setting=None, frozen=False, power=False, eps_first=False):
+               skip_1d=False, decay_without_lr=False, setting=None, frozen=False, power=False, eps_first=False,
+               swap=None):
     """AdamW in float32 with one mistake; ``setting``: (its name, the value given, or the
     name of another setting typed in its place); ``frozen``: the tensor not stepped."""
     def adamw(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, t):
@@ -42,6 +43,11 @@ def adamw_port(bias_correction=True, dt=0, eps_in_sqrt=False, l2=False, wd=None,
             given = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
             name, x = setting
             given[name] = given[x] if isinstance(x, str) else x
+            lr, beta1, beta2, eps, weight_decay = given.values()
+        if swap is not None:       # two settings exchanged (given positionally in another order)
+            given = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+            a, b = swap
+            given[a], given[b] = given[b], given[a]
             lr, beta1, beta2, eps, weight_decay = given.values()
         b1, b2 = (F(x) for x in (betas or (beta1, beta2)))
         decay = np.full(param.shape, F(weight_decay if wd is None else wd))
@@ -82,6 +88,9 @@ PORTS = {
     "adamw.bias-correction-power": [("adamw", adamw_port(power=True))],
     "adamw.eps-before-bias-correction": [("adamw", adamw_port(eps_first=True))],
     "adamw.not-stepped": [("adamw", adamw_port(frozen=True))],       # BUGS10: the blocks alone given to AdamW
+    # BUGS11: AdamW(params, lr, betas, weight_decay, eps): eps and the decay exchanged
+    # (a pair with a beta: m or v shows one setting changed, named as such; the parameter both)
+    "adamw.swapped": [("adamw", adamw_port(swap=("eps", "weight_decay")))],
     # one setting, fitted and named by where its value comes from
     "adamw.beta2": [("adamw", adamw_port(setting=("beta2", "beta1"))),       # BUGS10: betas=(beta1, beta1)
                     ("adamw", adamw_port(setting=("beta2", 0.98)))],
@@ -126,3 +135,40 @@ def test_a_python_port_is_diagnosed_in_a_training_step(adamw, cause):
 @pytest.mark.parametrize("variant_id, func", c_cases("adamw"))
 def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
     assert_c_edit_diagnosed(c_mutants, variant_id, func)
+
+
+def test_a_beta_pair_exchanged_names_each_moment_by_its_setting_and_the_parameter_by_the_swap():
+    """beta2 and eps exchanged: v (beta2's alone) names beta2's value, the parameter (both
+    settings') the exchange."""
+    failed = {c.name: c.diagnosis for c in failures(port_with("adamw", adamw_port(swap=("beta2", "eps"))), "adamw",
+                                                   SHAPE_BY_NAME["base"])}
+    assert failed["adamw.v"].ids[0] == "adamw.beta2"
+    assert failed["adamw.param"].ids == ("adamw.swapped",), failed["adamw.param"].text()
+    assert failed["adamw.param"].causes[0].choice == "beta2 and eps"
+
+
+def _param_diagnosis_with_moments(port):
+    """The parameter's diagnosis of ``port``'s adamw given the port's m and v after the step
+    (``ctx["moments"]``): the evidence that tells a tensor not stepped from a zero learning rate."""
+    from harness.diagnosis import CATALOGUE, Call
+    from harness.diagnosis.engine import diagnose
+    from harness import make_inputs
+    args = make_inputs(SPEC["adamw"], SHAPE_BY_NAME["base"], seed=0)
+    param = next(c for c in failures(port_with("adamw", port), "adamw", SHAPE_BY_NAME["base"]) if c.name == "adamw.param")
+    mine = {k: (np.array(x, copy=True) if isinstance(x, np.ndarray) else x) for k, x in args.items()}
+    port(*(mine[k] for k in ("param", "grad", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay", "t")))
+    expected = {k: (np.array(x, np.float64) if isinstance(x, np.ndarray) else x) for k, x in args.items()}
+    nk.adamw(*(expected[k] for k in ("param", "grad", "m", "v", "lr", "beta1", "beta2", "eps", "weight_decay", "t")))
+    return diagnose(Call("adamw", "param", args), mine["param"], expected["param"], variants=CATALOGUE, tol=param.tol,
+                    ctx={"moments": {"m": mine["m"], "v": mine["v"]}})
+
+
+def test_a_zero_learning_rate_is_told_from_a_tensor_not_stepped_by_its_moments():
+    """BUGS11: LambdaLR's warmup factor step/100 sets the lr to 0 at its construction: the
+    parameters stay (the decay too: lr multiplies it), m and v step. Given the moments, that
+    is adamw.lr at 0, not adamw.not-stepped; a tensor truly not stepped (its moments kept) is."""
+    zero_lr = _param_diagnosis_with_moments(adamw_port(setting=("lr", 0.0)))
+    assert zero_lr.ids == ("adamw.lr",), zero_lr.text()
+    assert zero_lr.causes[0].value == 0.0 and "warmup" in zero_lr.text()
+    frozen = _param_diagnosis_with_moments(adamw_port(frozen=True))
+    assert frozen.ids == ("adamw.not-stepped",), frozen.text()

@@ -136,7 +136,10 @@ PORTS = {
                            ("attention_backward", attention_bwd_scale(lambda hs: 1.0))],
     "attention.scale": [("attention_forward", attention_any_port(scale=lambda hs, C: 1 / math.sqrt(C))),
                         ("attention_backward", attention_bwd_scale(lambda hs: 0.3))],
-    "attention.mask-diagonal": [("attention_forward", attention_any_port(diagonal=1))],
+    "attention.mask-diagonal": [("attention_forward", attention_any_port(diagonal=1)),
+                                # tril(-2) filled with a finite minimum: the first two queries weigh every key
+                                ("attention_forward", attention_any_port(diagonal=-2, masking=float(np.finfo(F).min))),
+                                ("attention_forward", attention_any_port(diagonal=-2))],     # -inf: NaN there
     "attention.layout": [("attention_forward", attention_any_port(merge="no-transpose")),
                          ("attention_forward", attention_any_port(split="no-transpose")),
                          ("attention_forward", attention_any_port(split="interleaved")),
@@ -165,7 +168,12 @@ PORTS = {
     "attention.masking.inverted": [("attention_forward", attention_any_port(inverted=True))],
     "attention.mask-fill": [("attention_forward", attention_any_port(masking=0.0)),
                             ("attention_forward", attention_any_port(masking=-1.0))],
-    "attention.no-diagonal": [("attention_forward", attention_port(diagonal=False))],
+    "attention.no-diagonal": [("attention_forward", attention_port(diagonal=False)),
+                              # BUGS11: triu(ones) (diagonal=0) masked with torch.finfo(dtype).min: the
+                              # first query sees no key, so every key weighs 1/T there (not NaN)
+                              ("attention_forward", attention_any_port(diagonal=-1, masking=float(np.finfo(F).min))),
+                              ("attention_forward", attention_any_port(diagonal=-1, masking=-1e9)),
+                              ("attention_forward", attention_any_port(diagonal=-1))],     # -inf: NaN there
     "attention.no-causal-mask": [("attention_forward", attention_port(causal=False))],
     # the softmax Jacobian's terms, each left out (tests/diagnosis/test_intermediate_causes.py: the C edited)
     "attention.jacobian-no-diagonal": [("attention_backward", _port_without("diagonal"))],
@@ -183,3 +191,11 @@ def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, sha
 @pytest.mark.parametrize("variant_id, func", c_cases("attention"))
 def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
     assert_c_edit_diagnosed(c_mutants, variant_id, func)
+
+
+@pytest.mark.parametrize("fill", [float(np.finfo(F).min), -1e9, -1e4])
+def test_a_finite_minimum_fill_with_the_diagonal_kept_is_no_mistake(fill):
+    """The masks' causes hold with a finite fill (torch.finfo(dtype).min, as JAX ports write
+    jnp.where(mask, s, finfo.min)): the same fill with tril(0), the C's mask, passes."""
+    assert not failures(port_with("attention_forward", attention_any_port(masking=fill)), "attention_forward",
+                        SHAPE_BY_NAME["base"])

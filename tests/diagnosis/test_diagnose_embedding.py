@@ -64,7 +64,8 @@ PORTS = {
     "embedding.positions": [("encoder_forward", encoder_port(reverse=True)),
                             ("encoder_forward", encoder_flat_positions)],
     "embedding.table-scale": [("encoder_forward", encoder_port(wte_scale=math.sqrt(32)))],
-    "embedding.position-shift": [("encoder_forward", encoder_port(shift=1))],
+    "embedding.position-shift": [("encoder_forward", encoder_port(shift=1)),
+                                 ("encoder_forward", encoder_port(shift=2))],     # BUGS11: OPT's wpe[2:T+2]
     "embedding.no-wpe": [("encoder_forward", encoder_port(wpe=False))],
     "embedding.no-wte": [("encoder_forward", encoder_port(wte=False))],
     "embedding.padding-idx": [("encoder_backward", encoder_backward_padding("wpe", 0)),      # BUGS10
@@ -82,3 +83,21 @@ def test_port_with_the_change_is_diagnosed_with_it(variant_id, kernel, port, sha
 @pytest.mark.parametrize("variant_id, func", c_cases("embedding"))
 def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
     assert_c_edit_diagnosed(c_mutants, variant_id, func)
+
+
+@pytest.mark.parametrize("port, words", [
+    (encoder_port(shift=2), "positions counted from 2: wpe[t+2]"),          # BUGS11: OPT's offset of 2
+    (encoder_port(shift=3), "positions counted from 3: wpe[t+3]"),
+    (encoder_port(wte_scale=math.sqrt(32)), "the token embedding (wte) scaled by 5.657 = sqrt(C)"),   # Gemma/T5's
+    (encoder_port(wte_scale=2.0), "the token embedding (wte) scaled by 2 = 2")])
+def test_an_encoder_mistake_is_named_with_its_constant(port, words):
+    """The position offset and the table's scale read from the output say their constant
+    (an offset k of the position rows, sqrt(C) of a normalised token table)."""
+    failed = failures(port_with("encoder_forward", port), "encoder_forward", SHAPE_BY_NAME["base"])
+    assert [c.name for c in failed] == ["encoder_forward.out"]
+    assert words in failed[0].diagnosis.text(), failed[0].diagnosis.text()
+
+
+def test_the_c_encoder_is_not_named():
+    """The legitimate encoder (wte[token] + wpe[t], float32) passes: no cause to name."""
+    assert not failures(port_with("encoder_forward", encoder_port()), "encoder_forward", SHAPE_BY_NAME["base"])

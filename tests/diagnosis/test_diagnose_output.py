@@ -46,6 +46,15 @@ def dropout_port(kernel, p):
     return port
 
 
+def residual_branch_dropout(p):
+    """x + dropout(f(x)): the residual sum with dropout left on its branch (inp2; BUGS11's
+    F.dropout(a, p=0.1)): the dropped elements are the branch's, the sum keeps x there."""
+    def residual_forward(inp1, inp2):
+        keep = np.random.default_rng(0).random(inp2.shape) >= p
+        return (inp1 + np.where(keep, inp2 / F(1 - p), F(0))).astype(F)
+    return residual_forward
+
+
 # variant id -> [(kernel, port[, shape])]: every variant of the family, and every kernel it
 # applies to where the per-op inputs can show it
 PORTS = {
@@ -54,7 +63,9 @@ PORTS = {
     "output.offset": [(k, scaled_port(k, offset=0.01)) for k in ("matmul_forward", "gelu_forward")],
     # BUGS9's embedding dropout always on (p 0.1), and a dropout after the MLP's GELU
     "output.dropout": [("encoder_forward", dropout_port("encoder_forward", 0.1)),
-                       ("gelu_forward", dropout_port("gelu_forward", 0.2))],
+                       ("gelu_forward", dropout_port("gelu_forward", 0.2)),
+                       # BUGS11: in a residual branch (no zero appears in the sum)
+                       ("residual_forward", residual_branch_dropout(0.1))],
 }
 
 
@@ -81,3 +92,17 @@ def test_zeros_without_the_scale_are_no_dropout():
 @pytest.mark.parametrize("variant_id, func", c_cases("output"))
 def test_edited_c_is_diagnosed_with_the_edit(c_mutants, variant_id, func):
     assert_c_edit_diagnosed(c_mutants, variant_id, func)
+
+
+def test_a_residual_sum_with_its_branch_halved_or_dropped_unscaled_is_no_dropout():
+    """x + 0.5 f(x) (a factor, no dropped element) and x + mask * f(x) without 1/(1-p): not
+    named a dropout; the C's residual is named nothing."""
+    def halved(inp1, inp2):
+        return (inp1 + F(0.5) * inp2).astype(F)
+
+    def unscaled(inp1, inp2):
+        return (inp1 + np.where(np.random.default_rng(0).random(inp2.shape) >= 0.1, inp2, F(0))).astype(F)
+    for port in (halved, unscaled):
+        failed = failures(port_with("residual_forward", port), "residual_forward")
+        assert failed and all("output.dropout" not in c.diagnosis.ids for c in failed)
+    assert not failures(port_with("residual_forward", lambda a, b: (a + b).astype(F)), "residual_forward")

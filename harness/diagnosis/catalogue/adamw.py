@@ -1,7 +1,7 @@
 """AdamW: bias correction (left out, or (1 - beta)^t), the step count, eps inside the square root
 or before the bias correction, L2 instead of decoupled
 decay, decay not scaled by the learning rate, torch's defaults, no decay on 1-D parameters, a
-tensor not stepped, and any one setting (lr, a beta, eps, the decay) fitted from the output and
+tensor not stepped, two settings exchanged, and any one setting (lr, a beta, eps, the decay) fitted from the output and
 named by where its value comes from (another setting typed in its place, torch's default, a
 usual value)."""
 from __future__ import annotations
@@ -91,10 +91,51 @@ def _adamw_no_decay_1d(kernel, args, ctx, value):
     return _adamw(args, decay=~np.broadcast_to(one_d, np.shape(args["param"])))
 
 
+def _moments_stepped(args, ctx) -> bool:
+    """Whether the implementation's m and v after the update (``ctx["moments"]``: {"m": ...,
+    "v": ...}, where the check gives them) moved from the pre-step ones: the optimizer
+    stepped the tensor, if with a zero learning rate. False where they are not given."""
+    moments = ctx.get("moments")
+    if not moments:
+        return False
+    return any(k in moments and not np.array_equal(np.asarray(moments[k], np.float64), np.asarray(args[k], np.float64))
+               for k in ("m", "v"))
+
+
 def _adamw_not_stepped(kernel, args, ctx, value):
     """The tensor left as it was: not among the optimizer's parameters (or its gradient
-    None), so neither it nor its moments step."""
+    None), so neither it nor its moments step. Not where its moments are known to have
+    stepped (a zero learning rate: adamw.lr's)."""
+    if _moments_stepped(args, ctx):
+        return None
     return {"param": args["param"].copy(), "m": args["m"].copy(), "v": args["v"].copy()}
+
+
+# ----------------------------------------------------------------------------- two settings exchanged
+
+class _Pair(str):
+    """A choice of adamw.swapped: the two settings (kernel argument names) exchanged."""
+
+    def __new__(cls, a: str, b: str):
+        obj = super().__new__(cls, f"{SETTINGS[a]} and {SETTINGS[b]}")
+        obj.names = (a, b)
+        return obj
+
+
+def _swap_pairs(kernel, args):
+    """Every pair of the settings whose values differ (exchanging equal ones changes nothing)."""
+    import itertools
+    hp = dict(zip(SETTINGS, AdamW.from_kernel_args(args).as_float32().args()))
+    return [_Pair(a, b) for a, b in itertools.combinations(SETTINGS, 2) if hp[a] != hp[b]]
+
+
+def _adamw_swapped(kernel, args, ctx, value):
+    """The two settings of ``ctx["choice"]`` exchanged, each as the port holds it (a setting
+    given positionally in another order: torch's AdamW takes lr, betas, eps, weight_decay)."""
+    if ctx["output"] != "param":
+        return None     # m depends on beta1 alone, v on beta2 alone: one setting's cause, not two
+    a, b = ctx["choice"].names
+    return _adamw(args, **{a: args[b], b: args[a]})
 
 
 # ----------------------------------------------------------------------------- one setting, fitted
@@ -152,7 +193,9 @@ def _setting_estimate(name: str):
             return None
         r = m_hat / (np.sqrt(v_hat) + hp.eps)
         if name == "lr":
-            return _ls(r + hp.weight_decay * p, p - a)
+            lr = _ls(r + hp.weight_decay * p, p - a)
+            # a zero learning rate (a schedule's warmup factor at step 0) found to its rounding
+            return 0.0 if lr is not None and abs(lr) <= 1e-6 * hp.learning_rate else lr
         if name == "weight_decay":
             return _ls(hp.learning_rate * p, p - hp.learning_rate * r - a)
         # eps's effect on the step is small beside the parameter's rounding: searched (log scale)
@@ -201,9 +244,12 @@ def _setting_name(name: str):
         if near(hp[name]):
             return None, value, ""
         where = next((f" (the run's {SETTINGS[o]}, typed in {SETTINGS[name]}'s place)"
-                      for o in SETTINGS if o != name and near(hp[o])), None)
+                      for o in SETTINGS if o != name and near(hp[o]) and hp[o]), None)
         if where is None and near(_TORCH_DEFAULT[name]):
             where = " (torch's default)"
+        if where is None and name == "lr" and value == 0.0:
+            where = (" (the parameters unchanged, their moments stepped: a schedule's factor 0, e.g. a linear "
+                     "warmup step/N, which LambdaLR applies at its construction, before the first step)")
         if where is None and name == "lr" and hp["lr"]:
             where = "" if any(near(x) for x in _USUAL[name]) else \
                 f" ({const_text(value / hp['lr'])} times the run's: a schedule's factor, warmup or decay, applied?)"
@@ -273,6 +319,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("adamw.not-stepped", "adamw", ("adamw",),
             "the tensor not stepped (left out of the optimizer's parameters, or its gradient None): it and its "
             "moments keep their values", _adamw_not_stepped),
+    Variant("adamw.swapped", "adamw", ("adamw",),
+            "AdamW's {choice} exchanged (each given the other's value: the settings passed positionally in "
+            "another order than the optimizer's, torch's AdamW(params, lr, betas, eps, weight_decay))",
+            _adamw_swapped, choices=_swap_pairs, fallback=1),
     # one setting other than the run's, fitted: tried where no specific change explains the output
     *(Variant(f"adamw.{name.replace('_', '-')}", "adamw", ("adamw",), "{note}", _adamw_setting(name),
               fit=_setting_fit(name), name=_setting_name(name), fallback=1) for name in SETTINGS),

@@ -340,10 +340,33 @@ def _att_order_name(kernel, args, value, ctx):
     return f"attention.qkv-order.{ctx['choice'].id}", value, ""
 
 
+# a finite fill as large as a port's minimum (torch.finfo(dtype).min, -1e9, -1e4): every masked
+# score equal to it, so a query whose keys are all masked weighs every key alike
+_FINITE_FILL = -1e30
+
+
+def _empty_rows(k: int) -> list[tuple[str, dict]]:
+    """The forms a mask tril(k) takes at the queries it leaves no key (k < 0: the first -k):
+    their weights 0 (as the C's), 0/0 = NaN (a -inf fill, torch's softmax), or uniform over
+    every key (a finite fill, whatever its value: the masked scores are all equal)."""
+    if k >= 0:
+        return [("", {})]
+    rows = "position 0 sees" if k == -1 else f"positions 0..{-k - 1} see"
+    return [("", {}),
+            (f"; {rows} no key: its weights 0/0 = NaN (the mask filled with -inf)", {"nan_empty": True}),
+            (f"; {rows} no key: with a finite fill (torch.finfo(dtype).min, -1e9) every key, the "
+             f"future ones too, weighs 1/T", {"masking": _FINITE_FILL})]
+
+
 def _att_diagonals(kernel, args, **kw):
     T = args["inp"].shape[1]
-    return [_Form(f"tril({k})" + (" (position t sees t+%d)" % k if k > 0 else ""), "diagonal", k)
-            for k in (1, 2, -2) if abs(k) < T]
+    return [_Form(f"tril({k})" + (" (position t sees t+%d)" % k if k > 0 else "") + rows, "diagonal", k, **more)
+            for k in (1, 2, -2) if abs(k) < T for rows, more in _empty_rows(k)]
+
+
+def _att_no_diagonal_forms(kernel, args, **kw):
+    """attention.no-diagonal's forms: the first query's weights (it sees no key) as each fill makes them."""
+    return [_Form(rows, "diagonal", -1, **more) for rows, more in _empty_rows(-1)]
 
 
 def _att_mask(diagonal: bool):
@@ -389,8 +412,8 @@ VARIANTS: tuple[Variant, ...] = (
             "attention scores scaled by {value}{note} instead of 1/sqrt(hs)", _att_scale,
             fit=_att_scale_fit, name=_att_scale_name),
     Variant("attention.no-diagonal", "attention", ("attention_forward",),
-            "the causal mask leaves out the diagonal (t2 < t instead of t2 <= t)", _att_mask(False),
-            defined=_att_no_diagonal_defined, unwritten=True),
+            "the causal mask leaves out the diagonal (t2 < t instead of t2 <= t){choice}", _att_changed(),
+            choices=_att_no_diagonal_forms, defined=_att_no_diagonal_defined, unwritten=True),
     Variant("attention.no-causal-mask", "attention", ("attention_forward",),
             "no causal mask: every position attends to the future too", _att_mask(True)),
     Variant("attention.mask-diagonal", "attention", ("attention_forward",),

@@ -1,4 +1,4 @@
-"""any op: dropout left on (training mode) after it; a constant factor or offset on one output,
+"""any op: dropout left on (training mode) after it (in a residual sum: on its branch); a constant factor or offset on one output,
 when no change of the op's own families explains it."""
 from __future__ import annotations
 
@@ -53,18 +53,37 @@ def _dropped(kernel, args, ctx):
     name = ctx["output"]
     if name not in out:
         return None, None, None
+    if kernel == "residual_forward":
+        return (out, *_branch_dropped(args, ctx["actual"]))
     c = np.abs(out[name])
     size = np.median(c[c > 0]) if np.any(c > 0) else 0.0
     return out, (np.asarray(ctx["actual"]) == 0) & (c != 0), c > 1e-3 * size
 
 
+def _branch_dropped(args, actual):
+    """(where a residual sum's branch inp2 was dropped, where the branch shows in the sum) of
+    a dropout on the branch, x + dropout(f(x)): a dropped element leaves the stream inp1
+    itself in the sum (no zero appears); the branch shows where it is of its usual size and
+    changes inp1 in float32."""
+    x, b = args["inp1"], args["inp2"]
+    size = np.abs(b)
+    typical = np.median(size[size > 0]) if np.any(size > 0) else 0.0
+    shows = (size > 1e-3 * typical) & (size > 2.0 ** -20 * np.abs(x))
+    return (np.asarray(actual, np.float64) == x) & shows, shows
+
+
 def _dropout(kernel, args, ctx, value):
     """Dropout after the op, left on: the elements it dropped zero (those the judged output
-    has zero where the C's is not), the rest scaled by ``value`` = 1/(1 - p)."""
+    has zero where the C's is not), the rest scaled by ``value`` = 1/(1 - p); after a
+    residual sum's branch (residual_forward's inp2): the sum inp1 there, inp1 + value * inp2
+    elsewhere."""
     out, dropped, _ = _dropped(kernel, args, ctx)
     if out is None or not dropped.any():
         return None
     name = ctx["output"]
+    if kernel == "residual_forward":
+        out[name] = args["inp1"] + np.where(dropped, 0.0, value * args["inp2"])
+        return out
     out[name] = np.where(dropped, 0.0, value * out[name])
     return out
 
@@ -87,7 +106,8 @@ def _dropout_name(kernel, args, value, ctx):
 VARIANTS: tuple[Variant, ...] = (
     Variant("output.dropout", "output", FORWARD_KERNELS,
             "dropout left on after the op ({note}: {output} zero at the elements dropped, the rest scaled by "
-            "1/(1-p) = {value}): the model in training mode, or a dropout with no train/eval switch",
+            "1/(1-p) = {value}; in a residual sum, of its branch): the model in training mode, or a dropout with "
+            "no train/eval switch",
             _dropout, fit=Fit(1.0, 1e3, linear=True), name=_dropout_name, fallback=1),
     Variant("output.scale", "output", _ANY_OP, "{output} off by a constant factor {value}", _scaled_output,
             fit=Fit(-1e6, 1e6, linear=True), name=_factor_name, fallback=2),
