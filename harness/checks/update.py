@@ -142,8 +142,19 @@ def _numpy(pre, grads, offset: int, name: str, shape, actuals: dict, hows: dict,
     return [explained(c, actuals[label], expected[label].reshape(shape),
                       lambda label=label: Call("adamw", "param" if label == "params" else label,
                                                _update_args(pre, grads, slice(offset, offset + n), shape, hp)),
-                      ctx={"one_d": is_one_d(name, shape)}, **hows[label])
+                      ctx=_ctx(name, shape, label, actuals), **hows[label])
             for label, c in zip(LABELS, results)]
+
+
+def _ctx(name: str, shape, label: str, actuals: dict) -> dict:
+    """What a failing update's diagnosis is told beside its kernel's arguments: whether the
+    tensor is 1-D (nanoGPT's decay groups) and, for the parameters, the implementation's m
+    and v after the step (a zero learning rate moves the moments, a tensor never stepped
+    does not)."""
+    ctx = {"one_d": is_one_d(name, shape)}
+    if label == "params" and all(actuals.get(k) is not None for k in ("m", "v")):
+        ctx["moments"] = {k: np.asarray(actuals[k]).reshape(shape) for k in ("m", "v")}
+    return ctx
 
 
 def _runs(n: int) -> list[tuple[int, int]]:

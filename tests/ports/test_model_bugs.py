@@ -147,6 +147,33 @@ def test_unmodified_ports_have_no_finding_and_no_diagnosis():
         assert all(c.diagnosis is None for c in report.steps[0].checks)
 
 
+def _adamw(model, hyper, params=None):
+    import torch
+    return torch.optim.AdamW(model.parameters() if params is None else params, lr=hyper.learning_rate,
+                             betas=(hyper.beta1, hyper.beta2), eps=hyper.eps, weight_decay=hyper.weight_decay)
+
+
+def _warmup_at_construction(model, hyper):
+    """A linear warmup whose LambdaLR sets the lr to 0 as it is built (factor step/100 at 0)."""
+    import torch
+    opt = _adamw(model, hyper)
+    opt.warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 100))
+    return opt
+
+
+@pytest.mark.parametrize("optimizer, cause", [
+    (_warmup_at_construction, "adamw.lr"),      # the moments stepped, the parameters not
+    (lambda model, hyper: _adamw(model, hyper, model.transformer.h.parameters()), "adamw.not-stepped"),
+])
+def test_a_zero_lr_is_told_from_a_tensor_never_stepped_by_its_moments(optimizer, cause):
+    """The update's diagnosis is given the port's m and v after the step: with a zero lr
+    they move (adamw.lr, fitted 0), a tensor the optimizer was not given keeps them."""
+    report = run_bug(TorchModel(mp.GPT, optimizer=optimizer))
+    text, causes = explanation(report)
+    assert not report.passed and causes and causes[0][0] == cause, (text, causes)
+    assert cause != "adamw.lr" or causes[0][1] == 0.0
+
+
 # ----------------------------------------------------------------------------- held out
 
 # The held-out batches of tests/ports/heldout_einsum_sdpa.py, each written after the previous one was
