@@ -264,9 +264,10 @@ def _shape_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> l
 
 
 def _raw_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> list[Slot]:
-    """:func:`_shape_candidates` of a raw parameter inside a block (``layers.0.attn.w_qkv``):
-    the block's C tensors, weights and biases, of its shape; none outside the blocks."""
-    path = name_parts(name)[:-1]
+    """:func:`_shape_candidates` of a raw parameter inside a block (``layers.0.attn.w_qkv``,
+    or a key whose own name ends in its block's number: ``p.back_s0``): the block's C
+    tensors, weights and biases, of its shape; none outside the blocks."""
+    path = name_parts(name)
     at = block_of(path)
     layer = None if at is None else block_key(path[at])
     if layer is None or layer >= cfg.num_layers:
