@@ -12,7 +12,12 @@ here; anything else takes an explicit mapping (:func:`harness.ports.mapping.pars
   ``q_proj``/``k_proj``/``v_proj``/``o_proj``, ``query``, ``wq``, ``fc1``/``fc2``,
   ``w1``/``w2``, ``norm1``/``norm2``, ``embed_tokens``, ``final_norm``, ``lm_head`` ...),
   a block being whatever the first integer of a name indexes (``layers.3``, ``blocks.3``,
-  or a key ending in one: ``stage0``, ``layer_3``; :func:`block_key`).
+  or a key ending in one: ``stage0``, ``layer_3``; :func:`block_key`);
+* a name whose parts are separated by ``/`` (Flax's, JAX's, TensorFlow checkpoints'
+  flattened paths, as the keys of an ``nn.ParameterDict``: ``transformer/h/0/attn/c_proj/kernel``)
+  is read as the same name with ``.`` (:func:`name_parts`), with Flax's own leaves: ``kernel``
+  a ``Dense``'s weight stored (in, out) (:func:`in_out_layout`), ``scale`` a norm's weight,
+  ``embedding`` an ``Embed``'s table.
 
 :data:`HOOKS` names the activations' module boundaries of the first three only; for the
 others :func:`harness.ports.capture.anchors` finds them by the parameters modules hold.
@@ -100,7 +105,11 @@ TOP_NAMES = {
 }
 # a parameter's own name -> weight ("w") or bias ("b"); MultiheadAttention's fused in_proj
 KINDS = {"weight": "w", "bias": "b", "gamma": "w", "beta": "b", "scale": "w", "shift": "b", "gain": "w",
-         "in_proj_weight": "w", "in_proj_bias": "b"}
+         "in_proj_weight": "w", "in_proj_bias": "b", "kernel": "w", "embedding": "w"}
+# the leaves naming a weight stored (in, out), the transpose of the C's (out, in): Flax's Dense
+IN_OUT_LEAVES = ("kernel",)
+# a name's separators: torch's modules' dots, and the slashes of a flattened path (Flax, JAX, TF)
+_SEPARATORS = re.compile(r"[./]")
 PIECES = ("q", "k", "v")
 _ROLE_OF = {n: role for role, names in ROLE_NAMES.items() for n in names}
 _TOP_OF = {n: c for c, names in TOP_NAMES.items() for n in names}
@@ -130,12 +139,33 @@ def block_of(path: list[str]) -> int | None:
     return next((i for i, p in enumerate(path) if block_key(p) is not None), None)
 
 
+def name_parts(name: str) -> list[str]:
+    """A parameter's name as its parts: split at torch's ``.`` and at the ``/`` of a
+    flattened path (a ``nn.ParameterDict`` keyed ``transformer/h/0/ln_1/scale``)."""
+    return [p for p in _SEPARATORS.split(name) if p]
+
+
+def leaf_and_stem(name: str) -> tuple[str, str]:
+    """(the name without its last part, with its separator; the last part)."""
+    m = None
+    for m in _SEPARATORS.finditer(name):
+        pass
+    return (name[:m.end()], name[m.end():]) if m else ("", name)
+
+
+def in_out_layout(name: str) -> bool:
+    """Whether the name says its weight is stored (in, out), transposed from the C's:
+    Flax's ``Dense`` ``kernel``."""
+    parts = name_parts(name)
+    return bool(parts) and parts[-1] in IN_OUT_LEAVES
+
+
 def split_name(name: str) -> tuple[int | None, list[str], list[str], str] | None:
     """A parameter's dotted name as (its block's index (:func:`block_of`), the module path
     inside the block (or the whole path outside one), the path above the block, the
     parameter's own name); None for a name that is not a module's weight or bias."""
-    parts = name.split(".")
-    if parts[-1] not in KINDS:
+    parts = name_parts(name)
+    if not parts or parts[-1] not in KINDS:
         return None
     path = parts[:-1]
     i = block_of(path)

@@ -26,7 +26,8 @@ import numpy as np
 from pyref.config import LAYER_PARAMS, PARAM_NAMES, GPT2Config, param_shapes
 
 from ..errors import ModelError
-from .families import C_NAMED, PIECES, block_key, block_of, named_role, split_name, transposed_module
+from .families import (C_NAMED, KINDS, PIECES, block_key, block_of, in_out_layout, leaf_and_stem, name_parts,
+                       named_role, split_name, transposed_module)
 from .usage import Usage, record_usage
 
 
@@ -108,13 +109,13 @@ def _role_slot(cfg: GPT2Config, layer: int | None, role: str, kind: str) -> Slot
 
 
 def _oriented(model, name: str, shape: tuple, cfg: GPT2Config, slot: Slot) -> Slot:
-    """``slot`` as the model holds it: transposed for Conv1D, or a weight whose shape is the
-    C's reversed."""
+    """``slot`` as the model holds it: transposed for Conv1D, a name saying (in, out) (Flax's
+    ``kernel``), or a weight whose shape is the C's reversed."""
     if len(shape) != 2 or slot.name in ("wte", "wpe"):
         return slot
     owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     want = _c_shape(cfg, slot)
-    if transposed_module(owner) or (shape != want and shape == want[::-1]):
+    if transposed_module(owner) or in_out_layout(name) or (shape != want and shape == want[::-1]):
         return Slot(slot.name, slot.layer, True, slot.rows)
     return slot
 
@@ -263,9 +264,10 @@ def _shape_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> l
 
 
 def _raw_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> list[Slot]:
-    """:func:`_shape_candidates` of a raw parameter inside a block (``layers.0.attn.w_qkv``):
-    the block's C tensors, weights and biases, of its shape; none outside the blocks."""
-    path = name.split(".")[:-1]
+    """:func:`_shape_candidates` of a raw parameter inside a block (``layers.0.attn.w_qkv``,
+    or a key whose own name ends in its block's number: ``p.back_s0``): the block's C
+    tensors, weights and biases, of its shape; none outside the blocks."""
+    path = name_parts(name)
     at = block_of(path)
     layer = None if at is None else block_key(path[at])
     if layer is None or layer >= cfg.num_layers:
@@ -276,12 +278,15 @@ def _raw_candidates(cfg: GPT2Config, name: str, shape: tuple, taken: set) -> lis
 
 def _sibling_slot(name: str, slots_by_name: dict) -> Slot | None:
     """A bias's slot from its module's weight's (or a weight's from its bias's)."""
-    stem, _, leaf = name.rpartition(".")
-    other = {"weight": "bias", "bias": "weight", "gamma": "beta", "beta": "gamma"}.get(leaf)
-    s = slots_by_name.get(f"{stem}.{other}") if other else None
-    if s is None or s.transpose or s.name in ("wte", "wpe"):
+    stem, leaf = leaf_and_stem(name)
+    kind = KINDS.get(leaf)
+    if kind is None or not stem:
         return None
-    return Slot(s.name[:-1] + ("b" if leaf in ("bias", "beta") else "w"), s.layer, rows=s.rows)
+    others = [k for k, v in KINDS.items() if v != kind and not k.startswith("in_proj")]
+    s = next((got for k in others if (got := slots_by_name.get(stem + k)) is not None), None)
+    if s is None or s.name in ("wte", "wpe"):
+        return None
+    return Slot(s.name[:-1] + kind, s.layer, kind == "w" and in_out_layout(name), rows=s.rows)
 
 
 def _by_shape(cfg: GPT2Config, groups, slots: dict, bad: set, problems: list) -> None:

@@ -49,6 +49,8 @@ _PARTIAL = {"slice", "select", "narrow", "split", "chunk", "unbind", "split_with
 _MATMULS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "matmul": (0, 1)}
 _ADDS = {"add", "add_"}
 _MULS = {"mul", "mul_"}
+_DIVS = {"div", "div_"}
+_DROPOUTS = {"native_dropout", "dropout", "feature_dropout", "alpha_dropout"}
 # the tokens the small forward runs on
 _T = 8
 
@@ -96,6 +98,11 @@ def _moved(name: str, args, src: tuple, out: tuple, dims: tuple) -> tuple | None
     if [src[i] for i in keep] != [out[j] for j in put] or any(d not in keep for d in dims):
         return None
     return tuple(put[keep.index(d)] for d in dims)
+
+
+def _number(x) -> bool:
+    """Whether ``x`` is a number (a Python one, or a tensor of one element): a scale."""
+    return not hasattr(x, "numel") or x.numel() == 1
 
 
 def _mode_class():
@@ -186,7 +193,15 @@ def _mode_class():
             if name == "native_layer_norm":
                 return self._layer_norm(at, tags, out)
             if name in ("embedding", "index"):
-                return self._embedding(name, at, args, tags)
+                return self._embedding(name, at, args, tags, out)
+            if name in _DIVS:
+                self._carry(name, args, tags, out)
+            if name in ("bernoulli", "bernoulli_") and isinstance(out, torch.Tensor):
+                self.tags[out] = ("mask",)      # a dropout's mask (scaled in place after: still it)
+            if name in _DROPOUTS and first is not None and first[0] != "param":
+                kept = out[0] if isinstance(out, (tuple, list)) else out
+                if isinstance(kept, torch.Tensor):     # a dropout left on: still the product's output
+                    self.tags[kept] = first
             return False
 
         def _matmul(self, name, at, args, tags, out) -> bool:
@@ -218,6 +233,7 @@ def _mode_class():
         def _elementwise(self, name, at, args, tags, out) -> bool:
             if len(tags) < 2:
                 return False
+            self._carry(name, args, tags, out)
             for mine, other in ((1, 0), (0, 1)):
                 t, o = tags[mine], tags[other]
                 if t is None or t[0] != "param" or t[3] or args[mine].dim() != 1:
@@ -236,9 +252,38 @@ def _mode_class():
                     return True
             if name in _ADDS:      # the residual stream: a product's output (and bias) added to it
                 for t, o in ((tags[0], tags[1]), (tags[1], tags[0])):
-                    if t is not None and t[0] in ("product", "biased") and o is None:
+                    if t is not None and t[0] in ("product", "biased") and (o is None or o[0] == "lookup"):
                         self.site((t[1], "residual"), out)
             return False
+
+        def _carry(self, name, args, tags, out) -> None:
+            """The encoder's output: a table's lookup (scaled by a number or not) added to
+            another table's lookup or to a part of it (``wpe[:T]``, ``wpe[2:T + 2]``,
+            ``wpe[T]``), whatever the parts: a site of both tables (``(table, "out")``);
+            a lookup scaled by a number stays that table's lookup, and a product's output
+            or a lookup times a dropout's mask stays what it was (the residual added after
+            it is still the sum after that product)."""
+            a, b = tags[0], tags[1]
+            if name in _MULS and isinstance(out, torch.Tensor):     # a dropout: the tensor times its mask
+                for t, o in ((a, b), (b, a)):
+                    if t is not None and t[0] in ("product", "biased", "lookup") and o == ("mask",):
+                        self.tags[out] = t
+                        return
+            if name in _MULS | _DIVS:
+                for t, o, x in ((a, b, args[1]), (b, a, args[0])):
+                    if t is not None and t[0] == "lookup" and o is None and _number(x):
+                        self.tags[out] = t
+                return
+            if name not in _ADDS or not isinstance(out, torch.Tensor):
+                return
+            for t, o in ((a, b), (b, a)):
+                if t is None or t[0] != "lookup" or o is None:
+                    continue
+                other = o[1] if o[0] == "lookup" else o[1] if o[0] == "param" and o[3] else None
+                if other is not None and other != t[1] and len(self.params[other]) == 2:
+                    self.site((t[1], "out"), out)
+                    self.site((other, "out"), out)
+                    return
 
         def _layer_norm(self, at, tags, out) -> bool:
             w = tags[2] if len(tags) > 2 else None
@@ -251,10 +296,12 @@ def _mode_class():
                 self.use(b[1], Use(at, "bias", of=w))
             return True
 
-        def _embedding(self, name, at, args, tags) -> bool:
+        def _embedding(self, name, at, args, tags, out) -> bool:
             t = tags[0] if tags else None
             if t is None or t[0] != "param":
                 return False
+            if isinstance(out, torch.Tensor) and not t[3] and len(self.params[t[1]]) == 2:
+                self.tags[out] = ("lookup", t[1])
             index = args[1] if name == "embedding" else next((i for i in args[1] if i is not None), None)
             tok = self.tag(index)
             self.use(t[1], Use(at, "embedding", tokens=tok is not None and tok[0] == "tokens"))
@@ -364,7 +411,7 @@ def _square(square: list, L: int, C: int, fused: bool) -> dict:
 SITES = {("qkvw", "out"): "qkv", ("attprojw", "operand"): "atty", ("attprojw", "out"): "attproj",
          ("attprojw", "residual"): "residual2", ("fcw", "out"): "fch", ("fcprojw", "operand"): "fch_gelu",
          ("fcprojw", "out"): "fcproj", ("fcprojw", "residual"): "residual3", ("ln1w", "out"): "ln1",
-         ("ln2w", "out"): "ln2", ("lnfw", "out"): "lnf"}
+         ("ln2w", "out"): "ln2", ("lnfw", "out"): "lnf", ("wpe", "out"): "encoded"}
 _B = 2
 
 
@@ -410,6 +457,7 @@ def record_usage(model, cfg: GPT2Config) -> Usage:
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), _noised(model):
             for tokens in (idx, other):
+                torch.manual_seed(0)    # the same random draws (a dropout left on) in both forwards
                 runs.append(_mode_class()(params, tokens))
                 with runs[-1]:
                     call_model(model, tokens, torch.roll(tokens, -1, 1))

@@ -5,6 +5,12 @@
   (``"list"``) or as raw ``nn.Parameter`` attributes (``"attrs"``); the forward is written
   with ``F.embedding``, ``F.layer_norm``, ``@`` and ``F.linear`` on them. ``gelu="erf"``
   is the exact GELU (not the C's tanh one).
+* ``SlashGPT``: a functional port whose parameters are keyed by flattened paths, parts
+  separated by ``/`` (Flax's, JAX's), Flax's leaves (``kernel`` (in, out), ``scale``,
+  ``embedding``); ``mistake`` plants one: ``"no-out-bias"`` (attention's output bias never
+  added), ``"positions-offset"`` (``wpe[2:T + 2]``), ``"tokens-scaled"`` (the token lookup
+  times sqrt(C)), ``"dropout-on"`` (a dropout left on before the attention's residual).
+  ``FunctionalGPT(out_bias=False)`` never adds its attention's output bias either.
 * ``MHAGPT``: attention by ``nn.MultiheadAttention`` (``batch_first``, a causal boolean
   mask; ``masked=False`` leaves the mask out), norms, an MLP as an ``nn.Sequential`` and
   tables under names of their own.
@@ -33,10 +39,10 @@ def _keys(L):
 
 
 class FunctionalGPT(nn.Module):
-    def __init__(self, cfg, store="dict", gelu="tanh"):
+    def __init__(self, cfg, store="dict", gelu="tanh", out_bias=True):
         super().__init__()
         V, T, L, H, C = _hp(cfg, "vocab_size", "max_seq_len", "num_layers", "num_heads", "channels")
-        self.L, self.H, self.C, self.gelu = L, H, C, gelu
+        self.L, self.H, self.C, self.gelu, self.out_bias = L, H, C, gelu, out_bias
         shapes = {"vocab": (V, C), "where": (T, C), "end_g": (C,), "end_s": (C,)}
         for l in range(L):
             shapes.update({f"pre_g{l}": (C,), f"pre_s{l}": (C,), f"mix_w{l}": (3 * C, C), f"mix_s{l}": (3 * C,),
@@ -68,7 +74,8 @@ class FunctionalGPT(nn.Module):
         s = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.H)
         s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         y = (F.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
-        return y @ self.w(f"back_w{l}").t() + self.w(f"back_s{l}")
+        y = y @ self.w(f"back_w{l}").t()
+        return y + self.w(f"back_s{l}") if self.out_bias else y
 
     def mlp(self, x, l):
         h = F.linear(x, self.w(f"up_w{l}"), self.w(f"up_s{l}"))
@@ -90,6 +97,60 @@ def functional(store="dict", gelu="tanh"):
         return FunctionalGPT(cfg, store, gelu)
     factory.__name__ = f"FunctionalGPT[{store}, {gelu}]"
     return factory
+
+
+# ----------------------------------------------------------------------------- flattened paths
+
+class SlashGPT(nn.Module):
+    def __init__(self, cfg, mistake=None):
+        super().__init__()
+        V, T, L, H, C = _hp(cfg, "vocab_size", "max_seq_len", "num_layers", "num_heads", "channels")
+        self.L, self.H, self.C, self.mistake = L, H, C, mistake
+        shapes = {"tok/embedding": (V, C), "pos/embedding": (T, C), "final_norm/scale": (C,), "final_norm/bias": (C,)}
+        for l in range(L):
+            for norm in ("norm1", "norm2"):
+                shapes.update({f"layers/{l}/{norm}/scale": (C,), f"layers/{l}/{norm}/bias": (C,)})
+            for dense, (i, o) in {"attn/qkv": (C, 3 * C), "attn/proj": (C, C), "mlp/fc1": (C, 4 * C),
+                                  "mlp/fc2": (4 * C, C)}.items():
+                shapes.update({f"layers/{l}/{dense}/kernel": (i, o), f"layers/{l}/{dense}/bias": (o,)})
+        self.params = nn.ParameterDict({k: nn.Parameter(torch.randn(*s) * 0.02 + (1.0 if k.endswith("scale") else 0.0))
+                                        for k, s in shapes.items()})
+
+    def dense(self, x, pre, bias=True):
+        y = x @ self.params[pre + "/kernel"]
+        return y + self.params[pre + "/bias"] if bias else y
+
+    def norm(self, x, pre):
+        return F.layer_norm(x, (self.C,), self.params[pre + "/scale"], self.params[pre + "/bias"])
+
+    def attention(self, x, pre):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.H, C // self.H).transpose(1, 2) for t in self.dense(x, pre + "qkv").split(C, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        return self.dense(y, pre + "proj", bias=self.mistake != "no-out-bias")
+
+    def forward(self, idx, targets):
+        T, p = idx.shape[1], self.params
+        tok = p["tok/embedding"][idx] * (math.sqrt(self.C) if self.mistake == "tokens-scaled" else 1.0)
+        x = tok + (p["pos/embedding"][2:T + 2] if self.mistake == "positions-offset" else p["pos/embedding"][:T])
+        for l in range(self.L):
+            a = self.attention(self.norm(x, f"layers/{l}/norm1"), f"layers/{l}/attn/")
+            x = x + (F.dropout(a, p=0.1) if self.mistake == "dropout-on" else a)
+            m = F.gelu(self.dense(self.norm(x, f"layers/{l}/norm2"), f"layers/{l}/mlp/fc1"), approximate="tanh")
+            x = x + self.dense(m, f"layers/{l}/mlp/fc2")
+        logits = self.norm(x, "final_norm") @ p["tok/embedding"].t()
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def slash(mistake=None):
+    def factory(cfg):
+        return SlashGPT(cfg, mistake)
+    factory.__name__ = f"SlashGPT[{mistake}]"
+    return factory
+
+
+def functional_without_out_bias(cfg):
+    return FunctionalGPT(cfg, "dict", out_bias=False)
 
 
 # ----------------------------------------------------------------------------- nn.MultiheadAttention

@@ -417,7 +417,7 @@ def test_what_use_cannot_settle_is_refused_in_one_line():
     with pytest.raises(ModelError) as e:
         map_parameters(Skipped(TINY), TINY)
     text = str(e.value)
-    assert "\n" not in text and "p.pre_g0 (48,)" in text and "{'p.pre_g0': 'ln1w[0]'}" in text, text
+    assert "\n" not in text and "p.pre_g0" in text and "(48,)" in text and "{'p.pre_g0': 'ln1w[0]'}" in text, text
     assert "p.mix_w0" not in text, text      # what the use placed is not asked for
     with pytest.raises(ModelError, match=r"raised RuntimeError: shapes do not match\)$"):
         map_parameters(Raises(TINY), TINY)
@@ -452,3 +452,58 @@ def test_a_sites_rows_are_told_past_rows_that_are_not_finite():
     a[:, 3, 0] = b[:, 3, 0] = np.nan
     assert _rows(a, b, 2, 4) == "bt"
     assert _rows(a.transpose(1, 0, 2).copy(), b.transpose(1, 0, 2).copy(), 2, 4) == "tb"
+
+
+# ----------------------------------------------------------------------------- flattened paths, unused parameters, the encoder
+
+def test_names_separated_by_slashes_map_by_name():
+    """A ParameterDict keyed by Flax's flattened paths maps by name alone (no use recorded):
+    ``kernel`` is a weight stored (in, out) (so transposed, the square projection too),
+    ``scale`` a norm's weight, ``embedding`` a table; the bias of each kernel follows it."""
+    from harness.ports.families import name_parts, split_name
+    assert name_parts("params.layers/0/attn/proj/kernel") == ["params", "layers", "0", "attn", "proj", "kernel"]
+    assert split_name("params.layers/1/mlp/fc2/bias")[:2] == (1, ["mlp", "fc2"])
+    slots = {e.names[0]: str(e.slot) for e in map_parameters(build_model(sp.slash(), TINY), TINY, uses=False)}
+    assert slots["params.layers/0/attn/proj/kernel"] == "attprojw[0].T", slots
+    assert slots["params.layers/1/attn/qkv/kernel"] == "qkvw[1].T" and slots["params.layers/1/attn/qkv/bias"] == "qkvb[1]"
+    assert slots["params.layers/0/norm2/scale"] == "ln2w[0]" and slots["params.final_norm/bias"] == "lnfb"
+    assert slots["params.tok/embedding"] == "wte" and slots["params.pos/embedding"] == "wpe"
+
+
+def test_slash_named_port_passes_with_every_activation_observed(nanogpt):
+    """The flattened-path port, unmodified, passes with every graph activation observed
+    (the encoder's output taken where the forward adds the two tables' lookups)."""
+    _every_activation_observed(run(sp.slash()), nanogpt)
+
+
+@pytest.mark.parametrize("factory, names", [
+    (sp.slash("no-out-bias"), {"params.layers/0/attn/proj/bias": "attprojb[0]"}),
+    (sp.functional_without_out_bias, {"p.back_s0": "attprojb[0]", "p.back_s1": "attprojb[1]"}),
+], ids=["by-name", "by-use-then-shape"])
+def test_a_parameter_never_used_is_placed_and_found_without_gradient(factory, names):
+    """A parameter the forward never reads (an output bias left out) is placed, by its name
+    or, where use places the rest, by the one C tensor of its block its shape leaves; the
+    run then departs at that tensor's op with a no-gradient finding, not a refusal."""
+    slots = {e.names[0]: str(e.slot) for e in map_parameters(build_model(factory, TINY), TINY)}
+    assert {n: slots.get(n) for n in names} == names, slots
+    report = run(factory)
+    assert not report.passed
+    step = report.steps[0]
+    assert step.first_divergence["port"].startswith("first divergence: layer 0 attproj matmul_forward"), \
+        step.first_divergence
+    assert any(f.id == "structure.no-gradient" for f in report.findings["port"]), report.findings["port"]
+
+
+@pytest.mark.parametrize("mistake, where", [
+    ("positions-offset", "encoder encoder_forward"), ("tokens-scaled", "encoder encoder_forward"),
+    ("dropout-on", "layer 0 residual2 residual_forward"),
+])
+def test_an_activation_taken_by_use_is_judged_whatever_its_value(mistake, where):
+    """The encoder's output is taken where the forward adds a table's lookup (scaled or not)
+    to the other table's lookup or slice, and the residual where a product's output, past
+    a dropout left on, is added: a wrong encoder or dropout departs there, its inputs exact."""
+    report = run(sp.slash(mistake))
+    assert not report.passed
+    c = first_divergence_check([c for c in report.steps[0].checks if c.impl == "port"])
+    assert c.kind == "replay" and c.where.startswith(where), (c.kind, c.where)
+    assert "found by use" in report.steps[0].first_divergence["port"]
