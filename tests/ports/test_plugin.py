@@ -21,8 +21,9 @@ pytest.importorskip("torch")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PORTS = HERE / "model_ports.py"
-# the line of the attention where q and k meet: where the swapped split shows
-SCORES_LINE = 'att = (q @ k.transpose(-2, -1)) * bug.get("scale"'
+# the line making the tensors taken in the wrong order (the keys stand where the queries
+# belong): the swapped split's pin
+SPLIT_LINE = 'q, k, v = self.c_attn(x).split(self.n_embd, dim=2)'
 # a deliberately wrong selection: layer norm judged by the end-to-end checks too
 WRONG_SELECTION = """import harness.pytest_plugin as plugin
 plugin.OP_KINDS = plugin.OP_KINDS + plugin.STEP_KINDS
@@ -78,8 +79,8 @@ def test_an_attention_bug_fails_the_attention_test_with_its_cause_and_line(tmp_p
     outcome, message = got[op_test("attention")]
     assert outcome == "failed"
     assert "first divergence: layer 0 attention attention_forward" in message, message
-    assert f"port.py:{line_of(folder, SCORES_LINE)}" in message, message              # the pinned line
-    assert "why: probable cause: q, k, v taken from c_attn's output in the order kqv" in message, message
+    assert f"port.py:{line_of(folder, SPLIT_LINE)}" in message, message              # the pinned line
+    assert "why: probable cause: q, k, v mixed up: q and k swapped (k, q, v" in message, message
 
 
 def test_an_attention_bug_leaves_the_ops_downstream_passing_and_fails_end_to_end(tmp_path):
@@ -91,7 +92,7 @@ def test_an_attention_bug_leaves_the_ops_downstream_passing_and_fails_end_to_end
         outcome, message = got[f"test_model_step[{kind}]"]
         assert outcome == "failed" and f"{kind}: " in message, message
         assert "first divergence: step 1 [GPT] layer 0 attention attention_forward" in message, message
-        assert "order kqv" in message, message
+        assert "[attention.qkv-order.q-k-swapped" in message, message
 
 
 def test_a_right_port_passes_every_test_and_says_what_it_did_not_check(tmp_path):
