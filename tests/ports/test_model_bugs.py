@@ -662,14 +662,21 @@ def test_heldout10_first_run_is_recorded():
     """BUGS10's first run (an eighth model, 25 mistakes, committed before any ran, run once
     untuned): 24/25 caught, 21 localised, 17 pinned to the mistake's line (68%), 14 named
     (56%), 4 wrong causes, 1 error line. The counts must agree with the misses' names."""
-    r = FIRST_RUNS["BUGS10"]
-    batch = set(h8.BUGS10)
-    assert r.bugs == len(batch) == 25 and len({h8.line_of(v[3]) for v in h8.BUGS10.values()}) == 25
-    assert HELDOUT10_UNCAUGHT | HELDOUT10_ERRORS | HELDOUT10_UNLOCALISED | HELDOUT10_UNPINNED <= batch
-    assert set(HELDOUT10_WRONG) <= HELDOUT10_UNNAMED <= batch
+    _first_run_agrees(FIRST_RUNS["BUGS10"], h8, h8.BUGS10, HELDOUT10_UNCAUGHT, HELDOUT10_ERRORS, HELDOUT10_UNLOCALISED,
+                      HELDOUT10_UNPINNED, HELDOUT10_UNNAMED, HELDOUT10_WRONG)
+
+
+def _first_run_agrees(r, module, bugs: dict, uncaught: set, errors: set, unlocalised: set, unpinned: set,
+                      unnamed: set, wrong: dict) -> None:
+    """A held-out batch's first run (from BUGS10 on: errors and pins counted) agrees with
+    the names of its misses, and each mistake is on a line of its own."""
+    batch = set(bugs)
+    assert r.bugs == len(batch) == 25 and len({module.line_of(v[3]) for v in bugs.values()}) == 25
+    assert uncaught | errors | unlocalised | unpinned <= batch
+    assert set(wrong) <= unnamed <= batch
     assert (r.caught, r.localised, r.pinned, r.named, r.wrong, r.errors) == (
-        r.bugs - len(HELDOUT10_UNCAUGHT), r.bugs - len(HELDOUT10_UNLOCALISED), r.bugs - len(HELDOUT10_UNPINNED),
-        r.bugs - len(HELDOUT10_UNNAMED), len(HELDOUT10_WRONG), len(HELDOUT10_ERRORS))
+        r.bugs - len(uncaught), r.bugs - len(unlocalised), r.bugs - len(unpinned), r.bugs - len(unnamed),
+        len(wrong), len(errors))
 
 
 # BUGS10 now (no longer held out): adamw-blocks-only a failing update pinned to the
@@ -757,11 +764,5 @@ def test_heldout11_first_run_is_recorded():
     untuned): 23/25 caught, 18 localised, 9 pinned to the mistake's line (36%), 15 named
     (60%; five the batch expected no cause for), 1 wrong cause, 2 error lines. The counts
     must agree with the misses' names."""
-    r = FIRST_RUNS["BUGS11"]
-    batch = set(h11.BUGS11)
-    assert r.bugs == len(batch) == 25 and len({h11.line_of(v[3]) for v in h11.BUGS11.values()}) == 25
-    assert HELDOUT11_UNCAUGHT | HELDOUT11_ERRORS | HELDOUT11_UNLOCALISED | HELDOUT11_UNPINNED <= batch
-    assert set(HELDOUT11_WRONG) <= HELDOUT11_UNNAMED <= batch
-    assert (r.caught, r.localised, r.pinned, r.named, r.wrong, r.errors) == (
-        r.bugs - len(HELDOUT11_UNCAUGHT), r.bugs - len(HELDOUT11_UNLOCALISED), r.bugs - len(HELDOUT11_UNPINNED),
-        r.bugs - len(HELDOUT11_UNNAMED), len(HELDOUT11_WRONG), len(HELDOUT11_ERRORS))
+    _first_run_agrees(FIRST_RUNS["BUGS11"], h11, h11.BUGS11, HELDOUT11_UNCAUGHT, HELDOUT11_ERRORS,
+                      HELDOUT11_UNLOCALISED, HELDOUT11_UNPINNED, HELDOUT11_UNNAMED, HELDOUT11_WRONG)
