@@ -166,13 +166,13 @@ def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) ->
     """``pin`` with, before its lines, the line that set a module's float attribute read on
     its first line (``self.eps``) where the value is none of the op's constants
     (:func:`_constants`): a wrong constant lives where it is set (a constructor's default,
-    ``eps=1e-12``, or a config's field the constructor was given: :func:`.pins.config_site`),
+    ``eps=1e-12``, or a config's field the constructor was given: :func:`.sources.config_site`),
     not where the forward reads it; likewise a method of the module called
     on the line with no argument (``self.softmax_scale()``) whose float result is none of
     them: the line of the method that returns it. A documented heuristic: the attribute
-    is found by the line's source (``ast``), its origin by :func:`.pins.attribute_site`,
-    the method's line by :func:`.pins.method_site`."""
-    from .pins import attribute_site, float_attributes, float_methods, method_site
+    is found by the line's source (``ast``), its origin by :func:`.sources.attribute_site`,
+    the method's line by :func:`.sources.method_site`."""
+    from .sources import attribute_site, float_attributes, float_methods, method_site
     constants = _constants(kernel, args)
     if not constants:
         return pin
@@ -204,10 +204,10 @@ def module_origin(pin: Pin, ops: list[Op], model, kernel: str) -> Pin:
     """``pin`` with, before its lines, the line constructing the torch module that computed
     the op on its first line (an ``nn.GELU``, an ``nn.LayerNorm``: the line calls it, its
     forward is torch's) where that module is the graph op's own kind and is built with a
-    setting that is not GPT-2's (:func:`.pins.changed_options`: ``nn.GELU()``'s erf,
+    setting that is not GPT-2's (:func:`.sources.changed_options`: ``nn.GELU()``'s erf,
     ``eps=1e-3``): its inputs matched and it computed them wrong, so what it was built with
-    is the mistake (:func:`.pins.constructor_site`)."""
-    from .pins import changed_options, constructor_site
+    is the mistake (:func:`.sources.constructor_site`)."""
+    from .sources import changed_options, constructor_site
     if _OWN_MODULE.get(kernel) is None:
         return pin
     modules = dict(model.named_modules())

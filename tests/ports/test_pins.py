@@ -18,6 +18,7 @@ from harness.checks.results import first_divergence_check, first_structure
 from harness.ports import pins as P
 from harness.ports import localise as L
 from harness.ports import record as R
+from harness.ports import sources as S
 from harness.probe import listening
 from pyref import synth
 from pyref.config import PRESETS
@@ -249,29 +250,29 @@ WRONG = {
     "custom Function's gradient": ("harness.ports.pins.backward_lines", lambda state: ()),
     "optimizer eps": ("harness.ports.pins._differing", lambda optimizer, hyper: {}),
     "optimizer given the blocks only": ("harness.ports.pins.not_given", lambda *a: []),
-    "scale from a method": ("harness.ports.pins.float_methods", lambda owner, text: []),
+    "scale from a method": ("harness.ports.sources.float_methods", lambda owner, text: []),
     "mask hides the past (NaN)": ("harness.ports.localise._infinite_maker", lambda ops, suspects: set()),
     "mask filled with 0": ("harness.ports.localise._fills", lambda *a: False),
-    "eps from a config's field": ("harness.ports.pins.config_site", lambda *a: None),
+    "eps from a config's field": ("harness.ports.sources.config_site", lambda *a: None),
     "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
-    "no decay in a parameter group": ("harness.ports.pins._group_lines", lambda *a: {}),
+    "no decay in a parameter group": ("harness.ports.sources._group_lines", lambda *a: {}),
     "norm's bias never read": ("harness.ports.pins._unread_site", lambda *a: None),
     "a block's output dropped": ("harness.ports.pins._dropped_site", lambda *a: None),
-    "positions' gradient scaled by count": ("harness.ports.pins.changed_options", lambda module: (None, {})),
+    "positions' gradient scaled by count": ("harness.ports.sources.changed_options", lambda module: (None, {})),
     # scores of (B*NH, T, T) matched in any layout again: k q^T taken for the scores
     "keys chunked first": ("harness.ports.record._common_tail", lambda a, b: 0),
     "torch's GELU at its default": ("harness.ports.localise.module_origin", lambda pin, *a: pin),
-    "torch's layer norm's eps": ("harness.ports.pins._calls_in", lambda file, kinds: iter(())),
+    "torch's layer norm's eps": ("harness.ports.sources._calls_in", lambda file, kinds: iter(())),
     "dropout left on": ("harness.ports.localise._random_draw", lambda *a: None),
     "GELU's factor on x only": ("harness.ports.localise._wrong_term", lambda *a: set()),
     # the first op holding the values in any layout, never the reshape after it
     "heads interleaved": ("harness.ports.localise._anchor",
                           lambda ops, observed, layout=R.layouts, good=None: _RIGHT["anchor"](ops, observed, layout)),
-    "eps a class attribute": ("harness.ports.pins.class_site", lambda *a: None),
+    "eps a class attribute": ("harness.ports.sources.class_site", lambda *a: None),
     "loss over the padded vocabulary": ("harness.ports.pins.as_returned", lambda logits, V: []),
     "parallel block": ("harness.ports.localise.residual_line", _innermost_block_line),
     "halves swapped through helpers": ("harness.ports.pins._order_site", lambda calls, others: calls[0].stack[0].site),
-    "last block skipped": ("harness.ports.pins._loop_header", lambda site: None),
+    "last block skipped": ("harness.ports.sources._loop_header", lambda site: None),
     "positions looked up in the token table": ("harness.ports.pins.read_again", lambda reads: None),
 }
 
@@ -288,12 +289,12 @@ def test_a_wrong_pinner_misses_the_line(mistake, monkeypatch):
 # ----------------------------------------------------------------------------- the pieces
 
 def test_an_attribute_is_traced_to_the_default_that_set_it():
-    site = P.attribute_site(pp.TinyEpsNorm, "eps", 1e-9)
+    site = S.attribute_site(pp.TinyEpsNorm, "eps", 1e-9)
     assert (site.file, site.line) == (str(PORTS), line_of("def __init__(self, C, eps=1e-9):", PORTS))
     # a value no default gives: the constructor's assignment
-    site = P.attribute_site(pp.Norm, "eps", 3e-4)
+    site = S.attribute_site(pp.Norm, "eps", 3e-4)
     assert site.line == line_of("self.eps = eps", PORTS)
-    assert P.float_attributes(pp.Norm(4), "x + self.eps * self.weight") == [("eps", 1e-5)]
+    assert S.float_attributes(pp.Norm(4), "x + self.eps * self.weight") == [("eps", 1e-5)]
 
 
 def test_a_passing_step_runs_no_pinner(monkeypatch):
@@ -319,23 +320,23 @@ def test_a_torch_modules_changed_options_and_its_constructor():
     by position; a call setting it to another constant is not the one)."""
     import ast
     import torch
-    assert P.changed_options(torch.nn.Embedding(5, 3)) == (torch.nn.Embedding, {})
-    assert P.changed_options(torch.nn.Embedding(5, 3, padding_idx=2))[1] == {"padding_idx": 2}
-    assert P.changed_options(torch.nn.Linear(3, 3, bias=False))[1] == {"bias": False}
-    assert P.changed_options(torch.nn.LayerNorm(3, elementwise_affine=False))[1] == {"elementwise_affine": False,
+    assert S.changed_options(torch.nn.Embedding(5, 3)) == (torch.nn.Embedding, {})
+    assert S.changed_options(torch.nn.Embedding(5, 3, padding_idx=2))[1] == {"padding_idx": 2}
+    assert S.changed_options(torch.nn.Linear(3, 3, bias=False))[1] == {"bias": False}
+    assert S.changed_options(torch.nn.LayerNorm(3, elementwise_affine=False))[1] == {"elementwise_affine": False,
                                                                                      "bias": False}
-    assert P.changed_options(pp.Norm(3)) == (None, {})       # not torch's: its own code
-    assert P.changed_options(torch.nn.GELU())[1] == {"approximate": "none"}     # GPT-2's is tanh
-    assert P.changed_options(pp.LooseTorchNorm(3)) == (torch.nn.LayerNorm, {"eps": 1e-3})
+    assert S.changed_options(pp.Norm(3)) == (None, {})       # not torch's: its own code
+    assert S.changed_options(torch.nn.GELU())[1] == {"approximate": "none"}     # GPT-2's is tanh
+    assert S.changed_options(pp.LooseTorchNorm(3)) == (torch.nn.LayerNorm, {"eps": 1e-3})
     call = lambda text: ast.parse(text).body[0].value       # noqa: E731
-    assert P._option_line(call("nn.Embedding(5, 3,\n 2)"), torch.nn.Embedding, {"padding_idx": 2}) == 2
-    assert P._option_line(call("nn.Embedding(5, 3, padding_idx=0)"), torch.nn.Embedding, {"padding_idx": 2}) is None
-    assert P._option_line(call("nn.Embedding(5, 3)"), torch.nn.Embedding, {"padding_idx": 2}) is None
-    assert P._option_line(call("nn.GELU(\n)"), torch.nn.GELU, {"approximate": "none"}) == 2     # left to the default
+    assert S._option_line(call("nn.Embedding(5, 3,\n 2)"), torch.nn.Embedding, {"padding_idx": 2}) == 2
+    assert S._option_line(call("nn.Embedding(5, 3, padding_idx=0)"), torch.nn.Embedding, {"padding_idx": 2}) is None
+    assert S._option_line(call("nn.Embedding(5, 3)"), torch.nn.Embedding, {"padding_idx": 2}) is None
+    assert S._option_line(call("nn.GELU(\n)"), torch.nn.GELU, {"approximate": "none"}) == 2     # left to the default
     model = pp.PositionsScaledByFreq(TINY)
-    site = P.constructor_site(model, "transformer.wpe", torch.nn.Embedding, {"scale_grad_by_freq": True})
+    site = S.constructor_site(model, "transformer.wpe", torch.nn.Embedding, {"scale_grad_by_freq": True})
     assert (site.file, site.line) == (str(PORTS), line_of("scale_grad_by_freq=True)", PORTS))
-    assert P.constructor_site(pp.PinGPT(TINY), "transformer.wpe", torch.nn.Embedding, {"padding_idx": 0}) is None
+    assert S.constructor_site(pp.PinGPT(TINY), "transformer.wpe", torch.nn.Embedding, {"padding_idx": 0}) is None
 
 
 def test_scores_of_merged_heads_keep_their_own_axes():
