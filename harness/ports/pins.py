@@ -379,12 +379,16 @@ def optimizer_pin(state) -> Pin | None:
     optimizer = getattr(state, "optimizer", None)
     if factory is None or optimizer is None:
         return None
-    where = _constructed(lambda: build_optimizer(factory, state.model, state.hyper))
+    caught: dict = {}
+    where = _constructed(lambda: build_optimizer(factory, state.model, state.hyper), caught)
     if where is None:
         return None
     file, (line, end, col, end_col) = where
     call = sources._call_at(file, line, col, end, end_col)
     differ = _differing(optimizer, state.hyper.as_float32())
+    later = _changed_later(differ, caught)
+    if later is not None:
+        return later
     left = not_given(optimizer, state.model, getattr(state, "masters", {}))
     if left:
         lines = (call.args[0].lineno,) if call is not None and call.args else (line,)
@@ -394,6 +398,10 @@ def optimizer_pin(state) -> Pin | None:
         return _pin("adamw", sources._line(file, line), "the optimizer is constructed here")
     keywords = {k.arg: k for k in call.keywords if k.arg}
     groups = sources._group_lines(file, line, differ)
+    given = sources.given_for_groups(file, line, caught.get("caller"))
+    if given is not None and any(k in groups for k in differ):
+        return _pin("adamw", given, f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}"
+                    ": its parameter groups are split by what this call passes")
     lines = sorted({groups[k] if k in groups else keywords[k].lineno if k in keywords else call.end_lineno
                     for k in differ}) or [call.lineno]
     says = (f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}" if differ
@@ -409,22 +417,59 @@ def not_given(optimizer, model, masters: dict) -> list[str]:
             if p.requires_grad and id(p) not in held and id(masters.get(id(p), p)) not in held]
 
 
-def _constructed(build):
+def _changed_later(differ: dict, caught: dict) -> Pin | None:
+    """The line constructing a torch LR scheduler on the optimizer (``LambdaLR(opt, ...)``,
+    which sets the lr at construction) where the optimizer's lr is what differs: the lr
+    was changed after the optimizer was built, by it; None otherwise."""
+    if "lr" not in differ or caught.get("scheduler") is None:
+        return None
+    file, (line, *_) = caught["scheduler"]
+    return _pin("adamw", sources._line(file, line), f"its lr {differ['lr'][0]} (the run: {differ['lr'][1]}): "
+                "set by the learning-rate scheduler built on it here")
+
+
+def _user_positions(f):
+    """(file, the positions of the call running) of the first user frame from ``f`` out,
+    and that frame; (None, None) where none is."""
+    while f is not None and not is_user_file(f.f_code.co_filename):
+        f = f.f_back
+    if f is None:
+        return None, None
+    return (f.f_code.co_filename, list(f.f_code.co_positions())[f.f_lasti // 2]), f
+
+
+def _constructed(build, caught: dict | None = None):
     """(file, the call's positions) of the user's frame that constructs a torch optimizer
-    in ``build()``, caught by a profile function; None where none does."""
+    in ``build()``, caught by a profile function; None where none does. ``caught`` (given)
+    gets ``"caller"``: the same of the user frame calling that frame's function (where a
+    factory's argument comes from), and ``"scheduler"``: the user's call constructing a
+    torch LR scheduler on that optimizer, if any."""
     import torch
     found = []
+    caught = {} if caught is None else caught
+
+    building = {}       # a scheduler's outermost __init__ frame -> (the lrs before it, its user call)
+
+    def lrs():
+        return [g.get("lr") for opt in found[-1:] for g in opt[2].param_groups] if found else []
 
     def profile(frame, event, arg):
-        if event != "call" or found or frame.f_code.co_name != "__init__":
+        if event == "return" and frame in building:
+            before, where = building.pop(frame)
+            if before != lrs() and "scheduler" not in caught:
+                caught["scheduler"] = where     # the scheduler that changed the lr
+        if event != "call" or frame.f_code.co_name != "__init__":
             return
-        if not isinstance(frame.f_locals.get("self"), torch.optim.Optimizer):
+        me = frame.f_locals.get("self")
+        if found and isinstance(me, torch.optim.lr_scheduler.LRScheduler) and not any(
+                f.f_locals.get("self") is me for f in building):
+            building[frame] = (lrs(), _user_positions(frame.f_back)[0])
+        if found or not isinstance(me, torch.optim.Optimizer):
             return
-        f = frame.f_back
-        while f is not None and not is_user_file(f.f_code.co_filename):
-            f = f.f_back
-        if f is not None:
-            found.append((f.f_code.co_filename, list(f.f_code.co_positions())[f.f_lasti // 2]))
+        where, f = _user_positions(frame.f_back)
+        if where is not None:
+            found.append((*where, me))
+            caught["caller"] = _user_positions(f.f_back)[0]
 
     old = sys.getprofile()
     sys.setprofile(profile)
@@ -434,7 +479,7 @@ def _constructed(build):
         return None
     finally:
         sys.setprofile(old)
-    return found[0] if found else None
+    return found[0][:2] if found else None
 
 
 def _differing(optimizer, hyper) -> dict[str, tuple]:
@@ -444,6 +489,8 @@ def _differing(optimizer, hyper) -> dict[str, tuple]:
            "weight_decay": hyper.weight_decay}
     out = {}
     for group in optimizer.param_groups:
+        if not group.get("params"):
+            continue        # an empty group (nothing masked out) updates nothing
         for k, want in run.items():
             have = group.get(k)
             if have is None or k in out:

@@ -222,6 +222,46 @@ def _group_lines(file: str, line: int, settings) -> dict[str, int]:
     return out
 
 
+def given_for_groups(file: str, line: int, caller) -> Site | None:
+    """The line where the caller (``caller``: (file, the call's positions)) of the function
+    of ``file`` holding ``line`` (an optimizer factory) passes an argument for a parameter
+    with a default that the function's parameter-group dicts read (``decay=lambda ...``
+    for ``{"params": [q for n, q in named if decay(n, q)], ...}``): the groups are split by
+    what the caller gives, so a group's differing setting comes from there; None where the
+    caller leaves them all to their defaults."""
+    if caller is None:
+        return None
+    fn = _function_at(file, line)
+    cfile, (cline, cend, ccol, cend_col) = caller
+    call = _call_at(cfile, cline, ccol, cend, cend_col)
+    if fn is None or call is None or isinstance(fn, ast.Lambda):
+        return None
+    args = fn.args.posonlyargs + fn.args.args
+    defaulted = {a.arg for a in args[len(args) - len(fn.args.defaults):]} | {
+        a.arg for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None}
+    read = {n.id for d in ast.walk(fn) if isinstance(d, ast.Dict) and any(
+        isinstance(k, ast.Constant) and k.value == "params" for k in d.keys) for n in ast.walk(d)
+        if isinstance(n, ast.Name)}
+    for k in call.keywords:
+        if k.arg in defaulted & read:
+            return _line(cfile, k.value.lineno)
+    for a, node in zip(args, call.args):
+        if a.arg in defaulted & read:
+            return _line(cfile, node.lineno)
+    return None
+
+
+def _function_at(file: str, line: int):
+    """The innermost function of ``file`` whose body holds ``line``; None."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(file)))
+    except SyntaxError:
+        return None
+    fns = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+           and n.lineno <= line <= n.end_lineno]
+    return max(fns, key=lambda n: n.lineno) if fns else None
+
+
 def _line(file: str, n: int) -> Site:
     return Site(file, n, linecache.getline(file, n).strip())
 

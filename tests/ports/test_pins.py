@@ -104,6 +104,14 @@ MISTAKES = {
     "positions looked up in the token table": (TorchModel(pp.PositionsFromTokens, mapping=pp.TABLES),
                                                "pos = F.embedding(torch.arange(idx.size(1)), self.tables['tokens'])",
                                                "encoder encoder_forward"),
+    "scale from a method given the queries": (V(attn=pp.ArgScaleByWidth), "return (q.size(-1) * self.NH) ** -0.5",
+                                              "attention_forward"),
+    "eps a class attribute of a helper object": (V(norm=pp.LooseMathNorm), "eps = 2e-3", "layernorm_forward"),
+    "decay mask passed by the caller": (TorchModel(pp.PinGPT, optimizer=pp.adam_matrices_decayed),
+                                       "return adam_masked(model, hyper, decayed=lambda p: p.dim() >= 2)", "adamw"),
+    "warmup scheduler at construction": (TorchModel(pp.PinGPT, optimizer=pp.adam_warmed_up),
+                                         "opt.warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: "
+                                         "min(1.0, step / 10))", "adamw"),
 }
 
 
@@ -156,10 +164,14 @@ def test_the_right_port_passes_and_records_nothing():
                                   V(block=pp.mlp_block(pp.TanhGeluMLP)), V(norm=pp.TorchNorm),
                                   pp.DropoutOff, V(block=pp.mlp_block(pp.GeluByHandMLP)), V(norm=pp.ClassEpsNorm),
                                   pp.PaddedVocabGPT, V(block=pp.HelperBlock), pp.IndexedLoopGPT,
-                                  TorchModel(pp.TablesGPT, mapping=pp.TABLES)],
+                                  TorchModel(pp.TablesGPT, mapping=pp.TABLES), V(attn=pp.ArgScaleAttn),
+                                  V(norm=pp.MathNorm), TorchModel(pp.PinGPT, optimizer=pp.adam_masked),
+                                  TorchModel(pp.PinGPT, optimizer=pp.adam_scheduled)],
                          ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
                               "torch's tanh GELU", "torch's layer norm", "dropout of 0", "GELU by hand",
-                              "class eps", "padded logits", "helper halves", "indexed loop", "raw tables"])
+                              "class eps", "padded logits", "helper halves", "indexed loop", "raw tables",
+                              "scale from the queries", "helper object's eps", "default decay mask",
+                              "constant schedule"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay, torch's modules built with their defaults written out: right, so nothing fails
@@ -274,6 +286,11 @@ WRONG = {
     "halves swapped through helpers": ("harness.ports.pins._order_site", lambda calls, others: calls[0].stack[0].site),
     "last block skipped": ("harness.ports.sources._loop_header", lambda site: None),
     "positions looked up in the token table": ("harness.ports.pins.read_again", lambda reads: None),
+    "scale from a method given the queries": ("harness.ports.record._returns_profile", lambda rec, old: old),
+    "eps a class attribute of a helper object": ("harness.ports.localise.owners_of",
+                                                 lambda model: {id(m): m for m in model.modules()}),
+    "decay mask passed by the caller": ("harness.ports.sources.given_for_groups", lambda *a: None),
+    "warmup scheduler at construction": ("harness.ports.pins._changed_later", lambda *a: None),
 }
 
 
