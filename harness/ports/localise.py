@@ -108,7 +108,8 @@ def pin_failure(state, node: Node, ref: Ref, layout=layouts) -> Pin | None:
             return residual_line(rec.ops, observed, _block(state, node.layer), node.kernel, layout)
         pin = locate(rec.ops, found, observed, node.kernel, name or "", layout)
         if pin is not None:
-            return module_origin(attribute_origin(pin, rec.ops, model, node.kernel, args), rec.ops, model, node.kernel)
+            pin = attribute_origin(pin, rec.ops, model, node.kernel, args, getattr(rec, "returns", ()))
+            return module_origin(pin, rec.ops, model, node.kernel)
     return None
 
 
@@ -162,22 +163,43 @@ def _constants(kernel: str, args: dict) -> tuple[float, ...]:
     return ()
 
 
-def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict) -> Pin:
+def owners_of(model) -> dict[int, object]:
+    """{``id``: object} of ``model``'s modules and of the objects of the user's classes
+    they hold (a functional port's ``self.ops``): whose ``self`` a recorded frame runs on."""
+    out = {}
+    for m in model.modules():
+        out[id(m)] = m
+        for v in vars(m).values():
+            cls = type(v)
+            if id(v) not in out and hasattr(v, "__dict__") and is_user_file(
+                    getattr(sys.modules.get(cls.__module__), "__file__", None) or ""):
+                out[id(v)] = v
+    return out
+
+
+def attribute_origin(pin: Pin, ops: list[Op], model, kernel: str, args: dict, returns=()) -> Pin:
     """``pin`` with, before its lines, the line that set a module's float attribute read on
     its first line (``self.eps``) where the value is none of the op's constants
     (:func:`_constants`): a wrong constant lives where it is set (a constructor's default,
-    ``eps=1e-12``, or a config's field the constructor was given: :func:`.pins.config_site`),
+    ``eps=1e-12``, or a config's field the constructor was given: :func:`.sources.config_site`),
     not where the forward reads it; likewise a method of the module called
     on the line with no argument (``self.softmax_scale()``) whose float result is none of
-    them: the line of the method that returns it. A documented heuristic: the attribute
-    is found by the line's source (``ast``), its origin by :func:`.pins.attribute_site`,
-    the method's line by :func:`.pins.method_site`."""
-    from .pins import attribute_site, float_attributes, float_methods, method_site
+    them: the line of the method that returns it; first, any user function called on the
+    line that returned such a float while the forward was recorded (``returns``:
+    :class:`.record.Returned`: ``self.scale(q)``): the line of its ``return``. The owner
+    of the line (its ``self``) is any object of the model's (:func:`owners_of`). A documented heuristic: the attribute
+    is found by the line's source (``ast``), its origin by :func:`.sources.attribute_site`,
+    the method's line by :func:`.sources.method_site`."""
+    from .sources import attribute_site, float_attributes, float_methods, method_site
     constants = _constants(kernel, args)
     if not constants:
         return pin
-    owners = {id(m): m for m in model.modules()}
+    owners = owners_of(model)
     first = pin.lines[0]
+    for r in returns:
+        if r.caller == first and not any(math.isclose(r.value, c, rel_tol=1e-6) for c in constants) \
+                and r.site not in pin.lines:
+            return replace(pin, lines=(r.site, *pin.lines))
     op = next((o for o in ops if o.site == first and o.stack), None)
     owner = owners.get(op.stack[0].owner) if op is not None else None
     if owner is None:
@@ -204,10 +226,10 @@ def module_origin(pin: Pin, ops: list[Op], model, kernel: str) -> Pin:
     """``pin`` with, before its lines, the line constructing the torch module that computed
     the op on its first line (an ``nn.GELU``, an ``nn.LayerNorm``: the line calls it, its
     forward is torch's) where that module is the graph op's own kind and is built with a
-    setting that is not GPT-2's (:func:`.pins.changed_options`: ``nn.GELU()``'s erf,
+    setting that is not GPT-2's (:func:`.sources.changed_options`: ``nn.GELU()``'s erf,
     ``eps=1e-3``): its inputs matched and it computed them wrong, so what it was built with
-    is the mistake (:func:`.pins.constructor_site`)."""
-    from .pins import changed_options, constructor_site
+    is the mistake (:func:`.sources.constructor_site`)."""
+    from .sources import changed_options, constructor_site
     if _OWN_MODULE.get(kernel) is None:
         return pin
     modules = dict(model.named_modules())

@@ -20,7 +20,7 @@ check has failed (nothing here runs on a passing step):
 * a parameter's gradient (:func:`backward_pin`): the line that detaches a parameter in
   the forward (``weight.detach()``, ``.data``), else the constructor call of the torch
   module holding it where an option changes its gradient (``padding_idx=0``:
-  :func:`option_site`), else the user lines autograd runs in the backward (a custom
+  :func:`.sources.option_site`), else the user lines autograd runs in the backward (a custom
   ``autograd.Function``'s ``backward``);
 * a parameter that receives no gradient (:func:`no_gradient_pin`): a detach, else the line
   that uses the other parameters of its op without it (never read), else the line that
@@ -32,19 +32,14 @@ check has failed (nothing here runs on a passing step):
 """
 from __future__ import annotations
 
-import ast
-import inspect
-import linecache
-import math
-import re
 import sys
-import textwrap
 from dataclasses import replace
 
 import numpy as np
 
 from .master import stepped
 from .localise import Pin, locate
+from . import sources
 from .record import Site, Stage, forward_recording, is_user_file, owned_site, stages
 
 
@@ -164,22 +159,8 @@ def _left_out(rec, modules: dict, name: str) -> Site | None:
         return None
     owner = modules.get(_parent(name, modules))
     site = (owned_site(siblings[-1].stack, owner) if owner is not None else None) or siblings[-1].stack[0].site
-    header = _loop_header(site)
+    header = sources._loop_header(site)
     return header or site
-
-
-def _loop_header(site: Site) -> Site | None:
-    """The header line of the innermost ``for`` loop whose body holds ``site``'s line, in
-    the function holding it; None where the line is in no loop."""
-    try:
-        tree = ast.parse("".join(linecache.getlines(site.file)))
-    except SyntaxError:
-        return None
-    loops = [n for n in ast.walk(tree) if isinstance(n, ast.For) and n.body
-             and n.body[0].lineno <= site.line <= n.body[-1].end_lineno]
-    if not loops:
-        return None
-    return _line(site.file, max(loops, key=lambda n: n.lineno).lineno)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -226,7 +207,7 @@ def backward_pin(state, name: str) -> Pin | None:
     parameter first): a detach (``.detach()``, ``.data``) whose result is used, of that
     parameter, of another, else of an activation (:func:`_detached`); else the constructor
     call of the torch module holding that parameter where an option of it changes its
-    gradient (``nn.Embedding(..., padding_idx=0)``: :func:`option_site`); else the user
+    gradient (``nn.Embedding(..., padding_idx=0)``: :func:`.sources.option_site`); else the user
     lines that autograd runs in the backward (a custom Function's ``backward``, a hook):
     :func:`backward_lines`."""
     model = getattr(state, "model", None)
@@ -240,7 +221,7 @@ def backward_pin(state, name: str) -> Pin | None:
     site = _detached(rec, wanted)
     if site is not None:
         return _pin("backward", site, "the graph is broken here: no gradient flows back")
-    found = option_site(model, wanted)
+    found = sources.option_site(model, wanted)
     if found is not None:
         site, says = found
         return _pin("backward", site, says)
@@ -388,163 +369,6 @@ def backward_lines(state) -> tuple[Site, ...]:
     return tuple(dict.fromkeys(last))
 
 
-# torch's modules -> the options of their constructor that change what they compute or
-# their gradient (a padding row that gets none, a gain or bias left out, a GELU's form)
-_OPTIONS = {"Embedding": ("padding_idx", "max_norm", "scale_grad_by_freq", "sparse"),
-            "LayerNorm": ("eps", "elementwise_affine", "bias"), "Linear": ("bias",), "GELU": ("approximate",)}
-# where GPT-2's setting is not torch's default: the tanh GELU
-_GPT2 = {("GELU", "approximate"): "tanh"}
-
-
-def changed_options(module) -> tuple[type | None, dict]:
-    """(the torch class of ``module`` that has options of :data:`_OPTIONS`, {option: its
-    setting} for those not at GPT-2's setting, the constructor's default but where
-    :data:`_GPT2` says): ``padding_idx=0`` on an ``nn.Embedding``, ``bias=False`` on a
-    ``Linear`` (read as whether it holds a bias), ``eps=1e-3``, an ``nn.GELU()`` (erf)."""
-    import torch
-    base = next((k for k in type(module).__mro__ if k.__name__ in _OPTIONS
-                 and k.__module__.startswith("torch.") and issubclass(k, torch.nn.Module)), None)
-    if base is None:
-        return None, {}
-    params = inspect.signature(base.__init__).parameters
-    out = {}
-    for name in _OPTIONS[base.__name__]:
-        if name not in params or not hasattr(module, name):
-            continue
-        value = getattr(module, name)
-        default = _GPT2.get((base.__name__, name), params[name].default)
-        if isinstance(default, bool) and (value is None or isinstance(value, torch.Tensor)):
-            value = value is not None       # bias: held or not
-        if isinstance(default, float) and isinstance(value, float):
-            if not math.isclose(value, default, rel_tol=1e-6):
-                out[name] = value
-        elif value != default:
-            out[name] = value
-    return base, out
-
-
-def option_site(model, wanted: set) -> tuple[Site, str] | None:
-    """(the line, the words) of the constructor call, in the user's source, of a torch
-    module holding one of the ``wanted`` parameters (``id``s) built with an option that
-    changes its gradient or output (:func:`changed_options`); None where none is."""
-    for name, module in model.named_modules():
-        if not any(id(p) in wanted for p in module.parameters(recurse=False)):
-            continue
-        base, options = changed_options(module)
-        if options:
-            site = constructor_site(model, name, base, options)
-            if site is not None:
-                said = ", ".join(f"{k}={v!r}" for k, v in options.items())
-                return site, f"{name} is built with {said}: not GPT-2's {base.__name__}"
-    return None
-
-
-def constructor_site(model, name: str, base: type, options: dict) -> Site | None:
-    """The line, in the user's files, of the call constructing ``model``'s module ``name``
-    (a ``base`` torch module) with ``options`` set: the calls of its class's name (or a
-    ``super().__init__`` in its class) whose arguments, bound to ``base``'s signature, set
-    one of them (to that value where it is a constant), or leave to torch's default one
-    whose GPT-2 setting is not it (:func:`_option_line`); of those, the call whose result
-    is assigned under the module's own name first (``self.gelu = nn.GELU()``,
-    ``wpe=nn.Embedding(...)``), then those in the classes of the module's owners (the most
-    derived, the innermost owner first: the subclass whose method makes it). A heuristic
-    on the source (``ast``), as the optimizer's call is found."""
-    modules = dict(model.named_modules())
-    mro = type(modules[name]).__mro__
-    kinds = {k.__name__ for k in mro[:mro.index(base) + 1]}
-    owners, at = [k for k in mro[:mro.index(base)]], name
-    while at:
-        at = at.rpartition(".")[0]
-        owners.extend(k for k in type(modules[at]).__mro__ if k not in owners)
-    # the owners' files, and those of the functions their classes hold (a factory given as a
-    # class attribute: ``norm = make_norm``)
-    held = [getattr(v, "__func__", v) for k in owners for v in vars(k).values()]
-    files = {f for f in [getattr(sys.modules.get(k.__module__), "__file__", None) for k in owners]
-             + [getattr(getattr(v, "__code__", None), "co_filename", None) for v in held] if f and is_user_file(f)}
-    found = []
-    for file in sorted(files):
-        for klass, assigned, call in _calls_in(file, kinds):
-            line = _option_line(call, base, options)
-            if line is not None:
-                rank = next((i for i, k in enumerate(owners) if k.__name__ == klass
-                             and getattr(sys.modules.get(k.__module__), "__file__", None) == file), len(owners))
-                found.append((assigned != name.rpartition(".")[2], rank, file, line))
-    if not found:
-        return None
-    *_, file, line = min(found)
-    return _line(file, line)
-
-
-def _calls_in(file: str, kinds: set):
-    """(the enclosing class's name or None, the name its result is given or None, the
-    call) for each call in ``file`` of a name in ``kinds`` (``nn.Embedding(...)``,
-    ``Embedding(...)``), or of ``super().__init__`` in a class of that name."""
-    try:
-        tree = ast.parse("".join(linecache.getlines(file)))
-    except SyntaxError:
-        return
-    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
-    names = _assigned_names(tree)
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        inner = [c for c in classes if c.lineno <= node.lineno <= c.end_lineno]
-        klass = max(inner, key=lambda c: c.lineno).name if inner else None
-        f = node.func
-        called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
-        init = (called == "__init__" and isinstance(f.value, ast.Call) and isinstance(f.value.func, ast.Name)
-                and f.value.func.id == "super" and klass in kinds)
-        if called in kinds or init:
-            yield klass, names.get(id(node)), node
-
-
-def _assigned_names(tree) -> dict[int, str]:
-    """{id of a call: the name it is assigned to}: ``self.x = call``, ``x = call``, element by
-    element of a tuple assigned to a tuple, ``x=call`` as a keyword, ``"x": call`` in a dict."""
-    out = {}
-
-    def name_of(t):
-        return t.attr if isinstance(t, ast.Attribute) else t.id if isinstance(t, ast.Name) else None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign):
-            for t in node.targets:
-                if isinstance(t, ast.Tuple) and isinstance(node.value, ast.Tuple) and len(t.elts) == len(node.value.elts):
-                    out.update({id(v): name_of(e) for e, v in zip(t.elts, node.value.elts)})
-                else:
-                    out[id(node.value)] = name_of(t)
-        elif isinstance(node, ast.keyword) and node.arg:
-            out[id(node.value)] = node.arg
-        elif isinstance(node, ast.Dict):
-            out.update({id(v): k.value for k, v in zip(node.keys, node.values)
-                        if isinstance(k, ast.Constant) and isinstance(k.value, str)})
-    return out
-
-
-def _option_line(call: ast.Call, base: type, options: dict) -> int | None:
-    """The line of ``call``'s argument setting one of ``options`` (bound to ``base``'s
-    signature), where it is not a constant other than the option's setting; else the
-    call's last line where it leaves one to torch's default and that default is the
-    option's setting (not GPT-2's: ``nn.GELU()``); None."""
-    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
-        return None
-    try:
-        bound = inspect.signature(base).bind(*call.args, **{k.arg: k.value for k in call.keywords})
-    except TypeError:
-        return None
-    params = inspect.signature(base).parameters
-    for option, value in options.items():
-        node = bound.arguments.get(option)
-        if node is None:
-            if option in params and params[option].default == value:
-                return call.end_lineno
-            continue
-        if isinstance(node, ast.Constant) and node.value != value and not (
-                isinstance(value, bool) and node.value is None and value is False):
-            continue
-        return node.lineno
-    return None
-
-
 # ----------------------------------------------------------------------------- the optimizer
 
 def optimizer_pin(state) -> Pin | None:
@@ -555,26 +379,34 @@ def optimizer_pin(state) -> Pin | None:
     optimizer = getattr(state, "optimizer", None)
     if factory is None or optimizer is None:
         return None
-    where = _constructed(lambda: build_optimizer(factory, state.model, state.hyper))
+    caught: dict = {}
+    where = _constructed(lambda: build_optimizer(factory, state.model, state.hyper), caught)
     if where is None:
         return None
     file, (line, end, col, end_col) = where
-    call = _call_at(file, line, col, end, end_col)
+    call = sources._call_at(file, line, col, end, end_col)
     differ = _differing(optimizer, state.hyper.as_float32())
+    later = _changed_later(differ, caught)
+    if later is not None:
+        return later
     left = not_given(optimizer, state.model, getattr(state, "masters", {}))
     if left:
         lines = (call.args[0].lineno,) if call is not None and call.args else (line,)
-        return _pin("adamw", tuple(_line(file, n) for n in lines),
+        return _pin("adamw", tuple(sources._line(file, n) for n in lines),
                     f"{', '.join(left[:3])}{' ...' if len(left) > 3 else ''} not among the parameters it updates")
     if call is None:
-        return _pin("adamw", _line(file, line), "the optimizer is constructed here")
+        return _pin("adamw", sources._line(file, line), "the optimizer is constructed here")
     keywords = {k.arg: k for k in call.keywords if k.arg}
-    groups = _group_lines(file, line, differ)
+    groups = sources._group_lines(file, line, differ)
+    given = sources.given_for_groups(file, line, caught.get("caller"))
+    if given is not None and any(k in groups for k in differ):
+        return _pin("adamw", given, f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}"
+                    ": its parameter groups are split by what this call passes")
     lines = sorted({groups[k] if k in groups else keywords[k].lineno if k in keywords else call.end_lineno
                     for k in differ}) or [call.lineno]
     says = (f"its {', '.join(f'{k} {v[0]} (the run: {v[1]})' for k, v in differ.items())}" if differ
             else "the optimizer is constructed here")
-    return _pin("adamw", tuple(_line(file, n) for n in lines), says)
+    return _pin("adamw", tuple(sources._line(file, n) for n in lines), says)
 
 
 def not_given(optimizer, model, masters: dict) -> list[str]:
@@ -585,49 +417,59 @@ def not_given(optimizer, model, masters: dict) -> list[str]:
             if p.requires_grad and id(p) not in held and id(masters.get(id(p), p)) not in held]
 
 
-def _group_lines(file: str, line: int, settings) -> dict[str, int]:
-    """{setting: the line of a parameter group's dict literal (``{"params": ...,
-    "weight_decay": 0.0}``) that sets it}, in the function of ``file`` whose call at
-    ``line`` constructs the optimizer: a group's own setting overrides the constructor's
-    keyword, so a differing one lives there."""
-    try:
-        tree = ast.parse("".join(linecache.getlines(file)))
-    except SyntaxError:
-        return {}
-    fns = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-           and n.lineno <= line <= n.end_lineno]
-    if not fns:
-        return {}
-    fn = max(fns, key=lambda n: n.lineno)      # the innermost
-    out: dict[str, int] = {}
-    for node in ast.walk(fn):
-        if isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value == "params" for k in node.keys):
-            for k in node.keys:
-                if isinstance(k, ast.Constant) and k.value in settings and k.value not in out:
-                    out[k.value] = k.lineno
-    return out
+def _changed_later(differ: dict, caught: dict) -> Pin | None:
+    """The line constructing a torch LR scheduler on the optimizer (``LambdaLR(opt, ...)``,
+    which sets the lr at construction) where the optimizer's lr is what differs: the lr
+    was changed after the optimizer was built, by it; None otherwise."""
+    if "lr" not in differ or caught.get("scheduler") is None:
+        return None
+    file, (line, *_) = caught["scheduler"]
+    return _pin("adamw", sources._line(file, line), f"its lr {differ['lr'][0]} (the run: {differ['lr'][1]}): "
+                "set by the learning-rate scheduler built on it here")
 
 
-def _line(file: str, n: int) -> Site:
-    return Site(file, n, linecache.getline(file, n).strip())
+def _user_positions(f):
+    """(file, the positions of the call running) of the first user frame from ``f`` out,
+    and that frame; (None, None) where none is."""
+    while f is not None and not is_user_file(f.f_code.co_filename):
+        f = f.f_back
+    if f is None:
+        return None, None
+    return (f.f_code.co_filename, list(f.f_code.co_positions())[f.f_lasti // 2]), f
 
 
-def _constructed(build):
+def _constructed(build, caught: dict | None = None):
     """(file, the call's positions) of the user's frame that constructs a torch optimizer
-    in ``build()``, caught by a profile function; None where none does."""
+    in ``build()``, caught by a profile function; None where none does. ``caught`` (given)
+    gets ``"caller"``: the same of the user frame calling that frame's function (where a
+    factory's argument comes from), and ``"scheduler"``: the user's call constructing a
+    torch LR scheduler on that optimizer, if any."""
     import torch
     found = []
+    caught = {} if caught is None else caught
+
+    building = {}       # a scheduler's outermost __init__ frame -> (the lrs before it, its user call)
+
+    def lrs():
+        return [g.get("lr") for opt in found[-1:] for g in opt[2].param_groups] if found else []
 
     def profile(frame, event, arg):
-        if event != "call" or found or frame.f_code.co_name != "__init__":
+        if event == "return" and frame in building:
+            before, where = building.pop(frame)
+            if before != lrs() and "scheduler" not in caught:
+                caught["scheduler"] = where     # the scheduler that changed the lr
+        if event != "call" or frame.f_code.co_name != "__init__":
             return
-        if not isinstance(frame.f_locals.get("self"), torch.optim.Optimizer):
+        me = frame.f_locals.get("self")
+        if found and isinstance(me, torch.optim.lr_scheduler.LRScheduler) and not any(
+                f.f_locals.get("self") is me for f in building):
+            building[frame] = (lrs(), _user_positions(frame.f_back)[0])
+        if found or not isinstance(me, torch.optim.Optimizer):
             return
-        f = frame.f_back
-        while f is not None and not is_user_file(f.f_code.co_filename):
-            f = f.f_back
-        if f is not None:
-            found.append((f.f_code.co_filename, list(f.f_code.co_positions())[f.f_lasti // 2]))
+        where, f = _user_positions(frame.f_back)
+        if where is not None:
+            found.append((*where, me))
+            caught["caller"] = _user_positions(f.f_back)[0]
 
     old = sys.getprofile()
     sys.setprofile(profile)
@@ -637,19 +479,7 @@ def _constructed(build):
         return None
     finally:
         sys.setprofile(old)
-    return found[0] if found else None
-
-
-def _call_at(file: str, line: int, col, end: int, end_col) -> ast.Call | None:
-    """The call expression of ``file`` at those positions (the innermost one spanning them)."""
-    try:
-        tree = ast.parse("".join(linecache.getlines(file)))
-    except SyntaxError:
-        return None
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and n.lineno <= line and n.end_lineno >= end]
-    exact = [n for n in calls if (n.lineno, n.col_offset, n.end_lineno, n.end_col_offset) == (line, col, end, end_col)]
-    pool = exact or calls
-    return min(pool, key=lambda n: (n.end_lineno - n.lineno, n.end_col_offset - n.col_offset)) if pool else None
+    return found[0][:2] if found else None
 
 
 def _differing(optimizer, hyper) -> dict[str, tuple]:
@@ -659,6 +489,8 @@ def _differing(optimizer, hyper) -> dict[str, tuple]:
            "weight_decay": hyper.weight_decay}
     out = {}
     for group in optimizer.param_groups:
+        if not group.get("params"):
+            continue        # an empty group (nothing masked out) updates nothing
         for k, want in run.items():
             have = group.get(k)
             if have is None or k in out:
@@ -666,135 +498,3 @@ def _differing(optimizer, hyper) -> dict[str, tuple]:
             if not np.array_equal(np.float32(np.asarray(have, np.float64)), np.float32(np.asarray(want, np.float64))):
                 out[k] = (have, want)
     return out
-
-
-# ----------------------------------------------------------------------------- a module's attribute
-
-def float_attributes(owner, text: str) -> list[tuple[str, float]]:
-    """The float attributes of ``owner`` (a module) that a line of its source reads as
-    ``self.<name>``: [(name, value)]."""
-    out = []
-    for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\b(?!\s*\()", text)):
-        value = getattr(owner, name, None)
-        if isinstance(value, float):
-            out.append((name, value))
-    return out
-
-
-def float_methods(owner, text: str) -> list[tuple[str, float]]:
-    """The methods of ``owner`` (a module), defined in the user's files, that a line of its
-    source calls with no argument (``self.<name>()``) and that return a float:
-    [(name, value)]. Each is called once more to read its value (a method of no argument
-    whose result the line uses: a scale, an eps)."""
-    import torch
-    out = []
-    for name in dict.fromkeys(re.findall(r"\bself\.(\w+)\(\s*\)", text)):
-        method = getattr(owner, name, None)
-        fn = getattr(method, "__func__", None)
-        if fn is None or not hasattr(fn, "__code__") or not is_user_file(fn.__code__.co_filename):
-            continue
-        try:
-            with torch.no_grad():
-                value = method()
-        except Exception:
-            continue
-        if isinstance(value, (float, int)) and not isinstance(value, bool):
-            out.append((name, float(value)))
-    return out
-
-
-def method_site(owner, name: str) -> Site | None:
-    """The line of ``owner``'s method ``name`` that returns its value: its one ``return``
-    (the def's line where it has several, or none)."""
-    fn = getattr(getattr(owner, name, None), "__func__", None)
-    try:
-        lines, start = inspect.getsourcelines(fn)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    returns = [n for n in ast.walk(tree.body[0]) if isinstance(n, ast.Return)]
-    at = returns[0].lineno if len(returns) == 1 else tree.body[0].lineno
-    return _line(fn.__code__.co_filename, start + at - 1)
-
-
-def config_site(model, name: str, value: float) -> Site | None:
-    """Where a value a module was given by its caller comes from: a class-level field of
-    a config object the model's modules hold (a dataclass's ``norm_eps: float = 1e-6``,
-    the most derived class first) whose default is ``value``, a field whose name holds
-    ``name`` first. A heuristic on the source, like :func:`attribute_site`."""
-    import torch
-    classes = []
-    for module in model.modules():
-        for obj in vars(module).values():
-            if isinstance(obj, (torch.nn.Module, torch.Tensor, dict, list, tuple, str, int, float)) or obj is None:
-                continue
-            for klass in type(obj).__mro__:
-                if klass not in classes and is_user_file(getattr(sys.modules.get(klass.__module__), "__file__", "")
-                                                         or ""):
-                    classes.append(klass)
-    fields = [f for klass in classes for f in _class_constants(klass, value)]
-    found = [(name not in field, i, site) for i, (field, site) in enumerate(fields)]
-    if not found:
-        return None
-    return min(found)[2]
-
-
-def _class_constants(klass, value: float):
-    """(name, line) of each assignment in ``klass``'s body of a number equal to ``value``."""
-    try:
-        lines, start = inspect.getsourcelines(klass)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except (OSError, TypeError, SyntaxError):
-        return
-    for node in tree.body[0].body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
-        v = getattr(node, "value", None)
-        if isinstance(target, ast.Name) and isinstance(v, ast.Constant) and isinstance(v.value, (int, float)) \
-                and not isinstance(v.value, bool) and np.isclose(float(v.value), value, rtol=1e-9, atol=0):
-            yield target.id, _line(inspect.getsourcefile(klass), start + node.lineno - 1)
-
-
-def class_site(cls, name: str, value: float) -> Site | None:
-    """The line of a class body in ``cls``'s MRO (the most derived first) that sets the
-    class attribute ``name`` to ``value`` (``eps = 1e-3`` in a subclass); None where none
-    does. A heuristic on the source, like :func:`attribute_site`."""
-    klass = next((k for k in cls.__mro__ if name in vars(k)), None)
-    # the most derived class setting it: where it sets another value, no line
-    return next((site for field, site in _class_constants(klass, value) if field == name), None) if klass else None
-
-
-def attribute_site(cls, name: str, value: float, model=None) -> Site | None:
-    """Where the attribute ``name`` of ``cls``'s instances got ``value``: the parameter
-    default equal to it in a constructor of ``cls``'s MRO (the most derived first: a
-    subclass's ``eps=1e-12``), else a class body setting it (:func:`class_site`: ``eps =
-    1e-3``), else (given the ``model``) a config's field holding it
-    (:func:`config_site`: the value the caller passed), else the line of a constructor
-    assigning ``self.<name>``. A heuristic on the source (``inspect`` and ``ast``)."""
-    inits = []
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or not hasattr(init, "__code__") or not is_user_file(init.__code__.co_filename):
-            continue
-        try:
-            lines, start = inspect.getsourcelines(init)
-            tree = ast.parse(textwrap.dedent("".join(lines)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        inits.append((init.__code__.co_filename, start, tree.body[0]))
-    for file, start, fn in inits:
-        for d in fn.args.defaults + [d for d in fn.args.kw_defaults if d is not None]:
-            if isinstance(d, ast.Constant) and isinstance(d.value, (int, float)) and not isinstance(d.value, bool) \
-                    and np.isclose(float(d.value), value, rtol=1e-9, atol=0):
-                return _line(file, start + d.lineno - 1)
-    site = class_site(cls, name, value) or (config_site(model, name, value) if model is not None else None)
-    if site is not None:
-        return site
-    for file, start, fn in inits:
-        for node in ast.walk(fn):
-            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                if any(isinstance(t, ast.Attribute) and t.attr == name and isinstance(t.value, ast.Name)
-                       and t.value.id == "self" for t in targets):
-                    return _line(file, start + node.lineno - 1)
-    return None

@@ -137,6 +137,36 @@ def user_stack(frame=None, stop=None) -> tuple[Frame, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class Returned:
+    """A float a user function returned while the forward was recorded: the caller's line
+    (``caller``), the line of the ``return`` that gave it (``site``), the value, and ``id``
+    of the object the function ran on (its ``self``; 0 where none)."""
+
+    caller: Site
+    site: Site
+    value: float
+    owner: int = 0
+
+
+def _returns_profile(rec, old):
+    """A profile function noting in ``rec.returns`` each float (not an int, not a tensor) a
+    function of the user's files returns to a line of the user's files while ``rec`` is
+    active (a scale a method computes from its arguments); ``old`` (the profile function
+    already set) still called."""
+    def profile(frame, event, arg):
+        if old is not None:
+            old(frame, event, arg)
+        if event != "return" or type(arg) is not float or not rec.active:
+            return
+        back = frame.f_back
+        if back is None or not is_user_file(frame.f_code.co_filename) or not is_user_file(back.f_code.co_filename):
+            return
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        rec.returns.append(Returned(_site(back), _site(frame), arg, 0 if owner is None else id(owner)))
+    return profile
+
+
 def owned_site(stack, owner, outermost: bool = False) -> Site | None:
     """The line of ``stack`` (:func:`user_stack`) in a method of ``owner`` (a module): the
     innermost such frame, or the outermost (its ``forward`` where it calls its helpers)."""
@@ -254,7 +284,8 @@ def recording(model, call: Callable, module: str | None = None, keep: Callable |
     """:func:`record`'s recorder itself: its ``ops`` and the modules' ``calls``
     (:class:`ModuleCall`, each with the user lines calling it); ``params``: the model's
     parameters first, each an op named ``param`` (``param_ids``: its index -> ``id`` of
-    the parameter), so that what reads a parameter is known."""
+    the parameter), so that what reads a parameter is known; ``returns``: the floats the
+    user's functions returned (:class:`Returned`)."""
     import torch
     rec = _recorder_class()(keep)
     rec.stop = sys._getframe()
@@ -263,16 +294,20 @@ def recording(model, call: Callable, module: str | None = None, keep: Callable |
         for p in model.parameters():
             rec.param_ids[rec._op("param", p)] = id(p)
     rec.active = module is None
+    rec.returns = []
     handles = []
     for name, m in model.named_modules():
         handles.append(m.register_forward_pre_hook(_enter(rec, name, name == module)))
         handles.append(m.register_forward_hook(_leave(rec, name, name == module), always_call=True))
+    old = sys.getprofile()
     try:
+        sys.setprofile(_returns_profile(rec, old))
         with torch.no_grad(), rec:
             call()
     except _Done:
         pass
     finally:
+        sys.setprofile(old)
         for h in handles:
             h.remove()
     return rec

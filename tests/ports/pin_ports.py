@@ -608,3 +608,74 @@ class LnFInLoop(PinGPT):                    # the final norm inside the blocks' 
             x = self.transformer.ln_f(block(x))
         logits = self.head(x)
         return logits, (None if targets is None else self.loss(logits, targets))
+
+
+# ----------------------------------------------------------------------------- values from helpers and callers
+
+class ArgScaleAttn(Attn):                   # the scores' scale from a method given the queries (right)
+    def scale(self, q):
+        return q.size(-1) ** -0.5
+
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) * self.scale(q)
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return F.softmax(s, dim=-1)
+
+
+class ArgScaleByWidth(ArgScaleAttn):
+    def scale(self, q):
+        return (q.size(-1) * self.NH) ** -0.5
+
+
+class NormMath:                             # a layer norm's arithmetic, not a module, its eps a class attribute
+    eps = 1e-5
+
+    def apply(self, x, weight, bias):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * (xc.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt() * weight + bias
+
+
+class LooseNormMath(NormMath):
+    eps = 2e-3
+
+
+class MathNorm(nn.Module):                  # a norm whose arithmetic an object it holds does (right)
+    math = NormMath
+
+    def __init__(self, C):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
+        self.ops = self.math()
+
+    def forward(self, x):
+        return self.ops.apply(x, self.weight, self.bias)
+
+
+class LooseMathNorm(MathNorm):
+    math = LooseNormMath
+
+
+def adam_masked(model, hyper, decayed=lambda p: True):
+    """Groups split by a mask the caller may pass: every parameter decayed by default (right)."""
+    ps = list(model.parameters())
+    groups = [{"params": [p for p in ps if decayed(p)], "weight_decay": hyper.weight_decay},
+              {"params": [p for p in ps if not decayed(p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2), eps=hyper.eps)
+
+
+def adam_matrices_decayed(model, hyper):
+    return adam_masked(model, hyper, decayed=lambda p: p.dim() >= 2)
+
+
+def adam_scheduled(model, hyper, factor=lambda step: 1.0):
+    """A scheduler built on the optimizer: a constant factor of 1 (right)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=hyper.learning_rate, betas=(hyper.beta1, hyper.beta2),
+                            eps=hyper.eps, weight_decay=hyper.weight_decay)
+    opt.schedule = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt
+
+
+def adam_warmed_up(model, hyper):
+    opt = adam_scheduled(model, hyper)
+    opt.warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 10))
+    return opt

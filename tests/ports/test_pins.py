@@ -18,6 +18,7 @@ from harness.checks.results import first_divergence_check, first_structure
 from harness.ports import pins as P
 from harness.ports import localise as L
 from harness.ports import record as R
+from harness.ports import sources as S
 from harness.probe import listening
 from pyref import synth
 from pyref.config import PRESETS
@@ -103,6 +104,14 @@ MISTAKES = {
     "positions looked up in the token table": (TorchModel(pp.PositionsFromTokens, mapping=pp.TABLES),
                                                "pos = F.embedding(torch.arange(idx.size(1)), self.tables['tokens'])",
                                                "encoder encoder_forward"),
+    "scale from a method given the queries": (V(attn=pp.ArgScaleByWidth), "return (q.size(-1) * self.NH) ** -0.5",
+                                              "attention_forward"),
+    "eps a class attribute of a helper object": (V(norm=pp.LooseMathNorm), "eps = 2e-3", "layernorm_forward"),
+    "decay mask passed by the caller": (TorchModel(pp.PinGPT, optimizer=pp.adam_matrices_decayed),
+                                       "return adam_masked(model, hyper, decayed=lambda p: p.dim() >= 2)", "adamw"),
+    "warmup scheduler at construction": (TorchModel(pp.PinGPT, optimizer=pp.adam_warmed_up),
+                                         "opt.warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: "
+                                         "min(1.0, step / 10))", "adamw"),
 }
 
 
@@ -155,10 +164,14 @@ def test_the_right_port_passes_and_records_nothing():
                                   V(block=pp.mlp_block(pp.TanhGeluMLP)), V(norm=pp.TorchNorm),
                                   pp.DropoutOff, V(block=pp.mlp_block(pp.GeluByHandMLP)), V(norm=pp.ClassEpsNorm),
                                   pp.PaddedVocabGPT, V(block=pp.HelperBlock), pp.IndexedLoopGPT,
-                                  TorchModel(pp.TablesGPT, mapping=pp.TABLES)],
+                                  TorchModel(pp.TablesGPT, mapping=pp.TABLES), V(attn=pp.ArgScaleAttn),
+                                  V(norm=pp.MathNorm), TorchModel(pp.PinGPT, optimizer=pp.adam_masked),
+                                  TorchModel(pp.PinGPT, optimizer=pp.adam_scheduled)],
                          ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
                               "torch's tanh GELU", "torch's layer norm", "dropout of 0", "GELU by hand",
-                              "class eps", "padded logits", "helper halves", "indexed loop", "raw tables"])
+                              "class eps", "padded logits", "helper halves", "indexed loop", "raw tables",
+                              "scale from the queries", "helper object's eps", "default decay mask",
+                              "constant schedule"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay, torch's modules built with their defaults written out: right, so nothing fails
@@ -249,30 +262,37 @@ WRONG = {
     "custom Function's gradient": ("harness.ports.pins.backward_lines", lambda state: ()),
     "optimizer eps": ("harness.ports.pins._differing", lambda optimizer, hyper: {}),
     "optimizer given the blocks only": ("harness.ports.pins.not_given", lambda *a: []),
-    "scale from a method": ("harness.ports.pins.float_methods", lambda owner, text: []),
+    # the method's float is seen twice (called again, and noted as returned while recording): both blinded
+    "scale from a method": ([("harness.ports.sources.float_methods", lambda owner, text: []),
+                             ("harness.ports.record._returns_profile", lambda rec, old: old)], None),
     "mask hides the past (NaN)": ("harness.ports.localise._infinite_maker", lambda ops, suspects: set()),
     "mask filled with 0": ("harness.ports.localise._fills", lambda *a: False),
-    "eps from a config's field": ("harness.ports.pins.config_site", lambda *a: None),
+    "eps from a config's field": ("harness.ports.sources.config_site", lambda *a: None),
     "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
-    "no decay in a parameter group": ("harness.ports.pins._group_lines", lambda *a: {}),
+    "no decay in a parameter group": ("harness.ports.sources._group_lines", lambda *a: {}),
     "norm's bias never read": ("harness.ports.pins._unread_site", lambda *a: None),
     "a block's output dropped": ("harness.ports.pins._dropped_site", lambda *a: None),
-    "positions' gradient scaled by count": ("harness.ports.pins.changed_options", lambda module: (None, {})),
+    "positions' gradient scaled by count": ("harness.ports.sources.changed_options", lambda module: (None, {})),
     # scores of (B*NH, T, T) matched in any layout again: k q^T taken for the scores
     "keys chunked first": ("harness.ports.record._common_tail", lambda a, b: 0),
     "torch's GELU at its default": ("harness.ports.localise.module_origin", lambda pin, *a: pin),
-    "torch's layer norm's eps": ("harness.ports.pins._calls_in", lambda file, kinds: iter(())),
+    "torch's layer norm's eps": ("harness.ports.sources._calls_in", lambda file, kinds: iter(())),
     "dropout left on": ("harness.ports.localise._random_draw", lambda *a: None),
     "GELU's factor on x only": ("harness.ports.localise._wrong_term", lambda *a: set()),
     # the first op holding the values in any layout, never the reshape after it
     "heads interleaved": ("harness.ports.localise._anchor",
                           lambda ops, observed, layout=R.layouts, good=None: _RIGHT["anchor"](ops, observed, layout)),
-    "eps a class attribute": ("harness.ports.pins.class_site", lambda *a: None),
+    "eps a class attribute": ("harness.ports.sources.class_site", lambda *a: None),
     "loss over the padded vocabulary": ("harness.ports.pins.as_returned", lambda logits, V: []),
     "parallel block": ("harness.ports.localise.residual_line", _innermost_block_line),
     "halves swapped through helpers": ("harness.ports.pins._order_site", lambda calls, others: calls[0].stack[0].site),
-    "last block skipped": ("harness.ports.pins._loop_header", lambda site: None),
+    "last block skipped": ("harness.ports.sources._loop_header", lambda site: None),
     "positions looked up in the token table": ("harness.ports.pins.read_again", lambda reads: None),
+    "scale from a method given the queries": ("harness.ports.record._returns_profile", lambda rec, old: old),
+    "eps a class attribute of a helper object": ("harness.ports.localise.owners_of",
+                                                 lambda model: {id(m): m for m in model.modules()}),
+    "decay mask passed by the caller": ("harness.ports.sources.given_for_groups", lambda *a: None),
+    "warmup scheduler at construction": ("harness.ports.pins._changed_later", lambda *a: None),
 }
 
 
@@ -280,7 +300,8 @@ WRONG = {
 def test_a_wrong_pinner_misses_the_line(mistake, monkeypatch):
     port, text, _ = MISTAKES[mistake]
     target, wrong = WRONG[mistake]
-    monkeypatch.setattr(target, wrong)
+    for t, w in (target if isinstance(target, list) else [(target, wrong)]):
+        monkeypatch.setattr(t, w)
     _, pin, _ = run(port)
     assert first_line(pin) != (str(PORTS), line_of(text, PORTS), text)
 
@@ -288,12 +309,12 @@ def test_a_wrong_pinner_misses_the_line(mistake, monkeypatch):
 # ----------------------------------------------------------------------------- the pieces
 
 def test_an_attribute_is_traced_to_the_default_that_set_it():
-    site = P.attribute_site(pp.TinyEpsNorm, "eps", 1e-9)
+    site = S.attribute_site(pp.TinyEpsNorm, "eps", 1e-9)
     assert (site.file, site.line) == (str(PORTS), line_of("def __init__(self, C, eps=1e-9):", PORTS))
     # a value no default gives: the constructor's assignment
-    site = P.attribute_site(pp.Norm, "eps", 3e-4)
+    site = S.attribute_site(pp.Norm, "eps", 3e-4)
     assert site.line == line_of("self.eps = eps", PORTS)
-    assert P.float_attributes(pp.Norm(4), "x + self.eps * self.weight") == [("eps", 1e-5)]
+    assert S.float_attributes(pp.Norm(4), "x + self.eps * self.weight") == [("eps", 1e-5)]
 
 
 def test_a_passing_step_runs_no_pinner(monkeypatch):
@@ -319,23 +340,23 @@ def test_a_torch_modules_changed_options_and_its_constructor():
     by position; a call setting it to another constant is not the one)."""
     import ast
     import torch
-    assert P.changed_options(torch.nn.Embedding(5, 3)) == (torch.nn.Embedding, {})
-    assert P.changed_options(torch.nn.Embedding(5, 3, padding_idx=2))[1] == {"padding_idx": 2}
-    assert P.changed_options(torch.nn.Linear(3, 3, bias=False))[1] == {"bias": False}
-    assert P.changed_options(torch.nn.LayerNorm(3, elementwise_affine=False))[1] == {"elementwise_affine": False,
+    assert S.changed_options(torch.nn.Embedding(5, 3)) == (torch.nn.Embedding, {})
+    assert S.changed_options(torch.nn.Embedding(5, 3, padding_idx=2))[1] == {"padding_idx": 2}
+    assert S.changed_options(torch.nn.Linear(3, 3, bias=False))[1] == {"bias": False}
+    assert S.changed_options(torch.nn.LayerNorm(3, elementwise_affine=False))[1] == {"elementwise_affine": False,
                                                                                      "bias": False}
-    assert P.changed_options(pp.Norm(3)) == (None, {})       # not torch's: its own code
-    assert P.changed_options(torch.nn.GELU())[1] == {"approximate": "none"}     # GPT-2's is tanh
-    assert P.changed_options(pp.LooseTorchNorm(3)) == (torch.nn.LayerNorm, {"eps": 1e-3})
+    assert S.changed_options(pp.Norm(3)) == (None, {})       # not torch's: its own code
+    assert S.changed_options(torch.nn.GELU())[1] == {"approximate": "none"}     # GPT-2's is tanh
+    assert S.changed_options(pp.LooseTorchNorm(3)) == (torch.nn.LayerNorm, {"eps": 1e-3})
     call = lambda text: ast.parse(text).body[0].value       # noqa: E731
-    assert P._option_line(call("nn.Embedding(5, 3,\n 2)"), torch.nn.Embedding, {"padding_idx": 2}) == 2
-    assert P._option_line(call("nn.Embedding(5, 3, padding_idx=0)"), torch.nn.Embedding, {"padding_idx": 2}) is None
-    assert P._option_line(call("nn.Embedding(5, 3)"), torch.nn.Embedding, {"padding_idx": 2}) is None
-    assert P._option_line(call("nn.GELU(\n)"), torch.nn.GELU, {"approximate": "none"}) == 2     # left to the default
+    assert S._option_line(call("nn.Embedding(5, 3,\n 2)"), torch.nn.Embedding, {"padding_idx": 2}) == 2
+    assert S._option_line(call("nn.Embedding(5, 3, padding_idx=0)"), torch.nn.Embedding, {"padding_idx": 2}) is None
+    assert S._option_line(call("nn.Embedding(5, 3)"), torch.nn.Embedding, {"padding_idx": 2}) is None
+    assert S._option_line(call("nn.GELU(\n)"), torch.nn.GELU, {"approximate": "none"}) == 2     # left to the default
     model = pp.PositionsScaledByFreq(TINY)
-    site = P.constructor_site(model, "transformer.wpe", torch.nn.Embedding, {"scale_grad_by_freq": True})
+    site = S.constructor_site(model, "transformer.wpe", torch.nn.Embedding, {"scale_grad_by_freq": True})
     assert (site.file, site.line) == (str(PORTS), line_of("scale_grad_by_freq=True)", PORTS))
-    assert P.constructor_site(pp.PinGPT(TINY), "transformer.wpe", torch.nn.Embedding, {"padding_idx": 0}) is None
+    assert S.constructor_site(pp.PinGPT(TINY), "transformer.wpe", torch.nn.Embedding, {"padding_idx": 0}) is None
 
 
 def test_scores_of_merged_heads_keep_their_own_axes():
