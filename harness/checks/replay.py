@@ -189,6 +189,11 @@ def pin_divergence(checks: list[Check], state, structure: list | None = None) ->
         c.pin = loss_pin(state)
     elif c.ref.group in ("grads", "grads_acts"):
         c.pin = backward_pin(state, c.ref.name)
+    if c.pin is None:
+        # a parameter without gradient at this op, shown beside the cause the check names (a
+        # bias left out): the line that leaves it out
+        beside = next((f for f in structure or () if f.id == "structure.no-gradient" and f.where == c.position), None)
+        c.pin = None if beside is None else structure_pin(state, beside)
 
 
 def pin_update(checks: list[Check], state) -> None:

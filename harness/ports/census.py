@@ -146,12 +146,25 @@ def backward_of(op: str | None) -> str | None:
     return f"{op.removesuffix('_forward')}_backward" if op and op.endswith("_forward") else None
 
 
+def _named_there(finding: Finding, failing) -> bool:
+    """Whether a parameter without gradient is at the op whose failing check names a cause
+    (a bias left out of a layer norm or a product: ``layernorm.no-bias``,
+    ``matmul.no-bias``); the finding stays, shown beside."""
+    d = getattr(failing, "diagnosis", None)
+    return (finding.id == "structure.no-gradient" and d is not None and d.known
+            and finding.where is not None and finding.where == failing.position)
+
+
 def first_structure(findings, failing=None) -> Finding | None:
     """The structural finding a first divergence names (of a step's ``findings``, or
     None): the first by :data:`DEPARTURES`, then in the order the census found them; with
     ``failing`` (the failing check a first divergence would name, or None), none of
     :data:`BESIDE`."""
-    found = [f for f in findings or () if f.structural and (failing is None or f.id not in BESIDE)]
+    # parameters without gradient, one of them where the failing check names a cause: the
+    # same mistake in each layer, the cause saying more
+    named = any(_named_there(f, failing) for f in findings or ())
+    found = [f for f in findings or () if f.structural and (failing is None or f.id not in BESIDE)
+             and not (named and f.id == "structure.no-gradient")]
     found.sort(key=lambda f: DEPARTURES.index(f.id) if f.id in DEPARTURES else len(DEPARTURES))
     return found[0] if found else None
 

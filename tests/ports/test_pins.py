@@ -78,7 +78,7 @@ MISTAKES = {
     "no decay in a parameter group": (TorchModel(pp.PinGPT, optimizer=pp.adam_groups_no_decay), "'weight_decay': 0.0}]",
                                       "adamw"),
     "norm's bias never read": (V(norm=pp.BiasLeftOutNorm), "return self.weight * xc * (xc.pow(2).mean(-1, "
-                               "keepdim=True) + self.eps).rsqrt()", "layer 0 ln1 layernorm_forward"),
+                               "keepdim=True) + self.eps).rsqrt()", "layernorm_forward"),
     "a block's output dropped": (pp.BlocksSideBySide, "outs = [block(x) for block in self.transformer.h]",
                                  "layer 0 ln1 layernorm_forward"),
     "positions' gradient scaled by count": (pp.PositionsScaledByFreq, "scale_grad_by_freq=True)", "backward"),
@@ -212,6 +212,22 @@ def test_a_module_never_called_is_pinned_where_its_sibling_is_called_in_its_stea
     assert f.pin is pin and pin.lines[0].line == line_of("h = self.ln_1(x)", PORTS)
 
 
+@pytest.mark.parametrize("named_there", [True, False])
+def test_a_bias_left_out_is_named_by_its_op_with_the_finding_beside(named_there, monkeypatch):
+    """A norm's bias never read: the layer norm's failing check names layernorm.no-bias and
+    leads, the no-gradient finding shown beside; a census that let the finding lead
+    (deliberately wrong) names no cause for the mistake."""
+    from harness.ports import census
+    if not named_there:
+        monkeypatch.setattr(census, "_named_there", lambda f, failing: False)
+    report, pin, _ = run(V(norm=pp.BiasLeftOutNorm))
+    step = report.steps[0]
+    c = first_divergence_check(step.checks)
+    assert any(f.id == "structure.no-gradient" for f in step.structure["port"])
+    led = first_structure(step.structure["port"], c)
+    assert (led is None and c.diagnosis.causes[0].id == "layernorm.no-bias") == named_there, (led, c.diagnosis)
+
+
 def test_the_optimizer_pin_names_the_differing_setting():
     _, pin, _ = run(MISTAKES["optimizer eps"][0])
     assert pin.describe().endswith("its eps 1e-06 (the run: 9.99999993922529e-09)")
@@ -270,7 +286,9 @@ WRONG = {
     "eps from a config's field": ("harness.ports.sources.config_site", lambda *a: None),
     "GELU after the projection": ("harness.ports.localise._passed_on", lambda *a: None),
     "no decay in a parameter group": ("harness.ports.sources._group_lines", lambda *a: {}),
-    "norm's bias never read": ("harness.ports.pins._unread_site", lambda *a: None),
+    # the numeric pin of the norm's failing check and the finding's beside it: both blinded
+    "norm's bias never read": ([("harness.ports.pins._unread_site", lambda *a: None),
+                                ("harness.checks.replay.pin_failure", lambda *a: None)], None),
     "a block's output dropped": ("harness.ports.pins._dropped_site", lambda *a: None),
     "positions' gradient scaled by count": ("harness.ports.sources.changed_options", lambda module: (None, {})),
     # scores of (B*NH, T, T) matched in any layout again: k q^T taken for the scores
