@@ -296,12 +296,35 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
         stage = next((s for s in found if s.name == "out"), found[-1])
         suspects = _first_nan(ops, suspects) or suspects
     suspects = _infinite_maker(ops, every) or suspects
-    sites = tuple(dict.fromkeys(ops[i].site for i in sorted(suspects) if ops[i].site is not None))
+    sites = _float_lines_first(ops, suspects)
     if not sites:
         return None
     before = _last_reproduced(found, good, frontier, stage)
     says = ((before.says(True),) if before is not None else ()) + (stage.says(False),)
     return Pin(kernel, module, sites, before.name if before is not None else None, stage.name, says)
+
+
+_INTEGER = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def _integer_only(ops: list[Op], i: int) -> bool:
+    """Whether op ``i`` is computed from integer tensors only (the targets' one-hot, an
+    index built): every input integer, or none and its own output integer."""
+    op = ops[i]
+    if not op.inputs:
+        return op.dtype in _INTEGER
+    return all(ops[p].dtype in _INTEGER for p in op.inputs)
+
+
+def _float_lines_first(ops: list[Op], suspects: set[int]) -> tuple:
+    """The suspects' lines in the order their ops ran, but a line whose ops are all
+    computed from integer tensors only (labels one-hot encoded) after the lines of float
+    ops: the targets are given, the float op that uses them is where a mistake shows."""
+    order = [i for i in sorted(suspects) if ops[i].site is not None]
+    integer = {ops[i].site for i in order if _integer_only(ops, i)} - {
+        ops[i].site for i in order if not _integer_only(ops, i)}
+    floats = [ops[i].site for i in order if ops[i].site not in integer]
+    return tuple(dict.fromkeys(floats + [ops[i].site for i in order if ops[i].site in integer]))
 
 
 def _anchor(ops: list[Op], observed: Stage, layout=layouts, good: dict | None = None) -> Op | None:

@@ -679,3 +679,15 @@ def adam_warmed_up(model, hyper):
     opt = adam_scheduled(model, hyper)
     opt.warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 10))
     return opt
+
+
+class OneHotLossGPT(PinGPT):                # the loss as one-hot labels times log-probabilities (right)
+    def loss(self, logits, targets):
+        labels = F.one_hot(targets, logits.size(-1)).to(logits.dtype)
+        return -(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+class OneHotLossMeanOverVocab(OneHotLossGPT):
+    def loss(self, logits, targets):
+        labels = F.one_hot(targets, logits.size(-1)).to(logits.dtype)
+        return -(labels * F.log_softmax(logits, dim=-1)).mean()
