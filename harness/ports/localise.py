@@ -294,6 +294,9 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
         suspects = _wrong_term(ops, good, op, stage, suspects) or suspects
     else:
         stage = next((s for s in found if s.name == "out"), found[-1])
+        merged = _merged_stacked(ops, stage, anchor.index, layout)
+        if merged is not None:
+            return Pin(kernel, module, *merged)
         suspects = _first_nan(ops, suspects) or suspects
     suspects = _infinite_maker(ops, every) or suspects
     sites = _float_lines_first(ops, suspects)
@@ -403,6 +406,30 @@ def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: se
             best = min(near)[0]
             return s, min(i for d, i in near if d <= best * (1 + 1e-9) + 1e-300)
     return None
+
+
+def _merged_stacked(ops: list[Op], stage: Stage, op: int, layout):
+    """(lines, matched, unmatched, says) of a :class:`Pin` where the op that made the
+    failing tensor (``op``) holds the stage's (B, T, C) values right with the heads stacked on the batch
+    axis, (B*NH, T, hs), and an op of its own alone (a reshape, a view) makes the stage's
+    shape of it: the heads merged without moving them back after the batch; that op's
+    line. None otherwise."""
+    v, want = ops[op].value, stage.value
+    if v is None or v.ndim != 3 or want.ndim != 3 or v.shape[1] != want.shape[1]:
+        return None
+    B, T, C = want.shape
+    NH, hs = v.shape[0] // B, v.shape[2]
+    if NH < 2 or NH * B != v.shape[0] or NH * hs != C:
+        return None
+    stacked = v.reshape(B, NH, T, hs).transpose(0, 2, 1, 3).reshape(B, T, C)
+    if distance(stacked, stage, layout) > MATCH_BOUND:
+        return None
+    merge = next((m for m in ops if m.inputs == (op,) and _squeezed(m.shape) == _squeezed(want.shape)
+                  and m.site is not None), None)
+    if merge is None:
+        return None
+    says = (f"{stage.says(True)} with the heads stacked on the batch", f"merged, {stage.says(False)}")
+    return (merge.site,), stage.name, stage.name, says
 
 
 def _misplaced(ops: list[Op], found: list[Stage], good: dict, op: int, stage: Stage):

@@ -691,3 +691,23 @@ class OneHotLossMeanOverVocab(OneHotLossGPT):
     def loss(self, logits, targets):
         labels = F.one_hot(targets, logits.size(-1)).to(logits.dtype)
         return -(labels * F.log_softmax(logits, dim=-1)).mean()
+
+
+class StackedHeadsAttn(Attn):               # the heads stacked on the batch axis, (B*NH, T, hs), bmm (right)
+    def heads(self, t):
+        B, T, C = t.shape
+        return t.view(B, T, self.NH, C // self.NH).transpose(1, 2).reshape(B * self.NH, T, C // self.NH)
+
+    def merge(self, y, B):
+        _, T, hs = y.shape
+        return y.view(B, self.NH, T, hs).transpose(1, 2).reshape(B, T, self.NH * hs)
+
+    def forward(self, x):
+        q, k, v = (self.heads(t) for t in self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj(self.merge(torch.bmm(self.probs(q, k), v), x.size(0)))
+
+
+class StackedMergedInPlace(StackedHeadsAttn):
+    def merge(self, y, B):
+        _, T, hs = y.shape
+        return y.reshape(B, T, self.NH * hs)

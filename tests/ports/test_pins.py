@@ -114,6 +114,8 @@ MISTAKES = {
                                          "min(1.0, step / 10))", "adamw"),
     "one-hot loss averaged over the vocabulary": (pp.OneHotLossMeanOverVocab, "return -(labels * F.log_softmax("
                                                   "logits, dim=-1)).mean()", "crossentropy_forward"),
+    "stacked heads merged without moving them": (V(attn=pp.StackedMergedInPlace),
+                                                 "return y.reshape(B, T, self.NH * hs)", "attention_forward"),
 }
 
 
@@ -168,12 +170,13 @@ def test_the_right_port_passes_and_records_nothing():
                                   pp.PaddedVocabGPT, V(block=pp.HelperBlock), pp.IndexedLoopGPT,
                                   TorchModel(pp.TablesGPT, mapping=pp.TABLES), V(attn=pp.ArgScaleAttn),
                                   V(norm=pp.MathNorm), TorchModel(pp.PinGPT, optimizer=pp.adam_masked),
-                                  TorchModel(pp.PinGPT, optimizer=pp.adam_scheduled), pp.OneHotLossGPT],
+                                  TorchModel(pp.PinGPT, optimizer=pp.adam_scheduled), pp.OneHotLossGPT,
+                                  V(attn=pp.StackedHeadsAttn)],
                          ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
                               "torch's tanh GELU", "torch's layer norm", "dropout of 0", "GELU by hand",
                               "class eps", "padded logits", "helper halves", "indexed loop", "raw tables",
                               "scale from the queries", "helper object's eps", "default decay mask",
-                              "constant schedule", "one-hot loss"])
+                              "constant schedule", "one-hot loss", "stacked heads"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay, torch's modules built with their defaults written out: right, so nothing fails
@@ -297,6 +300,8 @@ WRONG = {
     "warmup scheduler at construction": ("harness.ports.pins._changed_later", lambda *a: None),
     # the lines in the order their ops ran: the one-hot labels' line first
     "one-hot loss averaged over the vocabulary": ("harness.ports.localise._integer_only", lambda *a: False),
+    # the values taken in the layouts a view or one transpose makes only: the bmm pinned
+    "stacked heads merged without moving them": ("harness.ports.localise._merged_stacked", lambda *a: None),
 }
 
 
