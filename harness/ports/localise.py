@@ -302,6 +302,7 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
     sites = _float_lines_first(ops, suspects)
     if not sites:
         return None
+    sites = _caller_first(ops, suspects, sites)
     before = _last_reproduced(found, good, frontier, stage)
     says = ((before.says(True),) if before is not None else ()) + (stage.says(False),)
     return Pin(kernel, module, sites, before.name if before is not None else None, stage.name, says)
@@ -328,6 +329,22 @@ def _float_lines_first(ops: list[Op], suspects: set[int]) -> tuple:
         ops[i].site for i in order if not _integer_only(ops, i)}
     floats = [ops[i].site for i in order if ops[i].site not in integer]
     return tuple(dict.fromkeys(floats + [ops[i].site for i in order if ops[i].site in integer]))
+
+
+def _caller_first(ops: list[Op], suspects: set[int], sites: tuple) -> tuple:
+    """``sites`` with the line that called them first, where every suspect ran in one user
+    function called from one line and that call gives the helper an int it reads (its
+    ``dim``, :func:`.sources.passes_int_to`): the helper is right, the axis it was given is
+    the caller's."""
+    from .sources import passes_int_to
+    stacks = [ops[i].stack for i in suspects if ops[i].site is not None]
+    if not stacks or any(len(st) < 2 for st in stacks):
+        return sites
+    codes, callers = {st[0].code for st in stacks}, {st[1].site for st in stacks}
+    if len(codes) != 1 or len(callers) != 1:
+        return sites
+    caller = callers.pop()
+    return (caller,) + sites if caller not in sites and passes_int_to(caller, sites) else sites
 
 
 def _anchor(ops: list[Op], observed: Stage, layout=layouts, good: dict | None = None) -> Op | None:

@@ -711,3 +711,21 @@ class StackedMergedInPlace(StackedHeadsAttn):
     def merge(self, y, B):
         _, T, hs = y.shape
         return y.reshape(B, T, self.NH * hs)
+
+
+class HelperSoftmaxAttn(Attn):              # the softmax a helper given its axis by the caller (right)
+    def softmax(self, s, dim=-1):
+        e = torch.exp(s - s.amax(dim=dim, keepdim=True))
+        return e / e.sum(dim=dim, keepdim=True)
+
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return self.softmax(s, dim=-1)
+
+
+class HelperSoftmaxOverQueries(HelperSoftmaxAttn):
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return self.softmax(s, dim=-2)

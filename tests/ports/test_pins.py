@@ -116,6 +116,8 @@ MISTAKES = {
                                                   "logits, dim=-1)).mean()", "crossentropy_forward"),
     "stacked heads merged without moving them": (V(attn=pp.StackedMergedInPlace),
                                                  "return y.reshape(B, T, self.NH * hs)", "attention_forward"),
+    "a softmax helper given the queries' axis": (V(attn=pp.HelperSoftmaxOverQueries), "return self.softmax(s, dim=-2)",
+                                                 "attention_forward"),
 }
 
 
@@ -171,12 +173,13 @@ def test_the_right_port_passes_and_records_nothing():
                                   TorchModel(pp.TablesGPT, mapping=pp.TABLES), V(attn=pp.ArgScaleAttn),
                                   V(norm=pp.MathNorm), TorchModel(pp.PinGPT, optimizer=pp.adam_masked),
                                   TorchModel(pp.PinGPT, optimizer=pp.adam_scheduled), pp.OneHotLossGPT,
-                                  V(attn=pp.StackedHeadsAttn)],
+                                  V(attn=pp.StackedHeadsAttn), V(attn=pp.HelperSoftmaxAttn)],
                          ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
                               "torch's tanh GELU", "torch's layer norm", "dropout of 0", "GELU by hand",
                               "class eps", "padded logits", "helper halves", "indexed loop", "raw tables",
                               "scale from the queries", "helper object's eps", "default decay mask",
-                              "constant schedule", "one-hot loss", "stacked heads"])
+                              "constant schedule", "one-hot loss", "stacked heads",
+                              "softmax helper"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay, torch's modules built with their defaults written out: right, so nothing fails
@@ -302,6 +305,8 @@ WRONG = {
     "one-hot loss averaged over the vocabulary": ("harness.ports.localise._integer_only", lambda *a: False),
     # the values taken in the layouts a view or one transpose makes only: the bmm pinned
     "stacked heads merged without moving them": ("harness.ports.localise._merged_stacked", lambda *a: None),
+    # the helper's lines only, its caller never named
+    "a softmax helper given the queries' axis": ("harness.ports.sources.passes_int_to", lambda *a: False),
 }
 
 
