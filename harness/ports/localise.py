@@ -311,22 +311,28 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
 _INTEGER = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
-def _integer_only(ops: list[Op], i: int) -> bool:
-    """Whether op ``i`` is computed from integer tensors only (the targets' one-hot, an
-    index built): every input integer, or none and its own output integer."""
-    op = ops[i]
-    if not op.inputs:
-        return op.dtype in _INTEGER
-    return all(ops[p].dtype in _INTEGER for p in op.inputs)
+def _given_integers(ops: list[Op], order: list[int]) -> set[int]:
+    """The ops of ``order`` computed from the given integer tensors only (the targets'
+    one-hot): every input integer, one at least made before the recording or so computed.
+    Indices built in the forward (an ``arange``) are not given: their lines keep their place."""
+    given = set()
+    for i in sorted({p for i in order for p in ops[i].inputs} | set(order)):
+        op = ops[i]
+        if op.inputs and all(ops[p].dtype in _INTEGER for p in op.inputs) and any(
+                ops[p].name == "input" or p in given for p in op.inputs):
+            given.add(i)
+    return given
 
 
 def _float_lines_first(ops: list[Op], suspects: set[int]) -> tuple:
     """The suspects' lines in the order their ops ran, but a line whose ops are all
-    computed from integer tensors only (labels one-hot encoded) after the lines of float
-    ops: the targets are given, the float op that uses them is where a mistake shows."""
+    computed from the given integer tensors (labels one-hot encoded; an op of no inputs
+    aside) after the lines of float ops: the targets are given, the float op that uses
+    them is where a mistake shows."""
     order = [i for i in sorted(suspects) if ops[i].site is not None]
-    integer = {ops[i].site for i in order if _integer_only(ops, i)} - {
-        ops[i].site for i in order if not _integer_only(ops, i)}
+    given = _given_integers(ops, order)
+    other = {ops[i].site for i in order if i not in given and ops[i].inputs}
+    integer = {ops[i].site for i in order if i in given} - other
     floats = [ops[i].site for i in order if ops[i].site not in integer]
     return tuple(dict.fromkeys(floats + [ops[i].site for i in order if ops[i].site in integer]))
 

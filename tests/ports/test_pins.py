@@ -302,7 +302,7 @@ WRONG = {
     "decay mask passed by the caller": ("harness.ports.sources.given_for_groups", lambda *a: None),
     "warmup scheduler at construction": ("harness.ports.pins._changed_later", lambda *a: None),
     # the lines in the order their ops ran: the one-hot labels' line first
-    "one-hot loss averaged over the vocabulary": ("harness.ports.localise._integer_only", lambda *a: False),
+    "one-hot loss averaged over the vocabulary": ("harness.ports.localise._given_integers", lambda *a: set()),
     # the values taken in the layouts a view or one transpose makes only: the bmm pinned
     "stacked heads merged without moving them": ("harness.ports.localise._merged_stacked", lambda *a: None),
     # the helper's lines only, its caller never named
