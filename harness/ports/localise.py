@@ -294,14 +294,63 @@ def locate(ops: list[Op], found: list[Stage], observed: Stage, kernel: str, modu
         suspects = _wrong_term(ops, good, op, stage, suspects) or suspects
     else:
         stage = next((s for s in found if s.name == "out"), found[-1])
+        merged = _merged_stacked(ops, stage, anchor.index, layout)
+        if merged is not None:
+            return Pin(kernel, module, *merged)
         suspects = _first_nan(ops, suspects) or suspects
     suspects = _infinite_maker(ops, every) or suspects
-    sites = tuple(dict.fromkeys(ops[i].site for i in sorted(suspects) if ops[i].site is not None))
+    sites = _float_lines_first(ops, suspects)
     if not sites:
         return None
+    sites = _caller_first(ops, suspects, sites)
     before = _last_reproduced(found, good, frontier, stage)
     says = ((before.says(True),) if before is not None else ()) + (stage.says(False),)
     return Pin(kernel, module, sites, before.name if before is not None else None, stage.name, says)
+
+
+_INTEGER = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def _given_integers(ops: list[Op], order: list[int]) -> set[int]:
+    """The ops of ``order`` computed from the given integer tensors only (the targets'
+    one-hot): every input integer, one at least made before the recording or so computed.
+    Indices built in the forward (an ``arange``) are not given: their lines keep their place."""
+    given = set()
+    for i in sorted({p for i in order for p in ops[i].inputs} | set(order)):
+        op = ops[i]
+        if op.inputs and all(ops[p].dtype in _INTEGER for p in op.inputs) and any(
+                ops[p].name == "input" or p in given for p in op.inputs):
+            given.add(i)
+    return given
+
+
+def _float_lines_first(ops: list[Op], suspects: set[int]) -> tuple:
+    """The suspects' lines in the order their ops ran, but a line whose ops are all
+    computed from the given integer tensors (labels one-hot encoded; an op of no inputs
+    aside) after the lines of float ops: the targets are given, the float op that uses
+    them is where a mistake shows."""
+    order = [i for i in sorted(suspects) if ops[i].site is not None]
+    given = _given_integers(ops, order)
+    other = {ops[i].site for i in order if i not in given and ops[i].inputs}
+    integer = {ops[i].site for i in order if i in given} - other
+    floats = [ops[i].site for i in order if ops[i].site not in integer]
+    return tuple(dict.fromkeys(floats + [ops[i].site for i in order if ops[i].site in integer]))
+
+
+def _caller_first(ops: list[Op], suspects: set[int], sites: tuple) -> tuple:
+    """``sites`` with the line that called them first, where every suspect ran in one user
+    function called from one line and that call gives the helper an int it reads (its
+    ``dim``, :func:`.sources.passes_int_to`): the helper is right, the axis it was given is
+    the caller's."""
+    from .sources import passes_int_to
+    stacks = [ops[i].stack for i in suspects if ops[i].site is not None]
+    if not stacks or any(len(st) < 2 for st in stacks):
+        return sites
+    codes, callers = {st[0].code for st in stacks}, {st[1].site for st in stacks}
+    if len(codes) != 1 or len(callers) != 1:
+        return sites
+    caller = callers.pop()
+    return (caller,) + sites if caller not in sites and passes_int_to(caller, sites) else sites
 
 
 def _anchor(ops: list[Op], observed: Stage, layout=layouts, good: dict | None = None) -> Op | None:
@@ -380,6 +429,30 @@ def _first_unmatched(ops: list[Op], found: list[Stage], good: dict, suspects: se
             best = min(near)[0]
             return s, min(i for d, i in near if d <= best * (1 + 1e-9) + 1e-300)
     return None
+
+
+def _merged_stacked(ops: list[Op], stage: Stage, op: int, layout):
+    """(lines, matched, unmatched, says) of a :class:`Pin` where the op that made the
+    failing tensor (``op``) holds the stage's (B, T, C) values right with the heads stacked on the batch
+    axis, (B*NH, T, hs), and an op of its own alone (a reshape, a view) makes the stage's
+    shape of it: the heads merged without moving them back after the batch; that op's
+    line. None otherwise."""
+    v, want = ops[op].value, stage.value
+    if v is None or v.ndim != 3 or want.ndim != 3 or v.shape[1] != want.shape[1]:
+        return None
+    B, T, C = want.shape
+    NH, hs = v.shape[0] // B, v.shape[2]
+    if NH < 2 or NH * B != v.shape[0] or NH * hs != C:
+        return None
+    stacked = v.reshape(B, NH, T, hs).transpose(0, 2, 1, 3).reshape(B, T, C)
+    if distance(stacked, stage, layout) > MATCH_BOUND:
+        return None
+    merge = next((m for m in ops if m.inputs == (op,) and _squeezed(m.shape) == _squeezed(want.shape)
+                  and m.site is not None), None)
+    if merge is None:
+        return None
+    says = (f"{stage.says(True)} with the heads stacked on the batch", f"merged, {stage.says(False)}")
+    return (merge.site,), stage.name, stage.name, says
 
 
 def _misplaced(ops: list[Op], found: list[Stage], good: dict, op: int, stage: Stage):

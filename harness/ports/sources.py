@@ -408,3 +408,38 @@ def attribute_site(cls, name: str, value: float, model=None) -> Site | None:
                        and t.value.id == "self" for t in targets):
                     return _line(file, start + node.lineno - 1)
     return None
+
+
+# ----------------------------------------------------------------------------- a helper's caller
+
+def _int_constant(node) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        node = node.operand
+    return isinstance(node, ast.Constant) and type(node.value) is int
+
+
+def passes_int_to(caller: Site, lines: tuple[Site, ...]) -> bool:
+    """Whether ``caller``'s line calls the function that holds every one of ``lines`` by
+    name, with an int keyword argument (``dim=1``) for a parameter those lines read: the
+    axis the helper works on chosen by its caller."""
+    fns = [_function_at(s.file, s.line) for s in lines]
+    if None in fns or len({(s.file, fn.lineno) for s, fn in zip(lines, fns)}) != 1:
+        return False
+    fn = fns[0]
+    params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+    read = set()
+    for s in lines:
+        try:
+            read |= {n.id for n in ast.walk(ast.parse(s.text)) if isinstance(n, ast.Name)}
+        except SyntaxError:
+            return False
+    try:
+        tree = ast.parse(caller.text)
+    except SyntaxError:
+        return False
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        name = getattr(call.func, "attr", getattr(call.func, "id", None))
+        if name == getattr(fn, "name", None) and any(
+                k.arg in params & read and _int_constant(k.value) for k in call.keywords):
+            return True
+    return False

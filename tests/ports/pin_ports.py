@@ -679,3 +679,53 @@ def adam_warmed_up(model, hyper):
     opt = adam_scheduled(model, hyper)
     opt.warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 10))
     return opt
+
+
+class OneHotLossGPT(PinGPT):                # the loss as one-hot labels times log-probabilities (right)
+    def loss(self, logits, targets):
+        labels = F.one_hot(targets, logits.size(-1)).to(logits.dtype)
+        return -(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+class OneHotLossMeanOverVocab(OneHotLossGPT):
+    def loss(self, logits, targets):
+        labels = F.one_hot(targets, logits.size(-1)).to(logits.dtype)
+        return -(labels * F.log_softmax(logits, dim=-1)).mean()
+
+
+class StackedHeadsAttn(Attn):               # the heads stacked on the batch axis, (B*NH, T, hs), bmm (right)
+    def heads(self, t):
+        B, T, C = t.shape
+        return t.view(B, T, self.NH, C // self.NH).transpose(1, 2).reshape(B * self.NH, T, C // self.NH)
+
+    def merge(self, y, B):
+        _, T, hs = y.shape
+        return y.view(B, self.NH, T, hs).transpose(1, 2).reshape(B, T, self.NH * hs)
+
+    def forward(self, x):
+        q, k, v = (self.heads(t) for t in self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj(self.merge(torch.bmm(self.probs(q, k), v), x.size(0)))
+
+
+class StackedMergedInPlace(StackedHeadsAttn):
+    def merge(self, y, B):
+        _, T, hs = y.shape
+        return y.reshape(B, T, self.NH * hs)
+
+
+class HelperSoftmaxAttn(Attn):              # the softmax a helper given its axis by the caller (right)
+    def softmax(self, s, dim=-1):
+        e = torch.exp(s - s.amax(dim=dim, keepdim=True))
+        return e / e.sum(dim=dim, keepdim=True)
+
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return self.softmax(s, dim=-1)
+
+
+class HelperSoftmaxOverQueries(HelperSoftmaxAttn):
+    def probs(self, q, k):
+        s = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        s = s.masked_fill(self.causal(q.size(-2)), float("-inf"))
+        return self.softmax(s, dim=-2)

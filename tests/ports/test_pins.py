@@ -112,6 +112,12 @@ MISTAKES = {
     "warmup scheduler at construction": (TorchModel(pp.PinGPT, optimizer=pp.adam_warmed_up),
                                          "opt.warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: "
                                          "min(1.0, step / 10))", "adamw"),
+    "one-hot loss averaged over the vocabulary": (pp.OneHotLossMeanOverVocab, "return -(labels * F.log_softmax("
+                                                  "logits, dim=-1)).mean()", "crossentropy_forward"),
+    "stacked heads merged without moving them": (V(attn=pp.StackedMergedInPlace),
+                                                 "return y.reshape(B, T, self.NH * hs)", "attention_forward"),
+    "a softmax helper given the queries' axis": (V(attn=pp.HelperSoftmaxOverQueries), "return self.softmax(s, dim=-2)",
+                                                 "attention_forward"),
 }
 
 
@@ -166,12 +172,14 @@ def test_the_right_port_passes_and_records_nothing():
                                   pp.PaddedVocabGPT, V(block=pp.HelperBlock), pp.IndexedLoopGPT,
                                   TorchModel(pp.TablesGPT, mapping=pp.TABLES), V(attn=pp.ArgScaleAttn),
                                   V(norm=pp.MathNorm), TorchModel(pp.PinGPT, optimizer=pp.adam_masked),
-                                  TorchModel(pp.PinGPT, optimizer=pp.adam_scheduled)],
+                                  TorchModel(pp.PinGPT, optimizer=pp.adam_scheduled), pp.OneHotLossGPT,
+                                  V(attn=pp.StackedHeadsAttn), V(attn=pp.HelperSoftmaxAttn)],
                          ids=["method scale", "gelu method", "groups", "config eps", "torch defaults spelled out",
                               "torch's tanh GELU", "torch's layer norm", "dropout of 0", "GELU by hand",
                               "class eps", "padded logits", "helper halves", "indexed loop", "raw tables",
                               "scale from the queries", "helper object's eps", "default decay mask",
-                              "constant schedule"])
+                              "constant schedule", "one-hot loss", "stacked heads",
+                              "softmax helper"])
 def test_the_right_forms_of_the_new_pins_pass(port):
     """A scale from a method, a GELU by a method, parameter groups that keep the run's
     decay, torch's modules built with their defaults written out: right, so nothing fails
@@ -311,6 +319,12 @@ WRONG = {
                                                  lambda model: {id(m): m for m in model.modules()}),
     "decay mask passed by the caller": ("harness.ports.sources.given_for_groups", lambda *a: None),
     "warmup scheduler at construction": ("harness.ports.pins._changed_later", lambda *a: None),
+    # the lines in the order their ops ran: the one-hot labels' line first
+    "one-hot loss averaged over the vocabulary": ("harness.ports.localise._given_integers", lambda *a: set()),
+    # the values taken in the layouts a view or one transpose makes only: the bmm pinned
+    "stacked heads merged without moving them": ("harness.ports.localise._merged_stacked", lambda *a: None),
+    # the helper's lines only, its caller never named
+    "a softmax helper given the queries' axis": ("harness.ports.sources.passes_int_to", lambda *a: False),
 }
 
 
