@@ -766,3 +766,32 @@ def test_heldout11_first_run_is_recorded():
     must agree with the misses' names."""
     _first_run_agrees(FIRST_RUNS["BUGS11"], h11, h11.BUGS11, HELDOUT11_UNCAUGHT, HELDOUT11_ERRORS,
                       HELDOUT11_UNLOCALISED, HELDOUT11_UNPINNED, HELDOUT11_UNNAMED, HELDOUT11_WRONG)
+
+
+# BUGS11 now (no longer held out; fixed by general rules, each on a port of its own): '/' names
+# read as '.' ones, a parameter never read a finding (not a refusal), the encoder's output
+# taken by use however its tables are read, pins followed into a helper's caller or callee, a
+# bias left out named by its op (matmul.no-bias) with the finding beside. Its four wrong
+# causes are mistakes it expected none for, each read by the lead and found to be the mistake
+# (the position table's row T for all positions: embedding.positions; dropout in the residual
+# branch: output.dropout; a warmup's lr 0 at construction: adamw.lr; eps and weight decay given
+# positionally: adamw.swapped).
+HELDOUT11_UNPINNED_NOW = {"ln-centred-in-place", "ln2-reads-ln1-params", "residual-dropout-always-on",
+                          "targets-shifted-again", "vocab-from-logits"}
+HELDOUT11_WRONG_NOW = {"position-row-not-slice": "embedding.positions", "residual-dropout-always-on": "output.dropout",
+                       "adamw-warmup-at-construction": "adamw.lr", "adamw-positional-decay-eps": "adamw.swapped"}
+BUGS11_NOW = FirstRun(25, 25, 25, 20, 4, pinned=20, errors=0)
+NOW11 = {"caught": set(h11.BUGS11), "localised": set(h11.BUGS11),
+         "named": set(h11.BUGS11) - set(HELDOUT11_WRONG_NOW) - {"ln-centred-in-place"},
+         "pinned": set(h11.BUGS11) - HELDOUT11_UNPINNED_NOW}
+
+
+def test_heldout11_now_is_recorded():
+    _now_agrees(BUGS11_NOW, h11.BUGS11, FIRST_RUNS["BUGS11"], NOW11, HELDOUT11_WRONG_NOW)
+
+
+@pytest.mark.slow
+def test_heldout11_batch_is_no_worse_than_its_first_run():
+    """BUGS11 run again: nothing caught, localised, named or pinned now (BUGS11_NOW) lost,
+    no error line, no new wrong cause (an improvement passes)."""
+    _no_worse(h11.BUGS11, h11, NOW11, HELDOUT11_WRONG_NOW)
