@@ -531,17 +531,6 @@ def _no_worse(batch: dict, module, now: dict, wrong: dict) -> None:
     assert not {r["name"] for r in rows if r["wrong"] and not r["wrong"].startswith(wrong.get(r["name"], "\0"))}
 
 
-def test_heldout8_now_is_recorded():
-    _now_agrees(BUGS8_NOW, h6.BUGS8, FIRST_RUNS["BUGS8"], NOW8, HELDOUT8_WRONG_NOW)
-
-
-@pytest.mark.slow
-def test_heldout8_batch_is_no_worse_than_its_first_run():
-    """BUGS8 run again: every one caught, no error line, nothing localised, named or pinned
-    now (BUGS8_NOW) lost, no new wrong cause (an improvement passes)."""
-    _no_worse(h6.BUGS8, h6, NOW8, HELDOUT8_WRONG_NOW)
-
-
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("name, says", [
@@ -634,16 +623,6 @@ NOW9 = {"caught": set(h7.BUGS9), "localised": HELDOUT9_LOCALISED_NOW, "named": H
         "pinned": HELDOUT9_PINNED_NOW}
 
 
-def test_heldout9_now_is_recorded():
-    _now_agrees(BUGS9_NOW, h7.BUGS9, FIRST_RUNS["BUGS9"], NOW9, HELDOUT9_WRONG_NOW)
-
-
-@pytest.mark.slow
-def test_heldout9_batch_is_no_worse_than_its_first_run():
-    """BUGS9 run again: every one caught, no error line, nothing localised, named or pinned
-    now (BUGS9_NOW) lost, no new wrong cause (an improvement passes)."""
-    _no_worse(h7.BUGS9, h7, NOW9, HELDOUT9_WRONG_NOW)
-
 # ---------------------------------------------------------------------------- BUGS10 (issue 30)
 
 # The eighth model's batch (tests/ports/heldout_litgpt.py: lit-gpt style, a Config dataclass,
@@ -714,17 +693,6 @@ NOW10 = {"caught": HELDOUT10_CAUGHT_NOW, "localised": HELDOUT10_LOCALISED_NOW, "
          "pinned": HELDOUT10_PINNED_NOW}
 
 
-def test_heldout10_now_is_recorded():
-    _now_agrees(BUGS10_NOW, h8.BUGS10, FIRST_RUNS["BUGS10"], NOW10, HELDOUT10_WRONG_NOW)
-
-
-@pytest.mark.slow
-def test_heldout10_batch_is_no_worse_than_its_first_run():
-    """BUGS10 run again: nothing caught, localised, named or pinned now (BUGS10_NOW) lost,
-    no error line, no new wrong cause (an improvement passes)."""
-    _no_worse(h8.BUGS10, h8, NOW10, HELDOUT10_WRONG_NOW)
-
-
 def test_plot_marks_a_forward_first_divergence_in_the_forward_half():
     """The plot's x positions are the graph's, shared by every implementation: a model's
     first divergence at layer 0's ln1 sits before the backward half, not after it."""
@@ -791,12 +759,24 @@ NOW11 = {"caught": set(h11.BUGS11), "localised": set(h11.BUGS11),
          "pinned": set(h11.BUGS11) - HELDOUT11_UNPINNED_NOW}
 
 
-def test_heldout11_now_is_recorded():
-    _now_agrees(BUGS11_NOW, h11.BUGS11, FIRST_RUNS["BUGS11"], NOW11, HELDOUT11_WRONG_NOW)
+# ------------------------------------------------------------------ the batches since, now
+
+# each batch rerun since its first run (no longer held out): (its record, its module, the
+# names each measure reaches, the wrong causes it may name)
+NOW = {"BUGS8": (BUGS8_NOW, h6, NOW8, HELDOUT8_WRONG_NOW), "BUGS9": (BUGS9_NOW, h7, NOW9, HELDOUT9_WRONG_NOW),
+       "BUGS10": (BUGS10_NOW, h8, NOW10, HELDOUT10_WRONG_NOW), "BUGS11": (BUGS11_NOW, h11, NOW11, HELDOUT11_WRONG_NOW)}
+
+
+@pytest.mark.parametrize("batch", list(NOW))
+def test_heldout_now_is_recorded(batch):
+    r, module, now, wrong = NOW[batch]
+    _now_agrees(r, getattr(module, batch), FIRST_RUNS[batch], now, wrong)
 
 
 @pytest.mark.slow
-def test_heldout11_batch_is_no_worse_than_its_first_run():
-    """BUGS11 run again: nothing caught, localised, named or pinned now (BUGS11_NOW) lost,
-    no error line, no new wrong cause (an improvement passes)."""
-    _no_worse(h11.BUGS11, h11, NOW11, HELDOUT11_WRONG_NOW)
+@pytest.mark.parametrize("batch", list(NOW))
+def test_heldout_batch_is_no_worse_than_its_first_run(batch):
+    """A batch run again: nothing caught, localised, named or pinned now lost, no error
+    line, no new wrong cause (an improvement passes)."""
+    r, module, now, wrong = NOW[batch]
+    _no_worse(getattr(module, batch), module, now, wrong)
