@@ -17,7 +17,7 @@ from ..graph import Node, Ref, backward_nodes, forward_nodes, writers
 from ..arbiter.oracle import ORACLE
 from ..probe import marked, span
 from ..arbiter.tolerances import term_magnitude
-from ..ports.census import first_structure
+from ..ports.census import first_structure, named_there
 from ..ports.pins import backward_pin, loss_pin, optimizer_pin, structure_pin
 from ..ports.localise import pin_failure
 from .modelstate import CheckedState, args64, replayable
@@ -192,7 +192,7 @@ def pin_divergence(checks: list[Check], state, structure: list | None = None) ->
     if c.pin is None:
         # a parameter without gradient at this op, shown beside the cause the check names (a
         # bias left out): the line that leaves it out
-        beside = next((f for f in structure or () if f.id == "structure.no-gradient" and f.where == c.position), None)
+        beside = next((f for f in structure or () if named_there(f, c)), None)
         c.pin = None if beside is None else structure_pin(state, beside)
 
 

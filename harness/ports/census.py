@@ -146,7 +146,7 @@ def backward_of(op: str | None) -> str | None:
     return f"{op.removesuffix('_forward')}_backward" if op and op.endswith("_forward") else None
 
 
-def _named_there(finding: Finding, failing) -> bool:
+def named_there(finding: Finding, failing) -> bool:
     """Whether a parameter without gradient is at the op whose failing check names a cause
     (a bias left out of a layer norm or a product: ``layernorm.no-bias``,
     ``matmul.no-bias``); the finding stays, shown beside."""
@@ -162,7 +162,7 @@ def first_structure(findings, failing=None) -> Finding | None:
     :data:`BESIDE`."""
     # parameters without gradient, one of them where the failing check names a cause: the
     # same mistake in each layer, the cause saying more
-    named = any(_named_there(f, failing) for f in findings or ())
+    named = any(named_there(f, failing) for f in findings or ())
     found = [f for f in findings or () if f.structural and (failing is None or f.id not in BESIDE)
              and not (named and f.id == "structure.no-gradient")]
     found.sort(key=lambda f: DEPARTURES.index(f.id) if f.id in DEPARTURES else len(DEPARTURES))

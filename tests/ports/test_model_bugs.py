@@ -281,7 +281,7 @@ def test_earlier_heldout_batches_are_now_named(batch):
 
 # a bias left out, which its batch expected named by the census's no-gradient finding: since
 # 8 Dec the failing check at its op names it (layernorm.no-bias) and the finding is shown
-# beside (census._named_there)
+# beside (census.named_there)
 NAMED_BY_ITS_OP = {"layernorm-without-bias": "layernorm.no-bias"}
 
 

@@ -227,7 +227,7 @@ def test_a_bias_left_out_is_named_by_its_op_with_the_finding_beside(named_there,
     (deliberately wrong) names no cause for the mistake."""
     from harness.ports import census
     if not named_there:
-        monkeypatch.setattr(census, "_named_there", lambda f, failing: False)
+        monkeypatch.setattr(census, "named_there", lambda f, failing: False)
     report, pin, _ = run(V(norm=pp.BiasLeftOutNorm))
     step = report.steps[0]
     c = first_divergence_check(step.checks)
